@@ -1,0 +1,1 @@
+"""taskscheduler: scheduled commands across a fleet, with their output collected."""

@@ -1,0 +1,319 @@
+"""The messages the server and the agents exchange, validated in one place.
+
+Both daemons import this module; neither imports the other. Every ``parse_*`` function
+takes already-decoded JSON and raises :class:`InvalidMessage` with a message a person
+understands; every ``*_to_json`` function returns a JSON-ready dict.
+
+Output is bytes end to end. On the wire a stream travels as ``stdout`` (UTF-8 text,
+invalid bytes replaced, so any JSON client can read it) and, only when that text is
+lossy, also as ``stdout_base64`` (the exact bytes). Empty streams are omitted, as the
+seed asks.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import enum
+import uuid
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from datetime import datetime, timedelta
+from typing import Any
+
+from taskscheduler.schedule import (
+    Frequency,
+    InvalidFrequency,
+    format_instant,
+    parse_frequency,
+    parse_instant,
+)
+
+#: Longest command accepted, in characters.
+MAX_COMMAND_LENGTH = 64 * 1024
+#: Longest run time limit accepted.
+MAX_TIME_LIMIT_SECONDS = 7 * 24 * 3600
+
+
+class InvalidMessage(ValueError):
+    """A message that does not follow the protocol; ``str()`` is for people."""
+
+
+class ResultStatus(enum.StrEnum):
+    SUCCEEDED = "succeeded"  # exit code 0
+    FAILED = "failed"  # non-zero exit code, or killed by a signal we did not send
+    TIMED_OUT = "timed_out"  # killed at its time limit
+    SKIPPED = "skipped"  # the previous run of the task was still going
+    LOST = "lost"  # the agent died during the run
+
+
+# -- small validators -------------------------------------------------------------------
+
+
+def _require(body: Mapping[str, Any], name: str) -> Any:
+    if name not in body or body[name] is None:
+        raise InvalidMessage(f"'{name}' is required")
+    return body[name]
+
+
+def parse_uuid(value: object, name: str) -> uuid.UUID:
+    """A UUID in its canonical text form, or InvalidMessage naming the field."""
+    if not isinstance(value, str):
+        raise InvalidMessage(f"'{name}' must be a UUID string")
+    try:
+        return uuid.UUID(value)
+    except ValueError:
+        raise InvalidMessage(f"'{name}' is not a valid UUID: {value[:64]!r}") from None
+
+
+def _parse_time(value: object, name: str) -> datetime:
+    try:
+        return parse_instant(value)
+    except ValueError:
+        raise InvalidMessage(
+            f"'{name}' must be an RFC 3339 timestamp with a time zone, "
+            "e.g. '2026-11-27T07:30:00Z'"
+        ) from None
+
+
+def _parse_int(value: object, name: str, low: int, high: int) -> int:
+    # bool is an int in Python; true/false is never a count.
+    if not isinstance(value, int) or isinstance(value, bool) or not low <= value <= high:
+        raise InvalidMessage(f"'{name}' must be an integer from {low} to {high}")
+    return value
+
+
+def parse_command(value: object) -> str:
+    if not isinstance(value, str) or not value.strip():
+        raise InvalidMessage("'command' must be a non-empty string")
+    if len(value) > MAX_COMMAND_LENGTH:
+        raise InvalidMessage(f"'command' is longer than {MAX_COMMAND_LENGTH} characters")
+    if "\x00" in value:
+        raise InvalidMessage("'command' must not contain a NUL character")
+    return value
+
+
+def parse_frequency_field(value: object) -> Frequency:
+    try:
+        return parse_frequency(value)
+    except InvalidFrequency as e:
+        raise InvalidMessage(str(e)) from None
+
+
+def parse_time_limit(value: object) -> timedelta:
+    return timedelta(
+        seconds=_parse_int(value, "time_limit_seconds", 1, MAX_TIME_LIMIT_SECONDS)
+    )
+
+
+def default_time_limit(frequency: Frequency) -> timedelta:
+    """A run may take up to one interval (at least 1 s, at most a day) unless told."""
+    return timedelta(seconds=min(max(frequency.seconds, 1), 24 * 3600))
+
+
+# -- output streams ----------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Output:
+    """One captured stream: what was kept, and how big the original was."""
+
+    data: bytes = b""
+    size: int = 0  # bytes the process wrote, before any truncation
+    truncated: bool = False  # True when head and tail were kept and the middle dropped
+
+    @classmethod
+    def of(cls, data: bytes) -> Output:
+        return cls(data, len(data), False)
+
+
+def output_to_json(name: str, output: Output) -> dict[str, Any]:
+    """The wire form of one stream: omitted entirely when the process wrote nothing."""
+    if output.size == 0 and not output.data:
+        return {}
+    text = output.data.decode("utf-8", errors="replace")
+    body: dict[str, Any] = {name: text, f"{name}_bytes": output.size}
+    if output.truncated:
+        body[f"{name}_truncated"] = True
+    if text.encode("utf-8") != output.data:
+        body[f"{name}_base64"] = base64.b64encode(output.data).decode("ascii")
+    return body
+
+
+def parse_output(body: Mapping[str, Any], name: str) -> Output:
+    encoded = body.get(f"{name}_base64")
+    if encoded is not None:
+        if not isinstance(encoded, str):
+            raise InvalidMessage(f"'{name}_base64' must be a base64 string")
+        try:
+            data = base64.b64decode(encoded, validate=True)
+        except (binascii.Error, ValueError):
+            raise InvalidMessage(f"'{name}_base64' is not valid base64") from None
+    else:
+        text = body.get(name, "")
+        if text is None:
+            text = ""
+        if not isinstance(text, str):
+            raise InvalidMessage(f"'{name}' must be a string")
+        data = text.encode("utf-8", errors="replace")
+    size = body.get(f"{name}_bytes", len(data))
+    size = _parse_int(size, f"{name}_bytes", len(data), 2**62)
+    truncated = body.get(f"{name}_truncated", False)
+    if not isinstance(truncated, bool):
+        raise InvalidMessage(f"'{name}_truncated' must be true or false")
+    return Output(data, size, truncated or size > len(data))
+
+
+# -- server -> agent: schedule a task ------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class TaskSpec:
+    """A task as an agent runs it: the seed's fields plus the shared anchor and limit."""
+
+    task_id: uuid.UUID
+    command: str
+    frequency: Frequency
+    anchor: datetime  # execution k is due at anchor + k * frequency.interval
+    time_limit: timedelta
+
+
+def task_spec_to_json(spec: TaskSpec) -> dict[str, Any]:
+    return {
+        "task_id": str(spec.task_id),
+        "command": spec.command,
+        "frequency": str(spec.frequency),
+        "anchor": format_instant(spec.anchor),
+        "time_limit_seconds": int(spec.time_limit.total_seconds()),
+    }
+
+
+def parse_task_spec(body: object, received_at: datetime) -> TaskSpec:
+    """Parse ``POST /api/v1/tasks/schedule``.
+
+    ``anchor`` and ``time_limit_seconds`` are optional so that the seed's three-field
+    request still works: the anchor is then the moment the agent received it.
+    """
+    if not isinstance(body, Mapping):
+        raise InvalidMessage("the request body must be a JSON object")
+    task_id = parse_uuid(_require(body, "task_id"), "task_id")
+    command = parse_command(_require(body, "command"))
+    frequency = parse_frequency_field(_require(body, "frequency"))
+    anchor = body.get("anchor")
+    limit = body.get("time_limit_seconds")
+    return TaskSpec(
+        task_id=task_id,
+        command=command,
+        frequency=frequency,
+        anchor=received_at if anchor is None else _parse_time(anchor, "anchor"),
+        time_limit=default_time_limit(frequency) if limit is None else parse_time_limit(limit),
+    )
+
+
+# -- agent -> server: one run's result -------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class RunResult:
+    """One agent's run within one execution of a task."""
+
+    task_id: uuid.UUID
+    agent_id: uuid.UUID
+    scheduled_at: datetime
+    status: ResultStatus
+    exit_code: int | None = None  # set when the process exited by itself
+    signal: int | None = None  # set when the process was ended by a signal
+    started_at: datetime | None = None  # None for a skipped run
+    finished_at: datetime | None = None
+    stdout: Output = field(default_factory=Output)
+    stderr: Output = field(default_factory=Output)
+
+    @property
+    def key(self) -> tuple[uuid.UUID, uuid.UUID, datetime]:
+        return (self.task_id, self.agent_id, self.scheduled_at)
+
+
+def result_to_json(result: RunResult) -> dict[str, Any]:
+    """The body of ``POST /api/v1/tasks/{task_id}/complete`` (and one item of a batch)."""
+    body: dict[str, Any] = {
+        "task_id": str(result.task_id),
+        "server_id": str(result.agent_id),
+        "scheduled_at": format_instant(result.scheduled_at),
+        "status": result.status.value,
+        "exit_code": result.exit_code,
+        "signal": result.signal,
+        "started_at": None if result.started_at is None else format_instant(result.started_at),
+        "finished_at": (
+            None if result.finished_at is None else format_instant(result.finished_at)
+        ),
+    }
+    body.update(output_to_json("stdout", result.stdout))
+    body.update(output_to_json("stderr", result.stderr))
+    return body
+
+
+def parse_result(body: object, task_id: uuid.UUID | None = None) -> RunResult:
+    """Parse one result; ``task_id`` comes from the URL path when there is one."""
+    if not isinstance(body, Mapping):
+        raise InvalidMessage("a result must be a JSON object")
+    if task_id is None:
+        task_id = parse_uuid(_require(body, "task_id"), "task_id")
+    elif "task_id" in body and parse_uuid(body["task_id"], "task_id") != task_id:
+        raise InvalidMessage("'task_id' in the body differs from the one in the path")
+    agent_id = parse_uuid(_require(body, "server_id"), "server_id")
+    scheduled_at = _parse_time(_require(body, "scheduled_at"), "scheduled_at")
+    raw_status = body.get("status")
+    exit_code = body.get("exit_code")
+    signal = body.get("signal")
+    if exit_code is not None:
+        exit_code = _parse_int(exit_code, "exit_code", -(2**31), 2**31 - 1)
+    if signal is not None:
+        signal = _parse_int(signal, "signal", 1, 128)
+    if raw_status is None:
+        # The seed's minimal body (server_id, stdout, stderr): infer what we can.
+        if exit_code is None and signal is None:
+            status = ResultStatus.SUCCEEDED
+        else:
+            status = ResultStatus.SUCCEEDED if exit_code == 0 else ResultStatus.FAILED
+    else:
+        try:
+            status = ResultStatus(raw_status)
+        except ValueError:
+            allowed = ", ".join(s.value for s in ResultStatus)
+            raise InvalidMessage(f"'status' must be one of: {allowed}") from None
+    started_at = body.get("started_at")
+    finished_at = body.get("finished_at")
+    return RunResult(
+        task_id=task_id,
+        agent_id=agent_id,
+        scheduled_at=scheduled_at,
+        status=status,
+        exit_code=exit_code,
+        signal=signal,
+        started_at=None if started_at is None else _parse_time(started_at, "started_at"),
+        finished_at=None if finished_at is None else _parse_time(finished_at, "finished_at"),
+        stdout=parse_output(body, "stdout"),
+        stderr=parse_output(body, "stderr"),
+    )
+
+
+#: Most results accepted in one batch.
+MAX_BATCH = 1000
+
+
+def parse_result_batch(body: object) -> list[RunResult]:
+    """Parse ``POST /api/v1/results``: ``{"results": [result, ...]}``."""
+    if not isinstance(body, Mapping) or not isinstance(body.get("results"), list):
+        raise InvalidMessage("the request body must be {\"results\": [...]}")
+    items = body["results"]
+    if not items:
+        raise InvalidMessage("'results' must not be empty")
+    if len(items) > MAX_BATCH:
+        raise InvalidMessage(f"at most {MAX_BATCH} results may be sent at once")
+    parsed = []
+    for i, item in enumerate(items):
+        try:
+            parsed.append(parse_result(item))
+        except InvalidMessage as e:
+            raise InvalidMessage(f"results[{i}]: {e}") from None
+    return parsed

@@ -1,0 +1,1 @@
+"""The taskscheduler server: REST API, storage and dispatch to agents."""
