@@ -71,8 +71,7 @@ def _parse_time(value: object, name: str) -> datetime:
         return parse_instant(value)
     except ValueError:
         raise InvalidMessage(
-            f"'{name}' must be an RFC 3339 timestamp with a time zone, "
-            "e.g. '2026-11-27T07:30:00Z'"
+            f"'{name}' must be an RFC 3339 timestamp with a time zone, e.g. '2026-11-27T07:30:00Z'"
         ) from None
 
 
@@ -101,9 +100,7 @@ def parse_frequency_field(value: object) -> Frequency:
 
 
 def parse_time_limit(value: object) -> timedelta:
-    return timedelta(
-        seconds=_parse_int(value, "time_limit_seconds", 1, MAX_TIME_LIMIT_SECONDS)
-    )
+    return timedelta(seconds=_parse_int(value, "time_limit_seconds", 1, MAX_TIME_LIMIT_SECONDS))
 
 
 def default_time_limit(frequency: Frequency) -> timedelta:
@@ -243,9 +240,7 @@ def result_to_json(result: RunResult) -> dict[str, Any]:
         "exit_code": result.exit_code,
         "signal": result.signal,
         "started_at": None if result.started_at is None else format_instant(result.started_at),
-        "finished_at": (
-            None if result.finished_at is None else format_instant(result.finished_at)
-        ),
+        "finished_at": (None if result.finished_at is None else format_instant(result.finished_at)),
     }
     body.update(output_to_json("stdout", result.stdout))
     body.update(output_to_json("stderr", result.stderr))
@@ -304,7 +299,7 @@ MAX_BATCH = 1000
 def parse_result_batch(body: object) -> list[RunResult]:
     """Parse ``POST /api/v1/results``: ``{"results": [result, ...]}``."""
     if not isinstance(body, Mapping) or not isinstance(body.get("results"), list):
-        raise InvalidMessage("the request body must be {\"results\": [...]}")
+        raise InvalidMessage('the request body must be {"results": [...]}')
     items = body["results"]
     if not items:
         raise InvalidMessage("'results' must not be empty")

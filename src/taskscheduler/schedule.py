@@ -57,9 +57,7 @@ def parse_frequency(text: object) -> Frequency:
     else: zero, negative or fractional counts, other units, or intervals over a year.
     """
     if not isinstance(text, str):
-        raise InvalidFrequency(
-            "frequency must be a string like 'every 30 seconds'"
-        )
+        raise InvalidFrequency("frequency must be a string like 'every 30 seconds'")
     match = _FREQUENCY.match(text)
     if match is None:
         raise InvalidFrequency(
@@ -84,9 +82,7 @@ def instant(anchor: datetime, interval: timedelta, k: int) -> datetime:
     return anchor + k * interval
 
 
-def next_execution(
-    anchor: datetime, interval: timedelta, now: datetime
-) -> tuple[int, datetime]:
+def next_execution(anchor: datetime, interval: timedelta, now: datetime) -> tuple[int, datetime]:
     """The first execution strictly after ``now``: ``(k, instant)`` with ``k >= 1``.
 
     Instants already past are not replayed (cron's rule).
@@ -97,9 +93,7 @@ def next_execution(
     return k, instant(anchor, interval, k)
 
 
-def execution_index(
-    anchor: datetime, interval: timedelta, scheduled_at: datetime
-) -> int | None:
+def execution_index(anchor: datetime, interval: timedelta, scheduled_at: datetime) -> int | None:
     """``k`` if ``scheduled_at`` is exactly execution ``k >= 1`` of this schedule, else None."""
     elapsed = (scheduled_at - anchor) // _USEC
     step = interval // _USEC

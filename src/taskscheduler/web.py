@@ -81,19 +81,17 @@ def install_error_handlers(app: Klein, log: Logger) -> None:
     """
 
     @app.handle_errors(ApiError)
-    def _api_error(instance: object, request: IRequest, failure: Failure) -> bytes:
+    def _api_error(self: Any, request: IRequest, failure: Failure) -> bytes:
         error = failure.value
         assert isinstance(error, ApiError)
         return json_response(request, _error_json(error.code, error.message), error.status)
 
     @app.handle_errors(NotFound)
-    def _not_found(instance: object, request: IRequest, failure: Failure) -> bytes:
-        return json_response(
-            request, _error_json("not_found", "no such endpoint"), http.NOT_FOUND
-        )
+    def _not_found(self: Any, request: IRequest, failure: Failure) -> bytes:
+        return json_response(request, _error_json("not_found", "no such endpoint"), http.NOT_FOUND)
 
     @app.handle_errors(MethodNotAllowed)
-    def _method_not_allowed(instance: object, request: IRequest, failure: Failure) -> bytes:
+    def _method_not_allowed(self: Any, request: IRequest, failure: Failure) -> bytes:
         error = failure.value
         assert isinstance(error, MethodNotAllowed)
         allowed = sorted(error.valid_methods or [])
@@ -110,7 +108,7 @@ def install_error_handlers(app: Klein, log: Logger) -> None:
         )
 
     @app.handle_errors(HTTPException)
-    def _http_exception(instance: object, request: IRequest, failure: Failure) -> bytes:
+    def _http_exception(self: Any, request: IRequest, failure: Failure) -> bytes:
         error = failure.value
         assert isinstance(error, HTTPException)
         status = error.code or http.INTERNAL_SERVER_ERROR
@@ -119,10 +117,14 @@ def install_error_handlers(app: Klein, log: Logger) -> None:
         )
 
     @app.handle_errors(Exception)
-    def _unexpected(instance: object, request: IRequest, failure: Failure) -> bytes:
+    def _unexpected(self: Any, request: IRequest, failure: Failure) -> bytes:
         # The details go to the log, never to the client (they may hold secrets).
-        log.failure("unexpected error serving {method} {path}", failure,
-                    method=request.method, path=request.path)
+        log.failure(
+            "unexpected error serving {method} {path}",
+            failure,
+            method=request.method,
+            path=request.path,
+        )
         return json_response(
             request,
             _error_json("internal_error", "the server hit an unexpected error; see its log"),
@@ -172,13 +174,15 @@ class LimitedRequest(Request):
             "payload_too_large",
             f"the request body is larger than {self.max_body_bytes} bytes",
         )
-        self.channel.transport.write(
+        transport = self.channel.transport
+        assert transport is not None
+        transport.write(
             b"HTTP/1.1 413 Content Too Large\r\n"
             b"Content-Type: application/json\r\n"
             b"Connection: close\r\n"
             b"Content-Length: " + str(len(body)).encode("ascii") + b"\r\n\r\n" + body
         )
-        self.channel.transport.loseConnection()
+        transport.loseConnection()
 
 
 def make_site(resource: Any, max_body_bytes: int = DEFAULT_MAX_BODY_BYTES) -> Site:
@@ -186,9 +190,7 @@ def make_site(resource: Any, max_body_bytes: int = DEFAULT_MAX_BODY_BYTES) -> Si
 
     twisted.web's access log would print full URLs; our own logging decides what is safe.
     """
-    request_factory = type(
-        "LimitedRequest", (LimitedRequest,), {"max_body_bytes": max_body_bytes}
-    )
+    request_factory = type("LimitedRequest", (LimitedRequest,), {"max_body_bytes": max_body_bytes})
     site = Site(resource, requestFactory=request_factory)
     site.noisy = False
     site.log = lambda request: None  # type: ignore[method-assign]

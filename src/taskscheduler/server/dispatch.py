@@ -1,0 +1,259 @@
+"""Pushes tasks to agents until each agent has acknowledged every task assigned to it.
+
+The store remembers, per (task, agent), whether the agent acknowledged the task, so
+nothing here needs to survive a restart. For each agent an :class:`AgentLink`:
+
+- delivers undelivered tasks (``POST {agent}/api/v1/tasks/schedule``) as soon as it is
+  kicked (a task was created) and again after failures, with exponential back-off and
+  jitter while the agent is unreachable;
+- reconciles every ``reconcile_interval`` seconds (``GET {agent}/api/v1/agent/tasks``):
+  a task the agent should have but does not (its data folder was wiped, say) is marked
+  undelivered and sent again. An agent that was down when a task was created gets it on
+  the first pass after it comes back.
+"""
+
+from __future__ import annotations
+
+import random
+import uuid
+from collections.abc import Callable, Sequence
+from typing import Any
+
+from twisted.application.service import Service
+from twisted.internet.defer import Deferred, DeferredList, DeferredSemaphore
+from twisted.internet.interfaces import IDelayedCall, IReactorTime
+from twisted.internet.task import LoopingCall
+from twisted.logger import Logger
+from twisted.python.failure import Failure
+
+from taskscheduler import protocol
+from taskscheduler.server.store import Store, Task
+
+#: Seconds to wait for an agent's answer.
+REQUEST_TIMEOUT = 10.0
+
+
+class AgentLink:
+    """Delivery and reconciliation for one agent, identified by its base URL."""
+
+    log = Logger()
+
+    def __init__(
+        self,
+        url: str,
+        store: Store,
+        http: Any,  # the treq module, or a treq.testing.StubTreq in tests
+        clock: IReactorTime,
+        *,
+        reconcile_interval: float = 30.0,
+        retry_base: float = 1.0,
+        retry_cap: float = 60.0,
+        batch_size: int = 100,
+        concurrency: int = 8,
+        jitter: Callable[[], float] = random.random,
+    ) -> None:
+        self.url = url.rstrip("/")
+        self._store = store
+        self._http = http
+        self._clock = clock
+        self._reconcile_interval = reconcile_interval
+        self._retry_base = retry_base
+        self._retry_cap = retry_cap
+        self._batch_size = batch_size
+        self._semaphore = DeferredSemaphore(concurrency)
+        self._jitter = jitter
+        self._failures = 0
+        self._pending: IDelayedCall | None = None
+        self._delivering = False
+        self._again = False
+        self._reconciler = LoopingCall(self._reconcile_safely)
+        self._reconciler.clock = clock
+        self._stopped = True
+
+    # -- life cycle --------------------------------------------------------------------
+
+    def start(self) -> None:
+        self._stopped = False
+        self._reconciler.start(self._reconcile_interval, now=True)
+
+    def stop(self) -> None:
+        self._stopped = True
+        if self._reconciler.running:
+            self._reconciler.stop()
+        if self._pending is not None and self._pending.active():
+            self._pending.cancel()
+        self._pending = None
+
+    def kick(self) -> None:
+        """Deliver what is undelivered now (or right after the pass under way)."""
+        if self._stopped:
+            return
+        if self._delivering:
+            self._again = True
+            return
+        if self._pending is not None and self._pending.active():
+            if self._failures:
+                return  # backing off: an unreachable agent is not hammered on every create
+            self._pending.cancel()
+        self._pending = self._clock.callLater(0, self._deliver_safely)
+
+    # -- delivery ----------------------------------------------------------------------
+
+    def _deliver_safely(self) -> Deferred[None]:
+        self._pending = None
+        return Deferred.fromCoroutine(self._deliver())
+
+    async def _deliver(self) -> None:
+        self._delivering = True
+        try:
+            while not self._stopped:
+                self._again = False
+                tasks = await self._store.undelivered_tasks(self.url, self._batch_size)
+                if not tasks:
+                    break
+                agent_id, delivered = await self._push(tasks)
+                if delivered and agent_id is not None:
+                    await self._store.mark_delivered(self.url, delivered, agent_id)
+                if len(delivered) < len(tasks):
+                    raise _DeliveryFailed(f"{len(tasks) - len(delivered)} tasks not accepted")
+                self.log.info(
+                    "delivered {count} tasks to agent {url}", count=len(delivered), url=self.url
+                )
+            self._failures = 0
+        except Exception as e:
+            self._failures += 1
+            delay = self._backoff()
+            self.log.warn(
+                "could not deliver tasks to agent {url} ({error}); retrying in {delay:.1f}s",
+                url=self.url,
+                error=_describe(e),
+                delay=delay,
+            )
+            if not self._stopped:
+                self._pending = self._clock.callLater(delay, self._deliver_safely)
+            return
+        finally:
+            self._delivering = False
+        if self._again:
+            self.kick()
+
+    async def _push(self, tasks: Sequence[Task]) -> tuple[uuid.UUID | None, list[uuid.UUID]]:
+        """Send every task, a few at a time; return the agent's id and what it accepted."""
+        results: list[tuple[bool, Any]] = await DeferredList(
+            [self._semaphore.run(self._send_one, task) for task in tasks], consumeErrors=True
+        )
+        agent_id: uuid.UUID | None = None
+        delivered: list[uuid.UUID] = []
+        first_error: BaseException | None = None
+        for task, (ok, value) in zip(tasks, results, strict=True):
+            if ok:
+                agent_id = value
+                delivered.append(task.task_id)
+            elif first_error is None:
+                first_error = value.value
+        if not delivered and first_error is not None:
+            raise first_error
+        return agent_id, delivered
+
+    def _send_one(self, task: Task) -> Deferred[uuid.UUID]:
+        return Deferred.fromCoroutine(self._send(task))
+
+    async def _send(self, task: Task) -> uuid.UUID:
+        response = await self._http.post(
+            f"{self.url}/api/v1/tasks/schedule",
+            json=protocol.task_spec_to_json(task.spec),
+            timeout=REQUEST_TIMEOUT,
+            reactor=self._clock,
+        )
+        body = await self._http.json_content(response)
+        if response.code != 200:
+            raise _DeliveryFailed(f"agent answered {response.code}: {_error_message(body)}")
+        return protocol.parse_uuid(body.get("agent_id"), "agent_id")
+
+    def _backoff(self) -> float:
+        """Exponential back-off with full jitter, so agents coming back are not stampeded."""
+        ceiling = min(self._retry_cap, self._retry_base * 2 ** min(self._failures - 1, 30))
+        return ceiling / 2 + self._jitter() * ceiling / 2
+
+    # -- reconciliation ----------------------------------------------------------------
+
+    def _reconcile_safely(self) -> Deferred[None]:
+        # A LoopingCall stops for good when its function fails: never let it.
+        d = Deferred.fromCoroutine(self._reconcile())
+        d.addErrback(self._reconcile_failed)
+        return d
+
+    def _reconcile_failed(self, failure: Failure) -> None:
+        self.log.warn(
+            "could not reconcile tasks with agent {url}: {error}",
+            url=self.url,
+            error=_describe(failure.value),
+        )
+
+    async def _reconcile(self) -> None:
+        response = await self._http.get(
+            f"{self.url}/api/v1/agent/tasks", timeout=REQUEST_TIMEOUT, reactor=self._clock
+        )
+        body = await self._http.json_content(response)
+        if response.code != 200:
+            raise _DeliveryFailed(f"agent answered {response.code}: {_error_message(body)}")
+        has = {protocol.parse_uuid(t, "task_ids[]") for t in body.get("task_ids", [])}
+        assigned = await self._store.assigned_task_ids(self.url)
+        missing = sorted(assigned - has)
+        if missing:
+            self.log.info(
+                "agent {url} lacks {count} of its tasks; sending them again",
+                url=self.url,
+                count=len(missing),
+            )
+            await self._store.mark_undelivered(self.url, missing)
+        if missing or self._failures:
+            # The agent answers again: deliver now rather than at the end of a back-off.
+            self._failures = 0
+            if self._pending is not None and self._pending.active():
+                self._pending.cancel()
+                self._pending = None
+            self.kick()
+
+
+class Dispatcher(Service):
+    """One :class:`AgentLink` per agent of the fleet."""
+
+    def __init__(
+        self,
+        store: Store,
+        http: Any,
+        clock: IReactorTime,
+        agent_urls: Sequence[str],
+        **link_options: Any,
+    ) -> None:
+        self.links = [AgentLink(url, store, http, clock, **link_options) for url in agent_urls]
+
+    def startService(self) -> None:
+        super().startService()
+        for link in self.links:
+            link.start()
+            link.kick()
+
+    def stopService(self) -> None:
+        for link in self.links:
+            link.stop()
+        return super().stopService()
+
+    def task_created(self, task: Task) -> None:
+        for link in self.links:
+            link.kick()
+
+
+class _DeliveryFailed(Exception):
+    pass
+
+
+def _error_message(body: Any) -> str:
+    if isinstance(body, dict) and isinstance(body.get("error"), dict):
+        return str(body["error"].get("message", ""))[:200]
+    return ""
+
+
+def _describe(error: BaseException | None) -> str:
+    return f"{type(error).__name__}: {error}"[:300]
