@@ -1,0 +1,181 @@
+"""An in-memory :class:`~taskscheduler.server.store.Store` for unit tests.
+
+It keeps exactly the contract of ``pgstore.PostgresStore`` (both pass
+``tests/unit/test_store_contract.py``) but nothing survives the process, and it is never
+unavailable. Every method finishes its work before its first ``await`` would matter, so
+concurrent callers see each call as atomic, as they would see a transaction.
+"""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from datetime import UTC, datetime, timedelta
+
+from taskscheduler.protocol import RunResult, TaskSpec
+from taskscheduler.schedule import execution_index
+from taskscheduler.server.store import Execution, RecordOutcome, Task, UnknownTask
+
+
+@dataclass
+class _Assignment:
+    delivered: bool = False
+    agent_id: uuid.UUID | None = None
+
+
+@dataclass
+class _Execution:
+    expected: int
+    results: dict[uuid.UUID, RunResult] = field(default_factory=dict)
+    completed: bool = False
+
+
+def _utc(value: datetime | None) -> datetime | None:
+    return None if value is None else value.astimezone(UTC)
+
+
+def _normalized(result: RunResult) -> RunResult:
+    """The result as the PostgreSQL store gives it back: every instant in UTC."""
+    return RunResult(
+        task_id=result.task_id,
+        agent_id=result.agent_id,
+        scheduled_at=result.scheduled_at.astimezone(UTC),
+        status=result.status,
+        exit_code=result.exit_code,
+        signal=result.signal,
+        started_at=_utc(result.started_at),
+        finished_at=_utc(result.finished_at),
+        stdout=result.stdout,
+        stderr=result.stderr,
+    )
+
+
+class MemoryStore:
+    """The whole contract of :class:`~taskscheduler.server.store.Store`, in dictionaries."""
+
+    def __init__(self) -> None:
+        self._fleet: list[str] = []
+        self._tasks: dict[uuid.UUID, Task] = {}
+        # task_id -> agent_url -> delivery state
+        self._assignments: dict[uuid.UUID, dict[str, _Assignment]] = {}
+        # task_id -> scheduled_at -> execution
+        self._executions: dict[uuid.UUID, dict[datetime, _Execution]] = {}
+
+    async def start(self) -> None:
+        pass
+
+    async def stop(self) -> None:
+        pass
+
+    async def set_fleet(self, agent_urls: Sequence[str]) -> None:
+        fleet = list(dict.fromkeys(agent_urls))
+        for assignments in self._assignments.values():
+            for url in list(assignments):
+                if url not in fleet:
+                    del assignments[url]
+            for url in fleet:
+                assignments.setdefault(url, _Assignment())
+        self._fleet = fleet
+
+    async def create_task(self, spec: TaskSpec, created_at: datetime) -> Task:
+        if spec.task_id in self._tasks:
+            raise ValueError(f"task {spec.task_id} already exists")
+        stored_spec = TaskSpec(
+            task_id=spec.task_id,
+            command=spec.command,
+            frequency=spec.frequency,
+            anchor=spec.anchor.astimezone(UTC),
+            time_limit=spec.time_limit,
+        )
+        task = Task(stored_spec, created_at.astimezone(UTC))
+        self._tasks[spec.task_id] = task
+        self._assignments[spec.task_id] = {url: _Assignment() for url in self._fleet}
+        self._executions[spec.task_id] = {}
+        return task
+
+    async def get_task(self, task_id: uuid.UUID) -> Task | None:
+        return self._tasks.get(task_id)
+
+    async def record_results(
+        self, results: Sequence[RunResult], received_at: datetime
+    ) -> list[RecordOutcome]:
+        outcomes = []
+        for result in results:
+            outcomes.append(self._record(_normalized(result)))
+        return outcomes
+
+    def _record(self, result: RunResult) -> RecordOutcome:
+        task = self._tasks.get(result.task_id)
+        if task is None:
+            return RecordOutcome.UNKNOWN_TASK
+        spec = task.spec
+        if execution_index(spec.anchor, spec.frequency.interval, result.scheduled_at) is None:
+            return RecordOutcome.MISALIGNED
+        executions = self._executions[result.task_id]
+        execution = executions.get(result.scheduled_at)
+        if execution is None:
+            execution = _Execution(expected=len(self._assignments[result.task_id]))
+            executions[result.scheduled_at] = execution
+        stored = execution.results.get(result.agent_id)
+        if stored is not None:
+            return RecordOutcome.DUPLICATE if stored == result else RecordOutcome.CONFLICT
+        execution.results[result.agent_id] = result
+        if len(execution.results) >= execution.expected:
+            execution.completed = True
+        return RecordOutcome.STORED
+
+    async def latest_complete_execution(
+        self, task_id: uuid.UUID, now: datetime, report_grace: timedelta
+    ) -> Execution | None:
+        task = self._tasks.get(task_id)
+        if task is None:
+            raise UnknownTask(str(task_id))
+        # A linear scan is fine for a fake; the PostgreSQL store walks an index.
+        cutoff = now - task.spec.time_limit - report_grace
+        complete = [
+            at
+            for at, execution in self._executions[task_id].items()
+            if execution.completed or at < cutoff
+        ]
+        if not complete:
+            return None
+        scheduled_at = max(complete)
+        execution = self._executions[task_id][scheduled_at]
+        return Execution(
+            task_id=task_id,
+            scheduled_at=scheduled_at,
+            expected=execution.expected,
+            results=tuple(execution.results[a] for a in sorted(execution.results)),
+        )
+
+    async def undelivered_tasks(self, agent_url: str, limit: int) -> list[Task]:
+        pending = [
+            task
+            for task_id, task in self._tasks.items()
+            if not self._assignments[task_id].get(agent_url, _Assignment(delivered=True)).delivered
+        ]
+        pending.sort(key=lambda task: (task.created_at, task.task_id))
+        return pending[:limit]
+
+    async def assigned_task_ids(self, agent_url: str) -> set[uuid.UUID]:
+        return {
+            task_id
+            for task_id, assignments in self._assignments.items()
+            if agent_url in assignments
+        }
+
+    async def mark_delivered(
+        self, agent_url: str, task_ids: Sequence[uuid.UUID], agent_id: uuid.UUID
+    ) -> None:
+        for task_id in task_ids:
+            assignment = self._assignments.get(task_id, {}).get(agent_url)
+            if assignment is not None:
+                assignment.delivered = True
+                assignment.agent_id = agent_id
+
+    async def mark_undelivered(self, agent_url: str, task_ids: Sequence[uuid.UUID]) -> None:
+        for task_id in task_ids:
+            assignment = self._assignments.get(task_id, {}).get(agent_url)
+            if assignment is not None:
+                assignment.delivered = False
