@@ -1,0 +1,220 @@
+"""Results not yet acknowledged by the server, and markers of runs under way.
+
+:class:`Spool` keeps one file per result in ``<data-dir>/spool/``, written durably before
+the result is reported and deleted only once the server acknowledged it, so a result
+survives the server being down and the agent restarting. Its bytes are exactly the JSON
+body that is sent.
+
+:class:`RunMarkers` keeps one small file per run under way in ``<data-dir>/running/``. A
+marker still there at start-up means the agent died during that run: it becomes a
+``lost`` result.
+"""
+
+from __future__ import annotations
+
+import json
+import uuid
+from collections.abc import Iterator
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from pathlib import Path
+
+from twisted.logger import Logger
+
+from taskscheduler import protocol
+from taskscheduler.agent.durable import atomic_write, ensure_directory, remove, remove_leftovers
+from taskscheduler.protocol import RunResult
+from taskscheduler.schedule import format_instant, parse_instant
+
+#: Default bound on the bytes the spool may hold.
+DEFAULT_SPOOL_MAX_BYTES = 1024 * 1024 * 1024
+
+_STAMP = "%Y%m%dT%H%M%S.%fZ"
+
+ResultKey = tuple[uuid.UUID, datetime]  # (task_id, scheduled_at); the agent is implied
+
+
+def _file_name(key: ResultKey) -> str:
+    # The instant first, so that sorting the names sorts results oldest first.
+    task_id, scheduled_at = key
+    return f"{scheduled_at.astimezone(UTC).strftime(_STAMP)}_{task_id}.json"
+
+
+def _parse_file_name(name: str) -> ResultKey:
+    """The key a file name encodes; ValueError if it encodes none."""
+    stem = name.removesuffix(".json")
+    stamp, _, task_id = stem.partition("_")
+    scheduled_at = datetime.strptime(stamp, _STAMP).replace(tzinfo=UTC)
+    return uuid.UUID(task_id), scheduled_at
+
+
+def encode_result(result: RunResult) -> bytes:
+    """The wire body of a result, as compact UTF-8 JSON."""
+    body = protocol.result_to_json(result)
+    return json.dumps(body, ensure_ascii=False, separators=(",", ":")).encode("utf-8")
+
+
+@dataclass(frozen=True)
+class SpoolEntry:
+    key: ResultKey
+    path: Path
+    size: int
+
+    @property
+    def task_id(self) -> uuid.UUID:
+        return self.key[0]
+
+
+class Spool:
+    """Durable results waiting for the server, oldest first, bounded in bytes."""
+
+    log = Logger()
+
+    def __init__(self, directory: Path, max_bytes: int = DEFAULT_SPOOL_MAX_BYTES) -> None:
+        self.directory = directory
+        self.max_bytes = max_bytes
+        self._entries: dict[ResultKey, SpoolEntry] = {}
+        self.bytes = 0
+        #: Results thrown away because the spool was full.
+        self.dropped = 0
+
+    def load(self) -> None:
+        """Index the results a previous life of the agent left unacknowledged."""
+        ensure_directory(self.directory)
+        remove_leftovers(self.directory)
+        for path in sorted(self.directory.glob("*.json")):
+            try:
+                key = _parse_file_name(path.name)
+                size = path.stat().st_size
+            except (OSError, ValueError) as e:
+                self.log.error(
+                    "ignoring unexpected spool file {path}: {error}", path=str(path), error=str(e)
+                )
+                continue
+            self._remember(SpoolEntry(key, path, size))
+        if self._entries:
+            self.log.info(
+                "{count} results ({bytes} bytes) are waiting to be reported",
+                count=len(self._entries),
+                bytes=self.bytes,
+            )
+
+    def _remember(self, entry: SpoolEntry) -> None:
+        self._entries[entry.key] = entry
+        self.bytes += entry.size
+
+    def add(self, result: RunResult) -> bool:
+        """Write ``result`` durably; False (logged and counted) if the spool is full.
+
+        A second result for the same key is ignored: results are immutable, and the first
+        one is the one the server may already hold.
+        """
+        key: ResultKey = (result.task_id, result.scheduled_at)
+        if key in self._entries:
+            self.log.warn(
+                "a result of task {task_id} at {scheduled_at} is already spooled; "
+                "keeping the first",
+                task_id=str(result.task_id),
+                scheduled_at=format_instant(result.scheduled_at),
+            )
+            return True
+        data = encode_result(result)
+        if self.bytes + len(data) > self.max_bytes:
+            self.dropped += 1
+            self.log.error(
+                "spool full ({bytes} of {max_bytes} bytes): dropped the {status} result of "
+                "task {task_id} at {scheduled_at} ({dropped} dropped so far)",
+                bytes=self.bytes,
+                max_bytes=self.max_bytes,
+                status=result.status.value,
+                task_id=str(result.task_id),
+                scheduled_at=format_instant(result.scheduled_at),
+                dropped=self.dropped,
+            )
+            return False
+        path = self.directory / _file_name(key)
+        atomic_write(path, data)
+        self._remember(SpoolEntry(key, path, len(data)))
+        return True
+
+    def __contains__(self, key: object) -> bool:
+        return key in self._entries
+
+    def __len__(self) -> int:
+        return len(self._entries)
+
+    def __iter__(self) -> Iterator[SpoolEntry]:
+        return iter(list(self._entries.values()))
+
+    def oldest(self, count: int, max_bytes: int) -> list[SpoolEntry]:
+        """Up to ``count`` oldest entries totalling at most ``max_bytes`` (at least one)."""
+        chosen: list[SpoolEntry] = []
+        total = 0
+        for entry in self._entries.values():
+            if len(chosen) >= count or (chosen and total + entry.size > max_bytes):
+                break
+            chosen.append(entry)
+            total += entry.size
+        return chosen
+
+    def read(self, entry: SpoolEntry) -> bytes:
+        """The body of ``entry``; OSError or ValueError if the file is gone or not JSON."""
+        data = entry.path.read_bytes()
+        json.loads(data)
+        return data
+
+    def remove(self, entry: SpoolEntry) -> None:
+        """Forget ``entry`` for good (the server acknowledged or refused it)."""
+        if self._entries.pop(entry.key, None) is not None:
+            self.bytes -= entry.size
+        # Not fsynced: should a crash resurrect the file, the server answers "duplicate".
+        remove(entry.path, sync=False)
+
+
+@dataclass(frozen=True)
+class RunMarker:
+    task_id: uuid.UUID
+    scheduled_at: datetime
+    started_at: datetime
+
+
+class RunMarkers:
+    """One file per run under way; what is left at start-up was lost with the agent."""
+
+    log = Logger()
+
+    def __init__(self, directory: Path) -> None:
+        self.directory = directory
+
+    def _path(self, task_id: uuid.UUID, scheduled_at: datetime) -> Path:
+        return self.directory / _file_name((task_id, scheduled_at))
+
+    def leftovers(self) -> list[RunMarker]:
+        """The runs a previous life of the agent started and never finished."""
+        ensure_directory(self.directory)
+        remove_leftovers(self.directory)
+        markers = []
+        for path in sorted(self.directory.glob("*.json")):
+            try:
+                task_id, scheduled_at = _parse_file_name(path.name)
+                body = json.loads(path.read_bytes())
+                started_at = parse_instant(body["started_at"])
+            except (OSError, ValueError, KeyError, TypeError) as e:
+                self.log.error(
+                    "ignoring unreadable run marker {path}: {error}", path=str(path), error=str(e)
+                )
+                continue
+            markers.append(RunMarker(task_id, scheduled_at, started_at))
+        return markers
+
+    def mark(self, task_id: uuid.UUID, scheduled_at: datetime, started_at: datetime) -> None:
+        """Record that a run starts.
+
+        Not fsynced, to keep run start-up fast: it survives the agent's death, which is
+        what it is for; after a power loss the run's result is missing instead of lost.
+        """
+        body = json.dumps({"started_at": format_instant(started_at)}).encode("ascii")
+        atomic_write(self._path(task_id, scheduled_at), body, sync=False)
+
+    def clear(self, task_id: uuid.UUID, scheduled_at: datetime) -> None:
+        remove(self._path(task_id, scheduled_at), sync=False)

@@ -1,0 +1,276 @@
+"""Fakes for the agent's unit tests: a runner, a server, and an agent built over them."""
+
+from __future__ import annotations
+
+import json
+import uuid
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from datetime import datetime, timedelta
+from pathlib import Path
+from typing import Any
+
+from klein import Klein
+from treq.testing import StubTreq
+from twisted.internet.defer import Deferred, succeed
+from twisted.internet.task import Clock
+from twisted.web.server import NOT_DONE_YET
+
+from taskscheduler.agent.service import AgentConfig, AgentService
+from taskscheduler.protocol import (
+    InvalidMessage,
+    Output,
+    ResultStatus,
+    RunResult,
+    TaskSpec,
+    parse_result,
+    parse_result_batch,
+)
+from taskscheduler.schedule import parse_frequency, utc_now_from
+
+#: A round number of seconds since the epoch: every instant of the tests is exact.
+ANCHOR_SECONDS = 1_795_000_000
+ANCHOR = utc_now_from(ANCHOR_SECONDS)
+SERVER = "http://server.test:8080"
+
+
+def spec(
+    command: str = "echo hi",
+    every: str = "every 10 seconds",
+    task_id: uuid.UUID | None = None,
+    time_limit: float = 10,
+) -> TaskSpec:
+    return TaskSpec(
+        task_id=task_id or uuid.uuid4(),
+        command=command,
+        frequency=parse_frequency(every),
+        anchor=ANCHOR,
+        time_limit=timedelta(seconds=time_limit),
+    )
+
+
+def result(task_id: uuid.UUID, k: int, agent_id: uuid.UUID, stdout: bytes = b"hi\n") -> RunResult:
+    at = ANCHOR + timedelta(seconds=10 * k)
+    return RunResult(
+        task_id=task_id,
+        agent_id=agent_id,
+        scheduled_at=at,
+        status=ResultStatus.SUCCEEDED,
+        exit_code=0,
+        started_at=at,
+        finished_at=at + timedelta(seconds=1),
+        stdout=Output.of(stdout),
+    )
+
+
+@dataclass(frozen=True)
+class FakeOutcome:
+    status: ResultStatus
+    exit_code: int | None
+    signal: int | None
+    started_at: datetime
+    finished_at: datetime
+    duration: float
+    stdout: Output
+    stderr: Output
+
+
+@dataclass
+class FakeRun:
+    command: str
+    time_limit: float
+    extra_env: dict[str, str]
+    deferred: Deferred[FakeOutcome]
+    started_at: datetime
+
+    @property
+    def done(self) -> bool:
+        return self.deferred.called
+
+
+@dataclass
+class FakeRunner:
+    """Records every run; a test ends each one with :meth:`finish`."""
+
+    clock: Clock
+    runs: list[FakeRun] = field(default_factory=list)
+    fail_to_start: bool = False
+    terminated: int = 0
+
+    @property
+    def running(self) -> int:
+        return sum(1 for run in self.runs if not run.done)
+
+    def run(
+        self, command: str, time_limit: float, extra_env: Mapping[str, str] = {}
+    ) -> Deferred[FakeOutcome]:
+        if self.fail_to_start:
+            raise OSError(24, "Too many open files")
+        run = FakeRun(command, time_limit, dict(extra_env), Deferred(), self._now())
+        self.runs.append(run)
+        return run.deferred
+
+    def _now(self) -> datetime:
+        return utc_now_from(self.clock.seconds())
+
+    def finish(
+        self,
+        run: FakeRun,
+        stdout: bytes = b"",
+        exit_code: int | None = 0,
+        status: ResultStatus = ResultStatus.SUCCEEDED,
+        signal: int | None = None,
+    ) -> None:
+        run.deferred.callback(
+            FakeOutcome(
+                status=status,
+                exit_code=exit_code,
+                signal=signal,
+                started_at=run.started_at,
+                finished_at=self._now(),
+                duration=(self._now() - run.started_at).total_seconds(),
+                stdout=Output.of(stdout),
+                stderr=Output(),
+            )
+        )
+
+    def terminate_all(self) -> Deferred[None]:
+        for run in self.runs:
+            if not run.done:
+                self.terminated += 1
+                self.finish(run, exit_code=None, status=ResultStatus.FAILED, signal=15)
+        return succeed(None)
+
+
+class FakeServer:
+    """The server's two result endpoints, with switches for its failures."""
+
+    app = Klein()
+
+    def __init__(self) -> None:
+        self.stored: dict[tuple[uuid.UUID, uuid.UUID, datetime], RunResult] = {}
+        self.requests: list[tuple[str, int]] = []  # ("single" | "batch", results)
+        self.down = False  # answer 503
+        self.hang = False  # never answer
+        self.conflicting: set[uuid.UUID] = set()  # task ids whose results conflict
+        self.hanging: list[Any] = []
+
+    def _record(self, item: RunResult) -> str:
+        if item.task_id in self.conflicting:
+            return "conflict"
+        if item.key in self.stored:
+            return "duplicate"
+        self.stored[item.key] = item
+        return "stored"
+
+    def _answer(self, request: Any, status: int, body: Any) -> bytes:
+        request.setResponseCode(status)
+        request.setHeader(b"Content-Type", b"application/json")
+        return json.dumps(body).encode()
+
+    def _unavailable(self, request: Any) -> bytes | None:
+        if self.hang:
+            self.hanging.append(request)
+            return NOT_DONE_YET  # type: ignore[return-value]
+        if self.down:
+            return self._answer(request, 503, {"error": {"code": "down", "message": "down"}})
+        return None
+
+    @app.route("/api/v1/tasks/<task_id>/complete", methods=["POST"])
+    def complete(self, request: Any, task_id: str) -> bytes:
+        self.requests.append(("single", 1))
+        refused = self._unavailable(request)
+        if refused is not None:
+            return refused
+        try:
+            item = parse_result(json.loads(request.content.read()), uuid.UUID(task_id))
+        except (InvalidMessage, ValueError) as e:
+            return self._answer(request, 400, {"error": {"code": "bad", "message": str(e)}})
+        outcome = self._record(item)
+        if outcome == "conflict":
+            return self._answer(request, 409, {"error": {"code": "conflict", "message": "no"}})
+        return self._answer(request, 200, {"status": outcome})
+
+    @app.route("/api/v1/results", methods=["POST"])
+    def batch(self, request: Any) -> bytes:
+        raw = request.content.read()
+        self.requests.append(("batch", len(json.loads(raw)["results"])))
+        refused = self._unavailable(request)
+        if refused is not None:
+            return refused
+        try:
+            items = parse_result_batch(json.loads(raw))
+        except InvalidMessage as e:
+            return self._answer(request, 400, {"error": {"code": "bad", "message": str(e)}})
+        return self._answer(
+            request, 200, {"results": [{"status": self._record(item)} for item in items]}
+        )
+
+
+class UnreachableHttp:
+    """treq that cannot connect while ``unreachable`` is set, else a StubTreq."""
+
+    def __init__(self, stub: StubTreq) -> None:
+        self.stub: Any = stub  # StubTreq grows its methods at run time
+        self.unreachable = False
+        self.attempts = 0
+
+    def post(self, *args: Any, **kwargs: Any) -> Any:
+        self.attempts += 1
+        if self.unreachable:
+            return Deferred.fromCoroutine(_refuse())
+        return self.stub.post(*args, **kwargs)
+
+    def content(self, response: Any) -> Any:
+        return self.stub.content(response)
+
+    def flush(self) -> None:
+        self.stub.flush()
+
+
+async def _refuse() -> None:
+    raise ConnectionRefusedError("connection refused")
+
+
+class Agent:
+    """An agent over a data folder, with a fake runner and a fake server, on a Clock."""
+
+    def __init__(
+        self, data_dir: Path, clock: Clock, server: FakeServer, spool_max_bytes: int = 2**30
+    ) -> None:
+        self.clock = clock
+        self.server = server
+        self.runner = FakeRunner(clock)
+        self.http = UnreachableHttp(StubTreq(server.app.resource()))
+        self.fatal = 0
+        self.service = AgentService(
+            AgentConfig(data_dir, SERVER, spool_max_bytes=spool_max_bytes, shutdown_grace=30),
+            clock,
+            lambda: self.runner,
+            self.http,
+            on_fatal=self._on_fatal,
+            jitter=lambda: 1.0,
+        )
+        self.service.startService()
+        self.api = StubTreq(self.service.api.resource()) if self.service.api else None
+
+    def _on_fatal(self) -> None:
+        self.fatal += 1
+
+    def settle(self, seconds: float = 0) -> None:
+        """Advance the clock, then let every request and answer go through."""
+        self.clock.advance(seconds)
+        for _ in range(3):
+            self.http.flush()
+            if self.api is not None:
+                self.api.flush()
+            self.clock.advance(0)
+
+    def advance_to(self, seconds_after_anchor: float, step: float = 1.0) -> None:
+        """Let time pass a step at a time, as a real reactor would, up to ``anchor + s``."""
+        target = ANCHOR_SECONDS + seconds_after_anchor
+        while self.clock.seconds() < target:
+            self.settle(min(step, target - self.clock.seconds()))
+
+    def stop(self) -> Deferred[None]:
+        return self.service.stopService()
