@@ -378,6 +378,44 @@ def is_loopback_endpoint(description: str) -> bool:
     return is_loopback_interface(interface)
 
 
+class UnprotectedListener(ValueError):
+    """A server would accept operator requests from the network without any token."""
+
+
+#: The name daemons give the flag that lets a non-loopback server run without tokens.
+INSECURE_FLAG = "--insecure-allow-anonymous-operators"
+
+
+def check_listen_policy(
+    listen: str, tokens: TokenFile | None, allow_anonymous: bool = False
+) -> str | None:
+    """Decide whether a server may start, listening on ``listen`` with ``tokens``.
+
+    - operator tokens configured (at least one): fine, returns None;
+    - no tokens, loopback only (the local playground): allowed, returns a warning to log;
+    - no tokens beyond loopback: raises :class:`UnprotectedListener`, unless
+      ``allow_anonymous`` (the daemon's :data:`INSECURE_FLAG`) says otherwise, in which
+      case it returns a loud warning to log.
+    """
+    if tokens is not None and len(tokens) > 0:
+        return None
+    if is_loopback_endpoint(listen):
+        return (
+            "no operator tokens are configured: the API accepts every local caller. "
+            "This is the loopback playground; configure tokens before listening elsewhere."
+        )
+    if not allow_anonymous:
+        raise UnprotectedListener(
+            f"refusing to listen on {listen!r} without operator tokens: anyone who can reach "
+            "it could run commands on every agent. Configure a tokens file or variable, "
+            f"listen on loopback (tcp:PORT:interface=127.0.0.1), or pass {INSECURE_FLAG}."
+        )
+    return (
+        f"INSECURE: {INSECURE_FLAG} is set and no operator tokens are configured; anyone "
+        f"who can reach {listen!r} can run commands on every agent"
+    )
+
+
 # -- keeping secrets out of logs -------------------------------------------------------------
 
 REDACTED = "***"

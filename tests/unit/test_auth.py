@@ -11,16 +11,20 @@ from pathlib import Path
 import pytest
 from twisted.internet.endpoints import _parse as twisted_parse
 from twisted.internet.task import Clock
+from twisted.logger import capturedLogs, formatEvent
 from twisted.web.server import Request
 from twisted.web.test.requesthelper import DummyChannel
 
 from taskscheduler import tokens
 from taskscheduler.auth import (
     AGENT_PREFIX,
+    INSECURE_FLAG,
     OPERATOR_PREFIX,
     TokenFile,
     TokenFileError,
+    UnprotectedListener,
     bearer_token,
+    check_listen_policy,
     hash_token,
     is_loopback_endpoint,
     new_token,
@@ -264,6 +268,21 @@ def test_broken_or_deleted_file_refuses_every_token_until_fixed(tmp_path: Path) 
     assert len(tokens) == 0
 
 
+def test_reload_errors_are_logged_without_secrets(tmp_path: Path) -> None:
+    alice = new_token()
+    path = tmp_path / "tokens"
+    path.write_text(token_line("alice", alice))
+    clock = Clock()
+    tokens = TokenFile.from_path(str(path), clock)
+    write(path, f"alice {alice}\n")  # the token pasted where its hash belongs
+    clock.advance(1)
+    with capturedLogs() as events:
+        assert tokens.authenticate_token(alice) is None
+    text = "\n".join(formatEvent(event) for event in events)
+    assert "line 1" in text and "refusing every operator token" in text
+    assert alice not in text and alice[4:] not in text
+
+
 def test_tokens_from_an_environment_variable() -> None:
     alice, bob, carol = new_token(), new_token(), new_token()
     value = (
@@ -347,6 +366,21 @@ def test_loopback_detection(description: str, loopback: bool) -> None:
 def test_split_endpoint_agrees_with_twisted(description: str) -> None:
     args, kwargs = twisted_parse(description)
     assert split_endpoint(description) == (args, kwargs)
+
+
+def test_listen_policy() -> None:
+    tokens = TokenFile.from_env_value(token_line("alice", new_token()))
+    no_tokens = TokenFile.from_env_value("")
+    assert check_listen_policy("tcp:8080", tokens) is None
+    assert check_listen_policy("tcp:8080:interface=0.0.0.0", tokens) is None
+    for empty in (None, no_tokens):
+        warning = check_listen_policy("tcp:8080:interface=127.0.0.1", empty)
+        assert warning is not None and "playground" in warning
+        with pytest.raises(UnprotectedListener) as info:
+            check_listen_policy("tcp:8080", empty)
+        assert INSECURE_FLAG in str(info.value)
+        loud = check_listen_policy("tcp:8080", empty, allow_anonymous=True)
+        assert loud is not None and loud.startswith("INSECURE")
 
 
 # -- redaction ------------------------------------------------------------------------------
