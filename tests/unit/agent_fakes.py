@@ -14,7 +14,6 @@ from klein import Klein
 from treq.testing import StubTreq
 from twisted.internet.defer import Deferred, succeed
 from twisted.internet.task import Clock
-from twisted.web.server import NOT_DONE_YET
 
 from taskscheduler.agent.service import AgentConfig, AgentService
 from taskscheduler.protocol import (
@@ -170,8 +169,9 @@ class FakeServer:
 
     def _unavailable(self, request: Any) -> bytes | None:
         if self.hang:
-            self.hanging.append(request)
-            return NOT_DONE_YET  # type: ignore[return-value]
+            never: Deferred[bytes] = Deferred()
+            self.hanging.append(never)
+            return never  # type: ignore[return-value]
         if self.down:
             return self._answer(request, 503, {"error": {"code": "down", "message": "down"}})
         return None

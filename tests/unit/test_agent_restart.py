@@ -1,0 +1,236 @@
+"""A restarted agent (new objects over the same data folder) carries on where it stopped."""
+
+from __future__ import annotations
+
+import json
+import uuid
+from datetime import timedelta
+from pathlib import Path
+from typing import Any
+
+import pytest
+import pytest_twisted
+from twisted.application.service import IService
+from twisted.internet.task import Clock
+from twisted.python import usage
+
+from taskscheduler.agent import tap
+from taskscheduler.agent.identity import load_or_create_agent_id
+from taskscheduler.protocol import ResultStatus, task_spec_to_json
+from taskscheduler.schedule import format_instant
+from tests.unit.agent_fakes import ANCHOR, ANCHOR_SECONDS, Agent, FakeServer, spec
+
+JSON = {"Content-Type": "application/json"}
+
+
+def clock_at(seconds_after_anchor: float) -> Clock:
+    clock = Clock()
+    clock.advance(ANCHOR_SECONDS + seconds_after_anchor)
+    return clock
+
+
+async def schedule(agent: Agent, body: dict[str, Any]) -> None:
+    api: Any = agent.api
+    response = await api.post(
+        "http://agent.test/api/v1/tasks/schedule", data=json.dumps(body).encode(), headers=JSON
+    )
+    assert response.code == 200, await api.content(response)
+
+
+@pytest_twisted.ensureDeferred
+async def test_tasks_resume_after_a_restart_with_no_one_acting(tmp_path: Path) -> None:
+    server = FakeServer()
+    clock = clock_at(5)
+    first = Agent(tmp_path / "data", clock, server)
+    task = spec()
+    await schedule(first, task_spec_to_json(task))
+    await first.stop()
+    clock.advance(20)
+    second = Agent(tmp_path / "data", clock, server)
+    assert second.service.scheduler.tasks == {task.task_id: task}  # type: ignore[union-attr]
+    second.advance_to(30)
+    assert [r.extra_env["TASKSCHEDULER_SCHEDULED_AT"] for r in second.runner.runs] == [
+        format_instant(ANCHOR + timedelta(seconds=30))
+    ]
+
+
+@pytest_twisted.ensureDeferred
+async def test_the_identity_is_created_once_and_kept(tmp_path: Path) -> None:
+    clock = clock_at(5)
+    first = Agent(tmp_path / "data", clock, FakeServer())
+    agent_id = uuid.UUID((tmp_path / "data" / "agent_id").read_text().strip())
+    await first.stop()
+    Agent(tmp_path / "data", clock, FakeServer())
+    assert load_or_create_agent_id(tmp_path / "data") == agent_id
+    assert list((tmp_path / "data").glob(".*tmp")) == []
+
+
+def test_a_corrupt_identity_stops_the_agent_rather_than_inventing_one(tmp_path: Path) -> None:
+    (tmp_path / "data").mkdir()
+    (tmp_path / "data" / "agent_id").write_text("garbage\n")
+    agent = Agent(tmp_path / "data", clock_at(5), FakeServer())
+    assert agent.fatal == 1
+    assert agent.service.api is None
+    assert (tmp_path / "data" / "agent_id").read_text() == "garbage\n"
+
+
+@pytest_twisted.ensureDeferred
+async def test_unreported_results_are_sent_at_start_up(tmp_path: Path) -> None:
+    server = FakeServer()
+    server.down = True
+    clock = clock_at(5)
+    first = Agent(tmp_path / "data", clock, server)
+    first.service.scheduler.schedule(spec())  # type: ignore[union-attr]
+    first.advance_to(10)
+    first.runner.finish(first.runner.runs[0], b"kept\n")
+    first.settle()
+    await first.stop()
+    assert server.stored == {}
+    server.down = False
+    Agent(tmp_path / "data", clock, server).settle()
+    [stored] = server.stored.values()
+    assert stored.stdout.data == b"kept\n"
+    assert list((tmp_path / "data" / "spool").glob("*.json")) == []
+
+
+def test_a_run_the_agent_died_during_is_reported_lost(tmp_path: Path) -> None:
+    server = FakeServer()
+    clock = clock_at(5)
+    first = Agent(tmp_path / "data", clock, server)
+    task = spec()
+    first.service.scheduler.schedule(task)  # type: ignore[union-attr]
+    first.advance_to(10)
+    assert len(first.runner.runs) == 1
+    # SIGKILL: no stopService. A new agent starts over the same folder.
+    second = Agent(tmp_path / "data", clock_at(15), server)
+    second.settle()
+    [lost] = server.stored.values()
+    assert lost.status is ResultStatus.LOST
+    assert lost.task_id == task.task_id
+    assert lost.scheduled_at == ANCHOR + timedelta(seconds=10)
+    assert lost.started_at == ANCHOR + timedelta(seconds=10)
+    assert lost.exit_code is None
+    assert list((tmp_path / "data" / "running").glob("*.json")) == []
+
+
+def test_a_marker_whose_result_was_spooled_is_not_reported_lost(tmp_path: Path) -> None:
+    server = FakeServer()
+    server.down = True
+    clock = clock_at(5)
+    first = Agent(tmp_path / "data", clock, server)
+    first.service.scheduler.schedule(spec())  # type: ignore[union-attr]
+    first.advance_to(10)
+    marker = next((tmp_path / "data" / "running").glob("*.json"))
+    saved = marker.read_bytes()
+    first.runner.finish(first.runner.runs[0], b"done\n")
+    first.settle()
+    marker.write_bytes(saved)  # died after spooling, before removing the marker
+    server.down = False
+    Agent(tmp_path / "data", clock, server).settle()
+    [stored] = server.stored.values()
+    assert stored.status is ResultStatus.SUCCEEDED
+    assert not marker.exists()
+
+
+@pytest_twisted.ensureDeferred
+async def test_shutdown_lets_a_run_finish_and_spools_its_result(tmp_path: Path) -> None:
+    server = FakeServer()
+    server.down = True
+    agent = Agent(tmp_path / "data", clock_at(5), server)
+    agent.service.scheduler.schedule(spec())  # type: ignore[union-attr]
+    agent.advance_to(10)
+    stopping = agent.stop()
+    agent.advance_to(20)
+    assert not stopping.called, "the run under way is waited for"
+    assert len(agent.runner.runs) == 1, "no new run starts while stopping"
+    agent.runner.finish(agent.runner.runs[0], b"finished\n")
+    await stopping
+    assert agent.runner.terminated == 0
+    assert len(list((tmp_path / "data" / "spool").glob("*.json"))) == 1
+    assert list((tmp_path / "data" / "running").glob("*.json")) == []
+
+
+@pytest_twisted.ensureDeferred
+async def test_shutdown_terminates_runs_that_outlive_the_grace(tmp_path: Path) -> None:
+    server = FakeServer()
+    server.down = True
+    agent = Agent(tmp_path / "data", clock_at(5), server)
+    agent.service.scheduler.schedule(spec(time_limit=3600))  # type: ignore[union-attr]
+    agent.advance_to(10)
+    stopping = agent.stop()
+    agent.settle(29.9)
+    assert not stopping.called
+    agent.settle(0.1)
+    await stopping
+    assert agent.runner.terminated == 1
+    assert len(list((tmp_path / "data" / "spool").glob("*.json"))) == 1
+
+
+# -- options -------------------------------------------------------------------------
+
+
+def parse(args: list[str], environ: dict[str, str] | None = None) -> tap.Options:
+    options = tap.Options(environ or {})
+    options.parseOptions(args)
+    return options
+
+
+def test_options_have_defaults() -> None:
+    options = parse([])
+    assert options["listen"] == "tcp:8081"
+    assert options["server"] == "http://127.0.0.1:8080"
+    assert options["data-dir"] == "taskscheduler-agent-data"
+    assert options["output-cap"] == 1024 * 1024
+    assert options["kill-grace"] == 5.0
+    assert options["shutdown-grace"] == 30.0
+    assert options["spool-max-bytes"] == 1024**3
+
+
+def test_options_come_from_the_environment_and_the_command_line_wins() -> None:
+    environ = {
+        "TASKSCHEDULER_AGENT_LISTEN": "tcp:9000",
+        "TASKSCHEDULER_SERVER_URL": "http://server:8080/",
+        "TASKSCHEDULER_AGENT_DATA_DIR": "/var/lib/agent",
+        "TASKSCHEDULER_AGENT_OUTPUT_CAP": "4096",
+        "TASKSCHEDULER_AGENT_KILL_GRACE": "2.5",
+        "TASKSCHEDULER_AGENT_SHUTDOWN_GRACE": "7",
+        "TASKSCHEDULER_AGENT_SPOOL_MAX_BYTES": "1000000",
+    }
+    options = parse(["--listen", "tcp:9001:interface=127.0.0.1"], environ)
+    assert options["listen"] == "tcp:9001:interface=127.0.0.1"
+    assert options["server"] == "http://server:8080"
+    assert options["data-dir"] == "/var/lib/agent"
+    assert options["output-cap"] == 4096
+    assert options["kill-grace"] == 2.5
+    assert options["shutdown-grace"] == 7.0
+    assert options["spool-max-bytes"] == 1_000_000
+
+
+@pytest.mark.parametrize(
+    "args",
+    [
+        ["--server", "server:8080"],
+        ["--output-cap", "lots"],
+        ["--output-cap", "0"],
+        ["--kill-grace", "-1"],
+        ["--spool-max-bytes", "1.5"],
+    ],
+)
+def test_bad_options_are_refused(args: list[str]) -> None:
+    with pytest.raises(usage.UsageError):
+        parse(args)
+
+
+def test_every_option_is_documented_with_its_environment_variable() -> None:
+    help_text = str(tap.Options())
+    for name, variable, _ in tap._SETTINGS:
+        assert f"--{name}" in help_text
+        assert variable in help_text
+
+
+def test_make_service_builds_without_touching_the_data_folder(tmp_path: Path) -> None:
+    data_dir = tmp_path / "not-yet"
+    options = parse(["--data-dir", str(data_dir), "--listen", "tcp:0:interface=127.0.0.1"])
+    service = tap.makeService(options)
+    assert IService.providedBy(service)
+    assert not data_dir.exists()
