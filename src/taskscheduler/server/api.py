@@ -73,6 +73,9 @@ class ServerAPI:
         body = read_json(request)
         if not isinstance(body, dict):
             raise bad_request("the request body must be a JSON object")
+        missing = [name for name in ("command", "frequency") if body.get(name) is None]
+        if missing:
+            raise bad_request(" and ".join(f"'{name}'" for name in missing) + " is required")
         try:
             command = protocol.parse_command(body.get("command"))
             frequency = protocol.parse_frequency_field(body.get("frequency"))

@@ -1,0 +1,149 @@
+"""Server -> agent task delivery, through StubTreq over a fake agent, on a task.Clock."""
+
+from __future__ import annotations
+
+import json
+import uuid
+from datetime import timedelta
+from typing import Any
+
+import pytest_twisted
+from klein import Klein
+from treq.testing import StubTreq
+from twisted.internet.task import Clock
+
+from taskscheduler.protocol import TaskSpec, parse_task_spec
+from taskscheduler.schedule import parse_frequency, utc_now_from
+from taskscheduler.server.dispatch import Dispatcher
+from taskscheduler.server.memstore import MemoryStore
+
+URL = "http://agent-a:8081"
+AGENT_ID = uuid.UUID("aaaaaaaa-0000-4000-8000-000000000001")
+
+
+class FakeAgent:
+    """Just enough of the agent's API: it remembers what it was sent; it can be 'down'."""
+
+    app = Klein()
+
+    def __init__(self) -> None:
+        self.tasks: dict[uuid.UUID, TaskSpec] = {}
+        self.down = False
+        self.requests = 0
+
+    @app.route("/api/v1/tasks/schedule", methods=["POST"])
+    def schedule(self, request: Any) -> bytes:
+        self.requests += 1
+        request.setHeader(b"Content-Type", b"application/json")
+        if self.down:
+            request.setResponseCode(503)
+            return b'{"error": {"code": "down", "message": "down"}}'
+        spec = parse_task_spec(json.loads(request.content.read()), utc_now_from(0))
+        self.tasks[spec.task_id] = spec
+        return json.dumps({"agent_id": str(AGENT_ID), "task_id": str(spec.task_id)}).encode()
+
+    @app.route("/api/v1/agent/tasks", methods=["GET"])
+    def task_ids(self, request: Any) -> bytes:
+        request.setHeader(b"Content-Type", b"application/json")
+        if self.down:
+            request.setResponseCode(503)
+            return b'{"error": {"code": "down", "message": "down"}}'
+        return json.dumps(
+            {"agent_id": str(AGENT_ID), "task_ids": [str(t) for t in self.tasks]}
+        ).encode()
+
+
+def spec(command: str = "echo hi") -> TaskSpec:
+    return TaskSpec(
+        task_id=uuid.uuid4(),
+        command=command,
+        frequency=parse_frequency("every 10 seconds"),
+        anchor=utc_now_from(1_795_000_000),
+        time_limit=timedelta(seconds=10),
+    )
+
+
+async def setup(agent: FakeAgent) -> tuple[MemoryStore, Dispatcher, Clock, StubTreq]:
+    clock = Clock()
+    store = MemoryStore()
+    await store.start()
+    await store.set_fleet([URL])
+    http = StubTreq(agent.app.resource())
+    dispatcher = Dispatcher(store, http, clock, [URL], reconcile_interval=30, jitter=lambda: 1.0)
+    return store, dispatcher, clock, http
+
+
+def settle(clock: Clock, http: StubTreq, seconds: float = 0) -> None:
+    clock.advance(seconds)
+    http.flush()
+    clock.advance(0)
+    http.flush()
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_created_task_reaches_the_agent_with_its_anchor_and_limit() -> None:
+    agent = FakeAgent()
+    store, dispatcher, clock, http = await setup(agent)
+    dispatcher.startService()
+    task = await store.create_task(spec(), utc_now_from(1_795_000_000))
+    dispatcher.task_created(task)
+    settle(clock, http)
+    assert agent.tasks == {task.task_id: task.spec}
+    assert await store.undelivered_tasks(URL, 10) == []
+    dispatcher.stopService()
+
+
+@pytest_twisted.ensureDeferred
+async def test_an_agent_that_is_down_gets_its_tasks_when_it_comes_back() -> None:
+    agent = FakeAgent()
+    agent.down = True
+    store, dispatcher, clock, http = await setup(agent)
+    dispatcher.startService()
+    tasks = [await store.create_task(spec(f"echo {i}"), utc_now_from(0)) for i in range(3)]
+    for task in tasks:
+        dispatcher.task_created(task)
+    settle(clock, http)
+    assert agent.tasks == {}
+    # Back-off: 1 s, 2 s, 4 s ... (jitter pinned to the ceiling); no hammering meanwhile.
+    for delay in (1, 2, 4):
+        settle(clock, http, delay)
+    before = agent.requests
+    dispatcher.task_created(tasks[0])
+    settle(clock, http)
+    assert agent.requests == before, "a create must not bypass the back-off"
+    agent.down = False
+    settle(clock, http, 8)
+    assert set(agent.tasks) == {t.task_id for t in tasks}
+    assert await store.undelivered_tasks(URL, 10) == []
+    dispatcher.stopService()
+
+
+@pytest_twisted.ensureDeferred
+async def test_reconciliation_resends_what_a_wiped_agent_lost() -> None:
+    agent = FakeAgent()
+    store, dispatcher, clock, http = await setup(agent)
+    dispatcher.startService()
+    task = await store.create_task(spec(), utc_now_from(0))
+    dispatcher.task_created(task)
+    settle(clock, http)
+    assert task.task_id in agent.tasks
+    agent.tasks.clear()  # the agent's data folder was wiped
+    settle(clock, http, 30)
+    assert set(agent.tasks) == {task.task_id}
+    dispatcher.stopService()
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_server_restart_delivers_what_was_never_acknowledged() -> None:
+    agent = FakeAgent()
+    agent.down = True
+    store, dispatcher, clock, http = await setup(agent)
+    task = await store.create_task(spec(), utc_now_from(0))
+    # The server went down before delivering; a new dispatcher over the same store starts.
+    agent.down = False
+    fresh = Dispatcher(store, http, clock, [URL], jitter=lambda: 1.0)
+    fresh.startService()
+    settle(clock, http)
+    assert set(agent.tasks) == {task.task_id}
+    fresh.stopService()
+    dispatcher.stopService()

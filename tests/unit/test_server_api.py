@@ -1,0 +1,381 @@
+"""The server's REST API through StubTreq over the real Klein resource."""
+
+from __future__ import annotations
+
+import json
+import uuid
+from datetime import timedelta
+from typing import Any
+
+import pytest
+import pytest_twisted
+from treq.testing import StubTreq
+from twisted.internet.task import Clock
+from twisted.internet.testing import StringTransport
+
+from taskscheduler.protocol import Output, ResultStatus, RunResult, result_to_json
+from taskscheduler.schedule import format_instant, instant, parse_instant, utc_now_from
+from taskscheduler.server.api import ServerAPI
+from taskscheduler.server.memstore import MemoryStore
+from taskscheduler.server.store import StoreUnavailable
+from taskscheduler.web import make_site
+
+AGENTS = ["http://agent-a:8081", "http://agent-b:8081"]
+AGENT_A = uuid.UUID("aaaaaaaa-0000-4000-8000-000000000001")
+AGENT_B = uuid.UUID("bbbbbbbb-0000-4000-8000-000000000002")
+JSON = {"Content-Type": "application/json"}
+START = 1_795_000_000.0
+
+
+class Harness:
+    def __init__(self) -> None:
+        self.clock = Clock()
+        self.clock.advance(START)
+        self.store = MemoryStore()
+        self.created: list[Any] = []
+        self.api = ServerAPI(
+            self.store,
+            self.clock,
+            on_task_created=self.created.append,
+            report_grace=timedelta(seconds=30),
+        )
+        self.http = StubTreq(self.api.resource())
+
+    async def request(
+        self,
+        method: str,
+        path: str,
+        body: Any = None,
+        raw: bytes | None = None,
+        headers: dict[str, str] | None = None,
+    ) -> tuple[int, Any]:
+        data = raw if raw is not None else (None if body is None else json.dumps(body).encode())
+        response = await self.http.request(
+            method, "http://server" + path, data=data, headers=JSON if headers is None else headers
+        )
+        content = await response.content()
+        assert response.headers.getRawHeaders("Content-Type") == ["application/json"]
+        return response.code, json.loads(content)
+
+    async def create(
+        self, command: str = "echo hello world", frequency: str = "every 30 seconds"
+    ) -> str:
+        code, body = await self.request(
+            "POST", "/api/v1/tasks/create", {"command": command, "frequency": frequency}
+        )
+        assert code == 201, body
+        return body["command_id"]
+
+    def result(
+        self,
+        task_id: str,
+        agent: uuid.UUID,
+        k: int,
+        stdout: bytes = b"",
+        stderr: bytes = b"",
+        exit_code: int = 0,
+    ) -> RunResult:
+        anchor = utc_now_from(START)
+        at = instant(anchor, timedelta(seconds=30), k)
+        return RunResult(
+            task_id=uuid.UUID(task_id),
+            agent_id=agent,
+            scheduled_at=at,
+            status=ResultStatus.SUCCEEDED if exit_code == 0 else ResultStatus.FAILED,
+            exit_code=exit_code,
+            started_at=at,
+            finished_at=at + timedelta(milliseconds=5),
+            stdout=Output.of(stdout),
+            stderr=Output.of(stderr),
+        )
+
+    async def report(self, result: RunResult) -> tuple[int, Any]:
+        return await self.request(
+            "POST", f"/api/v1/tasks/{result.task_id}/complete", result_to_json(result)
+        )
+
+
+@pytest_twisted.async_fixture
+async def harness() -> Harness:
+    h = Harness()
+    await h.store.start()
+    await h.store.set_fleet(AGENTS)
+    return h
+
+
+@pytest_twisted.ensureDeferred
+async def test_create_returns_a_command_id_and_hands_the_task_to_dispatch(harness: Harness) -> None:
+    task_id = await harness.create()
+    assert uuid.UUID(task_id).version == 4
+    [task] = harness.created
+    assert str(task.task_id) == task_id
+    code, body = await harness.request("GET", f"/api/v1/tasks/{task_id}")
+    assert code == 200
+    assert body["command"] == "echo hello world"
+    assert body["frequency"] == "every 30 seconds"
+    assert parse_instant(body["anchor"]) == utc_now_from(START)
+    assert body["time_limit_seconds"] == 30
+    assert await harness.store.assigned_task_ids(AGENTS[0]) == {uuid.UUID(task_id)}
+
+
+@pytest_twisted.ensureDeferred
+async def test_create_accepts_a_kind_frequency_and_a_time_limit(harness: Harness) -> None:
+    code, body = await harness.request(
+        "POST",
+        "/api/v1/tasks/create",
+        {"command": "backup", "frequency": "  Every 1 Hour ", "time_limit_seconds": 600},
+    )
+    assert code == 201
+    code, task = await harness.request("GET", f"/api/v1/tasks/{body['command_id']}")
+    assert (task["frequency"], task["time_limit_seconds"]) == ("every 1 hour", 600)
+
+
+@pytest.mark.parametrize(
+    "body, fragment",
+    [
+        ({"command": "ls"}, "'frequency' is"),
+        ({"frequency": "every 5 seconds"}, "'command' is required"),
+        ({"command": "", "frequency": "every 5 seconds"}, "'command' must be"),
+        ({"command": "ls", "frequency": "every 0 seconds"}, "at least"),
+        ({"command": "ls", "frequency": "every -5 seconds"}, "not of the form"),
+        ({"command": "ls", "frequency": "every 1.5 minutes"}, "not of the form"),
+        ({"command": "ls", "frequency": "every 5 days"}, "not of the form"),
+        ({"command": "ls", "frequency": "every 99999999999 hours"}, "longer than a year"),
+        ({"command": "ls", "frequency": 30}, "must be a string"),
+        ({"command": ["ls"], "frequency": "every 5 seconds"}, "'command' must be"),
+        ({"command": "ls", "frequency": "every 5 seconds", "time_limit_seconds": 0}, "from 1"),
+        ([1, 2], "JSON object"),
+    ],
+)
+@pytest_twisted.ensureDeferred
+async def test_create_rejects_bad_input_with_a_clear_400_and_stores_nothing(
+    harness: Harness, body: Any, fragment: str
+) -> None:
+    code, error = await harness.request("POST", "/api/v1/tasks/create", body)
+    assert code == 400
+    assert fragment in error["error"]["message"]
+    assert harness.created == []
+    assert await harness.store.assigned_task_ids(AGENTS[0]) == set()
+
+
+@pytest_twisted.ensureDeferred
+async def test_malformed_bodies_and_wrong_content_types(harness: Harness) -> None:
+    code, error = await harness.request("POST", "/api/v1/tasks/create", raw=b"{not json")
+    assert (code, error["error"]["code"]) == (400, "invalid_json")
+    code, error = await harness.request("POST", "/api/v1/tasks/create", raw=b"")
+    assert (code, error["error"]["code"]) == (400, "invalid_json")
+    code, error = await harness.request("POST", "/api/v1/tasks/create", raw=b"\xff\xfe")
+    assert (code, error["error"]["code"]) == (400, "invalid_json")
+    code, error = await harness.request(
+        "POST",
+        "/api/v1/tasks/create",
+        raw=b"command=ls",
+        headers={"Content-Type": "application/x-www-form-urlencoded"},
+    )
+    assert (code, error["error"]["code"]) == (415, "unsupported_media_type")
+    code, _ = await harness.request(
+        "POST",
+        "/api/v1/tasks/create",
+        {"command": "ls", "frequency": "every 5 seconds"},
+        headers={"Content-Type": "application/json; charset=utf-8"},
+    )
+    assert code == 201
+
+
+@pytest_twisted.ensureDeferred
+async def test_unknown_routes_and_methods_get_json_errors(harness: Harness) -> None:
+    code, error = await harness.request("GET", "/api/v1/nothing-here")
+    assert (code, error["error"]["code"]) == (404, "not_found")
+    task_id = await harness.create()
+    code, error = await harness.request("DELETE", f"/api/v1/tasks/{task_id}/latest_output")
+    assert (code, error["error"]["code"]) == (405, "method_not_allowed")
+    code, error = await harness.request("GET", f"/api/v1/tasks/{task_id}/complete")
+    assert code == 405
+
+
+@pytest_twisted.ensureDeferred
+async def test_latest_output_for_unknown_malformed_and_fresh_tasks(harness: Harness) -> None:
+    code, error = await harness.request("GET", f"/api/v1/tasks/{uuid.uuid4()}/latest_output")
+    assert (code, error["error"]["code"]) == (404, "unknown_task")
+    code, error = await harness.request("GET", "/api/v1/tasks/not-a-uuid/latest_output")
+    assert (code, error["error"]["code"]) == (400, "invalid_task_id")
+    task_id = await harness.create()
+    code, body = await harness.request("GET", f"/api/v1/tasks/{task_id}/latest_output")
+    assert code == 200
+    assert body["completion_time"] is None
+    assert body["outputs"] == []
+
+
+@pytest_twisted.ensureDeferred
+async def test_latest_output_shows_the_newest_complete_execution_only(harness: Harness) -> None:
+    task_id = await harness.create()
+    assert (await harness.report(harness.result(task_id, AGENT_A, 1, b"a1\n")))[0] == 200
+    # Half an execution is not shown.
+    code, body = await harness.request("GET", f"/api/v1/tasks/{task_id}/latest_output")
+    assert body["outputs"] == []
+    assert (await harness.report(harness.result(task_id, AGENT_B, 1, b"", b"b1 err\n", 3)))[
+        0
+    ] == 200
+    # Execution 2 is half-filled: execution 1 is still the one shown.
+    await harness.report(harness.result(task_id, AGENT_A, 2, b"a2\n"))
+    code, body = await harness.request("GET", f"/api/v1/tasks/{task_id}/latest_output")
+    assert code == 200
+    first = instant(utc_now_from(START), timedelta(seconds=30), 1)
+    assert parse_instant(body["scheduled_at"]) == first
+    assert parse_instant(body["completion_time"]) == first + timedelta(milliseconds=5)
+    by_agent = {o["agent_id"]: o for o in body["outputs"]}
+    assert by_agent[str(AGENT_A)]["stdout"] == "a1\n"
+    assert "stderr" not in by_agent[str(AGENT_A)]
+    assert by_agent[str(AGENT_A)]["exit_code"] == 0
+    assert "stdout" not in by_agent[str(AGENT_B)]
+    assert by_agent[str(AGENT_B)]["stderr"] == "b1 err\n"
+    assert (by_agent[str(AGENT_B)]["exit_code"], by_agent[str(AGENT_B)]["status"]) == (3, "failed")
+
+
+@pytest_twisted.ensureDeferred
+async def test_an_execution_missing_an_agent_completes_at_its_deadline(harness: Harness) -> None:
+    task_id = await harness.create()
+    await harness.report(harness.result(task_id, AGENT_A, 1, b"only a\n"))
+    # Execution 1 is due at +30 s; limit 30 s; grace 30 s: complete after +90 s.
+    harness.clock.advance(89)
+    _, body = await harness.request("GET", f"/api/v1/tasks/{task_id}/latest_output")
+    assert body["outputs"] == []
+    harness.clock.advance(2)
+    _, body = await harness.request("GET", f"/api/v1/tasks/{task_id}/latest_output")
+    assert [o["stdout"] for o in body["outputs"]] == ["only a\n"]
+    assert body["expected_agents"] == 2
+
+
+@pytest_twisted.ensureDeferred
+async def test_output_that_is_not_text_comes_back_as_valid_json(harness: Harness) -> None:
+    task_id = await harness.create()
+    raw = b"nul\x00byte and bad \xff utf-8"
+    await harness.report(harness.result(task_id, AGENT_A, 1, raw))
+    await harness.report(harness.result(task_id, AGENT_B, 1, b"ok"))
+    _, body = await harness.request("GET", f"/api/v1/tasks/{task_id}/latest_output")
+    [a] = [o for o in body["outputs"] if o["agent_id"] == str(AGENT_A)]
+    assert a["stdout"] == "nul\x00byte and bad \ufffd utf-8"
+    import base64
+
+    assert base64.b64decode(a["stdout_base64"]) == raw
+
+
+@pytest_twisted.ensureDeferred
+async def test_results_are_stored_once_and_conflicts_are_refused(harness: Harness) -> None:
+    task_id = await harness.create()
+    result = harness.result(task_id, AGENT_A, 1, b"first\n")
+    assert await harness.report(result) == (200, {"status": "stored"})
+    assert await harness.report(result) == (200, {"status": "duplicate"})
+    code, error = await harness.report(harness.result(task_id, AGENT_A, 1, b"different\n"))
+    assert (code, error["error"]["code"]) == (409, "conflict")
+    await harness.report(harness.result(task_id, AGENT_B, 1))
+    _, body = await harness.request("GET", f"/api/v1/tasks/{task_id}/latest_output")
+    assert [o.get("stdout") for o in body["outputs"]] == ["first\n", None]
+
+
+@pytest_twisted.ensureDeferred
+async def test_complete_rejects_unknown_tasks_misaligned_instants_and_bad_bodies(
+    harness: Harness,
+) -> None:
+    task_id = await harness.create()
+    other = str(uuid.uuid4())
+    code, error = await harness.report(harness.result(other, AGENT_A, 1))
+    assert (code, error["error"]["code"]) == (404, "unknown_task")
+    body = result_to_json(harness.result(task_id, AGENT_A, 1))
+    body["scheduled_at"] = format_instant(
+        parse_instant(body["scheduled_at"]) + timedelta(seconds=1)
+    )
+    code, error = await harness.request("POST", f"/api/v1/tasks/{task_id}/complete", body)
+    assert (code, error["error"]["code"]) == (400, "misaligned")
+    code, error = await harness.request(
+        "POST", f"/api/v1/tasks/{task_id}/complete", {"stdout": "x"}
+    )
+    assert code == 400
+    assert "'server_id' is required" in error["error"]["message"]
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_batch_reports_one_outcome_per_result(harness: Harness) -> None:
+    task_id = await harness.create()
+    stored = harness.result(task_id, AGENT_A, 1, b"x")
+    await harness.report(stored)
+    batch = [
+        stored,
+        harness.result(task_id, AGENT_B, 1, b"y"),
+        harness.result(task_id, AGENT_A, 1, b"changed"),
+        harness.result(str(uuid.uuid4()), AGENT_A, 1),
+    ]
+    code, body = await harness.request(
+        "POST", "/api/v1/results", {"results": [result_to_json(r) for r in batch]}
+    )
+    assert code == 200
+    assert [r["status"] for r in body["results"]] == [
+        "duplicate",
+        "stored",
+        "conflict",
+        "unknown_task",
+    ]
+    code, _ = await harness.request("POST", "/api/v1/results", {"results": []})
+    assert code == 400
+
+
+class UnavailableStore(MemoryStore):
+    async def create_task(self, *args: Any, **kwargs: Any) -> Any:
+        raise StoreUnavailable("connection refused")
+
+    async def latest_complete_execution(self, *args: Any, **kwargs: Any) -> Any:
+        raise StoreUnavailable("connection refused")
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_database_outage_is_a_503_not_a_crash() -> None:
+    clock = Clock()
+    api = ServerAPI(UnavailableStore(), clock)
+    http = StubTreq(api.resource())
+    response = await http.post(
+        "http://server/api/v1/tasks/create",
+        data=json.dumps({"command": "ls", "frequency": "every 5 seconds"}).encode(),
+        headers=JSON,
+    )
+    body = json.loads(await response.content())
+    assert response.code == 503
+    assert body["error"]["code"] == "database_unavailable"
+    assert response.headers.getRawHeaders("Retry-After") == ["5"]
+
+
+def test_an_oversized_body_is_refused_with_413_before_it_is_read() -> None:
+    rendered: list[bytes] = []
+
+    class Resource:
+        isLeaf = True
+
+        def render(self, request: Any) -> bytes:
+            rendered.append(request.content.read())
+            return b"{}"
+
+    site = make_site(Resource(), max_body_bytes=1024)
+    channel = site.buildProtocol(None)
+    transport = StringTransport()
+    channel.makeConnection(transport)
+    channel.dataReceived(
+        b"POST /api/v1/tasks/create HTTP/1.1\r\nHost: x\r\n"
+        b"Content-Type: application/json\r\nContent-Length: 50000000\r\n\r\n" + b"x" * 2048
+    )
+    assert transport.value().startswith(b"HTTP/1.1 413 ")
+    assert b"payload_too_large" in transport.value()
+    assert transport.disconnecting
+    assert rendered == []
+
+
+def test_a_chunked_body_over_the_limit_is_refused_too() -> None:
+    site = make_site(object(), max_body_bytes=1024)
+    channel = site.buildProtocol(None)
+    transport = StringTransport()
+    channel.makeConnection(transport)
+    chunk = b"x" * 800
+    channel.dataReceived(
+        b"POST /api/v1/results HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n"
+        + (b"320\r\n" + chunk + b"\r\n") * 2
+    )
+    assert transport.value().startswith(b"HTTP/1.1 413 ")
+    assert transport.disconnecting
