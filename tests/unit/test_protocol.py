@@ -1,0 +1,320 @@
+"""The wire protocol: round trips through JSON, and every validation error."""
+
+from __future__ import annotations
+
+import base64
+import json
+import uuid
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+from taskscheduler.protocol import (
+    MAX_BATCH,
+    MAX_COMMAND_LENGTH,
+    MAX_TIME_LIMIT_SECONDS,
+    InvalidMessage,
+    Output,
+    ResultStatus,
+    RunResult,
+    TaskSpec,
+    default_time_limit,
+    output_to_json,
+    parse_output,
+    parse_result,
+    parse_result_batch,
+    parse_task_spec,
+    result_to_json,
+    task_spec_to_json,
+)
+from taskscheduler.schedule import MAX_INTERVAL_SECONDS, Frequency, format_instant
+
+RECEIVED = datetime(2026, 11, 27, 7, 30, tzinfo=UTC)
+TASK = uuid.UUID("bbbbbbbb-0000-4000-8000-000000000002")
+AGENT = uuid.UUID("aaaaaaaa-0000-4000-8000-000000000001")
+
+
+def through_json(body: Any) -> Any:
+    """What the other side decodes: a real JSON text in between."""
+    return json.loads(json.dumps(body))
+
+
+moments = st.datetimes(
+    min_value=datetime(2000, 1, 1), max_value=datetime(2100, 1, 1), timezones=st.just(UTC)
+)
+
+
+@st.composite
+def frequencies(draw: st.DrawFn) -> Frequency:
+    unit = draw(st.sampled_from(["second", "minute", "hour"]))
+    most = MAX_INTERVAL_SECONDS // {"second": 1, "minute": 60, "hour": 3600}[unit]
+    return Frequency(draw(st.integers(1, most)), unit)
+
+
+commands = st.text(min_size=1, max_size=200).filter(lambda c: c.strip() and "\x00" not in c)
+
+task_specs = st.builds(
+    TaskSpec,
+    task_id=st.uuids(),
+    command=commands,
+    frequency=frequencies(),
+    anchor=moments,
+    time_limit=st.integers(1, MAX_TIME_LIMIT_SECONDS).map(lambda s: timedelta(seconds=s)),
+)
+
+
+@st.composite
+def outputs(draw: st.DrawFn) -> Output:
+    data = draw(st.one_of(st.binary(max_size=300), st.text(max_size=100).map(str.encode)))
+    size = len(data) + draw(st.sampled_from([0, 0, 1, 10**6, 2**40]))
+    if size == 0:
+        return Output()
+    return Output(data, size, size > len(data) or draw(st.booleans()))
+
+
+@st.composite
+def results(draw: st.DrawFn) -> RunResult:
+    status = draw(st.sampled_from(list(ResultStatus)))
+    started = draw(st.none() | moments)
+    return RunResult(
+        task_id=draw(st.uuids()),
+        agent_id=draw(st.uuids()),
+        scheduled_at=draw(moments),
+        status=status,
+        exit_code=draw(st.none() | st.integers(-(2**31), 2**31 - 1)),
+        signal=draw(st.none() | st.integers(1, 128)),
+        started_at=started,
+        finished_at=draw(st.none() | moments),
+        stdout=draw(outputs()),
+        stderr=draw(outputs()),
+    )
+
+
+# -- round trips ---------------------------------------------------------------------
+
+
+@given(task_specs, moments)
+def test_a_task_spec_survives_the_wire(spec: TaskSpec, received: datetime) -> None:
+    assert parse_task_spec(through_json(task_spec_to_json(spec)), received) == spec
+
+
+@given(results())
+def test_a_result_survives_the_wire_bytes_and_all(result: RunResult) -> None:
+    assert parse_result(through_json(result_to_json(result))) == result
+
+
+@given(results())
+def test_a_result_survives_with_its_task_id_taken_from_the_path(result: RunResult) -> None:
+    body = through_json(result_to_json(result))
+    del body["task_id"]
+    assert parse_result(body, result.task_id) == result
+
+
+@given(st.lists(results(), min_size=1, max_size=5))
+def test_a_batch_survives_the_wire(items: list[RunResult]) -> None:
+    body = through_json({"results": [result_to_json(r) for r in items]})
+    assert parse_result_batch(body) == items
+
+
+@given(st.binary(min_size=1, max_size=300))
+def test_any_bytes_travel_as_readable_text_and_exact_base64(data: bytes) -> None:
+    body = output_to_json("stdout", Output.of(data))
+    assert isinstance(body["stdout"], str)
+    assert body["stdout_bytes"] == len(data)
+    lossless = data.decode("utf-8", errors="replace").encode("utf-8") == data
+    assert ("stdout_base64" in body) is not lossless
+    assert parse_output(through_json(body), "stdout") == Output.of(data)
+
+
+def test_nul_bytes_are_valid_text_and_need_no_base64() -> None:
+    body = output_to_json("stdout", Output.of(b"a\x00b\n"))
+    assert body == {"stdout": "a\x00b\n", "stdout_bytes": 4}
+    assert parse_output(through_json(body), "stdout").data == b"a\x00b\n"
+
+
+def test_invalid_utf8_is_replaced_in_the_text_and_exact_in_base64() -> None:
+    body = output_to_json("stderr", Output.of(b"caf\xe9"))
+    assert body["stderr"] == "caf\ufffd"
+    assert base64.b64decode(body["stderr_base64"]) == b"caf\xe9"
+
+
+def test_empty_streams_are_omitted_as_the_seed_asks() -> None:
+    body = result_to_json(RunResult(TASK, AGENT, RECEIVED, ResultStatus.SUCCEEDED, exit_code=0))
+    assert not any(key.startswith(("stdout", "stderr")) for key in body)
+    assert body["server_id"] == str(AGENT)
+
+
+def test_a_truncated_stream_says_so_with_its_original_size() -> None:
+    body = output_to_json("stdout", Output(b"head...tail", 10_000_000, True))
+    assert body["stdout_truncated"] is True
+    assert body["stdout_bytes"] == 10_000_000
+    # A size larger than the data means truncation, even if the flag is missing.
+    assert parse_output({"stdout": "abc", "stdout_bytes": 10}, "stdout").truncated
+
+
+def test_the_seeds_three_field_task_gets_an_anchor_and_a_limit() -> None:
+    spec = parse_task_spec(
+        {"task_id": str(TASK), "command": "echo hi", "frequency": "every 30 seconds"}, RECEIVED
+    )
+    assert spec.anchor == RECEIVED
+    assert spec.time_limit == timedelta(seconds=30)
+    assert default_time_limit(Frequency(2, "hour")) == timedelta(hours=2)
+    assert default_time_limit(Frequency(48, "hour")) == timedelta(days=1)
+
+
+@pytest.mark.parametrize(
+    ("extra", "status"),
+    [
+        ({}, ResultStatus.SUCCEEDED),
+        ({"exit_code": 0}, ResultStatus.SUCCEEDED),
+        ({"exit_code": 2}, ResultStatus.FAILED),
+        ({"signal": 9}, ResultStatus.FAILED),
+    ],
+)
+def test_a_result_without_status_infers_it(extra: dict[str, Any], status: ResultStatus) -> None:
+    body = {"server_id": str(AGENT), "scheduled_at": format_instant(RECEIVED), "stdout": "hi\n"}
+    result = parse_result({**body, **extra}, TASK)
+    assert result.status is status
+    assert result.stdout == Output.of(b"hi\n")
+
+
+# -- validation errors ---------------------------------------------------------------
+
+GOOD_SPEC = {
+    "task_id": str(TASK),
+    "command": "echo hi",
+    "frequency": "every 10 seconds",
+    "anchor": "2026-11-27T07:30:00Z",
+    "time_limit_seconds": 5,
+}
+
+
+@pytest.mark.parametrize(
+    ("change", "words"),
+    [
+        ({"task_id": None}, "'task_id' is required"),
+        ({"task_id": 7}, "'task_id' must be a UUID"),
+        ({"task_id": "not-a-uuid"}, "'task_id' is not a valid UUID"),
+        ({"command": None}, "'command' is required"),
+        ({"command": ""}, "'command' must be a non-empty string"),
+        ({"command": "   "}, "'command' must be a non-empty string"),
+        ({"command": ["echo"]}, "'command' must be a non-empty string"),
+        ({"command": "x" * (MAX_COMMAND_LENGTH + 1)}, "longer than"),
+        ({"command": "echo \x00"}, "NUL"),
+        ({"frequency": None}, "'frequency' is required"),
+        ({"frequency": "every 0 seconds"}, "at least"),
+        ({"frequency": "every 2 days"}, "not of the form"),
+        ({"frequency": 10}, "must be a string"),
+        ({"frequency": "every 400 days"}, "not of the form"),
+        ({"frequency": "every 9000 hours"}, "longer than a year"),
+        ({"anchor": "2026-11-27T07:30:00"}, "'anchor' must be an RFC 3339"),
+        ({"anchor": "soon"}, "'anchor' must be an RFC 3339"),
+        ({"anchor": 1795000000}, "'anchor' must be an RFC 3339"),
+        ({"anchor": "2026-11-27T07:30:00Z" + " " * 100}, "'anchor' must be an RFC 3339"),
+        ({"time_limit_seconds": 0}, "'time_limit_seconds' must be an integer"),
+        ({"time_limit_seconds": MAX_TIME_LIMIT_SECONDS + 1}, "'time_limit_seconds'"),
+        ({"time_limit_seconds": 1.5}, "'time_limit_seconds'"),
+        ({"time_limit_seconds": "5"}, "'time_limit_seconds'"),
+        ({"time_limit_seconds": True}, "'time_limit_seconds'"),
+    ],
+)
+def test_every_bad_task_spec_is_refused_with_a_clear_message(
+    change: dict[str, Any], words: str
+) -> None:
+    with pytest.raises(InvalidMessage) as caught:
+        parse_task_spec({**GOOD_SPEC, **change}, RECEIVED)
+    assert words in str(caught.value)
+
+
+@pytest.mark.parametrize("body", [None, [], "task", 7, [GOOD_SPEC]])
+def test_a_task_spec_must_be_an_object(body: object) -> None:
+    with pytest.raises(InvalidMessage, match="JSON object"):
+        parse_task_spec(body, RECEIVED)
+
+
+def test_a_missing_field_is_as_bad_as_a_null_one() -> None:
+    for name in ("task_id", "command", "frequency"):
+        body = dict(GOOD_SPEC)
+        del body[name]
+        with pytest.raises(InvalidMessage, match=f"'{name}' is required"):
+            parse_task_spec(body, RECEIVED)
+
+
+GOOD_RESULT = result_to_json(
+    RunResult(
+        TASK,
+        AGENT,
+        RECEIVED,
+        ResultStatus.SUCCEEDED,
+        exit_code=0,
+        started_at=RECEIVED,
+        finished_at=RECEIVED,
+        stdout=Output.of(b"hi\n"),
+    )
+)
+
+
+@pytest.mark.parametrize(
+    ("change", "words"),
+    [
+        ({"task_id": None}, "'task_id' is required"),
+        ({"task_id": "x"}, "'task_id' is not a valid UUID"),
+        ({"server_id": None}, "'server_id' is required"),
+        ({"server_id": 12}, "'server_id' must be a UUID"),
+        ({"scheduled_at": None}, "'scheduled_at' is required"),
+        ({"scheduled_at": "2026-11-27 07:30"}, "'scheduled_at' must be an RFC 3339"),
+        ({"status": "great"}, "'status' must be one of"),
+        ({"exit_code": 2**31}, "'exit_code' must be an integer"),
+        ({"exit_code": "0"}, "'exit_code' must be an integer"),
+        ({"exit_code": False}, "'exit_code' must be an integer"),
+        ({"signal": 0}, "'signal' must be an integer from 1 to 128"),
+        ({"signal": 129}, "'signal' must be an integer from 1 to 128"),
+        ({"started_at": "then"}, "'started_at' must be an RFC 3339"),
+        ({"finished_at": 5}, "'finished_at' must be an RFC 3339"),
+        ({"stdout": 5}, "'stdout' must be a string"),
+        ({"stdout_base64": 5}, "'stdout_base64' must be a base64 string"),
+        ({"stdout_base64": "!!!"}, "'stdout_base64' is not valid base64"),
+        ({"stdout_bytes": 1}, "'stdout_bytes' must be an integer from 3"),
+        ({"stdout_bytes": -1}, "'stdout_bytes'"),
+        ({"stdout_bytes": True}, "'stdout_bytes'"),
+        ({"stderr_truncated": "yes"}, "'stderr_truncated' must be true or false"),
+    ],
+)
+def test_every_bad_result_is_refused_with_a_clear_message(
+    change: dict[str, Any], words: str
+) -> None:
+    with pytest.raises(InvalidMessage) as caught:
+        parse_result({**GOOD_RESULT, **change})
+    assert words in str(caught.value)
+
+
+def test_a_result_whose_task_id_differs_from_the_path_is_refused() -> None:
+    with pytest.raises(InvalidMessage, match="differs from the one in the path"):
+        parse_result(GOOD_RESULT, uuid.uuid4())
+
+
+@pytest.mark.parametrize("body", [None, [], "result", 3])
+def test_a_result_must_be_an_object(body: object) -> None:
+    with pytest.raises(InvalidMessage, match="must be a JSON object"):
+        parse_result(body)
+
+
+@pytest.mark.parametrize(
+    ("body", "words"),
+    [
+        ([], '{"results": [...]}'),
+        ({}, '{"results": [...]}'),
+        ({"results": {}}, '{"results": [...]}'),
+        ({"results": []}, "must not be empty"),
+        ({"results": [GOOD_RESULT] * (MAX_BATCH + 1)}, f"at most {MAX_BATCH}"),
+        ({"results": [GOOD_RESULT, {**GOOD_RESULT, "status": "x"}]}, "results[1]: 'status'"),
+        ({"results": [GOOD_RESULT, 5]}, "results[1]: a result must be a JSON object"),
+    ],
+)
+def test_every_bad_batch_is_refused_naming_the_bad_item(body: object, words: str) -> None:
+    with pytest.raises(InvalidMessage) as caught:
+        parse_result_batch(body)
+    assert words in str(caught.value)
