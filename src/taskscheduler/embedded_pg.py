@@ -1,0 +1,217 @@
+"""The embedded PostgreSQL the server uses when no ``--database`` DSN is given.
+
+A thin layer over the ``pgserver`` package (which ships PostgreSQL binaries as a wheel),
+adding what a daemon needs from it:
+
+- Start-up blocks (``initdb``, ``pg_ctl -w start``), so :meth:`EmbeddedPostgres.start`
+  runs it in a thread and returns a Deferred-friendly coroutine.
+- Data persists: the folder is reused across restarts; ``initdb`` runs only once.
+- Stopping follows pgserver's ``cleanup_mode='stop'``: PostgreSQL stops when the last
+  process using the folder lets go of it, so it is never stopped under another user of
+  a shared folder, and never left running after our server stops alone.
+- A crash leaves traces that pgserver trips over, which are cleared before it starts:
+  a ``postmaster.pid`` whose pid now belongs to some other process (common in containers,
+  where pids repeat), and the pid of a killed process still counted as a user of the
+  folder (which would keep the database running forever after).
+- The DSN is built in key/value form, so folders with spaces or other URI-unsafe
+  characters work; long folder paths are handled by pgserver, which puts the unix socket
+  in a short runtime folder when the data folder's path is too long for one.
+
+As root, pgserver runs PostgreSQL as an OS user ``pgserver`` (created with ``useradd``
+if missing; PostgreSQL refuses to run as root), chowns the data folder to it, and makes
+every parent folder traversable by others (``chmod g+rx,o+rx``).
+"""
+
+from __future__ import annotations
+
+import atexit
+import contextlib
+import json
+import os
+import subprocess
+import time
+import warnings
+from pathlib import Path
+from typing import Any
+
+import psutil
+from psycopg2.extensions import make_dsn
+from twisted.internet.threads import deferToThreadPool
+from twisted.logger import Logger
+
+#: How many times to try starting PostgreSQL before giving up. A postmaster killed with
+#: SIGKILL leaves backends that hold its shared memory for a moment; a retry outlives them.
+START_ATTEMPTS = 4
+
+
+class EmbeddedPostgresError(RuntimeError):
+    """The embedded PostgreSQL could not be started; the message says where to look."""
+
+
+class EmbeddedPostgres:
+    """A PostgreSQL server kept in ``data_dir``, started and stopped by this process."""
+
+    log = Logger()
+
+    def __init__(self, data_dir: str | os.PathLike[str], reactor: Any = None) -> None:
+        self.data_dir = Path(data_dir).expanduser().absolute()
+        self._reactor = reactor
+        self._server: Any = None
+        self.dsn: str | None = None
+
+    # -- from a reactor -------------------------------------------------------------------
+
+    async def start(self) -> str:
+        """Start (or join) the server without blocking the reactor; return its DSN."""
+        return await self._in_thread(self.start_blocking)
+
+    async def stop(self) -> None:
+        """Let go of the server; it stops when no other process uses the folder."""
+        await self._in_thread(self.stop_blocking)
+
+    async def _in_thread(self, function: Any) -> Any:
+        reactor = self._reactor
+        if reactor is None:
+            from twisted.internet import reactor
+        return await deferToThreadPool(reactor, reactor.getThreadPool(), function)
+
+    # -- blocking -------------------------------------------------------------------------
+
+    def start_blocking(self) -> str:
+        """Initialise the folder if new, start PostgreSQL if not running; return a DSN."""
+        with warnings.catch_warnings():
+            # platformdirs warns at import when XDG_RUNTIME_DIR is unset (containers, CI);
+            # its /tmp fallback is fine for pgserver's lock and socket folders.
+            warnings.simplefilter("ignore")
+            import pgserver
+            from pgserver.postgres_server import PostgresServer
+
+        if self._server is not None:
+            if _running(self._server):
+                assert self.dsn is not None
+                return self.dsn
+            self.log.warn("the embedded PostgreSQL died; starting it again")
+            self._server = None
+        self.data_dir.parent.mkdir(parents=True, exist_ok=True)
+        cached = PostgresServer._instances.get(self.data_dir.resolve())
+        if cached is not None and not _running(cached):
+            self._discard_failed_instance()
+        last_error: Exception | None = None
+        for attempt in range(START_ATTEMPTS):
+            if attempt:
+                time.sleep(attempt)
+            with PostgresServer._lock:
+                self._forget_dead_users()
+                self._remove_foreign_pidfile()
+            try:
+                server = pgserver.get_server(self.data_dir, cleanup_mode="stop")
+            except (subprocess.SubprocessError, OSError, AssertionError) as e:
+                last_error = e
+                self._discard_failed_instance()
+                continue
+            self._server = server
+            info = server.get_postmaster_info()
+            if info.socket_dir is not None:
+                self.dsn = make_dsn(
+                    host=str(info.socket_dir), port=info.port, user="postgres", dbname="postgres"
+                )
+            else:
+                self.dsn = make_dsn(
+                    host=info.hostname, port=info.port, user="postgres", dbname="postgres"
+                )
+            return self.dsn
+        log_file = self.data_dir / "log"
+        raise EmbeddedPostgresError(
+            f"could not start the embedded PostgreSQL in {self.data_dir} "
+            f"({last_error!r}); see {log_file}"
+        )
+
+    @property
+    def postmaster_pid(self) -> int | None:
+        """The pid of the running postmaster, if we started or joined one."""
+        return None if self._server is None else int(self._server.get_pid())
+
+    def stop_blocking(self) -> None:
+        """Release this process's hold on the server, stopping it if we were the last."""
+        server, self._server = self._server, None
+        if server is None:
+            return
+        server.cleanup()
+        atexit.unregister(server._cleanup)
+
+    # -- what a crash leaves behind -------------------------------------------------------
+
+    def _forget_dead_users(self) -> None:
+        """Drop pids of processes that died while using the folder (pgserver counts them)."""
+        handles = self.data_dir / ".handle_pids.json"
+        try:
+            pids = json.loads(handles.read_text())
+        except (OSError, ValueError):
+            return
+        alive = [pid for pid in pids if isinstance(pid, int) and psutil.pid_exists(pid)]
+        if alive != pids:
+            handles.write_text(json.dumps(alive))
+
+    def _remove_foreign_pidfile(self) -> None:
+        """Remove ``postmaster.pid`` if its pid is not a running postgres on this folder.
+
+        pgserver (and PostgreSQL itself) take a live pid in that file for a running
+        server; after a crash the pid may be a zombie or reused by an unrelated process.
+        """
+        pidfile = self.data_dir / "postmaster.pid"
+        try:
+            lines = pidfile.read_text().splitlines()
+            pid = int(lines[0])
+        except (OSError, ValueError, IndexError):
+            return
+        try:
+            process = psutil.Process(pid)
+            # A killed postmaster nobody has reaped yet is a zombie: dead, but its pid
+            # still answers kill(pid, 0), so PostgreSQL would refuse to start.
+            alive = process.status() != psutil.STATUS_ZOMBIE
+            ours = (
+                alive
+                and process.name() == "postgres"
+                and str(self.data_dir) in " ".join(process.cmdline())
+            )
+        except psutil.Error:
+            return  # gone: PostgreSQL recognises a stale file by itself
+        if not ours:
+            self.log.warn(
+                "removing stale {pidfile}: pid {pid} is not a running postgres",
+                pidfile=str(pidfile),
+                pid=pid,
+            )
+            pidfile.unlink(missing_ok=True)
+            # The unix socket's lock file names the same dead pid.
+            if len(lines) > 4 and lines[3].strip() and lines[4].strip():
+                socket_lock = Path(lines[4].strip()) / f".s.PGSQL.{lines[3].strip()}.lock"
+                with contextlib.suppress(OSError, ValueError, IndexError):
+                    if int(socket_lock.read_text().splitlines()[0]) == pid:
+                        socket_lock.unlink()
+
+    def _discard_failed_instance(self) -> None:
+        """pgserver caches an instance even when starting it failed; forget it."""
+        from pgserver.postgres_server import PostgresServer
+
+        instance = PostgresServer._instances.pop(self.data_dir.resolve(), None)
+        if instance is not None:
+            atexit.unregister(instance._cleanup)
+
+
+def _running(server: Any) -> bool:
+    """Whether a pgserver instance's postmaster is still alive (zombies are dead)."""
+    info = server._postmaster_info
+    if info is None or info.process is None:
+        return False
+    try:
+        return bool(info.process.status() != psutil.STATUS_ZOMBIE)
+    except psutil.Error:
+        return False
+
+
+async def start_embedded(data_dir: str | os.PathLike[str], reactor: Any = None) -> EmbeddedPostgres:
+    """Start an embedded PostgreSQL in ``data_dir``; ``.dsn`` is its DSN, ``.stop()`` ends it."""
+    embedded = EmbeddedPostgres(data_dir, reactor)
+    await embedded.start()
+    return embedded
