@@ -1,0 +1,84 @@
+"""The PostgreSQL schema, as an ordered list of migrations.
+
+Migration ``i`` (1-based) is ``MIGRATIONS[i - 1]``. Applied migrations are recorded in
+``schema_migrations``; each runs in its own transaction. Never edit a migration that has
+shipped: append a new one.
+"""
+
+from __future__ import annotations
+
+#: A constant key for ``pg_advisory_lock``: two servers starting at once migrate in turn.
+MIGRATION_LOCK_KEY = 0x7A5C_5EED_0001
+
+CREATE_MIGRATIONS_TABLE = """
+CREATE TABLE IF NOT EXISTS schema_migrations (
+    version integer PRIMARY KEY,
+    applied_at timestamptz NOT NULL DEFAULT now()
+)
+"""
+
+MIGRATIONS: list[str] = [
+    # 1: tasks, the fleet, deliveries, executions and results.
+    """
+    CREATE TABLE tasks (
+        task_id uuid PRIMARY KEY,
+        command text NOT NULL,
+        frequency text NOT NULL,              -- canonical text, e.g. 'every 30 seconds'
+        interval_seconds integer NOT NULL CHECK (interval_seconds > 0),
+        anchor timestamptz NOT NULL,          -- execution k is due at anchor + k * interval
+        time_limit_us bigint NOT NULL CHECK (time_limit_us > 0),
+        created_at timestamptz NOT NULL
+    );
+
+    -- The agents every task runs on (AVAILABLE_SERVERS).
+    CREATE TABLE fleet (
+        agent_url text PRIMARY KEY
+    );
+
+    -- Which agent must run which task, and whether it acknowledged it.
+    CREATE TABLE task_agents (
+        task_id uuid NOT NULL REFERENCES tasks,
+        agent_url text NOT NULL,
+        delivered_at timestamptz,
+        agent_id uuid,                         -- the identity that acknowledged it
+        PRIMARY KEY (task_id, agent_url)
+    );
+    CREATE INDEX task_agents_by_agent ON task_agents (agent_url, task_id);
+    CREATE INDEX task_agents_undelivered ON task_agents (agent_url)
+        WHERE delivered_at IS NULL;
+
+    -- One scheduled instant of a task, created by the first result reported for it.
+    CREATE TABLE executions (
+        task_id uuid NOT NULL REFERENCES tasks,
+        scheduled_at timestamptz NOT NULL,
+        expected integer NOT NULL,             -- agents assigned at the first report
+        reported integer NOT NULL DEFAULT 0,
+        completed_at timestamptz,              -- set when reported >= expected
+        PRIMARY KEY (task_id, scheduled_at)
+    );
+    -- latest_output: the newest complete execution is one backward index probe.
+    CREATE INDEX executions_completed ON executions (task_id, scheduled_at)
+        WHERE completed_at IS NOT NULL;
+
+    CREATE TABLE results (
+        task_id uuid NOT NULL,
+        scheduled_at timestamptz NOT NULL,
+        agent_id uuid NOT NULL,
+        status text NOT NULL,
+        exit_code integer,
+        signal integer,
+        started_at timestamptz,
+        finished_at timestamptz,
+        stdout bytea NOT NULL,
+        stdout_bytes bigint NOT NULL,
+        stdout_truncated boolean NOT NULL,
+        stderr bytea NOT NULL,
+        stderr_bytes bigint NOT NULL,
+        stderr_truncated boolean NOT NULL,
+        digest bytea NOT NULL,                 -- sha256 of the body: DUPLICATE or CONFLICT
+        received_at timestamptz NOT NULL,
+        PRIMARY KEY (task_id, scheduled_at, agent_id),
+        FOREIGN KEY (task_id, scheduled_at) REFERENCES executions
+    );
+    """,
+]

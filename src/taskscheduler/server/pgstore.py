@@ -1,0 +1,727 @@
+"""The real :class:`~taskscheduler.server.store.Store`: PostgreSQL through txpostgres.
+
+Connections are txpostgres ``Connection`` objects (asynchronous psycopg2) kept in a small
+pool of our own rather than txpostgres' ``ConnectionPool``, which opens its connections
+once and never replaces one: here a connection that breaks is thrown away, the idle ones
+with it (a broken connection usually means the server restarted), and the next call
+opens fresh ones. Nothing waits forever: connecting has a deadline, and an operation
+that outlives its deadline has its connection closed under it. Every failure to reach
+the database surfaces as :class:`~taskscheduler.server.store.StoreUnavailable`.
+
+The schema is created and upgraded at :meth:`PostgresStore.start` from
+:mod:`taskscheduler.server.migrations`, under an advisory lock.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import uuid
+from collections import Counter
+from collections.abc import AsyncIterator, Callable, Coroutine, Sequence
+from contextlib import asynccontextmanager
+from datetime import UTC, datetime, timedelta
+from typing import Any, TypeVar
+
+import psycopg2
+import psycopg2.errors
+from psycopg2.extensions import parse_dsn
+from twisted.internet.defer import Deferred, DeferredSemaphore
+from twisted.internet.error import ConnectionDone, ConnectionLost
+from twisted.logger import Logger
+from txpostgres.txpostgres import Connection, RollbackFailed
+
+from taskscheduler.protocol import Output, ResultStatus, RunResult, TaskSpec
+from taskscheduler.schedule import execution_index, parse_frequency
+from taskscheduler.server.migrations import (
+    CREATE_MIGRATIONS_TABLE,
+    MIGRATION_LOCK_KEY,
+    MIGRATIONS,
+)
+from taskscheduler.server.store import (
+    Execution,
+    RecordOutcome,
+    StoreUnavailable,
+    Task,
+    UnknownTask,
+)
+
+T = TypeVar("T")
+Cursor = Any  # txpostgres.Cursor: execute() returns a Deferred, the rest is psycopg2's
+
+_EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
+_USEC = timedelta(microseconds=1)
+
+#: How often a transaction that lost a deadlock against another is retried.
+_ROLLBACK_RETRIES = 5
+
+# -- SQL ------------------------------------------------------------------------------------
+
+_TASK_COLUMNS = "t.task_id, t.command, t.frequency, t.anchor, t.time_limit_us, t.created_at"
+
+#: The newest complete execution of a task: two backward index probes of one row each
+#: (the newest execution marked complete, and the newest one past its deadline), so the
+#: cost does not grow with the task's history. No row: unknown task.
+LATEST_EXECUTION_SQL = """
+SELECT t.time_limit_us, e.scheduled_at, e.expected
+FROM tasks t
+LEFT JOIN LATERAL (
+    SELECT c.scheduled_at, c.expected FROM (
+        (SELECT x.scheduled_at, x.expected FROM executions x
+         WHERE x.task_id = t.task_id AND x.completed_at IS NOT NULL
+         ORDER BY x.scheduled_at DESC LIMIT 1)
+        UNION ALL
+        (SELECT x.scheduled_at, x.expected FROM executions x
+         WHERE x.task_id = t.task_id
+           AND x.scheduled_at < %(now)s::timestamptz
+                                - t.time_limit_us * interval '1 microsecond'
+                                - %(grace)s::interval
+         ORDER BY x.scheduled_at DESC LIMIT 1)
+    ) c
+    ORDER BY c.scheduled_at DESC LIMIT 1
+) e ON true
+WHERE t.task_id = %(task_id)s::uuid
+"""
+
+#: One execution's results, by primary key.
+EXECUTION_RESULTS_SQL = """
+SELECT agent_id, status, exit_code, signal, started_at, finished_at,
+       stdout, stdout_bytes, stdout_truncated, stderr, stderr_bytes, stderr_truncated
+FROM results
+WHERE task_id = %(task_id)s::uuid AND scheduled_at = %(scheduled_at)s
+ORDER BY agent_id
+"""
+
+_RESULT_ROW = (
+    "(%s::uuid, %s::timestamptz, %s::uuid, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s)"
+)
+
+
+# -- conversions ----------------------------------------------------------------------------
+
+
+def _utc(value: datetime | None) -> datetime | None:
+    return None if value is None else value.astimezone(UTC)
+
+
+def _micros(value: datetime | None) -> int | None:
+    return None if value is None else (value - _EPOCH) // _USEC
+
+
+def result_digest(result: RunResult) -> bytes:
+    """SHA-256 of a result's body (everything but its key), in an unambiguous encoding.
+
+    Two results with the same key are the same report exactly when their digests match.
+    """
+    head = json.dumps(
+        [
+            result.status.value,
+            result.exit_code,
+            result.signal,
+            _micros(result.started_at),
+            _micros(result.finished_at),
+            [result.stdout.size, result.stdout.truncated, len(result.stdout.data)],
+            [result.stderr.size, result.stderr.truncated, len(result.stderr.data)],
+        ]
+    ).encode("ascii")
+    digest = hashlib.sha256(head)
+    digest.update(b"\n")
+    digest.update(result.stdout.data)
+    digest.update(result.stderr.data)
+    return digest.digest()
+
+
+def _task_from_row(row: Sequence[Any]) -> Task:
+    task_id, command, frequency, anchor, time_limit_us, created_at = row
+    spec = TaskSpec(
+        task_id=uuid.UUID(str(task_id)),
+        command=command,
+        frequency=parse_frequency(frequency),
+        anchor=anchor.astimezone(UTC),
+        time_limit=timedelta(microseconds=time_limit_us),
+    )
+    return Task(spec, created_at.astimezone(UTC))
+
+
+def _is_connection_failure(error: BaseException) -> bool:
+    return isinstance(
+        error,
+        psycopg2.OperationalError
+        | psycopg2.InterfaceError
+        | ConnectionDone
+        | ConnectionLost
+        | RollbackFailed,
+    ) and not isinstance(error, psycopg2.errors.TransactionRollbackError)
+
+
+# -- connections ----------------------------------------------------------------------------
+
+
+class _Pool:
+    """Up to ``size`` txpostgres connections, opened on demand, replaced when broken."""
+
+    log = Logger()
+
+    def __init__(self, dsn: str, reactor: Any, size: int, connect_timeout: float) -> None:
+        self._dsn = dsn
+        self._reactor = reactor
+        self._connect_timeout = connect_timeout
+        self._slots = DeferredSemaphore(size)
+        self._idle: list[Connection] = []
+        self._closed = False
+        # Keepalives make a vanished server (no RST) fail a query within ~15 s on TCP.
+        given = parse_dsn(dsn)
+        defaults = {
+            "application_name": "taskscheduler",
+            "keepalives": "1",
+            "keepalives_idle": "5",
+            "keepalives_interval": "2",
+            "keepalives_count": "3",
+        }
+        self._params = {k: v for k, v in defaults.items() if k not in given}
+
+    @asynccontextmanager
+    async def connection(self) -> AsyncIterator[Connection]:
+        """A connection for one operation; closed instead of reused if it broke."""
+        if self._closed:
+            raise StoreUnavailable("the store is stopped")
+        await self._slots.acquire()
+        conn: Connection | None = None
+        try:
+            conn = self._take_idle()
+            if conn is None:
+                conn = await self._connect()
+            try:
+                yield conn
+            except BaseException as e:
+                if _is_connection_failure(e) or conn.closed:
+                    # Probably a server restart: every idle connection is dead too.
+                    self._discard(conn)
+                    conn = None
+                    self.close_idle()
+                raise
+        finally:
+            if conn is not None:
+                if self._closed or conn.closed:
+                    self._discard(conn)
+                else:
+                    self._idle.append(conn)
+            self._slots.release()
+
+    def _take_idle(self) -> Connection | None:
+        while self._idle:
+            conn = self._idle.pop()
+            if not conn.closed:
+                return conn
+            self._discard(conn)
+        return None
+
+    async def _connect(self) -> Connection:
+        conn = Connection(self._reactor)
+        timed_out = []
+
+        def give_up() -> None:
+            timed_out.append(True)
+            self._discard(conn)
+
+        # libpq's connect_timeout does not apply to asynchronous connections.
+        timer = self._reactor.callLater(self._connect_timeout, give_up)
+        try:
+            await conn.connect(self._dsn, **self._params)
+        except (psycopg2.OperationalError, ConnectionDone, ConnectionLost) as e:
+            self._discard(conn)
+            if timed_out:
+                raise StoreUnavailable(
+                    f"PostgreSQL did not answer within {self._connect_timeout:g} s"
+                ) from None
+            raise StoreUnavailable(f"cannot connect to PostgreSQL: {_first_line(e)}") from e
+        finally:
+            if timer.active():
+                timer.cancel()
+        return conn
+
+    @staticmethod
+    def _discard(conn: Connection) -> None:
+        if conn.pollable() is not None:
+            conn.close()
+
+    def close_idle(self) -> None:
+        idle, self._idle = self._idle, []
+        for conn in idle:
+            self._discard(conn)
+
+    def close(self) -> None:
+        self._closed = True
+        self.close_idle()
+
+
+def _values(cursor: Cursor, template: str, rows: Sequence[Sequence[Any]]) -> bytes:
+    """``(...),(...)``: rows rendered client-side, for one multi-row statement."""
+    return b",".join(cursor.mogrify(template, row) for row in rows)
+
+
+def _first_line(error: BaseException) -> str:
+    text = str(error).strip()
+    return text.splitlines()[0] if text else type(error).__name__
+
+
+# -- the store ------------------------------------------------------------------------------
+
+
+class PostgresStore:
+    """:class:`~taskscheduler.server.store.Store` on PostgreSQL.
+
+    ``dsn`` is a libpq connection string or URI. ``reactor`` must provide
+    ``IReactorFDSet`` and ``IReactorTime``. ``connect_timeout`` bounds opening a
+    connection and ``operation_timeout`` any single call; past either the call raises
+    StoreUnavailable.
+    """
+
+    log = Logger()
+
+    def __init__(
+        self,
+        dsn: str,
+        reactor: Any = None,
+        *,
+        pool_size: int = 4,
+        connect_timeout: float = 5.0,
+        operation_timeout: float = 30.0,
+    ) -> None:
+        if reactor is None:
+            from twisted.internet import reactor
+        self._dsn = dsn
+        self._reactor = reactor
+        self._pool_size = pool_size
+        self._connect_timeout = connect_timeout
+        self._operation_timeout = operation_timeout
+        self._pool: _Pool | None = None
+
+    # -- plumbing -----------------------------------------------------------------------
+
+    async def _run(
+        self, operation: Callable[[Cursor], Coroutine[Any, Any, T]], *, transaction: bool = True
+    ) -> T:
+        """Run ``operation`` with a cursor, in a transaction unless told otherwise."""
+        if self._pool is None:
+            raise StoreUnavailable("the store is not started")
+        for attempt in range(_ROLLBACK_RETRIES):
+            try:
+                return await self._run_once(self._pool, operation, transaction)
+            except psycopg2.errors.TransactionRollbackError:
+                # A deadlock or serialization failure: the transaction changed nothing.
+                if attempt + 1 == _ROLLBACK_RETRIES:
+                    raise StoreUnavailable("the database is too contended; retry") from None
+        raise AssertionError("unreachable")
+
+    async def _run_once(
+        self, pool: _Pool, operation: Callable[[Cursor], Coroutine[Any, Any, T]], transaction: bool
+    ) -> T:
+        try:
+            async with pool.connection() as conn:
+                timed_out = []
+
+                def abort() -> None:
+                    timed_out.append(True)
+                    conn.close()
+
+                watchdog = self._reactor.callLater(self._operation_timeout, abort)
+                try:
+                    if transaction:
+                        return await conn.runInteraction(
+                            lambda cursor: Deferred.fromCoroutine(operation(cursor))
+                        )
+                    return await operation(conn.cursor())
+                except BaseException as e:
+                    if timed_out:
+                        raise StoreUnavailable(
+                            f"the database did not answer within {self._operation_timeout:g} s"
+                        ) from e
+                    raise
+                finally:
+                    if watchdog.active():
+                        watchdog.cancel()
+        except StoreUnavailable:
+            raise
+        except BaseException as e:
+            if isinstance(e, RollbackFailed) and not _is_connection_failure(
+                e.originalFailure.value
+            ):
+                e.originalFailure.raiseException()
+            if _is_connection_failure(e):
+                raise StoreUnavailable(f"database unavailable: {_first_line(e)}") from e
+            raise
+
+    # -- lifecycle ----------------------------------------------------------------------
+
+    async def start(self) -> None:
+        if self._pool is not None:
+            self._pool.close()
+        self._pool = _Pool(self._dsn, self._reactor, self._pool_size, self._connect_timeout)
+        await self._run(self._migrate, transaction=False)
+
+    async def _migrate(self, cursor: Cursor) -> None:
+        # Session-level lock: held across the per-migration transactions below, released
+        # by the unlock or, if we die, by the connection closing.
+        await cursor.execute("SELECT pg_advisory_lock(%s)", (MIGRATION_LOCK_KEY,))
+        try:
+            await cursor.execute(CREATE_MIGRATIONS_TABLE)
+            await cursor.execute("SELECT version FROM schema_migrations")
+            applied = {row[0] for row in cursor.fetchall()}
+            if applied and max(applied) > len(MIGRATIONS):
+                raise RuntimeError(
+                    f"the database schema is at version {max(applied)}, newer than this "
+                    f"server's {len(MIGRATIONS)}: upgrade the server"
+                )
+            for version, sql in enumerate(MIGRATIONS, start=1):
+                if version in applied:
+                    continue
+                await cursor.execute("BEGIN")
+                try:
+                    await cursor.execute(sql)
+                    await cursor.execute(
+                        "INSERT INTO schema_migrations (version) VALUES (%s)", (version,)
+                    )
+                    await cursor.execute("COMMIT")
+                except BaseException:
+                    if not cursor.connection.closed:
+                        await cursor.execute("ROLLBACK")
+                    raise
+                self.log.info("applied database migration {version}", version=version)
+        finally:
+            if not cursor.connection.closed:
+                await cursor.execute("SELECT pg_advisory_unlock(%s)", (MIGRATION_LOCK_KEY,))
+
+    async def stop(self) -> None:
+        if self._pool is not None:
+            self._pool.close()
+
+    # -- tasks and the fleet ------------------------------------------------------------
+
+    async def set_fleet(self, agent_urls: Sequence[str]) -> None:
+        urls = list(dict.fromkeys(agent_urls))
+
+        async def operation(cursor: Cursor) -> None:
+            # SHARE ROW EXCLUSIVE waits for create_task (SHARE) transactions in flight, so
+            # a task created concurrently is either seen here or sees the new fleet.
+            await cursor.execute(
+                """
+                LOCK TABLE fleet IN SHARE ROW EXCLUSIVE MODE;
+                DELETE FROM fleet WHERE NOT (agent_url = ANY(%(urls)s::text[]));
+                INSERT INTO fleet (agent_url) SELECT unnest(%(urls)s::text[])
+                    ON CONFLICT DO NOTHING;
+                DELETE FROM task_agents WHERE NOT (agent_url = ANY(%(urls)s::text[]));
+                INSERT INTO task_agents (task_id, agent_url)
+                    SELECT t.task_id, f.agent_url FROM tasks t CROSS JOIN fleet f
+                    ON CONFLICT DO NOTHING;
+                """,
+                {"urls": urls},
+            )
+
+        await self._run(operation)
+
+    async def create_task(self, spec: TaskSpec, created_at: datetime) -> Task:
+        task = Task(
+            TaskSpec(
+                task_id=spec.task_id,
+                command=spec.command,
+                frequency=spec.frequency,
+                anchor=spec.anchor.astimezone(UTC),
+                time_limit=spec.time_limit,
+            ),
+            created_at.astimezone(UTC),
+        )
+
+        async def operation(cursor: Cursor) -> None:
+            await cursor.execute(
+                """
+                LOCK TABLE fleet IN SHARE MODE;
+                INSERT INTO tasks (task_id, command, frequency, interval_seconds, anchor,
+                                   time_limit_us, created_at)
+                    VALUES (%(task_id)s::uuid, %(command)s, %(frequency)s,
+                            %(interval)s, %(anchor)s, %(time_limit_us)s, %(created_at)s);
+                INSERT INTO task_agents (task_id, agent_url)
+                    SELECT %(task_id)s::uuid, agent_url FROM fleet;
+                """,
+                {
+                    "task_id": str(spec.task_id),
+                    "command": spec.command,
+                    "frequency": str(spec.frequency),
+                    "interval": spec.frequency.seconds,
+                    "anchor": task.spec.anchor,
+                    "time_limit_us": spec.time_limit // _USEC,
+                    "created_at": task.created_at,
+                },
+            )
+
+        try:
+            await self._run(operation)
+        except psycopg2.errors.UniqueViolation:
+            raise ValueError(f"task {spec.task_id} already exists") from None
+        return task
+
+    async def get_task(self, task_id: uuid.UUID) -> Task | None:
+        async def operation(cursor: Cursor) -> Task | None:
+            await cursor.execute(
+                f"SELECT {_TASK_COLUMNS} FROM tasks t WHERE t.task_id = %s::uuid",
+                (str(task_id),),
+            )
+            row = cursor.fetchone()
+            return None if row is None else _task_from_row(row)
+
+        return await self._run(operation, transaction=False)
+
+    # -- results ------------------------------------------------------------------------
+
+    async def record_results(
+        self, results: Sequence[RunResult], received_at: datetime
+    ) -> list[RecordOutcome]:
+        if not results:
+            return []
+        received = received_at.astimezone(UTC)
+
+        async def operation(cursor: Cursor) -> list[RecordOutcome]:
+            return await self._record(cursor, results, received)
+
+        return await self._run(operation)
+
+    async def _record(
+        self, cursor: Cursor, results: Sequence[RunResult], received_at: datetime
+    ) -> list[RecordOutcome]:
+        outcomes: list[RecordOutcome | None] = [None] * len(results)
+        await cursor.execute(
+            "SELECT task_id, anchor, interval_seconds FROM tasks WHERE task_id = ANY(%s::uuid[])",
+            (sorted({str(r.task_id) for r in results}),),
+        )
+        schedules = {
+            uuid.UUID(str(task_id)): (anchor, timedelta(seconds=interval))
+            for task_id, anchor, interval in cursor.fetchall()
+        }
+        # The first candidate for each key is the one we try to insert; any later one in
+        # the same batch is judged against whatever ends up stored.
+        first: dict[tuple[uuid.UUID, uuid.UUID, datetime], int] = {}
+        digests = [b""] * len(results)
+        for i, result in enumerate(results):
+            schedule = schedules.get(result.task_id)
+            if schedule is None:
+                outcomes[i] = RecordOutcome.UNKNOWN_TASK
+            elif execution_index(schedule[0], schedule[1], result.scheduled_at) is None:
+                outcomes[i] = RecordOutcome.MISALIGNED
+            else:
+                first.setdefault(result.key, i)
+                digests[i] = result_digest(result)
+        if not first:
+            return [outcome for outcome in outcomes if outcome is not None]
+
+        # Sorted keys: concurrent batches lock rows in the same order (no deadlocks).
+        keys = sorted(first, key=lambda k: (k[0], k[2], k[1]))
+        executions = sorted({(task_id, at) for task_id, _, at in keys})
+        await cursor.execute(
+            b"INSERT INTO executions (task_id, scheduled_at, expected)"
+            b" SELECT v.task_id, v.scheduled_at,"
+            b" (SELECT count(*) FROM task_agents a WHERE a.task_id = v.task_id)"
+            b" FROM (VALUES "
+            + _values(cursor, "(%s::uuid, %s::timestamptz)", [(str(t), at) for t, at in executions])
+            + b") AS v (task_id, scheduled_at)"
+            b" ORDER BY v.task_id, v.scheduled_at ON CONFLICT DO NOTHING"
+        )
+        rows = []
+        for key in keys:
+            r = results[first[key]]
+            rows.append(
+                (
+                    str(r.task_id),
+                    r.scheduled_at,
+                    str(r.agent_id),
+                    r.status.value,
+                    r.exit_code,
+                    r.signal,
+                    r.started_at,
+                    r.finished_at,
+                    psycopg2.Binary(r.stdout.data),
+                    r.stdout.size,
+                    r.stdout.truncated,
+                    psycopg2.Binary(r.stderr.data),
+                    r.stderr.size,
+                    r.stderr.truncated,
+                    psycopg2.Binary(digests[first[key]]),
+                    received_at,
+                )
+            )
+        await cursor.execute(
+            b"INSERT INTO results (task_id, scheduled_at, agent_id, status, exit_code, signal,"
+            b" started_at, finished_at, stdout, stdout_bytes, stdout_truncated, stderr,"
+            b" stderr_bytes, stderr_truncated, digest, received_at) VALUES "
+            + _values(cursor, _RESULT_ROW, rows)
+            + b" ON CONFLICT DO NOTHING RETURNING task_id, agent_id, scheduled_at"
+        )
+        inserted = {
+            (uuid.UUID(str(task_id)), uuid.UUID(str(agent_id)), at)
+            for task_id, agent_id, at in cursor.fetchall()
+        }
+        stored_digests = {key: digests[first[key]] for key in inserted}
+
+        counts = Counter((task_id, at) for task_id, _, at in inserted)
+        if counts:
+            await cursor.execute(
+                cursor.mogrify(
+                    "UPDATE executions e SET reported = e.reported + v.n,"
+                    " completed_at = CASE"
+                    " WHEN e.completed_at IS NULL AND e.reported + v.n >= e.expected"
+                    " THEN %s ELSE e.completed_at END",
+                    (received_at,),
+                )
+                + b" FROM (VALUES "
+                + _values(
+                    cursor,
+                    "(%s::uuid, %s::timestamptz, %s::integer)",
+                    [(str(t), at, n) for (t, at), n in sorted(counts.items())],
+                )
+                + b") AS v (task_id, scheduled_at, n)"
+                b" WHERE e.task_id = v.task_id AND e.scheduled_at = v.scheduled_at"
+            )
+
+        already = [key for key in keys if key not in inserted]
+        if already:
+            await cursor.execute(
+                b"SELECT task_id, agent_id, scheduled_at, digest FROM results"
+                b" WHERE (task_id, scheduled_at, agent_id) IN (VALUES "
+                + _values(
+                    cursor,
+                    "(%s::uuid, %s::timestamptz, %s::uuid)",
+                    [(str(t), at, str(a)) for t, a, at in already],
+                )
+                + b")"
+            )
+            for task_id, agent_id, at, digest in cursor.fetchall():
+                key = (uuid.UUID(str(task_id)), uuid.UUID(str(agent_id)), at)
+                stored_digests[key] = bytes(digest)
+
+        for i, result in enumerate(results):
+            if outcomes[i] is not None:
+                continue
+            key = result.key
+            if first[key] == i and key in inserted:
+                outcomes[i] = RecordOutcome.STORED
+            elif stored_digests[key] == digests[i]:
+                outcomes[i] = RecordOutcome.DUPLICATE
+            else:
+                outcomes[i] = RecordOutcome.CONFLICT
+        return [outcome for outcome in outcomes if outcome is not None]
+
+    async def latest_complete_execution(
+        self, task_id: uuid.UUID, now: datetime, report_grace: timedelta
+    ) -> Execution | None:
+        async def operation(cursor: Cursor) -> Execution | None:
+            await cursor.execute(
+                LATEST_EXECUTION_SQL,
+                {"task_id": str(task_id), "now": now, "grace": report_grace},
+            )
+            row = cursor.fetchone()
+            if row is None:
+                raise UnknownTask(str(task_id))
+            _, scheduled_at, expected = row
+            if scheduled_at is None:
+                return None
+            await cursor.execute(
+                EXECUTION_RESULTS_SQL, {"task_id": str(task_id), "scheduled_at": scheduled_at}
+            )
+            scheduled_at = scheduled_at.astimezone(UTC)
+            return Execution(
+                task_id=task_id,
+                scheduled_at=scheduled_at,
+                expected=expected,
+                results=tuple(
+                    _result_from_row(task_id, scheduled_at, row) for row in cursor.fetchall()
+                ),
+            )
+
+        return await self._run(operation, transaction=False)
+
+    # -- deliveries ---------------------------------------------------------------------
+
+    async def undelivered_tasks(self, agent_url: str, limit: int) -> list[Task]:
+        async def operation(cursor: Cursor) -> list[Task]:
+            await cursor.execute(
+                f"""
+                SELECT {_TASK_COLUMNS}
+                FROM task_agents a JOIN tasks t ON t.task_id = a.task_id
+                WHERE a.agent_url = %s AND a.delivered_at IS NULL
+                ORDER BY t.created_at, t.task_id
+                LIMIT %s
+                """,
+                (agent_url, limit),
+            )
+            return [_task_from_row(row) for row in cursor.fetchall()]
+
+        return await self._run(operation, transaction=False)
+
+    async def assigned_task_ids(self, agent_url: str) -> set[uuid.UUID]:
+        async def operation(cursor: Cursor) -> set[uuid.UUID]:
+            await cursor.execute(
+                "SELECT task_id FROM task_agents WHERE agent_url = %s", (agent_url,)
+            )
+            return {uuid.UUID(str(row[0])) for row in cursor.fetchall()}
+
+        return await self._run(operation, transaction=False)
+
+    async def mark_delivered(
+        self, agent_url: str, task_ids: Sequence[uuid.UUID], agent_id: uuid.UUID
+    ) -> None:
+        if not task_ids:
+            return
+
+        async def operation(cursor: Cursor) -> None:
+            await cursor.execute(
+                """
+                UPDATE task_agents SET delivered_at = now(), agent_id = %s::uuid
+                WHERE agent_url = %s AND task_id = ANY(%s::uuid[])
+                """,
+                (str(agent_id), agent_url, sorted(str(t) for t in task_ids)),
+            )
+
+        await self._run(operation, transaction=False)
+
+    async def mark_undelivered(self, agent_url: str, task_ids: Sequence[uuid.UUID]) -> None:
+        if not task_ids:
+            return
+
+        async def operation(cursor: Cursor) -> None:
+            await cursor.execute(
+                """
+                UPDATE task_agents SET delivered_at = NULL
+                WHERE agent_url = %s AND task_id = ANY(%s::uuid[])
+                """,
+                (agent_url, sorted(str(t) for t in task_ids)),
+            )
+
+        await self._run(operation, transaction=False)
+
+
+def _result_from_row(task_id: uuid.UUID, scheduled_at: datetime, row: Sequence[Any]) -> RunResult:
+    (
+        agent_id,
+        status,
+        exit_code,
+        signal,
+        started_at,
+        finished_at,
+        stdout,
+        stdout_bytes,
+        stdout_truncated,
+        stderr,
+        stderr_bytes,
+        stderr_truncated,
+    ) = row
+    return RunResult(
+        task_id=task_id,
+        agent_id=uuid.UUID(str(agent_id)),
+        scheduled_at=scheduled_at,
+        status=ResultStatus(status),
+        exit_code=exit_code,
+        signal=signal,
+        started_at=_utc(started_at),
+        finished_at=_utc(finished_at),
+        stdout=Output(bytes(stdout), stdout_bytes, stdout_truncated),
+        stderr=Output(bytes(stderr), stderr_bytes, stderr_truncated),
+    )

@@ -1,0 +1,612 @@
+"""The Store contract, run against MemoryStore and PostgresStore (a real PostgreSQL).
+
+Then what only PostgreSQL has: migrations, outages, query plans, the embedded server.
+"""
+
+from __future__ import annotations
+
+import signal
+import time
+import uuid
+from collections.abc import AsyncIterator, Callable, Coroutine
+from datetime import UTC, datetime, timedelta, timezone
+from pathlib import Path
+from typing import Any, TypeVar
+
+import psutil
+import psycopg2
+import pytest
+import pytest_twisted
+from twisted.internet import reactor
+from twisted.internet.defer import Deferred, DeferredList
+
+from taskscheduler.embedded_pg import EmbeddedPostgres
+from taskscheduler.protocol import Output, ResultStatus, RunResult, TaskSpec
+from taskscheduler.schedule import instant, parse_frequency
+from taskscheduler.server.memstore import MemoryStore
+from taskscheduler.server.migrations import MIGRATIONS
+from taskscheduler.server.pgstore import (
+    EXECUTION_RESULTS_SQL,
+    LATEST_EXECUTION_SQL,
+    PostgresStore,
+)
+from taskscheduler.server.store import (
+    RecordOutcome,
+    Store,
+    StoreUnavailable,
+    UnknownTask,
+)
+from tests.conftest import RestartablePostgres, _create_database, _drop_database
+
+T = TypeVar("T")
+
+A_URL, B_URL, C_URL = "http://agent-a:8081", "http://agent-b:8081", "http://agent-c:8081"
+A_ID = uuid.UUID("aaaaaaaa-0000-4000-8000-000000000001")
+B_ID = uuid.UUID("bbbbbbbb-0000-4000-8000-000000000002")
+ANCHOR = datetime(2026, 11, 27, 7, 30, 0, 123456, tzinfo=UTC)
+INTERVAL = timedelta(seconds=30)
+TIME_LIMIT = timedelta(seconds=10)
+GRACE = timedelta(seconds=5)
+
+STORED = RecordOutcome.STORED
+DUPLICATE = RecordOutcome.DUPLICATE
+CONFLICT = RecordOutcome.CONFLICT
+
+
+def make_spec(command: str = "echo hello", anchor: datetime = ANCHOR) -> TaskSpec:
+    return TaskSpec(
+        task_id=uuid.uuid4(),
+        command=command,
+        frequency=parse_frequency("every 30 seconds"),
+        anchor=anchor,
+        time_limit=TIME_LIMIT,
+    )
+
+
+def at(k: int) -> datetime:
+    return instant(ANCHOR, INTERVAL, k)
+
+
+def result(
+    task_id: uuid.UUID,
+    agent_id: uuid.UUID,
+    k: int,
+    out: bytes = b"out",
+    err: bytes = b"",
+    **changes: Any,
+) -> RunResult:
+    scheduled = at(k)
+    fields: dict[str, Any] = {
+        "task_id": task_id,
+        "agent_id": agent_id,
+        "scheduled_at": scheduled,
+        "status": ResultStatus.SUCCEEDED,
+        "exit_code": 0,
+        "started_at": scheduled + timedelta(milliseconds=1),
+        "finished_at": scheduled + timedelta(milliseconds=20),
+        "stdout": Output.of(out),
+        "stderr": Output.of(err),
+    }
+    fields.update(changes)
+    return RunResult(**fields)
+
+
+def before_deadline(k: int) -> datetime:
+    """A moment when execution ``k`` may still be waiting for agents."""
+    return at(k) + TIME_LIMIT
+
+
+def after_deadline(k: int) -> datetime:
+    return at(k) + TIME_LIMIT + GRACE + timedelta(microseconds=1)
+
+
+async def within(seconds: float, coroutine: Coroutine[Any, Any, T]) -> T:
+    """Await ``coroutine`` but fail the test if it takes longer than ``seconds``."""
+    d: Deferred[T] = Deferred.fromCoroutine(coroutine)
+    d.addTimeout(seconds, reactor)
+    return await d
+
+
+@pytest_twisted.async_yield_fixture(params=["memory", "postgres"])
+async def store(request: pytest.FixtureRequest) -> AsyncIterator[Store]:
+    if request.param == "memory":
+        instance: Store = MemoryStore()
+    else:
+        instance = PostgresStore(request.getfixturevalue("database_dsn"), reactor=reactor)
+    await instance.start()
+    await instance.set_fleet([A_URL, B_URL])
+    yield instance
+    await instance.stop()
+
+
+# -- tasks -----------------------------------------------------------------------------------
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_created_task_reads_back_identically(store: Store) -> None:
+    paris = timezone(timedelta(hours=1))
+    spec = make_spec("printf 'a\\tb' | wc -c # ünïcödé", anchor=ANCHOR.astimezone(paris))
+    created = await store.create_task(spec, created_at=ANCHOR.astimezone(paris))
+    assert created.spec.anchor == ANCHOR and created.created_at == ANCHOR
+    assert await store.get_task(spec.task_id) == created
+    fetched = await store.get_task(spec.task_id)
+    assert fetched is not None
+    assert fetched.spec.anchor.utcoffset() == timedelta(0)
+    assert str(fetched.spec.frequency) == "every 30 seconds"
+    assert fetched.spec.time_limit == TIME_LIMIT
+    assert await store.get_task(uuid.uuid4()) is None
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_new_task_is_assigned_undelivered_to_every_agent(store: Store) -> None:
+    task = await store.create_task(make_spec(), ANCHOR)
+    for url in (A_URL, B_URL):
+        assert await store.assigned_task_ids(url) == {task.task_id}
+        assert await store.undelivered_tasks(url, 10) == [task]
+    assert await store.assigned_task_ids(C_URL) == set()
+    assert await store.undelivered_tasks(C_URL, 10) == []
+
+
+@pytest_twisted.ensureDeferred
+async def test_set_fleet_assigns_to_new_agents_and_unassigns_departed_ones(store: Store) -> None:
+    one = await store.create_task(make_spec("one"), ANCHOR)
+    two = await store.create_task(make_spec("two"), ANCHOR + timedelta(seconds=1))
+    await store.mark_delivered(A_URL, [one.task_id, two.task_id], A_ID)
+
+    await store.set_fleet([A_URL, B_URL, C_URL])
+    assert await store.undelivered_tasks(C_URL, 10) == [one, two]
+    assert await store.undelivered_tasks(A_URL, 10) == [], "A's deliveries were forgotten"
+
+    await store.set_fleet([A_URL, C_URL])
+    assert await store.assigned_task_ids(B_URL) == set()
+    assert await store.undelivered_tasks(B_URL, 10) == []
+    # Idempotent: nothing changes, delivered stays delivered.
+    await store.set_fleet([A_URL, C_URL])
+    assert await store.assigned_task_ids(A_URL) == {one.task_id, two.task_id}
+    assert await store.undelivered_tasks(A_URL, 10) == []
+    # A returning agent starts over: it must be sent everything again.
+    await store.set_fleet([A_URL, B_URL, C_URL])
+    assert await store.undelivered_tasks(B_URL, 10) == [one, two]
+
+    three = await store.create_task(make_spec("three"), ANCHOR + timedelta(seconds=2))
+    await store.set_fleet([])
+    assert await store.assigned_task_ids(A_URL) == set()
+    await store.set_fleet([B_URL])
+    assert await store.undelivered_tasks(B_URL, 10) == [one, two, three]
+
+
+@pytest_twisted.ensureDeferred
+async def test_undelivered_tasks_come_oldest_first_up_to_the_limit(store: Store) -> None:
+    middle = await store.create_task(make_spec("middle"), ANCHOR + timedelta(seconds=5))
+    newest = await store.create_task(make_spec("newest"), ANCHOR + timedelta(seconds=9))
+    oldest = await store.create_task(make_spec("oldest"), ANCHOR)
+    assert await store.undelivered_tasks(A_URL, 2) == [oldest, middle]
+    assert await store.undelivered_tasks(A_URL, 10) == [oldest, middle, newest]
+
+
+@pytest_twisted.ensureDeferred
+async def test_delivery_bookkeeping_is_per_agent(store: Store) -> None:
+    one = await store.create_task(make_spec("one"), ANCHOR)
+    two = await store.create_task(make_spec("two"), ANCHOR + timedelta(seconds=1))
+    await store.mark_delivered(A_URL, [one.task_id, uuid.uuid4()], A_ID)
+    assert await store.undelivered_tasks(A_URL, 10) == [two]
+    assert await store.undelivered_tasks(B_URL, 10) == [one, two]
+    assert await store.assigned_task_ids(A_URL) == {one.task_id, two.task_id}
+
+    await store.mark_delivered(C_URL, [two.task_id], A_ID)  # not assigned there: no effect
+    assert await store.assigned_task_ids(C_URL) == set()
+
+    await store.mark_undelivered(A_URL, [one.task_id])
+    assert await store.undelivered_tasks(A_URL, 10) == [one, two]
+    await store.mark_delivered(A_URL, [], A_ID)
+    await store.mark_undelivered(A_URL, [])
+    assert await store.undelivered_tasks(A_URL, 10) == [one, two]
+
+
+# -- results ---------------------------------------------------------------------------------
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_result_is_stored_once_and_a_resend_is_a_duplicate(store: Store) -> None:
+    task = await store.create_task(make_spec(), ANCHOR)
+    first = result(task.task_id, A_ID, 1)
+    assert await store.record_results([first], at(1)) == [STORED]
+    assert await store.record_results([first], at(2)) == [DUPLICATE]
+    # Equal instants in another time zone are the same result.
+    shifted = timezone(timedelta(hours=-5))
+    moved = result(
+        task.task_id,
+        A_ID,
+        1,
+        scheduled_at=at(1).astimezone(shifted),
+        started_at=first.started_at.astimezone(shifted) if first.started_at else None,
+    )
+    assert await store.record_results([moved], at(2)) == [DUPLICATE]
+
+
+@pytest.mark.parametrize(
+    "change",
+    [
+        {"stdout": Output.of(b"other")},
+        {"stderr": Output.of(b"warning")},
+        {"status": ResultStatus.FAILED, "exit_code": 1},
+        {"exit_code": None, "signal": 9, "status": ResultStatus.FAILED},
+        {"finished_at": at(1) + timedelta(milliseconds=21)},
+        {"stdout": Output(b"out", 10_000, True)},
+    ],
+    ids=["stdout", "stderr", "exit", "signal", "finished", "truncation"],
+)
+@pytest_twisted.ensureDeferred
+async def test_a_different_result_under_the_same_key_conflicts_and_changes_nothing(
+    store: Store, change: dict[str, Any]
+) -> None:
+    task = await store.create_task(make_spec(), ANCHOR)
+    original = [result(task.task_id, A_ID, 1), result(task.task_id, B_ID, 1)]
+    assert await store.record_results(original, at(1)) == [STORED, STORED]
+    other = result(task.task_id, A_ID, 1, **change)
+    assert await store.record_results([other], at(2)) == [CONFLICT]
+    execution = await store.latest_complete_execution(task.task_id, at(1), GRACE)
+    assert execution is not None
+    assert execution.results == tuple(original)
+
+
+@pytest_twisted.ensureDeferred
+async def test_results_for_unknown_tasks_or_off_schedule_instants_are_refused(
+    store: Store,
+) -> None:
+    task = await store.create_task(make_spec(), ANCHOR)
+    refused = [
+        result(uuid.uuid4(), A_ID, 1),
+        result(task.task_id, A_ID, 1, scheduled_at=ANCHOR),  # k = 0
+        result(task.task_id, A_ID, 1, scheduled_at=at(-1)),
+        result(task.task_id, A_ID, 1, scheduled_at=at(1) + timedelta(microseconds=1)),
+        result(task.task_id, A_ID, 1, scheduled_at=at(1) + INTERVAL / 2),
+    ]
+    outcomes = await store.record_results(refused, at(1))
+    assert outcomes == [RecordOutcome.UNKNOWN_TASK] + [RecordOutcome.MISALIGNED] * 4
+    assert await store.latest_complete_execution(task.task_id, after_deadline(2), GRACE) is None
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_batch_gets_one_outcome_per_result_in_order(store: Store) -> None:
+    task = await store.create_task(make_spec(), ANCHOR)
+    earlier = result(task.task_id, B_ID, 1, out=b"b1")
+    assert await store.record_results([earlier], at(1)) == [STORED]
+    batch = [
+        result(task.task_id, A_ID, 2, out=b"a2"),
+        result(uuid.uuid4(), A_ID, 2),
+        earlier,
+        result(task.task_id, B_ID, 1, out=b"not b1"),
+        result(task.task_id, A_ID, 2, out=b"a2"),  # repeated within the batch
+        result(task.task_id, A_ID, 2, out=b"a2 again"),  # contradicted within the batch
+        result(task.task_id, A_ID, 2, scheduled_at=at(2) + timedelta(seconds=1)),
+        result(task.task_id, A_ID, 1, out=b"a1"),
+    ]
+    outcomes = await store.record_results(batch, at(3))
+    assert outcomes == [
+        STORED,
+        RecordOutcome.UNKNOWN_TASK,
+        DUPLICATE,
+        CONFLICT,
+        DUPLICATE,
+        CONFLICT,
+        RecordOutcome.MISALIGNED,
+        STORED,
+    ]
+    first = await store.latest_complete_execution(task.task_id, before_deadline(1), GRACE)
+    assert first is not None and first.scheduled_at == at(1)
+    assert [r.stdout.data for r in first.results] == [b"a1", b"b1"]
+    assert await store.record_results([], at(3)) == []
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_big_batch_is_stored_whole(store: Store) -> None:
+    task = await store.create_task(make_spec(), ANCHOR)
+    batch = [result(task.task_id, agent, k) for k in range(1, 501) for agent in (A_ID, B_ID)]
+    assert await store.record_results(batch, at(501)) == [STORED] * 1000
+    assert await store.record_results(batch, at(501)) == [DUPLICATE] * 1000
+    latest = await store.latest_complete_execution(task.task_id, at(501), GRACE)
+    assert latest is not None and latest.scheduled_at == at(500)
+
+
+@pytest_twisted.ensureDeferred
+async def test_concurrent_reports_of_one_result_store_it_once(store: Store) -> None:
+    task = await store.create_task(make_spec(), ANCHOR)
+    same = result(task.task_id, A_ID, 1)
+    calls = [
+        Deferred.fromCoroutine(store.record_results([same, result(task.task_id, B_ID, 1)], at(1)))
+        for _ in range(4)
+    ]
+    outcomes = [value for _, value in await DeferredList(calls, fireOnOneErrback=True)]
+    assert sorted(o[0] for o in outcomes) == [DUPLICATE] * 3 + [STORED]
+    execution = await store.latest_complete_execution(task.task_id, at(1), GRACE)
+    assert execution is not None and len(execution.results) == 2
+
+
+@pytest.mark.parametrize(
+    "stdout",
+    [
+        b"nul\x00in the\x00middle\x00",
+        b"\xff\xfe invalid utf-8 \xc3\x28 \xed\xa0\x80",
+        bytes(range(256)) * 4096,  # 1 MiB of every byte value
+        b"",
+    ],
+    ids=["nul", "invalid-utf8", "one-mebibyte", "empty"],
+)
+@pytest_twisted.ensureDeferred
+async def test_output_bytes_round_trip_exactly(store: Store, stdout: bytes) -> None:
+    task = await store.create_task(make_spec(), ANCHOR)
+    reported = [
+        result(task.task_id, A_ID, 1, out=stdout, err=stdout[::-1]),
+        RunResult(
+            task_id=task.task_id,
+            agent_id=B_ID,
+            scheduled_at=at(1),
+            status=ResultStatus.TIMED_OUT,
+            signal=15,
+            started_at=at(1),
+            finished_at=None,
+            stdout=Output(stdout[:10] + stdout[-10:], len(stdout) + 5, True),
+        ),
+    ]
+    assert await store.record_results(reported, at(1)) == [STORED, STORED]
+    execution = await store.latest_complete_execution(task.task_id, at(1), GRACE)
+    assert execution is not None
+    assert execution.results == tuple(reported)
+    assert await store.record_results(reported, at(1)) == [DUPLICATE, DUPLICATE]
+
+
+# -- latest complete execution ---------------------------------------------------------------
+
+
+@pytest_twisted.ensureDeferred
+async def test_latest_is_none_before_anything_and_unknown_tasks_raise(store: Store) -> None:
+    task = await store.create_task(make_spec(), ANCHOR)
+    assert await store.latest_complete_execution(task.task_id, after_deadline(5), GRACE) is None
+    with pytest.raises(UnknownTask):
+        await store.latest_complete_execution(uuid.uuid4(), after_deadline(5), GRACE)
+
+
+@pytest_twisted.ensureDeferred
+async def test_an_execution_is_complete_once_every_assigned_agent_reported(store: Store) -> None:
+    task = await store.create_task(make_spec(), ANCHOR)
+    b_result = result(task.task_id, B_ID, 1, out=b"from b")
+    a_result = result(task.task_id, A_ID, 1, out=b"from a")
+    await store.record_results([b_result], at(1))
+    assert await store.latest_complete_execution(task.task_id, before_deadline(1), GRACE) is None
+    await store.record_results([a_result], at(1))
+    execution = await store.latest_complete_execution(task.task_id, before_deadline(1), GRACE)
+    assert execution is not None
+    assert execution.task_id == task.task_id
+    assert execution.scheduled_at == at(1)
+    assert execution.expected == 2
+    assert execution.results == (a_result, b_result)  # ordered by agent_id
+    assert execution.completion_time == at(1) + timedelta(milliseconds=20)
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_half_filled_newer_execution_never_hides_a_complete_older_one(
+    store: Store,
+) -> None:
+    task = await store.create_task(make_spec(), ANCHOR)
+    await store.record_results(
+        [result(task.task_id, A_ID, 1, out=b"1a"), result(task.task_id, B_ID, 1, out=b"1b")],
+        at(1),
+    )
+    await store.record_results([result(task.task_id, A_ID, 2, out=b"2a")], at(2))
+    await store.record_results([result(task.task_id, B_ID, 3, out=b"3b")], at(3))
+    latest = await store.latest_complete_execution(task.task_id, before_deadline(2), GRACE)
+    assert latest is not None and latest.scheduled_at == at(1)
+    assert [r.stdout.data for r in latest.results] == [b"1a", b"1b"]
+
+    # Its deadline passed: execution 2 closes with the agent that reported, alone.
+    latest = await store.latest_complete_execution(task.task_id, after_deadline(2), GRACE)
+    assert latest is not None and latest.scheduled_at == at(2)
+    assert [(r.agent_id, r.stdout.data) for r in latest.results] == [(A_ID, b"2a")]
+    # A late result still counts, and never moves into another execution.
+    await store.record_results([result(task.task_id, B_ID, 2, out=b"2b")], at(4))
+    latest = await store.latest_complete_execution(task.task_id, after_deadline(2), GRACE)
+    assert latest is not None and [r.stdout.data for r in latest.results] == [b"2a", b"2b"]
+    latest = await store.latest_complete_execution(task.task_id, after_deadline(3), GRACE)
+    assert latest is not None and latest.scheduled_at == at(3)
+    assert [r.stdout.data for r in latest.results] == [b"3b"]
+
+
+@pytest_twisted.ensureDeferred
+async def test_the_deadline_is_time_limit_plus_grace_after_the_instant(store: Store) -> None:
+    task = await store.create_task(make_spec(), ANCHOR)
+    await store.record_results([result(task.task_id, A_ID, 1)], at(1))
+    deadline = at(1) + TIME_LIMIT + GRACE
+    assert await store.latest_complete_execution(task.task_id, deadline, GRACE) is None
+    later = await store.latest_complete_execution(
+        task.task_id, deadline + timedelta(microseconds=1), GRACE
+    )
+    assert later is not None and later.scheduled_at == at(1)
+    wider = await store.latest_complete_execution(
+        task.task_id, deadline + timedelta(microseconds=1), GRACE * 2
+    )
+    assert wider is None
+
+
+@pytest_twisted.ensureDeferred
+async def test_expected_agents_are_fixed_when_an_execution_is_first_reported(
+    store: Store,
+) -> None:
+    task = await store.create_task(make_spec(), ANCHOR)
+    await store.record_results([result(task.task_id, A_ID, 1)], at(1))
+    await store.set_fleet([A_URL])
+    await store.record_results([result(task.task_id, A_ID, 2)], at(2))
+    # Execution 2 expected one agent and is complete; execution 1 still waits for B.
+    latest = await store.latest_complete_execution(task.task_id, before_deadline(1), GRACE)
+    assert latest is not None and latest.scheduled_at == at(2) and latest.expected == 1
+    await store.set_fleet([])
+    await store.record_results([result(task.task_id, A_ID, 3)], at(3))
+    latest = await store.latest_complete_execution(task.task_id, before_deadline(3), GRACE)
+    assert latest is not None and latest.scheduled_at == at(3) and latest.expected == 0
+
+
+# -- PostgreSQL only -------------------------------------------------------------------------
+
+
+def _query(dsn: str, sql: str, params: Any = None) -> list[tuple[Any, ...]]:
+    conn = psycopg2.connect(dsn)
+    try:
+        with conn, conn.cursor() as cursor:
+            cursor.execute(sql, params)
+            return cursor.fetchall() if cursor.description else []
+    finally:
+        conn.close()
+
+
+@pytest_twisted.ensureDeferred
+async def test_migrations_apply_once_even_when_servers_start_together(database_dsn: str) -> None:
+    stores = [PostgresStore(database_dsn, reactor=reactor) for _ in range(3)]
+    await DeferredList([Deferred.fromCoroutine(s.start()) for s in stores], fireOnOneErrback=True)
+    task = await stores[0].create_task(make_spec(), ANCHOR)
+    for s in stores:
+        await s.stop()
+    again = PostgresStore(database_dsn, reactor=reactor)
+    await again.start()
+    assert await again.get_task(task.task_id) == task
+    await again.stop()
+    versions = _query(database_dsn, "SELECT version FROM schema_migrations ORDER BY version")
+    assert versions == [(v,) for v in range(1, len(MIGRATIONS) + 1)]
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_schema_newer_than_the_server_is_refused(database_dsn: str) -> None:
+    store = PostgresStore(database_dsn, reactor=reactor)
+    await store.start()
+    await store.stop()
+    _query(database_dsn, "INSERT INTO schema_migrations (version) VALUES (%s)", (999,))
+    with pytest.raises(RuntimeError, match="newer"):
+        await PostgresStore(database_dsn, reactor=reactor).start()
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_database_restart_is_unavailable_then_recovers_by_itself(
+    restartable_postgres: RestartablePostgres,
+) -> None:
+    name, dsn = _create_database(restartable_postgres.server_dsn)
+    try:
+        await _survive_a_restart(restartable_postgres, dsn)
+    finally:
+        _drop_database(restartable_postgres.server_dsn, name)
+
+
+async def _survive_a_restart(restartable_postgres: RestartablePostgres, dsn: str) -> None:
+    store = PostgresStore(dsn, reactor=reactor, connect_timeout=2, operation_timeout=5)
+    await store.start()
+    await store.set_fleet([A_URL])
+    task = await store.create_task(make_spec(), ANCHOR)
+    # Fill the pool with idle connections that the restart will kill.
+    await DeferredList([Deferred.fromCoroutine(store.get_task(task.task_id)) for _ in range(4)])
+
+    await restartable_postgres.stop()
+    with pytest.raises(StoreUnavailable):
+        await within(10, store.get_task(task.task_id))
+    with pytest.raises(StoreUnavailable):
+        await within(10, store.record_results([result(task.task_id, A_ID, 1)], at(1)))
+    with pytest.raises(StoreUnavailable):
+        await within(10, store.latest_complete_execution(task.task_id, at(5), GRACE))
+
+    await restartable_postgres.start()
+    assert await within(10, store.get_task(task.task_id)) == task
+    outcomes = await within(10, store.record_results([result(task.task_id, A_ID, 1)], at(1)))
+    assert outcomes == [STORED]  # the attempt during the outage stored nothing
+    latest = await store.latest_complete_execution(task.task_id, at(1), GRACE)
+    assert latest is not None and latest.scheduled_at == at(1)
+    await store.stop()
+
+
+@pytest_twisted.ensureDeferred
+async def test_an_unreachable_database_fails_fast(tmp_path: Path) -> None:
+    nobody = f"host={tmp_path} port=5432 dbname=nothing"
+    with pytest.raises(StoreUnavailable, match="cannot connect"):
+        await within(10, PostgresStore(nobody, reactor=reactor).start())
+    refused = "host=127.0.0.1 port=1 dbname=nothing"
+    with pytest.raises(StoreUnavailable):
+        await within(10, PostgresStore(refused, reactor=reactor).start())
+    # A TCP address that never answers: only our own deadline ends the wait.
+    silent = "host=10.255.255.1 port=5432 dbname=nothing"
+    with pytest.raises(StoreUnavailable):
+        await within(10, PostgresStore(silent, reactor=reactor, connect_timeout=0.5).start())
+
+
+@pytest_twisted.ensureDeferred
+async def test_latest_output_queries_walk_indexes_not_history(database_dsn: str) -> None:
+    store = PostgresStore(database_dsn, reactor=reactor)
+    await store.start()
+    await store.set_fleet([A_URL, B_URL])
+    tasks = [await store.create_task(make_spec(f"task {i}"), ANCHOR) for i in range(5)]
+    for task in tasks:
+        for first in range(1, 600, 300):
+            batch = [
+                result(task.task_id, agent, k)
+                for k in range(first, first + 300)
+                for agent in (A_ID, B_ID)
+                if k % 7 or agent == A_ID  # some executions wait for B
+            ]
+            await store.record_results(batch, at(600))
+    await store.stop()
+    _query(database_dsn, "ANALYZE")
+    now, task_id = at(450), str(tasks[2].task_id)
+    plans = [
+        _query(
+            database_dsn,
+            "EXPLAIN " + LATEST_EXECUTION_SQL,
+            {"task_id": task_id, "now": now, "grace": GRACE},
+        ),
+        _query(
+            database_dsn,
+            "EXPLAIN " + EXECUTION_RESULTS_SQL,
+            {"task_id": task_id, "scheduled_at": at(440)},
+        ),
+    ]
+    texts = ["\n".join(row[0] for row in plan) for plan in plans]
+    for text in texts:
+        assert "Index" in text, text
+        # A handful of tasks may be scanned; the tables the history lives in may not.
+        assert "Seq Scan on executions" not in text, text
+        assert "Seq Scan on results" not in text, text
+    # Nor may a task's executions be sorted (one execution's few results may be).
+    assert "Sort  (" not in texts[0], texts[0]
+
+
+# -- the embedded PostgreSQL -----------------------------------------------------------------
+
+
+def running(process: psutil.Process) -> bool:
+    try:
+        return process.status() != psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:
+        return False
+
+
+def wait_until(predicate: Callable[[], bool], timeout: float, what: str) -> None:
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        assert time.monotonic() < deadline, f"timed out waiting for {what}"
+        time.sleep(0.01)
+
+
+def test_embedded_postgres_keeps_its_data_and_survives_being_killed(tmp_path: Path) -> None:
+    # Deep enough that the unix socket cannot live in the data folder itself.
+    folder = tmp_path / ("d" * 60) / ("e" * 60) / "postgres"
+    server = EmbeddedPostgres(folder)
+    dsn = server.start_blocking()
+    try:
+        _query(dsn, "CREATE TABLE kept (x text); INSERT INTO kept VALUES ('still here')")
+        server.stop_blocking()
+        assert not (folder / "postmaster.pid").exists(), "stop left PostgreSQL running"
+        dsn = server.start_blocking()
+        assert _query(dsn, "SELECT x FROM kept") == [("still here",)]
+
+        assert server.postmaster_pid is not None
+        postmaster = psutil.Process(server.postmaster_pid)
+        postmaster.send_signal(signal.SIGKILL)
+        wait_until(lambda: not running(postmaster), 10, "the postmaster to die")
+        dsn = server.start_blocking()
+        assert _query(dsn, "SELECT x FROM kept") == [("still here",)]
+    finally:
+        server.stop_blocking()
