@@ -236,7 +236,12 @@ class Agent:
     """An agent over a data folder, with a fake runner and a fake server, on a Clock."""
 
     def __init__(
-        self, data_dir: Path, clock: Clock, server: FakeServer, spool_max_bytes: int = 2**30
+        self,
+        data_dir: Path,
+        clock: Clock,
+        server: FakeServer,
+        spool_max_bytes: int = 2**30,
+        endpoint: Any = None,
     ) -> None:
         self.clock = clock
         self.server = server
@@ -248,6 +253,7 @@ class Agent:
             clock,
             lambda: self.runner,
             self.http,
+            endpoint=endpoint,
             on_fatal=self._on_fatal,
             jitter=lambda: 1.0,
         )
@@ -274,3 +280,11 @@ class Agent:
 
     def stop(self) -> Deferred[None]:
         return self.service.stopService()
+
+    def crash(self) -> None:
+        """Die like SIGKILL: nothing more runs or is sent; the kernel drops the lock."""
+        if self.service.scheduler is not None:
+            self.service.scheduler.stop()
+        if self.service.reporter is not None:
+            self.service.reporter.stop()
+        self.service._lock.release()

@@ -11,11 +11,14 @@ from typing import Any
 import pytest
 import pytest_twisted
 from twisted.application.service import IService
+from twisted.internet.defer import Deferred
+from twisted.internet.error import CannotListenError
 from twisted.internet.task import Clock
 from twisted.python import usage
 
 from taskscheduler.agent import tap
 from taskscheduler.agent.identity import load_or_create_agent_id
+from taskscheduler.agent.taskstore import TaskStore
 from taskscheduler.protocol import ResultStatus, task_spec_to_json
 from taskscheduler.schedule import format_instant
 from tests.unit.agent_fakes import ANCHOR, ANCHOR_SECONDS, Agent, FakeServer, spec
@@ -101,7 +104,7 @@ def test_a_run_the_agent_died_during_is_reported_lost(tmp_path: Path) -> None:
     first.service.scheduler.schedule(task)  # type: ignore[union-attr]
     first.advance_to(10)
     assert len(first.runner.runs) == 1
-    # SIGKILL: no stopService. A new agent starts over the same folder.
+    first.crash()  # SIGKILL: no stopService. A new agent starts over the same folder.
     second = Agent(tmp_path / "data", clock_at(15), server)
     second.settle()
     [lost] = server.stored.values()
@@ -125,11 +128,65 @@ def test_a_marker_whose_result_was_spooled_is_not_reported_lost(tmp_path: Path) 
     first.runner.finish(first.runner.runs[0], b"done\n")
     first.settle()
     marker.write_bytes(saved)  # died after spooling, before removing the marker
+    first.crash()
     server.down = False
     Agent(tmp_path / "data", clock, server).settle()
     [stored] = server.stored.values()
     assert stored.status is ResultStatus.SUCCEEDED
     assert not marker.exists()
+
+
+def test_a_second_agent_over_a_folder_in_use_refuses_to_start(tmp_path: Path) -> None:
+    clock = clock_at(5)
+    first = Agent(tmp_path / "data", clock, FakeServer())
+    first.service.scheduler.schedule(spec())  # type: ignore[union-attr]
+    TaskStore(tmp_path / "data" / "tasks").save(spec())
+    second = Agent(tmp_path / "data", clock, FakeServer())
+    assert second.fatal == 1
+    assert second.service.scheduler is None
+    first.advance_to(10)
+    assert len(first.runner.runs) == 1 and second.runner.runs == []
+
+
+class FakeEndpoint:
+    def __init__(self) -> None:
+        self.listening: Deferred[Any] = Deferred()
+        self.sites: list[Any] = []
+
+    def listen(self, factory: Any) -> Deferred[Any]:
+        self.sites.append(factory)
+        return self.listening
+
+
+class FakePort:
+    def getHost(self) -> str:
+        return "127.0.0.1:8081"
+
+    def stopListening(self) -> None:
+        return None
+
+
+def test_nothing_runs_before_the_agent_listens(tmp_path: Path) -> None:
+    TaskStore(tmp_path / "data" / "tasks").directory.mkdir(parents=True)
+    TaskStore(tmp_path / "data" / "tasks").save(spec())
+    endpoint = FakeEndpoint()
+    agent = Agent(tmp_path / "data", clock_at(5), FakeServer(), endpoint=endpoint)
+    agent.advance_to(10)
+    assert agent.runner.runs == [], "no run before the port is open"
+    endpoint.listening.callback(FakePort())
+    agent.advance_to(20)
+    assert len(agent.runner.runs) == 1
+
+
+def test_an_agent_that_cannot_listen_stops_having_run_nothing(tmp_path: Path) -> None:
+    TaskStore(tmp_path / "data" / "tasks").directory.mkdir(parents=True)
+    TaskStore(tmp_path / "data" / "tasks").save(spec())
+    endpoint = FakeEndpoint()
+    agent = Agent(tmp_path / "data", clock_at(5), FakeServer(), endpoint=endpoint)
+    endpoint.listening.errback(CannotListenError("127.0.0.1", 8081, OSError(98, "in use")))
+    assert agent.fatal == 1
+    agent.advance_to(30)
+    assert agent.runner.runs == []
 
 
 @pytest_twisted.ensureDeferred

@@ -7,6 +7,7 @@ clears them at start-up.
 
 from __future__ import annotations
 
+import fcntl
 import os
 from pathlib import Path
 
@@ -91,3 +92,37 @@ def remove_leftovers(directory: Path) -> None:
     """Delete the temporary files an interrupted write left in ``directory``."""
     for leftover in directory.glob(f".*{TMP_SUFFIX}"):
         leftover.unlink(missing_ok=True)
+
+
+class FolderInUse(Exception):
+    """Another process holds the lock of this folder."""
+
+
+class FolderLock:
+    """An exclusive ``flock`` on ``<folder>/lock``, held for the life of the process.
+
+    Two agents over one data folder would run every instant twice and fight over the
+    spool; the second one must refuse to start. The kernel drops the lock when the
+    process dies, however it dies.
+    """
+
+    def __init__(self, folder: Path) -> None:
+        self.path = folder / "lock"
+        self._fd: int | None = None
+
+    def acquire(self) -> None:
+        ensure_directory(self.path.parent)
+        fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o600)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(fd)
+            raise FolderInUse(
+                f"{self.path.parent} is in use by another process (it holds {self.path})"
+            ) from None
+        self._fd = fd
+
+    def release(self) -> None:
+        if self._fd is not None:
+            os.close(self._fd)
+            self._fd = None

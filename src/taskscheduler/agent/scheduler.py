@@ -139,7 +139,7 @@ class Scheduler:
         self._runner = runner
         self._spool = spool
         self._markers = markers
-        self._agent_id = agent_id
+        self.agent_id = agent_id
         self._on_result = on_result
         self._loops: dict[uuid.UUID, _TaskLoop] = {}
         # Runs under way, by task: kept across a task's replacement, so that a replaced
@@ -203,9 +203,7 @@ class Scheduler:
                 task_id=str(spec.task_id),
                 scheduled_at=format_instant(scheduled_at),
             )
-            self._record(
-                RunResult(spec.task_id, self._agent_id, scheduled_at, ResultStatus.SKIPPED)
-            )
+            self._record(RunResult(spec.task_id, self.agent_id, scheduled_at, ResultStatus.SKIPPED))
             return
         started_at = utc_now_from(self._clock.seconds())
         self._markers.mark(spec.task_id, scheduled_at, started_at)
@@ -235,7 +233,7 @@ class Scheduler:
         self._record(
             RunResult(
                 task_id=spec.task_id,
-                agent_id=self._agent_id,
+                agent_id=self.agent_id,
                 scheduled_at=scheduled_at,
                 status=outcome.status,
                 exit_code=outcome.exit_code,
@@ -259,7 +257,7 @@ class Scheduler:
         self._record(
             RunResult(
                 task_id=spec.task_id,
-                agent_id=self._agent_id,
+                agent_id=self.agent_id,
                 scheduled_at=scheduled_at,
                 status=ResultStatus.FAILED,
                 started_at=started_at,

@@ -17,17 +17,19 @@ from typing import Any
 
 from twisted.application.service import Service
 from twisted.internet.defer import Deferred
+from twisted.internet.error import CannotListenError
 from twisted.internet.interfaces import IListeningPort, IReactorTime, IStreamServerEndpoint
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
 from taskscheduler.agent.api import MAX_BODY_BYTES, AgentAPI
-from taskscheduler.agent.identity import load_or_create_agent_id
+from taskscheduler.agent.durable import FolderInUse, FolderLock
+from taskscheduler.agent.identity import CorruptIdentity, load_or_create_agent_id
 from taskscheduler.agent.reporter import Reporter
 from taskscheduler.agent.scheduler import RunnerLike, Scheduler
 from taskscheduler.agent.spool import DEFAULT_SPOOL_MAX_BYTES, RunMarkers, Spool
 from taskscheduler.agent.taskstore import TaskStore
-from taskscheduler.protocol import ResultStatus, RunResult
+from taskscheduler.protocol import ResultStatus, RunResult, TaskSpec
 from taskscheduler.schedule import format_instant
 from taskscheduler.web import make_site
 
@@ -66,6 +68,8 @@ class AgentService(Service):
         self._on_fatal = on_fatal
         self._jitter = jitter
         self._port: IListeningPort | None = None
+        self._lock = FolderLock(config.data_dir)
+        self._specs: list[TaskSpec] = []
         self._listening: Deferred[Any] | None = None
         # Built at start-up, from what is on disk.
         self.api: AgentAPI | None = None
@@ -81,11 +85,19 @@ class AgentService(Service):
             self._fatal(Failure())
 
     def _fatal(self, failure: Failure) -> None:
-        self.log.failure("taskscheduler agent could not start", failure)
+        self._listening = None
+        if failure.check(FolderInUse, CorruptIdentity, CannotListenError):
+            # Operator errors: the message says it all, a traceback would bury it.
+            self.log.error(
+                "taskscheduler agent could not start: {error}", error=failure.getErrorMessage()
+            )
+        else:
+            self.log.failure("taskscheduler agent could not start", failure)
         self._on_fatal()
 
     def _start(self) -> None:
         data_dir = self.config.data_dir
+        self._lock.acquire()
         agent_id = load_or_create_agent_id(data_dir)
         spool = Spool(data_dir / "spool", self.config.spool_max_bytes)
         spool.load()
@@ -116,8 +128,6 @@ class AgentService(Service):
         scheduler = Scheduler(
             self._clock, self._runner_factory(), spool, markers, agent_id, reporter.wake
         )
-        for spec in specs:
-            scheduler.schedule(spec)
 
         def counters() -> dict[str, int]:
             return {
@@ -129,22 +139,36 @@ class AgentService(Service):
 
         self.api = AgentAPI(agent_id, scheduler, task_store, self._clock, counters)
         self.scheduler, self.reporter, self.spool = scheduler, reporter, spool
-        reporter.start()
-        self.log.info(
-            "taskscheduler agent {agent_id} resumed {tasks} tasks; {spooled} results to report",
-            agent_id=str(agent_id),
-            tasks=len(specs),
-            spooled=len(spool),
-        )
-        if self._endpoint is not None:
-            site = make_site(self.api.resource(), MAX_BODY_BYTES)
-            self._listening = self._endpoint.listen(site)
-            self._listening.addCallbacks(self._listened, self._fatal)
+        self._specs = specs
+        if self._endpoint is None:
+            self._run()
+            return
+        # Listen before running anything: an agent that cannot serve stops at once,
+        # having started no run.
+        site = make_site(self.api.resource(), MAX_BODY_BYTES)
+        self._listening = self._endpoint.listen(site)
+        self._listening.addCallbacks(self._listened, self._fatal)
 
     def _listened(self, port: IListeningPort) -> None:
         self._listening = None
         self._port = port
         self.log.info("taskscheduler agent listening on {address}", address=str(port.getHost()))
+        self._run()
+
+    def _run(self) -> None:
+        """Resume the stored tasks and report what is spooled."""
+        assert self.scheduler is not None and self.reporter is not None
+        assert self.spool is not None
+        for spec in self._specs:
+            self.scheduler.schedule(spec)
+        self.reporter.start()
+        self.log.info(
+            "taskscheduler agent {agent_id} resumed {tasks} tasks; {spooled} results to report",
+            agent_id=str(self.scheduler.agent_id),
+            tasks=len(self._specs),
+            spooled=len(self.spool),
+        )
+        self._specs = []
 
     async def _stop(self) -> None:
         if self._listening is not None:
@@ -159,6 +183,7 @@ class AgentService(Service):
             await self.scheduler.drain(self.config.shutdown_grace)
         if self.reporter is not None:
             self.reporter.stop()
+        self._lock.release()
         super().stopService()
 
     def stopService(self) -> Deferred[None]:

@@ -7,6 +7,7 @@ it cannot.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import pwd
 from collections.abc import Mapping, Sequence
@@ -17,6 +18,7 @@ import treq
 from twisted.application.service import IService
 from twisted.internet import reactor as global_reactor
 from twisted.internet.endpoints import serverFromString
+from twisted.internet.error import ReactorNotRunning
 from twisted.python import usage
 
 from taskscheduler.agent.scheduler import RunnerLike
@@ -155,8 +157,12 @@ def makeService(options: Options) -> IService:
         )
 
     def stop_reactor() -> None:
-        if reactor.running:
-            reactor.stop()
+        # Start-up may fail before the reactor runs (twistd starts services first).
+        def stop() -> None:
+            with contextlib.suppress(ReactorNotRunning):
+                reactor.stop()
+
+        reactor.callWhenRunning(stop)
 
     return AgentService(
         AgentConfig(
