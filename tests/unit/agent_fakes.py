@@ -152,6 +152,7 @@ class FakeServer:
         self.down = False  # answer 503
         self.hang = False  # never answer
         self.conflicting: set[uuid.UUID] = set()  # task ids whose results conflict
+        self.garbled = False  # answer a batch with one answer too few, storing nothing
         self.hanging: list[Any] = []
 
     def _record(self, item: RunResult) -> str:
@@ -198,6 +199,8 @@ class FakeServer:
         refused = self._unavailable(request)
         if refused is not None:
             return refused
+        if self.garbled:
+            return self._answer(request, 200, {"results": [{"status": "stored"}]})
         try:
             items = parse_result_batch(json.loads(raw))
         except InvalidMessage as e:

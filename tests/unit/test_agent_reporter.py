@@ -273,3 +273,34 @@ def test_health_shows_dropped_and_refused_results(tmp_path: Path) -> None:
     counters = agent.service.api._counters()  # type: ignore[union-attr]
     assert counters["dropped"] == 1
     assert counters["spooled"] == 0
+
+
+def test_a_batch_answer_that_does_not_match_the_batch_is_retried(tmp_path: Path) -> None:
+    s = Setup(tmp_path)
+    s.spool_results(3)
+    s.server.garbled = True
+    s.reporter.start()
+    s.settle()
+    assert len(s.spool) == 3, "an answer that is not one per result acknowledges nothing"
+    assert s.reporter.acknowledged == 0
+    s.server.garbled = False
+    s.settle(1)
+    assert len(s.spool) == 0 and len(s.server.stored) == 3
+
+
+def test_results_spooled_while_a_send_is_under_way_go_in_the_same_pass(tmp_path: Path) -> None:
+    s = Setup(tmp_path)
+    s.server.hang = True
+    s.spool_results(1)
+    s.reporter.start()
+    s.settle()
+    assert s.server.requests == [("single", 1)]
+    s.spool_results(2, first=2)
+    s.reporter.wake()
+    s.server.hang = False
+    [pending] = s.server.hanging
+    s.server.stored[result(TASK, 1, AGENT_ID).key] = result(TASK, 1, AGENT_ID)
+    pending.callback(b'{"status": "stored"}')
+    s.settle()
+    assert s.server.requests == [("single", 1), ("batch", 2)]
+    assert len(s.spool) == 0
