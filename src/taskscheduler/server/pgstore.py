@@ -17,7 +17,6 @@ from __future__ import annotations
 import hashlib
 import json
 import uuid
-from collections import Counter
 from collections.abc import AsyncIterator, Callable, Coroutine, Sequence
 from contextlib import asynccontextmanager
 from datetime import UTC, datetime, timedelta
@@ -92,9 +91,53 @@ WHERE task_id = %(task_id)s::uuid AND scheduled_at = %(scheduled_at)s
 ORDER BY agent_id
 """
 
-_RESULT_ROW = (
-    "(%s::uuid, %s::timestamptz, %s::uuid, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s)"
+#: Cached task schedules (anchor, interval) before the cache is emptied and refilled.
+_SCHEDULE_CACHE_SIZE = 100_000
+
+#: Store a batch of results in one implicit transaction: create the executions they
+#: belong to (expecting every agent then assigned), lock those executions in key order,
+#: insert the results that are new, and count them in their executions. Returns the keys
+#: of the results inserted; the others were already stored.
+_RECORD_SQL = """
+INSERT INTO executions (task_id, scheduled_at, expected)
+SELECT v.task_id, v.scheduled_at,
+       (SELECT count(*) FROM task_agents a WHERE a.task_id = v.task_id)
+FROM unnest(%(e_task)s::uuid[], %(e_at)s::timestamptz[]) AS v (task_id, scheduled_at)
+ON CONFLICT DO NOTHING;
+
+SELECT 1 FROM executions e
+JOIN unnest(%(e_task)s::uuid[], %(e_at)s::timestamptz[]) AS v (task_id, scheduled_at)
+  ON e.task_id = v.task_id AND e.scheduled_at = v.scheduled_at
+ORDER BY e.task_id, e.scheduled_at
+FOR UPDATE OF e;
+
+WITH inserted AS (
+    INSERT INTO results (task_id, scheduled_at, agent_id, status, exit_code, signal,
+                         started_at, finished_at, stdout, stdout_bytes, stdout_truncated,
+                         stderr, stderr_bytes, stderr_truncated, digest, received_at)
+    SELECT v.*, %(received_at)s
+    FROM unnest(%(task)s::uuid[], %(at)s::timestamptz[], %(agent)s::uuid[],
+                %(status)s::text[], %(exit_code)s::integer[], %(signal)s::integer[],
+                %(started)s::timestamptz[], %(finished)s::timestamptz[],
+                %(stdout)s::bytea[], %(stdout_bytes)s::bigint[],
+                %(stdout_truncated)s::boolean[],
+                %(stderr)s::bytea[], %(stderr_bytes)s::bigint[],
+                %(stderr_truncated)s::boolean[], %(digest)s::bytea[]) AS v
+    ON CONFLICT DO NOTHING
+    RETURNING task_id, agent_id, scheduled_at
+), counted AS (
+    SELECT task_id, scheduled_at, count(*) AS n FROM inserted GROUP BY task_id, scheduled_at
+), counters AS (
+    UPDATE executions e
+    SET reported = e.reported + c.n,
+        completed_at = CASE
+            WHEN e.completed_at IS NULL AND e.reported + c.n >= e.expected
+            THEN %(received_at)s ELSE e.completed_at END
+    FROM counted c
+    WHERE e.task_id = c.task_id AND e.scheduled_at = c.scheduled_at
 )
+SELECT task_id, agent_id, scheduled_at FROM inserted
+"""
 
 
 # -- conversions ----------------------------------------------------------------------------
@@ -255,11 +298,6 @@ class _Pool:
         self.close_idle()
 
 
-def _values(cursor: Cursor, template: str, rows: Sequence[Sequence[Any]]) -> bytes:
-    """``(...),(...)``: rows rendered client-side, for one multi-row statement."""
-    return b",".join(cursor.mogrify(template, row) for row in rows)
-
-
 def _first_line(error: BaseException) -> str:
     text = str(error).strip()
     return text.splitlines()[0] if text else type(error).__name__
@@ -279,12 +317,16 @@ class PostgresStore:
 
     log = Logger()
 
+    #: Connections kept open. Single-result reports are bound by commit latency, so
+    #: a few more connections than cores let PostgreSQL group their commits.
+    DEFAULT_POOL_SIZE = 8
+
     def __init__(
         self,
         dsn: str,
         reactor: Any = None,
         *,
-        pool_size: int = 4,
+        pool_size: int = DEFAULT_POOL_SIZE,
         connect_timeout: float = 5.0,
         operation_timeout: float = 30.0,
     ) -> None:
@@ -296,6 +338,7 @@ class PostgresStore:
         self._connect_timeout = connect_timeout
         self._operation_timeout = operation_timeout
         self._pool: _Pool | None = None
+        self._schedules: dict[uuid.UUID, tuple[datetime, timedelta]] = {}
 
     # -- plumbing -----------------------------------------------------------------------
 
@@ -458,6 +501,7 @@ class PostgresStore:
             await self._run(operation)
         except psycopg2.errors.UniqueViolation:
             raise ValueError(f"task {spec.task_id} already exists") from None
+        self._schedules[spec.task_id] = (task.spec.anchor, spec.frequency.interval)
         return task
 
     async def get_task(self, task_id: uuid.UUID) -> Task | None:
@@ -483,127 +527,100 @@ class PostgresStore:
         async def operation(cursor: Cursor) -> list[RecordOutcome]:
             return await self._record(cursor, results, received)
 
-        return await self._run(operation)
+        # Not in an explicit transaction: the writes go as one multi-statement query,
+        # which PostgreSQL runs as one implicit transaction (one round trip, not four).
+        return await self._run(operation, transaction=False)
+
+    async def _schedules_of(
+        self, cursor: Cursor, task_ids: set[uuid.UUID]
+    ) -> dict[uuid.UUID, tuple[datetime, timedelta]]:
+        """Anchor and interval of each known task; they never change, so they are cached."""
+        missing = [str(t) for t in task_ids if t not in self._schedules]
+        if missing:
+            await cursor.execute(
+                "SELECT task_id, anchor, interval_seconds FROM tasks"
+                " WHERE task_id = ANY(%s::uuid[])",
+                (missing,),
+            )
+            if len(self._schedules) > _SCHEDULE_CACHE_SIZE:
+                self._schedules.clear()
+            for task_id, anchor, interval in cursor.fetchall():
+                self._schedules[uuid.UUID(str(task_id))] = (anchor, timedelta(seconds=interval))
+        return {t: self._schedules[t] for t in task_ids if t in self._schedules}
 
     async def _record(
         self, cursor: Cursor, results: Sequence[RunResult], received_at: datetime
     ) -> list[RecordOutcome]:
         outcomes: list[RecordOutcome | None] = [None] * len(results)
-        await cursor.execute(
-            "SELECT task_id, anchor, interval_seconds FROM tasks WHERE task_id = ANY(%s::uuid[])",
-            (sorted({str(r.task_id) for r in results}),),
-        )
-        schedules = {
-            uuid.UUID(str(task_id)): (anchor, timedelta(seconds=interval))
-            for task_id, anchor, interval in cursor.fetchall()
-        }
+        schedules = await self._schedules_of(cursor, {r.task_id for r in results})
         # The first candidate for each key is the one we try to insert; any later one in
         # the same batch is judged against whatever ends up stored.
-        first: dict[tuple[uuid.UUID, uuid.UUID, datetime], int] = {}
+        first: dict[tuple[str, str, datetime], int] = {}
+        keys: list[tuple[str, str, datetime] | None] = [None] * len(results)
         digests = [b""] * len(results)
-        for i, result in enumerate(results):
-            schedule = schedules.get(result.task_id)
+        for i, r in enumerate(results):
+            schedule = schedules.get(r.task_id)
             if schedule is None:
                 outcomes[i] = RecordOutcome.UNKNOWN_TASK
-            elif execution_index(schedule[0], schedule[1], result.scheduled_at) is None:
+            elif execution_index(schedule[0], schedule[1], r.scheduled_at) is None:
                 outcomes[i] = RecordOutcome.MISALIGNED
             else:
-                first.setdefault(result.key, i)
-                digests[i] = result_digest(result)
+                key = (str(r.task_id), str(r.agent_id), r.scheduled_at)
+                keys[i] = key
+                first.setdefault(key, i)
+                digests[i] = result_digest(r)
         if not first:
             return [outcome for outcome in outcomes if outcome is not None]
 
-        # Sorted keys: concurrent batches lock rows in the same order (no deadlocks).
-        keys = sorted(first, key=lambda k: (k[0], k[2], k[1]))
-        executions = sorted({(task_id, at) for task_id, _, at in keys})
+        # Sorted: concurrent calls take row locks in the same order, so never deadlock.
+        candidates = sorted(first, key=lambda k: (k[0], k[2], k[1]))
+        executions = sorted({(t, at) for t, _, at in candidates})
+        chosen = [results[first[key]] for key in candidates]
         await cursor.execute(
-            b"INSERT INTO executions (task_id, scheduled_at, expected)"
-            b" SELECT v.task_id, v.scheduled_at,"
-            b" (SELECT count(*) FROM task_agents a WHERE a.task_id = v.task_id)"
-            b" FROM (VALUES "
-            + _values(cursor, "(%s::uuid, %s::timestamptz)", [(str(t), at) for t, at in executions])
-            + b") AS v (task_id, scheduled_at)"
-            b" ORDER BY v.task_id, v.scheduled_at ON CONFLICT DO NOTHING"
+            _RECORD_SQL,
+            {
+                "e_task": [t for t, _ in executions],
+                "e_at": [at for _, at in executions],
+                "task": [k[0] for k in candidates],
+                "at": [k[2] for k in candidates],
+                "agent": [k[1] for k in candidates],
+                "status": [r.status.value for r in chosen],
+                "exit_code": [r.exit_code for r in chosen],
+                "signal": [r.signal for r in chosen],
+                "started": [r.started_at for r in chosen],
+                "finished": [r.finished_at for r in chosen],
+                "stdout": [psycopg2.Binary(r.stdout.data) for r in chosen],
+                "stdout_bytes": [r.stdout.size for r in chosen],
+                "stdout_truncated": [r.stdout.truncated for r in chosen],
+                "stderr": [psycopg2.Binary(r.stderr.data) for r in chosen],
+                "stderr_bytes": [r.stderr.size for r in chosen],
+                "stderr_truncated": [r.stderr.truncated for r in chosen],
+                "digest": [psycopg2.Binary(digests[first[key]]) for key in candidates],
+                "received_at": received_at,
+            },
         )
-        rows = []
-        for key in keys:
-            r = results[first[key]]
-            rows.append(
-                (
-                    str(r.task_id),
-                    r.scheduled_at,
-                    str(r.agent_id),
-                    r.status.value,
-                    r.exit_code,
-                    r.signal,
-                    r.started_at,
-                    r.finished_at,
-                    psycopg2.Binary(r.stdout.data),
-                    r.stdout.size,
-                    r.stdout.truncated,
-                    psycopg2.Binary(r.stderr.data),
-                    r.stderr.size,
-                    r.stderr.truncated,
-                    psycopg2.Binary(digests[first[key]]),
-                    received_at,
-                )
-            )
-        await cursor.execute(
-            b"INSERT INTO results (task_id, scheduled_at, agent_id, status, exit_code, signal,"
-            b" started_at, finished_at, stdout, stdout_bytes, stdout_truncated, stderr,"
-            b" stderr_bytes, stderr_truncated, digest, received_at) VALUES "
-            + _values(cursor, _RESULT_ROW, rows)
-            + b" ON CONFLICT DO NOTHING RETURNING task_id, agent_id, scheduled_at"
-        )
-        inserted = {
-            (uuid.UUID(str(task_id)), uuid.UUID(str(agent_id)), at)
-            for task_id, agent_id, at in cursor.fetchall()
-        }
+        inserted = {(str(t), str(a), at) for t, a, at in cursor.fetchall()}
         stored_digests = {key: digests[first[key]] for key in inserted}
 
-        counts = Counter((task_id, at) for task_id, _, at in inserted)
-        if counts:
-            await cursor.execute(
-                cursor.mogrify(
-                    "UPDATE executions e SET reported = e.reported + v.n,"
-                    " completed_at = CASE"
-                    " WHEN e.completed_at IS NULL AND e.reported + v.n >= e.expected"
-                    " THEN %s ELSE e.completed_at END",
-                    (received_at,),
-                )
-                + b" FROM (VALUES "
-                + _values(
-                    cursor,
-                    "(%s::uuid, %s::timestamptz, %s::integer)",
-                    [(str(t), at, n) for (t, at), n in sorted(counts.items())],
-                )
-                + b") AS v (task_id, scheduled_at, n)"
-                b" WHERE e.task_id = v.task_id AND e.scheduled_at = v.scheduled_at"
-            )
-
-        already = [key for key in keys if key not in inserted]
+        already = [key for key in candidates if key not in inserted]
         if already:
             await cursor.execute(
-                b"SELECT task_id, agent_id, scheduled_at, digest FROM results"
-                b" WHERE (task_id, scheduled_at, agent_id) IN (VALUES "
-                + _values(
-                    cursor,
-                    "(%s::uuid, %s::timestamptz, %s::uuid)",
-                    [(str(t), at, str(a)) for t, a, at in already],
-                )
-                + b")"
+                """
+                SELECT r.task_id, r.agent_id, r.scheduled_at, r.digest
+                FROM unnest(%s::uuid[], %s::timestamptz[], %s::uuid[]) AS v (t, s, a)
+                JOIN results r ON r.task_id = v.t AND r.scheduled_at = v.s AND r.agent_id = v.a
+                """,
+                ([k[0] for k in already], [k[2] for k in already], [k[1] for k in already]),
             )
             for task_id, agent_id, at, digest in cursor.fetchall():
-                key = (uuid.UUID(str(task_id)), uuid.UUID(str(agent_id)), at)
-                stored_digests[key] = bytes(digest)
+                stored_digests[(str(task_id), str(agent_id), at)] = bytes(digest)
 
-        for i, result in enumerate(results):
-            if outcomes[i] is not None:
+        for i, candidate in enumerate(keys):
+            if candidate is None:
                 continue
-            key = result.key
-            if first[key] == i and key in inserted:
+            if first[candidate] == i and candidate in inserted:
                 outcomes[i] = RecordOutcome.STORED
-            elif stored_digests[key] == digests[i]:
+            elif stored_digests[candidate] == digests[i]:
                 outcomes[i] = RecordOutcome.DUPLICATE
             else:
                 outcomes[i] = RecordOutcome.CONFLICT
