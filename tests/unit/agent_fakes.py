@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 import uuid
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from pathlib import Path
@@ -60,6 +60,14 @@ def result(task_id: uuid.UUID, k: int, agent_id: uuid.UUID, stdout: bytes = b"hi
         finished_at=at + timedelta(seconds=1),
         stdout=Output.of(stdout),
     )
+
+
+def fired(d: Deferred[Any]) -> Any:
+    """The result of a Deferred that must have fired already."""
+    results: list[Any] = []
+    d.addBoth(results.append)
+    assert results, f"{d!r} has not fired"
+    return results[0]
 
 
 @dataclass(frozen=True)
@@ -210,6 +218,28 @@ class FakeServer:
         )
 
 
+class FakeThread:
+    """Stands for the thread pool: keeps each job until the test runs it."""
+
+    def __init__(self) -> None:
+        self.jobs: list[tuple[Callable[[], None], Deferred[None]]] = []
+
+    def __call__(self, function: Callable[[], None]) -> Deferred[None]:
+        done: Deferred[None] = Deferred()
+        self.jobs.append((function, done))
+        return done
+
+    def run_all(self) -> None:
+        while self.jobs:
+            function, done = self.jobs.pop(0)
+            try:
+                function()
+            except Exception:
+                done.errback()
+            else:
+                done.callback(None)
+
+
 class UnreachableHttp:
     """treq that cannot connect while ``unreachable`` is set, else a StubTreq."""
 
@@ -245,6 +275,7 @@ class Agent:
         server: FakeServer,
         spool_max_bytes: int = 2**30,
         endpoint: Any = None,
+        run_in_thread: Any = None,
     ) -> None:
         self.clock = clock
         self.server = server
@@ -259,6 +290,7 @@ class Agent:
             endpoint=endpoint,
             on_fatal=self._on_fatal,
             jitter=lambda: 1.0,
+            run_in_thread=run_in_thread,
         )
         self.service.startService()
         self.api = StubTreq(self.service.api.resource()) if self.service.api else None

@@ -19,6 +19,7 @@ from tests.unit.agent_fakes import (
     Agent,
     FakeServer,
     UnreachableHttp,
+    fired,
     result,
     spec,
 )
@@ -40,7 +41,7 @@ class Setup:
 
     def spool_results(self, count: int, task_id: uuid.UUID = TASK, first: int = 1) -> None:
         for k in range(first, first + count):
-            assert self.spool.add(result(task_id, k, AGENT_ID))
+            assert fired(self.spool.add(result(task_id, k, AGENT_ID))) is True
 
     def settle(self, seconds: float = 0) -> None:
         self.clock.advance(seconds)
@@ -237,9 +238,9 @@ def test_a_full_spool_drops_new_results_and_counts_them(tmp_path: Path) -> None:
     size = s.spool.bytes
     capped = Spool(tmp_path / "capped", max_bytes=2 * size + size // 2)
     capped.load()
-    assert capped.add(result(TASK, 1, AGENT_ID))
-    assert capped.add(result(TASK, 2, AGENT_ID))
-    assert not capped.add(result(TASK, 3, AGENT_ID))
+    assert fired(capped.add(result(TASK, 1, AGENT_ID))) is True
+    assert fired(capped.add(result(TASK, 2, AGENT_ID))) is True
+    assert fired(capped.add(result(TASK, 3, AGENT_ID))) is False
     assert capped.dropped == 1
     assert len(capped) == 2 and len(list(capped.directory.glob("*.json"))) == 2
 

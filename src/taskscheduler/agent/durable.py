@@ -9,7 +9,12 @@ from __future__ import annotations
 
 import fcntl
 import os
+from collections.abc import Callable, Sequence
 from pathlib import Path
+
+from twisted.internet.defer import Deferred, maybeDeferred
+from twisted.internet.interfaces import IDelayedCall, IReactorTime
+from twisted.python.failure import Failure
 
 TMP_SUFFIX = ".tmp"
 
@@ -76,6 +81,80 @@ def atomic_create(path: Path, data: bytes) -> bool:
         tmp.unlink(missing_ok=True)
     fsync_directory(path.parent)
     return True
+
+
+def write_durably(files: Sequence[tuple[Path, bytes]]) -> None:
+    """Write every file atomically and durably: one fsync per file, one per folder.
+
+    All or nothing: if any write fails, no file of the batch is put in place.
+    """
+    written: list[tuple[Path, Path]] = []
+    try:
+        for path, data in files:
+            written.append((_write_tmp(path, data, sync=True), path))
+        for tmp, path in written:
+            os.replace(tmp, path)
+    except BaseException:
+        for tmp, _ in written:
+            tmp.unlink(missing_ok=True)
+        raise
+    for folder in sorted({path.parent for path, _ in files}):
+        fsync_directory(folder)
+
+
+#: Runs a blocking function somewhere (a thread pool, or right here in tests).
+RunInThread = Callable[[Callable[[], None]], "Deferred[None]"]
+
+
+def run_here(function: Callable[[], None]) -> Deferred[None]:
+    return maybeDeferred(function)
+
+
+class BatchWriter:
+    """Durable writes in batches, off the reactor thread.
+
+    An fsync costs about a millisecond; a thousand results due in one second would
+    otherwise hold the reactor, and every run due meanwhile, for a second. Writes asked
+    for in one reactor turn go to the thread together, one batch at a time (so a file
+    written twice ends with the later data), and each caller's Deferred fires once its
+    file is durable.
+    """
+
+    def __init__(self, clock: IReactorTime, run_in_thread: RunInThread = run_here) -> None:
+        self._clock = clock
+        self._run_in_thread = run_in_thread
+        self._queue: list[tuple[Path, bytes, Deferred[None]]] = []
+        self._scheduled: IDelayedCall | None = None
+        self._flushing = False
+
+    def write(self, path: Path, data: bytes) -> Deferred[None]:
+        done: Deferred[None] = Deferred()
+        self._queue.append((path, data, done))
+        self._schedule()
+        return done
+
+    def _schedule(self) -> None:
+        if not self._flushing and self._scheduled is None:
+            self._scheduled = self._clock.callLater(0, self._flush)
+
+    def _flush(self) -> None:
+        self._scheduled = None
+        batch, self._queue = self._queue, []
+        if not batch:
+            return
+        self._flushing = True
+        files = [(path, data) for path, data, _ in batch]
+        self._run_in_thread(lambda: write_durably(files)).addBoth(self._flushed, batch)
+
+    def _flushed(self, outcome: object, batch: list[tuple[Path, bytes, Deferred[None]]]) -> None:
+        self._flushing = False
+        for _, _, done in batch:
+            if isinstance(outcome, Failure):
+                done.errback(outcome)
+            else:
+                done.callback(None)
+        if self._queue:
+            self._schedule()
 
 
 def remove(path: Path, sync: bool = True) -> None:

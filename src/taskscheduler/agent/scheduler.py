@@ -133,18 +133,18 @@ class Scheduler:
         spool: Spool,
         markers: RunMarkers,
         agent_id: uuid.UUID,
-        on_result: Callable[[], None] = lambda: None,
     ) -> None:
         self._clock = clock
         self._runner = runner
         self._spool = spool
         self._markers = markers
         self.agent_id = agent_id
-        self._on_result = on_result
         self._loops: dict[uuid.UUID, _TaskLoop] = {}
         # Runs under way, by task: kept across a task's replacement, so that a replaced
         # task does not start while its previous version still runs.
-        self._running: dict[uuid.UUID, Deferred[None]] = {}
+        self._running: set[uuid.UUID] = set()
+        # Each run until its result is durable and its marker gone: what shutdown awaits.
+        self._unsettled: set[Deferred[None]] = set()
         self._stopped = False
 
     @property
@@ -174,12 +174,13 @@ class Scheduler:
 
     async def drain(self, grace: float) -> None:
         """Wait for the runs under way, terminating those still going after ``grace`` s."""
-        if not self._running:
+        if not self._unsettled:
             return
-        self.log.info(
-            "waiting up to {grace}s for {count} runs to finish", grace=grace, count=self.running
-        )
-        everything = DeferredList(list(self._running.values()), consumeErrors=True)
+        if self._running:
+            self.log.info(
+                "waiting up to {grace}s for {count} runs to finish", grace=grace, count=self.running
+            )
+        everything = DeferredList(list(self._unsettled), consumeErrors=True)
         timer = self._clock.callLater(grace, self._terminate)
         await everything
         if timer.active():
@@ -203,7 +204,9 @@ class Scheduler:
                 task_id=str(spec.task_id),
                 scheduled_at=format_instant(scheduled_at),
             )
-            self._record(RunResult(spec.task_id, self.agent_id, scheduled_at, ResultStatus.SKIPPED))
+            self._spool.add(
+                RunResult(spec.task_id, self.agent_id, scheduled_at, ResultStatus.SKIPPED)
+            )
             return
         started_at = utc_now_from(self._clock.seconds())
         self._markers.mark(spec.task_id, scheduled_at, started_at)
@@ -218,19 +221,28 @@ class Scheduler:
             )
         except Exception:
             d = fail()
-        done: Deferred[None] = d.addCallbacks(
-            self._succeeded,
-            self._failed,
+        settled: Deferred[None] = Deferred()
+        self._running.add(spec.task_id)
+        self._unsettled.add(settled)
+        # Both return the Deferred of the spool's write, which Twisted's stubs do not allow.
+        d.addCallbacks(
+            self._succeeded,  # type: ignore[arg-type]
+            self._failed,  # type: ignore[arg-type]
             callbackArgs=(spec, scheduled_at),
             errbackArgs=(spec, scheduled_at, started_at),
         )
-        done.addErrback(self._bookkeeping_failed, spec)
-        done.addBoth(self._finished, spec.task_id, scheduled_at)
-        if not done.called:
-            self._running[spec.task_id] = done
+        d.addErrback(self._bookkeeping_failed, spec)
+        d.addBoth(self._settled, spec.task_id, scheduled_at, settled)
 
-    def _succeeded(self, outcome: RunOutcomeLike, spec: TaskSpec, scheduled_at: datetime) -> None:
-        self._record(
+    def _ended(self, task_id: uuid.UUID) -> None:
+        """The run's process is over: the task may run again at its next instant."""
+        self._running.discard(task_id)
+
+    def _succeeded(
+        self, outcome: RunOutcomeLike, spec: TaskSpec, scheduled_at: datetime
+    ) -> Deferred[bool]:
+        self._ended(spec.task_id)
+        return self._spool.add(
             RunResult(
                 task_id=spec.task_id,
                 agent_id=self.agent_id,
@@ -247,14 +259,15 @@ class Scheduler:
 
     def _failed(
         self, failure: Failure, spec: TaskSpec, scheduled_at: datetime, started_at: datetime
-    ) -> None:
+    ) -> Deferred[bool]:
+        self._ended(spec.task_id)
         # The runner fails only when it could not start the command at all (no shell,
         # no file descriptors left...): say so in the result rather than say nothing.
         self.log.failure(
             "task {task_id}: could not run the command", failure, task_id=str(spec.task_id)
         )
         message = f"taskscheduler agent could not run the command: {failure.getErrorMessage()}"
-        self._record(
+        return self._spool.add(
             RunResult(
                 task_id=spec.task_id,
                 agent_id=self.agent_id,
@@ -271,16 +284,16 @@ class Scheduler:
             "task {task_id}: could not record a run's result", failure, task_id=str(spec.task_id)
         )
 
-    def _finished(self, _: object, task_id: uuid.UUID, scheduled_at: datetime) -> None:
-        self._running.pop(task_id, None)
+    def _settled(
+        self, _: object, task_id: uuid.UUID, scheduled_at: datetime, settled: Deferred[None]
+    ) -> None:
+        """The result is durable (or could not be made so): the marker has done its job."""
+        self._ended(task_id)
         try:
             self._markers.clear(task_id, scheduled_at)
         except OSError:
             self.log.failure(
                 "could not remove the run marker of task {task_id}", task_id=str(task_id)
             )
-
-    def _record(self, result: RunResult) -> None:
-        """Spool ``result`` (durably) and wake the reporter."""
-        if self._spool.add(result):
-            self._on_result()
+        self._unsettled.discard(settled)
+        settled.callback(None)

@@ -23,11 +23,11 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 
 from taskscheduler.agent.api import MAX_BODY_BYTES, AgentAPI
-from taskscheduler.agent.durable import FolderInUse, FolderLock
+from taskscheduler.agent.durable import BatchWriter, FolderInUse, FolderLock, RunInThread
 from taskscheduler.agent.identity import CorruptIdentity, load_or_create_agent_id
 from taskscheduler.agent.reporter import Reporter
 from taskscheduler.agent.scheduler import RunnerLike, Scheduler
-from taskscheduler.agent.spool import DEFAULT_SPOOL_MAX_BYTES, RunMarkers, Spool
+from taskscheduler.agent.spool import DEFAULT_SPOOL_MAX_BYTES, RunMarker, RunMarkers, Spool
 from taskscheduler.agent.taskstore import TaskStore
 from taskscheduler.protocol import ResultStatus, RunResult, TaskSpec
 from taskscheduler.schedule import format_instant
@@ -59,8 +59,11 @@ class AgentService(Service):
         endpoint: IStreamServerEndpoint | None = None,
         on_fatal: Callable[[], None] = lambda: None,
         jitter: Callable[[], float] = random.random,
+        run_in_thread: RunInThread | None = None,
     ) -> None:
+        """``run_in_thread`` runs the spool's fsyncs; None runs them on the reactor thread."""
         self.config = config
+        self._run_in_thread = run_in_thread
         self._clock = clock
         self._runner_factory = runner_factory
         self._http = http
@@ -99,35 +102,38 @@ class AgentService(Service):
         data_dir = self.config.data_dir
         self._lock.acquire()
         agent_id = load_or_create_agent_id(data_dir)
-        spool = Spool(data_dir / "spool", self.config.spool_max_bytes)
+        writer = (
+            None if self._run_in_thread is None else BatchWriter(self._clock, self._run_in_thread)
+        )
+        spool = Spool(data_dir / "spool", self.config.spool_max_bytes, writer)
         spool.load()
         markers = RunMarkers(data_dir / "running")
         for marker in markers.leftovers():
-            if (marker.task_id, marker.scheduled_at) not in spool:
-                self.log.warn(
-                    "task {task_id}: the run at {scheduled_at} was lost when the agent stopped",
-                    task_id=str(marker.task_id),
-                    scheduled_at=format_instant(marker.scheduled_at),
-                )
-                spool.add(
-                    RunResult(
-                        task_id=marker.task_id,
-                        agent_id=agent_id,
-                        scheduled_at=marker.scheduled_at,
-                        status=ResultStatus.LOST,
-                        started_at=marker.started_at,
-                    )
-                )
-            markers.clear(marker.task_id, marker.scheduled_at)
+            if (marker.task_id, marker.scheduled_at) in spool:
+                markers.clear(marker.task_id, marker.scheduled_at)
+                continue
+            self.log.warn(
+                "task {task_id}: the run at {scheduled_at} was lost when the agent stopped",
+                task_id=str(marker.task_id),
+                scheduled_at=format_instant(marker.scheduled_at),
+            )
+            lost = RunResult(
+                task_id=marker.task_id,
+                agent_id=agent_id,
+                scheduled_at=marker.scheduled_at,
+                status=ResultStatus.LOST,
+                started_at=marker.started_at,
+            )
+            # The marker goes once the lost result is durable, not before.
+            spool.add(lost).addCallback(_clear_marker, markers, marker)
         task_store = TaskStore(data_dir / "tasks")
         specs = task_store.load()
 
         reporter = Reporter(
             spool, self._http, self._clock, self.config.server_url, jitter=self._jitter
         )
-        scheduler = Scheduler(
-            self._clock, self._runner_factory(), spool, markers, agent_id, reporter.wake
-        )
+        spool.on_ready = reporter.wake
+        scheduler = Scheduler(self._clock, self._runner_factory(), spool, markers, agent_id)
 
         def counters() -> dict[str, int]:
             return {
@@ -188,3 +194,7 @@ class AgentService(Service):
 
     def stopService(self) -> Deferred[None]:
         return Deferred.fromCoroutine(self._stop())
+
+
+def _clear_marker(spooled: bool, markers: RunMarkers, marker: RunMarker) -> None:
+    markers.clear(marker.task_id, marker.scheduled_at)

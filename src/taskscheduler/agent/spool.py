@@ -14,15 +14,23 @@ from __future__ import annotations
 
 import json
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 
+from twisted.internet.defer import Deferred, succeed
 from twisted.logger import Logger
+from twisted.python.failure import Failure
 
 from taskscheduler import protocol
-from taskscheduler.agent.durable import atomic_write, ensure_directory, remove, remove_leftovers
+from taskscheduler.agent.durable import (
+    BatchWriter,
+    atomic_write,
+    ensure_directory,
+    remove,
+    remove_leftovers,
+)
 from taskscheduler.protocol import RunResult
 from taskscheduler.schedule import format_instant, parse_instant
 
@@ -70,10 +78,20 @@ class Spool:
 
     log = Logger()
 
-    def __init__(self, directory: Path, max_bytes: int = DEFAULT_SPOOL_MAX_BYTES) -> None:
+    def __init__(
+        self,
+        directory: Path,
+        max_bytes: int = DEFAULT_SPOOL_MAX_BYTES,
+        writer: BatchWriter | None = None,
+    ) -> None:
         self.directory = directory
         self.max_bytes = max_bytes
+        #: Writes results durably; None writes each one at once, on this thread.
+        self._writer = writer
+        #: Called when a result becomes durable, so that it can be reported.
+        self.on_ready: Callable[[], None] = lambda: None
         self._entries: dict[ResultKey, SpoolEntry] = {}
+        self._writing: dict[ResultKey, int] = {}  # not durable yet: not to be reported
         self.bytes = 0
         #: Results thrown away because the spool was full.
         self.dropped = 0
@@ -103,21 +121,21 @@ class Spool:
         self._entries[entry.key] = entry
         self.bytes += entry.size
 
-    def add(self, result: RunResult) -> bool:
-        """Write ``result`` durably; False (logged and counted) if the spool is full.
+    def add(self, result: RunResult) -> Deferred[bool]:
+        """Write ``result`` durably; True once it is, False (logged, counted) if it cannot be.
 
-        A second result for the same key is ignored: results are immutable, and the first
-        one is the one the server may already hold.
+        Only then is it offered to the reporter. A second result for the same key is
+        ignored: results are immutable, and the first is the one the server may hold.
         """
         key: ResultKey = (result.task_id, result.scheduled_at)
-        if key in self._entries:
+        if key in self:
             self.log.warn(
                 "a result of task {task_id} at {scheduled_at} is already spooled; "
                 "keeping the first",
                 task_id=str(result.task_id),
                 scheduled_at=format_instant(result.scheduled_at),
             )
-            return True
+            return succeed(True)
         data = encode_result(result)
         if self.bytes + len(data) > self.max_bytes:
             self.dropped += 1
@@ -131,17 +149,47 @@ class Spool:
                 scheduled_at=format_instant(result.scheduled_at),
                 dropped=self.dropped,
             )
-            return False
+            return succeed(False)
         path = self.directory / _file_name(key)
-        atomic_write(path, data)
-        self._remember(SpoolEntry(key, path, len(data)))
+        if self._writer is None:
+            atomic_write(path, data)
+            return succeed(self._written(None, SpoolEntry(key, path, len(data)), False))
+        self._writing[key] = len(data)
+        self.bytes += len(data)
+        entry = SpoolEntry(key, path, len(data))
+        written = self._writer.write(path, data)
+        return written.addCallbacks(
+            self._written, self._not_written, callbackArgs=(entry, True), errbackArgs=(entry,)
+        )
+
+    def _written(self, _: object, entry: SpoolEntry, counted: bool) -> bool:
+        if counted:
+            del self._writing[entry.key]
+            self.bytes -= entry.size
+        self._remember(entry)
+        self.on_ready()
         return True
 
+    def _not_written(self, failure: Failure, entry: SpoolEntry) -> bool:
+        del self._writing[entry.key]
+        self.bytes -= entry.size
+        self.dropped += 1
+        self.log.failure(
+            "could not spool the result of task {task_id} at {scheduled_at}; dropped it "
+            "({dropped} dropped so far)",
+            failure,
+            task_id=str(entry.task_id),
+            scheduled_at=format_instant(entry.key[1]),
+            dropped=self.dropped,
+        )
+        return False
+
     def __contains__(self, key: object) -> bool:
-        return key in self._entries
+        return key in self._entries or key in self._writing
 
     def __len__(self) -> int:
-        return len(self._entries)
+        """Results spooled or being spooled."""
+        return len(self._entries) + len(self._writing)
 
     def __iter__(self) -> Iterator[SpoolEntry]:
         return iter(list(self._entries.values()))

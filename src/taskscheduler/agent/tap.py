@@ -19,6 +19,7 @@ from twisted.application.service import IService
 from twisted.internet import reactor as global_reactor
 from twisted.internet.endpoints import serverFromString
 from twisted.internet.error import ReactorNotRunning
+from twisted.internet.threads import deferToThreadPool
 from twisted.python import usage
 
 from taskscheduler.agent.scheduler import RunnerLike
@@ -176,6 +177,9 @@ def makeService(options: Options) -> IService:
         treq,
         endpoint=serverFromString(reactor, options["listen"]),
         on_fatal=stop_reactor,
+        run_in_thread=lambda function: deferToThreadPool(
+            reactor, reactor.getThreadPool(), function
+        ),
     )
 
 

@@ -1,0 +1,135 @@
+"""Durable writes off the reactor thread, in batches; and what the agent does meanwhile."""
+
+from __future__ import annotations
+
+import json
+import uuid
+from pathlib import Path
+
+import pytest
+import pytest_twisted
+from twisted.internet.task import Clock
+
+from taskscheduler.agent.durable import BatchWriter, write_durably
+from taskscheduler.agent.spool import Spool
+from tests.unit.agent_fakes import (
+    ANCHOR_SECONDS,
+    Agent,
+    FakeServer,
+    FakeThread,
+    fired,
+    result,
+    spec,
+)
+
+AGENT_ID = uuid.UUID("aaaaaaaa-0000-4000-8000-000000000001")
+
+
+def test_writes_of_one_turn_go_to_the_thread_together(tmp_path: Path) -> None:
+    clock, thread = Clock(), FakeThread()
+    writer = BatchWriter(clock, thread)
+    done = [writer.write(tmp_path / f"{i}.json", b"%d" % i) for i in range(5)]
+    assert thread.jobs == [], "nothing is written before the end of the turn"
+    clock.advance(0)
+    assert len(thread.jobs) == 1
+    assert not any(d.called for d in done)
+    thread.run_all()
+    assert all(fired(d) is None for d in done)
+    assert sorted(p.name for p in tmp_path.iterdir()) == [f"{i}.json" for i in range(5)]
+    assert (tmp_path / "3.json").read_bytes() == b"3"
+
+
+def test_writes_asked_for_during_a_flush_follow_it(tmp_path: Path) -> None:
+    clock, thread = Clock(), FakeThread()
+    writer = BatchWriter(clock, thread)
+    first = writer.write(tmp_path / "a.json", b"old")
+    clock.advance(0)
+    second = writer.write(tmp_path / "a.json", b"new")
+    clock.advance(0)
+    assert len(thread.jobs) == 1, "one batch at a time"
+    thread.run_all()
+    assert first.called and not second.called
+    clock.advance(0)
+    thread.run_all()
+    assert second.called
+    assert (tmp_path / "a.json").read_bytes() == b"new"
+
+
+def test_a_batch_is_all_or_nothing(tmp_path: Path) -> None:
+    with pytest.raises(OSError):
+        write_durably([(tmp_path / "a.json", b"a"), (tmp_path / "missing" / "b.json", b"b")])
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_a_result_the_disk_refuses_is_dropped_and_counted(tmp_path: Path) -> None:
+    clock, thread = Clock(), FakeThread()
+    spool = Spool(tmp_path / "spool", writer=BatchWriter(clock, thread))
+    spool.load()
+    ready: list[int] = []
+    spool.on_ready = lambda: ready.append(1)
+    added = spool.add(result(uuid.uuid4(), 1, AGENT_ID))
+    assert len(spool) == 1 and spool.bytes > 0
+    assert spool.oldest(10, 10**9) == [], "not offered before it is durable"
+    (tmp_path / "spool").rmdir()  # the write will fail
+    clock.advance(0)
+    thread.run_all()
+    assert fired(added) is False
+    assert (len(spool), spool.bytes, spool.dropped, ready) == (0, 0, 1, [])
+
+
+def test_a_result_is_reported_and_its_marker_removed_only_once_durable(tmp_path: Path) -> None:
+    clock = Clock()
+    clock.advance(ANCHOR_SECONDS + 5)
+    thread = FakeThread()
+    agent = Agent(tmp_path / "data", clock, FakeServer(), run_in_thread=thread)
+    agent.service.scheduler.schedule(spec())  # type: ignore[union-attr]
+    agent.advance_to(10)
+    agent.runner.finish(agent.runner.runs[0], b"out\n")
+    agent.settle()
+    assert agent.server.stored == {}
+    assert len(list((tmp_path / "data" / "running").glob("*.json"))) == 1
+    assert agent.service.api._counters()["spooled"] == 1  # type: ignore[union-attr]
+    assert agent.service.scheduler.running == 0, "the task may run again meanwhile"  # type: ignore[union-attr]
+    thread.run_all()
+    agent.settle()
+    [stored] = agent.server.stored.values()
+    assert stored.stdout.data == b"out\n"
+    assert list((tmp_path / "data" / "running").glob("*.json")) == []
+
+
+@pytest_twisted.ensureDeferred
+async def test_shutdown_waits_for_results_still_being_written(tmp_path: Path) -> None:
+    clock = Clock()
+    clock.advance(ANCHOR_SECONDS + 5)
+    thread = FakeThread()
+    server = FakeServer()
+    server.down = True
+    agent = Agent(tmp_path / "data", clock, server, run_in_thread=thread)
+    agent.service.scheduler.schedule(spec())  # type: ignore[union-attr]
+    agent.advance_to(10)
+    agent.runner.finish(agent.runner.runs[0])
+    agent.settle()
+    stopping = agent.stop()
+    assert not stopping.called
+    thread.run_all()
+    await stopping
+    [spooled] = (tmp_path / "data" / "spool").glob("*.json")
+    assert json.loads(spooled.read_bytes())["status"] == "succeeded"
+
+
+def test_a_lost_result_keeps_its_marker_until_durable(tmp_path: Path) -> None:
+    clock = Clock()
+    clock.advance(ANCHOR_SECONDS + 5)
+    first = Agent(tmp_path / "data", clock, FakeServer())
+    first.service.scheduler.schedule(spec())  # type: ignore[union-attr]
+    first.advance_to(10)
+    first.crash()
+    thread = FakeThread()
+    second = Agent(tmp_path / "data", clock, FakeServer(), run_in_thread=thread)
+    second.settle()
+    assert len(list((tmp_path / "data" / "running").glob("*.json"))) == 1
+    thread.run_all()
+    second.settle()
+    assert list((tmp_path / "data" / "running").glob("*.json")) == []
+    [lost] = second.server.stored.values()
+    assert lost.status.value == "lost"
