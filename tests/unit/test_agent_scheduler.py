@@ -237,3 +237,39 @@ def test_spool_is_shared_state_not_memory(tmp_path: Path) -> None:
     other = Spool(tmp_path / "data" / "spool")
     other.load()
     assert len(other) == 1
+
+
+def test_a_late_first_wake_up_does_not_shift_the_later_runs(tmp_path: Path) -> None:
+    agent = start(tmp_path, 25)
+    agent.service.scheduler.schedule(spec())  # type: ignore[union-attr]
+    agent.settle(5.3)  # the reactor wakes 0.3 s after the first instant
+    assert scheduled(agent) == [at(30)]
+    agent.runner.finish(agent.runner.runs[0])
+    agent.advance_to(39.99, step=0.01)
+    assert len(agent.runner.runs) == 1
+    agent.advance_to(40, step=0.01)
+    assert scheduled(agent) == [at(30), at(40)], "on the instant, not 0.3 s after it"
+
+
+def test_a_wake_up_later_than_an_interval_labels_the_run_with_the_due_instant(
+    tmp_path: Path,
+) -> None:
+    agent = start(tmp_path, 25)
+    agent.service.scheduler.schedule(spec())  # type: ignore[union-attr]
+    agent.settle(27.5)  # the host was suspended across 30, 40 and 50
+    assert scheduled(agent) == [at(50)]
+    agent.runner.finish(agent.runner.runs[0])
+    agent.advance_to(60)
+    assert scheduled(agent) == [at(50), at(60)]
+
+
+def test_a_stalled_reactor_skips_instants_without_mislabelling_the_next(tmp_path: Path) -> None:
+    agent = start(tmp_path, 5)
+    agent.service.scheduler.schedule(spec())  # type: ignore[union-attr]
+    agent.advance_to(10)
+    agent.runner.finish(agent.runner.runs[0])
+    agent.settle(25)  # blocked from 10 s to 35 s: 20 and 30 pass
+    assert scheduled(agent) == [at(10), at(30)]
+    agent.runner.finish(agent.runner.runs[1])
+    agent.advance_to(40)
+    assert scheduled(agent) == [at(10), at(30), at(40)]

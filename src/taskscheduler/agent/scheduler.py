@@ -75,31 +75,47 @@ class _TaskLoop:
         self._fire = fire
         self._first: IDelayedCall | None = None
         self._loop: LoopingCall | None = None
-        self._k = 0
+        self._k = 0  # the execution the next call of the loop is (minus its count)
+        self._origin: float | None = None
 
     def start(self) -> None:
         now = utc_now_from(self._clock.seconds())
         k, at = next_execution(self.spec.anchor, self.spec.frequency.interval, now)
-        self._k = k - 1  # the LoopingCall's first call counts 1
+        self._k = k
         self._first = self._clock.callLater((at - now).total_seconds(), self._begin)
 
     def _begin(self) -> None:
         self._first = None
+        # The wait may end late (a busy reactor, a suspended host): start from the latest
+        # instant that is due, and pin the loop's time origin to that exact instant, so
+        # that every later call is due on an instant too rather than inheriting the delay.
+        interval = self.spec.frequency.interval
+        now = utc_now_from(self._clock.seconds())
+        due = max(self._k, next_execution(self.spec.anchor, interval, now)[0] - 1)
+        if due > self._k:
+            self._missed(due - self._k)
+        self._k = due - 1  # the LoopingCall's first call counts 1
+        self._origin = instant(self.spec.anchor, interval, due).timestamp()
         loop = LoopingCall.withCount(self._tick)
         loop.clock = self._clock
         self._loop = loop
         loop.start(self.spec.frequency.seconds, now=True).addErrback(self._loop_died)
 
+    def _missed(self, count: int) -> None:
+        self.log.warn(
+            "task {task_id}: {missed} instants passed while the agent was busy; "
+            "they are not replayed",
+            task_id=str(self.spec.task_id),
+            missed=count,
+        )
+
     def _tick(self, count: int) -> None:
         # Never raise: a LoopingCall whose function fails stops for good.
         try:
+            if self._origin is not None and self._loop is not None:
+                self._loop.starttime, self._origin = self._origin, None
             if count > 1:
-                self.log.warn(
-                    "task {task_id}: {missed} instants passed while the agent was busy; "
-                    "they are not replayed",
-                    task_id=str(self.spec.task_id),
-                    missed=count - 1,
-                )
+                self._missed(count - 1)
             self._k += count
             self._fire(self.spec, self._k)
         except Exception:
