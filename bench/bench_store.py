@@ -42,7 +42,7 @@ def spec() -> TaskSpec:
 
 def results_for(task_id: uuid.UUID, first_k: int, count: int) -> list[RunResult]:
     """``count`` distinct results: every agent for consecutive executions."""
-    out = []
+    out: list[RunResult] = []
     k = first_k
     while len(out) < count:
         at = instant(ANCHOR, FREQUENCY.interval, k)

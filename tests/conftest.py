@@ -8,8 +8,10 @@ folder for the session.
 from __future__ import annotations
 
 import os
+import shutil
+import tempfile
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import psycopg2
@@ -20,9 +22,28 @@ from taskscheduler.embedded_pg import EmbeddedPostgres
 
 
 @pytest.fixture(scope="session")
-def embedded_postgres(tmp_path_factory: pytest.TempPathFactory) -> Iterator[EmbeddedPostgres]:
+def private_folder() -> Iterator[Callable[[], Path]]:
+    """Makes temporary folders outside pytest's ``tmp_path`` tree, removed at the end.
+
+    pytest deletes all but its three newest ``tmp_path`` trees whenever a session
+    starts; a concurrent pytest run (another checkout, CI on the same host) would delete
+    the data folder of a PostgreSQL that is still running.
+    """
+    made: list[Path] = []
+
+    def make() -> Path:
+        made.append(Path(tempfile.mkdtemp(prefix="taskscheduler-test-")))
+        return made[-1]
+
+    yield make
+    for folder in made:
+        shutil.rmtree(folder, ignore_errors=True)
+
+
+@pytest.fixture(scope="session")
+def embedded_postgres(private_folder: Callable[[], Path]) -> Iterator[EmbeddedPostgres]:
     """An embedded PostgreSQL for the session, started on first use."""
-    server = EmbeddedPostgres(tmp_path_factory.mktemp("postgres") / "pgdata")
+    server = EmbeddedPostgres(private_folder() / "pgdata")
     server.start_blocking()
     yield server
     server.stop_blocking()
@@ -91,14 +112,14 @@ class RestartablePostgres:
 
 @pytest.fixture
 def restartable_postgres(
-    request: pytest.FixtureRequest, tmp_path: Path
+    request: pytest.FixtureRequest, private_folder: Callable[[], Path]
 ) -> Iterator[RestartablePostgres]:
     """The session's embedded PostgreSQL, or a private one when the session uses a DSN.
 
     Whatever the test does, the server is running again afterwards.
     """
     if os.environ.get("TASKSCHEDULER_TEST_DSN"):
-        server = EmbeddedPostgres(tmp_path / "pgdata")
+        server = EmbeddedPostgres(private_folder() / "pgdata")
         server.start_blocking()
         owned = True
     else:

@@ -5,6 +5,8 @@ Then what only PostgreSQL has: migrations, outages, query plans, the embedded se
 
 from __future__ import annotations
 
+import dataclasses
+import os
 import signal
 import time
 import uuid
@@ -135,6 +137,17 @@ async def test_a_created_task_reads_back_identically(store: Store) -> None:
     assert str(fetched.spec.frequency) == "every 30 seconds"
     assert fetched.spec.time_limit == TIME_LIMIT
     assert await store.get_task(uuid.uuid4()) is None
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_task_id_is_never_reused(store: Store) -> None:
+    spec = make_spec()
+    task = await store.create_task(spec, ANCHOR)
+    with pytest.raises(ValueError, match="already exists"):
+        await store.create_task(
+            dataclasses.replace(make_spec("other"), task_id=spec.task_id), ANCHOR
+        )
+    assert await store.get_task(spec.task_id) == task
 
 
 @pytest_twisted.ensureDeferred
@@ -520,6 +533,23 @@ async def _survive_a_restart(restartable_postgres: RestartablePostgres, dsn: str
 
 
 @pytest_twisted.ensureDeferred
+async def test_a_stuck_database_call_gives_up_at_its_deadline(database_dsn: str) -> None:
+    store = PostgresStore(database_dsn, reactor=reactor, operation_timeout=0.5)
+    await store.start()
+    task = await store.create_task(make_spec(), ANCHOR)
+    blocker = psycopg2.connect(database_dsn)
+    try:
+        blocker.cursor().execute("LOCK TABLE tasks IN ACCESS EXCLUSIVE MODE")
+        with pytest.raises(StoreUnavailable, match="did not answer"):
+            await within(10, store.get_task(task.task_id))
+    finally:
+        blocker.rollback()
+        blocker.close()
+    assert await within(10, store.get_task(task.task_id)) == task
+    await store.stop()
+
+
+@pytest_twisted.ensureDeferred
 async def test_an_unreachable_database_fails_fast(tmp_path: Path) -> None:
     nobody = f"host={tmp_path} port=5432 dbname=nothing"
     with pytest.raises(StoreUnavailable, match="cannot connect"):
@@ -590,15 +620,25 @@ def wait_until(predicate: Callable[[], bool], timeout: float, what: str) -> None
         time.sleep(0.01)
 
 
-def test_embedded_postgres_keeps_its_data_and_survives_being_killed(tmp_path: Path) -> None:
+def test_embedded_postgres_keeps_its_data_and_survives_being_killed(
+    private_folder: Callable[[], Path],
+) -> None:
     # Deep enough that the unix socket cannot live in the data folder itself.
-    folder = tmp_path / ("d" * 60) / ("e" * 60) / "postgres"
+    folder = private_folder() / ("d" * 60) / ("e" * 60) / "postgres"
     server = EmbeddedPostgres(folder)
     dsn = server.start_blocking()
     try:
         _query(dsn, "CREATE TABLE kept (x text); INSERT INTO kept VALUES ('still here')")
         server.stop_blocking()
         assert not (folder / "postmaster.pid").exists(), "stop left PostgreSQL running"
+        dsn = server.start_blocking()
+        assert _query(dsn, "SELECT x FROM kept") == [("still here",)]
+
+        # After a crash, postmaster.pid may name a pid that is now some other process.
+        server.stop_blocking()
+        (folder / "postmaster.pid").write_text(
+            f"{os.getpid()}\n{folder}\n1\n5432\n{folder}\n\n  0 0\nready\n"
+        )
         dsn = server.start_blocking()
         assert _query(dsn, "SELECT x FROM kept") == [("still here",)]
 
