@@ -136,6 +136,8 @@ class EmbeddedPostgres:
         server, self._server = self._server, None
         if server is None:
             return
+        with type(server)._lock:
+            self._forget_dead_users()
         server.cleanup()
         atexit.unregister(server._cleanup)
 
@@ -148,7 +150,7 @@ class EmbeddedPostgres:
             pids = json.loads(handles.read_text())
         except (OSError, ValueError):
             return
-        alive = [pid for pid in pids if isinstance(pid, int) and psutil.pid_exists(pid)]
+        alive = [pid for pid in pids if isinstance(pid, int) and _pid_alive(pid)]
         if alive != pids:
             handles.write_text(json.dumps(alive))
 
@@ -197,6 +199,14 @@ class EmbeddedPostgres:
         instance = PostgresServer._instances.pop(self.data_dir.resolve(), None)
         if instance is not None:
             atexit.unregister(instance._cleanup)
+
+
+def _pid_alive(pid: int) -> bool:
+    """Whether ``pid`` is a live process (a killed one nobody reaped is a zombie: dead)."""
+    try:
+        return bool(psutil.Process(pid).status() != psutil.STATUS_ZOMBIE)
+    except psutil.Error:
+        return False
 
 
 def _running(server: Any) -> bool:

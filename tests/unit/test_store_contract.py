@@ -6,8 +6,10 @@ Then what only PostgreSQL has: migrations, outages, query plans, the embedded se
 from __future__ import annotations
 
 import dataclasses
+import json
 import os
 import signal
+import subprocess
 import time
 import uuid
 from collections.abc import AsyncIterator, Callable, Coroutine
@@ -648,5 +650,13 @@ def test_embedded_postgres_keeps_its_data_and_survives_being_killed(
         wait_until(lambda: not running(postmaster), 10, "the postmaster to die")
         dsn = server.start_blocking()
         assert _query(dsn, "SELECT x FROM kept") == [("still here",)]
+
+        # A server that died while using the folder must not keep PostgreSQL running.
+        dead = subprocess.Popen(["true"])
+        dead.wait()
+        handles = folder / ".handle_pids.json"
+        handles.write_text(json.dumps([dead.pid, *json.loads(handles.read_text())]))
+        server.stop_blocking()
+        assert not (folder / "postmaster.pid").exists(), "a dead user kept PostgreSQL running"
     finally:
         server.stop_blocking()
