@@ -7,13 +7,16 @@ folder for the session.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
+import signal
 import tempfile
 import uuid
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
+import psutil
 import psycopg2
 import pytest
 from psycopg2.extensions import make_dsn
@@ -37,7 +40,17 @@ def private_folder() -> Iterator[Callable[[], Path]]:
 
     yield make
     for folder in made:
+        _stop_leftover_postmasters(folder)
         shutil.rmtree(folder, ignore_errors=True)
+
+
+def _stop_leftover_postmasters(folder: Path) -> None:
+    """Shut down a PostgreSQL a failed test left running in ``folder`` (SIGQUIT: at once)."""
+    for pidfile in folder.rglob("postmaster.pid"):
+        with contextlib.suppress(OSError, ValueError, IndexError, psutil.Error):
+            process = psutil.Process(int(pidfile.read_text().splitlines()[0]))
+            if process.name() == "postgres":
+                process.send_signal(signal.SIGQUIT)
 
 
 @pytest.fixture(scope="session")
