@@ -12,6 +12,7 @@ embedded PostgreSQL in a temporary folder; with one, it creates and drops a data
 from __future__ import annotations
 
 import argparse
+import shutil
 import statistics
 import tempfile
 import time
@@ -175,6 +176,7 @@ async def main(reactor: Any, options: argparse.Namespace) -> None:
         admin.close()
         if embedded is not None:
             await embedded.stop()
+            shutil.rmtree(embedded.data_dir.parent, ignore_errors=True)
 
 
 if __name__ == "__main__":
