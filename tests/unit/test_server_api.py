@@ -379,3 +379,28 @@ def test_a_chunked_body_over_the_limit_is_refused_too() -> None:
     )
     assert transport.value().startswith(b"HTTP/1.1 413 ")
     assert transport.disconnecting
+
+
+@pytest_twisted.ensureDeferred
+async def test_history_lists_executions_newest_first_and_pages(harness: Harness) -> None:
+    task_id = await harness.create()
+    for k in (1, 2, 3):
+        await harness.report(harness.result(task_id, AGENT_A, k, b"a%d" % k))
+    await harness.report(harness.result(task_id, AGENT_B, 1, b"b1"))
+    code, body = await harness.request("GET", f"/api/v1/tasks/{task_id}/executions?limit=2")
+    assert code == 200
+    page = body["executions"]
+    assert [[o["stdout"] for o in e["outputs"]] for e in page] == [["a3"], ["a2"]]
+    assert [e["complete"] for e in page] == [False, False]
+    code, body = await harness.request(
+        "GET", f"/api/v1/tasks/{task_id}/executions?limit=2&before={body['next_before']}"
+    )
+    [oldest] = body["executions"]
+    assert (oldest["complete"], len(oldest["outputs"])) == (True, 2)
+    assert body["next_before"] is None
+    for query in ("limit=0", "limit=abc", "limit=1001", "before=yesterday"):
+        code, error = await harness.request("GET", f"/api/v1/tasks/{task_id}/executions?{query}")
+        assert code == 400, query
+        assert "query parameter" in error["error"]["message"]
+    code, _ = await harness.request("GET", f"/api/v1/tasks/{uuid.uuid4()}/executions")
+    assert code == 404

@@ -371,6 +371,30 @@ async def test_output_bytes_round_trip_exactly(store: Store, stdout: bytes) -> N
     assert await store.record_results(reported, at(1)) == [DUPLICATE, DUPLICATE]
 
 
+# -- history ---------------------------------------------------------------------------------
+
+
+@pytest_twisted.ensureDeferred
+async def test_history_pages_newest_first_with_each_executions_own_results(store: Store) -> None:
+    task = await store.create_task(make_spec(), ANCHOR)
+    other = await store.create_task(make_spec("other"), ANCHOR)
+    await store.record_results([result(other.task_id, A_ID, 2, out=b"not mine")], at(2))
+    assert await store.list_executions(task.task_id, 10) == []
+    for k in (1, 2, 3, 5):
+        await store.record_results([result(task.task_id, A_ID, k, out=b"a%d" % k)], at(k))
+    await store.record_results([result(task.task_id, B_ID, 2, out=b"b2")], at(2))
+
+    page = await store.list_executions(task.task_id, 2)
+    assert [e.scheduled_at for e in page] == [at(5), at(3)]
+    assert [[r.stdout.data for r in e.results] for e in page] == [[b"a5"], [b"a3"]]
+    rest = await store.list_executions(task.task_id, 10, before=page[-1].scheduled_at)
+    assert [e.scheduled_at for e in rest] == [at(2), at(1)]
+    assert [r.stdout.data for r in rest[0].results] == [b"a2", b"b2"]  # by agent_id
+    assert all(e.expected == 2 and e.task_id == task.task_id for e in page + rest)
+    with pytest.raises(UnknownTask):
+        await store.list_executions(uuid.uuid4(), 10)
+
+
 # -- latest complete execution ---------------------------------------------------------------
 
 

@@ -20,7 +20,7 @@ from twisted.web.iweb import IRequest
 
 from taskscheduler import protocol
 from taskscheduler.protocol import InvalidMessage, RunResult, TaskSpec
-from taskscheduler.schedule import format_instant, utc_now_from
+from taskscheduler.schedule import format_instant, parse_instant, utc_now_from
 from taskscheduler.server.store import (
     Execution,
     RecordOutcome,
@@ -119,6 +119,38 @@ class ServerAPI:
         )
         return json_response(request, _latest_output_json(execution))
 
+    @app.route("/api/v1/tasks/<task_id>/executions", methods=["GET"])
+    async def executions(self, request: IRequest, task_id: str) -> bytes:
+        """The task's history, newest first: ``?limit=N`` (1-1000) ``&before=<instant>``."""
+        parsed_id = _path_uuid(task_id)
+        limit = _query_int(request, "limit", default=20, low=1, high=1000)
+        before = _query_instant(request, "before")
+        task = await self._store.get_task(parsed_id)
+        if task is None:
+            raise UnknownTask(task_id)
+        page = await self._store.list_executions(parsed_id, limit, before)
+        deadline = self._now() - task.spec.time_limit - self._report_grace
+        return json_response(
+            request,
+            {
+                "task_id": str(parsed_id),
+                "executions": [
+                    {
+                        "scheduled_at": format_instant(e.scheduled_at),
+                        "complete": len(e.results) >= e.expected or e.scheduled_at < deadline,
+                        "expected_agents": e.expected,
+                        "completion_time": format_instant(e.completion_time),
+                        "outputs": [_output_json(r) for r in e.results],
+                    }
+                    for e in page
+                ],
+                # Pass as ?before= for the next page; null on the last one.
+                "next_before": (
+                    format_instant(page[-1].scheduled_at) if len(page) == limit else None
+                ),
+            },
+        )
+
     # -- agents ------------------------------------------------------------------------
 
     @app.route("/api/v1/tasks/<task_id>/complete", methods=["POST"])
@@ -211,6 +243,37 @@ def _path_uuid(value: str) -> uuid.UUID:
         return protocol.parse_uuid(value, "task_id")
     except InvalidMessage as e:
         raise bad_request(str(e), "invalid_task_id") from None
+
+
+def _query_arg(request: IRequest, name: str) -> str | None:
+    values = request.args.get(name.encode("ascii"))
+    if not values:
+        return None
+    try:
+        return bytes(values[-1]).decode("utf-8")
+    except UnicodeDecodeError:
+        raise bad_request(f"query parameter '{name}' is not valid UTF-8") from None
+
+
+def _query_int(request: IRequest, name: str, default: int, low: int, high: int) -> int:
+    text = _query_arg(request, name)
+    if text is None:
+        return default
+    if not text.isascii() or not text.isdigit() or not low <= int(text) <= high:
+        raise bad_request(f"query parameter '{name}' must be an integer from {low} to {high}")
+    return int(text)
+
+
+def _query_instant(request: IRequest, name: str) -> datetime | None:
+    text = _query_arg(request, name)
+    if text is None:
+        return None
+    try:
+        return parse_instant(text)
+    except ValueError:
+        raise bad_request(
+            f"query parameter '{name}' must be an RFC 3339 timestamp with a time zone"
+        ) from None
 
 
 def _task_json(task: Task) -> dict[str, Any]:

@@ -149,6 +149,25 @@ class MemoryStore:
             results=tuple(execution.results[a] for a in sorted(execution.results)),
         )
 
+    async def list_executions(
+        self, task_id: uuid.UUID, limit: int, before: datetime | None = None
+    ) -> list[Execution]:
+        if task_id not in self._tasks:
+            raise UnknownTask(str(task_id))
+        executions = self._executions[task_id]
+        instants = sorted((at for at in executions if before is None or at < before), reverse=True)[
+            :limit
+        ]
+        return [
+            Execution(
+                task_id=task_id,
+                scheduled_at=at,
+                expected=executions[at].expected,
+                results=tuple(executions[at].results[a] for a in sorted(executions[at].results)),
+            )
+            for at in instants
+        ]
+
     async def undelivered_tasks(self, agent_url: str, limit: int) -> list[Task]:
         pending = [
             task

@@ -83,9 +83,11 @@ WHERE t.task_id = %(task_id)s::uuid
 """
 
 #: One execution's results, by primary key.
-EXECUTION_RESULTS_SQL = """
-SELECT agent_id, status, exit_code, signal, started_at, finished_at,
-       stdout, stdout_bytes, stdout_truncated, stderr, stderr_bytes, stderr_truncated
+_RESULT_COLUMNS = """agent_id, status, exit_code, signal, started_at, finished_at,
+       stdout, stdout_bytes, stdout_truncated, stderr, stderr_bytes, stderr_truncated"""
+
+EXECUTION_RESULTS_SQL = f"""
+SELECT {_RESULT_COLUMNS}
 FROM results
 WHERE task_id = %(task_id)s::uuid AND scheduled_at = %(scheduled_at)s
 ORDER BY agent_id
@@ -652,6 +654,58 @@ class PostgresStore:
                     _result_from_row(task_id, scheduled_at, row) for row in cursor.fetchall()
                 ),
             )
+
+        return await self._run(operation, transaction=False)
+
+    async def list_executions(
+        self, task_id: uuid.UUID, limit: int, before: datetime | None = None
+    ) -> list[Execution]:
+        async def operation(cursor: Cursor) -> list[Execution]:
+            await cursor.execute("SELECT 1 FROM tasks WHERE task_id = %s::uuid", (str(task_id),))
+            if cursor.fetchone() is None:
+                raise UnknownTask(str(task_id))
+            # Both queries walk the primary keys backwards from `before`: the cost is
+            # the page, whatever the length of the history.
+            await cursor.execute(
+                """
+                SELECT scheduled_at, expected FROM executions
+                WHERE task_id = %(task_id)s::uuid
+                  AND (%(before)s::timestamptz IS NULL OR scheduled_at < %(before)s)
+                ORDER BY scheduled_at DESC
+                LIMIT %(limit)s
+                """,
+                {"task_id": str(task_id), "before": before, "limit": limit},
+            )
+            page = cursor.fetchall()
+            if not page:
+                return []
+            await cursor.execute(
+                f"""
+                SELECT scheduled_at, {_RESULT_COLUMNS} FROM results
+                WHERE task_id = %(task_id)s::uuid
+                  AND scheduled_at <= %(newest)s AND scheduled_at >= %(oldest)s
+                ORDER BY scheduled_at, agent_id
+                """,
+                {"task_id": str(task_id), "newest": page[0][0], "oldest": page[-1][0]},
+            )
+            by_instant: dict[datetime, list[Sequence[Any]]] = {}
+            for row in cursor.fetchall():
+                by_instant.setdefault(row[0], []).append(row[1:])
+            executions = []
+            for scheduled_at, expected in page:
+                at = scheduled_at.astimezone(UTC)
+                executions.append(
+                    Execution(
+                        task_id=task_id,
+                        scheduled_at=at,
+                        expected=expected,
+                        results=tuple(
+                            _result_from_row(task_id, at, row)
+                            for row in by_instant.get(scheduled_at, [])
+                        ),
+                    )
+                )
+            return executions
 
         return await self._run(operation, transaction=False)
 

@@ -102,6 +102,15 @@ class Store(Protocol):
         Its cost must not grow with the task's history.
         """
 
+    async def list_executions(
+        self, task_id: uuid.UUID, limit: int, before: datetime | None = None
+    ) -> list[Execution]:
+        """A task's history: up to ``limit`` executions, newest first, complete or not.
+
+        Only executions scheduled strictly before ``before`` when it is given (paging).
+        Raises UnknownTask. Its cost grows with ``limit``, not with the history.
+        """
+
     async def undelivered_tasks(self, agent_url: str, limit: int) -> list[Task]:
         """Tasks assigned to this agent that it has not acknowledged, oldest first."""
 

@@ -1,0 +1,98 @@
+"""The seed's flow on real parts: twistd server and agents, embedded PostgreSQL, HTTP."""
+
+from __future__ import annotations
+
+import collections
+import signal
+import uuid
+from pathlib import Path
+
+import pytest
+
+from tests.integration.daemons import Fleet, http, running_fleet, wait_for
+
+pytestmark = pytest.mark.integration
+
+# Each run appends its scheduled instant to a file in the agent's working directory:
+# the ground truth of what ran, outside the system's control.
+WITNESSED = 'echo hello world; echo "$TASKSCHEDULER_SCHEDULED_AT" >> witness.txt'
+
+
+def latest(fleet: Fleet, task_id: str) -> dict:
+    code, body = fleet.api("GET", f"/api/v1/tasks/{task_id}/latest_output")
+    assert code == 200, body
+    return body
+
+
+def both_agents_said_hello(fleet: Fleet, task_id: str, after: str = "") -> dict | None:
+    body = latest(fleet, task_id)
+    outputs = body["outputs"]
+    if body["completion_time"] is None or body["scheduled_at"] <= after:
+        return None
+    if len(outputs) == 2 and all(o.get("stdout") == "hello world\n" for o in outputs):
+        return body
+    return None
+
+
+def agent_ids(fleet: Fleet) -> list[str]:
+    return [
+        http("GET", f"http://127.0.0.1:{port}/api/v1/health")[1]["agent_id"]
+        for port in fleet.agent_ports
+    ]
+
+
+def test_seed_flow_and_recovery_from_sigkill(tmp_path: Path) -> None:
+    with running_fleet(tmp_path) as fleet:
+        code, body = fleet.api(
+            "POST",
+            "/api/v1/tasks/create",
+            {"command": "echo hello world", "frequency": "every 2 seconds"},
+        )
+        assert code == 201, body
+        hello = body["command_id"]
+        assert uuid.UUID(hello)
+        code, body = fleet.api(
+            "POST", "/api/v1/tasks/create", {"command": WITNESSED, "frequency": "every 2 seconds"}
+        )
+        witnessed = body["command_id"]
+
+        first = wait_for(
+            lambda: both_agents_said_hello(fleet, hello), 30, "both agents' hello world"
+        )
+        ids = agent_ids(fleet)
+        assert sorted(o["agent_id"] for o in first["outputs"]) == sorted(ids)
+        assert all(o["exit_code"] == 0 and o["status"] == "succeeded" for o in first["outputs"])
+        assert all("stderr" not in o for o in first["outputs"])
+
+        # SIGKILL an agent and the server; bring them back; nobody touches the tasks.
+        fleet.agents[0].kill(signal.SIGKILL)
+        fleet.server.kill(signal.SIGKILL)
+        fleet.agents[0].start()
+        fleet.server.start()
+        fleet.wait_until_healthy()
+        wait_for(
+            lambda: both_agents_said_hello(fleet, hello, after=first["scheduled_at"]),
+            40,
+            "both agents to keep running the task after the restarts",
+        )
+        wait_for(
+            lambda: both_agents_said_hello(fleet, witnessed, after=first["scheduled_at"]),
+            40,
+            "the witnessed task to keep running",
+        )
+
+        code, history = fleet.api("GET", f"/api/v1/tasks/{witnessed}/executions?limit=1000")
+        assert code == 200, history
+        stored = collections.Counter(
+            (o["agent_id"], e["scheduled_at"]) for e in history["executions"] for o in e["outputs"]
+        )
+        assert stored, "no results were stored"
+        assert max(stored.values()) == 1, "a result was stored twice"
+        for i, agent_id in enumerate(ids):
+            lines = (tmp_path / f"agent-{i}" / "witness.txt").read_text().split()
+            assert len(lines) == len(set(lines)), f"agent {i} ran an instant twice"
+            ran = set(lines)
+            for e in history["executions"]:
+                for o in e["outputs"]:
+                    if o["agent_id"] == agent_id and o["status"] == "succeeded":
+                        assert e["scheduled_at"] in ran, "a stored result has no witness"
