@@ -124,16 +124,25 @@ class Output:
         return cls(data, len(data), False)
 
 
-def output_to_json(name: str, output: Output) -> dict[str, Any]:
-    """The wire form of one stream: omitted entirely when the process wrote nothing."""
+def output_to_json(name: str, output: Output, *, for_people: bool = True) -> dict[str, Any]:
+    """The JSON form of one stream: omitted entirely when the process wrote nothing.
+
+    Bytes that are not valid UTF-8 travel exactly as ``<name>_base64``. For people (the
+    API's answers) the text with replacement characters comes too; between the daemons
+    it is left out, so a lossy result is not sent twice over (and stays under the
+    server's body limit).
+    """
     if output.size == 0 and not output.data:
         return {}
-    text = output.data.decode("utf-8", errors="replace")
-    body: dict[str, Any] = {name: text, f"{name}_bytes": output.size}
+    body: dict[str, Any] = {f"{name}_bytes": output.size}
     if output.truncated:
         body[f"{name}_truncated"] = True
-    if text.encode("utf-8") != output.data:
+    text = output.data.decode("utf-8", errors="replace")
+    lossy = text.encode("utf-8") != output.data
+    if lossy:
         body[f"{name}_base64"] = base64.b64encode(output.data).decode("ascii")
+    if for_people or not lossy:
+        body[name] = text
     return body
 
 
@@ -242,8 +251,8 @@ def result_to_json(result: RunResult) -> dict[str, Any]:
         "started_at": None if result.started_at is None else format_instant(result.started_at),
         "finished_at": (None if result.finished_at is None else format_instant(result.finished_at)),
     }
-    body.update(output_to_json("stdout", result.stdout))
-    body.update(output_to_json("stderr", result.stderr))
+    body.update(output_to_json("stdout", result.stdout, for_people=False))
+    body.update(output_to_json("stderr", result.stderr, for_people=False))
     return body
 
 

@@ -318,3 +318,18 @@ def test_every_bad_batch_is_refused_naming_the_bad_item(body: object, words: str
     with pytest.raises(InvalidMessage) as caught:
         parse_result_batch(body)
     assert words in str(caught.value)
+
+
+def test_between_daemons_lossy_output_travels_once_as_exact_bytes() -> None:
+    run = RunResult(
+        task_id=uuid.uuid4(),
+        agent_id=AGENT,
+        scheduled_at=RECEIVED,
+        status=ResultStatus.SUCCEEDED,
+        stdout=Output.of(b"\xff" * 1000),
+        stderr=Output.of(b"plain\n"),
+    )
+    body = result_to_json(run)
+    assert "stdout" not in body and len(body["stdout_base64"]) < 1400
+    assert body["stderr"] == "plain\n" and "stderr_base64" not in body
+    assert parse_result(through_json(body)) == run

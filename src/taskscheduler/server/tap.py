@@ -160,8 +160,8 @@ class ServerService(MultiService):
 
     def _failed_to_start(self, failure: Any) -> None:
         self.log.failure("taskscheduler server could not start", failure)
-        if self._reactor.running:
-            self._reactor.stop()
+        # Also when this happens before the reactor runs: stop it as soon as it does.
+        self._reactor.callWhenRunning(self._reactor.stop)
 
     async def _start(self) -> None:
         options = self._options
