@@ -134,15 +134,14 @@ def output_to_json(name: str, output: Output, *, for_people: bool = True) -> dic
     """
     if output.size == 0 and not output.data:
         return {}
-    body: dict[str, Any] = {f"{name}_bytes": output.size}
-    if output.truncated:
-        body[f"{name}_truncated"] = True
     text = output.data.decode("utf-8", errors="replace")
     lossy = text.encode("utf-8") != output.data
+    body: dict[str, Any] = {name: text} if for_people or not lossy else {}
+    body[f"{name}_bytes"] = output.size
+    if output.truncated:
+        body[f"{name}_truncated"] = True
     if lossy:
         body[f"{name}_base64"] = base64.b64encode(output.data).decode("ascii")
-    if for_people or not lossy:
-        body[name] = text
     return body
 
 
