@@ -15,7 +15,15 @@ from datetime import UTC, datetime, timedelta
 
 from taskscheduler.protocol import RunResult, TaskSpec
 from taskscheduler.schedule import execution_index
-from taskscheduler.server.store import Execution, RecordOutcome, Task, UnknownTask
+from taskscheduler.server.store import (
+    AgentConflict,
+    AgentRecord,
+    AuditEvent,
+    Execution,
+    RecordOutcome,
+    Task,
+    UnknownTask,
+)
 
 
 @dataclass
@@ -61,6 +69,22 @@ class MemoryStore:
         self._assignments: dict[uuid.UUID, dict[str, _Assignment]] = {}
         # task_id -> scheduled_at -> execution
         self._executions: dict[uuid.UUID, dict[datetime, _Execution]] = {}
+        self._agents: dict[uuid.UUID, AgentRecord] = {}
+        self._credentials: dict[str, uuid.UUID] = {}
+        self._audit: list[AuditEvent] = []
+
+    def _append_audit(self, event: AuditEvent) -> None:
+        self._audit.append(
+            AuditEvent(
+                at=event.at.astimezone(UTC),
+                actor=event.actor,
+                action=event.action,
+                target=event.target,
+                peer=event.peer,
+                details=dict(event.details),
+                event_id=len(self._audit) + 1,
+            )
+        )
 
     async def start(self) -> None:
         pass
@@ -78,7 +102,9 @@ class MemoryStore:
                 assignments.setdefault(url, _Assignment())
         self._fleet = fleet
 
-    async def create_task(self, spec: TaskSpec, created_at: datetime) -> Task:
+    async def create_task(
+        self, spec: TaskSpec, created_at: datetime, audit: AuditEvent | None = None
+    ) -> Task:
         if spec.task_id in self._tasks:
             raise ValueError(f"task {spec.task_id} already exists")
         stored_spec = TaskSpec(
@@ -92,6 +118,8 @@ class MemoryStore:
         self._tasks[spec.task_id] = task
         self._assignments[spec.task_id] = {url: _Assignment() for url in self._fleet}
         self._executions[spec.task_id] = {}
+        if audit is not None:
+            self._append_audit(audit)
         return task
 
     async def get_task(self, task_id: uuid.UUID) -> Task | None:
@@ -198,3 +226,54 @@ class MemoryStore:
             assignment = self._assignments.get(task_id, {}).get(agent_url)
             if assignment is not None:
                 assignment.delivered = False
+
+    async def assigned_among(self, agent_url: str, task_ids: Sequence[uuid.UUID]) -> set[uuid.UUID]:
+        return {t for t in task_ids if agent_url in self._assignments.get(t, {})}
+
+    async def enrol_agent(
+        self,
+        agent_id: uuid.UUID,
+        url: str,
+        credential_hash: str,
+        enrolled_at: datetime,
+        audit: AuditEvent,
+    ) -> AgentRecord:
+        if agent_id in self._agents:
+            raise AgentConflict("agent_exists", f"agent {agent_id} is already enrolled")
+        if any(a.url == url and not a.revoked for a in self._agents.values()):
+            raise AgentConflict("url_taken", f"a live agent is already enrolled at {url}")
+        if credential_hash in self._credentials:
+            raise AgentConflict("agent_exists", "this credential is already in use")
+        record = AgentRecord(agent_id, url, enrolled_at.astimezone(UTC))
+        self._agents[agent_id] = record
+        self._credentials[credential_hash] = agent_id
+        self._append_audit(audit)
+        return record
+
+    async def agent_by_credential(self, credential_hash: str) -> AgentRecord | None:
+        agent_id = self._credentials.get(credential_hash)
+        return None if agent_id is None else self._agents[agent_id]
+
+    async def agent_for_url(self, url: str) -> AgentRecord | None:
+        for record in self._agents.values():
+            if record.url == url and not record.revoked:
+                return record
+        return None
+
+    async def revoke_agent(
+        self, agent_id: uuid.UUID, revoked_at: datetime, audit: AuditEvent
+    ) -> AgentRecord | None:
+        record = self._agents.get(agent_id)
+        if record is None or record.revoked:
+            return None
+        revoked = AgentRecord(record.agent_id, record.url, record.enrolled_at, revoked_at)
+        self._agents[agent_id] = revoked
+        self._append_audit(audit)
+        return revoked
+
+    async def list_agents(self) -> list[AgentRecord]:
+        return sorted(self._agents.values(), key=lambda a: (a.enrolled_at, a.agent_id))
+
+    async def audit_events(self, limit: int, before: int | None = None) -> list[AuditEvent]:
+        events = [e for e in reversed(self._audit) if before is None or (e.event_id or 0) < before]
+        return events[:limit]

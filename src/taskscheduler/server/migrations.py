@@ -81,4 +81,34 @@ MIGRATIONS: list[str] = [
         FOREIGN KEY (task_id, scheduled_at) REFERENCES executions
     );
     """,
+    # 2: enrolled agents (only the hash of each credential) and the append-only audit log.
+    """
+    CREATE TABLE agents (
+        agent_id uuid PRIMARY KEY,
+        url text NOT NULL,                     -- the base URL the agent advertised
+        credential_hash text NOT NULL UNIQUE,  -- sha256:<hex> of its tsa_ credential
+        enrolled_at timestamptz NOT NULL,
+        revoked_at timestamptz
+    );
+    -- One live agent per URL: assignments (by URL) name exactly one identity.
+    CREATE UNIQUE INDEX agents_live_url ON agents (url) WHERE revoked_at IS NULL;
+
+    CREATE TABLE audit_events (
+        event_id bigserial PRIMARY KEY,
+        at timestamptz NOT NULL,
+        actor text NOT NULL,                   -- 'operator:<name>', 'agent:<id>', 'join:<name>'
+        action text NOT NULL,                  -- 'task.created', 'agent.enrolled', ...
+        target text NOT NULL,
+        peer text NOT NULL,                    -- the client's address
+        details jsonb NOT NULL DEFAULT '{}'
+    );
+    CREATE FUNCTION audit_events_append_only() RETURNS trigger LANGUAGE plpgsql AS $$
+    BEGIN
+        RAISE EXCEPTION 'audit_events is append-only';
+    END
+    $$;
+    CREATE TRIGGER audit_events_append_only
+        BEFORE UPDATE OR DELETE OR TRUNCATE ON audit_events
+        FOR EACH STATEMENT EXECUTE FUNCTION audit_events_append_only();
+    """,
 ]

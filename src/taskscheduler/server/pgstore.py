@@ -38,6 +38,9 @@ from taskscheduler.server.migrations import (
     MIGRATIONS,
 )
 from taskscheduler.server.store import (
+    AgentConflict,
+    AgentRecord,
+    AuditEvent,
     Execution,
     RecordOutcome,
     StoreUnavailable,
@@ -465,7 +468,9 @@ class PostgresStore:
 
         await self._run(operation)
 
-    async def create_task(self, spec: TaskSpec, created_at: datetime) -> Task:
+    async def create_task(
+        self, spec: TaskSpec, created_at: datetime, audit: AuditEvent | None = None
+    ) -> Task:
         task = Task(
             TaskSpec(
                 task_id=spec.task_id,
@@ -498,6 +503,8 @@ class PostgresStore:
                     "created_at": task.created_at,
                 },
             )
+            if audit is not None:
+                await _insert_audit(cursor, audit)
 
         try:
             await self._run(operation)
@@ -767,6 +774,149 @@ class PostgresStore:
             )
 
         await self._run(operation, transaction=False)
+
+    async def assigned_among(self, agent_url: str, task_ids: Sequence[uuid.UUID]) -> set[uuid.UUID]:
+        if not task_ids:
+            return set()
+
+        async def operation(cursor: Cursor) -> set[uuid.UUID]:
+            await cursor.execute(
+                "SELECT task_id FROM task_agents"
+                " WHERE agent_url = %s AND task_id = ANY(%s::uuid[])",
+                (agent_url, sorted({str(t) for t in task_ids})),
+            )
+            return {uuid.UUID(str(row[0])) for row in cursor.fetchall()}
+
+        return await self._run(operation, transaction=False)
+
+    # -- agents and the audit log -------------------------------------------------------
+
+    async def enrol_agent(
+        self,
+        agent_id: uuid.UUID,
+        url: str,
+        credential_hash: str,
+        enrolled_at: datetime,
+        audit: AuditEvent,
+    ) -> AgentRecord:
+        async def operation(cursor: Cursor) -> None:
+            await cursor.execute("SELECT 1 FROM agents WHERE agent_id = %s::uuid", (str(agent_id),))
+            if cursor.fetchone() is not None:
+                raise AgentConflict("agent_exists", f"agent {agent_id} is already enrolled")
+            await cursor.execute(
+                "SELECT 1 FROM agents WHERE url = %s AND revoked_at IS NULL", (url,)
+            )
+            if cursor.fetchone() is not None:
+                raise AgentConflict("url_taken", f"a live agent is already enrolled at {url}")
+            await cursor.execute(
+                """
+                INSERT INTO agents (agent_id, url, credential_hash, enrolled_at)
+                VALUES (%s::uuid, %s, %s, %s)
+                """,
+                (str(agent_id), url, credential_hash, enrolled_at),
+            )
+            await _insert_audit(cursor, audit)
+
+        try:
+            await self._run(operation)
+        except psycopg2.errors.UniqueViolation:
+            # Two enrolments raced: the loser sees the winner's row.
+            raise AgentConflict("agent_exists", "this agent or URL was just enrolled") from None
+        return AgentRecord(agent_id, url, enrolled_at.astimezone(UTC))
+
+    async def agent_by_credential(self, credential_hash: str) -> AgentRecord | None:
+        async def operation(cursor: Cursor) -> AgentRecord | None:
+            await cursor.execute(
+                f"SELECT {_AGENT_COLUMNS} FROM agents WHERE credential_hash = %s",
+                (credential_hash,),
+            )
+            row = cursor.fetchone()
+            return None if row is None else _agent_from_row(row)
+
+        return await self._run(operation, transaction=False)
+
+    async def agent_for_url(self, url: str) -> AgentRecord | None:
+        async def operation(cursor: Cursor) -> AgentRecord | None:
+            await cursor.execute(
+                f"SELECT {_AGENT_COLUMNS} FROM agents WHERE url = %s AND revoked_at IS NULL",
+                (url,),
+            )
+            row = cursor.fetchone()
+            return None if row is None else _agent_from_row(row)
+
+        return await self._run(operation, transaction=False)
+
+    async def revoke_agent(
+        self, agent_id: uuid.UUID, revoked_at: datetime, audit: AuditEvent
+    ) -> AgentRecord | None:
+        async def operation(cursor: Cursor) -> AgentRecord | None:
+            await cursor.execute(
+                f"""
+                UPDATE agents SET revoked_at = %s
+                WHERE agent_id = %s::uuid AND revoked_at IS NULL
+                RETURNING {_AGENT_COLUMNS}
+                """,
+                (revoked_at, str(agent_id)),
+            )
+            row = cursor.fetchone()
+            if row is None:
+                return None
+            await _insert_audit(cursor, audit)
+            return _agent_from_row(row)
+
+        return await self._run(operation)
+
+    async def list_agents(self) -> list[AgentRecord]:
+        async def operation(cursor: Cursor) -> list[AgentRecord]:
+            await cursor.execute(
+                f"SELECT {_AGENT_COLUMNS} FROM agents ORDER BY enrolled_at, agent_id"
+            )
+            return [_agent_from_row(row) for row in cursor.fetchall()]
+
+        return await self._run(operation, transaction=False)
+
+    async def audit_events(self, limit: int, before: int | None = None) -> list[AuditEvent]:
+        async def operation(cursor: Cursor) -> list[AuditEvent]:
+            await cursor.execute(
+                """
+                SELECT event_id, at, actor, action, target, peer, details FROM audit_events
+                WHERE %(before)s::bigint IS NULL OR event_id < %(before)s
+                ORDER BY event_id DESC LIMIT %(limit)s
+                """,
+                {"before": before, "limit": limit},
+            )
+            return [
+                AuditEvent(
+                    at=at.astimezone(UTC),
+                    actor=actor,
+                    action=action,
+                    target=target,
+                    peer=peer,
+                    details=details,
+                    event_id=event_id,
+                )
+                for event_id, at, actor, action, target, peer, details in cursor.fetchall()
+            ]
+
+        return await self._run(operation, transaction=False)
+
+
+_AGENT_COLUMNS = "agent_id, url, enrolled_at, revoked_at"
+
+
+def _agent_from_row(row: Sequence[Any]) -> AgentRecord:
+    agent_id, url, enrolled_at, revoked_at = row
+    return AgentRecord(uuid.UUID(str(agent_id)), url, enrolled_at.astimezone(UTC), _utc(revoked_at))
+
+
+async def _insert_audit(cursor: Cursor, event: AuditEvent) -> None:
+    await cursor.execute(
+        """
+        INSERT INTO audit_events (at, actor, action, target, peer, details)
+        VALUES (%s, %s, %s, %s, %s, %s::jsonb)
+        """,
+        (event.at, event.actor, event.action, event.target, event.peer, json.dumps(event.details)),
+    )
 
 
 def _result_from_row(task_id: uuid.UUID, scheduled_at: datetime, row: Sequence[Any]) -> RunResult:

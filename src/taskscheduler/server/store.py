@@ -14,9 +14,9 @@ from __future__ import annotations
 import enum
 import uuid
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import datetime, timedelta
-from typing import Protocol
+from typing import Any, Protocol
 
 from taskscheduler.protocol import RunResult, TaskSpec
 
@@ -27,6 +27,42 @@ class StoreUnavailable(Exception):
 
 class UnknownTask(LookupError):
     """No task has this id."""
+
+
+class AgentConflict(Exception):
+    """An enrolment the store refuses: ``code`` is ``agent_exists`` or ``url_taken``."""
+
+    def __init__(self, code: str, message: str) -> None:
+        super().__init__(message)
+        self.code = code
+        self.message = message
+
+
+@dataclass(frozen=True)
+class AgentRecord:
+    """An enrolled agent. Its credential is known only by its hash, which is not here."""
+
+    agent_id: uuid.UUID
+    url: str
+    enrolled_at: datetime
+    revoked_at: datetime | None = None
+
+    @property
+    def revoked(self) -> bool:
+        return self.revoked_at is not None
+
+
+@dataclass(frozen=True)
+class AuditEvent:
+    """One line of the append-only audit log: who did what, when, from where."""
+
+    at: datetime
+    actor: str
+    action: str
+    target: str
+    peer: str
+    details: dict[str, Any] = field(default_factory=dict)
+    event_id: int | None = None
 
 
 @dataclass(frozen=True)
@@ -79,8 +115,11 @@ class Store(Protocol):
         longer in the list lose their assignments. Idempotent.
         """
 
-    async def create_task(self, spec: TaskSpec, created_at: datetime) -> Task:
-        """Store a new task, assigned (undelivered) to every agent of the fleet, atomically."""
+    async def create_task(
+        self, spec: TaskSpec, created_at: datetime, audit: AuditEvent | None = None
+    ) -> Task:
+        """Store a new task, assigned (undelivered) to every agent of the fleet, atomically,
+        with ``audit`` written in the same transaction."""
 
     async def get_task(self, task_id: uuid.UUID) -> Task | None: ...
 
@@ -124,3 +163,41 @@ class Store(Protocol):
 
     async def mark_undelivered(self, agent_url: str, task_ids: Sequence[uuid.UUID]) -> None:
         """The agent lost these tasks (it was reset or its data folder wiped): resend them."""
+
+    async def assigned_among(self, agent_url: str, task_ids: Sequence[uuid.UUID]) -> set[uuid.UUID]:
+        """Those of ``task_ids`` that are assigned to the agent at ``agent_url``."""
+
+    # -- agents and the audit log ------------------------------------------------------
+
+    async def enrol_agent(
+        self,
+        agent_id: uuid.UUID,
+        url: str,
+        credential_hash: str,
+        enrolled_at: datetime,
+        audit: AuditEvent,
+    ) -> AgentRecord:
+        """Record a new agent with the hash of its credential, and ``audit``, atomically.
+
+        Raises AgentConflict ``agent_exists`` if ``agent_id`` was ever enrolled (revoked or
+        not: a join secret never takes over an identity), ``url_taken`` if a live agent
+        already holds ``url``.
+        """
+
+    async def agent_by_credential(self, credential_hash: str) -> AgentRecord | None:
+        """The agent (live or revoked) whose credential has this hash."""
+
+    async def agent_for_url(self, url: str) -> AgentRecord | None:
+        """The live agent enrolled at ``url``."""
+
+    async def revoke_agent(
+        self, agent_id: uuid.UUID, revoked_at: datetime, audit: AuditEvent
+    ) -> AgentRecord | None:
+        """Revoke a live agent, writing ``audit`` in the same transaction; None if there is
+        no live agent with this id."""
+
+    async def list_agents(self) -> list[AgentRecord]:
+        """Every agent ever enrolled, oldest first."""
+
+    async def audit_events(self, limit: int, before: int | None = None) -> list[AuditEvent]:
+        """The audit log, newest first: up to ``limit`` events with ids below ``before``."""

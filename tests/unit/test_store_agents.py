@@ -1,0 +1,116 @@
+"""The Store contract for enrolled agents and the audit log, on MemoryStore and PostgreSQL."""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import AsyncIterator
+from datetime import UTC, datetime, timedelta
+
+import psycopg2
+import pytest
+import pytest_twisted
+from twisted.internet import reactor
+
+from taskscheduler.server.memstore import MemoryStore
+from taskscheduler.server.pgstore import PostgresStore
+from taskscheduler.server.store import AgentConflict, AuditEvent, Store
+from tests.unit.test_store_contract import A_ID, A_URL, ANCHOR, B_ID, B_URL, make_spec
+
+HASH_A = "sha256:" + "a" * 64
+HASH_B = "sha256:" + "b" * 64
+HASH_C = "sha256:" + "c" * 64
+
+
+def event(action: str, target: str = "x") -> AuditEvent:
+    return AuditEvent(at=ANCHOR, actor="operator:alice", action=action, target=target, peer="::1")
+
+
+@pytest_twisted.async_yield_fixture(params=["memory", "postgres"])
+async def store(request: pytest.FixtureRequest) -> AsyncIterator[Store]:
+    if request.param == "memory":
+        instance: Store = MemoryStore()
+    else:
+        instance = PostgresStore(request.getfixturevalue("database_dsn"), reactor=reactor)
+    await instance.start()
+    await instance.set_fleet([A_URL, B_URL])
+    yield instance
+    await instance.stop()
+
+
+@pytest_twisted.ensureDeferred
+async def test_an_enrolled_agent_is_found_by_credential_hash_and_url(store: Store) -> None:
+    record = await store.enrol_agent(A_ID, A_URL, HASH_A, ANCHOR, event("agent.enrolled"))
+    assert (record.agent_id, record.url, record.revoked) == (A_ID, A_URL, False)
+    assert await store.agent_by_credential(HASH_A) == record
+    assert await store.agent_by_credential(HASH_B) is None
+    assert await store.agent_for_url(A_URL) == record
+    assert await store.agent_for_url(B_URL) is None
+    assert await store.list_agents() == [record]
+
+
+@pytest_twisted.ensureDeferred
+async def test_an_identity_is_never_enrolled_twice_even_after_revocation(store: Store) -> None:
+    await store.enrol_agent(A_ID, A_URL, HASH_A, ANCHOR, event("agent.enrolled"))
+    with pytest.raises(AgentConflict) as e:
+        await store.enrol_agent(A_ID, A_URL, HASH_B, ANCHOR, event("agent.enrolled"))
+    assert e.value.code == "agent_exists"
+    await store.revoke_agent(A_ID, ANCHOR, event("agent.revoked"))
+    with pytest.raises(AgentConflict):
+        await store.enrol_agent(A_ID, B_URL, HASH_B, ANCHOR, event("agent.enrolled"))
+    # The refused enrolments left nothing behind.
+    assert await store.agent_by_credential(HASH_B) is None
+    assert [e.action for e in await store.audit_events(10)] == ["agent.revoked", "agent.enrolled"]
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_url_has_one_live_agent_until_it_is_revoked(store: Store) -> None:
+    await store.enrol_agent(A_ID, A_URL, HASH_A, ANCHOR, event("agent.enrolled"))
+    with pytest.raises(AgentConflict) as e:
+        await store.enrol_agent(B_ID, A_URL, HASH_B, ANCHOR, event("agent.enrolled"))
+    assert e.value.code == "url_taken"
+    revoked = await store.revoke_agent(A_ID, ANCHOR + timedelta(seconds=1), event("r"))
+    assert revoked is not None and revoked.revoked
+    assert await store.revoke_agent(A_ID, ANCHOR, event("r")) is None, "already revoked"
+    assert await store.revoke_agent(B_ID, ANCHOR, event("r")) is None, "unknown"
+    found = await store.agent_by_credential(HASH_A)
+    assert found is not None and found.revoked, "a revoked credential is still recognised"
+    assert await store.agent_for_url(A_URL) is None
+    record = await store.enrol_agent(B_ID, A_URL, HASH_B, ANCHOR, event("agent.enrolled"))
+    assert await store.agent_for_url(A_URL) == record
+
+
+@pytest_twisted.ensureDeferred
+async def test_task_creation_is_audited_and_the_log_pages_newest_first(store: Store) -> None:
+    specs = [make_spec(f"echo {i}") for i in range(3)]
+    for spec in specs:
+        await store.create_task(spec, ANCHOR, event("task.created", str(spec.task_id)))
+    newest = await store.audit_events(2)
+    assert [e.target for e in newest] == [str(specs[2].task_id), str(specs[1].task_id)]
+    assert newest[0].at == ANCHOR.astimezone(UTC) and newest[0].actor == "operator:alice"
+    assert newest[0].event_id is not None
+    rest = await store.audit_events(10, before=newest[-1].event_id)
+    assert [e.target for e in rest] == [str(specs[0].task_id)]
+
+
+@pytest_twisted.ensureDeferred
+async def test_assigned_among_is_per_agent_url(store: Store) -> None:
+    task = await store.create_task(make_spec(), ANCHOR)
+    other = uuid.uuid4()
+    assert await store.assigned_among(A_URL, [task.task_id, other]) == {task.task_id}
+    assert await store.assigned_among("http://elsewhere:1", [task.task_id]) == set()
+
+
+@pytest_twisted.ensureDeferred
+async def test_the_audit_log_is_append_only_in_postgresql(database_dsn: str) -> None:
+    store = PostgresStore(database_dsn, reactor=reactor)
+    await store.start()
+    await store.create_task(make_spec(), datetime.now(UTC), event("task.created"))
+    await store.stop()
+    conn = psycopg2.connect(database_dsn)
+    try:
+        for statement in ("UPDATE audit_events SET actor = 'x'", "DELETE FROM audit_events"):
+            with conn.cursor() as cursor, pytest.raises(psycopg2.Error, match="append-only"):
+                cursor.execute(statement)
+            conn.rollback()
+    finally:
+        conn.close()
