@@ -1,26 +1,41 @@
-"""What both daemons' HTTP APIs need: JSON errors, JSON bodies, and a body-size limit.
+"""What both daemons' HTTP APIs need: JSON errors, JSON bodies, limits, and access control.
 
 Every error a client sees is ``{"error": {"code": "...", "message": "..."}}`` with the
 right status. Domain errors are mapped to statuses once, in :func:`install_error_handlers`,
 never in each route.
+
+Access control is deny by default: :class:`AuthGate` stands in front of a Klein app, looks
+up which route a request is for, and lets it through only after the check that route's
+:class:`Access` level calls for. A route missing from the table is refused (and the route
+sweep test fails), so a new route is closed until someone classifies it.
 """
 
 from __future__ import annotations
 
+import enum
 import io
 import json
+from collections.abc import Awaitable, Callable, Mapping
 from typing import Any
 
 from klein import Klein
+from twisted.internet.defer import Deferred
+from twisted.internet.interfaces import IDelayedCall
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 from twisted.web import http
 from twisted.web.iweb import IRequest
-from twisted.web.server import Request, Site
+from twisted.web.resource import Resource
+from twisted.web.server import NOT_DONE_YET, Request, Site
 from werkzeug.exceptions import HTTPException, MethodNotAllowed, NotFound
+from werkzeug.routing import Map, RequestRedirect
 
 #: Largest request body accepted by default. A result batch with capped outputs fits.
 DEFAULT_MAX_BODY_BYTES = 16 * 1024 * 1024
+#: Seconds a connection may stay idle before it is closed.
+DEFAULT_IDLE_TIMEOUT = 60.0
+#: Seconds a client has to send a request's line and headers once it has started.
+DEFAULT_HEADER_TIMEOUT = 10.0
 
 _log = Logger(namespace="taskscheduler.web")
 
@@ -28,11 +43,23 @@ _log = Logger(namespace="taskscheduler.web")
 class ApiError(Exception):
     """An error for the client: an HTTP status, a machine-readable code, a message."""
 
-    def __init__(self, status: int, code: str, message: str) -> None:
+    def __init__(
+        self, status: int, code: str, message: str, headers: Mapping[bytes, bytes] | None = None
+    ) -> None:
         super().__init__(message)
         self.status = status
         self.code = code
         self.message = message
+        self.headers = dict(headers or {})
+
+
+def unauthorized(message: str, challenge: bytes) -> ApiError:
+    """401 with the ``WWW-Authenticate`` challenge of the credential the route wants."""
+    return ApiError(http.UNAUTHORIZED, "unauthorized", message, {b"WWW-Authenticate": challenge})
+
+
+def forbidden(message: str, code: str = "forbidden") -> ApiError:
+    return ApiError(http.FORBIDDEN, code, message)
 
 
 def bad_request(message: str, code: str = "invalid_request") -> ApiError:
@@ -84,6 +111,8 @@ def install_error_handlers(app: Klein, log: Logger) -> None:
     def _api_error(self: Any, request: IRequest, failure: Failure) -> bytes:
         error = failure.value
         assert isinstance(error, ApiError)
+        for name, value in error.headers.items():
+            request.setHeader(name, value)
         return json_response(request, _error_json(error.code, error.message), error.status)
 
     @app.handle_errors(NotFound)
@@ -185,13 +214,189 @@ class LimitedRequest(Request):
         transport.loseConnection()
 
 
-def make_site(resource: Any, max_body_bytes: int = DEFAULT_MAX_BODY_BYTES) -> Site:
-    """A Site whose requests are limited to ``max_body_bytes`` and that logs nothing itself.
+class _DeadlineChannel(http.HTTPChannel):
+    """An HTTP channel that gives a client ``header_timeout`` seconds, from the first byte
+    of a request, to finish sending its request line and headers.
 
-    twisted.web's access log would print full URLs; our own logging decides what is safe.
+    The idle timeout alone would not do: every byte received resets it, so a client
+    dribbling one header byte a minute would hold the connection forever. Headers over
+    ``totalHeadersSize`` (16 KiB) are refused by twisted.web itself with 400.
+    """
+
+    header_timeout = DEFAULT_HEADER_TIMEOUT
+    _header_deadline: IDelayedCall | None = None
+
+    def lineReceived(self, line: bytes) -> None:
+        if self._header_deadline is None:
+            self._header_deadline = self.callLater(self.header_timeout, self._headers_too_slow)
+        super().lineReceived(line)
+
+    def allHeadersReceived(self) -> None:
+        self._cancel_header_deadline()
+        super().allHeadersReceived()
+
+    def connectionLost(self, reason: Failure) -> None:  # type: ignore[override]
+        self._cancel_header_deadline()
+        super().connectionLost(reason)
+
+    def _cancel_header_deadline(self) -> None:
+        if self._header_deadline is not None and self._header_deadline.active():
+            self._header_deadline.cancel()
+        self._header_deadline = None
+
+    def _headers_too_slow(self) -> None:
+        self._header_deadline = None
+        transport = self.transport
+        if transport is None:
+            return
+        body = error_body("request_timeout", "the request headers took too long to arrive")
+        transport.write(
+            b"HTTP/1.1 408 Request Timeout\r\nContent-Type: application/json\r\n"
+            b"Connection: close\r\nContent-Length: "
+            + str(len(body)).encode("ascii")
+            + b"\r\n\r\n"
+            + body
+        )
+        transport.abortConnection()  # type: ignore[attr-defined]
+
+
+def make_site(
+    resource: Any,
+    max_body_bytes: int = DEFAULT_MAX_BODY_BYTES,
+    *,
+    idle_timeout: float = DEFAULT_IDLE_TIMEOUT,
+    header_timeout: float = DEFAULT_HEADER_TIMEOUT,
+) -> Site:
+    """A Site with limits, that logs nothing itself.
+
+    Bodies over ``max_body_bytes`` are refused with 413 before they are read; a connection
+    idle for ``idle_timeout`` seconds is closed; a request whose line and headers take
+    longer than ``header_timeout`` seconds is answered 408 and cut off. twisted.web's
+    access log would print full URLs; our own logging decides what is safe.
     """
     request_factory = type("LimitedRequest", (LimitedRequest,), {"max_body_bytes": max_body_bytes})
-    site = Site(resource, requestFactory=request_factory)
+    site = Site(resource, requestFactory=request_factory, timeout=idle_timeout)
+    channel = type("DeadlineChannel", (_DeadlineChannel,), {"header_timeout": header_timeout})
+    site.protocol = lambda: http._GenericHTTPChannelProtocol(channel())  # type: ignore[assignment]
     site.noisy = False
     site.log = lambda request: None  # type: ignore[method-assign]
     return site
+
+
+# -- access control ------------------------------------------------------------------------
+
+
+class Access(enum.StrEnum):
+    """Who may call a route."""
+
+    PUBLIC = "public"  # anyone: health checks only
+    OPERATOR = "operator"  # an operator's API token
+    AGENT = "agent"  # an enrolled agent's credential
+    JOIN = "join"  # a join secret (agent enrolment)
+    SERVER = "server"  # on an agent: an instruction signed by its server
+
+
+#: Checks a request against a route's access level: returns, or raises ApiError.
+Authorize = Callable[[IRequest, Access], Awaitable[None]]
+
+
+def route_endpoint(url_map: Map, request: IRequest) -> str | None:
+    """The Klein endpoint (route function name) a request is for, or None if no route
+    matches (Klein then answers 404 or 405 itself)."""
+    path = request.path.decode("utf-8", "replace")
+    method = request.method.decode("ascii", "replace")
+    try:
+        endpoint, _ = url_map.bind("localhost").match(path, method=method)
+    except (NotFound, MethodNotAllowed, RequestRedirect):
+        return None
+    return str(endpoint)
+
+
+class AuthGate(Resource):
+    """Deny by default in front of a Klein resource.
+
+    ``access`` classifies every route by endpoint name; a request for a route missing
+    from it is refused with 403 and logged. Requests no route matches go through to Klein,
+    which answers 404 or 405 without running anything.
+    """
+
+    isLeaf = True
+    log = Logger()
+
+    def __init__(
+        self, inner: Any, url_map: Map, access: Mapping[str, Access], authorize: Authorize
+    ) -> None:
+        super().__init__()
+        self._inner = inner
+        self._url_map = url_map
+        self._access = dict(access)
+        self._authorize = authorize
+
+    def render(self, request: IRequest) -> Any:
+        endpoint = route_endpoint(self._url_map, request)
+        if endpoint is None:
+            return self._inner.render(request)
+        level = self._access.get(endpoint)
+        if level is None:
+            self.log.error("refused a request for unclassified route {endpoint}", endpoint=endpoint)
+            return _error_now(request, forbidden("this route is not open to anyone"))
+        if level is Access.PUBLIC:
+            return self._inner.render(request)
+        d = Deferred.fromCoroutine(self._check(request, level))
+        d.addErrback(self._unexpected, request)
+        return NOT_DONE_YET
+
+    async def _check(self, request: IRequest, level: Access) -> None:
+        try:
+            await self._authorize(request, level)
+        except ApiError as e:
+            _finish(request, _error_now(request, e))
+            return
+        _finish(request, self._inner.render(request))
+
+    def _unexpected(self, failure: Failure, request: IRequest) -> None:
+        status, code, message = (
+            http.INTERNAL_SERVER_ERROR,
+            "internal_error",
+            "the server hit an unexpected error; see its log",
+        )
+        if type(failure.value).__name__ == "StoreUnavailable":
+            status, code = http.SERVICE_UNAVAILABLE, "database_unavailable"
+            message = "the database is unavailable; nothing was changed, retry later"
+            request.setHeader(b"Retry-After", b"5")
+        else:
+            self.log.failure("unexpected error checking access", failure)
+        _finish(request, _error_now(request, ApiError(status, code, message)))
+
+
+def _error_now(request: IRequest, error: ApiError) -> bytes:
+    for name, value in error.headers.items():
+        request.setHeader(name, value)
+    return json_response(request, _error_json(error.code, error.message), error.status)
+
+
+def _finish(request: IRequest, rendered: Any) -> None:
+    if rendered is NOT_DONE_YET:
+        return
+    if getattr(request, "_disconnected", False):
+        return
+    request.write(rendered)
+    request.finish()
+
+
+def request_body(request: IRequest) -> bytes:
+    """The whole request body, leaving the stream where a later reader expects it."""
+    content = request.content
+    if content is None:
+        return b""
+    content.seek(0)
+    data = content.read()
+    content.seek(0)
+    return bytes(data)
+
+
+def peer_address(request: IRequest) -> str:
+    """The client's address, for the audit log."""
+    peer = request.getClientAddress()
+    host = getattr(peer, "host", None)
+    return str(host) if host is not None else str(peer)

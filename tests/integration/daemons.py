@@ -7,6 +7,7 @@ import json
 import os
 import signal
 import socket
+import ssl
 import subprocess
 import sys
 import time
@@ -15,6 +16,8 @@ import urllib.request
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any, TypeVar
+
+from taskscheduler.auth import JOIN_PREFIX, OPERATOR_PREFIX, hash_token, new_token
 
 TWISTD = str(Path(sys.executable).with_name("twistd"))
 T = TypeVar("T")
@@ -51,15 +54,18 @@ def http(
     body: Any = None,
     headers: dict[str, str] | None = None,
     timeout: float = 10,
+    context: ssl.SSLContext | None = None,
 ) -> tuple[int, Any]:
-    """One HTTP request; returns (status, decoded JSON body) for errors as well."""
+    """One HTTP request; returns (status, decoded JSON body) for errors as well.
+
+    ``context`` verifies an https:// server (e.g. against a test CA)."""
     data = None if body is None else json.dumps(body).encode()
     request = urllib.request.Request(url, data=data, method=method)
     request.add_header("Content-Type", "application/json")
     for name, value in (headers or {}).items():
         request.add_header(name, value)
     try:
-        with urllib.request.urlopen(request, timeout=timeout) as response:
+        with urllib.request.urlopen(request, timeout=timeout, context=context) as response:
             return response.status, json.loads(response.read() or b"null")
     except urllib.error.HTTPError as e:
         return e.code, json.loads(e.read() or b"null")
@@ -121,33 +127,59 @@ class Daemon:
 
 
 class Fleet:
-    """A server (on the embedded PostgreSQL unless a DSN is given) and some agents."""
+    """A server (on the embedded PostgreSQL unless a DSN is given) and some agents.
 
-    def __init__(self, root: Path, agents: int = 2, database: str | None = None) -> None:
+    Secure as in production: the server has an operator token (``operator_token``, sent
+    by :meth:`api`) and a join secret (``join_secret``) the agents enrol with. With
+    ``tls=True`` both daemons listen on ``ssl:`` endpoints with certificates from a test
+    CA (``pki``), and every client verifies them (``ssl_context`` for the tests' own).
+    """
+
+    def __init__(
+        self, root: Path, agents: int = 2, database: str | None = None, *, tls: bool = False
+    ) -> None:
         self.root = root
+        self.tls = tls
+        self.operator_token = new_token(OPERATOR_PREFIX)
+        self.join_secret = new_token(JOIN_PREFIX)
+        self.ssl_context: ssl.SSLContext | None = None
+        scheme = "https" if tls else "http"
+        tls_server: list[str] = []
+        tls_agent: list[str] = []
+        if tls:
+            from tests.tlsfixtures import make_pki
+
+            self.pki = make_pki(root / "pki")
+            self.ssl_context = ssl.create_default_context(cafile=str(self.pki.ca))
+            tls_server = ["--agent-ca", str(self.pki.ca)]
+            tls_agent = ["--server-ca", str(self.pki.ca)]
         self.server_port = free_port()
-        self.server_url = f"http://127.0.0.1:{self.server_port}"
+        self.server_url = f"{scheme}://127.0.0.1:{self.server_port}"
         self.agent_ports = [free_port() for _ in range(agents)]
+        self.agent_urls = [f"{scheme}://127.0.0.1:{p}" for p in self.agent_ports]
         self.agents = [
             Daemon(
                 f"agent-{i}",
                 [
                     "taskscheduler-agent",
                     "--listen",
-                    f"tcp:{port}:interface=127.0.0.1",
+                    self._listen(port),
                     "--server",
                     self.server_url,
                     "--data-dir",
                     str(root / f"agent-{i}" / "data"),
+                    *tls_agent,
                 ],
                 root / f"agent-{i}",
-                {},
+                {"TASKSCHEDULER_JOIN_SECRET": self.join_secret},
             )
             for i, port in enumerate(self.agent_ports)
         ]
         server_env = {
-            "AVAILABLE_SERVERS": ",".join(f"http://127.0.0.1:{p}" for p in self.agent_ports),
+            "AVAILABLE_SERVERS": ",".join(self.agent_urls),
             "TASKSCHEDULER_REPORT_GRACE": "5",
+            "TASKSCHEDULER_TOKENS": f"tests {hash_token(self.operator_token)}",
+            "TASKSCHEDULER_JOIN_SECRETS": f"fleet {hash_token(self.join_secret)}",
         }
         if database:
             server_env["TASKSCHEDULER_DATABASE"] = database
@@ -156,12 +188,21 @@ class Fleet:
             [
                 "taskscheduler-server",
                 "--listen",
-                f"tcp:{self.server_port}:interface=127.0.0.1",
+                self._listen(self.server_port),
                 "--data-dir",
                 str(root / "server" / "data"),
+                *tls_server,
             ],
             root / "server",
             server_env,
+        )
+
+    def _listen(self, port: int) -> str:
+        if not self.tls:
+            return f"tcp:{port}:interface=127.0.0.1"
+        return (
+            f"ssl:{port}:privateKey={self.pki.server.key}:certKey={self.pki.server.cert}"
+            ":interface=127.0.0.1"
         )
 
     def start(self) -> None:
@@ -171,20 +212,38 @@ class Fleet:
         self.wait_until_healthy()
 
     def wait_until_healthy(self, timeout: float = 90) -> None:
+        """Wait until the server and every agent answer, and every agent has enrolled."""
+
         def healthy() -> bool:
             self.server.assert_running()
             for agent in self.agents:
                 agent.assert_running()
-            agents_up = all(
-                http("GET", f"http://127.0.0.1:{p}/api/v1/health", timeout=2)[0] == 200
-                for p in self.agent_ports
-            )
+            answers = [
+                http("GET", f"{url}/api/v1/health", timeout=2, context=self.ssl_context)
+                for url in self.agent_urls
+            ]
+            agents_up = all(code == 200 and body.get("enrolled") for code, body in answers)
             return agents_up and self.api("GET", "/api/v1/health")[0] == 200
 
-        wait_for(healthy, timeout, "the server and agents to answer /api/v1/health")
+        wait_for(healthy, timeout, "the server and agents to answer /api/v1/health, enrolled")
 
     def api(self, method: str, path: str, body: Any = None) -> tuple[int, Any]:
-        return http(method, self.server_url + path, body, timeout=5)
+        """A request to the server's API with the operator's token."""
+        return http(
+            method,
+            self.server_url + path,
+            body,
+            headers={"Authorization": f"Bearer {self.operator_token}"},
+            timeout=5,
+            context=self.ssl_context,
+        )
+
+    def agent_health(self, index: int) -> dict[str, Any]:
+        code, body = http(
+            "GET", f"{self.agent_urls[index]}/api/v1/health", timeout=5, context=self.ssl_context
+        )
+        assert code == 200, body
+        return dict(body)
 
     def stop(self) -> None:
         for daemon in [self.server, *self.agents]:
@@ -195,8 +254,10 @@ class Fleet:
 
 
 @contextlib.contextmanager
-def running_fleet(root: Path, agents: int = 2, database: str | None = None) -> Iterator[Fleet]:
-    fleet = Fleet(root, agents, database)
+def running_fleet(
+    root: Path, agents: int = 2, database: str | None = None, *, tls: bool = False
+) -> Iterator[Fleet]:
+    fleet = Fleet(root, agents, database, tls=tls)
     try:
         fleet.start()
         yield fleet

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import uuid
 from collections.abc import Callable, Mapping
@@ -10,12 +11,21 @@ from datetime import datetime, timedelta
 from pathlib import Path
 from typing import Any
 
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from klein import Klein
 from treq.testing import StubTreq
 from twisted.internet.defer import Deferred, succeed
 from twisted.internet.task import Clock
 
+from taskscheduler.agent.identity import (
+    CorruptIdentity,
+    load_credential,
+    load_or_create_agent_id,
+    save_credential,
+    save_server_key,
+)
 from taskscheduler.agent.service import AgentConfig, AgentService
+from taskscheduler.auth import AGENT_PREFIX, new_token
 from taskscheduler.protocol import (
     InvalidMessage,
     Output,
@@ -26,11 +36,22 @@ from taskscheduler.protocol import (
     parse_result_batch,
 )
 from taskscheduler.schedule import parse_frequency, utc_now_from
+from taskscheduler.signing import InstructionSigner
 
 #: A round number of seconds since the epoch: every instant of the tests is exact.
 ANCHOR_SECONDS = 1_795_000_000
 ANCHOR = utc_now_from(ANCHOR_SECONDS)
 SERVER = "http://server.test:8080"
+#: The server's signing key in agent tests; the fake agents are enrolled with it.
+SERVER_KEY = Ed25519PrivateKey.generate()
+
+
+def provision(data_dir: Path) -> None:
+    """Make ``data_dir`` look enrolled: a credential and the pinned server key."""
+    load_or_create_agent_id(data_dir)
+    if load_credential(data_dir) is None:
+        save_credential(data_dir, new_token(AGENT_PREFIX))
+        save_server_key(data_dir, SERVER_KEY.public_key())
 
 
 def spec(
@@ -276,7 +297,13 @@ class Agent:
         spool_max_bytes: int = 2**30,
         endpoint: Any = None,
         run_in_thread: Any = None,
+        enrolled: bool = True,
     ) -> None:
+        if enrolled:
+            # A test of a broken data folder: the service will say what is wrong.
+            with contextlib.suppress(CorruptIdentity):
+                provision(data_dir)
+        self.signer = InstructionSigner(SERVER_KEY, clock)
         self.clock = clock
         self.server = server
         self.runner = FakeRunner(clock)
@@ -297,6 +324,14 @@ class Agent:
 
     def _on_fatal(self) -> None:
         self.fatal += 1
+
+    def signed(self, method: str, path: str, body: bytes = b"") -> dict[str, str]:
+        """Headers of an instruction from the server to this agent."""
+        agent_id = load_or_create_agent_id(self.service.config.data_dir)
+        return {
+            "Content-Type": "application/json",
+            "Authorization": self.signer.authorization(method, path, agent_id, body),
+        }
 
     def settle(self, seconds: float = 0) -> None:
         """Advance the clock, then let every request and answer go through."""

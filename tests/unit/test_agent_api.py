@@ -31,9 +31,13 @@ def agent(tmp_path: Path) -> Agent:
 async def call(
     agent: Agent, method: str, path: str, body: Any = None, headers: dict[str, str] | None = None
 ) -> tuple[int, Any]:
+    """A request signed by the agent's server, as the server sends them."""
     data = body if isinstance(body, bytes) or body is None else json.dumps(body).encode()
     api: Any = agent.api
-    response = await api.request(method, URL + path, data=data, headers=headers or JSON)
+    signed = agent.signed(method, path, data or b"")
+    response = await api.request(
+        method, URL + path, data=data, headers={**signed, **(headers or {})}
+    )
     return response.code, json.loads(await api.content(response))
 
 
@@ -129,6 +133,7 @@ async def test_health_reports_counts(agent: Agent) -> None:
         "agent_id": agent_id(agent),
         "tasks": 1,
         "running": 1,
+        "enrolled": True,
         "spooled": 0,
         "spooled_bytes": 0,
         "dropped": 0,

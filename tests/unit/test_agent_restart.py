@@ -34,8 +34,11 @@ def clock_at(seconds_after_anchor: float) -> Clock:
 
 async def schedule(agent: Agent, body: dict[str, Any]) -> None:
     api: Any = agent.api
+    data = json.dumps(body).encode()
     response = await api.post(
-        "http://agent.test/api/v1/tasks/schedule", data=json.dumps(body).encode(), headers=JSON
+        "http://agent.test/api/v1/tasks/schedule",
+        data=data,
+        headers=agent.signed("POST", "/api/v1/tasks/schedule", data),
     )
     assert response.code == 200, await api.content(response)
 

@@ -13,11 +13,13 @@ from treq.testing import StubTreq
 from twisted.internet.task import Clock
 from twisted.internet.testing import StringTransport
 
+from taskscheduler.auth import AGENT_PREFIX, OPERATOR_PREFIX, TokenFile, hash_token, new_token
 from taskscheduler.protocol import Output, ResultStatus, RunResult, result_to_json
 from taskscheduler.schedule import format_instant, instant, parse_instant, utc_now_from
+from taskscheduler.server.access import ServerAccess
 from taskscheduler.server.api import ServerAPI
 from taskscheduler.server.memstore import MemoryStore
-from taskscheduler.server.store import StoreUnavailable
+from taskscheduler.server.store import AuditEvent, StoreUnavailable
 from taskscheduler.web import make_site
 
 AGENTS = ["http://agent-a:8081", "http://agent-b:8081"]
@@ -25,21 +27,41 @@ AGENT_A = uuid.UUID("aaaaaaaa-0000-4000-8000-000000000001")
 AGENT_B = uuid.UUID("bbbbbbbb-0000-4000-8000-000000000002")
 JSON = {"Content-Type": "application/json"}
 START = 1_795_000_000.0
+OPERATOR = new_token(OPERATOR_PREFIX)
+CREDENTIALS = {AGENT_A: new_token(AGENT_PREFIX), AGENT_B: new_token(AGENT_PREFIX)}
+AGENT_ROUTE_SUFFIXES = ("/complete", "/results")
+
+
+def operator_tokens() -> TokenFile:
+    return TokenFile.from_env_value(f"alice {hash_token(OPERATOR)}")
+
+
+async def enrol_test_agents(store: MemoryStore) -> None:
+    for (agent_id, credential), url in zip(CREDENTIALS.items(), AGENTS, strict=True):
+        event = AuditEvent(utc_now_from(START), "join:test", "agent.enrolled", str(agent_id), "")
+        await store.enrol_agent(agent_id, url, hash_token(credential), utc_now_from(START), event)
 
 
 class Harness:
-    def __init__(self) -> None:
+    def __init__(self, store: MemoryStore | None = None) -> None:
         self.clock = Clock()
         self.clock.advance(START)
-        self.store = MemoryStore()
+        self.store = MemoryStore() if store is None else store
         self.created: list[Any] = []
+        self.access = ServerAccess(self.store, self.clock, operator_tokens(), None)
         self.api = ServerAPI(
             self.store,
             self.clock,
+            self.access,
             on_task_created=self.created.append,
             report_grace=timedelta(seconds=30),
         )
         self.http = StubTreq(self.api.resource())
+
+    def headers_for(self, path: str, agent: uuid.UUID = AGENT_A) -> dict[str, str]:
+        """Operator routes get the operator's token; the agents' routes agent A's."""
+        token = CREDENTIALS[agent] if path.endswith(AGENT_ROUTE_SUFFIXES) else OPERATOR
+        return {**JSON, "Authorization": f"Bearer {token}"}
 
     async def request(
         self,
@@ -51,7 +73,10 @@ class Harness:
     ) -> tuple[int, Any]:
         data = raw if raw is not None else (None if body is None else json.dumps(body).encode())
         response = await self.http.request(
-            method, "http://server" + path, data=data, headers=JSON if headers is None else headers
+            method,
+            "http://server" + path,
+            data=data,
+            headers=self.headers_for(path) if headers is None else headers,
         )
         content = await response.content()
         assert response.headers.getRawHeaders("Content-Type") == ["application/json"]
@@ -90,8 +115,9 @@ class Harness:
         )
 
     async def report(self, result: RunResult) -> tuple[int, Any]:
+        path = f"/api/v1/tasks/{result.task_id}/complete"
         return await self.request(
-            "POST", f"/api/v1/tasks/{result.task_id}/complete", result_to_json(result)
+            "POST", path, result_to_json(result), headers=self.headers_for(path, result.agent_id)
         )
 
 
@@ -100,6 +126,7 @@ async def harness() -> Harness:
     h = Harness()
     await h.store.start()
     await h.store.set_fleet(AGENTS)
+    await enrol_test_agents(h.store)
     return h
 
 
@@ -170,14 +197,20 @@ async def test_malformed_bodies_and_wrong_content_types(harness: Harness) -> Non
         "POST",
         "/api/v1/tasks/create",
         raw=b"command=ls",
-        headers={"Content-Type": "application/x-www-form-urlencoded"},
+        headers={
+            **harness.headers_for("/api/v1/tasks/create"),
+            "Content-Type": "application/x-www-form-urlencoded",
+        },
     )
     assert (code, error["error"]["code"]) == (415, "unsupported_media_type")
     code, _ = await harness.request(
         "POST",
         "/api/v1/tasks/create",
         {"command": "ls", "frequency": "every 5 seconds"},
-        headers={"Content-Type": "application/json; charset=utf-8"},
+        headers={
+            **harness.headers_for("/api/v1/tasks/create"),
+            "Content-Type": "application/json; charset=utf-8",
+        },
     )
     assert code == 201
 
@@ -280,7 +313,8 @@ async def test_complete_rejects_unknown_tasks_misaligned_instants_and_bad_bodies
     task_id = await harness.create()
     other = str(uuid.uuid4())
     code, error = await harness.report(harness.result(other, AGENT_A, 1))
-    assert (code, error["error"]["code"]) == (404, "unknown_task")
+    # Not assigned to this agent (it exists nowhere): no oracle of which task ids exist.
+    assert (code, error["error"]["code"]) == (403, "not_assigned")
     body = result_to_json(harness.result(task_id, AGENT_A, 1))
     body["scheduled_at"] = format_instant(
         parse_instant(body["scheduled_at"]) + timedelta(seconds=1)
@@ -299,9 +333,10 @@ async def test_a_batch_reports_one_outcome_per_result(harness: Harness) -> None:
     task_id = await harness.create()
     stored = harness.result(task_id, AGENT_A, 1, b"x")
     await harness.report(stored)
+    await harness.report(harness.result(task_id, AGENT_B, 1, b"y"))
     batch = [
         stored,
-        harness.result(task_id, AGENT_B, 1, b"y"),
+        harness.result(task_id, AGENT_A, 2, b"y"),
         harness.result(task_id, AGENT_A, 1, b"changed"),
         harness.result(str(uuid.uuid4()), AGENT_A, 1),
     ]
@@ -313,7 +348,7 @@ async def test_a_batch_reports_one_outcome_per_result(harness: Harness) -> None:
         "duplicate",
         "stored",
         "conflict",
-        "unknown_task",
+        "forbidden",
     ]
     code, _ = await harness.request("POST", "/api/v1/results", {"results": []})
     assert code == 400
@@ -329,13 +364,11 @@ class UnavailableStore(MemoryStore):
 
 @pytest_twisted.ensureDeferred
 async def test_a_database_outage_is_a_503_not_a_crash() -> None:
-    clock = Clock()
-    api = ServerAPI(UnavailableStore(), clock)
-    http = StubTreq(api.resource())
-    response = await http.post(
+    harness = Harness(UnavailableStore())
+    response = await harness.http.post(
         "http://server/api/v1/tasks/create",
         data=json.dumps({"command": "ls", "frequency": "every 5 seconds"}).encode(),
-        headers=JSON,
+        headers=harness.headers_for("/api/v1/tasks/create"),
     )
     body = json.loads(await response.content())
     assert response.code == 503

@@ -3,7 +3,10 @@
 - ``POST /api/v1/tasks/schedule``: run a task here (idempotent; the same ``task_id`` with
   a different spec replaces it). The task is on disk before the answer.
 - ``GET /api/v1/agent/tasks``: the ids of every task the agent runs (for reconciliation).
-- ``GET /api/v1/health``: liveness and a few counters.
+- ``GET /api/v1/health``: liveness and a few counters (public; nothing secret).
+
+Every route but the health check accepts only instructions signed by the agent's server
+for this agent (:mod:`taskscheduler.signing`); anything else is 401.
 """
 
 from __future__ import annotations
@@ -25,7 +28,17 @@ from taskscheduler.agent.scheduler import Scheduler
 from taskscheduler.agent.taskstore import TaskStore
 from taskscheduler.protocol import InvalidMessage
 from taskscheduler.schedule import utc_now_from
-from taskscheduler.web import bad_request, install_error_handlers, json_response, read_json
+from taskscheduler.signing import SCHEME, BadSignature, InstructionVerifier
+from taskscheduler.web import (
+    Access,
+    AuthGate,
+    bad_request,
+    install_error_handlers,
+    json_response,
+    read_json,
+    request_body,
+    unauthorized,
+)
 
 #: Largest request body the agent accepts: a task spec is at most a 64 KiB command.
 MAX_BODY_BYTES = 1024 * 1024
@@ -41,6 +54,13 @@ class AgentAPI:
     app = Klein()
     log = Logger()
 
+    #: Who may call each route (by endpoint name). A route missing here is refused.
+    ACCESS: dict[str, Access] = {
+        "schedule": Access.SERVER,
+        "task_ids": Access.SERVER,
+        "health": Access.PUBLIC,
+    }
+
     def __init__(
         self,
         agent_id: uuid.UUID,
@@ -48,15 +68,35 @@ class AgentAPI:
         task_store: TaskStore,
         clock: IReactorTime,
         counters: Callable[[], dict[str, int]] = dict,
+        verifier: InstructionVerifier | None = None,
     ) -> None:
         self._agent_id = agent_id
         self._scheduler = scheduler
         self._task_store = task_store
         self._clock = clock
         self._counters = counters
+        # Without a verifier nothing is accepted: no key, no instruction.
+        self.verifier = verifier or InstructionVerifier(agent_id, clock)
 
     def resource(self) -> Any:
-        return self.app.resource()
+        return AuthGate(self.app.resource(), self.app.url_map, self.ACCESS, self._authorize)
+
+    async def _authorize(self, request: IRequest, level: Access) -> None:
+        values = request.requestHeaders.getRawHeaders(b"authorization") or []
+        try:
+            self.verifier.verify(
+                request.method.decode("ascii"),
+                request.uri.decode("utf-8", "replace"),
+                values[0] if len(values) == 1 else None,
+                request_body(request),
+            )
+        except BadSignature as e:
+            self.log.warn(
+                "refused an instruction from {peer}: {reason}",
+                peer=str(request.getClientAddress()),
+                reason=str(e),
+            )
+            raise unauthorized(str(e), f'{SCHEME} realm="taskscheduler-agent"'.encode()) from None
 
     @app.route("/api/v1/tasks/schedule", methods=["POST"])
     def schedule(self, request: IRequest) -> bytes:
@@ -104,6 +144,8 @@ class AgentAPI:
             "agent_id": str(self._agent_id),
             "tasks": len(self._scheduler.tasks),
             "running": self._scheduler.running,
+            # Whether the agent holds its server's key (has enrolled): no secret in it.
+            "enrolled": self.verifier.public_key is not None,
         }
         body.update(self._counters())
         return json_response(request, body)

@@ -1,6 +1,8 @@
 """The agent's identity: a UUID created once in ``<data-dir>/agent_id`` and kept forever.
 
 It is ``server_id`` in the results the agent reports and ``agent_id`` in its answers.
+Enrolment adds the credential the server issued (``<data-dir>/credential``, 0600) and the
+server's public key the agent pins (``<data-dir>/server_key.pub``).
 """
 
 from __future__ import annotations
@@ -8,7 +10,11 @@ from __future__ import annotations
 import uuid
 from pathlib import Path
 
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
+
 from taskscheduler.agent.durable import atomic_create, ensure_directory
+from taskscheduler.auth import AGENT_PREFIX, parse_bearer
+from taskscheduler.signing import KeyFileError, public_key_text, read_public_key, write_private_file
 
 FILE_NAME = "agent_id"
 
@@ -32,3 +38,48 @@ def load_or_create_agent_id(data_dir: Path) -> uuid.UUID:
         return uuid.UUID(text)
     except ValueError:
         raise CorruptIdentity(f"{path} does not hold a UUID: {text[:64]!r}") from None
+
+
+# -- what enrolment gave the agent ------------------------------------------------------------
+
+CREDENTIAL_FILE = "credential"
+SERVER_KEY_FILE = "server_key.pub"
+
+
+class CorruptCredential(Exception):
+    """The credential or pinned server key in the data folder is unusable."""
+
+
+def load_credential(data_dir: Path) -> str | None:
+    """The agent's credential (``tsa_...``), or None before it has enrolled."""
+    path = data_dir / CREDENTIAL_FILE
+    if not path.exists():
+        return None
+    if path.stat().st_mode & 0o077:
+        raise CorruptCredential(f"{path} is readable by others; chmod 600 it")
+    text = path.read_text(encoding="ascii", errors="replace").strip()
+    if not text.startswith(AGENT_PREFIX) or parse_bearer(f"Bearer {text}") != text:
+        raise CorruptCredential(f"{path} does not hold an agent credential")
+    return text
+
+
+def save_credential(data_dir: Path, credential: str) -> None:
+    """Store the credential 0600, atomically: a crash leaves the old state or the new."""
+    write_private_file(data_dir / CREDENTIAL_FILE, (credential + "\n").encode("ascii"))
+
+
+def load_server_key(data_dir: Path) -> Ed25519PublicKey | None:
+    """The server's public key pinned at enrolment, or None."""
+    path = data_dir / SERVER_KEY_FILE
+    if not path.exists():
+        return None
+    try:
+        return read_public_key(path)
+    except KeyFileError as e:
+        raise CorruptCredential(str(e)) from None
+
+
+def save_server_key(data_dir: Path, key: Ed25519PublicKey) -> None:
+    write_private_file(
+        data_dir / SERVER_KEY_FILE, (public_key_text(key) + "\n").encode("ascii"), mode=0o644
+    )

@@ -6,9 +6,13 @@ server one request and one multi-row insert per hundred results. A new result wa
 reporter at once.
 
 - acknowledged (``stored`` / ``duplicate``): the result leaves the spool;
-- refused for good (400, 404, 409 for one; ``conflict``, ``unknown_task``, ``misaligned``,
-  ``invalid`` in a batch): it leaves the spool, is logged and counted; a whole batch
-  refused with 400 is sent again one by one to isolate the bad result;
+- refused for good (400, 403, 404, 409 for one; ``conflict``, ``unknown_task``,
+  ``misaligned``, ``invalid``, ``forbidden`` in a batch): it leaves the spool, is logged
+  and counted; a whole batch refused with 400 or 403 is sent again one by one to isolate
+  the bad result;
+- 401 (the credential is unknown or was revoked) is like a server down: the results stay
+  spooled and are sent again with back-off, so nothing is lost while an operator sorts
+  the agent's enrolment out;
 - anything else (5xx, no connection, timeout): everything stays and is sent again after
   an exponential back-off with jitter, so that a thousand agents coming back at once do
   not flood the server.
@@ -35,13 +39,11 @@ BATCH_BYTES = 8 * 1024 * 1024
 REQUEST_TIMEOUT = 30.0
 
 _ACKNOWLEDGED = frozenset({"stored", "duplicate"})
-_REFUSED = frozenset({"conflict", "unknown_task", "misaligned", "invalid"})
+_REFUSED = frozenset({"conflict", "unknown_task", "misaligned", "invalid", "forbidden"})
 #: Answers to a single result that no amount of retrying will change.
-_REFUSED_CODES = frozenset({400, 404, 409, 413, 422})
+_REFUSED_CODES = frozenset({400, 403, 404, 409, 413, 422})
 #: Answers to a batch that call for sending its results one by one.
-_SEND_SINGLY_CODES = frozenset({400, 404, 405, 413})
-
-_JSON = {b"Content-Type": [b"application/json"]}
+_SEND_SINGLY_CODES = frozenset({400, 403, 404, 405, 413})
 
 
 class _RetryLater(Exception):
@@ -56,10 +58,11 @@ class Reporter:
     def __init__(
         self,
         spool: Spool,
-        http: Any,  # the treq module, or a treq.testing.StubTreq in tests
+        http: Any,  # a DaemonHTTP, or a treq.testing.StubTreq in tests
         clock: IReactorTime,
         server_url: str,
         *,
+        credential: str | None = None,
         batch_size: int = BATCH_SIZE,
         batch_bytes: int = BATCH_BYTES,
         retry_base: float = 1.0,
@@ -77,6 +80,8 @@ class Reporter:
         self._retry_cap = retry_cap
         self._timeout = timeout
         self._jitter = jitter
+        #: The agent's credential, sent as a bearer token (None before enrolment).
+        self.credential = credential
         self._failures = 0
         self._pending: IDelayedCall | None = None
         self._sending: Deferred[None] | None = None
@@ -153,10 +158,13 @@ class Reporter:
     async def _post(self, path: str, body: bytes) -> tuple[int, Any]:
         """POST ``body``; the status and decoded JSON answer (None if not JSON)."""
         try:
+            headers = {b"Content-Type": [b"application/json"]}
+            if self.credential is not None:
+                headers[b"Authorization"] = [f"Bearer {self.credential}".encode("ascii")]
             response = await self._http.post(
                 self._url + path,
                 data=body,
-                headers=_JSON,
+                headers=headers,
                 timeout=self._timeout,
                 reactor=self._clock,
             )

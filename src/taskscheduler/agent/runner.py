@@ -319,6 +319,7 @@ class ProcessRunner:
         pipe_grace: float = 1.0,
         kill_group: Callable[[int, int], None] = os.killpg,
         setsid: str = SETSID,
+        run_as: tuple[int, int] | None = None,
     ) -> None:
         if output_cap < 0:
             raise ValueError("output_cap must not be negative")
@@ -331,6 +332,8 @@ class ProcessRunner:
         self.pipe_grace = pipe_grace
         self.kill_group = kill_group
         self.setsid = setsid
+        #: (uid, gid) to run commands as (--run-as), or None for the agent's own user.
+        self.run_as = run_as
         self._runs: dict[_Run, None] = {}  # in start order
 
     @property
@@ -350,13 +353,16 @@ class ProcessRunner:
         run = _Run(self, command, time_limit)
         self._runs[run] = None
         try:
-            # No path=, uid= or gid=: any of them turns posix_spawn into a slow fork.
+            # No path=, uid= or gid= on the common path: any of them turns posix_spawn into
+            # a slow fork. A run-as user is the operator's explicit choice, and costs that.
+            ids = {} if self.run_as is None else {"uid": self.run_as[0], "gid": self.run_as[1]}
             self.reactor.spawnProcess(
                 run,
                 self.setsid,
                 [self.setsid, SHELL, "-c", command],
                 env=env,
                 childFDs={0: "w", 1: "r", 2: "r"},
+                **ids,
             )
         except Exception as e:
             self._runs.pop(run, None)

@@ -5,6 +5,11 @@ its tasks (which resume with no one acting), the results it had not reported yet
 again) and the markers of runs it died during (reported as ``lost``). Shutdown stops
 the loops, lets the runs under way finish (terminating them after a grace), spools
 their results, then stops.
+
+An agent that has no credential yet enrols first (:mod:`taskscheduler.agent.enrolment`),
+while it already listens and runs its stored tasks: results wait in the spool until it
+has a credential to report them with, and instructions are refused until it has pinned
+its server's key.
 """
 
 from __future__ import annotations
@@ -15,6 +20,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 from twisted.application.service import Service
 from twisted.internet.defer import Deferred
 from twisted.internet.error import CannotListenError
@@ -24,14 +30,28 @@ from twisted.python.failure import Failure
 
 from taskscheduler.agent.api import MAX_BODY_BYTES, AgentAPI
 from taskscheduler.agent.durable import BatchWriter, FolderInUse, FolderLock, RunInThread
-from taskscheduler.agent.identity import CorruptIdentity, load_or_create_agent_id
+from taskscheduler.agent.enrolment import Enrolled, Enroller
+from taskscheduler.agent.identity import (
+    CorruptCredential,
+    CorruptIdentity,
+    load_credential,
+    load_or_create_agent_id,
+    load_server_key,
+)
 from taskscheduler.agent.reporter import Reporter
 from taskscheduler.agent.scheduler import RunnerLike, Scheduler
 from taskscheduler.agent.spool import DEFAULT_SPOOL_MAX_BYTES, RunMarker, RunMarkers, Spool
 from taskscheduler.agent.taskstore import TaskStore
 from taskscheduler.protocol import ResultStatus, RunResult, TaskSpec
 from taskscheduler.schedule import format_instant
-from taskscheduler.web import make_site
+from taskscheduler.signing import (
+    InstructionVerifier,
+    KeyFileError,
+    key_fingerprint,
+    public_key_text,
+    read_public_key,
+)
+from taskscheduler.web import DEFAULT_IDLE_TIMEOUT, make_site
 
 #: Seconds the runs under way may go on at shutdown before they are terminated.
 DEFAULT_SHUTDOWN_GRACE = 30.0
@@ -43,6 +63,18 @@ class AgentConfig:
     server_url: str
     spool_max_bytes: int = DEFAULT_SPOOL_MAX_BYTES
     shutdown_grace: float = DEFAULT_SHUTDOWN_GRACE
+    #: The base URL the server reaches this agent at (its AVAILABLE_SERVERS entry).
+    advertise_url: str = "http://127.0.0.1:8081"
+    #: The join secret itself, or the file that holds it; needed only to enrol.
+    join_secret: str | None = None
+    join_secret_file: Path | None = None
+    #: The server's public key, when the operator pins it rather than trusting enrolment.
+    server_public_key_file: Path | None = None
+    idle_timeout: float = DEFAULT_IDLE_TIMEOUT
+
+
+class NotEnrolled(Exception):
+    """No credential in the data folder, and no join secret to enrol with."""
 
 
 class AgentService(Service):
@@ -55,19 +87,30 @@ class AgentService(Service):
         config: AgentConfig,
         clock: IReactorTime,
         runner_factory: Callable[[], RunnerLike],
-        http: Any,  # the treq module, or a treq.testing.StubTreq in tests
+        http: Any,  # a DaemonHTTP, a treq.testing.StubTreq in tests, or None with http_factory
         endpoint: IStreamServerEndpoint | None = None,
         on_fatal: Callable[[], None] = lambda: None,
         jitter: Callable[[], float] = random.random,
         run_in_thread: RunInThread | None = None,
+        *,
+        http_factory: Callable[[], Any] | None = None,
+        endpoint_factory: Callable[[], IStreamServerEndpoint] | None = None,
     ) -> None:
-        """``run_in_thread`` runs the spool's fsyncs; None runs them on the reactor thread."""
+        """``run_in_thread`` runs the spool's fsyncs; None runs them on the reactor thread.
+
+        ``http_factory`` and ``endpoint_factory`` build the client and the listening
+        endpoint at start-up (they read certificate files), when ``http`` and
+        ``endpoint`` are not given.
+        """
         self.config = config
         self._run_in_thread = run_in_thread
         self._clock = clock
         self._runner_factory = runner_factory
         self._http = http
+        self._http_factory = http_factory
         self._endpoint = endpoint
+        self._endpoint_factory = endpoint_factory
+        self._enroller: Enroller | None = None
         self._on_fatal = on_fatal
         self._jitter = jitter
         self._port: IListeningPort | None = None
@@ -89,7 +132,18 @@ class AgentService(Service):
 
     def _fatal(self, failure: Failure) -> None:
         self._listening = None
-        if failure.check(FolderInUse, CorruptIdentity, CannotListenError):
+        if (
+            failure.check(
+                FolderInUse,
+                CorruptIdentity,
+                CorruptCredential,
+                CannotListenError,
+                NotEnrolled,
+                KeyFileError,
+                OSError,
+            )
+            or type(failure.value).__name__ == "TLSConfigError"
+        ):
             # Operator errors: the message says it all, a traceback would bury it.
             self.log.error(
                 "taskscheduler agent could not start: {error}", error=failure.getErrorMessage()
@@ -102,6 +156,28 @@ class AgentService(Service):
         data_dir = self.config.data_dir
         self._lock.acquire()
         agent_id = load_or_create_agent_id(data_dir)
+        credential = load_credential(data_dir)
+        pinned = self._pinned_key()
+        server_key = load_server_key(data_dir)
+        if pinned is not None:
+            if server_key is not None and public_key_text(server_key) != public_key_text(pinned):
+                self.log.warn(
+                    "the server key given by --server-public-key-file replaces the one "
+                    "pinned at enrolment"
+                )
+            server_key = pinned
+        join_secret = None
+        if credential is None or server_key is None:
+            join_secret = self._join_secret()
+            if join_secret is None:
+                raise NotEnrolled(
+                    f"{data_dir} holds no credential yet and no join secret is given: pass "
+                    "--join-secret-file or set TASKSCHEDULER_JOIN_SECRET to enrol"
+                )
+        if self._http is None and self._http_factory is not None:
+            self._http = self._http_factory()
+        if self._endpoint is None and self._endpoint_factory is not None:
+            self._endpoint = self._endpoint_factory()
         writer = (
             None if self._run_in_thread is None else BatchWriter(self._clock, self._run_in_thread)
         )
@@ -130,7 +206,12 @@ class AgentService(Service):
         specs = task_store.load()
 
         reporter = Reporter(
-            spool, self._http, self._clock, self.config.server_url, jitter=self._jitter
+            spool,
+            self._http,
+            self._clock,
+            self.config.server_url,
+            jitter=self._jitter,
+            credential=credential if server_key is not None else None,
         )
         spool.on_ready = reporter.wake
         scheduler = Scheduler(self._clock, self._runner_factory(), spool, markers, agent_id)
@@ -143,15 +224,29 @@ class AgentService(Service):
                 "rejected": reporter.rejected,
             }
 
-        self.api = AgentAPI(agent_id, scheduler, task_store, self._clock, counters)
+        verifier = InstructionVerifier(agent_id, self._clock, server_key)
+        self.api = AgentAPI(agent_id, scheduler, task_store, self._clock, counters, verifier)
         self.scheduler, self.reporter, self.spool = scheduler, reporter, spool
         self._specs = specs
+        if join_secret is not None:
+            self._enroller = Enroller(
+                self._http,
+                self._clock,
+                self.config.server_url,
+                data_dir,
+                agent_id,
+                self.config.advertise_url,
+                join_secret,
+                self._enrolled,
+                pinned_key=pinned,
+                jitter=self._jitter,
+            )
         if self._endpoint is None:
             self._run()
             return
         # Listen before running anything: an agent that cannot serve stops at once,
         # having started no run.
-        site = make_site(self.api.resource(), MAX_BODY_BYTES)
+        site = make_site(self.api.resource(), MAX_BODY_BYTES, idle_timeout=self.config.idle_timeout)
         self._listening = self._endpoint.listen(site)
         self._listening.addCallbacks(self._listened, self._fatal)
 
@@ -167,7 +262,10 @@ class AgentService(Service):
         assert self.spool is not None
         for spec in self._specs:
             self.scheduler.schedule(spec)
-        self.reporter.start()
+        if self._enroller is not None:
+            self._enroller.start()
+        else:
+            self.reporter.start()
         self.log.info(
             "taskscheduler agent {agent_id} resumed {tasks} tasks; {spooled} results to report",
             agent_id=str(self.scheduler.agent_id),
@@ -176,7 +274,35 @@ class AgentService(Service):
         )
         self._specs = []
 
+    def _pinned_key(self) -> Ed25519PublicKey | None:
+        path = self.config.server_public_key_file
+        if path is None:
+            return None
+        return read_public_key(path)
+
+    def _join_secret(self) -> str | None:
+        if self.config.join_secret:
+            return self.config.join_secret.strip()
+        path = self.config.join_secret_file
+        if path is None:
+            return None
+        secret = path.read_text(encoding="ascii", errors="replace").strip()
+        return secret or None
+
+    def _enrolled(self, enrolled: Enrolled) -> None:
+        assert self.api is not None and self.reporter is not None
+        self.api.verifier.public_key = enrolled.server_key
+        self.reporter.credential = enrolled.credential
+        self._enroller = None
+        self.log.info(
+            "instructions are now checked against server key {key}",
+            key=key_fingerprint(enrolled.server_key),
+        )
+        self.reporter.start()
+
     async def _stop(self) -> None:
+        if self._enroller is not None:
+            self._enroller.stop()
         if self._listening is not None:
             self._listening.cancel()
         if self._port is not None:
@@ -189,6 +315,9 @@ class AgentService(Service):
             await self.scheduler.drain(self.config.shutdown_grace)
         if self.reporter is not None:
             self.reporter.stop()
+        close = getattr(self._http, "close", None)
+        if close is not None and self._http_factory is not None:
+            await close()
         self._lock.release()
         super().stopService()
 

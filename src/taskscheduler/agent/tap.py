@@ -14,10 +14,8 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-import treq
 from twisted.application.service import IService
 from twisted.internet import reactor as global_reactor
-from twisted.internet.endpoints import serverFromString
 from twisted.internet.error import ReactorNotRunning
 from twisted.internet.threads import deferToThreadPool
 from twisted.python import usage
@@ -25,6 +23,10 @@ from twisted.python import usage
 from taskscheduler.agent.scheduler import RunnerLike
 from taskscheduler.agent.service import DEFAULT_SHUTDOWN_GRACE, AgentConfig, AgentService
 from taskscheduler.agent.spool import DEFAULT_SPOOL_MAX_BYTES
+from taskscheduler.auth import EndpointSyntaxError, split_endpoint
+from taskscheduler.httpclient import DaemonHTTP
+from taskscheduler.tls import server_endpoint
+from taskscheduler.web import DEFAULT_IDLE_TIMEOUT
 
 DEFAULT_OUTPUT_CAP = 1024 * 1024
 DEFAULT_KILL_GRACE = 5.0
@@ -38,6 +40,15 @@ _SETTINGS = [
     ("kill-grace", "TASKSCHEDULER_AGENT_KILL_GRACE", str(DEFAULT_KILL_GRACE)),
     ("shutdown-grace", "TASKSCHEDULER_AGENT_SHUTDOWN_GRACE", str(DEFAULT_SHUTDOWN_GRACE)),
     ("spool-max-bytes", "TASKSCHEDULER_AGENT_SPOOL_MAX_BYTES", str(DEFAULT_SPOOL_MAX_BYTES)),
+    ("advertise-url", "TASKSCHEDULER_AGENT_ADVERTISE_URL", None),
+    ("join-secret-file", "TASKSCHEDULER_JOIN_SECRET_FILE", None),
+    ("server-public-key-file", "TASKSCHEDULER_SERVER_PUBLIC_KEY_FILE", None),
+    ("tls-client-ca", "TASKSCHEDULER_AGENT_TLS_CLIENT_CA", None),
+    ("server-ca", "TASKSCHEDULER_SERVER_CA", None),
+    ("client-cert", "TASKSCHEDULER_AGENT_CLIENT_CERT", None),
+    ("client-key", "TASKSCHEDULER_AGENT_CLIENT_KEY", None),
+    ("idle-timeout", "TASKSCHEDULER_AGENT_IDLE_TIMEOUT", str(DEFAULT_IDLE_TIMEOUT)),
+    ("run-as", "TASKSCHEDULER_AGENT_RUN_AS", None),
 ]
 
 #: The whole environment of every run, besides TASKSCHEDULER_TASK_ID and
@@ -103,6 +114,71 @@ class Options(usage.Options):
             "Most bytes of unreported results kept; past it new results are dropped and "
             f"counted [TASKSCHEDULER_AGENT_SPOOL_MAX_BYTES] (default: {DEFAULT_SPOOL_MAX_BYTES}).",
         ],
+        [
+            "advertise-url",
+            None,
+            None,
+            "The base URL the server reaches this agent at: its AVAILABLE_SERVERS entry "
+            "[TASKSCHEDULER_AGENT_ADVERTISE_URL] (default: from --listen, on 127.0.0.1).",
+        ],
+        [
+            "join-secret-file",
+            None,
+            None,
+            "File holding the join secret (tsj_...) used once, to enrol "
+            "[TASKSCHEDULER_JOIN_SECRET_FILE]; or the secret itself in "
+            "TASKSCHEDULER_JOIN_SECRET.",
+        ],
+        [
+            "server-public-key-file",
+            None,
+            None,
+            "Pin this server public key (the server's <data-dir>/signing_key.pem.pub) "
+            "instead of the one enrolment returns [TASKSCHEDULER_SERVER_PUBLIC_KEY_FILE].",
+        ],
+        [
+            "tls-client-ca",
+            None,
+            None,
+            "With an ssl: --listen, require callers to present a certificate signed by a CA "
+            "in this PEM file (mutual TLS) [TASKSCHEDULER_AGENT_TLS_CLIENT_CA].",
+        ],
+        [
+            "server-ca",
+            None,
+            None,
+            "CA certificates (PEM) an https:// --server must chain to "
+            "[TASKSCHEDULER_SERVER_CA] (default: the system's trust store).",
+        ],
+        [
+            "client-cert",
+            None,
+            None,
+            "Certificate (PEM) presented to a server that requires mutual TLS "
+            "[TASKSCHEDULER_AGENT_CLIENT_CERT].",
+        ],
+        [
+            "client-key",
+            None,
+            None,
+            "Private key of --client-cert, if not in the same file "
+            "[TASKSCHEDULER_AGENT_CLIENT_KEY].",
+        ],
+        [
+            "idle-timeout",
+            None,
+            None,
+            "Seconds an idle client connection is kept open "
+            f"[TASKSCHEDULER_AGENT_IDLE_TIMEOUT] (default: {DEFAULT_IDLE_TIMEOUT:g}).",
+        ],
+        [
+            "run-as",
+            None,
+            None,
+            "Run every command as this unprivileged user (the agent must start as root); "
+            "this makes each start a fork, several times slower "
+            "[TASKSCHEDULER_AGENT_RUN_AS] (default: the agent's own user).",
+        ],
     ]
 
     def __init__(self, environ: Mapping[str, str] | None = None) -> None:
@@ -123,6 +199,17 @@ class Options(usage.Options):
         self["spool-max-bytes"] = _number(
             self["spool-max-bytes"], "spool-max-bytes", int, minimum=1
         )
+        self["idle-timeout"] = _number(self["idle-timeout"], "idle-timeout", float, minimum=1)
+        self["join-secret"] = self._environ.get("TASKSCHEDULER_JOIN_SECRET") or None
+        if self["advertise-url"] is None:
+            self["advertise-url"] = advertise_url_from(self["listen"])
+        url = self["advertise-url"].rstrip("/")
+        if not url.startswith(("http://", "https://")):
+            raise usage.UsageError(
+                f"--advertise-url {url!r} must be a base URL like http://host:8081"
+            )
+        self["advertise-url"] = url
+        self["run-as-ids"] = None if self["run-as"] is None else _user_ids(self["run-as"])
 
 
 def _number(text: str, name: str, kind: type[int] | type[float], minimum: float) -> Any:
@@ -135,26 +222,69 @@ def _number(text: str, name: str, kind: type[int] | type[float], minimum: float)
     return value
 
 
-def base_environment() -> dict[str, str]:
-    """The small, explicit environment every run starts from."""
+def advertise_url_from(listen: str) -> str:
+    """``http(s)://127.0.0.1:<port>`` for a tcp: or ssl: listening endpoint (or its interface
+    when it names one)."""
     try:
-        home = pwd.getpwuid(os.getuid()).pw_dir
+        args, kwargs = split_endpoint(listen)
+    except EndpointSyntaxError:
+        args, kwargs = [], {}
+    kind = args[0].strip().lower() if args else ""
+    port = kwargs.get("port") or (args[1] if len(args) > 1 else "")
+    if kind not in ("tcp", "ssl") or not port.isdigit():
+        raise usage.UsageError(
+            f"cannot tell the agent's URL from --listen {listen!r}: give --advertise-url"
+        )
+    interface = kwargs.get("interface", "")
+    host = "127.0.0.1"
+    if interface and interface not in ("0.0.0.0", "::"):
+        host = f"[{interface}]" if ":" in interface else interface
+    scheme = "https" if kind == "ssl" else "http"
+    return f"{scheme}://{host}:{port}"
+
+
+def _user_ids(name: str) -> tuple[int, int, str]:
+    try:
+        entry = pwd.getpwnam(name)
     except KeyError:
-        home = "/"
+        raise usage.UsageError(f"--run-as: no user named {name!r}") from None
+    if entry.pw_uid == 0:
+        raise usage.UsageError("--run-as must name an unprivileged user, not root")
+    return entry.pw_uid, entry.pw_gid, entry.pw_dir
+
+
+def base_environment(home: str | None = None) -> dict[str, str]:
+    """The small, explicit environment every run starts from."""
+    if home is None:
+        try:
+            home = pwd.getpwuid(os.getuid()).pw_dir
+        except KeyError:
+            home = "/"
     return {"PATH": BASE_PATH, "LANG": "C.UTF-8", "HOME": home}
 
 
 def makeService(options: Options) -> IService:
     reactor: Any = global_reactor
 
+    run_as = options["run-as-ids"]
+
     def runner_factory() -> RunnerLike:
         from taskscheduler.agent.runner import ProcessRunner
 
+        if run_as is None:
+            return ProcessRunner(
+                reactor,
+                base_environment(),
+                output_cap=options["output-cap"],
+                kill_grace=options["kill-grace"],
+            )
+        uid, gid, home = run_as
         return ProcessRunner(
             reactor,
-            base_environment(),
+            base_environment(home),
             output_cap=options["output-cap"],
             kill_grace=options["kill-grace"],
+            run_as=(uid, gid),
         )
 
     def stop_reactor() -> None:
@@ -171,16 +301,30 @@ def makeService(options: Options) -> IService:
             server_url=options["server"],
             spool_max_bytes=options["spool-max-bytes"],
             shutdown_grace=options["shutdown-grace"],
+            advertise_url=options["advertise-url"],
+            join_secret=options["join-secret"],
+            join_secret_file=_path(options["join-secret-file"]),
+            server_public_key_file=_path(options["server-public-key-file"]),
+            idle_timeout=options["idle-timeout"],
         ),
         reactor,
         runner_factory,
-        treq,
-        endpoint=serverFromString(reactor, options["listen"]),
+        None,
         on_fatal=stop_reactor,
         run_in_thread=lambda function: deferToThreadPool(
             reactor, reactor.getThreadPool(), function
         ),
+        http_factory=lambda: DaemonHTTP(
+            reactor, options["server-ca"], options["client-cert"], options["client-key"]
+        ),
+        endpoint_factory=lambda: server_endpoint(
+            reactor, options["listen"], options["tls-client-ca"]
+        ),
     )
+
+
+def _path(value: str | None) -> Path | None:
+    return None if value is None else Path(value)
 
 
 __all__: Sequence[str] = ["Options", "makeService"]

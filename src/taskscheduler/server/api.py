@@ -1,7 +1,11 @@
 """The server's REST API (Klein): the seed's endpoints plus what the protocol needs.
 
 Routes only translate between HTTP and the domain; errors map to statuses in one place
-(:meth:`ServerAPI._map_domain_errors` and :func:`taskscheduler.web.install_error_handlers`).
+(the ``handle_errors`` below and :func:`taskscheduler.web.install_error_handlers`).
+
+Access is decided before a route runs, by :class:`taskscheduler.web.AuthGate` with
+:data:`ServerAPI.ACCESS` (every route must be listed there, or it is refused) and
+:class:`taskscheduler.server.access.ServerAccess`.
 """
 
 from __future__ import annotations
@@ -19,9 +23,14 @@ from twisted.web import http
 from twisted.web.iweb import IRequest
 
 from taskscheduler import protocol
+from taskscheduler.auth import AGENT_PREFIX, hash_token, new_token
 from taskscheduler.protocol import InvalidMessage, RunResult, TaskSpec
 from taskscheduler.schedule import format_instant, parse_instant, utc_now_from
+from taskscheduler.server.access import Principal, ServerAccess, principal_of
 from taskscheduler.server.store import (
+    AgentConflict,
+    AgentRecord,
+    AuditEvent,
     Execution,
     RecordOutcome,
     Store,
@@ -30,10 +39,14 @@ from taskscheduler.server.store import (
     UnknownTask,
 )
 from taskscheduler.web import (
+    Access,
     ApiError,
+    AuthGate,
     bad_request,
+    forbidden,
     install_error_handlers,
     json_response,
+    peer_address,
     read_json,
 )
 
@@ -48,23 +61,57 @@ class ServerAPI:
     app = Klein()
     log = Logger()
 
+    #: Who may call each route (by endpoint name). A route missing here is refused.
+    ACCESS: dict[str, Access] = {
+        "create_task": Access.OPERATOR,
+        "get_task": Access.OPERATOR,
+        "latest_output": Access.OPERATOR,
+        "executions": Access.OPERATOR,
+        "list_agents": Access.OPERATOR,
+        "revoke_agent": Access.OPERATOR,
+        "audit": Access.OPERATOR,
+        "complete": Access.AGENT,
+        "complete_batch": Access.AGENT,
+        "enrol": Access.JOIN,
+        "health": Access.PUBLIC,
+    }
+
     def __init__(
         self,
         store: Store,
         clock: IReactorTime,
+        access: ServerAccess,
         on_task_created: Callable[[Task], None] = lambda task: None,
         report_grace: timedelta = DEFAULT_REPORT_GRACE,
+        *,
+        server_public_key: str = "",
+        on_agent_enrolled: Callable[[AgentRecord], None] = lambda agent: None,
     ) -> None:
         self._store = store
         self._clock = clock
+        self._access = access
         self._on_task_created = on_task_created
         self._report_grace = report_grace
+        self._server_public_key = server_public_key
+        self._on_agent_enrolled = on_agent_enrolled
 
     def resource(self) -> Any:
-        return self.app.resource()
+        return AuthGate(self.app.resource(), self.app.url_map, self.ACCESS, self._access.authorize)
 
     def _now(self) -> datetime:
         return utc_now_from(self._clock.seconds())
+
+    def _audit(
+        self, request: IRequest, principal: Principal, action: str, target: str, **details: Any
+    ) -> AuditEvent:
+        return AuditEvent(
+            at=self._now(),
+            actor=principal.actor,
+            action=action,
+            target=target,
+            peer=peer_address(request),
+            details=details,
+        )
 
     # -- operators ---------------------------------------------------------------------
 
@@ -95,9 +142,19 @@ class ServerAPI:
             anchor=now,
             time_limit=time_limit,
         )
-        task = await self._store.create_task(spec, created_at=now)
+        principal = principal_of(request)
+        audit = self._audit(
+            request,
+            principal,
+            "task.created",
+            str(spec.task_id),
+            frequency=str(frequency),
+            time_limit_seconds=time_limit.total_seconds(),
+        )
+        task = await self._store.create_task(spec, created_at=now, audit=audit)
         self.log.info(
-            "created task {task_id} ({frequency})",
+            "{actor} created task {task_id} ({frequency})",
+            actor=principal.actor,
             task_id=str(task.task_id),
             frequency=str(frequency),
         )
@@ -160,6 +217,10 @@ class ServerAPI:
             result = protocol.parse_result(read_json(request), parsed_id)
         except InvalidMessage as e:
             raise bad_request(str(e)) from None
+        agent = self._reporting_agent(request, [result])
+        if not await self._store.assigned_among(agent.url, [result.task_id]):
+            self._log_not_assigned(agent, [result.task_id])
+            raise forbidden("this task is not assigned to this agent", "not_assigned")
         [outcome] = await self._store.record_results([result], self._now())
         self._log_outcome(result, outcome)
         if outcome is RecordOutcome.CONFLICT:
@@ -183,11 +244,157 @@ class ServerAPI:
             results = protocol.parse_result_batch(read_json(request))
         except InvalidMessage as e:
             raise bad_request(str(e)) from None
-        outcomes = await self._store.record_results(results, self._now())
-        for result, outcome in zip(results, outcomes, strict=True):
+        agent = self._reporting_agent(request, results)
+        assigned = await self._store.assigned_among(agent.url, [r.task_id for r in results])
+        mine = [r for r in results if r.task_id in assigned]
+        if len(mine) < len(results):
+            self._log_not_assigned(agent, [r.task_id for r in results if r.task_id not in assigned])
+        recorded = iter(await self._store.record_results(mine, self._now()) if mine else [])
+        statuses = []
+        for result in results:
+            if result.task_id not in assigned:
+                statuses.append({"status": "forbidden"})
+                continue
+            outcome = next(recorded)
             self._log_outcome(result, outcome)
+            statuses.append({"status": outcome.value})
+        return json_response(request, {"results": statuses})
+
+    def _reporting_agent(self, request: IRequest, results: list[RunResult]) -> AgentRecord:
+        """The agent whose credential the request carries; it may report only as itself."""
+        agent = principal_of(request).agent
+        assert agent is not None
+        others = {r.agent_id for r in results} - {agent.agent_id}
+        if others:
+            self.log.warn(
+                "agent {agent_id} ({peer}) tried to report results as {others}: refused",
+                agent_id=str(agent.agent_id),
+                peer=peer_address(request),
+                others=", ".join(sorted(str(o) for o in others)),
+            )
+            raise forbidden(
+                "'server_id' must be the id of the agent whose credential is used",
+                "impersonation",
+            )
+        return agent
+
+    def _log_not_assigned(self, agent: AgentRecord, task_ids: list[uuid.UUID]) -> None:
+        self.log.warn(
+            "agent {agent_id} reported results of {count} task(s) not assigned to it "
+            "(first: {task_id}): refused",
+            agent_id=str(agent.agent_id),
+            count=len(task_ids),
+            task_id=str(task_ids[0]),
+        )
+
+    # -- enrolment and the fleet's identities ------------------------------------------
+
+    @app.route("/api/v1/agents/enrol", methods=["POST"])
+    async def enrol(self, request: IRequest) -> bytes:
+        """An agent with a join secret enrols: ``{"agent_id", "url"}`` -> its credential."""
+        body = read_json(request)
+        if not isinstance(body, dict):
+            raise bad_request("the request body must be a JSON object")
+        try:
+            agent_id = protocol.parse_uuid(body.get("agent_id"), "agent_id")
+        except InvalidMessage as e:
+            raise bad_request(str(e)) from None
+        url = body.get("url")
+        if (
+            not isinstance(url, str)
+            or not url.startswith(("http://", "https://"))
+            or len(url) > 2000
+            or any(c.isspace() for c in url)
+        ):
+            raise bad_request("'url' must be the agent's base URL, like http://host:8081")
+        url = url.rstrip("/")
+        principal = principal_of(request)
+        credential = new_token(AGENT_PREFIX)
+        audit = self._audit(request, principal, "agent.enrolled", str(agent_id), url=url)
+        try:
+            record = await self._store.enrol_agent(
+                agent_id, url, hash_token(credential), self._now(), audit
+            )
+        except AgentConflict as e:
+            self.log.warn(
+                "refused to enrol agent {agent_id} at {url} ({peer}): {error}",
+                agent_id=str(agent_id),
+                url=url,
+                peer=peer_address(request),
+                error=e.message,
+            )
+            raise ApiError(http.CONFLICT, e.code, _CONFLICT_MESSAGES[e.code]) from None
+        self.log.info(
+            "enrolled agent {agent_id} at {url} with join secret {name}",
+            agent_id=str(agent_id),
+            url=url,
+            name=principal.name,
+        )
+        self._on_agent_enrolled(record)
         return json_response(
-            request, {"results": [{"status": outcome.value} for outcome in outcomes]}
+            request,
+            {
+                "agent_id": str(agent_id),
+                "credential": credential,
+                "server_public_key": self._server_public_key,
+            },
+            http.CREATED,
+        )
+
+    @app.route("/api/v1/agents", methods=["GET"])
+    async def list_agents(self, request: IRequest) -> bytes:
+        agents = await self._store.list_agents()
+        return json_response(request, {"agents": [_agent_json(a) for a in agents]})
+
+    @app.route("/api/v1/agents/<agent_id>", methods=["DELETE"])
+    async def revoke_agent(self, request: IRequest, agent_id: str) -> bytes:
+        """Revoke an agent's credential: its next request is refused."""
+        try:
+            parsed = protocol.parse_uuid(agent_id, "agent_id")
+        except InvalidMessage as e:
+            raise bad_request(str(e), "invalid_agent_id") from None
+        principal = principal_of(request)
+        audit = self._audit(request, principal, "agent.revoked", str(parsed))
+        record = await self._store.revoke_agent(parsed, self._now(), audit)
+        self._access.forget_agents()
+        if record is None:
+            raise ApiError(http.NOT_FOUND, "unknown_agent", "no live agent has this id")
+        self.log.info(
+            "{actor} revoked agent {agent_id} at {url}",
+            actor=principal.actor,
+            agent_id=str(parsed),
+            url=record.url,
+        )
+        return json_response(request, _agent_json(record))
+
+    @app.route("/api/v1/audit", methods=["GET"])
+    async def audit(self, request: IRequest) -> bytes:
+        """The audit log, newest first: ``?limit=N`` (1-1000) ``&before=<event id>``."""
+        limit = _query_int(request, "limit", default=100, low=1, high=1000)
+        before_text = _query_arg(request, "before")
+        before = None
+        if before_text is not None:
+            if not before_text.isascii() or not before_text.isdigit() or len(before_text) > 18:
+                raise bad_request("query parameter 'before' must be an event id")
+            before = int(before_text)
+        events = await self._store.audit_events(limit, before)
+        return json_response(
+            request,
+            {
+                "events": [
+                    {
+                        "id": e.event_id,
+                        "at": format_instant(e.at),
+                        "actor": e.actor,
+                        "action": e.action,
+                        "target": e.target,
+                        "peer": e.peer,
+                        "details": e.details,
+                    }
+                    for e in events
+                ],
+                "next_before": events[-1].event_id if len(events) == limit else None,
+            },
         )
 
     def _log_outcome(self, result: RunResult, outcome: RecordOutcome) -> None:
@@ -236,6 +443,21 @@ class ServerAPI:
         )
 
     install_error_handlers(app, log)
+
+
+_CONFLICT_MESSAGES = {
+    "agent_exists": "this agent id is already enrolled; a join secret cannot enrol it again",
+    "url_taken": "another live agent is enrolled at this URL; an operator must revoke it first",
+}
+
+
+def _agent_json(agent: AgentRecord) -> dict[str, Any]:
+    return {
+        "agent_id": str(agent.agent_id),
+        "url": agent.url,
+        "enrolled_at": format_instant(agent.enrolled_at),
+        "revoked_at": None if agent.revoked_at is None else format_instant(agent.revoked_at),
+    }
 
 
 def _path_uuid(value: str) -> uuid.UUID:

@@ -10,14 +10,20 @@ nothing here needs to survive a restart. For each agent an :class:`AgentLink`:
   a task the agent should have but does not (its data folder was wiped, say) is marked
   undelivered and sent again. An agent that was down when a task was created gets it on
   the first pass after it comes back.
+
+Every request is signed (:mod:`taskscheduler.signing`) for the agent enrolled at the
+link's URL, the only identity that accepts it; until an agent has enrolled there, the
+link has nobody to send to and backs off.
 """
 
 from __future__ import annotations
 
+import json
 import random
 import uuid
 from collections.abc import Callable, Sequence
 from typing import Any
+from urllib.parse import urlsplit
 
 from twisted.application.service import Service
 from twisted.internet.defer import Deferred, DeferredList, DeferredSemaphore
@@ -28,6 +34,7 @@ from twisted.python.failure import Failure
 
 from taskscheduler import protocol
 from taskscheduler.server.store import Store, Task
+from taskscheduler.signing import InstructionSigner
 
 #: Seconds to wait for an agent's answer.
 REQUEST_TIMEOUT = 10.0
@@ -42,9 +49,10 @@ class AgentLink:
         self,
         url: str,
         store: Store,
-        http: Any,  # the treq module, or a treq.testing.StubTreq in tests
+        http: Any,  # a DaemonHTTP, or a treq.testing.StubTreq in tests
         clock: IReactorTime,
         *,
+        signer: InstructionSigner | None = None,
         reconcile_interval: float = 30.0,
         retry_base: float = 1.0,
         retry_cap: float = 60.0,
@@ -56,6 +64,7 @@ class AgentLink:
         self._store = store
         self._http = http
         self._clock = clock
+        self._signer = signer
         self._reconcile_interval = reconcile_interval
         self._retry_base = retry_base
         self._retry_cap = retry_cap
@@ -97,6 +106,37 @@ class AgentLink:
             self._pending.cancel()
         self._pending = self._clock.callLater(0, self._deliver_safely)
 
+    def retry_now(self) -> None:
+        """Forget the back-off and deliver now (an agent just enrolled at this URL)."""
+        self._failures = 0
+        if self._pending is not None and self._pending.active():
+            self._pending.cancel()
+        self._pending = None
+        self.kick()
+
+    # -- signed requests ---------------------------------------------------------------
+
+    async def _audience(self) -> uuid.UUID | None:
+        """The identity enrolled at this URL, the only one our requests are signed for."""
+        if self._signer is None:
+            return None
+        agent = await self._store.agent_for_url(self.url)
+        if agent is None:
+            raise _DeliveryFailed("no agent has enrolled at this URL yet")
+        return agent.agent_id
+
+    def _headers(
+        self, method: str, url: str, body: bytes, audience: uuid.UUID | None
+    ) -> dict[bytes, list[bytes]]:
+        headers = {b"Content-Type": [b"application/json"]}
+        if self._signer is None or audience is None:
+            return headers
+        parts = urlsplit(url)
+        path = (parts.path or "/") + (f"?{parts.query}" if parts.query else "")
+        authorization = self._signer.authorization(method, path, audience, body)
+        headers[b"Authorization"] = [authorization.encode("ascii")]
+        return headers
+
     # -- delivery ----------------------------------------------------------------------
 
     def _deliver_safely(self) -> Deferred[None]:
@@ -111,7 +151,8 @@ class AgentLink:
                 tasks = await self._store.undelivered_tasks(self.url, self._batch_size)
                 if not tasks:
                     break
-                agent_id, delivered = await self._push(tasks)
+                audience = await self._audience()
+                agent_id, delivered = await self._push(tasks, audience)
                 if delivered and agent_id is not None:
                     await self._store.mark_delivered(self.url, delivered, agent_id)
                 if len(delivered) < len(tasks):
@@ -137,10 +178,13 @@ class AgentLink:
         if self._again:
             self.kick()
 
-    async def _push(self, tasks: Sequence[Task]) -> tuple[uuid.UUID | None, list[uuid.UUID]]:
+    async def _push(
+        self, tasks: Sequence[Task], audience: uuid.UUID | None
+    ) -> tuple[uuid.UUID | None, list[uuid.UUID]]:
         """Send every task, a few at a time; return the agent's id and what it accepted."""
         results: list[tuple[bool, Any]] = await DeferredList(
-            [self._semaphore.run(self._send_one, task) for task in tasks], consumeErrors=True
+            [self._semaphore.run(self._send_one, task, audience) for task in tasks],
+            consumeErrors=True,
         )
         agent_id: uuid.UUID | None = None
         delivered: list[uuid.UUID] = []
@@ -155,20 +199,26 @@ class AgentLink:
             raise first_error
         return agent_id, delivered
 
-    def _send_one(self, task: Task) -> Deferred[uuid.UUID]:
-        return Deferred.fromCoroutine(self._send(task))
+    def _send_one(self, task: Task, audience: uuid.UUID | None) -> Deferred[uuid.UUID]:
+        return Deferred.fromCoroutine(self._send(task, audience))
 
-    async def _send(self, task: Task) -> uuid.UUID:
+    async def _send(self, task: Task, audience: uuid.UUID | None) -> uuid.UUID:
+        url = f"{self.url}/api/v1/tasks/schedule"
+        body = json.dumps(protocol.task_spec_to_json(task.spec)).encode("utf-8")
         response = await self._http.post(
-            f"{self.url}/api/v1/tasks/schedule",
-            json=protocol.task_spec_to_json(task.spec),
+            url,
+            data=body,
+            headers=self._headers("POST", url, body, audience),
             timeout=REQUEST_TIMEOUT,
             reactor=self._clock,
         )
         body = await self._http.json_content(response)
         if response.code != 200:
             raise _DeliveryFailed(f"agent answered {response.code}: {_error_message(body)}")
-        return protocol.parse_uuid(body.get("agent_id"), "agent_id")
+        answered = protocol.parse_uuid(body.get("agent_id"), "agent_id")
+        if audience is not None and answered != audience:
+            raise _DeliveryFailed(f"the agent answered as {answered}, not as {audience}")
+        return answered
 
     def _backoff(self) -> float:
         """Exponential back-off with full jitter, so agents coming back are not stampeded."""
@@ -191,8 +241,13 @@ class AgentLink:
         )
 
     async def _reconcile(self) -> None:
+        url = f"{self.url}/api/v1/agent/tasks"
+        audience = await self._audience()
         response = await self._http.get(
-            f"{self.url}/api/v1/agent/tasks", timeout=REQUEST_TIMEOUT, reactor=self._clock
+            url,
+            headers=self._headers("GET", url, b"", audience),
+            timeout=REQUEST_TIMEOUT,
+            reactor=self._clock,
         )
         body = await self._http.json_content(response)
         if response.code != 200:
@@ -243,6 +298,12 @@ class Dispatcher(Service):
     def task_created(self, task: Task) -> None:
         for link in self.links:
             link.kick()
+
+    def agent_enrolled(self, url: str) -> None:
+        """An agent enrolled at ``url``: deliver to it now rather than after a back-off."""
+        for link in self.links:
+            if link.url == url.rstrip("/"):
+                link.retry_now()
 
 
 class _DeliveryFailed(Exception):

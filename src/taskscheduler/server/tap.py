@@ -1,8 +1,9 @@
 """``twistd taskscheduler-server``: options and service wiring.
 
-``makeService`` only builds objects. Start-up I/O (the embedded PostgreSQL, schema
-migrations, the fleet list) happens in :class:`ServerService`, which opens the HTTP port
-only once the database is ready, and stops the process cleanly if it never is.
+``makeService`` only builds objects. Start-up I/O (the tokens and keys, the embedded
+PostgreSQL, schema migrations, the fleet list) happens in :class:`ServerService`, which
+opens the HTTP port only once the database is ready, and stops the process cleanly if it
+never is, or if it would listen beyond loopback without operator tokens.
 """
 
 from __future__ import annotations
@@ -10,10 +11,10 @@ from __future__ import annotations
 import os
 from collections.abc import Sequence
 from datetime import timedelta
+from pathlib import Path
 from typing import Any
 
-import treq
-from twisted.application import strports
+from twisted.application.internet import StreamServerEndpointService
 from twisted.application.service import IService, MultiService
 from twisted.internet import reactor as global_reactor
 from twisted.internet.defer import Deferred
@@ -21,12 +22,32 @@ from twisted.internet.task import deferLater
 from twisted.logger import Logger
 from twisted.python import usage
 
+from taskscheduler.auth import (
+    INSECURE_FLAG,
+    TokenFile,
+    TokenFileError,
+    UnprotectedListener,
+    check_listen_policy,
+    is_loopback_endpoint,
+    redact_dsn,
+)
 from taskscheduler.embedded_pg import EmbeddedPostgres
+from taskscheduler.httpclient import DaemonHTTP
+from taskscheduler.server.access import ServerAccess
 from taskscheduler.server.api import DEFAULT_REPORT_GRACE, ServerAPI
 from taskscheduler.server.dispatch import Dispatcher
 from taskscheduler.server.pgstore import PostgresStore
 from taskscheduler.server.store import StoreUnavailable
-from taskscheduler.web import DEFAULT_MAX_BODY_BYTES, make_site
+from taskscheduler.signing import (
+    InstructionSigner,
+    KeyFileError,
+    key_fingerprint,
+    load_or_create_signing_key,
+    load_signing_key,
+    public_key_text,
+)
+from taskscheduler.tls import TLSConfigError, server_endpoint
+from taskscheduler.web import DEFAULT_IDLE_TIMEOUT, DEFAULT_MAX_BODY_BYTES, make_site
 
 
 def _env(name: str, default: str | None = None) -> str | None:
@@ -40,6 +61,14 @@ class Options(usage.Options):
         "Runs the taskscheduler API server. Every option can also be set by the "
         "environment variable named in brackets; the command line wins."
     )
+    optFlags = [
+        [
+            INSECURE_FLAG.removeprefix("--"),
+            None,
+            "Let a server listening beyond loopback run without operator tokens: anyone "
+            "who reaches it can run commands on every agent. For isolated test networks only.",
+        ],
+    ]
     optParameters = [
         [
             "listen",
@@ -91,6 +120,63 @@ class Options(usage.Options):
             "Largest request body accepted [TASKSCHEDULER_MAX_BODY_BYTES] "
             f"(default: {DEFAULT_MAX_BODY_BYTES}).",
         ],
+        [
+            "tokens-file",
+            None,
+            None,
+            "Operators' API tokens, one '<name> sha256:<hash>' line each (python -m "
+            "taskscheduler.tokens new NAME); re-read when it changes, so deleting a line "
+            "revokes a token [TASKSCHEDULER_TOKENS_FILE]. Or put the lines, separated by "
+            "commas, in TASKSCHEDULER_TOKENS.",
+        ],
+        [
+            "join-secrets-file",
+            None,
+            None,
+            "Hashes of the join secrets agents enrol with, same format "
+            "[TASKSCHEDULER_JOIN_SECRETS_FILE]; or the lines in TASKSCHEDULER_JOIN_SECRETS.",
+        ],
+        [
+            "signing-key-file",
+            None,
+            None,
+            "Ed25519 key (PEM) that signs instructions to agents [TASKSCHEDULER_SIGNING_KEY_FILE] "
+            "(default: <data-dir>/signing_key.pem, created 0600 on first start).",
+        ],
+        [
+            "tls-client-ca",
+            None,
+            None,
+            "With an ssl: --listen, require clients to present a certificate signed by a CA "
+            "in this PEM file (mutual TLS) [TASKSCHEDULER_TLS_CLIENT_CA].",
+        ],
+        [
+            "agent-ca",
+            None,
+            None,
+            "CA certificates (PEM) that agents' https:// certificates must chain to "
+            "[TASKSCHEDULER_AGENT_CA] (default: the system's trust store).",
+        ],
+        [
+            "client-cert",
+            None,
+            None,
+            "Certificate (PEM) the server presents to agents that require mutual TLS "
+            "[TASKSCHEDULER_CLIENT_CERT].",
+        ],
+        [
+            "client-key",
+            None,
+            None,
+            "Private key of --client-cert, if not in the same file [TASKSCHEDULER_CLIENT_KEY].",
+        ],
+        [
+            "idle-timeout",
+            None,
+            None,
+            "Seconds an idle client connection is kept open [TASKSCHEDULER_IDLE_TIMEOUT] "
+            f"(default: {DEFAULT_IDLE_TIMEOUT:g}).",
+        ],
     ]
 
     def postOptions(self) -> None:
@@ -112,6 +198,29 @@ class Options(usage.Options):
                 "max-body-bytes",
             )
         )
+        for name, variable in [
+            ("tokens-file", "TASKSCHEDULER_TOKENS_FILE"),
+            ("join-secrets-file", "TASKSCHEDULER_JOIN_SECRETS_FILE"),
+            ("signing-key-file", "TASKSCHEDULER_SIGNING_KEY_FILE"),
+            ("tls-client-ca", "TASKSCHEDULER_TLS_CLIENT_CA"),
+            ("agent-ca", "TASKSCHEDULER_AGENT_CA"),
+            ("client-cert", "TASKSCHEDULER_CLIENT_CERT"),
+            ("client-key", "TASKSCHEDULER_CLIENT_KEY"),
+        ]:
+            self[name] = self[name] or _env(variable)
+        self["tokens"] = _env("TASKSCHEDULER_TOKENS")
+        self["join-secrets"] = _env("TASKSCHEDULER_JOIN_SECRETS")
+        if self["tokens-file"] and self["tokens"]:
+            raise usage.UsageError("give --tokens-file or TASKSCHEDULER_TOKENS, not both")
+        if self["join-secrets-file"] and self["join-secrets"]:
+            raise usage.UsageError(
+                "give --join-secrets-file or TASKSCHEDULER_JOIN_SECRETS, not both"
+            )
+        self["idle-timeout"] = _positive_number(
+            self["idle-timeout"] or _env("TASKSCHEDULER_IDLE_TIMEOUT", str(DEFAULT_IDLE_TIMEOUT)),
+            "idle-timeout",
+        )
+        self["insecure"] = bool(self[INSECURE_FLAG.removeprefix("--")])
 
 
 def parse_agent_urls(text: str) -> list[str]:
@@ -151,6 +260,7 @@ class ServerService(MultiService):
         self._reactor = reactor
         self._embedded: EmbeddedPostgres | None = None
         self._store: PostgresStore | None = None
+        self._http: DaemonHTTP | None = None
         self._started: Deferred[None] | None = None
 
     def startService(self) -> None:
@@ -159,36 +269,95 @@ class ServerService(MultiService):
         self._started.addErrback(self._failed_to_start)
 
     def _failed_to_start(self, failure: Any) -> None:
-        self.log.failure("taskscheduler server could not start", failure)
+        if failure.check(
+            UnprotectedListener, TokenFileError, KeyFileError, TLSConfigError, usage.UsageError
+        ):
+            # Operator errors: the message says it all (and never holds a secret).
+            self.log.error(
+                "taskscheduler server could not start: {error}", error=failure.getErrorMessage()
+            )
+        else:
+            self.log.failure("taskscheduler server could not start", failure)
         # Also when this happens before the reactor runs: stop it as soon as it does.
         self._reactor.callWhenRunning(self._reactor.stop)
 
+    def _load_secrets(self) -> tuple[TokenFile | None, TokenFile | None, InstructionSigner]:
+        options = self._options
+        tokens: TokenFile | None = None
+        if options["tokens-file"]:
+            tokens = TokenFile.from_path(options["tokens-file"], self._reactor)
+        elif options["tokens"]:
+            tokens = TokenFile.from_env_value(options["tokens"])
+        warning = check_listen_policy(options["listen"], tokens, options["insecure"])
+        if warning is not None:
+            self.log.warn("{warning}", warning=warning)
+        joins: TokenFile | None = None
+        if options["join-secrets-file"]:
+            joins = TokenFile.from_path(options["join-secrets-file"], self._reactor)
+        elif options["join-secrets"]:
+            joins = TokenFile.from_env_value(options["join-secrets"], "TASKSCHEDULER_JOIN_SECRETS")
+        if joins is None or len(joins) == 0:
+            self.log.warn("no join secrets are configured: no new agent can enrol")
+        if options["signing-key-file"]:
+            key = load_signing_key(Path(options["signing-key-file"]))
+        else:
+            key = load_or_create_signing_key(Path(options["data-dir"]) / "signing_key.pem")
+        self.log.info(
+            "signing instructions to agents with key {fingerprint}",
+            fingerprint=key_fingerprint(key.public_key()),
+        )
+        return tokens, joins, InstructionSigner(key, self._reactor)
+
     async def _start(self) -> None:
         options = self._options
+        os.makedirs(options["data-dir"], exist_ok=True)
+        tokens, joins, signer = self._load_secrets()
+        # Built before the database so that bad TLS files stop the server at once.
+        endpoint = server_endpoint(self._reactor, options["listen"], options["tls-client-ca"])
+        self._http = DaemonHTTP(
+            self._reactor, options["agent-ca"], options["client-cert"], options["client-key"]
+        )
         dsn = options["database"]
         if not dsn:
             self._embedded = EmbeddedPostgres(os.path.join(options["data-dir"], "postgres"))
             dsn = await self._embedded.start()
             self.log.info("embedded PostgreSQL is up in {path}", path=self._embedded.data_dir)
+        else:
+            self.log.info("using the database {dsn}", dsn=redact_dsn(dsn))
         store = PostgresStore(dsn, reactor=self._reactor)
         await self._connect(store, options["database-wait"])
         self._store = store
         await store.set_fleet(options["agents"])
         if not options["agents"]:
             self.log.warn("AVAILABLE_SERVERS is empty: tasks will be stored but run nowhere")
-        dispatcher = Dispatcher(store, treq, self._reactor, options["agents"])
+        dispatcher = Dispatcher(store, self._http, self._reactor, options["agents"], signer=signer)
+        access = ServerAccess(
+            store,
+            self._reactor,
+            tokens,
+            joins,
+            # Only ever on loopback: check_listen_policy refused the rest, unless the
+            # operator passed the insecure flag on purpose.
+            open_operator_routes=tokens is None,
+        )
         api = ServerAPI(
             store,
             self._reactor,
+            access,
             on_task_created=dispatcher.task_created,
             report_grace=timedelta(seconds=options["report-grace"]),
+            server_public_key=public_key_text(signer.public_key),
+            on_agent_enrolled=lambda agent: dispatcher.agent_enrolled(agent.url),
         )
         dispatcher.setServiceParent(self)
-        site = make_site(api.resource(), options["max-body-bytes"])
-        strports.service(options["listen"], site, reactor=self._reactor).setServiceParent(self)
+        site = make_site(
+            api.resource(), options["max-body-bytes"], idle_timeout=options["idle-timeout"]
+        )
+        StreamServerEndpointService(endpoint, site).setServiceParent(self)
         self.log.info(
-            "taskscheduler server listening on {listen} with {count} agents",
+            "taskscheduler server listening on {listen} ({where}) with {count} agents",
             listen=options["listen"],
+            where="loopback only" if is_loopback_endpoint(options["listen"]) else "network",
             count=len(options["agents"]),
         )
 
@@ -210,6 +379,8 @@ class ServerService(MultiService):
         if self._started is not None and not self._started.called:
             self._started.cancel()
         await super().stopService()
+        if self._http is not None:
+            await self._http.close()
         if self._store is not None:
             await self._store.stop()
         if self._embedded is not None:
