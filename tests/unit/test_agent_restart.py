@@ -294,3 +294,31 @@ def test_make_service_builds_without_touching_the_data_folder(tmp_path: Path) ->
     service = tap.makeService(options)
     assert IService.providedBy(service)
     assert not data_dir.exists()
+
+
+@pytest.mark.parametrize(
+    ("listen", "url"),
+    [
+        ("tcp:8081", "http://127.0.0.1:8081"),
+        ("tcp:8081:interface=127.0.0.1", "http://127.0.0.1:8081"),
+        ("tcp:port=9000:interface=0.0.0.0", "http://127.0.0.1:9000"),
+        ("tcp:8081:interface=10.1.2.3", "http://10.1.2.3:8081"),
+        ("ssl:8443:privateKey=k.pem", "https://127.0.0.1:8443"),
+    ],
+)
+def test_the_advertised_url_defaults_from_the_listening_endpoint(listen: str, url: str) -> None:
+    assert parse(["--listen", listen])["advertise-url"] == url
+    assert parse(["--listen", listen, "--advertise-url", "http://a:1/"])["advertise-url"] == (
+        "http://a:1"
+    )
+
+
+def test_the_join_secret_comes_from_the_environment_only_as_a_value() -> None:
+    options = parse([], {"TASKSCHEDULER_JOIN_SECRET": "tsj_abc"})
+    assert options["join-secret"] == "tsj_abc"
+    with pytest.raises(usage.UsageError):
+        parse(["--listen", "unix:/tmp/x"])
+    with pytest.raises(usage.UsageError):
+        parse(["--run-as", "no-such-user-here"])
+    with pytest.raises(usage.UsageError):
+        parse(["--run-as", "root"])
