@@ -73,6 +73,14 @@ def test_spawns_the_shell_under_setsid_with_the_explicit_environment_on_the_fast
     assert call.transport.stdin_closed
 
 
+def test_a_run_as_user_sets_uid_and_gid_and_only_then() -> None:
+    runner, reactor, _ = make_runner(run_as=(65534, 65533))
+    runner.run("id -u", 10)
+    [call] = reactor.spawned
+    assert (call.uid, call.gid, call.path) == (65534, 65533, None)
+    assert call.args == [SETSID, "/bin/sh", "-c", "id -u"]
+
+
 def test_an_empty_environment_reaches_the_child_empty_never_the_agents_own(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
