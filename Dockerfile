@@ -11,7 +11,8 @@ RUN pip install --no-cache-dir . && rm -rf /src
 RUN useradd --system --create-home --home-dir /var/lib/taskscheduler taskscheduler
 USER taskscheduler
 WORKDIR /var/lib/taskscheduler
-# Named volumes mounted here start out owned by the agent's user.
-RUN mkdir -p /var/lib/taskscheduler/agent
+# Named volumes mounted here start out owned by the daemons' user.
+RUN mkdir -p /var/lib/taskscheduler/agent /var/lib/taskscheduler/server \
+    && mkdir -m 700 /var/lib/taskscheduler/secrets
 EXPOSE 8080 8081
 CMD ["twistd", "-n", "--pidfile=", "taskscheduler-server"]
