@@ -8,6 +8,7 @@ from datetime import timedelta
 from typing import Any
 
 import pytest_twisted
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from klein import Klein
 from treq.testing import StubTreq
 from twisted.internet.task import Clock
@@ -16,6 +17,8 @@ from taskscheduler.protocol import TaskSpec, parse_task_spec
 from taskscheduler.schedule import parse_frequency, utc_now_from
 from taskscheduler.server.dispatch import Dispatcher
 from taskscheduler.server.memstore import MemoryStore
+from taskscheduler.server.store import AuditEvent
+from taskscheduler.signing import BadSignature, InstructionSigner, InstructionVerifier
 
 URL = "http://agent-a:8081"
 AGENT_ID = uuid.UUID("aaaaaaaa-0000-4000-8000-000000000001")
@@ -146,4 +149,74 @@ async def test_a_server_restart_delivers_what_was_never_acknowledged() -> None:
     settle(clock, http)
     assert set(agent.tasks) == {task.task_id}
     fresh.stopService()
+    dispatcher.stopService()
+
+
+class VerifyingAgent(FakeAgent):
+    """A fake agent that checks signatures as the real one does (the real verifier)."""
+
+    app = Klein()
+
+    def __init__(self, verifier: InstructionVerifier) -> None:
+        super().__init__()
+        self.verifier = verifier
+        self.refused: list[str] = []
+
+    def _check(self, request: Any) -> bool:
+        try:
+            self.verifier.verify(
+                request.method.decode(),
+                request.uri.decode(),
+                request.getHeader(b"authorization"),
+                request.content.read(),
+            )
+        except BadSignature as e:
+            self.refused.append(str(e))
+            request.setResponseCode(401)
+            return False
+        finally:
+            request.content.seek(0)
+        return True
+
+    @app.route("/api/v1/tasks/schedule", methods=["POST"])
+    def schedule(self, request: Any) -> bytes:
+        if not self._check(request):
+            return b'{"error": {"code": "unauthorized", "message": "no"}}'
+        return FakeAgent.schedule(self, request)
+
+    @app.route("/api/v1/agent/tasks", methods=["GET"])
+    def task_ids(self, request: Any) -> bytes:
+        if not self._check(request):
+            return b'{"error": {"code": "unauthorized", "message": "no"}}'
+        return FakeAgent.task_ids(self, request)
+
+
+@pytest_twisted.ensureDeferred
+async def test_instructions_are_signed_for_the_agent_enrolled_at_the_url_only() -> None:
+    clock = Clock()
+    clock.advance(1_795_000_000)
+    key = Ed25519PrivateKey.generate()
+    agent = VerifyingAgent(InstructionVerifier(AGENT_ID, clock, key.public_key()))
+    store = MemoryStore()
+    await store.set_fleet([URL])
+    http = StubTreq(agent.app.resource())
+    dispatcher = Dispatcher(
+        store, http, clock, [URL], signer=InstructionSigner(key, clock), jitter=lambda: 1.0
+    )
+    dispatcher.startService()
+    task = await store.create_task(spec(), utc_now_from(0))
+    dispatcher.task_created(task)
+    settle(clock, http)
+    assert agent.requests == 0, "nobody enrolled at the URL: nothing is sent"
+    now = utc_now_from(clock.seconds())
+    await store.enrol_agent(
+        AGENT_ID, URL, "sha256:" + "a" * 64, now, AuditEvent(now, "join:t", "x", "y", "")
+    )
+    dispatcher.agent_enrolled(URL)
+    settle(clock, http)
+    assert set(agent.tasks) == {task.task_id}
+    assert agent.refused == []
+    settle(clock, http, 30)  # a signed reconciliation too
+    assert agent.refused == []
+    assert await store.undelivered_tasks(URL, 10) == []
     dispatcher.stopService()
