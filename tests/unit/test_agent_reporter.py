@@ -129,7 +129,7 @@ def test_back_off_is_capped_and_jittered(tmp_path: Path) -> None:
     s.reporter._failures = 3
     assert s.reporter._backoff() == 4.0
     s.reporter._failures = 40
-    assert s.reporter._backoff() == 30.0  # half of the 60 s cap
+    assert s.reporter._backoff() == 15.0  # half of the 30 s cap
 
 
 def test_a_connection_error_is_retried_and_loses_nothing(tmp_path: Path) -> None:

@@ -15,7 +15,9 @@ reporter at once.
   the agent's enrolment out;
 - anything else (5xx, no connection, timeout): everything stays and is sent again after
   an exponential back-off with jitter, so that a thousand agents coming back at once do
-  not flood the server.
+  not flood the server. The back-off is capped at 30 s (retries between 15 and 30 s
+  apart), so that results spooled while the server was away arrive within a minute of
+  its return.
 """
 
 from __future__ import annotations
@@ -66,7 +68,7 @@ class Reporter:
         batch_size: int = BATCH_SIZE,
         batch_bytes: int = BATCH_BYTES,
         retry_base: float = 1.0,
-        retry_cap: float = 60.0,
+        retry_cap: float = 30.0,
         timeout: float = REQUEST_TIMEOUT,
         jitter: Callable[[], float] = random.random,
     ) -> None:
