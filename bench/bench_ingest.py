@@ -1,9 +1,10 @@
 """How many results a second one real server stores, end to end over HTTP.
 
-Starts ``twistd taskscheduler-server`` on an embedded PostgreSQL (no agents), creates a
-task, then posts results for many fake agents in batches from a few client threads, and
-prints results stored per second for each batch size. Run by hand, from a checkout where
-``scripts/test`` has installed .venv:
+Starts ``twistd taskscheduler-server`` on an embedded PostgreSQL, enrols one fake agent
+per client thread (with a join secret; the task is assigned to their URLs, which nobody
+listens on), creates a task, then posts results as those agents, with their credentials,
+in batches, and prints results stored per second for each batch size. Run by hand, from
+a checkout where ``scripts/test`` has installed .venv:
 
     .venv/bin/python bench/bench_ingest.py [--seconds 10] [--clients 4]
 
@@ -25,11 +26,13 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from taskscheduler.auth import JOIN_PREFIX, hash_token, new_token
 from tests.integration.daemons import Daemon, free_port, http, wait_for
 
 
-def post(conn: httpclient.HTTPConnection, path: str, body: object) -> dict:
-    conn.request("POST", path, json.dumps(body), {"Content-Type": "application/json"})
+def post(conn: httpclient.HTTPConnection, path: str, body: object, credential: str) -> dict:
+    headers = {"Content-Type": "application/json", "Authorization": f"Bearer {credential}"}
+    conn.request("POST", path, json.dumps(body), headers)
     response = conn.getresponse()
     data = response.read()
     if response.status != 200:
@@ -46,6 +49,8 @@ def main() -> None:
 
     root = Path(tempfile.mkdtemp(prefix="bench-ingest-"))
     port = free_port()
+    join = new_token(JOIN_PREFIX)
+    agent_urls = [f"http://bench-agent-{i}.invalid:1" for i in range(args.clients)]
     server = Daemon(
         "server",
         [
@@ -56,12 +61,26 @@ def main() -> None:
             str(root / "data"),
         ],
         root,
-        {"AVAILABLE_SERVERS": ""},
+        {
+            "AVAILABLE_SERVERS": ",".join(agent_urls),
+            "TASKSCHEDULER_JOIN_SECRETS": f"bench {hash_token(join)}",
+        },
     )
     server.start()
     base = f"http://127.0.0.1:{port}"
     try:
         wait_for(lambda: http("GET", base + "/api/v1/health")[0] == 200, 90, "the server")
+        agents: list[tuple[str, str]] = []
+        for url in agent_urls:
+            agent_id = str(uuid.uuid4())
+            code, enrolled = http(
+                "POST",
+                base + "/api/v1/agents/enrol",
+                {"agent_id": agent_id, "url": url},
+                headers={"Authorization": f"Bearer {join}"},
+            )
+            assert code == 201, enrolled
+            agents.append((agent_id, enrolled["credential"]))
         _, created = http(
             "POST",
             base + "/api/v1/tasks/create",
@@ -91,7 +110,7 @@ def main() -> None:
                 i: int, batch: int = batch, deadline: float = deadline, stored: list[int] = stored
             ) -> None:
                 conn = httpclient.HTTPConnection("127.0.0.1", port, timeout=60)
-                agent = str(uuid.uuid4())
+                agent, credential = agents[i]
                 while time.monotonic() < deadline:
                     k0 = instants(batch)
                     results = []
@@ -110,9 +129,9 @@ def main() -> None:
                             }
                         )
                     if batch == 1:
-                        post(conn, f"/api/v1/tasks/{task_id}/complete", results[0])
+                        post(conn, f"/api/v1/tasks/{task_id}/complete", results[0], credential)
                     else:
-                        answer = post(conn, "/api/v1/results", {"results": results})
+                        answer = post(conn, "/api/v1/results", {"results": results}, credential)
                         assert all(r["status"] == "stored" for r in answer["results"])
                     stored[i] += batch
 
