@@ -21,6 +21,7 @@ import os
 import re
 import secrets
 from collections.abc import Iterable, Mapping
+from urllib.parse import urlsplit
 
 from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
@@ -343,6 +344,15 @@ def is_loopback_interface(interface: str) -> bool:
     if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped is not None:
         return address.ipv4_mapped.is_loopback
     return address.is_loopback
+
+
+def is_loopback_url(url: str) -> bool:
+    """Whether an http(s) URL names this machine (localhost or a loopback address)."""
+    try:
+        host = urlsplit(url).hostname
+    except ValueError:
+        return False
+    return host is not None and is_loopback_interface(host)
 
 
 def is_loopback_endpoint(description: str) -> bool:

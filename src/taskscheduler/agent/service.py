@@ -42,6 +42,7 @@ from taskscheduler.agent.reporter import Reporter
 from taskscheduler.agent.scheduler import RunnerLike, Scheduler
 from taskscheduler.agent.spool import DEFAULT_SPOOL_MAX_BYTES, RunMarker, RunMarkers, Spool
 from taskscheduler.agent.taskstore import TaskStore
+from taskscheduler.auth import is_loopback_url
 from taskscheduler.protocol import ResultStatus, RunResult, TaskSpec
 from taskscheduler.schedule import format_instant
 from taskscheduler.signing import (
@@ -174,6 +175,14 @@ class AgentService(Service):
                     f"{data_dir} holds no credential yet and no join secret is given: pass "
                     "--join-secret-file or set TASKSCHEDULER_JOIN_SECRET to enrol"
                 )
+        if self.config.server_url.startswith("http://") and not is_loopback_url(
+            self.config.server_url
+        ):
+            self.log.warn(
+                "the server {url} is reached over plain HTTP: the agent's credential and "
+                "results travel in clear; use https://",
+                url=self.config.server_url,
+            )
         if self._http is None and self._http_factory is not None:
             self._http = self._http_factory()
         if self._endpoint is None and self._endpoint_factory is not None:

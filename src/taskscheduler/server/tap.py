@@ -29,6 +29,7 @@ from taskscheduler.auth import (
     UnprotectedListener,
     check_listen_policy,
     is_loopback_endpoint,
+    is_loopback_url,
     redact_dsn,
 )
 from taskscheduler.embedded_pg import EmbeddedPostgres
@@ -223,6 +224,24 @@ class Options(usage.Options):
         self["insecure"] = bool(self[INSECURE_FLAG.removeprefix("--")])
 
 
+def plaintext_warnings(listen: str, agent_urls: Sequence[str]) -> list[str]:
+    """What would travel in clear over the network with this set-up."""
+    warnings = []
+    kind = listen.split(":", 1)[0].strip().lower()
+    if kind not in ("ssl", "tls") and not is_loopback_endpoint(listen):
+        warnings.append(
+            f"the API is served over plain HTTP on {listen!r}: operator tokens and agent "
+            "credentials travel in clear; listen with an ssl: endpoint"
+        )
+    for url in agent_urls:
+        if url.startswith("http://") and not is_loopback_url(url):
+            warnings.append(
+                f"instructions to the agent at {url} travel in clear (signed, so they cannot "
+                "be forged or replayed, but anyone on the path can read them); use https://"
+            )
+    return warnings
+
+
 def parse_agent_urls(text: str) -> list[str]:
     """``AVAILABLE_SERVERS``: comma-separated http(s) base URLs, duplicates removed."""
     urls: list[str] = []
@@ -354,6 +373,8 @@ class ServerService(MultiService):
             api.resource(), options["max-body-bytes"], idle_timeout=options["idle-timeout"]
         )
         StreamServerEndpointService(endpoint, site).setServiceParent(self)
+        for warning in plaintext_warnings(options["listen"], options["agents"]):
+            self.log.warn("{warning}", warning=warning)
         self.log.info(
             "taskscheduler server listening on {listen} ({where}) with {count} agents",
             listen=options["listen"],

@@ -1,0 +1,85 @@
+"""The server's security options: where tokens come from, and what it warns about."""
+
+from __future__ import annotations
+
+import pytest
+from twisted.python import usage
+
+from taskscheduler.auth import is_loopback_url
+from taskscheduler.server.tap import Options, plaintext_warnings
+
+
+def parse(args: list[str], monkeypatch: pytest.MonkeyPatch, **env: str) -> Options:
+    for name in [
+        "TASKSCHEDULER_TOKENS",
+        "TASKSCHEDULER_TOKENS_FILE",
+        "TASKSCHEDULER_JOIN_SECRETS",
+        "TASKSCHEDULER_JOIN_SECRETS_FILE",
+        "AVAILABLE_SERVERS",
+    ]:
+        monkeypatch.delenv(name, raising=False)
+    for name, value in env.items():
+        monkeypatch.setenv(name, value)
+    options = Options()
+    options.parseOptions(args)
+    return options
+
+
+def test_tokens_come_from_a_file_or_the_environment_not_both(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    options = parse([], monkeypatch, TASKSCHEDULER_TOKENS="alice sha256:" + "a" * 64)
+    assert options["tokens"] == "alice sha256:" + "a" * 64
+    assert options["tokens-file"] is None
+    options = parse([], monkeypatch, TASKSCHEDULER_TOKENS_FILE="/etc/ts/tokens")
+    assert options["tokens-file"] == "/etc/ts/tokens"
+    with pytest.raises(usage.UsageError, match="not both"):
+        parse(["--tokens-file", "/x"], monkeypatch, TASKSCHEDULER_TOKENS="a sha256:" + "b" * 64)
+    with pytest.raises(usage.UsageError, match="not both"):
+        parse(
+            ["--join-secrets-file", "/x"],
+            monkeypatch,
+            TASKSCHEDULER_JOIN_SECRETS="a sha256:" + "b" * 64,
+        )
+    assert parse([], monkeypatch)["insecure"] is False
+    assert parse(["--insecure-allow-anonymous-operators"], monkeypatch)["insecure"] is True
+
+
+def test_every_security_option_is_documented_with_its_variable() -> None:
+    text = str(Options())
+    for option, variable in [
+        ("--tokens-file", "TASKSCHEDULER_TOKENS_FILE"),
+        ("--join-secrets-file", "TASKSCHEDULER_JOIN_SECRETS_FILE"),
+        ("--signing-key-file", "TASKSCHEDULER_SIGNING_KEY_FILE"),
+        ("--tls-client-ca", "TASKSCHEDULER_TLS_CLIENT_CA"),
+        ("--agent-ca", "TASKSCHEDULER_AGENT_CA"),
+        ("--client-cert", "TASKSCHEDULER_CLIENT_CERT"),
+        ("--idle-timeout", "TASKSCHEDULER_IDLE_TIMEOUT"),
+        ("--insecure-allow-anonymous-operators", ""),
+    ]:
+        assert option in text and variable in text
+
+
+@pytest.mark.parametrize(
+    ("url", "loopback"),
+    [
+        ("http://127.0.0.1:8081", True),
+        ("http://localhost:8081/", True),
+        ("https://[::1]:8081", True),
+        ("http://10.0.0.5:8081", False),
+        ("http://agent1:8081", False),
+        ("http://127.0.0.1.example.com", False),
+        ("http://[not-an-ip", False),
+    ],
+)
+def test_loopback_urls(url: str, loopback: bool) -> None:
+    assert is_loopback_url(url) is loopback
+
+
+def test_what_would_travel_in_clear_is_warned_about() -> None:
+    assert plaintext_warnings("tcp:8080:interface=127.0.0.1", ["http://127.0.0.1:8081"]) == []
+    assert plaintext_warnings("ssl:8443:privateKey=k", ["https://agent1:8081"]) == []
+    [listen] = plaintext_warnings("tcp:8080", [])
+    assert "plain HTTP" in listen
+    [agent] = plaintext_warnings("ssl:8443:privateKey=k", ["http://agent1:8081"])
+    assert "http://agent1:8081" in agent
