@@ -130,3 +130,39 @@ def test_a_server_beyond_loopback_without_tokens_refuses_to_start(tmp_path: Path
     log = server.log()
     assert "refusing to listen" in log and "--insecure-allow-anonymous-operators" in log
     assert not (tmp_path / "data" / "postgres").exists(), "it stopped before doing anything"
+
+
+def test_a_revoked_agent_is_refused_and_a_wiped_one_enrols_again(tmp_path: Path) -> None:
+    import shutil
+
+    with running_fleet(tmp_path, agents=1) as fleet:
+        code, body = fleet.api(
+            "POST", "/api/v1/tasks/create", {"command": "echo hi", "frequency": "every 1 second"}
+        )
+        task_id = body["command_id"]
+        [first] = wait_for(lambda: all_outputs(fleet, task_id, 1), 40, "a first result")
+        old_id = first["agent_id"]
+        code, _ = fleet.api("DELETE", f"/api/v1/agents/{old_id}")
+        assert code == 200
+        # Its next reports are refused: they pile up in its spool, none is stored.
+        wait_for(lambda: fleet.agent_health(0)["spooled"] >= 2, 20, "refused results to pile up")
+        assert "401" in (tmp_path / "agent-0" / "agent-0.log").read_text()
+        # Wiped, the host comes back as a new identity and gets its URL's tasks again.
+        fleet.agents[0].stop()
+        shutil.rmtree(tmp_path / "agent-0" / "data")
+        fleet.agents[0].start()
+        fleet.wait_until_healthy()
+        new_id = fleet.agent_health(0)["agent_id"]
+        assert new_id != old_id
+        wait_for(
+            lambda: (
+                (outputs := all_outputs(fleet, task_id, 1)) and outputs[0]["agent_id"] == new_id
+            ),
+            40,
+            "a result from the new identity",
+        )
+        code, agents = fleet.api("GET", "/api/v1/agents")
+        assert {(a["agent_id"], a["revoked_at"] is None) for a in agents["agents"]} == {
+            (old_id, False),
+            (new_id, True),
+        }

@@ -106,8 +106,14 @@ class AgentLink:
             self._pending.cancel()
         self._pending = self._clock.callLater(0, self._deliver_safely)
 
+    async def new_identity(self) -> None:
+        """A new agent enrolled at this URL: it has none of the URL's tasks yet."""
+        assigned = await self._store.assigned_task_ids(self.url)
+        await self._store.mark_undelivered(self.url, sorted(assigned))
+        self.retry_now()
+
     def retry_now(self) -> None:
-        """Forget the back-off and deliver now (an agent just enrolled at this URL)."""
+        """Forget the back-off and deliver now."""
         self._failures = 0
         if self._pending is not None and self._pending.active():
             self._pending.cancel()
@@ -300,10 +306,12 @@ class Dispatcher(Service):
             link.kick()
 
     def agent_enrolled(self, url: str) -> None:
-        """An agent enrolled at ``url``: deliver to it now rather than after a back-off."""
+        """An agent enrolled at ``url``: deliver it every task of its URL now, rather than
+        after a back-off or at the next reconciliation."""
         for link in self.links:
             if link.url == url.rstrip("/"):
-                link.retry_now()
+                d = Deferred.fromCoroutine(link.new_identity())
+                d.addErrback(link._reconcile_failed)
 
 
 class _DeliveryFailed(Exception):
