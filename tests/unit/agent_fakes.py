@@ -183,6 +183,8 @@ class FakeServer:
         self.conflicting: set[uuid.UUID] = set()  # task ids whose results conflict
         self.garbled = False  # answer a batch with one answer too few, storing nothing
         self.hanging: list[Any] = []
+        self.refuse_with: int | None = None  # answer every request with this status (401, 403)
+        self.authorizations: list[str | None] = []
 
     def _record(self, item: RunResult) -> str:
         if item.task_id in self.conflicting:
@@ -198,6 +200,12 @@ class FakeServer:
         return json.dumps(body).encode()
 
     def _unavailable(self, request: Any) -> bytes | None:
+        header = request.getHeader(b"authorization")
+        self.authorizations.append(None if header is None else header.decode())
+        if self.refuse_with is not None:
+            return self._answer(
+                request, self.refuse_with, {"error": {"code": "refused", "message": "no"}}
+            )
         if self.hang:
             never: Deferred[bytes] = Deferred()
             self.hanging.append(never)

@@ -305,3 +305,39 @@ def test_results_spooled_while_a_send_is_under_way_go_in_the_same_pass(tmp_path:
     s.settle()
     assert s.server.requests == [("single", 1), ("batch", 2)]
     assert len(s.spool) == 0
+
+
+def test_results_carry_the_agents_credential(tmp_path: Path) -> None:
+    s = Setup(tmp_path, credential="tsa_" + "c" * 43)
+    s.spool_results(1)
+    s.reporter.start()
+    s.settle()
+    assert s.server.authorizations == ["Bearer tsa_" + "c" * 43]
+    assert s.files() == []
+
+
+def test_a_refused_credential_keeps_the_results_and_backs_off(tmp_path: Path) -> None:
+    s = Setup(tmp_path, credential="tsa_" + "c" * 43)
+    s.server.refuse_with = 401  # revoked, or not enrolled yet
+    s.spool_results(3)
+    s.reporter.start()
+    s.settle()
+    assert len(s.files()) == 3 and s.reporter.rejected == 0
+    tried = len(s.server.requests)
+    s.settle(0.5)
+    assert len(s.server.requests) == tried, "backing off"
+    s.server.refuse_with = None
+    s.settle(2)
+    assert s.files() == []
+
+
+def test_a_forbidden_result_is_dropped_and_a_forbidden_batch_is_sent_one_by_one(
+    tmp_path: Path,
+) -> None:
+    s = Setup(tmp_path)
+    s.server.refuse_with = 403  # not this agent's task, or not as itself
+    s.spool_results(3)
+    s.reporter.start()
+    s.settle()
+    assert [kind for kind, _ in s.server.requests] == ["batch", "single", "single", "single"]
+    assert s.files() == [] and s.reporter.rejected == 3
