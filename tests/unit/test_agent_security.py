@@ -257,3 +257,32 @@ async def test_an_agent_enrols_with_the_real_server_api_then_reports_with_its_cr
     [execution] = await store.list_executions(task.task_id, 10)
     assert [r.agent_id for r in execution.results] == [me]
     await service.stopService()
+
+
+@pytest_twisted.ensureDeferred
+async def test_an_agent_pinned_to_another_key_keeps_nothing_from_enrolment(tmp_path: Path) -> None:
+    clock = Clock()
+    clock.advance(ANCHOR_SECONDS)
+    join = new_token(JOIN_PREFIX)
+    store = MemoryStore()
+    access = ServerAccess(store, clock, None, TokenFile.from_env_value(f"fleet {hash_token(join)}"))
+    served_key = Ed25519PrivateKey.generate().public_key()
+    api = ServerAPI(store, clock, access, server_public_key=public_key_text(served_key))
+    server = StubTreq(api.resource())
+    pinned = tmp_path / "server.pub"
+    pinned.write_text(public_key_text(Ed25519PrivateKey.generate().public_key()))
+    data = tmp_path / "data"
+    service = AgentService(
+        AgentConfig(data, SERVER, join_secret=join, server_public_key_file=pinned),
+        clock,
+        lambda: FakeRunner(clock),
+        server,
+    )
+    service.startService()
+    for _ in range(5):
+        clock.advance(0)
+        server.flush()
+    assert load_credential(data) is None
+    assert load_server_key(data) is None
+    assert service.reporter is not None and service.reporter.credential is None
+    await service.stopService()
