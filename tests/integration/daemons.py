@@ -136,9 +136,16 @@ class Fleet:
     """
 
     def __init__(
-        self, root: Path, agents: int = 2, database: str | None = None, *, tls: bool = False
+        self,
+        root: Path,
+        agents: int = 2,
+        database: str | None = None,
+        *,
+        tls: bool = False,
+        mutual_tls: bool = False,
     ) -> None:
         self.root = root
+        tls = tls or mutual_tls
         self.tls = tls
         self.operator_token = new_token(OPERATOR_PREFIX)
         self.join_secret = new_token(JOIN_PREFIX)
@@ -153,6 +160,14 @@ class Fleet:
             self.ssl_context = ssl.create_default_context(cafile=str(self.pki.ca))
             tls_server = ["--agent-ca", str(self.pki.ca)]
             tls_agent = ["--server-ca", str(self.pki.ca)]
+        if mutual_tls:
+            # Both daemons demand a client certificate from the CA, and present one.
+            client = ["--client-cert", str(self.pki.client.cert)]
+            client += ["--client-key", str(self.pki.client.key)]
+            tls_server += ["--tls-client-ca", str(self.pki.ca), *client]
+            tls_agent += ["--tls-client-ca", str(self.pki.ca), *client]
+            assert self.ssl_context is not None
+            self.ssl_context.load_cert_chain(str(self.pki.client.cert), str(self.pki.client.key))
         self.server_port = free_port()
         self.server_url = f"{scheme}://127.0.0.1:{self.server_port}"
         self.agent_ports = [free_port() for _ in range(agents)]
@@ -255,9 +270,14 @@ class Fleet:
 
 @contextlib.contextmanager
 def running_fleet(
-    root: Path, agents: int = 2, database: str | None = None, *, tls: bool = False
+    root: Path,
+    agents: int = 2,
+    database: str | None = None,
+    *,
+    tls: bool = False,
+    mutual_tls: bool = False,
 ) -> Iterator[Fleet]:
-    fleet = Fleet(root, agents, database, tls=tls)
+    fleet = Fleet(root, agents, database, tls=tls, mutual_tls=mutual_tls)
     try:
         fleet.start()
         yield fleet

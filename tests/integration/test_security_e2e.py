@@ -3,12 +3,14 @@ and that no secret reaches a log."""
 
 from __future__ import annotations
 
+import shutil
+import ssl
 import uuid
 from pathlib import Path
 
 import pytest
 
-from tests.integration.daemons import Fleet, http, running_fleet, wait_for
+from tests.integration.daemons import Daemon, Fleet, free_port, http, running_fleet, wait_for
 
 pytestmark = pytest.mark.integration
 
@@ -53,6 +55,26 @@ def test_the_flow_runs_over_tls_with_verified_certificates(tmp_path: Path) -> No
         with pytest.raises(OSError):
             http("GET", f"http://127.0.0.1:{fleet.server_port}/api/v1/health", timeout=3)
         assert "Starting factory" not in fleet.logs()
+
+
+def test_the_flow_runs_over_mutual_tls_and_a_client_without_a_certificate_is_refused(
+    tmp_path: Path,
+) -> None:
+    with running_fleet(tmp_path, agents=1, mutual_tls=True) as fleet:
+        code, body = fleet.api(
+            "POST",
+            "/api/v1/tasks/create",
+            {"command": "echo mutual", "frequency": "every 1 second"},
+        )
+        assert code == 201, body
+        [output] = wait_for(
+            lambda: all_outputs(fleet, body["command_id"], 1), 40, "a result over mutual TLS"
+        )
+        assert output["stdout"] == "mutual\n"
+        anonymous = ssl.create_default_context(cafile=str(fleet.pki.ca))
+        for url in [fleet.server_url, fleet.agent_urls[0]]:
+            with pytest.raises(OSError):
+                http("GET", f"{url}/api/v1/health", timeout=5, context=anonymous)
 
 
 def test_a_task_sees_only_the_allowlisted_environment_and_no_secret_is_logged(
@@ -116,8 +138,6 @@ def test_a_task_sees_only_the_allowlisted_environment_and_no_secret_is_logged(
 
 
 def test_a_server_beyond_loopback_without_tokens_refuses_to_start(tmp_path: Path) -> None:
-    from tests.integration.daemons import Daemon, free_port
-
     server = Daemon(
         "server",
         ["taskscheduler-server", "--listen", f"tcp:{free_port()}", "--data-dir", "data"],
@@ -133,8 +153,6 @@ def test_a_server_beyond_loopback_without_tokens_refuses_to_start(tmp_path: Path
 
 
 def test_a_revoked_agent_is_refused_and_a_wiped_one_enrols_again(tmp_path: Path) -> None:
-    import shutil
-
     with running_fleet(tmp_path, agents=1) as fleet:
         code, body = fleet.api(
             "POST", "/api/v1/tasks/create", {"command": "echo hi", "frequency": "every 1 second"}
