@@ -355,18 +355,14 @@ class AuthGate(Resource):
         _finish(request, self._inner.render(request))
 
     def _unexpected(self, failure: Failure, request: IRequest) -> None:
-        status, code, message = (
+        # The details go to the log, never to the client.
+        self.log.failure("unexpected error checking access", failure)
+        error = ApiError(
             http.INTERNAL_SERVER_ERROR,
             "internal_error",
             "the server hit an unexpected error; see its log",
         )
-        if type(failure.value).__name__ == "StoreUnavailable":
-            status, code = http.SERVICE_UNAVAILABLE, "database_unavailable"
-            message = "the database is unavailable; nothing was changed, retry later"
-            request.setHeader(b"Retry-After", b"5")
-        else:
-            self.log.failure("unexpected error checking access", failure)
-        _finish(request, _error_now(request, ApiError(status, code, message)))
+        _finish(request, _error_now(request, error))
 
 
 def _error_now(request: IRequest, error: ApiError) -> bytes:

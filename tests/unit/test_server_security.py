@@ -27,7 +27,7 @@ from taskscheduler.schedule import utc_now_from
 from taskscheduler.server.access import ServerAccess
 from taskscheduler.server.api import ServerAPI
 from taskscheduler.server.memstore import MemoryStore
-from taskscheduler.server.store import AuditEvent
+from taskscheduler.server.store import AuditEvent, StoreUnavailable
 from taskscheduler.web import Access, AuthGate
 from tests.unit.route_sweep import PUBLIC, concrete, routes
 from tests.unit.test_server_api import (
@@ -344,3 +344,18 @@ async def test_malformed_authorization_headers_are_401(tmp_path: Path, header: s
         headers={"Authorization": header.encode("latin-1")},
     )
     assert response.code == 401
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_database_outage_while_checking_a_credential_is_503(tmp_path: Path) -> None:
+    server = Server(tmp_path)
+
+    async def unavailable(credential_hash: str) -> None:
+        raise StoreUnavailable("connection refused")
+
+    server.store.agent_by_credential = unavailable  # type: ignore[method-assign,assignment]
+    code, body, headers = await server.call(
+        "POST", "/api/v1/results", {"results": []}, token=CREDENTIALS[AGENT_A]
+    )
+    assert (code, body["error"]["code"]) == (503, "database_unavailable")
+    assert headers.getRawHeaders("Retry-After") == ["5"]

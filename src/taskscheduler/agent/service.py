@@ -52,6 +52,7 @@ from taskscheduler.signing import (
     public_key_text,
     read_public_key,
 )
+from taskscheduler.tls import TLSConfigError
 from taskscheduler.web import DEFAULT_IDLE_TIMEOUT, make_site
 
 #: Seconds the runs under way may go on at shutdown before they are terminated.
@@ -133,17 +134,15 @@ class AgentService(Service):
 
     def _fatal(self, failure: Failure) -> None:
         self._listening = None
-        if (
-            failure.check(
-                FolderInUse,
-                CorruptIdentity,
-                CorruptCredential,
-                CannotListenError,
-                NotEnrolled,
-                KeyFileError,
-                OSError,
-            )
-            or type(failure.value).__name__ == "TLSConfigError"
+        if failure.check(
+            FolderInUse,
+            CorruptIdentity,
+            CorruptCredential,
+            CannotListenError,
+            NotEnrolled,
+            KeyFileError,
+            TLSConfigError,
+            OSError,
         ):
             # Operator errors: the message says it all, a traceback would bury it.
             self.log.error(

@@ -19,11 +19,12 @@ from dataclasses import dataclass
 
 from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
+from twisted.web import http
 from twisted.web.iweb import IRequest
 
 from taskscheduler.auth import AGENT_PREFIX, TokenFile, bearer_token, hash_token
-from taskscheduler.server.store import AgentRecord, Store
-from taskscheduler.web import Access, forbidden, unauthorized
+from taskscheduler.server.store import AgentRecord, Store, StoreUnavailable
+from taskscheduler.web import Access, ApiError, forbidden, unauthorized
 
 CHALLENGE = b'Bearer realm="taskscheduler"'
 CHALLENGE_INVALID = b'Bearer realm="taskscheduler", error="invalid_token"'
@@ -115,6 +116,18 @@ class ServerAccess:
 
     async def authorize(self, request: IRequest, level: Access) -> None:
         """Establish the request's principal for a route of ``level``, or raise ApiError."""
+        try:
+            await self._authorize(request, level)
+        except StoreUnavailable as e:
+            self.log.warn("database unavailable checking a credential: {error}", error=str(e))
+            raise ApiError(
+                http.SERVICE_UNAVAILABLE,
+                "database_unavailable",
+                "the database is unavailable; nothing was changed, retry later",
+                {b"Retry-After": b"5"},
+            ) from None
+
+    async def _authorize(self, request: IRequest, level: Access) -> None:
         token = bearer_token(request)
         sent_something = request.requestHeaders.hasHeader(b"authorization")
         if token is None:
