@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import uuid
 from datetime import timedelta
 from pathlib import Path
 
@@ -11,12 +12,13 @@ import pytest
 import pytest_twisted
 from twisted.internet.task import Clock
 
-from taskscheduler.agent.spool import Spool
+from taskscheduler.agent.scheduler import Scheduler, _Watchdog
+from taskscheduler.agent.spool import RunMarkers, Spool
 from taskscheduler.agent.tap import base_environment
 from taskscheduler.agent.taskstore import TaskStore
 from taskscheduler.protocol import ResultStatus, parse_result
 from taskscheduler.schedule import format_instant
-from tests.unit.agent_fakes import ANCHOR, ANCHOR_SECONDS, Agent, FakeServer, spec
+from tests.unit.agent_fakes import ANCHOR, ANCHOR_SECONDS, Agent, FakeRunner, FakeServer, spec
 
 
 def start(tmp_path: Path, at: float, server: FakeServer | None = None) -> Agent:
@@ -273,3 +275,156 @@ def test_a_stalled_reactor_skips_instants_without_mislabelling_the_next(tmp_path
     agent.runner.finish(agent.runner.runs[1])
     agent.advance_to(40)
     assert scheduled(agent) == [at(10), at(30), at(40)]
+
+
+# -- steps of the wall clock ---------------------------------------------------------------
+
+
+class SteppingClocks:
+    """The reactor's clock (the wall clock) and a monotonic clock, for one scheduler.
+
+    ``tick`` lets time pass on both, a quarter second at a time as a reactor would;
+    ``step`` moves the wall clock alone, as NTP or an operator would.
+    """
+
+    def __init__(self, tmp_path: Path, at: float) -> None:
+        self.clock = Clock()
+        self.clock.advance(ANCHOR_SECONDS + at)
+        self.mono = 1000.0
+        self.runner = FakeRunner(self.clock)
+        spool = Spool(tmp_path / "spool")
+        spool.load()
+        markers = RunMarkers(tmp_path / "running")
+        markers.leftovers()
+        self.scheduler = Scheduler(
+            self.clock,
+            self.runner,
+            spool,
+            markers,
+            uuid.uuid4(),
+            monotonic=lambda: self.mono,
+            watchdog=False,
+        )
+
+    def tick(self, seconds: float, step: float = 0.25) -> None:
+        end = self.mono + seconds
+        while self.mono < end - 1e-9:
+            delta = min(step, end - self.mono)
+            self.mono += delta
+            self.clock.advance(delta)
+            for run in self.runner.runs:
+                if not run.done:
+                    self.runner.finish(run)
+
+    def step(self, seconds: float) -> None:
+        self.clock.rightNow += seconds
+
+    def watchdog_sees_it(self) -> None:
+        """What the watchdog thread does on a step: the reactor checks the clocks."""
+        self.scheduler.check_clock()
+
+    def scheduled(self) -> list[str]:
+        return [run.extra_env["TASKSCHEDULER_SCHEDULED_AT"] for run in self.runner.runs]
+
+
+def test_a_forward_step_skips_ahead_without_a_burst_of_catch_up_runs(tmp_path: Path) -> None:
+    c = SteppingClocks(tmp_path, 5)
+    c.scheduler.schedule(spec())
+    c.tick(27)  # up to 32 s: runs at 10, 20, 30
+    limit_fired: list[float] = []
+    c.clock.callLater(5, lambda: limit_fired.append(c.mono))  # a run's time limit, say
+    set_at = c.mono
+    c.step(3600)
+    c.tick(30)
+    assert c.scheduled() == [at(10), at(20), at(30), at(3640), at(3650), at(3660)]
+    assert c.scheduler.lead == 0
+    # Other timers keep their monotonic meaning: five seconds is five seconds.
+    assert limit_fired and 4.75 <= limit_fired[0] - set_at <= 5.25
+
+
+def test_a_backward_step_neither_stalls_nor_repeats_an_instant(tmp_path: Path) -> None:
+    c = SteppingClocks(tmp_path, 5)
+    c.scheduler.schedule(spec())
+    c.tick(27)  # up to 32 s: runs at 10, 20, 30
+    limit_fired: list[float] = []
+    c.clock.callLater(5, lambda: limit_fired.append(c.mono))
+    set_at = c.mono
+    c.step(-3600)
+    c.tick(0.5)
+    c.watchdog_sees_it()
+    c.tick(30)
+    # The next instants in order, on their monotonic pace, labelled ahead of the wall.
+    assert c.scheduled() == [at(10), at(20), at(30), at(40), at(50), at(60)]
+    assert c.scheduler.lead == 3600
+    assert limit_fired and 4.75 <= limit_fired[0] - set_at <= 5.5
+    # The clock comes back: the lead is spent first, nothing is skipped or run twice.
+    c.step(3600)
+    c.tick(20)
+    assert c.scheduled() == [at(10 * k) for k in range(1, 9)]
+    assert c.scheduler.lead == 0
+
+
+def test_without_the_watchdog_a_backward_step_would_stall_the_loop(tmp_path: Path) -> None:
+    # What the watchdog thread is for: the reactor's timers sleep through a step back.
+    c = SteppingClocks(tmp_path, 5)
+    c.scheduler.schedule(spec())
+    c.tick(27)
+    c.step(-3600)
+    c.tick(60)
+    assert c.scheduled() == [at(10), at(20), at(30)]
+    c.watchdog_sees_it()  # a minute late: the instants of that minute are not caught up
+    c.tick(10)
+    assert c.scheduled()[3:] == [at(100)]
+
+
+def test_a_task_replaced_after_a_backward_step_does_not_reuse_an_instant(
+    tmp_path: Path,
+) -> None:
+    c = SteppingClocks(tmp_path, 5)
+    task = spec()
+    c.scheduler.schedule(task)
+    c.tick(27)
+    c.step(-3600)
+    c.watchdog_sees_it()
+    c.scheduler.schedule(spec("echo new", task_id=task.task_id))
+    c.tick(10)
+    assert c.scheduled() == [at(10), at(20), at(30), at(40)]
+    assert c.runner.runs[-1].command == "echo new"
+
+
+def test_small_differences_between_the_clocks_are_not_steps(tmp_path: Path) -> None:
+    c = SteppingClocks(tmp_path, 5)
+    c.scheduler.schedule(spec())
+    c.tick(6)
+    c.step(0.4)
+    c.tick(10)
+    c.step(-0.4)
+    c.tick(10)
+    assert c.scheduled() == [at(10), at(20), at(30)]
+    assert c.scheduler.lead == 0
+
+
+def test_the_watchdog_wakes_the_reactor_only_on_a_step() -> None:
+    clocks = {"wall": 1_800_000_000.0, "mono": 10.0}
+    calls: list[object] = []
+    watchdog = _Watchdog(calls.append, lambda: None, lambda: clocks["wall"], lambda: clocks["mono"])
+    clocks["wall"] += 0.5
+    clocks["mono"] += 0.5
+    assert not watchdog.poll()
+    clocks["wall"] -= 3600
+    assert watchdog.poll()
+    clocks["wall"] += 0.5
+    clocks["mono"] += 0.5
+    assert not watchdog.poll()
+    assert len(calls) == 1
+
+
+def test_a_step_seen_after_the_scheduler_stopped_starts_nothing(tmp_path: Path) -> None:
+    c = SteppingClocks(tmp_path, 5)
+    c.scheduler.schedule(spec())
+    c.tick(6)
+    c.scheduler.stop()
+    c.step(-3600)
+    c.watchdog_sees_it()  # a check the watchdog queued just before the stop
+    c.tick(30)
+    assert c.scheduled() == [at(10)]

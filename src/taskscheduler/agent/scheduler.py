@@ -1,33 +1,70 @@
-"""One ``LoopingCall`` per task, started on the task's anchored instants.
+"""A timer per task, started on the task's anchored instants.
 
 Execution ``k`` of a task is due at ``anchor + k * interval``. A task's loop waits
-(``callLater``) until its first instant strictly after now, then runs a
-``LoopingCall.withCount`` every interval; the count says exactly which execution each
-call is, so ``scheduled_at`` is always the exact instant, never the clock's reading.
-Instants that passed while the agent was down are not replayed (cron's rule).
+(``callLater``) until its next instant, runs it labelled with that exact instant (never the
+clock's reading), and waits for the one after. A wake-up that comes late (a busy reactor,
+a suspended host) runs the latest instant due, once; instants that passed while the agent
+was down or busy are not replayed (cron's rule).
 
 A run still going at its task's next instant is not started twice: the instant is
 recorded as ``skipped``. Every result goes to the spool before anything else hears of
 it; a marker file records each run under way, so that a run the agent died during is
 reported as ``lost`` on the next start-up.
+
+**Steps of the wall clock.** Twisted's timers follow the wall clock: a step forward makes
+every timer overdue at once, a step back puts every timer to sleep for as long as the
+step. The scheduler compares the wall clock with the monotonic one (a reactor timer
+every quarter second sees forward steps before the timers they made overdue; a thread,
+which a backward step cannot put to sleep, sees backward ones) and on a step of a second
+or more:
+
+- moves every other timer of the reactor back onto monotonic pace (time limits, kill
+  graces, back-offs, request timeouts each meant "so many seconds from now");
+- re-plans every task loop on the *label timeline*: the wall clock plus a lead. An
+  execution index already used is never used again, so results stay unique per
+  ``(task, agent, instant)``:
+
+  - **backward** by ``d``: the lead grows by ``d``. Loops keep their pace and go on with
+    the next instants in order, labelled ``d`` ahead of the agent's (new) wall clock: no
+    stall, and no instant run twice.
+  - **forward** by ``d``: the lead shrinks by ``d``, first (a step back then forward
+    again loses and repeats nothing); what is left of ``d`` is skipped: loops wait for
+    the first instant after the new time, and the instants in between are not run, as
+    if the agent had been suspended (logged; no burst of catch-up runs).
+
+The lead lives in memory: an agent restarted while its labels run ahead plans from its
+wall clock again, and may then reach instants it already ran; the server refuses such a
+result as a conflict (409), which the agent logs and counts: never stored twice. Run
+durations are measured on the monotonic clock; time limits are reactor timers, kept on
+monotonic pace as above (a forward step may end one up to a quarter second early).
 """
 
 from __future__ import annotations
 
+import threading
+import time
 import uuid
 from collections.abc import Callable, Mapping
 from datetime import datetime
 from typing import Any, Protocol
 
 from twisted.internet.defer import Deferred, DeferredList, fail
-from twisted.internet.interfaces import IDelayedCall, IReactorTime
-from twisted.internet.task import LoopingCall
+from twisted.internet.interfaces import IDelayedCall, IReactorThreads, IReactorTime
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
 from taskscheduler.agent.spool import RunMarkers, Spool
 from taskscheduler.protocol import Output, ResultStatus, RunResult, TaskSpec
 from taskscheduler.schedule import format_instant, instant, next_execution, utc_now_from
+
+#: A change of at least this many seconds between the wall clock and the monotonic clock
+#: is a step (NTP slews smaller offsets away gradually, and steps larger ones).
+STEP_THRESHOLD = 1.0
+#: How often the reactor compares the clocks: the most a timer may fire early when the
+#: wall clock steps forward.
+SENTINEL_INTERVAL = 0.25
+#: How often the watchdog thread compares them.
+WATCHDOG_INTERVAL = 0.5
 
 
 class RunOutcomeLike(Protocol):
@@ -63,43 +100,85 @@ class RunnerLike(Protocol):
 
 
 class _TaskLoop:
-    """The timer of one task: a wait for the first instant, then a LoopingCall."""
+    """The timer of one task: wakes on each instant of the scheduler's label timeline."""
 
     log = Logger()
 
     def __init__(
-        self, spec: TaskSpec, clock: IReactorTime, fire: Callable[[TaskSpec, int], None]
+        self,
+        spec: TaskSpec,
+        scheduler: Scheduler,
+        after: datetime | None = None,
     ) -> None:
         self.spec = spec
-        self._clock = clock
-        self._fire = fire
-        self._first: IDelayedCall | None = None
-        self._loop: LoopingCall | None = None
-        self._k = 0  # the execution the next call of the loop is (minus its count)
-        self._origin: float | None = None
+        self._scheduler = scheduler
+        self._clock = scheduler._clock
+        self._call: IDelayedCall | None = None
+        self._next = 0  # the execution the timer waits for (0: none planned yet)
+        #: The last instant run: never run again, even by a new version of the task.
+        self.last_run: datetime | None = after
+
+    @property
+    def pending(self) -> IDelayedCall | None:
+        return self._call if self._call is not None and self._call.active() else None
 
     def start(self) -> None:
-        now = utc_now_from(self._clock.seconds())
-        k, at = next_execution(self.spec.anchor, self.spec.frequency.interval, now)
-        self._k = k
-        self._first = self._clock.callLater((at - now).total_seconds(), self._begin)
+        self.replan()
 
-    def _begin(self) -> None:
-        self._first = None
-        # The wait may end late (a busy reactor, a suspended host): start from the latest
-        # instant that is due, and pin the loop's time origin to that exact instant, so
-        # that every later call is due on an instant too rather than inheriting the delay.
+    def replan(self) -> None:
+        """Wait for the first instant strictly after now, and after every instant run."""
+        self._cancel()
         interval = self.spec.frequency.interval
-        now = utc_now_from(self._clock.seconds())
-        due = max(self._k, next_execution(self.spec.anchor, interval, now)[0] - 1)
-        if due > self._k:
-            self._missed(due - self._k)
-        self._k = due - 1  # the LoopingCall's first call counts 1
-        self._origin = instant(self.spec.anchor, interval, due).timestamp()
-        loop = LoopingCall.withCount(self._tick)
-        loop.clock = self._clock
-        self._loop = loop
-        loop.start(self.spec.frequency.seconds, now=True).addErrback(self._loop_died)
+        now = self._scheduler.label_now()
+        since = now if self.last_run is None else max(now, self.last_run)
+        k, at = next_execution(self.spec.anchor, interval, since)
+        if self._next and k > self._next:
+            self.log.warn(
+                "task {task_id}: the clock jumped ahead over {missed} instants; they are not run",
+                task_id=str(self.spec.task_id),
+                missed=k - self._next,
+            )
+        self._next = k
+        self._call = self._clock.callLater((at - now).total_seconds(), self._wake)
+
+    def _wake(self) -> None:
+        # Never raise: a loop whose timer is not set again is dead.
+        self._call = None
+        try:
+            if self._scheduler.check_clock():
+                return  # the wall clock stepped: every loop, this one too, was re-planned
+            interval = self.spec.frequency.interval
+            now = self._scheduler.label_now()
+            # The wake-up may be late (a busy reactor, a suspended host): run the latest
+            # instant that is due, once, labelled with that exact instant.
+            k = max(self._next, next_execution(self.spec.anchor, interval, now)[0] - 1)
+            if k > self._next:
+                self._missed(k - self._next)
+            self.last_run = instant(self.spec.anchor, interval, k)
+            self._next = k + 1
+            due = instant(self.spec.anchor, interval, self._next)
+            self._call = self._clock.callLater(max(0.0, (due - now).total_seconds()), self._wake)
+        except Exception:
+            self.log.failure(
+                "task {task_id}: its timer failed; re-planning", task_id=str(self.spec.task_id)
+            )
+            self._replan_safely()
+            return
+        try:
+            self._fire(k)
+        except Exception:
+            self.log.failure(
+                "task {task_id}: could not start a run", task_id=str(self.spec.task_id)
+            )
+
+    def _fire(self, k: int) -> None:
+        self._scheduler._fire(self.spec, k)
+
+    def _replan_safely(self) -> None:
+        try:
+            self.replan()
+        except Exception:
+            self.log.failure("task {task_id}: its loop stopped", task_id=str(self.spec.task_id))
 
     def _missed(self, count: int) -> None:
         self.log.warn(
@@ -109,32 +188,58 @@ class _TaskLoop:
             missed=count,
         )
 
-    def _tick(self, count: int) -> None:
-        # Never raise: a LoopingCall whose function fails stops for good.
-        try:
-            if self._origin is not None and self._loop is not None:
-                self._loop.starttime, self._origin = self._origin, None
-            if count > 1:
-                self._missed(count - 1)
-            self._k += count
-            self._fire(self.spec, self._k)
-        except Exception:
-            self.log.failure(
-                "task {task_id}: could not start a run", task_id=str(self.spec.task_id)
-            )
-
-    def _loop_died(self, failure: Failure) -> None:
-        self.log.failure(
-            "task {task_id}: its loop stopped", failure, task_id=str(self.spec.task_id)
-        )
+    def _cancel(self) -> None:
+        if self._call is not None and self._call.active():
+            self._call.cancel()
+        self._call = None
 
     def stop(self) -> None:
-        if self._first is not None and self._first.active():
-            self._first.cancel()
-        self._first = None
-        if self._loop is not None and self._loop.running:
-            self._loop.stop()
-        self._loop = None
+        self._cancel()
+
+
+class _Watchdog(threading.Thread):
+    """Compares the clocks off the reactor, which a backward step leaves asleep.
+
+    The reactor's timers follow the wall clock: after a step back of an hour, it sleeps
+    an hour. This thread sleeps on the monotonic clock and, when it sees a step, wakes
+    the reactor to deal with it.
+    """
+
+    def __init__(
+        self,
+        call_from_thread: Callable[[Callable[[], object]], None],
+        check: Callable[[], object],
+        wall: Callable[[], float],
+        monotonic: Callable[[], float],
+        interval: float = WATCHDOG_INTERVAL,
+    ) -> None:
+        super().__init__(name="taskscheduler-clock-watchdog", daemon=True)
+        self._call_from_thread = call_from_thread
+        self._check = check
+        self._wall = wall
+        self._monotonic = monotonic
+        self._interval = interval
+        self._stopping = threading.Event()
+        self._offset = wall() - monotonic()
+
+    def poll(self) -> bool:
+        """Compare the clocks once; True (and the reactor told) if the wall clock stepped."""
+        offset = self._wall() - self._monotonic()
+        stepped = abs(offset - self._offset) >= STEP_THRESHOLD
+        self._offset = offset
+        if stepped:
+            self._call_from_thread(self._check)
+        return stepped
+
+    def run(self) -> None:
+        while not self._stopping.wait(self._interval):
+            try:
+                self.poll()
+            except Exception:  # the reactor is gone: nothing left to watch for
+                return
+
+    def stop(self) -> None:
+        self._stopping.set()
 
 
 class Scheduler:
@@ -149,12 +254,32 @@ class Scheduler:
         spool: Spool,
         markers: RunMarkers,
         agent_id: uuid.UUID,
+        *,
+        monotonic: Callable[[], float] | None = None,
+        watchdog: bool | None = None,
     ) -> None:
+        """``clock`` is the reactor, whose time is the wall clock.
+
+        ``monotonic`` is the clock that steps do not move: by default the system's when
+        ``clock`` is a real reactor, else ``clock`` itself (no steps to see). ``watchdog``
+        starts the thread that sees backward steps (by default with a real reactor).
+        """
         self._clock = clock
         self._runner = runner
         self._spool = spool
         self._markers = markers
         self.agent_id = agent_id
+        real_reactor = IReactorThreads.providedBy(clock)
+        if monotonic is None:
+            monotonic = time.monotonic if real_reactor else clock.seconds
+        self._monotonic = monotonic
+        self._watch_steps = monotonic != clock.seconds
+        self._use_watchdog = real_reactor if watchdog is None else watchdog
+        self._offset = clock.seconds() - monotonic()  # wall minus monotonic, last seen
+        #: Seconds by which run labels are ahead of the wall clock (after a backward step).
+        self.lead = 0.0
+        self._sentinel: IDelayedCall | None = None
+        self._watchdog: _Watchdog | None = None
         self._loops: dict[uuid.UUID, _TaskLoop] = {}
         # Runs under way, by task: kept across a task's replacement, so that a replaced
         # task does not start while its previous version still runs.
@@ -178,7 +303,8 @@ class Scheduler:
             old.stop()
         if self._stopped:
             return
-        loop = _TaskLoop(spec, self._clock, self._fire)
+        self._watch()
+        loop = _TaskLoop(spec, self, after=None if old is None else old.last_run)
         self._loops[spec.task_id] = loop
         loop.start()
 
@@ -187,6 +313,81 @@ class Scheduler:
         self._stopped = True
         for loop in self._loops.values():
             loop.stop()
+        if self._sentinel is not None and self._sentinel.active():
+            self._sentinel.cancel()
+        self._sentinel = None
+        if self._watchdog is not None:
+            self._watchdog.stop()
+            self._watchdog = None
+
+    # -- the clocks --------------------------------------------------------------------
+
+    def label_now(self) -> datetime:
+        """Now on the timeline runs are labelled with: the wall clock, plus any lead."""
+        return utc_now_from(self._clock.seconds() + self.lead)
+
+    def check_clock(self) -> float:
+        """Compare the wall clock with the monotonic one; the step seen (0.0 if none).
+
+        On a step every timer of the reactor is moved back onto monotonic pace, and
+        every task loop is re-planned (see the module's docstring).
+        """
+        offset = self._clock.seconds() - self._monotonic()
+        step = offset - self._offset
+        self._offset = offset
+        if abs(step) < STEP_THRESHOLD or self._stopped:
+            return 0.0
+        self._stepped(step)
+        return step
+
+    def _stepped(self, step: float) -> None:
+        lead = self.lead
+        self.lead = max(0.0, lead - step)
+        self.log.warn(
+            "the wall clock stepped {direction} by {seconds:.1f}s; run labels are now "
+            "{lead:.1f}s ahead of it{skipped}",
+            direction="forward" if step > 0 else "backward",
+            seconds=abs(step),
+            lead=self.lead,
+            skipped=(
+                f"; {step - lead:.1f}s of instants are skipped, not caught up"
+                if step > lead
+                else ""
+            ),
+        )
+        loops = list(self._loops.values())
+        ours = {id(call) for call in (loop.pending for loop in loops) if call is not None}
+        for call in self._clock.getDelayedCalls():
+            # Time limits, kill graces, back-offs, request timeouts: each meant "so many
+            # seconds from now", which the step has just changed by ``step``.
+            if id(call) not in ours and call.active():
+                call.delay(step)
+        for loop in loops:
+            loop.replan()
+
+    def _watch(self) -> None:
+        """Start watching for steps of the wall clock (once, with the first task)."""
+        if not self._watch_steps or self._sentinel is not None:
+            return
+        # A forward step is seen on the reactor, by this timer or a task's own, before
+        # the timers it made overdue all fire at once; a backward step, which leaves
+        # every timer asleep, by the watchdog thread.
+        self._sentinel = self._clock.callLater(SENTINEL_INTERVAL, self._sentinel_tick)
+        if self._use_watchdog:
+            reactor: Any = self._clock
+            self._watchdog = _Watchdog(
+                reactor.callFromThread, self.check_clock, self._clock.seconds, self._monotonic
+            )
+            self._watchdog.start()
+
+    def _sentinel_tick(self) -> None:
+        self._sentinel = None
+        try:
+            self.check_clock()
+        except Exception:
+            self.log.failure("could not check the clocks")
+        if not self._stopped:
+            self._sentinel = self._clock.callLater(SENTINEL_INTERVAL, self._sentinel_tick)
 
     async def drain(self, grace: float) -> None:
         """Wait for the runs under way, terminating those still going after ``grace`` s."""
