@@ -133,3 +133,14 @@ def test_a_lost_result_keeps_its_marker_until_durable(tmp_path: Path) -> None:
     assert list((tmp_path / "data" / "running").glob("*.json")) == []
     [lost] = second.server.stored.values()
     assert lost.status.value == "lost"
+
+
+def test_the_count_of_dropped_results_survives_a_restart(tmp_path: Path) -> None:
+    spool = Spool(tmp_path / "spool", max_bytes=10)
+    spool.load()
+    assert fired(spool.add(result(uuid.uuid4(), 1, AGENT_ID))) is False
+    assert fired(spool.add(result(uuid.uuid4(), 2, AGENT_ID))) is False
+    assert spool.dropped == 2
+    again = Spool(tmp_path / "spool", max_bytes=10)
+    again.load()
+    assert (again.dropped, len(again)) == (2, 0), "the count, not a result"

@@ -5,6 +5,10 @@ the result is reported and deleted only once the server acknowledged it, so a re
 survives the server being down and the agent restarting. Its bytes are exactly the JSON
 body that is sent.
 
+Results the spool had to throw away (its byte cap reached, the disk refusing a write) are
+counted, logged and shown by the agent's health endpoint; the count is kept in
+``<data-dir>/spool/dropped`` so that a restart does not hide it.
+
 :class:`RunMarkers` keeps one small file per run under way in ``<data-dir>/running/``. A
 marker still there at start-up means the agent died during that run: it becomes a
 ``lost`` result.
@@ -38,6 +42,9 @@ from taskscheduler.schedule import format_instant, parse_instant
 DEFAULT_SPOOL_MAX_BYTES = 1024 * 1024 * 1024
 
 _STAMP = "%Y%m%dT%H%M%S.%fZ"
+
+#: The file, beside the results, that counts the results dropped over the agent's life.
+DROPPED_FILE = "dropped"
 
 ResultKey = tuple[uuid.UUID, datetime]  # (task_id, scheduled_at); the agent is implied
 
@@ -93,13 +100,21 @@ class Spool:
         self._entries: dict[ResultKey, SpoolEntry] = {}
         self._writing: dict[ResultKey, int] = {}  # not durable yet: not to be reported
         self.bytes = 0
-        #: Results thrown away because the spool was full.
+        #: Results thrown away (the spool full, the disk failing), over the agent's life.
         self.dropped = 0
 
     def load(self) -> None:
         """Index the results a previous life of the agent left unacknowledged."""
         ensure_directory(self.directory)
         remove_leftovers(self.directory)
+        try:
+            self.dropped = int((self.directory / DROPPED_FILE).read_text().strip() or 0)
+        except FileNotFoundError:
+            pass
+        except (OSError, ValueError) as e:
+            self.log.error("could not read the count of dropped results: {error}", error=str(e))
+        if self.dropped:
+            self.log.warn("{dropped} results were dropped so far", dropped=self.dropped)
         for path in sorted(self.directory.glob("*.json")):
             try:
                 key = _parse_file_name(path.name)
@@ -138,7 +153,7 @@ class Spool:
             return succeed(True)
         data = encode_result(result)
         if self.bytes + len(data) > self.max_bytes:
-            self.dropped += 1
+            self._count_dropped()
             self.log.error(
                 "spool full ({bytes} of {max_bytes} bytes): dropped the {status} result of "
                 "task {task_id} at {scheduled_at} ({dropped} dropped so far)",
@@ -173,7 +188,7 @@ class Spool:
     def _not_written(self, failure: Failure, entry: SpoolEntry) -> bool:
         del self._writing[entry.key]
         self.bytes -= entry.size
-        self.dropped += 1
+        self._count_dropped()
         self.log.failure(
             "could not spool the result of task {task_id} at {scheduled_at}; dropped it "
             "({dropped} dropped so far)",
@@ -183,6 +198,16 @@ class Spool:
             dropped=self.dropped,
         )
         return False
+
+    def _count_dropped(self) -> None:
+        self.dropped += 1
+        try:
+            # Not fsynced: a count that survives the agent's death is what is asked for.
+            atomic_write(
+                self.directory / DROPPED_FILE, str(self.dropped).encode("ascii"), sync=False
+            )
+        except OSError as e:
+            self.log.error("could not record the count of dropped results: {error}", error=str(e))
 
     def __contains__(self, key: object) -> bool:
         return key in self._entries or key in self._writing
