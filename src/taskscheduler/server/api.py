@@ -94,6 +94,7 @@ class ServerAPI:
         self._report_grace = report_grace
         self._server_public_key = server_public_key
         self._on_agent_enrolled = on_agent_enrolled
+        self._assignments: set[tuple[str, uuid.UUID]] = set()
 
     def resource(self) -> Any:
         return AuthGate(self.app.resource(), self.app.url_map, self.ACCESS, self._access.authorize)
@@ -218,7 +219,7 @@ class ServerAPI:
         except InvalidMessage as e:
             raise bad_request(str(e)) from None
         agent = self._reporting_agent(request, [result])
-        if not await self._store.assigned_among(agent.url, [result.task_id]):
+        if not await self._assigned(agent.url, [result.task_id]):
             self._log_not_assigned(agent, [result.task_id])
             raise forbidden("this task is not assigned to this agent", "not_assigned")
         [outcome] = await self._store.record_results([result], self._now())
@@ -245,7 +246,7 @@ class ServerAPI:
         except InvalidMessage as e:
             raise bad_request(str(e)) from None
         agent = self._reporting_agent(request, results)
-        assigned = await self._store.assigned_among(agent.url, [r.task_id for r in results])
+        assigned = await self._assigned(agent.url, [r.task_id for r in results])
         mine = [r for r in results if r.task_id in assigned]
         if len(mine) < len(results):
             self._log_not_assigned(agent, [r.task_id for r in results if r.task_id not in assigned])
@@ -259,6 +260,23 @@ class ServerAPI:
             self._log_outcome(result, outcome)
             statuses.append({"status": outcome.value})
         return json_response(request, {"results": statuses})
+
+    async def _assigned(self, url: str, task_ids: list[uuid.UUID]) -> set[uuid.UUID]:
+        """Those of ``task_ids`` assigned to the agent at ``url``.
+
+        Assignments are made when a task is created and when the server starts with a new
+        fleet, and never taken back while it runs, so a positive answer is remembered:
+        a busy agent's reports cost no extra round trip. Negative answers are not.
+        """
+        known = {t for t in task_ids if (url, t) in self._assignments}
+        unknown = [t for t in dict.fromkeys(task_ids) if t not in known]
+        if unknown:
+            found = await self._store.assigned_among(url, unknown)
+            if len(self._assignments) > _ASSIGNMENT_CACHE_SIZE:
+                self._assignments.clear()
+            self._assignments.update((url, t) for t in found)
+            known |= found
+        return known
 
     def _reporting_agent(self, request: IRequest, results: list[RunResult]) -> AgentRecord:
         """The agent whose credential the request carries; it may report only as itself."""
@@ -444,6 +462,9 @@ class ServerAPI:
 
     install_error_handlers(app, log)
 
+
+#: (agent URL, task) assignments remembered before the cache is emptied and refilled.
+_ASSIGNMENT_CACHE_SIZE = 1_000_000
 
 _CONFLICT_MESSAGES = {
     "agent_exists": "this agent id is already enrolled; a join secret cannot enrol it again",
