@@ -351,7 +351,7 @@ class Scheduler:
             lead=self.lead,
             skipped=(
                 f"; {step - lead:.1f}s of instants are skipped, not caught up"
-                if step > lead
+                if step - lead >= STEP_THRESHOLD
                 else ""
             ),
         )
