@@ -428,3 +428,20 @@ def test_a_step_seen_after_the_scheduler_stopped_starts_nothing(tmp_path: Path) 
     c.watchdog_sees_it()  # a check the watchdog queued just before the stop
     c.tick(30)
     assert c.scheduled() == [at(10)]
+
+
+def test_after_a_backward_step_off_the_interval_runs_keep_their_pace(tmp_path: Path) -> None:
+    c = SteppingClocks(tmp_path, 5)
+    c.scheduler.schedule(spec())
+    c.tick(27)  # up to 32 s: runs at 10, 20, 30
+    c.step(-3605)  # not a whole number of intervals
+    c.tick(0.5)
+    c.watchdog_sees_it()
+    # Labels go on 32.5 s into the schedule: the next instants come 7.5, 17.5 and 27.5
+    # monotonic seconds from now, ten seconds apart as before the step.
+    seen = []
+    for seconds in (7.25, 0.5, 9.5, 0.5, 9.5, 0.5):
+        c.tick(seconds, step=0.25)
+        seen.append(len(c.runner.runs))
+    assert seen == [3, 4, 4, 5, 5, 6]
+    assert c.scheduled() == [at(10), at(20), at(30), at(40), at(50), at(60)]

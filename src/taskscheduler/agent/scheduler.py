@@ -1,8 +1,9 @@
-"""A timer per task, started on the task's anchored instants.
+"""A LoopingCall per task, started on the task's anchored instants.
 
 Execution ``k`` of a task is due at ``anchor + k * interval``. A task's loop waits
-(``callLater``) until its next instant, runs it labelled with that exact instant (never the
-clock's reading), and waits for the one after. A wake-up that comes late (a busy reactor,
+(``callLater``) until its next instant, then a ``LoopingCall`` (counting with
+``withCount``) runs every instant labelled with that exact instant (never the clock's
+reading). A wake-up that comes late (a busy reactor,
 a suspended host) runs the latest instant due, once; instants that passed while the agent
 was down or busy are not replayed (cron's rule).
 
@@ -44,12 +45,13 @@ from __future__ import annotations
 import threading
 import time
 import uuid
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from datetime import datetime
 from typing import Any, Protocol
 
 from twisted.internet.defer import Deferred, DeferredList, fail
 from twisted.internet.interfaces import IDelayedCall, IReactorThreads, IReactorTime
+from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
@@ -99,8 +101,28 @@ class RunnerLike(Protocol):
     def terminate_all(self) -> Deferred[None]: ...
 
 
+class _LabelTime:
+    """The reactor's time read on the scheduler's label timeline (wall clock plus lead).
+
+    Each task's LoopingCall counts its intervals on this clock, so the instants it wakes
+    on are the instants its runs are labelled with.
+    """
+
+    def __init__(self, scheduler: Scheduler) -> None:
+        self._scheduler = scheduler
+
+    def seconds(self) -> float:
+        return self._scheduler._clock.seconds() + self._scheduler.lead
+
+    def callLater(self, delay: float, f: Callable[..., Any], *args: Any, **kw: Any) -> IDelayedCall:
+        return self._scheduler._clock.callLater(delay, f, *args, **kw)
+
+    def getDelayedCalls(self) -> Sequence[IDelayedCall]:
+        return self._scheduler._clock.getDelayedCalls()
+
+
 class _TaskLoop:
-    """The timer of one task: wakes on each instant of the scheduler's label timeline."""
+    """One task's LoopingCall, started on the task's next instant of the label timeline."""
 
     log = Logger()
 
@@ -113,20 +135,27 @@ class _TaskLoop:
         self.spec = spec
         self._scheduler = scheduler
         self._clock = scheduler._clock
-        self._call: IDelayedCall | None = None
-        self._next = 0  # the execution the timer waits for (0: none planned yet)
+        self._time = _LabelTime(scheduler)
+        self._start_call: IDelayedCall | None = None  # waits for the loop's first instant
+        self._loop: LoopingCall | None = None
+        self._first: datetime | None = None  # the instant the loop's intervals count from
+        self._next = 0  # the execution the loop waits for (0: none planned yet)
         #: The last instant run: never run again, even by a new version of the task.
         self.last_run: datetime | None = after
 
     @property
     def pending(self) -> IDelayedCall | None:
-        return self._call if self._call is not None and self._call.active() else None
+        """The timer this loop waits on, if any."""
+        for call in (self._start_call, self._loop.call if self._loop is not None else None):
+            if call is not None and call.active():
+                return call
+        return None
 
     def start(self) -> None:
         self.replan()
 
     def replan(self) -> None:
-        """Wait for the first instant strictly after now, and after every instant run."""
+        """Start the loop on the first instant strictly after now, and after every one run."""
         self._cancel()
         interval = self.spec.frequency.interval
         now = self._scheduler.label_now()
@@ -139,28 +168,40 @@ class _TaskLoop:
                 missed=k - self._next,
             )
         self._next = k
-        self._call = self._clock.callLater((at - now).total_seconds(), self._wake)
+        self._start_call = self._clock.callLater((at - now).total_seconds(), self._begin, at)
 
-    def _wake(self) -> None:
-        # Never raise: a loop whose timer is not set again is dead.
-        self._call = None
+    def _begin(self, first: datetime) -> None:
+        self._start_call = None
+        self._first = first
+        loop = LoopingCall.withCount(self._tick)
+        loop.clock = self._time  # type: ignore[assignment]  # seconds and callLater suffice
+        self._loop = loop
+        loop.start(self.spec.frequency.seconds, now=True).addErrback(self._loop_died)
+
+    def _tick(self, count: int) -> None:
+        # Never raise: a LoopingCall whose function fails stops for good.
+        loop = self._loop
         try:
+            if self._first is not None and loop is not None:
+                # Count intervals from the exact instant, not from the moment (a little
+                # later) the loop started: a late first wake-up shifts nothing after it.
+                loop.starttime = self._first.timestamp()
+                self._first = None
             if self._scheduler.check_clock():
                 return  # the wall clock stepped: every loop, this one too, was re-planned
-            interval = self.spec.frequency.interval
+            # ``count`` > 1 when the wake-up came late (a busy reactor, a suspended host):
+            # run the latest instant that is due, once, labelled with that exact instant.
+            # (The first wake-up's count is always 1: check it against the label clock.)
             now = self._scheduler.label_now()
-            # The wake-up may be late (a busy reactor, a suspended host): run the latest
-            # instant that is due, once, labelled with that exact instant.
-            k = max(self._next, next_execution(self.spec.anchor, interval, now)[0] - 1)
+            due = next_execution(self.spec.anchor, self.spec.frequency.interval, now)[0] - 1
+            k = max(self._next + count - 1, due)
             if k > self._next:
                 self._missed(k - self._next)
-            self.last_run = instant(self.spec.anchor, interval, k)
+            self.last_run = instant(self.spec.anchor, self.spec.frequency.interval, k)
             self._next = k + 1
-            due = instant(self.spec.anchor, interval, self._next)
-            self._call = self._clock.callLater(max(0.0, (due - now).total_seconds()), self._wake)
         except Exception:
             self.log.failure(
-                "task {task_id}: its timer failed; re-planning", task_id=str(self.spec.task_id)
+                "task {task_id}: its loop failed; re-planning", task_id=str(self.spec.task_id)
             )
             self._replan_safely()
             return
@@ -170,6 +211,12 @@ class _TaskLoop:
             self.log.failure(
                 "task {task_id}: could not start a run", task_id=str(self.spec.task_id)
             )
+
+    def _loop_died(self, failure: Failure) -> None:
+        self.log.failure(
+            "task {task_id}: its loop stopped; re-planning", failure, task_id=str(self.spec.task_id)
+        )
+        self._replan_safely()
 
     def _fire(self, k: int) -> None:
         self._scheduler._fire(self.spec, k)
@@ -189,9 +236,12 @@ class _TaskLoop:
         )
 
     def _cancel(self) -> None:
-        if self._call is not None and self._call.active():
-            self._call.cancel()
-        self._call = None
+        if self._start_call is not None and self._start_call.active():
+            self._start_call.cancel()
+        self._start_call = None
+        if self._loop is not None and self._loop.running:
+            self._loop.stop()
+        self._loop = None
 
     def stop(self) -> None:
         self._cancel()
