@@ -181,6 +181,7 @@ class FakeServer:
         self.down = False  # answer 503
         self.hang = False  # never answer
         self.conflicting: set[uuid.UUID] = set()  # task ids whose results conflict
+        self.deleted: set[uuid.UUID] = set()  # task ids deleted before every result
         self.garbled = False  # answer a batch with one answer too few, storing nothing
         self.hanging: list[Any] = []
         self.refuse_with: int | None = None  # answer every request with this status (401, 403)
@@ -189,6 +190,8 @@ class FakeServer:
     def _record(self, item: RunResult) -> str:
         if item.task_id in self.conflicting:
             return "conflict"
+        if item.task_id in self.deleted:
+            return "deleted"
         if item.key in self.stored:
             return "duplicate"
         self.stored[item.key] = item
@@ -227,6 +230,10 @@ class FakeServer:
         outcome = self._record(item)
         if outcome == "conflict":
             return self._answer(request, 409, {"error": {"code": "conflict", "message": "no"}})
+        if outcome == "deleted":
+            return self._answer(
+                request, 404, {"error": {"code": "task_deleted", "message": "deleted"}}
+            )
         return self._answer(request, 200, {"status": outcome})
 
     @app.route("/api/v1/results", methods=["POST"])

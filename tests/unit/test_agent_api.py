@@ -221,3 +221,73 @@ def test_a_body_over_the_limit_is_413_before_it_is_read(agent: Agent) -> None:
     assert answer.startswith(b"HTTP/1.1 413 ")
     assert b'"payload_too_large"' in answer
     assert task_files(agent) == []
+
+
+# -- removing a task -------------------------------------------------------------------------
+
+
+@pytest_twisted.ensureDeferred
+async def test_delete_stops_the_task_and_the_run_under_way_still_reports(agent: Agent) -> None:
+    kept, gone = task_body(command="kept"), task_body(command="gone")
+    for body in (kept, gone):
+        assert (await call(agent, "POST", "/api/v1/tasks/schedule", body))[0] == 200
+    agent.advance_to(10)
+    assert sorted(run.command for run in agent.runner.runs) == ["gone", "kept"]
+    [under_way] = [run for run in agent.runner.runs if run.command == "gone"]
+
+    code, answer = await call(agent, "DELETE", f"/api/v1/tasks/{gone['task_id']}")
+    assert (code, answer) == (
+        200,
+        {"agent_id": agent_id(agent), "task_id": gone["task_id"], "status": "removed"},
+    )
+    assert [p.name for p in task_files(agent)] == [f"{kept['task_id']}.json"]
+    code, answer = await call(agent, "GET", "/api/v1/agent/tasks")
+    assert answer["task_ids"] == [kept["task_id"]]
+
+    # The run that began before the removal finishes, and its result goes to the server.
+    agent.runner.finish(under_way, b"last words\n")
+    agent.settle()
+    [last] = [r for r in agent.server.stored.values() if str(r.task_id) == gone["task_id"]]
+    assert last.stdout.data == b"last words\n"
+
+    # No new run of it, ever; the other task goes on.
+    for seconds in (10, 20, 30, 40):
+        agent.advance_to(seconds)
+        for run in agent.runner.runs:
+            if not run.done:
+                agent.runner.finish(run)
+    commands = [run.command for run in agent.runner.runs]
+    assert commands.count("gone") == 1
+    assert commands.count("kept") == 4
+
+
+@pytest_twisted.ensureDeferred
+async def test_delete_is_idempotent_and_checks_the_id(agent: Agent) -> None:
+    body = task_body()
+    await call(agent, "POST", "/api/v1/tasks/schedule", body)
+    for _ in range(2):
+        code, answer = await call(agent, "DELETE", f"/api/v1/tasks/{body['task_id']}")
+        assert (code, answer["status"]) == (200, "removed")
+    unknown = str(uuid.uuid4())
+    code, answer = await call(agent, "DELETE", f"/api/v1/tasks/{unknown}")
+    assert (code, answer["task_id"]) == (200, unknown), "the server's retries converge"
+    code, answer = await call(agent, "DELETE", "/api/v1/tasks/not-a-uuid")
+    assert (code, answer["error"]["code"]) == (400, "invalid_task_id")
+    assert task_files(agent) == []
+    assert agent.service.scheduler.tasks == {}  # type: ignore[union-attr]
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_removal_the_disk_cannot_take_is_503_and_the_task_goes_on(agent: Agent) -> None:
+    body = task_body()
+    await call(agent, "POST", "/api/v1/tasks/schedule", body)
+    store = agent.service.api._task_store  # type: ignore[union-attr]
+
+    def read_only(task_id: object) -> None:
+        raise OSError(30, "Read-only file system")
+
+    store.delete = read_only  # type: ignore[method-assign]
+    code, answer = await call(agent, "DELETE", f"/api/v1/tasks/{body['task_id']}")
+    assert (code, answer["error"]["code"]) == (503, "storage_unavailable")
+    assert set(agent.service.scheduler.tasks) == {uuid.UUID(body["task_id"])}  # type: ignore[union-attr]
+    assert len(task_files(agent)) == 1

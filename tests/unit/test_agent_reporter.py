@@ -189,6 +189,27 @@ def test_refused_items_of_a_batch_are_dropped_the_others_acknowledged(tmp_path: 
     assert {key[0] for key in s.server.stored} == {TASK}
 
 
+def test_results_of_a_task_deleted_before_they_were_due_are_dropped(tmp_path: Path) -> None:
+    single = Setup(tmp_path / "single")
+    single.server.deleted.add(TASK)
+    single.spool_results(1)
+    single.reporter.start()
+    single.settle()
+    assert single.server.requests == [("single", 1)]
+    assert len(single.spool) == 0 and single.reporter.rejected == 1
+
+    s = Setup(tmp_path / "batch")
+    s.server.deleted.add(TASK)
+    s.spool_results(2)
+    s.spool_results(1, task_id=uuid.uuid4())
+    s.reporter.start()
+    s.settle()
+    assert s.server.requests == [("batch", 3)]
+    assert len(s.spool) == 0 and s.reporter.rejected == 2
+    s.settle(60)
+    assert len(s.server.requests) == 1, "nothing refused is sent again"
+
+
 def test_a_batch_refused_whole_is_sent_singly_to_isolate_the_bad_result(tmp_path: Path) -> None:
     s = Setup(tmp_path)
     s.spool_results(3)

@@ -2,6 +2,9 @@
 
 - ``POST /api/v1/tasks/schedule``: run a task here (idempotent; the same ``task_id`` with
   a different spec replaces it). The task is on disk before the answer.
+- ``DELETE /api/v1/tasks/{task_id}``: run the task no more (it was deleted on the server).
+  A run under way finishes and its result is reported. Idempotent: 200 whether the
+  agent had the task or not, so that the server's retries converge.
 - ``GET /api/v1/agent/tasks``: the ids of every task the agent runs (for reconciliation).
 - ``GET /api/v1/health``: liveness and a few counters (public; nothing secret).
 
@@ -57,6 +60,7 @@ class AgentAPI:
     #: Who may call each route (by endpoint name). A route missing here is refused.
     ACCESS: dict[str, Access] = {
         "schedule": Access.SERVER,
+        "unschedule": Access.SERVER,
         "task_ids": Access.SERVER,
         "health": Access.PUBLIC,
     }
@@ -125,6 +129,25 @@ class AgentAPI:
         return json_response(
             request,
             {"agent_id": str(self._agent_id), "task_id": str(spec.task_id), "status": "scheduled"},
+        )
+
+    @app.route("/api/v1/tasks/<task_id>", methods=["DELETE"])
+    def unschedule(self, request: IRequest, task_id: str) -> bytes:
+        try:
+            parsed = protocol.parse_uuid(task_id, "task_id")
+        except InvalidMessage as e:
+            raise bad_request(str(e), "invalid_task_id") from None
+        # The file first: if it cannot go, nothing changed and the server retries (a task
+        # still on disk would come back at the next restart).
+        try:
+            self._task_store.delete(parsed)
+        except OSError as e:
+            raise StorageError(str(e)) from e
+        if self._scheduler.unschedule(parsed):
+            self.log.info("removed task {task_id}", task_id=str(parsed))
+        return json_response(
+            request,
+            {"agent_id": str(self._agent_id), "task_id": str(parsed), "status": "removed"},
         )
 
     @app.route("/api/v1/agent/tasks", methods=["GET"])

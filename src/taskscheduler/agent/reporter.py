@@ -6,7 +6,7 @@ server one request and one multi-row insert per hundred results. A new result wa
 reporter at once.
 
 - acknowledged (``stored`` / ``duplicate``): the result leaves the spool;
-- refused for good (400, 403, 404, 409 for one; ``conflict``, ``unknown_task``,
+- refused for good (400, 403, 404, 409 for one; ``conflict``, ``unknown_task``, ``deleted``,
   ``misaligned``, ``invalid``, ``forbidden`` in a batch): it leaves the spool, is logged
   and counted; a whole batch refused with 400 or 403 is sent again one by one to isolate
   the bad result;
@@ -41,7 +41,7 @@ BATCH_BYTES = 8 * 1024 * 1024
 REQUEST_TIMEOUT = 30.0
 
 _ACKNOWLEDGED = frozenset({"stored", "duplicate"})
-_REFUSED = frozenset({"conflict", "unknown_task", "misaligned", "invalid", "forbidden"})
+_REFUSED = frozenset({"conflict", "unknown_task", "misaligned", "invalid", "forbidden", "deleted"})
 #: Answers to a single result that no amount of retrying will change.
 _REFUSED_CODES = frozenset({400, 403, 404, 409, 413, 422})
 #: Answers to a batch that call for sending its results one by one.

@@ -358,6 +358,15 @@ class Scheduler:
         self._loops[spec.task_id] = loop
         loop.start()
 
+    def unschedule(self, task_id: uuid.UUID) -> bool:
+        """Run ``task_id`` no more (a run under way goes on, and its result is spooled).
+        False if the task was not scheduled."""
+        loop = self._loops.pop(task_id, None)
+        if loop is None:
+            return False
+        loop.stop()
+        return True
+
     def stop(self) -> None:
         """Start no more runs; the runs under way go on."""
         self._stopped = True
