@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import collections
 import signal
+import time
 import uuid
 from pathlib import Path
 
 import pytest
 
+from taskscheduler.schedule import parse_instant
 from tests.integration.daemons import Fleet, http, running_fleet, wait_for
 
 pytestmark = pytest.mark.integration
@@ -96,3 +98,49 @@ def test_seed_flow_and_recovery_from_sigkill(tmp_path: Path) -> None:
                 for o in e["outputs"]:
                     if o["agent_id"] == agent_id and o["status"] == "succeeded":
                         assert e["scheduled_at"] in ran, "a stored result has no witness"
+
+
+def witness_lines(root: Path, agent: int, name: str) -> list[str]:
+    path = root / f"agent-{agent}" / name
+    return path.read_text().split() if path.exists() else []
+
+
+def test_a_deleted_task_stops_on_every_agent_and_keeps_its_history(tmp_path: Path) -> None:
+    witness = "deleted-witness.txt"
+    command = f'echo hello world; echo "$TASKSCHEDULER_SCHEDULED_AT" >> {witness}'
+    with running_fleet(tmp_path) as fleet:
+        code, body = fleet.api(
+            "POST", "/api/v1/tasks/create", {"command": command, "frequency": "every 1 second"}
+        )
+        assert code == 201, body
+        task_id = body["command_id"]
+        wait_for(lambda: both_agents_said_hello(fleet, task_id), 30, "both agents' output")
+
+        code, body = fleet.api("DELETE", f"/api/v1/tasks/{task_id}")
+        assert (code, body) == (200, {"task_id": task_id, "status": "deleted"})
+
+        def stopped() -> bool:
+            before = [len(witness_lines(tmp_path, i, witness)) for i in range(2)]
+            time.sleep(2.5)  # more than two instants of the task
+            return before == [len(witness_lines(tmp_path, i, witness)) for i in range(2)]
+
+        wait_for(stopped, 10, "both witness files to stop growing", interval=0)
+        assert all(fleet.agent_health(i)["tasks"] == 0 for i in range(2))
+        for i in range(2):
+            assert list((tmp_path / f"agent-{i}" / "data" / "tasks").glob("*.json")) == []
+
+        code, task = fleet.api("GET", f"/api/v1/tasks/{task_id}")
+        assert code == 200 and task["deleted_at"] is not None, task
+        code, error = fleet.api("DELETE", f"/api/v1/tasks/{task_id}")
+        assert (code, error["error"]["code"]) == (404, "task_deleted")
+        # The history stays, and holds nothing scheduled after the deletion.
+        code, latest_body = fleet.api("GET", f"/api/v1/tasks/{task_id}/latest_output")
+        assert code == 200 and latest_body["outputs"], latest_body
+        code, history = fleet.api("GET", f"/api/v1/tasks/{task_id}/executions?limit=1000")
+        assert code == 200 and history["executions"]
+        deleted_at = parse_instant(task["deleted_at"])
+        assert all(parse_instant(e["scheduled_at"]) <= deleted_at for e in history["executions"])
+        for i in range(2):
+            lines = witness_lines(tmp_path, i, witness)
+            late = [line for line in lines if parse_instant(line) > deleted_at]
+            assert len(late) <= 2, f"agent {i} ran {late} after the deletion"

@@ -17,7 +17,7 @@ from taskscheduler.protocol import TaskSpec, parse_task_spec
 from taskscheduler.schedule import parse_frequency, utc_now_from
 from taskscheduler.server.dispatch import Dispatcher
 from taskscheduler.server.memstore import MemoryStore
-from taskscheduler.server.store import AuditEvent
+from taskscheduler.server.store import AuditEvent, Task
 from taskscheduler.signing import BadSignature, InstructionSigner, InstructionVerifier
 
 URL = "http://agent-a:8081"
@@ -33,6 +33,7 @@ class FakeAgent:
         self.tasks: dict[uuid.UUID, TaskSpec] = {}
         self.down = False
         self.requests = 0
+        self.removals: list[uuid.UUID] = []
 
     @app.route("/api/v1/tasks/schedule", methods=["POST"])
     def schedule(self, request: Any) -> bytes:
@@ -44,6 +45,17 @@ class FakeAgent:
         spec = parse_task_spec(json.loads(request.content.read()), utc_now_from(0))
         self.tasks[spec.task_id] = spec
         return json.dumps({"agent_id": str(AGENT_ID), "task_id": str(spec.task_id)}).encode()
+
+    @app.route("/api/v1/tasks/<task_id>", methods=["DELETE"])
+    def unschedule(self, request: Any, task_id: str) -> bytes:
+        self.requests += 1
+        request.setHeader(b"Content-Type", b"application/json")
+        if self.down:
+            request.setResponseCode(503)
+            return b'{"error": {"code": "down", "message": "down"}}'
+        self.removals.append(uuid.UUID(task_id))
+        self.tasks.pop(uuid.UUID(task_id), None)  # idempotent, like the real agent
+        return json.dumps({"agent_id": str(AGENT_ID), "task_id": task_id}).encode()
 
     @app.route("/api/v1/agent/tasks", methods=["GET"])
     def task_ids(self, request: Any) -> bytes:
@@ -184,6 +196,12 @@ class VerifyingAgent(FakeAgent):
             return b'{"error": {"code": "unauthorized", "message": "no"}}'
         return FakeAgent.schedule(self, request)
 
+    @app.route("/api/v1/tasks/<task_id>", methods=["DELETE"])
+    def unschedule(self, request: Any, task_id: str) -> bytes:
+        if not self._check(request):
+            return b'{"error": {"code": "unauthorized", "message": "no"}}'
+        return FakeAgent.unschedule(self, request, task_id)
+
     @app.route("/api/v1/agent/tasks", methods=["GET"])
     def task_ids(self, request: Any) -> bytes:
         if not self._check(request):
@@ -219,4 +237,114 @@ async def test_instructions_are_signed_for_the_agent_enrolled_at_the_url_only() 
     settle(clock, http, 30)  # a signed reconciliation too
     assert agent.refused == []
     assert await store.undelivered_tasks(URL, 10) == []
+    await delete(store, task)
+    dispatcher.task_deleted(task)
+    settle(clock, http)
+    assert agent.removals == [task.task_id] and agent.tasks == {}
+    assert agent.refused == [], "the removal is signed too"
+    assert await store.pending_removals(URL, 10) == []
+    dispatcher.stopService()
+
+
+# -- deleted tasks -----------------------------------------------------------------------------
+
+
+async def delete(store: MemoryStore, task: Task) -> None:
+    now = utc_now_from(1_795_000_100)
+    deleted = await store.delete_task(
+        task.task_id, now, AuditEvent(now, "operator:t", "task.deleted", str(task.task_id), "")
+    )
+    assert deleted is not None
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_deleted_task_is_dropped_by_the_agent_and_the_store_knows() -> None:
+    agent = FakeAgent()
+    store, dispatcher, clock, http = await setup(agent)
+    dispatcher.startService()
+    kept, gone = [await store.create_task(spec(c), utc_now_from(0)) for c in ("kept", "gone")]
+    dispatcher.task_created(gone)
+    settle(clock, http)
+    assert set(agent.tasks) == {kept.task_id, gone.task_id}
+    await delete(store, gone)
+    dispatcher.task_deleted(gone)
+    settle(clock, http)
+    assert agent.removals == [gone.task_id]
+    assert set(agent.tasks) == {kept.task_id}
+    assert await store.pending_removals(URL, 10) == []
+    settle(clock, http, 30)  # reconciliation finds nothing to do
+    assert agent.removals == [gone.task_id] and set(agent.tasks) == {kept.task_id}
+    dispatcher.stopService()
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_task_deleted_before_delivery_is_never_sent() -> None:
+    agent = FakeAgent()
+    agent.down = True
+    store, dispatcher, clock, http = await setup(agent)
+    dispatcher.startService()
+    task = await store.create_task(spec(), utc_now_from(0))
+    dispatcher.task_created(task)
+    settle(clock, http)
+    await delete(store, task)
+    agent.down = False
+    dispatcher.task_deleted(task)
+    settle(clock, http, 1)
+    assert agent.tasks == {}
+    assert agent.removals == [task.task_id], "the agent is told anyway: it may have it"
+    assert await store.pending_removals(URL, 10) == []
+    dispatcher.stopService()
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_removal_is_retried_with_back_off_and_survives_a_server_restart() -> None:
+    agent = FakeAgent()
+    store, dispatcher, clock, http = await setup(agent)
+    dispatcher.startService()
+    task = await store.create_task(spec(), utc_now_from(0))
+    dispatcher.task_created(task)
+    settle(clock, http)
+    agent.down = True
+    await delete(store, task)
+    dispatcher.task_deleted(task)
+    settle(clock, http)
+    for delay in (1, 2):
+        settle(clock, http, delay)
+    before = agent.requests
+    settle(clock, http, 1)
+    assert agent.requests == before, "backing off, not hammering"
+    settle(clock, http, 3)
+    assert agent.requests == before + 1, "retried after the back-off"
+    assert task.task_id in agent.tasks
+    assert await store.pending_removals(URL, 10) == [task.task_id]
+
+    # The server stops before the agent came back; a new one over the same store finishes.
+    dispatcher.stopService()
+    agent.down = False
+    fresh = Dispatcher(store, http, clock, [URL], jitter=lambda: 1.0)
+    fresh.startService()
+    settle(clock, http)
+    assert agent.tasks == {}
+    assert await store.pending_removals(URL, 10) == []
+    fresh.stopService()
+
+
+@pytest_twisted.ensureDeferred
+async def test_reconciliation_removes_a_deleted_task_the_agent_still_has() -> None:
+    agent = FakeAgent()
+    store, dispatcher, clock, http = await setup(agent)
+    dispatcher.startService()
+    task = await store.create_task(spec(), utc_now_from(0))
+    dispatcher.task_created(task)
+    settle(clock, http)
+    await delete(store, task)
+    dispatcher.task_deleted(task)
+    settle(clock, http)
+    assert agent.tasks == {}
+    # The agent was restored from a backup taken before the deletion.
+    agent.tasks[task.task_id] = task.spec
+    settle(clock, http, 30)
+    assert agent.tasks == {}
+    assert agent.removals == [task.task_id, task.task_id]
+    assert await store.pending_removals(URL, 10) == []
     dispatcher.stopService()

@@ -48,6 +48,7 @@ class Harness:
         self.clock.advance(START)
         self.store = MemoryStore() if store is None else store
         self.created: list[Any] = []
+        self.deleted: list[Any] = []
         self.access = ServerAccess(self.store, self.clock, operator_tokens(), None)
         self.api = ServerAPI(
             self.store,
@@ -55,6 +56,7 @@ class Harness:
             self.access,
             on_task_created=self.created.append,
             report_grace=timedelta(seconds=30),
+            on_task_deleted=self.deleted.append,
         )
         self.http = StubTreq(self.api.resource())
 
@@ -437,3 +439,86 @@ async def test_history_lists_executions_newest_first_and_pages(harness: Harness)
         assert "query parameter" in error["error"]["message"]
     code, _ = await harness.request("GET", f"/api/v1/tasks/{uuid.uuid4()}/executions")
     assert code == 404
+
+
+# -- deleting a task -----------------------------------------------------------------------
+
+
+@pytest_twisted.ensureDeferred
+async def test_delete_marks_the_task_deleted_keeps_its_history_and_audits(
+    harness: Harness,
+) -> None:
+    task_id = await harness.create()
+    for agent in (AGENT_A, AGENT_B):
+        assert (await harness.report(harness.result(task_id, agent, 1, b"before\n")))[0] == 200
+    harness.clock.advance(45)
+
+    code, body = await harness.request("DELETE", f"/api/v1/tasks/{task_id}")
+    assert (code, body) == (200, {"task_id": task_id, "status": "deleted"})
+    [task] = harness.deleted
+    assert str(task.task_id) == task_id and task.deleted_at == utc_now_from(START + 45)
+
+    code, body = await harness.request("GET", f"/api/v1/tasks/{task_id}")
+    assert code == 200
+    assert parse_instant(body["deleted_at"]) == utc_now_from(START + 45)
+    assert body["command"] == "echo hello world"
+    code, latest = await harness.request("GET", f"/api/v1/tasks/{task_id}/latest_output")
+    assert code == 200 and [o["stdout"] for o in latest["outputs"]] == ["before\n"] * 2
+    code, history = await harness.request("GET", f"/api/v1/tasks/{task_id}/executions")
+    assert code == 200 and len(history["executions"]) == 1
+
+    [event, *_] = await harness.store.audit_events(10)
+    assert (event.action, event.actor, event.target) == (
+        "task.deleted",
+        "operator:alice",
+        task_id,
+    )
+    assert event.peer and event.at == utc_now_from(START + 45)
+
+    # A second deletion is a 404 that says why; nothing more is written or dispatched.
+    code, error = await harness.request("DELETE", f"/api/v1/tasks/{task_id}")
+    assert (code, error["error"]["code"]) == (404, "task_deleted")
+    assert len(harness.deleted) == 1
+    assert [e.action for e in await harness.store.audit_events(10)].count("task.deleted") == 1
+
+
+@pytest_twisted.ensureDeferred
+async def test_delete_of_unknown_or_malformed_ids(harness: Harness) -> None:
+    code, error = await harness.request("DELETE", f"/api/v1/tasks/{uuid.uuid4()}")
+    assert (code, error["error"]["code"]) == (404, "unknown_task")
+    code, error = await harness.request("DELETE", "/api/v1/tasks/not-a-uuid")
+    assert (code, error["error"]["code"]) == (400, "invalid_task_id")
+    assert harness.deleted == []
+    assert all(e.action != "task.deleted" for e in await harness.store.audit_events(10))
+    code, body = await harness.request("GET", f"/api/v1/tasks/{await harness.create()}")
+    assert code == 200 and body["deleted_at"] is None
+
+
+@pytest_twisted.ensureDeferred
+async def test_results_of_a_deleted_task_are_taken_up_to_the_deletion_only(
+    harness: Harness,
+) -> None:
+    task_id = await harness.create()
+    # Agent A's first report warms the server's memory of its assignments.
+    assert (await harness.report(harness.result(task_id, AGENT_A, 1, b"a1")))[0] == 200
+    harness.clock.advance(60)
+    code, _ = await harness.request("DELETE", f"/api/v1/tasks/{task_id}")
+    assert code == 200
+
+    # Instant 2 (START + 60) is the deletion's own instant: its runs began before any agent
+    # could know, and are kept. Instant 3 came after: refused for good, even for agent A.
+    assert (await harness.report(harness.result(task_id, AGENT_B, 1, b"b1")))[0] == 200
+    assert (await harness.report(harness.result(task_id, AGENT_A, 2, b"a2")))[0] == 200
+    code, error = await harness.report(harness.result(task_id, AGENT_A, 3, b"a3"))
+    assert (code, error["error"]["code"]) == (404, "task_deleted")
+    batch = [harness.result(task_id, AGENT_B, 2, b"b2"), harness.result(task_id, AGENT_B, 3)]
+    code, body = await harness.request(
+        "POST",
+        "/api/v1/results",
+        {"results": [result_to_json(r) for r in batch]},
+        headers=harness.headers_for("/api/v1/results", AGENT_B),
+    )
+    assert code == 200
+    assert [r["status"] for r in body["results"]] == ["stored", "deleted"]
+    code, history = await harness.request("GET", f"/api/v1/tasks/{task_id}/executions")
+    assert [len(e["outputs"]) for e in history["executions"]] == [2, 2]

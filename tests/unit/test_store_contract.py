@@ -35,6 +35,7 @@ from taskscheduler.server.pgstore import (
     PostgresStore,
 )
 from taskscheduler.server.store import (
+    AuditEvent,
     RecordOutcome,
     Store,
     StoreUnavailable,
@@ -485,6 +486,111 @@ async def test_expected_agents_are_fixed_when_an_execution_is_first_reported(
 
 
 # -- PostgreSQL only -------------------------------------------------------------------------
+
+
+# -- deleting tasks ---------------------------------------------------------------------------
+
+
+def deletion(task_id: uuid.UUID) -> AuditEvent:
+    return AuditEvent(at(2), "operator:alice", "task.deleted", str(task_id), "10.0.0.9")
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_deleted_task_keeps_its_history_and_writes_its_audit_event(store: Store) -> None:
+    task = await store.create_task(make_spec(), ANCHOR)
+    first = [result(task.task_id, A_ID, 1), result(task.task_id, B_ID, 1)]
+    assert await store.record_results(first, at(1)) == [STORED, STORED]
+
+    deleted = await store.delete_task(task.task_id, at(2), deletion(task.task_id))
+    assert deleted is not None and deleted.deleted_at == at(2)
+    assert deleted.spec == task.spec and deleted.created_at == task.created_at
+    assert await store.get_task(task.task_id) == deleted
+    latest = await store.latest_complete_execution(task.task_id, at(2), GRACE)
+    assert latest is not None and latest.scheduled_at == at(1) and len(latest.results) == 2
+    assert [e.scheduled_at for e in await store.list_executions(task.task_id, 10)] == [at(1)]
+    [event] = await store.audit_events(10)
+    assert (event.action, event.target, event.actor, event.peer) == (
+        "task.deleted",
+        str(task.task_id),
+        "operator:alice",
+        "10.0.0.9",
+    )
+
+    # Only once: a second deletion, or one of an unknown task, changes nothing.
+    assert await store.delete_task(task.task_id, at(3), deletion(task.task_id)) is None
+    assert await store.delete_task(uuid.uuid4(), at(3), deletion(task.task_id)) is None
+    assert (await store.get_task(task.task_id)) == deleted
+    assert len(await store.audit_events(10)) == 1
+
+
+@pytest_twisted.ensureDeferred
+async def test_results_scheduled_after_the_deletion_are_refused_earlier_ones_taken(
+    store: Store,
+) -> None:
+    task = await store.create_task(make_spec(), ANCHOR)
+    other = await store.create_task(make_spec("other"), ANCHOR)
+    # Deleted exactly at instant 2: instant 2 began before any agent could know.
+    await store.delete_task(task.task_id, at(2), deletion(task.task_id))
+    batch = [
+        result(task.task_id, A_ID, 1),
+        result(task.task_id, A_ID, 2),
+        result(task.task_id, A_ID, 3),
+        result(other.task_id, A_ID, 3),
+        result(task.task_id, B_ID, 3),
+    ]
+    outcomes = await store.record_results(batch, at(3))
+    assert outcomes == [STORED, STORED, RecordOutcome.DELETED, STORED, RecordOutcome.DELETED]
+    assert await store.record_results(batch[:3], at(3)) == [
+        DUPLICATE,
+        DUPLICATE,
+        RecordOutcome.DELETED,
+    ]
+    instants = [e.scheduled_at for e in await store.list_executions(task.task_id, 10)]
+    assert instants == [at(2), at(1)], "no execution is made for a refused result"
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_deleted_task_is_never_delivered_and_is_removed_from_each_agent(
+    store: Store,
+) -> None:
+    kept = await store.create_task(make_spec("kept"), ANCHOR)
+    gone = await store.create_task(make_spec("gone"), ANCHOR + timedelta(seconds=1))
+    never = await store.create_task(make_spec("never"), ANCHOR + timedelta(seconds=2))
+    await store.mark_delivered(A_URL, [kept.task_id, gone.task_id], A_ID)
+    assert await store.pending_removals(A_URL, 10) == []
+
+    await store.delete_task(gone.task_id, at(2), deletion(gone.task_id))
+    await store.delete_task(never.task_id, at(3), deletion(never.task_id))
+    for url in (A_URL, B_URL):
+        assert [t.task_id for t in await store.undelivered_tasks(url, 10)] == (
+            [] if url == A_URL else [kept.task_id]
+        )
+        assert await store.assigned_task_ids(url) == {kept.task_id}
+        # Still assigned for the results that were due before the deletion.
+        assert await store.assigned_among(url, [kept.task_id, gone.task_id]) == {
+            kept.task_id,
+            gone.task_id,
+        }
+        assert await store.pending_removals(url, 10) == [gone.task_id, never.task_id]
+    assert await store.pending_removals(A_URL, 1) == [gone.task_id]
+    assert await store.pending_removals(C_URL, 10) == []
+
+    await store.mark_removed(A_URL, [gone.task_id, kept.task_id])
+    await store.mark_removed(A_URL, [])
+    assert await store.pending_removals(A_URL, 10) == [never.task_id]
+    assert await store.pending_removals(B_URL, 10) == [gone.task_id, never.task_id]
+
+    # The agent turns out to still have it (reconciliation): removed again. A live task
+    # or an unknown one is not.
+    marked = await store.request_removal(A_URL, [gone.task_id, kept.task_id, uuid.uuid4()])
+    assert marked == {gone.task_id}
+    assert await store.request_removal(A_URL, []) == set()
+    assert await store.pending_removals(A_URL, 10) == [gone.task_id, never.task_id]
+
+    # A new agent of the fleet is never given a deleted task.
+    await store.set_fleet([A_URL, B_URL, C_URL])
+    assert await store.undelivered_tasks(C_URL, 10) == [kept]
+    assert await store.pending_removals(C_URL, 10) == []
 
 
 def _query(dsn: str, sql: str, params: Any = None) -> list[tuple[Any, ...]]:

@@ -65,6 +65,7 @@ class ServerAPI:
     ACCESS: dict[str, Access] = {
         "create_task": Access.OPERATOR,
         "get_task": Access.OPERATOR,
+        "delete_task": Access.OPERATOR,
         "latest_output": Access.OPERATOR,
         "executions": Access.OPERATOR,
         "list_agents": Access.OPERATOR,
@@ -86,6 +87,7 @@ class ServerAPI:
         *,
         server_public_key: str = "",
         on_agent_enrolled: Callable[[AgentRecord], None] = lambda agent: None,
+        on_task_deleted: Callable[[Task], None] = lambda task: None,
     ) -> None:
         self._store = store
         self._clock = clock
@@ -94,6 +96,7 @@ class ServerAPI:
         self._report_grace = report_grace
         self._server_public_key = server_public_key
         self._on_agent_enrolled = on_agent_enrolled
+        self._on_task_deleted = on_task_deleted
         self._assignments: set[tuple[str, uuid.UUID]] = set()
 
     def resource(self) -> Any:
@@ -170,6 +173,21 @@ class ServerAPI:
             raise UnknownTask(task_id)
         return json_response(request, _task_json(task))
 
+    @app.route("/api/v1/tasks/<task_id>", methods=["DELETE"])
+    async def delete_task(self, request: IRequest, task_id: str) -> bytes:
+        """Stop a task everywhere: its agents are told to drop it; its history stays."""
+        parsed = _path_uuid(task_id)
+        principal = principal_of(request)
+        audit = self._audit(request, principal, "task.deleted", str(parsed))
+        task = await self._store.delete_task(parsed, self._now(), audit)
+        if task is None:
+            if await self._store.get_task(parsed) is not None:
+                raise ApiError(http.NOT_FOUND, "task_deleted", "this task is already deleted")
+            raise UnknownTask(task_id)
+        self.log.info("{actor} deleted task {task_id}", actor=principal.actor, task_id=str(parsed))
+        self._on_task_deleted(task)
+        return json_response(request, {"task_id": str(parsed), "status": "deleted"})
+
     @app.route("/api/v1/tasks/<task_id>/latest_output", methods=["GET"])
     async def latest_output(self, request: IRequest, task_id: str) -> bytes:
         execution = await self._store.latest_complete_execution(
@@ -233,6 +251,12 @@ class ServerAPI:
             )
         if outcome is RecordOutcome.UNKNOWN_TASK:
             raise UnknownTask(task_id)
+        if outcome is RecordOutcome.DELETED:
+            raise ApiError(
+                http.NOT_FOUND,
+                "task_deleted",
+                "this task was deleted before this result's scheduled instant",
+            )
         if outcome is RecordOutcome.MISALIGNED:
             raise bad_request(
                 "'scheduled_at' is not one of this task's scheduled instants", "misaligned"
@@ -267,6 +291,12 @@ class ServerAPI:
         Assignments are made when a task is created and when the server starts with a new
         fleet, and never taken back while it runs, so a positive answer is remembered:
         a busy agent's reports cost no extra round trip. Negative answers are not.
+
+        Deleting a task does not take its assignments back either: the results its agents
+        ran at or before the deletion are still due. Whether a result comes too late (it
+        is scheduled after the deletion) is decided by the store, against the task's
+        ``deleted_at``, in the very statement that would insert it, so neither this cache
+        nor another server's can let one in.
         """
         known = {t for t in task_ids if (url, t) in self._assignments}
         unknown = [t for t in dict.fromkeys(task_ids) if t not in known]
@@ -522,6 +552,7 @@ def _query_instant(request: IRequest, name: str) -> datetime | None:
 def _task_json(task: Task) -> dict[str, Any]:
     body = protocol.task_spec_to_json(task.spec)
     body["created_at"] = format_instant(task.created_at)
+    body["deleted_at"] = None if task.deleted_at is None else format_instant(task.deleted_at)
     return body
 
 

@@ -1,15 +1,19 @@
-"""Pushes tasks to agents until each agent has acknowledged every task assigned to it.
+"""Pushes tasks to agents until each agent has acknowledged every task assigned to it,
+and tells them to drop deleted tasks until each has confirmed it did.
 
-The store remembers, per (task, agent), whether the agent acknowledged the task, so
-nothing here needs to survive a restart. For each agent an :class:`AgentLink`:
+The store remembers, per (task, agent), whether the agent acknowledged the task and
+whether it still has to drop it, so nothing here needs to survive a restart. For each
+agent an :class:`AgentLink`:
 
-- delivers undelivered tasks (``POST {agent}/api/v1/tasks/schedule``) as soon as it is
-  kicked (a task was created) and again after failures, with exponential back-off and
+- delivers undelivered tasks (``POST {agent}/api/v1/tasks/schedule``) and removals of
+  deleted tasks (``DELETE {agent}/api/v1/tasks/{task_id}``) as soon as it is kicked (a
+  task was created or deleted) and again after failures, with exponential back-off and
   jitter while the agent is unreachable;
 - reconciles every ``reconcile_interval`` seconds (``GET {agent}/api/v1/agent/tasks``):
   a task the agent should have but does not (its data folder was wiped, say) is marked
-  undelivered and sent again. An agent that was down when a task was created gets it on
-  the first pass after it comes back.
+  undelivered and sent again; a deleted task it still has is removed again. An agent
+  that was down when a task was created or deleted hears of it on the first pass after
+  it comes back.
 
 Every request is signed (:mod:`taskscheduler.signing`) for the agent enrolled at the
 link's URL, the only identity that accepts it; until an agent has enrolled there, the
@@ -155,17 +159,33 @@ class AgentLink:
             while not self._stopped:
                 self._again = False
                 tasks = await self._store.undelivered_tasks(self.url, self._batch_size)
-                if not tasks:
+                removals = await self._store.pending_removals(self.url, self._batch_size)
+                if not tasks and not removals:
                     break
                 audience = await self._audience()
-                agent_id, delivered = await self._push(tasks, audience)
-                if delivered and agent_id is not None:
-                    await self._store.mark_delivered(self.url, delivered, agent_id)
-                if len(delivered) < len(tasks):
-                    raise _DeliveryFailed(f"{len(tasks) - len(delivered)} tasks not accepted")
-                self.log.info(
-                    "delivered {count} tasks to agent {url}", count=len(delivered), url=self.url
-                )
+                if tasks:
+                    agent_id, delivered = await self._push(tasks, audience)
+                    if delivered and agent_id is not None:
+                        await self._store.mark_delivered(self.url, delivered, agent_id)
+                    if len(delivered) < len(tasks):
+                        raise _DeliveryFailed(f"{len(tasks) - len(delivered)} tasks not accepted")
+                    self.log.info(
+                        "delivered {count} tasks to agent {url}",
+                        count=len(delivered),
+                        url=self.url,
+                    )
+                if removals:
+                    removed = await self._run_all(self._remove_one, removals, audience)
+                    await self._store.mark_removed(self.url, removed)
+                    if len(removed) < len(removals):
+                        raise _DeliveryFailed(
+                            f"{len(removals) - len(removed)} removals not confirmed"
+                        )
+                    self.log.info(
+                        "agent {url} dropped {count} deleted tasks",
+                        count=len(removed),
+                        url=self.url,
+                    )
             self._failures = 0
         except Exception as e:
             self._failures += 1
@@ -204,6 +224,43 @@ class AgentLink:
         if not delivered and first_error is not None:
             raise first_error
         return agent_id, delivered
+
+    async def _run_all(
+        self,
+        send: Callable[[uuid.UUID, uuid.UUID | None], Deferred[None]],
+        task_ids: Sequence[uuid.UUID],
+        audience: uuid.UUID | None,
+    ) -> list[uuid.UUID]:
+        """``send`` each task id, a few at a time; those that succeeded. Raises the first
+        error if none did."""
+        results: list[tuple[bool, Any]] = await DeferredList(
+            [self._semaphore.run(send, task_id, audience) for task_id in task_ids],
+            consumeErrors=True,
+        )
+        done = [task_id for task_id, (ok, _) in zip(task_ids, results, strict=True) if ok]
+        errors = [value.value for ok, value in results if not ok]
+        if not done and errors:
+            raise errors[0]
+        return done
+
+    def _remove_one(self, task_id: uuid.UUID, audience: uuid.UUID | None) -> Deferred[None]:
+        return Deferred.fromCoroutine(self._remove(task_id, audience))
+
+    async def _remove(self, task_id: uuid.UUID, audience: uuid.UUID | None) -> None:
+        """Tell the agent to drop a deleted task (it answers 200 whether it had it or not)."""
+        url = f"{self.url}/api/v1/tasks/{task_id}"
+        response = await self._http.delete(
+            url,
+            headers=self._headers("DELETE", url, b"", audience),
+            timeout=REQUEST_TIMEOUT,
+            reactor=self._clock,
+        )
+        body = await self._http.json_content(response)
+        if response.code != 200:
+            raise _DeliveryFailed(f"agent answered {response.code}: {_error_message(body)}")
+        answered = protocol.parse_uuid(body.get("agent_id"), "agent_id")
+        if audience is not None and answered != audience:
+            raise _DeliveryFailed(f"the agent answered as {answered}, not as {audience}")
 
     def _send_one(self, task: Task, audience: uuid.UUID | None) -> Deferred[uuid.UUID]:
         return Deferred.fromCoroutine(self._send(task, audience))
@@ -268,7 +325,14 @@ class AgentLink:
                 count=len(missing),
             )
             await self._store.mark_undelivered(self.url, missing)
-        if missing or self._failures:
+        deleted = await self._store.request_removal(self.url, sorted(has - assigned))
+        if deleted:
+            self.log.info(
+                "agent {url} still has {count} deleted tasks; removing them again",
+                url=self.url,
+                count=len(deleted),
+            )
+        if missing or deleted or self._failures:
             # The agent answers again: deliver now rather than at the end of a back-off.
             self._failures = 0
             if self._pending is not None and self._pending.active():
@@ -302,6 +366,10 @@ class Dispatcher(Service):
         return super().stopService()
 
     def task_created(self, task: Task) -> None:
+        for link in self.links:
+            link.kick()
+
+    def task_deleted(self, task: Task) -> None:
         for link in self.links:
             link.kick()
 

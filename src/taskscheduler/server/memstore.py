@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import uuid
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime, timedelta
 
 from taskscheduler.protocol import RunResult, TaskSpec
@@ -30,6 +30,7 @@ from taskscheduler.server.store import (
 class _Assignment:
     delivered: bool = False
     agent_id: uuid.UUID | None = None
+    removal_pending: bool = False
 
 
 @dataclass
@@ -94,10 +95,12 @@ class MemoryStore:
 
     async def set_fleet(self, agent_urls: Sequence[str]) -> None:
         fleet = list(dict.fromkeys(agent_urls))
-        for assignments in self._assignments.values():
+        for task_id, assignments in self._assignments.items():
             for url in list(assignments):
                 if url not in fleet:
                     del assignments[url]
+            if self._tasks[task_id].deleted:
+                continue  # a deleted task is never assigned again
             for url in fleet:
                 assignments.setdefault(url, _Assignment())
         self._fleet = fleet
@@ -125,6 +128,19 @@ class MemoryStore:
     async def get_task(self, task_id: uuid.UUID) -> Task | None:
         return self._tasks.get(task_id)
 
+    async def delete_task(
+        self, task_id: uuid.UUID, deleted_at: datetime, audit: AuditEvent
+    ) -> Task | None:
+        task = self._tasks.get(task_id)
+        if task is None or task.deleted:
+            return None
+        deleted = replace(task, deleted_at=deleted_at.astimezone(UTC))
+        self._tasks[task_id] = deleted
+        for assignment in self._assignments[task_id].values():
+            assignment.removal_pending = True
+        self._append_audit(audit)
+        return deleted
+
     async def record_results(
         self, results: Sequence[RunResult], received_at: datetime
     ) -> list[RecordOutcome]:
@@ -140,6 +156,8 @@ class MemoryStore:
         spec = task.spec
         if execution_index(spec.anchor, spec.frequency.interval, result.scheduled_at) is None:
             return RecordOutcome.MISALIGNED
+        if task.deleted_at is not None and result.scheduled_at > task.deleted_at:
+            return RecordOutcome.DELETED
         executions = self._executions[result.task_id]
         execution = executions.get(result.scheduled_at)
         if execution is None:
@@ -200,7 +218,8 @@ class MemoryStore:
         pending = [
             task
             for task_id, task in self._tasks.items()
-            if not self._assignments[task_id].get(agent_url, _Assignment(delivered=True)).delivered
+            if not task.deleted
+            and not self._assignments[task_id].get(agent_url, _Assignment(delivered=True)).delivered
         ]
         pending.sort(key=lambda task: (task.created_at, task.task_id))
         return pending[:limit]
@@ -209,7 +228,7 @@ class MemoryStore:
         return {
             task_id
             for task_id, assignments in self._assignments.items()
-            if agent_url in assignments
+            if agent_url in assignments and not self._tasks[task_id].deleted
         }
 
     async def mark_delivered(
@@ -229,6 +248,34 @@ class MemoryStore:
 
     async def assigned_among(self, agent_url: str, task_ids: Sequence[uuid.UUID]) -> set[uuid.UUID]:
         return {t for t in task_ids if agent_url in self._assignments.get(t, {})}
+
+    async def pending_removals(self, agent_url: str, limit: int) -> list[uuid.UUID]:
+        pending = [
+            task
+            for task_id, task in self._tasks.items()
+            if (assignment := self._assignments[task_id].get(agent_url)) is not None
+            and assignment.removal_pending
+        ]
+        pending.sort(key=lambda task: (task.deleted_at, task.task_id))
+        return [task.task_id for task in pending[:limit]]
+
+    async def mark_removed(self, agent_url: str, task_ids: Sequence[uuid.UUID]) -> None:
+        for task_id in task_ids:
+            assignment = self._assignments.get(task_id, {}).get(agent_url)
+            if assignment is not None:
+                assignment.removal_pending = False
+
+    async def request_removal(
+        self, agent_url: str, task_ids: Sequence[uuid.UUID]
+    ) -> set[uuid.UUID]:
+        marked = set()
+        for task_id in task_ids:
+            task = self._tasks.get(task_id)
+            assignment = self._assignments.get(task_id, {}).get(agent_url)
+            if task is not None and task.deleted and assignment is not None:
+                assignment.removal_pending = True
+                marked.add(task_id)
+        return marked
 
     async def enrol_agent(
         self,

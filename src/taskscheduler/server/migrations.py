@@ -111,4 +111,12 @@ MIGRATIONS: list[str] = [
         BEFORE UPDATE OR DELETE OR TRUNCATE ON audit_events
         FOR EACH STATEMENT EXECUTE FUNCTION audit_events_append_only();
     """,
+    # 3: deleting tasks. A deleted task keeps its history and its assignments; each
+    # assignment whose agent has not yet confirmed it dropped the task is pending removal.
+    """
+    ALTER TABLE tasks ADD COLUMN deleted_at timestamptz;
+    ALTER TABLE task_agents ADD COLUMN removal_pending boolean NOT NULL DEFAULT false;
+    CREATE INDEX task_agents_removal_pending ON task_agents (agent_url, task_id)
+        WHERE removal_pending;
+    """,
 ]

@@ -59,7 +59,9 @@ _ROLLBACK_RETRIES = 5
 
 # -- SQL ------------------------------------------------------------------------------------
 
-_TASK_COLUMNS = "t.task_id, t.command, t.frequency, t.anchor, t.time_limit_us, t.created_at"
+_TASK_COLUMNS = (
+    "t.task_id, t.command, t.frequency, t.anchor, t.time_limit_us, t.created_at, t.deleted_at"
+)
 
 #: The newest complete execution of a task: two backward index probes of one row each
 #: (the newest execution marked complete, and the newest one past its deadline), so the
@@ -102,12 +104,15 @@ _SCHEDULE_CACHE_SIZE = 100_000
 #: Store a batch of results in one implicit transaction: create the executions they
 #: belong to (expecting every agent then assigned), lock those executions in key order,
 #: insert the results that are new, and count them in their executions. Returns the keys
-#: of the results inserted; the others were already stored.
+#: of the results inserted; the others were already stored, or are of instants after
+#: their task's deletion (neither an execution nor a result is made for those).
 _RECORD_SQL = """
 INSERT INTO executions (task_id, scheduled_at, expected)
 SELECT v.task_id, v.scheduled_at,
        (SELECT count(*) FROM task_agents a WHERE a.task_id = v.task_id)
 FROM unnest(%(e_task)s::uuid[], %(e_at)s::timestamptz[]) AS v (task_id, scheduled_at)
+WHERE NOT EXISTS (SELECT 1 FROM tasks t
+                  WHERE t.task_id = v.task_id AND t.deleted_at < v.scheduled_at)
 ON CONFLICT DO NOTHING;
 
 SELECT 1 FROM executions e
@@ -127,7 +132,14 @@ WITH inserted AS (
                 %(stdout)s::bytea[], %(stdout_bytes)s::bigint[],
                 %(stdout_truncated)s::boolean[],
                 %(stderr)s::bytea[], %(stderr_bytes)s::bigint[],
-                %(stderr_truncated)s::boolean[], %(digest)s::bytea[]) AS v
+                %(stderr_truncated)s::boolean[], %(digest)s::bytea[])
+         AS v (task_id, scheduled_at, agent_id, status, exit_code, signal,
+               started_at, finished_at, stdout, stdout_bytes, stdout_truncated,
+               stderr, stderr_bytes, stderr_truncated, digest)
+    WHERE EXISTS (SELECT 1 FROM executions e
+                  WHERE e.task_id = v.task_id AND e.scheduled_at = v.scheduled_at)
+      AND NOT EXISTS (SELECT 1 FROM tasks t
+                      WHERE t.task_id = v.task_id AND t.deleted_at < v.scheduled_at)
     ON CONFLICT DO NOTHING
     RETURNING task_id, agent_id, scheduled_at
 ), counted AS (
@@ -180,7 +192,7 @@ def result_digest(result: RunResult) -> bytes:
 
 
 def _task_from_row(row: Sequence[Any]) -> Task:
-    task_id, command, frequency, anchor, time_limit_us, created_at = row
+    task_id, command, frequency, anchor, time_limit_us, created_at, deleted_at = row
     spec = TaskSpec(
         task_id=uuid.UUID(str(task_id)),
         command=command,
@@ -188,7 +200,7 @@ def _task_from_row(row: Sequence[Any]) -> Task:
         anchor=anchor.astimezone(UTC),
         time_limit=timedelta(microseconds=time_limit_us),
     )
-    return Task(spec, created_at.astimezone(UTC))
+    return Task(spec, created_at.astimezone(UTC), _utc(deleted_at))
 
 
 def _is_connection_failure(error: BaseException) -> bool:
@@ -461,6 +473,7 @@ class PostgresStore:
                 DELETE FROM task_agents WHERE NOT (agent_url = ANY(%(urls)s::text[]));
                 INSERT INTO task_agents (task_id, agent_url)
                     SELECT t.task_id, f.agent_url FROM tasks t CROSS JOIN fleet f
+                    WHERE t.deleted_at IS NULL
                     ON CONFLICT DO NOTHING;
                 """,
                 {"urls": urls},
@@ -523,6 +536,30 @@ class PostgresStore:
             return None if row is None else _task_from_row(row)
 
         return await self._run(operation, transaction=False)
+
+    async def delete_task(
+        self, task_id: uuid.UUID, deleted_at: datetime, audit: AuditEvent
+    ) -> Task | None:
+        async def operation(cursor: Cursor) -> Task | None:
+            await cursor.execute(
+                f"""
+                UPDATE tasks t SET deleted_at = %(deleted_at)s
+                WHERE t.task_id = %(task_id)s::uuid AND t.deleted_at IS NULL
+                RETURNING {_TASK_COLUMNS}
+                """,
+                {"task_id": str(task_id), "deleted_at": deleted_at},
+            )
+            row = cursor.fetchone()
+            if row is None:
+                return None
+            await cursor.execute(
+                "UPDATE task_agents SET removal_pending = true WHERE task_id = %s::uuid",
+                (str(task_id),),
+            )
+            await _insert_audit(cursor, audit)
+            return _task_from_row(row)
+
+        return await self._run(operation)
 
     # -- results ------------------------------------------------------------------------
 
@@ -629,6 +666,8 @@ class PostgresStore:
                 continue
             if first[candidate] == i and candidate in inserted:
                 outcomes[i] = RecordOutcome.STORED
+            elif candidate not in stored_digests:
+                outcomes[i] = RecordOutcome.DELETED  # neither inserted nor stored before
             elif stored_digests[candidate] == digests[i]:
                 outcomes[i] = RecordOutcome.DUPLICATE
             else:
@@ -724,7 +763,7 @@ class PostgresStore:
                 f"""
                 SELECT {_TASK_COLUMNS}
                 FROM task_agents a JOIN tasks t ON t.task_id = a.task_id
-                WHERE a.agent_url = %s AND a.delivered_at IS NULL
+                WHERE a.agent_url = %s AND a.delivered_at IS NULL AND t.deleted_at IS NULL
                 ORDER BY t.created_at, t.task_id
                 LIMIT %s
                 """,
@@ -737,7 +776,11 @@ class PostgresStore:
     async def assigned_task_ids(self, agent_url: str) -> set[uuid.UUID]:
         async def operation(cursor: Cursor) -> set[uuid.UUID]:
             await cursor.execute(
-                "SELECT task_id FROM task_agents WHERE agent_url = %s", (agent_url,)
+                """
+                SELECT a.task_id FROM task_agents a JOIN tasks t ON t.task_id = a.task_id
+                WHERE a.agent_url = %s AND t.deleted_at IS NULL
+                """,
+                (agent_url,),
             )
             return {uuid.UUID(str(row[0])) for row in cursor.fetchall()}
 
@@ -783,6 +826,58 @@ class PostgresStore:
             await cursor.execute(
                 "SELECT task_id FROM task_agents"
                 " WHERE agent_url = %s AND task_id = ANY(%s::uuid[])",
+                (agent_url, sorted({str(t) for t in task_ids})),
+            )
+            return {uuid.UUID(str(row[0])) for row in cursor.fetchall()}
+
+        return await self._run(operation, transaction=False)
+
+    async def pending_removals(self, agent_url: str, limit: int) -> list[uuid.UUID]:
+        async def operation(cursor: Cursor) -> list[uuid.UUID]:
+            await cursor.execute(
+                """
+                SELECT a.task_id
+                FROM task_agents a JOIN tasks t ON t.task_id = a.task_id
+                WHERE a.agent_url = %s AND a.removal_pending
+                ORDER BY t.deleted_at, a.task_id
+                LIMIT %s
+                """,
+                (agent_url, limit),
+            )
+            return [uuid.UUID(str(row[0])) for row in cursor.fetchall()]
+
+        return await self._run(operation, transaction=False)
+
+    async def mark_removed(self, agent_url: str, task_ids: Sequence[uuid.UUID]) -> None:
+        if not task_ids:
+            return
+
+        async def operation(cursor: Cursor) -> None:
+            await cursor.execute(
+                """
+                UPDATE task_agents SET removal_pending = false
+                WHERE agent_url = %s AND task_id = ANY(%s::uuid[])
+                """,
+                (agent_url, sorted(str(t) for t in task_ids)),
+            )
+
+        await self._run(operation, transaction=False)
+
+    async def request_removal(
+        self, agent_url: str, task_ids: Sequence[uuid.UUID]
+    ) -> set[uuid.UUID]:
+        if not task_ids:
+            return set()
+
+        async def operation(cursor: Cursor) -> set[uuid.UUID]:
+            await cursor.execute(
+                """
+                UPDATE task_agents a SET removal_pending = true
+                FROM tasks t
+                WHERE t.task_id = a.task_id AND t.deleted_at IS NOT NULL
+                  AND a.agent_url = %s AND a.task_id = ANY(%s::uuid[])
+                RETURNING a.task_id
+                """,
                 (agent_url, sorted({str(t) for t in task_ids})),
             )
             return {uuid.UUID(str(row[0])) for row in cursor.fetchall()}

@@ -69,6 +69,11 @@ class AuditEvent:
 class Task:
     spec: TaskSpec
     created_at: datetime
+    deleted_at: datetime | None = None
+
+    @property
+    def deleted(self) -> bool:
+        return self.deleted_at is not None
 
     @property
     def task_id(self) -> uuid.UUID:
@@ -83,6 +88,7 @@ class RecordOutcome(enum.StrEnum):
     CONFLICT = "conflict"  # a different result is stored under the same key
     UNKNOWN_TASK = "unknown_task"  # no such task
     MISALIGNED = "misaligned"  # scheduled_at is not one of the task's instants
+    DELETED = "deleted"  # the task was deleted before this instant
 
 
 @dataclass(frozen=True)
@@ -121,7 +127,18 @@ class Store(Protocol):
         """Store a new task, assigned (undelivered) to every agent of the fleet, atomically,
         with ``audit`` written in the same transaction."""
 
-    async def get_task(self, task_id: uuid.UUID) -> Task | None: ...
+    async def get_task(self, task_id: uuid.UUID) -> Task | None:
+        """The task, deleted or not."""
+
+    async def delete_task(
+        self, task_id: uuid.UUID, deleted_at: datetime, audit: AuditEvent
+    ) -> Task | None:
+        """Mark the task deleted at ``deleted_at``, writing ``audit`` in the same transaction,
+        and make every agent assigned to it due for a removal (:meth:`pending_removals`).
+
+        Its history stays readable, and its assignments stay (they say which results of
+        it were due). None, and nothing written, if no live task has this id.
+        """
 
     async def record_results(
         self, results: Sequence[RunResult], received_at: datetime
@@ -130,7 +147,9 @@ class Store(Protocol):
 
         Returns only after every STORED result is committed. A re-sent identical result is
         DUPLICATE; a different body under the same (task, agent, scheduled_at) is CONFLICT
-        and changes nothing.
+        and changes nothing. A result of a deleted task is still taken if it was scheduled
+        at or before the deletion (the run began before its agent could know), and is
+        DELETED if scheduled after it.
         """
 
     async def latest_complete_execution(
@@ -151,10 +170,10 @@ class Store(Protocol):
         """
 
     async def undelivered_tasks(self, agent_url: str, limit: int) -> list[Task]:
-        """Tasks assigned to this agent that it has not acknowledged, oldest first."""
+        """Live tasks assigned to this agent that it has not acknowledged, oldest first."""
 
     async def assigned_task_ids(self, agent_url: str) -> set[uuid.UUID]:
-        """Every task assigned to this agent, delivered or not."""
+        """Every live (not deleted) task assigned to this agent, delivered or not."""
 
     async def mark_delivered(
         self, agent_url: str, task_ids: Sequence[uuid.UUID], agent_id: uuid.UUID
@@ -165,7 +184,20 @@ class Store(Protocol):
         """The agent lost these tasks (it was reset or its data folder wiped): resend them."""
 
     async def assigned_among(self, agent_url: str, task_ids: Sequence[uuid.UUID]) -> set[uuid.UUID]:
-        """Those of ``task_ids`` that are assigned to the agent at ``agent_url``."""
+        """Those of ``task_ids`` that are assigned to the agent at ``agent_url``, deleted
+        tasks included (the results they were due before their deletion are accepted)."""
+
+    async def pending_removals(self, agent_url: str, limit: int) -> list[uuid.UUID]:
+        """Deleted tasks the agent at ``agent_url`` has not yet confirmed it dropped."""
+
+    async def mark_removed(self, agent_url: str, task_ids: Sequence[uuid.UUID]) -> None:
+        """The agent at ``agent_url`` confirmed it dropped these deleted tasks."""
+
+    async def request_removal(
+        self, agent_url: str, task_ids: Sequence[uuid.UUID]
+    ) -> set[uuid.UUID]:
+        """The agent still has these tasks: make those that are deleted (and assigned to
+        it) due for removal again. Returns them."""
 
     # -- agents and the audit log ------------------------------------------------------
 

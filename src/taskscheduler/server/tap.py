@@ -367,6 +367,7 @@ class ServerService(MultiService):
             report_grace=timedelta(seconds=options["report-grace"]),
             server_public_key=public_key_text(signer.public_key),
             on_agent_enrolled=lambda agent: dispatcher.agent_enrolled(agent.url),
+            on_task_deleted=dispatcher.task_deleted,
         )
         dispatcher.setServiceParent(self)
         site = make_site(
