@@ -25,6 +25,7 @@ from twisted.logger import Logger
 
 from taskscheduler.agent.identity import save_credential, save_server_key
 from taskscheduler.auth import AGENT_PREFIX, parse_bearer, redact_tokens
+from taskscheduler.backoff import backoff_delay
 from taskscheduler.signing import KeyFileError, key_fingerprint, parse_public_key, public_key_text
 
 #: Seconds to wait for the server's answer.
@@ -103,8 +104,7 @@ class Enroller:
             if self._stopped:
                 return
             self._failures += 1
-            ceiling = min(self._retry_cap, self._retry_base * 2 ** min(self._failures - 1, 30))
-            delay = ceiling / 2 + self._jitter() * ceiling / 2
+            delay = backoff_delay(self._failures, self._retry_base, self._retry_cap, self._jitter)
             log = self.log.error if isinstance(e, EnrolmentRefused) else self.log.warn
             log(
                 "could not enrol with the server at {url} ({error}); retrying in {delay:.1f}s",

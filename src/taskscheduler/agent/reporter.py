@@ -32,6 +32,7 @@ from twisted.internet.interfaces import IDelayedCall, IReactorTime
 from twisted.logger import Logger
 
 from taskscheduler.agent.spool import Spool, SpoolEntry
+from taskscheduler.backoff import backoff_delay
 from taskscheduler.schedule import format_instant
 
 #: Most results in one batch, and their most bytes (the server accepts 16 MiB bodies).
@@ -153,9 +154,7 @@ class Reporter:
             self._sending = None
 
     def _backoff(self) -> float:
-        """Exponential back-off with jitter: between half and all of the ceiling."""
-        ceiling = min(self._retry_cap, self._retry_base * 2 ** min(self._failures - 1, 30))
-        return ceiling / 2 + self._jitter() * ceiling / 2
+        return backoff_delay(self._failures, self._retry_base, self._retry_cap, self._jitter)
 
     async def _post(self, path: str, body: bytes) -> tuple[int, Any]:
         """POST ``body``; the status and decoded JSON answer (None if not JSON)."""

@@ -37,6 +37,7 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 
 from taskscheduler import protocol
+from taskscheduler.backoff import backoff_delay
 from taskscheduler.server.store import Store, Task
 from taskscheduler.signing import InstructionSigner
 
@@ -284,9 +285,7 @@ class AgentLink:
         return answered
 
     def _backoff(self) -> float:
-        """Exponential back-off with full jitter, so agents coming back are not stampeded."""
-        ceiling = min(self._retry_cap, self._retry_base * 2 ** min(self._failures - 1, 30))
-        return ceiling / 2 + self._jitter() * ceiling / 2
+        return backoff_delay(self._failures, self._retry_base, self._retry_cap, self._jitter)
 
     # -- reconciliation ----------------------------------------------------------------
 
