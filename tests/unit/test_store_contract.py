@@ -32,6 +32,7 @@ from taskscheduler.server.migrations import MIGRATIONS
 from taskscheduler.server.pgstore import (
     EXECUTION_RESULTS_SQL,
     LATEST_EXECUTION_SQL,
+    PRUNE_SQL,
     PostgresStore,
 )
 from taskscheduler.server.store import (
@@ -396,6 +397,69 @@ async def test_history_pages_newest_first_with_each_executions_own_results(store
         await store.list_executions(uuid.uuid4(), 10)
 
 
+# -- retention -------------------------------------------------------------------------------
+
+
+@pytest_twisted.ensureDeferred
+async def test_pruning_removes_old_executions_with_their_results_oldest_first(
+    store: Store,
+) -> None:
+    task = await store.create_task(make_spec(), ANCHOR)
+    other = await store.create_task(make_spec("other"), ANCHOR)
+    for k in range(1, 7):
+        await store.record_results(
+            [result(task.task_id, A_ID, k), result(task.task_id, B_ID, k)], at(k)
+        )
+    for k in (2, 5):
+        await store.record_results([result(other.task_id, A_ID, k)], at(k))
+
+    # Before at(5): task's 1-4 and other's 2 qualify; the limit takes the oldest three.
+    assert await store.prune_history(at(5), 3) == 3
+    history = await store.list_executions(task.task_id, 10)
+    assert [e.scheduled_at for e in history] == [at(6), at(5), at(4), at(3)]
+    assert [e.scheduled_at for e in await store.list_executions(other.task_id, 10)] == [at(5)]
+    assert await store.prune_history(at(5), 3) == 2
+    assert await store.prune_history(at(5), 3) == 0
+    history = await store.list_executions(task.task_id, 10)
+    assert [e.scheduled_at for e in history] == [at(6), at(5)]
+    assert all(len(e.results) == 2 for e in history)  # the recent ones keep every result
+    assert [e.scheduled_at for e in await store.list_executions(other.task_id, 10)] == [at(5)]
+    latest = await store.latest_complete_execution(task.task_id, after_deadline(6), GRACE)
+    assert latest is not None and latest.scheduled_at == at(6)
+
+    # A pruned instant is gone for good: a late resend of it starts a new execution.
+    assert await store.record_results([result(task.task_id, A_ID, 1)], at(7)) == [STORED]
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_task_whose_whole_history_is_pruned_answers_like_a_new_one(store: Store) -> None:
+    task = await store.create_task(make_spec(), ANCHOR)
+    for k in (1, 2):
+        await store.record_results(
+            [result(task.task_id, A_ID, k), result(task.task_id, B_ID, k)], at(k)
+        )
+    assert await store.latest_complete_execution(task.task_id, after_deadline(2), GRACE)
+    assert await store.prune_history(at(3), 100) == 2
+    assert await store.latest_complete_execution(task.task_id, after_deadline(2), GRACE) is None
+    assert await store.list_executions(task.task_id, 10) == []
+    assert await store.get_task(task.task_id) == task  # the task itself stays
+    # New results of the task are taken as ever.
+    assert await store.record_results([result(task.task_id, A_ID, 3)], at(3)) == [STORED]
+    latest = await store.latest_complete_execution(task.task_id, after_deadline(3), GRACE)
+    assert latest is not None and latest.scheduled_at == at(3)
+
+
+@pytest_twisted.ensureDeferred
+async def test_pruning_never_touches_the_audit_log(store: Store) -> None:
+    audit = AuditEvent(
+        at=ANCHOR, actor="operator:alice", action="task.created", target="t", peer="127.0.0.1"
+    )
+    task = await store.create_task(make_spec(), ANCHOR, audit)
+    await store.record_results([result(task.task_id, A_ID, 1)], at(1))
+    assert await store.prune_history(at(100), 100) == 1
+    assert [e.action for e in await store.audit_events(10)] == ["task.created"]
+
+
 # -- latest complete execution ---------------------------------------------------------------
 
 
@@ -733,6 +797,94 @@ async def test_latest_output_queries_walk_indexes_not_history(database_dsn: str)
         assert "Seq Scan on results" not in text, text
     # Nor may a task's executions be sorted (one execution's few results may be).
     assert "Sort  (" not in texts[0], texts[0]
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_prune_skips_executions_being_recorded_and_never_waits(database_dsn: str) -> None:
+    store = PostgresStore(database_dsn, reactor=reactor, operation_timeout=5)
+    await store.start()
+    await store.set_fleet([A_URL, B_URL])
+    task = await store.create_task(make_spec(), ANCHOR)
+    for k in (1, 2, 3):
+        await store.record_results([result(task.task_id, A_ID, k)], at(k))
+    # Another transaction holds execution 1 as record_results does while adding to it.
+    holder = psycopg2.connect(database_dsn)
+    try:
+        holder.cursor().execute(
+            "SELECT 1 FROM executions WHERE task_id = %s::uuid AND scheduled_at = %s FOR UPDATE",
+            (str(task.task_id), at(1)),
+        )
+        assert await within(5, store.prune_history(at(10), 100)) == 2
+        holder.cursor().execute(
+            "INSERT INTO results SELECT task_id, scheduled_at, %s::uuid, status, exit_code,"
+            " signal, started_at, finished_at, stdout, stdout_bytes, stdout_truncated, stderr,"
+            " stderr_bytes, stderr_truncated, digest, received_at FROM results"
+            " WHERE task_id = %s::uuid AND scheduled_at = %s",
+            (str(B_ID), str(task.task_id), at(1)),
+        )
+        holder.commit()
+    finally:
+        holder.close()
+    [execution] = await store.list_executions(task.task_id, 10)
+    assert execution.scheduled_at == at(1) and len(execution.results) == 2
+    assert await store.prune_history(at(10), 100) == 1
+    assert await store.list_executions(task.task_id, 10) == []
+    await store.stop()
+
+
+@pytest_twisted.ensureDeferred
+async def test_pruning_while_results_pour_in_loses_none_and_never_deadlocks(
+    database_dsn: str,
+) -> None:
+    store = PostgresStore(database_dsn, reactor=reactor, operation_timeout=10)
+    await store.start()
+    await store.set_fleet([A_URL, B_URL])
+    tasks = [await store.create_task(make_spec(f"task {i}"), ANCHOR) for i in range(4)]
+    for task in tasks:
+        await store.record_results(
+            [result(task.task_id, a, k) for k in range(1, 200) for a in (A_ID, B_ID)], at(200)
+        )
+    recent = [
+        [result(task.task_id, agent, k) for task in tasks for k in range(200, 400, 7)]
+        for agent in (A_ID, B_ID)
+    ]
+    calls = [Deferred.fromCoroutine(store.record_results(batch, at(400))) for batch in recent]
+    calls += [Deferred.fromCoroutine(store.prune_history(at(200), 50)) for _ in range(8)]
+    everything = DeferredList(calls, fireOnOneErrback=True, consumeErrors=True)
+    everything.addTimeout(30, reactor)
+    outcomes = await everything
+    assert all(outcome == STORED for _, stored in outcomes[:2] for outcome in stored)
+    while await store.prune_history(at(200), 500):
+        pass
+    for task in tasks:
+        history = await store.list_executions(task.task_id, 100)
+        assert [e.scheduled_at for e in history] == [at(k) for k in reversed(range(200, 400, 7))]
+        assert all(len(e.results) == 2 for e in history)
+    await store.stop()
+
+
+@pytest_twisted.ensureDeferred
+async def test_the_prune_query_walks_an_index_not_history(database_dsn: str) -> None:
+    store = PostgresStore(database_dsn, reactor=reactor)
+    await store.start()
+    await store.set_fleet([A_URL, B_URL])
+    tasks = [await store.create_task(make_spec(f"task {i}"), ANCHOR) for i in range(5)]
+    for task in tasks:
+        for first in range(1, 2000, 500):
+            batch = [
+                result(task.task_id, agent, k)
+                for k in range(first, first + 500)
+                for agent in (A_ID, B_ID)
+            ]
+            await store.record_results(batch, at(2000))
+    await store.stop()
+    _query(database_dsn, "ANALYZE")
+    rows = _query(database_dsn, "EXPLAIN " + PRUNE_SQL, {"before": at(1500), "limit": 50})
+    text = "\n".join(row[0] for row in rows)
+    assert "executions_by_scheduled_at" in text, text
+    assert "Tid Scan on executions" in text, text
+    assert "Seq Scan on executions" not in text, text
+    assert "Seq Scan on results" not in text, text
 
 
 # -- the embedded PostgreSQL -----------------------------------------------------------------

@@ -214,6 +214,18 @@ class MemoryStore:
             for at in instants
         ]
 
+    async def prune_history(self, before: datetime, limit: int) -> int:
+        cutoff = before.astimezone(UTC)
+        old = sorted(
+            (at, task_id)
+            for task_id, executions in self._executions.items()
+            for at in executions
+            if at < cutoff
+        )[:limit]
+        for at, task_id in old:
+            del self._executions[task_id][at]
+        return len(old)
+
     async def undelivered_tasks(self, agent_url: str, limit: int) -> list[Task]:
         pending = [
             task

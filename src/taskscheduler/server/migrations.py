@@ -119,4 +119,9 @@ MIGRATIONS: list[str] = [
     CREATE INDEX task_agents_removal_pending ON task_agents (agent_url, task_id)
         WHERE removal_pending;
     """,
+    # 4: history retention. The pruner takes the oldest executions across every task;
+    # this index finds them without scanning history (results go by their primary key).
+    """
+    CREATE INDEX executions_by_scheduled_at ON executions (scheduled_at);
+    """,
 ]

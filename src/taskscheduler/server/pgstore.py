@@ -157,6 +157,29 @@ SELECT task_id, agent_id, scheduled_at FROM inserted
 """
 
 
+#: Delete the oldest executions scheduled before a cutoff, with their results, in one
+#: statement (one implicit transaction). The oldest ones come from the scheduled_at index,
+#: at most ``limit`` of them. SKIP LOCKED passes over executions that record_results has
+#: locked (it is adding a result to them), so a prune never waits for result ingestion
+#: and the two cannot deadlock; whatever is skipped goes in a later call. Results are
+#: deleted first in the same statement, so the foreign key holds when it is checked. The
+#: locked executions are deleted by their row address (a TID scan: they cannot move while
+#: we hold their locks), so no plan ever joins against the whole table.
+PRUNE_SQL = """
+WITH doomed AS (
+    SELECT ctid, task_id, scheduled_at FROM executions
+    WHERE scheduled_at < %(before)s
+    ORDER BY scheduled_at
+    LIMIT %(limit)s
+    FOR UPDATE SKIP LOCKED
+), gone_results AS (
+    DELETE FROM results r USING doomed d
+    WHERE r.task_id = d.task_id AND r.scheduled_at = d.scheduled_at
+)
+DELETE FROM executions WHERE ctid = ANY(ARRAY(SELECT ctid FROM doomed))
+"""
+
+
 # -- conversions ----------------------------------------------------------------------------
 
 
@@ -752,6 +775,13 @@ class PostgresStore:
                     )
                 )
             return executions
+
+        return await self._run(operation, transaction=False)
+
+    async def prune_history(self, before: datetime, limit: int) -> int:
+        async def operation(cursor: Cursor) -> int:
+            await cursor.execute(PRUNE_SQL, {"before": before, "limit": limit})
+            return int(cursor.rowcount)
 
         return await self._run(operation, transaction=False)
 

@@ -169,6 +169,16 @@ class Store(Protocol):
         Raises UnknownTask. Its cost grows with ``limit``, not with the history.
         """
 
+    async def prune_history(self, before: datetime, limit: int) -> int:
+        """Delete up to ``limit`` executions scheduled strictly before ``before``, oldest
+        first and across every task, with their results; returns how many went.
+
+        Each call is one short transaction: executions another transaction is recording
+        results for are skipped (left for a later call), never waited on. Tasks, their
+        assignments and the audit log are kept. Once every execution of a task is gone,
+        :meth:`latest_complete_execution` answers None for it, as for a new task.
+        """
+
     async def undelivered_tasks(self, agent_url: str, limit: int) -> list[Task]:
         """Live tasks assigned to this agent that it has not acknowledged, oldest first."""
 
