@@ -45,6 +45,10 @@ def agent_ids(fleet: Fleet) -> list[str]:
 
 def test_seed_flow_and_recovery_from_sigkill(tmp_path: Path) -> None:
     with running_fleet(tmp_path) as fleet:
+        # The history pruner is wired in with its default retention.
+        assert "keeping 90 days of execution history" in fleet.server.log_path.read_text(
+            errors="replace"
+        )
         code, body = fleet.api(
             "POST",
             "/api/v1/tasks/create",

@@ -19,6 +19,7 @@ from taskscheduler.schedule import format_instant, instant, parse_instant, utc_n
 from taskscheduler.server.access import ServerAccess
 from taskscheduler.server.api import ServerAPI
 from taskscheduler.server.memstore import MemoryStore
+from taskscheduler.server.retention import HistoryPruner
 from taskscheduler.server.store import AuditEvent, StoreUnavailable
 from taskscheduler.web import make_site
 
@@ -439,6 +440,30 @@ async def test_history_lists_executions_newest_first_and_pages(harness: Harness)
         assert "query parameter" in error["error"]["message"]
     code, _ = await harness.request("GET", f"/api/v1/tasks/{uuid.uuid4()}/executions")
     assert code == 404
+
+
+@pytest_twisted.ensureDeferred
+async def test_pruned_history_leaves_the_history_and_latest_output(harness: Harness) -> None:
+    task_id = await harness.create()
+    for k in (1, 2, 3):
+        for agent in (AGENT_A, AGENT_B):
+            await harness.report(harness.result(task_id, agent, k, b"run %d" % k))
+    # Keep ten minutes of history; execution k is due at +30k s.
+    pruner = HistoryPruner(harness.store, harness.clock, timedelta(minutes=10), interval=60)
+    harness.clock.advance(600 + 75)  # executions 1 and 2 are now older than that
+    pruner.startService()
+    _, body = await harness.request("GET", f"/api/v1/tasks/{task_id}/executions")
+    assert [e["outputs"][0]["stdout"] for e in body["executions"]] == ["run 3"]
+    _, body = await harness.request("GET", f"/api/v1/tasks/{task_id}/latest_output")
+    assert [o["stdout"] for o in body["outputs"]] == ["run 3", "run 3"]
+    harness.clock.advance(60)  # execution 3 ages out at the next tick
+    _, body = await harness.request("GET", f"/api/v1/tasks/{task_id}/executions")
+    assert body["executions"] == []
+    # Like a task that has not run yet, not a 404: the task itself is kept.
+    code, body = await harness.request("GET", f"/api/v1/tasks/{task_id}/latest_output")
+    assert code == 200
+    assert (body["completion_time"], body["outputs"]) == (None, [])
+    await pruner.stopService()
 
 
 # -- deleting a task -----------------------------------------------------------------------

@@ -16,6 +16,7 @@ def parse(args: list[str], monkeypatch: pytest.MonkeyPatch, **env: str) -> Optio
         "TASKSCHEDULER_JOIN_SECRETS",
         "TASKSCHEDULER_JOIN_SECRETS_FILE",
         "AVAILABLE_SERVERS",
+        "TASKSCHEDULER_RETENTION_DAYS",
     ]:
         monkeypatch.delenv(name, raising=False)
     for name, value in env.items():
@@ -43,6 +44,24 @@ def test_tokens_come_from_a_file_or_the_environment_not_both(
         )
     assert parse([], monkeypatch)["insecure"] is False
     assert parse(["--insecure-allow-anonymous-operators"], monkeypatch)["insecure"] is True
+
+
+def test_history_is_kept_90_days_unless_told_otherwise(monkeypatch: pytest.MonkeyPatch) -> None:
+    assert parse([], monkeypatch)["retention-days"] == 90
+    assert parse(["--retention-days", "7"], monkeypatch)["retention-days"] == 7
+    assert parse(["--retention-days", "0"], monkeypatch)["retention-days"] == 0
+    assert parse([], monkeypatch, TASKSCHEDULER_RETENTION_DAYS="30")["retention-days"] == 30
+    assert parse([], monkeypatch, TASKSCHEDULER_RETENTION_DAYS="0")["retention-days"] == 0
+    options = parse(["--retention-days", "5"], monkeypatch, TASKSCHEDULER_RETENTION_DAYS="30")
+    assert options["retention-days"] == 5  # the command line wins
+    for bad in ["-1", "1.5", "ninety", "36501"]:
+        with pytest.raises(usage.UsageError, match="retention-days"):
+            parse(["--retention-days", bad], monkeypatch)
+    with pytest.raises(usage.UsageError, match="retention-days"):
+        parse([], monkeypatch, TASKSCHEDULER_RETENTION_DAYS="-3")
+    text = str(Options())
+    assert "--retention-days" in text and "TASKSCHEDULER_RETENTION_DAYS" in text
+    assert "default: 90" in text
 
 
 def test_every_security_option_is_documented_with_its_variable() -> None:

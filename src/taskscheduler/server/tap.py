@@ -38,6 +38,7 @@ from taskscheduler.server.access import ServerAccess
 from taskscheduler.server.api import DEFAULT_REPORT_GRACE, ServerAPI
 from taskscheduler.server.dispatch import Dispatcher
 from taskscheduler.server.pgstore import PostgresStore
+from taskscheduler.server.retention import DEFAULT_RETENTION_DAYS, HistoryPruner
 from taskscheduler.server.store import StoreUnavailable
 from taskscheduler.signing import (
     InstructionSigner,
@@ -106,6 +107,14 @@ class Options(usage.Options):
             "Seconds after a run's time limit to wait for missing agents before an "
             "execution counts as complete without them [TASKSCHEDULER_REPORT_GRACE] "
             f"(default: {int(DEFAULT_REPORT_GRACE.total_seconds())}).",
+        ],
+        [
+            "retention-days",
+            None,
+            None,
+            "Days of execution history (executions and their results) to keep; older "
+            "history is deleted a little at a time every few minutes; 0 keeps everything "
+            f"[TASKSCHEDULER_RETENTION_DAYS] (default: {DEFAULT_RETENTION_DAYS}).",
         ],
         [
             "database-wait",
@@ -189,6 +198,10 @@ class Options(usage.Options):
         self["report-grace"] = _positive_number(
             self["report-grace"] or _env("TASKSCHEDULER_REPORT_GRACE", "30"), "report-grace"
         )
+        self["retention-days"] = parse_retention_days(
+            self["retention-days"]
+            or _env("TASKSCHEDULER_RETENTION_DAYS", str(DEFAULT_RETENTION_DAYS))
+        )
         self["database-wait"] = _positive_number(
             self["database-wait"] or _env("TASKSCHEDULER_DATABASE_WAIT", "60"), "database-wait"
         )
@@ -256,6 +269,19 @@ def parse_agent_urls(text: str) -> list[str]:
         if url not in urls:
             urls.append(url)
     return urls
+
+
+def parse_retention_days(text: str | None) -> int:
+    """``--retention-days``: a whole number of days, 0 meaning keep everything."""
+    try:
+        days = int((text or "").strip())
+    except ValueError:
+        raise usage.UsageError("--retention-days must be a whole number of days") from None
+    if days < 0:
+        raise usage.UsageError("--retention-days must be 0 (keep everything) or more")
+    if days > 36_500:
+        raise usage.UsageError("--retention-days must be at most 36500 (or 0 to keep everything)")
+    return days
 
 
 def _positive_number(text: str | None, name: str) -> float:
@@ -370,6 +396,15 @@ class ServerService(MultiService):
             on_task_deleted=dispatcher.task_deleted,
         )
         dispatcher.setServiceParent(self)
+        if options["retention-days"]:
+            HistoryPruner(
+                store, self._reactor, timedelta(days=options["retention-days"])
+            ).setServiceParent(self)
+            self.log.info(
+                "keeping {days} days of execution history", days=options["retention-days"]
+            )
+        else:
+            self.log.info("keeping execution history forever (--retention-days 0)")
         site = make_site(
             api.resource(), options["max-body-bytes"], idle_timeout=options["idle-timeout"]
         )
