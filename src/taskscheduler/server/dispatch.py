@@ -249,40 +249,41 @@ class AgentLink:
 
     async def _remove(self, task_id: uuid.UUID, audience: uuid.UUID | None) -> None:
         """Tell the agent to drop a deleted task (it answers 200 whether it had it or not)."""
-        url = f"{self.url}/api/v1/tasks/{task_id}"
-        response = await self._http.delete(
-            url,
-            headers=self._headers("DELETE", url, b"", audience),
-            timeout=REQUEST_TIMEOUT,
-            reactor=self._clock,
-        )
-        body = await self._http.json_content(response)
-        if response.code != 200:
-            raise _DeliveryFailed(f"agent answered {response.code}: {_error_message(body)}")
-        answered = protocol.parse_uuid(body.get("agent_id"), "agent_id")
-        if audience is not None and answered != audience:
-            raise _DeliveryFailed(f"the agent answered as {answered}, not as {audience}")
+        await self._instruct("DELETE", f"/api/v1/tasks/{task_id}", b"", audience)
 
     def _send_one(self, task: Task, audience: uuid.UUID | None) -> Deferred[uuid.UUID]:
         return Deferred.fromCoroutine(self._send(task, audience))
 
     async def _send(self, task: Task, audience: uuid.UUID | None) -> uuid.UUID:
-        url = f"{self.url}/api/v1/tasks/schedule"
         body = json.dumps(protocol.task_spec_to_json(task.spec)).encode("utf-8")
-        response = await self._http.post(
+        answer = await self._instruct("POST", "/api/v1/tasks/schedule", body, audience)
+        return protocol.parse_uuid(answer.get("agent_id"), "agent_id")
+
+    async def _instruct(
+        self, method: str, path: str, body: bytes, audience: uuid.UUID | None
+    ) -> dict[str, Any]:
+        """Send one signed instruction; its JSON answer, from the agent it was meant for.
+
+        Raises _DeliveryFailed unless the agent answered 200 as ``audience`` (when known).
+        """
+        url = f"{self.url}{path}"
+        response = await self._http.request(
+            method,
             url,
-            data=body,
-            headers=self._headers("POST", url, body, audience),
+            data=body or None,
+            headers=self._headers(method, url, body, audience),
             timeout=REQUEST_TIMEOUT,
             reactor=self._clock,
         )
-        body = await self._http.json_content(response)
+        answer = await self._http.json_content(response)
         if response.code != 200:
-            raise _DeliveryFailed(f"agent answered {response.code}: {_error_message(body)}")
-        answered = protocol.parse_uuid(body.get("agent_id"), "agent_id")
+            raise _DeliveryFailed(f"agent answered {response.code}: {_error_message(answer)}")
+        if not isinstance(answer, dict):
+            raise _DeliveryFailed("the agent's answer is not a JSON object")
+        answered = protocol.parse_uuid(answer.get("agent_id"), "agent_id")
         if audience is not None and answered != audience:
             raise _DeliveryFailed(f"the agent answered as {answered}, not as {audience}")
-        return answered
+        return answer
 
     def _backoff(self) -> float:
         return backoff_delay(self._failures, self._retry_base, self._retry_cap, self._jitter)
@@ -303,17 +304,8 @@ class AgentLink:
         )
 
     async def _reconcile(self) -> None:
-        url = f"{self.url}/api/v1/agent/tasks"
         audience = await self._audience()
-        response = await self._http.get(
-            url,
-            headers=self._headers("GET", url, b"", audience),
-            timeout=REQUEST_TIMEOUT,
-            reactor=self._clock,
-        )
-        body = await self._http.json_content(response)
-        if response.code != 200:
-            raise _DeliveryFailed(f"agent answered {response.code}: {_error_message(body)}")
+        body = await self._instruct("GET", "/api/v1/agent/tasks", b"", audience)
         has = {protocol.parse_uuid(t, "task_ids[]") for t in body.get("task_ids", [])}
         assigned = await self._store.assigned_task_ids(self.url)
         missing = sorted(assigned - has)
