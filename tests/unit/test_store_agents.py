@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import uuid
-from collections.abc import AsyncIterator
 from datetime import UTC, datetime, timedelta
 
 import psycopg2
@@ -11,7 +10,6 @@ import pytest
 import pytest_twisted
 from twisted.internet import reactor
 
-from taskscheduler.server.memstore import MemoryStore
 from taskscheduler.server.pgstore import PostgresStore
 from taskscheduler.server.store import AgentConflict, AuditEvent, Store
 from tests.unit.test_store_contract import A_ID, A_URL, ANCHOR, B_ID, B_URL, make_spec
@@ -23,18 +21,6 @@ HASH_C = "sha256:" + "c" * 64
 
 def event(action: str, target: str = "x") -> AuditEvent:
     return AuditEvent(at=ANCHOR, actor="operator:alice", action=action, target=target, peer="::1")
-
-
-@pytest_twisted.async_yield_fixture(params=["memory", "postgres"])
-async def store(request: pytest.FixtureRequest) -> AsyncIterator[Store]:
-    if request.param == "memory":
-        instance: Store = MemoryStore()
-    else:
-        instance = PostgresStore(request.getfixturevalue("database_dsn"), reactor=reactor)
-    await instance.start()
-    await instance.set_fleet([A_URL, B_URL])
-    yield instance
-    await instance.stop()
 
 
 @pytest_twisted.ensureDeferred

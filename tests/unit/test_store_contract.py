@@ -12,7 +12,7 @@ import signal
 import subprocess
 import time
 import uuid
-from collections.abc import AsyncIterator, Callable, Coroutine
+from collections.abc import Callable, Coroutine
 from datetime import UTC, datetime, timedelta, timezone
 from pathlib import Path
 from typing import Any, TypeVar
@@ -27,7 +27,6 @@ from twisted.internet.defer import Deferred, DeferredList
 from taskscheduler.embedded_pg import EmbeddedPostgres
 from taskscheduler.protocol import Output, ResultStatus, RunResult, TaskSpec
 from taskscheduler.schedule import instant, parse_frequency
-from taskscheduler.server.memstore import MemoryStore
 from taskscheduler.server.migrations import MIGRATIONS
 from taskscheduler.server.pgstore import (
     EXECUTION_RESULTS_SQL,
@@ -111,18 +110,6 @@ async def within(seconds: float, coroutine: Coroutine[Any, Any, T]) -> T:
     d: Deferred[T] = Deferred.fromCoroutine(coroutine)
     d.addTimeout(seconds, reactor)
     return await d
-
-
-@pytest_twisted.async_yield_fixture(params=["memory", "postgres"])
-async def store(request: pytest.FixtureRequest) -> AsyncIterator[Store]:
-    if request.param == "memory":
-        instance: Store = MemoryStore()
-    else:
-        instance = PostgresStore(request.getfixturevalue("database_dsn"), reactor=reactor)
-    await instance.start()
-    await instance.set_fleet([A_URL, B_URL])
-    yield instance
-    await instance.stop()
 
 
 # -- tasks -----------------------------------------------------------------------------------
