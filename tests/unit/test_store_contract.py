@@ -10,7 +10,6 @@ import json
 import os
 import signal
 import subprocess
-import time
 import uuid
 from collections.abc import Callable, Coroutine
 from datetime import UTC, datetime, timedelta, timezone
@@ -42,6 +41,7 @@ from taskscheduler.server.store import (
     UnknownTask,
 )
 from tests.conftest import RestartablePostgres, _create_database, _drop_database
+from tests.integration.daemons import wait_for
 
 T = TypeVar("T")
 
@@ -884,13 +884,6 @@ def running(process: psutil.Process) -> bool:
         return False
 
 
-def wait_until(predicate: Callable[[], bool], timeout: float, what: str) -> None:
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        assert time.monotonic() < deadline, f"timed out waiting for {what}"
-        time.sleep(0.01)
-
-
 def test_embedded_postgres_keeps_its_data_and_survives_being_killed(
     private_folder: Callable[[], Path],
 ) -> None:
@@ -916,7 +909,7 @@ def test_embedded_postgres_keeps_its_data_and_survives_being_killed(
         assert server.postmaster_pid is not None
         postmaster = psutil.Process(server.postmaster_pid)
         postmaster.send_signal(signal.SIGKILL)
-        wait_until(lambda: not running(postmaster), 10, "the postmaster to die")
+        wait_for(lambda: not running(postmaster), 10, "the postmaster to die", interval=0.01)
         dsn = server.start_blocking()
         assert _query(dsn, "SELECT x FROM kept") == [("still here",)]
 
