@@ -33,6 +33,8 @@ from taskscheduler.schedule import (
 MAX_COMMAND_LENGTH = 64 * 1024
 #: Longest run time limit accepted.
 MAX_TIME_LIMIT_SECONDS = 7 * 24 * 3600
+#: Longest ``reason`` of a result accepted, in characters.
+MAX_REASON_LENGTH = 500
 
 
 class InvalidMessage(ValueError):
@@ -232,6 +234,8 @@ class RunResult:
     finished_at: datetime | None = None
     stdout: Output = field(default_factory=Output)
     stderr: Output = field(default_factory=Output)
+    #: Why a run was skipped or lost, for people ("the previous run was still going").
+    reason: str | None = None
 
     @property
     def key(self) -> tuple[uuid.UUID, uuid.UUID, datetime]:
@@ -252,7 +256,21 @@ def result_to_json(result: RunResult) -> dict[str, Any]:
     }
     body.update(output_to_json("stdout", result.stdout, for_people=False))
     body.update(output_to_json("stderr", result.stderr, for_people=False))
+    if result.reason is not None:
+        body["reason"] = result.reason
     return body
+
+
+def parse_reason(value: object) -> str | None:
+    """An optional short sentence saying why a run was skipped or lost."""
+    if value is None:
+        return None
+    if not isinstance(value, str) or len(value) > MAX_REASON_LENGTH:
+        raise InvalidMessage(f"'reason' must be a string of at most {MAX_REASON_LENGTH} characters")
+    if "\x00" in value:
+        # PostgreSQL's text cannot hold it: refused here rather than failing the insert.
+        raise InvalidMessage("'reason' must not contain a NUL character")
+    return value
 
 
 def parse_result(body: object, task_id: uuid.UUID | None = None) -> RunResult:
@@ -297,6 +315,7 @@ def parse_result(body: object, task_id: uuid.UUID | None = None) -> RunResult:
         finished_at=None if finished_at is None else _parse_time(finished_at, "finished_at"),
         stdout=parse_output(body, "stdout"),
         stderr=parse_output(body, "stderr"),
+        reason=parse_reason(body.get("reason")),
     )
 
 

@@ -114,6 +114,7 @@ def test_a_run_still_going_at_the_next_instant_skips_it(tmp_path: Path) -> None:
     skipped = [r for r in agent.server.stored.values() if r.status is ResultStatus.SKIPPED]
     assert sorted(format_instant(r.scheduled_at) for r in skipped) == [at(20), at(30)]
     assert all(r.started_at is None and r.exit_code is None for r in skipped)
+    assert all(r.reason == "the previous run was still going" for r in skipped)
     agent.runner.finish(agent.runner.runs[0])
     agent.advance_to(40)
     assert scheduled(agent) == [at(10), at(40)]

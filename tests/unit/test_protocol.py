@@ -15,6 +15,7 @@ from hypothesis import strategies as st
 from taskscheduler.protocol import (
     MAX_BATCH,
     MAX_COMMAND_LENGTH,
+    MAX_REASON_LENGTH,
     MAX_TIME_LIMIT_SECONDS,
     InvalidMessage,
     Output,
@@ -90,6 +91,7 @@ def results(draw: st.DrawFn) -> RunResult:
         finished_at=draw(st.none() | moments),
         stdout=draw(outputs()),
         stderr=draw(outputs()),
+        reason=draw(st.none() | st.text(st.characters(exclude_characters="\x00"), max_size=500)),
     )
 
 
@@ -145,6 +147,18 @@ def test_empty_streams_are_omitted_as_the_seed_asks() -> None:
     body = result_to_json(RunResult(TASK, AGENT, RECEIVED, ResultStatus.SUCCEEDED, exit_code=0))
     assert not any(key.startswith(("stdout", "stderr")) for key in body)
     assert body["server_id"] == str(AGENT)
+
+
+def test_a_reason_travels_only_when_there_is_one() -> None:
+    plain = RunResult(TASK, AGENT, RECEIVED, ResultStatus.SKIPPED)
+    assert "reason" not in result_to_json(plain)
+    why = "the previous run was still going"
+    body = through_json(
+        result_to_json(RunResult(TASK, AGENT, RECEIVED, ResultStatus.SKIPPED, reason=why))
+    )
+    assert body["reason"] == why
+    assert parse_result(body).reason == why
+    assert parse_result({**body, "reason": "x" * MAX_REASON_LENGTH}).reason == "x" * 500
 
 
 def test_a_truncated_stream_says_so_with_its_original_size() -> None:
@@ -281,6 +295,9 @@ GOOD_RESULT = result_to_json(
         ({"stdout_bytes": -1}, "'stdout_bytes'"),
         ({"stdout_bytes": True}, "'stdout_bytes'"),
         ({"stderr_truncated": "yes"}, "'stderr_truncated' must be true or false"),
+        ({"reason": 5}, "'reason' must be a string of at most 500 characters"),
+        ({"reason": "x" * 501}, "'reason' must be a string of at most 500 characters"),
+        ({"reason": "a\x00b"}, "'reason' must not contain a NUL character"),
     ],
 )
 def test_every_bad_result_is_refused_with_a_clear_message(

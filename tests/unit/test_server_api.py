@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import uuid
 from datetime import timedelta
@@ -266,6 +267,39 @@ async def test_latest_output_shows_the_newest_complete_execution_only(harness: H
     assert "stdout" not in by_agent[str(AGENT_B)]
     assert by_agent[str(AGENT_B)]["stderr"] == "b1 err\n"
     assert (by_agent[str(AGENT_B)]["exit_code"], by_agent[str(AGENT_B)]["status"]) == (3, "failed")
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_skipped_run_shows_its_reason_and_others_show_none(harness: Harness) -> None:
+    task_id = await harness.create()
+    why = "the previous run was still going"
+    skipped = dataclasses.replace(
+        harness.result(task_id, AGENT_A, 1),
+        status=ResultStatus.SKIPPED,
+        exit_code=None,
+        started_at=None,
+        finished_at=None,
+        reason=why,
+    )
+    assert (await harness.report(skipped))[0] == 200
+    assert (await harness.report(harness.result(task_id, AGENT_B, 1, b"ran\n")))[0] == 200
+    _, latest = await harness.request("GET", f"/api/v1/tasks/{task_id}/latest_output")
+    _, history = await harness.request("GET", f"/api/v1/tasks/{task_id}/executions")
+    for outputs in (latest["outputs"], history["executions"][0]["outputs"]):
+        by_agent = {o["agent_id"]: o for o in outputs}
+        assert by_agent[str(AGENT_A)]["status"] == "skipped"
+        assert by_agent[str(AGENT_A)]["reason"] == why
+        assert "reason" not in by_agent[str(AGENT_B)]
+    # The reason is checked like every field: too long is a clear 400.
+    too_long = dataclasses.replace(
+        skipped, scheduled_at=harness.result(task_id, AGENT_A, 2).scheduled_at
+    )
+    body = result_to_json(too_long)
+    body["reason"] = "x" * 501
+    path = f"/api/v1/tasks/{task_id}/complete"
+    code, error = await harness.request("POST", path, body)
+    assert code == 400
+    assert "'reason' must be a string of at most 500 characters" in error["error"]["message"]
 
 
 @pytest_twisted.ensureDeferred

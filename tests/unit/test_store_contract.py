@@ -32,6 +32,7 @@ from taskscheduler.server.pgstore import (
     LATEST_EXECUTION_SQL,
     PRUNE_SQL,
     PostgresStore,
+    result_digest,
 )
 from taskscheduler.server.store import (
     AuditEvent,
@@ -52,6 +53,9 @@ ANCHOR = datetime(2026, 11, 27, 7, 30, 0, 123456, tzinfo=UTC)
 INTERVAL = timedelta(seconds=30)
 TIME_LIMIT = timedelta(seconds=10)
 GRACE = timedelta(seconds=5)
+#: result_digest() of the result in test_a_result_without_a_reason_digests_as_before...,
+#: as computed before results had a reason.
+OLD_DIGEST = "b1fca4febcfb039812c324c283d45ee09146c53ce4432d6f7357b92772600492"
 
 STORED = RecordOutcome.STORED
 DUPLICATE = RecordOutcome.DUPLICATE
@@ -237,8 +241,9 @@ async def test_a_result_is_stored_once_and_a_resend_is_a_duplicate(store: Store)
         {"exit_code": None, "signal": 9, "status": ResultStatus.FAILED},
         {"finished_at": at(1) + timedelta(milliseconds=21)},
         {"stdout": Output(b"out", 10_000, True)},
+        {"reason": "the agent was overloaded"},
     ],
-    ids=["stdout", "stderr", "exit", "signal", "finished", "truncation"],
+    ids=["stdout", "stderr", "exit", "signal", "finished", "truncation", "reason"],
 )
 @pytest_twisted.ensureDeferred
 async def test_a_different_result_under_the_same_key_conflicts_and_changes_nothing(
@@ -358,6 +363,40 @@ async def test_output_bytes_round_trip_exactly(store: Store, stdout: bytes) -> N
     assert execution is not None
     assert execution.results == tuple(reported)
     assert await store.record_results(reported, at(1)) == [DUPLICATE, DUPLICATE]
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_reason_round_trips_and_none_stays_none(store: Store) -> None:
+    task = await store.create_task(make_spec(), ANCHOR)
+    skipped = result(
+        task.task_id,
+        A_ID,
+        1,
+        out=b"",
+        status=ResultStatus.SKIPPED,
+        exit_code=None,
+        started_at=None,
+        finished_at=None,
+        reason="the previous run was still going",
+    )
+    lost = result(task.task_id, B_ID, 1, status=ResultStatus.LOST, reason="l'agent est mort ☠")
+    plain = result(task.task_id, A_ID, 2)
+    assert await store.record_results([skipped, lost, plain], at(2)) == [STORED] * 3
+    latest = await store.latest_complete_execution(task.task_id, at(1), GRACE)
+    assert latest is not None and latest.results == (skipped, lost)
+    [second, first] = await store.list_executions(task.task_id, 10)
+    assert first.results == (skipped, lost)
+    assert second.results == (plain,) and plain.reason is None
+    assert await store.record_results([skipped, lost], at(2)) == [DUPLICATE, DUPLICATE]
+
+
+def test_a_result_without_a_reason_digests_as_before_reasons_existed() -> None:
+    """Results stored before migration 5 must still be duplicates of their resends."""
+    task_id = uuid.UUID("cccccccc-0000-4000-8000-000000000003")
+    old = result(task_id, A_ID, 1, err=b"warn")
+    # The digest main computed before the reason field existed, for this very result.
+    assert result_digest(old).hex() == OLD_DIGEST
+    assert result_digest(dataclasses.replace(old, reason="why")) != result_digest(old)
 
 
 # -- history ---------------------------------------------------------------------------------

@@ -481,7 +481,13 @@ class Scheduler:
                 scheduled_at=format_instant(scheduled_at),
             )
             self._spool.add(
-                RunResult(spec.task_id, self.agent_id, scheduled_at, ResultStatus.SKIPPED)
+                RunResult(
+                    spec.task_id,
+                    self.agent_id,
+                    scheduled_at,
+                    ResultStatus.SKIPPED,
+                    reason="the previous run was still going",
+                )
             )
             return
         started_at = utc_now_from(self._clock.seconds())

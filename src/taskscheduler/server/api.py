@@ -569,6 +569,8 @@ def _latest_output_json(execution: Execution | None) -> dict[str, Any]:
 
 def _output_json(result: RunResult) -> dict[str, Any]:
     body: dict[str, Any] = {"agent_id": str(result.agent_id), "status": result.status.value}
+    if result.reason is not None:
+        body["reason"] = result.reason
     body.update(protocol.output_to_json("stdout", result.stdout))
     body.update(protocol.output_to_json("stderr", result.stderr))
     body["exit_code"] = result.exit_code

@@ -57,6 +57,7 @@ def _normalized(result: RunResult) -> RunResult:
         finished_at=_utc(result.finished_at),
         stdout=result.stdout,
         stderr=result.stderr,
+        reason=result.reason,
     )
 
 

@@ -124,4 +124,8 @@ MIGRATIONS: list[str] = [
     """
     CREATE INDEX executions_by_scheduled_at ON executions (scheduled_at);
     """,
+    # 5: why a run was skipped or lost, in the agent's words (NULL when it says nothing).
+    """
+    ALTER TABLE results ADD COLUMN reason text;
+    """,
 ]

@@ -89,7 +89,8 @@ WHERE t.task_id = %(task_id)s::uuid
 
 #: One execution's results, by primary key.
 _RESULT_COLUMNS = """agent_id, status, exit_code, signal, started_at, finished_at,
-       stdout, stdout_bytes, stdout_truncated, stderr, stderr_bytes, stderr_truncated"""
+       stdout, stdout_bytes, stdout_truncated, stderr, stderr_bytes, stderr_truncated,
+       reason"""
 
 EXECUTION_RESULTS_SQL = f"""
 SELECT {_RESULT_COLUMNS}
@@ -124,7 +125,8 @@ FOR UPDATE OF e;
 WITH inserted AS (
     INSERT INTO results (task_id, scheduled_at, agent_id, status, exit_code, signal,
                          started_at, finished_at, stdout, stdout_bytes, stdout_truncated,
-                         stderr, stderr_bytes, stderr_truncated, digest, received_at)
+                         stderr, stderr_bytes, stderr_truncated, reason, digest,
+                         received_at)
     SELECT v.*, %(received_at)s
     FROM unnest(%(task)s::uuid[], %(at)s::timestamptz[], %(agent)s::uuid[],
                 %(status)s::text[], %(exit_code)s::integer[], %(signal)s::integer[],
@@ -132,10 +134,10 @@ WITH inserted AS (
                 %(stdout)s::bytea[], %(stdout_bytes)s::bigint[],
                 %(stdout_truncated)s::boolean[],
                 %(stderr)s::bytea[], %(stderr_bytes)s::bigint[],
-                %(stderr_truncated)s::boolean[], %(digest)s::bytea[])
+                %(stderr_truncated)s::boolean[], %(reason)s::text[], %(digest)s::bytea[])
          AS v (task_id, scheduled_at, agent_id, status, exit_code, signal,
                started_at, finished_at, stdout, stdout_bytes, stdout_truncated,
-               stderr, stderr_bytes, stderr_truncated, digest)
+               stderr, stderr_bytes, stderr_truncated, reason, digest)
     WHERE EXISTS (SELECT 1 FROM executions e
                   WHERE e.task_id = v.task_id AND e.scheduled_at = v.scheduled_at)
       AND NOT EXISTS (SELECT 1 FROM tasks t
@@ -195,18 +197,21 @@ def result_digest(result: RunResult) -> bytes:
     """SHA-256 of a result's body (everything but its key), in an unambiguous encoding.
 
     Two results with the same key are the same report exactly when their digests match.
+    A result without a reason digests as it did before reasons existed, so a result
+    stored then and sent again now is still a duplicate.
     """
-    head = json.dumps(
-        [
-            result.status.value,
-            result.exit_code,
-            result.signal,
-            _micros(result.started_at),
-            _micros(result.finished_at),
-            [result.stdout.size, result.stdout.truncated, len(result.stdout.data)],
-            [result.stderr.size, result.stderr.truncated, len(result.stderr.data)],
-        ]
-    ).encode("ascii")
+    fields: list[Any] = [
+        result.status.value,
+        result.exit_code,
+        result.signal,
+        _micros(result.started_at),
+        _micros(result.finished_at),
+        [result.stdout.size, result.stdout.truncated, len(result.stdout.data)],
+        [result.stderr.size, result.stderr.truncated, len(result.stderr.data)],
+    ]
+    if result.reason is not None:
+        fields.append(result.reason)
+    head = json.dumps(fields).encode("ascii")
     digest = hashlib.sha256(head)
     digest.update(b"\n")
     digest.update(result.stdout.data)
@@ -664,6 +669,7 @@ class PostgresStore:
                 "stderr": [psycopg2.Binary(r.stderr.data) for r in chosen],
                 "stderr_bytes": [r.stderr.size for r in chosen],
                 "stderr_truncated": [r.stderr.truncated for r in chosen],
+                "reason": [r.reason for r in chosen],
                 "digest": [psycopg2.Binary(digests[first[key]]) for key in candidates],
                 "received_at": received_at,
             },
@@ -1058,6 +1064,7 @@ def _result_from_row(task_id: uuid.UUID, scheduled_at: datetime, row: Sequence[A
         stderr,
         stderr_bytes,
         stderr_truncated,
+        reason,
     ) = row
     return RunResult(
         task_id=task_id,
@@ -1070,4 +1077,5 @@ def _result_from_row(task_id: uuid.UUID, scheduled_at: datetime, row: Sequence[A
         finished_at=_utc(finished_at),
         stdout=Output(bytes(stdout), stdout_bytes, stdout_truncated),
         stderr=Output(bytes(stderr), stderr_bytes, stderr_truncated),
+        reason=reason,
     )
