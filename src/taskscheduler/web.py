@@ -300,10 +300,29 @@ class Access(enum.StrEnum):
 Authorize = Callable[[IRequest, Access], Awaitable[None]]
 
 
+def routing_path(request: IRequest) -> str | None:
+    """The path Klein routes a request on, or None if it is not UTF-8 (Klein answers 400).
+
+    Not ``request.path``: twisted.web splits the raw path on ``/`` and percent-decodes
+    each segment, and Klein joins the segments again, so ``/api%2Fv1/agents`` reaches
+    the route ``/api/v1/agents``. Access must be decided on that very path, or an
+    encoded slash or letter would walk past the gate.
+    """
+    path = b"/".join(getattr(request, "postpath", None) or [])
+    if not path.startswith(b"/"):
+        path = b"/" + path
+    try:
+        return path.decode("utf-8")
+    except UnicodeDecodeError:
+        return None
+
+
 def route_endpoint(url_map: Map, request: IRequest) -> str | None:
     """The Klein endpoint (route function name) a request is for, or None if no route
     matches (Klein then answers 404 or 405 itself)."""
-    path = request.path.decode("utf-8", "replace")
+    path = routing_path(request)
+    if path is None:
+        return None
     method = request.method.decode("ascii", "replace")
     try:
         endpoint, _ = url_map.bind("localhost").match(path, method=method)

@@ -23,3 +23,16 @@ def routes(app: Klein) -> Iterator[tuple[str, str, str]]:
 def concrete(rule: str) -> str:
     """The rule with every ``<variable>`` replaced by a fresh UUID."""
     return re.sub(r"<[^>]+>", lambda _: str(uuid.uuid4()), rule)
+
+
+def disguises(path: str) -> list[str]:
+    """``path`` as a client may spell it so that twisted.web decodes it back to ``path``:
+    one ``/`` at a time as ``%2F``, and the first letter of each segment percent-encoded."""
+    segments = path.split("/")[1:]
+    spelled = []
+    for i in range(1, len(segments)):
+        spelled.append("/" + "/".join(segments[:i]) + "%2F" + "/".join(segments[i:]))
+    for i, segment in enumerate(segments):
+        encoded = f"%{ord(segment[0]):02X}" + segment[1:]
+        spelled.append("/" + "/".join([*segments[:i], encoded, *segments[i + 1 :]]))
+    return spelled

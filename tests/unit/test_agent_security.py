@@ -35,7 +35,7 @@ from tests.unit.agent_fakes import (
     FakeServer,
     spec,
 )
-from tests.unit.route_sweep import PUBLIC, concrete, routes
+from tests.unit.route_sweep import PUBLIC, concrete, disguises, routes
 
 URL = "http://agent.test:8081"
 
@@ -120,6 +120,23 @@ async def test_route_sweep_refuses_unsigned_forged_stale_and_replayed(agent: Age
         swept += 1
     assert swept >= 2
     assert len(agent.service.scheduler.tasks) == 1, "only the valid instruction ran"  # type: ignore[union-attr]
+
+
+@pytest_twisted.ensureDeferred
+async def test_an_encoded_path_is_checked_as_the_route_it_reaches(agent: Agent) -> None:
+    """``POST /api/v1/tasks%2Fschedule`` reaches the schedule route once twisted.web has
+    decoded it: unsigned, it must be refused like the plain path, not run a command."""
+    tried = 0
+    for method, rule, _ in routes(AgentAPI.app):
+        if (method, rule) in PUBLIC:
+            continue
+        for path in disguises(concrete(rule)):
+            body = task_body() if method == "POST" else b""
+            code, answer, _ = await send(agent, method, path, body, None)
+            assert code == 401, f"{method} {path}: {code} {answer}"
+            tried += 1
+    assert tried >= 10
+    assert agent.service.scheduler.tasks == {}  # type: ignore[union-attr]
 
 
 @pytest_twisted.ensureDeferred

@@ -29,7 +29,7 @@ from taskscheduler.server.api import ServerAPI
 from taskscheduler.server.memstore import MemoryStore
 from taskscheduler.server.store import AuditEvent, StoreUnavailable
 from taskscheduler.web import Access, AuthGate
-from tests.unit.route_sweep import PUBLIC, concrete, routes
+from tests.unit.route_sweep import PUBLIC, concrete, disguises, routes
 from tests.unit.test_server_api import (
     AGENT_A,
     AGENT_B,
@@ -156,6 +156,22 @@ async def test_route_sweep_refuses_missing_wrong_and_revoked_credentials(server:
                 assert body["error"]["code"] == "unauthorized"
         swept += 1
     assert swept >= 10
+
+
+@pytest_twisted.ensureDeferred
+async def test_an_encoded_path_is_checked_as_the_route_it_reaches(server: Server) -> None:
+    """twisted.web decodes ``%2F`` and ``%61`` in a path before Klein routes it: the gate
+    must decide on that same path, or ``GET /api%2Fv1/agents`` lists the fleet to anyone."""
+    tried = 0
+    for method, rule, _ in routes(ServerAPI.app):
+        if (method, rule) in PUBLIC:
+            continue
+        for path in disguises(concrete(rule)):
+            code, body, _ = await server.call(method, path, {"command": "id"})
+            assert code == 401, f"{method} {path}: {code} {body}"
+            tried += 1
+    assert tried >= 50
+    assert await server.store.undelivered_tasks(AGENTS[0], 10) == []
 
 
 @pytest_twisted.ensureDeferred
