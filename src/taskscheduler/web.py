@@ -15,7 +15,7 @@ from __future__ import annotations
 import enum
 import io
 import json
-from collections.abc import Awaitable, Callable, Mapping
+from collections.abc import Awaitable, Callable, Iterable, Mapping
 from typing import Any
 
 from klein import Klein
@@ -123,18 +123,7 @@ def install_error_handlers(app: Klein, log: Logger) -> None:
     def _method_not_allowed(self: Any, request: IRequest, failure: Failure) -> bytes:
         error = failure.value
         assert isinstance(error, MethodNotAllowed)
-        allowed = sorted(error.valid_methods or [])
-        if allowed:
-            request.setHeader(b"Allow", ", ".join(allowed).encode("ascii"))
-        return json_response(
-            request,
-            _error_json(
-                "method_not_allowed",
-                f"this endpoint does not accept {request.method.decode('ascii', 'replace')}"
-                + (f"; use {', '.join(allowed)}" if allowed else ""),
-            ),
-            http.NOT_ALLOWED,
-        )
+        return _error_now(request, method_not_allowed(request, error.valid_methods or []))
 
     @app.handle_errors(HTTPException)
     def _http_exception(self: Any, request: IRequest, failure: Failure) -> bytes:
@@ -163,6 +152,19 @@ def install_error_handlers(app: Klein, log: Logger) -> None:
 
 def _error_json(code: str, message: str) -> dict[str, Any]:
     return {"error": {"code": code, "message": message}}
+
+
+def method_not_allowed(request: IRequest, allowed: Iterable[str]) -> ApiError:
+    """405 naming the methods the path accepts, in ``Allow`` and in the message."""
+    methods = sorted(allowed)
+    method = request.method.decode("ascii", "replace")
+    return ApiError(
+        http.NOT_ALLOWED,
+        "method_not_allowed",
+        f"this endpoint does not accept {method}"
+        + (f"; use {', '.join(methods)}" if methods else ""),
+        {b"Allow": ", ".join(methods).encode("ascii")} if methods else None,
+    )
 
 
 class LimitedRequest(Request):
@@ -317,6 +319,19 @@ def routing_path(request: IRequest) -> str | None:
         return None
 
 
+def fixed_paths(url_map: Map) -> dict[str, frozenset[str]]:
+    """The methods of each path that has no variable part (``/api/v1/tasks/create``).
+
+    Such a path belongs to its routes for every method: ``GET /api/v1/tasks/create``
+    must be a 405, not ``GET /api/v1/tasks/<task_id>`` with the id "create".
+    """
+    fixed: dict[str, set[str]] = {}
+    for rule in url_map.iter_rules():
+        if not rule.arguments:
+            fixed.setdefault(rule.rule, set()).update(rule.methods or ())
+    return {path: frozenset(methods) for path, methods in fixed.items()}
+
+
 def route_endpoint(url_map: Map, request: IRequest) -> str | None:
     """The Klein endpoint (route function name) a request is for, or None if no route
     matches (Klein then answers 404 or 405 itself)."""
@@ -336,7 +351,8 @@ class AuthGate(Resource):
 
     ``access`` classifies every route by endpoint name; a request for a route missing
     from it is refused with 403 and logged. Requests no route matches go through to Klein,
-    which answers 404 or 405 without running anything.
+    which answers 404 or 405 without running anything; so are requests for a fixed path
+    with a method it does not take (405 with ``Allow``).
     """
 
     isLeaf = True
@@ -350,8 +366,13 @@ class AuthGate(Resource):
         self._url_map = url_map
         self._access = dict(access)
         self._authorize = authorize
+        self._fixed = fixed_paths(url_map)
 
     def render(self, request: IRequest) -> Any:
+        path = routing_path(request)
+        allowed = self._fixed.get(path) if path is not None else None
+        if allowed is not None and request.method.decode("ascii", "replace") not in allowed:
+            return _error_now(request, method_not_allowed(request, allowed))
         endpoint = route_endpoint(self._url_map, request)
         if endpoint is None:
             return self._inner.render(request)

@@ -25,6 +25,19 @@ def concrete(rule: str) -> str:
     return re.sub(r"<[^>]+>", lambda _: str(uuid.uuid4()), rule)
 
 
+#: Every method a client might try on a path.
+METHODS = ("GET", "HEAD", "POST", "PUT", "PATCH", "DELETE")
+
+
+def fixed_routes(app: Klein) -> dict[str, set[str]]:
+    """The methods of each route path without a variable part."""
+    fixed: dict[str, set[str]] = {}
+    for method, rule, _ in routes(app):
+        if "<" not in rule:
+            fixed.setdefault(rule, set()).add(method)
+    return fixed
+
+
 def disguises(path: str) -> list[str]:
     """``path`` as a client may spell it so that twisted.web decodes it back to ``path``:
     one ``/`` at a time as ``%2F``, and the first letter of each segment percent-encoded."""

@@ -35,7 +35,7 @@ from tests.unit.agent_fakes import (
     FakeServer,
     spec,
 )
-from tests.unit.route_sweep import PUBLIC, concrete, disguises, routes
+from tests.unit.route_sweep import METHODS, PUBLIC, concrete, disguises, fixed_routes, routes
 
 URL = "http://agent.test:8081"
 
@@ -137,6 +137,18 @@ async def test_an_encoded_path_is_checked_as_the_route_it_reaches(agent: Agent) 
             tried += 1
     assert tried >= 10
     assert agent.service.scheduler.tasks == {}  # type: ignore[union-attr]
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_wrong_method_on_a_fixed_route_is_405_with_allow(agent: Agent) -> None:
+    tried = 0
+    for path, allowed in fixed_routes(AgentAPI.app).items():
+        for method in set(METHODS) - allowed:
+            code, answer, headers = await send(agent, method, path, b"", None)
+            assert code == 405, (method, path, answer)
+            assert headers.getRawHeaders("Allow") == [", ".join(sorted(allowed))]
+            tried += 1
+    assert tried >= 10
 
 
 @pytest_twisted.ensureDeferred

@@ -23,6 +23,7 @@ from taskscheduler.server.memstore import MemoryStore
 from taskscheduler.server.retention import HistoryPruner
 from taskscheduler.server.store import AuditEvent, StoreUnavailable
 from taskscheduler.web import make_site
+from tests.unit.route_sweep import METHODS, fixed_routes
 
 AGENTS = ["http://agent-a:8081", "http://agent-b:8081"]
 AGENT_A = uuid.UUID("aaaaaaaa-0000-4000-8000-000000000001")
@@ -228,6 +229,28 @@ async def test_unknown_routes_and_methods_get_json_errors(harness: Harness) -> N
     assert (code, error["error"]["code"]) == (405, "method_not_allowed")
     code, error = await harness.request("GET", f"/api/v1/tasks/{task_id}/complete")
     assert code == 405
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_wrong_method_on_a_fixed_route_is_405_with_allow(harness: Harness) -> None:
+    """``GET /api/v1/tasks/create`` is not ``GET /api/v1/tasks/<task_id>`` with the id
+    "create"; nor is ``DELETE /api/v1/agents/enrol`` a revocation of agent "enrol"."""
+    fixed = fixed_routes(ServerAPI.app)
+    assert {"/api/v1/tasks/create", "/api/v1/agents/enrol", "/api/v1/results"} <= set(fixed)
+    tried = 0
+    for path, allowed in fixed.items():
+        for method in set(METHODS) - allowed:
+            response = await harness.http.request(
+                method, "http://server" + path, headers=harness.headers_for(path)
+            )
+            content = await response.content()
+            assert response.code == 405, (method, path, content)
+            assert response.headers.getRawHeaders("Allow") == [", ".join(sorted(allowed))]
+            if method != "HEAD":
+                assert json.loads(content)["error"]["code"] == "method_not_allowed"
+            tried += 1
+    assert tried >= 20
+    assert harness.created == [] and await harness.store.list_agents() != []
 
 
 @pytest_twisted.ensureDeferred
