@@ -14,6 +14,7 @@ import pytest_twisted
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from treq.testing import StubTreq
 from twisted.internet.task import Clock
+from twisted.logger import LogLevel, capturedLogs, formatEvent
 
 from taskscheduler.agent.api import AgentAPI
 from taskscheduler.agent.identity import load_credential, load_server_key
@@ -285,6 +286,38 @@ async def test_an_agent_enrols_with_the_real_server_api_then_reports_with_its_cr
         server.flush()
     [execution] = await store.list_executions(task.task_id, 10)
     assert [r.agent_id for r in execution.results] == [me]
+    await service.stopService()
+
+
+@pytest_twisted.ensureDeferred
+async def test_an_agent_with_a_wrong_join_secret_is_told_its_join_secret_was_refused(
+    tmp_path: Path,
+) -> None:
+    clock = Clock()
+    clock.advance(ANCHOR_SECONDS)
+    store = MemoryStore()
+    known = TokenFile.from_env_value(f"fleet {hash_token(new_token(JOIN_PREFIX))}")
+    api = ServerAPI(store, clock, ServerAccess(store, clock, None, known))
+    server = StubTreq(api.resource())
+    data = tmp_path / "data"
+    service = AgentService(
+        AgentConfig(data, SERVER, join_secret=new_token(JOIN_PREFIX)),
+        clock,
+        lambda: FakeRunner(clock),
+        server,
+        jitter=lambda: 1.0,
+    )
+    with capturedLogs() as events:
+        service.startService()
+        for _ in range(5):
+            clock.advance(0)
+            server.flush()
+    refused = [formatEvent(e) for e in events if "join secret refused" in formatEvent(e)]
+    assert refused, [formatEvent(e) for e in events]
+    assert all(e["log_level"] is LogLevel.error for e in events if formatEvent(e) in refused)
+    assert "--join-secret-file" in refused[0]
+    assert not any("unknown or revoked" in formatEvent(e) for e in events)
+    assert load_credential(data) is None
     await service.stopService()
 
 

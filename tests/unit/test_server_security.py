@@ -273,6 +273,35 @@ async def test_enrolment_issues_a_credential_once_per_identity(server: Server) -
 
 
 @pytest_twisted.ensureDeferred
+async def test_a_wrong_join_secret_is_refused_as_a_join_secret(server: Server) -> None:
+    body = {"agent_id": str(uuid.uuid4()), "url": "http://agent-d:8081"}
+    for secret in (new_token(JOIN_PREFIX), REVOKED_JOIN):
+        code, answer, headers = await server.call("POST", "/api/v1/agents/enrol", body, secret)
+        assert code == 401 and headers.getRawHeaders("WWW-Authenticate")
+        assert answer["error"]["code"] == "unauthorized"
+        message = answer["error"]["message"]
+        assert message.startswith("join secret refused"), message
+        assert "credential" not in message
+    # An unknown agent credential on an agent route is still told so.
+    code, answer, _ = await server.call("POST", "/api/v1/results", {}, new_token(AGENT_PREFIX))
+    assert (code, answer["error"]["message"]) == (401, "the credential is unknown or revoked")
+    # A server with no join secrets at all (none given, or an empty list) says that.
+    for joins in (None, TokenFile.from_env_value("")):
+        store = MemoryStore()
+        lone = ServerAPI(store, server.clock, ServerAccess(store, server.clock, None, joins))
+        response = await StubTreq(lone.resource()).post(
+            "http://server/api/v1/agents/enrol",
+            data=json.dumps(body).encode(),
+            headers={**JSON, "Authorization": f"Bearer {new_token(JOIN_PREFIX)}"},
+        )
+        answer = json.loads(await response.content())
+        assert response.code == 401
+        assert answer["error"]["message"] == (
+            "join secret refused: this server has no join secrets configured"
+        )
+
+
+@pytest_twisted.ensureDeferred
 async def test_a_revoked_agent_is_refused_on_its_next_request(server: Server) -> None:
     harness = Harness(server.store)
     task_id = await harness.create()

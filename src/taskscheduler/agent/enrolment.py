@@ -156,7 +156,14 @@ class Enroller:
             if isinstance(answer, dict) and isinstance(answer.get("error"), dict):
                 message = str(answer["error"].get("message", ""))[:200]
             error = f"the server answered {response.code} {message}".strip()
-            if response.code in (401, 403, 409):
+            if response.code == 401:
+                # Enrolment sends nothing but the join secret: a 401 can only refuse it.
+                detail = message.removeprefix("join secret refused: ")
+                raise EnrolmentRefused(
+                    f"join secret refused (401{': ' + detail if detail else ''}); check the "
+                    "agent's --join-secret-file or TASKSCHEDULER_JOIN_SECRET"
+                )
+            if response.code in (403, 409):
                 raise EnrolmentRefused(error)
             raise ConnectionError(error)
         credential = answer.get("credential")

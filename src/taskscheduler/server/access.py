@@ -141,12 +141,20 @@ class ServerAccess:
             raise unauthorized(_WANTED[level], CHALLENGE)
         principal = await self._identify(token)
         if principal is None:
-            raise unauthorized("the credential is unknown or revoked", CHALLENGE_INVALID)
+            raise unauthorized(self._refusal(level), CHALLENGE_INVALID)
         if principal.kind != _KIND[level]:
             raise forbidden(
                 f"this {principal.kind} credential cannot call this route ({_WANTED[level]})"
             )
         setattr(request, _PRINCIPAL_ATTRIBUTE, principal)
+
+    def _refusal(self, level: Access) -> str:
+        """Why a credential nobody knows is refused, in the words of the route's kind."""
+        if level is not Access.JOIN:
+            return "the credential is unknown or revoked"
+        if self._joins is None or len(self._joins) == 0:
+            return "join secret refused: this server has no join secrets configured"
+        return "join secret refused: it is not one of this server's join secrets (or was revoked)"
 
 
 _KIND = {Access.OPERATOR: "operator", Access.AGENT: "agent", Access.JOIN: "join"}
