@@ -34,6 +34,8 @@ class FakeAgent:
         self.down = False
         self.requests = 0
         self.removals: list[uuid.UUID] = []
+        self.refused_tasks: set[str] = set()  # commands it answers 400 to
+        self.refused_removals: set[uuid.UUID] = set()  # task ids it answers 400 to
 
     @app.route("/api/v1/tasks/schedule", methods=["POST"])
     def schedule(self, request: Any) -> bytes:
@@ -43,6 +45,9 @@ class FakeAgent:
             request.setResponseCode(503)
             return b'{"error": {"code": "down", "message": "down"}}'
         spec = parse_task_spec(json.loads(request.content.read()), utc_now_from(0))
+        if spec.command in self.refused_tasks:
+            request.setResponseCode(400)
+            return b'{"error": {"code": "invalid_request", "message": "not this one"}}'
         self.tasks[spec.task_id] = spec
         return json.dumps({"agent_id": str(AGENT_ID), "task_id": str(spec.task_id)}).encode()
 
@@ -53,6 +58,9 @@ class FakeAgent:
         if self.down:
             request.setResponseCode(503)
             return b'{"error": {"code": "down", "message": "down"}}'
+        if uuid.UUID(task_id) in self.refused_removals:
+            request.setResponseCode(400)
+            return b'{"error": {"code": "invalid_request", "message": "not this one"}}'
         self.removals.append(uuid.UUID(task_id))
         self.tasks.pop(uuid.UUID(task_id), None)  # idempotent, like the real agent
         return json.dumps({"agent_id": str(AGENT_ID), "task_id": task_id}).encode()
@@ -346,5 +354,60 @@ async def test_reconciliation_removes_a_deleted_task_the_agent_still_has() -> No
     settle(clock, http, 30)
     assert agent.tasks == {}
     assert agent.removals == [task.task_id, task.task_id]
+    assert await store.pending_removals(URL, 10) == []
+    dispatcher.stopService()
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_task_the_agent_refuses_holds_back_no_removal_and_no_other_task() -> None:
+    agent = FakeAgent()
+    store, dispatcher, clock, http = await setup(agent)
+    dispatcher.startService()
+    gone = await store.create_task(spec("gone"), utc_now_from(0))
+    dispatcher.task_created(gone)
+    settle(clock, http)
+    agent.refused_tasks.add("refused")
+    refused = await store.create_task(spec("refused"), utc_now_from(0))
+    await delete(store, gone)
+    dispatcher.task_deleted(gone)
+    settle(clock, http)
+    assert agent.removals == [gone.task_id], "the removal went despite the refused task"
+    assert await store.pending_removals(URL, 10) == []
+    assert [t.task_id for t in await store.undelivered_tasks(URL, 10)] == [refused.task_id]
+    # The agent answers: a task created meanwhile goes at once, not after the back-off.
+    later = await store.create_task(spec("later"), utc_now_from(0))
+    dispatcher.task_created(later)
+    settle(clock, http)
+    assert set(agent.tasks) == {later.task_id}
+    # The refused task is still offered, with back-off, until the agent takes it.
+    agent.refused_tasks.clear()
+    settle(clock, http, 60)
+    assert set(agent.tasks) == {later.task_id, refused.task_id}
+    assert await store.undelivered_tasks(URL, 10) == []
+    dispatcher.stopService()
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_removal_the_agent_refuses_holds_back_no_delivery() -> None:
+    agent = FakeAgent()
+    store, dispatcher, clock, http = await setup(agent)
+    dispatcher.startService()
+    gone = await store.create_task(spec("gone"), utc_now_from(0))
+    dispatcher.task_created(gone)
+    settle(clock, http)
+    agent.refused_removals.add(gone.task_id)
+    await delete(store, gone)
+    fresh = await store.create_task(spec("fresh"), utc_now_from(0))
+    dispatcher.task_deleted(gone)
+    settle(clock, http)
+    assert fresh.task_id in agent.tasks, "the delivery went despite the refused removal"
+    assert await store.pending_removals(URL, 10) == [gone.task_id]
+    later = await store.create_task(spec("later"), utc_now_from(0))
+    dispatcher.task_created(later)
+    settle(clock, http)
+    assert later.task_id in agent.tasks, "and so does one made meanwhile, at once"
+    agent.refused_removals.clear()
+    settle(clock, http, 60)
+    assert agent.removals == [gone.task_id]
     assert await store.pending_removals(URL, 10) == []
     dispatcher.stopService()

@@ -8,7 +8,10 @@ agent an :class:`AgentLink`:
 - delivers undelivered tasks (``POST {agent}/api/v1/tasks/schedule``) and removals of
   deleted tasks (``DELETE {agent}/api/v1/tasks/{task_id}``) as soon as it is kicked (a
   task was created or deleted) and again after failures, with exponential back-off and
-  jitter while the agent is unreachable;
+  jitter while the agent is unreachable. Deliveries and removals go out together and
+  neither waits on the other: a task the agent refuses (a 4xx answer) is offered again
+  after the back-off, but removals and other tasks go on, and an agent that answers is
+  sent a new task at once rather than after the back-off;
 - reconciles every ``reconcile_interval`` seconds (``GET {agent}/api/v1/agent/tasks``):
   a task the agent should have but does not (its data folder was wiped, say) is marked
   undelivered and sent again; a deleted task it still has is removed again. An agent
@@ -77,6 +80,9 @@ class AgentLink:
         self._semaphore = DeferredSemaphore(concurrency)
         self._jitter = jitter
         self._failures = 0
+        #: The last pass failed only because the agent refused some requests: it answers,
+        #: so a kick need not wait for the back-off.
+        self._only_refused = False
         self._pending: IDelayedCall | None = None
         self._delivering = False
         self._again = False
@@ -106,7 +112,7 @@ class AgentLink:
             self._again = True
             return
         if self._pending is not None and self._pending.active():
-            if self._failures:
+            if self._failures and not self._only_refused:
                 return  # backing off: an unreachable agent is not hammered on every create
             self._pending.cancel()
         self._pending = self._clock.callLater(0, self._deliver_safely)
@@ -164,32 +170,29 @@ class AgentLink:
                 if not tasks and not removals:
                     break
                 audience = await self._audience()
-                if tasks:
-                    agent_id, delivered = await self._push(tasks, audience)
-                    if delivered and agent_id is not None:
-                        await self._store.mark_delivered(self.url, delivered, agent_id)
-                    if len(delivered) < len(tasks):
-                        raise _DeliveryFailed(f"{len(tasks) - len(delivered)} tasks not accepted")
-                    self.log.info(
-                        "delivered {count} tasks to agent {url}",
-                        count=len(delivered),
-                        url=self.url,
-                    )
-                if removals:
-                    removed = await self._run_all(self._remove_one, removals, audience)
-                    await self._store.mark_removed(self.url, removed)
-                    if len(removed) < len(removals):
-                        raise _DeliveryFailed(
-                            f"{len(removals) - len(removed)} removals not confirmed"
-                        )
-                    self.log.info(
-                        "agent {url} dropped {count} deleted tasks",
-                        count=len(removed),
-                        url=self.url,
+                # Both are sent whatever becomes of the other: a task the agent refuses
+                # must not keep a deleted task running there, nor the reverse.
+                task_errors = await self._deliver_tasks(tasks, audience)
+                removal_errors = await self._deliver_removals(removals, audience)
+                if task_errors or removal_errors:
+                    raise _PassFailed(
+                        [
+                            problem
+                            for problem in (
+                                _summary(task_errors, len(tasks), "tasks not accepted"),
+                                _summary(removal_errors, len(removals), "removals not confirmed"),
+                            )
+                            if problem
+                        ],
+                        only_refused=all(
+                            isinstance(e, _Refused) for e in task_errors + removal_errors
+                        ),
                     )
             self._failures = 0
+            self._only_refused = False
         except Exception as e:
             self._failures += 1
+            self._only_refused = isinstance(e, _PassFailed) and e.only_refused
             delay = self._backoff()
             self.log.warn(
                 "could not deliver tasks to agent {url} ({error}); retrying in {delay:.1f}s",
@@ -205,44 +208,50 @@ class AgentLink:
         if self._again:
             self.kick()
 
-    async def _push(
+    async def _deliver_tasks(
         self, tasks: Sequence[Task], audience: uuid.UUID | None
-    ) -> tuple[uuid.UUID | None, list[uuid.UUID]]:
-        """Send every task, a few at a time; return the agent's id and what it accepted."""
+    ) -> list[BaseException]:
+        """Send ``tasks`` and record those the agent accepted; the errors of the others."""
+        if not tasks:
+            return []
         results: list[tuple[bool, Any]] = await DeferredList(
             [self._semaphore.run(self._send_one, task, audience) for task in tasks],
             consumeErrors=True,
         )
         agent_id: uuid.UUID | None = None
         delivered: list[uuid.UUID] = []
-        first_error: BaseException | None = None
+        errors: list[BaseException] = []
         for task, (ok, value) in zip(tasks, results, strict=True):
             if ok:
                 agent_id = value
                 delivered.append(task.task_id)
-            elif first_error is None:
-                first_error = value.value
-        if not delivered and first_error is not None:
-            raise first_error
-        return agent_id, delivered
+            else:
+                errors.append(value.value)
+        if delivered and agent_id is not None:
+            await self._store.mark_delivered(self.url, delivered, agent_id)
+            self.log.info(
+                "delivered {count} tasks to agent {url}", count=len(delivered), url=self.url
+            )
+        return errors
 
-    async def _run_all(
-        self,
-        send: Callable[[uuid.UUID, uuid.UUID | None], Deferred[None]],
-        task_ids: Sequence[uuid.UUID],
-        audience: uuid.UUID | None,
-    ) -> list[uuid.UUID]:
-        """``send`` each task id, a few at a time; those that succeeded. Raises the first
-        error if none did."""
+    async def _deliver_removals(
+        self, task_ids: Sequence[uuid.UUID], audience: uuid.UUID | None
+    ) -> list[BaseException]:
+        """Tell the agent to drop these deleted tasks and record those it confirmed; the
+        errors of the others."""
+        if not task_ids:
+            return []
         results: list[tuple[bool, Any]] = await DeferredList(
-            [self._semaphore.run(send, task_id, audience) for task_id in task_ids],
+            [self._semaphore.run(self._remove_one, task_id, audience) for task_id in task_ids],
             consumeErrors=True,
         )
-        done = [task_id for task_id, (ok, _) in zip(task_ids, results, strict=True) if ok]
-        errors = [value.value for ok, value in results if not ok]
-        if not done and errors:
-            raise errors[0]
-        return done
+        removed = [task_id for task_id, (ok, _) in zip(task_ids, results, strict=True) if ok]
+        if removed:
+            await self._store.mark_removed(self.url, removed)
+            self.log.info(
+                "agent {url} dropped {count} deleted tasks", count=len(removed), url=self.url
+            )
+        return [value.value for ok, value in results if not ok]
 
     def _remove_one(self, task_id: uuid.UUID, audience: uuid.UUID | None) -> Deferred[None]:
         return Deferred.fromCoroutine(self._remove(task_id, audience))
@@ -277,7 +286,8 @@ class AgentLink:
         )
         answer = await self._http.json_content(response)
         if response.code != 200:
-            raise _DeliveryFailed(f"agent answered {response.code}: {_error_message(answer)}")
+            error = _Refused if _is_refusal(response.code) else _DeliveryFailed
+            raise error(f"agent answered {response.code}: {_error_message(answer)}")
         if not isinstance(answer, dict):
             raise _DeliveryFailed("the agent's answer is not a JSON object")
         answered = protocol.parse_uuid(answer.get("agent_id"), "agent_id")
@@ -375,6 +385,30 @@ class Dispatcher(Service):
 
 class _DeliveryFailed(Exception):
     pass
+
+
+class _Refused(_DeliveryFailed):
+    """The agent answered, and said no to this one request."""
+
+
+class _PassFailed(Exception):
+    """Some requests of a delivery pass failed; the others were recorded."""
+
+    def __init__(self, problems: list[str], only_refused: bool) -> None:
+        super().__init__("; ".join(problems))
+        self.only_refused = only_refused
+
+
+def _is_refusal(code: int) -> bool:
+    """A 4xx that is about the request, not about the agent being busy or slow."""
+    return 400 <= code < 500 and code not in (408, 429)
+
+
+def _summary(errors: Sequence[BaseException], out_of: int, what: str) -> str | None:
+    """One line for the log about ``errors`` among ``out_of`` requests, or None."""
+    if not errors:
+        return None
+    return f"{len(errors)} of {out_of} {what} (first: {_describe(errors[0])})"
 
 
 def _error_message(body: Any) -> str:
