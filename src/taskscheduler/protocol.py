@@ -125,6 +125,21 @@ class Output:
     def of(cls, data: bytes) -> Output:
         return cls(data, len(data), False)
 
+    def trimmed(self, keep: int) -> Output:
+        """At most ``keep`` bytes of it: the first and the last halves, the middle dropped,
+        flagged truncated, the original size kept. Cuts fall between UTF-8 characters, so
+        that text stays text."""
+        if len(self.data) <= keep:
+            return self
+        data = self.data
+        head = keep // 2
+        while 0 < head < len(data) and data[head] & 0xC0 == 0x80:
+            head -= 1  # not inside a character: before it
+        tail = len(data) - (keep - keep // 2)
+        while tail < len(data) and data[tail] & 0xC0 == 0x80:
+            tail += 1  # after it
+        return Output(data[:head] + data[tail:], self.size, True)
+
 
 def output_to_json(name: str, output: Output, *, for_people: bool = True) -> dict[str, Any]:
     """The JSON form of one stream: omitted entirely when the process wrote nothing.
@@ -318,6 +333,27 @@ def parse_result(body: object, task_id: uuid.UUID | None = None) -> RunResult:
         reason=parse_reason(body.get("reason")),
     )
 
+
+#: The error codes with which the server refuses one result for good, with their status
+#: (``POST /api/v1/tasks/{task_id}/complete``): the same result sent again would get the
+#: same answer. Any other answer (401, 408, 5xx, or a 404 that is not one of these, from
+#: a proxy or a wrong path) is no verdict on the result, which is kept and sent again.
+FINAL_RESULT_ERRORS: Mapping[str, int] = {
+    "invalid_json": 400,  # the body is not JSON
+    "invalid_request": 400,  # a field is missing or malformed
+    "invalid_task_id": 400,  # the task id in the path is not a UUID
+    "misaligned": 400,  # scheduled_at is not one of the task's instants
+    "impersonation": 403,  # server_id is not the agent whose credential is used
+    "not_assigned": 403,  # the task is not assigned to this agent
+    "unknown_task": 404,  # no task has this id
+    "task_deleted": 404,  # scheduled after the task was deleted
+    "conflict": 409,  # a different result is stored under the same key
+}
+#: The statuses of one item of a batch answer (``POST /api/v1/results``) that refuse it
+#: for good; ``stored`` and ``duplicate`` acknowledge it.
+FINAL_BATCH_STATUSES = frozenset({"conflict", "unknown_task", "misaligned", "deleted", "forbidden"})
+#: The statuses of one item of a batch answer that acknowledge it.
+ACKNOWLEDGED_STATUSES = frozenset({"stored", "duplicate"})
 
 #: Most results accepted in one batch.
 MAX_BATCH = 1000

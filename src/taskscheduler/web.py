@@ -70,6 +70,21 @@ def error_body(code: str, message: str) -> bytes:
     return json.dumps({"error": {"code": code, "message": message}}).encode("utf-8")
 
 
+#: The error code of a body over the limit (413).
+PAYLOAD_TOO_LARGE = "payload_too_large"
+
+
+def too_large_body(max_body_bytes: int) -> bytes:
+    """The 413 answer's body. It names the limit, so that a client can shrink what it
+    sends to fit (the agent trims a result's output) instead of giving up."""
+    error = {
+        "code": PAYLOAD_TOO_LARGE,
+        "message": f"the request body is larger than {max_body_bytes} bytes",
+        "max_body_bytes": max_body_bytes,
+    }
+    return json.dumps({"error": error}).encode("utf-8")
+
+
 def json_response(request: IRequest, body: Any, status: int = http.OK) -> bytes:
     """Set the status and JSON content type, and return the encoded body."""
     request.setResponseCode(status)
@@ -201,10 +216,7 @@ class LimitedRequest(Request):
 
     def _refuse_too_large(self) -> None:
         self._refused = True
-        body = error_body(
-            "payload_too_large",
-            f"the request body is larger than {self.max_body_bytes} bytes",
-        )
+        body = too_large_body(self.max_body_bytes)
         transport = self.channel.transport
         assert transport is not None
         transport.write(

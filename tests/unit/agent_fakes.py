@@ -170,8 +170,13 @@ class FakeRunner:
         return succeed(None)
 
 
+#: The error code the real server gives with each status ``refuse_with`` may be set to.
+_REFUSAL_CODES = {401: "unauthorized", 403: "impersonation"}
+
+
 class FakeServer:
-    """The server's two result endpoints, with switches for its failures."""
+    """The server's two result endpoints, with switches for its failures; its error
+    answers carry the real server's codes (the agent decides on them)."""
 
     app = Klein()
 
@@ -206,15 +211,18 @@ class FakeServer:
         header = request.getHeader(b"authorization")
         self.authorizations.append(None if header is None else header.decode())
         if self.refuse_with is not None:
+            code = _REFUSAL_CODES[self.refuse_with]
             return self._answer(
-                request, self.refuse_with, {"error": {"code": "refused", "message": "no"}}
+                request, self.refuse_with, {"error": {"code": code, "message": "no"}}
             )
         if self.hang:
             never: Deferred[bytes] = Deferred()
             self.hanging.append(never)
             return never  # type: ignore[return-value]
         if self.down:
-            return self._answer(request, 503, {"error": {"code": "down", "message": "down"}})
+            return self._answer(
+                request, 503, {"error": {"code": "database_unavailable", "message": "down"}}
+            )
         return None
 
     @app.route("/api/v1/tasks/<task_id>/complete", methods=["POST"])
@@ -226,7 +234,9 @@ class FakeServer:
         try:
             item = parse_result(json.loads(request.content.read()), uuid.UUID(task_id))
         except (InvalidMessage, ValueError) as e:
-            return self._answer(request, 400, {"error": {"code": "bad", "message": str(e)}})
+            return self._answer(
+                request, 400, {"error": {"code": "invalid_request", "message": str(e)}}
+            )
         outcome = self._record(item)
         if outcome == "conflict":
             return self._answer(request, 409, {"error": {"code": "conflict", "message": "no"}})
@@ -248,7 +258,9 @@ class FakeServer:
         try:
             items = parse_result_batch(json.loads(raw))
         except InvalidMessage as e:
-            return self._answer(request, 400, {"error": {"code": "bad", "message": str(e)}})
+            return self._answer(
+                request, 400, {"error": {"code": "invalid_request", "message": str(e)}}
+            )
         return self._answer(
             request, 200, {"results": [{"status": self._record(item)} for item in items]}
         )

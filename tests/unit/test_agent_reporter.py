@@ -1,19 +1,35 @@
-"""The reporter: single vs batch, acknowledgement, back-off, refusals (StubTreq, fake server)."""
+"""The reporter: single vs batch, acknowledgement, back-off, refusals; which answers are
+verdicts, against the real server's Klein app behind StubTreq; trimming to fit the server's
+body limit."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import uuid
+from datetime import datetime, timedelta
 from pathlib import Path
 from typing import Any
 
+import pytest
+import pytest_twisted
 from treq.testing import StubTreq
 from twisted.internet.task import Clock
+from twisted.logger import capturedLogs, formatEvent
+from twisted.web.resource import Resource
 
-from taskscheduler.agent.reporter import Reporter
+from taskscheduler.agent.reporter import Reporter, shrink_to_fit
 from taskscheduler.agent.spool import Spool
-from taskscheduler.protocol import ResultStatus
+from taskscheduler.auth import AGENT_PREFIX, hash_token, new_token
+from taskscheduler.protocol import Output, ResultStatus, RunResult, parse_result
+from taskscheduler.schedule import utc_now_from
+from taskscheduler.server.access import ServerAccess
+from taskscheduler.server.api import ServerAPI
+from taskscheduler.server.memstore import MemoryStore
+from taskscheduler.server.store import AuditEvent, RecordOutcome
+from taskscheduler.web import too_large_body
 from tests.unit.agent_fakes import (
+    ANCHOR,
     ANCHOR_SECONDS,
     SERVER,
     Agent,
@@ -362,3 +378,322 @@ def test_a_forbidden_result_is_dropped_and_a_forbidden_batch_is_sent_one_by_one(
     s.settle()
     assert [kind for kind, _ in s.server.requests] == ["batch", "single", "single", "single"]
     assert s.files() == [] and s.reporter.rejected == 3
+
+
+# -- against the real server: which answers are verdicts ---------------------------------------
+
+AGENT_URL = "http://agent.test:8081"
+CREDENTIAL = new_token(AGENT_PREFIX)
+
+
+class Front(Resource):
+    """What stands between the agent and the real server's API: nothing, a body limit
+    answered as the server's own site answers it, or a proxy answering by itself."""
+
+    isLeaf = True
+
+    def __init__(self, inner: Any) -> None:
+        super().__init__()
+        self.inner = inner
+        self.max_body_bytes: int | None = None
+        self.proxy: tuple[int, bytes] | None = None  # (status, body): answer instead
+        self.answers: list[int] = []
+
+    def render(self, request: Any) -> Any:
+        if self.proxy is not None:
+            status, body = self.proxy
+            self.answers.append(status)
+            request.setResponseCode(status)
+            request.setHeader(b"Content-Type", b"text/html")
+            return body
+        size = len(request.content.read())
+        request.content.seek(0)
+        if self.max_body_bytes is not None and size > self.max_body_bytes:
+            self.answers.append(413)
+            request.setResponseCode(413)
+            request.setHeader(b"Content-Type", b"application/json")
+            return too_large_body(self.max_body_bytes)
+        self.answers.append(0)  # passed to the server
+        return self.inner.render(request)
+
+
+class RealServer:
+    """The agent's reporter, sending to the server's real Klein app (on a MemoryStore)."""
+
+    def __init__(self, tmp_path: Path, server_url: str = SERVER) -> None:
+        self.clock = Clock()
+        self.clock.advance(ANCHOR_SECONDS)
+        self.store = MemoryStore()
+        self.front = Front(
+            ServerAPI(
+                self.store, self.clock, ServerAccess(self.store, self.clock, None, None)
+            ).resource()
+        )
+        self.http = StubTreq(self.front)
+        self.spool = Spool(tmp_path / "spool")
+        self.spool.load()
+        self.reporter = Reporter(
+            self.spool,
+            self.http,
+            self.clock,
+            server_url,
+            credential=CREDENTIAL,
+            jitter=lambda: 1.0,
+        )
+        self.spool.on_ready = self.reporter.wake  # as the agent's service wires it
+        self.task = spec(task_id=TASK)
+
+    async def start(self) -> None:
+        now = utc_now_from(self.clock.seconds())
+        await self.store.set_fleet([AGENT_URL])
+        audit = AuditEvent(now, "join:test", "agent.enrolled", str(AGENT_ID), "")
+        await self.store.enrol_agent(AGENT_ID, AGENT_URL, hash_token(CREDENTIAL), now, audit)
+        await self.store.create_task(self.task, ANCHOR)
+
+    def add(self, *results: RunResult) -> None:
+        for item in results:
+            assert fired(self.spool.add(item)) is True
+
+    def settle(self, seconds: float = 0) -> None:
+        self.clock.advance(seconds)
+        for _ in range(5):
+            self.http.flush()
+            self.clock.advance(0)
+
+    async def stored(self) -> dict[datetime, RunResult]:
+        executions = await self.store.list_executions(TASK, 1000)
+        return {r.scheduled_at: r for e in executions for r in e.results}
+
+
+@pytest_twisted.async_fixture
+async def real(tmp_path: Path) -> RealServer:
+    s = RealServer(tmp_path)
+    await s.start()
+    return s
+
+
+def loud(events: list[Any]) -> list[str]:
+    return [formatEvent(e) for e in events if "no taskscheduler server gives" in formatEvent(e)]
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_proxys_404_keeps_the_results_and_warns_loudly_once_a_minute(
+    real: RealServer,
+) -> None:
+    real.front.proxy = (404, b"<html><body>404 Not Found</body></html>")
+    real.add(result(TASK, 1, AGENT_ID))
+    with capturedLogs() as events:
+        real.reporter.start()
+        real.settle()
+        for _ in range(20):  # five minutes of retries, 15 to 30 s apart once backed off
+            real.settle(15)
+    assert len(real.spool) == 1 and real.reporter.rejected == 0
+    attempts = len(real.front.answers)
+    warnings = loud(events)
+    assert attempts >= 12
+    assert 1 <= len(warnings) <= 6, warnings  # at most one a minute, not one an attempt
+    assert "404" in warnings[0] and "--server URL" in warnings[0]
+    real.front.proxy = None
+    real.settle(30)
+    assert len(real.spool) == 0 and len(await real.stored()) == 1
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_wrong_path_prefix_is_retried_not_dropped(tmp_path: Path) -> None:
+    """Our own server's 404 ``not_found`` says the route is wrong, not the result."""
+    s = RealServer(tmp_path, server_url=SERVER + "/scheduler")
+    await s.start()
+    s.add(result(TASK, 1, AGENT_ID))
+    s.add(result(TASK, 2, AGENT_ID), result(TASK, 3, AGENT_ID))  # a batch, then singles
+    with capturedLogs() as events:
+        s.reporter.start()
+        s.settle()
+        s.settle(1)
+    assert len(s.spool) == 3 and s.reporter.rejected == 0
+    assert loud(events) and "not_found" in loud(events)[0]
+
+
+@pytest.mark.parametrize(
+    ("status", "body"),
+    [
+        (413, b"<html><body>413 Request Entity Too Large</body></html>"),
+        (400, b'{"error": "blocked by policy"}'),
+        (403, b'{"message": "forbidden by the firewall"}'),
+        (409, b"conflict"),
+        (502, b'{"error": {"code": "conflict", "message": "our code, not our status"}}'),
+    ],
+    ids=["html-413", "400-not-ours", "403-not-ours", "409-not-json", "code-with-wrong-status"],
+)
+@pytest_twisted.ensureDeferred
+async def test_an_answer_that_is_not_a_verdict_of_ours_keeps_the_result(
+    real: RealServer, status: int, body: bytes
+) -> None:
+    real.front.proxy = (status, body)
+    real.add(result(TASK, 1, AGENT_ID))
+    real.reporter.start()
+    real.settle()
+    real.settle(1)
+    assert len(real.front.answers) == 2, "retried with back-off"
+    assert len(real.spool) == 1 and real.reporter.rejected == 0
+    real.front.proxy = None
+    real.settle(2)
+    assert len(real.spool) == 0 and len(await real.stored()) == 1
+
+
+def noisy_output(size: int) -> bytes:
+    """Text that JSON escapes heavily, multibyte characters, and a byte that is not UTF-8."""
+    unit = 'line \u00e9t\u00e9 \u2603\t\x01 "quoted" \\\n'.encode()
+    return (unit * (size // len(unit) + 1))[:size]
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_result_over_the_servers_limit_is_trimmed_and_stored_not_dropped(
+    real: RealServer,
+) -> None:
+    real.front.max_body_bytes = 8000
+    big = result(TASK, 1, AGENT_ID, stdout=b"HEAD" + noisy_output(40_000) + b"TAIL")
+    real.add(big)
+    real.reporter.start()
+    real.settle()
+    [stored] = (await real.stored()).values()
+    assert real.front.answers == [413, 0]
+    assert real.reporter.rejected == 0 and real.reporter.trimmed == 1
+    assert real.reporter.max_body_bytes == 8000
+    assert len(real.spool) == 0
+    assert stored.stdout.truncated and stored.stdout.size == big.stdout.size
+    assert stored.stdout.data.startswith(b"HEAD") and stored.stdout.data.endswith(b"TAIL")
+    assert 4000 < len(stored.stdout.data) < 8000
+    assert stored.stdout.data.decode("utf-8")  # cut between characters: still text
+
+    # The limit is known now: the next big result is trimmed before it is sent.
+    real.add(result(TASK, 2, AGENT_ID, stdout=noisy_output(30_000)))
+    real.settle()
+    assert real.front.answers == [413, 0, 0]
+    assert len(await real.stored()) == 2
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_batch_over_the_limit_is_split_and_its_too_large_result_trimmed(
+    real: RealServer,
+) -> None:
+    real.front.max_body_bytes = 6000
+    small = [result(TASK, k, AGENT_ID, stdout=b"x" * 1500) for k in (1, 2, 3)]
+    big = result(TASK, 4, AGENT_ID, stdout=b"y" * 20_000)
+    real.add(*small, big)
+    real.reporter.start()
+    real.settle()
+    stored = await real.stored()
+    assert len(stored) == 4 and len(real.spool) == 0 and real.reporter.rejected == 0
+    assert stored[big.scheduled_at].stdout.size == 20_000
+    assert stored[big.scheduled_at].stdout.truncated
+    assert [r.stdout for r in small] == [stored[r.scheduled_at].stdout for r in small]
+    # Later batches are sized to the limit: no more 413s.
+    before = real.front.answers.count(413)
+    real.add(*[result(TASK, k, AGENT_ID, stdout=b"z" * 1500) for k in range(5, 12)])
+    real.settle()
+    assert real.front.answers.count(413) == before
+    assert len(await real.stored()) == 11
+
+
+@pytest_twisted.ensureDeferred
+async def test_the_real_servers_verdicts_on_single_results_drop_them(real: RealServer) -> None:
+    other_agent = uuid.UUID("cccccccc-0000-4000-8000-000000000003")
+    unknown = uuid.uuid4()
+    first = result(TASK, 1, AGENT_ID)
+    assert await real.store.record_results([first], ANCHOR) == [RecordOutcome.STORED]
+    verdicts = {
+        "conflict": result(TASK, 1, AGENT_ID, stdout=b"another\n"),
+        "misaligned": dataclasses.replace(
+            result(TASK, 2, AGENT_ID), scheduled_at=ANCHOR + timedelta(seconds=3)
+        ),
+        "impersonation": result(TASK, 3, other_agent),
+        "not_assigned": result(unknown, 1, AGENT_ID),
+        "invalid_request": dataclasses.replace(
+            result(TASK, 4, AGENT_ID), stdout=Output(b"x", 1, False), reason="r" * 600
+        ),
+    }
+    with capturedLogs() as events:
+        for label, item in verdicts.items():
+            real.add(item)
+            real.reporter.start()
+            real.settle()
+            assert len(real.spool) == 0, label
+            real.reporter.stop()
+    assert real.reporter.rejected == len(verdicts)
+    dropped = [formatEvent(e) for e in events if "refused and dropped" in formatEvent(e)]
+    assert [label for label in verdicts if any(label in line for line in dropped)] == list(verdicts)
+    # A task deleted before the instant: 404 task_deleted.
+    now = utc_now_from(real.clock.seconds())
+    await real.store.delete_task(
+        TASK, ANCHOR + timedelta(seconds=25), AuditEvent(now, "o", "d", "t", "")
+    )
+    real.add(result(TASK, 5, AGENT_ID))
+    real.reporter.start()
+    real.settle()
+    assert len(real.spool) == 0 and real.reporter.rejected == len(verdicts) + 1
+    assert len(await real.stored()) == 1
+
+
+@pytest_twisted.ensureDeferred
+async def test_the_real_servers_verdicts_on_batch_items_drop_them(real: RealServer) -> None:
+    first = result(TASK, 1, AGENT_ID)
+    assert await real.store.record_results([first], ANCHOR) == [RecordOutcome.STORED]
+    real.add(
+        result(TASK, 1, AGENT_ID, stdout=b"another\n"),  # conflict
+        result(uuid.uuid4(), 2, AGENT_ID),  # forbidden: not assigned
+        result(TASK, 3, AGENT_ID),  # stored
+    )
+    real.reporter.start()
+    real.settle()
+    assert real.front.answers == [0]  # one batch
+    assert len(real.spool) == 0
+    assert (real.reporter.rejected, real.reporter.acknowledged) == (2, 1)
+    assert len(await real.stored()) == 2
+
+
+@pytest_twisted.ensureDeferred
+async def test_an_unknown_credential_keeps_the_results(real: RealServer) -> None:
+    real.reporter.credential = new_token(AGENT_PREFIX)
+    real.add(result(TASK, 1, AGENT_ID))
+    real.reporter.start()
+    real.settle()
+    real.settle(1)
+    assert len(real.spool) == 1 and real.reporter.rejected == 0
+    real.reporter.credential = CREDENTIAL
+    real.settle(2)
+    assert len(real.spool) == 0
+
+
+# -- trimming to fit ---------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "stdout",
+    [b"a" * 50_000, noisy_output(50_000), bytes(range(256)) * 200],
+    ids=["plain", "escaped", "binary"],
+)
+@pytest.mark.parametrize("limit", [1000, 5000, 30_000])
+def test_shrink_to_fit_fits_keeps_head_tail_and_sizes(stdout: bytes, limit: int) -> None:
+    item = dataclasses.replace(
+        result(TASK, 1, AGENT_ID, stdout=stdout),
+        stderr=Output.of(b"E" * 3000),
+        reason="the agent was overloaded",
+    )
+    body = shrink_to_fit(item, limit)
+    assert body is not None and len(body) <= limit
+    assert len(body) > limit * 0.8, "not trimmed far more than needed"
+    back = parse_result(json.loads(body))
+    assert (back.stdout.size, back.stderr.size) == (len(stdout), 3000)
+    assert back.stdout.truncated
+    assert back.stderr.truncated is (limit < 6000)  # a short stream is kept whole if it fits
+    assert back.reason == item.reason and back.status is item.status
+    kept = back.stdout.data
+    assert kept and stdout.startswith(kept[: len(kept) // 3])
+    assert stdout.endswith(kept[-(len(kept) // 3) :])
+
+
+def test_shrink_to_fit_gives_up_only_when_nothing_but_the_output_could_go() -> None:
+    item = result(TASK, 1, AGENT_ID, stdout=b"a" * 1000)
+    assert shrink_to_fit(item, 100) is None
+    body = shrink_to_fit(item, 400)
+    assert body is not None and len(body) <= 400

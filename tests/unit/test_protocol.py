@@ -161,6 +161,18 @@ def test_a_reason_travels_only_when_there_is_one() -> None:
     assert parse_result({**body, "reason": "x" * MAX_REASON_LENGTH}).reason == "x" * 500
 
 
+def test_trimming_keeps_head_and_tail_whole_characters_and_the_original_size() -> None:
+    text = ("é" * 10 + "middle" + "☃" * 10).encode()
+    for keep in range(0, len(text)):
+        trimmed = Output(text, 5000, False).trimmed(keep)
+        assert len(trimmed.data) <= keep
+        assert (trimmed.size, trimmed.truncated) == (5000, True)
+        trimmed.data.decode("utf-8")  # never a character cut in two
+        assert text.startswith(trimmed.data[: max(0, keep // 2 - 2)])  # at most 2 moved
+    assert Output.of(b"short").trimmed(5) == Output.of(b"short")
+    assert Output.of(b"abcdef").trimmed(4) == Output(b"abef", 6, True)
+
+
 def test_a_truncated_stream_says_so_with_its_original_size() -> None:
     body = output_to_json("stdout", Output(b"head...tail", 10_000_000, True))
     assert body["stdout_truncated"] is True

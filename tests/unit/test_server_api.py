@@ -455,7 +455,9 @@ def test_an_oversized_body_is_refused_with_413_before_it_is_read() -> None:
         b"Content-Type: application/json\r\nContent-Length: 50000000\r\n\r\n" + b"x" * 2048
     )
     assert transport.value().startswith(b"HTTP/1.1 413 ")
-    assert b"payload_too_large" in transport.value()
+    error = json.loads(transport.value().split(b"\r\n\r\n", 1)[1])["error"]
+    # The limit is named, so that an agent can trim a result to fit instead of dropping it.
+    assert (error["code"], error["max_body_bytes"]) == ("payload_too_large", 1024)
     assert transport.disconnecting
     assert rendered == []
 

@@ -6,22 +6,32 @@ server one request and one multi-row insert per hundred results. A new result wa
 reporter at once.
 
 - acknowledged (``stored`` / ``duplicate``): the result leaves the spool;
-- refused for good (400, 403, 404, 409 for one; ``conflict``, ``unknown_task``, ``deleted``,
-  ``misaligned``, ``invalid``, ``forbidden`` in a batch): it leaves the spool, is logged
-  and counted; a whole batch refused with 400 or 403 is sent again one by one to isolate
-  the bad result;
+- refused for good: it leaves the spool, is logged and counted. Only a verdict from a
+  taskscheduler server counts as one: the status *and* the JSON error code of
+  :data:`taskscheduler.protocol.FINAL_RESULT_ERRORS` for one result (``409 conflict``,
+  ``404 unknown_task``, ``404 task_deleted``, ``400 misaligned``, ``403 not_assigned``...),
+  one of :data:`~taskscheduler.protocol.FINAL_BATCH_STATUSES` for an item of a batch. A
+  whole batch refused as malformed, impersonating or too large (or on a server without
+  the batch route) is sent again one by one, to isolate the bad result;
+- too large for the server (413 ``payload_too_large``, which names the limit): the
+  result is sent again with its output trimmed to fit (head and tail kept, flagged
+  truncated, the original sizes kept), and every later result over that limit is
+  trimmed before it is sent. A result is never dropped for its size;
 - 401 (the credential is unknown or was revoked) is like a server down: the results stay
   spooled and are sent again with back-off, so nothing is lost while an operator sorts
   the agent's enrolment out;
-- anything else (5xx, no connection, timeout): everything stays and is sent again after
-  an exponential back-off with jitter, so that a thousand agents coming back at once do
-  not flood the server. The back-off is capped at 30 s (retries between 15 and 30 s
-  apart), so that results spooled while the server was away arrive within a minute of
-  its return.
+- anything else (5xx, no connection, timeout, and any answer that is not a verdict: a
+  404 from a proxy or a wrong path prefix, an HTML 413, a body that is not ours):
+  everything stays and is sent again after an exponential back-off with jitter, so that
+  a thousand agents coming back at once do not flood the server. The back-off is capped
+  at 30 s (retries between 15 and 30 s apart), so that results spooled while the server
+  was away arrive within a minute of its return. An answer no taskscheduler server gives
+  is logged loudly (a misconfiguration to fix), at most once a minute.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import random
 from collections.abc import Callable
@@ -31,26 +41,73 @@ from twisted.internet.defer import Deferred
 from twisted.internet.interfaces import IDelayedCall, IReactorTime
 from twisted.logger import Logger
 
-from taskscheduler.agent.spool import Spool, SpoolEntry
+from taskscheduler import protocol
+from taskscheduler.agent.spool import Spool, SpoolEntry, encode_result
 from taskscheduler.backoff import backoff_delay
+from taskscheduler.protocol import (
+    ACKNOWLEDGED_STATUSES,
+    FINAL_BATCH_STATUSES,
+    FINAL_RESULT_ERRORS,
+    InvalidMessage,
+    RunResult,
+)
 from taskscheduler.schedule import format_instant
+from taskscheduler.web import PAYLOAD_TOO_LARGE
 
 #: Most results in one batch, and their most bytes (the server accepts 16 MiB bodies).
 BATCH_SIZE = 100
 BATCH_BYTES = 8 * 1024 * 1024
 #: Seconds to wait for the server's answer.
 REQUEST_TIMEOUT = 30.0
+#: Seconds between two loud logs of the same kind (answers that are not ours, trims).
+LOUD_LOG_INTERVAL = 60.0
 
-_ACKNOWLEDGED = frozenset({"stored", "duplicate"})
-_REFUSED = frozenset({"conflict", "unknown_task", "misaligned", "invalid", "forbidden", "deleted"})
-#: Answers to a single result that no amount of retrying will change.
-_REFUSED_CODES = frozenset({400, 403, 404, 409, 413, 422})
-#: Answers to a batch that call for sending its results one by one.
-_SEND_SINGLY_CODES = frozenset({400, 403, 404, 405, 413})
+#: Answers to a whole batch, by (status, error code), that call for sending its results
+#: one by one: one of them is malformed or not the agent's own, or the server has no
+#: batch route. A 413 does too, whoever sent it: smaller requests may pass.
+_SEND_SINGLY = frozenset(
+    {
+        (400, "invalid_json"),
+        (400, "invalid_request"),
+        (403, "impersonation"),
+        (404, "not_found"),
+        (405, "method_not_allowed"),
+    }
+)
+#: Bytes of ``{"results":[`` and ``]}`` around the results of a batch.
+_BATCH_ENVELOPE = len(b'{"results":[]}')
 
 
 class _RetryLater(Exception):
-    """The server could not take the results now; nothing was lost."""
+    """The server could not take the results now; nothing was lost.
+
+    ``foreign`` when the answer is not one a taskscheduler server gives: a proxy, or a
+    wrong server URL, is in the way, and someone should know.
+    """
+
+    def __init__(self, message: str, *, foreign: bool = False) -> None:
+        super().__init__(message)
+        self.foreign = foreign
+
+
+class _Throttle:
+    """Lets one log line through per ``interval`` seconds and counts the others."""
+
+    def __init__(self, clock: IReactorTime, interval: float) -> None:
+        self._clock = clock
+        self._interval = interval
+        self._next = float("-inf")
+        self._held = 0
+
+    def allow(self) -> int | None:
+        """None to stay quiet; else how many lines were held back since the last one."""
+        now = self._clock.seconds()
+        if now < self._next:
+            self._held += 1
+            return None
+        self._next = now + self._interval
+        held, self._held = self._held, 0
+        return held
 
 
 class Reporter:
@@ -93,6 +150,12 @@ class Reporter:
         self.rejected = 0
         #: Results the server acknowledged.
         self.acknowledged = 0
+        #: Results sent with their output trimmed to fit the server's body limit.
+        self.trimmed = 0
+        #: The server's body limit, once a 413 told it: larger results are trimmed first.
+        self.max_body_bytes: int | None = None
+        self._foreign_log = _Throttle(clock, LOUD_LOG_INTERVAL)
+        self._trim_log = _Throttle(clock, LOUD_LOG_INTERVAL)
 
     # -- life cycle --------------------------------------------------------------------
 
@@ -128,7 +191,7 @@ class Reporter:
     async def _send_all(self) -> None:
         try:
             while not self._stopped:
-                entries = self._spool.oldest(self._batch_size, self._batch_bytes)
+                entries = self._spool.oldest(self._batch_size, self._batch_room())
                 if not entries:
                     break
                 if len(entries) == 1:
@@ -141,20 +204,46 @@ class Reporter:
                 return
             self._failures += 1
             delay = self._backoff()
-            self.log.warn(
-                "could not report results to {url} ({error}); {count} waiting, "
-                "retrying in {delay:.1f}s",
-                url=self._url,
-                error=_describe(e),
-                count=len(self._spool),
-                delay=delay,
-            )
+            if isinstance(e, _RetryLater) and e.foreign:
+                self._log_foreign(e, delay)
+            else:
+                self.log.warn(
+                    "could not report results to {url} ({error}); {count} waiting, "
+                    "retrying in {delay:.1f}s",
+                    url=self._url,
+                    error=_describe(e),
+                    count=len(self._spool),
+                    delay=delay,
+                )
             self._pending = self._clock.callLater(delay, self._send_safely)
         finally:
             self._sending = None
 
     def _backoff(self) -> float:
         return backoff_delay(self._failures, self._retry_base, self._retry_cap, self._jitter)
+
+    def _log_foreign(self, error: _RetryLater, delay: float) -> None:
+        held = self._foreign_log.allow()
+        if held is None:
+            return
+        self.log.warn(
+            "the server at {url} gave an answer no taskscheduler server gives ({error}): "
+            "is the agent's --server URL right (scheme, host, port, no path prefix), or is "
+            "a proxy in the way? {count} results kept, retrying in {delay:.1f}s "
+            "({held} more such answers since the last warning)",
+            url=self._url,
+            error=str(error),
+            count=len(self._spool),
+            delay=delay,
+            held=held,
+        )
+
+    def _batch_room(self) -> int:
+        """Most bytes of results in one batch: within the server's limit once known."""
+        if self.max_body_bytes is None:
+            return self._batch_bytes
+        room = self.max_body_bytes - _BATCH_ENVELOPE - self._batch_size
+        return max(1, min(self._batch_bytes, room))
 
     async def _post(self, path: str, body: bytes) -> tuple[int, Any]:
         """POST ``body``; the status and decoded JSON answer (None if not JSON)."""
@@ -189,13 +278,71 @@ class Reporter:
         body = self._read(entry)
         if body is None:
             return
-        code, answer = await self._post(f"/api/v1/tasks/{entry.task_id}/complete", body)
-        if code == 200 and isinstance(answer, dict) and answer.get("status") in _ACKNOWLEDGED:
+        path = f"/api/v1/tasks/{entry.task_id}/complete"
+        body = self._fit(entry, body)
+        if body is None:
+            return
+        code, answer = await self._post(path, body)
+        if self._learn_limit(code, answer, len(body)):
+            body = self._fit(entry, body)
+            if body is None:
+                return
+            code, answer = await self._post(path, body)
+        error = _error_code(answer)
+        if (
+            code == 200
+            and isinstance(answer, dict)
+            and answer.get("status") in ACKNOWLEDGED_STATUSES
+        ):
             self._acknowledge(entry)
-        elif code in _REFUSED_CODES:
-            self._refuse(entry, f"{code} {_error_message(answer)}")
+        elif error is not None and FINAL_RESULT_ERRORS.get(error) == code:
+            self._refuse(entry, f"{code} {error}: {_error_message(answer)}")
         else:
-            raise _RetryLater(f"the server answered {code} {_error_message(answer)}")
+            raise _RetryLater(
+                f"the server answered {code} {_what(answer)}", foreign=_foreign(code, answer)
+            )
+
+    def _learn_limit(self, code: int, answer: Any, sent: int) -> bool:
+        """Whether the answer is our server's 413; if so, remember its body limit."""
+        if code != 413 or _error_code(answer) != PAYLOAD_TOO_LARGE:
+            return False
+        limit = answer["error"].get("max_body_bytes")
+        if not isinstance(limit, int) or isinstance(limit, bool) or not 0 < limit < sent:
+            limit = sent // 2  # a server that does not say: halve until it passes
+        if self.max_body_bytes is None or limit < self.max_body_bytes:
+            self.max_body_bytes = limit
+        return True
+
+    def _fit(self, entry: SpoolEntry, body: bytes) -> bytes | None:
+        """``body``, with its output trimmed if it is over the server's known limit; None
+        (and the result dropped) only if not even its output's sizes would fit."""
+        limit = self.max_body_bytes
+        if limit is None or len(body) <= limit:
+            return body
+        try:
+            result = protocol.parse_result(json.loads(body))
+        except (ValueError, InvalidMessage) as e:
+            self._refuse(entry, f"its spool file is unreadable: {e}")
+            return None
+        fitted = shrink_to_fit(result, limit)
+        if fitted is None:
+            self._refuse(entry, f"it does not fit in {limit} bytes even without its output")
+            return None
+        self.trimmed += 1
+        held = self._trim_log.allow()
+        if held is not None:
+            self.log.warn(
+                "the result of task {task_id} at {scheduled_at} is {size} bytes, over the "
+                "server's limit of {limit}: sent with its output trimmed (head and tail "
+                "kept, flagged truncated); raise the server's --max-body-bytes or lower "
+                "the agent's --output-cap ({held} more trimmed since the last warning)",
+                task_id=str(entry.task_id),
+                scheduled_at=format_instant(entry.key[1]),
+                size=len(body),
+                limit=limit,
+                held=held,
+            )
+        return fitted
 
     async def _send_batch(self, entries: list[SpoolEntry]) -> None:
         readable: list[SpoolEntry] = []
@@ -207,34 +354,38 @@ class Reporter:
                 bodies.append(body)
         if not readable:
             return
-        code, answer = await self._post(
-            "/api/v1/results", b'{"results":[' + b",".join(bodies) + b"]}"
-        )
-        if code in _SEND_SINGLY_CODES:
+        body = b'{"results":[' + b",".join(bodies) + b"]}"
+        code, answer = await self._post("/api/v1/results", body)
+        if code == 413 or (code, _error_code(answer)) in _SEND_SINGLY:
+            self._learn_limit(code, answer, len(body))
             self.log.warn(
                 "the server refused a batch of {count} results ({code} {error}); "
                 "sending them one by one",
                 count=len(readable),
                 code=code,
-                error=_error_message(answer),
+                error=_what(answer),
             )
             for entry in readable:
                 await self._send_single(entry)
             return
         items = answer.get("results") if code == 200 and isinstance(answer, dict) else None
         if not isinstance(items, list) or len(items) != len(readable):
-            raise _RetryLater(f"the server answered {code} {_error_message(answer)}")
+            raise _RetryLater(
+                f"the server answered {code} {_what(answer)}", foreign=_foreign(code, answer)
+            )
         unexpected = 0
         for entry, item in zip(readable, items, strict=True):
             status = item.get("status") if isinstance(item, dict) else None
-            if status in _ACKNOWLEDGED:
+            if status in ACKNOWLEDGED_STATUSES:
                 self._acknowledge(entry)
-            elif status in _REFUSED:
+            elif status in FINAL_BATCH_STATUSES:
                 self._refuse(entry, str(status))
             else:
                 unexpected += 1
         if unexpected:
-            raise _RetryLater(f"the server gave {unexpected} answers the agent does not know")
+            raise _RetryLater(
+                f"the server gave {unexpected} answers the agent does not know", foreign=True
+            )
 
     def _acknowledge(self, entry: SpoolEntry) -> None:
         self._spool.remove(entry)
@@ -253,10 +404,86 @@ class Reporter:
         )
 
 
+def shrink_to_fit(result: RunResult, max_bytes: int) -> bytes | None:
+    """The wire body of ``result`` with its output trimmed to fit in ``max_bytes``, or
+    None if even with no output at all it would not fit.
+
+    Each stream keeps its head and tail (the middle dropped, flagged truncated, its
+    original size kept); the bytes kept are shared evenly, a short stream leaving its
+    share to the other. JSON escaping and base64 make the body larger than the bytes
+    kept by a factor that depends on the output, so the amount kept is measured and
+    narrowed rather than guessed once.
+    """
+
+    def body(keep: int) -> bytes:
+        out, err = result.stdout.data, result.stderr.data
+        keep_out = min(len(out), max(keep // 2, keep - len(err)))
+        keep_err = min(len(err), keep - keep_out)
+        trimmed = dataclasses.replace(
+            result, stdout=result.stdout.trimmed(keep_out), stderr=result.stderr.trimmed(keep_err)
+        )
+        return encode_result(trimmed)
+
+    empty = len(body(0))
+    if empty > max_bytes:
+        return None
+    keep = len(result.stdout.data) + len(result.stderr.data)
+    for _ in range(20):
+        candidate = body(keep)
+        if len(candidate) <= max_bytes or keep == 0:
+            return candidate
+        # Bytes on the wire per byte kept, as measured; aim 1% under the limit.
+        ratio = (len(candidate) - empty) / keep
+        keep = min(keep - 1, int((max_bytes - empty) / ratio * 0.99))
+        keep = max(keep, 0)
+    return body(0)
+
+
+def _error_code(answer: Any) -> str | None:
+    """The code of a taskscheduler error body (``{"error": {"code", "message"}}``), or
+    None if the body is not one."""
+    if not isinstance(answer, dict) or not isinstance(answer.get("error"), dict):
+        return None
+    code = answer["error"].get("code")
+    message = answer["error"].get("message")
+    return code if isinstance(code, str) and isinstance(message, str) else None
+
+
 def _error_message(answer: Any) -> str:
     if isinstance(answer, dict) and isinstance(answer.get("error"), dict):
         return str(answer["error"].get("message", ""))[:200]
     return ""
+
+
+def _what(answer: Any) -> str:
+    """An answer, in a few words for the log."""
+    code = _error_code(answer)
+    if code is not None:
+        return f"{code}: {_error_message(answer)}"
+    return "with a body that is not a taskscheduler answer"
+
+
+#: Answers our server gives to a result that are no verdict on it, beside 5xx, 408 and
+#: 429: retried quietly.
+_RETRYABLE = frozenset(
+    {
+        (401, "unauthorized"),
+        (403, "forbidden"),  # a credential of another kind: an operator must fix it
+        (413, PAYLOAD_TOO_LARGE),
+    }
+)
+
+
+def _foreign(code: int, answer: Any) -> bool:
+    """Whether an answer that is neither an acknowledgement nor a verdict is one a
+    taskscheduler server would not give to results: something else answered.
+
+    A 5xx, 408 or 429 from anyone (a proxy whose backend is restarting, say) is only
+    a server that cannot take results now.
+    """
+    if code >= 500 or code in (408, 429):
+        return False
+    return (code, _error_code(answer)) not in _RETRYABLE
 
 
 def _describe(error: BaseException) -> str:
