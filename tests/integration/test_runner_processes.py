@@ -5,7 +5,9 @@ from __future__ import annotations
 import os
 import select
 import signal
+import tempfile
 import time
+import uuid
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -13,7 +15,10 @@ from typing import Any
 import pytest
 import pytest_twisted
 from twisted.internet import reactor as _reactor
+from twisted.internet.task import deferLater
 
+from taskscheduler.agent.containment import CgroupContainment, own_cgroup_dir
+from taskscheduler.agent.runfiles import disk_bytes
 from taskscheduler.agent.runner import ProcessRunner, RunOutcome
 from taskscheduler.protocol import ResultStatus
 
@@ -27,7 +32,25 @@ DEADLINE = 20.0
 
 def make_runner(**kwargs: Any) -> ProcessRunner:
     kwargs.setdefault("environment", ENV)
+    kwargs.setdefault("runs_dir", Path(tempfile.mkdtemp(prefix="taskscheduler-runs-")))
     return ProcessRunner(reactor, **kwargs)
+
+
+@pytest.fixture
+def cgroups() -> Iterator[CgroupContainment]:
+    """A cgroup v2 parent of its own for the test's runs, removed afterwards."""
+    own = own_cgroup_dir()
+    assert own is not None, "these tests need cgroup v2 (as the agent's default does)"
+    containment = CgroupContainment.probe(own / f"taskscheduler-test-{uuid.uuid4().hex[:8]}")
+    yield containment
+    for group in containment.parent.iterdir():
+        if group.is_dir():
+            CgroupContainment.kill(group)
+    time.sleep(0.1)
+    for group in containment.parent.iterdir():
+        if group.is_dir():
+            group.rmdir()
+    containment.parent.rmdir()
 
 
 async def outcome_of(runner: ProcessRunner, command: str, time_limit: float = 10) -> RunOutcome:
@@ -66,6 +89,16 @@ def dies_within(pid: int, seconds: float) -> bool:
         return bool(poller.poll(seconds * 1000)) or not alive(pid)
     finally:
         os.close(fd)
+
+
+def wait_until(condition: Any, seconds: float) -> bool:
+    """Whether ``condition()`` becomes true within ``seconds`` (polled; for file state)."""
+    deadline = time.monotonic() + seconds
+    while not condition():
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.05)
+    return True
 
 
 def live_members_of_group(pgid: int) -> list[int]:
@@ -151,7 +184,9 @@ async def test_the_child_environment_is_exactly_what_was_given() -> None:
     finally:
         del os.environ["RUNNER_TEST_LEAK"]
     received = sorted(outcome.stdout.data.split(b"\0")[:-1])
-    assert received == [b"A=override", b"B=two words", b"PATH=/usr/bin:/bin"]
+    # Plus the run's id, which marks every process of the run.
+    assert received[:3] == [b"A=override", b"B=two words", b"PATH=/usr/bin:/bin"]
+    assert received[3].startswith(b"TASKSCHEDULER_RUN_ID=") and len(received) == 4
 
 
 @pytest_twisted.ensureDeferred
@@ -162,7 +197,9 @@ async def test_an_empty_environment_reaches_the_shell_empty() -> None:
         make_runner(environment={}), "cat /proc/$$/environ; echo; /usr/bin/env"
     )
     environ, exported = outcome.stdout.data.split(b"\n", 1)
-    assert environ == b""
+    # Nothing but the run's id, which marks every process of the run.
+    [only] = environ.split(b"\0")[:-1]
+    assert only.startswith(b"TASKSCHEDULER_RUN_ID=")
     assert b"PATH=" not in exported
     assert outcome.status == ResultStatus.SUCCEEDED
 
@@ -232,21 +269,21 @@ async def test_a_command_obeying_sigterm_ends_at_its_limit(stray_pids: list[int]
 
 @pytest_twisted.ensureDeferred
 async def test_a_grandchild_holding_stdout_cannot_hold_the_run(stray_pids: list[int]) -> None:
-    runner = make_runner(pipe_grace=0.5)
+    runner = make_runner()
     started = time.monotonic()
     outcome = await outcome_of(runner, "sleep 300 & echo $!; exit 4", time_limit=60)
     elapsed = time.monotonic() - started
     grandchild = int(outcome.stdout.data)
     stray_pids.append(grandchild)
     assert (outcome.status, outcome.exit_code) == (ResultStatus.FAILED, 4)  # the shell's
-    assert 0.5 <= elapsed < 5
+    assert elapsed < 5
     assert dies_within(grandchild, 5)
 
 
 @pytest_twisted.ensureDeferred
 async def test_a_background_daemon_does_not_outlive_its_run(stray_pids: list[int]) -> None:
     # It closed its output, so the run ends at once; it dies with the run anyway.
-    runner = make_runner(pipe_grace=30)
+    runner = make_runner()
     started = time.monotonic()
     outcome = await outcome_of(runner, "sleep 300 >/dev/null 2>&1 & echo $!")
     daemon = int(outcome.stdout.data)
@@ -260,13 +297,84 @@ async def test_a_background_daemon_does_not_outlive_its_run(stray_pids: list[int
 async def test_a_process_that_leaves_the_group_cannot_hold_the_run(
     stray_pids: list[int],
 ) -> None:
-    # It escapes the group kill (a documented limit) but its hold on our pipes is cut.
-    runner = make_runner(pipe_grace=0.5)
+    # With the process group alone it escapes the kill, but it cannot hold the run: the
+    # output is a file, not a pipe the run would wait on.
+    runner = make_runner()
     started = time.monotonic()
     outcome = await outcome_of(runner, "setsid sleep 300 & echo $!")
     stray_pids.append(int(outcome.stdout.data))
     assert outcome.status == ResultStatus.SUCCEEDED
-    assert 0.5 <= time.monotonic() - started < 5
+    assert time.monotonic() - started < 5
+
+
+#: Three ways out of a run's process group and session, each leaving its pid in a file.
+ESCAPES = (
+    "setsid sleep 301 & echo $! >> escaped; "
+    "setsid -f sh -c 'echo $$ >> escaped; exec sleep 302'; "
+    "python3 -c 'import os, time; os.setpgid(0, 0); print(os.getpid(), flush=True); "
+    "time.sleep(303)' >> escaped & "
+    "while [ $(wc -l < escaped) -lt 3 ]; do sleep 0.05; done"
+)
+
+
+def _escaped(folder: Path) -> list[int]:
+    return [int(line) for line in (folder / "escaped").read_text().split()]
+
+
+@pytest_twisted.ensureDeferred
+async def test_nothing_that_leaves_the_group_or_session_outlives_its_run_in_a_cgroup(
+    cgroups: CgroupContainment, tmp_path: Path, stray_pids: list[int]
+) -> None:
+    runner = make_runner(containment=cgroups)
+    outcome = await outcome_of(runner, f"cd {tmp_path}; {ESCAPES}")
+    escaped = _escaped(tmp_path)
+    stray_pids.extend(escaped)
+    assert outcome.status == ResultStatus.SUCCEEDED, outcome
+    assert len(escaped) == 3
+    assert all(dies_within(pid, 5) for pid in escaped), [_state(p) for p in escaped]
+    # Its cgroup is gone with it, shortly (its killed processes take a moment to die).
+    await deferLater(reactor, 1.0)
+    assert not any(p.is_dir() for p in cgroups.parent.iterdir())
+
+
+@pytest_twisted.ensureDeferred
+async def test_the_time_limit_reaches_what_left_the_group_in_a_cgroup(
+    cgroups: CgroupContainment, tmp_path: Path, stray_pids: list[int]
+) -> None:
+    runner = make_runner(containment=cgroups, kill_grace=0.5)
+    started = time.monotonic()
+    outcome = await outcome_of(runner, f"cd {tmp_path}; {ESCAPES}; sleep 300", time_limit=2)
+    escaped = _escaped(tmp_path)
+    stray_pids.extend(escaped)
+    assert outcome.status == ResultStatus.TIMED_OUT
+    assert time.monotonic() - started < 6
+    assert all(dies_within(pid, 5) for pid in escaped), [_state(p) for p in escaped]
+
+
+@pytest_twisted.ensureDeferred
+async def test_two_hundred_mebibytes_of_output_hold_about_the_cap_on_disk_and_in_memory(
+    tmp_path: Path,
+) -> None:
+    # Written at about 50 MiB/s, so that the run lasts several trims.
+    cap = 1024 * 1024
+    runner = make_runner(output_cap=cap, runs_dir=tmp_path)
+    d = runner.run(
+        "i=0; while [ $i -lt 200 ]; do head -c 1048576 /dev/zero; sleep 0.02; i=$((i+1)); done",
+        60,
+    )
+    d.addTimeout(DEADLINE, reactor)
+    most_on_disk = 0
+    while not d.called:
+        for path in tmp_path.glob("*.out"):
+            most_on_disk = max(most_on_disk, disk_bytes(path))
+        await deferLater(reactor, 0.05)
+    outcome = await d
+    assert outcome.status == ResultStatus.SUCCEEDED
+    assert (outcome.stdout.size, outcome.stdout.truncated) == (200 * 1024 * 1024, True)
+    assert outcome.stdout.data == b"\0" * cap
+    # Without trimming the file would hold all 200 MiB; with it, the cap plus what is
+    # written between two trims.
+    assert most_on_disk < 48 * 1024 * 1024, most_on_disk
 
 
 @pytest_twisted.ensureDeferred

@@ -110,6 +110,7 @@ class FakeRun:
     extra_env: dict[str, str]
     deferred: Deferred[FakeOutcome]
     started_at: datetime
+    key: tuple[uuid.UUID, datetime] | None = None
 
     @property
     def done(self) -> bool:
@@ -124,17 +125,34 @@ class FakeRunner:
     runs: list[FakeRun] = field(default_factory=list)
     fail_to_start: bool = False
     terminated: int = 0
+    #: What :meth:`recover` hands the agent at start-up (runs a crashed agent left).
+    recovered: list[Any] = field(default_factory=list)
+
+    #: Runs whose files the agent let go, their result being durable in the spool.
+    discarded: list[tuple[uuid.UUID, datetime]] = field(default_factory=list)
+
+    def recover(self, reported: Any = None) -> list[Any]:
+        recovered, self.recovered = self.recovered, []
+        return recovered
+
+    def discard(self, key: tuple[uuid.UUID, datetime]) -> None:
+        self.discarded.append(key)
 
     @property
     def running(self) -> int:
         return sum(1 for run in self.runs if not run.done)
 
     def run(
-        self, command: str, time_limit: float, extra_env: Mapping[str, str] = {}
+        self,
+        command: str,
+        time_limit: float,
+        extra_env: Mapping[str, str] = {},
+        *,
+        key: tuple[uuid.UUID, datetime] | None = None,
     ) -> Deferred[FakeOutcome]:
         if self.fail_to_start:
             raise OSError(24, "Too many open files")
-        run = FakeRun(command, time_limit, dict(extra_env), Deferred(), self._now())
+        run = FakeRun(command, time_limit, dict(extra_env), Deferred(), self._now(), key)
         self.runs.append(run)
         return run.deferred
 
@@ -325,6 +343,7 @@ class Agent:
         endpoint: Any = None,
         run_in_thread: Any = None,
         enrolled: bool = True,
+        recovered: list[Any] | None = None,
     ) -> None:
         if enrolled:
             # A test of a broken data folder: the service will say what is wrong.
@@ -333,7 +352,7 @@ class Agent:
         self.signer = InstructionSigner(SERVER_KEY, clock)
         self.clock = clock
         self.server = server
-        self.runner = FakeRunner(clock)
+        self.runner = FakeRunner(clock, recovered=list(recovered or []))
         self.http = UnreachableHttp(StubTreq(server.app.resource()))
         self.fatal = 0
         self.service = AgentService(

@@ -11,6 +11,7 @@ pipe is closed. No real process is started and no real signal is sent.
 from __future__ import annotations
 
 import itertools
+import os
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, AnyStr, cast
@@ -25,13 +26,26 @@ from zope.interface import implementer
 class FakeProcessTransport:
     """The transport of one fake child process."""
 
-    def __init__(self, reactor: FakeProcessReactor, protocol: IProcessProtocol, pid: int) -> None:
+    def __init__(
+        self,
+        reactor: FakeProcessReactor,
+        protocol: IProcessProtocol,
+        pid: int,
+        childFDs: Mapping[int, int | str] | None = None,
+    ) -> None:
         self._reactor = reactor
+        # Descriptors of the parent's open files handed to the child (as a real child's
+        # copies, they stay open after the parent closes its own until the child ends).
+        self.files = {
+            child: os.dup(parent)
+            for child, parent in (childFDs or {}).items()
+            if isinstance(parent, int)
+        }
         self.proto = protocol
         self.pid: int | None = pid
         self.signals: list[int | str] = []  # sent with signalProcess, in order
         self.stdin_closed = False
-        self.pipes_open = True
+        self.pipes_open = any(kind == "r" for kind in (childFDs or {1: "r"}).values())
         self.lose_connection_calls = 0
         self._reason: BaseException | None = None
         self._ended = False
@@ -64,6 +78,9 @@ class FakeProcessTransport:
 
     def write(self, childFD: int, data: bytes) -> None:
         """The child writes ``data`` to its file descriptor ``childFD`` (1 or 2)."""
+        if childFD in self.files:
+            os.write(self.files[childFD], data)
+            return
         assert self.pipes_open, "the pipes are closed"
         self.proto.childDataReceived(childFD, data)
 
@@ -77,6 +94,9 @@ class FakeProcessTransport:
         else:
             self._reason = ProcessDone(0)
         self.pid = None  # Twisted forgets the pid once the child is reaped
+        for fd in self.files.values():
+            os.close(fd)
+        self.files = {}
         self.proto.processExited(Failure(self._reason))
         self._maybe_end()
 
@@ -142,7 +162,7 @@ class FakeProcessReactor(Clock):
         if self.spawn_error is not None:
             error, self.spawn_error = self.spawn_error, None
             raise error
-        transport = FakeProcessTransport(self, processProtocol, next(self._pids))
+        transport = FakeProcessTransport(self, processProtocol, next(self._pids), childFDs)
         self.spawned.append(
             SpawnCall(
                 protocol=processProtocol,

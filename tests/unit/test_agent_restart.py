@@ -18,12 +18,15 @@ from twisted.python import usage
 
 from taskscheduler.agent import tap
 from taskscheduler.agent.identity import load_or_create_agent_id
+from taskscheduler.agent.runner import REATTACHED, RecoveredRun, RunOutcome
+from taskscheduler.agent.spool import RunMarkers
 from taskscheduler.agent.taskstore import TaskStore
-from taskscheduler.protocol import ResultStatus, task_spec_to_json
+from taskscheduler.protocol import Output, ResultStatus, task_spec_to_json
 from taskscheduler.schedule import format_instant
 from tests.unit.agent_fakes import ANCHOR, ANCHOR_SECONDS, Agent, FakeServer, spec
 
 JSON = {"Content-Type": "application/json"}
+STEP = timedelta(seconds=10)  # the interval of agent_fakes.spec()
 
 
 def clock_at(seconds_after_anchor: float) -> Clock:
@@ -99,44 +102,79 @@ async def test_unreported_results_are_sent_at_start_up(tmp_path: Path) -> None:
     assert list((tmp_path / "data" / "spool").glob("*.json")) == []
 
 
-def test_a_run_the_agent_died_during_is_reported_lost(tmp_path: Path) -> None:
+def test_a_run_a_crashed_agent_left_is_followed_to_its_end_and_its_task_not_doubled(
+    tmp_path: Path,
+) -> None:
     server = FakeServer()
-    clock = clock_at(5)
-    first = Agent(tmp_path / "data", clock, server)
     task = spec()
-    first.service.scheduler.schedule(task)  # type: ignore[union-attr]
-    first.advance_to(10)
-    assert len(first.runner.runs) == 1
-    first.crash()  # SIGKILL: no stopService. A new agent starts over the same folder.
-    second = Agent(tmp_path / "data", clock_at(15), server)
+    # The runner found the run of 10 s, which a crashed agent left, still going.
+    outcome: Deferred[Any] = Deferred()
+    began = ANCHOR + timedelta(seconds=10)
+    recovered = RecoveredRun(task.task_id, began, began, outcome, still_running=True)
+    second = Agent(tmp_path / "data", clock_at(15), server, recovered=[recovered])
+    second.service.scheduler.schedule(task)  # type: ignore[union-attr]
+    agent_id = load_or_create_agent_id(tmp_path / "data")
+    second.advance_to(20)
+    # Skip-on-overlap holds across the restart: 20 is not started beside the old run.
+    assert second.runner.runs == []
+    [skipped] = server.stored.values()
+    assert (skipped.status, skipped.scheduled_at) == (ResultStatus.SKIPPED, began + STEP)
+    assert skipped.reason == "the previous run was still going"
+
+    outcome.callback(
+        RunOutcome(
+            status=ResultStatus.FAILED,
+            exit_code=3,
+            signal=None,
+            started_at=began,
+            finished_at=began + timedelta(seconds=12),
+            duration=12.0,
+            stdout=Output.of(b"done\n"),
+            stderr=Output(),
+            reason=REATTACHED,
+        )
+    )
     second.settle()
+    reattached = server.stored[(task.task_id, agent_id, began)]
+    assert (reattached.status, reattached.exit_code) == (ResultStatus.FAILED, 3)
+    assert reattached.stdout.data == b"done\n"
+    assert reattached.reason == REATTACHED
+    assert second.runner.discarded == [(task.task_id, began)], "its files go once durable"
+    second.advance_to(30)
+    assert [run.key for run in second.runner.runs] == [(task.task_id, began + 2 * STEP)]
+
+
+def test_a_run_marker_of_an_older_agent_is_reported_lost(tmp_path: Path) -> None:
+    server = FakeServer()
+    task_id = uuid.uuid4()
+    began = ANCHOR + timedelta(seconds=10)
+    RunMarkers(tmp_path / "data" / "running").leftovers()
+    RunMarkers(tmp_path / "data" / "running").mark(task_id, began, began)
+    Agent(tmp_path / "data", clock_at(15), server).settle()
     [lost] = server.stored.values()
-    assert lost.status is ResultStatus.LOST
-    assert lost.task_id == task.task_id
-    assert lost.scheduled_at == ANCHOR + timedelta(seconds=10)
-    assert lost.started_at == ANCHOR + timedelta(seconds=10)
-    assert lost.exit_code is None
+    assert (lost.status, lost.task_id, lost.scheduled_at) == (ResultStatus.LOST, task_id, began)
+    assert lost.started_at == began
     assert list((tmp_path / "data" / "running").glob("*.json")) == []
 
 
 def test_a_marker_whose_result_was_spooled_is_not_reported_lost(tmp_path: Path) -> None:
     server = FakeServer()
     server.down = True
-    clock = clock_at(5)
-    first = Agent(tmp_path / "data", clock, server)
+    first = Agent(tmp_path / "data", clock_at(5), server)
     first.service.scheduler.schedule(spec())  # type: ignore[union-attr]
     first.advance_to(10)
-    marker = next((tmp_path / "data" / "running").glob("*.json"))
-    saved = marker.read_bytes()
-    first.runner.finish(first.runner.runs[0], b"done\n")
+    [run] = first.runner.runs
+    first.runner.finish(run, b"done\n")
     first.settle()
-    marker.write_bytes(saved)  # died after spooling, before removing the marker
+    assert run.key is not None
+    # An older agent died after spooling, before removing its marker.
+    RunMarkers(tmp_path / "data" / "running").mark(run.key[0], run.key[1], run.key[1])
     first.crash()
     server.down = False
-    Agent(tmp_path / "data", clock, server).settle()
+    Agent(tmp_path / "data", clock_at(10), server).settle()
     [stored] = server.stored.values()
     assert stored.status is ResultStatus.SUCCEEDED
-    assert not marker.exists()
+    assert list((tmp_path / "data" / "running").glob("*.json")) == []
 
 
 def test_a_second_agent_over_a_folder_in_use_refuses_to_start(tmp_path: Path) -> None:

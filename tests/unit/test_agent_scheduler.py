@@ -13,7 +13,7 @@ import pytest_twisted
 from twisted.internet.task import Clock
 
 from taskscheduler.agent.scheduler import Scheduler, _Watchdog
-from taskscheduler.agent.spool import RunMarkers, Spool
+from taskscheduler.agent.spool import Spool
 from taskscheduler.agent.tap import base_environment
 from taskscheduler.agent.taskstore import TaskStore
 from taskscheduler.protocol import ResultStatus, parse_result
@@ -137,18 +137,20 @@ def test_a_command_that_cannot_start_is_reported_and_the_loop_goes_on(tmp_path: 
 def test_a_loop_survives_an_error_while_recording(tmp_path: Path) -> None:
     agent = start(tmp_path, 5)
     agent.service.scheduler.schedule(spec())  # type: ignore[union-attr]
-    markers = agent.service.scheduler._markers  # type: ignore[union-attr]
-    original = markers.mark
+    spool = agent.service.spool
+    assert spool is not None
+    original = spool.add
 
     def broken(*args: object) -> None:
         raise OSError(28, "No space left on device")
 
-    markers.mark = broken  # type: ignore[method-assign]
+    spool.add = broken  # type: ignore[method-assign]
     agent.advance_to(10)
-    assert agent.runner.runs == []
-    markers.mark = original  # type: ignore[method-assign]
+    agent.runner.finish(agent.runner.runs[0])  # its result cannot be recorded
+    spool.add = original  # type: ignore[method-assign]
     agent.advance_to(20)
-    assert scheduled(agent) == [at(20)]
+    assert scheduled(agent) == [at(10), at(20)], "the loop survived the failure"
+    assert agent.service.scheduler.running == 1  # type: ignore[union-attr]
 
 
 def test_replacing_a_task_stops_its_old_loop(tmp_path: Path) -> None:
@@ -210,11 +212,15 @@ def test_results_reach_the_spool_with_the_run_details(tmp_path: Path) -> None:
     assert list((tmp_path / "data" / "running").iterdir()) == []
 
 
-def test_a_run_under_way_has_a_marker(tmp_path: Path) -> None:
+def test_a_run_is_started_under_its_task_and_instant_for_the_runner_to_record(
+    tmp_path: Path,
+) -> None:
     agent = start(tmp_path, 5)
-    agent.service.scheduler.schedule(spec())  # type: ignore[union-attr]
+    task = spec()
+    agent.service.scheduler.schedule(task)  # type: ignore[union-attr]
     agent.advance_to(10)
-    assert len(list((tmp_path / "data" / "running").glob("*.json"))) == 1
+    [run] = agent.runner.runs
+    assert run.key == (task.task_id, ANCHOR + timedelta(seconds=10))
 
 
 def test_runs_get_a_small_explicit_environment_never_the_agents(
@@ -295,13 +301,10 @@ class SteppingClocks:
         self.runner = FakeRunner(self.clock)
         spool = Spool(tmp_path / "spool")
         spool.load()
-        markers = RunMarkers(tmp_path / "running")
-        markers.leftovers()
         self.scheduler = Scheduler(
             self.clock,
             self.runner,
             spool,
-            markers,
             uuid.uuid4(),
             monotonic=lambda: self.mono,
             watchdog=False,

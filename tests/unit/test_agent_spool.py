@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import uuid
+from datetime import UTC, datetime
 from pathlib import Path
 
 import pytest
@@ -11,7 +12,7 @@ import pytest_twisted
 from twisted.internet.task import Clock
 
 from taskscheduler.agent.durable import BatchWriter, write_durably
-from taskscheduler.agent.spool import Spool
+from taskscheduler.agent.spool import RunMarkers, Spool
 from tests.unit.agent_fakes import (
     ANCHOR_SECONDS,
     Agent,
@@ -77,7 +78,7 @@ def test_a_result_the_disk_refuses_is_dropped_and_counted(tmp_path: Path) -> Non
     assert (len(spool), spool.bytes, spool.dropped, ready) == (0, 0, 1, [])
 
 
-def test_a_result_is_reported_and_its_marker_removed_only_once_durable(tmp_path: Path) -> None:
+def test_a_result_is_reported_and_its_run_files_removed_only_once_durable(tmp_path: Path) -> None:
     clock = Clock()
     clock.advance(ANCHOR_SECONDS + 5)
     thread = FakeThread()
@@ -87,14 +88,14 @@ def test_a_result_is_reported_and_its_marker_removed_only_once_durable(tmp_path:
     agent.runner.finish(agent.runner.runs[0], b"out\n")
     agent.settle()
     assert agent.server.stored == {}
-    assert len(list((tmp_path / "data" / "running").glob("*.json"))) == 1
+    assert agent.runner.discarded == [], "the run's files stay until its result is durable"
     assert agent.service.api._counters()["spooled"] == 1  # type: ignore[union-attr]
     assert agent.service.scheduler.running == 0, "the task may run again meanwhile"  # type: ignore[union-attr]
     thread.run_all()
     agent.settle()
     [stored] = agent.server.stored.values()
     assert stored.stdout.data == b"out\n"
-    assert list((tmp_path / "data" / "running").glob("*.json")) == []
+    assert agent.runner.discarded == [agent.runner.runs[0].key]
 
 
 @pytest_twisted.ensureDeferred
@@ -121,9 +122,10 @@ def test_a_lost_result_keeps_its_marker_until_durable(tmp_path: Path) -> None:
     clock = Clock()
     clock.advance(ANCHOR_SECONDS + 5)
     first = Agent(tmp_path / "data", clock, FakeServer())
-    first.service.scheduler.schedule(spec())  # type: ignore[union-attr]
-    first.advance_to(10)
     first.crash()
+    # An older agent's marker of a run it died during.
+    at = datetime.fromtimestamp(ANCHOR_SECONDS + 10, UTC)
+    RunMarkers(tmp_path / "data" / "running").mark(uuid.uuid4(), at, at)
     thread = FakeThread()
     second = Agent(tmp_path / "data", clock, FakeServer(), run_in_thread=thread)
     second.settle()

@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import signal
+import tempfile
+import uuid
 from datetime import UTC, datetime
+from pathlib import Path
 from typing import Any, TypeVar, cast
 
 import pytest
@@ -12,7 +15,8 @@ from hypothesis import strategies as st
 from twisted.internet.defer import Deferred
 from twisted.logger import ILogObserver, LogEvent, formatEvent, globalLogPublisher
 
-from taskscheduler.agent.runner import SETSID, ProcessRunner, RunOutcome
+from taskscheduler.agent.containment import RUN_ID_VARIABLE
+from taskscheduler.agent.runner import SETSID, SUPERVISOR, ProcessRunner, RunOutcome
 from taskscheduler.protocol import Output, ResultStatus
 from tests.unit.fakes_process import FakeProcessReactor, GroupKiller
 
@@ -37,8 +41,16 @@ def make_runner(**kwargs: Any) -> tuple[ProcessRunner, FakeProcessReactor, Group
     reactor = FakeProcessReactor()
     killer = GroupKiller()
     kwargs.setdefault("environment", ENV)
+    kwargs.setdefault("runs_dir", Path(tempfile.mkdtemp(prefix="taskscheduler-runner-")) / "runs")
     runner = ProcessRunner(reactor, kill_group=killer, **kwargs)
     return runner, reactor, killer
+
+
+def env_of(call: Any) -> dict[str, str]:
+    """The environment a run got, less the run id every run carries."""
+    env = dict(call.env)
+    assert env.pop(RUN_ID_VARIABLE)
+    return env
 
 
 def result_of(d: Deferred[T]) -> T:
@@ -58,19 +70,25 @@ def fired(d: Deferred[Any]) -> bool:
 # -- what is spawned ---------------------------------------------------------------------
 
 
-def test_spawns_the_shell_under_setsid_with_the_explicit_environment_on_the_fast_path() -> None:
+def test_spawns_the_supervising_shell_under_setsid_with_an_explicit_environment() -> None:
     runner, reactor, _ = make_runner()
-    runner.run("echo hi | tr a-z A-Z", 10, extra_env={"TASK_ID": "t1"})
+    task_id = uuid.uuid4()
+    at = datetime(2026, 11, 30, 12, 0, tzinfo=UTC)
+    runner.run("echo hi | tr a-z A-Z", 10, extra_env={"TASK_ID": "t1"}, key=(task_id, at))
 
     [call] = reactor.spawned
     assert call.executable == SETSID == "/usr/bin/setsid"
-    assert call.args == [SETSID, "/bin/sh", "-c", "echo hi | tr a-z A-Z"]
-    assert call.env == {"PATH": "/usr/bin:/bin", "LANG": "C.UTF-8", "TASK_ID": "t1"}
+    assert call.args == [SETSID, "/bin/sh", "-c", SUPERVISOR, "sh", "", "echo hi | tr a-z A-Z"]
+    assert (
+        call.env is not None and call.env[RUN_ID_VARIABLE] == f"20261130T120000.000000Z_{task_id}"
+    )
+    assert env_of(call) == {"PATH": "/usr/bin:/bin", "LANG": "C.UTF-8", "TASK_ID": "t1"}
     # Any of these would make Twisted fork instead of posix_spawn, and usePTY merges streams.
     assert (call.path, call.uid, call.gid) == (None, None, None)
     assert not call.usePTY
-    assert call.childFDs == {0: "w", 1: "r", 2: "r"}
-    assert call.transport.stdin_closed
+    # No pipe: stdin is /dev/null, stdout and stderr are files, 9 takes the exit status.
+    assert call.childFDs is not None and sorted(call.childFDs) == [0, 1, 2, 9]
+    assert all(isinstance(fd, int) for fd in call.childFDs.values())
 
 
 def test_a_run_as_user_sets_uid_and_gid_and_only_then() -> None:
@@ -78,7 +96,7 @@ def test_a_run_as_user_sets_uid_and_gid_and_only_then() -> None:
     runner.run("id -u", 10)
     [call] = reactor.spawned
     assert (call.uid, call.gid, call.path) == (65534, 65533, None)
-    assert call.args == [SETSID, "/bin/sh", "-c", "id -u"]
+    assert call.args[-1] == "id -u"
 
 
 def test_an_empty_environment_reaches_the_child_empty_never_the_agents_own(
@@ -87,7 +105,7 @@ def test_an_empty_environment_reaches_the_child_empty_never_the_agents_own(
     monkeypatch.setenv("AGENT_SECRET", "hunter2")
     runner, reactor, _ = make_runner(environment={})
     runner.run("env", 10)
-    assert reactor.spawned[0].env == {}
+    assert env_of(reactor.spawned[0]) == {}
 
 
 def test_extra_env_overrides_the_base_for_one_run_only() -> None:
@@ -95,8 +113,8 @@ def test_extra_env_overrides_the_base_for_one_run_only() -> None:
     runner, reactor, _ = make_runner(environment=base)
     runner.run("true", 10, extra_env={"MODE": "run"})
     runner.run("true", 10)
-    assert reactor.spawned[0].env == {"PATH": "/bin", "MODE": "run"}
-    assert reactor.spawned[1].env == {"PATH": "/bin", "MODE": "base"}
+    assert env_of(reactor.spawned[0]) == {"PATH": "/bin", "MODE": "run"}
+    assert env_of(reactor.spawned[1]) == {"PATH": "/bin", "MODE": "base"}
     assert base == {"PATH": "/bin", "MODE": "base"}
 
 
@@ -269,45 +287,37 @@ def test_a_kill_before_the_child_has_its_own_group_signals_the_child_itself() ->
     assert transport.signals == [signal.SIGTERM]
 
 
-# -- the pipe grace ----------------------------------------------------------------------
+# -- when the shell ends ------------------------------------------------------------------
 
 
-def test_a_grandchild_holding_the_pipes_cannot_hold_the_run_past_the_pipe_grace() -> None:
-    runner, reactor, killer = make_runner(pipe_grace=1.0)
+def test_when_the_shell_exits_what_is_left_of_the_run_is_killed_at_once() -> None:
+    runner, reactor, killer = make_runner()
     d = runner.run("sleep 100 & echo started", 60)
     child = reactor.last
-    pid = reactor.spawned[0].transport.pid
+    pid = child.pid
     child.write(1, b"started\n")
     child.exit(0)
-    reactor.advance(0.5)
-    child.write(1, b"late output\n")  # still read during the grace
-    reactor.advance(0.25)
-    assert not fired(d)
-    assert killer.calls == []
-
-    reactor.advance(0.25)
-    # What is left of the group is killed once, our ends of the pipes are closed, and
-    # (as Twisted does on its next turn) the pipes report end-of-file.
+    # Output goes to files, not pipes: nothing to wait for, and nothing of the run stays.
     assert killer.calls == [(pid, signal.SIGKILL)]
-    assert child.lose_connection_calls == 1
     outcome = result_of(d)
     assert outcome.status == ResultStatus.SUCCEEDED
-    assert outcome.exit_code == 0
-    assert outcome.stdout.data == b"started\nlate output\n"
+    assert outcome.stdout.data == b"started\n"
     assert runner.running == 0
     assert reactor.getDelayedCalls() == []
 
 
-def test_pipes_that_close_within_the_grace_end_the_run_at_once() -> None:
-    runner, reactor, _ = make_runner(pipe_grace=1.0)
-    d = runner.run("cmd", 60)
-    reactor.last.exit(2)
-    reactor.advance(0.2)
-    reactor.last.close_pipes()
-    outcome = result_of(d)
-    assert (outcome.status, outcome.exit_code) == (ResultStatus.FAILED, 2)
-    assert reactor.last.lose_connection_calls == 0
-    assert reactor.getDelayedCalls() == []
+def test_a_runs_files_stay_until_its_result_is_durable_elsewhere_then_go() -> None:
+    runner, reactor, _ = make_runner()
+    key = (uuid.uuid4(), datetime(2026, 11, 30, tzinfo=UTC))
+    d = runner.run("cmd", 60, key=key)
+    assert len(list(runner.files.directory.iterdir())) == 4  # out, err, exit, record
+    reactor.last.write(2, b"oops\n")
+    reactor.last.finish(1)
+    assert result_of(d).stderr.data == b"oops\n"
+    # A crash now must still find the run: its result is not spooled yet.
+    assert len(list(runner.files.directory.iterdir())) == 4
+    runner.discard(key)
+    assert list(runner.files.directory.iterdir()) == []
 
 
 # -- running and terminate_all -----------------------------------------------------------
@@ -322,8 +332,6 @@ def test_running_counts_runs_in_progress() -> None:
     reactor.spawned[0].transport.finish(0)
     assert runner.running == 1
     reactor.spawned[1].transport.exit(0)
-    assert runner.running == 1  # still draining its pipes
-    reactor.spawned[1].transport.close_pipes()
     assert runner.running == 0
 
 
@@ -359,19 +367,15 @@ def test_terminate_all_with_nothing_running_fires_at_once() -> None:
 
 
 def test_terminate_all_keeps_a_timed_out_run_timed_out_and_a_finished_shell_finished() -> None:
-    runner, reactor, killer = make_runner(kill_grace=5.0, pipe_grace=1.0)
+    runner, reactor, _ = make_runner(kill_grace=5.0)
     late = runner.run("sleep 100", 10)
-    draining = runner.run("sleep 100 & true", 600)
-    late_child, draining_child = (call.transport for call in reactor.spawned)
-    draining_pid = draining_child.pid
+    done = runner.run("true", 600)
+    late_child, done_child = (call.transport for call in reactor.spawned)
     reactor.advance(10)  # `late` reaches its limit and gets SIGTERM
-    draining_child.exit(0)  # the shell is done; a grandchild holds the pipes
+    done_child.exit(0)
 
     stopped = runner.terminate_all()
-    # The draining run is not made to wait out its pipe grace.
-    assert (draining_pid, signal.SIGKILL) in killer.calls
-    reactor.advance(0)
-    assert result_of(draining).status == ResultStatus.SUCCEEDED
+    assert result_of(done).status == ResultStatus.SUCCEEDED
 
     late_child.finish(None, signal.SIGTERM)
     assert result_of(late).status == ResultStatus.TIMED_OUT
@@ -404,7 +408,7 @@ def test_logs_never_contain_the_environment() -> None:
     observer = cast(ILogObserver, events.append)
     globalLogPublisher.addObserver(observer)
     try:
-        runner, reactor, _ = make_runner(environment={"DB_PASSWORD": "s3cr3t-base"}, pipe_grace=1)
+        runner, reactor, _ = make_runner(environment={"DB_PASSWORD": "s3cr3t-base"})
         timed_out = runner.run("sleep 9", 1, extra_env={"TOKEN": "s3cr3t-extra"})
         reactor.advance(1)
         reactor.last.finish(None, signal.SIGTERM)

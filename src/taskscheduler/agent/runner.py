@@ -1,30 +1,40 @@
-"""Runs one command in a session of its own and captures what it writes.
+"""Runs one command so that it never escapes, and never depends on the agent staying alive.
 
-Every run is ``setsid /bin/sh -c <command>`` started with ``spawnProcess``:
+Every run is ``setsid /bin/sh -c SUPERVISOR <cgroup.procs> <command>``, started with
+``spawnProcess`` on Twisted's posix_spawn fast path:
 
-- **Own session, fast path kept.** Twisted starts processes with ``posix_spawnp`` unless
-  ``path=``, ``uid=`` or ``gid=`` is given (then it forks, several times slower), and
-  ``posix_spawnp`` there starts no new process group. So the program we spawn is util-linux
-  ``setsid``: a freshly spawned process is never a group leader, so ``setsid`` calls
-  ``setsid()`` in place (no fork) and execs ``/bin/sh``. The shell therefore keeps the pid
-  that ``spawnProcess`` returned, and that pid is also its process group and session id.
-  ``bench/bench_spawn.py`` measures what this costs.
-- **Explicit environment.** The child gets exactly ``environment`` plus ``extra_env``;
-  nothing comes from the agent's own ``os.environ``. An empty mapping means an empty
-  environment (no ``PATH``).
-- **Output** is captured as bytes, stdout and stderr apart, each capped: past the cap the
-  first half and the last half are kept and the stream is flagged truncated with its
-  original size. No marker is inserted; the bytes kept are exactly bytes written.
-- **Time limit.** At the limit the process group gets SIGTERM, ``kill_grace`` seconds later
+- **Own session, fast path kept.** ``posix_spawn`` starts no new group; util-linux
+  ``setsid``, never a group leader when freshly spawned, calls ``setsid()`` in place (no
+  fork) and execs the shell, which keeps the pid ``spawnProcess`` returned: that pid is
+  the run's process group and session. ``bench/bench_spawn.py`` measures the cost.
+- **The shell supervises the command.** Its first act is to join the run's cgroup
+  (:mod:`taskscheduler.agent.containment`), before it starts anything; it then evaluates
+  the command itself (``eval``, no second shell), and as it exits writes the exit status
+  to a file it holds as descriptor 9 (closed for the command). A command therefore runs
+  exactly as under ``sh -c``, and a restarted agent learns how a run ended while it
+  was down.
+- **Output goes to files** (:mod:`taskscheduler.agent.runfiles`), not pipes: a run's
+  output does not depend on the agent being alive, and the agent holds no descriptor per
+  run in flight (Twisted's posix_spawn path lists and inspects every open descriptor at
+  each start: with pipes, each start got slower as runs piled up). Each stream is capped
+  on disk as it grows, keeping its first and last halves of the cap and its size.
+- **Explicit environment**: ``environment`` plus ``extra_env`` and ``TASKSCHEDULER_RUN_ID``;
+  nothing from the agent's own ``os.environ``.
+- **Time limit.** SIGTERM to every process of the run, ``kill_grace`` seconds later
   SIGKILL; the outcome is ``TIMED_OUT``.
-- **A run owns its process group; nothing of it survives the run.** When the shell exits,
-  the pipes get ``pipe_grace`` seconds to reach end-of-file (a background grandchild may
-  hold them open); then, and in any case once the run has ended, whatever is left of the
-  group is sent SIGKILL and the pipes are closed. Background daemons started by a command
-  therefore die with the run. A process that leaves the group on purpose (``setsid``,
-  double-fork daemons) escapes the kill, but not the pipe grace: its pipes are closed.
-- **Shutdown.** :meth:`ProcessRunner.terminate_all` ends every run as the time limit would;
-  runs it cut short report ``LOST`` (the agent went away during the run).
+- **Nothing of a run survives it.** When the shell exits, whatever is left of the run
+  (background jobs, processes that left the group or the session) is killed at once
+  through the containment (a cgroup per run, or the agent as subreaper).
+- **A record per run** names its process group, the kernel's start time of that pid and
+  its cgroup: :meth:`ProcessRunner.recover` finds every run a previous life of the agent
+  left, re-attaches to those still going (their time limit still holds) and reports the
+  others as they ended; ``lost`` is left for runs whose outcome cannot be known.
+- **Shutdown.** :meth:`ProcessRunner.terminate_all` ends every run as the time limit
+  would; runs it cut short report ``LOST``.
+
+File work (records, reading output, trimming, removal) runs through ``run_in_thread``,
+off the reactor; what must happen before the spawn (opening the three files, making the
+cgroup) is a handful of metadata calls with no fsync.
 """
 
 from __future__ import annotations
@@ -33,93 +43,131 @@ import contextlib
 import os
 import signal
 import time
+import uuid
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass
-from datetime import UTC, datetime
+from dataclasses import dataclass, replace
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
 from typing import Any
 
-from twisted.internet.defer import Deferred, gatherResults, succeed
+from twisted.internet.defer import Deferred, gatherResults, maybeDeferred, succeed
 from twisted.internet.error import ProcessDone, ProcessExitedAlready, ProcessTerminated
-from twisted.internet.interfaces import IDelayedCall
+from twisted.internet.interfaces import IDelayedCall, IReadDescriptor
 from twisted.internet.protocol import ProcessProtocol
+from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
 from twisted.python.failure import Failure
+from zope.interface import implementer
 
+from taskscheduler.agent.containment import (
+    RUN_ID_VARIABLE,
+    CgroupContainment,
+    Containment,
+    GroupContainment,
+    processes_of_run,
+)
+from taskscheduler.agent.runfiles import (
+    RunFiles,
+    RunRecord,
+    boot_id,
+    parse_run_id,
+    process_start_ticks,
+    run_id,
+)
 from taskscheduler.protocol import Output, ResultStatus
+from taskscheduler.schedule import format_instant
 
 #: util-linux ``setsid``: starts the shell in a new session without forking (see above).
 SETSID = "/usr/bin/setsid"
 #: The shell every command runs under.
 SHELL = "/bin/sh"
+#: The run's shell: ``$1`` is the cgroup.procs file to join ("" for none), ``$2`` the
+#: command. The EXIT trap records the status on descriptor 9, which the command never
+#: sees. The one variable it sets is named so as not to collide with a command's own.
+SUPERVISOR = (
+    '[ -z "$1" ] || { echo 0 >"$1"; } 2>/dev/null; '
+    "__taskscheduler_command=$2; shift 2; "
+    "trap 'echo $? >&9' EXIT; "
+    'eval "$__taskscheduler_command" 9>&-'
+)
+#: The descriptor the shell writes its exit status to.
+EXIT_FD = 9
+#: How often the output files of runs in flight are trimmed to the cap.
+TRIM_INTERVAL = 0.5
+#: After a run ends, the containment is tidied this many seconds later, and again (up to
+#: TIDY_ATTEMPTS times) while killed processes are still dying.
+TIDY_DELAY = 0.2
+TIDY_ATTEMPTS = 25
 #: Longest piece of a command quoted in a log line.
 _LOGGED_COMMAND_CHARS = 200
+
+REATTACHED = "re-attached after the agent restarted"
 
 
 @dataclass(frozen=True)
 class RunOutcome:
     """How one run ended, and what it wrote."""
 
-    status: ResultStatus  # SUCCEEDED, FAILED, TIMED_OUT, or LOST (cut short by terminate_all)
+    status: ResultStatus  # SUCCEEDED, FAILED, TIMED_OUT, or LOST
     exit_code: int | None  # set when the shell exited by itself
     signal: int | None  # set when the shell was ended by a signal
     started_at: datetime  # aware UTC, from the wall clock
     finished_at: datetime
-    duration: float  # seconds, from the monotonic clock
+    duration: float  # seconds, from the monotonic clock when the agent saw it all
     stdout: Output
     stderr: Output
     pid: int | None = None  # the shell's pid (= its process group); None if it never started
+    reason: str | None = None  # how the outcome came to be known, when it is not plain
 
 
-class _Capture:
-    """One output stream: keeps the first and the last bytes within ``cap``."""
+@dataclass(frozen=True)
+class RecoveredRun:
+    """A run a previous life of the agent started, and how it ends."""
 
-    def __init__(self, cap: int) -> None:
-        self._head_cap = cap // 2
-        self._tail_cap = cap - self._head_cap
-        self._head = bytearray()
-        self._tail = bytearray()
-        self.size = 0
+    task_id: uuid.UUID
+    scheduled_at: datetime
+    started_at: datetime | None
+    outcome: Deferred[RunOutcome]
+    still_running: bool
 
-    def feed(self, data: bytes) -> None:
-        self.size += len(data)
-        room = self._head_cap - len(self._head)
-        if room > 0:
-            self._head += data[:room]
-            data = data[room:]
-        if data and self._tail_cap:
-            self._tail += data
-            # Trim only once the tail is twice its cap: amortised O(1) per byte.
-            if len(self._tail) > 2 * self._tail_cap:
-                del self._tail[: -self._tail_cap]
 
-    def output(self) -> Output:
-        tail = self._tail[-self._tail_cap :] if self._tail_cap else b""
-        data = bytes(self._head + tail)
-        return Output(data, self.size, self.size > len(data))
+def run_here(function: Callable[[], Any]) -> Deferred[Any]:
+    return maybeDeferred(function)
+
+
+def _status_of(exit_code: int | None, signum: int | None) -> ResultStatus:
+    if exit_code == 0 and signum is None:
+        return ResultStatus.SUCCEEDED
+    return ResultStatus.FAILED
 
 
 class _Run(ProcessProtocol):
-    """The protocol of one run: its output, its timers, and how it ended."""
+    """One run spawned by this agent: its timers, and how it ended."""
 
     log = Logger()
 
-    def __init__(self, runner: ProcessRunner, command: str, time_limit: float) -> None:
+    def __init__(
+        self,
+        runner: ProcessRunner,
+        run: str,
+        key: tuple[uuid.UUID, datetime] | None,
+        time_limit: float,
+    ) -> None:
         self._runner = runner
-        self._command = command
+        self.run_id = run
+        self._key = key
         self._time_limit = time_limit
-        self._stdout = _Capture(runner.output_cap)
-        self._stderr = _Capture(runner.output_cap)
-        self._started_at = datetime.fromtimestamp(runner.wall_clock(), UTC)
+        self.started_at = datetime.fromtimestamp(runner.wall_clock(), UTC)
         self._started = runner.monotonic()
         self.pid: int | None = None
-        self._exit: ProcessDone | ProcessTerminated | None = None  # set once the shell exited
+        self.cgroup: str | None = None
+        self._exit: ProcessDone | ProcessTerminated | None = None
         self._timed_out = False
         self._terminated = False
         self._finished = False
-        self._group_killed = False  # SIGKILL already sent to the whole group
         self._limit_call: IDelayedCall | None = None
         self._kill_call: IDelayedCall | None = None
-        self._pipe_call: IDelayedCall | None = None
+        self.recorded: Deferred[None] = succeed(None)  # the run record is on disk
         self.done: Deferred[RunOutcome] = Deferred()
         self._waiters: list[Deferred[None]] = []
 
@@ -128,38 +176,14 @@ class _Run(ProcessProtocol):
     def connectionMade(self) -> None:
         assert self.transport is not None
         self.pid = self.transport.pid
-        self.transport.closeStdin()
         self._limit_call = self._runner.reactor.callLater(
             self._time_limit, self._time_limit_reached
         )
-        self.log.debug(
-            "run {pid} started: {command}",
-            pid=self.pid,
-            command=self._command[:_LOGGED_COMMAND_CHARS],
-        )
 
-    def childDataReceived(self, childFD: int, data: bytes) -> None:
-        if childFD == 1:
-            self._stdout.feed(data)
-        elif childFD == 2:
-            self._stderr.feed(data)
-
-    def processExited(self, reason: Failure) -> None:
+    def processEnded(self, reason: Failure) -> None:
         ended = reason.value
         assert isinstance(ended, ProcessDone | ProcessTerminated)
         self._exit = ended
-        self._cancel("_limit_call")
-        if not self._finished:
-            # processEnded waits for every pipe to close; a grandchild may keep one open.
-            self._pipe_call = self._runner.reactor.callLater(
-                self._runner.pipe_grace, self._pipe_grace_expired
-            )
-
-    def processEnded(self, reason: Failure) -> None:
-        if self._exit is None:
-            ended = reason.value
-            assert isinstance(ended, ProcessDone | ProcessTerminated)
-            self._exit = ended
         self._finish()
 
     # -- ending a run ---------------------------------------------------------------------
@@ -168,27 +192,22 @@ class _Run(ProcessProtocol):
         """Shut the run down as its time limit would, now (for ``terminate_all``)."""
         if self._finished:
             return
-        if self._exit is not None:
-            # The shell is gone; only stragglers hold the pipes: no reason to wait longer.
-            self._cancel("_pipe_call")
-            self._pipe_grace_expired()
-            return
         if not self._timed_out:
             self._terminated = True
-        self._signal_group(signal.SIGTERM)
+        self._signal(signal.SIGTERM)
         if self._kill_call is None:
             self._kill_call = self._runner.reactor.callLater(
-                self._runner.kill_grace, self._signal_group, signal.SIGKILL
+                self._runner.kill_grace, self._signal, signal.SIGKILL
             )
 
     def abandon(self) -> None:
         """Forget a run whose process could not be started."""
         self._finished = True
-        for name in ("_limit_call", "_kill_call", "_pipe_call"):
+        for name in ("_limit_call", "_kill_call"):
             self._cancel(name)
 
     def wait_ended(self) -> Deferred[None]:
-        """A Deferred that fires (with None) once the run has ended."""
+        """A Deferred that fires (with None) once the run's shell has ended."""
         if self._finished:
             return succeed(None)
         waiter: Deferred[None] = Deferred()
@@ -199,51 +218,38 @@ class _Run(ProcessProtocol):
         self._limit_call = None
         self._timed_out = True
         self.log.info(
-            "run {pid} reached its time limit of {time_limit}s; "
-            "sending SIGTERM to its process group, SIGKILL in {kill_grace}s",
-            pid=self.pid,
+            "{run} reached its time limit of {time_limit}s; sending SIGTERM to every "
+            "process of the run, SIGKILL in {kill_grace}s",
+            run=self._name(),
             time_limit=self._time_limit,
             kill_grace=self._runner.kill_grace,
         )
-        self._signal_group(signal.SIGTERM)
+        self._signal(signal.SIGTERM)
         self._kill_call = self._runner.reactor.callLater(
-            self._runner.kill_grace, self._signal_group, signal.SIGKILL
+            self._runner.kill_grace, self._signal, signal.SIGKILL
         )
 
-    def _pipe_grace_expired(self) -> None:
-        self._pipe_call = None
-        self.log.info(
-            "run {pid}: the shell exited but its output stayed open for {grace}s; "
-            "killing what is left of its process group",
-            pid=self.pid,
-            grace=self._runner.pipe_grace,
-        )
-        self._signal_group(signal.SIGKILL)
-        # A process that left the group may still hold the pipes: close our ends, which
-        # ends the run (processEnded) with the shell's exit status.
-        if self.transport is not None:
-            self.transport.loseConnection()
-
-    def _signal_group(self, signum: int) -> None:
-        if self.pid is None or self._group_killed:
-            return
+    def _signal(self, signum: int) -> None:
         try:
-            self._runner.kill_group(self.pid, signum)
-            if signum == signal.SIGKILL:
-                self._group_killed = True
+            self._runner.containment.signal(self.run_id, self.pid, signum)
         except ProcessLookupError:
-            # No such group: it is empty, or the child has not reached setsid() yet; in
-            # the second case the child itself is still ours to signal.
+            # No such group: the child has not reached setsid() yet, so the child itself
+            # is still the one to signal.
             if self._exit is None and self.transport is not None:
                 with contextlib.suppress(ProcessExitedAlready, OSError):
                     self.transport.signalProcess(signum)
         except OSError as e:
             self.log.warn(
-                "could not send signal {signum} to process group {pid}: {error}",
+                "{run}: could not send signal {signum}: {error}",
+                run=self._name(),
                 signum=signum,
-                pid=self.pid,
                 error=e,
             )
+
+    def _name(self) -> str:
+        if self._key is None:
+            return f"run {self.pid}"
+        return f"task {self._key[0]} run {format_instant(self._key[1])} (pid {self.pid})"
 
     def _cancel(self, name: str) -> None:
         call: IDelayedCall | None = getattr(self, name)
@@ -255,54 +261,89 @@ class _Run(ProcessProtocol):
         if self._finished:
             return
         self._finished = True
-        for name in ("_limit_call", "_kill_call", "_pipe_call"):
+        for name in ("_limit_call", "_kill_call"):
             self._cancel(name)
-        # A run owns its process group: background processes do not outlive it. Linux
-        # keeps a pid unused while it names a live process group, so once the group is
-        # empty this finds nothing (ESRCH) unless the pids wrapped around in between.
-        self._signal_group(signal.SIGKILL)
+        # A run owns all it started: what it left behind does not outlive it.
+        try:
+            self._runner.containment.release(self.run_id, self.pid)
+        except OSError as e:
+            self.log.warn("{run}: could not clean up: {error}", run=self._name(), error=e)
         exit_code = getattr(self._exit, "exitCode", None)
         signum = getattr(self._exit, "signal", None)
         if self._timed_out:
             status = ResultStatus.TIMED_OUT
         elif self._terminated:
             status = ResultStatus.LOST
-        elif exit_code == 0 and signum is None:
-            status = ResultStatus.SUCCEEDED
         else:
-            status = ResultStatus.FAILED
+            status = _status_of(exit_code, signum)
+        finished_at = datetime.fromtimestamp(self._runner.wall_clock(), UTC)
+        duration = max(0.0, self._runner.monotonic() - self._started)
+        self.log.debug(
+            "{run} ended: {status} (exit code {exit_code}, signal {signal}) in {duration:.3f}s",
+            run=self._name(),
+            status=status.value,
+            exit_code=exit_code,
+            signal=signum,
+            duration=duration,
+        )
+        self._runner._run_ended(self)
+        waiters, self._waiters = self._waiters, []
+        for waiter in waiters:
+            waiter.callback(None)
         outcome = RunOutcome(
             status=status,
             exit_code=exit_code,
             signal=signum,
-            started_at=self._started_at,
-            finished_at=datetime.fromtimestamp(self._runner.wall_clock(), UTC),
-            duration=max(0.0, self._runner.monotonic() - self._started),
-            stdout=self._stdout.output(),
-            stderr=self._stderr.output(),
+            started_at=self.started_at,
+            finished_at=finished_at,
+            duration=duration,
+            stdout=Output(),
+            stderr=Output(),
             pid=self.pid,
         )
-        self.log.debug(
-            "run {pid} ended: {status} (exit code {exit_code}, signal {signal}) in {duration:.3f}s",
-            pid=self.pid,
-            status=status.value,
-            exit_code=exit_code,
-            signal=signum,
-            duration=outcome.duration,
+        # The record may still be on its way to the disk: read (and later remove) after it.
+        self.recorded.addBoth(lambda _: self._runner._collect(self.run_id, outcome)).chainDeferred(
+            self.done
         )
-        self._runner._run_ended(self)
-        waiters, self._waiters = self._waiters, []
-        self.done.callback(outcome)
-        for waiter in waiters:
-            waiter.callback(None)
+
+
+@implementer(IReadDescriptor)
+class _ExitWatcher:
+    """Fires when a process that is not our child ends: its pidfd becomes readable."""
+
+    def __init__(self, reactor: Any, pid: int, on_exit: Callable[[], None]) -> None:
+        self._reactor = reactor
+        self._fd: int | None = os.pidfd_open(pid)
+        self._on_exit = on_exit
+        reactor.addReader(self)
+
+    def fileno(self) -> int:
+        return -1 if self._fd is None else self._fd
+
+    def doRead(self) -> None:
+        self.close()
+        self._on_exit()
+
+    def close(self) -> None:
+        if self._fd is not None:
+            self._reactor.removeReader(self)
+            os.close(self._fd)
+            self._fd = None
+
+    def connectionLost(self, reason: Failure) -> None:
+        self.close()
+
+    def logPrefix(self) -> str:
+        return "run-exit-watcher"
 
 
 class ProcessRunner:
-    """Starts commands, each in its own session, and reports how they ended.
+    """Starts commands, each contained and recorded, and reports how they ended.
 
-    ``reactor`` provides ``IReactorProcess`` and ``IReactorTime``. ``environment`` is the
-    whole base of every child's environment. ``kill_group`` (``os.killpg`` by default) and
-    the clocks are injectable for tests; ``setsid`` is the path of util-linux ``setsid``.
+    ``reactor`` provides ``IReactorProcess`` and ``IReactorTime`` (and ``IReactorFDSet``
+    to re-attach to runs). ``environment`` is the whole base of every child's
+    environment. ``runs_dir`` holds the run files. The clocks, the containment and
+    ``run_in_thread`` are injectable for tests.
     """
 
     log = Logger()
@@ -311,57 +352,96 @@ class ProcessRunner:
         self,
         reactor: Any,
         environment: Mapping[str, str],
+        runs_dir: Path,
         output_cap: int = 1024 * 1024,
         kill_grace: float = 5.0,
         wall_clock: Callable[[], float] = time.time,
         monotonic: Callable[[], float] = time.monotonic,
         *,
-        pipe_grace: float = 1.0,
+        containment: Containment | None = None,
         kill_group: Callable[[int, int], None] = os.killpg,
         setsid: str = SETSID,
         run_as: tuple[int, int] | None = None,
+        run_in_thread: Callable[[Callable[[], Any]], Deferred[Any]] = run_here,
     ) -> None:
         if output_cap < 0:
             raise ValueError("output_cap must not be negative")
         self.reactor = reactor
         self.environment = dict(environment)
+        self.files = RunFiles(runs_dir)
+        self.files.create()
         self.output_cap = output_cap
         self.kill_grace = kill_grace
         self.wall_clock = wall_clock
         self.monotonic = monotonic
-        self.pipe_grace = pipe_grace
-        self.kill_group = kill_group
+        self.containment: Containment = containment or GroupContainment(kill_group)
         self.setsid = setsid
         #: (uid, gid) to run commands as (--run-as), or None for the agent's own user.
         self.run_as = run_as
+        self._run_in_thread = run_in_thread
+        self._devnull = os.open(os.devnull, os.O_RDONLY | os.O_CLOEXEC)
+        self._boot_id = boot_id()
         self._runs: dict[_Run, None] = {}  # in start order
+        self._pids: set[int] = set()  # the shells of those runs
+        self._recovering: dict[str, None] = {}  # re-attached runs still going
+        self._trimmer = LoopingCall(self._trim)
+        self._trimmer.clock = reactor
+        self._trimming = False
+        self._tidy_call: IDelayedCall | None = None
 
     @property
     def running(self) -> int:
         """How many runs are in progress."""
-        return len(self._runs)
+        return len(self._runs) + len(self._recovering)
+
+    def live_run_ids(self) -> list[str]:
+        return [run.run_id for run in self._runs] + list(self._recovering)
+
+    def is_run_shell(self, pid: int) -> bool:
+        """Whether ``pid`` is the shell of a run this agent spawned (and reaps)."""
+        return pid in self._pids
 
     def run(
-        self, command: str, time_limit: float, extra_env: Mapping[str, str] = {}
+        self,
+        command: str,
+        time_limit: float,
+        extra_env: Mapping[str, str] = {},
+        *,
+        key: tuple[uuid.UUID, datetime] | None = None,
     ) -> Deferred[RunOutcome]:
-        """Run ``/bin/sh -c command`` in a new session; fires with its :class:`RunOutcome`.
+        """Run ``command`` in a new session; fires with its :class:`RunOutcome`.
 
+        ``key`` (task, instant) names the run's files; without one a fresh id is made.
         Never errbacks because of the command: a process that cannot be started gives a
         ``FAILED`` outcome whose stderr says why.
         """
-        env = {**self.environment, **extra_env}
-        run = _Run(self, command, time_limit)
-        self._runs[run] = None
+        if key is None:
+            run_name = run_id(uuid.uuid4(), datetime.fromtimestamp(self.wall_clock(), UTC))
+        else:
+            run_name = run_id(*key)
+        run = _Run(self, run_name, key, time_limit)
+        env = {**self.environment, **extra_env, RUN_ID_VARIABLE: run_name}
+        fds: list[int] = []
         try:
+            cgroup_procs = self.containment.prepare(run_name)
+            out, err = self.files.open_outputs(run_name)
+            fds += [out, err]
+            exit_file = os.open(
+                self.files.path(run_name, "exit"),
+                os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC,
+                0o600,
+            )
+            fds.append(exit_file)
+            self._runs[run] = None
             # No path=, uid= or gid= on the common path: any of them turns posix_spawn into
             # a slow fork. A run-as user is the operator's explicit choice, and costs that.
             ids = {} if self.run_as is None else {"uid": self.run_as[0], "gid": self.run_as[1]}
             self.reactor.spawnProcess(
                 run,
                 self.setsid,
-                [self.setsid, SHELL, "-c", command],
+                [self.setsid, SHELL, "-c", SUPERVISOR, "sh", cgroup_procs or "", command],
                 env=env,
-                childFDs={0: "w", 1: "r", 2: "r"},
+                childFDs={0: self._devnull, 1: out, 2: err, EXIT_FD: exit_file},
                 **ids,
             )
         except Exception as e:
@@ -371,6 +451,9 @@ class ProcessRunner:
                 "could not start a run: {command}",
                 command=command[:_LOGGED_COMMAND_CHARS],
             )
+            with contextlib.suppress(OSError):
+                self.containment.release(run_name, None)
+            self._run_in_thread(lambda: self.files.remove(run_name))
             now = self.wall_clock()
             message = f"taskscheduler: could not start the command: {e}\n".encode(
                 "utf-8", errors="replace"
@@ -380,17 +463,49 @@ class ProcessRunner:
                     status=ResultStatus.FAILED,
                     exit_code=None,
                     signal=None,
-                    started_at=run._started_at,
+                    started_at=run.started_at,
                     finished_at=datetime.fromtimestamp(now, UTC),
                     duration=max(0.0, self.monotonic() - run._started),
                     stdout=Output(),
                     stderr=Output.of(message),
                 )
             )
+        finally:
+            for fd in fds:
+                os.close(fd)
+        pid = run.pid
+        if pid is not None and not run._finished:
+            self._pids.add(pid)
+            self.containment.adopt(run_name, pid)
+            cgroup = None if cgroup_procs is None else str(Path(cgroup_procs).parent)
+            started_at = run.started_at
+            if key is not None:
+                run.recorded = self._run_in_thread(
+                    lambda: self.files.write_record(
+                        run_name,
+                        RunRecord(
+                            task_id=key[0],
+                            scheduled_at=key[1],
+                            started_at=started_at,
+                            time_limit=time_limit,
+                            pid=pid,
+                            start_ticks=process_start_ticks(pid),
+                            boot_id=self._boot_id,
+                            cgroup=cgroup,
+                        ),
+                    )
+                )
+                run.recorded.addErrback(
+                    lambda f: self.log.failure(
+                        "could not write the record of {run}", f, run=run_name
+                    )
+                )
+        if not self._trimmer.running:
+            self._trimmer.start(TRIM_INTERVAL, now=False)
         return run.done
 
     def terminate_all(self) -> Deferred[None]:
-        """SIGTERM every run's process group, SIGKILL after ``kill_grace``.
+        """SIGTERM every run, SIGKILL after ``kill_grace``.
 
         Fires once every run has ended; runs cut short this way report ``LOST``.
         """
@@ -405,3 +520,266 @@ class ProcessRunner:
 
     def _run_ended(self, run: _Run) -> None:
         self._runs.pop(run, None)
+        self._pids.discard(run.pid)  # type: ignore[arg-type]
+        try:
+            more = self.containment.tidy()
+        except Exception:
+            self.log.failure("could not clean up after a finished run")
+            more = True
+        if more:
+            self._tidy_soon()
+        if not self._runs and not self._recovering and self._trimmer.running:
+            self._trimmer.stop()
+
+    def _collect(self, run: str, outcome: RunOutcome) -> Deferred[RunOutcome]:
+        """Read the run's output into ``outcome``, off the reactor.
+
+        The files stay until :meth:`discard`: a result is not safe before it is durable
+        elsewhere (the spool), and until then a restarted agent finds the run again.
+        """
+        cap = self.output_cap
+
+        def collect() -> RunOutcome:
+            stdout, stderr = self.files.read_output(run, cap)
+            return replace(outcome, stdout=stdout, stderr=stderr)
+
+        return self._run_in_thread(collect)
+
+    def discard(self, key: tuple[uuid.UUID, datetime]) -> Deferred[None]:
+        """Remove the files of the run ``key``, whose result is now durable elsewhere."""
+        run = run_id(*key)
+        d: Deferred[None] = self._run_in_thread(lambda: self.files.remove(run))
+        d.addErrback(lambda f: self.log.failure("could not remove the files of {run}", f, run=run))
+        return d
+
+    def _tidy_soon(self, attempts: int = TIDY_ATTEMPTS) -> None:
+        """Processes killed at a run's end take a moment to die; then the containment
+        reaps them, kills what they left in turn, removes the run's cgroup."""
+        if self._tidy_call is None or not self._tidy_call.active():
+            self._tidy_call = self.reactor.callLater(TIDY_DELAY, self._tidy, attempts)
+
+    def _tidy(self, attempts: int) -> None:
+        self._tidy_call = None
+        try:
+            more = self.containment.tidy()
+        except Exception:
+            self.log.failure("could not clean up after finished runs")
+            more = True
+        if more and attempts > 1:
+            self._tidy_soon(attempts - 1)
+
+    def _trim(self) -> None:
+        # Never raise (a LoopingCall stops for good), and never two passes at once.
+        if self._trimming:
+            return
+        runs = self.live_run_ids()
+        cap = self.output_cap
+
+        def trim() -> None:
+            for run in runs:
+                self.files.trim(run, cap)
+
+        self._trimming = True
+        d = self._run_in_thread(trim)
+        d.addErrback(lambda f: self.log.failure("could not trim run output", f))
+        d.addBoth(lambda _: setattr(self, "_trimming", False))
+
+    # -- runs a previous life of the agent left -------------------------------------------
+
+    def recover(
+        self, reported: Callable[[uuid.UUID, datetime], bool] = lambda task_id, at: False
+    ) -> list[RecoveredRun]:
+        """Find every run whose files a previous life of the agent left.
+
+        Runs still going are re-attached to (their time limit holds from their start;
+        past it they are ended now); runs that ended meanwhile are reported as they
+        ended, with their output; runs whose result is already ``reported`` (spooled)
+        are only cleaned up. Call once, at start-up, before any new run starts.
+        """
+        recovered = []
+        for run in self.files.leftovers():
+            try:
+                task_id, scheduled_at = parse_run_id(run)
+            except ValueError:
+                self.log.warn("removing the files of an unknown run {run}", run=run)
+                self.files.remove(run)
+                continue
+            if reported(task_id, scheduled_at):
+                self.files.remove(run)
+                continue
+            try:
+                recovered.append(self._recover(run, task_id, scheduled_at))
+            except Exception:
+                self.log.failure("could not recover run {run}", run=run)
+        return recovered
+
+    def _recover(self, run: str, task_id: uuid.UUID, scheduled_at: datetime) -> RecoveredRun:
+        now = self.wall_clock()
+        try:
+            record = self.files.read_record(run)
+        except (OSError, ValueError, KeyError, TypeError) as e:
+            self.log.warn("the record of run {run} is unreadable: {error}", run=run, error=str(e))
+            record = None
+        exit_code = self.files.read_exit(run)
+
+        def finished(
+            status: ResultStatus,
+            reason: str,
+            exit_code: int | None = None,
+            started_at: datetime | None = None,
+        ) -> RecoveredRun:
+            self._kill_leftovers(run, record)
+            begun = started_at or datetime.fromtimestamp(now, UTC)
+            outcome = RunOutcome(
+                status=status,
+                exit_code=exit_code,
+                signal=None,
+                started_at=begun,
+                finished_at=datetime.fromtimestamp(now, UTC),
+                duration=max(0.0, now - begun.timestamp()),
+                stdout=Output(),
+                stderr=Output(),
+                pid=None if record is None else record.pid,
+                reason=reason,
+            )
+            return RecoveredRun(
+                task_id, scheduled_at, started_at, self._collect(run, outcome), still_running=False
+            )
+
+        if record is None:
+            return finished(
+                ResultStatus.LOST, "the agent stopped as the run started; its outcome is unknown"
+            )
+        alive = (
+            record.boot_id == self._boot_id
+            and record.start_ticks is not None
+            and process_start_ticks(record.pid) == record.start_ticks
+        )
+        if exit_code is not None and not alive:
+            return finished(
+                _status_of(exit_code, None),
+                f"{REATTACHED}: the run had ended meanwhile",
+                exit_code,
+                record.started_at,
+            )
+        if record.boot_id != self._boot_id:
+            return finished(
+                ResultStatus.LOST, "the host restarted during the run", started_at=record.started_at
+            )
+        if not alive:
+            return finished(
+                ResultStatus.FAILED,
+                f"{REATTACHED}: the run had been ended by a signal (which one is not known)",
+                started_at=record.started_at,
+            )
+        return self._reattach(run, record)
+
+    def _reattach(self, run: str, record: RunRecord) -> RecoveredRun:
+        """Watch a run still going until it ends; its time limit holds from its start."""
+        self._recovering[run] = None
+        done: Deferred[RunOutcome] = Deferred()
+        timed_out = False
+        calls: list[IDelayedCall] = []
+
+        def kill(signum: int) -> None:
+            if record.cgroup is not None:
+                if signum == signal.SIGKILL:
+                    CgroupContainment.kill(Path(record.cgroup))
+                else:
+                    for pid in _members(Path(record.cgroup)):
+                        with contextlib.suppress(OSError):
+                            os.kill(pid, signum)
+            with contextlib.suppress(OSError):
+                os.killpg(record.pid, signum)
+            if signum == signal.SIGKILL:
+                for pid in processes_of_run(run):
+                    with contextlib.suppress(OSError):
+                        os.kill(pid, signum)
+
+        def limit() -> None:
+            nonlocal timed_out
+            timed_out = True
+            self.log.info(
+                "task {task_id}: the re-attached run of {scheduled_at} is past its time limit "
+                "of {limit}s; ending it",
+                task_id=str(record.task_id),
+                scheduled_at=format_instant(record.scheduled_at),
+                limit=record.time_limit,
+            )
+            kill(signal.SIGTERM)
+            calls.append(self.reactor.callLater(self.kill_grace, kill, signal.SIGKILL))
+
+        def ended() -> None:
+            for call in calls:
+                if call.active():
+                    call.cancel()
+            self._recovering.pop(run, None)
+            self._kill_leftovers(run, record)
+            now = self.wall_clock()
+            code = self.files.read_exit(run)
+            if timed_out:
+                status, reason = ResultStatus.TIMED_OUT, f"{REATTACHED}; ended at its time limit"
+            elif code is not None:
+                status, reason = _status_of(code, None), REATTACHED
+            else:
+                status = ResultStatus.FAILED
+                reason = f"{REATTACHED}; it was ended by a signal (which one is not known)"
+            outcome = RunOutcome(
+                status=status,
+                exit_code=None if timed_out else code,
+                signal=None,
+                started_at=record.started_at,
+                finished_at=datetime.fromtimestamp(now, UTC),
+                duration=max(0.0, now - record.started_at.timestamp()),
+                stdout=Output(),
+                stderr=Output(),
+                pid=record.pid,
+                reason=reason,
+            )
+            self._collect(run, outcome).chainDeferred(done)
+
+        remaining = (
+            record.started_at + timedelta(seconds=record.time_limit)
+        ).timestamp() - self.wall_clock()
+        self.log.info(
+            "task {task_id}: re-attached to its run of {scheduled_at} (pid {pid}), "
+            "{remaining:.1f}s left of its time limit",
+            task_id=str(record.task_id),
+            scheduled_at=format_instant(record.scheduled_at),
+            pid=record.pid,
+            remaining=max(0.0, remaining),
+        )
+        try:
+            _ExitWatcher(self.reactor, record.pid, ended)
+        except ProcessLookupError:
+            self.reactor.callLater(0, ended)
+        if remaining <= 0:
+            self.reactor.callLater(0, limit)
+        else:
+            calls.append(self.reactor.callLater(remaining, limit))
+        if not self._trimmer.running:
+            self._trimmer.start(TRIM_INTERVAL, now=False)
+        return RecoveredRun(
+            record.task_id, record.scheduled_at, record.started_at, done, still_running=True
+        )
+
+    def _kill_leftovers(self, run: str, record: RunRecord | None) -> None:
+        """Kill whatever is left of a run whose shell is gone, wherever it went."""
+        if record is not None and record.cgroup is not None:
+            group = Path(record.cgroup)
+            CgroupContainment.kill(group)
+            if isinstance(self.containment, CgroupContainment):
+                self.containment.remove(group)
+            else:
+                with contextlib.suppress(OSError):
+                    group.rmdir()
+        for pid in processes_of_run(run):
+            with contextlib.suppress(OSError):
+                os.kill(pid, signal.SIGKILL)
+
+
+def _members(group: Path) -> list[int]:
+    try:
+        return [int(pid) for pid in (group / "cgroup.procs").read_text().split()]
+    except OSError:
+        return []

@@ -8,9 +8,12 @@ a suspended host) runs the latest instant due, once; instants that passed while 
 was down or busy are not replayed (cron's rule).
 
 A run still going at its task's next instant is not started twice: the instant is
-recorded as ``skipped``. Every result goes to the spool before anything else hears of
-it; a marker file records each run under way, so that a run the agent died during is
-reported as ``lost`` on the next start-up.
+recorded as ``skipped``, with the reason. So is an instant the agent cannot start on
+time (more than ``starting_deadline`` seconds, or one interval, late: an overloaded
+agent sheds load instead of piling runs up) and one past the cap on runs in flight.
+Every result goes to the spool before anything else hears of it; the runner keeps a
+record of each run under way, so that a restarted agent re-attaches to it
+(:meth:`Scheduler.adopt`) and never starts its task again while it is still going.
 
 **Steps of the wall clock.** Twisted's timers follow the wall clock: a step forward makes
 every timer overdue at once, a step back puts every timer to sleep for as long as the
@@ -55,7 +58,7 @@ from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
-from taskscheduler.agent.spool import RunMarkers, Spool
+from taskscheduler.agent.spool import Spool
 from taskscheduler.protocol import Output, ResultStatus, RunResult, TaskSpec
 from taskscheduler.schedule import format_instant, instant, next_execution, utc_now_from
 
@@ -67,6 +70,11 @@ STEP_THRESHOLD = 1.0
 SENTINEL_INTERVAL = 0.25
 #: How often the watchdog thread compares them.
 WATCHDOG_INTERVAL = 0.5
+#: An instant that comes more than this many seconds late (or more than its interval)
+#: is recorded ``skipped`` instead of run: an overloaded agent sheds load.
+DEFAULT_STARTING_DEADLINE = 5.0
+#: At most this many runs in flight on one agent; instants past it are ``skipped``.
+DEFAULT_MAX_RUNNING = 1000
 
 
 class RunOutcomeLike(Protocol):
@@ -95,10 +103,17 @@ class RunnerLike(Protocol):
     def running(self) -> int: ...
 
     def run(
-        self, command: str, time_limit: float, extra_env: Mapping[str, str] = ...
+        self,
+        command: str,
+        time_limit: float,
+        extra_env: Mapping[str, str] = ...,
+        *,
+        key: tuple[uuid.UUID, datetime] | None = ...,
     ) -> Deferred[Any]: ...
 
     def terminate_all(self) -> Deferred[None]: ...
+
+    def discard(self, key: tuple[uuid.UUID, datetime]) -> object: ...
 
 
 class _LabelTime:
@@ -302,11 +317,12 @@ class Scheduler:
         clock: IReactorTime,
         runner: RunnerLike,
         spool: Spool,
-        markers: RunMarkers,
         agent_id: uuid.UUID,
         *,
         monotonic: Callable[[], float] | None = None,
         watchdog: bool | None = None,
+        starting_deadline: float = DEFAULT_STARTING_DEADLINE,
+        max_running: int = DEFAULT_MAX_RUNNING,
     ) -> None:
         """``clock`` is the reactor, whose time is the wall clock.
 
@@ -317,8 +333,13 @@ class Scheduler:
         self._clock = clock
         self._runner = runner
         self._spool = spool
-        self._markers = markers
         self.agent_id = agent_id
+        #: Seconds late past which an instant is skipped rather than started.
+        self.starting_deadline = starting_deadline
+        #: Runs in flight past which an instant is skipped rather than started.
+        self.max_running = max_running
+        #: Instants skipped since start (overlap, overload, the cap on runs in flight).
+        self.skipped = 0
         real_reactor = IReactorThreads.providedBy(clock)
         if monotonic is None:
             monotonic = time.monotonic if real_reactor else clock.seconds
@@ -474,24 +495,22 @@ class Scheduler:
 
     def _fire(self, spec: TaskSpec, k: int) -> None:
         scheduled_at = instant(spec.anchor, spec.frequency.interval, k)
-        if spec.task_id in self._running:
+        reason = self._refusal(spec, scheduled_at)
+        if reason is not None:
             self.log.warn(
-                "task {task_id}: skipped {scheduled_at}, the previous run is still going",
+                "task {task_id}: skipped {scheduled_at}: {reason}",
                 task_id=str(spec.task_id),
                 scheduled_at=format_instant(scheduled_at),
+                reason=reason,
             )
+            self.skipped += 1
             self._spool.add(
                 RunResult(
-                    spec.task_id,
-                    self.agent_id,
-                    scheduled_at,
-                    ResultStatus.SKIPPED,
-                    reason="the previous run was still going",
+                    spec.task_id, self.agent_id, scheduled_at, ResultStatus.SKIPPED, reason=reason
                 )
             )
             return
         started_at = utc_now_from(self._clock.seconds())
-        self._markers.mark(spec.task_id, scheduled_at, started_at)
         try:
             d = self._runner.run(
                 spec.command,
@@ -500,33 +519,72 @@ class Scheduler:
                     "TASKSCHEDULER_TASK_ID": str(spec.task_id),
                     "TASKSCHEDULER_SCHEDULED_AT": format_instant(scheduled_at),
                 },
+                key=(spec.task_id, scheduled_at),
             )
         except Exception:
             d = fail()
+        self._track(spec.task_id, scheduled_at, started_at, d)
+
+    def _refusal(self, spec: TaskSpec, scheduled_at: datetime) -> str | None:
+        """Why the run of ``scheduled_at`` must not start now, or None if it may."""
+        if spec.task_id in self._running:
+            return "the previous run was still going"
+        if self._runner.running >= self.max_running:
+            return (
+                f"{self._runner.running} runs were already going on this agent "
+                f"(--max-running {self.max_running})"
+            )
+        late = (self.label_now() - scheduled_at).total_seconds()
+        limit = min(self.starting_deadline, spec.frequency.seconds)
+        if late > limit:
+            # Shed load rather than pile it up: a run started this late is no longer the
+            # run of its instant, and starting it would make the next ones later still.
+            return f"the agent was overloaded: the instant came {late:.1f}s late"
+        return None
+
+    def adopt(
+        self,
+        task_id: uuid.UUID,
+        scheduled_at: datetime,
+        started_at: datetime | None,
+        outcome: Deferred[Any],
+    ) -> None:
+        """Follow a run a previous life of the agent started (see ``ProcessRunner.recover``).
+
+        Until it ends, its task is not started again: skip-on-overlap holds across
+        restarts.
+        """
+        self._track(
+            task_id, scheduled_at, started_at or utc_now_from(self._clock.seconds()), outcome
+        )
+
+    def _track(
+        self, task_id: uuid.UUID, scheduled_at: datetime, started_at: datetime, d: Deferred[Any]
+    ) -> None:
         settled: Deferred[None] = Deferred()
-        self._running.add(spec.task_id)
+        self._running.add(task_id)
         self._unsettled.add(settled)
         # Both return the Deferred of the spool's write, which Twisted's stubs do not allow.
         d.addCallbacks(
             self._succeeded,  # type: ignore[arg-type]
             self._failed,  # type: ignore[arg-type]
-            callbackArgs=(spec, scheduled_at),
-            errbackArgs=(spec, scheduled_at, started_at),
+            callbackArgs=(task_id, scheduled_at),
+            errbackArgs=(task_id, scheduled_at, started_at),
         )
-        d.addErrback(self._bookkeeping_failed, spec)
-        d.addBoth(self._settled, spec.task_id, scheduled_at, settled)
+        d.addErrback(self._bookkeeping_failed, task_id)
+        d.addBoth(self._settled, task_id, scheduled_at, settled)
 
     def _ended(self, task_id: uuid.UUID) -> None:
         """The run's process is over: the task may run again at its next instant."""
         self._running.discard(task_id)
 
     def _succeeded(
-        self, outcome: RunOutcomeLike, spec: TaskSpec, scheduled_at: datetime
+        self, outcome: RunOutcomeLike, task_id: uuid.UUID, scheduled_at: datetime
     ) -> Deferred[bool]:
-        self._ended(spec.task_id)
+        self._ended(task_id)
         return self._spool.add(
             RunResult(
-                task_id=spec.task_id,
+                task_id=task_id,
                 agent_id=self.agent_id,
                 scheduled_at=scheduled_at,
                 status=outcome.status,
@@ -536,22 +594,21 @@ class Scheduler:
                 finished_at=outcome.finished_at,
                 stdout=outcome.stdout,
                 stderr=outcome.stderr,
+                reason=getattr(outcome, "reason", None),
             )
         )
 
     def _failed(
-        self, failure: Failure, spec: TaskSpec, scheduled_at: datetime, started_at: datetime
+        self, failure: Failure, task_id: uuid.UUID, scheduled_at: datetime, started_at: datetime
     ) -> Deferred[bool]:
-        self._ended(spec.task_id)
+        self._ended(task_id)
         # The runner fails only when it could not start the command at all (no shell,
         # no file descriptors left...): say so in the result rather than say nothing.
-        self.log.failure(
-            "task {task_id}: could not run the command", failure, task_id=str(spec.task_id)
-        )
+        self.log.failure("task {task_id}: could not run the command", failure, task_id=str(task_id))
         message = f"taskscheduler agent could not run the command: {failure.getErrorMessage()}"
         return self._spool.add(
             RunResult(
-                task_id=spec.task_id,
+                task_id=task_id,
                 agent_id=self.agent_id,
                 scheduled_at=scheduled_at,
                 status=ResultStatus.FAILED,
@@ -561,21 +618,22 @@ class Scheduler:
             )
         )
 
-    def _bookkeeping_failed(self, failure: Failure, spec: TaskSpec) -> None:
+    def _bookkeeping_failed(self, failure: Failure, task_id: uuid.UUID) -> None:
         self.log.failure(
-            "task {task_id}: could not record a run's result", failure, task_id=str(spec.task_id)
+            "task {task_id}: could not record a run's result", failure, task_id=str(task_id)
         )
 
     def _settled(
         self, _: object, task_id: uuid.UUID, scheduled_at: datetime, settled: Deferred[None]
     ) -> None:
-        """The result is durable (or could not be made so): the marker has done its job."""
+        """The result is durable (or could not be made so): the run's files have done
+        their job."""
         self._ended(task_id)
         try:
-            self._markers.clear(task_id, scheduled_at)
-        except OSError:
+            self._runner.discard((task_id, scheduled_at))
+        except Exception:
             self.log.failure(
-                "could not remove the run marker of task {task_id}", task_id=str(task_id)
+                "could not remove the files of a run of task {task_id}", task_id=str(task_id)
             )
         self._unsettled.discard(settled)
         settled.callback(None)

@@ -2,7 +2,9 @@
 
 Start-up reads what a previous life of the agent left in ``<data-dir>``: its identity,
 its tasks (which resume with no one acting), the results it had not reported yet (sent
-again) and the markers of runs it died during (reported as ``lost``). Shutdown stops
+again) and the runs it left (re-attached to if still going, else reported as they
+ended; see :meth:`taskscheduler.agent.runner.ProcessRunner.recover`). Markers of an
+older version of the agent (``running/``) are reported as ``lost``. Shutdown stops
 the loops, lets the runs under way finish (terminating them after a grace), spools
 their results, then stops.
 
@@ -39,7 +41,12 @@ from taskscheduler.agent.identity import (
     load_server_key,
 )
 from taskscheduler.agent.reporter import Reporter
-from taskscheduler.agent.scheduler import RunnerLike, Scheduler
+from taskscheduler.agent.scheduler import (
+    DEFAULT_MAX_RUNNING,
+    DEFAULT_STARTING_DEADLINE,
+    RunnerLike,
+    Scheduler,
+)
 from taskscheduler.agent.spool import DEFAULT_SPOOL_MAX_BYTES, RunMarker, RunMarkers, Spool
 from taskscheduler.agent.taskstore import TaskStore
 from taskscheduler.auth import is_loopback_url
@@ -73,6 +80,8 @@ class AgentConfig:
     #: The server's public key, when the operator pins it rather than trusting enrolment.
     server_public_key_file: Path | None = None
     idle_timeout: float = DEFAULT_IDLE_TIMEOUT
+    starting_deadline: float = DEFAULT_STARTING_DEADLINE
+    max_running: int = DEFAULT_MAX_RUNNING
 
 
 class NotEnrolled(Exception):
@@ -222,7 +231,21 @@ class AgentService(Service):
             credential=credential if server_key is not None else None,
         )
         spool.on_ready = reporter.wake
-        scheduler = Scheduler(self._clock, self._runner_factory(), spool, markers, agent_id)
+        runner = self._runner_factory()
+        scheduler = Scheduler(
+            self._clock,
+            runner,
+            spool,
+            agent_id,
+            starting_deadline=self.config.starting_deadline,
+            max_running=self.config.max_running,
+        )
+        # Runs a previous life of the agent left: before any new run starts, so that a
+        # task is never started while its run from before the restart is still going.
+        recover = getattr(runner, "recover", None)
+        reported = spool.__contains__
+        for run in recover(lambda task_id, at: reported((task_id, at))) if recover else []:
+            scheduler.adopt(run.task_id, run.scheduled_at, run.started_at, run.outcome)
 
         def counters() -> dict[str, int]:
             return {

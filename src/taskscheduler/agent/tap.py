@@ -8,6 +8,7 @@ it cannot.
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import os
 import pwd
 from collections.abc import Mapping, Sequence
@@ -18,9 +19,16 @@ from twisted.application.service import IService
 from twisted.internet import reactor as global_reactor
 from twisted.internet.error import ReactorNotRunning
 from twisted.internet.threads import deferToThreadPool
+from twisted.logger import Logger
 from twisted.python import usage
 
-from taskscheduler.agent.scheduler import RunnerLike
+from taskscheduler.agent.containment import (
+    CgroupContainment,
+    Containment,
+    SubreaperContainment,
+    own_cgroup_dir,
+)
+from taskscheduler.agent.scheduler import DEFAULT_MAX_RUNNING, DEFAULT_STARTING_DEADLINE, RunnerLike
 from taskscheduler.agent.service import DEFAULT_SHUTDOWN_GRACE, AgentConfig, AgentService
 from taskscheduler.agent.spool import DEFAULT_SPOOL_MAX_BYTES
 from taskscheduler.auth import EndpointSyntaxError, split_endpoint
@@ -49,6 +57,9 @@ _SETTINGS = [
     ("client-key", "TASKSCHEDULER_AGENT_CLIENT_KEY", None),
     ("idle-timeout", "TASKSCHEDULER_AGENT_IDLE_TIMEOUT", str(DEFAULT_IDLE_TIMEOUT)),
     ("run-as", "TASKSCHEDULER_AGENT_RUN_AS", None),
+    ("cgroup-parent", "TASKSCHEDULER_AGENT_CGROUP_PARENT", "auto"),
+    ("starting-deadline", "TASKSCHEDULER_AGENT_STARTING_DEADLINE", str(DEFAULT_STARTING_DEADLINE)),
+    ("max-running", "TASKSCHEDULER_AGENT_MAX_RUNNING", str(DEFAULT_MAX_RUNNING)),
 ]
 
 #: The whole environment of every run, besides TASKSCHEDULER_TASK_ID and
@@ -179,6 +190,30 @@ class Options(usage.Options):
             "this makes each start a fork, several times slower "
             "[TASKSCHEDULER_AGENT_RUN_AS] (default: the agent's own user).",
         ],
+        [
+            "cgroup-parent",
+            None,
+            None,
+            "The cgroup v2 folder under which each run gets a cgroup of its own, so that "
+            "nothing a run starts escapes it; 'auto' makes one in the agent's own cgroup, "
+            "'none' makes the agent a child subreaper instead "
+            "[TASKSCHEDULER_AGENT_CGROUP_PARENT] (default: auto, falling back to subreaper).",
+        ],
+        [
+            "starting-deadline",
+            None,
+            None,
+            "Seconds late (at most one interval) past which an instant is recorded skipped "
+            "instead of started, so that an overloaded agent sheds load "
+            f"[TASKSCHEDULER_AGENT_STARTING_DEADLINE] (default: {DEFAULT_STARTING_DEADLINE:g}).",
+        ],
+        [
+            "max-running",
+            None,
+            None,
+            "Most runs in flight on this agent; instants past it are recorded skipped "
+            f"[TASKSCHEDULER_AGENT_MAX_RUNNING] (default: {DEFAULT_MAX_RUNNING}).",
+        ],
     ]
 
     def __init__(self, environ: Mapping[str, str] | None = None) -> None:
@@ -200,6 +235,10 @@ class Options(usage.Options):
             self["spool-max-bytes"], "spool-max-bytes", int, minimum=1
         )
         self["idle-timeout"] = _number(self["idle-timeout"], "idle-timeout", float, minimum=1)
+        self["starting-deadline"] = _number(
+            self["starting-deadline"], "starting-deadline", float, minimum=0
+        )
+        self["max-running"] = _number(self["max-running"], "max-running", int, minimum=1)
         self["join-secret"] = self._environ.get("TASKSCHEDULER_JOIN_SECRET") or None
         if self["advertise-url"] is None:
             self["advertise-url"] = advertise_url_from(self["listen"])
@@ -268,24 +307,25 @@ def makeService(options: Options) -> IService:
 
     run_as = options["run-as-ids"]
 
+    data_dir = Path(options["data-dir"])
+
     def runner_factory() -> RunnerLike:
         from taskscheduler.agent.runner import ProcessRunner
 
-        if run_as is None:
-            return ProcessRunner(
-                reactor,
-                base_environment(),
-                output_cap=options["output-cap"],
-                kill_grace=options["kill-grace"],
-            )
-        uid, gid, home = run_as
-        return ProcessRunner(
+        uid_gid = None if run_as is None else (run_as[0], run_as[1])
+        runner = ProcessRunner(
             reactor,
-            base_environment(home),
+            base_environment(None if run_as is None else run_as[2]),
+            data_dir / "runs",
             output_cap=options["output-cap"],
             kill_grace=options["kill-grace"],
-            run_as=(uid, gid),
+            run_as=uid_gid,
+            run_in_thread=lambda function: deferToThreadPool(
+                reactor, reactor.getThreadPool(), function
+            ),
         )
+        runner.containment = choose_containment(options["cgroup-parent"], data_dir, runner)
+        return runner
 
     def stop_reactor() -> None:
         # Start-up may fail before the reactor runs (twistd starts services first).
@@ -297,7 +337,7 @@ def makeService(options: Options) -> IService:
 
     return AgentService(
         AgentConfig(
-            data_dir=Path(options["data-dir"]),
+            data_dir=data_dir,
             server_url=options["server"],
             spool_max_bytes=options["spool-max-bytes"],
             shutdown_grace=options["shutdown-grace"],
@@ -306,6 +346,8 @@ def makeService(options: Options) -> IService:
             join_secret_file=_path(options["join-secret-file"]),
             server_public_key_file=_path(options["server-public-key-file"]),
             idle_timeout=options["idle-timeout"],
+            starting_deadline=options["starting-deadline"],
+            max_running=options["max-running"],
         ),
         reactor,
         runner_factory,
@@ -321,6 +363,35 @@ def makeService(options: Options) -> IService:
             reactor, options["listen"], options["tls-client-ca"]
         ),
     )
+
+
+def choose_containment(setting: str, data_dir: Path, runner: Any) -> Containment:
+    """A cgroup per run where the agent may make one, else the agent as subreaper."""
+    log = Logger()
+    if setting != "none":
+        if setting == "auto":
+            own = own_cgroup_dir()
+            # One folder per agent (several may share a host), stable across restarts.
+            name = hashlib.sha256(str(data_dir.resolve()).encode()).hexdigest()[:12]
+            parent = None if own is None else own / f"taskscheduler-runs-{name}"
+        else:
+            parent = Path(setting)
+        if parent is not None:
+            try:
+                containment: Containment = CgroupContainment.probe(parent)
+            except OSError as e:
+                if setting != "auto":
+                    raise
+                log.info(
+                    "runs cannot have cgroups of their own here ({error}); the agent is "
+                    "their subreaper instead",
+                    error=str(e),
+                )
+            else:
+                log.info("each run gets a cgroup of its own under {parent}", parent=str(parent))
+                return containment
+    log.info("the agent is the subreaper of its runs (no cgroup per run)")
+    return SubreaperContainment(runner.is_run_shell, runner.live_run_ids)
 
 
 def _path(value: str | None) -> Path | None:
