@@ -276,8 +276,10 @@ def running_fleet(
     *,
     tls: bool = False,
     mutual_tls: bool = False,
+    prepared: Fleet | None = None,
 ) -> Iterator[Fleet]:
-    fleet = Fleet(root, agents, database, tls=tls, mutual_tls=mutual_tls)
+    """A started fleet (``prepared``, if given: one whose arguments a test adjusted)."""
+    fleet = prepared or Fleet(root, agents, database, tls=tls, mutual_tls=mutual_tls)
     try:
         fleet.start()
         yield fleet

@@ -1,0 +1,206 @@
+"""Runs a crashed agent left behind, found again by a new runner: real processes and files.
+
+Each test lays out what a runner leaves in its runs folder while a run goes on (output
+files, the exit-status file, the record) around a real process started the way the
+runner starts it (the supervising shell, descriptor 9 for the status, the run id in the
+environment), as if the agent had been SIGKILLed; then a fresh runner recovers it.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import time
+import uuid
+from collections.abc import Iterator
+from dataclasses import replace
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from typing import Any
+
+import pytest
+import pytest_twisted
+from twisted.internet import reactor as _reactor
+
+from taskscheduler.agent.containment import RUN_ID_VARIABLE
+from taskscheduler.agent.runfiles import RunFiles, RunRecord, boot_id, process_start_ticks, run_id
+from taskscheduler.agent.runner import REATTACHED, SETSID, SHELL, SUPERVISOR, ProcessRunner
+from taskscheduler.protocol import ResultStatus
+from tests.integration.test_runner_processes import dies_within
+
+pytestmark = pytest.mark.integration
+
+reactor: Any = _reactor
+DEADLINE = 20.0
+
+
+class LeftRun:
+    """A run as a crashed agent leaves it: a live process, its files, its record."""
+
+    def __init__(self, runs: Path, command: str, time_limit: float, started_ago: float) -> None:
+        self.task_id = uuid.uuid4()
+        self.scheduled_at = datetime.now(UTC) - timedelta(seconds=started_ago)
+        self.id = run_id(self.task_id, self.scheduled_at)
+        self.files = RunFiles(runs)
+        self.files.create()
+        out, err = self.files.open_outputs(self.id)
+        status = os.open(self.files.path(self.id, "exit"), os.O_WRONLY | os.O_CREAT, 0o600)
+
+        def descriptor_9() -> None:
+            os.dup2(status, 9)
+
+        self.process = subprocess.Popen(
+            [SETSID, SHELL, "-c", SUPERVISOR, "sh", "", command],
+            stdin=subprocess.DEVNULL,
+            stdout=out,
+            stderr=err,
+            env={"PATH": "/usr/bin:/bin", RUN_ID_VARIABLE: self.id},
+            preexec_fn=descriptor_9,
+            close_fds=False,  # else descriptor 9 would be closed after preexec_fn
+        )
+        for fd in (out, err, status):
+            os.close(fd)
+        self.record = RunRecord(
+            task_id=self.task_id,
+            scheduled_at=self.scheduled_at,
+            started_at=self.scheduled_at,
+            time_limit=time_limit,
+            pid=self.process.pid,
+            start_ticks=process_start_ticks(self.process.pid),
+            boot_id=boot_id(),
+            cgroup=None,
+        )
+        self.files.write_record(self.id, self.record)
+
+    def wait(self) -> int:
+        return self.process.wait(DEADLINE)
+
+
+@pytest.fixture
+def runs(tmp_path: Path) -> Iterator[Path]:
+    folder = tmp_path / "runs"
+    yield folder
+    # Nothing a test started may survive it, whatever it asserted.
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                environ = (entry / "environ").read_bytes()
+            except OSError:
+                continue
+            if f"{RUN_ID_VARIABLE}=".encode() in environ and str(tmp_path).encode() in environ:
+                os.kill(int(entry.name), signal.SIGKILL)
+
+
+def new_runner(runs: Path) -> ProcessRunner:
+    return ProcessRunner(reactor, {"PATH": "/usr/bin:/bin"}, runs, kill_grace=0.5)
+
+
+async def outcome_of(recovered: Any) -> Any:
+    recovered.outcome.addTimeout(DEADLINE, reactor)
+    return await recovered.outcome
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_run_still_going_is_re_attached_and_reported_as_it_really_ends(runs: Path) -> None:
+    left = LeftRun(runs, "echo begun; sleep 1; echo finished; exit 3", 30, started_ago=1)
+    [recovered] = new_runner(runs).recover()
+    assert recovered.still_running
+    assert (recovered.task_id, recovered.scheduled_at) == (left.task_id, left.scheduled_at)
+    outcome = await outcome_of(recovered)
+    assert (outcome.status, outcome.exit_code) == (ResultStatus.FAILED, 3)
+    assert outcome.stdout.data == b"begun\nfinished\n"
+    assert outcome.reason == REATTACHED
+    assert outcome.started_at == left.scheduled_at
+    left.wait()
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_run_that_ended_while_the_agent_was_down_is_reported_with_its_status(
+    runs: Path,
+) -> None:
+    left = LeftRun(runs, "echo all done; echo warn >&2; exit 0", 30, started_ago=5)
+    assert left.wait() == 0
+    runner = new_runner(runs)
+    [recovered] = runner.recover()
+    assert not recovered.still_running
+    outcome = await outcome_of(recovered)
+    assert (outcome.status, outcome.exit_code) == (ResultStatus.SUCCEEDED, 0)
+    assert (outcome.stdout.data, outcome.stderr.data) == (b"all done\n", b"warn\n")
+    assert outcome.reason is not None and outcome.reason.startswith(REATTACHED)
+    # Its files go once the result is safe elsewhere.
+    runner.discard((left.task_id, left.scheduled_at))
+    assert list(runs.iterdir()) == []
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_run_past_its_time_limit_is_ended_the_moment_the_agent_is_back(
+    runs: Path,
+) -> None:
+    # It started 10 s ago with a 3 s limit, and left its group on purpose meanwhile.
+    left = LeftRun(runs, "setsid sleep 300 & echo $!; sleep 300", 3, started_ago=10)
+    time.sleep(0.3)
+    started = time.monotonic()
+    [recovered] = new_runner(runs).recover()
+    outcome = await outcome_of(recovered)
+    assert time.monotonic() - started < 3
+    assert outcome.status == ResultStatus.TIMED_OUT
+    assert outcome.reason is not None and "time limit" in outcome.reason
+    escaped = int(outcome.stdout.data)
+    assert dies_within(escaped, 5), "the process that left the group died too"
+    left.wait()
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_re_attached_run_is_still_held_to_its_time_limit(runs: Path) -> None:
+    left = LeftRun(runs, "sleep 300", 2, started_ago=1)
+    started = time.monotonic()
+    [recovered] = new_runner(runs).recover()
+    assert recovered.still_running
+    outcome = await outcome_of(recovered)
+    assert outcome.status == ResultStatus.TIMED_OUT
+    assert 0.5 < time.monotonic() - started < 4  # about the second left of its limit
+    left.wait()
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_run_killed_by_a_signal_while_the_agent_was_down_is_a_failure_not_lost(
+    runs: Path,
+) -> None:
+    left = LeftRun(runs, "echo working; sleep 300", 30, started_ago=1)
+    time.sleep(0.2)
+    os.killpg(left.process.pid, signal.SIGKILL)
+    left.wait()
+    [recovered] = new_runner(runs).recover()
+    outcome = await outcome_of(recovered)
+    assert outcome.status == ResultStatus.FAILED
+    assert outcome.stdout.data == b"working\n"
+    assert outcome.reason is not None and "signal" in outcome.reason
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_run_of_another_boot_is_lost_and_a_run_without_record_is_killed(
+    runs: Path,
+) -> None:
+    rebooted = LeftRun(runs, "sleep 300", 30, started_ago=1)
+    rebooted.files.write_record(rebooted.id, replace(rebooted.record, boot_id="another-boot"))
+    unrecorded = LeftRun(runs, "sleep 300", 30, started_ago=1)
+    unrecorded.files.path(unrecorded.id, "json").unlink()  # died between spawn and record
+    recovered = {r.task_id: r for r in new_runner(runs).recover()}
+
+    lost = await outcome_of(recovered[rebooted.task_id])
+    assert lost.status == ResultStatus.LOST
+    assert lost.reason == "the host restarted during the run"
+    unknown = await outcome_of(recovered[unrecorded.task_id])
+    assert unknown.status == ResultStatus.LOST
+    # Not left unsupervised: found by its run id and killed.
+    assert dies_within(unrecorded.process.pid, 5)
+    rebooted.process.kill()
+    rebooted.wait()
+
+
+def test_a_run_whose_result_was_already_spooled_is_only_cleaned_up(runs: Path) -> None:
+    left = LeftRun(runs, "true", 30, started_ago=1)
+    left.wait()
+    assert new_runner(runs).recover(lambda task_id, at: task_id == left.task_id) == []
+    assert list(runs.iterdir()) == []
