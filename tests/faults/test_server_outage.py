@@ -25,6 +25,9 @@ pytestmark = [pytest.mark.integration, pytest.mark.faults]
 OUTAGE = float(os.environ.get("TASKSCHEDULER_FAULT_OUTAGE") or 60)
 #: Longest the spooled results may take to arrive once the server is back.
 DRAIN_LIMIT = 60.0
+#: How long to wait for them: longer than the limit, so that a slow drain is measured
+#: and fails the assertion on its figure rather than the wait.
+DRAIN_WAIT = 3 * DRAIN_LIMIT
 
 
 def test_results_spooled_while_the_server_is_away_arrive_within_a_minute(
@@ -42,9 +45,10 @@ def test_results_spooled_while_the_server_is_away_arrive_within_a_minute(
         fleet.server.start()
         fleet.wait_until_healthy()
         outage = time.monotonic() - away
-        # Everything the agents ran until the server answered again must arrive.
+        # Everything the agents ran until the server answered again must arrive; the
+        # drain is timed from that moment.
         cutoff = cutoff_now()
-        figures, drained = drain(fleet, task_id, agent_ids, cutoff, timeout=DRAIN_LIMIT)
+        figures, drained = drain(fleet, task_id, agent_ids, cutoff, timeout=DRAIN_WAIT)
         report(
             f"4 server away {outage:.0f}s",
             None,
@@ -54,7 +58,10 @@ def test_results_spooled_while_the_server_is_away_arrive_within_a_minute(
         )
         assert_sound(fleet, figures, cutoff)
         assert figures.lost == 0, "the agents never died: no run was lost"
-        assert drained <= DRAIN_LIMIT
+        assert drained < DRAIN_LIMIT, (
+            f"the results spooled during the outage took {drained:.1f}s to arrive once the "
+            f"server was back; at most {DRAIN_LIMIT:.0f}s is allowed"
+        )
     except BaseException:
         print(fleet.logs())
         raise

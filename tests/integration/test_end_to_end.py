@@ -87,21 +87,52 @@ def test_seed_flow_and_recovery_from_sigkill(tmp_path: Path) -> None:
             "the witnessed task to keep running",
         )
 
-        code, history = fleet.api("GET", f"/api/v1/tasks/{witnessed}/executions?limit=1000")
-        assert code == 200, history
-        stored = collections.Counter(
-            (o["agent_id"], e["scheduled_at"]) for e in history["executions"] for o in e["outputs"]
-        )
-        assert stored, "no results were stored"
-        assert max(stored.values()) == 1, "a result was stored twice"
-        for i, agent_id in enumerate(ids):
-            lines = (tmp_path / f"agent-{i}" / "witness.txt").read_text().split()
-            assert len(lines) == len(set(lines)), f"agent {i} ran an instant twice"
-            ran = set(lines)
-            for e in history["executions"]:
-                for o in e["outputs"]:
-                    if o["agent_id"] == agent_id and o["status"] == "succeeded":
-                        assert e["scheduled_at"] in ran, "a stored result has no witness"
+        # Every run an agent witnessed is listed once in the history, with that agent's
+        # result; every result that says the command succeeded has its witness line.
+        def ran() -> dict[str, list[str]]:
+            return {
+                agent_id: (tmp_path / f"agent-{i}" / "witness.txt").read_text().split()
+                for i, agent_id in enumerate(ids)
+            }
+
+        def every_run_listed() -> list[tuple[str, str, str]] | None:
+            before = ran()  # read first: each of these runs must be listed now
+            listed = listed_results(fleet, witnessed)
+            keys = {(agent_id, at) for agent_id, at, _ in listed}
+            long_enough = len({at for _, at, _ in listed}) > HISTORY_PAGE  # several pages
+            every_run = all(keys.issuperset((a, at) for at in before[a]) for a in before)
+            return listed if long_enough and every_run else None
+
+        listed = wait_for(every_run_listed, 30, "every witnessed run's result to be listed")
+        after = ran()  # read last: every run listed has written its line by now
+        for agent_id, lines in after.items():
+            assert len(lines) == len(set(lines)), f"agent {agent_id} ran an instant twice"
+        twice = [k for k, n in collections.Counter(r[:2] for r in listed).items() if n > 1]
+        assert not twice, f"the history API lists a result twice: {twice}"
+        for agent_id, at, status in listed:
+            if status == "succeeded":
+                assert at in after[agent_id], f"a result of {agent_id} at {at} has no witness"
+
+
+#: Executions per page when walking a history: small, so that it spans several pages and
+#: a paging bug shows as a result listed twice (or missing).
+HISTORY_PAGE = 2
+
+
+def listed_results(fleet: Fleet, task_id: str) -> list[tuple[str, str, str]]:
+    """``(agent_id, scheduled_at, status)`` of every output the history API lists for the
+    task, walking it page by page; nothing merged, so a result listed twice is here twice."""
+    listed = []
+    before = None
+    while True:
+        path = f"/api/v1/tasks/{task_id}/executions?limit={HISTORY_PAGE}"
+        code, page = fleet.api("GET", path if before is None else f"{path}&before={before}")
+        assert code == 200, page
+        for e in page["executions"]:
+            listed += [(o["agent_id"], e["scheduled_at"], o["status"]) for o in e["outputs"]]
+        before = page["next_before"]
+        if before is None:
+            return listed
 
 
 def witness_lines(root: Path, agent: int, name: str) -> list[str]:
