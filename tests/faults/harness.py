@@ -225,13 +225,14 @@ def witnessed(fleet: Fleet, index: int) -> list[str]:
 
 
 def markers_left(fleet: Fleet, index: int) -> list[str]:
-    """Names of the run markers in the agent's data folder (runs it thinks are going)."""
-    folder = fleet.agents[index].workdir / "data" / "running"
+    """Names of the run records in the agent's data folder (runs whose result is not yet
+    safe in its spool: going, or just ended)."""
+    folder = fleet.agents[index].workdir / "data" / "runs"
     return sorted(p.name for p in folder.glob("*.json")) if folder.exists() else []
 
 
 def marker_instant(name: str) -> str:
-    """The scheduled instant a run marker's file name encodes, as the API writes it."""
+    """The scheduled instant a run record's file name encodes, as the API writes it."""
     stamp = name.partition("_")[0]
     return format_instant(datetime.strptime(stamp, "%Y%m%dT%H%M%S.%fZ").replace(tzinfo=UTC))
 
