@@ -12,7 +12,10 @@ and the mean time one ``spawnProcess`` call blocks the reactor:
 - ``POSIX_SPAWN_SETSID``: ``/bin/sh -c true`` through a subclass of Twisted's private
   ``Process`` that passes ``setsid=True`` to ``os.posix_spawnp``: the ceiling for a new
   session, shown for comparison only (private API, not used by the runner).
-- ``ProcessRunner.run``: the runner end to end (setsid, capture, timers, group sweep).
+- ``runner, ...``: ``ProcessRunner.run`` end to end, as the agent runs a command: the
+  supervising shell, output files, the run record, timers, reading the output, removing
+  the files; with the process group only, a cgroup per run (where this process may make
+  cgroups), and the runner's process as child subreaper.
 """
 
 from __future__ import annotations
@@ -24,13 +27,22 @@ import os
 import signal
 import statistics
 import sys
+import tempfile
 import time
+import uuid
 from collections.abc import Callable
+from datetime import UTC, datetime
+from pathlib import Path
 from typing import Any
 
-from twisted.internet import defer, process, task
+from twisted.internet import defer, process, task, threads
 from twisted.internet.protocol import ProcessProtocol
 
+from taskscheduler.agent.containment import (
+    CgroupContainment,
+    SubreaperContainment,
+    own_cgroup_dir,
+)
 from taskscheduler.agent.runner import SETSID, ProcessRunner
 
 ENV = {"PATH": "/usr/bin:/bin"}
@@ -94,14 +106,43 @@ def variants(reactor: Any) -> dict[str, Callable[[], defer.Deferred[Any]]]:
         _SetsidProcess(reactor, "/bin/sh", sh, ENV, None, proto, None, None, dict(CHILD_FDS))
         return proto.ended
 
-    runner = ProcessRunner(reactor, ENV)
-    return {
+    def through(runner: ProcessRunner) -> Callable[[], defer.Deferred[Any]]:
+        def start() -> defer.Deferred[Any]:
+            # As the scheduler does: the run's files go once its result is safe.
+            key = (uuid.uuid4(), datetime.now(UTC))
+            return runner.run("true", 60, key=key).addCallback(lambda _: runner.discard(key))
+
+        return start
+
+    def make_runner(containment: Any = None) -> ProcessRunner:
+        runner = ProcessRunner(
+            reactor,
+            ENV,
+            Path(tempfile.mkdtemp(prefix="bench-spawn-")),
+            containment=containment,
+            run_in_thread=lambda f: threads.deferToThreadPool(reactor, reactor.getThreadPool(), f),
+        )
+        return runner
+
+    found = {
         "posix_spawn": spawning("/bin/sh", sh),
         "setsid+posix_spawn": spawning(SETSID, [SETSID, *sh]),
         "fork": spawning("/bin/sh", sh, path=elsewhere),
         "POSIX_SPAWN_SETSID": setsid_flag,
-        "ProcessRunner.run": lambda: runner.run("true", 60),
+        "runner, group only": through(make_runner()),
     }
+    own = own_cgroup_dir()
+    try:
+        assert own is not None
+        cgroups = CgroupContainment.probe(own / f"bench-spawn-{os.getpid()}")
+    except (AssertionError, OSError) as e:
+        print(f"(no cgroup variant: {e})")
+    else:
+        found["runner, cgroup"] = through(make_runner(cgroups))
+    subreaped = make_runner()
+    subreaped.containment = SubreaperContainment(subreaped.is_run_shell, subreaped.live_run_ids)
+    found["runner, subreaper"] = through(subreaped)
+    return found
 
 
 async def measure(

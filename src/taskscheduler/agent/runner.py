@@ -476,7 +476,9 @@ class ProcessRunner:
         pid = run.pid
         if pid is not None and not run._finished:
             self._pids.add(pid)
-            self.containment.adopt(run_name, pid)
+            if self.run_as is not None:
+                # The shell joins its cgroup itself, unless its user may not write there.
+                self.containment.adopt(run_name, pid)
             cgroup = None if cgroup_procs is None else str(Path(cgroup_procs).parent)
             started_at = run.started_at
             if key is not None:
