@@ -204,3 +204,17 @@ def test_a_run_whose_result_was_already_spooled_is_only_cleaned_up(runs: Path) -
     left.wait()
     assert new_runner(runs).recover(lambda task_id, at: task_id == left.task_id) == []
     assert list(runs.iterdir()) == []
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_run_the_agent_was_ending_at_its_limit_when_it_died_is_timed_out(
+    runs: Path,
+) -> None:
+    left = LeftRun(runs, "sleep 300", 1, started_ago=2)
+    left.files.mark_limit_reached(left.id)  # the agent's last act: SIGTERM at the limit
+    left.process.send_signal(signal.SIGTERM)
+    left.wait()
+    [recovered] = new_runner(runs).recover()
+    outcome = await outcome_of(recovered)
+    assert (outcome.status, outcome.exit_code) == (ResultStatus.TIMED_OUT, None)
+    assert outcome.reason is not None and "time limit" in outcome.reason

@@ -16,6 +16,8 @@ descriptor per run in flight. Per run ``<id>``:
   restarted agent find the run again.
 - ``<id>.exit``: written by the run's shell when it ends, with its exit status: how a
   restarted agent learns the outcome of a run that ended while it was down.
+- ``<id>.limit``: made when the agent ends the run at its time limit, before the first
+  signal: a run that dies of that signal while the agent is down was timed out.
 
 The id is ``<instant>_<task id>``, so that names sort oldest first.
 """
@@ -194,8 +196,14 @@ class RunFiles:
         for kind in ("out", "err"):
             trim_file(self.path(run, kind), cap)
 
+    def mark_limit_reached(self, run: str) -> None:
+        self.path(run, "limit").touch()
+
+    def limit_reached(self, run: str) -> bool:
+        return self.path(run, "limit").exists()
+
     def remove(self, run: str) -> None:
-        for kind in ("out", "err", "json", "exit"):
+        for kind in ("out", "err", "json", "exit", "limit"):
             self.path(run, kind).unlink(missing_ok=True)
 
 

@@ -217,6 +217,7 @@ class _Run(ProcessProtocol):
     def _time_limit_reached(self) -> None:
         self._limit_call = None
         self._timed_out = True
+        self._runner.mark_limit_reached(self.run_id)
         self.log.info(
             "{run} reached its time limit of {time_limit}s; sending SIGTERM to every "
             "process of the run, SIGKILL in {kill_grace}s",
@@ -520,6 +521,18 @@ class ProcessRunner:
         done: Deferred[None] = gatherResults(waiters).addCallback(lambda _: None)
         return done
 
+    def mark_limit_reached(self, run: str) -> None:
+        """Record, before the first signal, that ``run`` is being ended at its limit.
+
+        A small file made on the reactor, but only for runs that reach their limit.
+        """
+        try:
+            self.files.mark_limit_reached(run)
+        except OSError as e:
+            self.log.warn(
+                "could not record that {run} reached its limit: {error}", run=run, error=e
+            )
+
     def _run_ended(self, run: _Run) -> None:
         self._runs.pop(run, None)
         self._pids.discard(run.pid)  # type: ignore[arg-type]
@@ -668,6 +681,13 @@ class ProcessRunner:
             return finished(
                 ResultStatus.LOST, "the host restarted during the run", started_at=record.started_at
             )
+        if not alive and self.files.limit_reached(run):
+            # The agent had begun to end it at its limit, and died before it was over.
+            return finished(
+                ResultStatus.TIMED_OUT,
+                f"{REATTACHED}: the run had been ended at its time limit",
+                started_at=record.started_at,
+            )
         if not alive:
             return finished(
                 ResultStatus.FAILED,
@@ -701,6 +721,7 @@ class ProcessRunner:
         def limit() -> None:
             nonlocal timed_out
             timed_out = True
+            self.mark_limit_reached(run)
             self.log.info(
                 "task {task_id}: the re-attached run of {scheduled_at} is past its time limit "
                 "of {limit}s; ending it",
@@ -719,7 +740,7 @@ class ProcessRunner:
             self._kill_leftovers(run, record)
             now = self.wall_clock()
             code = self.files.read_exit(run)
-            if timed_out:
+            if timed_out or (code is None and self.files.limit_reached(run)):
                 status, reason = ResultStatus.TIMED_OUT, f"{REATTACHED}; ended at its time limit"
             elif code is not None:
                 status, reason = _status_of(code, None), REATTACHED
@@ -728,7 +749,7 @@ class ProcessRunner:
                 reason = f"{REATTACHED}; it was ended by a signal (which one is not known)"
             outcome = RunOutcome(
                 status=status,
-                exit_code=None if timed_out else code,
+                exit_code=None if status is ResultStatus.TIMED_OUT else code,
                 signal=None,
                 started_at=record.started_at,
                 finished_at=datetime.fromtimestamp(now, UTC),
