@@ -24,8 +24,9 @@ import pytest_twisted
 from twisted.internet import reactor as _reactor
 
 from taskscheduler.agent.containment import RUN_ID_VARIABLE
+from taskscheduler.agent.outcome import REATTACHED
 from taskscheduler.agent.runfiles import RunFiles, RunRecord, boot_id, process_start_ticks, run_id
-from taskscheduler.agent.runner import REATTACHED, SETSID, SHELL, SUPERVISOR, ProcessRunner
+from taskscheduler.agent.runner import SETSID, SHELL, SUPERVISOR, ProcessRunner
 from taskscheduler.protocol import ResultStatus
 from tests.integration.test_runner_processes import dies_within
 

@@ -18,7 +18,7 @@ from twisted.python import usage
 
 from taskscheduler.agent import tap
 from taskscheduler.agent.identity import load_or_create_agent_id
-from taskscheduler.agent.runner import REATTACHED, RecoveredRun, RunOutcome
+from taskscheduler.agent.outcome import REATTACHED, RecoveredRun, RunOutcome
 from taskscheduler.agent.spool import RunMarkers
 from taskscheduler.agent.taskstore import TaskStore
 from taskscheduler.protocol import Output, ResultStatus, task_spec_to_json

@@ -45,32 +45,30 @@ import signal
 import time
 import uuid
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass, replace
-from datetime import UTC, datetime, timedelta
+from dataclasses import replace
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
 from twisted.internet.defer import Deferred, gatherResults, maybeDeferred, succeed
 from twisted.internet.error import ProcessDone, ProcessExitedAlready, ProcessTerminated
-from twisted.internet.interfaces import IDelayedCall, IReadDescriptor
+from twisted.internet.interfaces import IDelayedCall
 from twisted.internet.protocol import ProcessProtocol
 from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
 from twisted.python.failure import Failure
-from zope.interface import implementer
 
 from taskscheduler.agent.containment import (
     RUN_ID_VARIABLE,
-    CgroupContainment,
     Containment,
     GroupContainment,
-    processes_of_run,
 )
+from taskscheduler.agent.outcome import RecoveredRun, RunOutcome, status_of
+from taskscheduler.agent.recovery import Recovery
 from taskscheduler.agent.runfiles import (
     RunFiles,
     RunRecord,
     boot_id,
-    parse_run_id,
     process_start_ticks,
     run_id,
 )
@@ -101,44 +99,9 @@ TIDY_ATTEMPTS = 25
 #: Longest piece of a command quoted in a log line.
 _LOGGED_COMMAND_CHARS = 200
 
-REATTACHED = "re-attached after the agent restarted"
-
-
-@dataclass(frozen=True)
-class RunOutcome:
-    """How one run ended, and what it wrote."""
-
-    status: ResultStatus  # SUCCEEDED, FAILED, TIMED_OUT, or LOST
-    exit_code: int | None  # set when the shell exited by itself
-    signal: int | None  # set when the shell was ended by a signal
-    started_at: datetime  # aware UTC, from the wall clock
-    finished_at: datetime
-    duration: float  # seconds, from the monotonic clock when the agent saw it all
-    stdout: Output
-    stderr: Output
-    pid: int | None = None  # the shell's pid (= its process group); None if it never started
-    reason: str | None = None  # how the outcome came to be known, when it is not plain
-
-
-@dataclass(frozen=True)
-class RecoveredRun:
-    """A run a previous life of the agent started, and how it ends."""
-
-    task_id: uuid.UUID
-    scheduled_at: datetime
-    started_at: datetime | None
-    outcome: Deferred[RunOutcome]
-    still_running: bool
-
 
 def run_here(function: Callable[[], Any]) -> Deferred[Any]:
     return maybeDeferred(function)
-
-
-def _status_of(exit_code: int | None, signum: int | None) -> ResultStatus:
-    if exit_code == 0 and signum is None:
-        return ResultStatus.SUCCEEDED
-    return ResultStatus.FAILED
 
 
 class _Run(ProcessProtocol):
@@ -276,7 +239,7 @@ class _Run(ProcessProtocol):
         elif self._terminated:
             status = ResultStatus.LOST
         else:
-            status = _status_of(exit_code, signum)
+            status = status_of(exit_code, signum)
         finished_at = datetime.fromtimestamp(self._runner.wall_clock(), UTC)
         duration = max(0.0, self._runner.monotonic() - self._started)
         self.log.debug(
@@ -306,36 +269,6 @@ class _Run(ProcessProtocol):
         self.recorded.addBoth(lambda _: self._runner._collect(self.run_id, outcome)).chainDeferred(
             self.done
         )
-
-
-@implementer(IReadDescriptor)
-class _ExitWatcher:
-    """Fires when a process that is not our child ends: its pidfd becomes readable."""
-
-    def __init__(self, reactor: Any, pid: int, on_exit: Callable[[], None]) -> None:
-        self._reactor = reactor
-        self._fd: int | None = os.pidfd_open(pid)
-        self._on_exit = on_exit
-        reactor.addReader(self)
-
-    def fileno(self) -> int:
-        return -1 if self._fd is None else self._fd
-
-    def doRead(self) -> None:
-        self.close()
-        self._on_exit()
-
-    def close(self) -> None:
-        if self._fd is not None:
-            self._reactor.removeReader(self)
-            os.close(self._fd)
-            self._fd = None
-
-    def connectionLost(self, reason: Failure) -> None:
-        self.close()
-
-    def logPrefix(self) -> str:
-        return "run-exit-watcher"
 
 
 class ProcessRunner:
@@ -503,8 +436,7 @@ class ProcessRunner:
                         "could not write the record of {run}", f, run=run_name
                     )
                 )
-        if not self._trimmer.running:
-            self._trimmer.start(TRIM_INTERVAL, now=False)
+        self.keep_trimming()
         return run.done
 
     def terminate_all(self) -> Deferred[None]:
@@ -583,6 +515,11 @@ class ProcessRunner:
         if more and attempts > 1:
             self._tidy_soon(attempts - 1)
 
+    def keep_trimming(self) -> None:
+        """Trim the output of runs in flight to the cap, every TRIM_INTERVAL seconds."""
+        if not self._trimmer.running:
+            self._trimmer.start(TRIM_INTERVAL, now=False)
+
     def _trim(self) -> None:
         # Never raise (a LoopingCall stops for good), and never two passes at once.
         if self._trimming:
@@ -604,205 +541,8 @@ class ProcessRunner:
     def recover(
         self, reported: Callable[[uuid.UUID, datetime], bool] = lambda task_id, at: False
     ) -> list[RecoveredRun]:
-        """Find every run whose files a previous life of the agent left.
+        """Find every run a previous life of the agent left (see :mod:`.recovery`).
 
-        Runs still going are re-attached to (their time limit holds from their start;
-        past it they are ended now); runs that ended meanwhile are reported as they
-        ended, with their output; runs whose result is already ``reported`` (spooled)
-        are only cleaned up. Call once, at start-up, before any new run starts.
+        Call once, at start-up, before any new run starts.
         """
-        recovered = []
-        for run in self.files.leftovers():
-            try:
-                task_id, scheduled_at = parse_run_id(run)
-            except ValueError:
-                self.log.warn("removing the files of an unknown run {run}", run=run)
-                self.files.remove(run)
-                continue
-            if reported(task_id, scheduled_at):
-                self.files.remove(run)
-                continue
-            try:
-                recovered.append(self._recover(run, task_id, scheduled_at))
-            except Exception:
-                self.log.failure("could not recover run {run}", run=run)
-        return recovered
-
-    def _recover(self, run: str, task_id: uuid.UUID, scheduled_at: datetime) -> RecoveredRun:
-        now = self.wall_clock()
-        try:
-            record = self.files.read_record(run)
-        except (OSError, ValueError, KeyError, TypeError) as e:
-            self.log.warn("the record of run {run} is unreadable: {error}", run=run, error=str(e))
-            record = None
-        exit_code = self.files.read_exit(run)
-
-        def finished(
-            status: ResultStatus,
-            reason: str,
-            exit_code: int | None = None,
-            started_at: datetime | None = None,
-        ) -> RecoveredRun:
-            self._kill_leftovers(run, record)
-            begun = started_at or datetime.fromtimestamp(now, UTC)
-            outcome = RunOutcome(
-                status=status,
-                exit_code=exit_code,
-                signal=None,
-                started_at=begun,
-                finished_at=datetime.fromtimestamp(now, UTC),
-                duration=max(0.0, now - begun.timestamp()),
-                stdout=Output(),
-                stderr=Output(),
-                pid=None if record is None else record.pid,
-                reason=reason,
-            )
-            return RecoveredRun(
-                task_id, scheduled_at, started_at, self._collect(run, outcome), still_running=False
-            )
-
-        if record is None:
-            return finished(
-                ResultStatus.LOST, "the agent stopped as the run started; its outcome is unknown"
-            )
-        alive = (
-            record.boot_id == self._boot_id
-            and record.start_ticks is not None
-            and process_start_ticks(record.pid) == record.start_ticks
-        )
-        if exit_code is not None and not alive:
-            return finished(
-                _status_of(exit_code, None),
-                f"{REATTACHED}: the run had ended meanwhile",
-                exit_code,
-                record.started_at,
-            )
-        if record.boot_id != self._boot_id:
-            return finished(
-                ResultStatus.LOST, "the host restarted during the run", started_at=record.started_at
-            )
-        if not alive and self.files.limit_reached(run):
-            # The agent had begun to end it at its limit, and died before it was over.
-            return finished(
-                ResultStatus.TIMED_OUT,
-                f"{REATTACHED}: the run had been ended at its time limit",
-                started_at=record.started_at,
-            )
-        if not alive:
-            return finished(
-                ResultStatus.FAILED,
-                f"{REATTACHED}: the run had been ended by a signal (which one is not known)",
-                started_at=record.started_at,
-            )
-        return self._reattach(run, record)
-
-    def _reattach(self, run: str, record: RunRecord) -> RecoveredRun:
-        """Watch a run still going until it ends; its time limit holds from its start."""
-        self._recovering[run] = None
-        done: Deferred[RunOutcome] = Deferred()
-        timed_out = False
-        calls: list[IDelayedCall] = []
-
-        def kill(signum: int) -> None:
-            if record.cgroup is not None:
-                if signum == signal.SIGKILL:
-                    CgroupContainment.kill(Path(record.cgroup))
-                else:
-                    for pid in _members(Path(record.cgroup)):
-                        with contextlib.suppress(OSError):
-                            os.kill(pid, signum)
-            with contextlib.suppress(OSError):
-                os.killpg(record.pid, signum)
-            if signum == signal.SIGKILL:
-                for pid in processes_of_run(run):
-                    with contextlib.suppress(OSError):
-                        os.kill(pid, signum)
-
-        def limit() -> None:
-            nonlocal timed_out
-            timed_out = True
-            self.mark_limit_reached(run)
-            self.log.info(
-                "task {task_id}: the re-attached run of {scheduled_at} is past its time limit "
-                "of {limit}s; ending it",
-                task_id=str(record.task_id),
-                scheduled_at=format_instant(record.scheduled_at),
-                limit=record.time_limit,
-            )
-            kill(signal.SIGTERM)
-            calls.append(self.reactor.callLater(self.kill_grace, kill, signal.SIGKILL))
-
-        def ended() -> None:
-            for call in calls:
-                if call.active():
-                    call.cancel()
-            self._recovering.pop(run, None)
-            self._kill_leftovers(run, record)
-            now = self.wall_clock()
-            code = self.files.read_exit(run)
-            if timed_out or (code is None and self.files.limit_reached(run)):
-                status, reason = ResultStatus.TIMED_OUT, f"{REATTACHED}; ended at its time limit"
-            elif code is not None:
-                status, reason = _status_of(code, None), REATTACHED
-            else:
-                status = ResultStatus.FAILED
-                reason = f"{REATTACHED}; it was ended by a signal (which one is not known)"
-            outcome = RunOutcome(
-                status=status,
-                exit_code=None if status is ResultStatus.TIMED_OUT else code,
-                signal=None,
-                started_at=record.started_at,
-                finished_at=datetime.fromtimestamp(now, UTC),
-                duration=max(0.0, now - record.started_at.timestamp()),
-                stdout=Output(),
-                stderr=Output(),
-                pid=record.pid,
-                reason=reason,
-            )
-            self._collect(run, outcome).chainDeferred(done)
-
-        remaining = (
-            record.started_at + timedelta(seconds=record.time_limit)
-        ).timestamp() - self.wall_clock()
-        self.log.info(
-            "task {task_id}: re-attached to its run of {scheduled_at} (pid {pid}), "
-            "{remaining:.1f}s left of its time limit",
-            task_id=str(record.task_id),
-            scheduled_at=format_instant(record.scheduled_at),
-            pid=record.pid,
-            remaining=max(0.0, remaining),
-        )
-        try:
-            _ExitWatcher(self.reactor, record.pid, ended)
-        except ProcessLookupError:
-            self.reactor.callLater(0, ended)
-        if remaining <= 0:
-            self.reactor.callLater(0, limit)
-        else:
-            calls.append(self.reactor.callLater(remaining, limit))
-        if not self._trimmer.running:
-            self._trimmer.start(TRIM_INTERVAL, now=False)
-        return RecoveredRun(
-            record.task_id, record.scheduled_at, record.started_at, done, still_running=True
-        )
-
-    def _kill_leftovers(self, run: str, record: RunRecord | None) -> None:
-        """Kill whatever is left of a run whose shell is gone, wherever it went."""
-        if record is not None and record.cgroup is not None:
-            group = Path(record.cgroup)
-            CgroupContainment.kill(group)
-            if isinstance(self.containment, CgroupContainment):
-                self.containment.remove(group)
-            else:
-                with contextlib.suppress(OSError):
-                    group.rmdir()
-        for pid in processes_of_run(run):
-            with contextlib.suppress(OSError):
-                os.kill(pid, signal.SIGKILL)
-
-
-def _members(group: Path) -> list[int]:
-    try:
-        return [int(pid) for pid in (group / "cgroup.procs").read_text().split()]
-    except OSError:
-        return []
+        return Recovery(self).recover(reported)

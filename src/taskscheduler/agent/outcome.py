@@ -1,0 +1,48 @@
+"""How a run ended: what the runner reports, whether it saw the run end or found it after
+a restart of the agent."""
+
+from __future__ import annotations
+
+import uuid
+from dataclasses import dataclass
+from datetime import datetime
+
+from twisted.internet.defer import Deferred
+
+from taskscheduler.protocol import Output, ResultStatus
+
+#: The reason a result carries when a restarted agent re-attached to its run.
+REATTACHED = "re-attached after the agent restarted"
+
+
+@dataclass(frozen=True)
+class RunOutcome:
+    """How one run ended, and what it wrote."""
+
+    status: ResultStatus  # SUCCEEDED, FAILED, TIMED_OUT, or LOST
+    exit_code: int | None  # set when the shell exited by itself
+    signal: int | None  # set when the shell was ended by a signal
+    started_at: datetime  # aware UTC, from the wall clock
+    finished_at: datetime
+    duration: float  # seconds, from the monotonic clock when the agent saw it all
+    stdout: Output
+    stderr: Output
+    pid: int | None = None  # the shell's pid (= its process group); None if it never started
+    reason: str | None = None  # how the outcome came to be known, when it is not plain
+
+
+@dataclass(frozen=True)
+class RecoveredRun:
+    """A run a previous life of the agent started, and how it ends."""
+
+    task_id: uuid.UUID
+    scheduled_at: datetime
+    started_at: datetime | None
+    outcome: Deferred[RunOutcome]
+    still_running: bool
+
+
+def status_of(exit_code: int | None, signum: int | None) -> ResultStatus:
+    if exit_code == 0 and signum is None:
+        return ResultStatus.SUCCEEDED
+    return ResultStatus.FAILED

@@ -1,0 +1,292 @@
+"""Runs a previous life of the agent left: found again at start-up, and followed to their end.
+
+The runner leaves, per run, its output files, its record and (once its shell has ended)
+its exit status (:mod:`taskscheduler.agent.runfiles`). For each run left:
+
+- **still going** (same boot, its pid alive with the recorded start time): re-attached:
+  watched through a pidfd until it ends, its time limit counting from its start (a run
+  already past it is ended now), then reported with its real status, exit code and
+  output;
+- **ended while the agent was down**: reported as it ended (its exit status file), or
+  ``timed_out`` if the agent had begun to end it at its limit, or ``failed`` if a signal
+  ended it (which one cannot be known: its parent was not the agent);
+- **of another boot of the host**: ``lost``, the one outcome that cannot be known;
+- **without a record** (the agent died between the spawn and the record): ``lost``, and
+  whatever it started is found by its run id and killed.
+
+Whatever a finished run left behind is killed by its cgroup or, failing that, found by
+its run id in ``/proc``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import signal
+import uuid
+from collections.abc import Callable
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from typing import Any
+
+from twisted.internet.defer import Deferred
+from twisted.internet.interfaces import IDelayedCall, IReadDescriptor
+from twisted.logger import Logger
+from twisted.python.failure import Failure
+from zope.interface import implementer
+
+from taskscheduler.agent.containment import CgroupContainment, processes_of_run
+from taskscheduler.agent.outcome import REATTACHED, RecoveredRun, RunOutcome, status_of
+from taskscheduler.agent.runfiles import RunRecord, parse_run_id, process_start_ticks
+from taskscheduler.protocol import Output, ResultStatus
+from taskscheduler.schedule import format_instant
+
+
+@implementer(IReadDescriptor)
+class _ExitWatcher:
+    """Fires when a process that is not our child ends: its pidfd becomes readable."""
+
+    def __init__(self, reactor: Any, pid: int, on_exit: Callable[[], None]) -> None:
+        self._reactor = reactor
+        self._fd: int | None = os.pidfd_open(pid)
+        self._on_exit = on_exit
+        reactor.addReader(self)
+
+    def fileno(self) -> int:
+        return -1 if self._fd is None else self._fd
+
+    def doRead(self) -> None:
+        self.close()
+        self._on_exit()
+
+    def close(self) -> None:
+        if self._fd is not None:
+            self._reactor.removeReader(self)
+            os.close(self._fd)
+            self._fd = None
+
+    def connectionLost(self, reason: Failure) -> None:
+        self.close()
+
+    def logPrefix(self) -> str:
+        return "run-exit-watcher"
+
+
+class Recovery:
+    """Finds and follows the runs a previous life of the agent left, for ``runner``."""
+
+    log = Logger()
+
+    def __init__(self, runner: Any) -> None:
+        self._runner = runner
+
+    def recover(
+        self, reported: Callable[[uuid.UUID, datetime], bool] = lambda task_id, at: False
+    ) -> list[RecoveredRun]:
+        """Find every run whose files a previous life of the agent left.
+
+        Runs still going are re-attached to (their time limit holds from their start;
+        past it they are ended now); runs that ended meanwhile are reported as they
+        ended, with their output; runs whose result is already ``reported`` (spooled)
+        are only cleaned up. Call once, at start-up, before any new run starts.
+        """
+        recovered = []
+        for run in self._runner.files.leftovers():
+            try:
+                task_id, scheduled_at = parse_run_id(run)
+            except ValueError:
+                self.log.warn("removing the files of an unknown run {run}", run=run)
+                self._runner.files.remove(run)
+                continue
+            if reported(task_id, scheduled_at):
+                self._runner.files.remove(run)
+                continue
+            try:
+                recovered.append(self._recover(run, task_id, scheduled_at))
+            except Exception:
+                self.log.failure("could not recover run {run}", run=run)
+        return recovered
+
+    def _recover(self, run: str, task_id: uuid.UUID, scheduled_at: datetime) -> RecoveredRun:
+        now = self._runner.wall_clock()
+        try:
+            record = self._runner.files.read_record(run)
+        except (OSError, ValueError, KeyError, TypeError) as e:
+            self.log.warn("the record of run {run} is unreadable: {error}", run=run, error=str(e))
+            record = None
+        exit_code = self._runner.files.read_exit(run)
+
+        def finished(
+            status: ResultStatus,
+            reason: str,
+            exit_code: int | None = None,
+            started_at: datetime | None = None,
+        ) -> RecoveredRun:
+            self._kill_leftovers(run, record)
+            begun = started_at or datetime.fromtimestamp(now, UTC)
+            outcome = RunOutcome(
+                status=status,
+                exit_code=exit_code,
+                signal=None,
+                started_at=begun,
+                finished_at=datetime.fromtimestamp(now, UTC),
+                duration=max(0.0, now - begun.timestamp()),
+                stdout=Output(),
+                stderr=Output(),
+                pid=None if record is None else record.pid,
+                reason=reason,
+            )
+            return RecoveredRun(
+                task_id,
+                scheduled_at,
+                started_at,
+                self._runner._collect(run, outcome),
+                still_running=False,
+            )
+
+        if record is None:
+            return finished(
+                ResultStatus.LOST, "the agent stopped as the run started; its outcome is unknown"
+            )
+        alive = (
+            record.boot_id == self._runner._boot_id
+            and record.start_ticks is not None
+            and process_start_ticks(record.pid) == record.start_ticks
+        )
+        if exit_code is not None and not alive:
+            return finished(
+                status_of(exit_code, None),
+                f"{REATTACHED}: the run had ended meanwhile",
+                exit_code,
+                record.started_at,
+            )
+        if record.boot_id != self._runner._boot_id:
+            return finished(
+                ResultStatus.LOST, "the host restarted during the run", started_at=record.started_at
+            )
+        if not alive and self._runner.files.limit_reached(run):
+            # The agent had begun to end it at its limit, and died before it was over.
+            return finished(
+                ResultStatus.TIMED_OUT,
+                f"{REATTACHED}: the run had been ended at its time limit",
+                started_at=record.started_at,
+            )
+        if not alive:
+            return finished(
+                ResultStatus.FAILED,
+                f"{REATTACHED}: the run had been ended by a signal (which one is not known)",
+                started_at=record.started_at,
+            )
+        return self._reattach(run, record)
+
+    def _reattach(self, run: str, record: RunRecord) -> RecoveredRun:
+        """Watch a run still going until it ends; its time limit holds from its start."""
+        self._runner._recovering[run] = None
+        done: Deferred[RunOutcome] = Deferred()
+        timed_out = False
+        calls: list[IDelayedCall] = []
+
+        def kill(signum: int) -> None:
+            if record.cgroup is not None:
+                if signum == signal.SIGKILL:
+                    CgroupContainment.kill(Path(record.cgroup))
+                else:
+                    for pid in _members(Path(record.cgroup)):
+                        with contextlib.suppress(OSError):
+                            os.kill(pid, signum)
+            with contextlib.suppress(OSError):
+                os.killpg(record.pid, signum)
+            if signum == signal.SIGKILL:
+                for pid in processes_of_run(run):
+                    with contextlib.suppress(OSError):
+                        os.kill(pid, signum)
+
+        def limit() -> None:
+            nonlocal timed_out
+            timed_out = True
+            self._runner.mark_limit_reached(run)
+            self.log.info(
+                "task {task_id}: the re-attached run of {scheduled_at} is past its time limit "
+                "of {limit}s; ending it",
+                task_id=str(record.task_id),
+                scheduled_at=format_instant(record.scheduled_at),
+                limit=record.time_limit,
+            )
+            kill(signal.SIGTERM)
+            calls.append(
+                self._runner.reactor.callLater(self._runner.kill_grace, kill, signal.SIGKILL)
+            )
+
+        def ended() -> None:
+            for call in calls:
+                if call.active():
+                    call.cancel()
+            self._runner._recovering.pop(run, None)
+            self._kill_leftovers(run, record)
+            now = self._runner.wall_clock()
+            code = self._runner.files.read_exit(run)
+            if timed_out or (code is None and self._runner.files.limit_reached(run)):
+                status, reason = ResultStatus.TIMED_OUT, f"{REATTACHED}; ended at its time limit"
+            elif code is not None:
+                status, reason = status_of(code, None), REATTACHED
+            else:
+                status = ResultStatus.FAILED
+                reason = f"{REATTACHED}; it was ended by a signal (which one is not known)"
+            outcome = RunOutcome(
+                status=status,
+                exit_code=None if status is ResultStatus.TIMED_OUT else code,
+                signal=None,
+                started_at=record.started_at,
+                finished_at=datetime.fromtimestamp(now, UTC),
+                duration=max(0.0, now - record.started_at.timestamp()),
+                stdout=Output(),
+                stderr=Output(),
+                pid=record.pid,
+                reason=reason,
+            )
+            self._runner._collect(run, outcome).chainDeferred(done)
+
+        remaining = (
+            record.started_at + timedelta(seconds=record.time_limit)
+        ).timestamp() - self._runner.wall_clock()
+        self.log.info(
+            "task {task_id}: re-attached to its run of {scheduled_at} (pid {pid}), "
+            "{remaining:.1f}s left of its time limit",
+            task_id=str(record.task_id),
+            scheduled_at=format_instant(record.scheduled_at),
+            pid=record.pid,
+            remaining=max(0.0, remaining),
+        )
+        try:
+            _ExitWatcher(self._runner.reactor, record.pid, ended)
+        except ProcessLookupError:
+            self._runner.reactor.callLater(0, ended)
+        if remaining <= 0:
+            self._runner.reactor.callLater(0, limit)
+        else:
+            calls.append(self._runner.reactor.callLater(remaining, limit))
+        self._runner.keep_trimming()
+        return RecoveredRun(
+            record.task_id, record.scheduled_at, record.started_at, done, still_running=True
+        )
+
+    def _kill_leftovers(self, run: str, record: RunRecord | None) -> None:
+        """Kill whatever is left of a run whose shell is gone, wherever it went."""
+        if record is not None and record.cgroup is not None:
+            group = Path(record.cgroup)
+            CgroupContainment.kill(group)
+            if isinstance(self._runner.containment, CgroupContainment):
+                self._runner.containment.remove(group)
+            else:
+                with contextlib.suppress(OSError):
+                    group.rmdir()
+        for pid in processes_of_run(run):
+            with contextlib.suppress(OSError):
+                os.kill(pid, signal.SIGKILL)
+
+
+def _members(group: Path) -> list[int]:
+    try:
+        return [int(pid) for pid in (group / "cgroup.procs").read_text().split()]
+    except OSError:
+        return []
