@@ -13,6 +13,10 @@ adding what a daemon needs from it:
   a ``postmaster.pid`` whose pid now belongs to some other process (common in containers,
   where pids repeat), and the pid of a killed process still counted as a user of the
   folder (which would keep the database running forever after).
+- pgserver has no public API for what this needs (its instance cache, its lock, its
+  clean-up hook): :func:`pgserver_incompatibilities` names what is missing in an
+  installed version, checked at every start and by a test, so an upgrade that renames
+  one fails loudly instead of misbehaving.
 - The DSN is built in key/value form, so folders with spaces or other URI-unsafe
   characters work; long folder paths are handled by pgserver, which puts the unix socket
   in a short runtime folder when the data folder's path is too long for one.
@@ -44,8 +48,59 @@ from twisted.logger import Logger
 START_ATTEMPTS = 4
 
 
+#: What this module uses of ``pgserver.PostgresServer`` beyond ``get_server``: private
+#: names among them, so the version is pinned and these are checked.
+PGSERVER_CLASS_NAMES = ("_instances", "_lock", "_cleanup", "cleanup", "get_postmaster_info")
+#: What it uses of a running ``PostgresServer`` instance.
+PGSERVER_INSTANCE_NAMES = ("_postmaster_info", "global_process_id_list")
+#: The file in which pgserver lists the pids of the processes using a data folder.
+PGSERVER_HANDLES_FILE = ".handle_pids.json"
+
+
 class EmbeddedPostgresError(RuntimeError):
     """The embedded PostgreSQL could not be started; the message says where to look."""
+
+
+def pgserver_incompatibilities(server: Any = None) -> list[str]:
+    """What this module needs and the installed pgserver lacks (empty when compatible).
+
+    Checks the class, and ``server`` (a running ``PostgresServer``) when given.
+    """
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        import pgserver
+        from pgserver.postgres_server import PostgresServer
+
+    missing = [] if hasattr(pgserver, "get_server") else ["pgserver.get_server"]
+    missing += [
+        f"PostgresServer.{name}"
+        for name in PGSERVER_CLASS_NAMES
+        if not hasattr(PostgresServer, name)
+    ]
+    if server is not None:
+        missing += [
+            f"PostgresServer().{name}"
+            for name in PGSERVER_INSTANCE_NAMES
+            if not hasattr(server, name)
+        ]
+        info = getattr(server, "_postmaster_info", None)
+        if info is not None and not hasattr(info, "process"):
+            missing.append("PostmasterInfo.process")
+        handles = getattr(getattr(server, "global_process_id_list", None), "path", None)
+        if handles is None or Path(handles).name != PGSERVER_HANDLES_FILE:
+            missing.append(f"PostgresServer().global_process_id_list ({PGSERVER_HANDLES_FILE})")
+    return missing
+
+
+def _check_pgserver(server: Any = None) -> None:
+    missing = pgserver_incompatibilities(server)
+    if missing:
+        from importlib.metadata import version
+
+        raise EmbeddedPostgresError(
+            f"the installed pgserver {version('pgserver')} lacks what taskscheduler uses of it "
+            f"({', '.join(missing)}): install the version pyproject.toml names"
+        )
 
 
 class EmbeddedPostgres:
@@ -79,6 +134,7 @@ class EmbeddedPostgres:
 
     def start_blocking(self) -> str:
         """Initialise the folder if new, start PostgreSQL if not running; return a DSN."""
+        _check_pgserver()
         with warnings.catch_warnings():
             # platformdirs warns at import when XDG_RUNTIME_DIR is unset (containers, CI);
             # its /tmp fallback is fine for pgserver's lock and socket folders.
@@ -109,6 +165,7 @@ class EmbeddedPostgres:
                 last_error = e
                 self._discard_failed_instance()
                 continue
+            _check_pgserver(server)
             self._server = server
             info = server.get_postmaster_info()
             if info.socket_dir is not None:
@@ -145,7 +202,7 @@ class EmbeddedPostgres:
 
     def _forget_dead_users(self) -> None:
         """Drop pids of processes that died while using the folder (pgserver counts them)."""
-        handles = self.data_dir / ".handle_pids.json"
+        handles = self.data_dir / PGSERVER_HANDLES_FILE
         try:
             pids = json.loads(handles.read_text())
         except (OSError, ValueError):
