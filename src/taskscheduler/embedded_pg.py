@@ -33,6 +33,7 @@ import contextlib
 import json
 import os
 import subprocess
+import threading
 import time
 import warnings
 from pathlib import Path
@@ -113,6 +114,9 @@ class EmbeddedPostgres:
         self._reactor = reactor
         self._server: Any = None
         self.dsn: str | None = None
+        # Start and stop run in the reactor's thread pool, maybe at once (a server
+        # stopped while it starts PostgreSQL): the stop must wait, or it stops nothing.
+        self._lock = threading.Lock()
 
     # -- from a reactor -------------------------------------------------------------------
 
@@ -134,6 +138,10 @@ class EmbeddedPostgres:
 
     def start_blocking(self) -> str:
         """Initialise the folder if new, start PostgreSQL if not running; return a DSN."""
+        with self._lock:
+            return self._start_locked()
+
+    def _start_locked(self) -> str:
         _check_pgserver()
         with warnings.catch_warnings():
             # platformdirs warns at import when XDG_RUNTIME_DIR is unset (containers, CI);
@@ -190,13 +198,14 @@ class EmbeddedPostgres:
 
     def stop_blocking(self) -> None:
         """Release this process's hold on the server, stopping it if we were the last."""
-        server, self._server = self._server, None
-        if server is None:
-            return
-        with type(server)._lock:
-            self._forget_dead_users()
-        server.cleanup()
-        atexit.unregister(server._cleanup)
+        with self._lock:
+            server, self._server = self._server, None
+            if server is None:
+                return
+            with type(server)._lock:
+                self._forget_dead_users()
+            server.cleanup()
+            atexit.unregister(server._cleanup)
 
     # -- what a crash leaves behind -------------------------------------------------------
 
