@@ -38,7 +38,7 @@ from taskscheduler.auth import (
     split_endpoint,
 )
 from taskscheduler.daemon import StartFailure
-from taskscheduler.embedded_pg import EmbeddedPostgres, EmbeddedPostgresError
+from taskscheduler.embedded_pg import EmbeddedPostgres, EmbeddedPostgresError, PostgresSupervisor
 from taskscheduler.httpclient import DaemonHTTP
 from taskscheduler.server.access import ServerAccess
 from taskscheduler.server.api import DEFAULT_REPORT_GRACE, ServerAPI
@@ -415,6 +415,7 @@ class ServerService(MultiService):
             )
             dsn = await self._embedded.start()
             self.log.info("embedded PostgreSQL is up in {path}", path=self._embedded.data_dir)
+            PostgresSupervisor(self._embedded, self._reactor).setServiceParent(self)
         else:
             self.log.info("using the database {dsn}", dsn=redact_dsn(dsn))
         store = PostgresStore(dsn, reactor=self._reactor)
