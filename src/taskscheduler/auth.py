@@ -406,7 +406,19 @@ def check_listen_policy(
     - no tokens beyond loopback: raises :class:`UnprotectedListener`, unless
       ``allow_anonymous`` (the daemon's :data:`INSECURE_FLAG`) says otherwise, in which
       case it returns a loud warning to log.
+
+    A description that cannot be parsed raises :class:`EndpointSyntaxError` saying so,
+    whatever the tokens: it is not a question of tokens.
     """
+    try:
+        args, _ = split_endpoint(listen)
+    except EndpointSyntaxError as e:
+        raise EndpointSyntaxError(f"cannot parse --listen {listen!r}: {e}") from None
+    if not args[0].strip():
+        raise EndpointSyntaxError(
+            f"cannot parse --listen {listen!r}: it does not start with an endpoint type "
+            "(tcp:, ssl:, unix:...)"
+        )
     if tokens is not None and len(tokens) > 0:
         return None
     if is_loopback_endpoint(listen):

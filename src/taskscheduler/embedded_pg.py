@@ -13,6 +13,12 @@ adding what a daemon needs from it:
   a ``postmaster.pid`` whose pid now belongs to some other process (common in containers,
   where pids repeat), and the pid of a killed process still counted as a user of the
   folder (which would keep the database running forever after).
+- It is watched: :class:`PostgresSupervisor` starts it again, with back-off, when its
+  postmaster dies, so the API recovers without a restart of the server.
+- pgserver has no public API for what this needs (its instance cache, its lock, its
+  clean-up hook): :func:`pgserver_incompatibilities` names what is missing in an
+  installed version, checked at every start and by a test, so an upgrade that renames
+  one fails loudly instead of misbehaving.
 - The DSN is built in key/value form, so folders with spaces or other URI-unsafe
   characters work; long folder paths are handled by pgserver, which puts the unix socket
   in a short runtime folder when the data folder's path is too long for one.
@@ -28,24 +34,84 @@ import atexit
 import contextlib
 import json
 import os
+import random
 import subprocess
+import threading
 import time
 import warnings
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import psutil
 from psycopg2.extensions import make_dsn
+from twisted.application.service import Service
+from twisted.internet.defer import CancelledError, Deferred
+from twisted.internet.interfaces import IReactorTime
+from twisted.internet.task import LoopingCall, deferLater
 from twisted.internet.threads import deferToThreadPool
 from twisted.logger import Logger
+
+from taskscheduler.backoff import backoff_delay
 
 #: How many times to try starting PostgreSQL before giving up. A postmaster killed with
 #: SIGKILL leaves backends that hold its shared memory for a moment; a retry outlives them.
 START_ATTEMPTS = 4
 
 
+#: What this module uses of ``pgserver.PostgresServer`` beyond ``get_server``: private
+#: names among them, so the version is pinned and these are checked.
+PGSERVER_CLASS_NAMES = ("_instances", "_lock", "_cleanup", "cleanup", "get_postmaster_info")
+#: What it uses of a running ``PostgresServer`` instance.
+PGSERVER_INSTANCE_NAMES = ("_postmaster_info", "global_process_id_list")
+#: The file in which pgserver lists the pids of the processes using a data folder.
+PGSERVER_HANDLES_FILE = ".handle_pids.json"
+
+
 class EmbeddedPostgresError(RuntimeError):
     """The embedded PostgreSQL could not be started; the message says where to look."""
+
+
+def pgserver_incompatibilities(server: Any = None) -> list[str]:
+    """What this module needs and the installed pgserver lacks (empty when compatible).
+
+    Checks the class, and ``server`` (a running ``PostgresServer``) when given.
+    """
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        import pgserver
+        from pgserver.postgres_server import PostgresServer
+
+    missing = [] if hasattr(pgserver, "get_server") else ["pgserver.get_server"]
+    missing += [
+        f"PostgresServer.{name}"
+        for name in PGSERVER_CLASS_NAMES
+        if not hasattr(PostgresServer, name)
+    ]
+    if server is not None:
+        missing += [
+            f"PostgresServer().{name}"
+            for name in PGSERVER_INSTANCE_NAMES
+            if not hasattr(server, name)
+        ]
+        info = getattr(server, "_postmaster_info", None)
+        if info is not None and not hasattr(info, "process"):
+            missing.append("PostmasterInfo.process")
+        handles = getattr(getattr(server, "global_process_id_list", None), "path", None)
+        if handles is None or Path(handles).name != PGSERVER_HANDLES_FILE:
+            missing.append(f"PostgresServer().global_process_id_list ({PGSERVER_HANDLES_FILE})")
+    return missing
+
+
+def _check_pgserver(server: Any = None) -> None:
+    missing = pgserver_incompatibilities(server)
+    if missing:
+        from importlib.metadata import version
+
+        raise EmbeddedPostgresError(
+            f"the installed pgserver {version('pgserver')} lacks what taskscheduler uses of it "
+            f"({', '.join(missing)}): install the version pyproject.toml names"
+        )
 
 
 class EmbeddedPostgres:
@@ -58,6 +124,9 @@ class EmbeddedPostgres:
         self._reactor = reactor
         self._server: Any = None
         self.dsn: str | None = None
+        # Start and stop run in the reactor's thread pool, maybe at once (a server
+        # stopped while it starts PostgreSQL): the stop must wait, or it stops nothing.
+        self._lock = threading.Lock()
 
     # -- from a reactor -------------------------------------------------------------------
 
@@ -77,8 +146,18 @@ class EmbeddedPostgres:
 
     # -- blocking -------------------------------------------------------------------------
 
+    def alive(self) -> bool:
+        """Whether the PostgreSQL we started (or joined) is running."""
+        server = self._server
+        return server is not None and _running(server)
+
     def start_blocking(self) -> str:
         """Initialise the folder if new, start PostgreSQL if not running; return a DSN."""
+        with self._lock:
+            return self._start_locked()
+
+    def _start_locked(self) -> str:
+        _check_pgserver()
         with warnings.catch_warnings():
             # platformdirs warns at import when XDG_RUNTIME_DIR is unset (containers, CI);
             # its /tmp fallback is fine for pgserver's lock and socket folders.
@@ -90,8 +169,7 @@ class EmbeddedPostgres:
             if _running(self._server):
                 assert self.dsn is not None
                 return self.dsn
-            self.log.warn("the embedded PostgreSQL died; starting it again")
-            self._server = None
+            self._server = None  # it died: start it again (PostgresSupervisor says so)
         self.data_dir.parent.mkdir(parents=True, exist_ok=True)
         cached = PostgresServer._instances.get(self.data_dir.resolve())
         if cached is not None and not _running(cached):
@@ -109,6 +187,7 @@ class EmbeddedPostgres:
                 last_error = e
                 self._discard_failed_instance()
                 continue
+            _check_pgserver(server)
             self._server = server
             info = server.get_postmaster_info()
             if info.socket_dir is not None:
@@ -133,19 +212,20 @@ class EmbeddedPostgres:
 
     def stop_blocking(self) -> None:
         """Release this process's hold on the server, stopping it if we were the last."""
-        server, self._server = self._server, None
-        if server is None:
-            return
-        with type(server)._lock:
-            self._forget_dead_users()
-        server.cleanup()
-        atexit.unregister(server._cleanup)
+        with self._lock:
+            server, self._server = self._server, None
+            if server is None:
+                return
+            with type(server)._lock:
+                self._forget_dead_users()
+            server.cleanup()
+            atexit.unregister(server._cleanup)
 
     # -- what a crash leaves behind -------------------------------------------------------
 
     def _forget_dead_users(self) -> None:
         """Drop pids of processes that died while using the folder (pgserver counts them)."""
-        handles = self.data_dir / ".handle_pids.json"
+        handles = self.data_dir / PGSERVER_HANDLES_FILE
         try:
             pids = json.loads(handles.read_text())
         except (OSError, ValueError):
@@ -215,9 +295,143 @@ def _running(server: Any) -> bool:
     if info is None or info.process is None:
         return False
     try:
-        return bool(info.process.status() != psutil.STATUS_ZOMBIE)
+        # is_running() also says no when the pid now names another process.
+        return bool(info.process.is_running() and info.process.status() != psutil.STATUS_ZOMBIE)
     except psutil.Error:
         return False
+
+
+class SupervisedPostgres(Protocol):
+    """What :class:`PostgresSupervisor` needs of an embedded PostgreSQL."""
+
+    data_dir: Path
+
+    def alive(self) -> bool: ...
+
+    async def start(self) -> str: ...
+
+    @property
+    def postmaster_pid(self) -> int | None: ...
+
+
+#: Seconds between two looks at whether the postmaster is alive (a read of /proc).
+CHECK_INTERVAL = 1.0
+#: Back-off between failed restarts: from 1 s, doubling, up to 30 s.
+RESTART_BACKOFF_BASE = 1.0
+RESTART_BACKOFF_CAP = 30.0
+
+
+class PostgresSupervisor(Service):
+    """Starts the embedded PostgreSQL again whenever its postmaster dies.
+
+    The server's store reconnects by itself once the database answers again, so while
+    PostgreSQL is down the API answers 503, and afterwards it recovers without a restart
+    of the server. Each restart attempt logs one warning; the recovery logs one line.
+    Failed attempts are retried with back-off (:func:`taskscheduler.backoff.backoff_delay`).
+    """
+
+    log = Logger()
+
+    def __init__(
+        self,
+        postgres: SupervisedPostgres,
+        clock: IReactorTime,
+        *,
+        check_interval: float = CHECK_INTERVAL,
+        backoff_base: float = RESTART_BACKOFF_BASE,
+        backoff_cap: float = RESTART_BACKOFF_CAP,
+        jitter: Callable[[], float] = random.random,
+    ) -> None:
+        self._postgres = postgres
+        self._clock = clock
+        self._check_interval = check_interval
+        self._backoff_base = backoff_base
+        self._backoff_cap = backoff_cap
+        self._jitter = jitter
+        self._loop: LoopingCall | None = None
+        self._restarting: Deferred[None] | None = None
+        self._pause: Deferred[None] | None = None
+        #: How many times PostgreSQL was brought back (for tests and curiosity).
+        self.restarts = 0
+
+    def startService(self) -> None:
+        super().startService()
+        self._loop = LoopingCall(self._check)
+        self._loop.clock = self._clock
+        self._loop.start(self._check_interval, now=False)
+
+    def stopService(self) -> Deferred[None]:
+        super().stopService()
+        if self._loop is not None and self._loop.running:
+            self._loop.stop()
+        if self._pause is not None:
+            self._pause.cancel()
+        # A start under way runs in a thread and cannot be interrupted: wait for it, so
+        # that whoever stops PostgreSQL next finds it started.
+        waiting: Deferred[None] = Deferred()
+        if self._restarting is None:
+            waiting.callback(None)
+        else:
+            self._restarting.addBoth(lambda _: waiting.callback(None))
+        return waiting
+
+    def _check(self) -> None:
+        # The body of a LoopingCall: it must never raise, or the supervision ends.
+        if self._restarting is not None or not self.running:
+            return
+        try:
+            alive = self._postgres.alive()
+        except Exception:
+            self.log.failure("could not tell whether the embedded PostgreSQL is running")
+            return
+        if alive:
+            return
+        self._restarting = Deferred.fromCoroutine(self._restart())
+        self._restarting.addErrback(
+            lambda failure: self.log.failure("supervising the embedded PostgreSQL", failure)
+        )
+        self._restarting.addBoth(self._restarted)
+
+    def _restarted(self, _: object) -> None:
+        self._restarting = None
+
+    async def _restart(self) -> None:
+        died_at = self._clock.seconds()
+        self.log.warn(
+            "the embedded PostgreSQL in {path} is not running; starting it again",
+            path=str(self._postgres.data_dir),
+        )
+        failures = 0
+        while self.running:
+            try:
+                await self._postgres.start()
+            except Exception as e:
+                if not self.running:
+                    return  # stopped meanwhile: whoever stops the server handles the rest
+                failures += 1
+                delay = backoff_delay(failures, self._backoff_base, self._backoff_cap, self._jitter)
+                self.log.warn(
+                    "could not start the embedded PostgreSQL again ({error}); "
+                    "next attempt in {delay:.1f} s",
+                    error=str(e) or type(e).__name__,
+                    delay=delay,
+                )
+                self._pause = deferLater(self._clock, delay, lambda: None)
+                try:
+                    await self._pause
+                except CancelledError:
+                    return
+                finally:
+                    self._pause = None
+                continue
+            self.restarts += 1
+            self.log.info(
+                "the embedded PostgreSQL is back (pid {pid}), {seconds:.1f} s after it was "
+                "found down",
+                pid=self._postgres.postmaster_pid,
+                seconds=self._clock.seconds() - died_at,
+            )
+            return
 
 
 async def start_embedded(data_dir: str | os.PathLike[str], reactor: Any = None) -> EmbeddedPostgres:

@@ -72,14 +72,26 @@ def http(
 
 
 class Daemon:
-    """One ``twistd -n`` process with its log in a file."""
+    """One ``twistd -n`` process with its log in a file.
 
-    def __init__(self, name: str, args: list[str], workdir: Path, env: dict[str, str]) -> None:
+    With ``separate_stderr`` what it writes on stderr goes to its own file
+    (:meth:`stderr`) instead of the log."""
+
+    def __init__(
+        self,
+        name: str,
+        args: list[str],
+        workdir: Path,
+        env: dict[str, str],
+        *,
+        separate_stderr: bool = False,
+    ) -> None:
         self.name = name
         self.args = args
         self.workdir = workdir
         self.env = env
         self.log_path = workdir / f"{name}.log"
+        self.stderr_path = workdir / f"{name}.stderr" if separate_stderr else None
         self.process: subprocess.Popen[bytes] | None = None
         workdir.mkdir(parents=True, exist_ok=True)
 
@@ -92,15 +104,29 @@ class Daemon:
             if not k.startswith(("TASKSCHEDULER_", "AVAILABLE_SERVERS"))
         }
         env.update(self.env)
+        errors: Any = subprocess.STDOUT
+        if self.stderr_path is not None:
+            errors = open(self.stderr_path, "ab")  # noqa: SIM115 - handed to the child
         self.process = subprocess.Popen(
             [TWISTD, "-n", "--pidfile=", *self.args],
             cwd=self.workdir,
             env=env,
             stdout=log,
-            stderr=subprocess.STDOUT,
+            stderr=errors,
             start_new_session=True,
         )
         log.close()
+        if errors is not subprocess.STDOUT:
+            errors.close()
+
+    def wait(self, timeout: float) -> int:
+        """Wait for the daemon to exit; its exit status (negative: killed by that signal)."""
+        assert self.process is not None
+        return self.process.wait(timeout=timeout)
+
+    def stderr(self) -> str:
+        assert self.stderr_path is not None, "start it with separate_stderr=True"
+        return self.stderr_path.read_text(errors="replace")
 
     def kill(self, sig: int = signal.SIGKILL) -> None:
         """Send ``sig`` to the daemon only (its runs live in their own sessions)."""

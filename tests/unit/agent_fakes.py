@@ -368,7 +368,7 @@ class Agent:
         self.service.startService()
         self.api = StubTreq(self.service.api.resource()) if self.service.api else None
 
-    def _on_fatal(self) -> None:
+    def _on_fatal(self, reason: str) -> None:
         self.fatal += 1
 
     def signed(self, method: str, path: str, body: bytes = b"") -> dict[str, str]:

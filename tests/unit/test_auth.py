@@ -20,6 +20,7 @@ from taskscheduler.auth import (
     AGENT_PREFIX,
     INSECURE_FLAG,
     OPERATOR_PREFIX,
+    EndpointSyntaxError,
     TokenFile,
     TokenFileError,
     UnprotectedListener,
@@ -381,6 +382,16 @@ def test_listen_policy() -> None:
         assert INSECURE_FLAG in str(info.value)
         loud = check_listen_policy("tcp:8080", empty, allow_anonymous=True)
         assert loud is not None and loud.startswith("INSECURE")
+
+
+@pytest.mark.parametrize("listen", ["tcp:8080\\", "", ":8080", "  :8080:interface=127.0.0.1"])
+def test_an_unparseable_listen_is_said_to_be_unparseable_not_unprotected(listen: str) -> None:
+    tokens = TokenFile.from_env_value(token_line("alice", new_token()))
+    for configured in (None, tokens):
+        with pytest.raises(EndpointSyntaxError, match="cannot parse --listen") as info:
+            check_listen_policy(listen, configured)
+        assert repr(listen) in str(info.value)
+        assert not isinstance(info.value, UnprotectedListener)
 
 
 # -- redaction ------------------------------------------------------------------------------

@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 from twisted.python import usage
 
-from taskscheduler.auth import is_loopback_url
-from taskscheduler.server.tap import Options, plaintext_warnings
+from taskscheduler.auth import EndpointSyntaxError, is_loopback_url
+from taskscheduler.server.tap import Options, listen_endpoint, plaintext_warnings
 
 
 def parse(args: list[str], monkeypatch: pytest.MonkeyPatch, **env: str) -> Options:
@@ -102,3 +104,22 @@ def test_what_would_travel_in_clear_is_warned_about() -> None:
     assert "plain HTTP" in listen
     [agent] = plaintext_warnings("ssl:8443:privateKey=k", ["http://agent1:8081"])
     assert "http://agent1:8081" in agent
+
+
+@pytest.mark.parametrize(
+    "listen", ["tcp:abc", "garbage", "", "tcp:8080:bogus=1", "tcp:8080\\", "tcp:"]
+)
+def test_a_listen_twisted_cannot_parse_is_said_to_be_unparseable(listen: str) -> None:
+    from twisted.internet import reactor
+
+    with pytest.raises(EndpointSyntaxError, match="cannot parse --listen") as info:
+        listen_endpoint(reactor, listen)
+    assert repr(listen) in str(info.value)
+
+
+def test_a_listen_naming_a_missing_key_file_is_not_called_unparseable(tmp_path: Path) -> None:
+    from twisted.internet import reactor
+
+    assert listen_endpoint(reactor, "tcp:8080:interface=127.0.0.1") is not None
+    with pytest.raises(OSError, match=r"missing\.pem"):
+        listen_endpoint(reactor, f"ssl:8443:privateKey={tmp_path}/missing.pem")

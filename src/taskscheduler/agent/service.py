@@ -100,7 +100,7 @@ class AgentService(Service):
         runner_factory: Callable[[], RunnerLike],
         http: Any,  # a DaemonHTTP, a treq.testing.StubTreq in tests, or None with http_factory
         endpoint: IStreamServerEndpoint | None = None,
-        on_fatal: Callable[[], None] = lambda: None,
+        on_fatal: Callable[[str], None] = lambda reason: None,
         jitter: Callable[[], float] = random.random,
         run_in_thread: RunInThread | None = None,
         *,
@@ -159,7 +159,7 @@ class AgentService(Service):
             )
         else:
             self.log.failure("taskscheduler agent could not start", failure)
-        self._on_fatal()
+        self._on_fatal(failure.getErrorMessage())
 
     def _start(self) -> None:
         data_dir = self.config.data_dir

@@ -7,7 +7,6 @@ it cannot.
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import os
 import pwd
@@ -17,7 +16,6 @@ from typing import Any
 
 from twisted.application.service import IService
 from twisted.internet import reactor as global_reactor
-from twisted.internet.error import ReactorNotRunning
 from twisted.internet.threads import deferToThreadPool
 from twisted.logger import Logger
 from twisted.python import usage
@@ -32,6 +30,7 @@ from taskscheduler.agent.scheduler import DEFAULT_MAX_RUNNING, DEFAULT_STARTING_
 from taskscheduler.agent.service import DEFAULT_SHUTDOWN_GRACE, AgentConfig, AgentService
 from taskscheduler.agent.spool import DEFAULT_SPOOL_MAX_BYTES
 from taskscheduler.auth import EndpointSyntaxError, split_endpoint
+from taskscheduler.daemon import StartFailure
 from taskscheduler.httpclient import DaemonHTTP
 from taskscheduler.tls import server_endpoint
 from taskscheduler.web import DEFAULT_IDLE_TIMEOUT
@@ -327,14 +326,6 @@ def makeService(options: Options) -> IService:
         runner.containment = choose_containment(options["cgroup-parent"], data_dir, runner)
         return runner
 
-    def stop_reactor() -> None:
-        # Start-up may fail before the reactor runs (twistd starts services first).
-        def stop() -> None:
-            with contextlib.suppress(ReactorNotRunning):
-                reactor.stop()
-
-        reactor.callWhenRunning(stop)
-
     return AgentService(
         AgentConfig(
             data_dir=data_dir,
@@ -352,7 +343,7 @@ def makeService(options: Options) -> IService:
         reactor,
         runner_factory,
         None,
-        on_fatal=stop_reactor,
+        on_fatal=StartFailure(reactor, "taskscheduler agent"),
         run_in_thread=lambda function: deferToThreadPool(
             reactor, reactor.getThreadPool(), function
         ),

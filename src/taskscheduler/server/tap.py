@@ -2,28 +2,32 @@
 
 ``makeService`` only builds objects. Start-up I/O (the tokens and keys, the embedded
 PostgreSQL, schema migrations, the fleet list) happens in :class:`ServerService`, which
-opens the HTTP port only once the database is ready, and stops the process cleanly if it
-never is, or if it would listen beyond loopback without operator tokens.
+opens the HTTP port only once the database is ready. If it cannot start (the database
+never answers, it would listen beyond loopback without operator tokens, it cannot
+listen...), it says why on stderr and in the log, stops what it started, and the process
+exits with status 1 (:class:`taskscheduler.daemon.StartFailure`).
 """
 
 from __future__ import annotations
 
 import os
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
-from twisted.application.internet import StreamServerEndpointService
 from twisted.application.service import IService, MultiService
 from twisted.internet import reactor as global_reactor
-from twisted.internet.defer import Deferred
+from twisted.internet.defer import CancelledError, Deferred
+from twisted.internet.error import CannotListenError
+from twisted.internet.interfaces import IListeningPort, IStreamServerEndpoint
 from twisted.internet.task import deferLater
 from twisted.logger import Logger
 from twisted.python import usage
 
 from taskscheduler.auth import (
     INSECURE_FLAG,
+    EndpointSyntaxError,
     TokenFile,
     TokenFileError,
     UnprotectedListener,
@@ -31,8 +35,10 @@ from taskscheduler.auth import (
     is_loopback_endpoint,
     is_loopback_url,
     redact_dsn,
+    split_endpoint,
 )
-from taskscheduler.embedded_pg import EmbeddedPostgres
+from taskscheduler.daemon import StartFailure
+from taskscheduler.embedded_pg import EmbeddedPostgres, EmbeddedPostgresError, PostgresSupervisor
 from taskscheduler.httpclient import DaemonHTTP
 from taskscheduler.server.access import ServerAccess
 from taskscheduler.server.api import DEFAULT_REPORT_GRACE, ServerAPI
@@ -284,6 +290,24 @@ def parse_retention_days(text: str | None) -> int:
     return days
 
 
+def listen_endpoint(
+    reactor: Any, listen: str, client_ca_file: str | None = None
+) -> IStreamServerEndpoint:
+    """The endpoint ``--listen`` describes; :class:`EndpointSyntaxError` if Twisted cannot
+    parse it (its parsers fail with ValueError, TypeError, IndexError... and a message
+    that does not name the option)."""
+    try:
+        split_endpoint(listen)  # our own reading of it (loopback or not) must work too
+        return server_endpoint(reactor, listen, client_ca_file)
+    except (TLSConfigError, OSError):
+        raise  # the description parsed; a file it names is the problem
+    except (ValueError, TypeError, LookupError, RuntimeError) as e:
+        raise EndpointSyntaxError(
+            f"cannot parse --listen {listen!r} as a Twisted endpoint description "
+            f"({e or type(e).__name__}); e.g. tcp:8080:interface=127.0.0.1"
+        ) from None
+
+
 def _positive_number(text: str | None, name: str) -> float:
     try:
         value = float(text or "")
@@ -294,18 +318,40 @@ def _positive_number(text: str | None, name: str) -> float:
     return value
 
 
+#: Start-up failures an operator fixes from the message alone (which never holds a
+#: secret): logged without a traceback.
+OPERATOR_ERRORS = (
+    UnprotectedListener,
+    EndpointSyntaxError,
+    TokenFileError,
+    KeyFileError,
+    TLSConfigError,
+    usage.UsageError,
+    CannotListenError,
+    StoreUnavailable,
+    EmbeddedPostgresError,
+)
+
+
 class ServerService(MultiService):
-    """Brings the database up, then the dispatcher and the HTTP port; tears down in reverse."""
+    """Brings the database up, then the dispatcher and the HTTP port; tears down in reverse.
+
+    ``on_fatal`` is called with a one-line reason if start-up fails: it must stop the
+    process (:class:`taskscheduler.daemon.StartFailure`).
+    """
 
     log = Logger()
 
-    def __init__(self, options: Options, reactor: Any) -> None:
+    def __init__(self, options: Options, reactor: Any, on_fatal: Callable[[str], None]) -> None:
         super().__init__()
         self._options = options
         self._reactor = reactor
+        self._on_fatal = on_fatal
+        self._stopping = False
         self._embedded: EmbeddedPostgres | None = None
         self._store: PostgresStore | None = None
         self._http: DaemonHTTP | None = None
+        self._port: IListeningPort | None = None
         self._started: Deferred[None] | None = None
 
     def startService(self) -> None:
@@ -314,17 +360,16 @@ class ServerService(MultiService):
         self._started.addErrback(self._failed_to_start)
 
     def _failed_to_start(self, failure: Any) -> None:
-        if failure.check(
-            UnprotectedListener, TokenFileError, KeyFileError, TLSConfigError, usage.UsageError
-        ):
-            # Operator errors: the message says it all (and never holds a secret).
-            self.log.error(
-                "taskscheduler server could not start: {error}", error=failure.getErrorMessage()
-            )
+        if failure.check(CancelledError) and self._stopping:
+            return  # stopped (SIGTERM, Ctrl-C) while starting: not a failure
+        if failure.check(*OPERATOR_ERRORS):
+            reason = failure.getErrorMessage()
+            self.log.error("taskscheduler server could not start: {error}", error=reason)
         else:
+            reason = f"{failure.type.__name__}: {failure.getErrorMessage()} (see the log)"
             self.log.failure("taskscheduler server could not start", failure)
-        # Also when this happens before the reactor runs: stop it as soon as it does.
-        self._reactor.callWhenRunning(self._reactor.stop)
+        # Stops the process, which stops this service and whatever it started.
+        self._on_fatal(reason)
 
     def _load_secrets(self) -> tuple[TokenFile | None, TokenFile | None, InstructionSigner]:
         options = self._options
@@ -355,23 +400,27 @@ class ServerService(MultiService):
 
     async def _start(self) -> None:
         options = self._options
+        # First, so that a --listen Twisted cannot parse is said to be that, and bad TLS
+        # files stop the server before it starts a database.
+        endpoint = listen_endpoint(self._reactor, options["listen"], options["tls-client-ca"])
         os.makedirs(options["data-dir"], exist_ok=True)
         tokens, joins, signer = self._load_secrets()
-        # Built before the database so that bad TLS files stop the server at once.
-        endpoint = server_endpoint(self._reactor, options["listen"], options["tls-client-ca"])
         self._http = DaemonHTTP(
             self._reactor, options["agent-ca"], options["client-cert"], options["client-key"]
         )
         dsn = options["database"]
         if not dsn:
-            self._embedded = EmbeddedPostgres(os.path.join(options["data-dir"], "postgres"))
+            self._embedded = EmbeddedPostgres(
+                os.path.join(options["data-dir"], "postgres"), self._reactor
+            )
             dsn = await self._embedded.start()
             self.log.info("embedded PostgreSQL is up in {path}", path=self._embedded.data_dir)
+            PostgresSupervisor(self._embedded, self._reactor).setServiceParent(self)
         else:
             self.log.info("using the database {dsn}", dsn=redact_dsn(dsn))
         store = PostgresStore(dsn, reactor=self._reactor)
-        await self._connect(store, options["database-wait"])
         self._store = store
+        await self._connect(store, options["database-wait"])
         await store.set_fleet(options["agents"])
         if not options["agents"]:
             self.log.warn("AVAILABLE_SERVERS is empty: tasks will be stored but run nowhere")
@@ -408,7 +457,9 @@ class ServerService(MultiService):
         site = make_site(
             api.resource(), options["max-body-bytes"], idle_timeout=options["idle-timeout"]
         )
-        StreamServerEndpointService(endpoint, site).setServiceParent(self)
+        # Listened to here rather than by a StreamServerEndpointService, which only logs
+        # a port it cannot open and leaves a server running that nobody can reach.
+        self._port = await endpoint.listen(site)
         for warning in plaintext_warnings(options["listen"], options["agents"]):
             self.log.warn("{warning}", warning=warning)
         self.log.info(
@@ -427,14 +478,21 @@ class ServerService(MultiService):
                 return
             except StoreUnavailable as e:
                 if self._reactor.seconds() + delay > deadline:
-                    raise
+                    raise StoreUnavailable(
+                        f"the database did not answer within {wait:g} s (--database-wait): {e}"
+                    ) from e
                 self.log.warn("database not reachable yet ({error}); retrying", error=str(e))
                 await deferLater(self._reactor, delay, lambda: None)
                 delay = min(delay * 2, 5.0)
 
     async def _stop(self) -> None:
+        self._stopping = True
         if self._started is not None and not self._started.called:
             self._started.cancel()
+        if self._port is not None:
+            stopped = self._port.stopListening()
+            if stopped is not None:
+                await stopped
         await super().stopService()
         if self._http is not None:
             await self._http.close()
@@ -448,7 +506,9 @@ class ServerService(MultiService):
 
 
 def makeService(options: Options) -> IService:
-    return ServerService(options, global_reactor)
+    return ServerService(
+        options, global_reactor, StartFailure(global_reactor, "taskscheduler server")
+    )
 
 
 __all__: Sequence[str] = ["Options", "makeService"]
