@@ -15,7 +15,14 @@ from tests.integration.daemons import Daemon, Fleet, free_port, http, running_fl
 pytestmark = pytest.mark.integration
 
 #: What a run's environment may hold: ours, plus what /bin/sh adds itself.
-ALLOWED = {"PATH", "LANG", "HOME", "TASKSCHEDULER_TASK_ID", "TASKSCHEDULER_SCHEDULED_AT"}
+ALLOWED = {
+    "PATH",
+    "LANG",
+    "HOME",
+    "TASKSCHEDULER_TASK_ID",
+    "TASKSCHEDULER_SCHEDULED_AT",
+    "TASKSCHEDULER_RUN_ID",
+}
 SHELL_OWN = {"PWD", "OLDPWD", "SHLVL", "_"}
 AGENT_SECRET = "hunter2-" + uuid.uuid4().hex
 
