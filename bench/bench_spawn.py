@@ -140,7 +140,7 @@ def variants(reactor: Any) -> dict[str, Callable[[], defer.Deferred[Any]]]:
     else:
         found["runner, cgroup"] = through(make_runner(cgroups))
     subreaped = make_runner()
-    subreaped.containment = SubreaperContainment(subreaped.is_run_shell, subreaped.live_run_ids)
+    subreaped.containment = SubreaperContainment(subreaped.is_run_shell, subreaped.live_markers)
     found["runner, subreaper"] = through(subreaped)
     return found
 

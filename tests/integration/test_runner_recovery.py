@@ -56,7 +56,7 @@ class LeftRun:
             stdin=subprocess.DEVNULL,
             stdout=out,
             stderr=err,
-            env={"PATH": "/usr/bin:/bin", RUN_ID_VARIABLE: self.id},
+            env={"PATH": "/usr/bin:/bin", RUN_ID_VARIABLE: new_runner(runs).marker(self.id)},
             preexec_fn=descriptor_9,
             close_fds=False,  # else descriptor 9 would be closed after preexec_fn
         )

@@ -79,9 +79,9 @@ def test_spawns_the_supervising_shell_under_setsid_with_an_explicit_environment(
     [call] = reactor.spawned
     assert call.executable == SETSID == "/usr/bin/setsid"
     assert call.args == [SETSID, "/bin/sh", "-c", SUPERVISOR, "sh", "", "echo hi | tr a-z A-Z"]
-    assert (
-        call.env is not None and call.env[RUN_ID_VARIABLE] == f"20261130T120000.000000Z_{task_id}"
-    )
+    # Unique on the host: the agent's instance, then the run (several agents share hosts).
+    assert call.env is not None
+    assert call.env[RUN_ID_VARIABLE] == f"{runner.instance}.20261130T120000.000000Z_{task_id}"
     assert env_of(call) == {"PATH": "/usr/bin:/bin", "LANG": "C.UTF-8", "TASK_ID": "t1"}
     # Any of these would make Twisted fork instead of posix_spawn, and usePTY merges streams.
     assert (call.path, call.uid, call.gid) == (None, None, None)

@@ -197,7 +197,7 @@ class Recovery:
             with contextlib.suppress(OSError):
                 os.killpg(record.pid, signum)
             if signum == signal.SIGKILL:
-                for pid in processes_of_run(run):
+                for pid in processes_of_run(self._runner.marker(run)):
                     with contextlib.suppress(OSError):
                         os.kill(pid, signum)
 
@@ -280,7 +280,7 @@ class Recovery:
             else:
                 with contextlib.suppress(OSError):
                     group.rmdir()
-        for pid in processes_of_run(run):
+        for pid in processes_of_run(self._runner.marker(run)):
             with contextlib.suppress(OSError):
                 os.kill(pid, signal.SIGKILL)
 

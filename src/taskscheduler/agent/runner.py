@@ -40,6 +40,7 @@ cgroup) is a handful of metadata calls with no fsync.
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import os
 import signal
 import time
@@ -118,6 +119,7 @@ class _Run(ProcessProtocol):
     ) -> None:
         self._runner = runner
         self.run_id = run
+        self.marker = runner.marker(run)
         self._key = key
         self._time_limit = time_limit
         self.started_at = datetime.fromtimestamp(runner.wall_clock(), UTC)
@@ -195,7 +197,7 @@ class _Run(ProcessProtocol):
 
     def _signal(self, signum: int) -> None:
         try:
-            self._runner.containment.signal(self.run_id, self.pid, signum)
+            self._runner.containment.signal(self.marker, self.pid, signum)
         except ProcessLookupError:
             # No such group: the child has not reached setsid() yet, so the child itself
             # is still the one to signal.
@@ -229,7 +231,7 @@ class _Run(ProcessProtocol):
             self._cancel(name)
         # A run owns all it started: what it left behind does not outlive it.
         try:
-            self._runner.containment.release(self.run_id, self.pid)
+            self._runner.containment.release(self.marker, self.pid)
         except OSError as e:
             self.log.warn("{run}: could not clean up: {error}", run=self._name(), error=e)
         exit_code = getattr(self._exit, "exitCode", None)
@@ -304,6 +306,9 @@ class ProcessRunner:
         self.environment = dict(environment)
         self.files = RunFiles(runs_dir)
         self.files.create()
+        #: Tells this agent's runs from other agents' on the same host (stable across
+        #: restarts: a restarted agent finds its runs by it).
+        self.instance = hashlib.sha256(str(runs_dir.resolve()).encode()).hexdigest()[:12]
         self.output_cap = output_cap
         self.kill_grace = kill_grace
         self.wall_clock = wall_clock
@@ -329,7 +334,17 @@ class ProcessRunner:
         return len(self._runs) + len(self._recovering)
 
     def live_run_ids(self) -> list[str]:
+        """The file ids of the runs in flight."""
         return [run.run_id for run in self._runs] + list(self._recovering)
+
+    def live_markers(self) -> list[str]:
+        """The ``TASKSCHEDULER_RUN_ID`` of the runs in flight."""
+        return [self.marker(run) for run in self.live_run_ids()]
+
+    def marker(self, run: str) -> str:
+        """What marks every process of ``run`` in its environment, unique on the host:
+        several agents on one host run the same (task, instant)."""
+        return f"{self.instance}.{run}"
 
     def is_run_shell(self, pid: int) -> bool:
         """Whether ``pid`` is the shell of a run this agent spawned (and reaps)."""
@@ -354,10 +369,10 @@ class ProcessRunner:
         else:
             run_name = run_id(*key)
         run = _Run(self, run_name, key, time_limit)
-        env = {**self.environment, **extra_env, RUN_ID_VARIABLE: run_name}
+        env = {**self.environment, **extra_env, RUN_ID_VARIABLE: run.marker}
         fds: list[int] = []
         try:
-            cgroup_procs = self.containment.prepare(run_name)
+            cgroup_procs = self.containment.prepare(run.marker)
             out, err = self.files.open_outputs(run_name)
             fds += [out, err]
             exit_file = os.open(
@@ -386,7 +401,7 @@ class ProcessRunner:
                 command=command[:_LOGGED_COMMAND_CHARS],
             )
             with contextlib.suppress(OSError):
-                self.containment.release(run_name, None)
+                self.containment.release(run.marker, None)
             self._run_in_thread(lambda: self.files.remove(run_name))
             now = self.wall_clock()
             message = f"taskscheduler: could not start the command: {e}\n".encode(
@@ -412,7 +427,7 @@ class ProcessRunner:
             self._pids.add(pid)
             if self.run_as is not None:
                 # The shell joins its cgroup itself, unless its user may not write there.
-                self.containment.adopt(run_name, pid)
+                self.containment.adopt(run.marker, pid)
             cgroup = None if cgroup_procs is None else str(Path(cgroup_procs).parent)
             started_at = run.started_at
             if key is not None:

@@ -382,7 +382,7 @@ def choose_containment(setting: str, data_dir: Path, runner: Any) -> Containment
                 log.info("each run gets a cgroup of its own under {parent}", parent=str(parent))
                 return containment
     log.info("the agent is the subreaper of its runs (no cgroup per run)")
-    return SubreaperContainment(runner.is_run_shell, runner.live_run_ids)
+    return SubreaperContainment(runner.is_run_shell, runner.live_markers)
 
 
 def _path(value: str | None) -> Path | None:
