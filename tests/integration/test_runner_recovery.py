@@ -17,13 +17,13 @@ from collections.abc import Iterator
 from dataclasses import replace
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import pytest
 import pytest_twisted
 from twisted.internet import reactor as _reactor
 
-from taskscheduler.agent.containment import RUN_ID_VARIABLE
+from taskscheduler.agent.containment import RUN_ID_VARIABLE, processes_of_run
 from taskscheduler.agent.outcome import REATTACHED
 from taskscheduler.agent.runfiles import RunFiles, RunRecord, boot_id, process_start_ticks, run_id
 from taskscheduler.agent.runner import SETSID, SHELL, SUPERVISOR, ProcessRunner
@@ -39,9 +39,21 @@ DEADLINE = 20.0
 class LeftRun:
     """A run as a crashed agent leaves it: a live process, its files, its record."""
 
-    def __init__(self, runs: Path, command: str, time_limit: float, started_ago: float) -> None:
-        self.task_id = uuid.uuid4()
-        self.scheduled_at = datetime.now(UTC) - timedelta(seconds=started_ago)
+    #: Every run's marker, so that the ``runs`` fixture can kill whatever is left.
+    markers: ClassVar[list[str]] = []
+
+    def __init__(
+        self,
+        runs: Path,
+        command: str,
+        time_limit: float,
+        started_ago: float,
+        key: tuple[uuid.UUID, datetime] | None = None,
+    ) -> None:
+        self.task_id, self.scheduled_at = key or (
+            uuid.uuid4(),
+            datetime.now(UTC) - timedelta(seconds=started_ago),
+        )
         self.id = run_id(self.task_id, self.scheduled_at)
         self.files = RunFiles(runs)
         self.files.create()
@@ -56,7 +68,7 @@ class LeftRun:
             stdin=subprocess.DEVNULL,
             stdout=out,
             stderr=err,
-            env={"PATH": "/usr/bin:/bin", RUN_ID_VARIABLE: new_runner(runs).marker(self.id)},
+            env={"PATH": "/usr/bin:/bin", RUN_ID_VARIABLE: self.marker(runs)},
             preexec_fn=descriptor_9,
             close_fds=False,  # else descriptor 9 would be closed after preexec_fn
         )
@@ -74,6 +86,11 @@ class LeftRun:
         )
         self.files.write_record(self.id, self.record)
 
+    def marker(self, runs: Path) -> str:
+        marker = new_runner(runs).marker(self.id)
+        LeftRun.markers.append(marker)
+        return marker
+
     def wait(self) -> int:
         return self.process.wait(DEADLINE)
 
@@ -83,14 +100,10 @@ def runs(tmp_path: Path) -> Iterator[Path]:
     folder = tmp_path / "runs"
     yield folder
     # Nothing a test started may survive it, whatever it asserted.
-    for entry in Path("/proc").iterdir():
-        if entry.name.isdigit():
-            try:
-                environ = (entry / "environ").read_bytes()
-            except OSError:
-                continue
-            if f"{RUN_ID_VARIABLE}=".encode() in environ and str(tmp_path).encode() in environ:
-                os.kill(int(entry.name), signal.SIGKILL)
+    for marker in LeftRun.markers:
+        for pid in processes_of_run(marker):
+            os.kill(pid, signal.SIGKILL)
+    LeftRun.markers.clear()
 
 
 def new_runner(runs: Path) -> ProcessRunner:
@@ -219,3 +232,21 @@ async def test_a_run_the_agent_was_ending_at_its_limit_when_it_died_is_timed_out
     outcome = await outcome_of(recovered)
     assert (outcome.status, outcome.exit_code) == (ResultStatus.TIMED_OUT, None)
     assert outcome.reason is not None and "time limit" in outcome.reason
+
+
+@pytest_twisted.ensureDeferred
+async def test_what_a_run_left_is_told_from_another_agents_run_of_the_same_instant(
+    tmp_path: Path, runs: Path
+) -> None:
+    # Two agents on one host run the same task at the same instant.
+    mine = LeftRun(runs, "sleep 300", 30, started_ago=1)
+    mine.files.path(mine.id, "json").unlink()  # its record never written: found by its id
+    theirs = LeftRun(
+        tmp_path / "other-agent" / "runs", "sleep 300", 30, 1, key=(mine.task_id, mine.scheduled_at)
+    )
+    [recovered] = new_runner(runs).recover()
+    await outcome_of(recovered)
+    assert dies_within(mine.process.pid, 5)
+    assert theirs.process.poll() is None, "the other agent's run was killed"
+    theirs.process.kill()
+    theirs.wait()
