@@ -27,6 +27,7 @@ from typing import Any
 import psycopg2
 from psycopg2.extensions import make_dsn
 
+from taskscheduler.agent.runfiles import live_runs_in
 from taskscheduler.schedule import format_instant
 from tests.integration.daemons import Daemon, Fleet, http, wait_for
 
@@ -225,10 +226,9 @@ def witnessed(fleet: Fleet, index: int) -> list[str]:
 
 
 def markers_left(fleet: Fleet, index: int) -> list[str]:
-    """Names of the run records in the agent's data folder (runs whose result is not yet
-    safe in its spool: going, or just ended)."""
-    folder = fleet.agents[index].workdir / "data" / "runs"
-    return sorted(p.name for p in folder.glob("*.json")) if folder.exists() else []
+    """The runs the agent's run journal holds (runs whose result is not yet safe in its
+    spool: going, or just ended), as ``<instant>_<task id>``."""
+    return live_runs_in(fleet.agents[index].workdir / "data" / "runs")
 
 
 def marker_instant(name: str) -> str:

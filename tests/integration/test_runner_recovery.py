@@ -25,8 +25,8 @@ from twisted.internet import reactor as _reactor
 
 from taskscheduler.agent.containment import RUN_ID_VARIABLE, processes_of_run
 from taskscheduler.agent.outcome import REATTACHED
-from taskscheduler.agent.runfiles import RunFiles, RunRecord, boot_id, process_start_ticks, run_id
-from taskscheduler.agent.runner import SETSID, SHELL, SUPERVISOR, ProcessRunner
+from taskscheduler.agent.runfiles import RunFiles, RunRecord, boot_id, run_id
+from taskscheduler.agent.runner import SETSID, SHELL, SUPERVISOR, ProcessRunner, instance_of
 from taskscheduler.protocol import ResultStatus
 from tests.integration.test_runner_processes import dies_within
 
@@ -55,10 +55,10 @@ class LeftRun:
             datetime.now(UTC) - timedelta(seconds=started_ago),
         )
         self.id = run_id(self.task_id, self.scheduled_at)
+        # The files as the crashed agent had them, through a RunFiles of its own.
         self.files = RunFiles(runs)
         self.files.create()
-        out, err = self.files.open_outputs(self.id)
-        status = os.open(self.files.path(self.id, "exit"), os.O_WRONLY | os.O_CREAT, 0o600)
+        out, err, status = self.files.begin(self.id)
 
         def descriptor_9() -> None:
             os.dup2(status, 9)
@@ -80,14 +80,13 @@ class LeftRun:
             started_at=self.scheduled_at,
             time_limit=time_limit,
             pid=self.process.pid,
-            start_ticks=process_start_ticks(self.process.pid),
             boot_id=boot_id(),
             cgroup=None,
         )
-        self.files.write_record(self.id, self.record)
+        self.files.started(self.id, self.record)
 
     def marker(self, runs: Path) -> str:
-        marker = new_runner(runs).marker(self.id)
+        marker = f"{instance_of(runs)}.{self.id}"
         LeftRun.markers.append(marker)
         return marker
 
@@ -142,9 +141,11 @@ async def test_a_run_that_ended_while_the_agent_was_down_is_reported_with_its_st
     assert (outcome.status, outcome.exit_code) == (ResultStatus.SUCCEEDED, 0)
     assert (outcome.stdout.data, outcome.stderr.data) == (b"all done\n", b"warn\n")
     assert outcome.reason is not None and outcome.reason.startswith(REATTACHED)
-    # Its files go once the result is safe elsewhere.
+    # Its files go once the result is safe elsewhere: its slot is empty, the journal
+    # forgets it, and a later restart finds nothing.
     runner.discard((left.task_id, left.scheduled_at))
-    assert list(runs.iterdir()) == []
+    assert all(path.stat().st_size == 0 for path in runs.glob("slot-*.out"))
+    assert new_runner(runs).recover() == []
 
 
 @pytest_twisted.ensureDeferred
@@ -197,9 +198,9 @@ async def test_a_run_of_another_boot_is_lost_and_a_run_without_record_is_killed(
     runs: Path,
 ) -> None:
     rebooted = LeftRun(runs, "sleep 300", 30, started_ago=1)
-    rebooted.files.write_record(rebooted.id, replace(rebooted.record, boot_id="another-boot"))
+    rebooted.files.started(rebooted.id, replace(rebooted.record, boot_id="another-boot"))
     unrecorded = LeftRun(runs, "sleep 300", 30, started_ago=1)
-    unrecorded.files.path(unrecorded.id, "json").unlink()  # died between spawn and record
+    unrecorded.files.remove(unrecorded.id)  # as if it died between spawn and journal line
     recovered = {r.task_id: r for r in new_runner(runs).recover()}
 
     lost = await outcome_of(recovered[rebooted.task_id])
@@ -217,7 +218,7 @@ def test_a_run_whose_result_was_already_spooled_is_only_cleaned_up(runs: Path) -
     left = LeftRun(runs, "true", 30, started_ago=1)
     left.wait()
     assert new_runner(runs).recover(lambda task_id, at: task_id == left.task_id) == []
-    assert list(runs.iterdir()) == []
+    assert new_runner(runs).recover() == []
 
 
 @pytest_twisted.ensureDeferred
@@ -240,7 +241,7 @@ async def test_what_a_run_left_is_told_from_another_agents_run_of_the_same_insta
 ) -> None:
     # Two agents on one host run the same task at the same instant.
     mine = LeftRun(runs, "sleep 300", 30, started_ago=1)
-    mine.files.path(mine.id, "json").unlink()  # its record never written: found by its id
+    mine.files.remove(mine.id)  # its journal line never written: found by its id
     theirs = LeftRun(
         tmp_path / "other-agent" / "runs", "sleep 300", 30, 1, key=(mine.task_id, mine.scheduled_at)
     )

@@ -16,6 +16,7 @@ from twisted.internet.defer import Deferred
 from twisted.logger import ILogObserver, LogEvent, formatEvent, globalLogPublisher
 
 from taskscheduler.agent.containment import RUN_ID_VARIABLE
+from taskscheduler.agent.runfiles import live_runs_in, run_id
 from taskscheduler.agent.runner import SETSID, SUPERVISOR, ProcessRunner, RunOutcome
 from taskscheduler.protocol import Output, ResultStatus
 from tests.unit.fakes_process import FakeProcessReactor, GroupKiller
@@ -310,14 +311,21 @@ def test_a_runs_files_stay_until_its_result_is_durable_elsewhere_then_go() -> No
     runner, reactor, _ = make_runner()
     key = (uuid.uuid4(), datetime(2026, 11, 30, tzinfo=UTC))
     d = runner.run("cmd", 60, key=key)
-    assert len(list(runner.files.directory.iterdir())) == 4  # out, err, exit, record
     reactor.last.write(2, b"oops\n")
     reactor.last.finish(1)
     assert result_of(d).stderr.data == b"oops\n"
     # A crash now must still find the run: its result is not spooled yet.
-    assert len(list(runner.files.directory.iterdir())) == 4
+    assert live_runs_in(runner.files.directory) == [run_id(*key)]
     runner.discard(key)
-    assert list(runner.files.directory.iterdir()) == []
+    assert live_runs_in(runner.files.directory) == []
+    # Its slot is emptied for the next run: no file is made per run.
+    slots = sorted(p.name for p in runner.files.directory.glob("slot-*"))
+    assert slots == ["slot-0.err", "slot-0.exit", "slot-0.out"]
+    outputs = [runner.files.directory / f"slot-0.{kind}" for kind in ("out", "err")]
+    assert all(path.stat().st_size == 0 for path in outputs)
+    d = runner.run("cmd", 60)
+    reactor.last.finish(0)
+    assert sorted(p.name for p in runner.files.directory.glob("slot-*")) == slots
 
 
 # -- running and terminate_all -----------------------------------------------------------

@@ -226,6 +226,22 @@ def processes_of_run(run_id: str, proc: Path = _PROC) -> list[int]:
     return found
 
 
+def processes_by_run(prefix: str, proc: Path = _PROC) -> dict[str, list[int]]:
+    """Every live process whose ``TASKSCHEDULER_RUN_ID`` starts with ``prefix``, by run id
+    (one scan of /proc)."""
+    found: dict[str, list[int]] = {}
+    needle = f"{RUN_ID_VARIABLE}={prefix}".encode()
+    for entry in proc.iterdir():
+        if not entry.name.isdigit():
+            continue
+        for item in environment_of(int(entry.name), proc).split(b"\0"):
+            if item.startswith(needle):
+                run = item[len(RUN_ID_VARIABLE) + 1 :].decode("ascii", "replace")
+                found.setdefault(run, []).append(int(entry.name))
+                break
+    return found
+
+
 def children_of(pid: int, proc: Path = _PROC) -> list[int]:
     """The children of process ``pid`` (every thread's), from /proc."""
     children: list[int] = []

@@ -1,7 +1,7 @@
 """Runs a previous life of the agent left: found again at start-up, and followed to their end.
 
-The runner leaves, per run, its output files, its record and (once its shell has ended)
-its exit status (:mod:`taskscheduler.agent.runfiles`). For each run left:
+The runner leaves, per run, a journal line, its output files and (once its shell has
+ended) its exit status (:mod:`taskscheduler.agent.runfiles`). For each run left:
 
 - **still going** (same boot, its pid alive with the recorded start time): re-attached:
   watched through a pidfd until it ends, its time limit counting from its start (a run
@@ -11,8 +11,8 @@ its exit status (:mod:`taskscheduler.agent.runfiles`). For each run left:
   ``timed_out`` if the agent had begun to end it at its limit, or ``failed`` if a signal
   ended it (which one cannot be known: its parent was not the agent);
 - **of another boot of the host**: ``lost``, the one outcome that cannot be known;
-- **without a record** (the agent died between the spawn and the record): ``lost``, and
-  whatever it started is found by its run id and killed.
+- **not in the journal** (the agent died between the spawn and the journal line): found
+  by its run id in ``/proc``, killed, and reported ``lost``.
 
 Whatever a finished run left behind is killed by its cgroup or, failing that, found by
 its run id in ``/proc``.
@@ -29,15 +29,20 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
-from twisted.internet.defer import Deferred
+from twisted.internet.defer import Deferred, succeed
 from twisted.internet.interfaces import IDelayedCall, IReadDescriptor
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
-from taskscheduler.agent.containment import CgroupContainment, processes_of_run
+from taskscheduler.agent.containment import (
+    CgroupContainment,
+    processes_by_run,
+    processes_of_run,
+    run_id_of,
+)
 from taskscheduler.agent.outcome import REATTACHED, RecoveredRun, RunOutcome, status_of
-from taskscheduler.agent.runfiles import RunRecord, parse_run_id, process_start_ticks
+from taskscheduler.agent.runfiles import RunRecord, parse_run_id, process_is_running
 from taskscheduler.protocol import Output, ResultStatus
 from taskscheduler.schedule import format_instant
 
@@ -105,15 +110,56 @@ class Recovery:
                 recovered.append(self._recover(run, task_id, scheduled_at))
             except Exception:
                 self.log.failure("could not recover run {run}", run=run)
+        recovered += self._unrecorded(reported, {(r.task_id, r.scheduled_at) for r in recovered})
         return recovered
+
+    def _unrecorded(
+        self,
+        reported: Callable[[uuid.UUID, datetime], bool],
+        known: set[tuple[uuid.UUID, datetime]],
+    ) -> list[RecoveredRun]:
+        """Runs whose start never reached the journal (the agent died as they started):
+        found by their run id in /proc, killed, and reported ``lost``."""
+        prefix = self._runner.marker("")
+        lost = []
+        for marker, pids in processes_by_run(prefix).items():
+            run = marker[len(prefix) :]
+            if run in self._runner._recovering:
+                continue  # re-attached: it ends as it will
+            for pid in pids:
+                with contextlib.suppress(OSError):
+                    os.kill(pid, signal.SIGKILL)
+            try:
+                key = parse_run_id(run)
+            except ValueError:
+                continue
+            if key in known or reported(*key):
+                continue
+            self.log.warn(
+                "task {task_id}: killed its run of {scheduled_at}, which the agent had "
+                "started as it stopped, unrecorded",
+                task_id=str(key[0]),
+                scheduled_at=format_instant(key[1]),
+            )
+            now = datetime.fromtimestamp(self._runner.wall_clock(), UTC)
+            outcome = RunOutcome(
+                status=ResultStatus.LOST,
+                exit_code=None,
+                signal=None,
+                started_at=now,
+                finished_at=now,
+                duration=0.0,
+                stdout=Output(),
+                stderr=Output(),
+                reason="the agent stopped as the run started; its outcome is unknown",
+            )
+            lost.append(RecoveredRun(key[0], key[1], None, succeed(outcome), still_running=False))
+            known.add(key)
+        return lost
 
     def _recover(self, run: str, task_id: uuid.UUID, scheduled_at: datetime) -> RecoveredRun:
         now = self._runner.wall_clock()
-        try:
-            record = self._runner.files.read_record(run)
-        except (OSError, ValueError, KeyError, TypeError) as e:
-            self.log.warn("the record of run {run} is unreadable: {error}", run=run, error=str(e))
-            record = None
+        record = self._runner.files.read_record(run)
         exit_code = self._runner.files.read_exit(run)
 
         def finished(
@@ -144,14 +190,13 @@ class Recovery:
                 still_running=False,
             )
 
-        if record is None:
-            return finished(
-                ResultStatus.LOST, "the agent stopped as the run started; its outcome is unknown"
-            )
+        assert record is not None  # the journal's leftovers all have their record
+        # A pid names the run's shell only if that process carries the run's own id: a
+        # pid reused since by another process does not.
         alive = (
             record.boot_id == self._runner._boot_id
-            and record.start_ticks is not None
-            and process_start_ticks(record.pid) == record.start_ticks
+            and process_is_running(record.pid)
+            and run_id_of(record.pid) == self._runner.marker(run)
         )
         if exit_code is not None and not alive:
             return finished(

@@ -10,9 +10,9 @@ Every run is ``setsid /bin/sh -c SUPERVISOR <cgroup.procs> <command>``, started 
 - **The shell supervises the command.** Its first act is to join the run's cgroup
   (:mod:`taskscheduler.agent.containment`), before it starts anything; it then evaluates
   the command itself (``eval``, no second shell), and as it exits writes the exit status
-  to a file it holds as descriptor 9 (closed for the command). A command therefore runs
-  exactly as under ``sh -c``, and a restarted agent learns how a run ended while it
-  was down.
+  (three digits) to a file it holds as descriptor 9 (closed for the command). A command
+  therefore runs exactly as under ``sh -c``, and a restarted agent learns how a run
+  ended while it was down.
 - **Output goes to files** (:mod:`taskscheduler.agent.runfiles`), not pipes: a run's
   output does not depend on the agent being alive, and the agent holds no descriptor per
   run in flight (Twisted's posix_spawn path lists and inspects every open descriptor at
@@ -25,16 +25,19 @@ Every run is ``setsid /bin/sh -c SUPERVISOR <cgroup.procs> <command>``, started 
 - **Nothing of a run survives it.** When the shell exits, whatever is left of the run
   (background jobs, processes that left the group or the session) is killed at once
   through the containment (a cgroup per run, or the agent as subreaper).
-- **A record per run** names its process group, the kernel's start time of that pid and
-  its cgroup: :meth:`ProcessRunner.recover` finds every run a previous life of the agent
-  left, re-attaches to those still going (their time limit still holds) and reports the
-  others as they ended; ``lost`` is left for runs whose outcome cannot be known.
+- **A journal line per run** names its process group and its cgroup; every process of
+  the run carries the run's id in its environment (``TASKSCHEDULER_RUN_ID``), which also
+  tells the run's shell from a process that reused its pid. :meth:`ProcessRunner.recover`
+  finds every run a previous life of the agent left, re-attaches to those still going
+  (their time limit still holds) and reports the others as they ended; ``lost`` is left
+  for runs whose outcome cannot be known.
 - **Shutdown.** :meth:`ProcessRunner.terminate_all` ends every run as the time limit
   would; runs it cut short report ``LOST``.
 
-File work (records, reading output, trimming, removal) runs through ``run_in_thread``,
-off the reactor; what must happen before the spawn (opening the three files, making the
-cgroup) is a handful of metadata calls with no fsync.
+Per run the agent makes a handful of short system calls besides the spawn: it opens the
+three files of a reused slot, appends a line to the run journal, reads the output
+(on a thread when it is large) and empties the slot; no file is created, nothing is
+fsynced (see :mod:`taskscheduler.agent.runfiles`).
 """
 
 from __future__ import annotations
@@ -70,7 +73,6 @@ from taskscheduler.agent.runfiles import (
     RunFiles,
     RunRecord,
     boot_id,
-    process_start_ticks,
     run_id,
 )
 from taskscheduler.protocol import Output, ResultStatus
@@ -86,11 +88,13 @@ SHELL = "/bin/sh"
 SUPERVISOR = (
     '[ -z "$1" ] || { echo 0 >"$1"; } 2>/dev/null; '
     "__taskscheduler_command=$2; shift 2; "
-    "trap 'echo $? >&9' EXIT; "
+    "trap 'printf \"%03d\\n\" $? >&9' EXIT; "
     'eval "$__taskscheduler_command" 9>&-'
 )
 #: The descriptor the shell writes its exit status to.
 EXIT_FD = 9
+#: Output up to this many bytes is read on the reactor when a run ends; more, on a thread.
+SMALL_OUTPUT = 64 * 1024
 #: How often the output files of runs in flight are trimmed to the cap.
 TRIM_INTERVAL = 0.5
 #: After a run ends, the containment is tidied this many seconds later, and again (up to
@@ -99,6 +103,11 @@ TIDY_DELAY = 0.2
 TIDY_ATTEMPTS = 25
 #: Longest piece of a command quoted in a log line.
 _LOGGED_COMMAND_CHARS = 200
+
+
+def instance_of(runs_dir: Path) -> str:
+    """The runner instance of an agent whose runs are in ``runs_dir``."""
+    return hashlib.sha256(str(runs_dir.resolve()).encode()).hexdigest()[:12]
 
 
 def run_here(function: Callable[[], Any]) -> Deferred[Any]:
@@ -132,7 +141,6 @@ class _Run(ProcessProtocol):
         self._finished = False
         self._limit_call: IDelayedCall | None = None
         self._kill_call: IDelayedCall | None = None
-        self.recorded: Deferred[None] = succeed(None)  # the run record is on disk
         self.done: Deferred[RunOutcome] = Deferred()
         self._waiters: list[Deferred[None]] = []
 
@@ -267,10 +275,7 @@ class _Run(ProcessProtocol):
             stderr=Output(),
             pid=self.pid,
         )
-        # The record may still be on its way to the disk: read (and later remove) after it.
-        self.recorded.addBoth(lambda _: self._runner._collect(self.run_id, outcome)).chainDeferred(
-            self.done
-        )
+        self._runner._collect(self.run_id, outcome).chainDeferred(self.done)
 
 
 class ProcessRunner:
@@ -308,7 +313,7 @@ class ProcessRunner:
         self.files.create()
         #: Tells this agent's runs from other agents' on the same host (stable across
         #: restarts: a restarted agent finds its runs by it).
-        self.instance = hashlib.sha256(str(runs_dir.resolve()).encode()).hexdigest()[:12]
+        self.instance = instance_of(runs_dir)
         self.output_cap = output_cap
         self.kill_grace = kill_grace
         self.wall_clock = wall_clock
@@ -325,8 +330,8 @@ class ProcessRunner:
         self._recovering: dict[str, None] = {}  # re-attached runs still going
         self._trimmer = LoopingCall(self._trim)
         self._trimmer.clock = reactor
-        self._trimming = False
         self._tidy_call: IDelayedCall | None = None
+        self._emptying = False
 
     @property
     def running(self) -> int:
@@ -365,22 +370,15 @@ class ProcessRunner:
         ``FAILED`` outcome whose stderr says why.
         """
         if key is None:
-            run_name = run_id(uuid.uuid4(), datetime.fromtimestamp(self.wall_clock(), UTC))
-        else:
-            run_name = run_id(*key)
+            key = (uuid.uuid4(), datetime.fromtimestamp(self.wall_clock(), UTC))
+        run_name = run_id(*key)
         run = _Run(self, run_name, key, time_limit)
         env = {**self.environment, **extra_env, RUN_ID_VARIABLE: run.marker}
         fds: list[int] = []
         try:
             cgroup_procs = self.containment.prepare(run.marker)
-            out, err = self.files.open_outputs(run_name)
-            fds += [out, err]
-            exit_file = os.open(
-                self.files.path(run_name, "exit"),
-                os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC,
-                0o600,
-            )
-            fds.append(exit_file)
+            out, err, exit_file = self.files.begin(run_name)
+            fds += [out, err, exit_file]
             self._runs[run] = None
             # No path=, uid= or gid= on the common path: any of them turns posix_spawn into
             # a slow fork. A run-as user is the operator's explicit choice, and costs that.
@@ -402,7 +400,8 @@ class ProcessRunner:
             )
             with contextlib.suppress(OSError):
                 self.containment.release(run.marker, None)
-            self._run_in_thread(lambda: self.files.remove(run_name))
+            with contextlib.suppress(OSError):
+                self.files.remove(run_name)
             now = self.wall_clock()
             message = f"taskscheduler: could not start the command: {e}\n".encode(
                 "utf-8", errors="replace"
@@ -428,29 +427,22 @@ class ProcessRunner:
             if self.run_as is not None:
                 # The shell joins its cgroup itself, unless its user may not write there.
                 self.containment.adopt(run.marker, pid)
-            cgroup = None if cgroup_procs is None else str(Path(cgroup_procs).parent)
-            started_at = run.started_at
-            if key is not None:
-                run.recorded = self._run_in_thread(
-                    lambda: self.files.write_record(
-                        run_name,
-                        RunRecord(
-                            task_id=key[0],
-                            scheduled_at=key[1],
-                            started_at=started_at,
-                            time_limit=time_limit,
-                            pid=pid,
-                            start_ticks=process_start_ticks(pid),
-                            boot_id=self._boot_id,
-                            cgroup=cgroup,
-                        ),
-                    )
+            try:
+                self.files.started(
+                    run_name,
+                    RunRecord(
+                        task_id=key[0],
+                        scheduled_at=key[1],
+                        started_at=run.started_at,
+                        time_limit=time_limit,
+                        pid=pid,
+                        boot_id=self._boot_id,
+                        cgroup=None if cgroup_procs is None else str(Path(cgroup_procs).parent),
+                    ),
                 )
-                run.recorded.addErrback(
-                    lambda f: self.log.failure(
-                        "could not write the record of {run}", f, run=run_name
-                    )
-                )
+            except OSError:
+                # The run goes on; only a crash of the agent before it ends would lose it.
+                self.log.failure("could not record the start of {run}", run=run_name)
         self.keep_trimming()
         return run.done
 
@@ -469,10 +461,7 @@ class ProcessRunner:
         return done
 
     def mark_limit_reached(self, run: str) -> None:
-        """Record, before the first signal, that ``run`` is being ended at its limit.
-
-        A small file made on the reactor, but only for runs that reach their limit.
-        """
+        """Record, before the first signal, that ``run`` is being ended at its limit."""
         try:
             self.files.mark_limit_reached(run)
         except OSError as e:
@@ -494,7 +483,8 @@ class ProcessRunner:
             self._trimmer.stop()
 
     def _collect(self, run: str, outcome: RunOutcome) -> Deferred[RunOutcome]:
-        """Read the run's output into ``outcome``, off the reactor.
+        """Read the run's output into ``outcome``: here if it is small, else off the
+        reactor.
 
         The files stay until :meth:`discard`: a result is not safe before it is durable
         elsewhere (the spool), and until then a restarted agent finds the run again.
@@ -505,14 +495,46 @@ class ProcessRunner:
             stdout, stderr = self.files.read_output(run, cap)
             return replace(outcome, stdout=stdout, stderr=stderr)
 
+        try:
+            small = (
+                sum(self.files.path(run, kind).stat().st_size for kind in ("out", "err"))
+                <= SMALL_OUTPUT
+            )
+        except OSError:
+            small = False
+        if small:
+            return maybeDeferred(collect)
         return self._run_in_thread(collect)
 
-    def discard(self, key: tuple[uuid.UUID, datetime]) -> Deferred[None]:
-        """Remove the files of the run ``key``, whose result is now durable elsewhere."""
+    def discard(self, key: tuple[uuid.UUID, datetime]) -> None:
+        """Let go of the run ``key``, whose result is now durable elsewhere: the journal
+        forgets it, and its slot is emptied for another run, off the reactor."""
         run = run_id(*key)
-        d: Deferred[None] = self._run_in_thread(lambda: self.files.remove(run))
-        d.addErrback(lambda f: self.log.failure("could not remove the files of {run}", f, run=run))
-        return d
+        try:
+            self.files.remove(run)
+        except OSError:
+            self.log.failure("could not let go of the files of {run}", run=run)
+        self._empty_dirty_slots()
+
+    def _empty_dirty_slots(self) -> None:
+        """Empty the slots of finished runs on a thread, a batch at a time."""
+        if self._emptying:
+            return
+        dirty = self.files.take_dirty()
+        if not dirty:
+            return
+        self._emptying = True
+
+        def emptied(_: object) -> None:
+            self._emptying = False
+            self.files.give_back(dirty)
+            self._empty_dirty_slots()
+
+        def failed(failure: Failure) -> None:
+            self._emptying = False
+            self.log.failure("could not empty run files", failure)
+
+        self._run_in_thread(lambda: self.files.empty_slots(dirty)).addCallbacks(emptied, failed)
 
     def _tidy_soon(self, attempts: int = TIDY_ATTEMPTS) -> None:
         """Processes killed at a run's end take a moment to die; then the containment
@@ -536,22 +558,14 @@ class ProcessRunner:
             self._trimmer.start(TRIM_INTERVAL, now=False)
 
     def _trim(self) -> None:
-        # Never raise (a LoopingCall stops for good), and never two passes at once.
-        if self._trimming:
-            return
-        runs = self.live_run_ids()
+        # Never raise: a LoopingCall stops for good. A stat per output file of each run
+        # in flight; a hole is punched only past the cap.
         cap = self.output_cap
-
-        def trim() -> None:
-            for run in runs:
+        for run in self.live_run_ids():
+            try:
                 self.files.trim(run, cap)
-
-        self._trimming = True
-        d = self._run_in_thread(trim)
-        d.addErrback(lambda f: self.log.failure("could not trim run output", f))
-        d.addBoth(lambda _: setattr(self, "_trimming", False))
-
-    # -- runs a previous life of the agent left -------------------------------------------
+            except (OSError, KeyError):
+                self.log.failure("could not trim the output of {run}", run=run)
 
     def recover(
         self, reported: Callable[[uuid.UUID, datetime], bool] = lambda task_id, at: False
