@@ -31,7 +31,13 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 
 from taskscheduler.agent.api import MAX_BODY_BYTES, AgentAPI
-from taskscheduler.agent.durable import BatchWriter, FolderInUse, FolderLock, RunInThread
+from taskscheduler.agent.durable import (
+    BatchWriter,
+    FolderInUse,
+    FolderLock,
+    RunInThread,
+    run_here,
+)
 from taskscheduler.agent.enrolment import Enrolled, Enroller
 from taskscheduler.agent.identity import (
     CorruptCredential,
@@ -107,7 +113,8 @@ class AgentService(Service):
         http_factory: Callable[[], Any] | None = None,
         endpoint_factory: Callable[[], IStreamServerEndpoint] | None = None,
     ) -> None:
-        """``run_in_thread`` runs the spool's fsyncs; None runs them on the reactor thread.
+        """``run_in_thread`` runs the fsyncs of the spool and the task files, and reads the
+        spool; None does it all on the reactor thread.
 
         ``http_factory`` and ``endpoint_factory`` build the client and the listening
         endpoint at start-up (they read certificate files), when ``http`` and
@@ -198,7 +205,9 @@ class AgentService(Service):
         writer = (
             None if self._run_in_thread is None else BatchWriter(self._clock, self._run_in_thread)
         )
-        spool = Spool(data_dir / "spool", self.config.spool_max_bytes, writer)
+        spool = Spool(
+            data_dir / "spool", self.config.spool_max_bytes, writer, self._run_in_thread or run_here
+        )
         spool.load()
         markers = RunMarkers(data_dir / "running")
         for marker in markers.leftovers():
