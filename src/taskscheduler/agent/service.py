@@ -228,7 +228,10 @@ class AgentService(Service):
             )
             # The marker goes once the lost result is durable, not before.
             spool.add(lost).addCallback(_clear_marker, markers, marker)
-        task_store = TaskStore(data_dir / "tasks")
+        task_store = TaskStore(
+            data_dir / "tasks",
+            None if self._run_in_thread is None else BatchWriter(self._clock, self._run_in_thread),
+        )
         specs = task_store.load()
 
         reporter = Reporter(
