@@ -140,6 +140,14 @@ def test_a_result_the_disk_refuses_is_dropped_and_counted(tmp_path: Path) -> Non
     assert (len(spool), spool.bytes, spool.dropped, ready) == (0, 0, 1, [])
 
 
+def finish_disk_work(agent: Agent, thread: FakeThread) -> None:
+    """Let the thread do every job, and the reactor everything that follows."""
+    agent.settle()
+    while thread.jobs:
+        thread.run_all()
+        agent.settle()
+
+
 def test_a_result_is_reported_and_its_run_files_removed_only_once_durable(tmp_path: Path) -> None:
     clock = Clock()
     clock.advance(ANCHOR_SECONDS + 5)
@@ -153,11 +161,7 @@ def test_a_result_is_reported_and_its_run_files_removed_only_once_durable(tmp_pa
     assert agent.runner.discarded == [], "the run's files stay until its result is durable"
     assert agent.service.api._counters()["spooled"] == 1  # type: ignore[union-attr]
     assert agent.service.scheduler.running == 0, "the task may run again meanwhile"  # type: ignore[union-attr]
-    thread.run_all()
-    agent.settle()
-    assert agent.server.stored == {}, "the reporter reads it back off the reactor too"
-    thread.run_all()
-    agent.settle()
+    finish_disk_work(agent, thread)
     [stored] = agent.server.stored.values()
     assert stored.stdout.data == b"out\n"
     assert agent.runner.discarded == [agent.runner.runs[0].key]
@@ -177,7 +181,7 @@ async def test_shutdown_waits_for_results_still_being_written(tmp_path: Path) ->
     agent.settle()
     stopping = agent.stop()
     assert not stopping.called
-    thread.run_all()
+    finish_disk_work(agent, thread)
     await stopping
     [spooled] = (tmp_path / "data" / "spool").glob("*.json")
     assert json.loads(spooled.read_bytes())["status"] == "succeeded"
@@ -195,11 +199,8 @@ def test_a_lost_result_keeps_its_marker_until_durable(tmp_path: Path) -> None:
     second = Agent(tmp_path / "data", clock, FakeServer(), run_in_thread=thread)
     second.settle()
     assert len(list((tmp_path / "data" / "running").glob("*.json"))) == 1
-    thread.run_all()
-    second.settle()
+    finish_disk_work(second, thread)
     assert list((tmp_path / "data" / "running").glob("*.json")) == []
-    thread.run_all()  # the reporter reads it back
-    second.settle()
     [lost] = second.server.stored.values()
     assert lost.status.value == "lost"
 

@@ -46,6 +46,7 @@ from taskscheduler.agent.identity import (
     load_or_create_agent_id,
     load_server_key,
 )
+from taskscheduler.agent.lastruns import LastRuns
 from taskscheduler.agent.reporter import Reporter
 from taskscheduler.agent.scheduler import (
     DEFAULT_MAX_RUNNING,
@@ -233,6 +234,9 @@ class AgentService(Service):
             None if self._run_in_thread is None else BatchWriter(self._clock, self._run_in_thread),
         )
         specs = task_store.load()
+        # The spool's writer: a run's instant is on disk before its result can leave.
+        last_runs = LastRuns(data_dir / "lastrun", writer)
+        last_runs.load({spec.task_id for spec in specs})
 
         reporter = Reporter(
             spool,
@@ -251,6 +255,7 @@ class AgentService(Service):
             agent_id,
             starting_deadline=self.config.starting_deadline,
             max_running=self.config.max_running,
+            last_runs=last_runs,
         )
         # Runs a previous life of the agent left: before any new run starts, so that a
         # task is never started while its run from before the restart is still going.

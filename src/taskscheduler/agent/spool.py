@@ -236,7 +236,7 @@ class Spool:
             total += entry.size
         return chosen
 
-    def keys(self) -> list[ResultKey]:
+    def result_keys(self) -> list[ResultKey]:
         """The key of every result spooled or being spooled."""
         return [*self._entries, *self._writing]
 
