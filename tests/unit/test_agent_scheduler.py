@@ -614,8 +614,14 @@ def test_an_instant_the_record_missed_when_the_agent_died_is_not_run_again(
     )
     second.advance_to(13.9)
     assert second.runner.runs == [], "10 is not run (nor skipped) again"
-    second.advance_to(14)
-    assert scheduled(second) == [at(20)], "on pace from the instant the runner found"
     [real] = server.stored.values()
     assert (format_instant(real.scheduled_at), real.stdout.data) == (at(10), b"real\n")
     assert second.service.reporter.rejected == 0  # type: ignore[union-attr]
+    # Its result is reported and its record gone: what the second life learnt from the
+    # record is on disk now. It dies before 20; the clock goes back one more second.
+    second.crash()
+    third = Agent(tmp_path / "data", data_clock(3), server)
+    third.advance_to(12.9)
+    assert third.runner.runs == []
+    third.advance_to(13)
+    assert scheduled(third) == [at(20)], "on pace from the instant the runner found"

@@ -45,6 +45,7 @@ class LastRuns:
         #: Writes off the reactor thread; None writes at once, on this thread.
         self._writer = writer
         self._last: dict[uuid.UUID, datetime] = {}
+        self._recorded: dict[uuid.UUID, datetime] = {}  # what the files say (or will)
 
     def load(self, keep: Collection[uuid.UUID]) -> None:
         """Read what a previous life recorded for the tasks in ``keep``; delete the rest
@@ -68,6 +69,7 @@ class LastRuns:
                 continue
             if task_id in keep:
                 self.note(task_id, at)
+                self._recorded[task_id] = at
             else:
                 remove(path, sync=False)
 
@@ -82,8 +84,9 @@ class LastRuns:
         self.note(task_id, at)
         if self.directory is None:
             return
+        last = self._recorded[task_id] = self._last[task_id]
         path = self.directory / str(task_id)
-        data = format_instant(self._last[task_id]).encode("ascii")
+        data = format_instant(last).encode("ascii")
         if self._writer is not None:
             self._writer.write(path, data, sync=False).addErrback(self._not_written, task_id)
             return
@@ -91,6 +94,13 @@ class LastRuns:
             atomic_write(path, data, sync=False)
         except OSError:
             self._not_written(Failure(), task_id)
+
+    def record_noted(self) -> None:
+        """Write out what was only noted (what the spool and the runs a previous life
+        left say), so that it outlives them."""
+        for task_id, at in list(self._last.items()):
+            if self._recorded.get(task_id) != at:
+                self.record(task_id, at)
 
     def _not_written(self, failure: Failure, task_id: uuid.UUID) -> None:
         self.log.failure(

@@ -426,6 +426,7 @@ class Scheduler:
         # written asynchronously (so may an adopted run be: see ``adopt``).
         for task_id, scheduled_at in self._spool.result_keys():
             self._last_runs.note(task_id, scheduled_at)
+        self._last_runs.record_noted()  # the spool and the runs' records go, in time
         latest = self._last_runs.latest()
         if latest is None:
             return
