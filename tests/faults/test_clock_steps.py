@@ -8,8 +8,12 @@ system clock. The server's clock is left alone.
 Sequence: back an hour (the labels keep their pace: the agent's clock is now an hour
 slow, and its runs still line up with the server's); forward an hour (the lead is spent:
 nothing skipped, nothing repeated); forward an hour (skip ahead: no burst of catch-up
-runs); back an hour (labels keep their pace, an hour ahead). After each step a run
-follows within a couple of seconds (no stall), labels only ever increase, and the runs
+runs); back an hour (labels keep their pace, an hour ahead); forward an hour (the lead
+spent again); back ten seconds, then the agent is SIGKILLed and restarted while its
+labels run ten seconds ahead of its clock (it must not run those ten seconds' instants
+again: the server would refuse the second results with 409, and the agent drop them).
+After each step, and after the restart, a run follows within a couple of seconds (no
+stall), labels only ever increase, none repeats, no result is refused, and the runs
 counted never exceed the seconds elapsed (no burst).
 """
 
@@ -17,6 +21,7 @@ from __future__ import annotations
 
 import itertools
 import os
+import signal
 import subprocess
 import sys
 import time
@@ -32,6 +37,7 @@ from tests.faults.harness import (
     drain,
     report,
     start_fleet,
+    wait_agent_up,
     witnessed,
 )
 from tests.integration.daemons import Daemon, wait_for
@@ -86,7 +92,7 @@ def test_wall_clock_steps_of_an_hour_cause_neither_burst_nor_stall(
         wait_for(lambda: len(witnessed(fleet, 0)) >= 2, 20, "the first runs")
         started = time.monotonic()
         stalls: list[float] = []
-        for step in (-HOUR, +HOUR, +HOUR, -HOUR):
+        for step in (-HOUR, +HOUR, +HOUR, -HOUR, +HOUR, -10.0):
             before = len(witnessed(fleet, 0))
             stepped = time.monotonic()
             agent.step(step)
@@ -98,29 +104,56 @@ def test_wall_clock_steps_of_an_hour_cause_neither_burst_nor_stall(
             )
             stalls.append(time.monotonic() - stepped)
             wait_for(lambda n=before: len(witnessed(fleet, 0)) >= n + 4, 10, "a few more runs")
+        # Restarted while its labels run ahead of its clock: the lead is not in memory.
+        assert (agent_health(fleet, 0) or {}).get("rejected") == 0
+        # Killed 0.15 s into a run (labels are on the server's seconds again).
+        code, task = fleet.api("GET", f"/api/v1/tasks/{task_id}")
+        assert code == 200, task
+        phase = parse_instant(task["anchor"]).timestamp() % 1.0
+        now = time.time()
+        time.sleep((phase + 0.15 - now) % 1.0)  # the fault's moment, not a wait for an event
+        agent.kill(signal.SIGKILL)
+        agent.start()
+        wait_agent_up(fleet, 0)
+        up = time.monotonic()
+        last = max(witnessed(fleet, 0))  # a run under way at the kill has ended by now
+        wait_for(
+            lambda: max(witnessed(fleet, 0)) > last,
+            20,
+            "runs to go on after the restart",
+            interval=0.05,
+        )
+        stalls.append(time.monotonic() - up)
+        after = len(witnessed(fleet, 0))
+        wait_for(lambda: len(witnessed(fleet, 0)) >= after + 3, 10, "a few more runs")
         elapsed = time.monotonic() - started
         lines = witnessed(fleet, 0)
-        assert lines == sorted(set(lines)), "labels only ever increase, none repeats"
+        repeated = len(lines) - len(set(lines))
+        assert lines == sorted(set(lines)), f"labels only ever increase; {repeated} repeated"
         gaps = [
             (parse_instant(b) - parse_instant(a)).total_seconds()
             for a, b in itertools.pairwise(lines)
         ]
         assert sum(1 for gap in gaps if gap > 60) == 1, f"one skip ahead, no other: {gaps}"
         assert len(lines) <= elapsed + 6, "no burst of catch-up runs"
-        # The labels now run an hour ahead of the server's clock (and of the agent's).
+        # The labels now run an hour ahead of the server's clock (and ten seconds ahead
+        # of the agent's).
         cutoff = format_instant(utc_now_from(time.time() + HOUR))
         figures, drained = drain(fleet, task_id, agent_ids, cutoff, timeout=60)
+        rejected = (agent_health(fleet, 0) or {}).get("rejected")
         report(
-            "5 agent wall clock -1h,+1h,+1h,-1h",
+            "5 agent wall clock -1h,+1h,+1h,-1h,+1h,-10s,SIGKILL+restart",
             None,
             figures,
             drained,
             runs=len(lines),
             seconds=f"{elapsed:.0f}",
-            first_run_after_step="/".join(f"{s:.1f}s" for s in stalls),
+            first_run_after_step_or_restart="/".join(f"{s:.1f}s" for s in stalls),
+            rejected=rejected,
         )
         assert_sound(fleet, figures, cutoff)
-        assert max(stalls) < 4, "a run followed every step within a couple of seconds"
+        assert rejected == 0, "no result refused (a repeated instant would be, with 409)"
+        assert max(stalls) < 4, "a run followed every step (and the restart) within a few seconds"
     except BaseException:
         print(fleet.logs())
         raise

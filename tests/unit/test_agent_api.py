@@ -3,19 +3,21 @@
 from __future__ import annotations
 
 import json
+import shutil
 import uuid
 from pathlib import Path
 from typing import Any
 
 import pytest
 import pytest_twisted
+from twisted.internet.defer import Deferred
 from twisted.internet.task import Clock
 from twisted.internet.testing import StringTransport
 
 from taskscheduler.agent.api import MAX_BODY_BYTES
-from taskscheduler.schedule import format_instant
+from taskscheduler.schedule import format_instant, utc_now_from
 from taskscheduler.web import make_site
-from tests.unit.agent_fakes import ANCHOR, ANCHOR_SECONDS, Agent, FakeServer
+from tests.unit.agent_fakes import ANCHOR, ANCHOR_SECONDS, Agent, FakeServer, FakeThread, fired
 
 URL = "http://agent.test:8081"
 JSON = {"Content-Type": "application/json"}
@@ -291,3 +293,141 @@ async def test_a_removal_the_disk_cannot_take_is_503_and_the_task_goes_on(agent:
     assert (code, answer["error"]["code"]) == (503, "storage_unavailable")
     assert set(agent.service.scheduler.tasks) == {uuid.UUID(body["task_id"])}  # type: ignore[union-attr]
     assert len(task_files(agent)) == 1
+
+
+# -- task files off the reactor thread ---------------------------------------------------
+
+
+@pytest.fixture
+def threaded(tmp_path: Path) -> tuple[Agent, FakeThread]:
+    """An agent whose disk work waits in a fake thread until the test runs it."""
+    clock = Clock()
+    clock.advance(ANCHOR_SECONDS + 5)
+    thread = FakeThread()
+    return Agent(tmp_path / "data", clock, FakeServer(), run_in_thread=thread), thread
+
+
+def send(
+    agent: Agent, method: str, path: str, body: Any = None, settle: bool = True
+) -> Deferred[tuple[int, Any]]:
+    """A request under way: the test decides when the agent's disk work completes."""
+    d = Deferred.fromCoroutine(call(agent, method, path, body))
+    if settle:
+        agent.settle()
+    return d
+
+
+def finish_disk_work(agent: Agent, thread: FakeThread) -> None:
+    """Let the thread do every job, and the reactor everything that follows."""
+    agent.settle()
+    while thread.jobs:
+        thread.run_all()
+        agent.settle()
+
+
+def test_a_task_is_written_off_the_reactor_and_acknowledged_once_on_disk(
+    threaded: tuple[Agent, FakeThread],
+) -> None:
+    agent, thread = threaded
+    body = task_body()
+    answer = send(agent, "POST", "/api/v1/tasks/schedule", body)
+    again = send(agent, "POST", "/api/v1/tasks/schedule", body)
+    # The reactor is free again, and nothing is written, scheduled nor acknowledged yet.
+    assert len(thread.jobs) == 1
+    assert task_files(agent) == []
+    assert not answer.called and not again.called, "no acknowledgement before the disk"
+    assert agent.service.scheduler.tasks == {}  # type: ignore[union-attr]
+    thread.run_all()
+    assert [p.name for p in task_files(agent)] == [f"{body['task_id']}.json"]
+    agent.settle()
+    assert fired(answer)[0] == 200
+    assert fired(again)[0] == 200, "the same request waited for the first one's write"
+    assert set(agent.service.scheduler.tasks) == {uuid.UUID(body["task_id"])}  # type: ignore[union-attr]
+    assert thread.jobs == [], "written once"
+
+
+def test_a_resent_seed_request_keeps_the_anchor_of_one_still_being_written(
+    threaded: tuple[Agent, FakeThread],
+) -> None:
+    agent, thread = threaded
+    body = {"task_id": str(uuid.uuid4()), "command": "echo hi", "frequency": "every 30 seconds"}
+    first = send(agent, "POST", "/api/v1/tasks/schedule", body)
+    agent.settle(2)
+    second = send(agent, "POST", "/api/v1/tasks/schedule", body)
+    thread.run_all()
+    agent.settle()
+    assert (fired(first)[0], fired(second)[0]) == (200, 200)
+    assert thread.jobs == [], "the resend is the same task: nothing more to write"
+    [stored] = task_files(agent)
+    assert json.loads(stored.read_text())["anchor"] == format_instant(
+        utc_now_from(ANCHOR_SECONDS + 5)
+    )
+
+
+@pytest.mark.parametrize("one_batch", [True, False])
+def test_a_task_saved_then_deleted_quickly_ends_deleted(
+    threaded: tuple[Agent, FakeThread], one_batch: bool
+) -> None:
+    agent, thread = threaded
+    body = task_body()
+    # In one batch: both come in one turn of the reactor. Else the save is being
+    # written when the removal comes.
+    saved = send(agent, "POST", "/api/v1/tasks/schedule", body, settle=not one_batch)
+    deleted = send(agent, "DELETE", f"/api/v1/tasks/{body['task_id']}")
+    assert len(thread.jobs) == 1
+    assert not saved.called and not deleted.called
+    finish_disk_work(agent, thread)
+    assert (fired(saved)[0], fired(deleted)[0]) == (200, 200)
+    assert task_files(agent) == []
+    assert agent.service.scheduler.tasks == {}  # type: ignore[union-attr]
+    agent.advance_to(30)
+    assert agent.runner.runs == []
+
+
+def test_a_task_deleted_then_scheduled_again_quickly_ends_scheduled(
+    threaded: tuple[Agent, FakeThread],
+) -> None:
+    agent, thread = threaded
+    body = task_body()
+    first = send(agent, "POST", "/api/v1/tasks/schedule", body)
+    thread.run_all()
+    agent.settle()
+    assert fired(first)[0] == 200
+    deleted = send(agent, "DELETE", f"/api/v1/tasks/{body['task_id']}")
+    again = send(agent, "POST", "/api/v1/tasks/schedule", body)
+    finish_disk_work(agent, thread)
+    assert (fired(deleted)[0], fired(again)[0]) == (200, 200)
+    assert len(task_files(agent)) == 1
+    assert set(agent.service.scheduler.tasks) == {uuid.UUID(body["task_id"])}  # type: ignore[union-attr]
+
+
+def test_a_removal_is_written_off_the_reactor_and_acknowledged_once_on_disk(
+    threaded: tuple[Agent, FakeThread],
+) -> None:
+    agent, thread = threaded
+    body = task_body()
+    send(agent, "POST", "/api/v1/tasks/schedule", body)
+    thread.run_all()
+    agent.settle()
+    deleted = send(agent, "DELETE", f"/api/v1/tasks/{body['task_id']}")
+    assert len(thread.jobs) == 1 and not deleted.called
+    assert len(task_files(agent)) == 1
+    assert set(agent.service.scheduler.tasks) == {uuid.UUID(body["task_id"])}  # type: ignore[union-attr]
+    thread.run_all()
+    agent.settle()
+    assert fired(deleted)[0] == 200
+    assert task_files(agent) == []
+    assert agent.service.scheduler.tasks == {}  # type: ignore[union-attr]
+
+
+def test_a_task_the_disk_refuses_in_the_thread_is_503_and_not_scheduled(
+    threaded: tuple[Agent, FakeThread],
+) -> None:
+    agent, thread = threaded
+    shutil.rmtree(agent.service.config.data_dir / "tasks")  # the write will fail
+    answer = send(agent, "POST", "/api/v1/tasks/schedule", task_body())
+    thread.run_all()
+    agent.settle()
+    code, body = fired(answer)
+    assert (code, body["error"]["code"]) == (503, "storage_unavailable")
+    assert agent.service.scheduler.tasks == {}  # type: ignore[union-attr]

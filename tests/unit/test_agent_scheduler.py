@@ -4,21 +4,34 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import uuid
 from datetime import timedelta
 from pathlib import Path
+from typing import Any
 
 import pytest
 import pytest_twisted
+from twisted.internet.defer import Deferred
 from twisted.internet.task import Clock
 
+from taskscheduler.agent.lastruns import LastRuns
+from taskscheduler.agent.outcome import REATTACHED, RecoveredRun, RunOutcome
 from taskscheduler.agent.scheduler import Scheduler, _Watchdog
 from taskscheduler.agent.spool import Spool
 from taskscheduler.agent.tap import base_environment
 from taskscheduler.agent.taskstore import TaskStore
-from taskscheduler.protocol import ResultStatus, parse_result
+from taskscheduler.protocol import Output, ResultStatus, TaskSpec, parse_result
 from taskscheduler.schedule import format_instant
-from tests.unit.agent_fakes import ANCHOR, ANCHOR_SECONDS, Agent, FakeRunner, FakeServer, spec
+from tests.unit.agent_fakes import (
+    ANCHOR,
+    ANCHOR_SECONDS,
+    Agent,
+    FakeRunner,
+    FakeServer,
+    FakeThread,
+    spec,
+)
 
 
 def start(tmp_path: Path, at: float, server: FakeServer | None = None) -> Agent:
@@ -299,16 +312,36 @@ class SteppingClocks:
         self.clock.advance(ANCHOR_SECONDS + at)
         self.mono = 1000.0
         self.runner = FakeRunner(self.clock)
-        spool = Spool(tmp_path / "spool")
+        self.folder = tmp_path
+        self.agent_id = uuid.uuid4()
+        self.scheduler = self._scheduler(set())
+
+    def _scheduler(self, tasks: set[uuid.UUID]) -> Scheduler:
+        spool = Spool(self.folder / "spool")
         spool.load()
-        self.scheduler = Scheduler(
+        last_runs = LastRuns(self.folder / "lastrun")
+        last_runs.load(tasks)
+        return Scheduler(
             self.clock,
             self.runner,
             spool,
-            uuid.uuid4(),
+            self.agent_id,
             monotonic=lambda: self.mono,
             watchdog=False,
+            last_runs=last_runs,
         )
+
+    def restart(self, *tasks: TaskSpec, acknowledged: bool = True) -> None:
+        """The agent stops and a new one starts over the same data folder (same boot).
+
+        If ``acknowledged``, the server had taken every result: the spool is empty.
+        """
+        self.scheduler.stop()
+        for path in (self.folder / "spool").glob("*.json") if acknowledged else []:
+            path.unlink()
+        self.scheduler = self._scheduler({task.task_id for task in tasks})
+        for task in tasks:
+            self.scheduler.schedule(task)
 
     def tick(self, seconds: float, step: float = 0.25) -> None:
         end = self.mono + seconds
@@ -449,3 +482,146 @@ def test_after_a_backward_step_off_the_interval_runs_keep_their_pace(tmp_path: P
         seen.append(len(c.runner.runs))
     assert seen == [3, 4, 4, 5, 5, 6]
     assert c.scheduled() == [at(10), at(20), at(30), at(40), at(50), at(60)]
+
+
+# -- restarts after steps of the wall clock ------------------------------------------------
+
+
+def test_a_restart_while_labels_run_ahead_repeats_no_instant(tmp_path: Path) -> None:
+    c = SteppingClocks(tmp_path, 5)
+    task = spec()
+    c.scheduler.schedule(task)
+    c.tick(27)  # up to 32 s: runs at 10, 20, 30
+    c.step(-3600)
+    c.tick(0.5)
+    c.watchdog_sees_it()
+    c.tick(20)  # 40 and 50, labelled an hour ahead of the wall clock
+    assert c.scheduled() == [at(10), at(20), at(30), at(40), at(50)]
+    c.restart(task)  # the wall clock is still an hour behind the labels
+    assert c.scheduler.lead == pytest.approx(3600 - 2.5), "labels resume from 50 s"
+    c.tick(25)
+    assert c.scheduled() == [at(10 * k) for k in range(1, 8)], "none twice, no stall"
+    # The clock comes back: the lead is spent, and the rest skipped; still nothing twice.
+    c.step(3600)
+    c.tick(10)
+    labels = c.scheduled()
+    assert labels == sorted(set(labels))
+    assert c.scheduler.lead == 0
+
+
+def test_a_restart_without_a_step_neither_shifts_nor_skips_an_instant(tmp_path: Path) -> None:
+    c = SteppingClocks(tmp_path, 5)
+    task = spec()
+    c.scheduler.schedule(task)
+    c.tick(7)  # up to 12 s: the run at 10
+    c.restart(task)
+    assert c.scheduler.lead == 0
+    c.tick(8)
+    assert c.scheduled() == [at(10), at(20)]
+
+
+def test_results_still_spooled_count_as_instants_run(tmp_path: Path) -> None:
+    # An agent upgraded from a version that kept no last runs, with the server away.
+    c = SteppingClocks(tmp_path, 5)
+    task = spec()
+    c.scheduler.schedule(task)
+    c.tick(27)  # runs at 10, 20, 30, spooled
+    c.step(-3600)
+    c.watchdog_sees_it()
+    c.tick(10)  # 40
+    shutil.rmtree(tmp_path / "lastrun")
+    c.restart(task, acknowledged=False)
+    c.tick(15)
+    assert c.scheduled() == [at(10 * k) for k in range(1, 6)]
+
+
+def test_the_last_runs_of_tasks_no_longer_held_are_forgotten(tmp_path: Path) -> None:
+    c = SteppingClocks(tmp_path, 5)
+    kept, deleted = spec(), spec()
+    c.scheduler.schedule(kept)
+    c.scheduler.schedule(deleted)
+    c.tick(7)
+    assert sorted(p.name for p in (tmp_path / "lastrun").iterdir()) == sorted(
+        [str(kept.task_id), str(deleted.task_id)]
+    )
+    c.restart(kept)
+    assert [p.name for p in (tmp_path / "lastrun").iterdir()] == [str(kept.task_id)]
+
+
+def data_clock(seconds_after_anchor: float) -> Clock:
+    clock = Clock()
+    clock.advance(ANCHOR_SECONDS + seconds_after_anchor)
+    return clock
+
+
+def test_a_clock_stepped_back_while_the_agent_was_down_repeats_no_instant(
+    tmp_path: Path,
+) -> None:
+    server = FakeServer()
+    first = Agent(tmp_path / "data", data_clock(5), server)
+    task = spec()
+    TaskStore(tmp_path / "data" / "tasks").save(task)
+    first.service.scheduler.schedule(task)  # type: ignore[union-attr]
+    for seconds in (10, 20, 30):
+        first.advance_to(seconds)
+        first.runner.finish(first.runner.runs[-1])
+    first.settle()
+    assert len(server.stored) == 3 and not list((tmp_path / "data" / "spool").glob("*.json"))
+    first.crash()
+    # Down a few seconds, during which the wall clock went back 10 s.
+    second = Agent(tmp_path / "data", data_clock(22), server)
+    second.advance_to(31)
+    assert second.runner.runs == [], "30 ran already"
+    second.advance_to(32)
+    assert scheduled(second) == [at(40)], "on pace from the last instant run"
+    second.runner.finish(second.runner.runs[0])
+    second.settle()
+    assert len(server.stored) == 4 and second.service.reporter.rejected == 0  # type: ignore[union-attr]
+
+
+def test_an_instant_the_record_missed_when_the_agent_died_is_not_run_again(
+    tmp_path: Path,
+) -> None:
+    server = FakeServer()
+    thread = FakeThread()
+    first = Agent(tmp_path / "data", data_clock(5), server, run_in_thread=thread)
+    task = spec()
+    TaskStore(tmp_path / "data" / "tasks").save(task)
+    first.service.scheduler.schedule(task)  # type: ignore[union-attr]
+    first.advance_to(10)
+    assert len(first.runner.runs) == 1 and thread.jobs, "run started, its record not written"
+    first.crash()  # the thread never gets to write it
+    assert not (tmp_path / "data" / "lastrun" / str(task.task_id)).exists()
+    # The wall clock went back 6 s: the restarted agent is at 4 s again, and its runner
+    # finds the run of 10 s still going (its own record of the run).
+    began = ANCHOR + timedelta(seconds=10)
+    outcome: Deferred[Any] = Deferred()
+    recovered = RecoveredRun(task.task_id, began, began, outcome, still_running=True)
+    second = Agent(tmp_path / "data", data_clock(4), server, recovered=[recovered])
+    second.advance_to(12)
+    outcome.callback(
+        RunOutcome(
+            status=ResultStatus.SUCCEEDED,
+            exit_code=0,
+            signal=None,
+            started_at=began,
+            finished_at=began + timedelta(seconds=1),
+            duration=1.0,
+            stdout=Output.of(b"real\n"),
+            stderr=Output(),
+            reason=REATTACHED,
+        )
+    )
+    second.advance_to(13.9)
+    assert second.runner.runs == [], "10 is not run (nor skipped) again"
+    [real] = server.stored.values()
+    assert (format_instant(real.scheduled_at), real.stdout.data) == (at(10), b"real\n")
+    assert second.service.reporter.rejected == 0  # type: ignore[union-attr]
+    # Its result is reported and its record gone: what the second life learnt from the
+    # record is on disk now. It dies before 20; the clock goes back one more second.
+    second.crash()
+    third = Agent(tmp_path / "data", data_clock(3), server)
+    third.advance_to(12.9)
+    assert third.runner.runs == []
+    third.advance_to(13)
+    assert scheduled(third) == [at(20)], "on pace from the instant the runner found"

@@ -9,15 +9,19 @@ from pathlib import Path
 
 import pytest
 import pytest_twisted
+from treq.testing import StubTreq
 from twisted.internet.task import Clock
 
 from taskscheduler.agent.durable import BatchWriter, write_durably
+from taskscheduler.agent.reporter import Reporter
 from taskscheduler.agent.spool import RunMarkers, Spool
 from tests.unit.agent_fakes import (
     ANCHOR_SECONDS,
+    SERVER,
     Agent,
     FakeServer,
     FakeThread,
+    UnreachableHttp,
     fired,
     result,
     spec,
@@ -56,6 +60,64 @@ def test_writes_asked_for_during_a_flush_follow_it(tmp_path: Path) -> None:
     assert (tmp_path / "a.json").read_bytes() == b"new"
 
 
+def test_a_path_changed_twice_in_one_batch_ends_as_the_last_change_left_it(
+    tmp_path: Path,
+) -> None:
+    clock, thread = Clock(), FakeThread()
+    writer = BatchWriter(clock, thread)
+    (tmp_path / "gone.json").write_bytes(b"old")
+    done = [
+        writer.write(tmp_path / "a.json", b"first"),
+        writer.write(tmp_path / "a.json", b"second"),
+        writer.remove(tmp_path / "gone.json"),
+        writer.write(tmp_path / "saved-then-removed.json", b"x"),
+        writer.remove(tmp_path / "saved-then-removed.json"),
+        writer.remove(tmp_path / "removed-then-saved.json"),
+        writer.write(tmp_path / "removed-then-saved.json", b"back"),
+    ]
+    clock.advance(0)
+    assert len(thread.jobs) == 1, "one batch"
+    thread.run_all()
+    assert [fired(d) for d in done] == [None] * len(done)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a.json", "removed-then-saved.json"]
+    assert (tmp_path / "a.json").read_bytes() == b"second"
+
+
+def test_an_unsynced_change_that_fails_fails_alone(tmp_path: Path) -> None:
+    clock, thread = Clock(), FakeThread()
+    writer = BatchWriter(clock, thread)
+    durable = writer.write(tmp_path / "result.json", b"{}")
+    mark = writer.write(tmp_path / "missing" / "mark", b"x", sync=False)
+    clock.advance(0)
+    thread.run_all()
+    assert fired(durable) is None
+    assert isinstance(fired(mark).value, FileNotFoundError)
+    assert (tmp_path / "result.json").read_bytes() == b"{}"
+
+
+def test_the_reporter_reads_a_batch_back_off_the_reactor_in_one_go(tmp_path: Path) -> None:
+    clock, thread = Clock(), FakeThread()
+    spool = Spool(tmp_path / "spool", writer=BatchWriter(clock, thread), run_in_thread=thread)
+    spool.load()
+    server = FakeServer()
+    http = UnreachableHttp(StubTreq(server.app.resource()))
+    reporter = Reporter(spool, http, clock, SERVER, jitter=lambda: 1.0)
+    spool.on_ready = reporter.wake
+    reporter.start()
+    for k in (1, 2, 3):
+        spool.add(result(uuid.uuid4(), k, AGENT_ID))
+    clock.advance(0)
+    thread.run_all()  # the results are durable
+    clock.advance(0)
+    http.flush()
+    assert len(thread.jobs) == 1, "the reporter asked for the three bodies at once"
+    assert server.requests == [], "and sends nothing before they are read"
+    thread.run_all()
+    http.flush()
+    assert server.requests == [("batch", 3)]
+    assert len(server.stored) == 3 and len(spool) == 0
+
+
 def test_a_batch_is_all_or_nothing(tmp_path: Path) -> None:
     with pytest.raises(OSError):
         write_durably([(tmp_path / "a.json", b"a"), (tmp_path / "missing" / "b.json", b"b")])
@@ -78,6 +140,14 @@ def test_a_result_the_disk_refuses_is_dropped_and_counted(tmp_path: Path) -> Non
     assert (len(spool), spool.bytes, spool.dropped, ready) == (0, 0, 1, [])
 
 
+def finish_disk_work(agent: Agent, thread: FakeThread) -> None:
+    """Let the thread do every job, and the reactor everything that follows."""
+    agent.settle()
+    while thread.jobs:
+        thread.run_all()
+        agent.settle()
+
+
 def test_a_result_is_reported_and_its_run_files_removed_only_once_durable(tmp_path: Path) -> None:
     clock = Clock()
     clock.advance(ANCHOR_SECONDS + 5)
@@ -91,8 +161,7 @@ def test_a_result_is_reported_and_its_run_files_removed_only_once_durable(tmp_pa
     assert agent.runner.discarded == [], "the run's files stay until its result is durable"
     assert agent.service.api._counters()["spooled"] == 1  # type: ignore[union-attr]
     assert agent.service.scheduler.running == 0, "the task may run again meanwhile"  # type: ignore[union-attr]
-    thread.run_all()
-    agent.settle()
+    finish_disk_work(agent, thread)
     [stored] = agent.server.stored.values()
     assert stored.stdout.data == b"out\n"
     assert agent.runner.discarded == [agent.runner.runs[0].key]
@@ -112,7 +181,7 @@ async def test_shutdown_waits_for_results_still_being_written(tmp_path: Path) ->
     agent.settle()
     stopping = agent.stop()
     assert not stopping.called
-    thread.run_all()
+    finish_disk_work(agent, thread)
     await stopping
     [spooled] = (tmp_path / "data" / "spool").glob("*.json")
     assert json.loads(spooled.read_bytes())["status"] == "succeeded"
@@ -130,8 +199,7 @@ def test_a_lost_result_keeps_its_marker_until_durable(tmp_path: Path) -> None:
     second = Agent(tmp_path / "data", clock, FakeServer(), run_in_thread=thread)
     second.settle()
     assert len(list((tmp_path / "data" / "running").glob("*.json"))) == 1
-    thread.run_all()
-    second.settle()
+    finish_disk_work(second, thread)
     assert list((tmp_path / "data" / "running").glob("*.json")) == []
     [lost] = second.server.stored.values()
     assert lost.status.value == "lost"

@@ -10,16 +10,22 @@
 
 Every route but the health check accepts only instructions signed by the agent's server
 for this agent (:mod:`taskscheduler.signing`); anything else is 401.
+
+The task files are written off the reactor thread (:class:`TaskStore`), so a change of a
+task is answered, and applied to the scheduler, only once it is on disk. Changes of one
+task are applied in the order they came: a request sees the changes asked before it,
+even those still being written, and an identical one waits for them.
 """
 
 from __future__ import annotations
 
 import uuid
 from collections.abc import Callable
-from dataclasses import replace
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 from klein import Klein
+from twisted.internet.defer import Deferred, maybeDeferred, succeed
 from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
 from twisted.python.failure import Failure
@@ -29,7 +35,7 @@ from twisted.web.iweb import IRequest
 from taskscheduler import protocol
 from taskscheduler.agent.scheduler import Scheduler
 from taskscheduler.agent.taskstore import TaskStore
-from taskscheduler.protocol import InvalidMessage
+from taskscheduler.protocol import InvalidMessage, TaskSpec
 from taskscheduler.schedule import utc_now_from
 from taskscheduler.signing import SCHEME, BadSignature, InstructionVerifier
 from taskscheduler.web import (
@@ -49,6 +55,14 @@ MAX_BODY_BYTES = 1024 * 1024
 
 class StorageError(Exception):
     """The agent could not write its data folder; nothing was acknowledged."""
+
+
+@dataclass
+class _Change:
+    """A change of one task being written: what later requests must see, and who waits."""
+
+    spec: TaskSpec | None  # None: the task is being removed
+    waiters: list[Deferred[None]] = field(default_factory=list)
 
 
 class AgentAPI:
@@ -79,6 +93,8 @@ class AgentAPI:
         self._task_store = task_store
         self._clock = clock
         self._counters = counters
+        # The last change asked for each task, until it is on disk and applied.
+        self._changes: dict[uuid.UUID, _Change] = {}
         # Without a verifier nothing is accepted: no key, no instruction.
         self.verifier = verifier or InstructionVerifier(agent_id, clock)
 
@@ -103,51 +119,107 @@ class AgentAPI:
             raise unauthorized(str(e), f'{SCHEME} realm="taskscheduler-agent"'.encode()) from None
 
     @app.route("/api/v1/tasks/schedule", methods=["POST"])
-    def schedule(self, request: IRequest) -> bytes:
+    async def schedule(self, request: IRequest) -> bytes:
         body = read_json(request)
         try:
             spec = protocol.parse_task_spec(body, utc_now_from(self._clock.seconds()))
         except InvalidMessage as e:
             raise bad_request(str(e)) from None
-        current = self._scheduler.tasks.get(spec.task_id)
+        current = self._wanted(spec.task_id)
         if current is not None and isinstance(body, dict) and body.get("anchor") is None:
             # The seed's request carries no anchor: the same request sent again is the same
             # task, not a new one anchored at a new instant.
             spec = replace(spec, anchor=current.anchor)
         if spec != current:
-            try:
-                self._task_store.save(spec)
-            except OSError as e:
-                raise StorageError(str(e)) from e
-            self._scheduler.schedule(spec)
-            self.log.info(
-                "{verb} task {task_id} ({frequency})",
-                verb="scheduled" if current is None else "replaced",
-                task_id=str(spec.task_id),
-                frequency=str(spec.frequency),
-            )
+            await self._change(spec.task_id, spec)
+        else:
+            await self._written(spec.task_id)
         return json_response(
             request,
             {"agent_id": str(self._agent_id), "task_id": str(spec.task_id), "status": "scheduled"},
         )
 
     @app.route("/api/v1/tasks/<task_id>", methods=["DELETE"])
-    def unschedule(self, request: IRequest, task_id: str) -> bytes:
+    async def unschedule(self, request: IRequest, task_id: str) -> bytes:
         try:
             parsed = protocol.parse_uuid(task_id, "task_id")
         except InvalidMessage as e:
             raise bad_request(str(e), "invalid_task_id") from None
         # The file first: if it cannot go, nothing changed and the server retries (a task
         # still on disk would come back at the next restart).
-        try:
-            self._task_store.delete(parsed)
-        except OSError as e:
-            raise StorageError(str(e)) from e
-        if self._scheduler.unschedule(parsed):
-            self.log.info("removed task {task_id}", task_id=str(parsed))
+        await self._change(parsed, None)
         return json_response(
             request,
             {"agent_id": str(self._agent_id), "task_id": str(parsed), "status": "removed"},
+        )
+
+    def _wanted(self, task_id: uuid.UUID) -> TaskSpec | None:
+        """The task as the requests so far asked for it (None: absent or being removed)."""
+        change = self._changes.get(task_id)
+        return change.spec if change is not None else self._scheduler.tasks.get(task_id)
+
+    def _written(self, task_id: uuid.UUID) -> Deferred[None]:
+        """Fires once the change of ``task_id`` being written, if any, is on disk."""
+        change = self._changes.get(task_id)
+        if change is None:
+            return succeed(None)
+        waiter: Deferred[None] = Deferred()
+        change.waiters.append(waiter)
+        return waiter
+
+    def _change(self, task_id: uuid.UUID, spec: TaskSpec | None) -> Deferred[None]:
+        """Store ``spec`` (None: remove the task), then apply it to the scheduler.
+
+        Fires once both are done (StorageError if the disk refused: nothing changed).
+        The write goes on, and is applied, even if the caller stops waiting: a request
+        whose client went away must not leave the disk and the scheduler disagreeing.
+        """
+        change = _Change(spec)
+        self._changes[task_id] = change
+        waiter = self._written(task_id)
+        if spec is None:
+            writing = maybeDeferred(self._task_store.delete, task_id)
+        else:
+            writing = maybeDeferred(self._task_store.save, spec)
+        writing.addBoth(self._stored, task_id, change)
+        return waiter
+
+    def _stored(self, outcome: object, task_id: uuid.UUID, change: _Change) -> None:
+        # The store applies the changes in the order asked, so they arrive here in order.
+        if self._changes.get(task_id) is change:
+            del self._changes[task_id]
+        if isinstance(outcome, Failure):
+            failure = outcome
+            if outcome.check(OSError):
+                failure = Failure(StorageError(outcome.getErrorMessage()))
+            for waiter in change.waiters:
+                waiter.errback(failure)
+            return
+        try:
+            self._apply(task_id, change.spec)
+        except Exception:
+            failure = Failure()
+            self.log.failure(
+                "could not apply a change of task {task_id}", failure, task_id=str(task_id)
+            )
+            for waiter in change.waiters:
+                waiter.errback(failure)
+            return
+        for waiter in change.waiters:
+            waiter.callback(None)
+
+    def _apply(self, task_id: uuid.UUID, spec: TaskSpec | None) -> None:
+        if spec is None:
+            if self._scheduler.unschedule(task_id):
+                self.log.info("removed task {task_id}", task_id=str(task_id))
+            return
+        replaced = task_id in self._scheduler.tasks
+        self._scheduler.schedule(spec)
+        self.log.info(
+            "{verb} task {task_id} ({frequency})",
+            verb="replaced" if replaced else "scheduled",
+            task_id=str(task_id),
+            frequency=str(spec.frequency),
         )
 
     @app.route("/api/v1/agent/tasks", methods=["GET"])

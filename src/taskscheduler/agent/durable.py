@@ -10,6 +10,7 @@ from __future__ import annotations
 import fcntl
 import os
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
 from twisted.internet.defer import Deferred, maybeDeferred
@@ -83,10 +84,12 @@ def atomic_create(path: Path, data: bytes) -> bool:
     return True
 
 
-def write_durably(files: Sequence[tuple[Path, bytes]]) -> None:
-    """Write every file atomically and durably: one fsync per file, one per folder.
+def write_durably(files: Sequence[tuple[Path, bytes]], removals: Sequence[Path] = ()) -> None:
+    """Write every file atomically and durably, then remove ``removals``: one fsync per
+    file, one per folder.
 
-    All or nothing: if any write fails, no file of the batch is put in place.
+    The writes are all or nothing: if any fails, no file of the batch is put in place
+    (and nothing is removed).
     """
     written: list[tuple[Path, Path]] = []
     try:
@@ -98,7 +101,14 @@ def write_durably(files: Sequence[tuple[Path, bytes]]) -> None:
         for tmp, _ in written:
             tmp.unlink(missing_ok=True)
         raise
-    for folder in sorted({path.parent for path, _ in files}):
+    folders = {path.parent for path, _ in files}
+    for path in removals:
+        try:
+            path.unlink()
+        except FileNotFoundError:
+            continue
+        folders.add(path.parent)
+    for folder in sorted(folders):
         fsync_directory(folder)
 
 
@@ -110,26 +120,74 @@ def run_here(function: Callable[[], None]) -> Deferred[None]:
     return maybeDeferred(function)
 
 
+@dataclass(frozen=True)
+class _Change:
+    path: Path
+    data: bytes | None  # None: remove the file
+    sync: bool
+    done: Deferred[None]
+
+
+def _apply(changes: Sequence[_Change], failures: dict[Path, BaseException]) -> None:
+    """Apply ``changes`` (one per path), recording in ``failures`` those that failed.
+
+    The unsynced ones go first, one by one (a failure costs only its own change); the
+    synced ones together, all or nothing (:func:`write_durably`).
+    """
+    synced = []
+    for change in changes:
+        if change.sync:
+            synced.append(change)
+            continue
+        try:
+            if change.data is None:
+                remove(change.path, sync=False)
+            else:
+                atomic_write(change.path, change.data, sync=False)
+        except OSError as e:
+            failures[change.path] = e
+    if not synced:
+        return
+    try:
+        write_durably(
+            [(c.path, c.data) for c in synced if c.data is not None],
+            [c.path for c in synced if c.data is None],
+        )
+    except Exception as e:
+        for change in synced:
+            failures[change.path] = e
+
+
 class BatchWriter:
-    """Durable writes in batches, off the reactor thread.
+    """Durable writes and removals in batches, off the reactor thread.
 
     An fsync costs about a millisecond; a thousand results due in one second would
-    otherwise hold the reactor, and every run due meanwhile, for a second. Writes asked
-    for in one reactor turn go to the thread together, one batch at a time (so a file
-    written twice ends with the later data), and each caller's Deferred fires once its
-    file is durable.
+    otherwise hold the reactor, and every run due meanwhile, for a second. Changes asked
+    for in one reactor turn go to the thread together, one batch at a time, in the order
+    asked: a file written twice, or written then removed, ends as the later change left
+    it (within a batch only that change is applied, and every caller of the path hears
+    its outcome). Each caller's Deferred fires once its change is done.
     """
 
     def __init__(self, clock: IReactorTime, run_in_thread: RunInThread = run_here) -> None:
         self._clock = clock
         self._run_in_thread = run_in_thread
-        self._queue: list[tuple[Path, bytes, Deferred[None]]] = []
+        self._queue: list[_Change] = []
         self._scheduled: IDelayedCall | None = None
         self._flushing = False
 
-    def write(self, path: Path, data: bytes) -> Deferred[None]:
+    def write(self, path: Path, data: bytes, sync: bool = True) -> Deferred[None]:
+        """Replace ``path`` with ``data``; durably unless ``sync`` is False (then it
+        survives the agent's death, not a power loss)."""
+        return self._ask(path, data, sync)
+
+    def remove(self, path: Path, sync: bool = True) -> Deferred[None]:
+        """Delete ``path`` if it is there; durably unless ``sync`` is False."""
+        return self._ask(path, None, sync)
+
+    def _ask(self, path: Path, data: bytes | None, sync: bool) -> Deferred[None]:
         done: Deferred[None] = Deferred()
-        self._queue.append((path, data, done))
+        self._queue.append(_Change(path, data, sync, done))
         self._schedule()
         return done
 
@@ -143,16 +201,26 @@ class BatchWriter:
         if not batch:
             return
         self._flushing = True
-        files = [(path, data) for path, data, _ in batch]
-        self._run_in_thread(lambda: write_durably(files)).addBoth(self._flushed, batch)
+        # The last change of each path is the one that counts.
+        last = {change.path: change for change in batch}
+        changes = list(last.values())
+        failures: dict[Path, BaseException] = {}
+        self._run_in_thread(lambda: _apply(changes, failures)).addBoth(
+            self._flushed, batch, failures
+        )
 
-    def _flushed(self, outcome: object, batch: list[tuple[Path, bytes, Deferred[None]]]) -> None:
+    def _flushed(
+        self, outcome: object, batch: list[_Change], failures: dict[Path, BaseException]
+    ) -> None:
         self._flushing = False
-        for _, _, done in batch:
+        for change in batch:
+            error = failures.get(change.path)
             if isinstance(outcome, Failure):
-                done.errback(outcome)
+                change.done.errback(outcome)
+            elif error is not None:
+                change.done.errback(Failure(error))
             else:
-                done.callback(None)
+                change.done.callback(None)
         if self._queue:
             self._schedule()
 

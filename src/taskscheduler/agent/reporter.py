@@ -267,19 +267,24 @@ class Reporter:
             answer = None
         return response.code, answer
 
-    def _read(self, entry: SpoolEntry) -> bytes | None:
-        try:
-            return self._spool.read(entry)
-        except (OSError, ValueError) as e:
-            self._refuse(entry, f"its spool file is unreadable: {e}")
-            return None
+    async def _read(self, entries: list[SpoolEntry]) -> list[tuple[SpoolEntry, bytes]]:
+        """The readable entries with their bodies (read off the reactor); drops the others."""
+        readable = []
+        bodies = await self._spool.read_bodies(entries)
+        for entry, body in zip(entries, bodies, strict=True):
+            if isinstance(body, bytes):
+                readable.append((entry, body))
+            else:
+                self._refuse(entry, f"its spool file is unreadable: {body}")
+        return readable
 
     async def _send_single(self, entry: SpoolEntry) -> None:
-        body = self._read(entry)
-        if body is None:
+        readable = await self._read([entry])
+        if not readable:
             return
+        [(_, spooled)] = readable
         path = f"/api/v1/tasks/{entry.task_id}/complete"
-        body = self._fit(entry, body)
+        body = self._fit(entry, spooled)
         if body is None:
             return
         code, answer = await self._post(path, body)
@@ -345,15 +350,11 @@ class Reporter:
         return fitted
 
     async def _send_batch(self, entries: list[SpoolEntry]) -> None:
-        readable: list[SpoolEntry] = []
-        bodies: list[bytes] = []
-        for entry in entries:
-            body = self._read(entry)
-            if body is not None:
-                readable.append(entry)
-                bodies.append(body)
-        if not readable:
+        pairs = await self._read(entries)
+        if not pairs:
             return
+        readable = [entry for entry, _ in pairs]
+        bodies = [body for _, body in pairs]
         body = b'{"results":[' + b",".join(bodies) + b"]}"
         code, answer = await self._post("/api/v1/results", body)
         if code == 413 or (code, _error_code(answer)) in _SEND_SINGLY:

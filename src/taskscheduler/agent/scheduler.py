@@ -36,11 +36,17 @@ or more:
     the first instant after the new time, and the instants in between are not run, as
     if the agent had been suspended (logged; no burst of catch-up runs).
 
-The lead lives in memory: an agent restarted while its labels run ahead plans from its
-wall clock again, and may then reach instants it already ran; the server refuses such a
-result as a conflict (409), which the agent logs and counts: never stored twice. Run
-durations are measured on the monotonic clock; time limits are reactor timers, kept on
-monotonic pace as above (a forward step may end one up to a quarter second early).
+**Restarts.** The last instant each task fired is recorded as its run starts
+(:class:`~taskscheduler.agent.lastruns.LastRuns`, off the reactor thread); the results
+spooled, and the runs a dead agent left (adopted), name the instants that record may
+miss. A
+restarted agent never plans an instant at or before the last one its task fired, and
+when that instant is ahead of the wall clock (it stepped back, before or while the agent
+was down) the labels resume from it: the lead is that gap, and loops keep their pace
+from there. No instant runs twice on one agent, however the clock moved across the
+restart. Run durations are measured on the monotonic clock; time limits are reactor
+timers, kept on monotonic pace as above (a forward step may end one up to a quarter
+second early).
 """
 
 from __future__ import annotations
@@ -58,6 +64,7 @@ from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
+from taskscheduler.agent.lastruns import LastRuns
 from taskscheduler.agent.spool import Spool
 from taskscheduler.protocol import Output, ResultStatus, RunResult, TaskSpec
 from taskscheduler.schedule import format_instant, instant, next_execution, utc_now_from
@@ -213,6 +220,7 @@ class _TaskLoop:
             if k > self._next:
                 self._missed(k - self._next)
             self.last_run = instant(self.spec.anchor, self.spec.frequency.interval, k)
+            self._scheduler.fired(self.spec.task_id, self.last_run)
             self._next = k + 1
         except Exception:
             self.log.failure(
@@ -323,12 +331,15 @@ class Scheduler:
         watchdog: bool | None = None,
         starting_deadline: float = DEFAULT_STARTING_DEADLINE,
         max_running: int = DEFAULT_MAX_RUNNING,
+        last_runs: LastRuns | None = None,
     ) -> None:
         """``clock`` is the reactor, whose time is the wall clock.
 
         ``monotonic`` is the clock that steps do not move: by default the system's when
         ``clock`` is a real reactor, else ``clock`` itself (no steps to see). ``watchdog``
         starts the thread that sees backward steps (by default with a real reactor).
+        ``last_runs`` holds the instants a previous life of the agent fired (by default
+        none, and nothing recorded).
         """
         self._clock = clock
         self._runner = runner
@@ -349,6 +360,8 @@ class Scheduler:
         self._offset = clock.seconds() - monotonic()  # wall minus monotonic, last seen
         #: Seconds by which run labels are ahead of the wall clock (after a backward step).
         self.lead = 0.0
+        self._last_runs = LastRuns() if last_runs is None else last_runs
+        self._resumed = False
         self._sentinel: IDelayedCall | None = None
         self._watchdog: _Watchdog | None = None
         self._loops: dict[uuid.UUID, _TaskLoop] = {}
@@ -374,8 +387,9 @@ class Scheduler:
             old.stop()
         if self._stopped:
             return
+        self._resume()
         self._watch()
-        loop = _TaskLoop(spec, self, after=None if old is None else old.last_run)
+        loop = _TaskLoop(spec, self, after=self._last_runs.last(spec.task_id))
         self._loops[spec.task_id] = loop
         loop.start()
 
@@ -401,6 +415,35 @@ class Scheduler:
             self._watchdog = None
 
     # -- the clocks --------------------------------------------------------------------
+
+    def _resume(self) -> None:
+        """Take up the label timeline where a previous life of the agent left it (once,
+        before the first loop is planned, after the runs it left are adopted)."""
+        if self._resumed:
+            return
+        self._resumed = True
+        # A result still spooled is of an instant fired that the record may lack: it is
+        # written asynchronously (so may an adopted run be: see ``adopt``).
+        for task_id, scheduled_at in self._spool.result_keys():
+            self._last_runs.note(task_id, scheduled_at)
+        self._last_runs.record_noted()  # the spool and the runs' records go, in time
+        latest = self._last_runs.latest()
+        if latest is None:
+            return
+        ahead = latest.timestamp() - self._clock.seconds()
+        if ahead <= 0:
+            return
+        self.lead = ahead
+        self.log.warn(
+            "runs were labelled up to {latest}, {lead:.1f}s ahead of the wall clock (it "
+            "stepped back): labels resume from there, {lead:.1f}s ahead of it",
+            latest=format_instant(latest),
+            lead=ahead,
+        )
+
+    def fired(self, task_id: uuid.UUID, scheduled_at: datetime) -> None:
+        """``scheduled_at`` of ``task_id`` is fired now (run or skipped): never again."""
+        self._last_runs.record(task_id, scheduled_at)
 
     def label_now(self) -> datetime:
         """Now on the timeline runs are labelled with: the wall clock, plus any lead."""
@@ -552,8 +595,9 @@ class Scheduler:
         """Follow a run a previous life of the agent started (see ``ProcessRunner.recover``).
 
         Until it ends, its task is not started again: skip-on-overlap holds across
-        restarts.
+        restarts; and its instant is never run again.
         """
+        self._last_runs.note(task_id, scheduled_at)
         self._track(
             task_id, scheduled_at, started_at or utc_now_from(self._clock.seconds()), outcome
         )

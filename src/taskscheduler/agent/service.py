@@ -31,7 +31,13 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 
 from taskscheduler.agent.api import MAX_BODY_BYTES, AgentAPI
-from taskscheduler.agent.durable import BatchWriter, FolderInUse, FolderLock, RunInThread
+from taskscheduler.agent.durable import (
+    BatchWriter,
+    FolderInUse,
+    FolderLock,
+    RunInThread,
+    run_here,
+)
 from taskscheduler.agent.enrolment import Enrolled, Enroller
 from taskscheduler.agent.identity import (
     CorruptCredential,
@@ -40,6 +46,7 @@ from taskscheduler.agent.identity import (
     load_or_create_agent_id,
     load_server_key,
 )
+from taskscheduler.agent.lastruns import LastRuns
 from taskscheduler.agent.reporter import Reporter
 from taskscheduler.agent.scheduler import (
     DEFAULT_MAX_RUNNING,
@@ -107,7 +114,8 @@ class AgentService(Service):
         http_factory: Callable[[], Any] | None = None,
         endpoint_factory: Callable[[], IStreamServerEndpoint] | None = None,
     ) -> None:
-        """``run_in_thread`` runs the spool's fsyncs; None runs them on the reactor thread.
+        """``run_in_thread`` runs the fsyncs of the spool and the task files, and reads the
+        spool; None does it all on the reactor thread.
 
         ``http_factory`` and ``endpoint_factory`` build the client and the listening
         endpoint at start-up (they read certificate files), when ``http`` and
@@ -198,7 +206,9 @@ class AgentService(Service):
         writer = (
             None if self._run_in_thread is None else BatchWriter(self._clock, self._run_in_thread)
         )
-        spool = Spool(data_dir / "spool", self.config.spool_max_bytes, writer)
+        spool = Spool(
+            data_dir / "spool", self.config.spool_max_bytes, writer, self._run_in_thread or run_here
+        )
         spool.load()
         markers = RunMarkers(data_dir / "running")
         for marker in markers.leftovers():
@@ -219,8 +229,14 @@ class AgentService(Service):
             )
             # The marker goes once the lost result is durable, not before.
             spool.add(lost).addCallback(_clear_marker, markers, marker)
-        task_store = TaskStore(data_dir / "tasks")
+        task_store = TaskStore(
+            data_dir / "tasks",
+            None if self._run_in_thread is None else BatchWriter(self._clock, self._run_in_thread),
+        )
         specs = task_store.load()
+        # The spool's writer: a run's instant is on disk before its result can leave.
+        last_runs = LastRuns(data_dir / "lastrun", writer)
+        last_runs.load({spec.task_id for spec in specs})
 
         reporter = Reporter(
             spool,
@@ -239,6 +255,7 @@ class AgentService(Service):
             agent_id,
             starting_deadline=self.config.starting_deadline,
             max_running=self.config.max_running,
+            last_runs=last_runs,
         )
         # Runs a previous life of the agent left: before any new run starts, so that a
         # task is never started while its run from before the restart is still going.

@@ -3,7 +3,8 @@
 :class:`Spool` keeps one file per result in ``<data-dir>/spool/``, written durably before
 the result is reported and deleted only once the server acknowledged it, so a result
 survives the server being down and the agent restarting. Its bytes are exactly the JSON
-body that is sent.
+body that is sent. The reporter reads them (up to 8 MiB a batch) off the reactor thread,
+with :meth:`Spool.read_bodies`.
 
 Results the spool had to throw away (its byte cap reached, the disk refusing a write) are
 counted, logged and shown by the agent's health endpoint; the count is kept in
@@ -30,10 +31,12 @@ from twisted.python.failure import Failure
 from taskscheduler import protocol
 from taskscheduler.agent.durable import (
     BatchWriter,
+    RunInThread,
     atomic_write,
     ensure_directory,
     remove,
     remove_leftovers,
+    run_here,
 )
 from taskscheduler.protocol import RunResult
 from taskscheduler.schedule import format_instant, parse_instant
@@ -90,11 +93,14 @@ class Spool:
         directory: Path,
         max_bytes: int = DEFAULT_SPOOL_MAX_BYTES,
         writer: BatchWriter | None = None,
+        run_in_thread: RunInThread = run_here,
     ) -> None:
         self.directory = directory
         self.max_bytes = max_bytes
         #: Writes results durably; None writes each one at once, on this thread.
         self._writer = writer
+        #: Where results are read back for the reporter.
+        self._run_in_thread = run_in_thread
         #: Called when a result becomes durable, so that it can be reported.
         self.on_ready: Callable[[], None] = lambda: None
         self._entries: dict[ResultKey, SpoolEntry] = {}
@@ -230,11 +236,32 @@ class Spool:
             total += entry.size
         return chosen
 
+    def result_keys(self) -> list[ResultKey]:
+        """The key of every result spooled or being spooled."""
+        return [*self._entries, *self._writing]
+
     def read(self, entry: SpoolEntry) -> bytes:
-        """The body of ``entry``; OSError or ValueError if the file is gone or not JSON."""
+        """The body of ``entry``; OSError or ValueError if the file is gone or not JSON.
+
+        It blocks on the disk: on the reactor, use :meth:`read_bodies`.
+        """
         data = entry.path.read_bytes()
         json.loads(data)
         return data
+
+    def read_bodies(self, entries: list[SpoolEntry]) -> Deferred[list[bytes | Exception]]:
+        """The body of each of ``entries``, or the OSError or ValueError that made it
+        unreadable; read and checked in one go off the reactor thread."""
+        bodies: list[bytes | Exception] = []
+
+        def read_all() -> None:
+            for entry in entries:
+                try:
+                    bodies.append(self.read(entry))
+                except (OSError, ValueError) as e:
+                    bodies.append(e)
+
+        return self._run_in_thread(read_all).addCallback(lambda _: bodies)
 
     def remove(self, entry: SpoolEntry) -> None:
         """Forget ``entry`` for good (the server acknowledged or refused it)."""

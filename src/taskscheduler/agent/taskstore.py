@@ -1,7 +1,9 @@
 """The tasks an agent runs, one file per task in ``<data-dir>/tasks/``.
 
 A task is written durably before the agent acknowledges it, so that a restarted agent
-resumes every task with no one acting.
+resumes every task with no one acting. Writes and removals (each an fsync or two) go
+through a :class:`~taskscheduler.agent.durable.BatchWriter`, off the reactor thread, in
+the order asked: a task saved then deleted ends deleted.
 """
 
 from __future__ import annotations
@@ -10,10 +12,17 @@ import json
 import uuid
 from pathlib import Path
 
+from twisted.internet.defer import Deferred, maybeDeferred
 from twisted.logger import Logger
 
 from taskscheduler import protocol
-from taskscheduler.agent.durable import atomic_write, ensure_directory, remove, remove_leftovers
+from taskscheduler.agent.durable import (
+    BatchWriter,
+    atomic_write,
+    ensure_directory,
+    remove,
+    remove_leftovers,
+)
 from taskscheduler.protocol import InvalidMessage, TaskSpec
 from taskscheduler.schedule import utc_now_from
 
@@ -23,8 +32,10 @@ class TaskStore:
 
     log = Logger()
 
-    def __init__(self, directory: Path) -> None:
+    def __init__(self, directory: Path, writer: BatchWriter | None = None) -> None:
         self.directory = directory
+        #: Writes off the reactor thread; None writes at once, on this thread.
+        self._writer = writer
 
     def _path(self, task_id: uuid.UUID) -> Path:
         return self.directory / f"{task_id}.json"
@@ -49,10 +60,16 @@ class TaskStore:
             specs.append(spec)
         return specs
 
-    def save(self, spec: TaskSpec) -> None:
-        """Write ``spec`` durably, replacing any earlier version of the task."""
+    def save(self, spec: TaskSpec) -> Deferred[None]:
+        """Write ``spec`` durably, replacing any earlier version of the task; fires once
+        it is on disk (OSError if it cannot be)."""
         data = json.dumps(protocol.task_spec_to_json(spec), ensure_ascii=False).encode("utf-8")
-        atomic_write(self._path(spec.task_id), data)
+        if self._writer is None:
+            return maybeDeferred(atomic_write, self._path(spec.task_id), data)
+        return self._writer.write(self._path(spec.task_id), data)
 
-    def delete(self, task_id: uuid.UUID) -> None:
-        remove(self._path(task_id))
+    def delete(self, task_id: uuid.UUID) -> Deferred[None]:
+        """Remove the task's file durably (nothing to do if it is not there)."""
+        if self._writer is None:
+            return maybeDeferred(remove, self._path(task_id))
+        return self._writer.remove(self._path(task_id))

@@ -1,0 +1,118 @@
+"""The last instant of each task the agent fired, one small file per task in
+``<data-dir>/lastrun/``.
+
+After a backward step of the wall clock the scheduler labels runs ahead of the wall
+clock (its *lead*, see :mod:`taskscheduler.agent.scheduler`). The lead lives in memory;
+these instants are what a restarted agent derives it from, so that it never plans an
+instant it already ran (run twice, the server would refuse the second result with 409).
+
+Each instant is recorded as it fires (before its run starts), written off the reactor
+thread by the spool's :class:`~taskscheduler.agent.durable.BatchWriter`, without an
+fsync: a file that survives the agent's death, not a power loss. The writer applies
+changes in the order asked, so an instant is on disk before its result is durable, and
+so before it can be reported and leave the spool. Until then the runner's record of the
+run (which the restarted agent adopts) or the spool names the instant: whenever the
+agent dies, one of the three names every instant it fired.
+"""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import Collection
+from datetime import datetime
+from pathlib import Path
+
+from twisted.logger import Logger
+from twisted.python.failure import Failure
+
+from taskscheduler.agent.durable import (
+    BatchWriter,
+    atomic_write,
+    ensure_directory,
+    remove,
+    remove_leftovers,
+)
+from taskscheduler.schedule import format_instant, parse_instant
+
+
+class LastRuns:
+    """The last instant fired per task: in memory, and on disk when given a folder."""
+
+    log = Logger()
+
+    def __init__(self, directory: Path | None = None, writer: BatchWriter | None = None) -> None:
+        self.directory = directory
+        #: Writes off the reactor thread; None writes at once, on this thread.
+        self._writer = writer
+        self._last: dict[uuid.UUID, datetime] = {}
+        self._recorded: dict[uuid.UUID, datetime] = {}  # what the files say (or will)
+
+    def load(self, keep: Collection[uuid.UUID]) -> None:
+        """Read what a previous life recorded for the tasks in ``keep``; delete the rest
+        (tasks deleted since: nothing of theirs will run again)."""
+        if self.directory is None:
+            return
+        ensure_directory(self.directory)
+        remove_leftovers(self.directory)
+        for path in sorted(self.directory.iterdir()):
+            if path.name.startswith("."):
+                continue
+            try:
+                task_id = uuid.UUID(path.name)
+                at = parse_instant(path.read_text(encoding="ascii").strip())
+            except (OSError, ValueError) as e:
+                self.log.error(
+                    "ignoring unreadable last-run file {path}: {error}",
+                    path=str(path),
+                    error=str(e),
+                )
+                continue
+            if task_id in keep:
+                self.note(task_id, at)
+                self._recorded[task_id] = at
+            else:
+                remove(path, sync=False)
+
+    def note(self, task_id: uuid.UUID, at: datetime) -> None:
+        """``at`` was fired (or may have been): remember it, in memory only."""
+        last = self._last.get(task_id)
+        if last is None or at > last:
+            self._last[task_id] = at
+
+    def record(self, task_id: uuid.UUID, at: datetime) -> None:
+        """``at`` is fired now: remember it, and write it out. Never raises."""
+        self.note(task_id, at)
+        if self.directory is None:
+            return
+        last = self._recorded[task_id] = self._last[task_id]
+        path = self.directory / str(task_id)
+        data = format_instant(last).encode("ascii")
+        if self._writer is not None:
+            self._writer.write(path, data, sync=False).addErrback(self._not_written, task_id)
+            return
+        try:
+            atomic_write(path, data, sync=False)
+        except OSError:
+            self._not_written(Failure(), task_id)
+
+    def record_noted(self) -> None:
+        """Write out what was only noted (what the spool and the runs a previous life
+        left say), so that it outlives them."""
+        for task_id, at in list(self._last.items()):
+            if self._recorded.get(task_id) != at:
+                self.record(task_id, at)
+
+    def _not_written(self, failure: Failure, task_id: uuid.UUID) -> None:
+        self.log.failure(
+            "could not record the last run of task {task_id}: a restart may run it again",
+            failure,
+            task_id=str(task_id),
+        )
+
+    def last(self, task_id: uuid.UUID) -> datetime | None:
+        """The last instant of ``task_id`` fired, if any."""
+        return self._last.get(task_id)
+
+    def latest(self) -> datetime | None:
+        """The latest instant fired, of any task."""
+        return max(self._last.values(), default=None)
