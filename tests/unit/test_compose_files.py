@@ -197,3 +197,11 @@ def test_docker_compose_accepts_the_files(files: list[Path]) -> None:
         [*command, "config", "-q"], capture_output=True, text=True, timeout=60, cwd=ROOT
     )
     assert result.returncode == 0, result.stderr
+
+
+@pytest.mark.skipif(shutil.which("hadolint") is None, reason="no hadolint here")
+def test_the_dockerfile_lints_clean() -> None:
+    result = subprocess.run(
+        ["hadolint", str(ROOT / "Dockerfile")], capture_output=True, text=True, timeout=60
+    )
+    assert result.returncode == 0, result.stdout + result.stderr
