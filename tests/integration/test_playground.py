@@ -261,3 +261,39 @@ def test_is_up_is_never_said_of_another_program_on_the_servers_port(tmp_path: Pa
     assert result.returncode == 1
     assert "is up" not in result.stdout
     assert "the taskscheduler server stopped during start-up" in result.stderr
+
+
+def test_stop_ends_an_embedded_postgresql_only_once_nobody_uses_it(
+    private_folder: Callable[[], Path],
+) -> None:
+    # A server killed outright (say, it did not stop within the script's deadline) leaves
+    # its embedded PostgreSQL running; the script stops it, but never under a live user.
+    data = private_folder()
+    folder = data / "server" / "postgres"
+    holder = subprocess.Popen(
+        [
+            sys.executable,
+            "-c",
+            "import sys, time\n"
+            "from taskscheduler.embedded_pg import EmbeddedPostgres\n"
+            "EmbeddedPostgres(sys.argv[1]).start_blocking()\n"
+            "print('up', flush=True)\n"
+            "time.sleep(600)\n",
+            str(folder),
+        ],
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        assert holder.stdout is not None and holder.stdout.readline() == "up\n"
+        postmaster = psutil.Process(int((folder / "postmaster.pid").read_text().split()[0]))
+        stop = [sys.executable, str(ROOT / "scripts" / "_playground.py"), "stop", str(data)]
+        kept = subprocess.run(stop, capture_output=True, text=True, timeout=60)
+        assert kept.returncode == 0 and postmaster.is_running()
+    finally:
+        holder.kill()
+        holder.wait()
+    stopped = subprocess.run(stop, capture_output=True, text=True, timeout=60)
+    assert stopped.returncode == 0
+    assert f"the server left running (pid {postmaster.pid})" in stopped.stderr
+    assert not postmaster.is_running()
