@@ -1,0 +1,207 @@
+"""The compose files keep the promises the README makes about them.
+
+No Docker engine runs the tests, so the files are read as compose would read them (YAML
+with its merge keys; a second ``-f`` file replaces a service's ``command``) and checked
+for what matters: the seed's quick start needs no token yet publishes the API on the
+host's loopback only, the secured layout demands tokens, every agent enrols with a join
+secret, and every agent is in ``AVAILABLE_SERVERS``.
+"""
+
+from __future__ import annotations
+
+import re
+import shlex
+import shutil
+import subprocess
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlsplit
+
+import pytest
+import yaml
+
+from taskscheduler.auth import INSECURE_FLAG
+
+ROOT = Path(__file__).resolve().parents[2]
+DEFAULT = ROOT / "docker-compose.yml"
+SECURE = ROOT / "docker-compose.secure.yml"
+
+
+def load(path: Path) -> dict[str, Any]:
+    document = yaml.safe_load(path.read_text())
+    assert isinstance(document, dict)
+    return document
+
+
+def merged(base: dict[str, Any], override: dict[str, Any]) -> dict[str, dict[str, Any]]:
+    """Services of ``base`` with ``override`` laid over them, as ``-f a -f b`` does it
+    for the keys used here: mappings merge, a command replaces, port lists add up."""
+    services = {name: dict(service) for name, service in base["services"].items()}
+    for name, service in override.get("services", {}).items():
+        target = services.setdefault(name, {})
+        for key, value in service.items():
+            if key == "ports":
+                target[key] = list(target.get(key, [])) + list(value)
+            elif isinstance(value, dict) and isinstance(target.get(key), dict):
+                target[key] = {**target[key], **value}
+            else:
+                target[key] = value
+    return services
+
+
+def argv(service: dict[str, Any]) -> list[str]:
+    command = service.get("command", [])
+    return shlex.split(command) if isinstance(command, str) else list(command)
+
+
+def option(args: list[str], name: str) -> str | None:
+    for i, arg in enumerate(args):
+        if arg == name and i + 1 < len(args):
+            return args[i + 1]
+        if arg.startswith(name + "="):
+            return arg.split("=", 1)[1]
+    return None
+
+
+def agents(services: dict[str, dict[str, Any]]) -> dict[str, dict[str, Any]]:
+    return {name: s for name, s in services.items() if "taskscheduler-agent" in argv(s)}
+
+
+def available_servers(services: dict[str, dict[str, Any]]) -> list[str]:
+    value = services["server"]["environment"]["AVAILABLE_SERVERS"]
+    return [url.strip() for url in value.split(",") if url.strip()]
+
+
+LAYOUTS = {
+    "default": lambda: merged(load(DEFAULT), {}),
+    "secure": lambda: merged(load(DEFAULT), load(SECURE)),
+}
+
+
+@pytest.mark.parametrize("layout", sorted(LAYOUTS))
+def test_every_published_port_is_on_the_hosts_loopback(layout: str) -> None:
+    services = LAYOUTS[layout]()
+    assert services["server"]["ports"] == ["127.0.0.1:8080:8080"]
+    for name, service in services.items():
+        for port in service.get("ports", []):
+            assert str(port).startswith("127.0.0.1:"), f"{name} publishes {port} beyond loopback"
+
+
+def test_the_quick_start_runs_without_tokens_and_says_so() -> None:
+    server = argv(merged(load(DEFAULT), {})["server"])
+    assert INSECURE_FLAG in server
+    assert option(server, "--tokens-file") is None
+    assert "TASKSCHEDULER_TOKENS" not in merged(load(DEFAULT), {})["server"]["environment"]
+    # Stated loudly in the file, next to the server and at the top.
+    text = DEFAULT.read_text()
+    assert text.count("ANONYMOUS OPERATORS") >= 2
+    assert text.index("ANONYMOUS OPERATORS") < text.index("services:")
+
+
+def test_the_secured_layout_demands_operator_tokens() -> None:
+    server = argv(merged(load(DEFAULT), load(SECURE))["server"])
+    assert INSECURE_FLAG not in server
+    assert option(server, "--tokens-file") == "/var/lib/taskscheduler/secrets/tokens"
+    assert INSECURE_FLAG not in SECURE.read_text().split("services:", 1)[1]
+    # The override only swaps the server's command: it cannot widen what is published.
+    assert set(load(SECURE)["services"]) == {"server"}
+    assert set(load(SECURE)["services"]["server"]) == {"command"}
+
+
+@pytest.mark.parametrize("layout", sorted(LAYOUTS))
+def test_every_daemon_runs_in_the_foreground_without_a_pidfile(layout: str) -> None:
+    services = LAYOUTS[layout]()
+    daemons = {name: argv(s) for name, s in services.items() if argv(s)[:1] == ["twistd"]}
+    assert set(daemons) == {"server", *agents(services)}
+    for name, args in daemons.items():
+        assert args[:3] == ["twistd", "-n", "--pidfile="], name
+
+
+@pytest.mark.parametrize("layout", sorted(LAYOUTS))
+def test_every_agent_enrols_with_a_join_secret_and_is_in_available_servers(layout: str) -> None:
+    services = LAYOUTS[layout]()
+    fleet = agents(services)
+    assert len(fleet) >= 2
+    urls = available_servers(services)
+    assert sorted(urls) == sorted(option(argv(s), "--advertise-url") for s in fleet.values())
+    data_dirs = set()
+    for name, service in fleet.items():
+        args = argv(service)
+        url = option(args, "--advertise-url")
+        assert url is not None, name
+        parts = urlsplit(url)
+        # The server reaches the agent by its service name, on the port it listens on.
+        assert parts.hostname == name
+        assert option(args, "--listen") == f"tcp:{parts.port}"
+        environment = service["environment"]
+        assert environment["TASKSCHEDULER_SERVER_URL"] == "http://server:8080"
+        secret = environment["TASKSCHEDULER_JOIN_SECRET_FILE"]
+        assert any(
+            v.endswith(":ro") and secret.startswith(v.split(":")[1] + "/")
+            for v in service["volumes"]
+        ), f"{name} does not mount its join secret read-only"
+        # Its own data folder, inside a volume, so that it survives the container.
+        data_dir = option(args, "--data-dir")
+        assert data_dir is not None and data_dir not in data_dirs
+        data_dirs.add(data_dir)
+        assert any(data_dir.startswith(v.split(":")[1] + "/") for v in service["volumes"])
+
+
+def test_the_server_checks_join_secrets_and_agents_never_see_the_operator_token() -> None:
+    services = merged(load(DEFAULT), load(SECURE))
+    server = argv(services["server"])
+    assert option(server, "--join-secrets-file") == "/var/lib/taskscheduler/secrets/join-secrets"
+    for name, service in agents(services).items():
+        mounted = [v.split(":")[0] for v in service["volumes"]]
+        assert "secrets" not in mounted, f"{name} could read the operator token"
+    script = "\n".join(argv(services["secrets"]))
+    for made in ("operator-token", "tokens", "join-secret", "join-secrets"):
+        assert re.search(rf">\S*{made}\b", script), made
+
+
+def test_a_third_agent_is_one_block_and_one_available_servers_entry() -> None:
+    # As written (before merge keys are resolved), an agent's block is the shared part
+    # plus its command: nothing else to declare, no volume of its own.
+    root = yaml.compose(DEFAULT.read_text())
+    services_node = next(v for k, v in root.value if k.value == "services")
+    written = {k.value: [key.value for key, _ in v.value] for k, v in services_node.value}
+    fleet = [name for name, keys in written.items() if name.startswith("agent")]
+    assert fleet == ["agent1", "agent2"]
+    for name in fleet:
+        assert written[name] == ["<<", "command"], name
+    document = load(DEFAULT)
+    third = dict(document["services"]["agent2"])
+    third["command"] = third["command"].replace("agent2", "agent3").replace("8082", "8083")
+    document["services"]["agent3"] = third
+    document["services"]["server"]["environment"]["AVAILABLE_SERVERS"] += ",http://agent3:8083"
+    services = merged(document, {})
+    assert len(agents(services)) == 3
+    assert "http://agent3:8083" in available_servers(services)
+    assert option(argv(services["agent3"]), "--data-dir") == "/var/lib/taskscheduler/agents/agent3"
+
+
+def test_the_readme_passes_minus_t_to_docker_compose_exec() -> None:
+    for path in (ROOT / "README.md", DEFAULT, SECURE):
+        for line in path.read_text().splitlines():
+            if "docker-compose exec" in line:
+                assert "docker-compose exec -T " in line, f"{path.name}: {line.strip()}"
+
+
+@pytest.mark.skipif(shutil.which("docker-compose") is None, reason="no docker-compose here")
+@pytest.mark.parametrize("files", [[DEFAULT], [DEFAULT, SECURE]], ids=["default", "secure"])
+def test_docker_compose_accepts_the_files(files: list[Path]) -> None:
+    command = ["docker-compose"]
+    for path in files:
+        command += ["-f", str(path)]
+    result = subprocess.run(
+        [*command, "config", "-q"], capture_output=True, text=True, timeout=60, cwd=ROOT
+    )
+    assert result.returncode == 0, result.stderr
+
+
+@pytest.mark.skipif(shutil.which("hadolint") is None, reason="no hadolint here")
+def test_the_dockerfile_lints_clean() -> None:
+    result = subprocess.run(
+        ["hadolint", str(ROOT / "Dockerfile")], capture_output=True, text=True, timeout=60
+    )
+    assert result.returncode == 0, result.stdout + result.stderr
