@@ -625,3 +625,56 @@ def test_an_instant_the_record_missed_when_the_agent_died_is_not_run_again(
     assert third.runner.runs == []
     third.advance_to(13)
     assert scheduled(third) == [at(20)], "on pace from the instant the runner found"
+
+
+# -- shedding load -----------------------------------------------------------------------
+
+
+def test_an_instant_later_than_the_starting_deadline_is_skipped_with_the_reason(
+    tmp_path: Path,
+) -> None:
+    agent = start(tmp_path, 55)
+    agent.service.scheduler.schedule(spec(every="every 60 seconds"))  # type: ignore[union-attr]
+    agent.settle(11.5)  # the reactor was held from 55 s to 66.5 s: 60 comes 6.5 s late
+    assert agent.runner.runs == [], "an overloaded agent does not pile a late run up"
+    [skipped] = agent.server.stored.values()
+    assert (skipped.status, skipped.scheduled_at) == (
+        ResultStatus.SKIPPED,
+        ANCHOR + timedelta(seconds=60),
+    )
+    assert skipped.reason == "the agent was overloaded: the instant came 6.5s late"
+    agent.advance_to(120)
+    assert scheduled(agent) == [at(120)], "the next instant on time runs"
+
+
+def test_instants_a_busy_agent_passed_over_are_recorded_skipped_and_the_latest_runs(
+    tmp_path: Path,
+) -> None:
+    agent = start(tmp_path, 9.5)
+    agent.service.scheduler.schedule(spec(every="every 2 seconds"))  # type: ignore[union-attr]
+    agent.settle(4.75)  # held from 9.5 s to 14.25 s: 10 and 12 passed, 14 is due
+    assert scheduled(agent) == [at(14)]
+    skipped = sorted(agent.server.stored.values(), key=lambda r: r.scheduled_at)
+    assert [(r.status, r.scheduled_at) for r in skipped] == [
+        (ResultStatus.SKIPPED, ANCHOR + timedelta(seconds=10)),
+        (ResultStatus.SKIPPED, ANCHOR + timedelta(seconds=12)),
+    ]
+    assert skipped[0].reason == "the agent was overloaded: it came to the instant 4.2s late"
+
+
+def test_instants_past_the_cap_on_runs_in_flight_are_skipped_with_the_reason(
+    tmp_path: Path,
+) -> None:
+    agent = start(tmp_path, 5)
+    scheduler = agent.service.scheduler
+    assert scheduler is not None
+    scheduler.max_running = 2
+    tasks = [spec() for _ in range(3)]
+    for task in tasks:
+        scheduler.schedule(task)
+    agent.advance_to(10)
+    assert len(agent.runner.runs) == 2
+    [skipped] = agent.server.stored.values()
+    assert skipped.status is ResultStatus.SKIPPED
+    assert skipped.reason == "2 runs were already going on this agent (--max-running 2)"
+    assert scheduler.skipped == 1

@@ -82,6 +82,9 @@ WATCHDOG_INTERVAL = 0.5
 DEFAULT_STARTING_DEADLINE = 5.0
 #: At most this many runs in flight on one agent; instants past it are ``skipped``.
 DEFAULT_MAX_RUNNING = 1000
+#: At most this many instants of one task missed in one wake-up are recorded ``skipped``
+#: (a host suspended for a day would otherwise spool a day of them).
+MAX_SKIPS_RECORDED = 100
 
 
 class RunOutcomeLike(Protocol):
@@ -218,7 +221,7 @@ class _TaskLoop:
             due = next_execution(self.spec.anchor, self.spec.frequency.interval, now)[0] - 1
             k = max(self._next + count - 1, due)
             if k > self._next:
-                self._missed(k - self._next)
+                self._missed(self._next, k, now)
             self.last_run = instant(self.spec.anchor, self.spec.frequency.interval, k)
             self._scheduler.fired(self.spec.task_id, self.last_run)
             self._next = k + 1
@@ -250,13 +253,26 @@ class _TaskLoop:
         except Exception:
             self.log.failure("task {task_id}: its loop stopped", task_id=str(self.spec.task_id))
 
-    def _missed(self, count: int) -> None:
+    def _missed(self, first: int, end: int, now: datetime) -> None:
+        """Instants ``first`` to ``end - 1`` passed while the agent was busy (or its host
+        suspended): not replayed, each recorded ``skipped`` (the newest
+        MAX_SKIPS_RECORDED of them), so that every instant is accounted for."""
         self.log.warn(
             "task {task_id}: {missed} instants passed while the agent was busy; "
             "they are not replayed",
             task_id=str(self.spec.task_id),
-            missed=count,
+            missed=end - first,
         )
+        interval = self.spec.frequency.interval
+        for k in range(max(first, end - MAX_SKIPS_RECORDED), end):
+            scheduled_at = instant(self.spec.anchor, interval, k)
+            late = (now - scheduled_at).total_seconds()
+            self._scheduler.record_skip(
+                self.spec,
+                scheduled_at,
+                f"the agent was overloaded: it came to the instant {late:.1f}s late",
+                quiet=True,
+            )
 
     def _cancel(self) -> None:
         if self._start_call is not None and self._start_call.active():
@@ -540,18 +556,7 @@ class Scheduler:
         scheduled_at = instant(spec.anchor, spec.frequency.interval, k)
         reason = self._refusal(spec, scheduled_at)
         if reason is not None:
-            self.log.warn(
-                "task {task_id}: skipped {scheduled_at}: {reason}",
-                task_id=str(spec.task_id),
-                scheduled_at=format_instant(scheduled_at),
-                reason=reason,
-            )
-            self.skipped += 1
-            self._spool.add(
-                RunResult(
-                    spec.task_id, self.agent_id, scheduled_at, ResultStatus.SKIPPED, reason=reason
-                )
-            )
+            self.record_skip(spec, scheduled_at, reason)
             return
         started_at = utc_now_from(self._clock.seconds())
         try:
@@ -567,6 +572,24 @@ class Scheduler:
         except Exception:
             d = fail()
         self._track(spec.task_id, scheduled_at, started_at, d)
+
+    def record_skip(
+        self, spec: TaskSpec, scheduled_at: datetime, reason: str, quiet: bool = False
+    ) -> None:
+        """Record the instant ``scheduled_at`` as ``skipped``, with the reason."""
+        if not quiet:
+            self.log.warn(
+                "task {task_id}: skipped {scheduled_at}: {reason}",
+                task_id=str(spec.task_id),
+                scheduled_at=format_instant(scheduled_at),
+                reason=reason,
+            )
+        self.skipped += 1
+        self._spool.add(
+            RunResult(
+                spec.task_id, self.agent_id, scheduled_at, ResultStatus.SKIPPED, reason=reason
+            )
+        )
 
     def _refusal(self, spec: TaskSpec, scheduled_at: datetime) -> str | None:
         """Why the run of ``scheduled_at`` must not start now, or None if it may."""
