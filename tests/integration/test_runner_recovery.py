@@ -251,3 +251,21 @@ async def test_what_a_run_left_is_told_from_another_agents_run_of_the_same_insta
     assert theirs.process.poll() is None, "the other agent's run was killed"
     theirs.process.kill()
     theirs.wait()
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_reused_slot_never_lends_a_run_the_status_of_the_one_before(runs: Path) -> None:
+    runner = new_runner(runs)
+    key = (uuid.uuid4(), datetime.now(UTC))
+    done = runner.run("true", 30, key=key)  # slot 0 ends holding the status 000
+    done.addTimeout(DEADLINE, reactor)
+    assert (await done).exit_code == 0
+    runner.discard(key)
+    runner.files.create()  # as a restarted agent finds it: slot 0 free again
+    left = LeftRun(runs, "sleep 300", 30, started_ago=1)
+    assert left.files.path(left.id, "exit").name == "slot-0.exit"
+    left.process.kill()  # ended by a signal: its shell writes no status
+    left.wait()
+    [recovered] = new_runner(runs).recover()
+    outcome = await outcome_of(recovered)
+    assert (outcome.status, outcome.exit_code) == (ResultStatus.FAILED, None)
