@@ -17,7 +17,7 @@ from twisted.internet.task import Clock
 
 from taskscheduler.agent.lastruns import LastRuns
 from taskscheduler.agent.outcome import REATTACHED, RecoveredRun, RunOutcome
-from taskscheduler.agent.scheduler import Scheduler, _Watchdog
+from taskscheduler.agent.scheduler import Scheduler, _Watchdog, starting_deadline_for
 from taskscheduler.agent.spool import Spool
 from taskscheduler.agent.tap import base_environment
 from taskscheduler.agent.taskstore import TaskStore
@@ -290,11 +290,19 @@ def test_a_stalled_reactor_skips_instants_without_mislabelling_the_next(tmp_path
     agent.service.scheduler.schedule(spec())  # type: ignore[union-attr]
     agent.advance_to(10)
     agent.runner.finish(agent.runner.runs[0])
-    agent.settle(25)  # blocked from 10 s to 35 s: 20 and 30 pass
-    assert scheduled(agent) == [at(10), at(30)]
-    agent.runner.finish(agent.runner.runs[1])
+    agent.settle(25)  # blocked from 10 s to 35 s: 20 and 30 pass, 30 by 5 s
+    # 30 comes later than its starting deadline (a quarter of 10 s): an overloaded agent
+    # sheds it rather than start it late; 40 runs on time, labelled 40.
+    assert scheduled(agent) == [at(10)]
+    agent.settle()
+    skipped = {r.scheduled_at: r.reason for r in agent.server.stored.values() if r.reason}
+    assert skipped == {
+        ANCHOR
+        + timedelta(seconds=20): "the agent was overloaded: it came to the instant 15.0s late",
+        ANCHOR + timedelta(seconds=30): "the agent was overloaded: the instant came 5.0s late",
+    }
     agent.advance_to(40)
-    assert scheduled(agent) == [at(10), at(30), at(40)]
+    assert scheduled(agent) == [at(10), at(40)]
 
 
 # -- steps of the wall clock ---------------------------------------------------------------
@@ -678,3 +686,21 @@ def test_instants_past_the_cap_on_runs_in_flight_are_skipped_with_the_reason(
     assert skipped.status is ResultStatus.SKIPPED
     assert skipped.reason == "2 runs were already going on this agent (--max-running 2)"
     assert scheduler.skipped == 1
+
+
+@pytest.mark.parametrize(
+    ("interval", "configured", "deadline"),
+    [
+        (1, None, 0.25),
+        (10, None, 2.5),
+        (60, None, 5.0),
+        (3600, None, 36.0),
+        (86400, None, 864.0),
+        (60, 30.0, 30.0),
+        (10, 30.0, 10.0),  # never more than one interval: the next instant is due
+    ],
+)
+def test_the_starting_deadline_scales_with_the_interval(
+    interval: float, configured: float | None, deadline: float
+) -> None:
+    assert starting_deadline_for(interval, configured) == deadline

@@ -9,8 +9,8 @@ was down or busy are not replayed (cron's rule).
 
 A run still going at its task's next instant is not started twice: the instant is
 recorded as ``skipped``, with the reason. So is an instant the agent cannot start on
-time (more than ``starting_deadline`` seconds, or one interval, late: an overloaded
-agent sheds load instead of piling runs up) and one past the cap on runs in flight.
+time (see :func:`starting_deadline_for`: an overloaded agent sheds load instead of
+piling runs up) and one past the cap on runs in flight.
 Every result goes to the spool before anything else hears of it; the runner keeps a
 record of each run under way, so that a restarted agent re-attaches to it
 (:meth:`Scheduler.adopt`) and never starts its task again while it is still going.
@@ -79,12 +79,27 @@ SENTINEL_INTERVAL = 0.25
 WATCHDOG_INTERVAL = 0.5
 #: An instant that comes more than this many seconds late (or more than its interval)
 #: is recorded ``skipped`` instead of run: an overloaded agent sheds load.
-DEFAULT_STARTING_DEADLINE = 5.0
+DEFAULT_STARTING_DEADLINE: float | None = None  # automatic: see starting_deadline_for
 #: At most this many runs in flight on one agent; instants past it are ``skipped``.
 DEFAULT_MAX_RUNNING = 1000
 #: At most this many instants of one task missed in one wake-up are recorded ``skipped``
 #: (a host suspended for a day would otherwise spool a day of them).
 MAX_SKIPS_RECORDED = 100
+
+
+def starting_deadline_for(interval: float, configured: float | None = None) -> float:
+    """Seconds late past which an instant of a task run every ``interval`` seconds is
+    skipped rather than started (never more than one interval).
+
+    By default a quarter of the interval, at most 5 s or 1% of the interval if that is
+    longer: 0.25 s for a task run every second, 5 s for one every minute, 36 s hourly,
+    14.4 min daily. Late starts are the symptom of an overloaded agent (its children
+    take the CPU its event loop needs): shedding the late ones keeps it able to report
+    and to answer, instead of piling runs up.
+    """
+    if configured is not None:
+        return min(configured, interval)
+    return min(interval / 4, max(5.0, interval / 100))
 
 
 class RunOutcomeLike(Protocol):
@@ -345,7 +360,7 @@ class Scheduler:
         *,
         monotonic: Callable[[], float] | None = None,
         watchdog: bool | None = None,
-        starting_deadline: float = DEFAULT_STARTING_DEADLINE,
+        starting_deadline: float | None = DEFAULT_STARTING_DEADLINE,
         max_running: int = DEFAULT_MAX_RUNNING,
         last_runs: LastRuns | None = None,
     ) -> None:
@@ -601,8 +616,7 @@ class Scheduler:
                 f"(--max-running {self.max_running})"
             )
         late = (self.label_now() - scheduled_at).total_seconds()
-        limit = min(self.starting_deadline, spec.frequency.seconds)
-        if late > limit:
+        if late > starting_deadline_for(spec.frequency.seconds, self.starting_deadline):
             # Shed load rather than pile it up: a run started this late is no longer the
             # run of its instant, and starting it would make the next ones later still.
             return f"the agent was overloaded: the instant came {late:.1f}s late"

@@ -87,7 +87,7 @@ class AgentConfig:
     #: The server's public key, when the operator pins it rather than trusting enrolment.
     server_public_key_file: Path | None = None
     idle_timeout: float = DEFAULT_IDLE_TIMEOUT
-    starting_deadline: float = DEFAULT_STARTING_DEADLINE
+    starting_deadline: float | None = DEFAULT_STARTING_DEADLINE
     max_running: int = DEFAULT_MAX_RUNNING
 
 

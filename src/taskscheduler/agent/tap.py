@@ -26,7 +26,7 @@ from taskscheduler.agent.containment import (
     SubreaperContainment,
     own_cgroup_dir,
 )
-from taskscheduler.agent.scheduler import DEFAULT_MAX_RUNNING, DEFAULT_STARTING_DEADLINE, RunnerLike
+from taskscheduler.agent.scheduler import DEFAULT_MAX_RUNNING, RunnerLike
 from taskscheduler.agent.service import DEFAULT_SHUTDOWN_GRACE, AgentConfig, AgentService
 from taskscheduler.agent.spool import DEFAULT_SPOOL_MAX_BYTES
 from taskscheduler.auth import EndpointSyntaxError, split_endpoint
@@ -57,7 +57,7 @@ _SETTINGS = [
     ("idle-timeout", "TASKSCHEDULER_AGENT_IDLE_TIMEOUT", str(DEFAULT_IDLE_TIMEOUT)),
     ("run-as", "TASKSCHEDULER_AGENT_RUN_AS", None),
     ("cgroup-parent", "TASKSCHEDULER_AGENT_CGROUP_PARENT", "auto"),
-    ("starting-deadline", "TASKSCHEDULER_AGENT_STARTING_DEADLINE", str(DEFAULT_STARTING_DEADLINE)),
+    ("starting-deadline", "TASKSCHEDULER_AGENT_STARTING_DEADLINE", "auto"),
     ("max-running", "TASKSCHEDULER_AGENT_MAX_RUNNING", str(DEFAULT_MAX_RUNNING)),
 ]
 
@@ -204,7 +204,8 @@ class Options(usage.Options):
             None,
             "Seconds late (at most one interval) past which an instant is recorded skipped "
             "instead of started, so that an overloaded agent sheds load "
-            f"[TASKSCHEDULER_AGENT_STARTING_DEADLINE] (default: {DEFAULT_STARTING_DEADLINE:g}).",
+            "[TASKSCHEDULER_AGENT_STARTING_DEADLINE] (default: auto, a quarter of the "
+            "task's interval, at most 5 s or a hundredth of the interval if longer).",
         ],
         [
             "max-running",
@@ -234,8 +235,9 @@ class Options(usage.Options):
             self["spool-max-bytes"], "spool-max-bytes", int, minimum=1
         )
         self["idle-timeout"] = _number(self["idle-timeout"], "idle-timeout", float, minimum=1)
-        self["starting-deadline"] = _number(
-            self["starting-deadline"], "starting-deadline", float, minimum=0
+        deadline = self["starting-deadline"]
+        self["starting-deadline"] = (
+            None if deadline == "auto" else _number(deadline, "starting-deadline", float, minimum=0)
         )
         self["max-running"] = _number(self["max-running"], "max-running", int, minimum=1)
         self["join-secret"] = self._environ.get("TASKSCHEDULER_JOIN_SECRET") or None
