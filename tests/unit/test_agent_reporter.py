@@ -21,7 +21,7 @@ from twisted.web.resource import Resource
 from taskscheduler.agent.reporter import Reporter, shrink_to_fit
 from taskscheduler.agent.spool import Spool
 from taskscheduler.auth import AGENT_PREFIX, hash_token, new_token
-from taskscheduler.protocol import Output, ResultStatus, RunResult, parse_result
+from taskscheduler.protocol import MAX_BATCH, Output, ResultStatus, RunResult, parse_result
 from taskscheduler.schedule import utc_now_from
 from taskscheduler.server.access import ServerAccess
 from taskscheduler.server.api import ServerAPI
@@ -88,6 +88,16 @@ def test_many_waiting_results_go_in_batches(tmp_path: Path) -> None:
     assert s.server.requests == [("batch", 3), ("batch", 3), ("single", 1)]
     assert len(s.server.stored) == 7
     assert s.files() == []
+
+
+def test_a_backlog_goes_in_batches_as_large_as_the_server_takes(tmp_path: Path) -> None:
+    # A busy agent answers slowly: every round trip must carry as much as it may.
+    s = Setup(tmp_path)
+    s.spool_results(MAX_BATCH + 500)
+    s.reporter.start()
+    s.settle()
+    assert s.server.requests == [("batch", MAX_BATCH), ("batch", 500)]
+    assert len(s.spool) == 0
 
 
 def test_a_batch_is_bounded_in_bytes_too(tmp_path: Path) -> None:

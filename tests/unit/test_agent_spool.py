@@ -214,3 +214,23 @@ def test_the_count_of_dropped_results_survives_a_restart(tmp_path: Path) -> None
     again = Spool(tmp_path / "spool", max_bytes=10)
     again.load()
     assert (again.dropped, len(again)) == (2, 0), "the count, not a result"
+
+
+def test_acknowledged_results_leave_the_spool_at_once_and_their_files_off_the_reactor(
+    tmp_path: Path,
+) -> None:
+    thread = FakeThread()
+    spool = Spool(tmp_path / "spool", writer=BatchWriter(Clock(), thread))
+    spool.load()
+    clock = spool._writer._clock  # type: ignore[union-attr]
+    added = spool.add(result(uuid.uuid4(), 1, AGENT_ID))
+    clock.advance(0)
+    thread.run_all()
+    assert fired(added) is True
+    [entry] = list(spool)
+    spool.remove(entry)
+    assert len(spool) == 0
+    assert entry.path.exists(), "unlinked on the writer's thread, not on the reactor"
+    clock.advance(0)
+    thread.run_all()
+    assert not entry.path.exists()

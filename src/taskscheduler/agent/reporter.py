@@ -48,14 +48,17 @@ from taskscheduler.protocol import (
     ACKNOWLEDGED_STATUSES,
     FINAL_BATCH_STATUSES,
     FINAL_RESULT_ERRORS,
+    MAX_BATCH,
     InvalidMessage,
     RunResult,
 )
 from taskscheduler.schedule import format_instant
 from taskscheduler.web import PAYLOAD_TOO_LARGE
 
-#: Most results in one batch, and their most bytes (the server accepts 16 MiB bodies).
-BATCH_SIZE = 100
+#: Most results in one batch (as many as the server takes: a busy agent whose reactor
+#: answers slowly still drains its spool many times faster than it fills), and their
+#: most bytes (the server accepts 16 MiB bodies).
+BATCH_SIZE = MAX_BATCH
 BATCH_BYTES = 8 * 1024 * 1024
 #: Seconds to wait for the server's answer.
 REQUEST_TIMEOUT = 30.0

@@ -268,7 +268,15 @@ class Spool:
         if self._entries.pop(entry.key, None) is not None:
             self.bytes -= entry.size
         # Not fsynced: should a crash resurrect the file, the server answers "duplicate".
-        remove(entry.path, sync=False)
+        # Off the reactor when there is a writer: an unlink waits on the folder's lock,
+        # which the writer's file creations hold (a batch of a thousand acknowledged
+        # results took seconds of the reactor on a busy agent).
+        if self._writer is None:
+            remove(entry.path, sync=False)
+        else:
+            self._writer.remove(entry.path, sync=False).addErrback(
+                lambda f: self.log.failure("could not remove {path}", f, path=str(entry.path))
+            )
 
 
 @dataclass(frozen=True)
