@@ -12,6 +12,11 @@ refuses a request whose signature is missing or wrong, that is meant for another
 whose timestamp is more than ``max_skew`` seconds away from its clock, or whose nonce it
 has already seen (nonces are remembered for as long as their timestamp is acceptable, so
 a bounded cache suffices).
+
+The nonces live in memory, so an agent also refuses a timestamp from before it started:
+an instruction captured before a restart cannot be replayed after it. (The cost: while
+the server's clock is behind the agent's, the agent refuses the instructions of its first
+seconds, as many seconds as the clocks differ; the server signs them again when it retries.)
 """
 
 from __future__ import annotations
@@ -283,11 +288,15 @@ class InstructionVerifier:
         *,
         max_skew: float = DEFAULT_MAX_SKEW,
         nonces: NonceCache | None = None,
+        started_at: float | None = None,
     ) -> None:
         self.agent_id = agent_id
         self.public_key = public_key
         self._clock = clock
         self._max_skew = max_skew
+        #: When this agent started (its clock): an earlier instruction may be a replay
+        #: whose nonce the agent's previous life saw and this one cannot know.
+        self.started_at = clock.seconds() if started_at is None else started_at
         self._nonces = NonceCache() if nonces is None else nonces
 
     def verify(self, method: str, path: str, authorization: bytes | None, body: bytes) -> None:
@@ -301,6 +310,10 @@ class InstructionVerifier:
         now = self._clock.seconds()
         if abs(now - signed.timestamp) > self._max_skew:
             raise BadSignature("the signature's timestamp is too far from the agent's clock")
+        # Strictly: an instruction signed in the second the agent started may have been
+        # seen by its previous life; refused, the server signs it again when it retries.
+        if signed.timestamp < self.started_at:
+            raise BadSignature("the instruction was signed before this agent started")
         message = _message(method, path, self.agent_id, body, signed.timestamp, signed.nonce)
         try:
             self.public_key.verify(signed.signature, message)

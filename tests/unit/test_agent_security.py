@@ -170,6 +170,37 @@ async def test_an_instruction_is_bound_to_its_audience_path_and_body(agent: Agen
     assert agent.service.scheduler.tasks == {}  # type: ignore[union-attr]
 
 
+@pytest_twisted.ensureDeferred
+async def test_an_instruction_captured_before_a_restart_is_refused_after_it(
+    tmp_path: Path,
+) -> None:
+    """Finding 7 of issue 8: a new agent over the same data folder, well within the
+    minute a timestamp is accepted, refuses the replay of an instruction it was sent."""
+    clock = Clock()
+    clock.advance(ANCHOR_SECONDS + 5)
+    first = Agent(tmp_path / "data", clock, FakeServer())
+    me = agent_id(first)
+    path = "/api/v1/tasks/schedule"
+    body = task_body()
+    captured = first.signer.authorization("POST", path, me, body)
+    code, _, _ = await send(first, "POST", path, body, captured)
+    assert code == 200
+    unschedule = f"/api/v1/tasks/{json.loads(body)['task_id']}"
+    removal = first.signer.authorization("DELETE", unschedule, me, b"")
+    code, _, _ = await send(first, "DELETE", unschedule, b"", removal)
+    assert code == 200
+    await first.stop()
+    clock.advance(2)
+    second = Agent(tmp_path / "data", clock, FakeServer())
+    assert second.service.scheduler.tasks == {}  # type: ignore[union-attr]
+    code, answer, _ = await send(second, "POST", path, body, captured)
+    assert code == 401 and "before this agent started" in answer["error"]["message"]
+    assert second.service.scheduler.tasks == {}, "the deleted task came back"  # type: ignore[union-attr]
+    fresh = second.signer.authorization("POST", path, me, body)
+    code, _, _ = await send(second, "POST", path, body, fresh)
+    assert code == 200
+
+
 def test_the_nonce_cache_is_bounded_and_forgets_only_expired_nonces() -> None:
     cache = NonceCache(capacity=2)
     assert cache.add("a", expires_at=100, now=0)

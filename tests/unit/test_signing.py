@@ -68,15 +68,33 @@ def test_public_keys_parse_from_our_line_or_pem() -> None:
 def test_the_timestamp_may_be_at_most_a_minute_off(offset: int, accepted: bool) -> None:
     key = Ed25519PrivateKey.generate()
     server_clock, agent_clock = Clock(), Clock()
+    # An agent that has been up for a while: none of these was signed before it started.
+    verifier = InstructionVerifier(AGENT, agent_clock, key.public_key())
     server_clock.advance(1_000_000 + offset)
     agent_clock.advance(1_000_000)
     header = InstructionSigner(key, server_clock).authorization("GET", "/x", AGENT, b"")
-    verifier = InstructionVerifier(AGENT, agent_clock, key.public_key())
     if accepted:
         verifier.verify("GET", "/x", header.encode(), b"")
     else:
         with pytest.raises(BadSignature, match="timestamp"):
             verifier.verify("GET", "/x", header.encode(), b"")
+
+
+def test_an_instruction_signed_before_the_agent_started_is_refused() -> None:
+    """Nonces live in memory: a restarted agent (a new verifier) refuses what its previous
+    life may have seen, however fresh, and accepts what is signed after its start."""
+    key = Ed25519PrivateKey.generate()
+    clock = Clock()
+    clock.advance(1_000_000)
+    signer = InstructionSigner(key, clock)
+    first = InstructionVerifier(AGENT, clock, key.public_key())
+    captured = signer.authorization("POST", "/x", AGENT, b"{}").encode()
+    first.verify("POST", "/x", captured, b"{}")
+    clock.advance(1)
+    restarted = InstructionVerifier(AGENT, clock, key.public_key())
+    with pytest.raises(BadSignature, match="before this agent started"):
+        restarted.verify("POST", "/x", captured, b"{}")
+    restarted.verify("POST", "/x", signer.authorization("POST", "/x", AGENT, b"{}").encode(), b"{}")
 
 
 @pytest.mark.parametrize(
