@@ -3,6 +3,11 @@
 :class:`DaemonHTTP` has the part of treq's module API the daemons use (``get``,
 ``post``, ``request``, ``content``, ``json_content``), so unit tests hand the same code a
 ``treq.testing.StubTreq`` instead.
+
+Neither daemon trusts the other with its memory: every answer one reads from the other
+goes through :func:`read_body`, which stops reading and drops the connection past a
+number of bytes or a deadline (the request must be made with ``unbuffered=True``, or
+treq reads the whole body first).
 """
 
 from __future__ import annotations
@@ -11,7 +16,11 @@ from pathlib import Path
 from typing import Any
 
 from twisted.internet.defer import Deferred
-from twisted.web.client import HTTPConnectionPool, _HTTP11ClientFactory
+from twisted.internet.interfaces import IDelayedCall, IReactorTime
+from twisted.internet.protocol import Protocol, connectionDone
+from twisted.python.failure import Failure
+from twisted.web.client import HTTPConnectionPool, ResponseDone, _HTTP11ClientFactory
+from twisted.web.http import PotentialDataLoss
 
 from taskscheduler.tls import make_http_client
 
@@ -70,3 +79,88 @@ class DaemonHTTP:
     def close(self) -> Deferred[None]:
         """Close every pooled connection (at stopService)."""
         return self.pool.closeCachedConnections()  # type: ignore[no-any-return]
+
+
+class AnswerTooLarge(Exception):
+    """The other daemon's answer is larger than the reader accepts; it was not read."""
+
+
+class AnswerTooSlow(Exception):
+    """The other daemon's answer did not arrive whole in time."""
+
+
+def read_body(
+    response: Any,
+    max_bytes: int,
+    clock: IReactorTime | None = None,
+    timeout: float | None = None,
+) -> Deferred[bytes]:
+    """The body of ``response``, or :class:`AnswerTooLarge` as soon as it passes
+    ``max_bytes`` (at once if its ``Content-Length`` says so), or :class:`AnswerTooSlow`
+    if it is not whole ``timeout`` seconds from now. Either way the connection is
+    dropped, so the rest of the answer is never read."""
+    reader = _CappedReader(max_bytes)
+    declared = getattr(response, "length", None)
+    if isinstance(declared, int) and declared > max_bytes:
+        reader.refused = AnswerTooLarge(f"the answer declares {declared} bytes, over {max_bytes}")
+    if clock is not None and timeout is not None:
+        reader.deadline = clock.callLater(
+            timeout, reader.stop, AnswerTooSlow(f"the answer was not whole after {timeout:g}s")
+        )
+    response.deliverBody(reader)
+    return reader.done
+
+
+class _CappedReader(Protocol):
+    """Keeps at most ``max_bytes`` of a body; past them, stops it and fails ``done``."""
+
+    def __init__(self, max_bytes: int) -> None:
+        self._max_bytes = max_bytes
+        self._chunks: list[bytes] = []
+        self._size = 0
+        self.refused: Exception | None = None
+        self.deadline: IDelayedCall | None = None
+        self.done: Deferred[bytes] = Deferred(lambda _: self._drop())
+
+    def connectionMade(self) -> None:
+        if self.refused is not None:
+            self.stop(self.refused)
+
+    def dataReceived(self, data: bytes) -> None:
+        if self.done.called:
+            return
+        self._size += len(data)
+        if self._size > self._max_bytes:
+            self.stop(AnswerTooLarge(f"the answer is larger than {self._max_bytes} bytes"))
+            return
+        self._chunks.append(data)
+
+    def connectionLost(self, reason: Failure = connectionDone) -> None:
+        if self.done.called:
+            return
+        self._cancel_deadline()
+        # PotentialDataLoss: a body without a length, ended by closing the connection.
+        if reason.check(ResponseDone, PotentialDataLoss):
+            self.done.callback(b"".join(self._chunks))
+        else:
+            self.done.errback(reason)
+
+    def stop(self, error: Exception) -> None:
+        """Fail ``done`` with ``error`` and drop the connection, unless already done."""
+        if self.done.called:
+            return
+        self._chunks = []
+        self._cancel_deadline()
+        self.done.errback(error)
+        self._drop()
+
+    def _drop(self) -> None:
+        self._cancel_deadline()
+        producer: Any = self.transport  # the response's, an IPushProducer
+        if producer is not None:
+            producer.stopProducing()
+
+    def _cancel_deadline(self) -> None:
+        if self.deadline is not None and self.deadline.active():
+            self.deadline.cancel()
+        self.deadline = None

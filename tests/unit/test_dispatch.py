@@ -33,6 +33,9 @@ class FakeAgent:
         self.tasks: dict[uuid.UUID, TaskSpec] = {}
         self.down = False
         self.requests = 0
+        self.batches: list[int] = []  # the number of tasks in each batch received
+        self.takes_batches = True
+        self.refuse_next: int | None = None  # the status of the next schedule's answer
         self.removals: list[uuid.UUID] = []
         self.refused_tasks: set[str] = set()  # commands it answers 400 to
         self.refused_removals: set[uuid.UUID] = set()  # task ids it answers 400 to
@@ -44,7 +47,27 @@ class FakeAgent:
         if self.down:
             request.setResponseCode(503)
             return b'{"error": {"code": "down", "message": "down"}}'
-        spec = parse_task_spec(json.loads(request.content.read()), utc_now_from(0))
+        if self.refuse_next is not None:  # e.g. 401: a signature from before its restart
+            request.setResponseCode(self.refuse_next)
+            self.refuse_next = None
+            return b'{"error": {"code": "refused", "message": "refused once"}}'
+        body = json.loads(request.content.read())
+        if "tasks" in body and not self.takes_batches:  # an agent from before batches
+            request.setResponseCode(400)
+            return b'{"error": {"code": "invalid_request", "message": "task_id is required"}}'
+        if "tasks" in body:  # a batch, as the real agent takes it: each task on its own
+            self.batches.append(len(body["tasks"]))
+            results = []
+            for item in body["tasks"]:
+                spec = parse_task_spec(item, utc_now_from(0))
+                if spec.command in self.refused_tasks:
+                    error = {"code": "invalid_request", "message": "not this one"}
+                    results.append({"task_id": str(spec.task_id), "error": error})
+                else:
+                    self.tasks[spec.task_id] = spec
+                    results.append({"task_id": str(spec.task_id), "status": "scheduled"})
+            return json.dumps({"agent_id": str(AGENT_ID), "results": results}).encode()
+        spec = parse_task_spec(body, utc_now_from(0))
         if spec.command in self.refused_tasks:
             request.setResponseCode(400)
             return b'{"error": {"code": "invalid_request", "message": "not this one"}}'

@@ -1,7 +1,10 @@
 """The agent's HTTP API (Klein): what its server calls.
 
 - ``POST /api/v1/tasks/schedule``: run a task here (idempotent; the same ``task_id`` with
-  a different spec replaces it). The task is on disk before the answer.
+  a different spec replaces it). The task is on disk before the answer. The body is one
+  task, or a batch ``{"tasks": [...]}`` of up to :data:`MAX_BATCH_TASKS` (one signature
+  for them all): each task is taken or refused on its own, and the answer's ``results``
+  say so, in the order asked.
 - ``DELETE /api/v1/tasks/{task_id}``: run the task no more (it was deleted on the server).
   A run under way finishes and its result is reported. Idempotent: 200 whether the
   agent had the task or not, so that the server's retries converge.
@@ -25,7 +28,7 @@ from dataclasses import dataclass, field, replace
 from typing import Any
 
 from klein import Klein
-from twisted.internet.defer import Deferred, maybeDeferred, succeed
+from twisted.internet.defer import Deferred, DeferredList, maybeDeferred, succeed
 from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
 from twisted.python.failure import Failure
@@ -51,6 +54,8 @@ from taskscheduler.web import (
 
 #: Largest request body the agent accepts: a task spec is at most a 64 KiB command.
 MAX_BODY_BYTES = 1024 * 1024
+#: Most tasks in one batch (within MAX_BODY_BYTES, which bounds it first in practice).
+MAX_BATCH_TASKS = 1000
 
 
 class StorageError(Exception):
@@ -121,10 +126,54 @@ class AgentAPI:
     @app.route("/api/v1/tasks/schedule", methods=["POST"])
     async def schedule(self, request: IRequest) -> bytes:
         body = read_json(request)
+        if isinstance(body, dict) and "tasks" in body:
+            return json_response(request, await self._schedule_batch(body))
         try:
-            spec = protocol.parse_task_spec(body, utc_now_from(self._clock.seconds()))
+            spec = await self._schedule(body)
         except InvalidMessage as e:
             raise bad_request(str(e)) from None
+        return json_response(
+            request,
+            {"agent_id": str(self._agent_id), "task_id": str(spec.task_id), "status": "scheduled"},
+        )
+
+    async def _schedule_batch(self, body: dict[str, Any]) -> dict[str, Any]:
+        """Schedule each task of a batch on its own; what became of each, in order."""
+        tasks = body["tasks"]
+        if set(body) != {"tasks"} or not isinstance(tasks, list) or not tasks:
+            raise bad_request("a batch is an object whose only field 'tasks' is a non-empty list")
+        if len(tasks) > MAX_BATCH_TASKS:
+            raise bad_request(f"a batch holds at most {MAX_BATCH_TASKS} tasks")
+        # Started in order, so that a task twice in a batch ends as its last entry asks.
+        pending = [Deferred.fromCoroutine(self._schedule(task)) for task in tasks]
+        outcomes: list[tuple[bool, Any]] = await DeferredList(pending, consumeErrors=True)
+        results: list[dict[str, Any]] = []
+        storage_error: str | None = None
+        for task, (ok, value) in zip(tasks, outcomes, strict=True):
+            entry: dict[str, Any] = {}
+            if isinstance(task, dict) and isinstance(task.get("task_id"), str):
+                entry["task_id"] = task["task_id"][:64]
+            if ok:
+                entry.update(task_id=str(value.task_id), status="scheduled")
+            elif value.check(InvalidMessage):
+                entry["error"] = {"code": "invalid_request", "message": str(value.value)}
+            elif value.check(StorageError):
+                storage_error = value.getErrorMessage()
+                entry["error"] = {
+                    "code": "storage_unavailable",
+                    "message": "the agent could not store the task; nothing changed, retry later",
+                }
+            else:
+                self.log.failure("could not schedule a task of a batch", value)
+                entry["error"] = {"code": "internal_error", "message": "internal error"}
+            results.append(entry)
+        if storage_error is not None:  # once a batch, not once a task
+            self.log.error("could not write the data folder: {error}", error=storage_error)
+        return {"agent_id": str(self._agent_id), "results": results}
+
+    async def _schedule(self, body: Any) -> TaskSpec:
+        """Store and apply one task (InvalidMessage if it is not one); the task."""
+        spec = protocol.parse_task_spec(body, utc_now_from(self._clock.seconds()))
         current = self._wanted(spec.task_id)
         if current is not None and isinstance(body, dict) and body.get("anchor") is None:
             # The seed's request carries no anchor: the same request sent again is the same
@@ -134,10 +183,7 @@ class AgentAPI:
             await self._change(spec.task_id, spec)
         else:
             await self._written(spec.task_id)
-        return json_response(
-            request,
-            {"agent_id": str(self._agent_id), "task_id": str(spec.task_id), "status": "scheduled"},
-        )
+        return spec
 
     @app.route("/api/v1/tasks/<task_id>", methods=["DELETE"])
     async def unschedule(self, request: IRequest, task_id: str) -> bytes:

@@ -26,10 +26,13 @@ from twisted.logger import Logger
 from taskscheduler.agent.identity import save_credential, save_server_key
 from taskscheduler.auth import AGENT_PREFIX, parse_bearer, redact_tokens
 from taskscheduler.backoff import backoff_delay
+from taskscheduler.httpclient import read_body
 from taskscheduler.signing import KeyFileError, key_fingerprint, parse_public_key, public_key_text
 
 #: Seconds to wait for the server's answer.
 REQUEST_TIMEOUT = 30.0
+#: Largest answer read from the server: a credential and a public key, or an error.
+MAX_ANSWER_BYTES = 64 * 1024
 
 
 @dataclass(frozen=True)
@@ -141,8 +144,9 @@ class Enroller:
                 },
                 timeout=REQUEST_TIMEOUT,
                 reactor=self._clock,
+                unbuffered=True,  # read_body bounds what is read; treq would read it all
             )
-            raw = await self._http.content(response)
+            raw = await read_body(response, MAX_ANSWER_BYTES, self._clock, REQUEST_TIMEOUT)
         except CancelledError:
             raise
         except Exception as e:

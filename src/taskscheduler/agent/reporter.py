@@ -44,6 +44,7 @@ from twisted.logger import Logger
 from taskscheduler import protocol
 from taskscheduler.agent.spool import Spool, SpoolEntry, encode_result
 from taskscheduler.backoff import backoff_delay
+from taskscheduler.httpclient import read_body
 from taskscheduler.protocol import (
     ACKNOWLEDGED_STATUSES,
     FINAL_BATCH_STATUSES,
@@ -62,6 +63,9 @@ BATCH_SIZE = MAX_BATCH
 BATCH_BYTES = 8 * 1024 * 1024
 #: Seconds to wait for the server's answer.
 REQUEST_TIMEOUT = 30.0
+#: Largest answer read from the server, beside 100 bytes per result of a batch: its
+#: answers are small, and it is not trusted with the agent's memory.
+MAX_ANSWER_BYTES = 64 * 1024
 #: Seconds between two loud logs of the same kind (answers that are not ours, trims).
 LOUD_LOG_INTERVAL = 60.0
 
@@ -138,6 +142,8 @@ class Reporter:
         self._clock = clock
         self._url = server_url.rstrip("/")
         self._batch_size = batch_size
+        # The server's answer lists a verdict (~25 bytes) per result: far less than this.
+        self._max_answer_bytes = MAX_ANSWER_BYTES + 100 * batch_size
         self._batch_bytes = batch_bytes
         self._retry_base = retry_base
         self._retry_cap = retry_cap
@@ -260,8 +266,9 @@ class Reporter:
                 headers=headers,
                 timeout=self._timeout,
                 reactor=self._clock,
+                unbuffered=True,  # read_body bounds what is read; treq would read it all
             )
-            raw = await self._http.content(response)
+            raw = await read_body(response, self._max_answer_bytes, self._clock, self._timeout)
         except Exception as e:
             raise _RetryLater(_describe(e)) from e
         try:

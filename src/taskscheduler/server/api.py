@@ -27,6 +27,7 @@ from taskscheduler.auth import AGENT_PREFIX, hash_token, new_token
 from taskscheduler.protocol import InvalidMessage, RunResult, TaskSpec
 from taskscheduler.schedule import format_instant, parse_instant, utc_now_from
 from taskscheduler.server.access import Principal, ServerAccess, principal_of
+from taskscheduler.server.ratelimit import RateLimiter, retry_after
 from taskscheduler.server.store import (
     AgentConflict,
     AgentRecord,
@@ -88,6 +89,7 @@ class ServerAPI:
         server_public_key: str = "",
         on_agent_enrolled: Callable[[AgentRecord], None] = lambda agent: None,
         on_task_deleted: Callable[[Task], None] = lambda task: None,
+        create_limiter: RateLimiter | None = None,
     ) -> None:
         self._store = store
         self._clock = clock
@@ -98,6 +100,8 @@ class ServerAPI:
         self._on_agent_enrolled = on_agent_enrolled
         self._on_task_deleted = on_task_deleted
         self._assignments: set[tuple[str, uuid.UUID]] = set()
+        # Per operator token: one client's burst must not hold back everyone's tasks.
+        self._create_limiter = create_limiter or RateLimiter(clock)
 
     def resource(self) -> Any:
         return AuthGate(self.app.resource(), self.app.url_map, self.ACCESS, self._access.authorize)
@@ -121,6 +125,15 @@ class ServerAPI:
 
     @app.route("/api/v1/tasks/create", methods=["POST"])
     async def create_task(self, request: IRequest) -> bytes:
+        wait = self._create_limiter.take(principal_of(request).actor)
+        if wait:
+            raise ApiError(
+                429,  # twisted.web.http has no name for it
+                "rate_limited",
+                f"this token may create {self._create_limiter.rate:g} tasks a second "
+                f"({self._create_limiter.burst} at once); retry later",
+                {b"Retry-After": retry_after(wait)},
+            )
         body = read_json(request)
         if not isinstance(body, dict):
             raise bad_request("the request body must be a JSON object")

@@ -5,7 +5,9 @@ The store remembers, per (task, agent), whether the agent acknowledged the task 
 whether it still has to drop it, so nothing here needs to survive a restart. For each
 agent an :class:`AgentLink`:
 
-- delivers undelivered tasks (``POST {agent}/api/v1/tasks/schedule``) and removals of
+- delivers undelivered tasks, oldest first, in batches (``POST {agent}/api/v1/tasks/schedule``
+  with ``{"tasks": [...]}``: one signature and one round trip for up to ``batch_size``
+  tasks or ``batch_bytes`` of them) and removals of
   deleted tasks (``DELETE {agent}/api/v1/tasks/{task_id}``) as soon as it is kicked (a
   task was created or deleted) and again after failures, with exponential back-off and
   jitter while the agent is unreachable. Deliveries and removals go out together and
@@ -21,6 +23,12 @@ agent an :class:`AgentLink`:
 Every request is signed (:mod:`taskscheduler.signing`) for the agent enrolled at the
 link's URL, the only identity that accepts it; until an agent has enrolled there, the
 link has nobody to send to and backs off.
+
+An agent is not trusted with the server's memory: an answer is read up to a bound
+(:func:`taskscheduler.httpclient.read_body`) and refused past it, the connection dropped.
+An instruction's answer gets ``max_answer_bytes``; the task list, which grows with the
+agent's tasks, gets ``list_answer_floor_bytes`` plus ``LIST_BYTES_PER_TASK`` for each
+task assigned to the agent.
 """
 
 from __future__ import annotations
@@ -41,11 +49,24 @@ from twisted.python.failure import Failure
 
 from taskscheduler import protocol
 from taskscheduler.backoff import backoff_delay
+from taskscheduler.httpclient import read_body
 from taskscheduler.server.store import Store, Task
 from taskscheduler.signing import InstructionSigner
 
 #: Seconds to wait for an agent's answer.
 REQUEST_TIMEOUT = 10.0
+#: Most tasks in one delivery request (the agent takes up to 1000).
+DEFAULT_BATCH_SIZE = 200
+#: Most bytes of task specs in one delivery request (the agent takes a 1 MiB body); a
+#: larger task goes alone.
+DEFAULT_BATCH_BYTES = 512 * 1024
+#: Largest answer read from an agent to an instruction (a batch's answer is ~100 bytes a task).
+DEFAULT_MAX_ANSWER_BYTES = 1024 * 1024
+#: Room for the task list whatever the number of tasks: about 100,000 task ids.
+DEFAULT_LIST_ANSWER_FLOOR_BYTES = 4 * 1024 * 1024
+#: And per task assigned to the agent: an id takes 40 bytes in the list, twice that for
+#: the tasks created or deleted while the answer was on its way.
+LIST_BYTES_PER_TASK = 80
 
 
 class AgentLink:
@@ -64,9 +85,12 @@ class AgentLink:
         reconcile_interval: float = 30.0,
         retry_base: float = 1.0,
         retry_cap: float = 60.0,
-        batch_size: int = 100,
+        batch_size: int = DEFAULT_BATCH_SIZE,
+        batch_bytes: int = DEFAULT_BATCH_BYTES,
         concurrency: int = 8,
         jitter: Callable[[], float] = random.random,
+        max_answer_bytes: int = DEFAULT_MAX_ANSWER_BYTES,
+        list_answer_floor_bytes: int = DEFAULT_LIST_ANSWER_FLOOR_BYTES,
     ) -> None:
         self.url = url.rstrip("/")
         self._store = store
@@ -77,8 +101,16 @@ class AgentLink:
         self._retry_base = retry_base
         self._retry_cap = retry_cap
         self._batch_size = batch_size
+        self._batch_bytes = batch_bytes
+        # A pass takes enough undelivered tasks to keep every concurrent request busy.
+        self._page_size = batch_size * concurrency
+        self._max_answer_bytes = max_answer_bytes
+        self._list_answer_floor_bytes = list_answer_floor_bytes
         self._semaphore = DeferredSemaphore(concurrency)
         self._jitter = jitter
+        #: The agent refused a batch whole: it predates them (an upgrade under way), so
+        #: it is sent one task a request until a new agent enrols at the URL.
+        self._one_by_one = False
         self._failures = 0
         #: The last pass failed only because the agent refused some requests: it answers,
         #: so a kick need not wait for the back-off.
@@ -121,6 +153,7 @@ class AgentLink:
         """A new agent enrolled at this URL: it has none of the URL's tasks yet."""
         assigned = await self._store.assigned_task_ids(self.url)
         await self._store.mark_undelivered(self.url, sorted(assigned))
+        self._one_by_one = False
         self.retry_now()
 
     def retry_now(self) -> None:
@@ -165,8 +198,8 @@ class AgentLink:
         try:
             while not self._stopped:
                 self._again = False
-                tasks = await self._store.undelivered_tasks(self.url, self._batch_size)
-                removals = await self._store.pending_removals(self.url, self._batch_size)
+                tasks = await self._store.undelivered_tasks(self.url, self._page_size)
+                removals = await self._store.pending_removals(self.url, self._page_size)
                 if not tasks and not removals:
                     break
                 audience = await self._audience()
@@ -214,19 +247,25 @@ class AgentLink:
         """Send ``tasks`` and record those the agent accepted; the errors of the others."""
         if not tasks:
             return []
+        batches = self._batches(tasks)
         results: list[tuple[bool, Any]] = await DeferredList(
-            [self._semaphore.run(self._send_one, task, audience) for task in tasks],
+            [self._semaphore.run(self._send_batch, batch, audience) for batch in batches],
             consumeErrors=True,
         )
         agent_id: uuid.UUID | None = None
         delivered: list[uuid.UUID] = []
         errors: list[BaseException] = []
-        for task, (ok, value) in zip(tasks, results, strict=True):
-            if ok:
-                agent_id = value
-                delivered.append(task.task_id)
-            else:
-                errors.append(value.value)
+        for batch, (ok, value) in zip(batches, results, strict=True):
+            if not ok:
+                errors.extend(value.value for _ in batch)
+                continue
+            answered_as, outcomes = value
+            for (task, _), outcome in zip(batch, outcomes, strict=True):
+                if outcome is None:
+                    agent_id = answered_as
+                    delivered.append(task.task_id)
+                else:
+                    errors.append(outcome)
         if delivered and agent_id is not None:
             await self._store.mark_delivered(self.url, delivered, agent_id)
             self.log.info(
@@ -260,16 +299,93 @@ class AgentLink:
         """Tell the agent to drop a deleted task (it answers 200 whether it had it or not)."""
         await self._instruct("DELETE", f"/api/v1/tasks/{task_id}", b"", audience)
 
-    def _send_one(self, task: Task, audience: uuid.UUID | None) -> Deferred[uuid.UUID]:
-        return Deferred.fromCoroutine(self._send(task, audience))
+    def _batches(self, tasks: Sequence[Task]) -> list[list[tuple[Task, bytes]]]:
+        """``tasks`` with their JSON, in order, cut into requests within the bounds."""
+        batches: list[list[tuple[Task, bytes]]] = []
+        size = 0
+        for task in tasks:
+            encoded = json.dumps(protocol.task_spec_to_json(task.spec)).encode("utf-8")
+            if (
+                not batches
+                or len(batches[-1]) >= self._batch_size
+                or size + len(encoded) > self._batch_bytes
+            ):
+                batches.append([])
+                size = 0
+            batches[-1].append((task, encoded))
+            size += len(encoded) + 1
+        return batches
 
-    async def _send(self, task: Task, audience: uuid.UUID | None) -> uuid.UUID:
-        body = json.dumps(protocol.task_spec_to_json(task.spec)).encode("utf-8")
-        answer = await self._instruct("POST", "/api/v1/tasks/schedule", body, audience)
-        return protocol.parse_uuid(answer.get("agent_id"), "agent_id")
+    def _send_batch(
+        self, batch: list[tuple[Task, bytes]], audience: uuid.UUID | None
+    ) -> Deferred[tuple[uuid.UUID, list[BaseException | None]]]:
+        return Deferred.fromCoroutine(self._send(batch, audience))
+
+    async def _send(
+        self, batch: list[tuple[Task, bytes]], audience: uuid.UUID | None
+    ) -> tuple[uuid.UUID, list[BaseException | None]]:
+        """Send a batch; who answered, and per task None (taken) or why not."""
+        if self._one_by_one:
+            return await self._send_singly(batch, audience)
+        body = b'{"tasks":[' + b",".join(encoded for _, encoded in batch) + b"]}"
+        try:
+            answer = await self._instruct("POST", "/api/v1/tasks/schedule", body, audience)
+        except _Refused as e:
+            if e.status != 400:
+                raise
+            # An agent from before batches reads one as a malformed task (a signature it
+            # refused, say, is 401: nothing to do with batches).
+            self.log.warn(
+                "agent {url} refused a batch of tasks ({error}); sending them one by one",
+                url=self.url,
+                error=str(e),
+            )
+            self._one_by_one = True
+            return await self._send_singly(batch, audience)
+        answered_as = protocol.parse_uuid(answer.get("agent_id"), "agent_id")
+        results = answer.get("results")
+        if not isinstance(results, list) or len(results) != len(batch):
+            raise _DeliveryFailed("the agent's answer to a batch does not list every task")
+        outcomes: list[BaseException | None] = []
+        for (task, _), result in zip(batch, results, strict=True):
+            if not isinstance(result, dict) or result.get("task_id") != str(task.task_id):
+                outcomes.append(_DeliveryFailed("the agent's answer to a batch is out of order"))
+            elif result.get("status") == "scheduled":
+                outcomes.append(None)
+            else:
+                message = f"agent refused task {task.task_id}: {_error_message(result)}"
+                error_field = result.get("error")
+                code = error_field.get("code") if isinstance(error_field, dict) else None
+                # A disk the agent could not write is its trouble, not the task's: back off.
+                error = _DeliveryFailed if code == "storage_unavailable" else _Refused
+                outcomes.append(error(message))
+        return answered_as, outcomes
+
+    async def _send_singly(
+        self, batch: list[tuple[Task, bytes]], audience: uuid.UUID | None
+    ) -> tuple[uuid.UUID, list[BaseException | None]]:
+        """Send each task of a batch in a request of its own, as before batches."""
+        answered_as: uuid.UUID | None = None
+        outcomes: list[BaseException | None] = []
+        for _, encoded in batch:
+            try:
+                answer = await self._instruct("POST", "/api/v1/tasks/schedule", encoded, audience)
+                answered_as = protocol.parse_uuid(answer.get("agent_id"), "agent_id")
+                outcomes.append(None)
+            except Exception as e:
+                outcomes.append(e)
+        if answered_as is None:
+            first = next(e for e in outcomes if e is not None)
+            raise first
+        return answered_as, outcomes
 
     async def _instruct(
-        self, method: str, path: str, body: bytes, audience: uuid.UUID | None
+        self,
+        method: str,
+        path: str,
+        body: bytes,
+        audience: uuid.UUID | None,
+        max_answer_bytes: int | None = None,
     ) -> dict[str, Any]:
         """Send one signed instruction; its JSON answer, from the agent it was meant for.
 
@@ -283,11 +399,23 @@ class AgentLink:
             headers=self._headers(method, url, body, audience),
             timeout=REQUEST_TIMEOUT,
             reactor=self._clock,
+            unbuffered=True,  # read_body bounds what is read; treq would read it all
         )
-        answer = await self._http.json_content(response)
+        try:
+            raw = await read_body(
+                response, max_answer_bytes or self._max_answer_bytes, self._clock, REQUEST_TIMEOUT
+            )
+        except Exception as e:
+            raise _DeliveryFailed(f"{method} {path}: {type(e).__name__}: {e}") from e
+        try:
+            answer = json.loads(raw)
+        except ValueError:
+            answer = None
         if response.code != 200:
-            error = _Refused if _is_refusal(response.code) else _DeliveryFailed
-            raise error(f"agent answered {response.code}: {_error_message(answer)}")
+            message = f"agent answered {response.code}: {_error_message(answer)}"
+            if _is_refusal(response.code):
+                raise _Refused(message, response.code)
+            raise _DeliveryFailed(message)
         if not isinstance(answer, dict):
             raise _DeliveryFailed("the agent's answer is not a JSON object")
         answered = protocol.parse_uuid(answer.get("agent_id"), "agent_id")
@@ -315,9 +443,12 @@ class AgentLink:
 
     async def _reconcile(self) -> None:
         audience = await self._audience()
-        body = await self._instruct("GET", "/api/v1/agent/tasks", b"", audience)
-        has = {protocol.parse_uuid(t, "task_ids[]") for t in body.get("task_ids", [])}
         assigned = await self._store.assigned_task_ids(self.url)
+        # Read before the answer, to bound it by what the agent should hold. A task created
+        # or deleted meanwhile is the business of the delivery it caused, not of this pass.
+        bound = self._list_answer_floor_bytes + LIST_BYTES_PER_TASK * len(assigned)
+        body = await self._instruct("GET", "/api/v1/agent/tasks", b"", audience, bound)
+        has = {protocol.parse_uuid(t, "task_ids[]") for t in body.get("task_ids", [])}
         missing = sorted(assigned - has)
         if missing:
             self.log.info(
@@ -388,7 +519,12 @@ class _DeliveryFailed(Exception):
 
 
 class _Refused(_DeliveryFailed):
-    """The agent answered, and said no to this one request."""
+    """The agent answered, and said no to this one request (``status``, if the whole
+    request was refused)."""
+
+    def __init__(self, message: str, status: int | None = None) -> None:
+        super().__init__(message)
+        self.status = status
 
 
 class _PassFailed(Exception):

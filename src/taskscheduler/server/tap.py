@@ -44,6 +44,7 @@ from taskscheduler.server.access import ServerAccess
 from taskscheduler.server.api import DEFAULT_REPORT_GRACE, ServerAPI
 from taskscheduler.server.dispatch import Dispatcher
 from taskscheduler.server.pgstore import PostgresStore
+from taskscheduler.server.ratelimit import DEFAULT_CREATE_BURST, DEFAULT_CREATE_RATE, RateLimiter
 from taskscheduler.server.retention import DEFAULT_RETENTION_DAYS, HistoryPruner
 from taskscheduler.server.store import StoreUnavailable
 from taskscheduler.signing import (
@@ -128,6 +129,21 @@ class Options(usage.Options):
             None,
             "Seconds to keep trying to reach the database at start-up "
             "[TASKSCHEDULER_DATABASE_WAIT] (default: 60).",
+        ],
+        [
+            "create-rate",
+            None,
+            None,
+            "Tasks each operator token may create a second on average; past it 429 with "
+            "Retry-After; 0: no limit [TASKSCHEDULER_CREATE_RATE] "
+            f"(default: {DEFAULT_CREATE_RATE:g}).",
+        ],
+        [
+            "create-burst",
+            None,
+            None,
+            "Tasks each operator token may create at once [TASKSCHEDULER_CREATE_BURST] "
+            f"(default: {DEFAULT_CREATE_BURST}).",
         ],
         [
             "max-body-bytes",
@@ -218,6 +234,17 @@ class Options(usage.Options):
                 "max-body-bytes",
             )
         )
+        self["create-rate"] = _non_negative_number(
+            self["create-rate"] or _env("TASKSCHEDULER_CREATE_RATE", str(DEFAULT_CREATE_RATE)),
+            "create-rate",
+        )
+        self["create-burst"] = int(
+            _positive_number(
+                self["create-burst"]
+                or _env("TASKSCHEDULER_CREATE_BURST", str(DEFAULT_CREATE_BURST)),
+                "create-burst",
+            )
+        )
         for name, variable in [
             ("tokens-file", "TASKSCHEDULER_TOKENS_FILE"),
             ("join-secrets-file", "TASKSCHEDULER_JOIN_SECRETS_FILE"),
@@ -306,6 +333,16 @@ def listen_endpoint(
             f"cannot parse --listen {listen!r} as a Twisted endpoint description "
             f"({e or type(e).__name__}); e.g. tcp:8080:interface=127.0.0.1"
         ) from None
+
+
+def _non_negative_number(text: str | None, name: str) -> float:
+    try:
+        value = float(text or "")
+    except ValueError:
+        raise usage.UsageError(f"--{name} must be a number") from None
+    if not value >= 0 or value == float("inf"):
+        raise usage.UsageError(f"--{name} must be 0 or more")
+    return value
 
 
 def _positive_number(text: str | None, name: str) -> float:
@@ -443,6 +480,9 @@ class ServerService(MultiService):
             server_public_key=public_key_text(signer.public_key),
             on_agent_enrolled=lambda agent: dispatcher.agent_enrolled(agent.url),
             on_task_deleted=dispatcher.task_deleted,
+            create_limiter=RateLimiter(
+                self._reactor, options["create-rate"], options["create-burst"]
+            ),
         )
         dispatcher.setServiceParent(self)
         if options["retention-days"]:
