@@ -19,11 +19,14 @@ from twisted.internet.task import Clock, LoopingCall
 from twisted.logger import capturedLogs, formatEvent
 
 from taskscheduler.agent.enrolment import Enroller
+from taskscheduler.agent.reporter import Reporter
 from taskscheduler.auth import AGENT_PREFIX, JOIN_PREFIX, new_token
 from taskscheduler.httpclient import AnswerTooLarge, AnswerTooSlow, read_body
 from taskscheduler.schedule import utc_now_from
 from taskscheduler.server.dispatch import Dispatcher
 from taskscheduler.signing import public_key_text
+from tests.unit.agent_fakes import SERVER
+from tests.unit.test_agent_reporter import Setup as ReporterSetup
 from tests.unit.test_dispatch import AGENT_ID, URL, FakeAgent, settle, setup, spec
 
 CHUNK = 1024 * 1024
@@ -243,3 +246,45 @@ def test_the_agent_reads_no_oversized_enrolment_answer(
     if not enrolled:
         logged = " ".join(formatEvent(e) for e in events)
         assert "could not enrol" in logged and "AnswerTooLarge" in logged, logged
+
+
+class PaddedResults:
+    """A server that stores every result and says so, in an answer padded to ``padding``."""
+
+    app = Klein()
+
+    def __init__(self, padding: int) -> None:
+        self.padding = padding
+
+    def _answer(self, request: Any, body: dict[str, Any]) -> bytes:
+        request.setHeader(b"Content-Type", b"application/json")
+        return json.dumps({**body, "padding": "x" * self.padding}).encode()
+
+    @app.route("/api/v1/tasks/<task_id>/complete", methods=["POST"])
+    def complete(self, request: Any, task_id: str) -> bytes:
+        return self._answer(request, {"status": "stored"})
+
+    @app.route("/api/v1/results", methods=["POST"])
+    def complete_batch(self, request: Any) -> bytes:
+        count = len(json.loads(request.content.read())["results"])
+        return self._answer(request, {"results": [{"status": "stored"}] * count})
+
+
+@pytest.mark.parametrize(("padding", "acknowledged"), [(1000, True), (10 * CHUNK, False)])
+def test_the_agent_reads_no_oversized_answer_to_its_results(
+    tmp_path: Path, padding: int, acknowledged: bool
+) -> None:
+    s = ReporterSetup(tmp_path)
+    s.http = StubTreq(PaddedResults(padding).app.resource())
+    s.reporter = Reporter(s.spool, s.http, s.clock, SERVER, jitter=lambda: 1.0)
+    s.spool_results(3)
+    with capturedLogs() as events:
+        s.reporter.start()
+        s.settle()
+    s.reporter.stop()
+    if acknowledged:
+        assert len(s.spool) == 0
+    else:
+        assert len(s.spool) == 3, "kept, to be sent again"
+        logged = " ".join(formatEvent(e) for e in events)
+        assert "AnswerTooLarge" in logged, logged
