@@ -100,7 +100,14 @@ class ServerAPI:
         self._assignments: set[tuple[str, uuid.UUID]] = set()
 
     def resource(self) -> Any:
-        return AuthGate(self.app.resource(), self.app.url_map, self.ACCESS, self._access.authorize)
+        access = self._access
+        return AuthGate(
+            self.app.resource(),
+            self.app.url_map,
+            self.ACCESS,
+            access.authorize,
+            access.check_headers,
+        )
 
     def _now(self) -> datetime:
         return utc_now_from(self._clock.seconds())
