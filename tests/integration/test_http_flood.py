@@ -222,6 +222,7 @@ def test_established_clients_are_served_through_a_flood_that_exhausts_descriptor
             assert time.monotonic() - asked < 1.0
             time.sleep(0.2)
         busy = (cpu_seconds(pid) - cpu_before) / (time.monotonic() - started)
+        print(f"flood: agent at {busy:.0%} of a core, {open_fds(pid)}/{limit} descriptors")
         assert open_fds(pid) >= limit - 5, "the flood did not exhaust the descriptors"
     finally:
         for s in flood:
@@ -230,6 +231,7 @@ def test_established_clients_are_served_through_a_flood_that_exhausts_descriptor
     assert busy < 0.5, f"the agent spun at {busy:.0%} of a core while out of descriptors"
     log = agent.daemon.log_path.read_text(errors="replace")
     assert "paused accepting" in log
-    assert log.count("out of descriptors") <= 2, "EMFILE is logged once a minute at most"
+    # Not a line per refused connection, as Twisted's own EMFILE recovery would log.
+    assert log.count("EMFILE") <= 2, "EMFILE is logged once a minute at most"
     # And once the flood is gone, new clients are served again.
     wait_for(agent.healthy, 10, "new connections to be accepted again")
