@@ -558,6 +558,14 @@ class ServerService(MultiService):
         # a port it cannot open and leaves a server running that nobody can reach.
         self._port = await endpoint.listen(site)
         pause_accepting_when_out_of_descriptors(self._port, self._reactor)
+        defaulted = options["host-policy"] is None and hosts.hosts is not None
+        if defaulted and not is_loopback_endpoint(options["listen"]):
+            self.log.warn(
+                "without operator tokens this server answers only to {hosts} in the "
+                "Host header: agents and clients that reach it by another name are "
+                "refused (403); list its names in --accept-hosts",
+                hosts=hosts.describe(),
+            )
         self.log.info(
             "answering to {hosts}; at most {total} connections, {per} per client address",
             hosts=hosts.describe(),
