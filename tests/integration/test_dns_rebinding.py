@@ -3,7 +3,7 @@ what a web page can make a browser send (DNS rebinding, cross-site forms)."""
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -17,8 +17,9 @@ TASK = {"command": "true", "frequency": "every 3600 seconds"}
 
 
 @pytest.fixture(scope="module")
-def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Daemon, int]]:
-    root: Path = tmp_path_factory.mktemp("rebinding")
+def server(private_folder: Callable[[], Path]) -> Iterator[tuple[Daemon, int]]:
+    # Not tmp_path: a concurrent pytest session may delete it under a running PostgreSQL.
+    root = private_folder()
     port = free_port()
     daemon = Daemon(
         "server",

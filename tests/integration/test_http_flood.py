@@ -13,7 +13,7 @@ import os
 import resource
 import socket
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from http.client import HTTPConnection
 from pathlib import Path
 
@@ -66,8 +66,8 @@ class Agent:
 
 
 @pytest.fixture
-def agent(tmp_path: Path) -> Iterator[Agent]:
-    agent = Agent(tmp_path)
+def agent(private_folder: Callable[[], Path]) -> Iterator[Agent]:
+    agent = Agent(private_folder())
     agent.daemon.start()
     try:
         wait_for(agent.healthy, 60, "the agent to answer /api/v1/health")
