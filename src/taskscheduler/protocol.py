@@ -15,6 +15,7 @@ from __future__ import annotations
 import base64
 import binascii
 import enum
+import re
 import uuid
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -58,14 +59,20 @@ def _require(body: Mapping[str, Any], name: str) -> Any:
     return body[name]
 
 
+_UUID_RE = re.compile(r"[0-9a-fA-F]{8}(-[0-9a-fA-F]{4}){3}-[0-9a-fA-F]{12}")
+
+
 def parse_uuid(value: object, name: str) -> uuid.UUID:
-    """A UUID in its canonical text form, or InvalidMessage naming the field."""
+    """A UUID in its canonical text form (8-4-4-4-12 hex digits, either case, as RFC 9562
+    reads them), or InvalidMessage naming the field. The other spellings ``uuid.UUID``
+    takes (braces, ``urn:uuid:``, no hyphens) are refused, in paths and bodies alike."""
     if not isinstance(value, str):
         raise InvalidMessage(f"'{name}' must be a UUID string")
-    try:
-        return uuid.UUID(value)
-    except ValueError:
-        raise InvalidMessage(f"'{name}' is not a valid UUID: {value[:64]!r}") from None
+    if _UUID_RE.fullmatch(value) is None:
+        raise InvalidMessage(
+            f"'{name}' is not a valid UUID (8-4-4-4-12 hex digits): {value[:64]!r}"
+        )
+    return uuid.UUID(value)
 
 
 def _parse_time(value: object, name: str) -> datetime:

@@ -43,6 +43,7 @@ from taskscheduler.schedule import utc_now_from
 from taskscheduler.signing import SCHEME, BadSignature, InstructionVerifier
 from taskscheduler.web import (
     Access,
+    ApiError,
     AuthGate,
     bad_request,
     install_error_handlers,
@@ -104,7 +105,20 @@ class AgentAPI:
         self.verifier = verifier or InstructionVerifier(agent_id, clock)
 
     def resource(self) -> Any:
-        return AuthGate(self.app.resource(), self.app.url_map, self.ACCESS, self._authorize)
+        return AuthGate(
+            self.app.resource(), self.app.url_map, self.ACCESS, self._authorize, self._check_headers
+        )
+
+    def _check_headers(self, headers: Any, level: Access) -> ApiError | None:
+        """Refuse, before its body is read, a request that carries no signature at all (the
+        signature covers the body, so it is checked once the body is in)."""
+        values = headers.getRawHeaders(b"authorization") or []
+        if len(values) == 1 and values[0].strip().startswith(SCHEME.encode("ascii") + b" "):
+            return None
+        return unauthorized(
+            "this request needs a signature from the agent's server",
+            f'{SCHEME} realm="taskscheduler-agent"'.encode(),
+        )
 
     async def _authorize(self, request: IRequest, level: Access) -> None:
         values = request.requestHeaders.getRawHeaders(b"authorization") or []

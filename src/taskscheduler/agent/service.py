@@ -67,7 +67,15 @@ from taskscheduler.signing import (
     read_public_key,
 )
 from taskscheduler.tls import TLSConfigError
-from taskscheduler.web import DEFAULT_IDLE_TIMEOUT, make_site
+from taskscheduler.web import (
+    DEFAULT_BODY_TIMEOUT,
+    DEFAULT_HEADER_TIMEOUT,
+    DEFAULT_IDLE_TIMEOUT,
+    DEFAULT_MAX_CONNECTIONS,
+    DEFAULT_MAX_CONNECTIONS_PER_CLIENT,
+    make_site,
+    pause_accepting_when_out_of_descriptors,
+)
 
 #: Seconds the runs under way may go on at shutdown before they are terminated.
 DEFAULT_SHUTDOWN_GRACE = 30.0
@@ -89,6 +97,10 @@ class AgentConfig:
     idle_timeout: float = DEFAULT_IDLE_TIMEOUT
     starting_deadline: float | None = DEFAULT_STARTING_DEADLINE
     max_running: int = DEFAULT_MAX_RUNNING
+    max_connections: int = DEFAULT_MAX_CONNECTIONS
+    max_connections_per_client: int = DEFAULT_MAX_CONNECTIONS_PER_CLIENT
+    header_timeout: float = DEFAULT_HEADER_TIMEOUT
+    body_timeout: float = DEFAULT_BODY_TIMEOUT
 
 
 class NotEnrolled(Exception):
@@ -294,13 +306,23 @@ class AgentService(Service):
             return
         # Listen before running anything: an agent that cannot serve stops at once,
         # having started no run.
-        site = make_site(self.api.resource(), MAX_BODY_BYTES, idle_timeout=self.config.idle_timeout)
+        # Any Host: every route but health needs an instruction signed by the server.
+        site = make_site(
+            self.api.resource(),
+            MAX_BODY_BYTES,
+            idle_timeout=self.config.idle_timeout,
+            max_connections=self.config.max_connections,
+            max_connections_per_client=self.config.max_connections_per_client,
+            header_timeout=self.config.header_timeout,
+            body_timeout=self.config.body_timeout,
+        )
         self._listening = self._endpoint.listen(site)
         self._listening.addCallbacks(self._listened, self._fatal)
 
     def _listened(self, port: IListeningPort) -> None:
         self._listening = None
         self._port = port
+        pause_accepting_when_out_of_descriptors(port, self._clock)
         self.log.info("taskscheduler agent listening on {address}", address=str(port.getHost()))
         self._run()
 

@@ -33,7 +33,13 @@ from taskscheduler.auth import EndpointSyntaxError, split_endpoint
 from taskscheduler.daemon import StartFailure
 from taskscheduler.httpclient import DaemonHTTP
 from taskscheduler.tls import server_endpoint
-from taskscheduler.web import DEFAULT_IDLE_TIMEOUT
+from taskscheduler.web import (
+    DEFAULT_BODY_TIMEOUT,
+    DEFAULT_HEADER_TIMEOUT,
+    DEFAULT_IDLE_TIMEOUT,
+    DEFAULT_MAX_CONNECTIONS,
+    DEFAULT_MAX_CONNECTIONS_PER_CLIENT,
+)
 
 DEFAULT_OUTPUT_CAP = 1024 * 1024
 DEFAULT_KILL_GRACE = 5.0
@@ -59,6 +65,14 @@ _SETTINGS = [
     ("cgroup-parent", "TASKSCHEDULER_AGENT_CGROUP_PARENT", "auto"),
     ("starting-deadline", "TASKSCHEDULER_AGENT_STARTING_DEADLINE", "auto"),
     ("max-running", "TASKSCHEDULER_AGENT_MAX_RUNNING", str(DEFAULT_MAX_RUNNING)),
+    ("max-connections", "TASKSCHEDULER_AGENT_MAX_CONNECTIONS", str(DEFAULT_MAX_CONNECTIONS)),
+    (
+        "max-connections-per-client",
+        "TASKSCHEDULER_AGENT_MAX_PER_CLIENT",
+        str(DEFAULT_MAX_CONNECTIONS_PER_CLIENT),
+    ),
+    ("header-timeout", "TASKSCHEDULER_AGENT_HEADER_TIMEOUT", str(DEFAULT_HEADER_TIMEOUT)),
+    ("body-timeout", "TASKSCHEDULER_AGENT_BODY_TIMEOUT", str(DEFAULT_BODY_TIMEOUT)),
 ]
 
 #: The whole environment of every run, besides TASKSCHEDULER_TASK_ID and
@@ -214,6 +228,36 @@ class Options(usage.Options):
             "Most runs in flight on this agent; instants past it are recorded skipped "
             f"[TASKSCHEDULER_AGENT_MAX_RUNNING] (default: {DEFAULT_MAX_RUNNING}).",
         ],
+        [
+            "max-connections",
+            None,
+            None,
+            "Most client connections held at once; past it, 503 "
+            f"[TASKSCHEDULER_AGENT_MAX_CONNECTIONS] (default: {DEFAULT_MAX_CONNECTIONS}, "
+            "lowered to leave 128 of the process's open-file limit to the rest).",
+        ],
+        [
+            "max-connections-per-client",
+            None,
+            None,
+            "Most client connections held at once from one IP address; past it, 503 "
+            "[TASKSCHEDULER_AGENT_MAX_PER_CLIENT] "
+            f"(default: {DEFAULT_MAX_CONNECTIONS_PER_CLIENT}).",
+        ],
+        [
+            "header-timeout",
+            None,
+            None,
+            "Seconds a client has, from connecting, to send a request's line and headers; "
+            f"then 408 [TASKSCHEDULER_AGENT_HEADER_TIMEOUT] (default: {DEFAULT_HEADER_TIMEOUT:g}).",
+        ],
+        [
+            "body-timeout",
+            None,
+            None,
+            "Seconds a client has to send a request's body once its headers are in; then 408 "
+            f"[TASKSCHEDULER_AGENT_BODY_TIMEOUT] (default: {DEFAULT_BODY_TIMEOUT:g}).",
+        ],
     ]
 
     def __init__(self, environ: Mapping[str, str] | None = None) -> None:
@@ -240,6 +284,10 @@ class Options(usage.Options):
             None if deadline == "auto" else _number(deadline, "starting-deadline", float, minimum=0)
         )
         self["max-running"] = _number(self["max-running"], "max-running", int, minimum=1)
+        for name in ("max-connections", "max-connections-per-client"):
+            self[name] = _number(self[name], name, int, minimum=1)
+        for name in ("header-timeout", "body-timeout"):
+            self[name] = _number(self[name], name, float, minimum=0.1)
         self["join-secret"] = self._environ.get("TASKSCHEDULER_JOIN_SECRET") or None
         if self["advertise-url"] is None:
             self["advertise-url"] = advertise_url_from(self["listen"])
@@ -341,6 +389,10 @@ def makeService(options: Options) -> IService:
             idle_timeout=options["idle-timeout"],
             starting_deadline=options["starting-deadline"],
             max_running=options["max-running"],
+            max_connections=options["max-connections"],
+            max_connections_per_client=options["max-connections-per-client"],
+            header_timeout=options["header-timeout"],
+            body_timeout=options["body-timeout"],
         ),
         reactor,
         runner_factory,

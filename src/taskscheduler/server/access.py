@@ -16,13 +16,14 @@ credential of the wrong kind is 403.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
 from twisted.web import http
 from twisted.web.iweb import IRequest
 
-from taskscheduler.auth import AGENT_PREFIX, TokenFile, bearer_token, hash_token
+from taskscheduler.auth import AGENT_PREFIX, TokenFile, bearer_token, hash_token, parse_bearer
 from taskscheduler.server.store import AgentRecord, Store, StoreUnavailable
 from taskscheduler.web import Access, ApiError, forbidden, unauthorized
 
@@ -112,6 +113,40 @@ class ServerAccess:
         agent = await self._agent(token)
         if agent is not None and not agent.revoked:
             return Principal("agent", str(agent.agent_id), agent)
+        return None
+
+    def check_headers(self, headers: Any, level: Access) -> ApiError | None:
+        """What the request's headers alone decide, before its body is read.
+
+        A missing or malformed credential is refused, and so is an operator or join token
+        this server does not hold or one of the wrong kind (both are known without the
+        database). An agent credential needs the database: it lets the body in, and
+        :meth:`authorize` decides once it is read (its size and time bounded by the site).
+        The answers are those :meth:`authorize` would give.
+        """
+        if level not in _KIND:
+            return None
+        values = headers.getRawHeaders(b"authorization")
+        if not values:
+            if level is Access.OPERATOR and self._open:
+                return None
+            return unauthorized(_WANTED[level], CHALLENGE)
+        token = parse_bearer(values[0]) if len(values) == 1 else None
+        if token is None:
+            return unauthorized(
+                "the Authorization header is not 'Bearer <token>'", CHALLENGE_INVALID
+            )
+        kind = None
+        if self._operators is not None and self._operators.authenticate_token(token) is not None:
+            kind = "operator"
+        elif self._joins is not None and self._joins.authenticate_token(token) is not None:
+            kind = "join"
+        elif token.startswith(AGENT_PREFIX):
+            return None  # known, revoked or unknown: the database says, after the body
+        if kind is None:
+            return unauthorized(self._refusal(level), CHALLENGE_INVALID)
+        if kind != _KIND[level]:
+            return forbidden(f"this {kind} credential cannot call this route ({_WANTED[level]})")
         return None
 
     async def authorize(self, request: IRequest, level: Access) -> None:

@@ -104,7 +104,14 @@ class ServerAPI:
         self._create_limiter = create_limiter or RateLimiter(clock)
 
     def resource(self) -> Any:
-        return AuthGate(self.app.resource(), self.app.url_map, self.ACCESS, self._access.authorize)
+        access = self._access
+        return AuthGate(
+            self.app.resource(),
+            self.app.url_map,
+            self.ACCESS,
+            access.authorize,
+            access.check_headers,
+        )
 
     def _now(self) -> datetime:
         return utc_now_from(self._clock.seconds())

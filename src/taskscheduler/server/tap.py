@@ -56,7 +56,18 @@ from taskscheduler.signing import (
     public_key_text,
 )
 from taskscheduler.tls import TLSConfigError, server_endpoint
-from taskscheduler.web import DEFAULT_IDLE_TIMEOUT, DEFAULT_MAX_BODY_BYTES, make_site
+from taskscheduler.web import (
+    DEFAULT_BODY_TIMEOUT,
+    DEFAULT_HEADER_TIMEOUT,
+    DEFAULT_IDLE_TIMEOUT,
+    DEFAULT_MAX_BODY_BYTES,
+    DEFAULT_MAX_CONNECTIONS,
+    DEFAULT_MAX_CONNECTIONS_PER_CLIENT,
+    LOOPBACK_HOSTS,
+    HostPolicy,
+    make_site,
+    pause_accepting_when_out_of_descriptors,
+)
 
 
 def _env(name: str, default: str | None = None) -> str | None:
@@ -209,6 +220,45 @@ class Options(usage.Options):
             "Seconds an idle client connection is kept open [TASKSCHEDULER_IDLE_TIMEOUT] "
             f"(default: {DEFAULT_IDLE_TIMEOUT:g}).",
         ],
+        [
+            "accept-hosts",
+            None,
+            None,
+            "Comma-separated host names (any port) the server answers to in the Host "
+            "header, or * for any; others get 403, against DNS rebinding "
+            "[TASKSCHEDULER_ACCEPT_HOSTS] (default: any with operator tokens; without "
+            "them, " + ", ".join(LOOPBACK_HOSTS) + ").",
+        ],
+        [
+            "max-connections",
+            None,
+            None,
+            "Most client connections held at once; past it, 503 "
+            f"[TASKSCHEDULER_MAX_CONNECTIONS] (default: {DEFAULT_MAX_CONNECTIONS}, lowered "
+            "to leave 128 of the process's open-file limit to the rest).",
+        ],
+        [
+            "max-connections-per-client",
+            None,
+            None,
+            "Most client connections held at once from one IP address; past it, 503 "
+            "[TASKSCHEDULER_MAX_PER_CLIENT] "
+            f"(default: {DEFAULT_MAX_CONNECTIONS_PER_CLIENT}).",
+        ],
+        [
+            "header-timeout",
+            None,
+            None,
+            "Seconds a client has, from connecting, to send a request's line and headers; "
+            f"then 408 [TASKSCHEDULER_HEADER_TIMEOUT] (default: {DEFAULT_HEADER_TIMEOUT:g}).",
+        ],
+        [
+            "body-timeout",
+            None,
+            None,
+            "Seconds a client has to send a request's body once its headers are in; then 408 "
+            f"[TASKSCHEDULER_BODY_TIMEOUT] (default: {DEFAULT_BODY_TIMEOUT:g}).",
+        ],
     ]
 
     def postOptions(self) -> None:
@@ -268,6 +318,25 @@ class Options(usage.Options):
             "idle-timeout",
         )
         self["insecure"] = bool(self[INSECURE_FLAG.removeprefix("--")])
+        accept_hosts = self["accept-hosts"] or _env("TASKSCHEDULER_ACCEPT_HOSTS")
+        try:
+            self["host-policy"] = None if not accept_hosts else HostPolicy.parse(accept_hosts)
+        except ValueError as e:
+            raise usage.UsageError(str(e)) from None
+        for name, variable, default in [
+            ("max-connections", "TASKSCHEDULER_MAX_CONNECTIONS", DEFAULT_MAX_CONNECTIONS),
+            (
+                "max-connections-per-client",
+                "TASKSCHEDULER_MAX_PER_CLIENT",
+                DEFAULT_MAX_CONNECTIONS_PER_CLIENT,
+            ),
+        ]:
+            self[name] = _count(self[name] or _env(variable, str(default)), name)
+        for name, variable, seconds in [
+            ("header-timeout", "TASKSCHEDULER_HEADER_TIMEOUT", DEFAULT_HEADER_TIMEOUT),
+            ("body-timeout", "TASKSCHEDULER_BODY_TIMEOUT", DEFAULT_BODY_TIMEOUT),
+        ]:
+            self[name] = _positive_number(self[name] or _env(variable, str(seconds)), name)
 
 
 def plaintext_warnings(listen: str, agent_urls: Sequence[str]) -> list[str]:
@@ -343,6 +412,26 @@ def _non_negative_number(text: str | None, name: str) -> float:
     if not value >= 0 or value == float("inf"):
         raise usage.UsageError(f"--{name} must be 0 or more")
     return value
+
+
+def _count(text: str | None, name: str) -> int:
+    try:
+        value = int(text or "")
+    except ValueError:
+        raise usage.UsageError(f"--{name} must be a whole number") from None
+    if value < 1:
+        raise usage.UsageError(f"--{name} must be at least 1")
+    return value
+
+
+def host_policy_for(chosen: HostPolicy | None, has_tokens: bool) -> HostPolicy:
+    """``--accept-hosts`` if given; else any host when operator tokens guard the API
+    (every request that changes anything then carries a credential no web page has),
+    and the loopback names when they do not (the playground, the default compose file),
+    so that a page reaching the server through DNS rebinding is refused."""
+    if chosen is not None:
+        return chosen
+    return HostPolicy() if has_tokens else HostPolicy(LOOPBACK_HOSTS)
 
 
 def _positive_number(text: str | None, name: str) -> float:
@@ -494,12 +583,35 @@ class ServerService(MultiService):
             )
         else:
             self.log.info("keeping execution history forever (--retention-days 0)")
+        hosts = host_policy_for(options["host-policy"], tokens is not None and len(tokens) > 0)
         site = make_site(
-            api.resource(), options["max-body-bytes"], idle_timeout=options["idle-timeout"]
+            api.resource(),
+            options["max-body-bytes"],
+            idle_timeout=options["idle-timeout"],
+            max_connections=options["max-connections"],
+            max_connections_per_client=options["max-connections-per-client"],
+            header_timeout=options["header-timeout"],
+            body_timeout=options["body-timeout"],
+            host_policy=hosts,
         )
         # Listened to here rather than by a StreamServerEndpointService, which only logs
         # a port it cannot open and leaves a server running that nobody can reach.
         self._port = await endpoint.listen(site)
+        pause_accepting_when_out_of_descriptors(self._port, self._reactor)
+        defaulted = options["host-policy"] is None and hosts.hosts is not None
+        if defaulted and not is_loopback_endpoint(options["listen"]):
+            self.log.warn(
+                "without operator tokens this server answers only to {hosts} in the "
+                "Host header: agents and clients that reach it by another name are "
+                "refused (403); list its names in --accept-hosts",
+                hosts=hosts.describe(),
+            )
+        self.log.info(
+            "answering to {hosts}; at most {total} connections, {per} per client address",
+            hosts=hosts.describe(),
+            total=site.max_connections,
+            per=site.max_per_client,
+        )
         for warning in plaintext_warnings(options["listen"], options["agents"]):
             self.log.warn("{warning}", warning=warning)
         self.log.info(
