@@ -10,7 +10,7 @@ from __future__ import annotations
 import hashlib
 import os
 import pwd
-from collections.abc import Mapping, Sequence
+from collections.abc import MutableMapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -31,6 +31,7 @@ from taskscheduler.agent.service import DEFAULT_SHUTDOWN_GRACE, AgentConfig, Age
 from taskscheduler.agent.spool import DEFAULT_SPOOL_MAX_BYTES
 from taskscheduler.auth import EndpointSyntaxError, split_endpoint
 from taskscheduler.daemon import StartFailure
+from taskscheduler.hardening import make_non_dumpable, take_secret_from_environment
 from taskscheduler.httpclient import DaemonHTTP
 from taskscheduler.tls import server_endpoint
 from taskscheduler.web import DEFAULT_IDLE_TIMEOUT
@@ -136,8 +137,8 @@ class Options(usage.Options):
             None,
             None,
             "File holding the join secret (tsj_...) used once, to enrol "
-            "[TASKSCHEDULER_JOIN_SECRET_FILE]; or the secret itself in "
-            "TASKSCHEDULER_JOIN_SECRET.",
+            "[TASKSCHEDULER_JOIN_SECRET_FILE]; it must be 0600. Or the secret itself in "
+            "TASKSCHEDULER_JOIN_SECRET, which the agent then removes from its environment.",
         ],
         [
             "server-public-key-file",
@@ -216,7 +217,7 @@ class Options(usage.Options):
         ],
     ]
 
-    def __init__(self, environ: Mapping[str, str] | None = None) -> None:
+    def __init__(self, environ: MutableMapping[str, str] | None = None) -> None:
         super().__init__()
         self._environ = os.environ if environ is None else environ
 
@@ -240,7 +241,10 @@ class Options(usage.Options):
             None if deadline == "auto" else _number(deadline, "starting-deadline", float, minimum=0)
         )
         self["max-running"] = _number(self["max-running"], "max-running", int, minimum=1)
-        self["join-secret"] = self._environ.get("TASKSCHEDULER_JOIN_SECRET") or None
+        # Read once, and taken out of the environment at once: see hardening.
+        self["join-secret"] = take_secret_from_environment(
+            self._environ, "TASKSCHEDULER_JOIN_SECRET"
+        )
         if self["advertise-url"] is None:
             self["advertise-url"] = advertise_url_from(self["listen"])
         url = self["advertise-url"].rstrip("/")
@@ -341,6 +345,7 @@ def makeService(options: Options) -> IService:
             idle_timeout=options["idle-timeout"],
             starting_deadline=options["starting-deadline"],
             max_running=options["max-running"],
+            run_as=options["run-as"],
         ),
         reactor,
         runner_factory,
@@ -355,6 +360,7 @@ def makeService(options: Options) -> IService:
         endpoint_factory=lambda: server_endpoint(
             reactor, options["listen"], options["tls-client-ca"]
         ),
+        harden_process=make_non_dumpable,
     )
 
 
