@@ -93,6 +93,8 @@ class Daemon:
         self.log_path = workdir / f"{name}.log"
         self.stderr_path = workdir / f"{name}.stderr" if separate_stderr else None
         self.process: subprocess.Popen[bytes] | None = None
+        #: A command that execs the rest (``setpriv ... --``); the daemon keeps its pid.
+        self.wrapper: list[str] = []
         workdir.mkdir(parents=True, exist_ok=True)
 
     def start(self) -> None:
@@ -108,7 +110,7 @@ class Daemon:
         if self.stderr_path is not None:
             errors = open(self.stderr_path, "ab")  # noqa: SIM115 - handed to the child
         self.process = subprocess.Popen(
-            [TWISTD, "-n", "--pidfile=", *self.args],
+            [*self.wrapper, TWISTD, "-n", "--pidfile=", *self.args],
             cwd=self.workdir,
             env=env,
             stdout=log,
