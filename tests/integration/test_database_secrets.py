@@ -7,14 +7,15 @@ from __future__ import annotations
 import contextlib
 import os
 import secrets
-from collections.abc import Iterator
+import stat
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import psycopg2
 import pytest
 from psycopg2.extensions import make_dsn, parse_dsn
 
-from tests.integration.daemons import Daemon, free_port, http, wait_for
+from tests.integration.daemons import Daemon, free_port, http, run_as_nobody, wait_for
 
 pytestmark = pytest.mark.integration
 
@@ -129,5 +130,41 @@ def test_a_password_on_the_command_line_is_warned_about(
         log = daemon.log_path.read_text()
         assert "the database password is on the command line (--database)" in log
         assert password not in log
+    finally:
+        daemon.stop()
+
+
+def test_the_server_is_non_dumpable_and_narrows_its_data_folder(
+    private_folder: Callable[[], Path],
+) -> None:
+    root = private_folder()
+    root.chmod(0o755)
+    # A database it keeps trying to reach meanwhile: what is checked happens before.
+    daemon = Server(root, "server", ["--database", "host=/nonexistent dbname=none"], {})
+    daemon.env["TASKSCHEDULER_DATABASE_WAIT"] = "60"
+    # An unprivileged server (root's /proc files are root's whether dumpable or not).
+    user = (os.getuid(), os.getgid())
+    if os.geteuid() == 0:
+        made = run_as_nobody(daemon)
+        if made is None:
+            pytest.skip("needs setpriv and a Python that user nobody may run")
+        user = made
+    data = daemon.workdir / "data"
+    data.mkdir(mode=0o755)
+    data.chmod(0o755)
+    os.chown(data, *user)
+    daemon.args += ["--data-dir", str(data)]
+    daemon.start()
+    try:
+        wait_for(
+            lambda: "database not reachable yet" in daemon.log_path.read_text(),
+            60,
+            "the server to try its database",
+        )
+        assert daemon.process is not None
+        environ = os.stat(f"/proc/{daemon.process.pid}/environ")
+        assert user[0] != 0 and environ.st_uid == 0, "a non-dumpable process's /proc is root's"
+        assert stat.S_IMODE(data.stat().st_mode) == 0o700
+        assert "was open to other users: made it 0700" in daemon.log_path.read_text()
     finally:
         daemon.stop()

@@ -14,16 +14,13 @@ from __future__ import annotations
 
 import os
 import pwd
-import shutil
-import stat
-import sys
 import uuid
 from collections.abc import Callable
 from pathlib import Path
 
 import pytest
 
-from tests.integration.daemons import TWISTD, Fleet, running_fleet, wait_for
+from tests.integration.daemons import Fleet, run_as_nobody, running_fleet, wait_for
 
 pytestmark = pytest.mark.integration
 
@@ -92,17 +89,6 @@ def test_in_the_documented_layout_a_task_reads_none_of_the_agents_secrets(
         assert "tasks run as the agent's own user" not in agent.log_path.read_text()
 
 
-def python_others_may_run() -> str | None:
-    """An interpreter of this Python version that every user may run (this one may live
-    in a private home folder), or None."""
-    candidates = [Path(sys.executable).resolve(), Path(f"/usr/bin/python3.{sys.version_info[1]}")]
-    for python in candidates:
-        folders = [python, *python.parents]
-        if python.exists() and all(f.stat().st_mode & stat.S_IXOTH for f in folders):
-            return str(python)
-    return None
-
-
 def test_without_run_as_a_task_cannot_read_the_non_dumpable_agents_environment(
     private_folder: Callable[[], Path],
 ) -> None:
@@ -111,16 +97,8 @@ def test_without_run_as_a_task_cannot_read_the_non_dumpable_agents_environment(
     [agent] = fleet.agents
     # Tasks run as the agent's own user (no --run-as), an unprivileged one: root reads
     # any process, dumpable or not.
-    if os.geteuid() == 0:
-        assert NOBODY is not None
-        python = python_others_may_run()
-        if python is None or shutil.which("setpriv") is None:
-            pytest.skip("needs setpriv and a Python that user nobody may run")
-        agent.wrapper = ["setpriv", "--reuid", "nobody", "--regid", str(NOBODY.pw_gid)]
-        agent.wrapper += ["--clear-groups", "--", python]
-        site = Path(TWISTD).parent.parent / "lib" / f"python3.{sys.version_info[1]}"
-        agent.env["PYTHONPATH"] = str(site / "site-packages")
-        os.chown(agent.workdir, NOBODY.pw_uid, NOBODY.pw_gid)
+    if os.geteuid() == 0 and run_as_nobody(agent) is None:
+        pytest.skip("needs setpriv and a Python that user nobody may run")
     # The subreaper, which tells a run's orphans apart by their environment.
     agent.args += ["--cgroup-parent", "none"]
     agent.env["AGENT_CANARY"] = CANARY
