@@ -7,11 +7,16 @@ COPY src ./src
 COPY twisted ./twisted
 RUN pip install --no-cache-dir . && rm -rf /src
 
-# The daemons, and the commands the agent runs, run as this unprivileged user; give it
-# what your tasks need. A fixed uid, so that volumes and host files agree on the owner.
+# The server runs as `taskscheduler`. The commands the agent runs run as `taskrunner`, a
+# user that owns none of the daemons' files (give it what your tasks need): in
+# docker-compose.yml each agent starts as root only to run every command as taskrunner
+# (--run-as). Fixed uids, so that volumes and host files agree on the owners.
 RUN groupadd --system --gid 10001 taskscheduler \
     && useradd --system --uid 10001 --gid 10001 --create-home \
-        --home-dir /var/lib/taskscheduler taskscheduler
+        --home-dir /var/lib/taskscheduler taskscheduler \
+    && groupadd --system --gid 10002 taskrunner \
+    && useradd --system --uid 10002 --gid 10002 --create-home \
+        --home-dir /home/taskrunner taskrunner
 USER 10001:10001
 WORKDIR /var/lib/taskscheduler
 # Named volumes mounted here start out with these owners and modes.

@@ -5,9 +5,12 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import pwd
+import shutil
 import signal
 import socket
 import ssl
+import stat
 import subprocess
 import sys
 import time
@@ -93,6 +96,8 @@ class Daemon:
         self.log_path = workdir / f"{name}.log"
         self.stderr_path = workdir / f"{name}.stderr" if separate_stderr else None
         self.process: subprocess.Popen[bytes] | None = None
+        #: A command that execs the rest (``setpriv ... --``); the daemon keeps its pid.
+        self.wrapper: list[str] = []
         workdir.mkdir(parents=True, exist_ok=True)
 
     def start(self) -> None:
@@ -108,7 +113,7 @@ class Daemon:
         if self.stderr_path is not None:
             errors = open(self.stderr_path, "ab")  # noqa: SIM115 - handed to the child
         self.process = subprocess.Popen(
-            [TWISTD, "-n", "--pidfile=", *self.args],
+            [*self.wrapper, TWISTD, "-n", "--pidfile=", *self.args],
             cwd=self.workdir,
             env=env,
             stdout=log,
@@ -150,6 +155,33 @@ class Daemon:
         assert self.process is not None and self.process.poll() is None, (
             f"{self.name} exited with {self.process and self.process.returncode}:\n{self.log()}"
         )
+
+
+def run_as_nobody(daemon: Daemon) -> tuple[int, int] | None:
+    """Make ``daemon`` start as user ``nobody`` (tests run as root); its (uid, gid), or None
+    where that cannot be done (no setpriv, no Python that user may run). Its workdir is
+    given to nobody; the folders above it must let nobody through."""
+    python = _python_others_may_run()
+    if shutil.which("setpriv") is None or python is None:
+        return None
+    nobody = pwd.getpwnam("nobody")
+    daemon.wrapper = ["setpriv", "--reuid", str(nobody.pw_uid), "--regid", str(nobody.pw_gid)]
+    daemon.wrapper += ["--clear-groups", "--", python]
+    site = Path(TWISTD).parent.parent / "lib" / f"python3.{sys.version_info[1]}"
+    daemon.env["PYTHONPATH"] = str(site / "site-packages")
+    os.chown(daemon.workdir, nobody.pw_uid, nobody.pw_gid)
+    return nobody.pw_uid, nobody.pw_gid
+
+
+def _python_others_may_run() -> str | None:
+    """An interpreter of this Python version every user may run (this one may live in a
+    private home folder), or None."""
+    for python in [Path(sys.executable).resolve(), Path(f"/usr/bin/python3.{sys.version_info[1]}")]:
+        if python.exists() and all(
+            f.stat().st_mode & stat.S_IXOTH for f in [python, *python.parents]
+        ):
+            return str(python)
+    return None
 
 
 class Fleet:

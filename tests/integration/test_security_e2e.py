@@ -172,10 +172,20 @@ def test_a_revoked_agent_is_refused_and_a_wiped_one_enrols_again(tmp_path: Path)
         # Its next reports are refused: they pile up in its spool, none is stored.
         wait_for(lambda: fleet.agent_health(0)["spooled"] >= 2, 20, "refused results to pile up")
         assert "401" in (tmp_path / "agent-0" / "agent-0.log").read_text()
-        # Wiped, the host comes back as a new identity and gets its URL's tasks again.
+        # Wiped, the host comes back as a new identity: the revoked agent's URL is not
+        # for the join secret to take until an operator releases it.
         fleet.agents[0].stop()
         shutil.rmtree(tmp_path / "agent-0" / "data")
         fleet.agents[0].start()
+        wait_for(
+            lambda: "must release its URL" in fleet.agents[0].log_path.read_text(),
+            30,
+            "the new identity's enrolment to be refused",
+        )
+        assert fleet.agent_health(0)["enrolled"] is False
+        code, released = fleet.api("POST", f"/api/v1/agents/{old_id}/release-url")
+        assert code == 200 and released["url_released_at"] is not None, released
+        # ... and then it gets its URL's tasks again.
         fleet.wait_until_healthy()
         new_id = fleet.agent_health(0)["agent_id"]
         assert new_id != old_id

@@ -194,3 +194,34 @@ def test_the_dockerfile_lints_clean() -> None:
         [str(hadolint), str(ROOT / "Dockerfile")], capture_output=True, text=True, timeout=60
     )
     assert result.returncode == 0, result.stdout + result.stderr
+
+
+def dockerfile_users() -> dict[str, str]:
+    """name -> uid of the users the Dockerfile creates."""
+    text = (ROOT / "Dockerfile").read_text().replace("\\\n", " ")
+    return {
+        name: uid
+        for uid, name in re.findall(
+            r"useradd\b[^&\n]*?--uid (\d+)[^&\n]*?\s(\w+)\s*(?:&&|$)", text, re.M
+        )
+    }
+
+
+@pytest.mark.parametrize("layout", sorted(LAYOUTS))
+def test_every_agent_runs_its_tasks_as_a_user_of_their_own(layout: str) -> None:
+    services = LAYOUTS[layout]()
+    users = dockerfile_users()
+    daemon_uid = re.search(r"^USER (\d+)", (ROOT / "Dockerfile").read_text(), re.M)
+    assert daemon_uid is not None
+    for name, service in agents(services).items():
+        run_as = option(argv(service), "--run-as") or service["environment"].get(
+            "TASKSCHEDULER_AGENT_RUN_AS"
+        )
+        assert run_as is not None, f"{name} runs tasks as its own user"
+        assert run_as in users, f"{name}: the image has no user {run_as!r}"
+        # Not the daemons' user, whose files (the join secret's volume...) it would own.
+        assert users[run_as] != daemon_uid.group(1)
+        assert service.get("user") == "0:0", f"{name} must start as root to drop to {run_as}"
+    assert services["server"].get("user") in (None, daemon_uid.group(1)), (
+        "the server stays unprivileged"
+    )

@@ -404,3 +404,46 @@ async def test_a_database_outage_while_checking_a_credential_is_503(tmp_path: Pa
     )
     assert (code, body["error"]["code"]) == (503, "database_unavailable")
     assert headers.getRawHeaders("Retry-After") == ["5"]
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_join_secret_cannot_take_over_a_revoked_agents_url_until_an_operator_releases_it(
+    server: Server,
+) -> None:
+    harness = Harness(server.store)
+    task_id = await harness.create()
+    code, _, _ = await server.call("DELETE", f"/api/v1/agents/{AGENT_A}", token=OPERATOR)
+    assert code == 200
+    # Whoever holds the join secret tries to enrol a fresh identity in A's place.
+    usurper = {"agent_id": str(uuid.uuid4()), "url": AGENTS[0]}
+    code, body, _ = await server.call("POST", "/api/v1/agents/enrol", usurper, token=JOIN)
+    assert code == 409 and body["error"]["code"] == "url_revoked", body
+    assert "release" in body["error"]["message"]
+    assert await server.store.agent_for_url(AGENTS[0]) is None
+    release = f"/api/v1/agents/{AGENT_A}/release-url"
+    for token in (JOIN, CREDENTIALS[AGENT_B], None):
+        code, _, _ = await server.call("POST", release, token=token)
+        assert code in (401, 403), "only an operator releases a URL"
+    code, body, _ = await server.call(
+        "POST", f"/api/v1/agents/{AGENT_B}/release-url", token=OPERATOR
+    )
+    assert code == 409 and body["error"]["code"] == "agent_live"
+    code, body, _ = await server.call(
+        "POST", f"/api/v1/agents/{uuid.uuid4()}/release-url", token=OPERATOR
+    )
+    assert code == 404
+    code, body, _ = await server.call("POST", release, token=OPERATOR)
+    assert code == 200 and body["url_released_at"] is not None and body["url"] == AGENTS[0]
+    code, log, _ = await server.call("GET", "/api/v1/audit?limit=1", token=OPERATOR)
+    assert [(e["action"], e["actor"], e["target"]) for e in log["events"]] == [
+        ("agent.url_released", "operator:alice", str(AGENT_A))
+    ]
+    # Now a new agent may enrol there, and its results for the URL's tasks are stored.
+    code, enrolled, _ = await server.call("POST", "/api/v1/agents/enrol", usurper, token=JOIN)
+    assert code == 201, enrolled
+    new_id = uuid.UUID(usurper["agent_id"])
+    result = result_to_json(harness.result(task_id, new_id, 1))
+    code, _, _ = await server.call(
+        "POST", f"/api/v1/tasks/{task_id}/complete", result, token=enrolled["credential"]
+    )
+    assert code == 200

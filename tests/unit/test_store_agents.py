@@ -61,8 +61,50 @@ async def test_a_url_has_one_live_agent_until_it_is_revoked(store: Store) -> Non
     found = await store.agent_by_credential(HASH_A)
     assert found is not None and found.revoked, "a revoked credential is still recognised"
     assert await store.agent_for_url(A_URL) is None
+    # The revoked agent keeps its URL until an operator releases it.
+    with pytest.raises(AgentConflict) as e:
+        await store.enrol_agent(B_ID, A_URL, HASH_B, ANCHOR, event("agent.enrolled"))
+    assert e.value.code == "url_revoked"
+    await store.release_agent_url(A_ID, ANCHOR + timedelta(seconds=2), event("agent.url_released"))
     record = await store.enrol_agent(B_ID, A_URL, HASH_B, ANCHOR, event("agent.enrolled"))
     assert await store.agent_for_url(A_URL) == record
+
+
+@pytest_twisted.ensureDeferred
+async def test_only_an_operator_release_lets_another_agent_enrol_at_a_revoked_url(
+    store: Store,
+) -> None:
+    C_ID = uuid.UUID("cccccccc-0000-4000-8000-00000000000c")
+    await store.enrol_agent(A_ID, A_URL, HASH_A, ANCHOR, event("agent.enrolled"))
+    with pytest.raises(AgentConflict) as e:
+        await store.release_agent_url(A_ID, ANCHOR, event("agent.url_released"))
+    assert e.value.code == "agent_live", "a live agent's URL is not released"
+    assert await store.release_agent_url(B_ID, ANCHOR, event("x")) is None, "unknown"
+    await store.revoke_agent(A_ID, ANCHOR + timedelta(seconds=1), event("agent.revoked"))
+    # Another URL is free; this one is not, and a refusal leaves nothing behind.
+    await store.enrol_agent(B_ID, B_URL, HASH_B, ANCHOR, event("agent.enrolled"))
+    with pytest.raises(AgentConflict) as e:
+        await store.enrol_agent(C_ID, A_URL, HASH_C, ANCHOR, event("agent.enrolled"))
+    assert e.value.code == "url_revoked"
+    assert await store.agent_by_credential(HASH_C) is None
+    released_at = ANCHOR + timedelta(seconds=3)
+    released = await store.release_agent_url(A_ID, released_at, event("agent.url_released"))
+    assert released is not None and released.url_released_at == released_at
+    again = await store.release_agent_url(A_ID, ANCHOR + timedelta(seconds=9), event("x"))
+    assert again == released, "releasing twice changes nothing and is audited once"
+    assert [e.action for e in await store.audit_events(10)][:2] == [
+        "agent.url_released",
+        "agent.enrolled",
+    ]
+    [listed] = [a for a in await store.list_agents() if a.agent_id == A_ID]
+    assert listed == released
+    record = await store.enrol_agent(C_ID, A_URL, HASH_C, ANCHOR, event("agent.enrolled"))
+    assert await store.agent_for_url(A_URL) == record
+    # The new agent, revoked in turn, holds the URL again until its own release.
+    await store.revoke_agent(C_ID, ANCHOR + timedelta(seconds=4), event("agent.revoked"))
+    with pytest.raises(AgentConflict) as e:
+        await store.enrol_agent(uuid.uuid4(), A_URL, "sha256:" + "d" * 64, ANCHOR, event("e"))
+    assert e.value.code == "url_revoked"
 
 
 @pytest_twisted.ensureDeferred

@@ -5,7 +5,12 @@
 data folder; the server keeps only its hash) and the server's public key, which the
 agent pins to check the signature of every instruction from then on. Until it succeeds
 the agent retries with back-off: the server may not be up yet, or an operator may still
-have to revoke a previous agent at the same URL.
+have to revoke a previous agent at the same URL, or release the URL of a revoked one.
+
+The join secret is best given in a file (``--join-secret-file``, 0600). One given in
+``TASKSCHEDULER_JOIN_SECRET`` is taken out of the agent's environment as soon as the
+options are read (:func:`taskscheduler.hardening.take_secret_from_environment`), so
+that neither a process the agent starts nor ``/proc/PID/environ`` shows it.
 """
 
 from __future__ import annotations

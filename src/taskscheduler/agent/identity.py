@@ -3,6 +3,12 @@
 It is ``server_id`` in the results the agent reports and ``agent_id`` in its answers.
 Enrolment adds the credential the server issued (``<data-dir>/credential``, 0600) and the
 server's public key the agent pins (``<data-dir>/server_key.pub``).
+
+Every secret the agent holds lives in a file only its user may read (a file others may
+read is refused, credential and join secret alike), in a data folder only its user may
+enter, and the agent's process is made non-dumpable at start (see
+:mod:`taskscheduler.hardening`): a process of the same user, such as a task run
+without ``--run-as``, can then read neither its memory nor its ``/proc/PID/environ``.
 """
 
 from __future__ import annotations
@@ -14,6 +20,7 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 
 from taskscheduler.agent.durable import atomic_create, ensure_directory
 from taskscheduler.auth import AGENT_PREFIX, parse_bearer
+from taskscheduler.hardening import private_file_problem
 from taskscheduler.signing import KeyFileError, public_key_text, read_public_key, write_private_file
 
 FILE_NAME = "agent_id"
@@ -55,12 +62,22 @@ def load_credential(data_dir: Path) -> str | None:
     path = data_dir / CREDENTIAL_FILE
     if not path.exists():
         return None
-    if path.stat().st_mode & 0o077:
-        raise CorruptCredential(f"{path} is readable by others; chmod 600 it")
-    text = path.read_text(encoding="ascii", errors="replace").strip()
+    text = read_private_text(path)
     if not text.startswith(AGENT_PREFIX) or parse_bearer(f"Bearer {text}") != text:
         raise CorruptCredential(f"{path} does not hold an agent credential")
     return text
+
+
+def read_private_text(path: Path) -> str:
+    """The text of a secret file, which no one but its owner may read or write.
+
+    Raises :class:`CorruptCredential` for a file others may read, as ssh does for a key:
+    a secret others could read may already be known to them.
+    """
+    problem = private_file_problem(path)
+    if problem is not None:
+        raise CorruptCredential(problem)
+    return path.read_text(encoding="ascii", errors="replace").strip()
 
 
 def save_credential(data_dir: Path, credential: str) -> None:

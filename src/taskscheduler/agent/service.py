@@ -16,6 +16,8 @@ its server's key.
 
 from __future__ import annotations
 
+import os
+import pwd
 import random
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -45,6 +47,7 @@ from taskscheduler.agent.identity import (
     load_credential,
     load_or_create_agent_id,
     load_server_key,
+    read_private_text,
 )
 from taskscheduler.agent.lastruns import LastRuns
 from taskscheduler.agent.reporter import Reporter
@@ -57,6 +60,7 @@ from taskscheduler.agent.scheduler import (
 from taskscheduler.agent.spool import DEFAULT_SPOOL_MAX_BYTES, RunMarker, RunMarkers, Spool
 from taskscheduler.agent.taskstore import TaskStore
 from taskscheduler.auth import is_loopback_url
+from taskscheduler.hardening import make_private_folder
 from taskscheduler.protocol import ResultStatus, RunResult, TaskSpec
 from taskscheduler.schedule import format_instant
 from taskscheduler.signing import (
@@ -101,6 +105,8 @@ class AgentConfig:
     max_connections_per_client: int = DEFAULT_MAX_CONNECTIONS_PER_CLIENT
     header_timeout: float = DEFAULT_HEADER_TIMEOUT
     body_timeout: float = DEFAULT_BODY_TIMEOUT
+    #: The user tasks run as (``--run-as``); None: the agent's own.
+    run_as: str | None = None
 
 
 class NotEnrolled(Exception):
@@ -125,6 +131,7 @@ class AgentService(Service):
         *,
         http_factory: Callable[[], Any] | None = None,
         endpoint_factory: Callable[[], IStreamServerEndpoint] | None = None,
+        harden_process: Callable[[], bool] | None = None,
     ) -> None:
         """``run_in_thread`` runs the fsyncs of the spool and the task files, and reads the
         spool; None does it all on the reactor thread.
@@ -132,6 +139,9 @@ class AgentService(Service):
         ``http_factory`` and ``endpoint_factory`` build the client and the listening
         endpoint at start-up (they read certificate files), when ``http`` and
         ``endpoint`` are not given.
+
+        ``harden_process`` is called first thing at start-up (the daemon passes
+        :func:`taskscheduler.hardening.make_non_dumpable`; False: it could not).
         """
         self.config = config
         self._run_in_thread = run_in_thread
@@ -143,6 +153,7 @@ class AgentService(Service):
         self._endpoint_factory = endpoint_factory
         self._enroller: Enroller | None = None
         self._on_fatal = on_fatal
+        self._harden_process = harden_process
         self._jitter = jitter
         self._port: IListeningPort | None = None
         self._lock = FolderLock(config.data_dir)
@@ -183,6 +194,13 @@ class AgentService(Service):
 
     def _start(self) -> None:
         data_dir = self.config.data_dir
+        if self._harden_process is not None and not self._harden_process():
+            self.log.warn(
+                "this system cannot make the agent non-dumpable: processes of its user may "
+                "read its memory and environment"
+            )
+        if make_private_folder(data_dir):
+            self.log.warn("{path} was open to other users: made it 0700", path=str(data_dir))
         self._lock.acquire()
         agent_id = load_or_create_agent_id(data_dir)
         credential = load_credential(data_dir)
@@ -203,6 +221,15 @@ class AgentService(Service):
                     f"{data_dir} holds no credential yet and no join secret is given: pass "
                     "--join-secret-file or set TASKSCHEDULER_JOIN_SECRET to enrol"
                 )
+        if self.config.run_as is None:
+            self.log.warn(
+                "tasks run as the agent's own user ({user}), so they can read its "
+                "{secrets} in {path}: run the agent as root with --run-as USER, a user of "
+                "their own (see the README's Secure deployment)",
+                user=_user_name(),
+                secrets="credential" if join_secret is None else "join secret and credential",
+                path=str(data_dir),
+            )
         if self.config.server_url.startswith("http://") and not is_loopback_url(
             self.config.server_url
         ):
@@ -356,8 +383,7 @@ class AgentService(Service):
         path = self.config.join_secret_file
         if path is None:
             return None
-        secret = path.read_text(encoding="ascii", errors="replace").strip()
-        return secret or None
+        return read_private_text(path) or None
 
     def _enrolled(self, enrolled: Enrolled) -> None:
         assert self.api is not None and self.reporter is not None
@@ -393,6 +419,14 @@ class AgentService(Service):
 
     def stopService(self) -> Deferred[None]:
         return Deferred.fromCoroutine(self._stop())
+
+
+def _user_name() -> str:
+    uid = os.getuid()
+    try:
+        return f"{pwd.getpwuid(uid).pw_name}, uid {uid}"
+    except KeyError:
+        return f"uid {uid}"
 
 
 def _clear_marker(spooled: bool, markers: RunMarkers, marker: RunMarker) -> None:

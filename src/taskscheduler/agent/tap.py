@@ -10,7 +10,7 @@ from __future__ import annotations
 import hashlib
 import os
 import pwd
-from collections.abc import Mapping, Sequence
+from collections.abc import MutableMapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -31,6 +31,7 @@ from taskscheduler.agent.service import DEFAULT_SHUTDOWN_GRACE, AgentConfig, Age
 from taskscheduler.agent.spool import DEFAULT_SPOOL_MAX_BYTES
 from taskscheduler.auth import EndpointSyntaxError, split_endpoint
 from taskscheduler.daemon import StartFailure
+from taskscheduler.hardening import make_non_dumpable, take_secret_from_environment
 from taskscheduler.httpclient import DaemonHTTP
 from taskscheduler.tls import server_endpoint
 from taskscheduler.web import (
@@ -150,8 +151,8 @@ class Options(usage.Options):
             None,
             None,
             "File holding the join secret (tsj_...) used once, to enrol "
-            "[TASKSCHEDULER_JOIN_SECRET_FILE]; or the secret itself in "
-            "TASKSCHEDULER_JOIN_SECRET.",
+            "[TASKSCHEDULER_JOIN_SECRET_FILE]; it must be 0600. Or the secret itself in "
+            "TASKSCHEDULER_JOIN_SECRET, which the agent then removes from its environment.",
         ],
         [
             "server-public-key-file",
@@ -260,7 +261,7 @@ class Options(usage.Options):
         ],
     ]
 
-    def __init__(self, environ: Mapping[str, str] | None = None) -> None:
+    def __init__(self, environ: MutableMapping[str, str] | None = None) -> None:
         super().__init__()
         self._environ = os.environ if environ is None else environ
 
@@ -288,7 +289,10 @@ class Options(usage.Options):
             self[name] = _number(self[name], name, int, minimum=1)
         for name in ("header-timeout", "body-timeout"):
             self[name] = _number(self[name], name, float, minimum=0.1)
-        self["join-secret"] = self._environ.get("TASKSCHEDULER_JOIN_SECRET") or None
+        # Read once, and taken out of the environment at once: see hardening.
+        self["join-secret"] = take_secret_from_environment(
+            self._environ, "TASKSCHEDULER_JOIN_SECRET"
+        )
         if self["advertise-url"] is None:
             self["advertise-url"] = advertise_url_from(self["listen"])
         url = self["advertise-url"].rstrip("/")
@@ -393,6 +397,7 @@ def makeService(options: Options) -> IService:
             max_connections_per_client=options["max-connections-per-client"],
             header_timeout=options["header-timeout"],
             body_timeout=options["body-timeout"],
+            run_as=options["run-as"],
         ),
         reactor,
         runner_factory,
@@ -407,6 +412,7 @@ def makeService(options: Options) -> IService:
         endpoint_factory=lambda: server_endpoint(
             reactor, options["listen"], options["tls-client-ca"]
         ),
+        harden_process=make_non_dumpable,
     )
 
 

@@ -71,6 +71,7 @@ class ServerAPI:
         "executions": Access.OPERATOR,
         "list_agents": Access.OPERATOR,
         "revoke_agent": Access.OPERATOR,
+        "release_agent_url": Access.OPERATOR,
         "audit": Access.OPERATOR,
         "complete": Access.AGENT,
         "complete_batch": Access.AGENT,
@@ -435,6 +436,33 @@ class ServerAPI:
         )
         return json_response(request, _agent_json(record))
 
+    @app.route("/api/v1/agents/<agent_id>/release-url", methods=["POST"])
+    async def release_agent_url(self, request: IRequest, agent_id: str) -> bytes:
+        """Let a new agent enrol at the URL of a revoked one: an operator's decision, audited.
+
+        Until then a join secret cannot enrol there (409 ``url_revoked``), so that whoever
+        holds it cannot take the revoked agent's place and have its results stored.
+        """
+        try:
+            parsed = protocol.parse_uuid(agent_id, "agent_id")
+        except InvalidMessage as e:
+            raise bad_request(str(e), "invalid_agent_id") from None
+        principal = principal_of(request)
+        audit = self._audit(request, principal, "agent.url_released", str(parsed))
+        try:
+            record = await self._store.release_agent_url(parsed, self._now(), audit)
+        except AgentConflict as e:
+            raise ApiError(http.CONFLICT, e.code, _CONFLICT_MESSAGES[e.code]) from None
+        if record is None:
+            raise ApiError(http.NOT_FOUND, "unknown_agent", "no agent has this id")
+        self.log.info(
+            "{actor} released the URL {url} of revoked agent {agent_id}",
+            actor=principal.actor,
+            agent_id=str(parsed),
+            url=record.url,
+        )
+        return json_response(request, _agent_json(record))
+
     @app.route("/api/v1/audit", methods=["GET"])
     async def audit(self, request: IRequest) -> bytes:
         """The audit log, newest first: ``?limit=N`` (1-1000) ``&before=<event id>``."""
@@ -519,6 +547,9 @@ _ASSIGNMENT_CACHE_SIZE = 1_000_000
 _CONFLICT_MESSAGES = {
     "agent_exists": "this agent id is already enrolled; a join secret cannot enrol it again",
     "url_taken": "another live agent is enrolled at this URL; an operator must revoke it first",
+    "url_revoked": "the agent at this URL was revoked; an operator must release its URL "
+    "(POST /api/v1/agents/<agent_id>/release-url) before another agent enrols there",
+    "agent_live": "this agent is not revoked: revoke it before releasing its URL",
 }
 
 
@@ -528,6 +559,9 @@ def _agent_json(agent: AgentRecord) -> dict[str, Any]:
         "url": agent.url,
         "enrolled_at": format_instant(agent.enrolled_at),
         "revoked_at": None if agent.revoked_at is None else format_instant(agent.revoked_at),
+        "url_released_at": (
+            None if agent.url_released_at is None else format_instant(agent.url_released_at)
+        ),
     }
 
 

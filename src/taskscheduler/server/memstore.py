@@ -300,8 +300,11 @@ class MemoryStore:
     ) -> AgentRecord:
         if agent_id in self._agents:
             raise AgentConflict("agent_exists", f"agent {agent_id} is already enrolled")
-        if any(a.url == url and not a.revoked for a in self._agents.values()):
+        holders = [a for a in self._agents.values() if a.url == url and a.url_released_at is None]
+        if any(not a.revoked for a in holders):
             raise AgentConflict("url_taken", f"a live agent is already enrolled at {url}")
+        if holders:
+            raise AgentConflict("url_revoked", f"the revoked agent at {url} still holds it")
         if credential_hash in self._credentials:
             raise AgentConflict("agent_exists", "this credential is already in use")
         record = AgentRecord(agent_id, url, enrolled_at.astimezone(UTC))
@@ -330,6 +333,21 @@ class MemoryStore:
         self._agents[agent_id] = revoked
         self._append_audit(audit)
         return revoked
+
+    async def release_agent_url(
+        self, agent_id: uuid.UUID, released_at: datetime, audit: AuditEvent
+    ) -> AgentRecord | None:
+        record = self._agents.get(agent_id)
+        if record is None:
+            return None
+        if not record.revoked:
+            raise AgentConflict("agent_live", f"agent {agent_id} is not revoked")
+        if record.url_released_at is not None:
+            return record
+        released = replace(record, url_released_at=released_at.astimezone(UTC))
+        self._agents[agent_id] = released
+        self._append_audit(audit)
+        return released
 
     async def list_agents(self) -> list[AgentRecord]:
         return sorted(self._agents.values(), key=lambda a: (a.enrolled_at, a.agent_id))

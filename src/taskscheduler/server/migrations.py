@@ -128,4 +128,13 @@ MIGRATIONS: list[str] = [
     """
     ALTER TABLE results ADD COLUMN reason text;
     """,
+    # 6: a revoked agent keeps its URL until an operator releases it: a join secret alone
+    # never takes over the place of a revoked agent. Revocations whose URL a later agent
+    # already took count as released (they were, under the rule before this one).
+    """
+    ALTER TABLE agents ADD COLUMN url_released_at timestamptz;
+    UPDATE agents a SET url_released_at = a.revoked_at
+    WHERE a.revoked_at IS NOT NULL
+      AND EXISTS (SELECT 1 FROM agents b WHERE b.url = a.url AND b.enrolled_at > a.enrolled_at);
+    """,
 ]

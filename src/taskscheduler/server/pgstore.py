@@ -935,10 +935,14 @@ class PostgresStore:
             if cursor.fetchone() is not None:
                 raise AgentConflict("agent_exists", f"agent {agent_id} is already enrolled")
             await cursor.execute(
-                "SELECT 1 FROM agents WHERE url = %s AND revoked_at IS NULL", (url,)
+                "SELECT revoked_at IS NULL FROM agents WHERE url = %s AND url_released_at IS NULL",
+                (url,),
             )
-            if cursor.fetchone() is not None:
+            holders = [live for (live,) in cursor.fetchall()]
+            if any(holders):
                 raise AgentConflict("url_taken", f"a live agent is already enrolled at {url}")
+            if holders:
+                raise AgentConflict("url_revoked", f"the revoked agent at {url} still holds it")
             await cursor.execute(
                 """
                 INSERT INTO agents (agent_id, url, credential_hash, enrolled_at)
@@ -997,6 +1001,35 @@ class PostgresStore:
 
         return await self._run(operation)
 
+    async def release_agent_url(
+        self, agent_id: uuid.UUID, released_at: datetime, audit: AuditEvent
+    ) -> AgentRecord | None:
+        async def operation(cursor: Cursor) -> AgentRecord | None:
+            await cursor.execute(
+                f"SELECT {_AGENT_COLUMNS} FROM agents WHERE agent_id = %s::uuid FOR UPDATE",
+                (str(agent_id),),
+            )
+            row = cursor.fetchone()
+            if row is None:
+                return None
+            record = _agent_from_row(row)
+            if not record.revoked:
+                raise AgentConflict("agent_live", f"agent {agent_id} is not revoked")
+            if record.url_released_at is not None:
+                return record
+            await cursor.execute(
+                f"""
+                UPDATE agents SET url_released_at = %s WHERE agent_id = %s::uuid
+                RETURNING {_AGENT_COLUMNS}
+                """,
+                (released_at, str(agent_id)),
+            )
+            released = _agent_from_row(cursor.fetchone())
+            await _insert_audit(cursor, audit)
+            return released
+
+        return await self._run(operation)
+
     async def list_agents(self) -> list[AgentRecord]:
         async def operation(cursor: Cursor) -> list[AgentRecord]:
             await cursor.execute(
@@ -1032,12 +1065,18 @@ class PostgresStore:
         return await self._run(operation, transaction=False)
 
 
-_AGENT_COLUMNS = "agent_id, url, enrolled_at, revoked_at"
+_AGENT_COLUMNS = "agent_id, url, enrolled_at, revoked_at, url_released_at"
 
 
 def _agent_from_row(row: Sequence[Any]) -> AgentRecord:
-    agent_id, url, enrolled_at, revoked_at = row
-    return AgentRecord(uuid.UUID(str(agent_id)), url, enrolled_at.astimezone(UTC), _utc(revoked_at))
+    agent_id, url, enrolled_at, revoked_at, url_released_at = row
+    return AgentRecord(
+        uuid.UUID(str(agent_id)),
+        url,
+        enrolled_at.astimezone(UTC),
+        _utc(revoked_at),
+        _utc(url_released_at),
+    )
 
 
 async def _insert_audit(cursor: Cursor, event: AuditEvent) -> None:

@@ -30,7 +30,8 @@ class UnknownTask(LookupError):
 
 
 class AgentConflict(Exception):
-    """An enrolment the store refuses: ``code`` is ``agent_exists`` or ``url_taken``."""
+    """An agent change the store refuses: ``code`` is ``agent_exists``, ``url_taken``,
+    ``url_revoked`` (enrolment) or ``agent_live`` (release)."""
 
     def __init__(self, code: str, message: str) -> None:
         super().__init__(message)
@@ -46,6 +47,8 @@ class AgentRecord:
     url: str
     enrolled_at: datetime
     revoked_at: datetime | None = None
+    #: When an operator let another agent enrol at this revoked agent's URL.
+    url_released_at: datetime | None = None
 
     @property
     def revoked(self) -> bool:
@@ -223,7 +226,9 @@ class Store(Protocol):
 
         Raises AgentConflict ``agent_exists`` if ``agent_id`` was ever enrolled (revoked or
         not: a join secret never takes over an identity), ``url_taken`` if a live agent
-        already holds ``url``.
+        already holds ``url``, ``url_revoked`` if a revoked agent still holds it (its URL
+        not released by :meth:`release_agent_url`): a join secret never takes over the
+        place of an agent an operator revoked either.
         """
 
     async def agent_by_credential(self, credential_hash: str) -> AgentRecord | None:
@@ -237,6 +242,14 @@ class Store(Protocol):
     ) -> AgentRecord | None:
         """Revoke a live agent, writing ``audit`` in the same transaction; None if there is
         no live agent with this id."""
+
+    async def release_agent_url(
+        self, agent_id: uuid.UUID, released_at: datetime, audit: AuditEvent
+    ) -> AgentRecord | None:
+        """An operator lets a new agent enrol at the URL of the revoked agent ``agent_id``;
+        ``audit`` is written in the same transaction. Returns the record (unchanged, with
+        no audit, if its URL was already released), None if no agent has this id; raises
+        AgentConflict ``agent_live`` if it is not revoked."""
 
     async def list_agents(self) -> list[AgentRecord]:
         """Every agent ever enrolled, oldest first."""

@@ -16,6 +16,7 @@ from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
+from psycopg2.extensions import parse_dsn
 from twisted.application.service import IService, MultiService
 from twisted.internet import reactor as global_reactor
 from twisted.internet.defer import CancelledError, Deferred
@@ -39,6 +40,7 @@ from taskscheduler.auth import (
 )
 from taskscheduler.daemon import StartFailure
 from taskscheduler.embedded_pg import EmbeddedPostgres, EmbeddedPostgresError, PostgresSupervisor
+from taskscheduler.hardening import make_non_dumpable, make_private_folder, private_file_problem
 from taskscheduler.httpclient import DaemonHTTP
 from taskscheduler.server.access import ServerAccess
 from taskscheduler.server.api import DEFAULT_REPORT_GRACE, ServerAPI
@@ -101,8 +103,17 @@ class Options(usage.Options):
             "database",
             "d",
             None,
-            "PostgreSQL DSN, e.g. postgresql://user:pass@host/db [TASKSCHEDULER_DATABASE]. "
-            "Without one, an embedded PostgreSQL is kept in <data-dir>/postgres.",
+            "PostgreSQL DSN, e.g. postgresql://user@host/db [TASKSCHEDULER_DATABASE]. "
+            "Without one, an embedded PostgreSQL is kept in <data-dir>/postgres. Keep the "
+            "password off the command line, where ps shows it: put it in libpq's passfile "
+            "(PGPASSFILE or ~/.pgpass), or the whole DSN in --database-file.",
+        ],
+        [
+            "database-file",
+            None,
+            None,
+            "File (0600) holding the PostgreSQL DSN, instead of --database "
+            "[TASKSCHEDULER_DATABASE_FILE].",
         ],
         [
             "data-dir",
@@ -263,7 +274,15 @@ class Options(usage.Options):
 
     def postOptions(self) -> None:
         self["listen"] = self["listen"] or _env("TASKSCHEDULER_LISTEN", "tcp:8080")
+        # Said at start (see database_warnings): only a DSN typed here is in `ps`.
+        self["database-on-command-line"] = bool(self["database"])
         self["database"] = self["database"] or _env("TASKSCHEDULER_DATABASE")
+        self["database-file"] = self["database-file"] or _env("TASKSCHEDULER_DATABASE_FILE")
+        if self["database"] and self["database-file"]:
+            raise usage.UsageError(
+                "give the database as --database (or TASKSCHEDULER_DATABASE) or "
+                "--database-file, not both"
+            )
         self["data-dir"] = self["data-dir"] or _env("TASKSCHEDULER_DATA_DIR", "taskscheduler-data")
         servers = self["available-servers"] or _env("AVAILABLE_SERVERS", "")
         self["agents"] = parse_agent_urls(servers or "")
@@ -355,6 +374,38 @@ def plaintext_warnings(listen: str, agent_urls: Sequence[str]) -> list[str]:
                 "be forged or replayed, but anyone on the path can read them); use https://"
             )
     return warnings
+
+
+def database_warnings(dsn: str, on_command_line: bool) -> list[str]:
+    """What is unsafe in how the database DSN was given."""
+    if not on_command_line:
+        return []
+    try:
+        given = parse_dsn(dsn)
+    except Exception:
+        # Unparseable: the connection will say so; the password may be in it all the same.
+        given = {"password": "?"}
+    if "password" not in given:
+        return []
+    return [
+        "the database password is on the command line (--database), where `ps` shows it "
+        "to every local user: use --database-file, TASKSCHEDULER_DATABASE or libpq's "
+        "passfile (PGPASSFILE or ~/.pgpass) instead"
+    ]
+
+
+def read_database_file(path: Path) -> str:
+    """The DSN in ``--database-file``, a file only its owner may read."""
+    try:
+        problem = private_file_problem(path)
+        text = path.read_text(encoding="utf-8").strip()
+    except (OSError, UnicodeDecodeError) as e:
+        raise usage.UsageError(f"cannot read --database-file {str(path)!r}: {e}") from None
+    if problem is not None:
+        raise usage.UsageError(problem)
+    if not text:
+        raise usage.UsageError(f"--database-file {str(path)!r} is empty")
+    return text
 
 
 def parse_agent_urls(text: str) -> list[str]:
@@ -529,12 +580,22 @@ class ServerService(MultiService):
         # First, so that a --listen Twisted cannot parse is said to be that, and bad TLS
         # files stop the server before it starts a database.
         endpoint = listen_endpoint(self._reactor, options["listen"], options["tls-client-ca"])
-        os.makedirs(options["data-dir"], exist_ok=True)
+        if not make_non_dumpable():
+            self.log.warn(
+                "this system cannot make the server non-dumpable: processes of its user may "
+                "read its memory and environment"
+            )
+        if make_private_folder(Path(options["data-dir"])):
+            self.log.warn("{path} was open to other users: made it 0700", path=options["data-dir"])
         tokens, joins, signer = self._load_secrets()
         self._http = DaemonHTTP(
             self._reactor, options["agent-ca"], options["client-cert"], options["client-key"]
         )
         dsn = options["database"]
+        for warning in database_warnings(dsn or "", options["database-on-command-line"]):
+            self.log.warn("{warning}", warning=warning)
+        if options["database-file"]:
+            dsn = read_database_file(Path(options["database-file"]))
         if not dsn:
             self._embedded = EmbeddedPostgres(
                 os.path.join(options["data-dir"], "postgres"), self._reactor
