@@ -404,3 +404,12 @@ async def test_a_database_outage_while_checking_a_credential_is_503(tmp_path: Pa
     )
     assert (code, body["error"]["code"]) == (503, "database_unavailable")
     assert headers.getRawHeaders("Retry-After") == ["5"]
+
+
+@pytest_twisted.ensureDeferred
+async def test_an_enrolment_url_that_is_not_unicode_text_is_a_400(server: Server) -> None:
+    body = {"agent_id": str(uuid.uuid4()), "url": "http://agent-\ud800:8081"}
+    code, answer, _ = await server.call("POST", "/api/v1/agents/enrol", body, token=JOIN)
+    assert (code, answer["error"]["code"]) == (400, "invalid_request")
+    assert "'url' is not valid Unicode text" in answer["error"]["message"]
+    assert server.enrolled == []

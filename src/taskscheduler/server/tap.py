@@ -41,7 +41,7 @@ from taskscheduler.daemon import StartFailure
 from taskscheduler.embedded_pg import EmbeddedPostgres, EmbeddedPostgresError, PostgresSupervisor
 from taskscheduler.httpclient import DaemonHTTP
 from taskscheduler.server.access import ServerAccess
-from taskscheduler.server.api import DEFAULT_REPORT_GRACE, ServerAPI
+from taskscheduler.server.api import DEFAULT_MAX_OUTPUT_BYTES, DEFAULT_REPORT_GRACE, ServerAPI
 from taskscheduler.server.dispatch import Dispatcher
 from taskscheduler.server.pgstore import PostgresStore
 from taskscheduler.server.retention import DEFAULT_RETENTION_DAYS, HistoryPruner
@@ -137,6 +137,14 @@ class Options(usage.Options):
             f"(default: {DEFAULT_MAX_BODY_BYTES}).",
         ],
         [
+            "max-output-bytes",
+            None,
+            None,
+            "Most bytes of each output stream of a result stored; past it the head and "
+            "tail are kept and the stream is flagged truncated [TASKSCHEDULER_MAX_OUTPUT_BYTES] "
+            f"(default: {DEFAULT_MAX_OUTPUT_BYTES}, the agents' default --output-cap).",
+        ],
+        [
             "tokens-file",
             None,
             None,
@@ -217,6 +225,11 @@ class Options(usage.Options):
                 or _env("TASKSCHEDULER_MAX_BODY_BYTES", str(DEFAULT_MAX_BODY_BYTES)),
                 "max-body-bytes",
             )
+        )
+        self["max-output-bytes"] = _byte_count(
+            self["max-output-bytes"]
+            or _env("TASKSCHEDULER_MAX_OUTPUT_BYTES", str(DEFAULT_MAX_OUTPUT_BYTES)),
+            "max-output-bytes",
         )
         for name, variable in [
             ("tokens-file", "TASKSCHEDULER_TOKENS_FILE"),
@@ -306,6 +319,13 @@ def listen_endpoint(
             f"cannot parse --listen {listen!r} as a Twisted endpoint description "
             f"({e or type(e).__name__}); e.g. tcp:8080:interface=127.0.0.1"
         ) from None
+
+
+def _byte_count(text: str | None, name: str) -> int:
+    text = (text or "").strip()
+    if not text.isascii() or not text.isdigit() or len(text) > 18 or int(text) < 1:
+        raise usage.UsageError(f"--{name} must be a whole number of bytes, 1 or more")
+    return int(text)
 
 
 def _positive_number(text: str | None, name: str) -> float:
@@ -443,6 +463,7 @@ class ServerService(MultiService):
             server_public_key=public_key_text(signer.public_key),
             on_agent_enrolled=lambda agent: dispatcher.agent_enrolled(agent.url),
             on_task_deleted=dispatcher.task_deleted,
+            max_output_bytes=options["max-output-bytes"],
         )
         dispatcher.setServiceParent(self)
         if options["retention-days"]:
