@@ -97,7 +97,14 @@ def results(draw: st.DrawFn) -> RunResult:
         finished_at=draw(st.none() | moments),
         stdout=draw(outputs()),
         stderr=draw(outputs()),
-        reason=draw(st.none() | st.text(st.characters(exclude_characters="\x00"), max_size=500)),
+        # Any text PostgreSQL can hold: no NUL, no lone surrogate (both refused).
+        reason=draw(
+            st.none()
+            | st.text(
+                st.characters(exclude_characters="\x00", exclude_categories=("Cs",)),
+                max_size=500,
+            )
+        ),
     )
 
 
