@@ -46,8 +46,8 @@ MAX_REASON_LENGTH = 500
 #: every JSON client reads exactly, and more than a run writing 10 GB/s for the longest
 #: time limit (a week: 6e15 bytes) could produce.
 MAX_OUTPUT_SIZE = 2**53 - 1
-#: How far ahead of the receiver's clock a result's instants may be (clocks of hosts
-#: differ a little): see :func:`too_early`.
+#: How far ahead of the receiver's clock a result's instants may be by default (clocks
+#: of hosts differ a little; the server's ``--clock-allowance``): see :func:`too_early`.
 CLOCK_ALLOWANCE = timedelta(seconds=60)
 
 
@@ -397,13 +397,18 @@ RETRY_LATER_BATCH_STATUSES = frozenset({"too_early"})
 ACKNOWLEDGED_STATUSES = frozenset({"stored", "duplicate"})
 
 
-def too_early(result: RunResult, now: datetime, time_limit: timedelta) -> str | None:
+def too_early(
+    result: RunResult,
+    now: datetime,
+    time_limit: timedelta,
+    allowance: timedelta = CLOCK_ALLOWANCE,
+) -> str | None:
     """Why ``result`` cannot have been produced by ``now`` (the receiver's clock), or
-    None. ``time_limit`` is its task's.
+    None. ``time_limit`` is its task's; ``allowance`` how far clocks may differ.
 
     A run starts at its instant or later and is reported once it has ended, so an honest
     result is dated ahead of the server's clock only by as much as the two hosts' clocks
-    differ (:data:`CLOCK_ALLOWANCE`), or, for its ``scheduled_at``, by its agent's *lead*:
+    differ (``allowance``), or, for its ``scheduled_at``, by its agent's *lead*:
     an agent whose wall clock stepped back labels its runs ahead of that clock. The task's
     time limit is allowed for the lead. One bound for all of a result's instants:
     ``started_at`` and ``finished_at`` are readings of the agent's wall clock, within it.
@@ -412,7 +417,7 @@ def too_early(result: RunResult, now: datetime, time_limit: timedelta) -> str | 
     results): the same result is taken once the clock has reached it, so the agent keeps
     it (:data:`RETRY_LATER_RESULT_ERRORS`). A forged one is never stored early.
     """
-    latest = now + time_limit + CLOCK_ALLOWANCE
+    latest = now + time_limit + allowance
     for name, value in (
         ("scheduled_at", result.scheduled_at),
         ("started_at", result.started_at),
@@ -422,7 +427,7 @@ def too_early(result: RunResult, now: datetime, time_limit: timedelta) -> str | 
             return (
                 f"'{name}' is {(value - now).total_seconds():.0f} s ahead of this server's "
                 f"clock: more than the task's time limit ({time_limit.total_seconds():.0f} s) "
-                f"and {CLOCK_ALLOWANCE.total_seconds():.0f} s of clock difference allow"
+                f"and {allowance.total_seconds():.0f} s of clock difference allow"
             )
     return None
 

@@ -857,6 +857,17 @@ async def test_an_agent_labelling_ahead_after_its_clock_stepped_back_is_believed
 
 
 @pytest_twisted.ensureDeferred
+async def test_a_larger_clock_allowance_takes_results_of_an_agent_an_hour_ahead() -> None:
+    harness = await started(Harness(clock_allowance=timedelta(hours=2)))
+    task_id = await harness.create()
+    hour_ahead = harness.result(task_id, AGENT_A, 120)  # its clock an hour fast
+    assert await harness.report(hour_ahead) == (200, {"status": "stored"})
+    code, error = await harness.report(harness.result(task_id, AGENT_A, 242))
+    assert (code, error["error"]["code"]) == (409, "too_early")
+    assert "and 7200 s of clock difference allow" in error["error"]["message"]
+
+
+@pytest_twisted.ensureDeferred
 async def test_a_batch_keeps_too_early_items_for_later_and_stores_the_others(
     harness: Harness,
 ) -> None:

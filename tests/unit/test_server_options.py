@@ -139,3 +139,18 @@ def test_stored_output_is_capped_at_a_mebibyte_per_stream_unless_told_otherwise(
             parse(["--max-output-bytes", bad], monkeypatch)
     text = str(Options())
     assert "--max-output-bytes" in text and "TASKSCHEDULER_MAX_OUTPUT_BYTES" in text
+
+
+def test_clocks_may_differ_by_a_minute_unless_told_otherwise(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.delenv("TASKSCHEDULER_CLOCK_ALLOWANCE", raising=False)
+    assert parse([], monkeypatch)["clock-allowance"] == 60
+    assert parse(["--clock-allowance", "7200"], monkeypatch)["clock-allowance"] == 7200
+    env = {"TASKSCHEDULER_CLOCK_ALLOWANCE": "5"}
+    assert parse([], monkeypatch, **env)["clock-allowance"] == 5
+    for bad in ["0", "-1", "soon"]:
+        with pytest.raises(usage.UsageError, match="--clock-allowance"):
+            parse(["--clock-allowance", bad], monkeypatch)
+    text = str(Options())
+    assert "--clock-allowance" in text and "TASKSCHEDULER_CLOCK_ALLOWANCE" in text

@@ -98,6 +98,7 @@ class ServerAPI:
         on_agent_enrolled: Callable[[AgentRecord], None] = lambda agent: None,
         on_task_deleted: Callable[[Task], None] = lambda task: None,
         max_output_bytes: int = DEFAULT_MAX_OUTPUT_BYTES,
+        clock_allowance: timedelta = protocol.CLOCK_ALLOWANCE,
     ) -> None:
         self._store = store
         self._clock = clock
@@ -108,6 +109,7 @@ class ServerAPI:
         self._on_agent_enrolled = on_agent_enrolled
         self._on_task_deleted = on_task_deleted
         self._max_output_bytes = max_output_bytes
+        self._clock_allowance = clock_allowance
         self._assignments: set[tuple[str, uuid.UUID]] = set()
 
     def resource(self) -> Any:
@@ -348,14 +350,17 @@ class ServerAPI:
         limits: dict[uuid.UUID, timedelta | None] = {}
         for result in results:
             # First as if the time limit were 0: an honest result passes with no look-up.
-            why = protocol.too_early(result, now, timedelta(0))
+            why = protocol.too_early(result, now, timedelta(0), self._clock_allowance)
             if why is not None:
                 if result.task_id not in limits:
                     task = await self._store.get_task(result.task_id)
                     limits[result.task_id] = None if task is None else task.spec.time_limit
                 limit = limits[result.task_id]
                 # (an unknown task is the store's to answer)
-                why = None if limit is None else protocol.too_early(result, now, limit)
+                if limit is not None:
+                    why = protocol.too_early(result, now, limit, self._clock_allowance)
+                else:
+                    why = None
             early.append(why)
         refused = [why for why in early if why is not None]
         if refused:

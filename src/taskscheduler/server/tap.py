@@ -40,6 +40,7 @@ from taskscheduler.auth import (
 from taskscheduler.daemon import StartFailure
 from taskscheduler.embedded_pg import EmbeddedPostgres, EmbeddedPostgresError, PostgresSupervisor
 from taskscheduler.httpclient import DaemonHTTP
+from taskscheduler.protocol import CLOCK_ALLOWANCE
 from taskscheduler.server.access import ServerAccess
 from taskscheduler.server.api import DEFAULT_MAX_OUTPUT_BYTES, DEFAULT_REPORT_GRACE, ServerAPI
 from taskscheduler.server.dispatch import Dispatcher
@@ -145,6 +146,15 @@ class Options(usage.Options):
             f"(default: {DEFAULT_MAX_OUTPUT_BYTES}, the agents' default --output-cap).",
         ],
         [
+            "clock-allowance",
+            None,
+            None,
+            "Seconds by which agents' clocks may run ahead of the server's: a result dated "
+            "later than now plus its task's time limit plus this is refused until the "
+            "server's clock gets there [TASKSCHEDULER_CLOCK_ALLOWANCE] (default: "
+            f"{CLOCK_ALLOWANCE.total_seconds():g}).",
+        ],
+        [
             "tokens-file",
             None,
             None,
@@ -225,6 +235,11 @@ class Options(usage.Options):
                 or _env("TASKSCHEDULER_MAX_BODY_BYTES", str(DEFAULT_MAX_BODY_BYTES)),
                 "max-body-bytes",
             )
+        )
+        self["clock-allowance"] = _positive_number(
+            self["clock-allowance"]
+            or _env("TASKSCHEDULER_CLOCK_ALLOWANCE", f"{CLOCK_ALLOWANCE.total_seconds():g}"),
+            "clock-allowance",
         )
         self["max-output-bytes"] = _byte_count(
             self["max-output-bytes"]
@@ -464,6 +479,7 @@ class ServerService(MultiService):
             on_agent_enrolled=lambda agent: dispatcher.agent_enrolled(agent.url),
             on_task_deleted=dispatcher.task_deleted,
             max_output_bytes=options["max-output-bytes"],
+            clock_allowance=timedelta(seconds=options["clock-allowance"]),
         )
         dispatcher.setServiceParent(self)
         if options["retention-days"]:
