@@ -84,7 +84,13 @@ def main() -> None:
         _, created = http(
             "POST",
             base + "/api/v1/tasks/create",
-            {"command": "echo bench", "frequency": "every 1 second"},
+            # Results of instants up to now + the time limit + 60 s are taken: the
+            # longest limit (a week) leaves room for 600,000 instants, one a second.
+            {
+                "command": "echo bench",
+                "frequency": "every 1 second",
+                "time_limit_seconds": 7 * 24 * 3600,
+            },
         )
         task_id = created["command_id"]
         _, task = http("GET", f"{base}/api/v1/tasks/{task_id}")

@@ -24,18 +24,32 @@ from typing import Any
 
 from taskscheduler.schedule import (
     Frequency,
+    InstantOutOfRange,
     InvalidFrequency,
     format_instant,
     parse_frequency,
     parse_instant,
 )
 
-#: Longest command accepted, in characters.
-MAX_COMMAND_LENGTH = 64 * 1024
+#: Linux's limit on one argument of ``execve`` (``MAX_ARG_STRLEN``, 32 pages of 4 KiB),
+#: terminating NUL included. The command is one argument of the agent's shell: a longer
+#: one fails every run with E2BIG.
+MAX_ARG_STRLEN = 128 * 1024
+#: Longest command accepted, in bytes of UTF-8 (not characters: 32 Ki four-byte
+#: characters are already 128 KiB). A page under ``MAX_ARG_STRLEN``: room for the NUL and
+#: for a wrapper the runner may one day put around the command.
+MAX_COMMAND_BYTES = MAX_ARG_STRLEN - 4096
 #: Longest run time limit accepted.
 MAX_TIME_LIMIT_SECONDS = 7 * 24 * 3600
 #: Longest ``reason`` of a result accepted, in characters.
 MAX_REASON_LENGTH = 500
+#: Largest size a stream may declare (``stdout_bytes``): 2**53 - 1, the largest integer
+#: every JSON client reads exactly, and more than a run writing 10 GB/s for the longest
+#: time limit (a week: 6e15 bytes) could produce.
+MAX_OUTPUT_SIZE = 2**53 - 1
+#: How far ahead of the receiver's clock a result's instants may be by default (clocks
+#: of hosts differ a little; the server's ``--clock-allowance``): see :func:`too_early`.
+CLOCK_ALLOWANCE = timedelta(seconds=60)
 
 
 class InvalidMessage(ValueError):
@@ -78,9 +92,22 @@ def parse_uuid(value: object, name: str) -> uuid.UUID:
 def _parse_time(value: object, name: str) -> datetime:
     try:
         return parse_instant(value)
+    except InstantOutOfRange as e:
+        raise InvalidMessage(f"'{name}': {e}") from None
     except ValueError:
         raise InvalidMessage(
             f"'{name}' must be an RFC 3339 timestamp with a time zone, e.g. '2026-11-27T07:30:00Z'"
+        ) from None
+
+
+def utf8_of(value: str, name: str) -> bytes:
+    """The text of field ``name`` in UTF-8, or InvalidMessage: JSON's ``\\ud800`` escape
+    decodes to a lone surrogate, which no UTF-8 text (nor PostgreSQL, nor a shell) holds."""
+    try:
+        return value.encode("utf-8")
+    except UnicodeEncodeError:
+        raise InvalidMessage(
+            f"'{name}' is not valid Unicode text: it holds a lone surrogate (like \\ud800)"
         ) from None
 
 
@@ -94,8 +121,13 @@ def _parse_int(value: object, name: str, low: int, high: int) -> int:
 def parse_command(value: object) -> str:
     if not isinstance(value, str) or not value.strip():
         raise InvalidMessage("'command' must be a non-empty string")
-    if len(value) > MAX_COMMAND_LENGTH:
-        raise InvalidMessage(f"'command' is longer than {MAX_COMMAND_LENGTH} characters")
+    # Characters first, so that a huge command costs no encoding.
+    if len(value) > MAX_COMMAND_BYTES or len(utf8_of(value, "command")) > MAX_COMMAND_BYTES:
+        raise InvalidMessage(
+            f"'command' is longer than {MAX_COMMAND_BYTES} bytes in UTF-8 (what one "
+            "argument of execve can hold, with room to spare); put a long script in a "
+            "file on the agents and run that"
+        )
     if "\x00" in value:
         raise InvalidMessage("'command' must not contain a NUL character")
     return value
@@ -185,8 +217,10 @@ def parse_output(body: Mapping[str, Any], name: str) -> Output:
         if not isinstance(text, str):
             raise InvalidMessage(f"'{name}' must be a string")
         data = text.encode("utf-8", errors="replace")
+    # The declared size is at least what is carried (more means the middle was dropped:
+    # flagged truncated even if the flag is missing) and at most what a run can write.
     size = body.get(f"{name}_bytes", len(data))
-    size = _parse_int(size, f"{name}_bytes", len(data), 2**62)
+    size = _parse_int(size, f"{name}_bytes", len(data), MAX_OUTPUT_SIZE)
     truncated = body.get(f"{name}_truncated", False)
     if not isinstance(truncated, bool):
         raise InvalidMessage(f"'{name}_truncated' must be true or false")
@@ -292,6 +326,7 @@ def parse_reason(value: object) -> str | None:
     if "\x00" in value:
         # PostgreSQL's text cannot hold it: refused here rather than failing the insert.
         raise InvalidMessage("'reason' must not contain a NUL character")
+    utf8_of(value, "reason")
     return value
 
 
@@ -359,8 +394,50 @@ FINAL_RESULT_ERRORS: Mapping[str, int] = {
 #: The statuses of one item of a batch answer (``POST /api/v1/results``) that refuse it
 #: for good; ``stored`` and ``duplicate`` acknowledge it.
 FINAL_BATCH_STATUSES = frozenset({"conflict", "unknown_task", "misaligned", "deleted", "forbidden"})
+#: The error codes with which the server refuses one result for now, not for good: it is
+#: dated ahead of the server's clock (:func:`too_early`), and the same result sent again
+#: once the clock has reached it is taken. The agent keeps it and sends it again.
+RETRY_LATER_RESULT_ERRORS: Mapping[str, int] = {"too_early": 409}
+#: The statuses of one item of a batch answer that refuse it for now, as above.
+RETRY_LATER_BATCH_STATUSES = frozenset({"too_early"})
 #: The statuses of one item of a batch answer that acknowledge it.
 ACKNOWLEDGED_STATUSES = frozenset({"stored", "duplicate"})
+
+
+def too_early(
+    result: RunResult,
+    now: datetime,
+    time_limit: timedelta,
+    allowance: timedelta = CLOCK_ALLOWANCE,
+) -> str | None:
+    """Why ``result`` cannot have been produced by ``now`` (the receiver's clock), or
+    None. ``time_limit`` is its task's; ``allowance`` how far clocks may differ.
+
+    A run starts at its instant or later and is reported once it has ended, so an honest
+    result is dated ahead of the server's clock only by as much as the two hosts' clocks
+    differ (``allowance``), or, for its ``scheduled_at``, by its agent's *lead*:
+    an agent whose wall clock stepped back labels its runs ahead of that clock. The task's
+    time limit is allowed for the lead. One bound for all of a result's instants:
+    ``started_at`` and ``finished_at`` are readings of the agent's wall clock, within it.
+
+    This is no verdict on the result (an honest agent with a larger lead sends such
+    results): the same result is taken once the clock has reached it, so the agent keeps
+    it (:data:`RETRY_LATER_RESULT_ERRORS`). A forged one is never stored early.
+    """
+    latest = now + time_limit + allowance
+    for name, value in (
+        ("scheduled_at", result.scheduled_at),
+        ("started_at", result.started_at),
+        ("finished_at", result.finished_at),
+    ):
+        if value is not None and value > latest:
+            return (
+                f"'{name}' is {(value - now).total_seconds():.0f} s ahead of this server's "
+                f"clock: more than the task's time limit ({time_limit.total_seconds():.0f} s) "
+                f"and {allowance.total_seconds():.0f} s of clock difference allow"
+            )
+    return None
+
 
 #: Most results accepted in one batch.
 MAX_BATCH = 1000

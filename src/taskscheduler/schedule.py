@@ -26,6 +26,17 @@ MAX_INTERVAL_SECONDS = 366 * 24 * 3600
 
 _USEC = timedelta(microseconds=1)
 
+#: The instants accepted (:func:`parse_instant`): from the Unix epoch to the year 9000,
+#: far enough from both ends of what Python and PostgreSQL can hold that adding an
+#: interval, a time limit or a grace to one, or reading one back in any time zone,
+#: cannot overflow.
+EARLIEST_INSTANT = datetime(1970, 1, 1, tzinfo=UTC)
+LATEST_INSTANT = datetime(9000, 1, 1, tzinfo=UTC)
+
+
+class InstantOutOfRange(ValueError):
+    """A well-formed timestamp outside ``EARLIEST_INSTANT`` .. ``LATEST_INSTANT``."""
+
 
 class InvalidFrequency(ValueError):
     """The text is not ``every <integer> (seconds|minutes|hours)``; the message says why."""
@@ -117,11 +128,23 @@ def parse_instant(text: object) -> datetime:
     """Parse an RFC 3339 timestamp with an explicit offset; return it in UTC.
 
     Raises ValueError for anything else (including naive timestamps, which would be
-    ambiguous between hosts in different time zones).
+    ambiguous between hosts in different time zones, and instants outside
+    ``EARLIEST_INSTANT`` .. ``LATEST_INSTANT``).
     """
     if not isinstance(text, str) or len(text) > 64:
         raise ValueError("timestamp must be an RFC 3339 string")
     value = datetime.fromisoformat(text.replace("z", "Z"))
     if value.tzinfo is None:
         raise ValueError(f"timestamp {text!r} has no time zone offset")
-    return value.astimezone(UTC)
+    utc: datetime | None
+    try:
+        # 9999-12-31T23:59:59-23:59 is a valid datetime whose UTC is not.
+        utc = value.astimezone(UTC)
+    except OverflowError:
+        utc = None
+    if utc is None or not EARLIEST_INSTANT <= utc < LATEST_INSTANT:
+        raise InstantOutOfRange(
+            f"timestamp {text!r} is out of range: instants from {EARLIEST_INSTANT:%Y-%m-%d} "
+            f"to {LATEST_INSTANT:%Y-%m-%d} (UTC) are accepted"
+        )
+    return utc

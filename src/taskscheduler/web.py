@@ -138,6 +138,12 @@ def read_json(request: IRequest) -> Any:
         ) from None
     except json.JSONDecodeError as e:
         raise bad_request(f"the request body is not valid JSON: {e}", "invalid_json") from None
+    except ValueError:
+        # Python refuses to convert an integer of over 4300 digits (a ValueError that is
+        # no JSONDecodeError): no field needs one.
+        raise bad_request(
+            "the request body holds a number with too many digits", "invalid_json"
+        ) from None
     except RecursionError:
         raise bad_request("the request body is nested too deeply", "invalid_json") from None
 

@@ -79,6 +79,7 @@ def start_fleet(
     agent_env: dict[str, str] | None = None,
     attempts: int = 3,
     steppable: Callable[[Daemon], Daemon] | None = None,
+    server_env: dict[str, str] | None = None,
 ) -> Fleet:
     """A started fleet whose daemons really listen on their ports.
 
@@ -90,6 +91,7 @@ def start_fleet(
         fleet = Fleet(root / f"fleet-{attempt}", agents, database)
         for agent in fleet.agents:
             agent.env.update(agent_env or {})
+        fleet.server.env.update(server_env or {})
         if steppable is not None:
             fleet.agents[0] = steppable(fleet.agents[0])
         ports = [fleet.server_port, *fleet.agent_ports]

@@ -83,7 +83,16 @@ class SteppableDaemon(Daemon):
 def test_wall_clock_steps_of_an_hour_cause_neither_burst_nor_stall(
     tmp_path: Path, database_dsn: str
 ) -> None:
-    fleet = start_fleet(tmp_path, 1, database_dsn, steppable=SteppableDaemon)
+    # The agent's clock ends an hour fast, and its results an hour ahead of the server's
+    # clock: the server must be told that clocks may differ by that much (by default it
+    # would take them only once its own clock got there).
+    fleet = start_fleet(
+        tmp_path,
+        1,
+        database_dsn,
+        steppable=SteppableDaemon,
+        server_env={"TASKSCHEDULER_CLOCK_ALLOWANCE": str(2 * HOUR)},
+    )
     agent = fleet.agents[0]
     assert isinstance(agent, SteppableDaemon)
     try:

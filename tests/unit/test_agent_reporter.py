@@ -432,7 +432,9 @@ class RealServer:
 
     def __init__(self, tmp_path: Path, server_url: str = SERVER) -> None:
         self.clock = Clock()
-        self.clock.advance(ANCHOR_SECONDS)
+        # An hour after the anchor: the results (instants of the first hour) ran before
+        # they are reported, as the server checks.
+        self.clock.advance(ANCHOR_SECONDS + 3600)
         self.store = MemoryStore()
         self.front = Front(
             ServerAPI(
@@ -707,3 +709,29 @@ def test_shrink_to_fit_gives_up_only_when_nothing_but_the_output_could_go() -> N
     assert shrink_to_fit(item, 100) is None
     body = shrink_to_fit(item, 400)
     assert body is not None and len(body) <= 400
+
+
+@pytest_twisted.ensureDeferred
+async def test_results_ahead_of_the_servers_clock_are_kept_quietly_and_taken_when_due(
+    real: RealServer,
+) -> None:
+    """Labelled 300 s ahead (the agent's clock stepped back by that much, or is that far
+    ahead of the server's): the server refuses them for now (the task's limit is 10 s,
+    clocks may differ by 60 s); the agent keeps them, without calling the server foreign,
+    and they are stored once the server's clock has come near enough."""
+    now = 360  # instants since the anchor: the server's clock is at ANCHOR + 3600 s
+    with capturedLogs() as events:
+        real.add(result(TASK, now + 30, AGENT_ID))
+        real.reporter.start()
+        real.settle()
+        assert len(real.spool) == 1 and real.reporter.rejected == 0  # 409 too_early
+        real.add(result(TASK, now + 31, AGENT_ID), result(TASK, 1, AGENT_ID))
+        real.settle(60)  # a batch: [too_early, too_early, stored]
+        assert len(real.spool) == 2 and real.reporter.rejected == 0
+        assert list(await real.stored()) == [ANCHOR + timedelta(seconds=10)]
+        real.settle(300 - 60 - 70 + 1)  # the first is due: limit 10 s, allowance 60 s
+        real.settle(60)
+    assert len(real.spool) == 0 and real.reporter.rejected == 0
+    assert len(await real.stored()) == 3
+    assert loud(events) == []
+    assert not [e for e in events if "refused and dropped" in formatEvent(e)]

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import base64
+import dataclasses
 import json
 import uuid
 from datetime import UTC, datetime, timedelta
@@ -13,8 +14,11 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from taskscheduler.protocol import (
+    CLOCK_ALLOWANCE,
+    MAX_ARG_STRLEN,
     MAX_BATCH,
-    MAX_COMMAND_LENGTH,
+    MAX_COMMAND_BYTES,
+    MAX_OUTPUT_SIZE,
     MAX_REASON_LENGTH,
     MAX_TIME_LIMIT_SECONDS,
     InvalidMessage,
@@ -30,8 +34,10 @@ from taskscheduler.protocol import (
     parse_task_spec,
     result_to_json,
     task_spec_to_json,
+    too_early,
 )
 from taskscheduler.schedule import MAX_INTERVAL_SECONDS, Frequency, format_instant
+from tests.unit.hostile import hostile_values
 
 RECEIVED = datetime(2026, 11, 27, 7, 30, tzinfo=UTC)
 TASK = uuid.UUID("bbbbbbbb-0000-4000-8000-000000000002")
@@ -91,7 +97,14 @@ def results(draw: st.DrawFn) -> RunResult:
         finished_at=draw(st.none() | moments),
         stdout=draw(outputs()),
         stderr=draw(outputs()),
-        reason=draw(st.none() | st.text(st.characters(exclude_characters="\x00"), max_size=500)),
+        # Any text PostgreSQL can hold: no NUL, no lone surrogate (both refused).
+        reason=draw(
+            st.none()
+            | st.text(
+                st.characters(exclude_characters="\x00", exclude_categories=("Cs",)),
+                max_size=500,
+            )
+        ),
     )
 
 
@@ -228,8 +241,12 @@ GOOD_SPEC = {
         ({"command": ""}, "'command' must be a non-empty string"),
         ({"command": "   "}, "'command' must be a non-empty string"),
         ({"command": ["echo"]}, "'command' must be a non-empty string"),
-        ({"command": "x" * (MAX_COMMAND_LENGTH + 1)}, "longer than"),
+        ({"command": "x" * (MAX_COMMAND_BYTES + 1)}, "longer than"),
+        # 32 Ki characters, 128 KiB: more than one argument of execve can hold.
+        ({"command": "\U0001f600" * (MAX_ARG_STRLEN // 4)}, f"{MAX_COMMAND_BYTES} bytes"),
         ({"command": "echo \x00"}, "NUL"),
+        ({"command": "echo \ud800"}, "lone surrogate"),
+        ({"command": "echo \udfff\ud800"}, "lone surrogate"),
         ({"frequency": None}, "'frequency' is required"),
         ({"frequency": "every 0 seconds"}, "at least"),
         ({"frequency": "every 2 days"}, "not of the form"),
@@ -240,6 +257,10 @@ GOOD_SPEC = {
         ({"anchor": "soon"}, "'anchor' must be an RFC 3339"),
         ({"anchor": 1795000000}, "'anchor' must be an RFC 3339"),
         ({"anchor": "2026-11-27T07:30:00Z" + " " * 100}, "'anchor' must be an RFC 3339"),
+        ({"anchor": "9999-12-31T23:59:59-23:59"}, "'anchor': timestamp"),
+        ({"anchor": "0001-01-01T00:00:00+23:59"}, "out of range"),
+        ({"anchor": "9500-01-01T00:00:00Z"}, "out of range"),
+        ({"time_limit_seconds": 10**5000}, "'time_limit_seconds' must be an integer"),
         ({"time_limit_seconds": 0}, "'time_limit_seconds' must be an integer"),
         ({"time_limit_seconds": MAX_TIME_LIMIT_SECONDS + 1}, "'time_limit_seconds'"),
         ({"time_limit_seconds": 1.5}, "'time_limit_seconds'"),
@@ -299,6 +320,13 @@ GOOD_RESULT = result_to_json(
         ({"signal": 0}, "'signal' must be an integer from 1 to 128"),
         ({"signal": 129}, "'signal' must be an integer from 1 to 128"),
         ({"started_at": "then"}, "'started_at' must be an RFC 3339"),
+        ({"scheduled_at": "9999-12-31T23:59:59-23:59"}, "'scheduled_at': timestamp"),
+        ({"started_at": "0001-01-01T00:00:00+23:59"}, "'started_at': timestamp"),
+        ({"finished_at": "9999-12-31T23:59:59Z"}, "'finished_at': timestamp"),
+        ({"stdout_bytes": 2**62}, f"'stdout_bytes' must be an integer from 3 to {2**53 - 1}"),
+        ({"stdout_bytes": 10**5000}, "'stdout_bytes'"),
+        ({"exit_code": -(10**5000)}, "'exit_code'"),
+        ({"reason": "why \ud800"}, "'reason' is not valid Unicode text"),
         ({"finished_at": 5}, "'finished_at' must be an RFC 3339"),
         ({"stdout": 5}, "'stdout' must be a string"),
         ({"stdout_base64": 5}, "'stdout_base64' must be a base64 string"),
@@ -362,3 +390,112 @@ def test_between_daemons_lossy_output_travels_once_as_exact_bytes() -> None:
     assert "stdout" not in body and len(body["stdout_base64"]) < 1400
     assert body["stderr"] == "plain\n" and "stderr_base64" not in body
     assert parse_result(through_json(body)) == run
+
+
+def test_a_command_is_bounded_in_utf8_bytes_not_characters() -> None:
+    body = {**GOOD_SPEC, "command": "é" * (MAX_COMMAND_BYTES // 2)}
+    assert parse_task_spec(body, RECEIVED).command == body["command"]
+    with pytest.raises(InvalidMessage, match="bytes in UTF-8"):
+        parse_task_spec({**body, "command": body["command"] + "é"}, RECEIVED)
+    assert MAX_COMMAND_BYTES < MAX_ARG_STRLEN  # the NUL that ends the argument fits
+
+
+def test_a_declared_size_is_bounded_by_what_a_run_can_write() -> None:
+    assert parse_output({"stdout": "abc", "stdout_bytes": MAX_OUTPUT_SIZE}, "stdout").size == (
+        MAX_OUTPUT_SIZE
+    )
+    # a week (the longest time limit) at 10 GB/s
+    assert MAX_OUTPUT_SIZE > MAX_TIME_LIMIT_SECONDS * 10**10
+
+
+# -- results dated ahead of the receiver's clock --------------------------------------
+
+LIMIT = timedelta(seconds=30)
+
+
+def dated(
+    scheduled_at: datetime, started: float | None = 0, finished: float | None = 1
+) -> RunResult:
+    return RunResult(
+        TASK,
+        AGENT,
+        scheduled_at,
+        ResultStatus.SUCCEEDED,
+        exit_code=0,
+        started_at=None if started is None else scheduled_at + timedelta(seconds=started),
+        finished_at=None if finished is None else scheduled_at + timedelta(seconds=finished),
+    )
+
+
+def test_results_up_to_now_and_within_the_allowances_are_not_too_early() -> None:
+    now = RECEIVED
+    assert too_early(dated(now - timedelta(hours=1)), now, LIMIT) is None
+    assert too_early(dated(now, 0, 59), now, LIMIT) is None  # clocks differ a little
+    # An agent whose clock stepped back labels its runs ahead of it, by up to a limit.
+    ahead = now + LIMIT + CLOCK_ALLOWANCE
+    assert too_early(dated(ahead, 0, 0), now, LIMIT) is None
+    stepped_back = dataclasses.replace(
+        dated(ahead), started_at=now - timedelta(seconds=1), finished_at=now
+    )
+    assert too_early(stepped_back, now, LIMIT) is None
+
+
+def test_results_dated_past_the_allowances_are_too_early_saying_why() -> None:
+    now = RECEIVED
+    late = now + LIMIT + CLOCK_ALLOWANCE + timedelta(microseconds=1)
+    why = too_early(dated(late, None, None), now, LIMIT)
+    assert why is not None and why.startswith("'scheduled_at' is 90 s ahead")
+    assert "time limit (30 s) and 60 s of clock difference" in why
+    # 2028, as the penetration test stored
+    assert too_early(dated(datetime(2028, 1, 1, tzinfo=UTC)), now, LIMIT) is not None
+    # Every instant of the result is bounded alike.
+    why = too_early(dated(now, 0, 91), now, LIMIT)
+    assert why is not None and why.startswith("'finished_at' is 91 s ahead")
+    why = too_early(dated(now - timedelta(seconds=10), 101, None), now, LIMIT)
+    assert why is not None and why.startswith("'started_at' is 91 s ahead")
+
+
+# -- hostile values: refused with InvalidMessage, never another exception ----------------
+
+
+@given(
+    st.dictionaries(
+        st.sampled_from([*sorted(GOOD_SPEC), "extra"]), hostile_values, min_size=1, max_size=3
+    )
+)
+def test_hostile_task_specs_are_refused_only_with_invalid_message(change: dict[str, Any]) -> None:
+    try:
+        spec = parse_task_spec({**GOOD_SPEC, **change}, RECEIVED)
+    except InvalidMessage:
+        return
+    spec.command.encode("utf-8")  # what was accepted can be stored and run
+    assert len(spec.command.encode("utf-8")) <= MAX_COMMAND_BYTES
+    assert datetime(1970, 1, 1, tzinfo=UTC) <= spec.anchor < datetime(9000, 1, 1, tzinfo=UTC)
+
+
+RESULT_FIELDS = [
+    *sorted(GOOD_RESULT),
+    "stdout_base64",
+    "stdout_bytes",
+    "stdout_truncated",
+    "stderr",
+    "stderr_bytes",
+    "reason",
+    "signal",
+]
+
+
+@given(st.dictionaries(st.sampled_from(RESULT_FIELDS), hostile_values, min_size=1, max_size=3))
+def test_hostile_results_are_refused_only_with_invalid_message(change: dict[str, Any]) -> None:
+    try:
+        result = parse_result({**GOOD_RESULT, **change})
+    except InvalidMessage:
+        return
+    if result.reason is not None:
+        result.reason.encode("utf-8")
+    for stream in (result.stdout, result.stderr):
+        assert len(stream.data) <= stream.size <= MAX_OUTPUT_SIZE
+        assert stream.truncated or stream.size == len(stream.data)
+    low, high = datetime(1970, 1, 1, tzinfo=UTC), datetime(9000, 1, 1, tzinfo=UTC)
+    for moment in (result.scheduled_at, result.started_at, result.finished_at):
+        assert moment is None or low <= moment < high

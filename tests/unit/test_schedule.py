@@ -9,8 +9,11 @@ from hypothesis import assume, given
 from hypothesis import strategies as st
 
 from taskscheduler.schedule import (
+    EARLIEST_INSTANT,
+    LATEST_INSTANT,
     MAX_INTERVAL_SECONDS,
     Frequency,
+    InstantOutOfRange,
     InvalidFrequency,
     execution_index,
     format_instant,
@@ -249,3 +252,47 @@ def test_timestamps_without_a_zone_or_garbage_are_rejected(text: object) -> None
 
 def test_offsets_are_converted_to_utc() -> None:
     assert parse_instant("2026-11-27T09:30:00+02:00") == datetime(2026, 11, 27, 7, 30, tzinfo=UTC)
+
+
+@pytest.mark.parametrize(
+    "text",
+    [
+        "9999-12-31T23:59:59-23:59",  # a valid datetime whose UTC is past datetime.max
+        "0001-01-01T00:00:00+23:59",  # ... and before datetime.min
+        "9999-12-31T23:59:59.999999Z",
+        "0001-01-01T00:00:00Z",
+        "1969-12-31T23:59:59.999999Z",
+        "9000-01-01T00:00:00Z",
+        "8999-12-31T23:00:00-01:00",
+    ],
+)
+def test_instants_out_of_range_are_refused_with_a_value_error(text: str) -> None:
+    with pytest.raises(InstantOutOfRange, match="out of range"):
+        parse_instant(text)
+
+
+def test_the_ends_of_the_range_are_accepted() -> None:
+    assert parse_instant("1970-01-01T00:00:00Z") == EARLIEST_INSTANT
+    assert parse_instant("1970-01-01T00:00:00-00:01") == EARLIEST_INSTANT + timedelta(minutes=1)
+    last = LATEST_INSTANT - timedelta(microseconds=1)
+    assert parse_instant(format_instant(last)) == last
+    # Room to compute with: the latest instant plus a year's interval, a week's time
+    # limit and a grace does not overflow.
+    assert last + timedelta(days=366 + 7, seconds=3600) < datetime.max.replace(tzinfo=UTC)
+
+
+offsets = st.integers(-(24 * 60 - 1), 24 * 60 - 1).map(lambda m: timezone(timedelta(minutes=m)))
+
+
+@given(st.datetimes(timezones=offsets))
+def test_any_timestamp_with_any_offset_parses_or_is_out_of_range(moment: datetime) -> None:
+    """From year 1 to 9999 with offsets up to 23:59 either way: never OverflowError."""
+    try:
+        utc: datetime | None = moment.astimezone(UTC)
+    except OverflowError:
+        utc = None
+    if utc is not None and EARLIEST_INSTANT <= utc < LATEST_INSTANT:
+        assert parse_instant(moment.isoformat()) == moment
+    else:
+        with pytest.raises(InstantOutOfRange):
+            parse_instant(moment.isoformat())

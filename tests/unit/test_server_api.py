@@ -7,22 +7,36 @@ import json
 import uuid
 from datetime import timedelta
 from typing import Any
+from urllib.parse import quote
 
 import pytest
 import pytest_twisted
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 from treq.testing import StubTreq
+from twisted.internet.defer import Deferred
 from twisted.internet.task import Clock
 from twisted.internet.testing import StringTransport
 
+from taskscheduler import protocol
+from taskscheduler.agent.tap import DEFAULT_OUTPUT_CAP
 from taskscheduler.auth import AGENT_PREFIX, OPERATOR_PREFIX, TokenFile, hash_token, new_token
 from taskscheduler.protocol import Output, ResultStatus, RunResult, result_to_json
 from taskscheduler.schedule import format_instant, instant, parse_instant, utc_now_from
 from taskscheduler.server.access import ServerAccess
-from taskscheduler.server.api import ServerAPI
+from taskscheduler.server.api import DEFAULT_MAX_OUTPUT_BYTES, ServerAPI
 from taskscheduler.server.memstore import MemoryStore
 from taskscheduler.server.retention import HistoryPruner
 from taskscheduler.server.store import AuditEvent, StoreUnavailable
 from taskscheduler.web import make_site
+from tests.unit.agent_fakes import fired
+from tests.unit.hostile import (
+    digits,
+    extreme_instants,
+    has_surrogate,
+    hostile_text,
+    raw_json_values,
+)
 from tests.unit.route_sweep import METHODS, fixed_routes
 
 AGENTS = ["http://agent-a:8081", "http://agent-b:8081"]
@@ -46,7 +60,7 @@ async def enrol_test_agents(store: MemoryStore) -> None:
 
 
 class Harness:
-    def __init__(self, store: MemoryStore | None = None) -> None:
+    def __init__(self, store: MemoryStore | None = None, **options: Any) -> None:
         self.clock = Clock()
         self.clock.advance(START)
         self.store = MemoryStore() if store is None else store
@@ -60,6 +74,7 @@ class Harness:
             on_task_created=self.created.append,
             report_grace=timedelta(seconds=30),
             on_task_deleted=self.deleted.append,
+            **options,
         )
         self.http = StubTreq(self.api.resource())
 
@@ -126,13 +141,16 @@ class Harness:
         )
 
 
-@pytest_twisted.async_fixture
-async def harness() -> Harness:
-    h = Harness()
+async def started(h: Harness) -> Harness:
     await h.store.start()
     await h.store.set_fleet(AGENTS)
     await enrol_test_agents(h.store)
     return h
+
+
+@pytest_twisted.async_fixture
+async def harness() -> Harness:
+    return await started(Harness())
 
 
 @pytest_twisted.ensureDeferred
@@ -479,6 +497,7 @@ def test_a_chunked_body_over_the_limit_is_refused_too() -> None:
 @pytest_twisted.ensureDeferred
 async def test_history_lists_executions_newest_first_and_pages(harness: Harness) -> None:
     task_id = await harness.create()
+    harness.clock.advance(1)  # reported once they ran: ahead by no more than a limit + 60 s
     for k in (1, 2, 3):
         await harness.report(harness.result(task_id, AGENT_A, k, b"a%d" % k))
     await harness.report(harness.result(task_id, AGENT_B, 1, b"b1"))
@@ -504,6 +523,7 @@ async def test_history_lists_executions_newest_first_and_pages(harness: Harness)
 @pytest_twisted.ensureDeferred
 async def test_pruned_history_leaves_the_history_and_latest_output(harness: Harness) -> None:
     task_id = await harness.create()
+    harness.clock.advance(1)  # reported once they ran: ahead by no more than a limit + 60 s
     for k in (1, 2, 3):
         for agent in (AGENT_A, AGENT_B):
             await harness.report(harness.result(task_id, agent, k, b"run %d" % k))
@@ -606,3 +626,306 @@ async def test_results_of_a_deleted_task_are_taken_up_to_the_deletion_only(
     assert [r["status"] for r in body["results"]] == ["stored", "deleted"]
     code, history = await harness.request("GET", f"/api/v1/tasks/{task_id}/executions")
     assert [len(e["outputs"]) for e in history["executions"]] == [2, 2]
+
+
+# -- hostile input: 400s that say what is wrong, never a 500 ------------------------------
+
+
+@pytest_twisted.ensureDeferred
+async def test_malformed_values_are_400s_that_say_what_is_wrong(harness: Harness) -> None:
+    task_id = await harness.create()
+    create = "/api/v1/tasks/create"
+    ok = '"command": "ls", "frequency": "every 5 seconds"'
+    for raw, words in [
+        (b'{"command": "echo \\ud800", "frequency": "every 5 seconds"}', "lone surrogate"),
+        (b"{" + ok.encode() + b', "time_limit_seconds": ' + b"9" * 5000 + b"}", "too many digits"),
+        (
+            json.dumps(
+                {"command": "\U0001f600" * 32 * 1024, "frequency": "every 5 seconds"}
+            ).encode(),
+            "bytes in UTF-8",
+        ),
+    ]:
+        code, error = await harness.request("POST", create, raw=raw)
+        assert code == 400, (raw[:80], error)
+        assert words in error["error"]["message"], error
+    assert len(harness.created) == 1  # only the task made above
+    executions = f"/api/v1/tasks/{task_id}/executions"
+    for query, words in [
+        ("before=9999-12-31T23:59:59-23:59", "out of range"),
+        ("before=0001-01-01T00:00:00%2B23:59", "out of range"),
+        ("limit=" + "9" * 5000, "query parameter 'limit' must be an integer"),
+    ]:
+        code, error = await harness.request("GET", f"{executions}?{query}")
+        assert code == 400, (query, error)
+        assert words in error["error"]["message"], error
+    good = result_to_json(harness.result(task_id, AGENT_A, 1))
+    for change, words in [
+        ({"scheduled_at": "9999-12-31T23:59:59-23:59"}, "'scheduled_at': timestamp"),
+        ({"started_at": "0001-01-01T00:00:00+23:59"}, "'started_at': timestamp"),
+        ({"finished_at": "9999-12-31T23:59:59Z"}, "out of range"),
+        ({"reason": "\ud800"}, "'reason' is not valid Unicode text"),
+        ({"stdout": "x", "stdout_bytes": 2**62}, "'stdout_bytes' must be an integer from 1"),
+    ]:
+        code, error = await harness.request(
+            "POST", f"/api/v1/tasks/{task_id}/complete", {**good, **change}
+        )
+        assert (code, error["error"]["code"]) == (400, "invalid_request"), (change, error)
+        assert words in error["error"]["message"], error
+        code, error = await harness.request(
+            "POST", "/api/v1/results", {"results": [{**good, **change}]}
+        )
+        assert code == 400 and "results[0]: " in error["error"]["message"], error
+    assert await harness.store.list_executions(uuid.UUID(task_id), 10) == []
+
+
+def sync_harness() -> Harness:
+    """A harness for hypothesis, which cannot drive coroutines: the memory store and
+    StubTreq answer at once."""
+    h = Harness()
+    fired(Deferred.fromCoroutine(started(h)))
+    return h
+
+
+def answer(h: Harness, method: str, path: str, raw: bytes | None = None) -> tuple[int, Any]:
+    d = h.http.request(method, "http://server" + path, data=raw, headers=h.headers_for(path))
+    h.http.flush()
+    response = fired(d)
+    content = fired(response.content())
+    assert response.headers.getRawHeaders("Content-Type") == ["application/json"]
+    return response.code, json.loads(content)
+
+
+def raw_object(base: dict[str, Any], change: dict[str, str]) -> str:
+    fields = {name: json.dumps(value) for name, value in base.items()}
+    fields.update(change)
+    return "{" + ",".join(f"{json.dumps(name)}:{raw}" for name, raw in fields.items()) + "}"
+
+
+def surrogate_text(raw: str | None) -> bool:
+    """Whether the JSON text ``raw`` is a string holding a lone surrogate."""
+    try:
+        value = json.loads(raw or "null")
+    except ValueError:  # a number too long for Python
+        return False
+    return isinstance(value, str) and has_surrogate(value)
+
+
+def stored_text(text: str | None) -> None:
+    """What was accepted can go into PostgreSQL's text (which the memory store skips)."""
+    if text is not None:
+        text.encode("utf-8")
+
+
+TASK_FIELDS = ["command", "frequency", "time_limit_seconds", "extra"]
+RESULT_FIELDS = [
+    "task_id",
+    "server_id",
+    "scheduled_at",
+    "status",
+    "exit_code",
+    "signal",
+    "started_at",
+    "finished_at",
+    "stdout",
+    "stdout_bytes",
+    "stdout_base64",
+    "stdout_truncated",
+    "stderr_bytes",
+    "reason",
+]
+
+
+@settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(
+    route=st.sampled_from(["create", "complete", "results"]),
+    task_change=st.dictionaries(st.sampled_from(TASK_FIELDS), raw_json_values, max_size=3),
+    result_change=st.dictionaries(st.sampled_from(RESULT_FIELDS), raw_json_values, max_size=3),
+)
+def test_no_hostile_body_gets_a_500(
+    route: str, task_change: dict[str, str], result_change: dict[str, str]
+) -> None:
+    h = sync_harness()
+    base = {"command": "echo hi", "frequency": "every 30 seconds", "time_limit_seconds": 30}
+    if route == "create":
+        code, body = answer(
+            h, "POST", "/api/v1/tasks/create", raw_object(base, task_change).encode()
+        )
+        assert code in (201, 400), body
+        assert code == 400 or not surrogate_text(task_change.get("command"))
+        for task in h.created:
+            stored_text(task.spec.command)
+        return
+    code, body = answer(h, "POST", "/api/v1/tasks/create", json.dumps(base).encode())
+    task_id = body["command_id"]
+    item = raw_object(result_to_json(h.result(task_id, AGENT_A, 1, b"out\n")), result_change)
+    if route == "complete":
+        code, body = answer(h, "POST", f"/api/v1/tasks/{task_id}/complete", item.encode())
+    else:
+        code, body = answer(h, "POST", "/api/v1/results", f'{{"results":[{item}]}}'.encode())
+    assert 200 <= code < 500, body
+    assert code == 400 or not surrogate_text(result_change.get("reason"))
+    for execution in fired(Deferred.fromCoroutine(h.store.list_executions(uuid.UUID(task_id), 10))):
+        for result in execution.results:
+            stored_text(result.reason)
+
+
+query_text = st.one_of(
+    extreme_instants,
+    hostile_text,
+    digits.map(lambda n: "9" * n),
+    st.integers().map(str),
+)
+
+
+@settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(before=st.none() | query_text, limit=st.none() | query_text, path=st.none() | hostile_text)
+def test_no_hostile_query_or_path_gets_a_500(
+    before: str | None, limit: str | None, path: str | None
+) -> None:
+    h = sync_harness()
+    _, body = answer(
+        h, "POST", "/api/v1/tasks/create", b'{"command":"ls","frequency":"every 5 seconds"}'
+    )
+    task_id = (
+        body["command_id"]
+        if path is None
+        else quote(path.encode("utf-8", "surrogatepass"), safe="")
+    )
+    query = "&".join(
+        f"{name}={quote(value.encode('utf-8', 'surrogatepass'), safe='')}"
+        for name, value in (("before", before), ("limit", limit))
+        if value is not None
+    )
+    for suffix in ("/executions?" + query, "/latest_output", ""):
+        url = f"http://server/api/v1/tasks/{task_id}{suffix}"
+        d = h.http.get(url, headers=h.headers_for(url), allow_redirects=False)
+        h.http.flush()
+        response = fired(d)
+        content = fired(response.content())
+        assert response.code < 500, content
+        if response.headers.getRawHeaders("Content-Type") != ["application/json"]:
+            # Klein's own answers to a path that is not UTF-8 (400) or holds "//" (308)
+            assert response.code in (400, 308), content
+
+
+# -- results dated ahead of the server's clock (too early, not refused for good) ---------
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_result_from_the_future_is_refused_for_now_and_taken_once_it_is_due(
+    harness: Harness,
+) -> None:
+    task_id = await harness.create()  # every 30 s, a time limit of 30 s
+    later = harness.result(task_id, AGENT_A, 5, b"from the future\n")  # 150 s ahead
+    code, error = await harness.report(later)
+    assert (code, error["error"]["code"]) == (409, "too_early")
+    assert error["error"]["code"] not in protocol.FINAL_RESULT_ERRORS
+    assert "'scheduled_at' is 150 s ahead of this server's clock" in error["error"]["message"]
+    # The penetration test's result dated 2028 (aligned, or not: refused before either).
+    body = result_to_json(later)
+    for key in ("scheduled_at", "started_at", "finished_at"):
+        body[key] = "2028-11-18T00:00:00Z"
+    code, error = await harness.request("POST", f"/api/v1/tasks/{task_id}/complete", body)
+    assert (code, error["error"]["code"]) == (409, "too_early")
+    assert await harness.store.list_executions(uuid.UUID(task_id), 10) == []
+    # Nothing listed ahead of the real results, and the real one is no conflict.
+    assert await harness.report(harness.result(task_id, AGENT_A, 1, b"now\n")) == (
+        200,
+        {"status": "stored"},
+    )
+    _, history = await harness.request("GET", f"/api/v1/tasks/{task_id}/executions")
+    assert [o["stdout"] for e in history["executions"] for o in e["outputs"]] == ["now\n"]
+    # Once the clock has come near enough, the same result is taken.
+    harness.clock.advance(150 - 90 + 0.005)
+    assert await harness.report(later) == (200, {"status": "stored"})
+
+
+@pytest_twisted.ensureDeferred
+async def test_an_agent_labelling_ahead_after_its_clock_stepped_back_is_believed(
+    harness: Harness,
+) -> None:
+    task_id = await harness.create()
+    # Labelled by up to the time limit (30 s) and the clock allowance (60 s) ahead; its
+    # own readings of the wall clock are now.
+    ahead = dataclasses.replace(
+        harness.result(task_id, AGENT_A, 3),
+        started_at=utc_now_from(START),
+        finished_at=utc_now_from(START + 1),
+    )
+    assert await harness.report(ahead) == (200, {"status": "stored"})
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_larger_clock_allowance_takes_results_of_an_agent_an_hour_ahead() -> None:
+    harness = await started(Harness(clock_allowance=timedelta(hours=2)))
+    task_id = await harness.create()
+    hour_ahead = harness.result(task_id, AGENT_A, 120)  # its clock an hour fast
+    assert await harness.report(hour_ahead) == (200, {"status": "stored"})
+    code, error = await harness.report(harness.result(task_id, AGENT_A, 242))
+    assert (code, error["error"]["code"]) == (409, "too_early")
+    assert "and 7200 s of clock difference allow" in error["error"]["message"]
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_batch_keeps_too_early_items_for_later_and_stores_the_others(
+    harness: Harness,
+) -> None:
+    task_id = await harness.create()
+    batch = [harness.result(task_id, AGENT_A, 1), harness.result(task_id, AGENT_A, 40)]
+    code, body = await harness.request(
+        "POST", "/api/v1/results", {"results": [result_to_json(r) for r in batch]}
+    )
+    assert code == 200
+    assert [r["status"] for r in body["results"]] == ["stored", "too_early"]
+    assert "too_early" in protocol.RETRY_LATER_BATCH_STATUSES
+    assert "too_early" not in protocol.FINAL_BATCH_STATUSES
+    [execution] = await harness.store.list_executions(uuid.UUID(task_id), 10)
+    assert execution.scheduled_at == batch[0].scheduled_at
+
+
+# -- output over --max-output-bytes ---------------------------------------------------------
+
+
+@pytest_twisted.ensureDeferred
+async def test_output_over_the_servers_cap_is_stored_as_head_and_tail_flagged_truncated() -> None:
+    harness = await started(Harness(max_output_bytes=100))
+    task_id = await harness.create()
+    out = b"head" + b"\xff" * 10_000 + b"tail"
+    big = harness.result(task_id, AGENT_A, 1, out, b"short\n")
+    assert await harness.report(big) == (200, {"status": "stored"})
+    assert await harness.report(big) == (200, {"status": "duplicate"})  # trimmed alike
+    other = harness.result(task_id, AGENT_B, 1, b"x" * 1000)
+    _, body = await harness.request(
+        "POST",
+        "/api/v1/results",
+        {"results": [result_to_json(other)]},
+        headers=harness.headers_for("/api/v1/results", AGENT_B),
+    )
+    assert body == {"results": [{"status": "stored"}]}
+    [execution] = await harness.store.list_executions(uuid.UUID(task_id), 10)
+    a, b = sorted(execution.results, key=lambda r: r.agent_id)
+    assert a.stdout == Output.of(out).trimmed(100)
+    assert (len(a.stdout.data), a.stdout.size, a.stdout.truncated) == (100, 10_008, True)
+    assert a.stdout.data.startswith(b"head") and a.stdout.data.endswith(b"tail")
+    assert a.stderr == Output.of(b"short\n")
+    assert (len(b.stdout.data), b.stdout.size, b.stdout.truncated) == (100, 1000, True)
+    _, latest = await harness.request("GET", f"/api/v1/tasks/{task_id}/latest_output")
+    [shown] = [o for o in latest["outputs"] if o["agent_id"] == str(AGENT_A)]
+    assert (shown["stdout_bytes"], shown["stdout_truncated"]) == (10_008, True)
+
+
+@pytest_twisted.ensureDeferred
+async def test_the_default_cap_is_the_agents_and_a_12_mb_output_is_not_stored_whole(
+    harness: Harness,
+) -> None:
+    assert DEFAULT_MAX_OUTPUT_BYTES == DEFAULT_OUTPUT_CAP == 1024 * 1024
+    task_id = await harness.create()
+    out = bytes(range(256)) * (12 * 4096)  # 12 MiB, not UTF-8: sent as base64
+    assert await harness.report(harness.result(task_id, AGENT_A, 1, out)) == (
+        200,
+        {"status": "stored"},
+    )
+    [execution] = await harness.store.list_executions(uuid.UUID(task_id), 10)
+    [stored] = execution.results
+    assert (len(stored.stdout.data), stored.stdout.size) == (DEFAULT_MAX_OUTPUT_BYTES, len(out))

@@ -123,3 +123,34 @@ def test_a_listen_naming_a_missing_key_file_is_not_called_unparseable(tmp_path: 
     assert listen_endpoint(reactor, "tcp:8080:interface=127.0.0.1") is not None
     with pytest.raises(OSError, match=r"missing\.pem"):
         listen_endpoint(reactor, f"ssl:8443:privateKey={tmp_path}/missing.pem")
+
+
+def test_stored_output_is_capped_at_a_mebibyte_per_stream_unless_told_otherwise(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.delenv("TASKSCHEDULER_MAX_OUTPUT_BYTES", raising=False)
+    assert parse([], monkeypatch)["max-output-bytes"] == 1024 * 1024
+    assert parse(["--max-output-bytes", "4096"], monkeypatch)["max-output-bytes"] == 4096
+    options = parse(["--max-output-bytes", "7"], monkeypatch, TASKSCHEDULER_MAX_OUTPUT_BYTES="9")
+    assert options["max-output-bytes"] == 7  # the command line wins
+    assert parse([], monkeypatch, TASKSCHEDULER_MAX_OUTPUT_BYTES="9")["max-output-bytes"] == 9
+    for bad in ["0", "-1", "1.5", "1e6", "lots", "9" * 5000]:
+        with pytest.raises(usage.UsageError, match="--max-output-bytes must be a whole number"):
+            parse(["--max-output-bytes", bad], monkeypatch)
+    text = str(Options())
+    assert "--max-output-bytes" in text and "TASKSCHEDULER_MAX_OUTPUT_BYTES" in text
+
+
+def test_clocks_may_differ_by_a_minute_unless_told_otherwise(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.delenv("TASKSCHEDULER_CLOCK_ALLOWANCE", raising=False)
+    assert parse([], monkeypatch)["clock-allowance"] == 60
+    assert parse(["--clock-allowance", "7200"], monkeypatch)["clock-allowance"] == 7200
+    env = {"TASKSCHEDULER_CLOCK_ALLOWANCE": "5"}
+    assert parse([], monkeypatch, **env)["clock-allowance"] == 5
+    for bad in ["0", "-1", "soon"]:
+        with pytest.raises(usage.UsageError, match="--clock-allowance"):
+            parse(["--clock-allowance", bad], monkeypatch)
+    text = str(Options())
+    assert "--clock-allowance" in text and "TASKSCHEDULER_CLOCK_ALLOWANCE" in text

@@ -447,3 +447,12 @@ async def test_a_join_secret_cannot_take_over_a_revoked_agents_url_until_an_oper
         "POST", f"/api/v1/tasks/{task_id}/complete", result, token=enrolled["credential"]
     )
     assert code == 200
+
+
+@pytest_twisted.ensureDeferred
+async def test_an_enrolment_url_that_is_not_unicode_text_is_a_400(server: Server) -> None:
+    body = {"agent_id": str(uuid.uuid4()), "url": "http://agent-\ud800:8081"}
+    code, answer, _ = await server.call("POST", "/api/v1/agents/enrol", body, token=JOIN)
+    assert (code, answer["error"]["code"]) == (400, "invalid_request")
+    assert "'url' is not valid Unicode text" in answer["error"]["message"]
+    assert server.enrolled == []

@@ -17,6 +17,9 @@ reporter at once.
   result is sent again with its output trimmed to fit (head and tail kept, flagged
   truncated, the original sizes kept), and every later result over that limit is
   trimmed before it is sent. A result is never dropped for its size;
+- dated ahead of the server's clock (``409 too_early``, or ``"too_early"`` for an item of
+  a batch: :data:`~taskscheduler.protocol.RETRY_LATER_RESULT_ERRORS`): kept, and sent
+  again with back-off until the server's clock has reached it;
 - 401 (the credential is unknown or was revoked) is like a server down: the results stay
   spooled and are sent again with back-off, so nothing is lost while an operator sorts
   the agent's enrolment out;
@@ -50,6 +53,8 @@ from taskscheduler.protocol import (
     FINAL_BATCH_STATUSES,
     FINAL_RESULT_ERRORS,
     MAX_BATCH,
+    RETRY_LATER_BATCH_STATUSES,
+    RETRY_LATER_RESULT_ERRORS,
     InvalidMessage,
     RunResult,
 )
@@ -384,19 +389,23 @@ class Reporter:
             raise _RetryLater(
                 f"the server answered {code} {_what(answer)}", foreign=_foreign(code, answer)
             )
-        unexpected = 0
+        unexpected = later = 0
         for entry, item in zip(readable, items, strict=True):
             status = item.get("status") if isinstance(item, dict) else None
             if status in ACKNOWLEDGED_STATUSES:
                 self._acknowledge(entry)
             elif status in FINAL_BATCH_STATUSES:
                 self._refuse(entry, str(status))
+            elif status in RETRY_LATER_BATCH_STATUSES:
+                later += 1
             else:
                 unexpected += 1
         if unexpected:
             raise _RetryLater(
                 f"the server gave {unexpected} answers the agent does not know", foreign=True
             )
+        if later:
+            raise _RetryLater(f"the server will take {later} results later (they are too early)")
 
     def _acknowledge(self, entry: SpoolEntry) -> None:
         self._spool.remove(entry)
@@ -481,6 +490,8 @@ _RETRYABLE = frozenset(
         (401, "unauthorized"),
         (403, "forbidden"),  # a credential of another kind: an operator must fix it
         (413, PAYLOAD_TOO_LARGE),
+        # dated ahead of the server's clock: taken once it has reached them
+        *((status, code) for code, status in RETRY_LATER_RESULT_ERRORS.items()),
     }
 )
 

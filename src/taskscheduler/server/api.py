@@ -10,6 +10,7 @@ Access is decided before a route runs, by :class:`taskscheduler.web.AuthGate` wi
 
 from __future__ import annotations
 
+import dataclasses
 import uuid
 from collections.abc import Callable
 from datetime import datetime, timedelta
@@ -25,7 +26,12 @@ from twisted.web.iweb import IRequest
 from taskscheduler import protocol
 from taskscheduler.auth import AGENT_PREFIX, hash_token, new_token
 from taskscheduler.protocol import InvalidMessage, RunResult, TaskSpec
-from taskscheduler.schedule import format_instant, parse_instant, utc_now_from
+from taskscheduler.schedule import (
+    InstantOutOfRange,
+    format_instant,
+    parse_instant,
+    utc_now_from,
+)
 from taskscheduler.server.access import Principal, ServerAccess, principal_of
 from taskscheduler.server.ratelimit import RateLimiter, retry_after
 from taskscheduler.server.store import (
@@ -54,6 +60,9 @@ from taskscheduler.web import (
 #: How long after an execution's time limit the server waits for missing agents
 #: before calling the execution complete without them.
 DEFAULT_REPORT_GRACE = timedelta(seconds=30)
+#: Most bytes of each stream of a result stored (``--max-output-bytes``): the agents'
+#: default ``--output-cap``. Past it the head and tail are kept, flagged truncated.
+DEFAULT_MAX_OUTPUT_BYTES = 1024 * 1024
 
 
 class ServerAPI:
@@ -91,6 +100,8 @@ class ServerAPI:
         on_agent_enrolled: Callable[[AgentRecord], None] = lambda agent: None,
         on_task_deleted: Callable[[Task], None] = lambda task: None,
         create_limiter: RateLimiter | None = None,
+        max_output_bytes: int = DEFAULT_MAX_OUTPUT_BYTES,
+        clock_allowance: timedelta = protocol.CLOCK_ALLOWANCE,
     ) -> None:
         self._store = store
         self._clock = clock
@@ -100,6 +111,8 @@ class ServerAPI:
         self._server_public_key = server_public_key
         self._on_agent_enrolled = on_agent_enrolled
         self._on_task_deleted = on_task_deleted
+        self._max_output_bytes = max_output_bytes
+        self._clock_allowance = clock_allowance
         self._assignments: set[tuple[str, uuid.UUID]] = set()
         # Per operator token: one client's burst must not hold back everyone's tasks.
         self._create_limiter = create_limiter or RateLimiter(clock)
@@ -254,13 +267,17 @@ class ServerAPI:
     async def complete(self, request: IRequest, task_id: str) -> bytes:
         parsed_id = _path_uuid(task_id)
         try:
-            result = protocol.parse_result(read_json(request), parsed_id)
+            result = self._capped(protocol.parse_result(read_json(request), parsed_id))
         except InvalidMessage as e:
             raise bad_request(str(e)) from None
         agent = self._reporting_agent(request, [result])
         if not await self._assigned(agent.url, [result.task_id]):
             self._log_not_assigned(agent, [result.task_id])
             raise forbidden("this task is not assigned to this agent", "not_assigned")
+        [early] = await self._too_early(agent, [result])
+        if early is not None:
+            status = protocol.RETRY_LATER_RESULT_ERRORS["too_early"]
+            raise ApiError(status, "too_early", f"{early}; send it again later")
         [outcome] = await self._store.record_results([result], self._now())
         self._log_outcome(result, outcome)
         if outcome is RecordOutcome.CONFLICT:
@@ -287,19 +304,25 @@ class ServerAPI:
     @app.route("/api/v1/results", methods=["POST"])
     async def complete_batch(self, request: IRequest) -> bytes:
         try:
-            results = protocol.parse_result_batch(read_json(request))
+            results = [self._capped(r) for r in protocol.parse_result_batch(read_json(request))]
         except InvalidMessage as e:
             raise bad_request(str(e)) from None
         agent = self._reporting_agent(request, results)
         assigned = await self._assigned(agent.url, [r.task_id for r in results])
-        mine = [r for r in results if r.task_id in assigned]
-        if len(mine) < len(results):
+        # Only the agent's own tasks are looked at (and looked up).
+        checked = iter(await self._too_early(agent, [r for r in results if r.task_id in assigned]))
+        early = [next(checked) if r.task_id in assigned else None for r in results]
+        mine = [r for r, e in zip(results, early, strict=True) if r.task_id in assigned and not e]
+        if any(r.task_id not in assigned for r in results):
             self._log_not_assigned(agent, [r.task_id for r in results if r.task_id not in assigned])
         recorded = iter(await self._store.record_results(mine, self._now()) if mine else [])
         statuses = []
-        for result in results:
+        for result, too_early in zip(results, early, strict=True):
             if result.task_id not in assigned:
                 statuses.append({"status": "forbidden"})
+                continue
+            if too_early:
+                statuses.append({"status": "too_early"})
                 continue
             outcome = next(recorded)
             self._log_outcome(result, outcome)
@@ -328,6 +351,48 @@ class ServerAPI:
             self._assignments.update((url, t) for t in found)
             known |= found
         return known
+
+    def _capped(self, result: RunResult) -> RunResult:
+        """``result`` with each stream over ``--max-output-bytes`` trimmed as the agent
+        trims: head and tail kept, flagged truncated, the size it declared kept. The
+        same result sent twice is trimmed alike, so it is still a duplicate."""
+        cap = self._max_output_bytes
+        if len(result.stdout.data) <= cap and len(result.stderr.data) <= cap:
+            return result
+        return dataclasses.replace(
+            result, stdout=result.stdout.trimmed(cap), stderr=result.stderr.trimmed(cap)
+        )
+
+    async def _too_early(self, agent: AgentRecord, results: list[RunResult]) -> list[str | None]:
+        """For each of ``results``, why it is dated later than it can have been produced
+        (:func:`protocol.too_early`), or None. Refused for now, not for good."""
+        now = self._now()
+        early: list[str | None] = []
+        limits: dict[uuid.UUID, timedelta | None] = {}
+        for result in results:
+            # First as if the time limit were 0: an honest result passes with no look-up.
+            why = protocol.too_early(result, now, timedelta(0), self._clock_allowance)
+            if why is not None:
+                if result.task_id not in limits:
+                    task = await self._store.get_task(result.task_id)
+                    limits[result.task_id] = None if task is None else task.spec.time_limit
+                limit = limits[result.task_id]
+                # (an unknown task is the store's to answer)
+                if limit is not None:
+                    why = protocol.too_early(result, now, limit, self._clock_allowance)
+                else:
+                    why = None
+            early.append(why)
+        refused = [why for why in early if why is not None]
+        if refused:
+            self.log.warn(
+                "agent {agent_id} reported {count} result(s) dated ahead of this server's "
+                "clock (first: {why}): refused until the clock reaches them",
+                agent_id=str(agent.agent_id),
+                count=len(refused),
+                why=refused[0],
+            )
+        return early
 
     def _reporting_agent(self, request: IRequest, results: list[RunResult]) -> AgentRecord:
         """The agent whose credential the request carries; it may report only as itself."""
@@ -376,6 +441,10 @@ class ServerAPI:
             or any(c.isspace() for c in url)
         ):
             raise bad_request("'url' must be the agent's base URL, like http://host:8081")
+        try:
+            protocol.utf8_of(url, "url")
+        except InvalidMessage as e:
+            raise bad_request(str(e)) from None
         url = url.rstrip("/")
         principal = principal_of(request)
         credential = new_token(AGENT_PREFIX)
@@ -586,7 +655,13 @@ def _query_int(request: IRequest, name: str, default: int, low: int, high: int) 
     text = _query_arg(request, name)
     if text is None:
         return default
-    if not text.isascii() or not text.isdigit() or not low <= int(text) <= high:
+    # Its length first: Python refuses to convert more than 4300 digits (a ValueError).
+    if (
+        not text.isascii()
+        or not text.isdigit()
+        or len(text) > len(str(high))
+        or not low <= int(text) <= high
+    ):
         raise bad_request(f"query parameter '{name}' must be an integer from {low} to {high}")
     return int(text)
 
@@ -597,6 +672,8 @@ def _query_instant(request: IRequest, name: str) -> datetime | None:
         return None
     try:
         return parse_instant(text)
+    except InstantOutOfRange as e:
+        raise bad_request(f"query parameter '{name}': {e}") from None
     except ValueError:
         raise bad_request(
             f"query parameter '{name}' must be an RFC 3339 timestamp with a time zone"

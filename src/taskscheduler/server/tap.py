@@ -42,8 +42,9 @@ from taskscheduler.daemon import StartFailure
 from taskscheduler.embedded_pg import EmbeddedPostgres, EmbeddedPostgresError, PostgresSupervisor
 from taskscheduler.hardening import make_non_dumpable, make_private_folder, private_file_problem
 from taskscheduler.httpclient import DaemonHTTP
+from taskscheduler.protocol import CLOCK_ALLOWANCE
 from taskscheduler.server.access import ServerAccess
-from taskscheduler.server.api import DEFAULT_REPORT_GRACE, ServerAPI
+from taskscheduler.server.api import DEFAULT_MAX_OUTPUT_BYTES, DEFAULT_REPORT_GRACE, ServerAPI
 from taskscheduler.server.dispatch import Dispatcher
 from taskscheduler.server.pgstore import PostgresStore
 from taskscheduler.server.ratelimit import DEFAULT_CREATE_BURST, DEFAULT_CREATE_RATE, RateLimiter
@@ -173,6 +174,23 @@ class Options(usage.Options):
             None,
             "Largest request body accepted [TASKSCHEDULER_MAX_BODY_BYTES] "
             f"(default: {DEFAULT_MAX_BODY_BYTES}).",
+        ],
+        [
+            "max-output-bytes",
+            None,
+            None,
+            "Most bytes of each output stream of a result stored; past it the head and "
+            "tail are kept and the stream is flagged truncated [TASKSCHEDULER_MAX_OUTPUT_BYTES] "
+            f"(default: {DEFAULT_MAX_OUTPUT_BYTES}, the agents' default --output-cap).",
+        ],
+        [
+            "clock-allowance",
+            None,
+            None,
+            "Seconds by which agents' clocks may run ahead of the server's: a result dated "
+            "later than now plus its task's time limit plus this is refused until the "
+            "server's clock gets there [TASKSCHEDULER_CLOCK_ALLOWANCE] (default: "
+            f"{CLOCK_ALLOWANCE.total_seconds():g}).",
         ],
         [
             "tokens-file",
@@ -313,6 +331,16 @@ class Options(usage.Options):
                 or _env("TASKSCHEDULER_CREATE_BURST", str(DEFAULT_CREATE_BURST)),
                 "create-burst",
             )
+        )
+        self["clock-allowance"] = _positive_number(
+            self["clock-allowance"]
+            or _env("TASKSCHEDULER_CLOCK_ALLOWANCE", f"{CLOCK_ALLOWANCE.total_seconds():g}"),
+            "clock-allowance",
+        )
+        self["max-output-bytes"] = _byte_count(
+            self["max-output-bytes"]
+            or _env("TASKSCHEDULER_MAX_OUTPUT_BYTES", str(DEFAULT_MAX_OUTPUT_BYTES)),
+            "max-output-bytes",
         )
         for name, variable in [
             ("tokens-file", "TASKSCHEDULER_TOKENS_FILE"),
@@ -485,6 +513,13 @@ def host_policy_for(chosen: HostPolicy | None, has_tokens: bool) -> HostPolicy:
     return HostPolicy() if has_tokens else HostPolicy(LOOPBACK_HOSTS)
 
 
+def _byte_count(text: str | None, name: str) -> int:
+    text = (text or "").strip()
+    if not text.isascii() or not text.isdigit() or len(text) > 18 or int(text) < 1:
+        raise usage.UsageError(f"--{name} must be a whole number of bytes, 1 or more")
+    return int(text)
+
+
 def _positive_number(text: str | None, name: str) -> float:
     try:
         value = float(text or "")
@@ -633,6 +668,8 @@ class ServerService(MultiService):
             create_limiter=RateLimiter(
                 self._reactor, options["create-rate"], options["create-burst"]
             ),
+            max_output_bytes=options["max-output-bytes"],
+            clock_allowance=timedelta(seconds=options["clock-allowance"]),
         )
         dispatcher.setServiceParent(self)
         if options["retention-days"]:
