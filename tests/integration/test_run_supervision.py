@@ -18,6 +18,7 @@ from typing import Any
 import pytest
 
 from tests.integration.daemons import Fleet, running_fleet, wait_for
+from tests.integration.test_runner_processes import ESCAPES
 
 pytestmark = pytest.mark.integration
 
@@ -25,14 +26,6 @@ pytestmark = pytest.mark.integration
 SLOW = (
     'echo "start $TASKSCHEDULER_SCHEDULED_AT" >> witness; sleep 6; '
     'echo "end $TASKSCHEDULER_SCHEDULED_AT" >> witness; echo done; exit 3'
-)
-#: Three ways out of the run's process group and session, each leaving its pid.
-ESCAPES = (
-    "setsid sleep 301 & echo $! >> escaped; "
-    "setsid -f sh -c 'echo $$ >> escaped; exec sleep 302'; "
-    "python3 -c 'import os, time; os.setpgid(0, 0); print(os.getpid(), flush=True); "
-    "time.sleep(303)' >> escaped & "
-    "while [ $(wc -l < escaped) -lt 3 ]; do sleep 0.05; done"
 )
 
 
