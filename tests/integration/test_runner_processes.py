@@ -397,5 +397,4 @@ async def test_terminate_all_ends_every_run(stray_pids: list[int]) -> None:
         outcome = await d
         assert outcome.status == ResultStatus.LOST
         assert outcome.pid is not None
-        pgid = outcome.pid
-        assert wait_until(lambda: live_members_of_group(pgid) == [], 5)
+        assert wait_until(lambda pgid=outcome.pid: live_members_of_group(pgid) == [], 5)
