@@ -46,7 +46,7 @@ def cgroups() -> Iterator[CgroupContainment]:
     for group in containment.parent.iterdir():
         if group.is_dir():
             CgroupContainment.kill(group)
-    time.sleep(0.1)
+            assert wait_until(lambda group=group: "populated 0" in _events(group), 5)
     for group in containment.parent.iterdir():
         if group.is_dir():
             group.rmdir()
@@ -89,6 +89,24 @@ def dies_within(pid: int, seconds: float) -> bool:
         return bool(poller.poll(seconds * 1000)) or not alive(pid)
     finally:
         os.close(fd)
+
+
+def _events(group: Path) -> str:
+    try:
+        return (group / "cgroup.events").read_text()
+    except FileNotFoundError:
+        return "populated 0"
+
+
+async def eventually(condition: Any, seconds: float) -> bool:
+    """Whether ``condition()`` becomes true within ``seconds``, the reactor running
+    meanwhile (for what the runner does on its own timers)."""
+    deadline = time.monotonic() + seconds
+    while not condition():
+        if time.monotonic() > deadline:
+            return False
+        await deferLater(reactor, 0.05)
+    return True
 
 
 def wait_until(condition: Any, seconds: float) -> bool:
@@ -335,8 +353,7 @@ async def test_nothing_that_leaves_the_group_or_session_outlives_its_run_in_a_cg
     assert len(escaped) == 3
     assert all(dies_within(pid, 5) for pid in escaped), [_state(p) for p in escaped]
     # Its cgroup is gone with it, shortly (its killed processes take a moment to die).
-    await deferLater(reactor, 1.0)
-    assert not any(p.is_dir() for p in cgroups.parent.iterdir())
+    assert await eventually(lambda: not any(p.is_dir() for p in cgroups.parent.iterdir()), 5)
 
 
 @pytest_twisted.ensureDeferred

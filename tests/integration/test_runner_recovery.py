@@ -90,6 +90,14 @@ class LeftRun:
         LeftRun.markers.append(marker)
         return marker
 
+    def wait_for_output(self, text: bytes) -> None:
+        """Until the run has written ``text`` to its stdout (it has got that far)."""
+        path = self.files.path(self.id, "out")
+        deadline = time.monotonic() + DEADLINE
+        while text not in path.read_bytes():
+            assert time.monotonic() < deadline, f"the run never wrote {text!r}"
+            time.sleep(0.01)
+
     def wait(self) -> int:
         return self.process.wait(DEADLINE)
 
@@ -154,7 +162,7 @@ async def test_a_run_past_its_time_limit_is_ended_the_moment_the_agent_is_back(
 ) -> None:
     # It started 10 s ago with a 3 s limit, and left its group on purpose meanwhile.
     left = LeftRun(runs, "setsid sleep 300 & echo $!; sleep 300", 3, started_ago=10)
-    time.sleep(0.3)
+    left.wait_for_output(b"\n")  # its escapee is out
     started = time.monotonic()
     [recovered] = new_runner(runs).recover()
     outcome = await outcome_of(recovered)
@@ -183,7 +191,7 @@ async def test_a_run_killed_by_a_signal_while_the_agent_was_down_is_a_failure_no
     runs: Path,
 ) -> None:
     left = LeftRun(runs, "echo working; sleep 300", 30, started_ago=1)
-    time.sleep(0.2)
+    left.wait_for_output(b"working\n")
     os.killpg(left.process.pid, signal.SIGKILL)
     left.wait()
     [recovered] = new_runner(runs).recover()

@@ -139,8 +139,13 @@ class CgroupContainment:
             (self.path(run_id) / "cgroup.procs").write_text(str(pid))
 
     def members(self, run_id: str) -> list[int]:
+        return self.members_of(self.path(run_id))
+
+    @staticmethod
+    def members_of(group: Path) -> list[int]:
+        """The processes in the cgroup ``group`` (none if it is gone)."""
         try:
-            text = (self.path(run_id) / "cgroup.procs").read_text()
+            text = (group / "cgroup.procs").read_text()
         except OSError:
             return []
         return [int(pid) for pid in text.split()]
@@ -218,12 +223,7 @@ def run_id_of(pid: int, proc: Path = _PROC) -> str | None:
 
 def processes_of_run(run_id: str, proc: Path = _PROC) -> list[int]:
     """Every process on the host whose environment names ``run_id`` (a scan of /proc)."""
-    found = []
-    needle = f"{RUN_ID_VARIABLE}={run_id}\0".encode()
-    for entry in proc.iterdir():
-        if entry.name.isdigit() and needle in environment_of(int(entry.name), proc) + b"\0":
-            found.append(int(entry.name))
-    return found
+    return processes_by_run(run_id, proc).get(run_id, [])
 
 
 def processes_by_run(prefix: str, proc: Path = _PROC) -> dict[str, list[int]]:

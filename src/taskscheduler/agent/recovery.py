@@ -84,6 +84,7 @@ class Recovery:
 
     def __init__(self, runner: Any) -> None:
         self._runner = runner
+        self._found: dict[str, list[int]] | None = None
 
     def recover(
         self, reported: Callable[[uuid.UUID, datetime], bool] = lambda task_id, at: False
@@ -95,6 +96,10 @@ class Recovery:
         ended, with their output; runs whose result is already ``reported`` (spooled)
         are only cleaned up. Call once, at start-up, before any new run starts.
         """
+        # One scan of /proc for every process any run of this agent left, whatever its
+        # state: each leftover takes its own from it, and what is left over after is of
+        # runs the journal never heard of.
+        self._found = processes_by_run(self._runner.marker(""))
         recovered = []
         for run in self._runner.files.leftovers():
             try:
@@ -111,6 +116,7 @@ class Recovery:
             except Exception:
                 self.log.failure("could not recover run {run}", run=run)
         recovered += self._unrecorded(reported, {(r.task_id, r.scheduled_at) for r in recovered})
+        self._found = None  # later, a re-attached run's leftovers are looked up afresh
         return recovered
 
     def _unrecorded(
@@ -122,7 +128,7 @@ class Recovery:
         found by their run id in /proc, killed, and reported ``lost``."""
         prefix = self._runner.marker("")
         lost = []
-        for marker, pids in processes_by_run(prefix).items():
+        for marker, pids in (self._found or {}).items():
             run = marker[len(prefix) :]
             if run in self._runner._recovering:
                 continue  # re-attached: it ends as it will
@@ -141,24 +147,38 @@ class Recovery:
                 task_id=str(key[0]),
                 scheduled_at=format_instant(key[1]),
             )
-            now = datetime.fromtimestamp(self._runner.wall_clock(), UTC)
-            outcome = RunOutcome(
-                status=ResultStatus.LOST,
-                exit_code=None,
-                signal=None,
-                started_at=now,
-                finished_at=now,
-                duration=0.0,
-                stdout=Output(),
-                stderr=Output(),
-                reason="the agent stopped as the run started; its outcome is unknown",
+            outcome = self._outcome(
+                ResultStatus.LOST, "the agent stopped as the run started; its outcome is unknown"
             )
             lost.append(RecoveredRun(key[0], key[1], None, succeed(outcome), still_running=False))
             known.add(key)
         return lost
 
+    def _outcome(
+        self,
+        status: ResultStatus,
+        reason: str,
+        started_at: datetime | None = None,
+        exit_code: int | None = None,
+        pid: int | None = None,
+    ) -> RunOutcome:
+        """How a run the agent did not see end ended, as of now (its output read later)."""
+        now = datetime.fromtimestamp(self._runner.wall_clock(), UTC)
+        begun = started_at or now
+        return RunOutcome(
+            status=status,
+            exit_code=exit_code,
+            signal=None,
+            started_at=begun,
+            finished_at=now,
+            duration=max(0.0, (now - begun).total_seconds()),
+            stdout=Output(),
+            stderr=Output(),
+            pid=pid,
+            reason=reason,
+        )
+
     def _recover(self, run: str, task_id: uuid.UUID, scheduled_at: datetime) -> RecoveredRun:
-        now = self._runner.wall_clock()
         record = self._runner.files.read_record(run)
         exit_code = self._runner.files.read_exit(run)
 
@@ -169,19 +189,8 @@ class Recovery:
             started_at: datetime | None = None,
         ) -> RecoveredRun:
             self._kill_leftovers(run, record)
-            begun = started_at or datetime.fromtimestamp(now, UTC)
-            outcome = RunOutcome(
-                status=status,
-                exit_code=exit_code,
-                signal=None,
-                started_at=begun,
-                finished_at=datetime.fromtimestamp(now, UTC),
-                duration=max(0.0, now - begun.timestamp()),
-                stdout=Output(),
-                stderr=Output(),
-                pid=None if record is None else record.pid,
-                reason=reason,
-            )
+            pid = None if record is None else record.pid
+            outcome = self._outcome(status, reason, started_at, exit_code, pid)
             return RecoveredRun(
                 task_id,
                 scheduled_at,
@@ -236,15 +245,13 @@ class Recovery:
                 if signum == signal.SIGKILL:
                     CgroupContainment.kill(Path(record.cgroup))
                 else:
-                    for pid in _members(Path(record.cgroup)):
+                    for pid in CgroupContainment.members_of(Path(record.cgroup)):
                         with contextlib.suppress(OSError):
                             os.kill(pid, signum)
             with contextlib.suppress(OSError):
                 os.killpg(record.pid, signum)
             if signum == signal.SIGKILL:
-                for pid in processes_of_run(self._runner.marker(run)):
-                    with contextlib.suppress(OSError):
-                        os.kill(pid, signum)
+                self._kill_by_id(run)
 
         def limit() -> None:
             nonlocal timed_out
@@ -268,7 +275,6 @@ class Recovery:
                     call.cancel()
             self._runner._recovering.pop(run, None)
             self._kill_leftovers(run, record)
-            now = self._runner.wall_clock()
             code = self._runner.files.read_exit(run)
             if timed_out or (code is None and self._runner.files.limit_reached(run)):
                 status, reason = ResultStatus.TIMED_OUT, f"{REATTACHED}; ended at its time limit"
@@ -277,18 +283,8 @@ class Recovery:
             else:
                 status = ResultStatus.FAILED
                 reason = f"{REATTACHED}; it was ended by a signal (which one is not known)"
-            outcome = RunOutcome(
-                status=status,
-                exit_code=None if status is ResultStatus.TIMED_OUT else code,
-                signal=None,
-                started_at=record.started_at,
-                finished_at=datetime.fromtimestamp(now, UTC),
-                duration=max(0.0, now - record.started_at.timestamp()),
-                stdout=Output(),
-                stderr=Output(),
-                pid=record.pid,
-                reason=reason,
-            )
+            exit_code = None if status is ResultStatus.TIMED_OUT else code
+            outcome = self._outcome(status, reason, record.started_at, exit_code, record.pid)
             self._runner._collect(run, outcome).chainDeferred(done)
 
         remaining = (
@@ -325,13 +321,13 @@ class Recovery:
             else:
                 with contextlib.suppress(OSError):
                     group.rmdir()
-        for pid in processes_of_run(self._runner.marker(run)):
+        self._kill_by_id(run)
+
+    def _kill_by_id(self, run: str) -> None:
+        """SIGKILL every process carrying ``run``'s id (from the start-up scan while it
+        lasts, else from a scan of its own)."""
+        marker = self._runner.marker(run)
+        found = self._found
+        for pid in found.pop(marker, []) if found is not None else processes_of_run(marker):
             with contextlib.suppress(OSError):
                 os.kill(pid, signal.SIGKILL)
-
-
-def _members(group: Path) -> list[int]:
-    try:
-        return [int(pid) for pid in (group / "cgroup.procs").read_text().split()]
-    except OSError:
-        return []

@@ -110,10 +110,6 @@ def instance_of(runs_dir: Path) -> str:
     return hashlib.sha256(str(runs_dir.resolve()).encode()).hexdigest()[:12]
 
 
-def run_here(function: Callable[[], Any]) -> Deferred[Any]:
-    return maybeDeferred(function)
-
-
 class _Run(ProcessProtocol):
     """One run spawned by this agent: its timers, and how it ended."""
 
@@ -303,7 +299,7 @@ class ProcessRunner:
         kill_group: Callable[[int, int], None] = os.killpg,
         setsid: str = SETSID,
         run_as: tuple[int, int] | None = None,
-        run_in_thread: Callable[[Callable[[], Any]], Deferred[Any]] = run_here,
+        run_in_thread: Callable[[Callable[[], Any]], Deferred[Any]] | None = None,
     ) -> None:
         if output_cap < 0:
             raise ValueError("output_cap must not be negative")
@@ -322,7 +318,10 @@ class ProcessRunner:
         self.setsid = setsid
         #: (uid, gid) to run commands as (--run-as), or None for the agent's own user.
         self.run_as = run_as
-        self._run_in_thread = run_in_thread
+        #: Runs blocking file work somewhere else (a thread pool); None: right here.
+        self._run_in_thread: Callable[[Callable[[], Any]], Deferred[Any]] = (
+            run_in_thread or maybeDeferred
+        )
         self._devnull = os.open(os.devnull, os.O_RDONLY | os.O_CLOEXEC)
         self._boot_id = boot_id()
         self._runs: dict[_Run, None] = {}  # in start order

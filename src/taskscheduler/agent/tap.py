@@ -7,7 +7,6 @@ it cannot.
 
 from __future__ import annotations
 
-import hashlib
 import os
 import pwd
 from collections.abc import MutableMapping, Sequence
@@ -377,7 +376,7 @@ def makeService(options: Options) -> IService:
                 reactor, reactor.getThreadPool(), function
             ),
         )
-        runner.containment = choose_containment(options["cgroup-parent"], data_dir, runner)
+        runner.containment = choose_containment(options["cgroup-parent"], runner)
         return runner
 
     return AgentService(
@@ -416,15 +415,14 @@ def makeService(options: Options) -> IService:
     )
 
 
-def choose_containment(setting: str, data_dir: Path, runner: Any) -> Containment:
+def choose_containment(setting: str, runner: Any) -> Containment:
     """A cgroup per run where the agent may make one, else the agent as subreaper."""
     log = Logger()
     if setting != "none":
         if setting == "auto":
             own = own_cgroup_dir()
             # One folder per agent (several may share a host), stable across restarts.
-            name = hashlib.sha256(str(data_dir.resolve()).encode()).hexdigest()[:12]
-            parent = None if own is None else own / f"taskscheduler-runs-{name}"
+            parent = None if own is None else own / f"taskscheduler-runs-{runner.instance}"
         else:
             parent = Path(setting)
         if parent is not None:
