@@ -29,7 +29,7 @@ from twisted.internet import defer, task
 from taskscheduler.embedded_pg import EmbeddedPostgres
 from taskscheduler.protocol import Output, ResultStatus, RunResult, TaskSpec
 from taskscheduler.schedule import instant, parse_frequency
-from taskscheduler.server.pgstore import PostgresStore
+from taskscheduler.server.store.postgres import PostgresStore
 
 ANCHOR = datetime(2026, 1, 1, tzinfo=UTC)
 FREQUENCY = parse_frequency("every 1 second")

@@ -22,7 +22,7 @@ from twisted.internet.threads import deferToThread
 
 from taskscheduler.server.access import ServerAccess
 from taskscheduler.server.api import ServerAPI
-from taskscheduler.server.memstore import MemoryStore
+from taskscheduler.server.store.memory import MemoryStore
 from taskscheduler.web import make_site
 
 pytestmark = pytest.mark.integration

@@ -8,9 +8,9 @@ import pytest
 import pytest_twisted
 from twisted.internet import reactor
 
-from taskscheduler.server.memstore import MemoryStore
-from taskscheduler.server.pgstore import PostgresStore
-from taskscheduler.server.store import Store
+from taskscheduler.server.store.interface import Store
+from taskscheduler.server.store.memory import MemoryStore
+from taskscheduler.server.store.postgres import PostgresStore
 from tests.unit.test_store_contract import A_URL, B_URL
 
 

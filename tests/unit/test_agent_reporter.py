@@ -25,8 +25,8 @@ from taskscheduler.protocol import MAX_BATCH, Output, ResultStatus, RunResult, p
 from taskscheduler.schedule import utc_now_from
 from taskscheduler.server.access import ServerAccess
 from taskscheduler.server.api import ServerAPI
-from taskscheduler.server.memstore import MemoryStore
-from taskscheduler.server.store import AuditEvent, RecordOutcome
+from taskscheduler.server.store.interface import AuditEvent, RecordOutcome
+from taskscheduler.server.store.memory import MemoryStore
 from taskscheduler.web import too_large_body
 from tests.unit.agent_fakes import (
     ANCHOR,

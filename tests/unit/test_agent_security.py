@@ -24,7 +24,7 @@ from taskscheduler.protocol import task_spec_to_json
 from taskscheduler.schedule import format_instant
 from taskscheduler.server.access import ServerAccess
 from taskscheduler.server.api import ServerAPI
-from taskscheduler.server.memstore import MemoryStore
+from taskscheduler.server.store.memory import MemoryStore
 from taskscheduler.signing import InstructionSigner, NonceCache, public_key_text
 from taskscheduler.web import Access
 from tests.unit.agent_fakes import (

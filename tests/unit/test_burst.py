@@ -19,8 +19,8 @@ from taskscheduler.schedule import format_instant, utc_now_from
 from taskscheduler.server import tap
 from taskscheduler.server.access import ServerAccess
 from taskscheduler.server.api import ServerAPI
-from taskscheduler.server.memstore import MemoryStore
 from taskscheduler.server.ratelimit import RateLimiter
+from taskscheduler.server.store.memory import MemoryStore
 from tests.unit.agent_fakes import ANCHOR, ANCHOR_SECONDS, Agent, FakeServer
 from tests.unit.test_dispatch import FakeAgent, settle, setup, spec
 

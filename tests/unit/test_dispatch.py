@@ -16,8 +16,8 @@ from twisted.internet.task import Clock
 from taskscheduler.protocol import TaskSpec, parse_task_spec
 from taskscheduler.schedule import parse_frequency, utc_now_from
 from taskscheduler.server.dispatch import Dispatcher
-from taskscheduler.server.memstore import MemoryStore
-from taskscheduler.server.store import AuditEvent, Task
+from taskscheduler.server.store.interface import AuditEvent, Task
+from taskscheduler.server.store.memory import MemoryStore
 from taskscheduler.signing import BadSignature, InstructionSigner, InstructionVerifier
 
 URL = "http://agent-a:8081"

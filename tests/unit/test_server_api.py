@@ -25,9 +25,9 @@ from taskscheduler.protocol import Output, ResultStatus, RunResult, result_to_js
 from taskscheduler.schedule import format_instant, instant, parse_instant, utc_now_from
 from taskscheduler.server.access import ServerAccess
 from taskscheduler.server.api import DEFAULT_MAX_OUTPUT_BYTES, ServerAPI
-from taskscheduler.server.memstore import MemoryStore
 from taskscheduler.server.retention import HistoryPruner
-from taskscheduler.server.store import AuditEvent, StoreUnavailable
+from taskscheduler.server.store.interface import AuditEvent, StoreUnavailable
+from taskscheduler.server.store.memory import MemoryStore
 from taskscheduler.web import make_site
 from tests.unit.agent_fakes import fired
 from tests.unit.hostile import (

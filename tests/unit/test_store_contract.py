@@ -26,21 +26,21 @@ from twisted.internet.defer import Deferred, DeferredList
 from taskscheduler.embedded_pg import EmbeddedPostgres
 from taskscheduler.protocol import Output, ResultStatus, RunResult, TaskSpec
 from taskscheduler.schedule import instant, parse_frequency
-from taskscheduler.server.migrations import MIGRATIONS
-from taskscheduler.server.pgstore import (
-    EXECUTION_RESULTS_SQL,
-    LATEST_EXECUTION_SQL,
-    PRUNE_SQL,
-    PostgresStore,
-    result_digest,
-)
-from taskscheduler.server.store import (
+from taskscheduler.server.store.interface import (
     AuditEvent,
     RecordOutcome,
     Store,
     StoreUnavailable,
     UnknownTask,
 )
+from taskscheduler.server.store.migrations import MIGRATIONS
+from taskscheduler.server.store.postgres import PostgresStore
+from taskscheduler.server.store.results import (
+    EXECUTION_RESULTS_SQL,
+    LATEST_EXECUTION_SQL,
+    PRUNE_SQL,
+)
+from taskscheduler.server.store.rules import result_digest
 from tests.conftest import RestartablePostgres, _create_database, _drop_database
 from tests.integration.daemons import wait_for
 

@@ -19,7 +19,7 @@ from taskscheduler import protocol, web
 from taskscheduler.auth import OPERATOR_PREFIX, TokenFile, hash_token, new_token
 from taskscheduler.server.access import ServerAccess
 from taskscheduler.server.api import ServerAPI
-from taskscheduler.server.memstore import MemoryStore
+from taskscheduler.server.store.memory import MemoryStore
 from taskscheduler.web import (
     LOOPBACK_HOSTS,
     HostPolicy,

@@ -24,7 +24,7 @@ from twisted.web import http
 from twisted.web.iweb import IRequest
 
 from taskscheduler.auth import AGENT_PREFIX, TokenFile, bearer_token, hash_token, parse_bearer
-from taskscheduler.server.store import AgentRecord, Store, StoreUnavailable
+from taskscheduler.server.store.interface import AgentRecord, Store, StoreUnavailable
 from taskscheduler.web import Access, ApiError, forbidden, unauthorized
 
 CHALLENGE = b'Bearer realm="taskscheduler"'

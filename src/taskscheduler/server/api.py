@@ -34,7 +34,7 @@ from taskscheduler.schedule import (
 )
 from taskscheduler.server.access import Principal, ServerAccess, principal_of
 from taskscheduler.server.ratelimit import RateLimiter, retry_after
-from taskscheduler.server.store import (
+from taskscheduler.server.store.interface import (
     AgentConflict,
     AgentRecord,
     AuditEvent,
@@ -45,6 +45,7 @@ from taskscheduler.server.store import (
     Task,
     UnknownTask,
 )
+from taskscheduler.server.store.rules import is_complete
 from taskscheduler.web import (
     Access,
     ApiError,
@@ -239,7 +240,7 @@ class ServerAPI:
         if task is None:
             raise UnknownTask(task_id)
         page = await self._store.list_executions(parsed_id, limit, before)
-        deadline = self._now() - task.spec.time_limit - self._report_grace
+        now = self._now()
         return json_response(
             request,
             {
@@ -247,7 +248,14 @@ class ServerAPI:
                 "executions": [
                     {
                         "scheduled_at": format_instant(e.scheduled_at),
-                        "complete": len(e.results) >= e.expected or e.scheduled_at < deadline,
+                        "complete": is_complete(
+                            e.scheduled_at,
+                            len(e.results),
+                            e.expected,
+                            now=now,
+                            time_limit=task.spec.time_limit,
+                            report_grace=self._report_grace,
+                        ),
                         "expected_agents": e.expected,
                         "completion_time": format_instant(e.completion_time),
                         "outputs": [_output_json(r) for r in e.results],

@@ -50,7 +50,7 @@ from twisted.python.failure import Failure
 from taskscheduler import protocol
 from taskscheduler.backoff import backoff_delay
 from taskscheduler.httpclient import read_body
-from taskscheduler.server.store import Store, Task
+from taskscheduler.server.store.interface import Store, Task
 from taskscheduler.signing import InstructionSigner
 
 #: Seconds to wait for an agent's answer.

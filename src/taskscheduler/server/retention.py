@@ -2,7 +2,7 @@
 
 Every ``interval`` the :class:`HistoryPruner` deletes the executions scheduled more than
 ``retention`` ago, with their results, in batches of ``batch_size`` (each batch its own
-short transaction, see :meth:`~taskscheduler.server.store.Store.prune_history`), until
+short transaction, see :meth:`~taskscheduler.server.store.interface.Store.prune_history`), until
 none are left or the tick's ``time_budget`` is spent; the rest waits for the next tick.
 Tasks and the audit log are never pruned.
 """
@@ -18,7 +18,7 @@ from twisted.internet.interfaces import IReactorTime
 from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
 
-from taskscheduler.server.store import Store, StoreUnavailable
+from taskscheduler.server.store.interface import Store, StoreUnavailable
 
 DEFAULT_RETENTION_DAYS = 90
 DEFAULT_PRUNE_INTERVAL = 300.0  # seconds between ticks

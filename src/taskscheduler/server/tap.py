@@ -46,10 +46,10 @@ from taskscheduler.protocol import CLOCK_ALLOWANCE
 from taskscheduler.server.access import ServerAccess
 from taskscheduler.server.api import DEFAULT_MAX_OUTPUT_BYTES, DEFAULT_REPORT_GRACE, ServerAPI
 from taskscheduler.server.dispatch import Dispatcher
-from taskscheduler.server.pgstore import PostgresStore
 from taskscheduler.server.ratelimit import DEFAULT_CREATE_BURST, DEFAULT_CREATE_RATE, RateLimiter
 from taskscheduler.server.retention import DEFAULT_RETENTION_DAYS, HistoryPruner
-from taskscheduler.server.store import StoreUnavailable
+from taskscheduler.server.store.interface import StoreUnavailable
+from taskscheduler.server.store.postgres import PostgresStore
 from taskscheduler.signing import (
     InstructionSigner,
     KeyFileError,

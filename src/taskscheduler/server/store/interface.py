@@ -1,12 +1,10 @@
-"""What the server keeps, behind one interface.
+"""What the server keeps, behind one interface: the :class:`Store` protocol, the records
+it reads and writes, and its exceptions.
 
-:class:`Store` is the contract; ``pgstore.PostgresStore`` (txpostgres) is the real one
-and ``memstore.MemoryStore`` the fake used by unit tests. Both pass the same contract
-suite (``tests/unit/test_store_contract.py``), the PostgreSQL one against a real server.
-
-Meaning of an execution's completeness: an execution (one scheduled instant of a task)
-is *complete* when every agent assigned to the task at the time has reported for it, or
-when its reporting deadline ``scheduled_at + time_limit + report_grace`` has passed.
+``postgres.PostgresStore`` (txpostgres) is the real store and ``memory.MemoryStore`` the
+one unit tests use; both pass the same contract suite (``tests/unit/test_store_contract.py``),
+the PostgreSQL one against a real server. What makes an execution complete, two results
+the same, or a result misaligned or too late is decided in :mod:`.rules`.
 """
 
 from __future__ import annotations

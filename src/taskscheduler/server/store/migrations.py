@@ -1,4 +1,4 @@
-"""The PostgreSQL schema, as an ordered list of migrations.
+"""The PostgreSQL schema, as an ordered list of migrations, and the runner applying them.
 
 Migration ``i`` (1-based) is ``MIGRATIONS[i - 1]``. Applied migrations are recorded in
 ``schema_migrations``; each runs in its own transaction. Never edit a migration that has
@@ -6,6 +6,10 @@ shipped: append a new one.
 """
 
 from __future__ import annotations
+
+from twisted.logger import Logger
+
+from taskscheduler.server.store.pool import Cursor
 
 #: A constant key for ``pg_advisory_lock``: two servers starting at once migrate in turn.
 MIGRATION_LOCK_KEY = 0x7A5C_5EED_0001
@@ -138,3 +142,45 @@ MIGRATIONS: list[str] = [
       AND EXISTS (SELECT 1 FROM agents b WHERE b.url = a.url AND b.enrolled_at > a.enrolled_at);
     """,
 ]
+
+
+class Migrator:
+    """Brings the schema up to :data:`MIGRATIONS`, one server at a time."""
+
+    log = Logger()
+
+    async def migrate(self, cursor: Cursor) -> None:
+        """Apply the migrations not yet applied; refuse a schema newer than this code.
+
+        Runs outside any transaction (each migration is its own): pass a plain cursor.
+        """
+        # Session-level lock: held across the per-migration transactions below, released
+        # by the unlock or, if we die, by the connection closing.
+        await cursor.execute("SELECT pg_advisory_lock(%s)", (MIGRATION_LOCK_KEY,))
+        try:
+            await cursor.execute(CREATE_MIGRATIONS_TABLE)
+            await cursor.execute("SELECT version FROM schema_migrations")
+            applied = {row[0] for row in cursor.fetchall()}
+            if applied and max(applied) > len(MIGRATIONS):
+                raise RuntimeError(
+                    f"the database schema is at version {max(applied)}, newer than this "
+                    f"server's {len(MIGRATIONS)}: upgrade the server"
+                )
+            for version, sql in enumerate(MIGRATIONS, start=1):
+                if version in applied:
+                    continue
+                await cursor.execute("BEGIN")
+                try:
+                    await cursor.execute(sql)
+                    await cursor.execute(
+                        "INSERT INTO schema_migrations (version) VALUES (%s)", (version,)
+                    )
+                    await cursor.execute("COMMIT")
+                except BaseException:
+                    if not cursor.connection.closed:
+                        await cursor.execute("ROLLBACK")
+                    raise
+                self.log.info("applied database migration {version}", version=version)
+        finally:
+            if not cursor.connection.closed:
+                await cursor.execute("SELECT pg_advisory_unlock(%s)", (MIGRATION_LOCK_KEY,))

@@ -1,9 +1,14 @@
-"""An in-memory :class:`~taskscheduler.server.store.Store` for unit tests.
+"""An in-memory :class:`~taskscheduler.server.store.interface.Store`, for unit tests.
 
-It keeps exactly the contract of ``pgstore.PostgresStore`` (both pass
-``tests/unit/test_store_contract.py``) but nothing survives the process, and it is never
-unavailable. Every method finishes its work before its first ``await`` would matter, so
-concurrent callers see each call as atomic, as they would see a transaction.
+It earns its place beside the real store: the unit tests of the API, dispatch, the
+reporter and retention drive time with ``task.Clock``, which a real database's I/O does
+not follow, and they run by the hundred in a fraction of a second. It keeps exactly the
+contract of :class:`~taskscheduler.server.store.postgres.PostgresStore`: both pass
+``tests/unit/test_store_contract.py`` and ``test_store_rules.py``, and every outcome rule
+comes from :mod:`~taskscheduler.server.store.rules`, never re-derived here. Nothing
+survives the process, and it is never unavailable. Every method finishes its work before
+its first ``await`` would matter, so concurrent callers see each call as atomic, as they
+would see a transaction.
 """
 
 from __future__ import annotations
@@ -11,11 +16,10 @@ from __future__ import annotations
 import uuid
 from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
-from datetime import UTC, datetime, timedelta
+from datetime import datetime, timedelta
 
 from taskscheduler.protocol import RunResult, TaskSpec
-from taskscheduler.schedule import execution_index
-from taskscheduler.server.store import (
+from taskscheduler.server.store.interface import (
     AgentConflict,
     AgentRecord,
     AuditEvent,
@@ -23,6 +27,17 @@ from taskscheduler.server.store import (
     RecordOutcome,
     Task,
     UnknownTask,
+)
+from taskscheduler.server.store.rules import (
+    after_deletion,
+    enrolment_conflict,
+    is_complete,
+    on_schedule,
+    release_conflict,
+    same_result,
+    utc,
+    utc_result,
+    utc_spec,
 )
 
 
@@ -37,32 +52,18 @@ class _Assignment:
 class _Execution:
     expected: int
     results: dict[uuid.UUID, RunResult] = field(default_factory=dict)
-    completed: bool = False
 
-
-def _utc(value: datetime | None) -> datetime | None:
-    return None if value is None else value.astimezone(UTC)
-
-
-def _normalized(result: RunResult) -> RunResult:
-    """The result as the PostgreSQL store gives it back: every instant in UTC."""
-    return RunResult(
-        task_id=result.task_id,
-        agent_id=result.agent_id,
-        scheduled_at=result.scheduled_at.astimezone(UTC),
-        status=result.status,
-        exit_code=result.exit_code,
-        signal=result.signal,
-        started_at=_utc(result.started_at),
-        finished_at=_utc(result.finished_at),
-        stdout=result.stdout,
-        stderr=result.stderr,
-        reason=result.reason,
-    )
+    def as_execution(self, task_id: uuid.UUID, scheduled_at: datetime) -> Execution:
+        return Execution(
+            task_id=task_id,
+            scheduled_at=scheduled_at,
+            expected=self.expected,
+            results=tuple(self.results[a] for a in sorted(self.results)),
+        )
 
 
 class MemoryStore:
-    """The whole contract of :class:`~taskscheduler.server.store.Store`, in dictionaries."""
+    """The whole Store contract, in dictionaries."""
 
     def __init__(self) -> None:
         self._fleet: list[str] = []
@@ -78,7 +79,7 @@ class MemoryStore:
     def _append_audit(self, event: AuditEvent) -> None:
         self._audit.append(
             AuditEvent(
-                at=event.at.astimezone(UTC),
+                at=utc(event.at),
                 actor=event.actor,
                 action=event.action,
                 target=event.target,
@@ -111,14 +112,7 @@ class MemoryStore:
     ) -> Task:
         if spec.task_id in self._tasks:
             raise ValueError(f"task {spec.task_id} already exists")
-        stored_spec = TaskSpec(
-            task_id=spec.task_id,
-            command=spec.command,
-            frequency=spec.frequency,
-            anchor=spec.anchor.astimezone(UTC),
-            time_limit=spec.time_limit,
-        )
-        task = Task(stored_spec, created_at.astimezone(UTC))
+        task = Task(utc_spec(spec), utc(created_at))
         self._tasks[spec.task_id] = task
         self._assignments[spec.task_id] = {url: _Assignment() for url in self._fleet}
         self._executions[spec.task_id] = {}
@@ -135,7 +129,7 @@ class MemoryStore:
         task = self._tasks.get(task_id)
         if task is None or task.deleted:
             return None
-        deleted = replace(task, deleted_at=deleted_at.astimezone(UTC))
+        deleted = replace(task, deleted_at=utc(deleted_at))
         self._tasks[task_id] = deleted
         for assignment in self._assignments[task_id].values():
             assignment.removal_pending = True
@@ -147,7 +141,7 @@ class MemoryStore:
     ) -> list[RecordOutcome]:
         outcomes = []
         for result in results:
-            outcomes.append(self._record(_normalized(result)))
+            outcomes.append(self._record(utc_result(result)))
         return outcomes
 
     def _record(self, result: RunResult) -> RecordOutcome:
@@ -155,9 +149,9 @@ class MemoryStore:
         if task is None:
             return RecordOutcome.UNKNOWN_TASK
         spec = task.spec
-        if execution_index(spec.anchor, spec.frequency.interval, result.scheduled_at) is None:
+        if not on_schedule(spec.anchor, spec.frequency.interval, result.scheduled_at):
             return RecordOutcome.MISALIGNED
-        if task.deleted_at is not None and result.scheduled_at > task.deleted_at:
+        if after_deletion(task.deleted_at, result.scheduled_at):
             return RecordOutcome.DELETED
         executions = self._executions[result.task_id]
         execution = executions.get(result.scheduled_at)
@@ -166,10 +160,10 @@ class MemoryStore:
             executions[result.scheduled_at] = execution
         stored = execution.results.get(result.agent_id)
         if stored is not None:
-            return RecordOutcome.DUPLICATE if stored == result else RecordOutcome.CONFLICT
+            if same_result(stored, result):
+                return RecordOutcome.DUPLICATE
+            return RecordOutcome.CONFLICT
         execution.results[result.agent_id] = result
-        if len(execution.results) >= execution.expected:
-            execution.completed = True
         return RecordOutcome.STORED
 
     async def latest_complete_execution(
@@ -179,22 +173,22 @@ class MemoryStore:
         if task is None:
             raise UnknownTask(str(task_id))
         # A linear scan is fine for a fake; the PostgreSQL store walks an index.
-        cutoff = now - task.spec.time_limit - report_grace
         complete = [
             at
             for at, execution in self._executions[task_id].items()
-            if execution.completed or at < cutoff
+            if is_complete(
+                at,
+                len(execution.results),
+                execution.expected,
+                now=now,
+                time_limit=task.spec.time_limit,
+                report_grace=report_grace,
+            )
         ]
         if not complete:
             return None
         scheduled_at = max(complete)
-        execution = self._executions[task_id][scheduled_at]
-        return Execution(
-            task_id=task_id,
-            scheduled_at=scheduled_at,
-            expected=execution.expected,
-            results=tuple(execution.results[a] for a in sorted(execution.results)),
-        )
+        return self._executions[task_id][scheduled_at].as_execution(task_id, scheduled_at)
 
     async def list_executions(
         self, task_id: uuid.UUID, limit: int, before: datetime | None = None
@@ -205,18 +199,10 @@ class MemoryStore:
         instants = sorted((at for at in executions if before is None or at < before), reverse=True)[
             :limit
         ]
-        return [
-            Execution(
-                task_id=task_id,
-                scheduled_at=at,
-                expected=executions[at].expected,
-                results=tuple(executions[at].results[a] for a in sorted(executions[at].results)),
-            )
-            for at in instants
-        ]
+        return [executions[at].as_execution(task_id, at) for at in instants]
 
     async def prune_history(self, before: datetime, limit: int) -> int:
-        cutoff = before.astimezone(UTC)
+        cutoff = utc(before)
         old = sorted(
             (at, task_id)
             for task_id, executions in self._executions.items()
@@ -298,16 +284,18 @@ class MemoryStore:
         enrolled_at: datetime,
         audit: AuditEvent,
     ) -> AgentRecord:
-        if agent_id in self._agents:
-            raise AgentConflict("agent_exists", f"agent {agent_id} is already enrolled")
         holders = [a for a in self._agents.values() if a.url == url and a.url_released_at is None]
-        if any(not a.revoked for a in holders):
-            raise AgentConflict("url_taken", f"a live agent is already enrolled at {url}")
-        if holders:
-            raise AgentConflict("url_revoked", f"the revoked agent at {url} still holds it")
+        conflict = enrolment_conflict(
+            agent_id,
+            url,
+            identity_known=agent_id in self._agents,
+            url_holders_live=[not a.revoked for a in holders],
+        )
+        if conflict is not None:
+            raise conflict
         if credential_hash in self._credentials:
             raise AgentConflict("agent_exists", "this credential is already in use")
-        record = AgentRecord(agent_id, url, enrolled_at.astimezone(UTC))
+        record = AgentRecord(agent_id, url, utc(enrolled_at))
         self._agents[agent_id] = record
         self._credentials[credential_hash] = agent_id
         self._append_audit(audit)
@@ -329,7 +317,7 @@ class MemoryStore:
         record = self._agents.get(agent_id)
         if record is None or record.revoked:
             return None
-        revoked = AgentRecord(record.agent_id, record.url, record.enrolled_at, revoked_at)
+        revoked = AgentRecord(record.agent_id, record.url, record.enrolled_at, utc(revoked_at))
         self._agents[agent_id] = revoked
         self._append_audit(audit)
         return revoked
@@ -340,11 +328,12 @@ class MemoryStore:
         record = self._agents.get(agent_id)
         if record is None:
             return None
-        if not record.revoked:
-            raise AgentConflict("agent_live", f"agent {agent_id} is not revoked")
+        conflict = release_conflict(record)
+        if conflict is not None:
+            raise conflict
         if record.url_released_at is not None:
             return record
-        released = replace(record, url_released_at=released_at.astimezone(UTC))
+        released = replace(record, url_released_at=utc(released_at))
         self._agents[agent_id] = released
         self._append_audit(audit)
         return released

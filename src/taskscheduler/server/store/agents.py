@@ -1,0 +1,162 @@
+"""Enrolled agents in PostgreSQL: their SQL and row mapper.
+
+Who may enrol and whose URL may be released is decided by
+:mod:`~taskscheduler.server.store.rules`; the unique indexes settle two enrolments racing.
+"""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import Sequence
+from datetime import datetime
+from typing import Any
+
+import psycopg2.errors
+
+from taskscheduler.server.store.audit import insert_audit
+from taskscheduler.server.store.interface import AgentConflict, AgentRecord, AuditEvent
+from taskscheduler.server.store.pool import Cursor, Database
+from taskscheduler.server.store.rules import (
+    enrolment_conflict,
+    release_conflict,
+    utc,
+    utc_or_none,
+)
+
+_AGENT_COLUMNS = "agent_id, url, enrolled_at, revoked_at, url_released_at"
+
+
+def _agent_from_row(row: Sequence[Any]) -> AgentRecord:
+    agent_id, url, enrolled_at, revoked_at, url_released_at = row
+    return AgentRecord(
+        uuid.UUID(str(agent_id)),
+        url,
+        utc(enrolled_at),
+        utc_or_none(revoked_at),
+        utc_or_none(url_released_at),
+    )
+
+
+class Agents:
+    """Enrols, finds, revokes and releases agents."""
+
+    def __init__(self, db: Database) -> None:
+        self._db = db
+
+    async def enrol_agent(
+        self,
+        agent_id: uuid.UUID,
+        url: str,
+        credential_hash: str,
+        enrolled_at: datetime,
+        audit: AuditEvent,
+    ) -> AgentRecord:
+        async def operation(cursor: Cursor) -> None:
+            await cursor.execute("SELECT 1 FROM agents WHERE agent_id = %s::uuid", (str(agent_id),))
+            identity_known = cursor.fetchone() is not None
+            await cursor.execute(
+                "SELECT revoked_at IS NULL FROM agents WHERE url = %s AND url_released_at IS NULL",
+                (url,),
+            )
+            holders = [live for (live,) in cursor.fetchall()]
+            conflict = enrolment_conflict(
+                agent_id, url, identity_known=identity_known, url_holders_live=holders
+            )
+            if conflict is not None:
+                raise conflict
+            await cursor.execute(
+                """
+                INSERT INTO agents (agent_id, url, credential_hash, enrolled_at)
+                VALUES (%s::uuid, %s, %s, %s)
+                """,
+                (str(agent_id), url, credential_hash, enrolled_at),
+            )
+            await insert_audit(cursor, audit)
+
+        try:
+            await self._db.run(operation)
+        except psycopg2.errors.UniqueViolation:
+            # Two enrolments raced, or the credential is in use: the loser sees the row.
+            raise AgentConflict("agent_exists", "this agent or URL was just enrolled") from None
+        return AgentRecord(agent_id, url, utc(enrolled_at))
+
+    async def agent_by_credential(self, credential_hash: str) -> AgentRecord | None:
+        async def operation(cursor: Cursor) -> AgentRecord | None:
+            await cursor.execute(
+                f"SELECT {_AGENT_COLUMNS} FROM agents WHERE credential_hash = %s",
+                (credential_hash,),
+            )
+            row = cursor.fetchone()
+            return None if row is None else _agent_from_row(row)
+
+        return await self._db.run(operation, transaction=False)
+
+    async def agent_for_url(self, url: str) -> AgentRecord | None:
+        async def operation(cursor: Cursor) -> AgentRecord | None:
+            await cursor.execute(
+                f"SELECT {_AGENT_COLUMNS} FROM agents WHERE url = %s AND revoked_at IS NULL",
+                (url,),
+            )
+            row = cursor.fetchone()
+            return None if row is None else _agent_from_row(row)
+
+        return await self._db.run(operation, transaction=False)
+
+    async def revoke_agent(
+        self, agent_id: uuid.UUID, revoked_at: datetime, audit: AuditEvent
+    ) -> AgentRecord | None:
+        async def operation(cursor: Cursor) -> AgentRecord | None:
+            await cursor.execute(
+                f"""
+                UPDATE agents SET revoked_at = %s
+                WHERE agent_id = %s::uuid AND revoked_at IS NULL
+                RETURNING {_AGENT_COLUMNS}
+                """,
+                (revoked_at, str(agent_id)),
+            )
+            row = cursor.fetchone()
+            if row is None:
+                return None
+            await insert_audit(cursor, audit)
+            return _agent_from_row(row)
+
+        return await self._db.run(operation)
+
+    async def release_agent_url(
+        self, agent_id: uuid.UUID, released_at: datetime, audit: AuditEvent
+    ) -> AgentRecord | None:
+        async def operation(cursor: Cursor) -> AgentRecord | None:
+            await cursor.execute(
+                f"SELECT {_AGENT_COLUMNS} FROM agents WHERE agent_id = %s::uuid FOR UPDATE",
+                (str(agent_id),),
+            )
+            row = cursor.fetchone()
+            if row is None:
+                return None
+            record = _agent_from_row(row)
+            conflict = release_conflict(record)
+            if conflict is not None:
+                raise conflict
+            if record.url_released_at is not None:
+                return record
+            await cursor.execute(
+                f"""
+                UPDATE agents SET url_released_at = %s WHERE agent_id = %s::uuid
+                RETURNING {_AGENT_COLUMNS}
+                """,
+                (released_at, str(agent_id)),
+            )
+            released = _agent_from_row(cursor.fetchone())
+            await insert_audit(cursor, audit)
+            return released
+
+        return await self._db.run(operation)
+
+    async def list_agents(self) -> list[AgentRecord]:
+        async def operation(cursor: Cursor) -> list[AgentRecord]:
+            await cursor.execute(
+                f"SELECT {_AGENT_COLUMNS} FROM agents ORDER BY enrolled_at, agent_id"
+            )
+            return [_agent_from_row(row) for row in cursor.fetchall()]
+
+        return await self._db.run(operation, transaction=False)

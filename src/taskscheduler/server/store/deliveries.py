@@ -1,0 +1,154 @@
+"""Which agent has acknowledged which task, and which deleted task it has yet to drop.
+
+An assignment (a ``task_agents`` row) is made when a task is created or the fleet
+changes (:mod:`~taskscheduler.server.store.tasks`); this module tracks its delivery and,
+once the task is deleted, its removal.
+"""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import Sequence
+
+from taskscheduler.server.store.interface import Task
+from taskscheduler.server.store.pool import Cursor, Database
+from taskscheduler.server.store.tasks import TASK_COLUMNS, task_from_row
+
+
+def _ids(task_ids: Sequence[uuid.UUID]) -> list[str]:
+    # Sorted: concurrent updates take row locks in the same order, so never deadlock.
+    return sorted({str(t) for t in task_ids})
+
+
+class Deliveries:
+    """Assignments: delivered or not, removal pending or not."""
+
+    def __init__(self, db: Database) -> None:
+        self._db = db
+
+    async def undelivered_tasks(self, agent_url: str, limit: int) -> list[Task]:
+        async def operation(cursor: Cursor) -> list[Task]:
+            await cursor.execute(
+                f"""
+                SELECT {TASK_COLUMNS}
+                FROM task_agents a JOIN tasks t ON t.task_id = a.task_id
+                WHERE a.agent_url = %s AND a.delivered_at IS NULL AND t.deleted_at IS NULL
+                ORDER BY t.created_at, t.task_id
+                LIMIT %s
+                """,
+                (agent_url, limit),
+            )
+            return [task_from_row(row) for row in cursor.fetchall()]
+
+        return await self._db.run(operation, transaction=False)
+
+    async def assigned_task_ids(self, agent_url: str) -> set[uuid.UUID]:
+        async def operation(cursor: Cursor) -> set[uuid.UUID]:
+            await cursor.execute(
+                """
+                SELECT a.task_id FROM task_agents a JOIN tasks t ON t.task_id = a.task_id
+                WHERE a.agent_url = %s AND t.deleted_at IS NULL
+                """,
+                (agent_url,),
+            )
+            return {uuid.UUID(str(row[0])) for row in cursor.fetchall()}
+
+        return await self._db.run(operation, transaction=False)
+
+    async def mark_delivered(
+        self, agent_url: str, task_ids: Sequence[uuid.UUID], agent_id: uuid.UUID
+    ) -> None:
+        if not task_ids:
+            return
+
+        async def operation(cursor: Cursor) -> None:
+            await cursor.execute(
+                """
+                UPDATE task_agents SET delivered_at = now(), agent_id = %s::uuid
+                WHERE agent_url = %s AND task_id = ANY(%s::uuid[])
+                """,
+                (str(agent_id), agent_url, _ids(task_ids)),
+            )
+
+        await self._db.run(operation, transaction=False)
+
+    async def mark_undelivered(self, agent_url: str, task_ids: Sequence[uuid.UUID]) -> None:
+        if not task_ids:
+            return
+
+        async def operation(cursor: Cursor) -> None:
+            await cursor.execute(
+                """
+                UPDATE task_agents SET delivered_at = NULL
+                WHERE agent_url = %s AND task_id = ANY(%s::uuid[])
+                """,
+                (agent_url, _ids(task_ids)),
+            )
+
+        await self._db.run(operation, transaction=False)
+
+    async def assigned_among(self, agent_url: str, task_ids: Sequence[uuid.UUID]) -> set[uuid.UUID]:
+        if not task_ids:
+            return set()
+
+        async def operation(cursor: Cursor) -> set[uuid.UUID]:
+            await cursor.execute(
+                "SELECT task_id FROM task_agents"
+                " WHERE agent_url = %s AND task_id = ANY(%s::uuid[])",
+                (agent_url, _ids(task_ids)),
+            )
+            return {uuid.UUID(str(row[0])) for row in cursor.fetchall()}
+
+        return await self._db.run(operation, transaction=False)
+
+    async def pending_removals(self, agent_url: str, limit: int) -> list[uuid.UUID]:
+        async def operation(cursor: Cursor) -> list[uuid.UUID]:
+            await cursor.execute(
+                """
+                SELECT a.task_id
+                FROM task_agents a JOIN tasks t ON t.task_id = a.task_id
+                WHERE a.agent_url = %s AND a.removal_pending
+                ORDER BY t.deleted_at, a.task_id
+                LIMIT %s
+                """,
+                (agent_url, limit),
+            )
+            return [uuid.UUID(str(row[0])) for row in cursor.fetchall()]
+
+        return await self._db.run(operation, transaction=False)
+
+    async def mark_removed(self, agent_url: str, task_ids: Sequence[uuid.UUID]) -> None:
+        if not task_ids:
+            return
+
+        async def operation(cursor: Cursor) -> None:
+            await cursor.execute(
+                """
+                UPDATE task_agents SET removal_pending = false
+                WHERE agent_url = %s AND task_id = ANY(%s::uuid[])
+                """,
+                (agent_url, _ids(task_ids)),
+            )
+
+        await self._db.run(operation, transaction=False)
+
+    async def request_removal(
+        self, agent_url: str, task_ids: Sequence[uuid.UUID]
+    ) -> set[uuid.UUID]:
+        if not task_ids:
+            return set()
+
+        async def operation(cursor: Cursor) -> set[uuid.UUID]:
+            await cursor.execute(
+                """
+                UPDATE task_agents a SET removal_pending = true
+                FROM tasks t
+                WHERE t.task_id = a.task_id AND t.deleted_at IS NOT NULL
+                  AND a.agent_url = %s AND a.task_id = ANY(%s::uuid[])
+                RETURNING a.task_id
+                """,
+                (agent_url, _ids(task_ids)),
+            )
+            return {uuid.UUID(str(row[0])) for row in cursor.fetchall()}
+
+        return await self._db.run(operation, transaction=False)

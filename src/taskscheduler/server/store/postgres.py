@@ -1,0 +1,182 @@
+"""The real :class:`~taskscheduler.server.store.interface.Store`: PostgreSQL (txpostgres).
+
+A facade, as Buildbot's ``DBConnector``: it owns the connection pool
+(:mod:`~taskscheduler.server.store.pool`) and one component per domain, each with its
+SQL and row mappers, and passes every call of the Store interface to its component. The
+schema is created and upgraded at :meth:`PostgresStore.start`
+(:mod:`~taskscheduler.server.store.migrations`), under an advisory lock.
+"""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import Sequence
+from datetime import datetime, timedelta
+from typing import Any
+
+from taskscheduler.protocol import RunResult, TaskSpec
+from taskscheduler.server.store.agents import Agents
+from taskscheduler.server.store.audit import Audit
+from taskscheduler.server.store.deliveries import Deliveries
+from taskscheduler.server.store.interface import (
+    AgentRecord,
+    AuditEvent,
+    Execution,
+    RecordOutcome,
+    Task,
+)
+from taskscheduler.server.store.migrations import Migrator
+from taskscheduler.server.store.pool import Database
+from taskscheduler.server.store.results import Results
+from taskscheduler.server.store.tasks import Tasks
+
+
+class PostgresStore:
+    """:class:`~taskscheduler.server.store.interface.Store` on PostgreSQL.
+
+    ``dsn`` is a libpq connection string or URI. ``reactor`` must provide
+    ``IReactorFDSet`` and ``IReactorTime``. ``connect_timeout`` bounds opening a
+    connection and ``operation_timeout`` any single call; past either the call raises
+    StoreUnavailable.
+    """
+
+    #: Connections kept open. Single-result reports are bound by commit latency, so
+    #: a few more connections than cores let PostgreSQL group their commits.
+    DEFAULT_POOL_SIZE = 8
+
+    def __init__(
+        self,
+        dsn: str,
+        reactor: Any = None,
+        *,
+        pool_size: int = DEFAULT_POOL_SIZE,
+        connect_timeout: float = 5.0,
+        operation_timeout: float = 30.0,
+    ) -> None:
+        if reactor is None:
+            from twisted.internet import reactor
+        self.db = Database(
+            dsn,
+            reactor,
+            pool_size=pool_size,
+            connect_timeout=connect_timeout,
+            operation_timeout=operation_timeout,
+        )
+        self.tasks = Tasks(self.db)
+        self.deliveries = Deliveries(self.db)
+        self.results = Results(self.db)
+        self.agents = Agents(self.db)
+        self.audit = Audit(self.db)
+
+    # -- lifecycle ----------------------------------------------------------------------
+
+    async def start(self) -> None:
+        self.db.open()
+        await self.db.run(Migrator().migrate, transaction=False)
+
+    async def stop(self) -> None:
+        self.db.close()
+
+    # -- tasks and the fleet ------------------------------------------------------------
+
+    async def set_fleet(self, agent_urls: Sequence[str]) -> None:
+        await self.tasks.set_fleet(agent_urls)
+
+    async def create_task(
+        self, spec: TaskSpec, created_at: datetime, audit: AuditEvent | None = None
+    ) -> Task:
+        task = await self.tasks.create_task(spec, created_at, audit)
+        self.results.remember_schedule(task.spec)
+        return task
+
+    async def get_task(self, task_id: uuid.UUID) -> Task | None:
+        return await self.tasks.get_task(task_id)
+
+    async def delete_task(
+        self, task_id: uuid.UUID, deleted_at: datetime, audit: AuditEvent
+    ) -> Task | None:
+        return await self.tasks.delete_task(task_id, deleted_at, audit)
+
+    # -- results ------------------------------------------------------------------------
+
+    async def record_results(
+        self, results: Sequence[RunResult], received_at: datetime
+    ) -> list[RecordOutcome]:
+        return await self.results.record_results(results, received_at)
+
+    async def latest_complete_execution(
+        self, task_id: uuid.UUID, now: datetime, report_grace: timedelta
+    ) -> Execution | None:
+        return await self.results.latest_complete_execution(task_id, now, report_grace)
+
+    async def list_executions(
+        self, task_id: uuid.UUID, limit: int, before: datetime | None = None
+    ) -> list[Execution]:
+        return await self.results.list_executions(task_id, limit, before)
+
+    async def prune_history(self, before: datetime, limit: int) -> int:
+        return await self.results.prune_history(before, limit)
+
+    # -- deliveries ---------------------------------------------------------------------
+
+    async def undelivered_tasks(self, agent_url: str, limit: int) -> list[Task]:
+        return await self.deliveries.undelivered_tasks(agent_url, limit)
+
+    async def assigned_task_ids(self, agent_url: str) -> set[uuid.UUID]:
+        return await self.deliveries.assigned_task_ids(agent_url)
+
+    async def mark_delivered(
+        self, agent_url: str, task_ids: Sequence[uuid.UUID], agent_id: uuid.UUID
+    ) -> None:
+        await self.deliveries.mark_delivered(agent_url, task_ids, agent_id)
+
+    async def mark_undelivered(self, agent_url: str, task_ids: Sequence[uuid.UUID]) -> None:
+        await self.deliveries.mark_undelivered(agent_url, task_ids)
+
+    async def assigned_among(self, agent_url: str, task_ids: Sequence[uuid.UUID]) -> set[uuid.UUID]:
+        return await self.deliveries.assigned_among(agent_url, task_ids)
+
+    async def pending_removals(self, agent_url: str, limit: int) -> list[uuid.UUID]:
+        return await self.deliveries.pending_removals(agent_url, limit)
+
+    async def mark_removed(self, agent_url: str, task_ids: Sequence[uuid.UUID]) -> None:
+        await self.deliveries.mark_removed(agent_url, task_ids)
+
+    async def request_removal(
+        self, agent_url: str, task_ids: Sequence[uuid.UUID]
+    ) -> set[uuid.UUID]:
+        return await self.deliveries.request_removal(agent_url, task_ids)
+
+    # -- agents and the audit log -------------------------------------------------------
+
+    async def enrol_agent(
+        self,
+        agent_id: uuid.UUID,
+        url: str,
+        credential_hash: str,
+        enrolled_at: datetime,
+        audit: AuditEvent,
+    ) -> AgentRecord:
+        return await self.agents.enrol_agent(agent_id, url, credential_hash, enrolled_at, audit)
+
+    async def agent_by_credential(self, credential_hash: str) -> AgentRecord | None:
+        return await self.agents.agent_by_credential(credential_hash)
+
+    async def agent_for_url(self, url: str) -> AgentRecord | None:
+        return await self.agents.agent_for_url(url)
+
+    async def revoke_agent(
+        self, agent_id: uuid.UUID, revoked_at: datetime, audit: AuditEvent
+    ) -> AgentRecord | None:
+        return await self.agents.revoke_agent(agent_id, revoked_at, audit)
+
+    async def release_agent_url(
+        self, agent_id: uuid.UUID, released_at: datetime, audit: AuditEvent
+    ) -> AgentRecord | None:
+        return await self.agents.release_agent_url(agent_id, released_at, audit)
+
+    async def list_agents(self) -> list[AgentRecord]:
+        return await self.agents.list_agents()
+
+    async def audit_events(self, limit: int, before: int | None = None) -> list[AuditEvent]:
+        return await self.audit.audit_events(limit, before)

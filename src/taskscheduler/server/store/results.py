@@ -1,0 +1,395 @@
+"""Executions and their results in PostgreSQL: record, latest complete, history, prune.
+
+The outcome rules are :mod:`~taskscheduler.server.store.rules`: alignment and result
+identity are checked here in Python with them; completeness and the deletion cut-off are
+applied by the SQL below, which ``tests/unit/test_store_rules.py`` holds to the same rules.
+"""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import Sequence
+from datetime import datetime, timedelta
+from typing import Any
+
+import psycopg2
+
+from taskscheduler.protocol import Output, ResultStatus, RunResult, TaskSpec
+from taskscheduler.server.store.interface import Execution, RecordOutcome, UnknownTask
+from taskscheduler.server.store.pool import Cursor, Database
+from taskscheduler.server.store.rules import on_schedule, result_digest, utc, utc_or_none
+
+# -- SQL ------------------------------------------------------------------------------------
+
+#: The newest complete execution of a task (:func:`rules.is_complete`): two backward index
+#: probes of one row each (the newest execution marked complete, and the newest one past
+#: its reporting deadline, :func:`rules.completion_cutoff`), so the cost does not grow
+#: with the task's history. No row: unknown task.
+LATEST_EXECUTION_SQL = """
+SELECT t.time_limit_us, e.scheduled_at, e.expected
+FROM tasks t
+LEFT JOIN LATERAL (
+    SELECT c.scheduled_at, c.expected FROM (
+        (SELECT x.scheduled_at, x.expected FROM executions x
+         WHERE x.task_id = t.task_id AND x.completed_at IS NOT NULL
+         ORDER BY x.scheduled_at DESC LIMIT 1)
+        UNION ALL
+        (SELECT x.scheduled_at, x.expected FROM executions x
+         WHERE x.task_id = t.task_id
+           AND x.scheduled_at < %(now)s::timestamptz
+                                - t.time_limit_us * interval '1 microsecond'
+                                - %(grace)s::interval
+         ORDER BY x.scheduled_at DESC LIMIT 1)
+    ) c
+    ORDER BY c.scheduled_at DESC LIMIT 1
+) e ON true
+WHERE t.task_id = %(task_id)s::uuid
+"""
+
+#: One execution's results, by primary key.
+_RESULT_COLUMNS = """agent_id, status, exit_code, signal, started_at, finished_at,
+       stdout, stdout_bytes, stdout_truncated, stderr, stderr_bytes, stderr_truncated,
+       reason"""
+
+EXECUTION_RESULTS_SQL = f"""
+SELECT {_RESULT_COLUMNS}
+FROM results
+WHERE task_id = %(task_id)s::uuid AND scheduled_at = %(scheduled_at)s
+ORDER BY agent_id
+"""
+
+#: Store a batch of results in one implicit transaction: create the executions they
+#: belong to (expecting every agent then assigned), lock those executions in key order,
+#: insert the results that are new, and count them in their executions. Returns the keys
+#: of the results inserted; the others were already stored, or are of instants after
+#: their task's deletion (:func:`rules.after_deletion`: neither an execution nor a result
+#: is made for those). An execution is marked complete once it has every result it
+#: expects (:func:`rules.reported_enough`).
+RECORD_SQL = """
+INSERT INTO executions (task_id, scheduled_at, expected)
+SELECT v.task_id, v.scheduled_at,
+       (SELECT count(*) FROM task_agents a WHERE a.task_id = v.task_id)
+FROM unnest(%(e_task)s::uuid[], %(e_at)s::timestamptz[]) AS v (task_id, scheduled_at)
+WHERE NOT EXISTS (SELECT 1 FROM tasks t
+                  WHERE t.task_id = v.task_id AND t.deleted_at < v.scheduled_at)
+ON CONFLICT DO NOTHING;
+
+SELECT 1 FROM executions e
+JOIN unnest(%(e_task)s::uuid[], %(e_at)s::timestamptz[]) AS v (task_id, scheduled_at)
+  ON e.task_id = v.task_id AND e.scheduled_at = v.scheduled_at
+ORDER BY e.task_id, e.scheduled_at
+FOR UPDATE OF e;
+
+WITH inserted AS (
+    INSERT INTO results (task_id, scheduled_at, agent_id, status, exit_code, signal,
+                         started_at, finished_at, stdout, stdout_bytes, stdout_truncated,
+                         stderr, stderr_bytes, stderr_truncated, reason, digest,
+                         received_at)
+    SELECT v.*, %(received_at)s
+    FROM unnest(%(task)s::uuid[], %(at)s::timestamptz[], %(agent)s::uuid[],
+                %(status)s::text[], %(exit_code)s::integer[], %(signal)s::integer[],
+                %(started)s::timestamptz[], %(finished)s::timestamptz[],
+                %(stdout)s::bytea[], %(stdout_bytes)s::bigint[],
+                %(stdout_truncated)s::boolean[],
+                %(stderr)s::bytea[], %(stderr_bytes)s::bigint[],
+                %(stderr_truncated)s::boolean[], %(reason)s::text[], %(digest)s::bytea[])
+         AS v (task_id, scheduled_at, agent_id, status, exit_code, signal,
+               started_at, finished_at, stdout, stdout_bytes, stdout_truncated,
+               stderr, stderr_bytes, stderr_truncated, reason, digest)
+    WHERE EXISTS (SELECT 1 FROM executions e
+                  WHERE e.task_id = v.task_id AND e.scheduled_at = v.scheduled_at)
+      AND NOT EXISTS (SELECT 1 FROM tasks t
+                      WHERE t.task_id = v.task_id AND t.deleted_at < v.scheduled_at)
+    ON CONFLICT DO NOTHING
+    RETURNING task_id, agent_id, scheduled_at
+), counted AS (
+    SELECT task_id, scheduled_at, count(*) AS n FROM inserted GROUP BY task_id, scheduled_at
+), counters AS (
+    UPDATE executions e
+    SET reported = e.reported + c.n,
+        completed_at = CASE
+            WHEN e.completed_at IS NULL AND e.reported + c.n >= e.expected
+            THEN %(received_at)s ELSE e.completed_at END
+    FROM counted c
+    WHERE e.task_id = c.task_id AND e.scheduled_at = c.scheduled_at
+)
+SELECT task_id, agent_id, scheduled_at FROM inserted
+"""
+
+#: A page of a task's history, newest first, from the primary key.
+LIST_EXECUTIONS_SQL = """
+SELECT scheduled_at, expected FROM executions
+WHERE task_id = %(task_id)s::uuid
+  AND (%(before)s::timestamptz IS NULL OR scheduled_at < %(before)s)
+ORDER BY scheduled_at DESC
+LIMIT %(limit)s
+"""
+
+#: The results of a page of executions (between its oldest and newest instants).
+PAGE_RESULTS_SQL = f"""
+SELECT scheduled_at, {_RESULT_COLUMNS} FROM results
+WHERE task_id = %(task_id)s::uuid
+  AND scheduled_at <= %(newest)s AND scheduled_at >= %(oldest)s
+ORDER BY scheduled_at, agent_id
+"""
+
+#: The digests stored under keys a batch could not insert (already there, or deleted).
+STORED_DIGESTS_SQL = """
+SELECT r.task_id, r.agent_id, r.scheduled_at, r.digest
+FROM unnest(%s::uuid[], %s::timestamptz[], %s::uuid[]) AS v (t, s, a)
+JOIN results r ON r.task_id = v.t AND r.scheduled_at = v.s AND r.agent_id = v.a
+"""
+
+#: Delete the oldest executions scheduled before a cutoff, with their results, in one
+#: statement (one implicit transaction). The oldest ones come from the scheduled_at index,
+#: at most ``limit`` of them. SKIP LOCKED passes over executions that record_results has
+#: locked (it is adding a result to them), so a prune never waits for result ingestion
+#: and the two cannot deadlock; whatever is skipped goes in a later call. Results are
+#: deleted first in the same statement, so the foreign key holds when it is checked. The
+#: locked executions are deleted by their row address (a TID scan: they cannot move while
+#: we hold their locks), so no plan ever joins against the whole table.
+PRUNE_SQL = """
+WITH doomed AS (
+    SELECT ctid, task_id, scheduled_at FROM executions
+    WHERE scheduled_at < %(before)s
+    ORDER BY scheduled_at
+    LIMIT %(limit)s
+    FOR UPDATE SKIP LOCKED
+), gone_results AS (
+    DELETE FROM results r USING doomed d
+    WHERE r.task_id = d.task_id AND r.scheduled_at = d.scheduled_at
+)
+DELETE FROM executions WHERE ctid = ANY(ARRAY(SELECT ctid FROM doomed))
+"""
+
+#: Cached task schedules (anchor, interval) before the cache is emptied and refilled.
+_SCHEDULE_CACHE_SIZE = 100_000
+
+_Key = tuple[str, str, datetime]  # (task_id, agent_id, scheduled_at)
+
+
+def _result_from_row(task_id: uuid.UUID, scheduled_at: datetime, row: Sequence[Any]) -> RunResult:
+    (
+        agent_id,
+        status,
+        exit_code,
+        signal,
+        started_at,
+        finished_at,
+        stdout,
+        stdout_bytes,
+        stdout_truncated,
+        stderr,
+        stderr_bytes,
+        stderr_truncated,
+        reason,
+    ) = row
+    return RunResult(
+        task_id=task_id,
+        agent_id=uuid.UUID(str(agent_id)),
+        scheduled_at=scheduled_at,
+        status=ResultStatus(status),
+        exit_code=exit_code,
+        signal=signal,
+        started_at=utc_or_none(started_at),
+        finished_at=utc_or_none(finished_at),
+        stdout=Output(bytes(stdout), stdout_bytes, stdout_truncated),
+        stderr=Output(bytes(stderr), stderr_bytes, stderr_truncated),
+        reason=reason,
+    )
+
+
+class Results:
+    """Records results into executions and reads them back."""
+
+    def __init__(self, db: Database) -> None:
+        self._db = db
+        self._schedules: dict[uuid.UUID, tuple[datetime, timedelta]] = {}
+
+    def remember_schedule(self, spec: TaskSpec) -> None:
+        """A task's schedule never changes: keep it, to judge its results' alignment."""
+        self._schedules[spec.task_id] = (spec.anchor, spec.frequency.interval)
+
+    async def record_results(
+        self, results: Sequence[RunResult], received_at: datetime
+    ) -> list[RecordOutcome]:
+        if not results:
+            return []
+        received = utc(received_at)
+
+        async def operation(cursor: Cursor) -> list[RecordOutcome]:
+            return await self._record(cursor, results, received)
+
+        # Not in an explicit transaction: the writes go as one multi-statement query,
+        # which PostgreSQL runs as one implicit transaction (one round trip, not four).
+        return await self._db.run(operation, transaction=False)
+
+    async def _schedules_of(
+        self, cursor: Cursor, task_ids: set[uuid.UUID]
+    ) -> dict[uuid.UUID, tuple[datetime, timedelta]]:
+        """Anchor and interval of each known task; they never change, so they are cached."""
+        missing = [str(t) for t in task_ids if t not in self._schedules]
+        if missing:
+            await cursor.execute(
+                "SELECT task_id, anchor, interval_seconds FROM tasks"
+                " WHERE task_id = ANY(%s::uuid[])",
+                (missing,),
+            )
+            if len(self._schedules) > _SCHEDULE_CACHE_SIZE:
+                self._schedules.clear()
+            for task_id, anchor, interval in cursor.fetchall():
+                self._schedules[uuid.UUID(str(task_id))] = (anchor, timedelta(seconds=interval))
+        return {t: self._schedules[t] for t in task_ids if t in self._schedules}
+
+    async def _record(
+        self, cursor: Cursor, results: Sequence[RunResult], received_at: datetime
+    ) -> list[RecordOutcome]:
+        outcomes: list[RecordOutcome | None] = [None] * len(results)
+        schedules = await self._schedules_of(cursor, {r.task_id for r in results})
+        # The first candidate for each key is the one we try to insert; any later one in
+        # the same batch is judged against whatever ends up stored.
+        first: dict[_Key, int] = {}
+        keys: list[_Key | None] = [None] * len(results)
+        digests = [b""] * len(results)
+        for i, r in enumerate(results):
+            schedule = schedules.get(r.task_id)
+            if schedule is None:
+                outcomes[i] = RecordOutcome.UNKNOWN_TASK
+            elif not on_schedule(schedule[0], schedule[1], r.scheduled_at):
+                outcomes[i] = RecordOutcome.MISALIGNED
+            else:
+                key = (str(r.task_id), str(r.agent_id), r.scheduled_at)
+                keys[i] = key
+                first.setdefault(key, i)
+                digests[i] = result_digest(r)
+        if not first:
+            return [outcome for outcome in outcomes if outcome is not None]
+
+        # Sorted: concurrent calls take row locks in the same order, so never deadlock.
+        candidates = sorted(first, key=lambda k: (k[0], k[2], k[1]))
+        executions = sorted({(t, at) for t, _, at in candidates})
+        chosen = [results[first[key]] for key in candidates]
+        await cursor.execute(
+            RECORD_SQL,
+            {
+                "e_task": [t for t, _ in executions],
+                "e_at": [at for _, at in executions],
+                "task": [k[0] for k in candidates],
+                "at": [k[2] for k in candidates],
+                "agent": [k[1] for k in candidates],
+                "status": [r.status.value for r in chosen],
+                "exit_code": [r.exit_code for r in chosen],
+                "signal": [r.signal for r in chosen],
+                "started": [r.started_at for r in chosen],
+                "finished": [r.finished_at for r in chosen],
+                "stdout": [psycopg2.Binary(r.stdout.data) for r in chosen],
+                "stdout_bytes": [r.stdout.size for r in chosen],
+                "stdout_truncated": [r.stdout.truncated for r in chosen],
+                "stderr": [psycopg2.Binary(r.stderr.data) for r in chosen],
+                "stderr_bytes": [r.stderr.size for r in chosen],
+                "stderr_truncated": [r.stderr.truncated for r in chosen],
+                "reason": [r.reason for r in chosen],
+                "digest": [psycopg2.Binary(digests[first[key]]) for key in candidates],
+                "received_at": received_at,
+            },
+        )
+        inserted = {(str(t), str(a), at) for t, a, at in cursor.fetchall()}
+        stored_digests = {key: digests[first[key]] for key in inserted}
+
+        already = [key for key in candidates if key not in inserted]
+        if already:
+            await cursor.execute(
+                STORED_DIGESTS_SQL,
+                ([k[0] for k in already], [k[2] for k in already], [k[1] for k in already]),
+            )
+            for task_id, agent_id, at, digest in cursor.fetchall():
+                stored_digests[(str(task_id), str(agent_id), at)] = bytes(digest)
+
+        for i, candidate in enumerate(keys):
+            if candidate is None:
+                continue
+            if first[candidate] == i and candidate in inserted:
+                outcomes[i] = RecordOutcome.STORED
+            elif candidate not in stored_digests:
+                outcomes[i] = RecordOutcome.DELETED  # neither inserted nor stored before
+            elif stored_digests[candidate] == digests[i]:  # rules.same_result, by digest
+                outcomes[i] = RecordOutcome.DUPLICATE
+            else:
+                outcomes[i] = RecordOutcome.CONFLICT
+        return [outcome for outcome in outcomes if outcome is not None]
+
+    async def latest_complete_execution(
+        self, task_id: uuid.UUID, now: datetime, report_grace: timedelta
+    ) -> Execution | None:
+        async def operation(cursor: Cursor) -> Execution | None:
+            await cursor.execute(
+                LATEST_EXECUTION_SQL,
+                {"task_id": str(task_id), "now": now, "grace": report_grace},
+            )
+            row = cursor.fetchone()
+            if row is None:
+                raise UnknownTask(str(task_id))
+            _, scheduled_at, expected = row
+            if scheduled_at is None:
+                return None
+            await cursor.execute(
+                EXECUTION_RESULTS_SQL, {"task_id": str(task_id), "scheduled_at": scheduled_at}
+            )
+            scheduled_at = utc(scheduled_at)
+            return Execution(
+                task_id=task_id,
+                scheduled_at=scheduled_at,
+                expected=expected,
+                results=tuple(
+                    _result_from_row(task_id, scheduled_at, row) for row in cursor.fetchall()
+                ),
+            )
+
+        return await self._db.run(operation, transaction=False)
+
+    async def list_executions(
+        self, task_id: uuid.UUID, limit: int, before: datetime | None = None
+    ) -> list[Execution]:
+        async def operation(cursor: Cursor) -> list[Execution]:
+            await cursor.execute("SELECT 1 FROM tasks WHERE task_id = %s::uuid", (str(task_id),))
+            if cursor.fetchone() is None:
+                raise UnknownTask(str(task_id))
+            # Both queries walk the primary keys backwards from `before`: the cost is
+            # the page, whatever the length of the history.
+            await cursor.execute(
+                LIST_EXECUTIONS_SQL, {"task_id": str(task_id), "before": before, "limit": limit}
+            )
+            page = cursor.fetchall()
+            if not page:
+                return []
+            await cursor.execute(
+                PAGE_RESULTS_SQL,
+                {"task_id": str(task_id), "newest": page[0][0], "oldest": page[-1][0]},
+            )
+            by_instant: dict[datetime, list[Sequence[Any]]] = {}
+            for row in cursor.fetchall():
+                by_instant.setdefault(row[0], []).append(row[1:])
+            executions = []
+            for scheduled_at, expected in page:
+                at = utc(scheduled_at)
+                executions.append(
+                    Execution(
+                        task_id=task_id,
+                        scheduled_at=at,
+                        expected=expected,
+                        results=tuple(
+                            _result_from_row(task_id, at, row)
+                            for row in by_instant.get(scheduled_at, [])
+                        ),
+                    )
+                )
+            return executions
+
+        return await self._db.run(operation, transaction=False)
+
+    async def prune_history(self, before: datetime, limit: int) -> int:
+        async def operation(cursor: Cursor) -> int:
+            await cursor.execute(PRUNE_SQL, {"before": before, "limit": limit})
+            return int(cursor.rowcount)
+
+        return await self._db.run(operation, transaction=False)
