@@ -521,6 +521,20 @@ async def test_history_lists_executions_newest_first_and_pages(harness: Harness)
 
 
 @pytest_twisted.ensureDeferred
+async def test_history_and_latest_output_agree_on_what_is_complete(harness: Harness) -> None:
+    task_id = await harness.create()  # every 30 s from START, a 30 s limit, a 30 s grace
+    harness.clock.advance(1)
+    await harness.report(harness.result(task_id, AGENT_A, 1, b"a1"))  # B never reports
+    # Past the time limit but within the grace, then past both: execution 1 is given up on.
+    for now, complete in ((START + 61, False), (START + 91, True)):
+        harness.clock.advance(now - harness.clock.seconds())
+        _, history = await harness.request("GET", f"/api/v1/tasks/{task_id}/executions")
+        _, latest = await harness.request("GET", f"/api/v1/tasks/{task_id}/latest_output")
+        assert [e["complete"] for e in history["executions"]] == [complete]
+        assert (latest["outputs"] != []) is complete
+
+
+@pytest_twisted.ensureDeferred
 async def test_pruned_history_leaves_the_history_and_latest_output(harness: Harness) -> None:
     task_id = await harness.create()
     harness.clock.advance(1)  # reported once they ran: ahead by no more than a limit + 60 s
