@@ -17,9 +17,9 @@ from twisted.logger import LogLevel, capturedLogs, formatEvent
 from taskscheduler.embedded_pg import (
     EmbeddedPostgres,
     EmbeddedPostgresError,
-    PostgresSupervisor,
     pgserver_incompatibilities,
 )
+from taskscheduler.embedded_pg_supervisor import PostgresSupervisor
 
 PYPROJECT = Path(__file__).resolve().parents[2] / "pyproject.toml"
 

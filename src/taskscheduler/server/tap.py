@@ -39,7 +39,8 @@ from taskscheduler.auth import (
     split_endpoint,
 )
 from taskscheduler.daemon import StartFailure
-from taskscheduler.embedded_pg import EmbeddedPostgres, EmbeddedPostgresError, PostgresSupervisor
+from taskscheduler.embedded_pg import EmbeddedPostgres, EmbeddedPostgresError
+from taskscheduler.embedded_pg_supervisor import PostgresSupervisor
 from taskscheduler.hardening import make_non_dumpable, make_private_folder, private_file_problem
 from taskscheduler.httpclient import DaemonHTTP
 from taskscheduler.protocol import CLOCK_ALLOWANCE
