@@ -1,13 +1,20 @@
-"""The embedded PostgreSQL: restarted with back-off when it dies, and the pgserver it
-relies on (private names included) checked, so that an upgrade fails loudly."""
+"""The embedded PostgreSQL: its data kept across restarts and crashes (a real one),
+restarted with back-off when it dies, and the pgserver it relies on (private names
+included) checked, so that an upgrade fails loudly."""
 
 from __future__ import annotations
 
+import json
+import os
+import signal
+import subprocess
 import tomllib
+from collections.abc import Callable
 from importlib.metadata import version
 from pathlib import Path
 from typing import Any
 
+import psutil
 import pytest
 from packaging.requirements import Requirement
 from twisted.internet.defer import Deferred
@@ -20,6 +27,8 @@ from taskscheduler.embedded_pg import (
     pgserver_incompatibilities,
 )
 from taskscheduler.embedded_pg_supervisor import PostgresSupervisor
+from tests.integration.daemons import wait_for
+from tests.unit.test_store_postgres import _query
 
 PYPROJECT = Path(__file__).resolve().parents[2] / "pyproject.toml"
 
@@ -177,3 +186,53 @@ def test_a_pgserver_without_one_of_them_is_refused_by_name(
         EmbeddedPostgres(tmp_path / "postgres").start_blocking()
     assert "pyproject.toml" in str(info.value)
     assert not (tmp_path / "postgres").exists(), "refused before touching anything"
+
+
+# -- the embedded PostgreSQL -----------------------------------------------------------------
+
+
+def running(process: psutil.Process) -> bool:
+    try:
+        return process.status() != psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:
+        return False
+
+
+def test_embedded_postgres_keeps_its_data_and_survives_being_killed(
+    private_folder: Callable[[], Path],
+) -> None:
+    # Deep enough that the unix socket cannot live in the data folder itself.
+    folder = private_folder() / ("d" * 60) / ("e" * 60) / "postgres"
+    server = EmbeddedPostgres(folder)
+    dsn = server.start_blocking()
+    try:
+        _query(dsn, "CREATE TABLE kept (x text); INSERT INTO kept VALUES ('still here')")
+        server.stop_blocking()
+        assert not (folder / "postmaster.pid").exists(), "stop left PostgreSQL running"
+        dsn = server.start_blocking()
+        assert _query(dsn, "SELECT x FROM kept") == [("still here",)]
+
+        # After a crash, postmaster.pid may name a pid that is now some other process.
+        server.stop_blocking()
+        (folder / "postmaster.pid").write_text(
+            f"{os.getpid()}\n{folder}\n1\n5432\n{folder}\n\n  0 0\nready\n"
+        )
+        dsn = server.start_blocking()
+        assert _query(dsn, "SELECT x FROM kept") == [("still here",)]
+
+        assert server.postmaster_pid is not None
+        postmaster = psutil.Process(server.postmaster_pid)
+        postmaster.send_signal(signal.SIGKILL)
+        wait_for(lambda: not running(postmaster), 10, "the postmaster to die", interval=0.01)
+        dsn = server.start_blocking()
+        assert _query(dsn, "SELECT x FROM kept") == [("still here",)]
+
+        # A server that died while using the folder must not keep PostgreSQL running.
+        dead = subprocess.Popen(["true"])
+        dead.wait()
+        handles = folder / ".handle_pids.json"
+        handles.write_text(json.dumps([dead.pid, *json.loads(handles.read_text())]))
+        server.stop_blocking()
+        assert not (folder / "postmaster.pid").exists(), "a dead user kept PostgreSQL running"
+    finally:
+        server.stop_blocking()

@@ -1,48 +1,29 @@
 """The Store contract, run against MemoryStore and PostgresStore (a real PostgreSQL).
 
-Then what only PostgreSQL has: migrations, outages, query plans, the embedded server.
+What only PostgreSQL has (migrations, outages, query plans) is in test_store_postgres.py.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import json
-import os
-import signal
-import subprocess
 import uuid
-from collections.abc import Callable, Coroutine
+from collections.abc import Coroutine
 from datetime import UTC, datetime, timedelta, timezone
-from pathlib import Path
 from typing import Any, TypeVar
 
-import psutil
-import psycopg2
 import pytest
 import pytest_twisted
 from twisted.internet import reactor
 from twisted.internet.defer import Deferred, DeferredList
 
-from taskscheduler.embedded_pg import EmbeddedPostgres
 from taskscheduler.protocol import Output, ResultStatus, RunResult, TaskSpec
 from taskscheduler.schedule import instant, parse_frequency
 from taskscheduler.server.store.interface import (
     AuditEvent,
     RecordOutcome,
     Store,
-    StoreUnavailable,
     UnknownTask,
 )
-from taskscheduler.server.store.migrations import MIGRATIONS
-from taskscheduler.server.store.postgres import PostgresStore
-from taskscheduler.server.store.results import (
-    EXECUTION_RESULTS_SQL,
-    LATEST_EXECUTION_SQL,
-    PRUNE_SQL,
-)
-from taskscheduler.server.store.rules import result_digest
-from tests.conftest import RestartablePostgres, _create_database, _drop_database
-from tests.integration.daemons import wait_for
 
 T = TypeVar("T")
 
@@ -53,9 +34,6 @@ ANCHOR = datetime(2026, 11, 27, 7, 30, 0, 123456, tzinfo=UTC)
 INTERVAL = timedelta(seconds=30)
 TIME_LIMIT = timedelta(seconds=10)
 GRACE = timedelta(seconds=5)
-#: result_digest() of the result in test_a_result_without_a_reason_digests_as_before...,
-#: as computed before results had a reason.
-OLD_DIGEST = "b1fca4febcfb039812c324c283d45ee09146c53ce4432d6f7357b92772600492"
 
 STORED = RecordOutcome.STORED
 DUPLICATE = RecordOutcome.DUPLICATE
@@ -390,15 +368,6 @@ async def test_a_reason_round_trips_and_none_stays_none(store: Store) -> None:
     assert await store.record_results([skipped, lost], at(2)) == [DUPLICATE, DUPLICATE]
 
 
-def test_a_result_without_a_reason_digests_as_before_reasons_existed() -> None:
-    """Results stored before migration 5 must still be duplicates of their resends."""
-    task_id = uuid.UUID("cccccccc-0000-4000-8000-000000000003")
-    old = result(task_id, A_ID, 1, err=b"warn")
-    # The digest main computed before the reason field existed, for this very result.
-    assert result_digest(old).hex() == OLD_DIGEST
-    assert result_digest(dataclasses.replace(old, reason="why")) != result_digest(old)
-
-
 # -- history ---------------------------------------------------------------------------------
 
 
@@ -575,9 +544,6 @@ async def test_expected_agents_are_fixed_when_an_execution_is_first_reported(
     assert latest is not None and latest.scheduled_at == at(3) and latest.expected == 0
 
 
-# -- PostgreSQL only -------------------------------------------------------------------------
-
-
 # -- deleting tasks ---------------------------------------------------------------------------
 
 
@@ -681,283 +647,3 @@ async def test_a_deleted_task_is_never_delivered_and_is_removed_from_each_agent(
     await store.set_fleet([A_URL, B_URL, C_URL])
     assert await store.undelivered_tasks(C_URL, 10) == [kept]
     assert await store.pending_removals(C_URL, 10) == []
-
-
-def _query(dsn: str, sql: str, params: Any = None) -> list[tuple[Any, ...]]:
-    conn = psycopg2.connect(dsn)
-    try:
-        with conn, conn.cursor() as cursor:
-            cursor.execute(sql, params)
-            return cursor.fetchall() if cursor.description else []
-    finally:
-        conn.close()
-
-
-@pytest_twisted.ensureDeferred
-async def test_migrations_apply_once_even_when_servers_start_together(database_dsn: str) -> None:
-    stores = [PostgresStore(database_dsn, reactor=reactor) for _ in range(3)]
-    await DeferredList([Deferred.fromCoroutine(s.start()) for s in stores], fireOnOneErrback=True)
-    task = await stores[0].create_task(make_spec(), ANCHOR)
-    for s in stores:
-        await s.stop()
-    again = PostgresStore(database_dsn, reactor=reactor)
-    await again.start()
-    assert await again.get_task(task.task_id) == task
-    await again.stop()
-    versions = _query(database_dsn, "SELECT version FROM schema_migrations ORDER BY version")
-    assert versions == [(v,) for v in range(1, len(MIGRATIONS) + 1)]
-
-
-@pytest_twisted.ensureDeferred
-async def test_a_schema_newer_than_the_server_is_refused(database_dsn: str) -> None:
-    store = PostgresStore(database_dsn, reactor=reactor)
-    await store.start()
-    await store.stop()
-    _query(database_dsn, "INSERT INTO schema_migrations (version) VALUES (%s)", (999,))
-    with pytest.raises(RuntimeError, match="newer"):
-        await PostgresStore(database_dsn, reactor=reactor).start()
-
-
-@pytest_twisted.ensureDeferred
-async def test_a_database_restart_is_unavailable_then_recovers_by_itself(
-    restartable_postgres: RestartablePostgres,
-) -> None:
-    name, dsn = _create_database(restartable_postgres.server_dsn)
-    try:
-        await _survive_a_restart(restartable_postgres, dsn)
-    finally:
-        _drop_database(restartable_postgres.server_dsn, name)
-
-
-async def _survive_a_restart(restartable_postgres: RestartablePostgres, dsn: str) -> None:
-    store = PostgresStore(dsn, reactor=reactor, connect_timeout=2, operation_timeout=5)
-    await store.start()
-    await store.set_fleet([A_URL])
-    task = await store.create_task(make_spec(), ANCHOR)
-    # Fill the pool with idle connections that the restart will kill.
-    await DeferredList([Deferred.fromCoroutine(store.get_task(task.task_id)) for _ in range(4)])
-
-    await restartable_postgres.stop()
-    with pytest.raises(StoreUnavailable):
-        await within(10, store.get_task(task.task_id))
-    with pytest.raises(StoreUnavailable):
-        await within(10, store.record_results([result(task.task_id, A_ID, 1)], at(1)))
-    with pytest.raises(StoreUnavailable):
-        await within(10, store.latest_complete_execution(task.task_id, at(5), GRACE))
-
-    await restartable_postgres.start()
-    assert await within(10, store.get_task(task.task_id)) == task
-    outcomes = await within(10, store.record_results([result(task.task_id, A_ID, 1)], at(1)))
-    assert outcomes == [STORED]  # the attempt during the outage stored nothing
-    latest = await store.latest_complete_execution(task.task_id, at(1), GRACE)
-    assert latest is not None and latest.scheduled_at == at(1)
-    await store.stop()
-
-
-@pytest_twisted.ensureDeferred
-async def test_a_stuck_database_call_gives_up_at_its_deadline(database_dsn: str) -> None:
-    store = PostgresStore(database_dsn, reactor=reactor, operation_timeout=0.5)
-    await store.start()
-    task = await store.create_task(make_spec(), ANCHOR)
-    blocker = psycopg2.connect(database_dsn)
-    try:
-        blocker.cursor().execute("LOCK TABLE tasks IN ACCESS EXCLUSIVE MODE")
-        with pytest.raises(StoreUnavailable, match="did not answer"):
-            await within(10, store.get_task(task.task_id))
-    finally:
-        blocker.rollback()
-        blocker.close()
-    assert await within(10, store.get_task(task.task_id)) == task
-    await store.stop()
-
-
-@pytest_twisted.ensureDeferred
-async def test_an_unreachable_database_fails_fast(tmp_path: Path) -> None:
-    nobody = f"host={tmp_path} port=5432 dbname=nothing"
-    with pytest.raises(StoreUnavailable, match="cannot connect"):
-        await within(10, PostgresStore(nobody, reactor=reactor).start())
-    refused = "host=127.0.0.1 port=1 dbname=nothing"
-    with pytest.raises(StoreUnavailable):
-        await within(10, PostgresStore(refused, reactor=reactor).start())
-    # A TCP address that never answers: only our own deadline ends the wait.
-    silent = "host=10.255.255.1 port=5432 dbname=nothing"
-    with pytest.raises(StoreUnavailable):
-        await within(10, PostgresStore(silent, reactor=reactor, connect_timeout=0.5).start())
-
-
-@pytest_twisted.ensureDeferred
-async def test_latest_output_queries_walk_indexes_not_history(database_dsn: str) -> None:
-    store = PostgresStore(database_dsn, reactor=reactor)
-    await store.start()
-    await store.set_fleet([A_URL, B_URL])
-    tasks = [await store.create_task(make_spec(f"task {i}"), ANCHOR) for i in range(5)]
-    for task in tasks:
-        for first in range(1, 600, 300):
-            batch = [
-                result(task.task_id, agent, k)
-                for k in range(first, first + 300)
-                for agent in (A_ID, B_ID)
-                if k % 7 or agent == A_ID  # some executions wait for B
-            ]
-            await store.record_results(batch, at(600))
-    await store.stop()
-    _query(database_dsn, "ANALYZE")
-    now, task_id = at(450), str(tasks[2].task_id)
-    plans = [
-        _query(
-            database_dsn,
-            "EXPLAIN " + LATEST_EXECUTION_SQL,
-            {"task_id": task_id, "now": now, "grace": GRACE},
-        ),
-        _query(
-            database_dsn,
-            "EXPLAIN " + EXECUTION_RESULTS_SQL,
-            {"task_id": task_id, "scheduled_at": at(440)},
-        ),
-    ]
-    texts = ["\n".join(row[0] for row in plan) for plan in plans]
-    for text in texts:
-        assert "Index" in text, text
-        # A handful of tasks may be scanned; the tables the history lives in may not.
-        assert "Seq Scan on executions" not in text, text
-        assert "Seq Scan on results" not in text, text
-    # Nor may a task's executions be sorted (one execution's few results may be).
-    assert "Sort  (" not in texts[0], texts[0]
-
-
-@pytest_twisted.ensureDeferred
-async def test_a_prune_skips_executions_being_recorded_and_never_waits(database_dsn: str) -> None:
-    store = PostgresStore(database_dsn, reactor=reactor, operation_timeout=5)
-    await store.start()
-    await store.set_fleet([A_URL, B_URL])
-    task = await store.create_task(make_spec(), ANCHOR)
-    for k in (1, 2, 3):
-        await store.record_results([result(task.task_id, A_ID, k)], at(k))
-    # Another transaction holds execution 1 as record_results does while adding to it.
-    holder = psycopg2.connect(database_dsn)
-    try:
-        holder.cursor().execute(
-            "SELECT 1 FROM executions WHERE task_id = %s::uuid AND scheduled_at = %s FOR UPDATE",
-            (str(task.task_id), at(1)),
-        )
-        assert await within(5, store.prune_history(at(10), 100)) == 2
-        holder.cursor().execute(
-            "INSERT INTO results SELECT task_id, scheduled_at, %s::uuid, status, exit_code,"
-            " signal, started_at, finished_at, stdout, stdout_bytes, stdout_truncated, stderr,"
-            " stderr_bytes, stderr_truncated, digest, received_at FROM results"
-            " WHERE task_id = %s::uuid AND scheduled_at = %s",
-            (str(B_ID), str(task.task_id), at(1)),
-        )
-        holder.commit()
-    finally:
-        holder.close()
-    [execution] = await store.list_executions(task.task_id, 10)
-    assert execution.scheduled_at == at(1) and len(execution.results) == 2
-    assert await store.prune_history(at(10), 100) == 1
-    assert await store.list_executions(task.task_id, 10) == []
-    await store.stop()
-
-
-@pytest_twisted.ensureDeferred
-async def test_pruning_while_results_pour_in_loses_none_and_never_deadlocks(
-    database_dsn: str,
-) -> None:
-    store = PostgresStore(database_dsn, reactor=reactor, operation_timeout=10)
-    await store.start()
-    await store.set_fleet([A_URL, B_URL])
-    tasks = [await store.create_task(make_spec(f"task {i}"), ANCHOR) for i in range(4)]
-    for task in tasks:
-        await store.record_results(
-            [result(task.task_id, a, k) for k in range(1, 200) for a in (A_ID, B_ID)], at(200)
-        )
-    recent = [
-        [result(task.task_id, agent, k) for task in tasks for k in range(200, 400, 7)]
-        for agent in (A_ID, B_ID)
-    ]
-    calls = [Deferred.fromCoroutine(store.record_results(batch, at(400))) for batch in recent]
-    calls += [Deferred.fromCoroutine(store.prune_history(at(200), 50)) for _ in range(8)]
-    everything = DeferredList(calls, fireOnOneErrback=True, consumeErrors=True)
-    everything.addTimeout(30, reactor)
-    outcomes = await everything
-    assert all(outcome == STORED for _, stored in outcomes[:2] for outcome in stored)
-    while await store.prune_history(at(200), 500):
-        pass
-    for task in tasks:
-        history = await store.list_executions(task.task_id, 100)
-        assert [e.scheduled_at for e in history] == [at(k) for k in reversed(range(200, 400, 7))]
-        assert all(len(e.results) == 2 for e in history)
-    await store.stop()
-
-
-@pytest_twisted.ensureDeferred
-async def test_the_prune_query_walks_an_index_not_history(database_dsn: str) -> None:
-    store = PostgresStore(database_dsn, reactor=reactor)
-    await store.start()
-    await store.set_fleet([A_URL, B_URL])
-    tasks = [await store.create_task(make_spec(f"task {i}"), ANCHOR) for i in range(5)]
-    for task in tasks:
-        for first in range(1, 2000, 500):
-            batch = [
-                result(task.task_id, agent, k)
-                for k in range(first, first + 500)
-                for agent in (A_ID, B_ID)
-            ]
-            await store.record_results(batch, at(2000))
-    await store.stop()
-    _query(database_dsn, "ANALYZE")
-    rows = _query(database_dsn, "EXPLAIN " + PRUNE_SQL, {"before": at(1500), "limit": 50})
-    text = "\n".join(row[0] for row in rows)
-    assert "executions_by_scheduled_at" in text, text
-    assert "Tid Scan on executions" in text, text
-    assert "Seq Scan on executions" not in text, text
-    assert "Seq Scan on results" not in text, text
-
-
-# -- the embedded PostgreSQL -----------------------------------------------------------------
-
-
-def running(process: psutil.Process) -> bool:
-    try:
-        return process.status() != psutil.STATUS_ZOMBIE
-    except psutil.NoSuchProcess:
-        return False
-
-
-def test_embedded_postgres_keeps_its_data_and_survives_being_killed(
-    private_folder: Callable[[], Path],
-) -> None:
-    # Deep enough that the unix socket cannot live in the data folder itself.
-    folder = private_folder() / ("d" * 60) / ("e" * 60) / "postgres"
-    server = EmbeddedPostgres(folder)
-    dsn = server.start_blocking()
-    try:
-        _query(dsn, "CREATE TABLE kept (x text); INSERT INTO kept VALUES ('still here')")
-        server.stop_blocking()
-        assert not (folder / "postmaster.pid").exists(), "stop left PostgreSQL running"
-        dsn = server.start_blocking()
-        assert _query(dsn, "SELECT x FROM kept") == [("still here",)]
-
-        # After a crash, postmaster.pid may name a pid that is now some other process.
-        server.stop_blocking()
-        (folder / "postmaster.pid").write_text(
-            f"{os.getpid()}\n{folder}\n1\n5432\n{folder}\n\n  0 0\nready\n"
-        )
-        dsn = server.start_blocking()
-        assert _query(dsn, "SELECT x FROM kept") == [("still here",)]
-
-        assert server.postmaster_pid is not None
-        postmaster = psutil.Process(server.postmaster_pid)
-        postmaster.send_signal(signal.SIGKILL)
-        wait_for(lambda: not running(postmaster), 10, "the postmaster to die", interval=0.01)
-        dsn = server.start_blocking()
-        assert _query(dsn, "SELECT x FROM kept") == [("still here",)]
-
-        # A server that died while using the folder must not keep PostgreSQL running.
-        dead = subprocess.Popen(["true"])
-        dead.wait()
-        handles = folder / ".handle_pids.json"
-        handles.write_text(json.dumps([dead.pid, *json.loads(handles.read_text())]))
-        server.stop_blocking()
-        assert not (folder / "postmaster.pid").exists(), "a dead user kept PostgreSQL running"
-    finally:
-        server.stop_blocking()

@@ -24,6 +24,7 @@ from taskscheduler.server.store.rules import (
     is_complete,
     on_schedule,
     release_conflict,
+    result_digest,
     same_result,
     utc_result,
     utc_spec,
@@ -40,6 +41,9 @@ from tests.unit.test_store_contract import (
 )
 
 USEC = timedelta(microseconds=1)
+#: result_digest() of the result in test_a_result_without_a_reason_digests_as_before...,
+#: as computed before results had a reason.
+OLD_DIGEST = "b1fca4febcfb039812c324c283d45ee09146c53ce4432d6f7357b92772600492"
 #: When execution 1 stops waiting for missing agents.
 DEADLINE = at(1) + TIME_LIMIT + GRACE
 
@@ -204,6 +208,15 @@ async def test_each_store_tells_a_duplicate_from_a_conflict_as_the_rule_does(
     [outcome] = await store.record_results([again], at(2))
     assert (outcome is RecordOutcome.DUPLICATE) is same_result(original, again)
     assert outcome in {RecordOutcome.DUPLICATE, RecordOutcome.CONFLICT}
+
+
+def test_a_result_without_a_reason_digests_as_before_reasons_existed() -> None:
+    """Results stored before migration 5 must still be duplicates of their resends."""
+    task_id = uuid.UUID("cccccccc-0000-4000-8000-000000000003")
+    old = result(task_id, A_ID, 1, err=b"warn")
+    # The digest main computed before the reason field existed, for this very result.
+    assert result_digest(old).hex() == OLD_DIGEST
+    assert result_digest(replace(old, reason="why")) != result_digest(old)
 
 
 # -- time and agents ------------------------------------------------------------------------
