@@ -1,27 +1,22 @@
-"""Bearer tokens, the operators' token file, loopback detection and redaction.
-
-The security building blocks both daemons share:
+"""Bearer tokens and the token files that hold their hashes.
 
 - tokens are 256-bit random strings with a readable prefix (``tso_`` operator, ``tsa_``
   agent credential, ``tsj_`` join secret) and are only ever stored as ``sha256:<hex>``;
-- :class:`TokenFile` holds the operators' tokens, from a file that is re-read when it
-  changes (so a token is revoked by deleting its line, without a restart) or from the
-  value of an environment variable;
-- :func:`is_loopback_endpoint` tells whether a server endpoint string listens only on this
-  machine: the one case where a server may run without operator tokens;
-- :func:`redact_dsn` and :func:`token_fingerprint` keep secrets out of logs.
+- :class:`TokenFile` holds the operators' tokens (or the join secrets), from a file that
+  is re-read when it changes (so a token is revoked by deleting its line, without a
+  restart) or from the value of an environment variable.
+
+Where a server may listen without tokens is :mod:`taskscheduler.listen`; keeping secrets
+out of logs is :mod:`taskscheduler.redact`.
 """
 
 from __future__ import annotations
 
 import hashlib
-import hmac
-import ipaddress
 import os
 import re
 import secrets
 from collections.abc import Iterable, Mapping
-from urllib.parse import urlsplit
 
 from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
@@ -44,9 +39,6 @@ _B64TOKEN_RE = re.compile(r"[A-Za-z0-9\-._~+/]+=*")
 #: Longest token accepted from a client; ours are 47 characters.
 MAX_TOKEN_LENGTH = 512
 
-_log = Logger(namespace="taskscheduler.auth")
-
-
 # -- tokens ----------------------------------------------------------------------------
 
 
@@ -63,16 +55,6 @@ def hash_token(token: str) -> str:
     hash would only make every authenticated request slow.
     """
     return HASH_SCHEME + hashlib.sha256(token.encode("utf-8")).hexdigest()
-
-
-def verify_token(token: str, token_hash: str) -> bool:
-    """Whether ``token`` hashes to ``token_hash``, compared in constant time."""
-    return hmac.compare_digest(hash_token(token), token_hash.lower())
-
-
-def token_fingerprint(token: str) -> str:
-    """A short, safe name for a token in logs: the first 12 hex digits of its hash."""
-    return hash_token(token)[len(HASH_SCHEME) : len(HASH_SCHEME) + 12]
 
 
 def is_valid_principal_name(name: str) -> bool:
@@ -206,35 +188,16 @@ class TokenFile:
         """Tokens from an environment variable: entries separated by newlines or commas."""
         return cls(parse_token_lines(re.split(r"[\n,]", value), source, "entry"))
 
-    @property
-    def source(self) -> str:
-        return self._path if self._path is not None else "environment"
-
-    def names(self) -> set[str]:
-        """The principals that currently hold at least one token."""
-        self._maybe_reload()
-        return set(self._by_hash.values())
-
     def __len__(self) -> int:
         self._maybe_reload()
         return len(self._by_hash)
-
-    def authenticate(self, header_value: str | bytes | None) -> str | None:
-        """The principal an ``Authorization`` header value proves, or None."""
-        token = parse_bearer(header_value)
-        return None if token is None else self.authenticate_token(token)
-
-    def authenticate_request(self, request: IRequest) -> str | None:
-        token = bearer_token(request)
-        return None if token is None else self.authenticate_token(token)
 
     def authenticate_token(self, token: str) -> str | None:
         """The principal holding ``token``, or None."""
         self._maybe_reload()
         # A dict lookup on the hash leaks nothing useful through timing: the attacker
         # controls only the preimage, and learning bits of a stored hash does not help
-        # forge a 256-bit token. (Comparing one presented secret with one stored hash,
-        # as for an agent's credential, uses verify_token's constant-time comparison.)
+        # forge a 256-bit token.
         return self._by_hash.get(hash_token(token))
 
     def _maybe_reload(self) -> None:
@@ -278,204 +241,3 @@ def _read_token_file(path: str) -> dict[str, str]:
     except OSError as e:
         raise TokenFileError(f"{path}: cannot be read ({e.strerror})") from None
     return parse_token_lines(text.splitlines(), path)
-
-
-# -- where a server listens ----------------------------------------------------------------
-
-# Positional parameters of Twisted's server endpoint parsers (twisted.internet.endpoints),
-# in order, and the interface each listens on when none is given.
-_ENDPOINT_PARAMETERS: dict[str, tuple[list[str], str]] = {
-    "tcp": (["port", "interface", "backlog"], ""),
-    "ssl": (["port", "privateKey", "certKey", "sslmethod", "interface", "backlog"], ""),
-    "tcp6": (["port", "backlog", "interface"], "::"),
-    "tls": (["path", "port", "backlog", "interface"], "::"),
-}
-
-
-class EndpointSyntaxError(ValueError):
-    """An endpoint description that Twisted would not parse the same way we do."""
-
-
-def split_endpoint(description: str) -> tuple[list[str], dict[str, str]]:
-    """Split a Twisted endpoint description into positional and keyword arguments.
-
-    Follows ``twisted.internet.endpoints``: ``:`` separates arguments, the first ``=`` of
-    an argument separates a keyword from its value, and a backslash escapes the next
-    character (so ``interface=\\:\\:1`` is ``::1``).
-    """
-    args: list[str] = []
-    kwargs: dict[str, str] = {}
-    current: list[str] = []
-    key: str | None = None
-    chars = iter(description)
-    for char in chars:
-        if char == "\\":
-            escaped = next(chars, None)
-            if escaped is None:
-                raise EndpointSyntaxError("the description ends with a lone backslash")
-            current.append(escaped)
-        elif char == ":":
-            if key is None:
-                args.append("".join(current))
-            else:
-                kwargs[key] = "".join(current)
-            current, key = [], None
-        elif char == "=" and key is None:
-            key = "".join(current)
-            current = []
-        else:
-            current.append(char)
-    if key is None:
-        args.append("".join(current))
-    else:
-        kwargs[key] = "".join(current)
-    return args, kwargs
-
-
-def is_loopback_interface(interface: str) -> bool:
-    """Whether binding to ``interface`` accepts connections from this machine only."""
-    name = interface.strip()
-    if name.lower() in ("localhost", "localhost."):
-        return True
-    try:
-        address = ipaddress.ip_address(name)
-    except ValueError:
-        return False  # a host name could resolve to anything; assume the worst
-    if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped is not None:
-        return address.ipv4_mapped.is_loopback
-    return address.is_loopback
-
-
-def is_loopback_url(url: str) -> bool:
-    """Whether an http(s) URL names this machine (localhost or a loopback address)."""
-    try:
-        host = urlsplit(url).hostname
-    except ValueError:
-        return False
-    return host is not None and is_loopback_interface(host)
-
-
-def is_loopback_endpoint(description: str) -> bool:
-    """Whether a server endpoint description listens on loopback (or a UNIX socket) only.
-
-    ``tcp:8080:interface=127.0.0.1``, ``tcp6:8080:interface=\\:\\:1`` and ``unix:/run/ts``
-    are loopback; ``tcp:8080`` (every interface), ``0.0.0.0``, host names other than
-    localhost, and endpoint types we do not know (``systemd:``, plugins) are not. A
-    description we cannot parse is not loopback either: the answer decides whether a
-    server may run without tokens, so every doubt resolves to "no".
-    """
-    try:
-        args, kwargs = split_endpoint(description)
-    except EndpointSyntaxError:
-        return False
-    kind = args[0].strip().lower()
-    if kind == "unix":
-        return bool(kwargs.get("address") or (len(args) > 1 and args[1]))
-    if kind == "haproxy":
-        # haproxy:<endpoint> listens where the wrapped endpoint does.
-        rest = description.split(":", 1)[1] if ":" in description else ""
-        return bool(rest) and is_loopback_endpoint(rest)
-    if kind not in _ENDPOINT_PARAMETERS:
-        return False
-    names, default_interface = _ENDPOINT_PARAMETERS[kind]
-    positional = args[1:]
-    if len(positional) > len(names):
-        return False
-    given = dict(zip(names, positional, strict=False))
-    if "interface" in given and "interface" in kwargs:
-        return False  # Twisted rejects this; so do we
-    interface = kwargs.get("interface", given.get("interface", default_interface))
-    return is_loopback_interface(interface)
-
-
-class UnprotectedListener(ValueError):
-    """A server would accept operator requests from the network without any token."""
-
-
-#: The name daemons give the flag that lets a non-loopback server run without tokens.
-INSECURE_FLAG = "--insecure-allow-anonymous-operators"
-
-
-def check_listen_policy(
-    listen: str, tokens: TokenFile | None, allow_anonymous: bool = False
-) -> str | None:
-    """Decide whether a server may start, listening on ``listen`` with ``tokens``.
-
-    - operator tokens configured (at least one): fine, returns None;
-    - no tokens, loopback only (the local playground): allowed, returns a warning to log;
-    - no tokens beyond loopback: raises :class:`UnprotectedListener`, unless
-      ``allow_anonymous`` (the daemon's :data:`INSECURE_FLAG`) says otherwise, in which
-      case it returns a loud warning to log.
-
-    A description that cannot be parsed raises :class:`EndpointSyntaxError` saying so,
-    whatever the tokens: it is not a question of tokens.
-    """
-    try:
-        args, _ = split_endpoint(listen)
-    except EndpointSyntaxError as e:
-        raise EndpointSyntaxError(f"cannot parse --listen {listen!r}: {e}") from None
-    if not args[0].strip():
-        raise EndpointSyntaxError(
-            f"cannot parse --listen {listen!r}: it does not start with an endpoint type "
-            "(tcp:, ssl:, unix:...)"
-        )
-    if tokens is not None and len(tokens) > 0:
-        return None
-    if is_loopback_endpoint(listen):
-        return (
-            "no operator tokens are configured: the API accepts every local caller. "
-            "This is the loopback playground; configure tokens before listening elsewhere."
-        )
-    if not allow_anonymous:
-        raise UnprotectedListener(
-            f"refusing to listen on {listen!r} without operator tokens: anyone who can reach "
-            "it could run commands on every agent. Configure a tokens file or variable, "
-            f"listen on loopback (tcp:PORT:interface=127.0.0.1), or pass {INSECURE_FLAG}."
-        )
-    return (
-        f"INSECURE: {INSECURE_FLAG} is set and no operator tokens are configured; anyone "
-        f"who can reach {listen!r} can run commands on every agent"
-    )
-
-
-# -- keeping secrets out of logs -------------------------------------------------------------
-
-REDACTED = "***"
-
-_URI_RE = re.compile(r"^(?P<scheme>[A-Za-z][A-Za-z0-9+.\-]*://)(?P<rest>.*)$", re.DOTALL)
-_QUERY_SECRET_RE = re.compile(r"(?i)([?&](?:ssl)?password=)[^&#]*")
-_KEYWORD_SECRET_RE = re.compile(r"(?i)(?<![\w])((?:ssl)?password)\s*=\s*(?:'(?:[^'\\]|\\.)*'?|\S*)")
-
-
-def redact_dsn(dsn: str) -> str:
-    """A database DSN (or any URL) with its password replaced by ``***``.
-
-    Handles both libpq forms: ``postgresql://user:secret@host/db?sslpassword=x`` and
-    ``host=db user=app password='se cret'``. When in doubt it hides more, never less.
-    """
-    match = _URI_RE.match(dsn)
-    if match is None:
-        return _KEYWORD_SECRET_RE.sub(lambda m: f"{m.group(1)}={REDACTED}", dsn)
-    scheme, rest = match.group("scheme"), match.group("rest")
-    # The user information ends at the last '@' before the query: a password may itself
-    # contain '@' or '/', and hiding part of the host is better than showing a password.
-    head, question, query = rest.partition("?")
-    at = head.rfind("@")
-    if at >= 0:
-        userinfo, host = head[:at], head[at:]
-        if ":" in userinfo:
-            userinfo = userinfo.split(":", 1)[0] + ":" + REDACTED
-        head = userinfo + host
-    redacted = scheme + head + question + query
-    return _QUERY_SECRET_RE.sub(lambda m: m.group(1) + REDACTED, redacted)
-
-
-def redact_tokens(text: str) -> str:
-    """``text`` with anything shaped like one of our tokens replaced by ``<prefix>***``."""
-    return _TOKEN_IN_TEXT_RE.sub(lambda m: m.group(1) + REDACTED, text)
-
-
-_TOKEN_IN_TEXT_RE = re.compile(
-    "(" + "|".join(re.escape(p) for p in (OPERATOR_PREFIX, AGENT_PREFIX, JOIN_PREFIX)) + ")"
-    r"[A-Za-z0-9_\-]{8,}"
-)

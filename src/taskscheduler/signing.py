@@ -299,6 +299,11 @@ class InstructionVerifier:
         self.started_at = clock.seconds() if started_at is None else started_at
         self._nonces = NonceCache() if nonces is None else nonces
 
+    def trust(self, public_key: Ed25519PublicKey) -> None:
+        """Check instructions against ``public_key`` from now on (the server's key, once
+        the agent has enrolled)."""
+        self.public_key = public_key
+
     def verify(self, method: str, path: str, authorization: bytes | None, body: bytes) -> None:
         """Return if the request is a fresh instruction from our server for us; else raise
         :class:`BadSignature` saying why."""

@@ -1,14 +1,12 @@
-"""TLS for both daemons: listening endpoints (optionally mutual TLS) and a verifying client.
+"""TLS for both daemons: listening endpoints that require client certificates, and a
+verifying client.
 
 Server side. A daemon's ``--listen`` is a Twisted endpoint string, so plain TLS needs
 nothing of ours: ``ssl:8443:interface=0.0.0.0:privateKey=key.pem:certKey=cert.pem``
 (``extraCertChain=chain.pem`` for intermediates). Twisted's ``ssl:`` parser has no
-parameter that asks for or verifies a client certificate (its parameters are port,
-privateKey, certKey, sslmethod, interface, backlog, extraCertChain, dhParameters; the
-``tls:`` plugin endpoint takes a directory of PEMs for SNI and has none either). So for
-mutual TLS a daemon passes its ``--tls-client-ca`` option to :func:`server_endpoint`,
-which reads the same ``ssl:`` string and adds a trust root for client certificates; a
-client without a certificate signed by that CA fails the handshake.
+parameter that asks for or verifies a client certificate, so for mutual TLS a daemon
+passes its ``--tls-client-ca`` to :func:`require_client_certificates`, which adds a
+trust root for client certificates to the TLS settings Twisted built from the string.
 
 Client side. :func:`make_http_client` builds a treq ``HTTPClient`` whose HTTPS
 connections verify the server's certificate and host name against a given CA bundle (or
@@ -19,25 +17,24 @@ from __future__ import annotations
 
 import re
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
-from cryptography import x509
-from cryptography.x509.oid import NameOID
 from OpenSSL import crypto
 from treq.client import HTTPClient
 from twisted.internet import ssl
 from twisted.internet.endpoints import SSL4ServerEndpoint, serverFromString
 from twisted.internet.error import VerifyError
 from twisted.internet.interfaces import (
+    IListeningPort,
     IOpenSSLClientConnectionCreator,
+    IOpenSSLContextFactory,
     IReactorSSL,
     IStreamServerEndpoint,
 )
+from twisted.internet.protocol import ServerFactory
 from twisted.web.client import Agent, HTTPConnectionPool
-from twisted.web.iweb import IPolicyForHTTPS, IRequest
+from twisted.web.iweb import IPolicyForHTTPS
 from zope.interface import implementer
-
-from taskscheduler.auth import EndpointSyntaxError, split_endpoint
 
 if TYPE_CHECKING:
     # Twisted defines the interface only in a private module; used for typing only.
@@ -107,127 +104,55 @@ def _trust_root(ca_file: str | Path, what: str) -> IOpenSSLTrustRoot:
 # -- server side -----------------------------------------------------------------------------
 
 
-def server_options(
-    cert_file: str | Path,
-    key_file: str | Path | None = None,
-    client_ca_file: str | Path | None = None,
-    extra_chain_file: str | Path | None = None,
-) -> ssl.CertificateOptions:
-    """TLS settings for a server; with ``client_ca_file``, clients must present a
-    certificate signed by one of its CAs (mutual TLS)."""
-    private, chain = load_private_certificate(cert_file, key_file)
-    if extra_chain_file is not None:
-        chain += load_certificates(extra_chain_file, "certificate chain file")
-    # A trustRoot makes the server request and require a client certificate and verify it
-    # against these CAs (what verify=True, caCerts=[...], requireCertificate=True does).
-    trust_root = None if client_ca_file is None else _trust_root(client_ca_file, "client CA file")
-    return ssl.CertificateOptions(
-        privateKey=private.privateKey.original,
-        certificate=private.original,
-        extraCertChain=[c.original for c in chain] or None,
-        trustRoot=trust_root,
-    )
+@implementer(IReactorSSL)
+class _ClientCertificatesRequired:
+    """A reactor whose ``listenSSL`` makes the endpoint's own TLS settings (those Twisted
+    built from the ``ssl:`` string) require and verify a client certificate."""
+
+    def __init__(self, reactor: IReactorSSL, trust_root: IOpenSSLTrustRoot) -> None:
+        self._reactor = reactor
+        self._trust_root = trust_root
+
+    def listenSSL(
+        self,
+        port: int,
+        factory: ServerFactory[Any],
+        contextFactory: IOpenSSLContextFactory,
+        backlog: int = 50,
+        interface: str = "",
+    ) -> IListeningPort:
+        if not isinstance(contextFactory, ssl.CertificateOptions):
+            raise TLSConfigError("client certificates need Twisted's own TLS settings")
+        # Public settings, read when the first connection builds the context: what
+        # trustRoot=... does in CertificateOptions' constructor.
+        contextFactory.trustRoot = self._trust_root
+        contextFactory.verify = True
+        contextFactory.requireCertificate = True
+        return self._reactor.listenSSL(port, factory, contextFactory, backlog, interface)
+
+    def connectSSL(self, *args: Any, **kwargs: Any) -> Any:
+        raise NotImplementedError("a listening endpoint only")
 
 
-def tls_server_endpoint(
-    reactor: IReactorSSL,
-    port: int,
-    cert_file: str | Path,
-    key_file: str | Path | None = None,
-    client_ca_file: str | Path | None = None,
-    interface: str = "",
-    backlog: int = 50,
-    extra_chain_file: str | Path | None = None,
+def require_client_certificates(
+    reactor: IReactorSSL, description: str, client_ca_file: str | Path
 ) -> IStreamServerEndpoint:
-    """A TLS listening endpoint; see :func:`server_options` for the certificate files."""
-    options = server_options(cert_file, key_file, client_ca_file, extra_chain_file)
-    return SSL4ServerEndpoint(reactor, port, options, backlog=backlog, interface=interface)
+    """The ``ssl:`` endpoint ``description`` (parsed by Twisted, every parameter meaning
+    what it means there), which also requires clients to present a certificate signed by
+    a CA in ``client_ca_file`` (mutual TLS): a client without one fails the handshake.
 
-
-_SSL_PARAMETERS = ["port", "privateKey", "certKey", "sslmethod", "interface", "backlog"]
-
-
-def server_endpoint(
-    reactor: IReactorSSL, description: str, client_ca_file: str | Path | None = None
-) -> IStreamServerEndpoint:
-    """The endpoint for a daemon's ``--listen`` description, with optional mutual TLS.
-
-    Without ``client_ca_file`` this is ``serverFromString``. With it, ``description`` must
-    be an ``ssl:`` endpoint (a client CA on a plain TCP port would protect nothing), and
-    its parameters mean what they mean to Twisted: ``privateKey`` (default
-    ``server.pem``), ``certKey`` (default: the ``privateKey`` file), ``interface``,
-    ``backlog``, ``extraCertChain``.
+    Twisted's ``ssl:`` parser has no parameter for a client CA, so the endpoint is built
+    on a reactor that adds it to the TLS settings Twisted made. Any other kind of
+    endpoint is refused: a client CA on a plain TCP port would protect nothing.
     """
-    if client_ca_file is None:
-        return serverFromString(reactor, description)
-    try:
-        args, kwargs = split_endpoint(description)
-    except EndpointSyntaxError as e:
-        raise TLSConfigError(f"invalid endpoint description: {e}") from None
-    if args[0].strip().lower() != "ssl":
+    trust_root = _trust_root(client_ca_file, "client CA file")
+    endpoint = serverFromString(_ClientCertificatesRequired(reactor, trust_root), description)
+    if not isinstance(endpoint, SSL4ServerEndpoint):
+        kind = description.split(":", 1)[0]
         raise TLSConfigError(
-            f"client certificates (mutual TLS) need an 'ssl:' listening endpoint, not {args[0]!r}"
+            f"client certificates (mutual TLS) need an 'ssl:' listening endpoint, not {kind!r}"
         )
-    params: dict[str, str] = {}
-    positional = args[1:]
-    if len(positional) > len(_SSL_PARAMETERS):
-        raise TLSConfigError("too many positional parameters in the 'ssl:' endpoint")
-    for name, value in zip(_SSL_PARAMETERS, positional, strict=False):
-        params[name] = value
-    for name, value in kwargs.items():
-        if name in params:
-            raise TLSConfigError(f"'{name}' is given twice in the 'ssl:' endpoint")
-        params[name] = value
-    unsupported = set(params) - {
-        "port",
-        "privateKey",
-        "certKey",
-        "interface",
-        "backlog",
-        "extraCertChain",
-    }
-    if unsupported:
-        raise TLSConfigError(
-            "unsupported parameter(s) with mutual TLS: " + ", ".join(sorted(unsupported))
-        )
-    if "port" not in params:
-        raise TLSConfigError("the 'ssl:' endpoint needs a port")
-    try:
-        port, backlog = int(params["port"]), int(params.get("backlog", "50"))
-    except ValueError:
-        raise TLSConfigError("the port and backlog of an 'ssl:' endpoint are integers") from None
-    key_file = params.get("privateKey", "server.pem")
-    return tls_server_endpoint(
-        reactor,
-        port,
-        cert_file=params.get("certKey", key_file),
-        key_file=key_file,
-        client_ca_file=client_ca_file,
-        interface=params.get("interface", ""),
-        backlog=backlog,
-        extra_chain_file=params.get("extraCertChain"),
-    )
-
-
-def peer_certificate(request: IRequest) -> x509.Certificate | None:
-    """The verified certificate the client presented on this request's connection."""
-    transport = getattr(getattr(request, "channel", None), "transport", None)
-    get = getattr(transport, "getPeerCertificate", None)
-    if get is None:
-        return None
-    certificate = get()
-    if certificate is None:
-        return None
-    return certificate.to_cryptography()  # type: ignore[no-any-return]
-
-
-def peer_common_name(request: IRequest) -> str | None:
-    """The subject common name of the client's certificate, if it presented one."""
-    certificate = peer_certificate(request)
-    if certificate is None:
-        return None
-    names = certificate.subject.get_attributes_for_oid(NameOID.COMMON_NAME)
-    return str(names[0].value) if names else None
+    return endpoint
 
 
 # -- client side -----------------------------------------------------------------------------

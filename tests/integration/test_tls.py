@@ -1,8 +1,9 @@
-"""TLS on a real local port: the verifying client, the server endpoints, mutual TLS.
+"""TLS on a real local port: the verifying client, ``ssl:`` endpoints, mutual TLS.
 
 A tiny Klein app listens on 127.0.0.1 (a port the system picks) through
-:mod:`taskscheduler.tls`; the client from :func:`make_http_client` must accept only the
-right certificate, and with mutual TLS the server must accept only the right client.
+:func:`taskscheduler.listen.listen_endpoint`; the client from :func:`make_http_client`
+must accept only the right certificate, and with mutual TLS the server must accept only
+the right client.
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ from typing import Any
 
 import pytest
 import pytest_twisted
+from cryptography.x509.oid import NameOID
 from klein import Klein
 from OpenSSL import SSL
 from service_identity import VerificationError
@@ -26,13 +28,8 @@ from twisted.python.failure import Failure
 from twisted.web.client import HTTPConnectionPool
 from twisted.web.iweb import IRequest
 
-from taskscheduler.tls import (
-    TLSConfigError,
-    make_http_client,
-    peer_common_name,
-    server_endpoint,
-    tls_server_endpoint,
-)
+from taskscheduler.listen import listen_endpoint
+from taskscheduler.tls import TLSConfigError, make_http_client
 from taskscheduler.web import json_response, make_site
 from tests.tlsfixtures import PKI, Issued, make_pki
 
@@ -43,6 +40,16 @@ TIMEOUT = 10  # seconds; a hung handshake fails the test instead of hanging it
 @pytest.fixture(scope="module")
 def pki(tmp_path_factory: pytest.TempPathFactory) -> PKI:
     return make_pki(tmp_path_factory.mktemp("pki"))
+
+
+def peer_common_name(request: IRequest) -> str | None:
+    """The subject common name of the certificate the client presented, if any."""
+    transport = getattr(getattr(request, "channel", None), "transport", None)
+    certificate = getattr(transport, "getPeerCertificate", lambda: None)()
+    if certificate is None:
+        return None
+    names = certificate.to_cryptography().subject.get_attributes_for_oid(NameOID.COMMON_NAME)
+    return str(names[0].value) if names else None
 
 
 class Hello:
@@ -71,10 +78,16 @@ async def serving(endpoint: IStreamServerEndpoint) -> AsyncIterator[tuple[Hello,
         await maybeDeferred(port.stopListening)
 
 
-def tls_endpoint(server: Issued, client_ca: Path | None = None) -> IStreamServerEndpoint:
-    return tls_server_endpoint(
-        reactor, 0, server.cert, server.key, client_ca_file=client_ca, interface="127.0.0.1"
+def ssl_description(server: Issued) -> str:
+    return (
+        "ssl:0:interface=127.0.0.1"
+        f":privateKey={quoteStringArgument(str(server.key))}"
+        f":certKey={quoteStringArgument(str(server.cert))}"
     )
+
+
+def tls_endpoint(server: Issued, client_ca: Path | None = None) -> IStreamServerEndpoint:
+    return listen_endpoint(reactor, ssl_description(server), str(client_ca) if client_ca else None)
 
 
 async def get(client: Any, url: str) -> Any:
@@ -157,19 +170,11 @@ async def test_without_ca_file_the_system_trust_store_decides(pki: PKI) -> None:
 # -- Twisted's ssl: endpoint string ----------------------------------------------------------
 
 
-def ssl_description(server: Issued) -> str:
-    return (
-        "ssl:0:interface=127.0.0.1"
-        f":privateKey={quoteStringArgument(str(server.key))}"
-        f":certKey={quoteStringArgument(str(server.cert))}"
-    )
-
-
 @pytest.mark.integration
 @pytest_twisted.ensureDeferred
 async def test_ssl_endpoint_string_serves_tls(pki: PKI) -> None:
     client = make_http_client(reactor, ca_file=pki.ca, pool=new_pool())
-    endpoint = server_endpoint(reactor, ssl_description(pki.server))
+    endpoint = listen_endpoint(reactor, ssl_description(pki.server))
     async with serving(endpoint) as (_, port):
         assert await get(client, f"https://localhost:{port}/hello") == {"client": None}
         # Plain HTTP to a TLS port gets nowhere.
@@ -181,16 +186,21 @@ async def test_ssl_endpoint_string_serves_tls(pki: PKI) -> None:
 
 
 def mutual_endpoints(pki: PKI) -> list[IStreamServerEndpoint]:
-    """Both ways a daemon can require client certificates."""
+    """An ``ssl:`` string with a client CA; the second with more of Twisted's ``ssl:``
+    parameters, which mutual TLS keeps (it adds to the settings Twisted built)."""
     return [
         tls_endpoint(pki.server, client_ca=pki.ca),
-        server_endpoint(reactor, ssl_description(pki.server), client_ca_file=pki.ca),
+        listen_endpoint(
+            reactor,
+            ssl_description(pki.server) + ":backlog=10:sslmethod=TLS_METHOD",
+            str(pki.ca),
+        ),
     ]
 
 
 @pytest.mark.integration
 @pytest_twisted.ensureDeferred
-@pytest.mark.parametrize("how", [0, 1], ids=["tls_server_endpoint", "ssl_string"])
+@pytest.mark.parametrize("how", [0, 1], ids=["ssl_string", "ssl_string_with_sslmethod"])
 async def test_mutual_tls_accepts_client_certificate_from_its_ca(pki: PKI, how: int) -> None:
     client = make_http_client(
         reactor,
@@ -207,7 +217,7 @@ async def test_mutual_tls_accepts_client_certificate_from_its_ca(pki: PKI, how: 
 
 @pytest.mark.integration
 @pytest_twisted.ensureDeferred
-@pytest.mark.parametrize("how", [0, 1], ids=["tls_server_endpoint", "ssl_string"])
+@pytest.mark.parametrize("how", [0, 1], ids=["ssl_string", "ssl_string_with_sslmethod"])
 @pytest.mark.parametrize("who", ["no_certificate", "other_client"])
 async def test_mutual_tls_refuses_other_clients(pki: PKI, how: int, who: str) -> None:
     if who == "no_certificate":
@@ -231,20 +241,17 @@ async def test_mutual_tls_refuses_other_clients(pki: PKI, how: int, who: str) ->
 # -- configuration mistakes are clear errors ----------------------------------------------------
 
 
-def test_mutual_tls_needs_an_ssl_endpoint(pki: PKI) -> None:
+@pytest.mark.parametrize(
+    "listen", ["tcp:8443:interface=127.0.0.1", "unix:/tmp/ts.sock", "haproxy:tcp:8443"]
+)
+def test_mutual_tls_needs_an_ssl_endpoint(pki: PKI, listen: str) -> None:
     with pytest.raises(TLSConfigError, match="'ssl:'"):
-        server_endpoint(reactor, "tcp:8443:interface=127.0.0.1", client_ca_file=pki.ca)
-
-
-def test_mutual_tls_rejects_unsupported_ssl_parameters(pki: PKI) -> None:
-    description = ssl_description(pki.server) + ":sslmethod=TLS_METHOD"
-    with pytest.raises(TLSConfigError, match="sslmethod"):
-        server_endpoint(reactor, description, client_ca_file=pki.ca)
+        listen_endpoint(reactor, listen, str(pki.ca))
 
 
 def test_mismatched_key_is_refused_without_quoting_it(pki: PKI) -> None:
     with pytest.raises(TLSConfigError, match="does not match") as info:
-        tls_server_endpoint(reactor, 0, pki.server.cert, pki.client.key)
+        make_http_client(reactor, client_cert_file=pki.client.cert, client_key_file=pki.server.key)
     assert "PRIVATE KEY" not in str(info.value)
 
 

@@ -10,20 +10,26 @@ from typing import Any
 
 import pytest
 import pytest_twisted
+from treq.testing import StubTreq
 from twisted.application.service import IService
+from twisted.internet.address import IPv4Address
 from twisted.internet.defer import Deferred
 from twisted.internet.error import CannotListenError
 from twisted.internet.task import Clock
 from twisted.python import usage
+from twisted.web.resource import Resource
 
 from taskscheduler.agent import tap
 from taskscheduler.agent.identity import load_or_create_agent_id
+from taskscheduler.agent.options import _SETTINGS, Options
 from taskscheduler.agent.outcome import REATTACHED, RecoveredRun, RunOutcome
+from taskscheduler.agent.service import AgentConfig, AgentService
 from taskscheduler.agent.spool import RunMarkers
 from taskscheduler.agent.taskstore import TaskStore
+from taskscheduler.auth import JOIN_PREFIX, new_token
 from taskscheduler.protocol import Output, ResultStatus, task_spec_to_json
 from taskscheduler.schedule import format_instant
-from tests.unit.agent_fakes import ANCHOR, ANCHOR_SECONDS, Agent, FakeServer, spec
+from tests.unit.agent_fakes import ANCHOR, ANCHOR_SECONDS, Agent, FakeRunner, FakeServer, spec
 
 JSON = {"Content-Type": "application/json"}
 STEP = timedelta(seconds=10)  # the interval of agent_fakes.spec()
@@ -200,8 +206,10 @@ class FakeEndpoint:
 
 
 class FakePort:
-    def getHost(self) -> str:
-        return "127.0.0.1:8081"
+    address: Any = "127.0.0.1:8081"
+
+    def getHost(self) -> Any:
+        return self.address
 
     def stopListening(self) -> None:
         return None
@@ -267,8 +275,8 @@ async def test_shutdown_terminates_runs_that_outlive_the_grace(tmp_path: Path) -
 # -- options -------------------------------------------------------------------------
 
 
-def parse(args: list[str], environ: dict[str, str] | None = None) -> tap.Options:
-    options = tap.Options(environ or {})
+def parse(args: list[str], environ: dict[str, str] | None = None) -> Options:
+    options = Options(environ or {})
     options.parseOptions(args)
     return options
 
@@ -320,8 +328,8 @@ def test_bad_options_are_refused(args: list[str]) -> None:
 
 
 def test_every_option_is_documented_with_its_environment_variable() -> None:
-    help_text = str(tap.Options())
-    for name, variable, _ in tap._SETTINGS:
+    help_text = str(Options())
+    for name, variable, _ in _SETTINGS:
         assert f"--{name}" in help_text
         assert variable in help_text
 
@@ -335,20 +343,68 @@ def test_make_service_builds_without_touching_the_data_folder(tmp_path: Path) ->
 
 
 @pytest.mark.parametrize(
-    ("listen", "url"),
+    ("listen", "scheme"),
     [
-        ("tcp:8081", "http://127.0.0.1:8081"),
-        ("tcp:8081:interface=127.0.0.1", "http://127.0.0.1:8081"),
-        ("tcp:port=9000:interface=0.0.0.0", "http://127.0.0.1:9000"),
-        ("tcp:8081:interface=10.1.2.3", "http://10.1.2.3:8081"),
-        ("ssl:8443:privateKey=k.pem", "https://127.0.0.1:8443"),
+        ("tcp:8081", "http"),
+        ("tcp:8081:interface=127.0.0.1", "http"),
+        ("tcp:port=9000:interface=0.0.0.0", "http"),
+        ("ssl:8443:privateKey=k.pem", "https"),
     ],
 )
-def test_the_advertised_url_defaults_from_the_listening_endpoint(listen: str, url: str) -> None:
-    assert parse(["--listen", listen])["advertise-url"] == url
+def test_the_advertised_url_defaults_to_the_bound_port(listen: str, scheme: str) -> None:
+    options = parse(["--listen", listen])
+    # Known once the port is bound (test_an_enrolling_agent_advertises_its_bound_port).
+    assert options["advertise-url"] is None and options["advertise-scheme"] == scheme
     assert parse(["--listen", listen, "--advertise-url", "http://a:1/"])["advertise-url"] == (
         "http://a:1"
     )
+
+
+class EnrolmentRecorder(Resource):
+    isLeaf = True
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.bodies: list[dict[str, Any]] = []
+
+    def render_POST(self, request: Any) -> bytes:
+        self.bodies.append(json.loads(request.content.read()))
+        request.setResponseCode(503)
+        return b"{}"
+
+
+@pytest.mark.parametrize(
+    ("bound", "url"),
+    [
+        (IPv4Address("TCP", "0.0.0.0", 9000), "http://127.0.0.1:9000"),
+        (IPv4Address("TCP", "10.1.2.3", 8081), "http://10.1.2.3:8081"),
+    ],
+)
+def test_an_enrolling_agent_advertises_its_bound_port(
+    tmp_path: Path, bound: IPv4Address, url: str
+) -> None:
+    clock = clock_at(5)
+    server = EnrolmentRecorder()
+    endpoint = FakeEndpoint()
+    service = AgentService(
+        AgentConfig(
+            tmp_path / "data",
+            "http://server:8080",
+            join_secret=new_token(JOIN_PREFIX),
+            advertise_url=None,
+        ),
+        clock,
+        lambda: FakeRunner(clock),
+        StubTreq(server),
+        endpoint=endpoint,
+    )
+    service.startService()
+    port = FakePort()
+    port.address = bound
+    endpoint.listening.callback(port)
+    clock.advance(1)
+    assert [body["url"] for body in server.bodies] == [url]
+    service.stopService()
 
 
 def test_the_join_secret_comes_from_the_environment_only_as_a_value() -> None:

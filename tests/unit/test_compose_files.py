@@ -20,7 +20,7 @@ from urllib.parse import urlsplit
 import pytest
 import yaml
 
-from taskscheduler.auth import INSECURE_FLAG
+from taskscheduler.listen import INSECURE_FLAG
 
 ROOT = Path(__file__).resolve().parents[2]
 DEFAULT = ROOT / "docker-compose.yml"

@@ -19,7 +19,7 @@ from twisted.internet.task import Clock
 from twisted.internet.testing import StringTransport
 
 from taskscheduler import protocol
-from taskscheduler.agent.tap import DEFAULT_OUTPUT_CAP
+from taskscheduler.agent.options import DEFAULT_OUTPUT_CAP
 from taskscheduler.auth import AGENT_PREFIX, OPERATOR_PREFIX, TokenFile, hash_token, new_token
 from taskscheduler.protocol import Output, ResultStatus, RunResult, result_to_json
 from taskscheduler.schedule import format_instant, instant, parse_instant, utc_now_from

@@ -7,8 +7,9 @@ from pathlib import Path
 import pytest
 from twisted.python import usage
 
-from taskscheduler.auth import EndpointSyntaxError, is_loopback_url
-from taskscheduler.server.tap import Options, listen_endpoint, plaintext_warnings
+from taskscheduler.listen import EndpointSyntaxError, is_loopback_url, listen_endpoint
+from taskscheduler.server.options import Options
+from taskscheduler.server.tap import plaintext_warnings
 
 
 def parse(args: list[str], monkeypatch: pytest.MonkeyPatch, **env: str) -> Options:
@@ -98,11 +99,11 @@ def test_loopback_urls(url: str, loopback: bool) -> None:
 
 
 def test_what_would_travel_in_clear_is_warned_about() -> None:
-    assert plaintext_warnings("tcp:8080:interface=127.0.0.1", ["http://127.0.0.1:8081"]) == []
-    assert plaintext_warnings("ssl:8443:privateKey=k", ["https://agent1:8081"]) == []
-    [listen] = plaintext_warnings("tcp:8080", [])
+    assert plaintext_warnings("tcp:8080:interface=127.0.0.1", True, ["http://127.0.0.1:8081"]) == []
+    assert plaintext_warnings("ssl:8443:privateKey=k", False, ["https://agent1:8081"]) == []
+    [listen] = plaintext_warnings("tcp:8080", False, [])
     assert "plain HTTP" in listen
-    [agent] = plaintext_warnings("ssl:8443:privateKey=k", ["http://agent1:8081"])
+    [agent] = plaintext_warnings("ssl:8443:privateKey=k", False, ["http://agent1:8081"])
     assert "http://agent1:8081" in agent
 
 

@@ -29,9 +29,10 @@ from twisted.internet.interfaces import IDelayedCall, IReactorTime
 from twisted.logger import Logger
 
 from taskscheduler.agent.identity import save_credential, save_server_key
-from taskscheduler.auth import AGENT_PREFIX, parse_bearer, redact_tokens
+from taskscheduler.auth import AGENT_PREFIX, parse_bearer
 from taskscheduler.backoff import backoff_delay
 from taskscheduler.httpclient import read_body
+from taskscheduler.redact import redact_tokens
 from taskscheduler.signing import KeyFileError, key_fingerprint, parse_public_key, public_key_text
 
 #: Seconds to wait for the server's answer.

@@ -9,7 +9,7 @@ from datetime import datetime
 
 from twisted.internet.defer import Deferred
 
-from taskscheduler.protocol import Output, ResultStatus
+from taskscheduler.protocol import Output, ResultStatus, RunResult
 
 #: The reason a result carries when a restarted agent re-attached to its run.
 REATTACHED = "re-attached after the agent restarted"
@@ -46,3 +46,17 @@ def status_of(exit_code: int | None, signum: int | None) -> ResultStatus:
     if exit_code == 0 and signum is None:
         return ResultStatus.SUCCEEDED
     return ResultStatus.FAILED
+
+
+def lost_result(
+    task_id: uuid.UUID, agent_id: uuid.UUID, scheduled_at: datetime, started_at: datetime | None
+) -> RunResult:
+    """The result of a run whose end nobody saw: a marker an older version of the agent
+    (``running/``) left when it stopped."""
+    return RunResult(
+        task_id=task_id,
+        agent_id=agent_id,
+        scheduled_at=scheduled_at,
+        status=ResultStatus.LOST,
+        started_at=started_at,
+    )

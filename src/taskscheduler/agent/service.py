@@ -19,6 +19,7 @@ from __future__ import annotations
 import os
 import pwd
 import random
+import uuid
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -28,7 +29,12 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 from twisted.application.service import Service
 from twisted.internet.defer import Deferred
 from twisted.internet.error import CannotListenError
-from twisted.internet.interfaces import IListeningPort, IReactorTime, IStreamServerEndpoint
+from twisted.internet.interfaces import (
+    IAddress,
+    IListeningPort,
+    IReactorTime,
+    IStreamServerEndpoint,
+)
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
@@ -50,6 +56,7 @@ from taskscheduler.agent.identity import (
     read_private_text,
 )
 from taskscheduler.agent.lastruns import LastRuns
+from taskscheduler.agent.outcome import lost_result
 from taskscheduler.agent.reporter import Reporter
 from taskscheduler.agent.scheduler import (
     DEFAULT_MAX_RUNNING,
@@ -59,9 +66,9 @@ from taskscheduler.agent.scheduler import (
 )
 from taskscheduler.agent.spool import DEFAULT_SPOOL_MAX_BYTES, RunMarker, RunMarkers, Spool
 from taskscheduler.agent.taskstore import TaskStore
-from taskscheduler.auth import is_loopback_url
 from taskscheduler.hardening import make_private_folder
-from taskscheduler.protocol import ResultStatus, RunResult, TaskSpec
+from taskscheduler.listen import EndpointSyntaxError, advertised_url, is_loopback_url
+from taskscheduler.protocol import TaskSpec
 from taskscheduler.schedule import format_instant
 from taskscheduler.signing import (
     InstructionVerifier,
@@ -91,8 +98,10 @@ class AgentConfig:
     server_url: str
     spool_max_bytes: int = DEFAULT_SPOOL_MAX_BYTES
     shutdown_grace: float = DEFAULT_SHUTDOWN_GRACE
-    #: The base URL the server reaches this agent at (its AVAILABLE_SERVERS entry).
-    advertise_url: str = "http://127.0.0.1:8081"
+    #: The base URL the server reaches this agent at (its AVAILABLE_SERVERS entry);
+    #: None: the listening port's, with ``advertise_scheme``.
+    advertise_url: str | None = "http://127.0.0.1:8081"
+    advertise_scheme: str = "http"
     #: The join secret itself, or the file that holds it; needed only to enrol.
     join_secret: str | None = None
     join_secret_file: Path | None = None
@@ -159,6 +168,9 @@ class AgentService(Service):
         self._lock = FolderLock(config.data_dir)
         self._specs: list[TaskSpec] = []
         self._listening: Deferred[Any] | None = None
+        self._verifier: InstructionVerifier | None = None
+        #: (agent id, join secret, pinned key) of an agent that enrols once it listens.
+        self._enrol: tuple[uuid.UUID, str, Ed25519PublicKey | None] | None = None
         # Built at start-up, from what is on disk.
         self.api: AgentAPI | None = None
         self.scheduler: Scheduler | None = None
@@ -182,6 +194,7 @@ class AgentService(Service):
             NotEnrolled,
             KeyFileError,
             TLSConfigError,
+            EndpointSyntaxError,
             OSError,
         ):
             # Operator errors: the message says it all, a traceback would bury it.
@@ -259,13 +272,7 @@ class AgentService(Service):
                 task_id=str(marker.task_id),
                 scheduled_at=format_instant(marker.scheduled_at),
             )
-            lost = RunResult(
-                task_id=marker.task_id,
-                agent_id=agent_id,
-                scheduled_at=marker.scheduled_at,
-                status=ResultStatus.LOST,
-                started_at=marker.started_at,
-            )
+            lost = lost_result(marker.task_id, agent_id, marker.scheduled_at, marker.started_at)
             # The marker goes once the lost result is durable, not before.
             spool.add(lost).addCallback(_clear_marker, markers, marker)
         task_store = TaskStore(
@@ -315,19 +322,9 @@ class AgentService(Service):
         self.api = AgentAPI(agent_id, scheduler, task_store, self._clock, counters, verifier)
         self.scheduler, self.reporter, self.spool = scheduler, reporter, spool
         self._specs = specs
+        self._verifier = verifier
         if join_secret is not None:
-            self._enroller = Enroller(
-                self._http,
-                self._clock,
-                self.config.server_url,
-                data_dir,
-                agent_id,
-                self.config.advertise_url,
-                join_secret,
-                self._enrolled,
-                pinned_key=pinned,
-                jitter=self._jitter,
-            )
+            self._enrol = (agent_id, join_secret, pinned)
         if self._endpoint is None:
             self._run()
             return
@@ -350,13 +347,37 @@ class AgentService(Service):
         self._listening = None
         self._port = port
         pause_accepting_when_out_of_descriptors(port, self._clock)
-        self.log.info("taskscheduler agent listening on {address}", address=str(port.getHost()))
-        self._run()
+        address = port.getHost()
+        self.log.info("taskscheduler agent listening on {address}", address=str(address))
+        self._run(address)
 
-    def _run(self) -> None:
-        """Resume the stored tasks and report what is spooled."""
+    def _run(self, address: IAddress | None = None) -> None:
+        """Resume the stored tasks and report what is spooled (or enrol first, telling
+        the server the URL of ``address``, the bound port, unless configured)."""
         assert self.scheduler is not None and self.reporter is not None
         assert self.spool is not None
+        if self._enrol is not None:
+            url = self.config.advertise_url
+            if url is None and address is not None:
+                url = advertised_url(self.config.advertise_scheme, address)
+            if url is None:
+                # Options allow this only for tcp: and ssl:, which bind IP addresses.
+                message = f"cannot tell the agent's URL from {address}: give --advertise-url"
+                self._fatal(Failure(ValueError(message)))
+                return
+            agent_id, join_secret, pinned = self._enrol
+            self._enroller = Enroller(
+                self._http,
+                self._clock,
+                self.config.server_url,
+                self.config.data_dir,
+                agent_id,
+                url,
+                join_secret,
+                self._enrolled,
+                pinned_key=pinned,
+                jitter=self._jitter,
+            )
         for spec in self._specs:
             self.scheduler.schedule(spec)
         if self._enroller is not None:
@@ -386,8 +407,8 @@ class AgentService(Service):
         return read_private_text(path) or None
 
     def _enrolled(self, enrolled: Enrolled) -> None:
-        assert self.api is not None and self.reporter is not None
-        self.api.verifier.public_key = enrolled.server_key
+        assert self._verifier is not None and self.reporter is not None
+        self._verifier.trust(enrolled.server_key)
         self.reporter.credential = enrolled.credential
         self._enroller = None
         self.log.info(

@@ -1,6 +1,7 @@
-"""``twistd taskscheduler-agent``: options and service wiring.
+"""``twistd taskscheduler-agent``: the agent's service.
 
-``makeService`` only builds objects; the data folder is read when the service starts
+``makeService`` only builds objects: the agent's parts are made from its data folder
+(its identity, tasks and unreported results), read when the service starts
 (:class:`taskscheduler.agent.service.AgentService`), which stops the process cleanly if
 it cannot.
 """
@@ -9,7 +10,7 @@ from __future__ import annotations
 
 import os
 import pwd
-from collections.abc import MutableMapping, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -17,7 +18,6 @@ from twisted.application.service import IService
 from twisted.internet import reactor as global_reactor
 from twisted.internet.threads import deferToThreadPool
 from twisted.logger import Logger
-from twisted.python import usage
 
 from taskscheduler.agent.containment import (
     CgroupContainment,
@@ -25,323 +25,17 @@ from taskscheduler.agent.containment import (
     SubreaperContainment,
     own_cgroup_dir,
 )
-from taskscheduler.agent.scheduler import DEFAULT_MAX_RUNNING, RunnerLike
-from taskscheduler.agent.service import DEFAULT_SHUTDOWN_GRACE, AgentConfig, AgentService
-from taskscheduler.agent.spool import DEFAULT_SPOOL_MAX_BYTES
-from taskscheduler.auth import EndpointSyntaxError, split_endpoint
+from taskscheduler.agent.options import Options
+from taskscheduler.agent.scheduler import RunnerLike
+from taskscheduler.agent.service import AgentConfig, AgentService
 from taskscheduler.daemon import StartFailure
-from taskscheduler.hardening import make_non_dumpable, take_secret_from_environment
+from taskscheduler.hardening import make_non_dumpable
 from taskscheduler.httpclient import DaemonHTTP
-from taskscheduler.tls import server_endpoint
-from taskscheduler.web import (
-    DEFAULT_BODY_TIMEOUT,
-    DEFAULT_HEADER_TIMEOUT,
-    DEFAULT_IDLE_TIMEOUT,
-    DEFAULT_MAX_CONNECTIONS,
-    DEFAULT_MAX_CONNECTIONS_PER_CLIENT,
-)
-
-DEFAULT_OUTPUT_CAP = 1024 * 1024
-DEFAULT_KILL_GRACE = 5.0
-
-#: (option, environment variable, default) for every option.
-_SETTINGS = [
-    ("listen", "TASKSCHEDULER_AGENT_LISTEN", "tcp:8081"),
-    ("server", "TASKSCHEDULER_SERVER_URL", "http://127.0.0.1:8080"),
-    ("data-dir", "TASKSCHEDULER_AGENT_DATA_DIR", "taskscheduler-agent-data"),
-    ("output-cap", "TASKSCHEDULER_AGENT_OUTPUT_CAP", str(DEFAULT_OUTPUT_CAP)),
-    ("kill-grace", "TASKSCHEDULER_AGENT_KILL_GRACE", str(DEFAULT_KILL_GRACE)),
-    ("shutdown-grace", "TASKSCHEDULER_AGENT_SHUTDOWN_GRACE", str(DEFAULT_SHUTDOWN_GRACE)),
-    ("spool-max-bytes", "TASKSCHEDULER_AGENT_SPOOL_MAX_BYTES", str(DEFAULT_SPOOL_MAX_BYTES)),
-    ("advertise-url", "TASKSCHEDULER_AGENT_ADVERTISE_URL", None),
-    ("join-secret-file", "TASKSCHEDULER_JOIN_SECRET_FILE", None),
-    ("server-public-key-file", "TASKSCHEDULER_SERVER_PUBLIC_KEY_FILE", None),
-    ("tls-client-ca", "TASKSCHEDULER_AGENT_TLS_CLIENT_CA", None),
-    ("server-ca", "TASKSCHEDULER_SERVER_CA", None),
-    ("client-cert", "TASKSCHEDULER_AGENT_CLIENT_CERT", None),
-    ("client-key", "TASKSCHEDULER_AGENT_CLIENT_KEY", None),
-    ("idle-timeout", "TASKSCHEDULER_AGENT_IDLE_TIMEOUT", str(DEFAULT_IDLE_TIMEOUT)),
-    ("run-as", "TASKSCHEDULER_AGENT_RUN_AS", None),
-    ("cgroup-parent", "TASKSCHEDULER_AGENT_CGROUP_PARENT", "auto"),
-    ("starting-deadline", "TASKSCHEDULER_AGENT_STARTING_DEADLINE", "auto"),
-    ("max-running", "TASKSCHEDULER_AGENT_MAX_RUNNING", str(DEFAULT_MAX_RUNNING)),
-    ("max-connections", "TASKSCHEDULER_AGENT_MAX_CONNECTIONS", str(DEFAULT_MAX_CONNECTIONS)),
-    (
-        "max-connections-per-client",
-        "TASKSCHEDULER_AGENT_MAX_PER_CLIENT",
-        str(DEFAULT_MAX_CONNECTIONS_PER_CLIENT),
-    ),
-    ("header-timeout", "TASKSCHEDULER_AGENT_HEADER_TIMEOUT", str(DEFAULT_HEADER_TIMEOUT)),
-    ("body-timeout", "TASKSCHEDULER_AGENT_BODY_TIMEOUT", str(DEFAULT_BODY_TIMEOUT)),
-]
+from taskscheduler.listen import listen_endpoint
 
 #: The whole environment of every run, besides TASKSCHEDULER_TASK_ID and
 #: TASKSCHEDULER_SCHEDULED_AT: never the agent's own, which may hold secrets.
 BASE_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
-
-
-class Options(usage.Options):
-    synopsis = "[options]"
-    longdesc = (
-        "Runs the taskscheduler agent: it runs the tasks its server schedules here and "
-        "reports their results. Every option can also be set by the environment variable "
-        "named in brackets; the command line wins."
-    )
-    optParameters = [
-        [
-            "listen",
-            "l",
-            None,
-            "Where to listen, as a Twisted endpoint string [TASKSCHEDULER_AGENT_LISTEN] "
-            "(default: tcp:8081; e.g. tcp:8081:interface=127.0.0.1).",
-        ],
-        [
-            "server",
-            "s",
-            None,
-            "Base URL of the taskscheduler server [TASKSCHEDULER_SERVER_URL] "
-            "(default: http://127.0.0.1:8080).",
-        ],
-        [
-            "data-dir",
-            "d",
-            None,
-            "Folder for the agent's identity, tasks and unreported results "
-            "[TASKSCHEDULER_AGENT_DATA_DIR] (default: ./taskscheduler-agent-data).",
-        ],
-        [
-            "output-cap",
-            None,
-            None,
-            "Bytes of stdout and of stderr kept per run; past it the middle is dropped "
-            f"[TASKSCHEDULER_AGENT_OUTPUT_CAP] (default: {DEFAULT_OUTPUT_CAP}).",
-        ],
-        [
-            "kill-grace",
-            None,
-            None,
-            "Seconds between SIGTERM and SIGKILL when a run reaches its time limit "
-            f"[TASKSCHEDULER_AGENT_KILL_GRACE] (default: {DEFAULT_KILL_GRACE:g}).",
-        ],
-        [
-            "shutdown-grace",
-            None,
-            None,
-            "Seconds the runs under way may go on when the agent stops, before they are "
-            f"terminated [TASKSCHEDULER_AGENT_SHUTDOWN_GRACE] "
-            f"(default: {DEFAULT_SHUTDOWN_GRACE:g}).",
-        ],
-        [
-            "spool-max-bytes",
-            None,
-            None,
-            "Most bytes of unreported results kept; past it new results are dropped and "
-            f"counted [TASKSCHEDULER_AGENT_SPOOL_MAX_BYTES] (default: {DEFAULT_SPOOL_MAX_BYTES}).",
-        ],
-        [
-            "advertise-url",
-            None,
-            None,
-            "The base URL the server reaches this agent at: its AVAILABLE_SERVERS entry "
-            "[TASKSCHEDULER_AGENT_ADVERTISE_URL] (default: from --listen, on 127.0.0.1).",
-        ],
-        [
-            "join-secret-file",
-            None,
-            None,
-            "File holding the join secret (tsj_...) used once, to enrol "
-            "[TASKSCHEDULER_JOIN_SECRET_FILE]; it must be 0600. Or the secret itself in "
-            "TASKSCHEDULER_JOIN_SECRET, which the agent then removes from its environment.",
-        ],
-        [
-            "server-public-key-file",
-            None,
-            None,
-            "Pin this server public key (the server's <data-dir>/signing_key.pem.pub) "
-            "instead of the one enrolment returns [TASKSCHEDULER_SERVER_PUBLIC_KEY_FILE].",
-        ],
-        [
-            "tls-client-ca",
-            None,
-            None,
-            "With an ssl: --listen, require callers to present a certificate signed by a CA "
-            "in this PEM file (mutual TLS) [TASKSCHEDULER_AGENT_TLS_CLIENT_CA].",
-        ],
-        [
-            "server-ca",
-            None,
-            None,
-            "CA certificates (PEM) an https:// --server must chain to "
-            "[TASKSCHEDULER_SERVER_CA] (default: the system's trust store).",
-        ],
-        [
-            "client-cert",
-            None,
-            None,
-            "Certificate (PEM) presented to a server that requires mutual TLS "
-            "[TASKSCHEDULER_AGENT_CLIENT_CERT].",
-        ],
-        [
-            "client-key",
-            None,
-            None,
-            "Private key of --client-cert, if not in the same file "
-            "[TASKSCHEDULER_AGENT_CLIENT_KEY].",
-        ],
-        [
-            "idle-timeout",
-            None,
-            None,
-            "Seconds an idle client connection is kept open "
-            f"[TASKSCHEDULER_AGENT_IDLE_TIMEOUT] (default: {DEFAULT_IDLE_TIMEOUT:g}).",
-        ],
-        [
-            "run-as",
-            None,
-            None,
-            "Run every command as this unprivileged user (the agent must start as root); "
-            "this makes each start a fork, several times slower "
-            "[TASKSCHEDULER_AGENT_RUN_AS] (default: the agent's own user).",
-        ],
-        [
-            "cgroup-parent",
-            None,
-            None,
-            "The cgroup v2 folder under which each run gets a cgroup of its own, so that "
-            "nothing a run starts escapes it; 'auto' makes one in the agent's own cgroup, "
-            "'none' makes the agent a child subreaper instead "
-            "[TASKSCHEDULER_AGENT_CGROUP_PARENT] (default: auto, falling back to subreaper).",
-        ],
-        [
-            "starting-deadline",
-            None,
-            None,
-            "Seconds late (at most one interval) past which an instant is recorded skipped "
-            "instead of started, so that an overloaded agent sheds load "
-            "[TASKSCHEDULER_AGENT_STARTING_DEADLINE] (default: auto, a quarter of the "
-            "task's interval, at most 5 s or a hundredth of the interval if longer).",
-        ],
-        [
-            "max-running",
-            None,
-            None,
-            "Most runs in flight on this agent; instants past it are recorded skipped "
-            f"[TASKSCHEDULER_AGENT_MAX_RUNNING] (default: {DEFAULT_MAX_RUNNING}).",
-        ],
-        [
-            "max-connections",
-            None,
-            None,
-            "Most client connections held at once; past it, 503 "
-            f"[TASKSCHEDULER_AGENT_MAX_CONNECTIONS] (default: {DEFAULT_MAX_CONNECTIONS}, "
-            "lowered to leave 128 of the process's open-file limit to the rest).",
-        ],
-        [
-            "max-connections-per-client",
-            None,
-            None,
-            "Most client connections held at once from one IP address; past it, 503 "
-            "[TASKSCHEDULER_AGENT_MAX_PER_CLIENT] "
-            f"(default: {DEFAULT_MAX_CONNECTIONS_PER_CLIENT}).",
-        ],
-        [
-            "header-timeout",
-            None,
-            None,
-            "Seconds a client has, from connecting, to send a request's line and headers; "
-            f"then 408 [TASKSCHEDULER_AGENT_HEADER_TIMEOUT] (default: {DEFAULT_HEADER_TIMEOUT:g}).",
-        ],
-        [
-            "body-timeout",
-            None,
-            None,
-            "Seconds a client has to send a request's body once its headers are in; then 408 "
-            f"[TASKSCHEDULER_AGENT_BODY_TIMEOUT] (default: {DEFAULT_BODY_TIMEOUT:g}).",
-        ],
-    ]
-
-    def __init__(self, environ: MutableMapping[str, str] | None = None) -> None:
-        super().__init__()
-        self._environ = os.environ if environ is None else environ
-
-    def postOptions(self) -> None:
-        for name, variable, default in _SETTINGS:
-            if self[name] is None:
-                self[name] = self._environ.get(variable) or default
-        server = self["server"].rstrip("/")
-        if not server.startswith(("http://", "https://")):
-            raise usage.UsageError(f"--server {server!r} must be a base URL like http://host:8080")
-        self["server"] = server
-        self["output-cap"] = _number(self["output-cap"], "output-cap", int, minimum=1)
-        self["kill-grace"] = _number(self["kill-grace"], "kill-grace", float, minimum=0)
-        self["shutdown-grace"] = _number(self["shutdown-grace"], "shutdown-grace", float, minimum=0)
-        self["spool-max-bytes"] = _number(
-            self["spool-max-bytes"], "spool-max-bytes", int, minimum=1
-        )
-        self["idle-timeout"] = _number(self["idle-timeout"], "idle-timeout", float, minimum=1)
-        deadline = self["starting-deadline"]
-        self["starting-deadline"] = (
-            None if deadline == "auto" else _number(deadline, "starting-deadline", float, minimum=0)
-        )
-        self["max-running"] = _number(self["max-running"], "max-running", int, minimum=1)
-        for name in ("max-connections", "max-connections-per-client"):
-            self[name] = _number(self[name], name, int, minimum=1)
-        for name in ("header-timeout", "body-timeout"):
-            self[name] = _number(self[name], name, float, minimum=0.1)
-        # Read once, and taken out of the environment at once: see hardening.
-        self["join-secret"] = take_secret_from_environment(
-            self._environ, "TASKSCHEDULER_JOIN_SECRET"
-        )
-        if self["advertise-url"] is None:
-            self["advertise-url"] = advertise_url_from(self["listen"])
-        url = self["advertise-url"].rstrip("/")
-        if not url.startswith(("http://", "https://")):
-            raise usage.UsageError(
-                f"--advertise-url {url!r} must be a base URL like http://host:8081"
-            )
-        self["advertise-url"] = url
-        self["run-as-ids"] = None if self["run-as"] is None else _user_ids(self["run-as"])
-
-
-def _number(text: str, name: str, kind: type[int] | type[float], minimum: float) -> Any:
-    try:
-        value = kind(text)
-    except ValueError:
-        raise usage.UsageError(f"--{name} must be a number, not {text!r}") from None
-    if value < minimum:
-        raise usage.UsageError(f"--{name} must be at least {minimum:g}")
-    return value
-
-
-def advertise_url_from(listen: str) -> str:
-    """``http(s)://127.0.0.1:<port>`` for a tcp: or ssl: listening endpoint (or its interface
-    when it names one)."""
-    try:
-        args, kwargs = split_endpoint(listen)
-    except EndpointSyntaxError:
-        args, kwargs = [], {}
-    kind = args[0].strip().lower() if args else ""
-    port = kwargs.get("port") or (args[1] if len(args) > 1 else "")
-    if kind not in ("tcp", "ssl") or not port.isdigit():
-        raise usage.UsageError(
-            f"cannot tell the agent's URL from --listen {listen!r}: give --advertise-url"
-        )
-    interface = kwargs.get("interface", "")
-    host = "127.0.0.1"
-    if interface and interface not in ("0.0.0.0", "::"):
-        host = f"[{interface}]" if ":" in interface else interface
-    scheme = "https" if kind == "ssl" else "http"
-    return f"{scheme}://{host}:{port}"
-
-
-def _user_ids(name: str) -> tuple[int, int, str]:
-    try:
-        entry = pwd.getpwnam(name)
-    except KeyError:
-        raise usage.UsageError(f"--run-as: no user named {name!r}") from None
-    if entry.pw_uid == 0:
-        raise usage.UsageError("--run-as must name an unprivileged user, not root")
-    return entry.pw_uid, entry.pw_gid, entry.pw_dir
 
 
 def base_environment(home: str | None = None) -> dict[str, str]:
@@ -386,6 +80,7 @@ def makeService(options: Options) -> IService:
             spool_max_bytes=options["spool-max-bytes"],
             shutdown_grace=options["shutdown-grace"],
             advertise_url=options["advertise-url"],
+            advertise_scheme=options["advertise-scheme"] or "http",
             join_secret=options["join-secret"],
             join_secret_file=_path(options["join-secret-file"]),
             server_public_key_file=_path(options["server-public-key-file"]),
@@ -408,7 +103,7 @@ def makeService(options: Options) -> IService:
         http_factory=lambda: DaemonHTTP(
             reactor, options["server-ca"], options["client-cert"], options["client-key"]
         ),
-        endpoint_factory=lambda: server_endpoint(
+        endpoint_factory=lambda: listen_endpoint(
             reactor, options["listen"], options["tls-client-ca"]
         ),
         harden_process=make_non_dumpable,

@@ -171,6 +171,10 @@ class Database:
         self._operation_timeout = operation_timeout
         self._pool: _Pool | None = None
 
+    def use_dsn(self, dsn: str) -> None:
+        """Connect to ``dsn`` from the next :meth:`open` on."""
+        self._dsn = dsn
+
     def open(self) -> None:
         """Start with fresh connections (closing those of an earlier start)."""
         if self._pool is not None:

@@ -70,6 +70,11 @@ class PostgresStore:
 
     # -- lifecycle ----------------------------------------------------------------------
 
+    def use_dsn(self, dsn: str) -> None:
+        """Connect to ``dsn`` from the next :meth:`start` on: the embedded PostgreSQL's is
+        known only once it runs, after the server's services are built."""
+        self.db.use_dsn(dsn)
+
     async def start(self) -> None:
         self.db.open()
         await self.db.run(Migrator().migrate, transaction=False)

@@ -1,0 +1,403 @@
+"""``twistd taskscheduler-server``'s options: each from the command line or its
+environment variable, checked and converted once, here."""
+
+from __future__ import annotations
+
+import os
+
+from twisted.python import usage
+
+from taskscheduler.listen import INSECURE_FLAG
+from taskscheduler.protocol import CLOCK_ALLOWANCE
+from taskscheduler.server.api import DEFAULT_MAX_OUTPUT_BYTES, DEFAULT_REPORT_GRACE
+from taskscheduler.server.ratelimit import DEFAULT_CREATE_BURST, DEFAULT_CREATE_RATE
+from taskscheduler.server.retention import DEFAULT_RETENTION_DAYS
+from taskscheduler.web import (
+    DEFAULT_BODY_TIMEOUT,
+    DEFAULT_HEADER_TIMEOUT,
+    DEFAULT_IDLE_TIMEOUT,
+    DEFAULT_MAX_BODY_BYTES,
+    DEFAULT_MAX_CONNECTIONS,
+    DEFAULT_MAX_CONNECTIONS_PER_CLIENT,
+    LOOPBACK_HOSTS,
+    HostPolicy,
+)
+
+
+def _env(name: str, default: str | None = None) -> str | None:
+    value = os.environ.get(name)
+    return value if value else default
+
+
+class Options(usage.Options):
+    synopsis = "[options]"
+    longdesc = (
+        "Runs the taskscheduler API server. Every option can also be set by the "
+        "environment variable named in brackets; the command line wins."
+    )
+    optFlags = [
+        [
+            INSECURE_FLAG.removeprefix("--"),
+            None,
+            "Let a server listening beyond loopback run without operator tokens: anyone "
+            "who reaches it can run commands on every agent. For isolated test networks only.",
+        ],
+    ]
+    optParameters = [
+        [
+            "listen",
+            "l",
+            None,
+            "Where to listen, as a Twisted endpoint string [TASKSCHEDULER_LISTEN] "
+            "(default: tcp:8080; e.g. tcp:8080:interface=127.0.0.1).",
+        ],
+        [
+            "database",
+            "d",
+            None,
+            "PostgreSQL DSN, e.g. postgresql://user@host/db [TASKSCHEDULER_DATABASE]. "
+            "Without one, an embedded PostgreSQL is kept in <data-dir>/postgres. Keep the "
+            "password off the command line, where ps shows it: put it in libpq's passfile "
+            "(PGPASSFILE or ~/.pgpass), or the whole DSN in --database-file.",
+        ],
+        [
+            "database-file",
+            None,
+            None,
+            "File (0600) holding the PostgreSQL DSN, instead of --database "
+            "[TASKSCHEDULER_DATABASE_FILE].",
+        ],
+        [
+            "data-dir",
+            None,
+            None,
+            "Folder for the server's own data [TASKSCHEDULER_DATA_DIR] "
+            "(default: ./taskscheduler-data).",
+        ],
+        [
+            "available-servers",
+            None,
+            None,
+            "Comma-separated agent base URLs every task runs on [AVAILABLE_SERVERS], "
+            "e.g. http://127.0.0.1:8081,http://127.0.0.1:8082.",
+        ],
+        [
+            "report-grace",
+            None,
+            None,
+            "Seconds after a run's time limit to wait for missing agents before an "
+            "execution counts as complete without them [TASKSCHEDULER_REPORT_GRACE] "
+            f"(default: {int(DEFAULT_REPORT_GRACE.total_seconds())}).",
+        ],
+        [
+            "retention-days",
+            None,
+            None,
+            "Days of execution history (executions and their results) to keep; older "
+            "history is deleted a little at a time every few minutes; 0 keeps everything "
+            f"[TASKSCHEDULER_RETENTION_DAYS] (default: {DEFAULT_RETENTION_DAYS}).",
+        ],
+        [
+            "database-wait",
+            None,
+            None,
+            "Seconds to keep trying to reach the database at start-up "
+            "[TASKSCHEDULER_DATABASE_WAIT] (default: 60).",
+        ],
+        [
+            "create-rate",
+            None,
+            None,
+            "Tasks each operator token may create a second on average; past it 429 with "
+            "Retry-After; 0: no limit [TASKSCHEDULER_CREATE_RATE] "
+            f"(default: {DEFAULT_CREATE_RATE:g}).",
+        ],
+        [
+            "create-burst",
+            None,
+            None,
+            "Tasks each operator token may create at once [TASKSCHEDULER_CREATE_BURST] "
+            f"(default: {DEFAULT_CREATE_BURST}).",
+        ],
+        [
+            "max-body-bytes",
+            None,
+            None,
+            "Largest request body accepted [TASKSCHEDULER_MAX_BODY_BYTES] "
+            f"(default: {DEFAULT_MAX_BODY_BYTES}).",
+        ],
+        [
+            "max-output-bytes",
+            None,
+            None,
+            "Most bytes of each output stream of a result stored; past it the head and "
+            "tail are kept and the stream is flagged truncated [TASKSCHEDULER_MAX_OUTPUT_BYTES] "
+            f"(default: {DEFAULT_MAX_OUTPUT_BYTES}, the agents' default --output-cap).",
+        ],
+        [
+            "clock-allowance",
+            None,
+            None,
+            "Seconds by which agents' clocks may run ahead of the server's: a result dated "
+            "later than now plus its task's time limit plus this is refused until the "
+            "server's clock gets there [TASKSCHEDULER_CLOCK_ALLOWANCE] (default: "
+            f"{CLOCK_ALLOWANCE.total_seconds():g}).",
+        ],
+        [
+            "tokens-file",
+            None,
+            None,
+            "Operators' API tokens, one '<name> sha256:<hash>' line each (python -m "
+            "taskscheduler.tokens new NAME); re-read when it changes, so deleting a line "
+            "revokes a token [TASKSCHEDULER_TOKENS_FILE]. Or put the lines, separated by "
+            "commas, in TASKSCHEDULER_TOKENS.",
+        ],
+        [
+            "join-secrets-file",
+            None,
+            None,
+            "Hashes of the join secrets agents enrol with, same format "
+            "[TASKSCHEDULER_JOIN_SECRETS_FILE]; or the lines in TASKSCHEDULER_JOIN_SECRETS.",
+        ],
+        [
+            "signing-key-file",
+            None,
+            None,
+            "Ed25519 key (PEM) that signs instructions to agents [TASKSCHEDULER_SIGNING_KEY_FILE] "
+            "(default: <data-dir>/signing_key.pem, created 0600 on first start).",
+        ],
+        [
+            "tls-client-ca",
+            None,
+            None,
+            "With an ssl: --listen, require clients to present a certificate signed by a CA "
+            "in this PEM file (mutual TLS) [TASKSCHEDULER_TLS_CLIENT_CA].",
+        ],
+        [
+            "agent-ca",
+            None,
+            None,
+            "CA certificates (PEM) that agents' https:// certificates must chain to "
+            "[TASKSCHEDULER_AGENT_CA] (default: the system's trust store).",
+        ],
+        [
+            "client-cert",
+            None,
+            None,
+            "Certificate (PEM) the server presents to agents that require mutual TLS "
+            "[TASKSCHEDULER_CLIENT_CERT].",
+        ],
+        [
+            "client-key",
+            None,
+            None,
+            "Private key of --client-cert, if not in the same file [TASKSCHEDULER_CLIENT_KEY].",
+        ],
+        [
+            "idle-timeout",
+            None,
+            None,
+            "Seconds an idle client connection is kept open [TASKSCHEDULER_IDLE_TIMEOUT] "
+            f"(default: {DEFAULT_IDLE_TIMEOUT:g}).",
+        ],
+        [
+            "accept-hosts",
+            None,
+            None,
+            "Comma-separated host names (any port) the server answers to in the Host "
+            "header, or * for any; others get 403, against DNS rebinding "
+            "[TASKSCHEDULER_ACCEPT_HOSTS] (default: any with operator tokens; without "
+            "them, " + ", ".join(LOOPBACK_HOSTS) + ").",
+        ],
+        [
+            "max-connections",
+            None,
+            None,
+            "Most client connections held at once; past it, 503 "
+            f"[TASKSCHEDULER_MAX_CONNECTIONS] (default: {DEFAULT_MAX_CONNECTIONS}, lowered "
+            "to leave 128 of the process's open-file limit to the rest).",
+        ],
+        [
+            "max-connections-per-client",
+            None,
+            None,
+            "Most client connections held at once from one IP address; past it, 503 "
+            "[TASKSCHEDULER_MAX_PER_CLIENT] "
+            f"(default: {DEFAULT_MAX_CONNECTIONS_PER_CLIENT}).",
+        ],
+        [
+            "header-timeout",
+            None,
+            None,
+            "Seconds a client has, from connecting, to send a request's line and headers; "
+            f"then 408 [TASKSCHEDULER_HEADER_TIMEOUT] (default: {DEFAULT_HEADER_TIMEOUT:g}).",
+        ],
+        [
+            "body-timeout",
+            None,
+            None,
+            "Seconds a client has to send a request's body once its headers are in; then 408 "
+            f"[TASKSCHEDULER_BODY_TIMEOUT] (default: {DEFAULT_BODY_TIMEOUT:g}).",
+        ],
+    ]
+
+    def postOptions(self) -> None:
+        self["listen"] = self["listen"] or _env("TASKSCHEDULER_LISTEN", "tcp:8080")
+        # Said at start (see database_warnings): only a DSN typed here is in `ps`.
+        self["database-on-command-line"] = bool(self["database"])
+        self["database"] = self["database"] or _env("TASKSCHEDULER_DATABASE")
+        self["database-file"] = self["database-file"] or _env("TASKSCHEDULER_DATABASE_FILE")
+        if self["database"] and self["database-file"]:
+            raise usage.UsageError(
+                "give the database as --database (or TASKSCHEDULER_DATABASE) or "
+                "--database-file, not both"
+            )
+        self["data-dir"] = self["data-dir"] or _env("TASKSCHEDULER_DATA_DIR", "taskscheduler-data")
+        servers = self["available-servers"] or _env("AVAILABLE_SERVERS", "")
+        self["agents"] = parse_agent_urls(servers or "")
+        self["report-grace"] = _positive_number(
+            self["report-grace"] or _env("TASKSCHEDULER_REPORT_GRACE", "30"), "report-grace"
+        )
+        self["retention-days"] = parse_retention_days(
+            self["retention-days"]
+            or _env("TASKSCHEDULER_RETENTION_DAYS", str(DEFAULT_RETENTION_DAYS))
+        )
+        self["database-wait"] = _positive_number(
+            self["database-wait"] or _env("TASKSCHEDULER_DATABASE_WAIT", "60"), "database-wait"
+        )
+        self["max-body-bytes"] = int(
+            _positive_number(
+                self["max-body-bytes"]
+                or _env("TASKSCHEDULER_MAX_BODY_BYTES", str(DEFAULT_MAX_BODY_BYTES)),
+                "max-body-bytes",
+            )
+        )
+        self["create-rate"] = _non_negative_number(
+            self["create-rate"] or _env("TASKSCHEDULER_CREATE_RATE", str(DEFAULT_CREATE_RATE)),
+            "create-rate",
+        )
+        self["create-burst"] = int(
+            _positive_number(
+                self["create-burst"]
+                or _env("TASKSCHEDULER_CREATE_BURST", str(DEFAULT_CREATE_BURST)),
+                "create-burst",
+            )
+        )
+        self["clock-allowance"] = _positive_number(
+            self["clock-allowance"]
+            or _env("TASKSCHEDULER_CLOCK_ALLOWANCE", f"{CLOCK_ALLOWANCE.total_seconds():g}"),
+            "clock-allowance",
+        )
+        self["max-output-bytes"] = _byte_count(
+            self["max-output-bytes"]
+            or _env("TASKSCHEDULER_MAX_OUTPUT_BYTES", str(DEFAULT_MAX_OUTPUT_BYTES)),
+            "max-output-bytes",
+        )
+        for name, variable in [
+            ("tokens-file", "TASKSCHEDULER_TOKENS_FILE"),
+            ("join-secrets-file", "TASKSCHEDULER_JOIN_SECRETS_FILE"),
+            ("signing-key-file", "TASKSCHEDULER_SIGNING_KEY_FILE"),
+            ("tls-client-ca", "TASKSCHEDULER_TLS_CLIENT_CA"),
+            ("agent-ca", "TASKSCHEDULER_AGENT_CA"),
+            ("client-cert", "TASKSCHEDULER_CLIENT_CERT"),
+            ("client-key", "TASKSCHEDULER_CLIENT_KEY"),
+        ]:
+            self[name] = self[name] or _env(variable)
+        self["tokens"] = _env("TASKSCHEDULER_TOKENS")
+        self["join-secrets"] = _env("TASKSCHEDULER_JOIN_SECRETS")
+        if self["tokens-file"] and self["tokens"]:
+            raise usage.UsageError("give --tokens-file or TASKSCHEDULER_TOKENS, not both")
+        if self["join-secrets-file"] and self["join-secrets"]:
+            raise usage.UsageError(
+                "give --join-secrets-file or TASKSCHEDULER_JOIN_SECRETS, not both"
+            )
+        self["idle-timeout"] = _positive_number(
+            self["idle-timeout"] or _env("TASKSCHEDULER_IDLE_TIMEOUT", str(DEFAULT_IDLE_TIMEOUT)),
+            "idle-timeout",
+        )
+        self["insecure"] = bool(self[INSECURE_FLAG.removeprefix("--")])
+        accept_hosts = self["accept-hosts"] or _env("TASKSCHEDULER_ACCEPT_HOSTS")
+        try:
+            self["host-policy"] = None if not accept_hosts else HostPolicy.parse(accept_hosts)
+        except ValueError as e:
+            raise usage.UsageError(str(e)) from None
+        for name, variable, default in [
+            ("max-connections", "TASKSCHEDULER_MAX_CONNECTIONS", DEFAULT_MAX_CONNECTIONS),
+            (
+                "max-connections-per-client",
+                "TASKSCHEDULER_MAX_PER_CLIENT",
+                DEFAULT_MAX_CONNECTIONS_PER_CLIENT,
+            ),
+        ]:
+            self[name] = _count(self[name] or _env(variable, str(default)), name)
+        for name, variable, seconds in [
+            ("header-timeout", "TASKSCHEDULER_HEADER_TIMEOUT", DEFAULT_HEADER_TIMEOUT),
+            ("body-timeout", "TASKSCHEDULER_BODY_TIMEOUT", DEFAULT_BODY_TIMEOUT),
+        ]:
+            self[name] = _positive_number(self[name] or _env(variable, str(seconds)), name)
+
+
+def parse_agent_urls(text: str) -> list[str]:
+    """``AVAILABLE_SERVERS``: comma-separated http(s) base URLs, duplicates removed."""
+    urls: list[str] = []
+    for item in text.split(","):
+        url = item.strip().rstrip("/")
+        if not url:
+            continue
+        if not url.startswith(("http://", "https://")):
+            raise usage.UsageError(
+                f"AVAILABLE_SERVERS entry {url!r} must be a base URL like http://host:8081"
+            )
+        if url not in urls:
+            urls.append(url)
+    return urls
+
+
+def parse_retention_days(text: str | None) -> int:
+    """``--retention-days``: a whole number of days, 0 meaning keep everything."""
+    try:
+        days = int((text or "").strip())
+    except ValueError:
+        raise usage.UsageError("--retention-days must be a whole number of days") from None
+    if days < 0:
+        raise usage.UsageError("--retention-days must be 0 (keep everything) or more")
+    if days > 36_500:
+        raise usage.UsageError("--retention-days must be at most 36500 (or 0 to keep everything)")
+    return days
+
+
+def _non_negative_number(text: str | None, name: str) -> float:
+    try:
+        value = float(text or "")
+    except ValueError:
+        raise usage.UsageError(f"--{name} must be a number") from None
+    if not value >= 0 or value == float("inf"):
+        raise usage.UsageError(f"--{name} must be 0 or more")
+    return value
+
+
+def _count(text: str | None, name: str) -> int:
+    try:
+        value = int(text or "")
+    except ValueError:
+        raise usage.UsageError(f"--{name} must be a whole number") from None
+    if value < 1:
+        raise usage.UsageError(f"--{name} must be at least 1")
+    return value
+
+
+def _byte_count(text: str | None, name: str) -> int:
+    text = (text or "").strip()
+    if not text.isascii() or not text.isdigit() or len(text) > 18 or int(text) < 1:
+        raise usage.UsageError(f"--{name} must be a whole number of bytes, 1 or more")
+    return int(text)
+
+
+def _positive_number(text: str | None, name: str) -> float:
+    try:
+        value = float(text or "")
+    except ValueError:
+        raise usage.UsageError(f"--{name} must be a number of seconds") from None
+    if value <= 0:
+        raise usage.UsageError(f"--{name} must be positive")
+    return value
