@@ -103,8 +103,17 @@ def _raise(error: Exception) -> None:
     raise error
 
 
-def server_service(options: Options, reactor: Any, on_fatal: Callable[[str], None]) -> StartInOrder:
-    """The server's whole service tree, built from ``options`` (see the module's docstring)."""
+def server_service(
+    options: Options,
+    reactor: Any,
+    on_fatal: Callable[[str], None],
+    harden_process: Callable[[], bool] = make_non_dumpable,
+) -> StartInOrder:
+    """The server's whole service tree, built from ``options`` (see the module's docstring).
+
+    ``harden_process`` is called as the port is bound (False: the system cannot make the
+    process non-dumpable).
+    """
     # First, so that a --listen Twisted cannot parse is said to be that, and bad TLS
     # files stop the server before anything else.
     endpoint = listen_endpoint(reactor, options["listen"], options["tls-client-ca"])
@@ -192,7 +201,7 @@ def server_service(options: Options, reactor: Any, on_fatal: Callable[[str], Non
 
     tree = StartInOrder("taskscheduler server", on_fatal, OPERATOR_ERRORS)
     port.setServiceParent(tree)
-    Step("hardening", start=harden).setServiceParent(tree)
+    Step("hardening", start=lambda: harden(harden_process)).setServiceParent(tree)
     DatabaseConnection(store, reactor, options["database-wait"], agents, embedded).setServiceParent(
         tree
     )
@@ -210,8 +219,8 @@ def server_service(options: Options, reactor: Any, on_fatal: Callable[[str], Non
     return tree
 
 
-def harden() -> None:
-    if not make_non_dumpable():
+def harden(harden_process: Callable[[], bool]) -> None:
+    if not harden_process():
         log.warn(
             "this system cannot make the server non-dumpable: processes of its user may "
             "read its memory and environment"
