@@ -124,10 +124,10 @@ class _ClientCertificatesRequired:
         if not isinstance(contextFactory, ssl.CertificateOptions):
             raise TLSConfigError("client certificates need Twisted's own TLS settings")
         # Public settings, read when the first connection builds the context: what
-        # trustRoot=... does in CertificateOptions' constructor.
+        # trustRoot=... does in CertificateOptions' constructor (requireCertificate is
+        # already True, its default).
         contextFactory.trustRoot = self._trust_root
         contextFactory.verify = True
-        contextFactory.requireCertificate = True
         return self._reactor.listenSSL(port, factory, contextFactory, backlog, interface)
 
     def connectSSL(self, *args: Any, **kwargs: Any) -> Any:

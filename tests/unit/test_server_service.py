@@ -49,17 +49,19 @@ async def test_the_port_serves_only_once_the_database_is_ready(
     )
     tree.privilegedStartService()
     tree.startService()
-    port = listening_port(tree).port
-    assert port is not None, "bound before anything else starts"
-    # Connecting to the database takes turns of the reactor: it is under way.
-    assert port not in reactor.getReaders(), "no connection accepted before the database"
-    await tree.when_started().addTimeout(30, reactor)
-    assert fatal == []
-    assert port in reactor.getReaders()
-    response = await treq.get(f"http://127.0.0.1:{port.getHost().port}/api/v1/health")
-    assert response.code == 200
-    await response.content()
-    await tree.stopService()
+    try:
+        port = listening_port(tree).port
+        assert port is not None, "bound before anything else starts"
+        # Connecting to the database takes turns of the reactor: it is under way.
+        assert port not in reactor.getReaders(), "no connection accepted before the database"
+        await tree.when_started().addTimeout(30, reactor)
+        assert fatal == []
+        assert port in reactor.getReaders()
+        response = await treq.get(f"http://127.0.0.1:{port.getHost().port}/api/v1/health")
+        assert response.code == 200
+        await response.content()
+    finally:
+        await tree.stopService()
     assert port not in reactor.getReaders()
 
 
@@ -77,12 +79,14 @@ async def test_a_database_that_never_answers_stops_the_server_unserved(
     )
     tree.privilegedStartService()
     tree.startService()
-    port = listening_port(tree).port
-    assert port is not None and port not in reactor.getReaders()
-    reason = await failed.addTimeout(30, reactor)
-    assert "the database did not answer within 0.1 s" in reason
-    assert port not in reactor.getReaders(), "it never served"
-    address = port.getHost()
-    await tree.stopService()
+    try:
+        port = listening_port(tree).port
+        assert port is not None and port not in reactor.getReaders()
+        reason = await failed.addTimeout(30, reactor)
+        assert "the database did not answer within 0.1 s" in reason
+        assert port not in reactor.getReaders(), "it never served"
+        address = port.getHost()
+    finally:
+        await tree.stopService()
     with pytest.raises(ConnectionRefusedError):
         await treq.get(f"http://127.0.0.1:{address.port}/api/v1/health")
