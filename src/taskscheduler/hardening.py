@@ -25,7 +25,6 @@ import sys
 from collections.abc import MutableMapping
 from pathlib import Path
 
-_PR_GET_DUMPABLE = 3
 _PR_SET_DUMPABLE = 4
 
 
@@ -48,13 +47,6 @@ def make_non_dumpable() -> bool:
         code = ctypes.get_errno()
         raise OSError(code, f"prctl(PR_SET_DUMPABLE, 0): {os.strerror(code)}")
     return True
-
-
-def is_dumpable() -> bool:
-    """Whether this process is dumpable (``PR_GET_DUMPABLE``); True off Linux."""
-    if not sys.platform.startswith("linux"):
-        return True
-    return bool(ctypes.CDLL(None).prctl(_PR_GET_DUMPABLE, 0, 0, 0, 0))
 
 
 def take_secret_from_environment(environ: MutableMapping[str, str], name: str) -> str | None:

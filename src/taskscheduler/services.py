@@ -51,8 +51,6 @@ class StartInOrder(MultiService):
         self._started: list[IService] = []
         self._starting: Deferred[None] | None = None
         self._stopping = False
-        self._waiting: list[Deferred[None]] = []
-        self._all_started = False
 
     def startService(self) -> None:
         Service.startService(self)  # not MultiService's: it would start every child now
@@ -60,25 +58,12 @@ class StartInOrder(MultiService):
         self._starting = Deferred.fromCoroutine(self._start_children())
         self._starting.addErrback(self._failed)
 
-    def when_started(self) -> Deferred[None]:
-        """Fires once every child has started (never, if one failed or it was stopped)."""
-        started: Deferred[None] = Deferred()
-        if self._all_started:
-            started.callback(None)
-        else:
-            self._waiting.append(started)
-        return started
-
     async def _start_children(self) -> None:
         for child in list(self):
             if self._stopping:
                 return
             self._started.append(child)
             await maybeDeferred(child.startService)
-        self._all_started = True
-        waiting, self._waiting = self._waiting, []
-        for started in waiting:
-            started.callback(None)
 
     def _failed(self, failure: Failure) -> None:
         if failure.check(CancelledError) and self._stopping:
@@ -97,7 +82,6 @@ class StartInOrder(MultiService):
 
     async def _stop(self) -> None:
         self._stopping = True
-        self._all_started = False
         if self._starting is not None and not self._starting.called:
             self._starting.cancel()
         Service.stopService(self)

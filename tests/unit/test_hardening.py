@@ -41,7 +41,10 @@ def run_python(code: str, env: dict[str, str]) -> str:
 @linux_only
 def test_make_non_dumpable_clears_the_dumpable_flag() -> None:
     out = run_python(
-        "from taskscheduler.hardening import is_dumpable, make_non_dumpable\n"
+        "import ctypes\n"
+        "from taskscheduler.hardening import make_non_dumpable\n"
+        "def is_dumpable():\n"
+        "    return bool(ctypes.CDLL(None).prctl(3, 0, 0, 0, 0))  # PR_GET_DUMPABLE\n"
         "print(is_dumpable(), make_non_dumpable(), is_dumpable())\n",
         {},
     )

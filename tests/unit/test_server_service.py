@@ -3,6 +3,7 @@ only once the database is ready; a database that never answers stops the server.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -12,6 +13,7 @@ import treq
 from twisted.internet import reactor as _reactor
 from twisted.internet.defer import Deferred
 from twisted.internet.error import ConnectionRefusedError
+from twisted.internet.task import deferLater
 
 from taskscheduler.server.options import Options
 from taskscheduler.server.tap import server_service
@@ -54,9 +56,8 @@ async def test_the_port_serves_only_once_the_database_is_ready(
         assert port is not None, "bound before anything else starts"
         # Connecting to the database takes turns of the reactor: it is under way.
         assert port not in reactor.getReaders(), "no connection accepted before the database"
-        await tree.when_started().addTimeout(30, reactor)
+        await until(lambda: port in reactor.getReaders() or bool(fatal))
         assert fatal == []
-        assert port in reactor.getReaders()
         response = await treq.get(f"http://127.0.0.1:{port.getHost().port}/api/v1/health")
         assert response.code == 200
         await response.content()
@@ -90,3 +91,11 @@ async def test_a_database_that_never_answers_stops_the_server_unserved(
         await tree.stopService()
     with pytest.raises(ConnectionRefusedError):
         await treq.get(f"http://127.0.0.1:{address.port}/api/v1/health")
+
+
+async def until(condition: Callable[[], bool], timeout: float = 30) -> None:
+    """Wait for ``condition``, checking every 10 ms, for at most ``timeout`` seconds."""
+    deadline = reactor.seconds() + timeout
+    while not condition():
+        assert reactor.seconds() < deadline, "timed out"
+        await deferLater(reactor, 0.01, lambda: None)
