@@ -8,8 +8,13 @@ from dataclasses import dataclass
 from datetime import datetime
 
 from twisted.internet.defer import Deferred
+from twisted.logger import Logger
 
+from taskscheduler.agent.spool import RunMarker, RunMarkers, Spool
 from taskscheduler.protocol import Output, ResultStatus, RunResult
+from taskscheduler.schedule import format_instant
+
+_log = Logger(namespace="taskscheduler.agent.outcome")
 
 #: The reason a result carries when a restarted agent re-attached to its run.
 REATTACHED = "re-attached after the agent restarted"
@@ -46,6 +51,27 @@ def status_of(exit_code: int | None, signum: int | None) -> ResultStatus:
     if exit_code == 0 and signum is None:
         return ResultStatus.SUCCEEDED
     return ResultStatus.FAILED
+
+
+def spool_lost_runs(markers: RunMarkers, spool: Spool, agent_id: uuid.UUID) -> None:
+    """Spool a ``lost`` result for each run an older version of the agent marked as
+    started (``running/``) and never reported; each marker goes once its result is
+    durable, not before."""
+    for marker in markers.leftovers():
+        if (marker.task_id, marker.scheduled_at) in spool:
+            markers.clear(marker.task_id, marker.scheduled_at)
+            continue
+        _log.warn(
+            "task {task_id}: the run at {scheduled_at} was lost when the agent stopped",
+            task_id=str(marker.task_id),
+            scheduled_at=format_instant(marker.scheduled_at),
+        )
+        lost = lost_result(marker.task_id, agent_id, marker.scheduled_at, marker.started_at)
+        spool.add(lost).addCallback(_clear_marker, markers, marker)
+
+
+def _clear_marker(spooled: bool, markers: RunMarkers, marker: RunMarker) -> None:
+    markers.clear(marker.task_id, marker.scheduled_at)
 
 
 def lost_result(

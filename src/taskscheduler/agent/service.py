@@ -12,6 +12,11 @@ An agent that has no credential yet enrols first (:mod:`taskscheduler.agent.enro
 while it already listens and runs its stored tasks: results wait in the spool until it
 has a credential to report them with, and instructions are refused until it has pinned
 its server's key.
+
+One service rather than a tree of them (unlike the server's, :mod:`taskscheduler.server.tap`):
+every part is made from what the data folder holds, which ``makeService`` must not read,
+and start-up is one synchronous read of that folder before the port. That sequence is
+why the module runs past 400 lines: split, it would be read across files.
 """
 
 from __future__ import annotations
@@ -56,7 +61,7 @@ from taskscheduler.agent.identity import (
     read_private_text,
 )
 from taskscheduler.agent.lastruns import LastRuns
-from taskscheduler.agent.outcome import lost_result
+from taskscheduler.agent.outcome import spool_lost_runs
 from taskscheduler.agent.reporter import Reporter
 from taskscheduler.agent.scheduler import (
     DEFAULT_MAX_RUNNING,
@@ -64,12 +69,11 @@ from taskscheduler.agent.scheduler import (
     RunnerLike,
     Scheduler,
 )
-from taskscheduler.agent.spool import DEFAULT_SPOOL_MAX_BYTES, RunMarker, RunMarkers, Spool
+from taskscheduler.agent.spool import DEFAULT_SPOOL_MAX_BYTES, RunMarkers, Spool
 from taskscheduler.agent.taskstore import TaskStore
 from taskscheduler.hardening import make_private_folder
 from taskscheduler.listen import EndpointSyntaxError, advertised_url, is_loopback_url
 from taskscheduler.protocol import TaskSpec
-from taskscheduler.schedule import format_instant
 from taskscheduler.signing import (
     InstructionVerifier,
     KeyFileError,
@@ -262,19 +266,7 @@ class AgentService(Service):
             data_dir / "spool", self.config.spool_max_bytes, writer, self._run_in_thread or run_here
         )
         spool.load()
-        markers = RunMarkers(data_dir / "running")
-        for marker in markers.leftovers():
-            if (marker.task_id, marker.scheduled_at) in spool:
-                markers.clear(marker.task_id, marker.scheduled_at)
-                continue
-            self.log.warn(
-                "task {task_id}: the run at {scheduled_at} was lost when the agent stopped",
-                task_id=str(marker.task_id),
-                scheduled_at=format_instant(marker.scheduled_at),
-            )
-            lost = lost_result(marker.task_id, agent_id, marker.scheduled_at, marker.started_at)
-            # The marker goes once the lost result is durable, not before.
-            spool.add(lost).addCallback(_clear_marker, markers, marker)
+        spool_lost_runs(RunMarkers(data_dir / "running"), spool, agent_id)
         task_store = TaskStore(
             data_dir / "tasks",
             None if self._run_in_thread is None else BatchWriter(self._clock, self._run_in_thread),
@@ -448,7 +440,3 @@ def _user_name() -> str:
         return f"{pwd.getpwuid(uid).pw_name}, uid {uid}"
     except KeyError:
         return f"uid {uid}"
-
-
-def _clear_marker(spooled: bool, markers: RunMarkers, marker: RunMarker) -> None:
-    markers.clear(marker.task_id, marker.scheduled_at)
