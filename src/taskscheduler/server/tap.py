@@ -2,16 +2,16 @@
 
 ``makeService`` builds every object and reads what configures the server (its
 ``--listen`` endpoint and TLS files, the operators' tokens, the join secrets, the signing
-key): a mistake there stops the server before it listens. The tree then starts in order
+key), after making the process non-dumpable: a mistake there stops the server before it
+listens. The tree then starts in order
 (:class:`taskscheduler.services.StartInOrder`), and stops in reverse:
 
 1. the listening port: bound, refused if it is reachable beyond loopback without
    operator tokens, and not yet accepting connections;
-2. the process made non-dumpable;
-3. the database: the embedded PostgreSQL when no DSN is given, then the store connected
+2. the database: the embedded PostgreSQL when no DSN is given, then the store connected
    (waiting for the database up to ``--database-wait``), migrated, and told the fleet;
-4. the HTTP client's pool, the dispatcher, the history pruner;
-5. the port accepting connections.
+3. the HTTP client's pool, the dispatcher, the history pruner;
+4. the port accepting connections.
 
 If a step fails, the server says why on stderr and in the log, stops what it started,
 and exits with status 1 (:class:`taskscheduler.daemon.StartFailure`).
@@ -111,12 +111,13 @@ def server_service(
 ) -> StartInOrder:
     """The server's whole service tree, built from ``options`` (see the module's docstring).
 
-    ``harden_process`` is called as the port is bound (False: the system cannot make the
-    process non-dumpable).
+    ``harden_process`` is called before any secret is read (False: the system cannot
+    make the process non-dumpable; twistd's fork keeps the flag).
     """
     # First, so that a --listen Twisted cannot parse is said to be that, and bad TLS
     # files stop the server before anything else.
     endpoint = listen_endpoint(reactor, options["listen"], options["tls-client-ca"])
+    harden(harden_process)
     data_dir = Path(options["data-dir"])
     if make_private_folder(data_dir):
         log.warn("{path} was open to other users: made it 0700", path=str(data_dir))
@@ -201,7 +202,6 @@ def server_service(
 
     tree = StartInOrder("taskscheduler server", on_fatal, OPERATOR_ERRORS)
     port.setServiceParent(tree)
-    Step("hardening", start=lambda: harden(harden_process)).setServiceParent(tree)
     DatabaseConnection(store, reactor, options["database-wait"], agents, embedded).setServiceParent(
         tree
     )
