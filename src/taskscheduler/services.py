@@ -136,7 +136,8 @@ class ListeningPort(Service):
     ``StreamServerEndpointService`` does), so a port that cannot be had, or that
     ``check`` refuses (``check`` is given the port, and raises to refuse it), stops the
     daemon before it starts anything else. Until :meth:`accept`, clients wait in the
-    kernel's backlog: nothing is served before the services behind the port are up.
+    kernel's backlog: nothing is served before the services behind the port are up (a
+    port Twisted does not read itself, such as a test's fake, cannot wait: it serves).
     """
 
     log = Logger()
