@@ -15,7 +15,7 @@ from twisted.internet.interfaces import IReactorTime
 from twisted.internet.task import LoopingCall, deferLater
 from twisted.logger import Logger
 
-from taskscheduler.backoff import backoff_delay
+from taskscheduler.retry import backoff_delay
 
 
 class SupervisedPostgres(Protocol):
@@ -44,7 +44,7 @@ class PostgresSupervisor(Service):
     The server's store reconnects by itself once the database answers again, so while
     PostgreSQL is down the API answers 503, and afterwards it recovers without a restart
     of the server. Each restart attempt logs one warning; the recovery logs one line.
-    Failed attempts are retried with back-off (:func:`taskscheduler.backoff.backoff_delay`).
+    Failed attempts are retried with back-off (:func:`taskscheduler.retry.backoff_delay`).
     """
 
     log = Logger()

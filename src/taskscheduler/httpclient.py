@@ -1,4 +1,6 @@
-"""One HTTP client per daemon: persistent connections, quiet, closed at shutdown.
+"""One HTTP client per daemon: persistent connections, quiet, closed at shutdown; and
+what both directions' typed clients share: one bounded exchange and the reading of an
+answer (:class:`Answer`).
 
 :class:`DaemonHTTP` has the part of treq's module API the daemons use (``get``,
 ``post``, ``request``, ``content``, ``json_content``), so unit tests hand the same code a
@@ -12,6 +14,8 @@ treq reads the whole body first).
 
 from __future__ import annotations
 
+import json
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -164,3 +168,77 @@ class _CappedReader(Protocol):
         if self.deadline is not None and self.deadline.active():
             self.deadline.cancel()
         self.deadline = None
+
+
+class NoAnswer(Exception):
+    """No whole answer came: no connection, a timeout, an answer too large to read."""
+
+
+@dataclass(frozen=True)
+class Answer:
+    """What the other daemon answered: its status, and its body decoded from JSON (None
+    when it is not JSON)."""
+
+    status: int
+    body: Any
+
+    @property
+    def error_code(self) -> str | None:
+        """The code of a taskscheduler error body (``{"error": {"code", "message"}}``),
+        or None if the body is not one."""
+        error = self.body.get("error") if isinstance(self.body, dict) else None
+        if not isinstance(error, dict):
+            return None
+        code, message = error.get("code"), error.get("message")
+        return code if isinstance(code, str) and isinstance(message, str) else None
+
+    @property
+    def error_message(self) -> str:
+        """The message of an error body, cut short for a log line ("" if none)."""
+        error = self.body.get("error") if isinstance(self.body, dict) else None
+        return str(error.get("message", ""))[:200] if isinstance(error, dict) else ""
+
+    def describe(self) -> str:
+        """The answer, in a few words for the log."""
+        code = self.error_code
+        if code is not None:
+            return f"{self.status} {code}: {self.error_message}"
+        return f"{self.status} with a body that is not a taskscheduler answer"
+
+
+async def exchange(
+    http: Any,
+    clock: IReactorTime,
+    method: str,
+    url: str,
+    body: bytes,
+    headers: dict[bytes, list[bytes]],
+    *,
+    timeout: float,
+    max_answer_bytes: int,
+) -> Answer:
+    """Send one request and read its answer within ``max_answer_bytes`` and ``timeout``;
+    :class:`NoAnswer` (saying why) if no whole answer came."""
+    try:
+        response = await http.request(
+            method,
+            url,
+            data=body or None,
+            headers=headers,
+            timeout=timeout,
+            reactor=clock,
+            unbuffered=True,  # read_body bounds what is read; treq would read it all
+        )
+        raw = await read_body(response, max_answer_bytes, clock, timeout)
+    except Exception as e:
+        raise NoAnswer(describe(e)) from e
+    try:
+        decoded = json.loads(raw)
+    except ValueError:
+        decoded = None
+    return Answer(response.code, decoded)
+
+
+def describe(error: BaseException | None) -> str:
+    """An exception in one line for the log."""
+    return f"{type(error).__name__}: {error}"[:300]

@@ -314,11 +314,11 @@ class UnreachableHttp:
         self.unreachable = False
         self.attempts = 0
 
-    def post(self, *args: Any, **kwargs: Any) -> Any:
+    def request(self, *args: Any, **kwargs: Any) -> Any:
         self.attempts += 1
         if self.unreachable:
             return Deferred.fromCoroutine(_refuse())
-        return self.stub.post(*args, **kwargs)
+        return self.stub.request(*args, **kwargs)
 
     def content(self, response: Any) -> Any:
         return self.stub.content(response)

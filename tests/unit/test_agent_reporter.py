@@ -5,6 +5,7 @@ body limit."""
 from __future__ import annotations
 
 import dataclasses
+import itertools
 import json
 import uuid
 from datetime import datetime, timedelta
@@ -19,6 +20,7 @@ from twisted.logger import capturedLogs, formatEvent
 from twisted.web.resource import Resource
 
 from taskscheduler.agent.reporter import Reporter, shrink_to_fit
+from taskscheduler.agent.server_client import ServerClient
 from taskscheduler.agent.spool import Spool
 from taskscheduler.auth import AGENT_PREFIX, hash_token, new_token
 from taskscheduler.protocol import MAX_BATCH, Output, ResultStatus, RunResult, parse_result
@@ -51,9 +53,9 @@ class Setup:
         self.spool.load()
         self.server = FakeServer()
         self.http = UnreachableHttp(StubTreq(self.server.app.resource()))
-        self.reporter = Reporter(
-            self.spool, self.http, self.clock, SERVER, jitter=lambda: 1.0, **options
-        )
+        client_options = {k: options.pop(k) for k in ("credential", "timeout") if k in options}
+        self.client = ServerClient(self.http, self.clock, SERVER, **client_options)
+        self.reporter = Reporter(self.spool, self.client, self.clock, jitter=lambda: 1.0, **options)
 
     def spool_results(self, count: int, task_id: uuid.UUID = TASK, first: int = 1) -> None:
         for k in range(first, first + count):
@@ -104,7 +106,7 @@ def test_a_batch_is_bounded_in_bytes_too(tmp_path: Path) -> None:
     s = Setup(tmp_path)
     s.spool_results(4)
     size = next(iter(s.spool)).size
-    s.reporter = Reporter(s.spool, s.http, s.clock, SERVER, batch_bytes=2 * size + 10)
+    s.reporter = Reporter(s.spool, s.client, s.clock, batch_bytes=2 * size + 10)
     s.reporter.start()
     s.settle()
     assert s.server.requests == [("batch", 2), ("batch", 2)]
@@ -147,15 +149,20 @@ def test_a_server_answering_503_is_retried_with_exponential_back_off(tmp_path: P
 def test_back_off_is_capped_and_jittered(tmp_path: Path) -> None:
     draws = iter([0.0, 0.5, 1.0] + [0.0] * 20)
     s = Setup(tmp_path)
-    s.reporter = Reporter(s.spool, s.http, s.clock, SERVER, jitter=lambda: next(draws))
-    s.reporter._failures = 1
-    assert s.reporter._backoff() == 0.5  # half of the 1 s ceiling, at the bottom
-    s.reporter._failures = 2
-    assert s.reporter._backoff() == 1.5
-    s.reporter._failures = 3
-    assert s.reporter._backoff() == 4.0
-    s.reporter._failures = 40
-    assert s.reporter._backoff() == 15.0  # half of the 30 s cap
+    s.reporter = Reporter(s.spool, s.client, s.clock, jitter=lambda: next(draws))
+    s.server.down = True
+    s.spool_results(1)
+    s.reporter.start()
+    s.settle()
+    sent_at = [s.clock.seconds()]
+    while len(sent_at) < 8:
+        s.settle(0.5)
+        if len(s.server.requests) > len(sent_at):
+            sent_at.append(s.clock.seconds())
+    gaps = [later - earlier for earlier, later in itertools.pairwise(sent_at)]
+    # Half the ceiling plus the jitter's share of the other half: 1 s at the bottom (0.5),
+    # 2 s halfway (1.5), 4 s at the top (4); then at the bottom, up to half the 30 s cap.
+    assert gaps == [0.5, 1.5, 4.0, 4.0, 8.0, 15.0, 15.0]
 
 
 def test_a_connection_error_is_retried_and_loses_nothing(tmp_path: Path) -> None:
@@ -246,7 +253,7 @@ def test_a_batch_refused_whole_is_sent_singly_to_isolate_the_bad_result(tmp_path
     bad.path.write_bytes(json.dumps(body).encode())
     s.spool = Spool(s.spool.directory)
     s.spool.load()
-    s.reporter = Reporter(s.spool, s.http, s.clock, SERVER)
+    s.reporter = Reporter(s.spool, s.client, s.clock)
     s.reporter.start()
     s.settle()
     assert s.server.requests == [("batch", 3), ("single", 1), ("single", 1), ("single", 1)]
@@ -444,14 +451,8 @@ class RealServer:
         self.http = StubTreq(self.front)
         self.spool = Spool(tmp_path / "spool")
         self.spool.load()
-        self.reporter = Reporter(
-            self.spool,
-            self.http,
-            self.clock,
-            server_url,
-            credential=CREDENTIAL,
-            jitter=lambda: 1.0,
-        )
+        self.client = ServerClient(self.http, self.clock, server_url, credential=CREDENTIAL)
+        self.reporter = Reporter(self.spool, self.client, self.clock, jitter=lambda: 1.0)
         self.spool.on_ready = self.reporter.wake  # as the agent's service wires it
         self.task = spec(task_id=TASK)
 
@@ -665,13 +666,13 @@ async def test_the_real_servers_verdicts_on_batch_items_drop_them(real: RealServ
 
 @pytest_twisted.ensureDeferred
 async def test_an_unknown_credential_keeps_the_results(real: RealServer) -> None:
-    real.reporter.credential = new_token(AGENT_PREFIX)
+    real.client.credential = new_token(AGENT_PREFIX)
     real.add(result(TASK, 1, AGENT_ID))
     real.reporter.start()
     real.settle()
     real.settle(1)
     assert len(real.spool) == 1 and real.reporter.rejected == 0
-    real.reporter.credential = CREDENTIAL
+    real.client.credential = CREDENTIAL
     real.settle(2)
     assert len(real.spool) == 0
 

@@ -378,5 +378,5 @@ async def test_an_agent_pinned_to_another_key_keeps_nothing_from_enrolment(tmp_p
         server.flush()
     assert load_credential(data) is None
     assert load_server_key(data) is None
-    assert service.reporter is not None and service.reporter.credential is None
+    assert service.reporter is not None and service.reporter.client.credential is None
     await service.stopService()

@@ -14,6 +14,7 @@ from twisted.internet.task import Clock
 
 from taskscheduler.agent.durable import BatchWriter, write_durably
 from taskscheduler.agent.reporter import Reporter
+from taskscheduler.agent.server_client import ServerClient
 from taskscheduler.agent.spool import RunMarkers, Spool
 from tests.unit.agent_fakes import (
     ANCHOR_SECONDS,
@@ -101,7 +102,7 @@ def test_the_reporter_reads_a_batch_back_off_the_reactor_in_one_go(tmp_path: Pat
     spool.load()
     server = FakeServer()
     http = UnreachableHttp(StubTreq(server.app.resource()))
-    reporter = Reporter(spool, http, clock, SERVER, jitter=lambda: 1.0)
+    reporter = Reporter(spool, ServerClient(http, clock, SERVER), clock, jitter=lambda: 1.0)
     spool.on_ready = reporter.wake
     reporter.start()
     for k in (1, 2, 3):

@@ -20,6 +20,7 @@ from twisted.logger import capturedLogs, formatEvent
 
 from taskscheduler.agent.enrolment import Enroller
 from taskscheduler.agent.reporter import Reporter
+from taskscheduler.agent.server_client import ServerClient
 from taskscheduler.auth import AGENT_PREFIX, JOIN_PREFIX, new_token
 from taskscheduler.httpclient import AnswerTooLarge, AnswerTooSlow, read_body
 from taskscheduler.schedule import utc_now_from
@@ -226,9 +227,8 @@ def test_the_agent_reads_no_oversized_enrolment_answer(
     http = StubTreq(server.app.resource())
     done: list[Any] = []
     enroller = Enroller(
-        http,
+        ServerClient(http, clock, "http://server.test"),
         clock,
-        "http://server.test",
         tmp_path,
         uuid.uuid4(),
         "http://agent.test",
@@ -276,7 +276,9 @@ def test_the_agent_reads_no_oversized_answer_to_its_results(
 ) -> None:
     s = ReporterSetup(tmp_path)
     s.http = StubTreq(PaddedResults(padding).app.resource())
-    s.reporter = Reporter(s.spool, s.http, s.clock, SERVER, jitter=lambda: 1.0)
+    s.reporter = Reporter(
+        s.spool, ServerClient(s.http, s.clock, SERVER), s.clock, jitter=lambda: 1.0
+    )
     s.spool_results(3)
     with capturedLogs() as events:
         s.reporter.start()

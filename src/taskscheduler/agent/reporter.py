@@ -30,6 +30,9 @@ reporter at once.
   at 30 s (retries between 15 and 30 s apart), so that results spooled while the server
   was away arrive within a minute of its return. An answer no taskscheduler server gives
   is logged loudly (a misconfiguration to fix), at most once a minute.
+
+Which answer is which is read by :class:`taskscheduler.agent.server_client.ServerClient`;
+what is here is the policy: what to send, what leaves the spool, trimming to fit.
 """
 
 from __future__ import annotations
@@ -38,54 +41,33 @@ import dataclasses
 import json
 import random
 from collections.abc import Callable
-from typing import Any
 
-from twisted.internet.defer import Deferred
-from twisted.internet.interfaces import IDelayedCall, IReactorTime
+from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
 
 from taskscheduler import protocol
-from taskscheduler.agent.spool import Spool, SpoolEntry, encode_result
-from taskscheduler.backoff import backoff_delay
-from taskscheduler.httpclient import read_body
-from taskscheduler.protocol import (
-    ACKNOWLEDGED_STATUSES,
-    FINAL_BATCH_STATUSES,
-    FINAL_RESULT_ERRORS,
-    MAX_BATCH,
-    RETRY_LATER_BATCH_STATUSES,
-    RETRY_LATER_RESULT_ERRORS,
-    InvalidMessage,
-    RunResult,
+from taskscheduler.agent.server_client import (
+    Acknowledged,
+    Refused,
+    RetryLater,
+    SendSingly,
+    ServerClient,
+    TooLarge,
 )
+from taskscheduler.agent.spool import Spool, SpoolEntry, encode_result
+from taskscheduler.httpclient import describe
+from taskscheduler.protocol import MAX_BATCH, InvalidMessage, RunResult
+from taskscheduler.retry import Backoff, RetryLoop
 from taskscheduler.schedule import format_instant
-from taskscheduler.web import PAYLOAD_TOO_LARGE
 
 #: Most results in one batch (as many as the server takes: a busy agent whose reactor
 #: answers slowly still drains its spool many times faster than it fills), and their
 #: most bytes (the server accepts 16 MiB bodies).
 BATCH_SIZE = MAX_BATCH
 BATCH_BYTES = 8 * 1024 * 1024
-#: Seconds to wait for the server's answer.
-REQUEST_TIMEOUT = 30.0
-#: Largest answer read from the server, beside 100 bytes per result of a batch: its
-#: answers are small, and it is not trusted with the agent's memory.
-MAX_ANSWER_BYTES = 64 * 1024
 #: Seconds between two loud logs of the same kind (answers that are not ours, trims).
 LOUD_LOG_INTERVAL = 60.0
 
-#: Answers to a whole batch, by (status, error code), that call for sending its results
-#: one by one: one of them is malformed or not the agent's own, or the server has no
-#: batch route. A 413 does too, whoever sent it: smaller requests may pass.
-_SEND_SINGLY = frozenset(
-    {
-        (400, "invalid_json"),
-        (400, "invalid_request"),
-        (403, "impersonation"),
-        (404, "not_found"),
-        (405, "method_not_allowed"),
-    }
-)
 #: Bytes of ``{"results":[`` and ``]}`` around the results of a batch.
 _BATCH_ENVELOPE = len(b'{"results":[]}')
 
@@ -123,43 +105,30 @@ class _Throttle:
 
 
 class Reporter:
-    """Empties the spool into the server."""
+    """Empties the spool into the server, through ``client`` (which holds the agent's
+    credential)."""
 
     log = Logger()
 
     def __init__(
         self,
         spool: Spool,
-        http: Any,  # a DaemonHTTP, or a treq.testing.StubTreq in tests
+        client: ServerClient,
         clock: IReactorTime,
-        server_url: str,
         *,
-        credential: str | None = None,
         batch_size: int = BATCH_SIZE,
         batch_bytes: int = BATCH_BYTES,
         retry_base: float = 1.0,
         retry_cap: float = 30.0,
-        timeout: float = REQUEST_TIMEOUT,
         jitter: Callable[[], float] = random.random,
     ) -> None:
         self._spool = spool
-        self._http = http
-        self._clock = clock
-        self._url = server_url.rstrip("/")
+        self.client = client
         self._batch_size = batch_size
-        # The server's answer lists a verdict (~25 bytes) per result: far less than this.
-        self._max_answer_bytes = MAX_ANSWER_BYTES + 100 * batch_size
         self._batch_bytes = batch_bytes
-        self._retry_base = retry_base
-        self._retry_cap = retry_cap
-        self._timeout = timeout
-        self._jitter = jitter
-        #: The agent's credential, sent as a bearer token (None before enrolment).
-        self.credential = credential
-        self._failures = 0
-        self._pending: IDelayedCall | None = None
-        self._sending: Deferred[None] | None = None
-        self._stopped = True
+        self._sending = RetryLoop(
+            clock, self._send_all, Backoff(retry_base, retry_cap, jitter), self._failed
+        )
         #: Results the server refused for good.
         self.rejected = 0
         #: Results the server acknowledged.
@@ -174,67 +143,41 @@ class Reporter:
     # -- life cycle --------------------------------------------------------------------
 
     def start(self) -> None:
-        self._stopped = False
-        self.wake()
+        self._sending.start()
 
     def stop(self) -> None:
         """Send nothing more; what is unsent stays in the spool for the next start."""
-        self._stopped = True
-        if self._pending is not None and self._pending.active():
-            self._pending.cancel()
-        self._pending = None
-        if self._sending is not None:
-            self._sending.cancel()
+        self._sending.stop()
 
     def wake(self) -> None:
-        """Send what is spooled now, unless a send is under way or the server is backed off."""
-        if self._stopped or self._sending is not None:
-            return  # a send under way takes every result spooled meanwhile
-        if self._pending is not None and self._pending.active():
-            return  # due on the next turn, or backing off: a server down is not hammered
-        self._pending = self._clock.callLater(0, self._send_safely)
+        """Send what is spooled now, unless the server is backed off (a send under way
+        takes every result spooled meanwhile)."""
+        self._sending.kick()
 
     # -- sending -----------------------------------------------------------------------
 
-    def _send_safely(self) -> None:
-        self._pending = None
-        d = Deferred.fromCoroutine(self._send_all())
-        if not d.called:
-            self._sending = d
-
     async def _send_all(self) -> None:
-        try:
-            while not self._stopped:
-                entries = self._spool.oldest(self._batch_size, self._batch_room())
-                if not entries:
-                    break
-                if len(entries) == 1:
-                    await self._send_single(entries[0])
-                else:
-                    await self._send_batch(entries)
-            self._failures = 0
-        except Exception as e:
-            if self._stopped:
-                return
-            self._failures += 1
-            delay = self._backoff()
-            if isinstance(e, _RetryLater) and e.foreign:
-                self._log_foreign(e, delay)
+        while not self._sending.stopped:
+            entries = self._spool.oldest(self._batch_size, self._batch_room())
+            if not entries:
+                break
+            if len(entries) == 1:
+                await self._send_single(entries[0])
             else:
-                self.log.warn(
-                    "could not report results to {url} ({error}); {count} waiting, "
-                    "retrying in {delay:.1f}s",
-                    url=self._url,
-                    error=_describe(e),
-                    count=len(self._spool),
-                    delay=delay,
-                )
-            self._pending = self._clock.callLater(delay, self._send_safely)
-        finally:
-            self._sending = None
+                await self._send_batch(entries)
 
-    def _backoff(self) -> float:
-        return backoff_delay(self._failures, self._retry_base, self._retry_cap, self._jitter)
+    def _failed(self, error: Exception, delay: float) -> None:
+        if isinstance(error, _RetryLater) and error.foreign:
+            self._log_foreign(error, delay)
+            return
+        self.log.warn(
+            "could not report results to {url} ({error}); {count} waiting, "
+            "retrying in {delay:.1f}s",
+            url=self.client.url,
+            error=describe(error),
+            count=len(self._spool),
+            delay=delay,
+        )
 
     def _log_foreign(self, error: _RetryLater, delay: float) -> None:
         held = self._foreign_log.allow()
@@ -245,7 +188,7 @@ class Reporter:
             "is the agent's --server URL right (scheme, host, port, no path prefix), or is "
             "a proxy in the way? {count} results kept, retrying in {delay:.1f}s "
             "({held} more such answers since the last warning)",
-            url=self._url,
+            url=self.client.url,
             error=str(error),
             count=len(self._spool),
             delay=delay,
@@ -258,29 +201,6 @@ class Reporter:
             return self._batch_bytes
         room = self.max_body_bytes - _BATCH_ENVELOPE - self._batch_size
         return max(1, min(self._batch_bytes, room))
-
-    async def _post(self, path: str, body: bytes) -> tuple[int, Any]:
-        """POST ``body``; the status and decoded JSON answer (None if not JSON)."""
-        try:
-            headers = {b"Content-Type": [b"application/json"]}
-            if self.credential is not None:
-                headers[b"Authorization"] = [f"Bearer {self.credential}".encode("ascii")]
-            response = await self._http.post(
-                self._url + path,
-                data=body,
-                headers=headers,
-                timeout=self._timeout,
-                reactor=self._clock,
-                unbuffered=True,  # read_body bounds what is read; treq would read it all
-            )
-            raw = await read_body(response, self._max_answer_bytes, self._clock, self._timeout)
-        except Exception as e:
-            raise _RetryLater(_describe(e)) from e
-        try:
-            answer = json.loads(raw)
-        except ValueError:
-            answer = None
-        return response.code, answer
 
     async def _read(self, entries: list[SpoolEntry]) -> list[tuple[SpoolEntry, bytes]]:
         """The readable entries with their bodies (read off the reactor); drops the others."""
@@ -298,40 +218,32 @@ class Reporter:
         if not readable:
             return
         [(_, spooled)] = readable
-        path = f"/api/v1/tasks/{entry.task_id}/complete"
         body = self._fit(entry, spooled)
         if body is None:
             return
-        code, answer = await self._post(path, body)
-        if self._learn_limit(code, answer, len(body)):
+        outcome = await self.client.report(entry.task_id, body)
+        if isinstance(outcome, TooLarge):
+            self._learn_limit(outcome)
             body = self._fit(entry, body)
             if body is None:
                 return
-            code, answer = await self._post(path, body)
-        error = _error_code(answer)
-        if (
-            code == 200
-            and isinstance(answer, dict)
-            and answer.get("status") in ACKNOWLEDGED_STATUSES
-        ):
+            outcome = await self.client.report(entry.task_id, body)
+        if isinstance(outcome, Acknowledged):
             self._acknowledge(entry)
-        elif error is not None and FINAL_RESULT_ERRORS.get(error) == code:
-            self._refuse(entry, f"{code} {error}: {_error_message(answer)}")
+        elif isinstance(outcome, Refused):
+            self._refuse(entry, outcome.reason)
+        elif isinstance(outcome, TooLarge):
+            raise _RetryLater(f"the server answered {outcome.reason}")
         else:
-            raise _RetryLater(
-                f"the server answered {code} {_what(answer)}", foreign=_foreign(code, answer)
-            )
+            raise _RetryLater(outcome.reason, foreign=outcome.foreign)
 
-    def _learn_limit(self, code: int, answer: Any, sent: int) -> bool:
-        """Whether the answer is our server's 413; if so, remember its body limit."""
-        if code != 413 or _error_code(answer) != PAYLOAD_TOO_LARGE:
-            return False
-        limit = answer["error"].get("max_body_bytes")
-        if not isinstance(limit, int) or isinstance(limit, bool) or not 0 < limit < sent:
-            limit = sent // 2  # a server that does not say: halve until it passes
+    def _learn_limit(self, too_large: TooLarge) -> None:
+        """Remember the body limit the server's 413 named."""
+        limit = too_large.limit
+        if limit is None or not limit < too_large.sent:
+            limit = too_large.sent // 2  # a server that does not say: halve until it passes
         if self.max_body_bytes is None or limit < self.max_body_bytes:
             self.max_body_bytes = limit
-        return True
 
     def _fit(self, entry: SpoolEntry, body: bytes) -> bytes | None:
         """``body``, with its output trimmed if it is over the server's known limit; None
@@ -370,36 +282,30 @@ class Reporter:
             return
         readable = [entry for entry, _ in pairs]
         bodies = [body for _, body in pairs]
-        body = b'{"results":[' + b",".join(bodies) + b"]}"
-        code, answer = await self._post("/api/v1/results", body)
-        if code == 413 or (code, _error_code(answer)) in _SEND_SINGLY:
-            self._learn_limit(code, answer, len(body))
+        answer = await self.client.report_batch(bodies)
+        if isinstance(answer, TooLarge | SendSingly):
+            if isinstance(answer, TooLarge):
+                self._learn_limit(answer)
             self.log.warn(
-                "the server refused a batch of {count} results ({code} {error}); "
-                "sending them one by one",
+                "the server refused a batch of {count} results ({error}); sending them one by one",
                 count=len(readable),
-                code=code,
-                error=_what(answer),
+                error=answer.reason,
             )
             for entry in readable:
                 await self._send_single(entry)
             return
-        items = answer.get("results") if code == 200 and isinstance(answer, dict) else None
-        if not isinstance(items, list) or len(items) != len(readable):
-            raise _RetryLater(
-                f"the server answered {code} {_what(answer)}", foreign=_foreign(code, answer)
-            )
+        if isinstance(answer, RetryLater):
+            raise _RetryLater(answer.reason, foreign=answer.foreign)
         unexpected = later = 0
-        for entry, item in zip(readable, items, strict=True):
-            status = item.get("status") if isinstance(item, dict) else None
-            if status in ACKNOWLEDGED_STATUSES:
+        for entry, item in zip(readable, answer.items, strict=True):
+            if isinstance(item, Acknowledged):
                 self._acknowledge(entry)
-            elif status in FINAL_BATCH_STATUSES:
-                self._refuse(entry, str(status))
-            elif status in RETRY_LATER_BATCH_STATUSES:
-                later += 1
-            else:
+            elif isinstance(item, Refused):
+                self._refuse(entry, item.reason)
+            elif item.foreign:
                 unexpected += 1
+            else:
+                later += 1
         if unexpected:
             raise _RetryLater(
                 f"the server gave {unexpected} answers the agent does not know", foreign=True
@@ -457,56 +363,3 @@ def shrink_to_fit(result: RunResult, max_bytes: int) -> bytes | None:
         keep = min(keep - 1, int((max_bytes - empty) / ratio * 0.99))
         keep = max(keep, 0)
     return body(0)
-
-
-def _error_code(answer: Any) -> str | None:
-    """The code of a taskscheduler error body (``{"error": {"code", "message"}}``), or
-    None if the body is not one."""
-    if not isinstance(answer, dict) or not isinstance(answer.get("error"), dict):
-        return None
-    code = answer["error"].get("code")
-    message = answer["error"].get("message")
-    return code if isinstance(code, str) and isinstance(message, str) else None
-
-
-def _error_message(answer: Any) -> str:
-    if isinstance(answer, dict) and isinstance(answer.get("error"), dict):
-        return str(answer["error"].get("message", ""))[:200]
-    return ""
-
-
-def _what(answer: Any) -> str:
-    """An answer, in a few words for the log."""
-    code = _error_code(answer)
-    if code is not None:
-        return f"{code}: {_error_message(answer)}"
-    return "with a body that is not a taskscheduler answer"
-
-
-#: Answers our server gives to a result that are no verdict on it, beside 5xx, 408 and
-#: 429: retried quietly.
-_RETRYABLE = frozenset(
-    {
-        (401, "unauthorized"),
-        (403, "forbidden"),  # a credential of another kind: an operator must fix it
-        (413, PAYLOAD_TOO_LARGE),
-        # dated ahead of the server's clock: taken once it has reached them
-        *((status, code) for code, status in RETRY_LATER_RESULT_ERRORS.items()),
-    }
-)
-
-
-def _foreign(code: int, answer: Any) -> bool:
-    """Whether an answer that is neither an acknowledgement nor a verdict is one a
-    taskscheduler server would not give to results: something else answered.
-
-    A 5xx, 408 or 429 from anyone (a proxy whose backend is restarting, say) is only
-    a server that cannot take results now.
-    """
-    if code >= 500 or code in (408, 429):
-        return False
-    return (code, _error_code(answer)) not in _RETRYABLE
-
-
-def _describe(error: BaseException) -> str:
-    return f"{type(error).__name__}: {error}"[:300]

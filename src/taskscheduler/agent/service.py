@@ -51,7 +51,7 @@ from taskscheduler.agent.durable import (
     RunInThread,
     run_here,
 )
-from taskscheduler.agent.enrolment import Enrolled, Enroller
+from taskscheduler.agent.enrolment import Enroller
 from taskscheduler.agent.identity import (
     CorruptCredential,
     CorruptIdentity,
@@ -69,6 +69,7 @@ from taskscheduler.agent.scheduler import (
     RunnerLike,
     Scheduler,
 )
+from taskscheduler.agent.server_client import Enrolled, ServerClient
 from taskscheduler.agent.spool import DEFAULT_SPOOL_MAX_BYTES, RunMarkers, Spool
 from taskscheduler.agent.taskstore import TaskStore
 from taskscheduler.hardening import make_private_folder
@@ -276,14 +277,13 @@ class AgentService(Service):
         last_runs = LastRuns(data_dir / "lastrun", writer)
         last_runs.load({spec.task_id for spec in specs})
 
-        reporter = Reporter(
-            spool,
+        client = ServerClient(
             self._http,
             self._clock,
             self.config.server_url,
-            jitter=self._jitter,
             credential=credential if server_key is not None else None,
         )
+        reporter = Reporter(spool, client, self._clock, jitter=self._jitter)
         spool.on_ready = reporter.wake
         runner = self._runner_factory()
         scheduler = Scheduler(
@@ -359,9 +359,8 @@ class AgentService(Service):
                 return
             agent_id, join_secret, pinned = self._enrol
             self._enroller = Enroller(
-                self._http,
+                self.reporter.client,
                 self._clock,
-                self.config.server_url,
                 self.config.data_dir,
                 agent_id,
                 url,
@@ -401,7 +400,6 @@ class AgentService(Service):
     def _enrolled(self, enrolled: Enrolled) -> None:
         assert self._verifier is not None and self.reporter is not None
         self._verifier.trust(enrolled.server_key)
-        self.reporter.credential = enrolled.credential
         self._enroller = None
         self.log.info(
             "instructions are now checked against server key {key}",

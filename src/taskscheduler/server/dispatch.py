@@ -24,11 +24,11 @@ Every request is signed (:mod:`taskscheduler.signing`) for the agent enrolled at
 link's URL, the only identity that accepts it; until an agent has enrolled there, the
 link has nobody to send to and backs off.
 
-An agent is not trusted with the server's memory: an answer is read up to a bound
-(:func:`taskscheduler.httpclient.read_body`) and refused past it, the connection dropped.
-An instruction's answer gets ``max_answer_bytes``; the task list, which grows with the
-agent's tasks, gets ``list_answer_floor_bytes`` plus ``LIST_BYTES_PER_TASK`` for each
-task assigned to the agent.
+The requests and the reading of their answers are
+:class:`taskscheduler.server.agent_client.AgentClient`'s; what is here is the policy.
+An instruction's answer is read within ``max_answer_bytes``; the task list, which grows
+with the agent's tasks, within ``list_answer_floor_bytes`` plus ``LIST_BYTES_PER_TASK``
+for each task assigned to the agent.
 """
 
 from __future__ import annotations
@@ -38,30 +38,35 @@ import random
 import uuid
 from collections.abc import Callable, Sequence
 from typing import Any
-from urllib.parse import urlsplit
 
 from twisted.application.service import Service
 from twisted.internet.defer import Deferred, DeferredList, DeferredSemaphore
-from twisted.internet.interfaces import IDelayedCall, IReactorTime
+from twisted.internet.interfaces import IReactorTime
 from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
 from taskscheduler import protocol
-from taskscheduler.backoff import backoff_delay
-from taskscheduler.httpclient import read_body
+from taskscheduler.httpclient import describe
+from taskscheduler.retry import Backoff, RetryLoop
+from taskscheduler.server.agent_client import (
+    DEFAULT_MAX_ANSWER_BYTES,
+    Accepted,
+    AgentClient,
+    BatchAnswered,
+    Failed,
+    Outcome,
+    Refused,
+    TaskList,
+)
 from taskscheduler.server.store.interface import Store, Task
 from taskscheduler.signing import InstructionSigner
 
-#: Seconds to wait for an agent's answer.
-REQUEST_TIMEOUT = 10.0
 #: Most tasks in one delivery request (the agent takes up to 1000).
 DEFAULT_BATCH_SIZE = 200
 #: Most bytes of task specs in one delivery request (the agent takes a 1 MiB body); a
 #: larger task goes alone.
 DEFAULT_BATCH_BYTES = 512 * 1024
-#: Largest answer read from an agent to an instruction (a batch's answer is ~100 bytes a task).
-DEFAULT_MAX_ANSWER_BYTES = 1024 * 1024
 #: Room for the task list whatever the number of tasks: about 100,000 task ids.
 DEFAULT_LIST_ANSWER_FLOOR_BYTES = 4 * 1024 * 1024
 #: And per task assigned to the agent: an id takes 40 bytes in the list, twice that for
@@ -92,62 +97,45 @@ class AgentLink:
         max_answer_bytes: int = DEFAULT_MAX_ANSWER_BYTES,
         list_answer_floor_bytes: int = DEFAULT_LIST_ANSWER_FLOOR_BYTES,
     ) -> None:
-        self.url = url.rstrip("/")
+        self.client = AgentClient(url, http, clock, signer, max_answer_bytes=max_answer_bytes)
+        self.url = self.client.url
         self._store = store
-        self._http = http
-        self._clock = clock
-        self._signer = signer
+        self._signed = signer is not None
         self._reconcile_interval = reconcile_interval
-        self._retry_base = retry_base
-        self._retry_cap = retry_cap
         self._batch_size = batch_size
         self._batch_bytes = batch_bytes
         # A pass takes enough undelivered tasks to keep every concurrent request busy.
         self._page_size = batch_size * concurrency
-        self._max_answer_bytes = max_answer_bytes
         self._list_answer_floor_bytes = list_answer_floor_bytes
         self._semaphore = DeferredSemaphore(concurrency)
-        self._jitter = jitter
         #: The agent refused a batch whole: it predates them (an upgrade under way), so
         #: it is sent one task a request until a new agent enrols at the URL.
         self._one_by_one = False
-        self._failures = 0
         #: The last pass failed only because the agent refused some requests: it answers,
         #: so a kick need not wait for the back-off.
         self._only_refused = False
-        self._pending: IDelayedCall | None = None
-        self._delivering = False
-        self._again = False
+        self._delivery = RetryLoop(
+            clock, self._deliver, Backoff(retry_base, retry_cap, jitter), self._delivery_failed
+        )
         self._reconciler = LoopingCall(self._reconcile_safely)
         self._reconciler.clock = clock
-        self._stopped = True
 
     # -- life cycle --------------------------------------------------------------------
 
     def start(self) -> None:
-        self._stopped = False
+        self._delivery.start()
         self._reconciler.start(self._reconcile_interval, now=True)
 
     def stop(self) -> None:
-        self._stopped = True
+        self._delivery.stop()
         if self._reconciler.running:
             self._reconciler.stop()
-        if self._pending is not None and self._pending.active():
-            self._pending.cancel()
-        self._pending = None
 
     def kick(self) -> None:
-        """Deliver what is undelivered now (or right after the pass under way)."""
-        if self._stopped:
-            return
-        if self._delivering:
-            self._again = True
-            return
-        if self._pending is not None and self._pending.active():
-            if self._failures and not self._only_refused:
-                return  # backing off: an unreachable agent is not hammered on every create
-            self._pending.cancel()
-        self._pending = self._clock.callLater(0, self._deliver_safely)
+        """Deliver what is undelivered now (or right after the pass under way); an
+        unreachable agent is not hammered on every create, but one that only refused
+        some requests answers, and is sent new tasks at once."""
+        self._delivery.kick(through_backoff=self._only_refused)
 
     async def new_identity(self) -> None:
         """A new agent enrolled at this URL: it has none of the URL's tasks yet."""
@@ -158,93 +146,62 @@ class AgentLink:
 
     def retry_now(self) -> None:
         """Forget the back-off and deliver now."""
-        self._failures = 0
-        if self._pending is not None and self._pending.active():
-            self._pending.cancel()
-        self._pending = None
-        self.kick()
-
-    # -- signed requests ---------------------------------------------------------------
+        self._delivery.retry_now()
 
     async def _audience(self) -> uuid.UUID | None:
         """The identity enrolled at this URL, the only one our requests are signed for."""
-        if self._signer is None:
+        if not self._signed:
             return None
         agent = await self._store.agent_for_url(self.url)
         if agent is None:
             raise _DeliveryFailed("no agent has enrolled at this URL yet")
         return agent.agent_id
 
-    def _headers(
-        self, method: str, url: str, body: bytes, audience: uuid.UUID | None
-    ) -> dict[bytes, list[bytes]]:
-        headers = {b"Content-Type": [b"application/json"]}
-        if self._signer is None or audience is None:
-            return headers
-        parts = urlsplit(url)
-        path = (parts.path or "/") + (f"?{parts.query}" if parts.query else "")
-        authorization = self._signer.authorization(method, path, audience, body)
-        headers[b"Authorization"] = [authorization.encode("ascii")]
-        return headers
-
     # -- delivery ----------------------------------------------------------------------
 
-    def _deliver_safely(self) -> Deferred[None]:
-        self._pending = None
-        return Deferred.fromCoroutine(self._deliver())
-
     async def _deliver(self) -> None:
-        self._delivering = True
-        try:
-            while not self._stopped:
-                self._again = False
-                tasks = await self._store.undelivered_tasks(self.url, self._page_size)
-                removals = await self._store.pending_removals(self.url, self._page_size)
-                if not tasks and not removals:
-                    break
-                audience = await self._audience()
-                # Both are sent whatever becomes of the other: a task the agent refuses
-                # must not keep a deleted task running there, nor the reverse.
-                task_errors = await self._deliver_tasks(tasks, audience)
-                removal_errors = await self._deliver_removals(removals, audience)
-                if task_errors or removal_errors:
-                    raise _PassFailed(
-                        [
-                            problem
-                            for problem in (
-                                _summary(task_errors, len(tasks), "tasks not accepted"),
-                                _summary(removal_errors, len(removals), "removals not confirmed"),
-                            )
-                            if problem
-                        ],
-                        only_refused=all(
-                            isinstance(e, _Refused) for e in task_errors + removal_errors
-                        ),
-                    )
-            self._failures = 0
+        """One pass: every undelivered task and pending removal, page by page; raises if
+        any was not done (the retry loop backs off)."""
+        self._only_refused = False
+        while not self._delivery.stopped:
+            tasks = await self._store.undelivered_tasks(self.url, self._page_size)
+            removals = await self._store.pending_removals(self.url, self._page_size)
+            if not tasks and not removals:
+                return
+            audience = await self._audience()
+            # Both are sent whatever becomes of the other: a task the agent refuses
+            # must not keep a deleted task running there, nor the reverse.
+            task_errors = await self._deliver_tasks(tasks, audience)
+            removal_errors = await self._deliver_removals(removals, audience)
+            if task_errors or removal_errors:
+                self._only_refused = all(
+                    isinstance(e, Refused) for e in task_errors + removal_errors
+                )
+                raise _PassFailed(
+                    [
+                        problem
+                        for problem in (
+                            _summary(task_errors, len(tasks), "tasks not accepted"),
+                            _summary(removal_errors, len(removals), "removals not confirmed"),
+                        )
+                        if problem
+                    ]
+                )
+
+    def _delivery_failed(self, error: Exception, delay: float) -> None:
+        if not isinstance(error, _PassFailed):
             self._only_refused = False
-        except Exception as e:
-            self._failures += 1
-            self._only_refused = isinstance(e, _PassFailed) and e.only_refused
-            delay = self._backoff()
-            self.log.warn(
-                "could not deliver tasks to agent {url} ({error}); retrying in {delay:.1f}s",
-                url=self.url,
-                error=_describe(e),
-                delay=delay,
-            )
-            if not self._stopped:
-                self._pending = self._clock.callLater(delay, self._deliver_safely)
-            return
-        finally:
-            self._delivering = False
-        if self._again:
-            self.kick()
+        self.log.warn(
+            "could not deliver tasks to agent {url} ({error}); retrying in {delay:.1f}s",
+            url=self.url,
+            error=describe(error),
+            delay=delay,
+        )
 
     async def _deliver_tasks(
         self, tasks: Sequence[Task], audience: uuid.UUID | None
-    ) -> list[BaseException]:
-        """Send ``tasks`` and record those the agent accepted; the errors of the others."""
+    ) -> list[Refused | Failed]:
+        """Send ``tasks`` and record those the agent accepted; why the others were not."""
         if not tasks:
             return []
         batches = self._batches(tasks)
@@ -254,15 +211,14 @@ class AgentLink:
         )
         agent_id: uuid.UUID | None = None
         delivered: list[uuid.UUID] = []
-        errors: list[BaseException] = []
+        errors: list[Refused | Failed] = []
         for batch, (ok, value) in zip(batches, results, strict=True):
             if not ok:
-                errors.extend(value.value for _ in batch)
+                errors.extend(Failed(describe(value.value)) for _ in batch)
                 continue
-            answered_as, outcomes = value
-            for (task, _), outcome in zip(batch, outcomes, strict=True):
-                if outcome is None:
-                    agent_id = answered_as
+            for (task, _), outcome in zip(batch, value, strict=True):
+                if isinstance(outcome, Accepted):
+                    agent_id = outcome.agent_id
                     delivered.append(task.task_id)
                 else:
                     errors.append(outcome)
@@ -275,29 +231,32 @@ class AgentLink:
 
     async def _deliver_removals(
         self, task_ids: Sequence[uuid.UUID], audience: uuid.UUID | None
-    ) -> list[BaseException]:
-        """Tell the agent to drop these deleted tasks and record those it confirmed; the
-        errors of the others."""
+    ) -> list[Refused | Failed]:
+        """Tell the agent to drop these deleted tasks and record those it confirmed; why
+        the others were not."""
         if not task_ids:
             return []
         results: list[tuple[bool, Any]] = await DeferredList(
-            [self._semaphore.run(self._remove_one, task_id, audience) for task_id in task_ids],
+            [self._semaphore.run(self._remove, task_id, audience) for task_id in task_ids],
             consumeErrors=True,
         )
-        removed = [task_id for task_id, (ok, _) in zip(task_ids, results, strict=True) if ok]
+        outcomes: list[Outcome] = [
+            value if ok else Failed(describe(value.value)) for ok, value in results
+        ]
+        removed = [
+            task_id
+            for task_id, outcome in zip(task_ids, outcomes, strict=True)
+            if isinstance(outcome, Accepted)
+        ]
         if removed:
             await self._store.mark_removed(self.url, removed)
             self.log.info(
                 "agent {url} dropped {count} deleted tasks", count=len(removed), url=self.url
             )
-        return [value.value for ok, value in results if not ok]
+        return [outcome for outcome in outcomes if not isinstance(outcome, Accepted)]
 
-    def _remove_one(self, task_id: uuid.UUID, audience: uuid.UUID | None) -> Deferred[None]:
-        return Deferred.fromCoroutine(self._remove(task_id, audience))
-
-    async def _remove(self, task_id: uuid.UUID, audience: uuid.UUID | None) -> None:
-        """Tell the agent to drop a deleted task (it answers 200 whether it had it or not)."""
-        await self._instruct("DELETE", f"/api/v1/tasks/{task_id}", b"", audience)
+    def _remove(self, task_id: uuid.UUID, audience: uuid.UUID | None) -> Deferred[Outcome]:
+        return Deferred.fromCoroutine(self.client.unschedule(task_id, audience))
 
     def _batches(self, tasks: Sequence[Task]) -> list[list[tuple[Task, bytes]]]:
         """``tasks`` with their JSON, in order, cut into requests within the bounds."""
@@ -318,113 +277,36 @@ class AgentLink:
 
     def _send_batch(
         self, batch: list[tuple[Task, bytes]], audience: uuid.UUID | None
-    ) -> Deferred[tuple[uuid.UUID, list[BaseException | None]]]:
+    ) -> Deferred[list[Outcome]]:
         return Deferred.fromCoroutine(self._send(batch, audience))
 
     async def _send(
         self, batch: list[tuple[Task, bytes]], audience: uuid.UUID | None
-    ) -> tuple[uuid.UUID, list[BaseException | None]]:
-        """Send a batch; who answered, and per task None (taken) or why not."""
+    ) -> list[Outcome]:
+        """Send a batch; the outcome for each of its tasks."""
         if self._one_by_one:
             return await self._send_singly(batch, audience)
-        body = b'{"tasks":[' + b",".join(encoded for _, encoded in batch) + b"]}"
-        try:
-            answer = await self._instruct("POST", "/api/v1/tasks/schedule", body, audience)
-        except _Refused as e:
-            if e.status != 400:
-                raise
+        specs = [(task.task_id, encoded) for task, encoded in batch]
+        answer = await self.client.schedule_batch(specs, audience)
+        if isinstance(answer, BatchAnswered):
+            return answer.outcomes
+        if isinstance(answer, Refused) and answer.status == 400:
             # An agent from before batches reads one as a malformed task (a signature it
             # refused, say, is 401: nothing to do with batches).
             self.log.warn(
                 "agent {url} refused a batch of tasks ({error}); sending them one by one",
                 url=self.url,
-                error=str(e),
+                error=str(answer),
             )
             self._one_by_one = True
             return await self._send_singly(batch, audience)
-        answered_as = protocol.parse_uuid(answer.get("agent_id"), "agent_id")
-        results = answer.get("results")
-        if not isinstance(results, list) or len(results) != len(batch):
-            raise _DeliveryFailed("the agent's answer to a batch does not list every task")
-        outcomes: list[BaseException | None] = []
-        for (task, _), result in zip(batch, results, strict=True):
-            if not isinstance(result, dict) or result.get("task_id") != str(task.task_id):
-                outcomes.append(_DeliveryFailed("the agent's answer to a batch is out of order"))
-            elif result.get("status") == "scheduled":
-                outcomes.append(None)
-            else:
-                message = f"agent refused task {task.task_id}: {_error_message(result)}"
-                error_field = result.get("error")
-                code = error_field.get("code") if isinstance(error_field, dict) else None
-                # A disk the agent could not write is its trouble, not the task's: back off.
-                error = _DeliveryFailed if code == "storage_unavailable" else _Refused
-                outcomes.append(error(message))
-        return answered_as, outcomes
+        return [answer for _ in batch]
 
     async def _send_singly(
         self, batch: list[tuple[Task, bytes]], audience: uuid.UUID | None
-    ) -> tuple[uuid.UUID, list[BaseException | None]]:
+    ) -> list[Outcome]:
         """Send each task of a batch in a request of its own, as before batches."""
-        answered_as: uuid.UUID | None = None
-        outcomes: list[BaseException | None] = []
-        for _, encoded in batch:
-            try:
-                answer = await self._instruct("POST", "/api/v1/tasks/schedule", encoded, audience)
-                answered_as = protocol.parse_uuid(answer.get("agent_id"), "agent_id")
-                outcomes.append(None)
-            except Exception as e:
-                outcomes.append(e)
-        if answered_as is None:
-            first = next(e for e in outcomes if e is not None)
-            raise first
-        return answered_as, outcomes
-
-    async def _instruct(
-        self,
-        method: str,
-        path: str,
-        body: bytes,
-        audience: uuid.UUID | None,
-        max_answer_bytes: int | None = None,
-    ) -> dict[str, Any]:
-        """Send one signed instruction; its JSON answer, from the agent it was meant for.
-
-        Raises _DeliveryFailed unless the agent answered 200 as ``audience`` (when known).
-        """
-        url = f"{self.url}{path}"
-        response = await self._http.request(
-            method,
-            url,
-            data=body or None,
-            headers=self._headers(method, url, body, audience),
-            timeout=REQUEST_TIMEOUT,
-            reactor=self._clock,
-            unbuffered=True,  # read_body bounds what is read; treq would read it all
-        )
-        try:
-            raw = await read_body(
-                response, max_answer_bytes or self._max_answer_bytes, self._clock, REQUEST_TIMEOUT
-            )
-        except Exception as e:
-            raise _DeliveryFailed(f"{method} {path}: {type(e).__name__}: {e}") from e
-        try:
-            answer = json.loads(raw)
-        except ValueError:
-            answer = None
-        if response.code != 200:
-            message = f"agent answered {response.code}: {_error_message(answer)}"
-            if _is_refusal(response.code):
-                raise _Refused(message, response.code)
-            raise _DeliveryFailed(message)
-        if not isinstance(answer, dict):
-            raise _DeliveryFailed("the agent's answer is not a JSON object")
-        answered = protocol.parse_uuid(answer.get("agent_id"), "agent_id")
-        if audience is not None and answered != audience:
-            raise _DeliveryFailed(f"the agent answered as {answered}, not as {audience}")
-        return answer
-
-    def _backoff(self) -> float:
-        return backoff_delay(self._failures, self._retry_base, self._retry_cap, self._jitter)
+        return [await self.client.schedule(encoded, audience) for _, encoded in batch]
 
     # -- reconciliation ----------------------------------------------------------------
 
@@ -438,7 +320,7 @@ class AgentLink:
         self.log.warn(
             "could not reconcile tasks with agent {url}: {error}",
             url=self.url,
-            error=_describe(failure.value),
+            error=describe(failure.value),
         )
 
     async def _reconcile(self) -> None:
@@ -447,8 +329,10 @@ class AgentLink:
         # Read before the answer, to bound it by what the agent should hold. A task created
         # or deleted meanwhile is the business of the delivery it caused, not of this pass.
         bound = self._list_answer_floor_bytes + LIST_BYTES_PER_TASK * len(assigned)
-        body = await self._instruct("GET", "/api/v1/agent/tasks", b"", audience, bound)
-        has = {protocol.parse_uuid(t, "task_ids[]") for t in body.get("task_ids", [])}
+        listed = await self.client.list_tasks(audience, bound)
+        if not isinstance(listed, TaskList):
+            raise _DeliveryFailed(str(listed))
+        has = listed.task_ids
         missing = sorted(assigned - has)
         if missing:
             self.log.info(
@@ -464,13 +348,9 @@ class AgentLink:
                 url=self.url,
                 count=len(deleted),
             )
-        if missing or deleted or self._failures:
+        if missing or deleted or self._delivery.failures:
             # The agent answers again: deliver now rather than at the end of a back-off.
-            self._failures = 0
-            if self._pending is not None and self._pending.active():
-                self._pending.cancel()
-                self._pending = None
-            self.kick()
+            self._delivery.retry_now()
 
 
 class Dispatcher(Service):
@@ -518,40 +398,15 @@ class _DeliveryFailed(Exception):
     pass
 
 
-class _Refused(_DeliveryFailed):
-    """The agent answered, and said no to this one request (``status``, if the whole
-    request was refused)."""
-
-    def __init__(self, message: str, status: int | None = None) -> None:
-        super().__init__(message)
-        self.status = status
-
-
 class _PassFailed(Exception):
     """Some requests of a delivery pass failed; the others were recorded."""
 
-    def __init__(self, problems: list[str], only_refused: bool) -> None:
+    def __init__(self, problems: list[str]) -> None:
         super().__init__("; ".join(problems))
-        self.only_refused = only_refused
 
 
-def _is_refusal(code: int) -> bool:
-    """A 4xx that is about the request, not about the agent being busy or slow."""
-    return 400 <= code < 500 and code not in (408, 429)
-
-
-def _summary(errors: Sequence[BaseException], out_of: int, what: str) -> str | None:
+def _summary(errors: Sequence[Refused | Failed], out_of: int, what: str) -> str | None:
     """One line for the log about ``errors`` among ``out_of`` requests, or None."""
     if not errors:
         return None
-    return f"{len(errors)} of {out_of} {what} (first: {_describe(errors[0])})"
-
-
-def _error_message(body: Any) -> str:
-    if isinstance(body, dict) and isinstance(body.get("error"), dict):
-        return str(body["error"].get("message", ""))[:200]
-    return ""
-
-
-def _describe(error: BaseException | None) -> str:
-    return f"{type(error).__name__}: {error}"[:300]
+    return f"{len(errors)} of {out_of} {what} (first: {type(errors[0]).__name__}: {errors[0]})"
