@@ -286,6 +286,22 @@ def test_stopping_keeps_the_unsent_results(tmp_path: Path) -> None:
     assert len(s.spool) == 2 and len(s.files()) == 2
 
 
+def test_stopping_while_backing_off_sends_nothing_more(tmp_path: Path) -> None:
+    s = Setup(tmp_path)
+    s.server.down = True
+    s.spool_results(1)
+    s.reporter.start()
+    s.settle()
+    s.settle(1)  # the first retry; the next is due in 2 s
+    assert len(s.server.requests) == 2
+    s.reporter.stop()
+    s.reporter.wake()
+    s.server.down = False
+    s.settle(120)
+    assert len(s.server.requests) == 2, "no request after stop"
+    assert len(s.spool) == 1
+
+
 def test_a_full_spool_drops_new_results_and_counts_them(tmp_path: Path) -> None:
     s = Setup(tmp_path)
     s.spool_results(1)

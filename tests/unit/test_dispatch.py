@@ -165,6 +165,25 @@ async def test_an_agent_that_is_down_gets_its_tasks_when_it_comes_back() -> None
 
 
 @pytest_twisted.ensureDeferred
+async def test_a_stopped_dispatcher_sends_nothing_more() -> None:
+    agent = FakeAgent()
+    agent.down = True
+    store, dispatcher, clock, http = await setup(agent)
+    dispatcher.startService()
+    task = await store.create_task(spec(), utc_now_from(0))
+    dispatcher.task_created(task)
+    settle(clock, http)
+    settle(clock, http, 1)  # the first retry; the next is due in 2 s
+    before = agent.requests
+    dispatcher.stopService()
+    dispatcher.task_created(task)
+    agent.down = False
+    settle(clock, http, 120)
+    assert agent.requests == before, "no request after stop"
+    assert agent.tasks == {}
+
+
+@pytest_twisted.ensureDeferred
 async def test_reconciliation_resends_what_a_wiped_agent_lost() -> None:
     agent = FakeAgent()
     store, dispatcher, clock, http = await setup(agent)
