@@ -1,31 +1,110 @@
-"""Server -> agent task delivery, through StubTreq over a fake agent, on a task.Clock."""
+"""Server -> agent task delivery on a task.Clock, through StubTreq over the agent's real
+Klein app (a real agent service, checking the server's signatures, over a fake runner);
+over a fake agent only for what the real one cannot be made to do (refuse a given task
+or removal, predate batches, answer a hostile list)."""
 
 from __future__ import annotations
 
 import json
 import uuid
 from datetime import timedelta
+from pathlib import Path
 from typing import Any
 
 import pytest_twisted
-from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from klein import Klein
 from treq.testing import StubTreq
 from twisted.internet.task import Clock
+from twisted.logger import capturedLogs, formatEvent
+from twisted.web.resource import Resource
 
-from taskscheduler.protocol import TaskSpec, parse_task_spec
+from taskscheduler.protocol import TaskSpec, parse_task_spec, task_spec_to_json
 from taskscheduler.schedule import parse_frequency, utc_now_from
 from taskscheduler.server.dispatch import Dispatcher
 from taskscheduler.server.store.interface import AuditEvent, Task
 from taskscheduler.server.store.memory import MemoryStore
-from taskscheduler.signing import BadSignature, InstructionSigner, InstructionVerifier
+from taskscheduler.signing import InstructionSigner
+from tests.unit.agent_fakes import SERVER_KEY, Agent, FakeServer
 
 URL = "http://agent-a:8081"
 AGENT_ID = uuid.UUID("aaaaaaaa-0000-4000-8000-000000000001")
 
 
+class AgentFront(Resource):
+    """The agent's real app, behind a front that can take it down (503); it counts the
+    instructions that change something, and the removals."""
+
+    isLeaf = True
+
+    def __init__(self, data_dir: Path, clock: Clock) -> None:
+        super().__init__()
+        data_dir.mkdir(parents=True)
+        (data_dir / "agent_id").write_text(f"{AGENT_ID}\n")
+        self.agent = Agent(data_dir, clock, FakeServer())
+        assert self.agent.service.api is not None
+        self._app = self.agent.service.api.resource()
+        self.down = False
+        self.requests = 0
+        self.removals: list[uuid.UUID] = []
+
+    @property
+    def tasks(self) -> dict[uuid.UUID, TaskSpec]:
+        assert self.agent.service.scheduler is not None
+        return self.agent.service.scheduler.tasks
+
+    def render(self, request: Any) -> Any:
+        if request.method != b"GET":
+            self.requests += 1
+        if self.down:
+            request.setResponseCode(503)
+            request.setHeader(b"Content-Type", b"application/json")
+            return b'{"error": {"code": "down", "message": "down"}}'
+        if request.method == b"DELETE":
+            self.removals.append(uuid.UUID(request.path.decode().rsplit("/", 1)[1]))
+        return self._app.render(request)
+
+    async def behind_the_servers_back(self, method: str, path: str, body: bytes = b"") -> None:
+        """An instruction the server did not send (a task lost, a backup restored)."""
+        api: Any = self.agent.api
+        d = api.request(
+            method, URL + path, data=body or None, headers=self.agent.signed(method, path, body)
+        )
+        self.agent.settle()
+        response = await d
+        assert response.code == 200, await api.content(response)
+
+
+async def enrol(store: MemoryStore, clock: Clock) -> None:
+    now = utc_now_from(clock.seconds())
+    await store.enrol_agent(
+        AGENT_ID, URL, "sha256:" + "a" * 64, now, AuditEvent(now, "join:t", "x", "y", "")
+    )
+
+
+async def real_setup(
+    tmp_path: Path, enrolled: bool = True
+) -> tuple[MemoryStore, Dispatcher, Clock, StubTreq, AgentFront]:
+    clock = Clock()
+    store = MemoryStore()
+    await store.start()
+    await store.set_fleet([URL])
+    if enrolled:
+        await enrol(store, clock)
+    agent = AgentFront(tmp_path / "agent", clock)
+    http = StubTreq(agent)
+    dispatcher = Dispatcher(
+        store, http, clock, [URL], signer=signer(clock), reconcile_interval=30, jitter=lambda: 1.0
+    )
+    return store, dispatcher, clock, http, agent
+
+
+def signer(clock: Clock) -> InstructionSigner:
+    return InstructionSigner(SERVER_KEY, clock)
+
+
 class FakeAgent:
-    """Just enough of the agent's API: it remembers what it was sent; it can be 'down'."""
+    """Just enough of the agent's API for the faults the real one cannot be made to show:
+    it refuses given tasks or removals, or predates batches; it can be 'down'."""
 
     app = Klein()
 
@@ -127,9 +206,10 @@ def settle(clock: Clock, http: StubTreq, seconds: float = 0) -> None:
 
 
 @pytest_twisted.ensureDeferred
-async def test_a_created_task_reaches_the_agent_with_its_anchor_and_limit() -> None:
-    agent = FakeAgent()
-    store, dispatcher, clock, http = await setup(agent)
+async def test_a_created_task_reaches_the_agent_with_its_anchor_and_limit(
+    tmp_path: Path,
+) -> None:
+    store, dispatcher, clock, http, agent = await real_setup(tmp_path)
     dispatcher.startService()
     task = await store.create_task(spec(), utc_now_from(1_795_000_000))
     dispatcher.task_created(task)
@@ -140,10 +220,9 @@ async def test_a_created_task_reaches_the_agent_with_its_anchor_and_limit() -> N
 
 
 @pytest_twisted.ensureDeferred
-async def test_an_agent_that_is_down_gets_its_tasks_when_it_comes_back() -> None:
-    agent = FakeAgent()
+async def test_an_agent_that_is_down_gets_its_tasks_when_it_comes_back(tmp_path: Path) -> None:
+    store, dispatcher, clock, http, agent = await real_setup(tmp_path)
     agent.down = True
-    store, dispatcher, clock, http = await setup(agent)
     dispatcher.startService()
     tasks = [await store.create_task(spec(f"echo {i}"), utc_now_from(0)) for i in range(3)]
     for task in tasks:
@@ -165,10 +244,9 @@ async def test_an_agent_that_is_down_gets_its_tasks_when_it_comes_back() -> None
 
 
 @pytest_twisted.ensureDeferred
-async def test_a_stopped_dispatcher_sends_nothing_more() -> None:
-    agent = FakeAgent()
+async def test_a_stopped_dispatcher_sends_nothing_more(tmp_path: Path) -> None:
+    store, dispatcher, clock, http, agent = await real_setup(tmp_path)
     agent.down = True
-    store, dispatcher, clock, http = await setup(agent)
     dispatcher.startService()
     task = await store.create_task(spec(), utc_now_from(0))
     dispatcher.task_created(task)
@@ -184,29 +262,28 @@ async def test_a_stopped_dispatcher_sends_nothing_more() -> None:
 
 
 @pytest_twisted.ensureDeferred
-async def test_reconciliation_resends_what_a_wiped_agent_lost() -> None:
-    agent = FakeAgent()
-    store, dispatcher, clock, http = await setup(agent)
+async def test_reconciliation_resends_what_an_agent_lost(tmp_path: Path) -> None:
+    store, dispatcher, clock, http, agent = await real_setup(tmp_path)
     dispatcher.startService()
     task = await store.create_task(spec(), utc_now_from(0))
     dispatcher.task_created(task)
     settle(clock, http)
     assert task.task_id in agent.tasks
-    agent.tasks.clear()  # the agent's data folder was wiped
+    await agent.behind_the_servers_back("DELETE", f"/api/v1/tasks/{task.task_id}")
+    assert agent.tasks == {}
     settle(clock, http, 30)
     assert set(agent.tasks) == {task.task_id}
     dispatcher.stopService()
 
 
 @pytest_twisted.ensureDeferred
-async def test_a_server_restart_delivers_what_was_never_acknowledged() -> None:
-    agent = FakeAgent()
+async def test_a_server_restart_delivers_what_was_never_acknowledged(tmp_path: Path) -> None:
+    store, dispatcher, clock, http, agent = await real_setup(tmp_path)
     agent.down = True
-    store, dispatcher, clock, http = await setup(agent)
     task = await store.create_task(spec(), utc_now_from(0))
     # The server went down before delivering; a new dispatcher over the same store starts.
     agent.down = False
-    fresh = Dispatcher(store, http, clock, [URL], jitter=lambda: 1.0)
+    fresh = Dispatcher(store, http, clock, [URL], signer=signer(clock), jitter=lambda: 1.0)
     fresh.startService()
     settle(clock, http)
     assert set(agent.tasks) == {task.task_id}
@@ -214,85 +291,30 @@ async def test_a_server_restart_delivers_what_was_never_acknowledged() -> None:
     dispatcher.stopService()
 
 
-class VerifyingAgent(FakeAgent):
-    """A fake agent that checks signatures as the real one does (the real verifier)."""
-
-    app = Klein()
-
-    def __init__(self, verifier: InstructionVerifier) -> None:
-        super().__init__()
-        self.verifier = verifier
-        self.refused: list[str] = []
-
-    def _check(self, request: Any) -> bool:
-        try:
-            self.verifier.verify(
-                request.method.decode(),
-                request.uri.decode(),
-                request.getHeader(b"authorization"),
-                request.content.read(),
-            )
-        except BadSignature as e:
-            self.refused.append(str(e))
-            request.setResponseCode(401)
-            return False
-        finally:
-            request.content.seek(0)
-        return True
-
-    @app.route("/api/v1/tasks/schedule", methods=["POST"])
-    def schedule(self, request: Any) -> bytes:
-        if not self._check(request):
-            return b'{"error": {"code": "unauthorized", "message": "no"}}'
-        return FakeAgent.schedule(self, request)
-
-    @app.route("/api/v1/tasks/<task_id>", methods=["DELETE"])
-    def unschedule(self, request: Any, task_id: str) -> bytes:
-        if not self._check(request):
-            return b'{"error": {"code": "unauthorized", "message": "no"}}'
-        return FakeAgent.unschedule(self, request, task_id)
-
-    @app.route("/api/v1/agent/tasks", methods=["GET"])
-    def task_ids(self, request: Any) -> bytes:
-        if not self._check(request):
-            return b'{"error": {"code": "unauthorized", "message": "no"}}'
-        return FakeAgent.task_ids(self, request)
-
-
 @pytest_twisted.ensureDeferred
-async def test_instructions_are_signed_for_the_agent_enrolled_at_the_url_only() -> None:
-    clock = Clock()
-    clock.advance(1_795_000_000)
-    key = Ed25519PrivateKey.generate()
-    agent = VerifyingAgent(InstructionVerifier(AGENT_ID, clock, key.public_key()))
-    store = MemoryStore()
-    await store.set_fleet([URL])
-    http = StubTreq(agent.app.resource())
-    dispatcher = Dispatcher(
-        store, http, clock, [URL], signer=InstructionSigner(key, clock), jitter=lambda: 1.0
-    )
-    dispatcher.startService()
-    task = await store.create_task(spec(), utc_now_from(0))
-    dispatcher.task_created(task)
-    settle(clock, http)
-    assert agent.requests == 0, "nobody enrolled at the URL: nothing is sent"
-    now = utc_now_from(clock.seconds())
-    await store.enrol_agent(
-        AGENT_ID, URL, "sha256:" + "a" * 64, now, AuditEvent(now, "join:t", "x", "y", "")
-    )
-    dispatcher.agent_enrolled(URL)
-    settle(clock, http)
-    assert set(agent.tasks) == {task.task_id}
-    assert agent.refused == []
-    settle(clock, http, 30)  # a signed reconciliation too
-    assert agent.refused == []
-    assert await store.undelivered_tasks(URL, 10) == []
-    await delete(store, task)
-    dispatcher.task_deleted(task)
-    settle(clock, http)
-    assert agent.removals == [task.task_id] and agent.tasks == {}
-    assert agent.refused == [], "the removal is signed too"
+async def test_instructions_are_signed_for_the_agent_enrolled_at_the_url_only(
+    tmp_path: Path,
+) -> None:
+    store, dispatcher, clock, http, agent = await real_setup(tmp_path, enrolled=False)
+    with capturedLogs() as events:
+        dispatcher.startService()
+        task = await store.create_task(spec(), utc_now_from(0))
+        dispatcher.task_created(task)
+        settle(clock, http)
+        assert agent.requests == 0, "nobody enrolled at the URL: nothing is sent"
+        await enrol(store, clock)
+        dispatcher.agent_enrolled(URL)
+        settle(clock, http)
+        assert set(agent.tasks) == {task.task_id}
+        assert await store.undelivered_tasks(URL, 10) == []
+        settle(clock, http, 30)  # a signed reconciliation too
+        await delete(store, task)
+        dispatcher.task_deleted(task)
+        settle(clock, http)
+    assert agent.removals == [task.task_id] and agent.tasks == {}, "the removal is signed too"
     assert await store.pending_removals(URL, 10) == []
+    refused = [formatEvent(e) for e in events if "401" in formatEvent(e)]
+    assert refused == [], refused
     dispatcher.stopService()
 
 
@@ -308,9 +330,8 @@ async def delete(store: MemoryStore, task: Task) -> None:
 
 
 @pytest_twisted.ensureDeferred
-async def test_a_deleted_task_is_dropped_by_the_agent_and_the_store_knows() -> None:
-    agent = FakeAgent()
-    store, dispatcher, clock, http = await setup(agent)
+async def test_a_deleted_task_is_dropped_by_the_agent_and_the_store_knows(tmp_path: Path) -> None:
+    store, dispatcher, clock, http, agent = await real_setup(tmp_path)
     dispatcher.startService()
     kept, gone = [await store.create_task(spec(c), utc_now_from(0)) for c in ("kept", "gone")]
     dispatcher.task_created(gone)
@@ -328,10 +349,9 @@ async def test_a_deleted_task_is_dropped_by_the_agent_and_the_store_knows() -> N
 
 
 @pytest_twisted.ensureDeferred
-async def test_a_task_deleted_before_delivery_is_never_sent() -> None:
-    agent = FakeAgent()
+async def test_a_task_deleted_before_delivery_is_never_sent(tmp_path: Path) -> None:
+    store, dispatcher, clock, http, agent = await real_setup(tmp_path)
     agent.down = True
-    store, dispatcher, clock, http = await setup(agent)
     dispatcher.startService()
     task = await store.create_task(spec(), utc_now_from(0))
     dispatcher.task_created(task)
@@ -347,9 +367,10 @@ async def test_a_task_deleted_before_delivery_is_never_sent() -> None:
 
 
 @pytest_twisted.ensureDeferred
-async def test_a_removal_is_retried_with_back_off_and_survives_a_server_restart() -> None:
-    agent = FakeAgent()
-    store, dispatcher, clock, http = await setup(agent)
+async def test_a_removal_is_retried_with_back_off_and_survives_a_server_restart(
+    tmp_path: Path,
+) -> None:
+    store, dispatcher, clock, http, agent = await real_setup(tmp_path)
     dispatcher.startService()
     task = await store.create_task(spec(), utc_now_from(0))
     dispatcher.task_created(task)
@@ -371,7 +392,7 @@ async def test_a_removal_is_retried_with_back_off_and_survives_a_server_restart(
     # The server stops before the agent came back; a new one over the same store finishes.
     dispatcher.stopService()
     agent.down = False
-    fresh = Dispatcher(store, http, clock, [URL], jitter=lambda: 1.0)
+    fresh = Dispatcher(store, http, clock, [URL], signer=signer(clock), jitter=lambda: 1.0)
     fresh.startService()
     settle(clock, http)
     assert agent.tasks == {}
@@ -380,9 +401,8 @@ async def test_a_removal_is_retried_with_back_off_and_survives_a_server_restart(
 
 
 @pytest_twisted.ensureDeferred
-async def test_reconciliation_removes_a_deleted_task_the_agent_still_has() -> None:
-    agent = FakeAgent()
-    store, dispatcher, clock, http = await setup(agent)
+async def test_reconciliation_removes_a_deleted_task_the_agent_still_has(tmp_path: Path) -> None:
+    store, dispatcher, clock, http, agent = await real_setup(tmp_path)
     dispatcher.startService()
     task = await store.create_task(spec(), utc_now_from(0))
     dispatcher.task_created(task)
@@ -392,7 +412,9 @@ async def test_reconciliation_removes_a_deleted_task_the_agent_still_has() -> No
     settle(clock, http)
     assert agent.tasks == {}
     # The agent was restored from a backup taken before the deletion.
-    agent.tasks[task.task_id] = task.spec
+    body = json.dumps(task_spec_to_json(task.spec)).encode()
+    await agent.behind_the_servers_back("POST", "/api/v1/tasks/schedule", body)
+    assert set(agent.tasks) == {task.task_id}
     settle(clock, http, 30)
     assert agent.tasks == {}
     assert agent.removals == [task.task_id, task.task_id]
