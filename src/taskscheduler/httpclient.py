@@ -19,7 +19,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from twisted.internet.defer import Deferred
+from twisted.internet.defer import CancelledError, Deferred
 from twisted.internet.interfaces import IDelayedCall, IReactorTime
 from twisted.internet.protocol import Protocol, connectionDone
 from twisted.python.failure import Failure
@@ -218,9 +218,15 @@ async def exchange(
     max_answer_bytes: int,
 ) -> Answer:
     """Send one request and read its answer within ``max_answer_bytes`` and ``timeout``;
-    :class:`NoAnswer` (saying why) if no whole answer came."""
+    :class:`NoAnswer` (saying why) if no whole answer came.
+
+    Cancelling the caller's wait raises CancelledError, however the request ends: the
+    caller stopped, and must neither act on an outcome nor send a next request. (treq's
+    own timeout cancels the request too; that is a :class:`NoAnswer`.)
+    """
+    stopped = False
     try:
-        response = await http.request(
+        request = http.request(
             method,
             url,
             data=body or None,
@@ -229,8 +235,24 @@ async def exchange(
             reactor=clock,
             unbuffered=True,  # read_body bounds what is read; treq would read it all
         )
+    except Exception as e:  # a URL treq cannot parse, say
+        raise NoAnswer(describe(e)) from e
+
+    def stop_waiting(_: Deferred[Any]) -> None:
+        nonlocal stopped
+        stopped = True
+        request.cancel()
+
+    waiting: Deferred[Any] = Deferred(stop_waiting)
+    request.chainDeferred(waiting)
+    try:
+        response = await waiting
         raw = await read_body(response, max_answer_bytes, clock, timeout)
+    except CancelledError:
+        raise
     except Exception as e:
+        if stopped:
+            raise CancelledError() from e
         raise NoAnswer(describe(e)) from e
     try:
         decoded = json.loads(raw)

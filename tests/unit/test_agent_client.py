@@ -11,9 +11,10 @@ from typing import Any
 import pytest
 import pytest_twisted
 from treq.testing import StubTreq
-from twisted.internet.defer import Deferred
+from twisted.internet.defer import CancelledError, Deferred
 from twisted.internet.task import Clock
 from twisted.web.resource import Resource
+from twisted.web.server import NOT_DONE_YET
 
 from taskscheduler.protocol import task_spec_to_json
 from taskscheduler.server.agent_client import (
@@ -39,8 +40,11 @@ class Front(Resource):
         super().__init__()
         self.inner = inner
         self.answer: tuple[int, bytes] | None = None
+        self.hang = False
 
     def render(self, request: Any) -> Any:
+        if self.hang:
+            return NOT_DONE_YET
         if self.answer is None:
             return self.inner.render(request)
         status, body = self.answer
@@ -159,3 +163,20 @@ async def test_an_answer_over_the_bound_is_a_failure_and_unread(s: Setup) -> Non
         await s.run(s.client.schedule(encoded()[1], s.agent_id))
     listed = await s.run(s.client.list_tasks(s.agent_id, 64))
     assert isinstance(listed, Failed) and "AnswerTooLarge" in listed.reason
+
+
+@pytest_twisted.ensureDeferred
+async def test_an_agent_that_never_answers_times_out_but_a_cancel_is_a_cancel(s: Setup) -> None:
+    s.front.hang = True
+    d = Deferred.fromCoroutine(s.client.schedule(encoded()[1], s.agent_id))
+    s.http.flush()
+    s.clock.advance(10)  # REQUEST_TIMEOUT
+    outcome = await d
+    assert isinstance(outcome, Failed) and "ResponseNeverReceived" in outcome.reason
+    # Stopping the dispatcher cancels what it awaits: no outcome to act on (and in a
+    # loop of requests, no next one).
+    d = Deferred.fromCoroutine(s.client.schedule(encoded()[1], s.agent_id))
+    s.http.flush()
+    d.cancel()
+    with pytest.raises(CancelledError):
+        await d

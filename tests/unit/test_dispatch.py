@@ -14,6 +14,7 @@ from typing import Any
 import pytest_twisted
 from klein import Klein
 from treq.testing import StubTreq
+from twisted.internet.defer import Deferred
 from twisted.internet.task import Clock
 from twisted.logger import capturedLogs, formatEvent
 from twisted.web.resource import Resource
@@ -118,6 +119,7 @@ class FakeAgent:
         self.removals: list[uuid.UUID] = []
         self.refused_tasks: set[str] = set()  # commands it answers 400 to
         self.refused_removals: set[uuid.UUID] = set()  # task ids it answers 400 to
+        self.hang = False  # never answer a task sent alone
 
     @app.route("/api/v1/tasks/schedule", methods=["POST"])
     def schedule(self, request: Any) -> bytes:
@@ -146,6 +148,8 @@ class FakeAgent:
                     self.tasks[spec.task_id] = spec
                     results.append({"task_id": str(spec.task_id), "status": "scheduled"})
             return json.dumps({"agent_id": str(AGENT_ID), "results": results}).encode()
+        if self.hang:
+            return Deferred()  # type: ignore[return-value]
         spec = parse_task_spec(body, utc_now_from(0))
         if spec.command in self.refused_tasks:
             request.setResponseCode(400)
@@ -475,3 +479,20 @@ async def test_a_removal_the_agent_refuses_holds_back_no_delivery() -> None:
     assert agent.removals == [gone.task_id]
     assert await store.pending_removals(URL, 10) == []
     dispatcher.stopService()
+
+
+@pytest_twisted.ensureDeferred
+async def test_stopping_mid_pass_sends_no_next_request() -> None:
+    agent = FakeAgent()
+    agent.takes_batches = False  # so that a pass sends one request after another
+    agent.hang = True
+    store, dispatcher, clock, http = await setup(agent)
+    dispatcher.startService()
+    settle(clock, http)
+    created = [await store.create_task(spec(), utc_now_from(0)) for _ in range(3)]
+    dispatcher.task_created(created[-1])
+    settle(clock, http)
+    assert agent.requests == 2, "the batch refused, then the first task alone, unanswered"
+    dispatcher.stopService()
+    settle(clock, http, 60)
+    assert agent.requests == 2, "no request after stop"
