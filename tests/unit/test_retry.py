@@ -11,7 +11,14 @@ import pytest_twisted
 from twisted.internet.defer import CancelledError, Deferred
 from twisted.internet.task import Clock
 
-from taskscheduler.retry import Backoff, OutOfTime, RetryLoop, backoff_delay, retry_until
+from taskscheduler.retry import (
+    Backoff,
+    OutOfTime,
+    RetryLoop,
+    backoff_delay,
+    no_jitter,
+    retry_until,
+)
 
 
 def test_the_ceiling_doubles_up_to_the_cap() -> None:
@@ -159,7 +166,7 @@ async def test_retry_until_succeeds_or_gives_up_at_its_deadline() -> None:
         retry_until(
             clock,
             connect,
-            Backoff(0.5, 5.0, lambda: 1.0),
+            Backoff(0.5, 5.0, no_jitter),  # as the server's database connect at start-up
             retry_on=(ConnectionRefusedError,),
             within=10.0,
             on_failure=lambda error, delay: logged.append(delay),
