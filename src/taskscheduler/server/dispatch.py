@@ -7,13 +7,13 @@ agent an :class:`AgentLink`:
 
 - delivers undelivered tasks, oldest first, in batches (``POST {agent}/api/v1/tasks/schedule``
   with ``{"tasks": [...]}``: one signature and one round trip for up to ``batch_size``
-  tasks or ``batch_bytes`` of them) and removals of
-  deleted tasks (``DELETE {agent}/api/v1/tasks/{task_id}``) as soon as it is kicked (a
-  task was created or deleted) and again after failures, with exponential back-off and
-  jitter while the agent is unreachable. Deliveries and removals go out together and
-  neither waits on the other: a task the agent refuses (a 4xx answer) is offered again
-  after the back-off, but removals and other tasks go on, and an agent that answers is
-  sent a new task at once rather than after the back-off;
+  tasks or ``batch_bytes`` of them) and removals of deleted tasks (``DELETE
+  {agent}/api/v1/tasks/{task_id}``) as soon as it is kicked (a task was created or
+  deleted) and again after failures, with exponential back-off and jitter while the
+  agent is unreachable. Deliveries and removals go out together and neither waits on
+  the other: a task the agent refuses (a 4xx answer) is offered again after the
+  back-off, but removals and other tasks go on, and an agent that answers is sent a new
+  task at once rather than after the back-off;
 - reconciles every ``reconcile_interval`` seconds (``GET {agent}/api/v1/agent/tasks``):
   a task the agent should have but does not (its data folder was wiped, say) is marked
   undelivered and sent again; a deleted task it still has is removed again. An agent
@@ -206,7 +206,7 @@ class AgentLink:
             return []
         batches = self._batches(tasks)
         results: list[tuple[bool, Any]] = await DeferredList(
-            [self._semaphore.run(self._send_batch, batch, audience) for batch in batches],
+            [self._semaphore.run(self._send, batch, audience) for batch in batches],
             consumeErrors=True,
         )
         agent_id: uuid.UUID | None = None
@@ -237,7 +237,7 @@ class AgentLink:
         if not task_ids:
             return []
         results: list[tuple[bool, Any]] = await DeferredList(
-            [self._semaphore.run(self._remove, task_id, audience) for task_id in task_ids],
+            [self._semaphore.run(self.client.unschedule, t, audience) for t in task_ids],
             consumeErrors=True,
         )
         outcomes: list[Outcome] = [
@@ -255,9 +255,6 @@ class AgentLink:
             )
         return [outcome for outcome in outcomes if not isinstance(outcome, Accepted)]
 
-    def _remove(self, task_id: uuid.UUID, audience: uuid.UUID | None) -> Deferred[Outcome]:
-        return Deferred.fromCoroutine(self.client.unschedule(task_id, audience))
-
     def _batches(self, tasks: Sequence[Task]) -> list[list[tuple[Task, bytes]]]:
         """``tasks`` with their JSON, in order, cut into requests within the bounds."""
         batches: list[list[tuple[Task, bytes]]] = []
@@ -274,11 +271,6 @@ class AgentLink:
             batches[-1].append((task, encoded))
             size += len(encoded) + 1
         return batches
-
-    def _send_batch(
-        self, batch: list[tuple[Task, bytes]], audience: uuid.UUID | None
-    ) -> Deferred[list[Outcome]]:
-        return Deferred.fromCoroutine(self._send(batch, audience))
 
     async def _send(
         self, batch: list[tuple[Task, bytes]], audience: uuid.UUID | None
