@@ -31,7 +31,7 @@ from taskscheduler.agent.spool import encode_result
 from taskscheduler.auth import JOIN_PREFIX, TokenFile, hash_token, new_token
 from taskscheduler.server.access import ServerAccess
 from taskscheduler.server.api import ServerAPI
-from taskscheduler.server.memstore import MemoryStore
+from taskscheduler.server.store.memory import MemoryStore
 from taskscheduler.signing import public_key_text
 from taskscheduler.web import too_large_body
 from tests.unit.agent_fakes import ANCHOR, ANCHOR_SECONDS, SERVER, result, spec
