@@ -79,6 +79,14 @@ class TaskList:
     task_ids: set[uuid.UUID]
 
 
+@dataclass(frozen=True)
+class _Answered:
+    """A 200 from the agent meant: who it is, and its JSON answer."""
+
+    agent_id: uuid.UUID
+    body: dict[str, Any]
+
+
 class AgentClient:
     """Signed instructions to the agent at ``url``, for the identity ``audience`` each
     method is given (None: unsigned, when the server has no signer)."""
@@ -103,7 +111,7 @@ class AgentClient:
     async def schedule(self, spec_json: bytes, audience: uuid.UUID | None) -> Outcome:
         """Hand the agent one task (its JSON spec, as :mod:`protocol` writes it)."""
         answered = await self._instruct("POST", SCHEDULE_PATH, spec_json, audience)
-        return answered if not isinstance(answered, tuple) else Accepted(answered[0])
+        return Accepted(answered.agent_id) if isinstance(answered, _Answered) else answered
 
     async def schedule_batch(
         self, specs: Sequence[tuple[uuid.UUID, bytes]], audience: uuid.UUID | None
@@ -111,10 +119,9 @@ class AgentClient:
         """Hand the agent several tasks (id, JSON spec) in one request."""
         body = b'{"tasks":[' + b",".join(encoded for _, encoded in specs) + b"]}"
         answered = await self._instruct("POST", SCHEDULE_PATH, body, audience)
-        if not isinstance(answered, tuple):
+        if not isinstance(answered, _Answered):
             return answered
-        agent_id, answer = answered
-        results = answer.get("results")
+        results = answered.body.get("results")
         if not isinstance(results, list) or len(results) != len(specs):
             return Failed("the agent's answer to a batch does not list every task")
         outcomes: list[Outcome] = []
@@ -123,7 +130,7 @@ class AgentClient:
                 outcomes.append(Failed("the agent's answer to a batch is out of order"))
                 continue
             if result.get("status") == "scheduled":
-                outcomes.append(Accepted(agent_id))
+                outcomes.append(Accepted(answered.agent_id))
                 continue
             item = Answer(200, result)
             message = f"agent refused task {task_id}: {item.error_message}"
@@ -137,21 +144,21 @@ class AgentClient:
     async def unschedule(self, task_id: uuid.UUID, audience: uuid.UUID | None) -> Outcome:
         """Tell the agent to drop a task (it answers 200 whether it had it or not)."""
         answered = await self._instruct("DELETE", f"/api/v1/tasks/{task_id}", b"", audience)
-        return answered if not isinstance(answered, tuple) else Accepted(answered[0])
+        return Accepted(answered.agent_id) if isinstance(answered, _Answered) else answered
 
     async def list_tasks(
         self, audience: uuid.UUID | None, max_answer_bytes: int
     ) -> TaskList | Refused | Failed:
         """The ids of the tasks the agent holds, read within ``max_answer_bytes``."""
         answered = await self._instruct("GET", LIST_PATH, b"", audience, max_answer_bytes)
-        if not isinstance(answered, tuple):
+        if not isinstance(answered, _Answered):
             return answered
-        agent_id, answer = answered
         try:
-            ids = {protocol.parse_uuid(t, "task_ids[]") for t in answer.get("task_ids", [])}
+            listed = answered.body.get("task_ids", [])
+            ids = {protocol.parse_uuid(t, "task_ids[]") for t in listed}
         except (protocol.InvalidMessage, TypeError) as e:
             return Failed(f"the agent's task list is unreadable: {describe(e)}")
-        return TaskList(agent_id, ids)
+        return TaskList(answered.agent_id, ids)
 
     async def _instruct(
         self,
@@ -160,7 +167,7 @@ class AgentClient:
         body: bytes,
         audience: uuid.UUID | None,
         max_answer_bytes: int | None = None,
-    ) -> tuple[uuid.UUID, dict[str, Any]] | Refused | Failed:
+    ) -> _Answered | Refused | Failed:
         """Send one signed instruction: who answered and its JSON answer, if the agent
         meant (``audience``, when known) answered 200; else why not."""
         url = f"{self.url}{path}"
@@ -190,7 +197,7 @@ class AgentClient:
             return Failed(describe(e))
         if audience is not None and answered != audience:
             return Failed(f"the agent answered as {answered}, not as {audience}")
-        return answered, answer.body
+        return _Answered(answered, answer.body)
 
     def _headers(
         self, method: str, url: str, body: bytes, audience: uuid.UUID | None
