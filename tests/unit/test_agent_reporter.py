@@ -1,6 +1,7 @@
-"""The reporter: single vs batch, acknowledgement, back-off, refusals; which answers are
-verdicts, against the real server's Klein app behind StubTreq; trimming to fit the server's
-body limit."""
+"""The reporter, against the server's real Klein app behind StubTreq (on a MemoryStore),
+a front in between to take it down, hang it, or answer as a proxy would: single vs batch,
+acknowledgement, back-off, refusals; which answers are verdicts; trimming to fit the
+server's body limit."""
 
 from __future__ import annotations
 
@@ -15,9 +16,11 @@ from typing import Any
 import pytest
 import pytest_twisted
 from treq.testing import StubTreq
+from twisted.internet.defer import Deferred
 from twisted.internet.task import Clock
 from twisted.logger import capturedLogs, formatEvent
 from twisted.web.resource import Resource
+from twisted.web.server import NOT_DONE_YET
 
 from taskscheduler.agent.reporter import Reporter, shrink_to_fit
 from taskscheduler.agent.server_client import ServerClient
@@ -46,20 +49,67 @@ AGENT_ID = uuid.UUID("aaaaaaaa-0000-4000-8000-000000000001")
 TASK = uuid.UUID("bbbbbbbb-0000-4000-8000-000000000002")
 
 
+AGENT_URL = "http://agent.test:8081"
+CREDENTIAL = new_token(AGENT_PREFIX)
+#: A day after the anchor: every result of the tests below ran in the server's past.
+A_DAY_LATER = ANCHOR_SECONDS + 86_400
+
+
+def now(coroutine: Any) -> Any:
+    """The result of a store call (the MemoryStore answers at once)."""
+    return fired(Deferred.fromCoroutine(coroutine))
+
+
 class Setup:
+    """The reporter, sending to the server's real Klein app (on a MemoryStore) behind a
+    :class:`Front` that can take it down; the agent is enrolled, ``TASK`` assigned to it."""
+
     def __init__(self, tmp_path: Path, **options: Any) -> None:
         self.clock = Clock()
+        self.clock.advance(A_DAY_LATER)
+        self.store = MemoryStore()
+        self.server = Front(
+            ServerAPI(
+                self.store, self.clock, ServerAccess(self.store, self.clock, None, None)
+            ).resource()
+        )
+        self.http = UnreachableHttp(StubTreq(self.server))
         self.spool = Spool(tmp_path / "spool")
         self.spool.load()
-        self.server = FakeServer()
-        self.http = UnreachableHttp(StubTreq(self.server.app.resource()))
-        client_options = {k: options.pop(k) for k in ("credential", "timeout") if k in options}
-        self.client = ServerClient(self.http, self.clock, SERVER, **client_options)
+        timeout = {k: options.pop(k) for k in ("timeout",) if k in options}
+        self.client = ServerClient(self.http, self.clock, SERVER, credential=CREDENTIAL, **timeout)
         self.reporter = Reporter(self.spool, self.client, self.clock, jitter=lambda: 1.0, **options)
+        self.tasks: list[uuid.UUID] = []
+        moment = utc_now_from(self.clock.seconds())
+        now(self.store.set_fleet([AGENT_URL]))
+        audit = AuditEvent(moment, "join:test", "agent.enrolled", str(AGENT_ID), "")
+        now(self.store.enrol_agent(AGENT_ID, AGENT_URL, hash_token(CREDENTIAL), moment, audit))
+        self.task(TASK)
 
-    def spool_results(self, count: int, task_id: uuid.UUID = TASK, first: int = 1) -> None:
+    def task(self, task_id: uuid.UUID | None = None) -> uuid.UUID:
+        """A task of the agent's, every 10 s from the anchor."""
+        created = now(self.store.create_task(spec(task_id=task_id or uuid.uuid4()), ANCHOR))
+        self.tasks.append(created.task_id)
+        return created.task_id  # type: ignore[no-any-return]
+
+    def record(self, item: RunResult) -> None:
+        """A result the server already has."""
+        assert now(self.store.record_results([item], ANCHOR)) == [RecordOutcome.STORED]
+
+    def delete(self, task_id: uuid.UUID) -> None:
+        """The task is deleted at its anchor: every result of it comes too late."""
+        audit = AuditEvent(ANCHOR, "operator:test", "task.deleted", str(task_id), "")
+        assert now(self.store.delete_task(task_id, ANCHOR, audit)) is not None
+
+    def stored(self) -> list[RunResult]:
+        executions = [e for t in self.tasks for e in now(self.store.list_executions(t, 10_000))]
+        return [r for e in executions for r in e.results]
+
+    def spool_results(
+        self, count: int, task_id: uuid.UUID = TASK, first: int = 1, agent_id: uuid.UUID = AGENT_ID
+    ) -> None:
         for k in range(first, first + count):
-            assert fired(self.spool.add(result(task_id, k, AGENT_ID))) is True
+            assert fired(self.spool.add(result(task_id, k, agent_id))) is True
 
     def settle(self, seconds: float = 0) -> None:
         self.clock.advance(seconds)
@@ -77,7 +127,7 @@ def test_one_waiting_result_goes_alone_and_leaves_the_spool_once_stored(tmp_path
     s.reporter.start()
     s.settle()
     assert s.server.requests == [("single", 1)]
-    assert len(s.server.stored) == 1
+    assert len(s.stored()) == 1
     assert len(s.spool) == 0 and s.files() == []
     assert s.reporter.acknowledged == 1
 
@@ -88,7 +138,7 @@ def test_many_waiting_results_go_in_batches(tmp_path: Path) -> None:
     s.reporter.start()
     s.settle()
     assert s.server.requests == [("batch", 3), ("batch", 3), ("single", 1)]
-    assert len(s.server.stored) == 7
+    assert len(s.stored()) == 7
     assert s.files() == []
 
 
@@ -114,8 +164,7 @@ def test_a_batch_is_bounded_in_bytes_too(tmp_path: Path) -> None:
 
 def test_a_duplicate_counts_as_acknowledged(tmp_path: Path) -> None:
     s = Setup(tmp_path)
-    already = result(TASK, 1, AGENT_ID)
-    s.server.stored[already.key] = already
+    s.record(result(TASK, 1, AGENT_ID))
     s.spool_results(1)
     s.reporter.start()
     s.settle()
@@ -143,7 +192,7 @@ def test_a_server_answering_503_is_retried_with_exponential_back_off(tmp_path: P
     s.server.down = False
     s.settle(16)
     assert len(s.spool) == 0
-    assert len(s.server.stored) == 1
+    assert len(s.stored()) == 1
 
 
 def test_back_off_is_capped_and_jittered(tmp_path: Path) -> None:
@@ -177,7 +226,7 @@ def test_a_connection_error_is_retried_and_loses_nothing(tmp_path: Path) -> None
     assert len(s.spool) == 3
     s.http.unreachable = False
     s.settle(4)
-    assert len(s.server.stored) == 3 and len(s.spool) == 0
+    assert len(s.stored()) == 3 and len(s.spool) == 0
 
 
 def test_a_server_that_never_answers_times_out_and_is_retried(tmp_path: Path) -> None:
@@ -197,7 +246,7 @@ def test_a_server_that_never_answers_times_out_and_is_retried(tmp_path: Path) ->
 
 def test_a_single_result_refused_for_good_is_dropped_and_counted(tmp_path: Path) -> None:
     s = Setup(tmp_path)
-    s.server.conflicting.add(TASK)
+    s.record(result(TASK, 1, AGENT_ID, stdout=b"another\n"))  # so this one conflicts
     s.spool_results(1)
     s.reporter.start()
     s.settle()
@@ -210,8 +259,8 @@ def test_a_single_result_refused_for_good_is_dropped_and_counted(tmp_path: Path)
 
 def test_refused_items_of_a_batch_are_dropped_the_others_acknowledged(tmp_path: Path) -> None:
     s = Setup(tmp_path)
-    other = uuid.uuid4()
-    s.server.conflicting.add(other)
+    other = s.task()
+    s.record(result(other, 1, AGENT_ID, stdout=b"another\n"))  # so this one conflicts
     s.spool_results(2)
     s.spool_results(1, task_id=other)
     s.reporter.start()
@@ -219,12 +268,13 @@ def test_refused_items_of_a_batch_are_dropped_the_others_acknowledged(tmp_path: 
     assert s.server.requests == [("batch", 3)]
     assert len(s.spool) == 0
     assert s.reporter.rejected == 1
-    assert {key[0] for key in s.server.stored} == {TASK}
+    assert sorted(r.stdout.data for r in s.stored() if r.task_id == other) == [b"another\n"]
+    assert len([r for r in s.stored() if r.task_id == TASK]) == 2
 
 
 def test_results_of_a_task_deleted_before_they_were_due_are_dropped(tmp_path: Path) -> None:
     single = Setup(tmp_path / "single")
-    single.server.deleted.add(TASK)
+    single.delete(TASK)
     single.spool_results(1)
     single.reporter.start()
     single.settle()
@@ -232,9 +282,9 @@ def test_results_of_a_task_deleted_before_they_were_due_are_dropped(tmp_path: Pa
     assert len(single.spool) == 0 and single.reporter.rejected == 1
 
     s = Setup(tmp_path / "batch")
-    s.server.deleted.add(TASK)
+    s.delete(TASK)
     s.spool_results(2)
-    s.spool_results(1, task_id=uuid.uuid4())
+    s.spool_results(1, task_id=s.task())
     s.reporter.start()
     s.settle()
     assert s.server.requests == [("batch", 3)]
@@ -257,7 +307,7 @@ def test_a_batch_refused_whole_is_sent_singly_to_isolate_the_bad_result(tmp_path
     s.reporter.start()
     s.settle()
     assert s.server.requests == [("batch", 3), ("single", 1), ("single", 1), ("single", 1)]
-    assert len(s.server.stored) == 2
+    assert len(s.stored()) == 2
     assert len(s.spool) == 0
     assert s.reporter.rejected == 1
 
@@ -356,7 +406,7 @@ def test_a_batch_answer_that_does_not_match_the_batch_is_retried(tmp_path: Path)
     assert s.reporter.acknowledged == 0
     s.server.garbled = False
     s.settle(1)
-    assert len(s.spool) == 0 and len(s.server.stored) == 3
+    assert len(s.spool) == 0 and len(s.stored()) == 3
 
 
 def test_results_spooled_while_a_send_is_under_way_go_in_the_same_pass(tmp_path: Path) -> None:
@@ -369,26 +419,24 @@ def test_results_spooled_while_a_send_is_under_way_go_in_the_same_pass(tmp_path:
     s.spool_results(2, first=2)
     s.reporter.wake()
     s.server.hang = False
-    [pending] = s.server.hanging
-    s.server.stored[result(TASK, 1, AGENT_ID).key] = result(TASK, 1, AGENT_ID)
-    pending.callback(b'{"status": "stored"}')
+    s.server.release()
     s.settle()
     assert s.server.requests == [("single", 1), ("batch", 2)]
     assert len(s.spool) == 0
 
 
 def test_results_carry_the_agents_credential(tmp_path: Path) -> None:
-    s = Setup(tmp_path, credential="tsa_" + "c" * 43)
+    s = Setup(tmp_path)
     s.spool_results(1)
     s.reporter.start()
     s.settle()
-    assert s.server.authorizations == ["Bearer tsa_" + "c" * 43]
+    assert s.server.authorizations == [f"Bearer {CREDENTIAL}"]
     assert s.files() == []
 
 
 def test_a_refused_credential_keeps_the_results_and_backs_off(tmp_path: Path) -> None:
-    s = Setup(tmp_path, credential="tsa_" + "c" * 43)
-    s.server.refuse_with = 401  # revoked, or not enrolled yet
+    s = Setup(tmp_path)
+    s.client.credential = new_token(AGENT_PREFIX)  # revoked, or not enrolled yet
     s.spool_results(3)
     s.reporter.start()
     s.settle()
@@ -396,7 +444,7 @@ def test_a_refused_credential_keeps_the_results_and_backs_off(tmp_path: Path) ->
     tried = len(s.server.requests)
     s.settle(0.5)
     assert len(s.server.requests) == tried, "backing off"
-    s.server.refuse_with = None
+    s.client.credential = CREDENTIAL
     s.settle(2)
     assert s.files() == []
 
@@ -405,8 +453,7 @@ def test_a_forbidden_result_is_dropped_and_a_forbidden_batch_is_sent_one_by_one(
     tmp_path: Path,
 ) -> None:
     s = Setup(tmp_path)
-    s.server.refuse_with = 403  # not this agent's task, or not as itself
-    s.spool_results(3)
+    s.spool_results(3, agent_id=uuid.uuid4())  # not as itself: 403 impersonation
     s.reporter.start()
     s.settle()
     assert [kind for kind, _ in s.server.requests] == ["batch", "single", "single", "single"]
@@ -415,13 +462,11 @@ def test_a_forbidden_result_is_dropped_and_a_forbidden_batch_is_sent_one_by_one(
 
 # -- against the real server: which answers are verdicts ---------------------------------------
 
-AGENT_URL = "http://agent.test:8081"
-CREDENTIAL = new_token(AGENT_PREFIX)
-
 
 class Front(Resource):
     """What stands between the agent and the real server's API: nothing, a body limit
-    answered as the server's own site answers it, or a proxy answering by itself."""
+    answered as the server's own site answers it, a proxy answering by itself, or a
+    server down (503), hanging, or garbling its batch answers. It records each request."""
 
     isLeaf = True
 
@@ -431,23 +476,51 @@ class Front(Resource):
         self.max_body_bytes: int | None = None
         self.proxy: tuple[int, bytes] | None = None  # (status, body): answer instead
         self.answers: list[int] = []
+        self.requests: list[tuple[str, int]] = []  # ("single" | "batch", results)
+        self.authorizations: list[str | None] = []
+        self.down = False
+        self.hang = False  # keep the request unanswered, in ``hanging``
+        self.hanging: list[Any] = []
+        self.garbled = False  # answer a batch with one answer too few, storing nothing
 
     def render(self, request: Any) -> Any:
+        raw = request.content.read()
+        request.content.seek(0)
+        if request.path.endswith(b"/results"):
+            self.requests.append(("batch", len(json.loads(raw)["results"])))
+        else:
+            self.requests.append(("single", 1))
+        header = request.getHeader(b"authorization")
+        self.authorizations.append(None if header is None else header.decode())
         if self.proxy is not None:
             status, body = self.proxy
             self.answers.append(status)
             request.setResponseCode(status)
             request.setHeader(b"Content-Type", b"text/html")
             return body
-        size = len(request.content.read())
-        request.content.seek(0)
-        if self.max_body_bytes is not None and size > self.max_body_bytes:
+        if self.hang:
+            self.hanging.append(request)
+            return NOT_DONE_YET
+        request.setHeader(b"Content-Type", b"application/json")
+        if self.down:
+            request.setResponseCode(503)
+            return b'{"error": {"code": "database_unavailable", "message": "down"}}'
+        if self.garbled:
+            return b'{"results": [{"status": "stored"}]}'
+        if self.max_body_bytes is not None and len(raw) > self.max_body_bytes:
             self.answers.append(413)
             request.setResponseCode(413)
-            request.setHeader(b"Content-Type", b"application/json")
             return too_large_body(self.max_body_bytes)
         self.answers.append(0)  # passed to the server
         return self.inner.render(request)
+
+    def release(self) -> None:
+        """Pass the hanging requests to the server at last."""
+        self.hang = False
+        hanging, self.hanging = self.hanging, []
+        for request in hanging:
+            self.answers.append(0)
+            assert self.inner.render(request) is NOT_DONE_YET
 
 
 class RealServer:
