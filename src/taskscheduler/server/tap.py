@@ -30,7 +30,6 @@ from twisted.internet import reactor as global_reactor
 from twisted.internet.defer import Deferred
 from twisted.internet.error import CannotListenError
 from twisted.internet.interfaces import IListeningPort, IReactorTime
-from twisted.internet.task import deferLater
 from twisted.logger import Logger
 from twisted.python import usage
 
@@ -49,6 +48,7 @@ from taskscheduler.listen import (
     listen_endpoint,
 )
 from taskscheduler.redact import redact_dsn
+from taskscheduler.retry import Backoff, OutOfTime, no_jitter, retry_until
 from taskscheduler.server.access import ServerAccess
 from taskscheduler.server.api import ServerAPI
 from taskscheduler.server.dispatch import Dispatcher
@@ -311,20 +311,21 @@ class DatabaseConnection(Service):
 async def connect_with_wait(store: Any, clock: IReactorTime, wait: float, log: Logger) -> None:
     """``store.start()``, tried again with back-off (0.5 s doubling to 5 s) while the
     database does not answer, for up to ``wait`` seconds."""
-    deadline = clock.seconds() + wait
-    delay = 0.5
-    while True:
-        try:
-            await store.start()
-            return
-        except StoreUnavailable as e:
-            if clock.seconds() + delay > deadline:
-                raise StoreUnavailable(
-                    f"the database did not answer within {wait:g} s (--database-wait): {e}"
-                ) from e
-            log.warn("database not reachable yet ({error}); retrying", error=str(e))
-            await deferLater(clock, delay, lambda: None)
-            delay = min(delay * 2, 5.0)
+    try:
+        await retry_until(
+            clock,
+            store.start,
+            Backoff(0.5, 5.0, no_jitter),
+            retry_on=(StoreUnavailable,),
+            within=wait,
+            on_failure=lambda error, delay: log.warn(
+                "database not reachable yet ({error}); retrying", error=str(error)
+            ),
+        )
+    except OutOfTime as e:
+        raise StoreUnavailable(
+            f"the database did not answer within {wait:g} s (--database-wait): {e.last}"
+        ) from e.last
 
 
 def host_policy_for(chosen: HostPolicy | None, has_tokens: bool) -> HostPolicy:
