@@ -15,11 +15,13 @@ import pytest_twisted
 from twisted.internet.defer import Deferred
 from twisted.internet.task import Clock
 
+from taskscheduler.agent.admission import starting_deadline_for
 from taskscheduler.agent.lastruns import LastRuns
 from taskscheduler.agent.outcome import REATTACHED, RecoveredRun, RunOutcome
-from taskscheduler.agent.scheduler import Scheduler, _Watchdog, starting_deadline_for
+from taskscheduler.agent.scheduler import Scheduler
 from taskscheduler.agent.spool import Spool
 from taskscheduler.agent.tap import base_environment
+from taskscheduler.agent.taskloop import MAX_SKIPS_RECORDED
 from taskscheduler.agent.taskstore import TaskStore
 from taskscheduler.protocol import Output, ResultStatus, TaskSpec, parse_result
 from taskscheduler.schedule import format_instant
@@ -305,6 +307,21 @@ def test_a_stalled_reactor_skips_instants_without_mislabelling_the_next(tmp_path
     assert scheduled(agent) == [at(10), at(40)]
 
 
+def test_a_suspended_host_records_only_the_newest_instants_it_missed(tmp_path: Path) -> None:
+    agent = start(tmp_path, 5)
+    agent.service.scheduler.schedule(spec())  # type: ignore[union-attr]
+    agent.settle(2000)  # suspended from 5 s to 2005 s: 10 to 1990 pass, 2000 is due
+    agent.settle()
+    skipped = sorted(
+        r.scheduled_at
+        for r in agent.server.stored.values()
+        if r.reason and "it came to the instant" in r.reason
+    )
+    assert skipped == [ANCHOR + timedelta(seconds=10 * k) for k in range(100, 200)], (
+        f"the newest {MAX_SKIPS_RECORDED}, not a day of them"
+    )
+
+
 # -- steps of the wall clock ---------------------------------------------------------------
 
 
@@ -447,21 +464,6 @@ def test_small_differences_between_the_clocks_are_not_steps(tmp_path: Path) -> N
     c.tick(10)
     assert c.scheduled() == [at(10), at(20), at(30)]
     assert c.scheduler.lead == 0
-
-
-def test_the_watchdog_wakes_the_reactor_only_on_a_step() -> None:
-    clocks = {"wall": 1_800_000_000.0, "mono": 10.0}
-    calls: list[object] = []
-    watchdog = _Watchdog(calls.append, lambda: None, lambda: clocks["wall"], lambda: clocks["mono"])
-    clocks["wall"] += 0.5
-    clocks["mono"] += 0.5
-    assert not watchdog.poll()
-    clocks["wall"] -= 3600
-    assert watchdog.poll()
-    clocks["wall"] += 0.5
-    clocks["mono"] += 0.5
-    assert not watchdog.poll()
-    assert len(calls) == 1
 
 
 def test_a_step_seen_after_the_scheduler_stopped_starts_nothing(tmp_path: Path) -> None:

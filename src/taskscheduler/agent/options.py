@@ -10,7 +10,7 @@ from typing import Any
 
 from twisted.python import usage
 
-from taskscheduler.agent.scheduler import DEFAULT_MAX_RUNNING
+from taskscheduler.agent.admission import DEFAULT_MAX_RUNNING
 from taskscheduler.agent.service import DEFAULT_SHUTDOWN_GRACE
 from taskscheduler.agent.spool import DEFAULT_SPOOL_MAX_BYTES
 from taskscheduler.hardening import take_secret_from_environment

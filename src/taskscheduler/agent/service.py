@@ -43,6 +43,7 @@ from twisted.internet.interfaces import (
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
+from taskscheduler.agent.admission import DEFAULT_MAX_RUNNING, DEFAULT_STARTING_DEADLINE
 from taskscheduler.agent.api import MAX_BODY_BYTES, AgentAPI
 from taskscheduler.agent.durable import (
     BatchWriter,
@@ -63,12 +64,7 @@ from taskscheduler.agent.identity import (
 from taskscheduler.agent.lastruns import LastRuns
 from taskscheduler.agent.outcome import spool_lost_runs
 from taskscheduler.agent.reporter import Reporter
-from taskscheduler.agent.scheduler import (
-    DEFAULT_MAX_RUNNING,
-    DEFAULT_STARTING_DEADLINE,
-    RunnerLike,
-    Scheduler,
-)
+from taskscheduler.agent.scheduler import RunnerLike, Scheduler
 from taskscheduler.agent.server_client import Enrolled, ServerClient
 from taskscheduler.agent.spool import DEFAULT_SPOOL_MAX_BYTES, RunMarkers, Spool
 from taskscheduler.agent.taskstore import TaskStore
