@@ -1,0 +1,84 @@
+"""The messages the server and the agents exchange, validated in one place.
+
+Both daemons import this package; neither imports the other. Every ``parse_*`` function
+takes already-decoded JSON and raises :class:`InvalidMessage` with a message a person
+understands; every ``*_to_json`` function returns a JSON-ready dict.
+
+This module is the package's public surface: both daemons use the protocol as one
+vocabulary (``protocol.parse_result``, ``protocol.FINAL_RESULT_ERRORS``), so they import
+it from here. Each name is defined in one submodule:
+
+- :mod:`.fields`: the fields messages are made of (ids, instants, bounded integers, the
+  command, its frequency and time limit) and :class:`InvalidMessage`;
+- :mod:`.output`: one captured stream (:class:`Output`) and its JSON form;
+- :mod:`.tasks`: server -> agent, the task to run (:class:`TaskSpec`);
+- :mod:`.results`: agent -> server, a run's result (:class:`RunResult`), a batch of them,
+  and the server's answers to them.
+"""
+
+from taskscheduler.protocol.fields import (
+    MAX_ARG_STRLEN,
+    MAX_COMMAND_BYTES,
+    MAX_TIME_LIMIT_SECONDS,
+    InvalidMessage,
+    default_time_limit,
+    parse_command,
+    parse_frequency_field,
+    parse_time_limit,
+    parse_uuid,
+    utf8_of,
+)
+from taskscheduler.protocol.output import MAX_OUTPUT_SIZE, Output, output_to_json, parse_output
+from taskscheduler.protocol.results import (
+    ACKNOWLEDGED_STATUSES,
+    CLOCK_ALLOWANCE,
+    FINAL_BATCH_STATUSES,
+    FINAL_RESULT_ERRORS,
+    MAX_BATCH,
+    MAX_REASON_LENGTH,
+    RETRY_LATER_BATCH_STATUSES,
+    RETRY_LATER_RESULT_ERRORS,
+    ResultStatus,
+    RunResult,
+    parse_reason,
+    parse_result,
+    parse_result_batch,
+    result_to_json,
+    too_early,
+)
+from taskscheduler.protocol.tasks import TaskSpec, parse_task_spec, task_spec_to_json
+
+__all__ = [
+    "ACKNOWLEDGED_STATUSES",
+    "CLOCK_ALLOWANCE",
+    "FINAL_BATCH_STATUSES",
+    "FINAL_RESULT_ERRORS",
+    "MAX_ARG_STRLEN",
+    "MAX_BATCH",
+    "MAX_COMMAND_BYTES",
+    "MAX_OUTPUT_SIZE",
+    "MAX_REASON_LENGTH",
+    "MAX_TIME_LIMIT_SECONDS",
+    "RETRY_LATER_BATCH_STATUSES",
+    "RETRY_LATER_RESULT_ERRORS",
+    "InvalidMessage",
+    "Output",
+    "ResultStatus",
+    "RunResult",
+    "TaskSpec",
+    "default_time_limit",
+    "output_to_json",
+    "parse_command",
+    "parse_frequency_field",
+    "parse_output",
+    "parse_reason",
+    "parse_result",
+    "parse_result_batch",
+    "parse_task_spec",
+    "parse_time_limit",
+    "parse_uuid",
+    "result_to_json",
+    "task_spec_to_json",
+    "too_early",
+    "utf8_of",
+]
