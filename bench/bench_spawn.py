@@ -43,7 +43,8 @@ from taskscheduler.agent.containment import (
     SubreaperContainment,
     own_cgroup_dir,
 )
-from taskscheduler.agent.runner import SETSID, ProcessRunner
+from taskscheduler.agent.runner import ProcessRunner
+from taskscheduler.agent.runprocess import SETSID
 
 ENV = {"PATH": "/usr/bin:/bin"}
 CHILD_FDS: dict[int, int | str] = {0: "w", 1: "r", 2: "r"}

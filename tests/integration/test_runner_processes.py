@@ -18,8 +18,9 @@ from twisted.internet import reactor as _reactor
 from twisted.internet.task import deferLater
 
 from taskscheduler.agent.containment import CgroupContainment, own_cgroup_dir
+from taskscheduler.agent.outcome import RunOutcome
 from taskscheduler.agent.runfiles import disk_bytes
-from taskscheduler.agent.runner import ProcessRunner, RunOutcome
+from taskscheduler.agent.runner import ProcessRunner
 from taskscheduler.protocol import ResultStatus
 
 pytestmark = pytest.mark.integration

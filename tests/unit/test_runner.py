@@ -16,8 +16,10 @@ from twisted.internet.defer import Deferred
 from twisted.logger import ILogObserver, LogEvent, formatEvent, globalLogPublisher
 
 from taskscheduler.agent.containment import RUN_ID_VARIABLE
+from taskscheduler.agent.outcome import RunOutcome
 from taskscheduler.agent.runfiles import live_runs_in, run_id
-from taskscheduler.agent.runner import SETSID, SUPERVISOR, ProcessRunner, RunOutcome
+from taskscheduler.agent.runner import ProcessRunner
+from taskscheduler.agent.runprocess import SETSID, SUPERVISOR
 from taskscheduler.protocol import Output, ResultStatus
 from tests.unit.fakes_process import FakeProcessReactor, GroupKiller
 

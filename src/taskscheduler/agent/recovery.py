@@ -130,7 +130,7 @@ class Recovery:
         lost = []
         for marker, pids in (self._found or {}).items():
             run = marker[len(prefix) :]
-            if run in self._runner._recovering:
+            if run in self._runner.reattached:
                 continue  # re-attached: it ends as it will
             for pid in pids:
                 with contextlib.suppress(OSError):
@@ -195,7 +195,7 @@ class Recovery:
                 task_id,
                 scheduled_at,
                 started_at,
-                self._runner._collect(run, outcome),
+                self._runner.collect(run, outcome),
                 still_running=False,
             )
 
@@ -203,7 +203,7 @@ class Recovery:
         # A pid names the run's shell only if that process carries the run's own id: a
         # pid reused since by another process does not.
         alive = (
-            record.boot_id == self._runner._boot_id
+            record.boot_id == self._runner.boot_id
             and process_is_running(record.pid)
             and run_id_of(record.pid) == self._runner.marker(run)
         )
@@ -214,7 +214,7 @@ class Recovery:
                 exit_code,
                 record.started_at,
             )
-        if record.boot_id != self._runner._boot_id:
+        if record.boot_id != self._runner.boot_id:
             return finished(
                 ResultStatus.LOST, "the host restarted during the run", started_at=record.started_at
             )
@@ -235,7 +235,7 @@ class Recovery:
 
     def _reattach(self, run: str, record: RunRecord) -> RecoveredRun:
         """Watch a run still going until it ends; its time limit holds from its start."""
-        self._runner._recovering[run] = None
+        self._runner.reattached[run] = None
         done: Deferred[RunOutcome] = Deferred()
         timed_out = False
         calls: list[IDelayedCall] = []
@@ -273,7 +273,7 @@ class Recovery:
             for call in calls:
                 if call.active():
                     call.cancel()
-            self._runner._recovering.pop(run, None)
+            self._runner.reattached.pop(run, None)
             self._kill_leftovers(run, record)
             code = self._runner.files.read_exit(run)
             if timed_out or (code is None and self._runner.files.limit_reached(run)):
@@ -285,7 +285,7 @@ class Recovery:
                 reason = f"{REATTACHED}; it was ended by a signal (which one is not known)"
             exit_code = None if status is ResultStatus.TIMED_OUT else code
             outcome = self._outcome(status, reason, record.started_at, exit_code, record.pid)
-            self._runner._collect(run, outcome).chainDeferred(done)
+            self._runner.collect(run, outcome).chainDeferred(done)
 
         remaining = (
             record.started_at + timedelta(seconds=record.time_limit)
@@ -306,7 +306,7 @@ class Recovery:
             self._runner.reactor.callLater(0, limit)
         else:
             calls.append(self._runner.reactor.callLater(remaining, limit))
-        self._runner.keep_trimming()
+        self._runner.upkeep.keep_trimming()
         return RecoveredRun(
             record.task_id, record.scheduled_at, record.started_at, done, still_running=True
         )
