@@ -27,7 +27,7 @@ from typing import Any
 import psycopg2
 from psycopg2.extensions import make_dsn
 
-from taskscheduler.agent.runfiles import live_runs_in
+from taskscheduler.agent.runjournal import RunJournal
 from taskscheduler.schedule import format_instant
 from tests.integration.daemons import Daemon, Fleet, http, wait_for
 
@@ -230,7 +230,7 @@ def witnessed(fleet: Fleet, index: int) -> list[str]:
 def markers_left(fleet: Fleet, index: int) -> list[str]:
     """The runs the agent's run journal holds (runs whose result is not yet safe in its
     spool: going, or just ended), as ``<instant>_<task id>``."""
-    return live_runs_in(fleet.agents[index].workdir / "data" / "runs")
+    return RunJournal.replayed(fleet.agents[index].workdir / "data" / "runs").leftovers()
 
 
 def marker_instant(name: str) -> str:

@@ -25,7 +25,8 @@ from twisted.internet import reactor as _reactor
 
 from taskscheduler.agent.containment import RUN_ID_VARIABLE, processes_of_run
 from taskscheduler.agent.outcome import REATTACHED
-from taskscheduler.agent.runfiles import RunFiles, RunRecord, boot_id, run_id
+from taskscheduler.agent.runfiles import RunFiles
+from taskscheduler.agent.runjournal import RunRecord, boot_id, run_id
 from taskscheduler.agent.runner import ProcessRunner, instance_of
 from taskscheduler.agent.runprocess import SETSID, SHELL, SUPERVISOR
 from taskscheduler.protocol import ResultStatus

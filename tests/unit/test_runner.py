@@ -17,7 +17,7 @@ from twisted.logger import ILogObserver, LogEvent, formatEvent, globalLogPublish
 
 from taskscheduler.agent.containment import RUN_ID_VARIABLE
 from taskscheduler.agent.outcome import RunOutcome
-from taskscheduler.agent.runfiles import live_runs_in, run_id
+from taskscheduler.agent.runjournal import RunJournal, run_id
 from taskscheduler.agent.runner import ProcessRunner
 from taskscheduler.agent.runprocess import SETSID, SUPERVISOR
 from taskscheduler.protocol import Output, ResultStatus
@@ -317,9 +317,9 @@ def test_a_runs_files_stay_until_its_result_is_durable_elsewhere_then_go() -> No
     reactor.last.finish(1)
     assert result_of(d).stderr.data == b"oops\n"
     # A crash now must still find the run: its result is not spooled yet.
-    assert live_runs_in(runner.files.directory) == [run_id(*key)]
+    assert RunJournal.replayed(runner.files.directory).leftovers() == [run_id(*key)]
     runner.discard(key)
-    assert live_runs_in(runner.files.directory) == []
+    assert RunJournal.replayed(runner.files.directory).leftovers() == []
     # Its slot is emptied for the next run: no file is made per run.
     slots = sorted(p.name for p in runner.files.directory.glob("slot-*"))
     assert slots == ["slot-0.err", "slot-0.exit", "slot-0.out"]

@@ -42,9 +42,21 @@ from taskscheduler.agent.containment import (
     run_id_of,
 )
 from taskscheduler.agent.outcome import REATTACHED, RecoveredRun, RunOutcome, status_of
-from taskscheduler.agent.runfiles import RunRecord, parse_run_id, process_is_running
+from taskscheduler.agent.runjournal import RunRecord, parse_run_id
 from taskscheduler.protocol import Output, ResultStatus
 from taskscheduler.schedule import format_instant
+
+_PROC = Path("/proc")
+
+
+def process_is_running(pid: int, proc: Path = _PROC) -> bool:
+    """Whether process ``pid`` exists and has not ended (a zombie has done all it will)."""
+    try:
+        stat = (proc / str(pid) / "stat").read_text()
+    except OSError:
+        return False
+    # The command name (field 2) may hold spaces and parentheses: read after its end.
+    return stat[stat.rindex(")") + 2 :].split()[0] not in ("Z", "X")
 
 
 @implementer(IReadDescriptor)

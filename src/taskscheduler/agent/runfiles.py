@@ -1,4 +1,5 @@
-"""What a run leaves in ``<data-dir>/runs/``: its output, its exit status, its record.
+"""What a run leaves in ``<data-dir>/runs/``: its slot (output files, exit status), kept
+within the cap.
 
 A run's output goes straight from the command into files, not through pipes to the
 agent: it does not depend on the agent's process being alive (a crashed agent used to
@@ -15,35 +16,18 @@ descriptor per run in flight.
   (``fallocate(PUNCH_HOLE)``): the first and last ``cap/2`` bytes stay, the size stays
   the original size, the disk holds about ``cap``. :func:`read_capped` returns head,
   tail, original size and the truncated flag.
-- **The journal** (``journal``) gets one line as each run starts (task, instant, start
-  time, time limit, process group = the shell's pid, the boot, the cgroup, the slot),
-  one if the agent ends it at its time limit (before the first signal), and one once
-  its result is safe. Appending a
-  line is one ``write``; a restarted agent replays the journal to find its runs, and it
-  is rewritten with the live runs only once it has grown.
-
-A run's id is ``<instant>_<task id>``, so that ids sort oldest first.
+- **The journal** (:mod:`taskscheduler.agent.runjournal`) records which run is in which
+  slot, for a restarted agent to find its runs.
 """
 
 from __future__ import annotations
 
-import contextlib
 import ctypes
-import json
 import os
-import uuid
-from dataclasses import dataclass
-from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any
 
-from twisted.logger import Logger
-
+from taskscheduler.agent.runjournal import RunJournal, RunRecord
 from taskscheduler.protocol import Output
-from taskscheduler.schedule import format_instant, parse_instant
-
-_STAMP = "%Y%m%dT%H%M%S.%fZ"
-_PROC = Path("/proc")
 
 _FALLOC_FL_KEEP_SIZE = 0x01
 _FALLOC_FL_PUNCH_HOLE = 0x02
@@ -52,78 +36,12 @@ _libc = ctypes.CDLL(None, use_errno=True)
 _libc.fallocate.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_longlong, ctypes.c_longlong]
 
 
-def run_id(task_id: uuid.UUID, scheduled_at: datetime) -> str:
-    return f"{scheduled_at.astimezone(UTC).strftime(_STAMP)}_{task_id}"
-
-
-def parse_run_id(name: str) -> tuple[uuid.UUID, datetime]:
-    """The (task, instant) a run id names; ValueError if it names none."""
-    stamp, _, task_id = name.partition("_")
-    return uuid.UUID(task_id), datetime.strptime(stamp, _STAMP).replace(tzinfo=UTC)
-
-
-def boot_id(proc: Path = _PROC) -> str:
-    """This boot of the host: a run recorded in another boot cannot still be going."""
-    try:
-        return (proc / "sys" / "kernel" / "random" / "boot_id").read_text().strip()
-    except OSError:
-        return ""
-
-
-def process_is_running(pid: int, proc: Path = _PROC) -> bool:
-    """Whether process ``pid`` exists and has not ended (a zombie has done all it will)."""
-    try:
-        stat = (proc / str(pid) / "stat").read_text()
-    except OSError:
-        return False
-    # The command name (field 2) may hold spaces and parentheses: read after its end.
-    return stat[stat.rindex(")") + 2 :].split()[0] not in ("Z", "X")
-
-
-@dataclass(frozen=True)
-class RunRecord:
-    """What a restarted agent needs to find a run again."""
-
-    task_id: uuid.UUID
-    scheduled_at: datetime
-    started_at: datetime
-    time_limit: float  # seconds
-    pid: int  # the shell's pid, which is also its process group and session
-    boot_id: str
-    cgroup: str | None  # the run's cgroup folder, under cgroup containment
-
-    def to_dict(self) -> dict[str, Any]:
-        return {
-            "task_id": str(self.task_id),
-            "scheduled_at": format_instant(self.scheduled_at),
-            "started_at": format_instant(self.started_at),
-            "time_limit": self.time_limit,
-            "pid": self.pid,
-            "boot_id": self.boot_id,
-            "cgroup": self.cgroup,
-        }
-
-    @classmethod
-    def from_dict(cls, body: dict[str, Any]) -> RunRecord:
-        return cls(
-            task_id=uuid.UUID(body["task_id"]),
-            scheduled_at=parse_instant(body["scheduled_at"]),
-            started_at=parse_instant(body["started_at"]),
-            time_limit=float(body["time_limit"]),
-            pid=int(body["pid"]),
-            boot_id=str(body["boot_id"]),
-            cgroup=body["cgroup"],
-        )
-
-
 class RunFiles:
-    """Run files in slots, and the journal of the runs under way.
+    """Run files in slots, and the journal of the runs under way (:class:`RunJournal`).
 
     Every method is plain, short file I/O with no fsync; none creates a file on the
     common path (see the module's docstring).
     """
-
-    log = Logger()
 
     def __init__(self, directory: Path) -> None:
         self.directory = directory
@@ -131,10 +49,7 @@ class RunFiles:
         self._free: list[int] = []  # empty slots
         self._dirty: list[int] = []  # slots of runs over, not yet emptied
         self._next_slot = 0
-        self._records: dict[str, RunRecord] = {}  # live runs, from the journal
-        self._limits: set[str] = set()
-        self._journal: int | None = None
-        self._journal_bytes = 0
+        self.journal = RunJournal(directory)
 
     # -- the folder --------------------------------------------------------------------
 
@@ -145,7 +60,8 @@ class RunFiles:
         every other slot is emptied and free.
         """
         self.directory.mkdir(mode=0o700, parents=True, exist_ok=True)
-        self._replay()
+        self.journal = RunJournal.replayed(self.directory)
+        self._slots = dict(self.journal.slots)
         busy = set(self._slots.values())
         slots = set()
         for entry in self.directory.glob("slot-*.*"):
@@ -156,7 +72,7 @@ class RunFiles:
         for slot in sorted(slots - busy, reverse=True):
             self._empty(slot)
             self._free.append(slot)
-        self._rewrite_journal()
+        self.journal.rewrite()
 
     def slot_path(self, slot: int, kind: str) -> Path:
         return self.directory / f"slot-{slot}.{kind}"
@@ -195,19 +111,17 @@ class RunFiles:
 
     def started(self, run: str, record: RunRecord) -> None:
         """Record that ``run`` started: what a restarted agent finds it by."""
-        self._records[run] = record
-        self._append({"start": run, "slot": self._slots[run], **record.to_dict()})
+        self.journal.started(run, self._slots[run], record)
 
     def mark_limit_reached(self, run: str) -> None:
         """Record, before the first signal, that ``run`` is being ended at its limit."""
-        self._limits.add(run)
-        self._append({"limit": run})
+        self.journal.mark_limit_reached(run)
 
     def limit_reached(self, run: str) -> bool:
-        return run in self._limits
+        return run in self.journal.limits
 
     def read_record(self, run: str) -> RunRecord | None:
-        return self._records.get(run)
+        return self.journal.records.get(run)
 
     def read_exit(self, run: str) -> int | None:
         """The exit status the run's shell wrote as it ended, or None."""
@@ -237,16 +151,9 @@ class RunFiles:
         be emptied (:meth:`empty_dirty`, off the reactor: freeing blocks is as slow as
         allocating them)."""
         slot = self._slots.pop(run, None)
-        if run in self._records:
-            del self._records[run]
-            self._append({"done": run})
-        self._limits.discard(run)
         if slot is not None:
             self._dirty.append(slot)
-        if (
-            self._journal_bytes > JOURNAL_REWRITE_BYTES and not self._records
-        ) or self._journal_bytes > 4 * JOURNAL_REWRITE_BYTES:
-            self._rewrite_journal()
+        self.journal.done(run)
 
     def take_dirty(self) -> list[int]:
         """The slots waiting to be emptied (now the caller's to empty and give back)."""
@@ -264,70 +171,7 @@ class RunFiles:
 
     def leftovers(self) -> list[str]:
         """The runs a previous life of the agent started and did not see to their end."""
-        return sorted(self._records)
-
-    def live(self) -> list[str]:
-        return list(self._slots)
-
-    # -- the journal --------------------------------------------------------------------
-
-    def _journal_path(self) -> Path:
-        return self.directory / "journal"
-
-    def _append(self, entry: dict[str, Any]) -> None:
-        if self._journal is None:
-            return
-        line = json.dumps(entry, separators=(",", ":")).encode("ascii") + b"\n"
-        os.write(self._journal, line)
-        self._journal_bytes += len(line)
-
-    def _replay(self) -> None:
-        try:
-            data = self._journal_path().read_bytes()
-        except FileNotFoundError:
-            return
-        for line in data.splitlines():
-            try:
-                entry = json.loads(line)
-                if "start" in entry:
-                    run = str(entry["start"])
-                    self._records[run] = RunRecord.from_dict(entry)
-                    self._slots[run] = int(entry["slot"])
-                elif "limit" in entry:
-                    self._limits.add(str(entry["limit"]))
-                elif "done" in entry:
-                    run = str(entry["done"])
-                    self._records.pop(run, None)
-                    self._slots.pop(run, None)
-                    self._limits.discard(run)
-            except (ValueError, KeyError, TypeError):
-                # The agent died while writing its last line.
-                self.log.warn(
-                    "ignoring a damaged line of the run journal: {line!r}", line=line[:200]
-                )
-
-    def _rewrite_journal(self) -> None:
-        """A journal of the live runs only, replacing the old one at once."""
-        lines = [
-            json.dumps(
-                {"start": run, "slot": self._slots[run], **record.to_dict()},
-                separators=(",", ":"),
-            ).encode("ascii")
-            for run, record in self._records.items()
-        ]
-        lines += [
-            json.dumps({"limit": run}).encode("ascii")
-            for run in self._limits
-            if run in self._records
-        ]
-        data = b"".join(line + b"\n" for line in lines)
-        tmp = self.directory / ".journal.tmp"
-        tmp.write_bytes(data)
-        os.replace(tmp, self._journal_path())
-        if self._journal is not None:
-            os.close(self._journal)
-        self._journal = os.open(self._journal_path(), os.O_WRONLY | os.O_APPEND | os.O_CLOEXEC)
-        self._journal_bytes = len(data)
+        return self.journal.leftovers()
 
     def _empty(self, slot: int) -> None:
         for kind in ("out", "err"):
@@ -339,21 +183,10 @@ class RunFiles:
                 os.close(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_CLOEXEC, 0o600))
 
 
-def live_runs_in(directory: Path) -> list[str]:
-    """The runs an agent's journal in ``directory`` says are under way (for tests and
-    operators: what the agent would re-attach to if it started now)."""
-    files = RunFiles(directory)
-    if directory.is_dir():
-        files._replay()
-    return files.leftovers()
-
-
 #: What the exit-status file holds until the run's shell overwrites it ("000\n"-"255\n").
 NO_STATUS = b"---\n"
 #: The files of a slot.
 _KINDS = ("out", "err", "exit")
-#: The journal is rewritten with the live runs only once it grows past this.
-JOURNAL_REWRITE_BYTES = 8 * 1024 * 1024
 
 
 def _halves(cap: int) -> tuple[int, int]:
@@ -410,10 +243,3 @@ def trim_file(path: Path, cap: int) -> bool:
     finally:
         os.close(fd)
     return True
-
-
-def disk_bytes(path: Path) -> int:
-    """Bytes of disk ``path`` holds (its holes hold none)."""
-    with contextlib.suppress(FileNotFoundError):
-        return path.stat().st_blocks * 512
-    return 0

@@ -55,7 +55,8 @@ from taskscheduler.agent.containment import (
 )
 from taskscheduler.agent.outcome import RecoveredRun, RunOutcome
 from taskscheduler.agent.recovery import Recovery
-from taskscheduler.agent.runfiles import RunFiles, RunRecord, boot_id, run_id
+from taskscheduler.agent.runfiles import RunFiles
+from taskscheduler.agent.runjournal import RunRecord, boot_id, run_id
 from taskscheduler.agent.runprocess import EXIT_FD, SETSID, RunProcess, supervised_command
 from taskscheduler.agent.upkeep import Upkeep
 from taskscheduler.protocol import Output, ResultStatus
