@@ -7,7 +7,7 @@ import json
 import uuid
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
-from datetime import datetime, timedelta
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
@@ -404,3 +404,14 @@ class Agent:
         if self.service.reporter is not None:
             self.service.reporter.stop()
         self.service._lock.release()
+
+
+def older_agents_run_marker(
+    folder: Path, task_id: uuid.UUID, scheduled_at: datetime, started_at: datetime
+) -> None:
+    """What an older agent left in ``<data-dir>/running/`` for a run under way (agents
+    now keep a run journal instead): ``<instant>_<task id>.json``."""
+    folder.mkdir(parents=True, exist_ok=True)
+    stamp = scheduled_at.astimezone(UTC).strftime("%Y%m%dT%H%M%S.%fZ")
+    body = {"started_at": started_at.astimezone(UTC).isoformat().replace("+00:00", "Z")}
+    (folder / f"{stamp}_{task_id}.json").write_text(json.dumps(body))

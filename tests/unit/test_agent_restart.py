@@ -24,12 +24,19 @@ from taskscheduler.agent.identity import load_or_create_agent_id
 from taskscheduler.agent.options import _SETTINGS, Options
 from taskscheduler.agent.outcome import REATTACHED, RecoveredRun, RunOutcome
 from taskscheduler.agent.service import AgentConfig, AgentService
-from taskscheduler.agent.spool import RunMarkers
 from taskscheduler.agent.taskstore import TaskStore
 from taskscheduler.auth import JOIN_PREFIX, new_token
 from taskscheduler.protocol import Output, ResultStatus, task_spec_to_json
 from taskscheduler.schedule import format_instant
-from tests.unit.agent_fakes import ANCHOR, ANCHOR_SECONDS, Agent, FakeRunner, FakeServer, spec
+from tests.unit.agent_fakes import (
+    ANCHOR,
+    ANCHOR_SECONDS,
+    Agent,
+    FakeRunner,
+    FakeServer,
+    older_agents_run_marker,
+    spec,
+)
 
 JSON = {"Content-Type": "application/json"}
 STEP = timedelta(seconds=10)  # the interval of agent_fakes.spec()
@@ -154,8 +161,7 @@ def test_a_run_marker_of_an_older_agent_is_reported_lost(tmp_path: Path) -> None
     server = FakeServer()
     task_id = uuid.uuid4()
     began = ANCHOR + timedelta(seconds=10)
-    RunMarkers(tmp_path / "data" / "running").leftovers()
-    RunMarkers(tmp_path / "data" / "running").mark(task_id, began, began)
+    older_agents_run_marker(tmp_path / "data" / "running", task_id, began, began)
     Agent(tmp_path / "data", clock_at(15), server).settle()
     [lost] = server.stored.values()
     assert (lost.status, lost.task_id, lost.scheduled_at) == (ResultStatus.LOST, task_id, began)
@@ -174,7 +180,7 @@ def test_a_marker_whose_result_was_spooled_is_not_reported_lost(tmp_path: Path) 
     first.settle()
     assert run.key is not None
     # An older agent died after spooling, before removing its marker.
-    RunMarkers(tmp_path / "data" / "running").mark(run.key[0], run.key[1], run.key[1])
+    older_agents_run_marker(tmp_path / "data" / "running", run.key[0], run.key[1], run.key[1])
     first.crash()
     server.down = False
     Agent(tmp_path / "data", clock_at(10), server).settle()

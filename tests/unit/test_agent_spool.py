@@ -15,7 +15,7 @@ from twisted.internet.task import Clock
 from taskscheduler.agent.durable import BatchWriter, write_durably
 from taskscheduler.agent.reporter import Reporter
 from taskscheduler.agent.server_client import ServerClient
-from taskscheduler.agent.spool import RunMarkers, Spool
+from taskscheduler.agent.spool import Spool
 from tests.unit.agent_fakes import (
     ANCHOR_SECONDS,
     SERVER,
@@ -24,6 +24,7 @@ from tests.unit.agent_fakes import (
     FakeThread,
     UnreachableHttp,
     fired,
+    older_agents_run_marker,
     result,
     spec,
 )
@@ -195,7 +196,7 @@ def test_a_lost_result_keeps_its_marker_until_durable(tmp_path: Path) -> None:
     first.crash()
     # An older agent's marker of a run it died during.
     at = datetime.fromtimestamp(ANCHOR_SECONDS + 10, UTC)
-    RunMarkers(tmp_path / "data" / "running").mark(uuid.uuid4(), at, at)
+    older_agents_run_marker(tmp_path / "data" / "running", uuid.uuid4(), at, at)
     thread = FakeThread()
     second = Agent(tmp_path / "data", clock, FakeServer(), run_in_thread=thread)
     second.settle()

@@ -10,8 +10,9 @@ Results the spool had to throw away (its byte cap reached, the disk refusing a w
 counted, logged and shown by the agent's health endpoint; the count is kept in
 ``<data-dir>/spool/dropped`` so that a restart does not hide it.
 
-:class:`RunMarkers` keeps one small file per run under way in ``<data-dir>/running/``. A
-marker still there at start-up means the agent died during that run: it becomes a
+:class:`RunMarkers` reads the small files older agents kept per run under way in
+``<data-dir>/running/`` (agents now keep a run journal, :mod:`taskscheduler.agent.runjournal`).
+A marker still there at start-up means that agent died during that run: it becomes a
 ``lost`` result.
 """
 
@@ -287,7 +288,8 @@ class RunMarker:
 
 
 class RunMarkers:
-    """One file per run under way; what is left at start-up was lost with the agent."""
+    """One file per run under way, as older agents kept them; what is left at start-up
+    was lost with the agent."""
 
     log = Logger()
 
@@ -314,15 +316,6 @@ class RunMarkers:
                 continue
             markers.append(RunMarker(task_id, scheduled_at, started_at))
         return markers
-
-    def mark(self, task_id: uuid.UUID, scheduled_at: datetime, started_at: datetime) -> None:
-        """Record that a run starts.
-
-        Not fsynced, to keep run start-up fast: it survives the agent's death, which is
-        what it is for; after a power loss the run's result is missing instead of lost.
-        """
-        body = json.dumps({"started_at": format_instant(started_at)}).encode("ascii")
-        atomic_write(self._path(task_id, scheduled_at), body, sync=False)
 
     def clear(self, task_id: uuid.UUID, scheduled_at: datetime) -> None:
         remove(self._path(task_id, scheduled_at), sync=False)
