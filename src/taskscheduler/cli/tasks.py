@@ -1,0 +1,323 @@
+"""``taskscheduler tasks ...``: list, show, create, edit, pause, resume, run, remove
+tasks, and read what their runs printed."""
+
+from __future__ import annotations
+
+from datetime import datetime
+
+import click
+
+from taskscheduler.cli import ids
+from taskscheduler.cli.client import JSON
+from taskscheduler.cli.context import Settings, pass_settings
+from taskscheduler.cli.tables import (
+    details,
+    duration,
+    execution_summary,
+    instant,
+    short_id,
+    shorten,
+    table,
+    when,
+)
+
+COMMAND_WIDTH = 50
+
+
+@click.group()
+def tasks() -> None:
+    """Tasks: what runs where and when, and what it printed."""
+
+
+def _frequency(every: str) -> str:
+    """``30 seconds`` or ``every 30 seconds``: the server's grammar, said as in the seed."""
+    every = every.strip()
+    return every if every.lower().startswith("every ") else f"every {every}"
+
+
+def _command(words: tuple[str, ...]) -> str:
+    # `-- echo hello` and `-- "echo hello"` both mean the shell command `echo hello`.
+    return " ".join(words)
+
+
+# -- reading -----------------------------------------------------------------------------
+
+
+@tasks.command("ls")
+@click.option("--state", type=click.Choice(["active", "paused", "deleted"]), help="Only these.")
+@click.option("--command", "command", help="Only tasks whose command contains this text.")
+@click.option("--limit", type=click.IntRange(min=1), help="At most this many (newest first).")
+@click.option("--no-trunc", is_flag=True, help="Whole ids and commands.")
+@pass_settings
+def ls(
+    settings: Settings,
+    state: str | None,
+    command: str | None,
+    limit: int | None,
+    no_trunc: bool,
+) -> None:
+    """Every task, newest first (all states unless --state says)."""
+    found: list[JSON] = []
+    cursor = None
+    for page in settings.client().iter_task_pages(state, command, limit):
+        found.extend(page.get("tasks", []))
+        cursor = page.get("next_cursor")
+    # With --json: the server's shape, every page's tasks in one list.
+    listed = found[:limit] if limit else found
+    body = {"tasks": listed, "next_cursor": cursor}
+    now = settings.now()
+    width = None if no_trunc else COMMAND_WIDTH
+    settings.emit(
+        body,
+        lambda: table(
+            ["ID", "STATE", "FREQUENCY", "NEXT", "LAST EXECUTION", "LAST RESULTS", "COMMAND"],
+            [
+                [
+                    short_id(t.get("task_id"), no_trunc),
+                    t.get("state"),
+                    str(t.get("frequency", "")).removeprefix("every "),
+                    when(t.get("next_instant"), now),
+                    when((t.get("last_execution") or {}).get("scheduled_at"), now),
+                    execution_summary(t.get("last_execution")),
+                    shorten(str(t.get("command", "")), width),
+                ]
+                for t in listed
+            ],
+        ),
+    )
+
+
+def task_details(task: JSON, now: datetime) -> str:
+    last = task.get("last_execution") or None
+    revision = task.get("revision")
+    return details(
+        [
+            ("task", task.get("task_id")),
+            ("state", task.get("state")),
+            ("command", task.get("command")),
+            ("frequency", task.get("frequency")),
+            ("time limit", f"{task.get('time_limit_seconds')} seconds"),
+            ("anchor", instant(task.get("anchor"), now)),
+            ("created", instant(task.get("created_at"), now)),
+            ("revision", None if revision is None else str(revision)),
+            ("updated", instant(task.get("updated_at"), now)),
+            ("paused", instant(task.get("paused_at"), now)),
+            ("deleted", instant(task.get("deleted_at"), now)),
+            ("next", instant(task.get("next_instant"), now)),
+            ("last execution", instant(last.get("scheduled_at"), now) if last else None),
+            ("last results", execution_summary(last)),
+        ]
+    )
+
+
+@tasks.command("show")
+@click.argument("task")
+@pass_settings
+def show(settings: Settings, task: str) -> None:
+    """One task: its schedule, state, next instant, last execution."""
+    client = settings.client()
+    body = client.get_task(ids.task_id(client, task))
+    settings.emit(body, lambda: task_details(body, settings.now()))
+
+
+# -- changing ----------------------------------------------------------------------------
+
+
+@tasks.command("create", context_settings={"allow_interspersed_args": False})
+@click.option(
+    "--every",
+    required=True,
+    metavar="INTERVAL",
+    help='How often: "30 seconds", "5 minutes", "1 hour" ("every ..." also accepted).',
+)
+@click.option(
+    "--time-limit",
+    type=click.IntRange(min=1),
+    metavar="SECONDS",
+    help="How long a run may take (default: the interval, at most a day).",
+)
+@click.argument("command", nargs=-1, required=True)
+@pass_settings
+def create(
+    settings: Settings, every: str, time_limit: int | None, command: tuple[str, ...]
+) -> None:
+    """Run COMMAND on every agent of the fleet, every INTERVAL.
+
+    \b
+        taskscheduler tasks create --every "30 seconds" -- echo hello
+        taskscheduler tasks create --every "1 hour" -- 'cd /srv && ./backup'
+
+    The words after -- are joined with spaces into one shell command. Prints the new
+    task's id.
+    """
+    body = settings.client().create_task(_command(command), _frequency(every), time_limit)
+    settings.emit(body, lambda: str(body.get("command_id")))
+
+
+@tasks.command("edit")
+@click.argument("task")
+@click.option("--every", metavar="INTERVAL", help="A new frequency (re-anchors at the change).")
+@click.option("--time-limit", type=click.IntRange(min=1), metavar="SECONDS")
+@click.argument("command", nargs=-1)
+@pass_settings
+def edit(
+    settings: Settings,
+    task: str,
+    every: str | None,
+    time_limit: int | None,
+    command: tuple[str, ...],
+) -> None:
+    """Change a task's command (after --), frequency or time limit, from its next instant.
+
+    \b
+        taskscheduler tasks edit 3f1e --every "1 minute"
+        taskscheduler tasks edit 3f1e -- echo goodbye
+    """
+    changes: JSON = {}
+    if command:
+        changes["command"] = _command(command)
+    if every is not None:
+        changes["frequency"] = _frequency(every)
+    if time_limit is not None:
+        changes["time_limit_seconds"] = time_limit
+    if not changes:
+        raise click.UsageError("nothing to change: give --every, --time-limit or -- COMMAND")
+    client = settings.client()
+    body = client.update_task(ids.task_id(client, task), changes)
+    settings.emit(body, lambda: task_details(body, settings.now()))
+
+
+def _task_verb(name: str, call: str, summary: str) -> None:
+    @tasks.command(name, help=summary)
+    @click.argument("task")
+    @pass_settings
+    def verb(settings: Settings, task: str) -> None:
+        client = settings.client()
+        body = getattr(client, call)(ids.task_id(client, task))
+        settings.emit(body, lambda: task_details(body, settings.now()))
+
+
+_task_verb(
+    "pause", "pause_task", "Stop running a task everywhere until it is resumed (no catch-up)."
+)
+_task_verb("resume", "resume_task", "Run a paused task again, on the grid it had.")
+
+
+@tasks.command("run")
+@click.argument("task")
+@pass_settings
+def run(settings: Settings, task: str) -> None:
+    """Run a task now, once, on each of its agents (a paused one too)."""
+    client = settings.client()
+    body = client.run_task(ids.task_id(client, task))
+    settings.emit(
+        body,
+        lambda: (
+            f"running {body.get('task_id')} now, as its manual execution at "
+            f"{body.get('scheduled_at')}\n"
+            f"its output: taskscheduler tasks output {body.get('task_id')} "
+            f"--at {body.get('scheduled_at')}"
+        ),
+    )
+
+
+@tasks.command("rm")
+@click.argument("task")
+@pass_settings
+def rm(settings: Settings, task: str) -> None:
+    """Delete a task: every agent stops it; its history stays readable."""
+    client = settings.client()
+    body = client.delete_task(ids.task_id(client, task))
+    settings.emit(body, lambda: f"deleted {body.get('task_id')}")
+
+
+# -- output ------------------------------------------------------------------------------
+
+
+@tasks.command("output")
+@click.argument("task")
+@click.option("--history", is_flag=True, help="Past executions too, newest first.")
+@click.option(
+    "--limit",
+    type=click.IntRange(1, 1000),
+    default=5,
+    show_default=True,
+    help="How many executions --history shows.",
+)
+@click.option("--at", "at", metavar="INSTANT", help="The execution scheduled at this instant.")
+@pass_settings
+def output(settings: Settings, task: str, history: bool, limit: int, at: str | None) -> None:
+    """What each agent's run printed, stdout and stderr: the latest complete execution,
+    the last few with --history, or one with --at."""
+    if history and at:
+        raise click.UsageError("--history and --at are exclusive")
+    client = settings.client()
+    task_id = ids.task_id(client, task)
+    if history:
+        body = client.executions(task_id, limit)
+        executions = body.get("executions", [])
+    elif at:
+        body = client.execution(task_id, at)
+        executions = [body]
+    else:
+        body = client.latest_output(task_id)
+        executions = [body] if body.get("scheduled_at") else []
+    if settings.as_json:
+        settings.emit(body, str)
+        return
+    if not executions:
+        click.echo("no complete execution yet" if not history else "no execution yet")
+        return
+    urls = {a.get("agent_id"): a.get("url") for a in client.list_agents().get("agents", [])}
+    now = settings.now()
+    click.echo("\n\n".join(render_execution(e, urls, now) for e in executions), nl=False)
+    click.echo()
+
+
+def render_execution(execution: JSON, urls: dict[object, object], now: datetime) -> str:
+    """An execution's header, then each agent's run as ``tail`` shows several files."""
+    expected = execution.get("expected_agents")
+    outputs = execution.get("outputs", [])
+    head = [f"execution {instant(execution.get('scheduled_at'), now)}"]
+    if execution.get("trigger"):
+        head.append(str(execution["trigger"]))
+    if execution.get("revision") is not None:
+        head.append(f"revision {execution['revision']}")
+    if isinstance(expected, int):
+        head.append(f"{len(outputs)} of {expected} agents reported")
+    if "complete" in execution:
+        head.append("complete" if execution["complete"] else "not complete")
+    lines = [", ".join(head)]
+    for missing in execution.get("missing_agents") or []:
+        lines.append(f"missing: {missing.get('url')} (agent {short_id(missing.get('agent_id'))})")
+    for out in outputs:
+        lines.append(_render_output(out, urls))
+    return "\n".join(lines)
+
+
+def _render_output(out: JSON, urls: dict[object, object]) -> str:
+    agent = out.get("agent_id")
+    facts = [str(out.get("status"))]
+    if out.get("exit_code") is not None:
+        facts.append(f"exit {out['exit_code']}")
+    if out.get("signal") is not None:
+        facts.append(f"signal {out['signal']}")
+    took = duration(out.get("started_at"), out.get("finished_at"))
+    if took:
+        facts.append(took)
+    where = f" {urls[agent]}" if urls.get(agent) else ""
+    parts = [f"==> agent {short_id(agent)}{where}: {', '.join(facts)} <=="]
+    if out.get("reason"):
+        parts.append(f"reason: {out['reason']}")
+    for stream in ("stdout", "stderr"):
+        text = out.get(stream)
+        if not text:
+            continue
+        notes = []
+        if out.get(f"{stream}_truncated"):
+            notes.append(f"truncated, {out.get(f'{stream}_bytes')} bytes in all")
+        if out.get(f"{stream}_base64"):
+            notes.append("not UTF-8: --json has the exact bytes")
+        parts.append(f"--- {stream}" + (f" ({'; '.join(notes)})" if notes else ""))
+        parts.append(text.removesuffix("\n"))
+    return "\n".join(parts)
