@@ -144,7 +144,7 @@ def test_audit_shows_who_created_and_deleted(fleet: Fleet) -> None:
 
 
 def test_agents_ls_then_revoke_by_prefix(fleet: Fleet) -> None:
-    """Last in the module: it takes an agent out of the fleet."""
+    """Last of those on the module's fleet: it takes an agent out of it."""
     agents = run_json(fleet, "agents", "ls")["agents"]
     assert sorted(a["url"] for a in agents) == sorted(fleet.agent_urls)
     table = run(fleet, "agents", "ls")
@@ -175,3 +175,17 @@ def test_agents_ls_then_revoke_by_prefix(fleet: Fleet) -> None:
     result = run(fleet, "agents", "revoke", target["agent_id"])
     assert result.exit_code == 5
     assert "no live agent has this id (404 unknown_agent)" in result.stderr
+
+
+def test_an_https_server_with_its_ca(private_folder: Callable[[], Path]) -> None:
+    with running_fleet(private_folder(), agents=0, tls=True) as secure:
+        assert secure.pki is not None
+        result = run(secure, "--ca-file", str(secure.pki.ca), "audit")
+        assert result.exit_code == 0, result.output
+        assert result.stdout.splitlines()[0].split()[:3] == ["ID", "AT", "ACTOR"]
+        # Without the CA the certificate is not trusted: unreachable, and why.
+        result = run(secure, "audit")
+        assert result.exit_code == 3
+        assert result.stderr.startswith(f"cannot reach the server at {secure.server_url}: ")
+        assert "CERTIFICATE_VERIFY_FAILED" in result.stderr
+        assert len(result.stderr.splitlines()) == 1
