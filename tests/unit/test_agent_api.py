@@ -16,7 +16,7 @@ from twisted.internet.testing import StringTransport
 
 from taskscheduler.agent.api import MAX_BODY_BYTES
 from taskscheduler.schedule import format_instant, utc_now_from
-from taskscheduler.web import make_site
+from taskscheduler.web.guards import make_site
 from tests.unit.agent_fakes import ANCHOR, ANCHOR_SECONDS, Agent, FakeServer, FakeThread, fired
 
 URL = "http://agent.test:8081"

@@ -29,10 +29,10 @@ from taskscheduler.auth import AGENT_PREFIX, hash_token, new_token
 from taskscheduler.protocol import MAX_BATCH, Output, ResultStatus, RunResult, parse_result
 from taskscheduler.schedule import utc_now_from
 from taskscheduler.server.access import ServerAccess
-from taskscheduler.server.api import ServerAPI
+from taskscheduler.server.api.app import ServerAPI
 from taskscheduler.server.store.interface import AuditEvent, RecordOutcome
 from taskscheduler.server.store.memory import MemoryStore
-from taskscheduler.web import too_large_body
+from taskscheduler.web.errors import too_large_body
 from tests.unit.agent_fakes import (
     ANCHOR,
     ANCHOR_SECONDS,

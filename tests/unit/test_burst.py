@@ -18,7 +18,7 @@ from taskscheduler.auth import OPERATOR_PREFIX, TokenFile, hash_token, new_token
 from taskscheduler.schedule import format_instant, utc_now_from
 from taskscheduler.server import tap
 from taskscheduler.server.access import ServerAccess
-from taskscheduler.server.api import ServerAPI
+from taskscheduler.server.api.app import ServerAPI
 from taskscheduler.server.ratelimit import RateLimiter
 from taskscheduler.server.store.memory import MemoryStore
 from tests.unit.agent_fakes import ANCHOR, ANCHOR_SECONDS, Agent, FakeServer

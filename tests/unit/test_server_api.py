@@ -24,11 +24,11 @@ from taskscheduler.auth import AGENT_PREFIX, OPERATOR_PREFIX, TokenFile, hash_to
 from taskscheduler.protocol import Output, ResultStatus, RunResult, result_to_json
 from taskscheduler.schedule import format_instant, instant, parse_instant, utc_now_from
 from taskscheduler.server.access import ServerAccess
-from taskscheduler.server.api import DEFAULT_MAX_OUTPUT_BYTES, ServerAPI
+from taskscheduler.server.api.app import DEFAULT_MAX_OUTPUT_BYTES, ServerAPI
 from taskscheduler.server.retention import HistoryPruner
 from taskscheduler.server.store.interface import AuditEvent, StoreUnavailable
 from taskscheduler.server.store.memory import MemoryStore
-from taskscheduler.web import make_site
+from taskscheduler.web.guards import make_site
 from tests.unit.agent_fakes import fired
 from tests.unit.hostile import (
     digits,

@@ -25,10 +25,10 @@ from taskscheduler.auth import (
 from taskscheduler.protocol import result_to_json
 from taskscheduler.schedule import utc_now_from
 from taskscheduler.server.access import ServerAccess
-from taskscheduler.server.api import ServerAPI
+from taskscheduler.server.api.app import ServerAPI
 from taskscheduler.server.store.interface import AuditEvent, StoreUnavailable
 from taskscheduler.server.store.memory import MemoryStore
-from taskscheduler.web import Access, AuthGate
+from taskscheduler.web.gate import Access, AuthGate
 from tests.unit.route_sweep import PUBLIC, concrete, disguises, routes
 from tests.unit.test_server_api import (
     AGENT_A,
