@@ -74,6 +74,36 @@ async def test_the_agent_takes_a_signed_batch_each_task_on_its_own(tmp_path: Any
 
 
 @pytest_twisted.ensureDeferred
+async def test_a_batch_says_which_tasks_the_disk_or_a_fault_refused(tmp_path: Any) -> None:
+    clock = Clock()
+    clock.advance(ANCHOR_SECONDS + 5)
+    agent = Agent(tmp_path / "data", clock, FakeServer())
+    api: Any = agent.service.api
+
+    def full(spec: object) -> None:
+        raise OSError(28, "No space left on device")
+
+    api._task_store.save = full
+    code, answer = await post(agent, {"tasks": [task(), task()]})
+    assert code == 200, answer
+    refused = {
+        "code": "storage_unavailable",
+        "message": "the agent could not store the task; nothing changed, retry later",
+    }
+    assert [r["error"] for r in answer["results"]] == [refused, refused]
+    del api._task_store.save
+
+    def broken(spec: object) -> None:
+        raise RuntimeError("secret detail")
+
+    agent.service.scheduler.schedule = broken  # type: ignore[union-attr]
+    code, answer = await post(agent, {"tasks": [task()]})
+    assert code == 200, answer
+    [entry] = answer["results"]
+    assert entry["error"] == {"code": "internal_error", "message": "internal error"}
+
+
+@pytest_twisted.ensureDeferred
 async def test_a_batch_past_its_bound_or_malformed_is_refused_whole(tmp_path: Any) -> None:
     clock = Clock()
     clock.advance(ANCHOR_SECONDS + 5)
