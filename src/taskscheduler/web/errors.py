@@ -228,16 +228,18 @@ def error_body(error: ApiError) -> bytes:
     return json.dumps(error_json(error)).encode("utf-8")
 
 
-def raw_response(status: int, body: bytes, headers: Mapping[bytes, bytes] | None = None) -> bytes:
-    """A complete HTTP/1.1 response that closes the connection, for answers given before
-    (or instead of) twisted.web's request handling: nothing is rendered."""
-    reason = _REASONS.get(status) or http.RESPONSES.get(status, b"Error")
-    lines = [b"HTTP/1.1 %d %s" % (status, reason), b"Content-Type: application/json"]
-    lines += [name + b": " + value for name, value in (headers or {}).items()]
+def raw_error(error: ApiError) -> bytes:
+    """A complete HTTP/1.1 response for ``error`` that closes the connection, for answers
+    given before (or instead of) twisted.web's request handling: nothing is rendered."""
+    body = error_body(error)
+    reason = _REASONS.get(error.status) or http.RESPONSES.get(error.status, b"Error")
+    lines = [b"HTTP/1.1 %d %s" % (error.status, reason), b"Content-Type: application/json"]
+    lines += [name + b": " + value for name, value in error.headers.items()]
     lines += [b"Connection: close", b"Content-Length: %d" % len(body), b"", body]
     return b"\r\n".join(lines)
 
 
+#: Reason phrases twisted.web lacks or spells the old way.
 _REASONS = {
     408: b"Request Timeout",
     413: b"Content Too Large",
@@ -245,17 +247,7 @@ _REASONS = {
 }
 
 
-def raw_error(error: ApiError) -> bytes:
-    """:func:`raw_response` for an :class:`ApiError`, with our JSON error body."""
-    return raw_response(error.status, error_body(error), error.headers)
-
-
 def too_large(max_body_bytes: int) -> ApiError:
     """The 413 answer. It names the limit, so that a client can shrink what it sends to
     fit (the agent trims a result's output) instead of giving up."""
     return TOO_LARGE(max_body_bytes=max_body_bytes, details={"max_body_bytes": max_body_bytes})
-
-
-def too_large_body(max_body_bytes: int) -> bytes:
-    """The 413 answer's body."""
-    return error_body(too_large(max_body_bytes))
