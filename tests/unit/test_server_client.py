@@ -30,7 +30,7 @@ from taskscheduler.agent.server_client import (
 from taskscheduler.agent.spool import encode_result
 from taskscheduler.auth import JOIN_PREFIX, TokenFile, hash_token, new_token
 from taskscheduler.server.access import ServerAccess
-from taskscheduler.server.api import ServerAPI
+from taskscheduler.server.api.app import ServerAPI
 from taskscheduler.server.store.memory import MemoryStore
 from taskscheduler.signing import public_key_text
 from taskscheduler.web.errors import error_body, too_large
