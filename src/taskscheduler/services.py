@@ -22,7 +22,7 @@ from twisted.internet.interfaces import (
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
-from taskscheduler.web import pause_accepting_when_out_of_descriptors
+from taskscheduler.web.listener import pause_accepting_when_out_of_descriptors
 
 
 class StartInOrder(MultiService):

@@ -21,9 +21,9 @@ from twisted.internet.endpoints import TCP4ServerEndpoint
 from twisted.internet.threads import deferToThread
 
 from taskscheduler.server.access import ServerAccess
-from taskscheduler.server.api import ServerAPI
+from taskscheduler.server.api.app import ServerAPI
 from taskscheduler.server.store.memory import MemoryStore
-from taskscheduler.web import make_site
+from taskscheduler.web.guards import make_site
 
 pytestmark = pytest.mark.integration
 reactor: Any = _reactor

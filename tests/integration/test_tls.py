@@ -30,7 +30,8 @@ from twisted.web.iweb import IRequest
 
 from taskscheduler.listen import listen_endpoint
 from taskscheduler.tls import TLSConfigError, make_http_client
-from taskscheduler.web import json_response, make_site
+from taskscheduler.web.guards import make_site
+from taskscheduler.web.responses import json_response
 from tests.tlsfixtures import PKI, Issued, make_pki
 
 reactor: Any = _reactor

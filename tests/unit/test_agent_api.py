@@ -16,7 +16,7 @@ from twisted.internet.testing import StringTransport
 
 from taskscheduler.agent.api import MAX_BODY_BYTES
 from taskscheduler.schedule import format_instant, utc_now_from
-from taskscheduler.web import make_site
+from taskscheduler.web.guards import make_site
 from tests.unit.agent_fakes import ANCHOR, ANCHOR_SECONDS, Agent, FakeServer, FakeThread, fired
 
 URL = "http://agent.test:8081"
@@ -203,8 +203,13 @@ async def test_a_task_the_disk_cannot_take_is_503_and_not_scheduled(agent: Agent
         raise OSError(28, "No space left on device")
 
     store.save = full  # type: ignore[method-assign]
-    code, answer = await call(agent, "POST", "/api/v1/tasks/schedule", task_body())
-    assert (code, answer["error"]["code"]) == (503, "storage_unavailable")
+    data = json.dumps(task_body()).encode()
+    api: Any = agent.api
+    path = "/api/v1/tasks/schedule"
+    response = await api.post(URL + path, data=data, headers=agent.signed("POST", path, data))
+    answer = json.loads(await api.content(response))
+    assert (response.code, answer["error"]["code"]) == (503, "storage_unavailable")
+    assert response.headers.getRawHeaders("Retry-After") == ["5"], "the server retries later"
     assert agent.service.scheduler.tasks == {}  # type: ignore[union-attr]
 
 

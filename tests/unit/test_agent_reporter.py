@@ -29,10 +29,10 @@ from taskscheduler.auth import AGENT_PREFIX, hash_token, new_token
 from taskscheduler.protocol import MAX_BATCH, Output, ResultStatus, RunResult, parse_result
 from taskscheduler.schedule import utc_now_from
 from taskscheduler.server.access import ServerAccess
-from taskscheduler.server.api import ServerAPI
+from taskscheduler.server.api.app import ServerAPI
 from taskscheduler.server.store.interface import AuditEvent, RecordOutcome
 from taskscheduler.server.store.memory import MemoryStore
-from taskscheduler.web import too_large_body
+from taskscheduler.web.errors import error_body, too_large
 from tests.unit.agent_fakes import (
     ANCHOR,
     ANCHOR_SECONDS,
@@ -510,7 +510,7 @@ class Front(Resource):
         if self.max_body_bytes is not None and len(raw) > self.max_body_bytes:
             self.answers.append(413)
             request.setResponseCode(413)
-            return too_large_body(self.max_body_bytes)
+            return error_body(too_large(self.max_body_bytes))
         self.answers.append(0)  # passed to the server
         return self.inner.render(request)
 

@@ -23,10 +23,10 @@ from taskscheduler.auth import JOIN_PREFIX, TokenFile, hash_token, new_token
 from taskscheduler.protocol import task_spec_to_json
 from taskscheduler.schedule import format_instant
 from taskscheduler.server.access import ServerAccess
-from taskscheduler.server.api import ServerAPI
+from taskscheduler.server.api.app import ServerAPI
 from taskscheduler.server.store.memory import MemoryStore
 from taskscheduler.signing import InstructionSigner, NonceCache, public_key_text
-from taskscheduler.web import Access
+from taskscheduler.web.gate import Access
 from tests.unit.agent_fakes import (
     ANCHOR,
     ANCHOR_SECONDS,

@@ -18,7 +18,7 @@ from taskscheduler.auth import OPERATOR_PREFIX, TokenFile, hash_token, new_token
 from taskscheduler.schedule import format_instant, utc_now_from
 from taskscheduler.server import tap
 from taskscheduler.server.access import ServerAccess
-from taskscheduler.server.api import ServerAPI
+from taskscheduler.server.api.app import ServerAPI
 from taskscheduler.server.ratelimit import RateLimiter
 from taskscheduler.server.store.memory import MemoryStore
 from tests.unit.agent_fakes import ANCHOR, ANCHOR_SECONDS, Agent, FakeServer
@@ -71,6 +71,36 @@ async def test_the_agent_takes_a_signed_batch_each_task_on_its_own(tmp_path: Any
     await agent.stop()
     again = Agent(tmp_path / "data", clock, FakeServer())
     assert set(again.service.scheduler.tasks) == {first, second}  # type: ignore[union-attr]
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_batch_says_which_tasks_the_disk_or_a_fault_refused(tmp_path: Any) -> None:
+    clock = Clock()
+    clock.advance(ANCHOR_SECONDS + 5)
+    agent = Agent(tmp_path / "data", clock, FakeServer())
+    api: Any = agent.service.api
+
+    def full(spec: object) -> None:
+        raise OSError(28, "No space left on device")
+
+    api._task_store.save = full
+    code, answer = await post(agent, {"tasks": [task(), task()]})
+    assert code == 200, answer
+    refused = {
+        "code": "storage_unavailable",
+        "message": "the agent could not store the task; nothing changed, retry later",
+    }
+    assert [r["error"] for r in answer["results"]] == [refused, refused]
+    del api._task_store.save
+
+    def broken(spec: object) -> None:
+        raise RuntimeError("secret detail")
+
+    agent.service.scheduler.schedule = broken  # type: ignore[union-attr]
+    code, answer = await post(agent, {"tasks": [task()]})
+    assert code == 200, answer
+    [entry] = answer["results"]
+    assert entry["error"] == {"code": "internal_error", "message": "internal error"}
 
 
 @pytest_twisted.ensureDeferred

@@ -13,6 +13,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
+from taskscheduler import protocol
 from taskscheduler.protocol import (
     CLOCK_ALLOWANCE,
     MAX_ARG_STRLEN,
@@ -499,3 +500,44 @@ def test_hostile_results_are_refused_only_with_invalid_message(change: dict[str,
     low, high = datetime(1970, 1, 1, tzinfo=UTC), datetime(9000, 1, 1, tzinfo=UTC)
     for moment in (result.scheduled_at, result.started_at, result.finished_at):
         assert moment is None or low <= moment < high
+
+
+def test_a_result_names_its_revision_and_trigger_and_an_older_agents_means_schedule() -> None:
+    now = datetime(2026, 11, 30, 12, 0, tzinfo=UTC)
+    manual = protocol.RunResult(
+        task_id=uuid.uuid4(),
+        agent_id=uuid.uuid4(),
+        scheduled_at=now,
+        status=protocol.ResultStatus.SUCCEEDED,
+        exit_code=0,
+        revision=3,
+        trigger=protocol.Trigger.MANUAL,
+    )
+    body = protocol.result_to_json(manual)
+    assert (body["revision"], body["trigger"]) == (3, "manual")
+    assert protocol.parse_result(body) == manual
+    del body["revision"], body["trigger"]
+    older = protocol.parse_result(body)
+    assert (older.revision, older.trigger) == (None, protocol.Trigger.SCHEDULE)
+    with pytest.raises(protocol.InvalidMessage, match="'trigger' must be one of"):
+        protocol.parse_result({**body, "trigger": "cron"})
+    with pytest.raises(protocol.InvalidMessage, match="'revision' must be an integer"):
+        protocol.parse_result({**body, "revision": 0})
+
+
+def test_a_task_spec_carries_its_revision_and_ignores_fields_a_newer_server_adds() -> None:
+    now = datetime(2026, 11, 30, 12, 0, tzinfo=UTC)
+    body = {"task_id": str(uuid.uuid4()), "command": "true", "frequency": "every 5 seconds"}
+    assert protocol.parse_task_spec(body, now).revision == 1
+    spec = protocol.parse_task_spec({**body, "revision": 7, "labels": {"role": "web"}}, now)
+    assert spec.revision == 7
+    assert protocol.task_spec_to_json(spec)["revision"] == 7
+
+
+def test_unknown_fields_are_named_with_the_known_ones() -> None:
+    with pytest.raises(protocol.UnknownFields) as refused:
+        protocol.refuse_unknown(
+            {"command": "true", "timeout": 5, "every": 1}, ["command", "frequency"]
+        )
+    assert str(refused.value) == 'unknown fields "every", "timeout" (known: command, frequency)'
+    protocol.refuse_unknown({"command": "true"}, ["command", "frequency"])

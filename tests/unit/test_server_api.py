@@ -24,11 +24,11 @@ from taskscheduler.auth import AGENT_PREFIX, OPERATOR_PREFIX, TokenFile, hash_to
 from taskscheduler.protocol import Output, ResultStatus, RunResult, result_to_json
 from taskscheduler.schedule import format_instant, instant, parse_instant, utc_now_from
 from taskscheduler.server.access import ServerAccess
-from taskscheduler.server.api import DEFAULT_MAX_OUTPUT_BYTES, ServerAPI
+from taskscheduler.server.api.app import DEFAULT_MAX_OUTPUT_BYTES, ServerAPI
 from taskscheduler.server.retention import HistoryPruner
 from taskscheduler.server.store.interface import AuditEvent, StoreUnavailable
 from taskscheduler.server.store.memory import MemoryStore
-from taskscheduler.web import make_site
+from taskscheduler.web.guards import make_site
 from tests.unit.agent_fakes import fired
 from tests.unit.hostile import (
     digits,
@@ -274,7 +274,10 @@ async def test_a_wrong_method_on_a_fixed_route_is_405_with_allow(harness: Harnes
 @pytest_twisted.ensureDeferred
 async def test_latest_output_for_unknown_malformed_and_fresh_tasks(harness: Harness) -> None:
     code, error = await harness.request("GET", f"/api/v1/tasks/{uuid.uuid4()}/latest_output")
-    assert (code, error["error"]["code"]) == (404, "unknown_task")
+    assert (code, error["error"]) == (
+        404,
+        {"code": "unknown_task", "message": "no task has this id"},
+    )
     code, error = await harness.request("GET", "/api/v1/tasks/not-a-uuid/latest_output")
     assert (code, error["error"]["code"]) == (400, "invalid_task_id")
     task_id = await harness.create()
@@ -454,6 +457,26 @@ async def test_a_database_outage_is_a_503_not_a_crash() -> None:
     assert response.headers.getRawHeaders("Retry-After") == ["5"]
 
 
+class BrokenStore(MemoryStore):
+    async def get_task(self, *args: Any, **kwargs: Any) -> Any:
+        raise RuntimeError("secret detail")
+
+
+@pytest_twisted.ensureDeferred
+async def test_an_unexpected_error_is_a_500_that_tells_the_client_nothing() -> None:
+    harness = Harness(BrokenStore())
+    code, body = await harness.request("GET", f"/api/v1/tasks/{uuid.uuid4()}")
+    assert (code, body) == (
+        500,
+        {
+            "error": {
+                "code": "internal_error",
+                "message": "the server hit an unexpected error; see its log",
+            }
+        },
+    )
+
+
 def test_an_oversized_body_is_refused_with_413_before_it_is_read() -> None:
     rendered: list[bytes] = []
 
@@ -476,6 +499,7 @@ def test_an_oversized_body_is_refused_with_413_before_it_is_read() -> None:
     error = json.loads(transport.value().split(b"\r\n\r\n", 1)[1])["error"]
     # The limit is named, so that an agent can trim a result to fit instead of dropping it.
     assert (error["code"], error["max_body_bytes"]) == ("payload_too_large", 1024)
+    assert error["message"] == "the request body is larger than 1024 bytes"
     assert transport.disconnecting
     assert rendered == []
 

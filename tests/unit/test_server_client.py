@@ -30,10 +30,10 @@ from taskscheduler.agent.server_client import (
 from taskscheduler.agent.spool import encode_result
 from taskscheduler.auth import JOIN_PREFIX, TokenFile, hash_token, new_token
 from taskscheduler.server.access import ServerAccess
-from taskscheduler.server.api import ServerAPI
+from taskscheduler.server.api.app import ServerAPI
 from taskscheduler.server.store.memory import MemoryStore
 from taskscheduler.signing import public_key_text
-from taskscheduler.web import too_large_body
+from taskscheduler.web.errors import error_body, too_large
 from tests.unit.agent_fakes import ANCHOR, ANCHOR_SECONDS, SERVER, result, spec
 
 AGENT_URL = "http://agent.test:8081"
@@ -60,7 +60,7 @@ class Front(Resource):
         request.content.seek(0)
         if self.max_body_bytes is not None and size > self.max_body_bytes:
             request.setResponseCode(413)
-            return too_large_body(self.max_body_bytes)
+            return error_body(too_large(self.max_body_bytes))
         return self.inner.render(request)
 
 

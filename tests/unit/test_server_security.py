@@ -25,10 +25,10 @@ from taskscheduler.auth import (
 from taskscheduler.protocol import result_to_json
 from taskscheduler.schedule import utc_now_from
 from taskscheduler.server.access import ServerAccess
-from taskscheduler.server.api import ServerAPI
+from taskscheduler.server.api.app import ServerAPI
 from taskscheduler.server.store.interface import AuditEvent, StoreUnavailable
 from taskscheduler.server.store.memory import MemoryStore
-from taskscheduler.web import Access, AuthGate
+from taskscheduler.web.gate import Access, AuthGate
 from tests.unit.route_sweep import PUBLIC, concrete, disguises, routes
 from tests.unit.test_server_api import (
     AGENT_A,
@@ -206,7 +206,26 @@ async def test_a_route_missing_from_the_access_table_is_refused() -> None:
     http = StubTreq(AuthGate(app.resource(), app.url_map, {}, allow))
     response = await http.get("http://server/api/v1/forgotten")
     assert response.code == 403
-    assert b"ran" not in await response.content()
+    body = json.loads(await response.content())
+    assert body == {"error": {"code": "forbidden", "message": "this route is not open to anyone"}}
+
+
+@pytest_twisted.ensureDeferred
+async def test_an_access_check_that_fails_unexpectedly_is_a_500_that_tells_nothing() -> None:
+    app = Klein()
+
+    @app.route("/api/v1/guarded", methods=["GET"])
+    def guarded(request: Any) -> bytes:
+        return b"ran"
+
+    async def broken(request: Any, level: Access) -> None:
+        raise RuntimeError("secret detail")
+
+    http = StubTreq(AuthGate(app.resource(), app.url_map, {"guarded": Access.OPERATOR}, broken))
+    response = await http.get("http://server/api/v1/guarded")
+    content = await response.content()
+    assert response.code == 500 and b"secret" not in content and b"ran" not in content
+    assert json.loads(content)["error"]["code"] == "internal_error"
 
 
 @pytest_twisted.ensureDeferred
@@ -313,8 +332,13 @@ async def test_a_revoked_agent_is_refused_on_its_next_request(server: Server) ->
     assert code == 200 and body["revoked_at"] is not None
     code, _, _ = await server.call("POST", path, result, token=CREDENTIALS[AGENT_A])
     assert code == 401
-    code, _, _ = await server.call("DELETE", f"/api/v1/agents/{AGENT_A}", token=OPERATOR)
-    assert code == 404
+    code, body, _ = await server.call("DELETE", f"/api/v1/agents/{AGENT_A}", token=OPERATOR)
+    assert (code, body["error"]) == (
+        404,
+        {"code": "unknown_agent", "message": "no live agent has this id"},
+    )
+    code, body, _ = await server.call("DELETE", "/api/v1/agents/not-an-id", token=OPERATOR)
+    assert (code, body["error"]["code"]) == (400, "invalid_agent_id")
     # Revoked agents stay revoked: the join secret cannot enrol the identity again.
     again = {"agent_id": str(AGENT_A), "url": AGENTS[0]}
     code, _, _ = await server.call("POST", "/api/v1/agents/enrol", again, token=JOIN)
@@ -431,7 +455,12 @@ async def test_a_join_secret_cannot_take_over_a_revoked_agents_url_until_an_oper
     code, body, _ = await server.call(
         "POST", f"/api/v1/agents/{uuid.uuid4()}/release-url", token=OPERATOR
     )
-    assert code == 404
+    assert (code, body["error"]) == (
+        404,
+        {"code": "unknown_agent", "message": "no agent has this id"},
+    )
+    code, body, _ = await server.call("POST", "/api/v1/agents/x/release-url", token=OPERATOR)
+    assert (code, body["error"]["code"]) == (400, "invalid_agent_id")
     code, body, _ = await server.call("POST", release, token=OPERATOR)
     assert code == 200 and body["url_released_at"] is not None and body["url"] == AGENTS[0]
     code, log, _ = await server.call("GET", "/api/v1/audit?limit=1", token=OPERATOR)

@@ -15,18 +15,15 @@ from twisted.internet.task import Clock
 from twisted.internet.testing import StringTransport
 from twisted.web.resource import Resource
 
-from taskscheduler import protocol, web
+from taskscheduler import protocol
 from taskscheduler.auth import OPERATOR_PREFIX, TokenFile, hash_token, new_token
 from taskscheduler.server.access import ServerAccess
-from taskscheduler.server.api import ServerAPI
+from taskscheduler.server.api.app import ServerAPI
 from taskscheduler.server.store.memory import MemoryStore
-from taskscheduler.web import (
-    LOOPBACK_HOSTS,
-    HostPolicy,
-    PausingListener,
-    connection_budget,
-    make_site,
-)
+from taskscheduler.web import guards
+from taskscheduler.web.guards import connection_budget, make_site
+from taskscheduler.web.hosts import LOOPBACK_HOSTS, HostPolicy
+from taskscheduler.web.listener import PausingListener
 
 HEADER_TIMEOUT = 10.0
 BODY_TIMEOUT = 30.0
@@ -58,7 +55,7 @@ class Transport(StringTransport):
 class Client:
     """One connection to a site: bytes in, what the site answered, how it closed."""
 
-    def __init__(self, site: web.LimitedSite, host: str = "10.0.0.1") -> None:
+    def __init__(self, site: guards.LimitedSite, host: str = "10.0.0.1") -> None:
         self.protocol = site.buildProtocol(IPv4Address("TCP", host, 40000))
         self.transport = Transport(peerAddress=IPv4Address("TCP", host, 40000))
         self.protocol.makeConnection(self.transport)
@@ -83,7 +80,7 @@ class Client:
         self.protocol.connectionLost(None)
 
 
-def hello_site(clock: Clock, **limits: Any) -> web.LimitedSite:
+def hello_site(clock: Clock, **limits: Any) -> guards.LimitedSite:
     limits.setdefault("header_timeout", HEADER_TIMEOUT)
     limits.setdefault("body_timeout", BODY_TIMEOUT)
     return make_site(Hello(), 1000, reactor=clock, **limits)
@@ -117,7 +114,7 @@ def test_the_408_is_a_whole_answer_then_a_lingering_close_not_a_reset() -> None:
     assert client.transport.write_closed and not client.transport.aborted
     client.send(b"more")
     assert not client.transport.aborted
-    clock.advance(web.LINGER_SECONDS)
+    clock.advance(guards.LINGER_SECONDS)
     assert client.transport.aborted, "a client that never closes is cut off after the linger"
 
 
@@ -170,7 +167,7 @@ def test_malformed_http_gets_a_json_400() -> None:
 # -- Host and Origin ----------------------------------------------------------------------
 
 
-def loopback_site(clock: Clock) -> web.LimitedSite:
+def loopback_site(clock: Clock) -> guards.LimitedSite:
     return hello_site(clock, host_policy=HostPolicy(LOOPBACK_HOSTS))
 
 
@@ -257,7 +254,7 @@ def test_accept_hosts_parsing() -> None:
 # -- credentials before the body ------------------------------------------------------------
 
 
-def server_site(clock: Clock, open_operator_routes: bool = False) -> web.LimitedSite:
+def server_site(clock: Clock, open_operator_routes: bool = False) -> guards.LimitedSite:
     store = MemoryStore()
     tokens = TokenFile({hash_token(OPERATOR): "admin"})
     access = ServerAccess(
@@ -338,10 +335,12 @@ def test_connections_past_the_total_are_503() -> None:
 
 
 def test_the_connection_budget_leaves_descriptors_to_the_rest(monkeypatch: Any) -> None:
-    monkeypatch.setattr(web, "getrlimit", lambda which: (256, 4096))
-    assert connection_budget(1000) == 256 - web.FD_RESERVE
+    monkeypatch.setattr(guards, "getrlimit", lambda which: (256, 4096))
+    assert connection_budget(1000) == 256 - guards.FD_RESERVE
     assert connection_budget(10) == 10
-    monkeypatch.setattr(web, "getrlimit", lambda which: (web.RLIM_INFINITY, web.RLIM_INFINITY))
+    monkeypatch.setattr(
+        guards, "getrlimit", lambda which: (guards.RLIM_INFINITY, guards.RLIM_INFINITY)
+    )
     assert connection_budget(1000) == 1000
 
 

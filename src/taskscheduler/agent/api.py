@@ -30,9 +30,8 @@ from typing import Any
 from klein import Klein
 from twisted.internet.defer import Deferred, DeferredList, maybeDeferred, succeed
 from twisted.internet.interfaces import IReactorTime
-from twisted.logger import Logger
+from twisted.logger import Logger, LogLevel
 from twisted.python.failure import Failure
-from twisted.web import http
 from twisted.web.iweb import IRequest
 
 from taskscheduler import protocol
@@ -41,17 +40,17 @@ from taskscheduler.agent.taskstore import TaskStore
 from taskscheduler.protocol import InvalidMessage, TaskSpec
 from taskscheduler.schedule import utc_now_from
 from taskscheduler.signing import SCHEME, BadSignature, InstructionVerifier
-from taskscheduler.web import (
-    Access,
+from taskscheduler.web.errors import (
+    BAD_REQUEST,
+    BATCH_ENTRY_FAILED,
+    INVALID_TASK_ID,
+    STORAGE_UNAVAILABLE,
     ApiError,
-    AuthGate,
-    bad_request,
-    install_error_handlers,
-    json_response,
-    read_json,
-    request_body,
     unauthorized,
 )
+from taskscheduler.web.gate import Access, AuthGate
+from taskscheduler.web.requests import read_json, request_body
+from taskscheduler.web.responses import DomainError, install_error_handlers, json_response
 
 #: Largest request body the agent accepts: a task spec is at most a 64 KiB command.
 MAX_BODY_BYTES = 1024 * 1024
@@ -145,7 +144,7 @@ class AgentAPI:
         try:
             spec = await self._schedule(body)
         except InvalidMessage as e:
-            raise bad_request(str(e)) from None
+            raise BAD_REQUEST(str(e)) from None
         return json_response(
             request,
             {"agent_id": str(self._agent_id), "task_id": str(spec.task_id), "status": "scheduled"},
@@ -155,9 +154,9 @@ class AgentAPI:
         """Schedule each task of a batch on its own; what became of each, in order."""
         tasks = body["tasks"]
         if set(body) != {"tasks"} or not isinstance(tasks, list) or not tasks:
-            raise bad_request("a batch is an object whose only field 'tasks' is a non-empty list")
+            raise BAD_REQUEST("a batch is an object whose only field 'tasks' is a non-empty list")
         if len(tasks) > MAX_BATCH_TASKS:
-            raise bad_request(f"a batch holds at most {MAX_BATCH_TASKS} tasks")
+            raise BAD_REQUEST(f"a batch holds at most {MAX_BATCH_TASKS} tasks")
         # Started in order, so that a task twice in a batch ends as its last entry asks.
         pending = [Deferred.fromCoroutine(self._schedule(task)) for task in tasks]
         outcomes: list[tuple[bool, Any]] = await DeferredList(pending, consumeErrors=True)
@@ -170,16 +169,13 @@ class AgentAPI:
             if ok:
                 entry.update(task_id=str(value.task_id), status="scheduled")
             elif value.check(InvalidMessage):
-                entry["error"] = {"code": "invalid_request", "message": str(value.value)}
+                entry["error"] = BAD_REQUEST(str(value.value)).json()
             elif value.check(StorageError):
                 storage_error = value.getErrorMessage()
-                entry["error"] = {
-                    "code": "storage_unavailable",
-                    "message": "the agent could not store the task; nothing changed, retry later",
-                }
+                entry["error"] = STORAGE_UNAVAILABLE().json()
             else:
                 self.log.failure("could not schedule a task of a batch", value)
-                entry["error"] = {"code": "internal_error", "message": "internal error"}
+                entry["error"] = BATCH_ENTRY_FAILED().json()
             results.append(entry)
         if storage_error is not None:  # once a batch, not once a task
             self.log.error("could not write the data folder: {error}", error=storage_error)
@@ -204,7 +200,7 @@ class AgentAPI:
         try:
             parsed = protocol.parse_uuid(task_id, "task_id")
         except InvalidMessage as e:
-            raise bad_request(str(e), "invalid_task_id") from None
+            raise INVALID_TASK_ID(str(e)) from None
         # The file first: if it cannot go, nothing changed and the server retries (a task
         # still on disk would come back at the next restart).
         await self._change(parsed, None)
@@ -305,19 +301,11 @@ class AgentAPI:
         body.update(self._counters())
         return json_response(request, body)
 
-    @app.handle_errors(StorageError)
-    def _storage_error(self, request: IRequest, failure: Failure) -> bytes:
-        self.log.error("could not write the data folder: {error}", error=str(failure.value))
-        request.setHeader(b"Retry-After", b"5")
-        return json_response(
-            request,
-            {
-                "error": {
-                    "code": "storage_unavailable",
-                    "message": "the agent could not store the task; nothing changed, retry later",
-                }
-            },
-            http.SERVICE_UNAVAILABLE,
-        )
 
-    install_error_handlers(app, log)
+#: The agent's domain exceptions, as the error table answers them.
+AGENT_ERRORS: dict[type[Exception], DomainError] = {
+    StorageError: DomainError(
+        STORAGE_UNAVAILABLE, "could not write the data folder: {error}", LogLevel.error
+    ),
+}
+install_error_handlers(AgentAPI.app, AgentAPI.log, AGENT_ERRORS)

@@ -14,7 +14,7 @@ from taskscheduler.agent.admission import DEFAULT_MAX_RUNNING
 from taskscheduler.agent.service import DEFAULT_SHUTDOWN_GRACE
 from taskscheduler.agent.spool import DEFAULT_SPOOL_MAX_BYTES
 from taskscheduler.hardening import take_secret_from_environment
-from taskscheduler.web import (
+from taskscheduler.web.guards import (
     DEFAULT_BODY_TIMEOUT,
     DEFAULT_HEADER_TIMEOUT,
     DEFAULT_IDLE_TIMEOUT,

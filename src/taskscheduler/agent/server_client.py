@@ -29,7 +29,7 @@ from taskscheduler.protocol import (
     RETRY_LATER_RESULT_ERRORS,
 )
 from taskscheduler.signing import KeyFileError, parse_public_key
-from taskscheduler.web import PAYLOAD_TOO_LARGE
+from taskscheduler.web.errors import PAYLOAD_TOO_LARGE
 
 #: Seconds to wait for the server's answer.
 REQUEST_TIMEOUT = 30.0

@@ -79,15 +79,15 @@ from taskscheduler.signing import (
     read_public_key,
 )
 from taskscheduler.tls import TLSConfigError
-from taskscheduler.web import (
+from taskscheduler.web.guards import (
     DEFAULT_BODY_TIMEOUT,
     DEFAULT_HEADER_TIMEOUT,
     DEFAULT_IDLE_TIMEOUT,
     DEFAULT_MAX_CONNECTIONS,
     DEFAULT_MAX_CONNECTIONS_PER_CLIENT,
     make_site,
-    pause_accepting_when_out_of_descriptors,
 )
+from taskscheduler.web.listener import pause_accepting_when_out_of_descriptors
 
 #: Seconds the runs under way may go on at shutdown before they are terminated.
 DEFAULT_SHUTDOWN_GRACE = 30.0

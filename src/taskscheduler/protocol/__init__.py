@@ -21,11 +21,13 @@ from taskscheduler.protocol.fields import (
     MAX_COMMAND_BYTES,
     MAX_TIME_LIMIT_SECONDS,
     InvalidMessage,
+    UnknownFields,
     default_time_limit,
     parse_command,
     parse_frequency_field,
     parse_time_limit,
     parse_uuid,
+    refuse_unknown,
     utf8_of,
 )
 from taskscheduler.protocol.output import MAX_OUTPUT_SIZE, Output, output_to_json, parse_output
@@ -40,13 +42,20 @@ from taskscheduler.protocol.results import (
     RETRY_LATER_RESULT_ERRORS,
     ResultStatus,
     RunResult,
+    Trigger,
     parse_reason,
     parse_result,
     parse_result_batch,
+    parse_trigger,
     result_to_json,
     too_early,
 )
-from taskscheduler.protocol.tasks import TaskSpec, parse_task_spec, task_spec_to_json
+from taskscheduler.protocol.tasks import (
+    MAX_REVISION,
+    TaskSpec,
+    parse_task_spec,
+    task_spec_to_json,
+)
 
 __all__ = [
     "ACKNOWLEDGED_STATUSES",
@@ -58,6 +67,7 @@ __all__ = [
     "MAX_COMMAND_BYTES",
     "MAX_OUTPUT_SIZE",
     "MAX_REASON_LENGTH",
+    "MAX_REVISION",
     "MAX_TIME_LIMIT_SECONDS",
     "RETRY_LATER_BATCH_STATUSES",
     "RETRY_LATER_RESULT_ERRORS",
@@ -66,6 +76,8 @@ __all__ = [
     "ResultStatus",
     "RunResult",
     "TaskSpec",
+    "Trigger",
+    "UnknownFields",
     "default_time_limit",
     "output_to_json",
     "parse_command",
@@ -76,7 +88,9 @@ __all__ = [
     "parse_result_batch",
     "parse_task_spec",
     "parse_time_limit",
+    "parse_trigger",
     "parse_uuid",
+    "refuse_unknown",
     "result_to_json",
     "task_spec_to_json",
     "too_early",

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import re
 import uuid
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from datetime import datetime, timedelta
 from typing import Any
 
@@ -38,6 +38,29 @@ def require(body: Mapping[str, Any], name: str) -> Any:
     if name not in body or body[name] is None:
         raise InvalidMessage(f"'{name}' is required")
     return body[name]
+
+
+class UnknownFields(InvalidMessage):
+    """A request body names fields its route does not know (a typo such as ``"timeout"``
+    would otherwise silently mean the default)."""
+
+    def __init__(self, unknown: list[str], known: list[str]) -> None:
+        names = ", ".join(f'"{name}"' for name in unknown)
+        word = "field" if len(unknown) == 1 else "fields"
+        super().__init__(f"unknown {word} {names} (known: {', '.join(known)})")
+        self.unknown = unknown
+
+
+def refuse_unknown(body: Mapping[str, Any], known: Iterable[str]) -> None:
+    """:class:`UnknownFields` if ``body`` has a field not in ``known``.
+
+    Used on what operators send (a typo must not silently mean a default). Messages
+    between the daemons are tolerant instead: a newer peer may add fields.
+    """
+    allowed = list(known)
+    unknown = sorted(str(name) for name in body if name not in allowed)
+    if unknown:
+        raise UnknownFields(unknown, allowed)
 
 
 _UUID_RE = re.compile(r"[0-9a-fA-F]{8}(-[0-9a-fA-F]{4}){3}-[0-9a-fA-F]{12}")

@@ -20,6 +20,7 @@ from taskscheduler.protocol.fields import (
     utf8_of,
 )
 from taskscheduler.protocol.output import Output, output_to_json, parse_output
+from taskscheduler.protocol.tasks import MAX_REVISION
 from taskscheduler.schedule import format_instant
 
 #: Longest ``reason`` of a result accepted, in characters.
@@ -35,6 +36,13 @@ class ResultStatus(enum.StrEnum):
     TIMED_OUT = "timed_out"  # killed at its time limit
     SKIPPED = "skipped"  # the previous run of the task was still going
     LOST = "lost"  # the agent died during the run
+
+
+class Trigger(enum.StrEnum):
+    """What started an execution."""
+
+    SCHEDULE = "schedule"  # an instant of the task's schedule
+    MANUAL = "manual"  # an operator's run-now (``POST /api/v1/tasks/{id}/run``)
 
 
 @dataclass(frozen=True)
@@ -53,6 +61,10 @@ class RunResult:
     stderr: Output = field(default_factory=Output)
     #: Why a run was skipped or lost, for people ("the previous run was still going").
     reason: str | None = None
+    #: The task revision the run ran (None: an agent older than revisions sent it; the
+    #: server then takes the revision in effect at ``scheduled_at``).
+    revision: int | None = None
+    trigger: Trigger = Trigger.SCHEDULE
 
     @property
     def key(self) -> tuple[uuid.UUID, uuid.UUID, datetime]:
@@ -75,6 +87,10 @@ def result_to_json(result: RunResult) -> dict[str, Any]:
     body.update(output_to_json("stderr", result.stderr, for_people=False))
     if result.reason is not None:
         body["reason"] = result.reason
+    if result.revision is not None:
+        body["revision"] = result.revision
+    if result.trigger is not Trigger.SCHEDULE:
+        body["trigger"] = result.trigger.value
     return body
 
 
@@ -122,6 +138,7 @@ def parse_result(body: object, task_id: uuid.UUID | None = None) -> RunResult:
             raise InvalidMessage(f"'status' must be one of: {allowed}") from None
     started_at = body.get("started_at")
     finished_at = body.get("finished_at")
+    revision = body.get("revision")
     return RunResult(
         task_id=task_id,
         agent_id=agent_id,
@@ -134,7 +151,19 @@ def parse_result(body: object, task_id: uuid.UUID | None = None) -> RunResult:
         stdout=parse_output(body, "stdout"),
         stderr=parse_output(body, "stderr"),
         reason=parse_reason(body.get("reason")),
+        revision=None if revision is None else parse_int(revision, "revision", 1, MAX_REVISION),
+        trigger=parse_trigger(body.get("trigger")),
     )
+
+
+def parse_trigger(value: object) -> Trigger:
+    """``schedule`` (the default, also for an agent older than run-now) or ``manual``."""
+    if value is None:
+        return Trigger.SCHEDULE
+    if isinstance(value, str) and value in Trigger.__members__.values():
+        return Trigger(value)
+    allowed = ", ".join(t.value for t in Trigger)
+    raise InvalidMessage(f"'trigger' must be one of: {allowed}")
 
 
 #: The error codes with which the server refuses one result for good, with their status
@@ -151,10 +180,14 @@ FINAL_RESULT_ERRORS: Mapping[str, int] = {
     "unknown_task": 404,  # no task has this id
     "task_deleted": 404,  # scheduled after the task was deleted
     "conflict": 409,  # a different result is stored under the same key
+    "superseded": 409,  # ran a revision of the task other than the one of its instant
+    "task_paused": 409,  # scheduled while the task was paused
 }
 #: The statuses of one item of a batch answer (``POST /api/v1/results``) that refuse it
 #: for good; ``stored`` and ``duplicate`` acknowledge it.
-FINAL_BATCH_STATUSES = frozenset({"conflict", "unknown_task", "misaligned", "deleted", "forbidden"})
+FINAL_BATCH_STATUSES = frozenset(
+    {"conflict", "unknown_task", "misaligned", "deleted", "forbidden", "superseded", "task_paused"}
+)
 #: The error codes with which the server refuses one result for now, not for good: it is
 #: dated ahead of the server's clock (:func:`too_early`), and the same result sent again
 #: once the clock has reached it is taken. The agent keeps it and sends it again.

@@ -13,12 +13,16 @@ from taskscheduler.protocol.fields import (
     default_time_limit,
     parse_command,
     parse_frequency_field,
+    parse_int,
     parse_time,
     parse_time_limit,
     parse_uuid,
     require,
 )
 from taskscheduler.schedule import Frequency, format_instant
+
+#: Highest revision of a task (PostgreSQL's integer).
+MAX_REVISION = 2**31 - 1
 
 
 @dataclass(frozen=True)
@@ -30,6 +34,10 @@ class TaskSpec:
     frequency: Frequency
     anchor: datetime  # execution k is due at anchor + k * frequency.interval
     time_limit: timedelta
+    #: 1 at creation, one more at each change of the task (``PATCH``): an agent that
+    #: has a revision keeps it against an older one, and each result names the revision
+    #: it ran, so that one execution never mixes two.
+    revision: int = 1
 
 
 def task_spec_to_json(spec: TaskSpec) -> dict[str, Any]:
@@ -39,6 +47,7 @@ def task_spec_to_json(spec: TaskSpec) -> dict[str, Any]:
         "frequency": str(spec.frequency),
         "anchor": format_instant(spec.anchor),
         "time_limit_seconds": int(spec.time_limit.total_seconds()),
+        "revision": spec.revision,
     }
 
 
@@ -46,7 +55,8 @@ def parse_task_spec(body: object, received_at: datetime) -> TaskSpec:
     """Parse ``POST /api/v1/tasks/schedule``.
 
     ``anchor`` and ``time_limit_seconds`` are optional so that the seed's three-field
-    request still works: the anchor is then the moment the agent received it.
+    request still works: the anchor is then the moment the agent received it. So is
+    ``revision`` (1). Fields it does not know are ignored: a newer server may send more.
     """
     if not isinstance(body, Mapping):
         raise InvalidMessage("the request body must be a JSON object")
@@ -55,10 +65,12 @@ def parse_task_spec(body: object, received_at: datetime) -> TaskSpec:
     frequency = parse_frequency_field(require(body, "frequency"))
     anchor = body.get("anchor")
     limit = body.get("time_limit_seconds")
+    revision = body.get("revision")
     return TaskSpec(
         task_id=task_id,
         command=command,
         frequency=frequency,
         anchor=received_at if anchor is None else parse_time(anchor, "anchor"),
         time_limit=default_time_limit(frequency) if limit is None else parse_time_limit(limit),
+        revision=1 if revision is None else parse_int(revision, "revision", 1, MAX_REVISION),
     )

@@ -20,12 +20,12 @@ from typing import Any
 
 from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
-from twisted.web import http
 from twisted.web.iweb import IRequest
 
 from taskscheduler.auth import AGENT_PREFIX, TokenFile, bearer_token, hash_token, parse_bearer
 from taskscheduler.server.store.interface import AgentRecord, Store, StoreUnavailable
-from taskscheduler.web import Access, ApiError, forbidden, unauthorized
+from taskscheduler.web.errors import DATABASE_UNAVAILABLE, FORBIDDEN, ApiError, unauthorized
+from taskscheduler.web.gate import Access
 
 CHALLENGE = b'Bearer realm="taskscheduler"'
 CHALLENGE_INVALID = b'Bearer realm="taskscheduler", error="invalid_token"'
@@ -63,7 +63,7 @@ def principal_of(request: IRequest) -> Principal:
 
 
 class ServerAccess:
-    """Authenticates requests for :class:`taskscheduler.web.AuthGate`."""
+    """Authenticates requests for :class:`taskscheduler.web.gate.AuthGate`."""
 
     log = Logger()
 
@@ -146,7 +146,7 @@ class ServerAccess:
         if kind is None:
             return unauthorized(self._refusal(level), CHALLENGE_INVALID)
         if kind != _KIND[level]:
-            return forbidden(f"this {kind} credential cannot call this route ({_WANTED[level]})")
+            return FORBIDDEN(f"this {kind} credential cannot call this route ({_WANTED[level]})")
         return None
 
     async def authorize(self, request: IRequest, level: Access) -> None:
@@ -155,12 +155,7 @@ class ServerAccess:
             await self._authorize(request, level)
         except StoreUnavailable as e:
             self.log.warn("database unavailable checking a credential: {error}", error=str(e))
-            raise ApiError(
-                http.SERVICE_UNAVAILABLE,
-                "database_unavailable",
-                "the database is unavailable; nothing was changed, retry later",
-                {b"Retry-After": b"5"},
-            ) from None
+            raise DATABASE_UNAVAILABLE() from None
 
     async def _authorize(self, request: IRequest, level: Access) -> None:
         token = bearer_token(request)
@@ -178,7 +173,7 @@ class ServerAccess:
         if principal is None:
             raise unauthorized(self._refusal(level), CHALLENGE_INVALID)
         if principal.kind != _KIND[level]:
-            raise forbidden(
+            raise FORBIDDEN(
                 f"this {principal.kind} credential cannot call this route ({_WANTED[level]})"
             )
         setattr(request, _PRINCIPAL_ATTRIBUTE, principal)

@@ -9,19 +9,18 @@ from twisted.python import usage
 
 from taskscheduler.listen import INSECURE_FLAG
 from taskscheduler.protocol import CLOCK_ALLOWANCE
-from taskscheduler.server.api import DEFAULT_MAX_OUTPUT_BYTES, DEFAULT_REPORT_GRACE
+from taskscheduler.server.api.app import DEFAULT_MAX_OUTPUT_BYTES, DEFAULT_REPORT_GRACE
 from taskscheduler.server.ratelimit import DEFAULT_CREATE_BURST, DEFAULT_CREATE_RATE
 from taskscheduler.server.retention import DEFAULT_RETENTION_DAYS
-from taskscheduler.web import (
+from taskscheduler.web.guards import (
     DEFAULT_BODY_TIMEOUT,
     DEFAULT_HEADER_TIMEOUT,
     DEFAULT_IDLE_TIMEOUT,
     DEFAULT_MAX_BODY_BYTES,
     DEFAULT_MAX_CONNECTIONS,
     DEFAULT_MAX_CONNECTIONS_PER_CLIENT,
-    LOOPBACK_HOSTS,
-    HostPolicy,
 )
+from taskscheduler.web.hosts import LOOPBACK_HOSTS, HostPolicy
 
 
 def _env(name: str, default: str | None = None) -> str | None:

@@ -50,7 +50,7 @@ from taskscheduler.listen import (
 from taskscheduler.redact import redact_dsn
 from taskscheduler.retry import Backoff, OutOfTime, no_jitter, retry_until
 from taskscheduler.server.access import ServerAccess
-from taskscheduler.server.api import ServerAPI
+from taskscheduler.server.api.app import ServerAPI
 from taskscheduler.server.dispatch import Dispatcher
 from taskscheduler.server.options import Options
 from taskscheduler.server.ratelimit import RateLimiter
@@ -67,7 +67,8 @@ from taskscheduler.signing import (
     public_key_text,
 )
 from taskscheduler.tls import TLSConfigError
-from taskscheduler.web import LOOPBACK_HOSTS, HostPolicy, make_site
+from taskscheduler.web.guards import make_site
+from taskscheduler.web.hosts import LOOPBACK_HOSTS, HostPolicy
 
 log = Logger(namespace="taskscheduler.server.tap")
 

@@ -1,0 +1,121 @@
+"""The server's REST API (Klein): one app composed of the route modules (tasks, results,
+agents, audit), the table of who may call each route, and the errors of its domain.
+
+Routes only translate between HTTP and the domain; errors map to statuses in the table
+(:mod:`taskscheduler.web.errors`), domain exceptions once, in :data:`SERVER_ERRORS`.
+
+Access is decided before a route runs, by :class:`taskscheduler.web.gate.AuthGate` with
+:data:`ServerAPI.ACCESS` (every route must be listed there, or it is refused) and
+:class:`taskscheduler.server.access.ServerAccess`.
+"""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import Callable
+from datetime import timedelta
+from typing import Any
+
+from twisted.internet.interfaces import IReactorTime
+from twisted.web.iweb import IRequest
+
+from taskscheduler import protocol
+from taskscheduler.server.access import ServerAccess
+from taskscheduler.server.api.agents import AgentRoutes
+from taskscheduler.server.api.audit import AuditRoutes
+from taskscheduler.server.api.base import routes
+from taskscheduler.server.api.results import ResultRoutes
+from taskscheduler.server.api.tasks import TaskRoutes
+from taskscheduler.server.ratelimit import RateLimiter
+from taskscheduler.server.store.interface import (
+    AgentRecord,
+    Store,
+    StoreUnavailable,
+    Task,
+    UnknownTask,
+)
+from taskscheduler.web.errors import DATABASE_UNAVAILABLE, UNKNOWN_TASK
+from taskscheduler.web.gate import Access, AuthGate
+from taskscheduler.web.responses import DomainError, install_error_handlers, json_response
+
+#: How long after an execution's time limit the server waits for missing agents
+#: before calling the execution complete without them.
+DEFAULT_REPORT_GRACE = timedelta(seconds=30)
+#: Most bytes of each stream of a result stored (``--max-output-bytes``): the agents'
+#: default ``--output-cap``. Past it the head and tail are kept, flagged truncated.
+DEFAULT_MAX_OUTPUT_BYTES = 1024 * 1024
+
+#: The server's domain exceptions, as the error table answers them.
+SERVER_ERRORS: dict[type[Exception], DomainError] = {
+    UnknownTask: DomainError(UNKNOWN_TASK),
+    StoreUnavailable: DomainError(DATABASE_UNAVAILABLE, "database unavailable: {error}"),
+}
+
+
+class ServerAPI(TaskRoutes, ResultRoutes, AgentRoutes, AuditRoutes):
+    """The HTTP API of ``twistd taskscheduler-server``."""
+
+    #: Who may call each route (by endpoint name). A route missing here is refused.
+    ACCESS: dict[str, Access] = {
+        "create_task": Access.OPERATOR,
+        "get_task": Access.OPERATOR,
+        "delete_task": Access.OPERATOR,
+        "latest_output": Access.OPERATOR,
+        "executions": Access.OPERATOR,
+        "list_agents": Access.OPERATOR,
+        "revoke_agent": Access.OPERATOR,
+        "release_agent_url": Access.OPERATOR,
+        "audit": Access.OPERATOR,
+        "complete": Access.AGENT,
+        "complete_batch": Access.AGENT,
+        "enrol": Access.JOIN,
+        "health": Access.PUBLIC,
+    }
+
+    def __init__(
+        self,
+        store: Store,
+        clock: IReactorTime,
+        access: ServerAccess,
+        on_task_created: Callable[[Task], None] = lambda task: None,
+        report_grace: timedelta = DEFAULT_REPORT_GRACE,
+        *,
+        server_public_key: str = "",
+        on_agent_enrolled: Callable[[AgentRecord], None] = lambda agent: None,
+        on_task_deleted: Callable[[Task], None] = lambda task: None,
+        create_limiter: RateLimiter | None = None,
+        max_output_bytes: int = DEFAULT_MAX_OUTPUT_BYTES,
+        clock_allowance: timedelta = protocol.CLOCK_ALLOWANCE,
+    ) -> None:
+        self._store = store
+        self._clock = clock
+        self._access = access
+        self._on_task_created = on_task_created
+        self._report_grace = report_grace
+        self._server_public_key = server_public_key
+        self._on_agent_enrolled = on_agent_enrolled
+        self._on_task_deleted = on_task_deleted
+        self._max_output_bytes = max_output_bytes
+        self._clock_allowance = clock_allowance
+        self._assignments: set[tuple[str, uuid.UUID]] = set()
+        # Per operator token: one client's burst must not hold back everyone's tasks.
+        self._create_limiter = create_limiter or RateLimiter(clock)
+
+    def resource(self) -> Any:
+        access = self._access
+        return AuthGate(
+            self.app.resource(),
+            self.app.url_map,
+            self.ACCESS,
+            access.authorize,
+            access.check_headers,
+        )
+
+    @routes.route("/api/v1/health", methods=["GET"])
+    async def health(self, request: IRequest) -> bytes:
+        # Touch the database so that a load balancer sees an outage as one.
+        await self._store.get_task(uuid.UUID(int=0))
+        return json_response(request, {"status": "ok"})
+
+
+install_error_handlers(routes, ServerAPI.log, SERVER_ERRORS)

@@ -1,0 +1,59 @@
+"""What every route module of the server's API shares: the one Klein app they register
+on, the collaborators a :class:`taskscheduler.server.api.app.ServerAPI` holds, and the
+audit event a route records."""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import Callable
+from datetime import datetime, timedelta
+from typing import Any
+
+from klein import Klein
+from twisted.internet.interfaces import IReactorTime
+from twisted.logger import Logger
+from twisted.web.iweb import IRequest
+
+from taskscheduler.schedule import utc_now_from
+from taskscheduler.server.access import Principal, ServerAccess
+from taskscheduler.server.ratelimit import RateLimiter
+from taskscheduler.server.store.interface import AgentRecord, AuditEvent, Store, Task
+from taskscheduler.web.requests import peer_address
+
+#: The one app every route module registers on: one URL map, which the access gate reads.
+routes = Klein()
+
+
+class Routes:
+    """The state the route modules' classes share; :class:`ServerAPI` sets it."""
+
+    app = routes
+    log = Logger()
+
+    _store: Store
+    _clock: IReactorTime
+    _access: ServerAccess
+    _on_task_created: Callable[[Task], None]
+    _on_task_deleted: Callable[[Task], None]
+    _on_agent_enrolled: Callable[[AgentRecord], None]
+    _report_grace: timedelta
+    _server_public_key: str
+    _max_output_bytes: int
+    _clock_allowance: timedelta
+    _assignments: set[tuple[str, uuid.UUID]]
+    _create_limiter: RateLimiter
+
+    def _now(self) -> datetime:
+        return utc_now_from(self._clock.seconds())
+
+    def _audit(
+        self, request: IRequest, principal: Principal, action: str, target: str, **details: Any
+    ) -> AuditEvent:
+        return AuditEvent(
+            at=self._now(),
+            actor=principal.actor,
+            action=action,
+            target=target,
+            peer=peer_address(request),
+            details=details,
+        )
