@@ -92,6 +92,8 @@ async def test_route_sweep_refuses_unsigned_forged_stale_and_replayed(agent: Age
     for method, rule, _ in routes(AgentAPI.app):
         path = concrete(rule)
         body = task_body() if method == "POST" else b""
+        if rule == "/api/v1/agent/leave":
+            body = b'{"reason": "removed"}'
         if (method, rule) in PUBLIC:
             code, answer, _ = await send(agent, method, path, b"", None)
             assert code == 200
