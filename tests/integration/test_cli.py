@@ -143,6 +143,63 @@ def test_audit_shows_who_created_and_deleted(fleet: Fleet) -> None:
     assert [e["action"] for e in events] == ["task.deleted", "task.created"]
 
 
+def lines_starting(text: str, prefix: str) -> list[str]:
+    return [line for line in text.splitlines() if line.startswith(prefix)]
+
+
+def test_agents_show_and_fleet_rm_add(private_folder: Callable[[], Path]) -> None:
+    """On a fleet of its own: it takes an agent out and brings it back."""
+    with running_fleet(private_folder()) as fleet:
+
+        def both_online() -> list[dict[str, Any]] | None:
+            agents = run_json(fleet, "agents", "ls")["agents"]
+            return agents if [a["state"] for a in agents] == ["online", "online"] else None
+
+        agents = wait_for(both_online, 30, "both agents online")
+        table = run(fleet, "agents", "ls").stdout
+        for agent in agents:
+            (row,) = lines_starting(table, agent["agent_id"][:8])
+            assert row.split()[1:3] == ["online", agent["url"]]
+
+        target = agents[0]
+        prefix = shortest_prefix(target["agent_id"], [a["agent_id"] for a in agents[1:]])
+        shown = run(fleet, "agents", "show", prefix)
+        assert shown.exit_code == 0, shown.output
+        assert f"agent            {target['agent_id']}\n" in shown.stdout
+        assert "state            online\n" in shown.stdout
+        assert f"hostname         {target['hostname']}\n" in shown.stdout
+        assert run_json(fleet, "agents", "show", prefix)["agent_id"] == target["agent_id"]
+
+        members = run(fleet, "fleet", "ls").stdout
+        (row,) = lines_starting(members, target["url"])
+        assert row.split()[1:3] == ["online", target["agent_id"][:8]]
+
+        removed = run(fleet, "fleet", "rm", target["url"])
+        assert removed.exit_code == 0, removed.output
+        assert removed.stdout.startswith(f"removed {target['url']} (agent {target['agent_id']}, ")
+        assert lines_starting(run(fleet, "fleet", "ls").stdout, target["url"]) == []
+        again = run(fleet, "fleet", "rm", target["url"])
+        assert again.exit_code == 5 and "(404 not_in_fleet)" in again.stderr
+        (row,) = lines_starting(run(fleet, "agents", "ls").stdout, target["agent_id"][:8])
+        assert row.split()[1] == "not_in_fleet"
+
+        added = run(fleet, "fleet", "add", target["url"])
+        assert added.exit_code == 0, added.output
+        assert added.stdout.startswith(f"added {target['url']} (agent {target['agent_id']}, ")
+        twice = run(fleet, "fleet", "add", target["url"])
+        assert twice.stdout.startswith(f"already in the fleet: {target['url']} ")
+        (row,) = lines_starting(run(fleet, "fleet", "ls").stdout, target["url"])
+        assert row.split()[2] == target["agent_id"][:8]
+        actions = [e["action"] for e in run_json(fleet, "audit", "--limit", "2")["events"]]
+        assert actions == ["fleet.added", "fleet.removed"]
+
+
+def shortest_prefix(agent_id: str, others: list[str]) -> str:
+    """The shortest prefix of ``agent_id`` that no other id starts with."""
+    size = next(n for n in range(1, 37) if not any(o.startswith(agent_id[:n]) for o in others))
+    return agent_id[:size]
+
+
 def test_agents_ls_then_revoke_by_prefix(fleet: Fleet) -> None:
     """Last of those on the module's fleet: it takes an agent out of it."""
     agents = run_json(fleet, "agents", "ls")["agents"]
@@ -157,12 +214,8 @@ def test_agents_ls_then_revoke_by_prefix(fleet: Fleet) -> None:
         )
 
     target = agents[0]
-    # The shortest prefix that names it alone.
-    others = [a["agent_id"] for a in agents[1:]]
-    size = next(
-        n for n in range(1, 37) if not any(o.startswith(target["agent_id"][:n]) for o in others)
-    )
-    result = run(fleet, "agents", "revoke", target["agent_id"][:size])
+    prefix = shortest_prefix(target["agent_id"], [a["agent_id"] for a in agents[1:]])
+    result = run(fleet, "agents", "revoke", prefix)
     assert result.exit_code == 0, result.output
     assert result.stdout == f"revoked {target['agent_id']} at {target['url']}\n"
     after = {a["agent_id"]: a for a in run_json(fleet, "agents", "ls")["agents"]}

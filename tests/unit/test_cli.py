@@ -485,7 +485,12 @@ def test_fleet_rm_sends_the_url_as_one_path_segment(api: StubApi) -> None:
     api.route("POST", "/api/v1/fleet", added)
     result = run(api, "fleet", "add", "http://127.0.0.1:8081")
     assert bodies == [{"url": "http://127.0.0.1:8081"}]
-    assert "no agent enrolled there yet, not_enrolled" in result.stdout
+    assert (
+        result.stdout == "added http://127.0.0.1:8081 (no agent enrolled there yet, not_enrolled)\n"
+    )
+    api.route("POST", "/api/v1/fleet", lambda r: answer(member, 200))
+    result = run(api, "fleet", "add", "http://127.0.0.1:8081")
+    assert result.stdout.startswith("already in the fleet: http://127.0.0.1:8081 (agent ")
 
 
 def test_audit_table_and_the_next_page_hint(api: StubApi) -> None:

@@ -183,8 +183,10 @@ class Client:
     def fleet(self) -> JSON:
         return self._call("GET", "/api/v1/fleet")
 
-    def add_to_fleet(self, url: str) -> JSON:
-        return self._call("POST", "/api/v1/fleet", body={"url": url})
+    def add_to_fleet(self, url: str) -> tuple[JSON, bool]:
+        """The member, and whether it is new (201) rather than already there (200)."""
+        status, member = self._exchange("POST", "/api/v1/fleet", body={"url": url})
+        return member, status == 201
 
     def remove_from_fleet(self, url: str) -> JSON:
         # The member's URL is one path segment: its slashes and colon encoded.
@@ -200,6 +202,12 @@ class Client:
     def _call(
         self, method: str, path: str, *, params: JSON | None = None, body: JSON | None = None
     ) -> JSON:
+        return self._exchange(method, path, params=params, body=body)[1]
+
+    def _exchange(
+        self, method: str, path: str, *, params: JSON | None = None, body: JSON | None = None
+    ) -> tuple[int, JSON]:
+        """The status and JSON body of a successful call; a CliError otherwise."""
         query = {k: v for k, v in (params or {}).items() if v is not None}
         try:
             response = self._http.request(method, path, params=query, json=body)
@@ -209,7 +217,7 @@ class Client:
             ) from None
         except httpx.TransportError as e:
             raise Unreachable(f"cannot reach the server at {self.url}: {_reason(e)}") from None
-        return self._answer(method, path, response)
+        return response.status_code, self._answer(method, path, response)
 
     def _answer(self, method: str, path: str, response: httpx.Response) -> JSON:
         try:

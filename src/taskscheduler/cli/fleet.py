@@ -49,8 +49,8 @@ def ls(settings: Settings, no_trunc: bool) -> None:
 @pass_settings
 def add(settings: Settings, url: str) -> None:
     """Add an agent URL: it gets every active task."""
-    body = settings.client().add_to_fleet(url)
-    settings.emit(body, lambda: _member_line("added", body))
+    body, added = settings.client().add_to_fleet(url)
+    settings.emit(body, lambda: _member_line("added" if added else "already in the fleet:", body))
 
 
 @fleet.command("rm")
