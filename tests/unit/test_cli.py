@@ -233,6 +233,10 @@ def test_an_unknown_prefix_is_exit_5(api: StubApi) -> None:
     api.requests.clear()
     result = run(api, "tasks", "show", "hello")
     assert result.exit_code == 5 and api.requests == []
+    # An empty id is a mistake of usage, not an unknown task.
+    result = run(api, "tasks", "show", "")
+    assert result.exit_code == 2 and "give the task's id, or a prefix of it" in result.stderr
+    assert api.requests == []
 
 
 def test_a_whole_id_is_not_looked_up_in_the_list(api: StubApi) -> None:

@@ -9,6 +9,8 @@ from __future__ import annotations
 import re
 from collections.abc import Callable, Iterable
 
+import click
+
 from taskscheduler.cli.client import JSON, Ambiguous, Client, NotFound
 from taskscheduler.cli.tables import cell, shorten
 
@@ -31,6 +33,8 @@ def pick(
 ) -> str:
     """The one id among ``items[key]`` that starts with ``text``."""
     prefix = text.lower()
+    if not prefix:
+        raise click.BadParameter(f"give the {kind}'s id, or a prefix of it")
     matches: dict[str, JSON] = {}
     if _PREFIX.fullmatch(prefix):
         for item in items:
