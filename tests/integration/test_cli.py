@@ -193,6 +193,22 @@ def test_agents_show_and_fleet_rm_add(private_folder: Callable[[], Path]) -> Non
         actions = [e["action"] for e in run_json(fleet, "audit", "--limit", "2")["events"]]
         assert actions == ["fleet.added", "fleet.removed"]
 
+        # An agent that is down: the output names it among the agents that did not report.
+        down = next(a for a in agents if a["url"] == fleet.agent_urls[1])
+        fleet.agents[1].kill()
+        task_id = create(fleet, "echo", "still", "here")
+
+        def missing_one() -> dict[str, Any] | None:
+            body = run_json(fleet, "tasks", "output", task_id)
+            return body if body.get("missing_agents") else None
+
+        latest = wait_for(missing_one, 60, "an execution missing the stopped agent")
+        assert latest["missing_agents"] == [{"url": down["url"], "agent_id": down["agent_id"]}]
+        text = run(fleet, "tasks", "output", task_id).stdout
+        assert f"\nmissing: {down['url']} (agent {down['agent_id'][:8]})\n" in text
+        assert ", 1 of 2 agents reported" in text.splitlines()[0]
+        assert text.count("==> agent ") == 1 and "--- stdout\nstill here\n" in text
+
 
 def shortest_prefix(agent_id: str, others: list[str]) -> str:
     """The shortest prefix of ``agent_id`` that no other id starts with."""
