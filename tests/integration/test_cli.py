@@ -245,6 +245,15 @@ def test_agents_ls_then_revoke_by_prefix(fleet: Fleet) -> None:
     assert result.exit_code == 5
     assert "no live agent has this id (404 unknown_agent)" in result.stderr
 
+    released = run(fleet, "agents", "release-url", prefix)
+    assert released.exit_code == 0, released.output
+    assert released.stdout == f"released {target['url']} (was agent {target['agent_id']})\n"
+    live = next(a for a in agents if a["agent_id"] != target["agent_id"])
+    refused = run(fleet, "agents", "release-url", live["agent_id"])
+    assert refused.exit_code == 1 and "(409 agent_live)" in refused.stderr
+    actions = [e["action"] for e in run_json(fleet, "audit", "--limit", "2")["events"]]
+    assert actions == ["agent.url_released", "agent.revoked"]
+
 
 def test_an_https_server_with_its_ca(private_folder: Callable[[], Path]) -> None:
     with running_fleet(private_folder(), agents=0, tls=True) as secure:
