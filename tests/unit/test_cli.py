@@ -303,6 +303,9 @@ def test_tasks_ls_is_an_aligned_table_with_instants_relative_and_absolute(api: S
     result = run(api, "--json", "tasks", "ls", "--state", "paused", "--command", "sl")
     assert json.loads(result.stdout) == {"tasks": api.tasks, "next_cursor": None}
     assert api.paths()[-1] == "GET /api/v1/tasks?limit=500&state=paused&command=sl"
+    # --json after the verb too.
+    result = run(api, "tasks", "ls", "--json", "--state", "paused", "--command", "sl")
+    assert json.loads(result.stdout) == {"tasks": api.tasks, "next_cursor": None}
 
 
 def test_tasks_ls_limit_stops_paging(api: StubApi) -> None:

@@ -1,7 +1,7 @@
 """The ``taskscheduler`` group: global options, the shared settings, the verbs' groups.
 
-``--url`` / ``TASKSCHEDULER_URL``, ``--token`` / ``TASKSCHEDULER_TOKEN`` and ``--json``
-come before the verb (``taskscheduler --json tasks ls``); the verbs live in
+``--url`` / ``TASKSCHEDULER_URL``, ``--token`` / ``TASKSCHEDULER_TOKEN`` come before
+the verb, ``--json`` before or after it; the verbs live in
 ``tasks.py``, ``agents.py``, ``fleet.py``, ``audit.py`` and ``tokens.py``.
 """
 
@@ -74,8 +74,28 @@ def cli(
     ctx.obj = Settings(url, token or None, as_json, ca_file, timeout, overrides)
 
 
-cli.add_command(tasks.tasks)
-cli.add_command(agents.agents)
-cli.add_command(fleet.fleet)
+def _json_after_the_verb(ctx: click.Context, param: click.Parameter, value: bool) -> None:
+    if value:
+        ctx.find_object(Settings).as_json = True  # type: ignore[union-attr]
+
+
+def _accept_json(command: click.Command) -> None:
+    """``taskscheduler tasks ls --json`` as well as ``taskscheduler --json tasks ls``."""
+    command.params.append(
+        click.Option(
+            ["--json"],
+            is_flag=True,
+            expose_value=False,
+            callback=_json_after_the_verb,
+            help="Print the server's JSON, for scripts.",
+        )
+    )
+
+
+for group in (tasks.tasks, agents.agents, fleet.fleet):
+    for verb in group.commands.values():
+        _accept_json(verb)
+    cli.add_command(group)
+_accept_json(audit.audit)
 cli.add_command(audit.audit)
 cli.add_command(tokens.tokens)
