@@ -91,6 +91,10 @@ def test_url_and_token_from_the_environment_or_options(api: StubApi) -> None:
     assert request.headers["Authorization"] == "Bearer tso_other"
     assert str(request.url) == f"{other}/api/v1/tasks/{A}"
 
+    # A token read from a terminal may end with a carriage return.
+    assert run(api, "tasks", "show", A, env={"TASKSCHEDULER_TOKEN": "tso_cr\r\n"}).exit_code == 0
+    assert api.requests[-1].headers["Authorization"] == "Bearer tso_cr"
+
     # No token at all: no Authorization header (a loopback server without tokens).
     assert run(api, "tasks", "show", A).exit_code == 0
     assert "Authorization" not in api.requests[-1].headers

@@ -71,7 +71,8 @@ def cli(
     prefix of it will do.
     """
     overrides = ctx.obj if isinstance(ctx.obj, Overrides) else Overrides()
-    ctx.obj = Settings(url, token or None, as_json, ca_file, timeout, overrides)
+    # Whitespace is never part of a token: `docker-compose exec` without -T adds a CR.
+    ctx.obj = Settings(url, (token or "").strip() or None, as_json, ca_file, timeout, overrides)
 
 
 def _json_after_the_verb(ctx: click.Context, param: click.Parameter, value: bool) -> None:
