@@ -94,6 +94,8 @@ def test_url_and_token_from_the_environment_or_options(api: StubApi) -> None:
     # A token read from a terminal may end with a carriage return.
     assert run(api, "tasks", "show", A, env={"TASKSCHEDULER_TOKEN": "tso_cr\r\n"}).exit_code == 0
     assert api.requests[-1].headers["Authorization"] == "Bearer tso_cr"
+    result = run(api, "tasks", "show", A, env={"TASKSCHEDULER_TOKEN": "tsó_x"})
+    assert result.exit_code == 2 and "a token is printable ASCII" in result.stderr
 
     # No token at all: no Authorization header (a loopback server without tokens).
     assert run(api, "tasks", "show", A).exit_code == 0

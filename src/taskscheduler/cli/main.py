@@ -24,6 +24,16 @@ def _check_url(ctx: click.Context, param: click.Parameter, value: str) -> str:
     return value
 
 
+def _check_token(ctx: click.Context, param: click.Parameter, value: str | None) -> str | None:
+    # Whitespace is never part of a token: `docker-compose exec` without -T adds a CR.
+    token = (value or "").strip()
+    if not token:
+        return None
+    if not (token.isascii() and token.isprintable()):
+        raise click.BadParameter("a token is printable ASCII (tso_...)")
+    return token
+
+
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
 @click.option(
     "--url",
@@ -36,6 +46,7 @@ def _check_url(ctx: click.Context, param: click.Parameter, value: str) -> str:
 @click.option(
     "--token",
     envvar="TASKSCHEDULER_TOKEN",
+    callback=_check_token,
     help="An operator token (env TASKSCHEDULER_TOKEN); a loopback server without tokens "
     "needs none.",
 )
@@ -71,8 +82,7 @@ def cli(
     prefix of it will do.
     """
     overrides = ctx.obj if isinstance(ctx.obj, Overrides) else Overrides()
-    # Whitespace is never part of a token: `docker-compose exec` without -T adds a CR.
-    ctx.obj = Settings(url, (token or "").strip() or None, as_json, ca_file, timeout, overrides)
+    ctx.obj = Settings(url, token, as_json, ca_file, timeout, overrides)
 
 
 def _json_after_the_verb(ctx: click.Context, param: click.Parameter, value: bool) -> None:
