@@ -1,5 +1,5 @@
 """The server's REST API (Klein): one app composed of the route modules (tasks, results,
-agents, audit), the table of who may call each route, and the errors of its domain.
+agents, audit, openapi), the table of who may call each route, and the errors of its domain.
 
 Routes only translate between HTTP and the domain; errors map to statuses in the table
 (:mod:`taskscheduler.web.errors`), domain exceptions once, in :data:`SERVER_ERRORS`.
@@ -24,6 +24,7 @@ from taskscheduler.server.access import ServerAccess
 from taskscheduler.server.api.agents import AgentRoutes
 from taskscheduler.server.api.audit import AuditRoutes
 from taskscheduler.server.api.base import routes
+from taskscheduler.server.api.openapi import OpenAPIRoutes
 from taskscheduler.server.api.results import ResultRoutes
 from taskscheduler.server.api.tasks import TaskRoutes
 from taskscheduler.server.ratelimit import RateLimiter
@@ -52,7 +53,7 @@ SERVER_ERRORS: dict[type[Exception], DomainError] = {
 }
 
 
-class ServerAPI(TaskRoutes, ResultRoutes, AgentRoutes, AuditRoutes):
+class ServerAPI(TaskRoutes, ResultRoutes, AgentRoutes, AuditRoutes, OpenAPIRoutes):
     """The HTTP API of ``twistd taskscheduler-server``."""
 
     #: Who may call each route (by endpoint name). A route missing here is refused.
@@ -70,6 +71,7 @@ class ServerAPI(TaskRoutes, ResultRoutes, AgentRoutes, AuditRoutes):
         "complete_batch": Access.AGENT,
         "enrol": Access.JOIN,
         "health": Access.PUBLIC,
+        "openapi": Access.PUBLIC,
     }
 
     def __init__(
