@@ -13,10 +13,12 @@ from taskscheduler.server.store.interface import RecordOutcome
 
 #: A UUID as the server reads one: 8-4-4-4-12 hex digits, either case, nothing else.
 UUID_PATTERN = "^[0-9a-fA-F]{8}(-[0-9a-fA-F]{4}){3}-[0-9a-fA-F]{12}$"
-#: What ``schedule.parse_frequency`` takes: case, spaces and a singular unit are forgiven.
+#: What ``schedule.parse_frequency`` takes: case, spaces and a singular unit are forgiven;
+#: a count of 1 to 8 digits (a year is 31,622,400 s: longer counts are refused, as are
+#: counts of 8 digits beyond a year, which a pattern cannot tell).
 _SPACE = "[ \\t\\n\\r\\f\\v]"
 FREQUENCY_PATTERN = (
-    f"^{_SPACE}*[Ee][Vv][Ee][Rr][Yy]{_SPACE}+[0-9]+{_SPACE}+"
+    f"^{_SPACE}*[Ee][Vv][Ee][Rr][Yy]{_SPACE}+0*[1-9][0-9]{{0,7}}{_SPACE}+"
     "([Ss][Ee][Cc][Oo][Nn][Dd]|[Mm][Ii][Nn][Uu][Tt][Ee]|[Hh][Oo][Uu][Rr])[Ss]?"
     f"{_SPACE}*$"
 )
