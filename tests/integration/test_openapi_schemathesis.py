@@ -34,7 +34,7 @@ from schemathesis.specs.openapi.checks import (
 
 from taskscheduler.schedule import format_instant, parse_instant
 from taskscheduler.server.openapi import document
-from taskscheduler.server.openapi.schemas import UUID_PATTERN
+from taskscheduler.server.openapi.operations import UUID_PATTERN
 from tests.integration.daemons import Fleet, free_port, http, running_fleet
 
 pytestmark = pytest.mark.integration

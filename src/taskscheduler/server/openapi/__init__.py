@@ -1,10 +1,12 @@
 """The server's OpenAPI 3.1 document, served at ``GET /api/v1/openapi.json``.
 
-Built by code rather than kept as a file: its limits come from the constants the
-parsers enforce, and its errors from the error table (a route names codes; statuses,
-messages and headers are the table's), so a change there changes the document too.
-What code cannot derive (routes, fields) is pinned by ``tests/unit/test_openapi.py``
-against the Klein app and by the schemathesis run against a live server.
+Built by code rather than kept as a file (:mod:`.tasks` and :mod:`.agents` hold the
+routes and schemas by domain, as ``server/api`` does): its limits come from the
+constants the parsers enforce, and its errors from the error table (a route names
+codes; statuses, messages and headers are the table's), so a change there changes the
+document too. What code cannot derive (routes, fields) is pinned by
+``tests/unit/test_openapi.py`` against the Klein app and by the schemathesis run
+against a live server.
 """
 
 from __future__ import annotations
@@ -13,8 +15,9 @@ import functools
 import json
 from typing import Any
 
-from taskscheduler.server.openapi.paths import paths
-from taskscheduler.server.openapi.schemas import schemas
+from taskscheduler.server.openapi import agents, tasks
+from taskscheduler.server.openapi.operations import UUID_PATTERN
+from taskscheduler.server.openapi.responses import error_component
 
 _DESCRIPTION = """\
 Runs scheduled commands across a fleet of agents and collects their output.
@@ -44,13 +47,19 @@ def document() -> dict[str, Any]:
         "tags": [
             {"name": "tasks", "description": "operators' tasks and their executions"},
             {"name": "results", "description": "what agents report"},
-            {"name": "agents", "description": "enrolment and the fleet's identities"},
+            {"name": "agents", "description": "enrolment, the agents' states, heartbeats"},
+            {"name": "fleet", "description": "the agent URLs tasks are assigned to"},
             {"name": "audit", "description": "who changed what"},
             {"name": "server", "description": "health and this document"},
         ],
-        "paths": paths(),
+        "paths": {**tasks.paths(), **agents.paths()},
         "components": {
-            "schemas": schemas(),
+            "schemas": {
+                "Error": error_component(),
+                "Uuid": {"type": "string", "pattern": UUID_PATTERN},
+                **tasks.schemas(),
+                **agents.schemas(),
+            },
             "securitySchemes": {
                 "operatorToken": {
                     "type": "http",
