@@ -23,8 +23,8 @@ from taskscheduler.protocol.fields import parse_command, parse_uuid
 from taskscheduler.schedule import InvalidFrequency, parse_frequency
 from taskscheduler.server.api.app import ServerAPI
 from taskscheduler.server.openapi import document, document_bytes
-from taskscheduler.server.openapi.responses import AGENT_ONLY_CODES, error_kinds, server_codes
 from taskscheduler.server.openapi.operations import UUID_PATTERN
+from taskscheduler.server.openapi.responses import AGENT_ONLY_CODES, error_kinds, server_codes
 from taskscheduler.server.openapi.tasks import FREQUENCY_PATTERN
 from taskscheduler.web.gate import Access
 from tests.unit.test_server_api import Harness
