@@ -35,7 +35,7 @@ from taskscheduler.server.store.interface import (
     Task,
     UnknownTask,
 )
-from taskscheduler.web.errors import DATABASE_UNAVAILABLE, UNKNOWN_TASK
+from taskscheduler.web.errors import DATABASE_UNAVAILABLE, UNKNOWN_FIELD, UNKNOWN_TASK
 from taskscheduler.web.gate import Access, AuthGate
 from taskscheduler.web.responses import DomainError, install_error_handlers, json_response
 
@@ -49,6 +49,7 @@ DEFAULT_MAX_OUTPUT_BYTES = 1024 * 1024
 #: The server's domain exceptions, as the error table answers them.
 SERVER_ERRORS: dict[type[Exception], DomainError] = {
     UnknownTask: DomainError(UNKNOWN_TASK),
+    protocol.UnknownFields: DomainError(UNKNOWN_FIELD),  # its message names the fields
     StoreUnavailable: DomainError(DATABASE_UNAVAILABLE, "database unavailable: {error}"),
 }
 
@@ -59,7 +60,13 @@ class ServerAPI(TaskRoutes, ResultRoutes, AgentRoutes, AuditRoutes, OpenAPIRoute
     #: Who may call each route (by endpoint name). A route missing here is refused.
     ACCESS: dict[str, Access] = {
         "create_task": Access.OPERATOR,
+        "list_tasks": Access.OPERATOR,
         "get_task": Access.OPERATOR,
+        "update_task": Access.OPERATOR,
+        "pause_task": Access.OPERATOR,
+        "resume_task": Access.OPERATOR,
+        "run_task": Access.OPERATOR,
+        "execution": Access.OPERATOR,
         "delete_task": Access.OPERATOR,
         "latest_output": Access.OPERATOR,
         "executions": Access.OPERATOR,
@@ -88,6 +95,7 @@ class ServerAPI(TaskRoutes, ResultRoutes, AgentRoutes, AuditRoutes, OpenAPIRoute
         create_limiter: RateLimiter | None = None,
         max_output_bytes: int = DEFAULT_MAX_OUTPUT_BYTES,
         clock_allowance: timedelta = protocol.CLOCK_ALLOWANCE,
+        on_task_changed: Callable[[Task], None] = lambda task: None,
     ) -> None:
         self._store = store
         self._clock = clock
@@ -97,6 +105,8 @@ class ServerAPI(TaskRoutes, ResultRoutes, AgentRoutes, AuditRoutes, OpenAPIRoute
         self._server_public_key = server_public_key
         self._on_agent_enrolled = on_agent_enrolled
         self._on_task_deleted = on_task_deleted
+        #: PATCH, pause, resume or run-now: deliver what changed to the agents.
+        self._on_task_changed = on_task_changed
         self._max_output_bytes = max_output_bytes
         self._clock_allowance = clock_allowance
         self._assignments: set[tuple[str, uuid.UUID]] = set()
