@@ -92,6 +92,8 @@ async def test_route_sweep_refuses_unsigned_forged_stale_and_replayed(agent: Age
     for method, rule, _ in routes(AgentAPI.app):
         path = concrete(rule)
         body = task_body() if method == "POST" else b""
+        if rule == "/api/v1/agent/leave":
+            body = b'{"reason": "removed"}'
         if (method, rule) in PUBLIC:
             code, answer, _ = await send(agent, method, path, b"", None)
             assert code == 200
@@ -113,6 +115,10 @@ async def test_route_sweep_refuses_unsigned_forged_stale_and_replayed(agent: Age
             assert headers.getRawHeaders("WWW-Authenticate") == [
                 'TS-Ed25519 realm="taskscheduler-agent"'
             ]
+        if rule == "/api/v1/agent/leave":
+            # Only the valid instructions ran so far; no refused leave dropped anything.
+            assert len(agent.service.scheduler.tasks) == 1  # type: ignore[union-attr]
+            assert agent.service.api.membership.state == "member"  # type: ignore[union-attr]
         code, _, _ = await send(agent, method, path, body, valid)
         assert code == 200, (method, rule)
         code, answer, _ = await send(agent, method, path, body, valid)
@@ -120,7 +126,9 @@ async def test_route_sweep_refuses_unsigned_forged_stale_and_replayed(agent: Age
         assert method == "HEAD" or "replay" in answer["error"]["message"]
         swept += 1
     assert swept >= 2
-    assert len(agent.service.scheduler.tasks) == 1, "only the valid instruction ran"  # type: ignore[union-attr]
+    # The valid leave (swept after the schedule) dropped the task.
+    assert len(agent.service.scheduler.tasks) == 0  # type: ignore[union-attr]
+    assert agent.service.api.membership.state == "removed"  # type: ignore[union-attr]
 
 
 @pytest_twisted.ensureDeferred

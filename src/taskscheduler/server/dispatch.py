@@ -389,8 +389,83 @@ class AgentLink:
             self._delivery.retry_now()
 
 
+class LeaveSender:
+    """Tells each agent due to leave (its URL left the fleet, or it was revoked) to drop
+    every task, signed for that agent, until it confirms: kicked on a change, retried
+    with back-off while any is unconfirmed. The store keeps what is due, so a restart
+    picks it up."""
+
+    log = Logger()
+
+    def __init__(
+        self,
+        store: Store,
+        http: Any,
+        clock: IReactorTime,
+        *,
+        signer: InstructionSigner | None = None,
+        retry_base: float = 1.0,
+        retry_cap: float = 60.0,
+        jitter: Callable[[], float] = random.random,
+        max_answer_bytes: int = DEFAULT_MAX_ANSWER_BYTES,
+        **_: Any,
+    ) -> None:
+        self._store = store
+        self._http = http
+        self._clock = clock
+        self._signer = signer
+        self._max_answer_bytes = max_answer_bytes
+        backoff = Backoff(retry_base, retry_cap, jitter)
+        self._loop = RetryLoop(clock, self._send_all, backoff, self._failed)
+
+    def start(self) -> None:
+        self._loop.start()
+
+    def stop(self) -> None:
+        self._loop.stop()
+
+    def kick(self) -> None:
+        self._loop.retry_now()
+
+    async def _send_all(self) -> None:
+        leaves = await self._store.pending_leaves(100)
+        problems = []
+        for leave in leaves:
+            client = AgentClient(
+                leave.url,
+                self._http,
+                self._clock,
+                self._signer,
+                max_answer_bytes=self._max_answer_bytes,
+            )
+            audience = leave.agent_id if self._signer is not None else None
+            outcome = await client.leave(leave.reason, audience)
+            if isinstance(outcome, Accepted):
+                await self._store.mark_left(leave.agent_id, leave.reason)
+                self.log.info(
+                    "agent {agent_id} at {url} dropped its tasks ({reason})",
+                    agent_id=str(leave.agent_id),
+                    url=leave.url,
+                    reason=leave.reason,
+                )
+            else:
+                problems.append(f"{leave.url}: {outcome}")
+        if problems:
+            raise _PassFailed(problems)
+
+    def _failed(self, error: Exception, delay: float) -> None:
+        self.log.warn(
+            "could not tell agents to leave ({error}); retrying in {delay:.1f}s",
+            error=describe(error),
+            delay=delay,
+        )
+
+
 class Dispatcher(Service):
-    """One :class:`AgentLink` per agent of the fleet."""
+    """One :class:`AgentLink` per member of the fleet, following the fleet as it changes,
+    and the :class:`LeaveSender`."""
+
+    log = Logger()
 
     def __init__(
         self,
@@ -400,18 +475,54 @@ class Dispatcher(Service):
         agent_urls: Sequence[str],
         **link_options: Any,
     ) -> None:
+        self._store = store
+        self._http = http
+        self._clock = clock
+        self._link_options = link_options
         self.links = [AgentLink(url, store, http, clock, **link_options) for url in agent_urls]
+        self.leaves = LeaveSender(store, http, clock, **link_options)
 
     def startService(self) -> None:
         super().startService()
         for link in self.links:
             link.start()
             link.kick()
+        self.leaves.start()
+        # The members stored (AVAILABLE_SERVERS unset, or added at run time) too.
+        d = Deferred.fromCoroutine(self._follow_fleet(remove=False))
+        d.addErrback(self._follow_failed)
 
     def stopService(self) -> None:
         for link in self.links:
             link.stop()
+        self.leaves.stop()
         return super().stopService()
+
+    def fleet_changed(self) -> None:
+        """A member was added or removed, or an agent revoked: follow the stored fleet
+        and tell whoever must leave."""
+        d = Deferred.fromCoroutine(self._follow_fleet(remove=True))
+        d.addErrback(self._follow_failed)
+        self.leaves.kick()
+
+    async def _follow_fleet(self, remove: bool) -> None:
+        members = {m.url for m in await self._store.list_fleet()}
+        if not self.running:
+            return
+        current = {link.url for link in self.links}
+        for url in sorted(members - current):
+            link = AgentLink(url, self._store, self._http, self._clock, **self._link_options)
+            self.links.append(link)
+            link.start()
+            self.log.info("delivering tasks to {url}, new in the fleet", url=url)
+        if remove:
+            for link in [link for link in self.links if link.url not in members]:
+                link.stop()
+                self.links.remove(link)
+                self.log.info("no longer delivering tasks to {url}", url=link.url)
+
+    def _follow_failed(self, failure: Failure) -> None:
+        self.log.failure("could not follow the fleet", failure)
 
     def task_created(self, task: Task) -> None:
         for link in self.links:
