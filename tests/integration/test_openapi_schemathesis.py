@@ -14,12 +14,15 @@ operation, no shrinking, a fixed seed (the same cases every run)."""
 from __future__ import annotations
 
 import base64
+import contextlib
 import re
 import uuid
+import zlib
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from datetime import timedelta
 from typing import Any
+from urllib.parse import quote, unquote
 
 import pytest
 import schemathesis
@@ -42,7 +45,7 @@ pytestmark = pytest.mark.integration
 #: Fixed, so that a failure seen once is seen again (and one run is like the next).
 SEED = 20261130
 #: Examples of each kind per operation, beside the coverage phase's own cases.
-MAX_EXAMPLES = 12
+MAX_EXAMPLES = 25
 #: The fleet's one URL: nothing listens there.
 NOWHERE = f"http://127.0.0.1:{free_port()}"
 CHECKS = [
@@ -85,7 +88,13 @@ schema = schemathesis.openapi.from_dict(
 @dataclass
 class Seeded:
     fleet: Fleet
+    #: Tasks with a result each (the last one deleted), and the instant of that result.
     tasks: list[str] = field(default_factory=list)
+    instants: dict[str, str] = field(default_factory=dict)
+    #: What a DELETE may name: a task and a fleet member kept for it (so that the other
+    #: routes still find the tasks above), and the task already deleted.
+    doomed_task: str = ""
+    doomed_member: str = ""
     agents: list[str] = field(default_factory=list)
 
     def api(self, method: str, path: str, body: Any = None, token: str | None = None) -> Any:
@@ -145,23 +154,47 @@ def seeded(fleet: Fleet) -> Seeded:
             {"server_id": agent_id, "scheduled_at": at, **ran, **output},
             token=enrolled["credential"],
         )
+        seeded.instants[task_id] = at
     # And one deleted: its answers differ.
     seeded.api("DELETE", f"/api/v1/tasks/{seeded.tasks[-1]}")
+    seeded.doomed_task = seeded.api(
+        "POST", "/api/v1/tasks/create", {"command": "true", "frequency": "every 1 hour"}
+    )["command_id"]
+    seeded.doomed_member = f"http://127.0.0.1:{free_port()}"
+    seeded.api("POST", "/api/v1/fleet", {"url": seeded.doomed_member})
     return seeded
 
 
 _UUID = re.compile(UUID_PATTERN)
 
 
+def _now_and_then(value: str) -> bool:
+    """True for about half of the values, the same every run."""
+    return zlib.crc32(value.encode("utf-8", "replace")) % 2 == 0
+
+
 def name_seeded_records(case: Any, seeded: Seeded) -> None:
-    """Now and then (by the generated id, so the same every run) make a case's valid id
-    one of the seeded records', so that answers about real ones are checked too."""
-    for name, ids in (("task_id", seeded.tasks), ("agent_id", seeded.agents)):
-        value = (case.path_parameters or {}).get(name)
+    """Now and then (by the generated value, so the same every run) make a case's valid
+    id, instant or URL one of the seeded records', so that answers about real ones are
+    checked too."""
+    params = case.path_parameters or {}
+    deleting = case.method.upper() == "DELETE"
+    tasks = [seeded.doomed_task, seeded.tasks[-1]] if deleting else seeded.tasks
+    for name, ids in (("task_id", tasks), ("agent_id", seeded.agents)):
+        value = params.get(name)
         if isinstance(value, str) and _UUID.fullmatch(value):
             choice = uuid.UUID(value).int % (len(ids) + 1)
             if choice < len(ids):
-                case.path_parameters[name] = ids[choice]
+                params[name] = ids[choice]
+    # (path parameters are held percent-encoded)
+    at = params.get("scheduled_at")
+    if isinstance(at, str) and params.get("task_id") in seeded.instants and _now_and_then(at):
+        with contextlib.suppress(ValueError):
+            parse_instant(unquote(at))
+            params["scheduled_at"] = quote(seeded.instants[params["task_id"]], safe="")
+    url = params.get("url")
+    if deleting and isinstance(url, str) and _now_and_then(url):
+        params["url"] = quote(seeded.doomed_member, safe="")
 
 
 @schema.parametrize()

@@ -123,7 +123,12 @@ def schemas() -> dict[str, Any]:
         ),
         "TaskChange": {
             "type": "object",
-            "properties": TASK_FIELDS,
+            "properties": {
+                name: {**schema, "type": [schema["type"], "null"]}
+                if isinstance(schema["type"], str)
+                else schema
+                for name, schema in TASK_FIELDS.items()
+            },
             "minProperties": 1,
             "additionalProperties": False,
             "description": "what to change (null: unchanged); at least one, or `nothing_to_change`",
