@@ -27,7 +27,7 @@ from taskscheduler.server.openapi.operations import UUID_PATTERN
 from taskscheduler.server.openapi.responses import AGENT_ONLY_CODES, error_kinds, server_codes
 from taskscheduler.server.openapi.tasks import FREQUENCY_PATTERN
 from taskscheduler.web.gate import Access
-from tests.unit.test_server_api import Harness
+from tests.unit.test_server_api import AGENT_A, AGENTS, Harness, enrol_test_agents
 
 DOC = document()
 METHODS = {"get", "put", "post", "delete", "patch", "head", "options", "trace"}
@@ -166,6 +166,65 @@ async def test_the_document_is_served_to_anyone() -> None:
     assert response.headers.getRawHeaders("Content-Type") == ["application/json"]
     assert json.loads(await response.content()) == DOC
     assert document_bytes() == document_bytes()
+
+
+# -- the app's answers, as the document says (schemathesis checks many more, live) ----------
+def answer_validator(method: str, path: str, status: int) -> Draft202012Validator:
+    response = DOC["paths"][path][method.lower()]["responses"][str(status)]
+    schema = response["content"]["application/json"]["schema"]
+    return Draft202012Validator({**schema, "components": DOC["components"]})
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_walk_through_every_operator_route_answers_as_documented() -> None:
+    h = Harness()
+    await h.store.set_fleet(AGENTS)
+    await enrol_test_agents(h.store)
+    task_id = await h.create()
+    h.clock.advance(31)
+    code, _ = await h.report(h.result(task_id, AGENT_A, 1, stdout=b"hi\xff"))
+    assert code == 200
+    at = (await h.request("GET", f"/api/v1/tasks/{task_id}/executions"))[1]["executions"][0]
+    walk = [
+        ("GET", "/api/v1/tasks", "/api/v1/tasks", None),
+        ("GET", f"/api/v1/tasks/{task_id}", "/api/v1/tasks/{task_id}", None),
+        ("PATCH", f"/api/v1/tasks/{task_id}", "/api/v1/tasks/{task_id}", {"command": "id"}),
+        ("POST", f"/api/v1/tasks/{task_id}/pause", "/api/v1/tasks/{task_id}/pause", None),
+        ("POST", f"/api/v1/tasks/{task_id}/resume", "/api/v1/tasks/{task_id}/resume", None),
+        ("POST", f"/api/v1/tasks/{task_id}/run", "/api/v1/tasks/{task_id}/run", None),
+        (
+            "GET",
+            f"/api/v1/tasks/{task_id}/latest_output",
+            "/api/v1/tasks/{task_id}/latest_output",
+            None,
+        ),
+        ("GET", f"/api/v1/tasks/{task_id}/executions", "/api/v1/tasks/{task_id}/executions", None),
+        (
+            "GET",
+            f"/api/v1/tasks/{task_id}/executions/{at['scheduled_at']}",
+            "/api/v1/tasks/{task_id}/executions/{scheduled_at}",
+            None,
+        ),
+        ("GET", "/api/v1/agents", "/api/v1/agents", None),
+        ("GET", f"/api/v1/agents/{AGENT_A}", "/api/v1/agents/{agent_id}", None),
+        ("DELETE", f"/api/v1/agents/{AGENT_A}", "/api/v1/agents/{agent_id}", None),
+        (
+            "POST",
+            f"/api/v1/agents/{AGENT_A}/release-url",
+            "/api/v1/agents/{agent_id}/release-url",
+            None,
+        ),
+        ("GET", "/api/v1/fleet", "/api/v1/fleet", None),
+        ("POST", "/api/v1/fleet", "/api/v1/fleet", {"url": "http://agent-c:8081"}),
+        ("DELETE", "/api/v1/fleet/http%3A%2F%2Fagent-c%3A8081", "/api/v1/fleet/{url}", None),
+        ("DELETE", f"/api/v1/tasks/{task_id}", "/api/v1/tasks/{task_id}", None),
+        ("GET", "/api/v1/audit", "/api/v1/audit", None),
+    ]
+    for method, path, documented_path, body in walk:
+        code, answer = await h.request(method, path, body)
+        assert code < 300, (method, path, code, answer)
+        errors = list(answer_validator(method, documented_path, code).iter_errors(answer))
+        assert not errors, (method, path, [e.message for e in errors])
 
 
 # -- the grammar of fields: whatever the server accepts, the document accepts ------------------
