@@ -45,7 +45,7 @@ pytestmark = pytest.mark.integration
 #: Fixed, so that a failure seen once is seen again (and one run is like the next).
 SEED = 20261130
 #: Examples of each kind per operation, beside the coverage phase's own cases.
-MAX_EXAMPLES = 25
+MAX_EXAMPLES = 40
 #: The fleet's one URL: nothing listens there.
 NOWHERE = f"http://127.0.0.1:{free_port()}"
 CHECKS = [
