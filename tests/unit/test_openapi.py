@@ -18,7 +18,7 @@ from hypothesis import strategies as st
 from jsonschema import Draft202012Validator
 from openapi_spec_validator import validate
 
-from taskscheduler.protocol import InvalidMessage
+from taskscheduler.protocol import InvalidMessage, result_to_json
 from taskscheduler.protocol.fields import parse_command, parse_uuid
 from taskscheduler.schedule import InvalidFrequency, parse_frequency
 from taskscheduler.server.api.app import ServerAPI
@@ -27,7 +27,14 @@ from taskscheduler.server.openapi.operations import UUID_PATTERN
 from taskscheduler.server.openapi.responses import AGENT_ONLY_CODES, error_kinds, server_codes
 from taskscheduler.server.openapi.tasks import FREQUENCY_PATTERN
 from taskscheduler.web.gate import Access
-from tests.unit.test_server_api import AGENT_A, AGENTS, Harness, enrol_test_agents
+from tests.unit.test_server_api import (
+    AGENT_A,
+    AGENTS,
+    CREDENTIALS,
+    JSON,
+    Harness,
+    enrol_test_agents,
+)
 
 DOC = document()
 METHODS = {"get", "put", "post", "delete", "patch", "head", "options", "trace"}
@@ -176,14 +183,23 @@ def answer_validator(method: str, path: str, status: int) -> Draft202012Validato
 
 
 @pytest_twisted.ensureDeferred
-async def test_a_walk_through_every_operator_route_answers_as_documented() -> None:
+async def test_a_walk_through_the_routes_answers_as_documented() -> None:
     h = Harness()
     await h.store.set_fleet(AGENTS)
     await enrol_test_agents(h.store)
     task_id = await h.create()
     h.clock.advance(31)
-    code, _ = await h.report(h.result(task_id, AGENT_A, 1, stdout=b"hi\xff"))
-    assert code == 200
+    result = h.result(task_id, AGENT_A, 1, stdout=b"hi\xff")
+    agent = {**JSON, "Authorization": f"Bearer {CREDENTIALS[AGENT_A]}"}
+    for method, path, documented_path, body in [
+        ("POST", f"/api/v1/tasks/{task_id}/complete", "/api/v1/tasks/{task_id}/complete", None),
+        ("POST", "/api/v1/results", "/api/v1/results", {"results": [result_to_json(result)]}),
+        ("POST", "/api/v1/agents/heartbeat", "/api/v1/agents/heartbeat", {"tasks": 1}),
+    ]:
+        code, answer = await h.request(method, path, body or result_to_json(result), headers=agent)
+        assert code == 200, (path, answer)
+        errors = list(answer_validator(method, documented_path, code).iter_errors(answer))
+        assert not errors, (method, path, [e.message for e in errors])
     at = (await h.request("GET", f"/api/v1/tasks/{task_id}/executions"))[1]["executions"][0]
     walk = [
         ("GET", "/api/v1/tasks", "/api/v1/tasks", None),
