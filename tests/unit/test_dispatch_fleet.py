@@ -4,7 +4,9 @@ checking the server's signatures, over a fake runner)."""
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
+from typing import Any
 
 import pytest_twisted
 from treq.testing import StubTreq
@@ -112,3 +114,28 @@ async def test_a_revoked_agent_is_told_to_leave_signed_for_its_identity(tmp_path
     # Said again after a restart of the agent: the data folder keeps it.
     assert (tmp_path / "agent" / "membership").read_text().strip() == "revoked"
     dispatcher.stopService()
+
+
+async def instruct(agent: AgentFront, body: bytes) -> tuple[int, Any]:
+    path = "/api/v1/agent/leave"
+    api: Any = agent.agent.api
+    d = api.request("POST", URL + path, data=body, headers=agent.agent.signed("POST", path, body))
+    agent.agent.settle()
+    response = await d
+    return response.code, json.loads(await api.content(response))
+
+
+@pytest_twisted.ensureDeferred
+async def test_the_agent_takes_a_leave_with_a_known_reason_and_ignores_new_fields(
+    tmp_path: Path,
+) -> None:
+    agent = AgentFront(tmp_path / "agent", Clock())
+    code, body = await instruct(agent, b'{"reason": "retired"}')
+    assert (code, body["error"]["code"]) == (400, "invalid_request")
+    assert membership(agent) == "member"
+    code, body = await instruct(agent, b'{"reason": "removed", "from_a_newer_server": 1}')
+    assert code == 200
+    assert body == {"agent_id": str(AGENT_ID), "status": "left", "reason": "removed"}
+    assert membership(agent) == "removed"
+    code, _ = await instruct(agent, b'{"reason": "removed"}')  # again: still 200
+    assert code == 200
