@@ -23,6 +23,10 @@ agent an :class:`AgentLink`:
   that was down when a task was created or deleted hears of it on the first pass after
   it comes back.
 
+The :class:`Dispatcher` keeps one link per member of the fleet, adding and dropping links
+as the fleet changes at run time (:meth:`Dispatcher.fleet_changed`), and tells agents
+that must leave it (:class:`taskscheduler.server.leaves.LeaveSender`).
+
 Every request is signed (:mod:`taskscheduler.signing`) for the agent enrolled at the
 link's URL, the only identity that accepts it; until an agent has enrolled there, the
 link has nobody to send to and backs off.
@@ -63,6 +67,7 @@ from taskscheduler.server.agent_client import (
     Refused,
     TaskList,
 )
+from taskscheduler.server.leaves import LeaveSender
 from taskscheduler.server.store.interface import ManualRun, Store, Task
 from taskscheduler.signing import InstructionSigner
 
@@ -387,78 +392,6 @@ class AgentLink:
         if missing or deleted or self._delivery.failures:
             # The agent answers again: deliver now rather than at the end of a back-off.
             self._delivery.retry_now()
-
-
-class LeaveSender:
-    """Tells each agent due to leave (its URL left the fleet, or it was revoked) to drop
-    every task, signed for that agent, until it confirms: kicked on a change, retried
-    with back-off while any is unconfirmed. The store keeps what is due, so a restart
-    picks it up."""
-
-    log = Logger()
-
-    def __init__(
-        self,
-        store: Store,
-        http: Any,
-        clock: IReactorTime,
-        *,
-        signer: InstructionSigner | None = None,
-        retry_base: float = 1.0,
-        retry_cap: float = 60.0,
-        jitter: Callable[[], float] = random.random,
-        max_answer_bytes: int = DEFAULT_MAX_ANSWER_BYTES,
-        **_: Any,
-    ) -> None:
-        self._store = store
-        self._http = http
-        self._clock = clock
-        self._signer = signer
-        self._max_answer_bytes = max_answer_bytes
-        backoff = Backoff(retry_base, retry_cap, jitter)
-        self._loop = RetryLoop(clock, self._send_all, backoff, self._failed)
-
-    def start(self) -> None:
-        self._loop.start()
-
-    def stop(self) -> None:
-        self._loop.stop()
-
-    def kick(self) -> None:
-        self._loop.retry_now()
-
-    async def _send_all(self) -> None:
-        leaves = await self._store.pending_leaves(100)
-        problems = []
-        for leave in leaves:
-            client = AgentClient(
-                leave.url,
-                self._http,
-                self._clock,
-                self._signer,
-                max_answer_bytes=self._max_answer_bytes,
-            )
-            audience = leave.agent_id if self._signer is not None else None
-            outcome = await client.leave(leave.reason, audience)
-            if isinstance(outcome, Accepted):
-                await self._store.mark_left(leave.agent_id, leave.reason)
-                self.log.info(
-                    "agent {agent_id} at {url} dropped its tasks ({reason})",
-                    agent_id=str(leave.agent_id),
-                    url=leave.url,
-                    reason=leave.reason,
-                )
-            else:
-                problems.append(f"{leave.url}: {outcome}")
-        if problems:
-            raise _PassFailed(problems)
-
-    def _failed(self, error: Exception, delay: float) -> None:
-        self.log.warn(
-            "could not tell agents to leave ({error}); retrying in {delay:.1f}s",
-            error=describe(error),
-            delay=delay,
-        )
 
 
 class Dispatcher(Service):
