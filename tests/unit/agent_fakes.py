@@ -32,6 +32,7 @@ from taskscheduler.protocol import (
     ResultStatus,
     RunResult,
     TaskSpec,
+    Trigger,
     parse_result,
     parse_result_batch,
 )
@@ -111,6 +112,8 @@ class FakeRun:
     deferred: Deferred[FakeOutcome]
     started_at: datetime
     key: tuple[uuid.UUID, datetime] | None = None
+    revision: int | None = None
+    trigger: Trigger = Trigger.SCHEDULE
 
     @property
     def done(self) -> bool:
@@ -149,10 +152,14 @@ class FakeRunner:
         extra_env: Mapping[str, str] = {},
         *,
         key: tuple[uuid.UUID, datetime] | None = None,
+        revision: int | None = None,
+        trigger: Trigger = Trigger.SCHEDULE,
     ) -> Deferred[FakeOutcome]:
         if self.fail_to_start:
             raise OSError(24, "Too many open files")
-        run = FakeRun(command, time_limit, dict(extra_env), Deferred(), self._now(), key)
+        run = FakeRun(
+            command, time_limit, dict(extra_env), Deferred(), self._now(), key, revision, trigger
+        )
         self.runs.append(run)
         return run.deferred
 

@@ -10,7 +10,13 @@ from klein import Klein
 
 #: Routes anyone may call, on either daemon. Everything else must refuse anonymous,
 #: wrong and revoked credentials.
-PUBLIC = {("GET", "/api/v1/health"), ("HEAD", "/api/v1/health")}
+PUBLIC = {
+    ("GET", "/api/v1/health"),
+    ("HEAD", "/api/v1/health"),
+    # The server's OpenAPI document: it describes the routes, and holds no secret.
+    ("GET", "/api/v1/openapi.json"),
+    ("HEAD", "/api/v1/openapi.json"),
+}
 
 
 def routes(app: Klein) -> Iterator[tuple[str, str, str]]:

@@ -110,8 +110,15 @@ def test_membership_is_kept_in_the_data_folder_and_a_removed_agent_added_back_is
 ) -> None:
     path = tmp_path / "membership"
     membership = Membership(path)
+    logged: list[dict[str, Any]] = []
+    membership.log = Logger(observer=logged.append)
     assert membership.state == "member" and not path.exists()
     membership.left("removed", 3)
+    membership.left("removed", 0)  # told again (its confirmation was lost): said once
+    assert [formatEvent(e) for e in logged] == [
+        "the server told this agent to leave the fleet (removed): dropped 3 tasks; it runs "
+        "nothing until an operator adds it again"
+    ]
     assert Membership(path).state == "removed"
     membership.heard(True)
     assert membership.state == "member" and Membership(path).state == "member"

@@ -32,11 +32,11 @@ class FlakyStore(MemoryStore):
         self.failures: list[Exception] = []
         self.prune_calls = 0
 
-    async def prune_history(self, before: datetime, limit: int) -> int:
+    async def prune_history(self, before: datetime, limit: int, keep: int = 0) -> int:
         self.prune_calls += 1
         if self.failures:
             raise self.failures.pop(0)
-        return await super().prune_history(before, limit)
+        return await super().prune_history(before, limit, keep)
 
 
 async def a_task_with_history(store: MemoryStore, hours: int) -> uuid.UUID:
@@ -142,7 +142,7 @@ async def test_a_tick_stops_when_its_time_budget_is_spent() -> None:
     class SlowStore(MemoryStore):
         calls = 0
 
-        async def prune_history(self, before: datetime, limit: int) -> int:
+        async def prune_history(self, before: datetime, limit: int, keep: int = 0) -> int:
             self.calls += 1
             clock.advance(4)  # each batch takes 4 s and there is always more
             return limit
@@ -160,7 +160,7 @@ async def test_stopping_waits_for_the_batch_under_way_and_ends_the_loop() -> Non
     pending: list[Deferred[int]] = []
 
     class PausedStore(MemoryStore):
-        async def prune_history(self, before: datetime, limit: int) -> int:
+        async def prune_history(self, before: datetime, limit: int, keep: int = 0) -> int:
             d: Deferred[int] = Deferred()
             pending.append(d)
             return await d

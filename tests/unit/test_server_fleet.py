@@ -149,6 +149,9 @@ async def test_an_agent_outside_the_fleet_is_shown_and_warned_about_once_per_cha
     assert code == 201
     code, body = await h.beat(AGENT_C)
     assert body == {"state": "online", "in_fleet": True, "interval_seconds": 10.0}
+    assert len(h.warnings("is in the fleet now")) == 1
+    await h.beat(AGENT_A)  # in the fleet from the start: nothing to say
+    assert len(h.warnings("is in the fleet now")) == 1
     await h.request("DELETE", f"/api/v1/fleet/{quote(OUTSIDE, safe='')}")
     await h.beat(AGENT_C)
     assert len(h.warnings("is not in the fleet")) == 2

@@ -73,6 +73,7 @@ def result(
         "finished_at": scheduled + timedelta(milliseconds=20),
         "stdout": Output.of(out),
         "stderr": Output.of(err),
+        "revision": 1,  # as an agent that knows revisions reports (an older one's: None)
     }
     fields.update(changes)
     return RunResult(**fields)
@@ -334,6 +335,7 @@ async def test_output_bytes_round_trip_exactly(store: Store, stdout: bytes) -> N
             started_at=at(1),
             finished_at=None,
             stdout=Output(stdout[:10] + stdout[-10:], len(stdout) + 5, True),
+            revision=1,
         ),
     ]
     assert await store.record_results(reported, at(1)) == [STORED, STORED]

@@ -258,9 +258,11 @@ async def test_the_prune_query_walks_an_index_not_history(database_dsn: str) -> 
             await store.record_results(batch, at(2000))
     await store.stop()
     _query(database_dsn, "ANALYZE")
-    rows = _query(database_dsn, "EXPLAIN " + PRUNE_SQL, {"before": at(1500), "limit": 50})
-    text = "\n".join(row[0] for row in rows)
-    assert "executions_by_scheduled_at" in text, text
-    assert "Tid Scan on executions" in text, text
-    assert "Seq Scan on executions" not in text, text
-    assert "Seq Scan on results" not in text, text
+    for keep in (0, 100):  # with --retention-min-executions too
+        params = {"before": at(1500), "limit": 50, "keep": keep}
+        rows = _query(database_dsn, "EXPLAIN " + PRUNE_SQL, params)
+        text = "\n".join(row[0] for row in rows)
+        assert "executions_by_scheduled_at" in text, text
+        assert "Tid Scan on executions" in text, text
+        assert "Seq Scan on executions" not in text, text
+        assert "Seq Scan on results" not in text, text

@@ -1,5 +1,6 @@
 """The server's client of one agent's API: schedule (one task or a batch), unschedule,
-list, leave; each request signed for the agent enrolled at the URL, each answer a typed outcome.
+run now, list, leave; each request signed for the agent enrolled at the URL, each answer a
+typed outcome.
 
 An agent is not trusted with the server's memory: every answer is read up to a bound
 (:func:`taskscheduler.httpclient.exchange`) and refused past it, the connection dropped.
@@ -12,6 +13,7 @@ import json
 import uuid
 from collections.abc import Sequence
 from dataclasses import dataclass
+from datetime import datetime
 from typing import Any
 from urllib.parse import urlsplit
 
@@ -19,6 +21,7 @@ from twisted.internet.interfaces import IReactorTime
 
 from taskscheduler import protocol
 from taskscheduler.httpclient import Answer, NoAnswer, describe, exchange
+from taskscheduler.schedule import format_instant
 from taskscheduler.signing import InstructionSigner
 
 #: Seconds to wait for an agent's answer.
@@ -148,6 +151,29 @@ class AgentClient:
         answered = await self._instruct("DELETE", f"/api/v1/tasks/{task_id}", b"", audience)
         return Accepted(answered.agent_id) if isinstance(answered, _Answered) else answered
 
+    async def run_now(
+        self,
+        spec: protocol.TaskSpec,
+        scheduled_at: datetime,
+        revision: int,
+        audience: uuid.UUID | None,
+    ) -> Outcome:
+        """Tell the agent to run the task once, as the run-now at ``scheduled_at``.
+
+        The task's spec goes along (agents read the fields they know): an agent that does
+        not hold the task, paused, can still run it.
+        """
+        body = json.dumps(
+            {
+                "scheduled_at": format_instant(scheduled_at),
+                "revision": revision,
+                "task": protocol.task_spec_to_json(spec),
+            }
+        ).encode("utf-8")
+        path = f"/api/v1/tasks/{spec.task_id}/run"
+        answered = await self._instruct("POST", path, body, audience)
+        return Accepted(answered.agent_id) if isinstance(answered, _Answered) else answered
+
     async def leave(self, reason: str, audience: uuid.UUID | None) -> Outcome:
         """Tell the agent to drop every task: it left the fleet (``removed``) or was
         ``revoked``."""
@@ -193,7 +219,7 @@ class AgentClient:
             )
         except NoAnswer as e:
             return Failed(f"{method} {path}: {e}")
-        if answer.status != 200:
+        if answer.status not in (200, 202):  # 202: a run-now the agent took
             message = f"agent answered {answer.status}: {answer.error_message}"
             if is_refusal(answer.status):
                 return Refused(answer.status, answer.error_code, message)

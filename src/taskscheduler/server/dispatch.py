@@ -1,5 +1,7 @@
-"""Pushes tasks to agents until each agent has acknowledged every task assigned to it,
-and tells them to drop deleted tasks until each has confirmed it did.
+"""Pushes tasks to agents until each agent has acknowledged every task assigned to it (at
+its current revision), tells them to drop deleted and paused tasks until each has
+confirmed it did, and tells them of run-nows until each has acknowledged it or its
+deadline has passed.
 
 The store remembers, per (task, agent), whether the agent acknowledged the task and
 whether it still has to drop it, so nothing here needs to survive a restart. For each
@@ -8,7 +10,8 @@ agent an :class:`AgentLink`:
 - delivers undelivered tasks, oldest first, in batches (``POST {agent}/api/v1/tasks/schedule``
   with ``{"tasks": [...]}``: one signature and one round trip for up to ``batch_size``
   tasks or ``batch_bytes`` of them) and removals of deleted tasks (``DELETE
-  {agent}/api/v1/tasks/{task_id}``) as soon as it is kicked (a task was created or
+  {agent}/api/v1/tasks/{task_id}``) and run-nows (``POST {agent}/api/v1/tasks/{task_id}/run``)
+  as soon as it is kicked (a task was created, changed, paused, resumed, run or
   deleted) and again after failures, with exponential back-off and jitter while the
   agent is unreachable. Deliveries and removals go out together and neither waits on
   the other: a task the agent refuses (a 4xx answer) is offered again after the
@@ -19,6 +22,10 @@ agent an :class:`AgentLink`:
   undelivered and sent again; a deleted task it still has is removed again. An agent
   that was down when a task was created or deleted hears of it on the first pass after
   it comes back.
+
+The :class:`Dispatcher` keeps one link per member of the fleet, adding and dropping links
+as the fleet changes at run time (:meth:`Dispatcher.fleet_changed`), and tells agents
+that must leave it (:class:`taskscheduler.server.leaves.LeaveSender`).
 
 Every request is signed (:mod:`taskscheduler.signing`) for the agent enrolled at the
 link's URL, the only identity that accepts it; until an agent has enrolled there, the
@@ -49,6 +56,7 @@ from twisted.python.failure import Failure
 from taskscheduler import protocol
 from taskscheduler.httpclient import describe
 from taskscheduler.retry import Backoff, RetryLoop
+from taskscheduler.schedule import utc_now_from
 from taskscheduler.server.agent_client import (
     DEFAULT_MAX_ANSWER_BYTES,
     Accepted,
@@ -59,7 +67,8 @@ from taskscheduler.server.agent_client import (
     Refused,
     TaskList,
 )
-from taskscheduler.server.store.interface import Store, Task
+from taskscheduler.server.leaves import LeaveSender
+from taskscheduler.server.store.interface import ManualRun, Store, Task
 from taskscheduler.signing import InstructionSigner
 
 #: Most tasks in one delivery request (the agent takes up to 1000).
@@ -100,6 +109,7 @@ class AgentLink:
         self.client = AgentClient(url, http, clock, signer, max_answer_bytes=max_answer_bytes)
         self.url = self.client.url
         self._store = store
+        self._clock = clock
         self._signed = signer is not None
         self._reconcile_interval = reconcile_interval
         self._batch_size = batch_size
@@ -166,16 +176,19 @@ class AgentLink:
         while not self._delivery.stopped:
             tasks = await self._store.undelivered_tasks(self.url, self._page_size)
             removals = await self._store.pending_removals(self.url, self._page_size)
-            if not tasks and not removals:
+            now = utc_now_from(self._clock.seconds())
+            runs = await self._store.pending_manual_runs(self.url, now, self._page_size)
+            if not tasks and not removals and not runs:
                 return
             audience = await self._audience()
-            # Both are sent whatever becomes of the other: a task the agent refuses
+            # Each is sent whatever becomes of the others: a task the agent refuses
             # must not keep a deleted task running there, nor the reverse.
             task_errors = await self._deliver_tasks(tasks, audience)
             removal_errors = await self._deliver_removals(removals, audience)
-            if task_errors or removal_errors:
+            run_errors = await self._deliver_runs(runs, audience)
+            if task_errors or removal_errors or run_errors:
                 self._only_refused = all(
-                    isinstance(e, Refused) for e in task_errors + removal_errors
+                    isinstance(e, Refused) for e in task_errors + removal_errors + run_errors
                 )
                 raise _PassFailed(
                     [
@@ -183,6 +196,7 @@ class AgentLink:
                         for problem in (
                             _summary(task_errors, len(tasks), "tasks not accepted"),
                             _summary(removal_errors, len(removals), "removals not confirmed"),
+                            _summary(run_errors, len(runs), "run-nows not acknowledged"),
                         )
                         if problem
                     ]
@@ -210,7 +224,7 @@ class AgentLink:
             consumeErrors=True,
         )
         agent_id: uuid.UUID | None = None
-        delivered: list[uuid.UUID] = []
+        delivered: list[Task] = []
         errors: list[Refused | Failed] = []
         for batch, (ok, value) in zip(batches, results, strict=True):
             if not ok:
@@ -219,11 +233,17 @@ class AgentLink:
             for (task, _), outcome in zip(batch, value, strict=True):
                 if isinstance(outcome, Accepted):
                     agent_id = outcome.agent_id
-                    delivered.append(task.task_id)
+                    delivered.append(task)
                 else:
                     errors.append(outcome)
         if delivered and agent_id is not None:
-            await self._store.mark_delivered(self.url, delivered, agent_id)
+            # At the revision sent: one changed meanwhile is still due.
+            await self._store.mark_delivered(
+                self.url,
+                [t.task_id for t in delivered],
+                agent_id,
+                [t.spec.revision for t in delivered],
+            )
             self.log.info(
                 "delivered {count} tasks to agent {url}", count=len(delivered), url=self.url
             )
@@ -253,6 +273,35 @@ class AgentLink:
             self.log.info(
                 "agent {url} dropped {count} deleted tasks", count=len(removed), url=self.url
             )
+        return [outcome for outcome in outcomes if not isinstance(outcome, Accepted)]
+
+    async def _deliver_runs(
+        self, runs: Sequence[ManualRun], audience: uuid.UUID | None
+    ) -> list[Refused | Failed]:
+        """Tell the agent of these run-nows and record those it acknowledged; why the
+        others were not (they are sent again until their deadline)."""
+        if not runs:
+            return []
+        results: list[tuple[bool, Any]] = await DeferredList(
+            [
+                self._semaphore.run(
+                    self.client.run_now, run.spec, run.scheduled_at, run.revision, audience
+                )
+                for run in runs
+            ],
+            consumeErrors=True,
+        )
+        outcomes: list[Outcome] = [
+            value if ok else Failed(describe(value.value)) for ok, value in results
+        ]
+        done = [
+            (run.spec.task_id, run.scheduled_at)
+            for run, outcome in zip(runs, outcomes, strict=True)
+            if isinstance(outcome, Accepted)
+        ]
+        if done:
+            await self._store.mark_manual_delivered(self.url, done)
+            self.log.info("agent {url} took {count} run-nows", count=len(done), url=self.url)
         return [outcome for outcome in outcomes if not isinstance(outcome, Accepted)]
 
     def _batches(self, tasks: Sequence[Task]) -> list[list[tuple[Task, bytes]]]:
@@ -345,78 +394,6 @@ class AgentLink:
             self._delivery.retry_now()
 
 
-class LeaveSender:
-    """Tells each agent due to leave (its URL left the fleet, or it was revoked) to drop
-    every task, signed for that agent, until it confirms: kicked on a change, retried
-    with back-off while any is unconfirmed. The store keeps what is due, so a restart
-    picks it up."""
-
-    log = Logger()
-
-    def __init__(
-        self,
-        store: Store,
-        http: Any,
-        clock: IReactorTime,
-        *,
-        signer: InstructionSigner | None = None,
-        retry_base: float = 1.0,
-        retry_cap: float = 60.0,
-        jitter: Callable[[], float] = random.random,
-        max_answer_bytes: int = DEFAULT_MAX_ANSWER_BYTES,
-        **_: Any,
-    ) -> None:
-        self._store = store
-        self._http = http
-        self._clock = clock
-        self._signer = signer
-        self._max_answer_bytes = max_answer_bytes
-        backoff = Backoff(retry_base, retry_cap, jitter)
-        self._loop = RetryLoop(clock, self._send_all, backoff, self._failed)
-
-    def start(self) -> None:
-        self._loop.start()
-
-    def stop(self) -> None:
-        self._loop.stop()
-
-    def kick(self) -> None:
-        self._loop.retry_now()
-
-    async def _send_all(self) -> None:
-        leaves = await self._store.pending_leaves(100)
-        problems = []
-        for leave in leaves:
-            client = AgentClient(
-                leave.url,
-                self._http,
-                self._clock,
-                self._signer,
-                max_answer_bytes=self._max_answer_bytes,
-            )
-            audience = leave.agent_id if self._signer is not None else None
-            outcome = await client.leave(leave.reason, audience)
-            if isinstance(outcome, Accepted):
-                await self._store.mark_left(leave.agent_id, leave.reason)
-                self.log.info(
-                    "agent {agent_id} at {url} dropped its tasks ({reason})",
-                    agent_id=str(leave.agent_id),
-                    url=leave.url,
-                    reason=leave.reason,
-                )
-            else:
-                problems.append(f"{leave.url}: {outcome}")
-        if problems:
-            raise _PassFailed(problems)
-
-    def _failed(self, error: Exception, delay: float) -> None:
-        self.log.warn(
-            "could not tell agents to leave ({error}); retrying in {delay:.1f}s",
-            error=describe(error),
-            delay=delay,
-        )
-
-
 class Dispatcher(Service):
     """One :class:`AgentLink` per member of the fleet, following the fleet as it changes,
     and the :class:`LeaveSender`."""
@@ -485,6 +462,11 @@ class Dispatcher(Service):
             link.kick()
 
     def task_deleted(self, task: Task) -> None:
+        for link in self.links:
+            link.kick()
+
+    def task_changed(self, task: Task) -> None:
+        """Changed, paused, resumed or run now: the store says what each agent is due."""
         for link in self.links:
             link.kick()
 

@@ -11,7 +11,7 @@ from taskscheduler.listen import INSECURE_FLAG
 from taskscheduler.protocol import CLOCK_ALLOWANCE
 from taskscheduler.server.api.app import DEFAULT_MAX_OUTPUT_BYTES, DEFAULT_REPORT_GRACE
 from taskscheduler.server.ratelimit import DEFAULT_CREATE_BURST, DEFAULT_CREATE_RATE
-from taskscheduler.server.retention import DEFAULT_RETENTION_DAYS
+from taskscheduler.server.retention import DEFAULT_MIN_EXECUTIONS, DEFAULT_RETENTION_DAYS
 from taskscheduler.web.guards import (
     DEFAULT_BODY_TIMEOUT,
     DEFAULT_HEADER_TIMEOUT,
@@ -104,6 +104,14 @@ class Options(usage.Options):
             "Days of execution history (executions and their results) to keep; older "
             "history is deleted a little at a time every few minutes; 0 keeps everything "
             f"[TASKSCHEDULER_RETENTION_DAYS] (default: {DEFAULT_RETENTION_DAYS}).",
+        ],
+        [
+            "retention-min-executions",
+            None,
+            None,
+            "Executions of each task never deleted by retention, the newest ones, however "
+            "old [RETENTION_MIN_EXECUTIONS] "
+            f"(default: {DEFAULT_MIN_EXECUTIONS}).",
         ],
         [
             "database-wait",
@@ -274,6 +282,10 @@ class Options(usage.Options):
             self["retention-days"]
             or _env("TASKSCHEDULER_RETENTION_DAYS", str(DEFAULT_RETENTION_DAYS))
         )
+        self["retention-min-executions"] = parse_min_executions(
+            self["retention-min-executions"]
+            or _env("RETENTION_MIN_EXECUTIONS", str(DEFAULT_MIN_EXECUTIONS))
+        )
         self["database-wait"] = _positive_number(
             self["database-wait"] or _env("TASKSCHEDULER_DATABASE_WAIT", "60"), "database-wait"
         )
@@ -363,6 +375,16 @@ def parse_agent_urls(text: str) -> list[str]:
         if url not in urls:
             urls.append(url)
     return urls
+
+
+def parse_min_executions(text: str | None) -> int:
+    """``--retention-min-executions``: a whole number from 0 to 1,000,000."""
+    value = (text or "").strip()
+    if not value.isascii() or not value.isdigit() or len(value) > 7 or int(value) > 1_000_000:
+        raise usage.UsageError(
+            "--retention-min-executions must be a whole number from 0 to 1000000"
+        )
+    return int(value)
 
 
 def parse_retention_days(text: str | None) -> int:

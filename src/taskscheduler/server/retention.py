@@ -4,7 +4,8 @@ Every ``interval`` the :class:`HistoryPruner` deletes the executions scheduled m
 ``retention`` ago, with their results, in batches of ``batch_size`` (each batch its own
 short transaction, see :meth:`~taskscheduler.server.store.interface.Store.prune_history`), until
 none are left or the tick's ``time_budget`` is spent; the rest waits for the next tick.
-Tasks and the audit log are never pruned.
+The newest ``keep`` executions of each task are never pruned, however old
+(``--retention-min-executions``), nor are tasks and the audit log.
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ DEFAULT_RETENTION_DAYS = 90
 DEFAULT_PRUNE_INTERVAL = 300.0  # seconds between ticks
 DEFAULT_PRUNE_BATCH = 5_000  # executions per transaction
 DEFAULT_PRUNE_BUDGET = 30.0  # seconds of pruning per tick, at most (plus one batch)
+DEFAULT_MIN_EXECUTIONS = 100  # the newest executions of each task kept however old
 
 
 class HistoryPruner(Service):
@@ -40,6 +42,7 @@ class HistoryPruner(Service):
         interval: float = DEFAULT_PRUNE_INTERVAL,
         batch_size: int = DEFAULT_PRUNE_BATCH,
         time_budget: float = DEFAULT_PRUNE_BUDGET,
+        keep: int = 0,
     ) -> None:
         if retention <= timedelta(0):
             raise ValueError("retention must be positive")
@@ -49,6 +52,7 @@ class HistoryPruner(Service):
         self._interval = interval
         self._batch_size = batch_size
         self._time_budget = time_budget
+        self._keep = keep
         self._loop: LoopingCall | None = None
         self._done: Deferred[Any] | None = None
         self._stopping = False
@@ -92,7 +96,7 @@ class HistoryPruner(Service):
         pruned = 0
         try:
             while True:
-                count = await self._store.prune_history(cutoff, self._batch_size)
+                count = await self._store.prune_history(cutoff, self._batch_size, self._keep)
                 pruned += count
                 if count < self._batch_size or self._stopping:
                     break

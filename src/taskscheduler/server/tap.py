@@ -156,6 +156,7 @@ def server_service(
         server_public_key=public_key_text(signer.public_key),
         on_agent_enrolled=lambda agent: dispatcher.agent_enrolled(agent.url),
         on_task_deleted=dispatcher.task_deleted,
+        on_task_changed=dispatcher.task_changed,
         create_limiter=RateLimiter(reactor, options["create-rate"], options["create-burst"]),
         max_output_bytes=options["max-output-bytes"],
         clock_allowance=timedelta(seconds=options["clock-allowance"]),
@@ -219,7 +220,8 @@ def server_service(
     dispatcher.setServiceParent(tree)
     if options["retention-days"]:
         retention = timedelta(days=options["retention-days"])
-        HistoryPruner(store, reactor, retention).setServiceParent(tree)
+        keep = options["retention-min-executions"]
+        HistoryPruner(store, reactor, retention, keep=keep).setServiceParent(tree)
         log.info("keeping {days} days of execution history", days=options["retention-days"])
     else:
         log.info("keeping execution history forever (--retention-days 0)")

@@ -139,6 +139,30 @@ DATABASE_UNAVAILABLE = ErrorKind(
     _RETRY_IN_5,
 )
 UNKNOWN_TASK = ErrorKind(http.NOT_FOUND, "unknown_task", "no task has this id")
+#: A field of an operator's body the route does not know (protocol.UnknownFields: its
+#: message names them and the known ones).
+UNKNOWN_FIELD = ErrorKind(http.BAD_REQUEST, "unknown_field")
+INVALID_CURSOR = ErrorKind(
+    http.BAD_REQUEST, "invalid_cursor", "'cursor' is not one this server gave (pass next_cursor)"
+)
+NOTHING_TO_CHANGE = ErrorKind(
+    http.BAD_REQUEST,
+    "nothing_to_change",
+    "give at least one of command, frequency, time_limit_seconds to change",
+)
+UNKNOWN_EXECUTION = ErrorKind(
+    http.NOT_FOUND, "unknown_execution", "nothing is recorded for this task at this instant"
+)
+RESULT_SUPERSEDED = ErrorKind(
+    protocol.FINAL_RESULT_ERRORS["superseded"],
+    "superseded",
+    "this result ran a revision of the task other than the one in effect at its instant",
+)
+RESULT_TASK_PAUSED = ErrorKind(
+    protocol.FINAL_RESULT_ERRORS["task_paused"],
+    "task_paused",
+    "this result's instant fell while the task was paused",
+)
 TASK_ALREADY_DELETED = ErrorKind(http.NOT_FOUND, "task_deleted", "this task is already deleted")
 RESULT_AFTER_DELETION = ErrorKind(
     http.NOT_FOUND, "task_deleted", "this task was deleted before this result's scheduled instant"

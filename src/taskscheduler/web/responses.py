@@ -77,7 +77,8 @@ def _api_error(
         if isinstance(error, exception_type):
             if answer.log:
                 log.emit(answer.level, answer.log, error=str(error))
-            return answer.kind()
+            # A kind without a message of its own says the exception's (unknown_field).
+            return answer.kind() if answer.kind.message else answer.kind(str(error))
     if isinstance(error, NotFound):
         return NOT_FOUND()
     if isinstance(error, MethodNotAllowed):

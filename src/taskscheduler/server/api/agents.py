@@ -12,7 +12,6 @@ from taskscheduler.protocol import InvalidMessage
 from taskscheduler.server.access import principal_of
 from taskscheduler.server.api.base import routes
 from taskscheduler.server.api.fleet import FleetRoutes
-from taskscheduler.server.api.views import agent_json
 from taskscheduler.server.store.interface import AgentConflict
 from taskscheduler.web.errors import (
     AGENT_CONFLICTS,
@@ -138,4 +137,5 @@ class AgentRoutes(FleetRoutes):
             agent_id=str(parsed),
             url=record.url,
         )
-        return json_response(request, agent_json(record))
+        # The agent as every agent route shows it: with its state.
+        return json_response(request, self.agent_view(record, await self._fleet_urls()))

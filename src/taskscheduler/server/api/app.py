@@ -1,5 +1,5 @@
 """The server's REST API (Klein): one app composed of the route modules (tasks, results,
-agents, audit), the table of who may call each route, and the errors of its domain.
+agents, audit, openapi), the table of who may call each route, and the errors of its domain.
 
 Routes only translate between HTTP and the domain; errors map to statuses in the table
 (:mod:`taskscheduler.web.errors`), domain exceptions once, in :data:`SERVER_ERRORS`.
@@ -25,6 +25,7 @@ from taskscheduler.server.api.agents import AgentRoutes
 from taskscheduler.server.api.audit import AuditRoutes
 from taskscheduler.server.api.base import routes
 from taskscheduler.server.api.fleet import DEFAULT_HEARTBEAT_INTERVAL, FleetRoutes
+from taskscheduler.server.api.openapi import OpenAPIRoutes
 from taskscheduler.server.api.results import ResultRoutes
 from taskscheduler.server.api.tasks import TaskRoutes
 from taskscheduler.server.ratelimit import RateLimiter
@@ -35,7 +36,7 @@ from taskscheduler.server.store.interface import (
     Task,
     UnknownTask,
 )
-from taskscheduler.web.errors import DATABASE_UNAVAILABLE, UNKNOWN_TASK
+from taskscheduler.web.errors import DATABASE_UNAVAILABLE, UNKNOWN_FIELD, UNKNOWN_TASK
 from taskscheduler.web.gate import Access, AuthGate
 from taskscheduler.web.responses import DomainError, install_error_handlers, json_response
 
@@ -49,17 +50,24 @@ DEFAULT_MAX_OUTPUT_BYTES = 1024 * 1024
 #: The server's domain exceptions, as the error table answers them.
 SERVER_ERRORS: dict[type[Exception], DomainError] = {
     UnknownTask: DomainError(UNKNOWN_TASK),
+    protocol.UnknownFields: DomainError(UNKNOWN_FIELD),  # its message names the fields
     StoreUnavailable: DomainError(DATABASE_UNAVAILABLE, "database unavailable: {error}"),
 }
 
 
-class ServerAPI(TaskRoutes, ResultRoutes, AgentRoutes, FleetRoutes, AuditRoutes):
+class ServerAPI(TaskRoutes, ResultRoutes, AgentRoutes, FleetRoutes, AuditRoutes, OpenAPIRoutes):
     """The HTTP API of ``twistd taskscheduler-server``."""
 
     #: Who may call each route (by endpoint name). A route missing here is refused.
     ACCESS: dict[str, Access] = {
         "create_task": Access.OPERATOR,
+        "list_tasks": Access.OPERATOR,
         "get_task": Access.OPERATOR,
+        "update_task": Access.OPERATOR,
+        "pause_task": Access.OPERATOR,
+        "resume_task": Access.OPERATOR,
+        "run_task": Access.OPERATOR,
+        "execution": Access.OPERATOR,
         "delete_task": Access.OPERATOR,
         "latest_output": Access.OPERATOR,
         "executions": Access.OPERATOR,
@@ -76,6 +84,7 @@ class ServerAPI(TaskRoutes, ResultRoutes, AgentRoutes, FleetRoutes, AuditRoutes)
         "complete_batch": Access.AGENT,
         "enrol": Access.JOIN,
         "health": Access.PUBLIC,
+        "openapi": Access.PUBLIC,
     }
 
     def __init__(
@@ -92,6 +101,7 @@ class ServerAPI(TaskRoutes, ResultRoutes, AgentRoutes, FleetRoutes, AuditRoutes)
         create_limiter: RateLimiter | None = None,
         max_output_bytes: int = DEFAULT_MAX_OUTPUT_BYTES,
         clock_allowance: timedelta = protocol.CLOCK_ALLOWANCE,
+        on_task_changed: Callable[[Task], None] = lambda task: None,
         on_fleet_changed: Callable[[], None] = lambda: None,
         heartbeat_interval: float = DEFAULT_HEARTBEAT_INTERVAL,
     ) -> None:
@@ -103,6 +113,8 @@ class ServerAPI(TaskRoutes, ResultRoutes, AgentRoutes, FleetRoutes, AuditRoutes)
         self._server_public_key = server_public_key
         self._on_agent_enrolled = on_agent_enrolled
         self._on_task_deleted = on_task_deleted
+        #: PATCH, pause, resume or run-now: deliver what changed to the agents.
+        self._on_task_changed = on_task_changed
         self._max_output_bytes = max_output_bytes
         self._clock_allowance = clock_allowance
         self._on_fleet_changed = on_fleet_changed

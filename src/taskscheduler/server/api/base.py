@@ -35,6 +35,7 @@ class Routes:
     _access: ServerAccess
     _on_task_created: Callable[[Task], None]
     _on_task_deleted: Callable[[Task], None]
+    _on_task_changed: Callable[[Task], None]
     _on_agent_enrolled: Callable[[AgentRecord], None]
     _on_fleet_changed: Callable[[], None]
     _report_grace: timedelta

@@ -160,7 +160,8 @@ class FleetRoutes(Routes):
 
     def warn_if_outside(self, agent: AgentRecord, in_fleet: bool, when: str) -> None:
         """Warn, once per change, that an enrolled agent's URL is not in the fleet."""
-        if self._in_fleet_seen.get(agent.agent_id) == in_fleet:
+        before = self._in_fleet_seen.get(agent.agent_id)
+        if before == in_fleet:
             return
         self._in_fleet_seen[agent.agent_id] = in_fleet
         if not in_fleet:
@@ -171,7 +172,7 @@ class FleetRoutes(Routes):
                 url=agent.url,
                 when=when,
             )
-        elif when == "heartbeat" and agent.agent_id in self._in_fleet_seen:
+        elif before is False:
             self.log.info(
                 "agent {agent_id} at {url} is in the fleet now",
                 agent_id=str(agent.agent_id),

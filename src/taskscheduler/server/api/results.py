@@ -23,6 +23,8 @@ from taskscheduler.web.errors import (
     NOT_ASSIGNED,
     RESULT_AFTER_DELETION,
     RESULT_CONFLICT,
+    RESULT_SUPERSEDED,
+    RESULT_TASK_PAUSED,
     TOO_EARLY,
 )
 from taskscheduler.web.requests import path_task_id, peer_address, read_json
@@ -59,6 +61,10 @@ class ResultRoutes(Routes):
             raise RESULT_AFTER_DELETION()
         if outcome is RecordOutcome.MISALIGNED:
             raise MISALIGNED()
+        if outcome is RecordOutcome.SUPERSEDED:
+            raise RESULT_SUPERSEDED()
+        if outcome is RecordOutcome.TASK_PAUSED:
+            raise RESULT_TASK_PAUSED()
         return json_response(request, {"status": outcome.value})
 
     @routes.route("/api/v1/results", methods=["POST"])

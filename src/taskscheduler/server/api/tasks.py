@@ -1,25 +1,76 @@
-"""The operators' task routes: create, read, delete, latest output, executions."""
+"""The operators' task routes: create, list, read, change, pause, resume, run now, delete,
+latest output, executions."""
 
 from __future__ import annotations
 
+import base64
+import binascii
+import json
 import uuid
+from datetime import datetime
+from typing import Any
 
 from twisted.web import http
 from twisted.web.iweb import IRequest
 
 from taskscheduler import protocol
 from taskscheduler.protocol import InvalidMessage, TaskSpec
-from taskscheduler.schedule import format_instant
+from taskscheduler.schedule import InstantOutOfRange, format_instant, parse_instant
 from taskscheduler.server.access import principal_of
 from taskscheduler.server.api.base import Routes, routes
 from taskscheduler.server.api.fleet import missing_agents_json
-from taskscheduler.server.api.views import latest_output_json, output_json, task_json
+from taskscheduler.server.api.views import execution_json, latest_output_json, task_json
 from taskscheduler.server.ratelimit import retry_after
-from taskscheduler.server.store.interface import UnknownTask
-from taskscheduler.server.store.rules import is_complete
-from taskscheduler.web.errors import BAD_REQUEST, RATE_LIMITED, TASK_ALREADY_DELETED
-from taskscheduler.web.requests import path_task_id, query_instant, query_int, read_json
+from taskscheduler.server.store.interface import (
+    Execution,
+    ExecutionSummary,
+    Task,
+    TaskChange,
+    TaskState,
+    UnknownTask,
+)
+from taskscheduler.server.store.rules import is_complete, manual_instant
+from taskscheduler.web.errors import (
+    BAD_REQUEST,
+    INVALID_CURSOR,
+    NOTHING_TO_CHANGE,
+    RATE_LIMITED,
+    TASK_ALREADY_DELETED,
+    UNKNOWN_EXECUTION,
+)
+from taskscheduler.web.requests import (
+    path_task_id,
+    query_arg,
+    query_instant,
+    query_int,
+    read_json,
+)
 from taskscheduler.web.responses import json_response
+
+#: The fields of a task an operator sets (create) or changes (PATCH).
+TASK_FIELDS = ("command", "frequency", "time_limit_seconds")
+
+
+def encode_cursor(task: Task) -> str:
+    """The opaque cursor after ``task``: its sort key, URL-safe base64 of JSON."""
+    key = json.dumps([format_instant(task.created_at), str(task.task_id)])
+    return base64.urlsafe_b64encode(key.encode("ascii")).decode("ascii")
+
+
+def decode_cursor(text: str) -> tuple[datetime, uuid.UUID]:
+    """The sort key in a cursor, or 400 ``invalid_cursor``."""
+    try:
+        created_at, task_id = json.loads(base64.urlsafe_b64decode(text.encode("ascii")))
+        return parse_instant(created_at), uuid.UUID(task_id)
+    except (ValueError, TypeError, binascii.Error, UnicodeError, InstantOutOfRange):
+        raise INVALID_CURSOR() from None
+
+
+def _object_body(request: IRequest) -> dict[str, Any]:
+    body = read_json(request)
+    if not isinstance(body, dict):
+        raise BAD_REQUEST("the request body must be a JSON object")
+    return body
 
 
 class TaskRoutes(Routes):
@@ -34,9 +85,8 @@ class TaskRoutes(Routes):
                 burst=self._create_limiter.burst,
                 headers={b"Retry-After": retry_after(wait)},
             )
-        body = read_json(request)
-        if not isinstance(body, dict):
-            raise BAD_REQUEST("the request body must be a JSON object")
+        body = _object_body(request)
+        protocol.refuse_unknown(body, TASK_FIELDS)  # 400 unknown_field
         missing = [name for name in ("command", "frequency") if body.get(name) is None]
         if missing:
             raise BAD_REQUEST(" and ".join(f"'{name}'" for name in missing) + " is required")
@@ -79,12 +129,176 @@ class TaskRoutes(Routes):
         request.setHeader(b"Location", f"/api/v1/tasks/{task.task_id}".encode("ascii"))
         return json_response(request, {"command_id": str(task.task_id)}, http.CREATED)
 
+    @routes.route("/api/v1/tasks", methods=["GET"])
+    async def list_tasks(self, request: IRequest) -> bytes:
+        """Tasks newest first: ``?limit=`` (1-500) ``&cursor=`` ``&state=`` ``&command=``."""
+        limit = query_int(request, "limit", default=100, low=1, high=500)
+        cursor = query_arg(request, "cursor")
+        after = None if cursor is None else decode_cursor(cursor)
+        state_text = query_arg(request, "state")
+        try:
+            state = None if state_text is None else TaskState(state_text)
+        except ValueError:
+            allowed = ", ".join(s.value for s in TaskState)
+            raise BAD_REQUEST(f"query parameter 'state' must be one of: {allowed}") from None
+        command = query_arg(request, "command")
+        # One more than asked: whether there is a next page, without an empty last one.
+        page = await self._store.list_tasks(limit + 1, after, state, command)
+        more = len(page) > limit
+        page = page[:limit]
+        return json_response(
+            request,
+            {
+                "tasks": await self._tasks_json(page),
+                "next_cursor": encode_cursor(page[-1]) if more else None,
+            },
+        )
+
     @routes.route("/api/v1/tasks/<task_id>", methods=["GET"])
     async def get_task(self, request: IRequest, task_id: str) -> bytes:
         task = await self._store.get_task(path_task_id(task_id))
         if task is None:
             raise UnknownTask(task_id)
-        return json_response(request, task_json(task))
+        return json_response(request, (await self._tasks_json([task]))[0])
+
+    @routes.route("/api/v1/tasks/<task_id>", methods=["PATCH"])
+    async def update_task(self, request: IRequest, task_id: str) -> bytes:
+        """A new revision from now on: see the README's "Changing a task"."""
+        parsed = path_task_id(task_id)
+        body = _object_body(request)
+        protocol.refuse_unknown(body, TASK_FIELDS)
+        if not any(body.get(name) is not None for name in TASK_FIELDS):
+            raise NOTHING_TO_CHANGE()
+        try:
+            change = TaskChange(
+                command=(
+                    None if body.get("command") is None else protocol.parse_command(body["command"])
+                ),
+                frequency=(
+                    None
+                    if body.get("frequency") is None
+                    else protocol.parse_frequency_field(body["frequency"])
+                ),
+                time_limit=(
+                    None
+                    if body.get("time_limit_seconds") is None
+                    else protocol.parse_time_limit(body["time_limit_seconds"])
+                ),
+            )
+        except InvalidMessage as e:
+            raise BAD_REQUEST(str(e)) from None
+        principal = principal_of(request)
+        audit = self._audit(request, principal, "task.updated", str(parsed))
+        changed = await self._store.update_task(parsed, change, self._now(), audit)
+        task = await self._changed(parsed, changed)
+        if changed is not None and changed[1]:
+            self.log.info(
+                "{actor} changed task {task_id} (revision {revision})",
+                actor=principal.actor,
+                task_id=str(parsed),
+                revision=task.spec.revision,
+            )
+            self._on_task_changed(task)
+        return json_response(request, (await self._tasks_json([task]))[0])
+
+    @routes.route("/api/v1/tasks/<task_id>/pause", methods=["POST"])
+    async def pause_task(self, request: IRequest, task_id: str) -> bytes:
+        """Stop running it everywhere, until resumed; idempotent."""
+        parsed = path_task_id(task_id)
+        principal = principal_of(request)
+        audit = self._audit(request, principal, "task.paused", str(parsed))
+        changed = await self._store.pause_task(parsed, self._now(), audit)
+        task = await self._changed(parsed, changed)
+        if changed is not None and changed[1]:
+            self.log.info("{actor} paused task {task_id}", actor=principal.actor, task_id=task_id)
+            self._on_task_changed(task)
+        return json_response(request, (await self._tasks_json([task]))[0])
+
+    @routes.route("/api/v1/tasks/<task_id>/resume", methods=["POST"])
+    async def resume_task(self, request: IRequest, task_id: str) -> bytes:
+        """Run it again on its grid, from the next instant; idempotent."""
+        parsed = path_task_id(task_id)
+        principal = principal_of(request)
+        audit = self._audit(request, principal, "task.resumed", str(parsed))
+        changed = await self._store.resume_task(parsed, self._now(), audit)
+        task = await self._changed(parsed, changed)
+        if changed is not None and changed[1]:
+            self.log.info("{actor} resumed task {task_id}", actor=principal.actor, task_id=task_id)
+            self._on_task_changed(task)
+        return json_response(request, (await self._tasks_json([task]))[0])
+
+    @routes.route("/api/v1/tasks/<task_id>/run", methods=["POST"])
+    async def run_task(self, request: IRequest, task_id: str) -> bytes:
+        """Run it now, once, on every agent of the task: a manual execution."""
+        parsed = path_task_id(task_id)
+        task = await self._store.get_task(parsed)
+        if task is None:
+            raise UnknownTask(task_id)
+        if task.deleted:
+            raise TASK_ALREADY_DELETED()
+        at = manual_instant(self._now(), task.spec.anchor, task.spec.frequency.interval)
+        principal = principal_of(request)
+        audit = self._audit(
+            request, principal, "task.run", str(parsed), scheduled_at=format_instant(at)
+        )
+        execution = await self._store.record_manual_execution(parsed, at, audit)
+        if execution is None:  # deleted meanwhile
+            raise TASK_ALREADY_DELETED()
+        self.log.info(
+            "{actor} ran task {task_id} now ({scheduled_at})",
+            actor=principal.actor,
+            task_id=task_id,
+            scheduled_at=format_instant(at),
+        )
+        self._on_task_changed(task)
+        body = {"task_id": str(parsed), "scheduled_at": format_instant(at), "trigger": "manual"}
+        return json_response(request, body, http.ACCEPTED)
+
+    async def _changed(self, task_id: uuid.UUID, changed: tuple[Task, bool] | None) -> Task:
+        """The task a change answered, or 404 (deleted or unknown)."""
+        if changed is not None:
+            return changed[0]
+        if await self._store.get_task(task_id) is not None:
+            raise TASK_ALREADY_DELETED()
+        raise UnknownTask(str(task_id))
+
+    async def _tasks_json(self, tasks: list[Task]) -> list[dict[str, Any]]:
+        """Tasks as operators see them, each with its last execution (one look-up)."""
+        now = self._now()
+        last = await self._store.last_executions([t.task_id for t in tasks])
+        return [
+            task_json(
+                task,
+                now,
+                last.get(task.task_id),
+                self._summary_complete(task, last.get(task.task_id), now),
+            )
+            for task in tasks
+        ]
+
+    def _summary_complete(
+        self, task: Task, summary: ExecutionSummary | None, now: datetime
+    ) -> bool:
+        if summary is None:
+            return False
+        return is_complete(
+            summary.scheduled_at,
+            len(summary.statuses),
+            summary.expected,
+            now=now,
+            time_limit=task.spec.time_limit,
+            report_grace=self._report_grace,
+        )
+
+    def _complete(self, task: Task, execution: Execution, now: datetime) -> bool:
+        return is_complete(
+            execution.scheduled_at,
+            len(execution.results),
+            execution.expected,
+            now=now,
+            time_limit=task.spec.time_limit,
+            report_grace=self._report_grace,
+        )
 
     @routes.route("/api/v1/tasks/<task_id>", methods=["DELETE"])
     async def delete_task(self, request: IRequest, task_id: str) -> bytes:
@@ -129,19 +343,8 @@ class TaskRoutes(Routes):
                 "task_id": str(parsed_id),
                 "executions": [
                     {
-                        "scheduled_at": format_instant(e.scheduled_at),
-                        "complete": is_complete(
-                            e.scheduled_at,
-                            len(e.results),
-                            e.expected,
-                            now=now,
-                            time_limit=task.spec.time_limit,
-                            report_grace=self._report_grace,
-                        ),
-                        "expected_agents": e.expected,
+                        **execution_json(e, self._complete(task, e, now)),
                         "missing_agents": missing_agents_json(e, agents),
-                        "completion_time": format_instant(e.completion_time),
-                        "outputs": [output_json(r) for r in e.results],
                     }
                     for e in page
                 ],
@@ -151,3 +354,22 @@ class TaskRoutes(Routes):
                 ),
             },
         )
+
+    @routes.route("/api/v1/tasks/<task_id>/executions/<scheduled_at>", methods=["GET"])
+    async def execution(self, request: IRequest, task_id: str, scheduled_at: str) -> bytes:
+        """One execution of the task, by its instant."""
+        parsed_id = path_task_id(task_id)
+        try:
+            at = parse_instant(scheduled_at)
+        except ValueError as e:
+            raise BAD_REQUEST(f"'scheduled_at' in the path: {e}") from None
+        task = await self._store.get_task(parsed_id)
+        if task is None:
+            raise UnknownTask(task_id)
+        execution = await self._store.get_execution(parsed_id, at)
+        if execution is None:
+            raise UNKNOWN_EXECUTION()
+        body: dict[str, Any] = {"task_id": str(parsed_id)}
+        body.update(execution_json(execution, self._complete(task, execution, self._now())))
+        body["missing_agents"] = missing_agents_json(execution, await self._store.list_agents())
+        return json_response(request, body)

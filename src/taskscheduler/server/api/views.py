@@ -3,12 +3,21 @@ audit events."""
 
 from __future__ import annotations
 
+from collections import Counter
+from datetime import datetime
 from typing import Any
 
 from taskscheduler import protocol
-from taskscheduler.protocol import RunResult
+from taskscheduler.protocol import ResultStatus, RunResult
 from taskscheduler.schedule import format_instant
-from taskscheduler.server.store.interface import AgentRecord, AuditEvent, Execution, Task
+from taskscheduler.server.store.interface import (
+    AgentRecord,
+    AuditEvent,
+    Execution,
+    ExecutionSummary,
+    Task,
+)
+from taskscheduler.server.store.rules import next_instant
 
 
 def agent_json(agent: AgentRecord) -> dict[str, Any]:
@@ -23,11 +32,53 @@ def agent_json(agent: AgentRecord) -> dict[str, Any]:
     }
 
 
-def task_json(task: Task) -> dict[str, Any]:
+def _instant(value: datetime | None) -> str | None:
+    return None if value is None else format_instant(value)
+
+
+def task_json(
+    task: Task,
+    now: datetime,
+    last: ExecutionSummary | None = None,
+    last_complete: bool = False,
+) -> dict[str, Any]:
+    """A task as operators see it: its spec, state, next instant and last execution
+    (``last_complete``: whether that one is complete, :func:`rules.is_complete`)."""
     body = protocol.task_spec_to_json(task.spec)
     body["created_at"] = format_instant(task.created_at)
-    body["deleted_at"] = None if task.deleted_at is None else format_instant(task.deleted_at)
+    body["deleted_at"] = _instant(task.deleted_at)
+    body["state"] = task.state.value
+    body["paused_at"] = _instant(task.paused_at)
+    body["updated_at"] = format_instant(task.updated_at or task.created_at)
+    body["next_instant"] = _instant(next_instant(task, now))
+    body["last_execution"] = None if last is None else last_execution_json(last, last_complete)
     return body
+
+
+def last_execution_json(last: ExecutionSummary, complete: bool) -> dict[str, Any]:
+    counts = Counter(last.statuses)
+    return {
+        "scheduled_at": format_instant(last.scheduled_at),
+        "trigger": last.trigger.value,
+        "revision": last.revision,
+        "expected_agents": last.expected,
+        "reported": len(last.statuses),
+        **{status.value: counts[status] for status in ResultStatus},
+        "complete": complete,
+    }
+
+
+def execution_json(execution: Execution, complete: bool) -> dict[str, Any]:
+    """One execution, as history lists it and ``/executions/{scheduled_at}`` shows it."""
+    return {
+        "scheduled_at": format_instant(execution.scheduled_at),
+        "trigger": execution.trigger.value,
+        "revision": execution.revision,
+        "complete": complete,
+        "expected_agents": execution.expected,
+        "completion_time": format_instant(execution.completion_time),
+        "outputs": [output_json(r) for r in execution.results],
+    }
 
 
 def latest_output_json(execution: Execution | None) -> dict[str, Any]:
@@ -36,6 +87,8 @@ def latest_output_json(execution: Execution | None) -> dict[str, Any]:
     return {
         "completion_time": format_instant(execution.completion_time),
         "scheduled_at": format_instant(execution.scheduled_at),
+        "trigger": execution.trigger.value,
+        "revision": execution.revision,
         "expected_agents": execution.expected,
         "outputs": [output_json(result) for result in execution.results],
     }
@@ -52,6 +105,8 @@ def output_json(result: RunResult) -> dict[str, Any]:
         body["signal"] = result.signal
     body["started_at"] = None if result.started_at is None else format_instant(result.started_at)
     body["finished_at"] = None if result.finished_at is None else format_instant(result.finished_at)
+    body["revision"] = result.revision
+    body["trigger"] = result.trigger.value
     return body
 
 

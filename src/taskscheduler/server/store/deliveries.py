@@ -1,17 +1,20 @@
-"""Which agent has acknowledged which task, and which deleted task it has yet to drop.
+"""Which agent has acknowledged which task (at which revision), which deleted or paused
+task it has yet to drop, and which run-now it has yet to be told of.
 
 An assignment (a ``task_agents`` row) is made when a task is created or the fleet
 changes (:mod:`~taskscheduler.server.store.tasks`); this module tracks its delivery and,
-once the task is deleted, its removal.
+once the task is deleted or paused, its removal.
 """
 
 from __future__ import annotations
 
 import uuid
 from collections.abc import Sequence
+from datetime import datetime
 
-from taskscheduler.server.store.interface import Task
+from taskscheduler.server.store.interface import ManualRun, Task
 from taskscheduler.server.store.pool import Cursor, Database
+from taskscheduler.server.store.rules import utc
 from taskscheduler.server.store.tasks import TASK_COLUMNS, task_from_row
 
 
@@ -33,6 +36,7 @@ class Deliveries:
                 SELECT {TASK_COLUMNS}
                 FROM task_agents a JOIN tasks t ON t.task_id = a.task_id
                 WHERE a.agent_url = %s AND a.delivered_at IS NULL AND t.deleted_at IS NULL
+                  AND t.paused_at IS NULL
                 ORDER BY t.created_at, t.task_id
                 LIMIT %s
                 """,
@@ -47,7 +51,7 @@ class Deliveries:
             await cursor.execute(
                 """
                 SELECT a.task_id FROM task_agents a JOIN tasks t ON t.task_id = a.task_id
-                WHERE a.agent_url = %s AND t.deleted_at IS NULL
+                WHERE a.agent_url = %s AND t.deleted_at IS NULL AND t.paused_at IS NULL
                 """,
                 (agent_url,),
             )
@@ -56,18 +60,33 @@ class Deliveries:
         return await self._db.run(operation, transaction=False)
 
     async def mark_delivered(
-        self, agent_url: str, task_ids: Sequence[uuid.UUID], agent_id: uuid.UUID
+        self,
+        agent_url: str,
+        task_ids: Sequence[uuid.UUID],
+        agent_id: uuid.UUID,
+        revisions: Sequence[int] | None = None,
     ) -> None:
         if not task_ids:
             return
+        delivered = dict(
+            zip(
+                (str(t) for t in task_ids),
+                revisions if revisions is not None else [None] * len(task_ids),
+                strict=True,
+            )
+        )
+        ids = sorted(delivered)
 
         async def operation(cursor: Cursor) -> None:
+            # due_revision is the target row's own: a PATCH committing meanwhile is seen.
             await cursor.execute(
                 """
-                UPDATE task_agents SET delivered_at = now(), agent_id = %s::uuid
-                WHERE agent_url = %s AND task_id = ANY(%s::uuid[])
+                UPDATE task_agents a SET delivered_at = now(), agent_id = %s::uuid
+                FROM unnest(%s::uuid[], %s::integer[]) AS v (task_id, revision)
+                WHERE a.agent_url = %s AND a.task_id = v.task_id
+                  AND (v.revision IS NULL OR v.revision >= a.due_revision)
                 """,
-                (str(agent_id), agent_url, _ids(task_ids)),
+                (str(agent_id), ids, [delivered[t] for t in ids], agent_url),
             )
 
         await self._db.run(operation, transaction=False)
@@ -108,7 +127,7 @@ class Deliveries:
                 SELECT a.task_id
                 FROM task_agents a JOIN tasks t ON t.task_id = a.task_id
                 WHERE a.agent_url = %s AND a.removal_pending
-                ORDER BY t.deleted_at, a.task_id
+                ORDER BY coalesce(t.deleted_at, t.paused_at, t.created_at), a.task_id
                 LIMIT %s
                 """,
                 (agent_url, limit),
@@ -152,3 +171,44 @@ class Deliveries:
             return {uuid.UUID(str(row[0])) for row in cursor.fetchall()}
 
         return await self._db.run(operation, transaction=False)
+
+    async def pending_manual_runs(
+        self, agent_url: str, now: datetime, limit: int
+    ) -> list[ManualRun]:
+        async def operation(cursor: Cursor) -> list[ManualRun]:
+            await cursor.execute(
+                f"""
+                SELECT m.scheduled_at, m.revision, m.deadline, {TASK_COLUMNS}
+                FROM manual_runs m JOIN tasks t ON t.task_id = m.task_id
+                WHERE m.agent_url = %s AND m.delivered_at IS NULL AND m.deadline > %s
+                ORDER BY m.scheduled_at, m.task_id
+                LIMIT %s
+                """,
+                (agent_url, now, limit),
+            )
+            return [
+                ManualRun(task_from_row(row[3:]).spec, utc(row[0]), row[1], utc(row[2]))
+                for row in cursor.fetchall()
+            ]
+
+        return await self._db.run(operation, transaction=False)
+
+    async def mark_manual_delivered(
+        self, agent_url: str, runs: Sequence[tuple[uuid.UUID, datetime]]
+    ) -> None:
+        if not runs:
+            return
+        keys = sorted({(str(t), utc(at)) for t, at in runs})
+
+        async def operation(cursor: Cursor) -> None:
+            await cursor.execute(
+                """
+                UPDATE manual_runs m SET delivered_at = now()
+                FROM unnest(%s::uuid[], %s::timestamptz[]) AS v (task_id, scheduled_at)
+                WHERE m.agent_url = %s AND m.task_id = v.task_id
+                  AND m.scheduled_at = v.scheduled_at
+                """,
+                ([k[0] for k in keys], [k[1] for k in keys], agent_url),
+            )
+
+        await self._db.run(operation, transaction=False)

@@ -16,7 +16,8 @@ from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from typing import Any, Protocol
 
-from taskscheduler.protocol import RunResult, TaskSpec
+from taskscheduler.protocol import ResultStatus, RunResult, TaskSpec, Trigger
+from taskscheduler.schedule import Frequency
 
 
 class StoreUnavailable(Exception):
@@ -100,15 +101,33 @@ class AuditEvent:
     event_id: int | None = None
 
 
+class TaskState(enum.StrEnum):
+    ACTIVE = "active"
+    PAUSED = "paused"
+    DELETED = "deleted"
+
+
 @dataclass(frozen=True)
 class Task:
     spec: TaskSpec
     created_at: datetime
     deleted_at: datetime | None = None
+    paused_at: datetime | None = None  # None unless paused now
+    updated_at: datetime | None = None  # the last change (PATCH, pause, resume), if any
 
     @property
     def deleted(self) -> bool:
         return self.deleted_at is not None
+
+    @property
+    def paused(self) -> bool:
+        return self.paused_at is not None
+
+    @property
+    def state(self) -> TaskState:
+        if self.deleted:
+            return TaskState.DELETED
+        return TaskState.PAUSED if self.paused else TaskState.ACTIVE
 
     @property
     def task_id(self) -> uuid.UUID:
@@ -124,6 +143,8 @@ class RecordOutcome(enum.StrEnum):
     UNKNOWN_TASK = "unknown_task"  # no such task
     MISALIGNED = "misaligned"  # scheduled_at is not one of the task's instants
     DELETED = "deleted"  # the task was deleted before this instant
+    SUPERSEDED = "superseded"  # ran a revision other than the one in effect at its instant
+    TASK_PAUSED = "task_paused"  # scheduled at an instant while the task was paused
 
 
 @dataclass(frozen=True)
@@ -132,8 +153,10 @@ class Execution:
 
     task_id: uuid.UUID
     scheduled_at: datetime
-    expected: int  # agents assigned when the execution was first reported
+    expected: int  # agents assigned when the execution was first reported (or run now)
     results: tuple[RunResult, ...]  # ordered by agent_id
+    trigger: Trigger = Trigger.SCHEDULE
+    revision: int = 1  # the task revision it ran
     #: The URLs of the agents expected, as assigned when the execution was created (None:
     #: recorded before the server kept them).
     expected_urls: tuple[str, ...] | None = None
@@ -143,6 +166,38 @@ class Execution:
         """When the last reported run finished (the scheduled instant if none ran)."""
         finished = [r.finished_at for r in self.results if r.finished_at is not None]
         return max(finished, default=self.scheduled_at)
+
+
+@dataclass(frozen=True)
+class ExecutionSummary:
+    """An execution without its outputs: what a task list shows of its last one."""
+
+    task_id: uuid.UUID
+    scheduled_at: datetime
+    trigger: Trigger
+    revision: int
+    expected: int
+    statuses: tuple[ResultStatus, ...]  # one per reported result
+
+
+@dataclass(frozen=True)
+class TaskChange:
+    """What a PATCH asks to change (None: unchanged)."""
+
+    command: str | None = None
+    frequency: Frequency | None = None
+    time_limit: timedelta | None = None
+
+
+@dataclass(frozen=True)
+class ManualRun:
+    """A run-now an agent has not yet acknowledged: ``spec`` is the task as it is now
+    (so that an agent that does not hold it, the task being paused, can still run it)."""
+
+    spec: TaskSpec
+    scheduled_at: datetime
+    revision: int
+    deadline: datetime  # past it the agent would skip it: no point delivering it
 
 
 class Store(Protocol):
@@ -205,6 +260,63 @@ class Store(Protocol):
         it were due). None, and nothing written, if no live task has this id.
         """
 
+    async def list_tasks(
+        self,
+        limit: int,
+        after: tuple[datetime, uuid.UUID] | None = None,
+        state: TaskState | None = None,
+        command: str | None = None,
+    ) -> list[Task]:
+        """Up to ``limit`` tasks, newest first (``created_at`` then ``task_id``, both
+        descending), only those strictly after the key ``after`` in that order, in
+        ``state`` if given, whose command contains ``command`` (literally) if given."""
+
+    async def last_executions(
+        self, task_ids: Sequence[uuid.UUID]
+    ) -> dict[uuid.UUID, ExecutionSummary]:
+        """The newest execution (complete or not) of each of ``task_ids`` that has one."""
+
+    async def update_task(
+        self, task_id: uuid.UUID, change: TaskChange, at: datetime, audit: AuditEvent
+    ) -> tuple[Task, bool] | None:
+        """Apply ``change`` as a new revision effective at ``at`` (:func:`rules.revise`),
+        re-delivered to every agent, with ``audit`` (its details filled with the old and
+        new values, :func:`rules.change_details`) in the same transaction. ``(task,
+        False)`` and nothing written if it changes nothing; None if no live task."""
+
+    async def pause_task(
+        self, task_id: uuid.UUID, at: datetime, audit: AuditEvent
+    ) -> tuple[Task, bool] | None:
+        """Pause the task at ``at``: every agent is due to drop it (:meth:`pending_removals`).
+        ``(task, False)`` and nothing written if already paused; None if no live task."""
+
+    async def resume_task(
+        self, task_id: uuid.UUID, at: datetime, audit: AuditEvent
+    ) -> tuple[Task, bool] | None:
+        """End the pause at ``at``: every agent is due the task again (same anchor).
+        ``(task, False)`` and nothing written if not paused; None if no live task."""
+
+    async def record_manual_execution(
+        self, task_id: uuid.UUID, scheduled_at: datetime, audit: AuditEvent
+    ) -> Execution | None:
+        """Record a run-now of the live task at ``scheduled_at`` (its current revision,
+        expecting every agent assigned now, each due a delivery: :meth:`pending_manual_runs`),
+        with ``audit``. None if no live task."""
+
+    async def pending_manual_runs(
+        self, agent_url: str, now: datetime, limit: int
+    ) -> list[ManualRun]:
+        """Run-nows the agent at ``agent_url`` has not acknowledged, whose deadline is
+        after ``now``, oldest first."""
+
+    async def mark_manual_delivered(
+        self, agent_url: str, runs: Sequence[tuple[uuid.UUID, datetime]]
+    ) -> None:
+        """The agent acknowledged these (task, scheduled_at) run-nows."""
+
+    async def get_execution(self, task_id: uuid.UUID, scheduled_at: datetime) -> Execution | None:
+        """One execution, or None. Raises UnknownTask."""
+
     async def record_results(
         self, results: Sequence[RunResult], received_at: datetime
     ) -> list[RecordOutcome]:
@@ -214,7 +326,9 @@ class Store(Protocol):
         DUPLICATE; a different body under the same (task, agent, scheduled_at) is CONFLICT
         and changes nothing. A result of a deleted task is still taken if it was scheduled
         at or before the deletion (the run began before its agent could know), and is
-        DELETED if scheduled after it.
+        DELETED if scheduled after it. A scheduled result is judged by
+        :func:`rules.scheduled_verdict` (SUPERSEDED, TASK_PAUSED), a manual one is taken
+        only at an instant :meth:`record_manual_execution` recorded.
         """
 
     async def latest_complete_execution(
@@ -234,9 +348,10 @@ class Store(Protocol):
         Raises UnknownTask. Its cost grows with ``limit``, not with the history.
         """
 
-    async def prune_history(self, before: datetime, limit: int) -> int:
+    async def prune_history(self, before: datetime, limit: int, keep: int = 0) -> int:
         """Delete up to ``limit`` executions scheduled strictly before ``before``, oldest
-        first and across every task, with their results; returns how many went.
+        first and across every task, with their results; returns how many went. The
+        newest ``keep`` executions of each task are never deleted.
 
         Each call is one short transaction: executions another transaction is recording
         results for are skipped (left for a later call), never waited on. Tasks, their
@@ -251,9 +366,15 @@ class Store(Protocol):
         """Every live (not deleted) task assigned to this agent, delivered or not."""
 
     async def mark_delivered(
-        self, agent_url: str, task_ids: Sequence[uuid.UUID], agent_id: uuid.UUID
+        self,
+        agent_url: str,
+        task_ids: Sequence[uuid.UUID],
+        agent_id: uuid.UUID,
+        revisions: Sequence[int] | None = None,
     ) -> None:
-        """The agent at ``agent_url`` (whose identity is ``agent_id``) acknowledged these."""
+        """The agent at ``agent_url`` (whose identity is ``agent_id``) acknowledged these,
+        at ``revisions`` (one per task; None: their current ones). A task changed since
+        (a higher revision) stays undelivered."""
 
     async def mark_undelivered(self, agent_url: str, task_ids: Sequence[uuid.UUID]) -> None:
         """The agent lost these tasks (it was reset or its data folder wiped): resend them."""

@@ -18,27 +18,37 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
 from datetime import datetime, timedelta
 
-from taskscheduler.protocol import RunResult, TaskSpec
+from taskscheduler.protocol import RunResult, TaskSpec, Trigger
 from taskscheduler.server.store.fleet import expected_urls, fleet_audit, now_utc
 from taskscheduler.server.store.interface import (
     AgentConflict,
     AgentRecord,
     AuditEvent,
     Execution,
+    ExecutionSummary,
     FleetMember,
     Heartbeat,
     Leave,
+    ManualRun,
     RecordOutcome,
     Task,
+    TaskChange,
+    TaskState,
     UnknownTask,
 )
 from taskscheduler.server.store.rules import (
-    after_deletion,
+    Revision,
+    change_details,
     enrolment_conflict,
     is_complete,
-    on_schedule,
+    is_manual,
+    manual_run_deadline,
+    manual_verdict,
+    newest_kept,
     release_conflict,
+    revise,
     same_result,
+    scheduled_verdict,
     utc,
     utc_result,
     utc_spec,
@@ -55,6 +65,8 @@ class _Assignment:
 @dataclass
 class _Execution:
     expected_urls: tuple[str, ...]
+    trigger: Trigger = Trigger.SCHEDULE
+    revision: int = 1
     results: dict[uuid.UUID, RunResult] = field(default_factory=dict)
 
     @property
@@ -67,8 +79,17 @@ class _Execution:
             scheduled_at=scheduled_at,
             expected=len(self.expected_urls),
             results=tuple(self.results[a] for a in sorted(self.results)),
+            trigger=self.trigger,
+            revision=self.revision,
             expected_urls=self.expected_urls,
         )
+
+
+@dataclass
+class _ManualDelivery:
+    revision: int
+    deadline: datetime
+    delivered: bool = False
 
 
 class MemoryStore:
@@ -83,6 +104,11 @@ class MemoryStore:
         self._assignments: dict[uuid.UUID, dict[str, _Assignment]] = {}
         # task_id -> scheduled_at -> execution
         self._executions: dict[uuid.UUID, dict[datetime, _Execution]] = {}
+        self._revisions: dict[uuid.UUID, list[Revision]] = {}
+        # task_id -> [paused_at, resumed_at or None]
+        self._pauses: dict[uuid.UUID, list[tuple[datetime, datetime | None]]] = {}
+        # (task_id, scheduled_at, agent_url) -> a run-now to deliver
+        self._manual: dict[tuple[uuid.UUID, datetime, str], _ManualDelivery] = {}
         self._agents: dict[uuid.UUID, AgentRecord] = {}
         self._credentials: dict[str, uuid.UUID] = {}
         self._audit: list[AuditEvent] = []
@@ -186,12 +212,153 @@ class MemoryStore:
         self._tasks[spec.task_id] = task
         self._assignments[spec.task_id] = {url: _Assignment() for url in self._fleet}
         self._executions[spec.task_id] = {}
+        self._revisions[spec.task_id] = [
+            Revision(spec.revision, task.spec.anchor, task.spec.anchor, spec.frequency.interval)
+        ]
+        self._pauses[spec.task_id] = []
         if audit is not None:
             self._append_audit(audit)
         return task
 
     async def get_task(self, task_id: uuid.UUID) -> Task | None:
         return self._tasks.get(task_id)
+
+    async def list_tasks(
+        self,
+        limit: int,
+        after: tuple[datetime, uuid.UUID] | None = None,
+        state: TaskState | None = None,
+        command: str | None = None,
+    ) -> list[Task]:
+        tasks = sorted(self._tasks.values(), key=lambda t: (t.created_at, t.task_id), reverse=True)
+        return [
+            task
+            for task in tasks
+            if (after is None or (task.created_at, task.task_id) < (utc(after[0]), after[1]))
+            and (state is None or task.state is state)
+            and (command is None or command in task.spec.command)
+        ][:limit]
+
+    async def last_executions(
+        self, task_ids: Sequence[uuid.UUID]
+    ) -> dict[uuid.UUID, ExecutionSummary]:
+        found = {}
+        for task_id in task_ids:
+            executions = self._executions.get(task_id)
+            if not executions:
+                continue
+            at = max(executions)
+            e = executions[at]
+            found[task_id] = ExecutionSummary(
+                task_id,
+                at,
+                e.trigger,
+                e.revision,
+                e.expected,
+                tuple(e.results[a].status for a in sorted(e.results)),
+            )
+        return found
+
+    def _live(self, task_id: uuid.UUID) -> Task | None:
+        task = self._tasks.get(task_id)
+        return None if task is None or task.deleted else task
+
+    async def update_task(
+        self, task_id: uuid.UUID, change: TaskChange, at: datetime, audit: AuditEvent
+    ) -> tuple[Task, bool] | None:
+        task = self._live(task_id)
+        if task is None:
+            return None
+        new = revise(task.spec, change, at)
+        if new is None:
+            return task, False
+        updated = replace(task, spec=new, updated_at=utc(at))
+        self._tasks[task_id] = updated
+        self._revisions[task_id].append(
+            Revision(new.revision, utc(at), new.anchor, new.frequency.interval)
+        )
+        for assignment in self._assignments[task_id].values():
+            assignment.delivered = False
+        self._append_audit(replace(audit, details=change_details(task.spec, new)))
+        return updated, True
+
+    async def pause_task(
+        self, task_id: uuid.UUID, at: datetime, audit: AuditEvent
+    ) -> tuple[Task, bool] | None:
+        task = self._live(task_id)
+        if task is None:
+            return None
+        if task.paused:
+            return task, False
+        paused = replace(task, paused_at=utc(at), updated_at=utc(at))
+        self._tasks[task_id] = paused
+        self._pauses[task_id].append((utc(at), None))
+        for assignment in self._assignments[task_id].values():
+            assignment.removal_pending = True
+        self._append_audit(audit)
+        return paused, True
+
+    async def resume_task(
+        self, task_id: uuid.UUID, at: datetime, audit: AuditEvent
+    ) -> tuple[Task, bool] | None:
+        task = self._live(task_id)
+        if task is None:
+            return None
+        if not task.paused:
+            return task, False
+        resumed = replace(task, paused_at=None, updated_at=utc(at))
+        self._tasks[task_id] = resumed
+        pauses = self._pauses[task_id]
+        pauses[-1] = (pauses[-1][0], utc(at))
+        for assignment in self._assignments[task_id].values():
+            assignment.removal_pending = False
+            assignment.delivered = False
+        self._append_audit(audit)
+        return resumed, True
+
+    async def record_manual_execution(
+        self, task_id: uuid.UUID, scheduled_at: datetime, audit: AuditEvent
+    ) -> Execution | None:
+        task = self._live(task_id)
+        if task is None:
+            return None
+        at = utc(scheduled_at)
+        urls = expected_urls(self._assignments[task_id], self._agents.values())
+        execution = _Execution(urls, Trigger.MANUAL, task.spec.revision)
+        self._executions[task_id][at] = execution
+        deadline = manual_run_deadline(at, task.spec.frequency.interval)
+        for url in urls:
+            self._manual[(task_id, at, url)] = _ManualDelivery(task.spec.revision, deadline)
+        self._append_audit(audit)
+        return execution.as_execution(task_id, at)
+
+    async def pending_manual_runs(
+        self, agent_url: str, now: datetime, limit: int
+    ) -> list[ManualRun]:
+        pending = sorted(
+            (at, task_id, delivery)
+            for (task_id, at, url), delivery in self._manual.items()
+            if url == agent_url and not delivery.delivered and delivery.deadline > now
+        )[:limit]
+        return [
+            ManualRun(self._tasks[task_id].spec, at, delivery.revision, delivery.deadline)
+            for at, task_id, delivery in pending
+        ]
+
+    async def mark_manual_delivered(
+        self, agent_url: str, runs: Sequence[tuple[uuid.UUID, datetime]]
+    ) -> None:
+        for task_id, at in runs:
+            delivery = self._manual.get((task_id, utc(at), agent_url))
+            if delivery is not None:
+                delivery.delivered = True
+
+    async def get_execution(self, task_id: uuid.UUID, scheduled_at: datetime) -> Execution | None:
+        if task_id not in self._tasks:
+            raise UnknownTask(str(task_id))
+        at = utc(scheduled_at)
+        execution = self._executions[task_id].get(at)
+        return None if execution is None else execution.as_execution(task_id, at)
 
     async def delete_task(
         self, task_id: uuid.UUID, deleted_at: datetime, audit: AuditEvent
@@ -218,23 +385,37 @@ class MemoryStore:
         task = self._tasks.get(result.task_id)
         if task is None:
             return RecordOutcome.UNKNOWN_TASK
-        spec = task.spec
-        if not on_schedule(spec.anchor, spec.frequency.interval, result.scheduled_at):
-            return RecordOutcome.MISALIGNED
-        if after_deletion(task.deleted_at, result.scheduled_at):
-            return RecordOutcome.DELETED
         executions = self._executions[result.task_id]
         execution = executions.get(result.scheduled_at)
+        if is_manual(result):
+            recorded = execution is not None and execution.trigger is Trigger.MANUAL
+            verdict = manual_verdict(recorded, task.deleted_at, result.scheduled_at)
+            if verdict is not None:
+                return verdict
+            assert execution is not None
+            revision = execution.revision if result.revision is None else result.revision
+        else:
+            verdict, revision = scheduled_verdict(
+                self._revisions[result.task_id],
+                self._pauses[result.task_id],
+                task.deleted_at,
+                result.scheduled_at,
+                result.revision,
+            )
+            if verdict is not None:
+                return verdict
+            if execution is not None and execution.trigger is Trigger.MANUAL:
+                return RecordOutcome.MISALIGNED  # (a run-now is never on the grid)
         if execution is None:
             expected = expected_urls(self._assignments[result.task_id], self._agents.values())
-            execution = _Execution(expected)
+            execution = _Execution(expected, revision=revision)
             executions[result.scheduled_at] = execution
         stored = execution.results.get(result.agent_id)
         if stored is not None:
             if same_result(stored, result):
                 return RecordOutcome.DUPLICATE
             return RecordOutcome.CONFLICT
-        execution.results[result.agent_id] = result
+        execution.results[result.agent_id] = replace(result, revision=revision)
         return RecordOutcome.STORED
 
     async def latest_complete_execution(
@@ -272,12 +453,12 @@ class MemoryStore:
         ]
         return [executions[at].as_execution(task_id, at) for at in instants]
 
-    async def prune_history(self, before: datetime, limit: int) -> int:
+    async def prune_history(self, before: datetime, limit: int, keep: int = 0) -> int:
         cutoff = utc(before)
         old = sorted(
             (at, task_id)
             for task_id, executions in self._executions.items()
-            for at in executions
+            for at in set(executions) - newest_kept(list(executions), keep)
             if at < cutoff
         )[:limit]
         for at, task_id in old:
@@ -288,7 +469,7 @@ class MemoryStore:
         pending = [
             task
             for task_id, task in self._tasks.items()
-            if not task.deleted
+            if task.state is TaskState.ACTIVE
             and not self._assignments[task_id].get(agent_url, _Assignment(delivered=True)).delivered
         ]
         pending.sort(key=lambda task: (task.created_at, task.task_id))
@@ -298,17 +479,24 @@ class MemoryStore:
         return {
             task_id
             for task_id, assignments in self._assignments.items()
-            if agent_url in assignments and not self._tasks[task_id].deleted
+            if agent_url in assignments and self._tasks[task_id].state is TaskState.ACTIVE
         }
 
     async def mark_delivered(
-        self, agent_url: str, task_ids: Sequence[uuid.UUID], agent_id: uuid.UUID
+        self,
+        agent_url: str,
+        task_ids: Sequence[uuid.UUID],
+        agent_id: uuid.UUID,
+        revisions: Sequence[int] | None = None,
     ) -> None:
-        for task_id in task_ids:
+        for i, task_id in enumerate(task_ids):
             assignment = self._assignments.get(task_id, {}).get(agent_url)
-            if assignment is not None:
-                assignment.delivered = True
-                assignment.agent_id = agent_id
+            if assignment is None:
+                continue
+            if revisions is not None and revisions[i] < self._tasks[task_id].spec.revision:
+                continue  # an older revision: the new one is still due
+            assignment.delivered = True
+            assignment.agent_id = agent_id
 
     async def mark_undelivered(self, agent_url: str, task_ids: Sequence[uuid.UUID]) -> None:
         for task_id in task_ids:
@@ -326,7 +514,9 @@ class MemoryStore:
             if (assignment := self._assignments[task_id].get(agent_url)) is not None
             and assignment.removal_pending
         ]
-        pending.sort(key=lambda task: (task.deleted_at, task.task_id))
+        pending.sort(
+            key=lambda task: (task.deleted_at or task.paused_at or task.created_at, task.task_id)
+        )
         return [task.task_id for task in pending[:limit]]
 
     async def mark_removed(self, agent_url: str, task_ids: Sequence[uuid.UUID]) -> None:
@@ -342,7 +532,7 @@ class MemoryStore:
         for task_id in task_ids:
             task = self._tasks.get(task_id)
             assignment = self._assignments.get(task_id, {}).get(agent_url)
-            if task is not None and task.deleted and assignment is not None:
+            if task is not None and task.state is not TaskState.ACTIVE and assignment is not None:
                 assignment.removal_pending = True
                 marked.add(task_id)
         return marked

@@ -141,9 +141,54 @@ MIGRATIONS: list[str] = [
     WHERE a.revoked_at IS NOT NULL
       AND EXISTS (SELECT 1 FROM agents b WHERE b.url = a.url AND b.enrolled_at > a.enrolled_at);
     """,
-    # 7: taken by the task verbs of issue 10 (TASKS); a no-op until that branch lands.
+    # 7: changing, pausing and running tasks now (issue 10). Each revision of a task with
+    # the instant it took effect and its grid (revision 1: the anchor); each pause; the
+    # revision and trigger of each execution and result; the revision each agent is
+    # due; run-nows each agent is still to be told of. Constant defaults: no rewrite.
     """
-    SELECT 1;
+    ALTER TABLE tasks ADD COLUMN revision integer NOT NULL DEFAULT 1,
+                      ADD COLUMN paused_at timestamptz,
+                      ADD COLUMN updated_at timestamptz;
+    CREATE INDEX tasks_newest_first ON tasks (created_at DESC, task_id DESC);
+
+    CREATE TABLE task_revisions (
+        task_id uuid NOT NULL REFERENCES tasks,
+        revision integer NOT NULL,
+        effective_at timestamptz NOT NULL,
+        anchor timestamptz NOT NULL,
+        interval_seconds integer NOT NULL CHECK (interval_seconds > 0),
+        PRIMARY KEY (task_id, revision)
+    );
+    INSERT INTO task_revisions (task_id, revision, effective_at, anchor, interval_seconds)
+        SELECT task_id, 1, anchor, anchor, interval_seconds FROM tasks;
+
+    CREATE TABLE task_pauses (
+        task_id uuid NOT NULL REFERENCES tasks,
+        paused_at timestamptz NOT NULL,
+        resumed_at timestamptz,
+        PRIMARY KEY (task_id, paused_at)
+    );
+
+    -- The revision the agent is due: an acknowledgement of an older one (sent before a
+    -- PATCH) does not count as delivered.
+    ALTER TABLE task_agents ADD COLUMN due_revision integer NOT NULL DEFAULT 1;
+    ALTER TABLE executions ADD COLUMN trigger text NOT NULL DEFAULT 'schedule',
+                           ADD COLUMN revision integer NOT NULL DEFAULT 1;
+    ALTER TABLE results ADD COLUMN trigger text NOT NULL DEFAULT 'schedule',
+                        ADD COLUMN revision integer NOT NULL DEFAULT 1;
+
+    CREATE TABLE manual_runs (
+        task_id uuid NOT NULL,
+        scheduled_at timestamptz NOT NULL,
+        agent_url text NOT NULL,
+        revision integer NOT NULL,
+        deadline timestamptz NOT NULL,
+        delivered_at timestamptz,
+        PRIMARY KEY (task_id, scheduled_at, agent_url),
+        FOREIGN KEY (task_id, scheduled_at) REFERENCES executions ON DELETE CASCADE
+    );
+    CREATE INDEX manual_runs_pending ON manual_runs (agent_url, scheduled_at)
+        WHERE delivered_at IS NULL;
     """,
     # 8: the fleet at run time and agents' heartbeats. A member's added_at; what each
     # agent said in its last heartbeat; the agents told to leave (their URL left the

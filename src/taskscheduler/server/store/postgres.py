@@ -23,11 +23,15 @@ from taskscheduler.server.store.interface import (
     AgentRecord,
     AuditEvent,
     Execution,
+    ExecutionSummary,
     FleetMember,
     Heartbeat,
     Leave,
+    ManualRun,
     RecordOutcome,
     Task,
+    TaskChange,
+    TaskState,
 )
 from taskscheduler.server.store.migrations import Migrator
 from taskscheduler.server.store.pool import Database
@@ -114,12 +118,57 @@ class PostgresStore:
     async def create_task(
         self, spec: TaskSpec, created_at: datetime, audit: AuditEvent | None = None
     ) -> Task:
-        task = await self.tasks.create_task(spec, created_at, audit)
-        self.results.remember_schedule(task.spec)
-        return task
+        return await self.tasks.create_task(spec, created_at, audit)
 
     async def get_task(self, task_id: uuid.UUID) -> Task | None:
         return await self.tasks.get_task(task_id)
+
+    async def list_tasks(
+        self,
+        limit: int,
+        after: tuple[datetime, uuid.UUID] | None = None,
+        state: TaskState | None = None,
+        command: str | None = None,
+    ) -> list[Task]:
+        return await self.tasks.list_tasks(limit, after, state, command)
+
+    async def last_executions(
+        self, task_ids: Sequence[uuid.UUID]
+    ) -> dict[uuid.UUID, ExecutionSummary]:
+        return await self.results.last_executions(task_ids)
+
+    async def update_task(
+        self, task_id: uuid.UUID, change: TaskChange, at: datetime, audit: AuditEvent
+    ) -> tuple[Task, bool] | None:
+        return await self.tasks.update_task(task_id, change, at, audit)
+
+    async def pause_task(
+        self, task_id: uuid.UUID, at: datetime, audit: AuditEvent
+    ) -> tuple[Task, bool] | None:
+        return await self.tasks.pause_task(task_id, at, audit)
+
+    async def resume_task(
+        self, task_id: uuid.UUID, at: datetime, audit: AuditEvent
+    ) -> tuple[Task, bool] | None:
+        return await self.tasks.resume_task(task_id, at, audit)
+
+    async def record_manual_execution(
+        self, task_id: uuid.UUID, scheduled_at: datetime, audit: AuditEvent
+    ) -> Execution | None:
+        return await self.results.record_manual_execution(task_id, scheduled_at, audit)
+
+    async def pending_manual_runs(
+        self, agent_url: str, now: datetime, limit: int
+    ) -> list[ManualRun]:
+        return await self.deliveries.pending_manual_runs(agent_url, now, limit)
+
+    async def mark_manual_delivered(
+        self, agent_url: str, runs: Sequence[tuple[uuid.UUID, datetime]]
+    ) -> None:
+        await self.deliveries.mark_manual_delivered(agent_url, runs)
+
+    async def get_execution(self, task_id: uuid.UUID, scheduled_at: datetime) -> Execution | None:
+        return await self.results.get_execution(task_id, scheduled_at)
 
     async def delete_task(
         self, task_id: uuid.UUID, deleted_at: datetime, audit: AuditEvent
@@ -143,8 +192,8 @@ class PostgresStore:
     ) -> list[Execution]:
         return await self.results.list_executions(task_id, limit, before)
 
-    async def prune_history(self, before: datetime, limit: int) -> int:
-        return await self.results.prune_history(before, limit)
+    async def prune_history(self, before: datetime, limit: int, keep: int = 0) -> int:
+        return await self.results.prune_history(before, limit, keep)
 
     # -- deliveries ---------------------------------------------------------------------
 
@@ -155,9 +204,13 @@ class PostgresStore:
         return await self.deliveries.assigned_task_ids(agent_url)
 
     async def mark_delivered(
-        self, agent_url: str, task_ids: Sequence[uuid.UUID], agent_id: uuid.UUID
+        self,
+        agent_url: str,
+        task_ids: Sequence[uuid.UUID],
+        agent_id: uuid.UUID,
+        revisions: Sequence[int] | None = None,
     ) -> None:
-        await self.deliveries.mark_delivered(agent_url, task_ids, agent_id)
+        await self.deliveries.mark_delivered(agent_url, task_ids, agent_id, revisions)
 
     async def mark_undelivered(self, agent_url: str, task_ids: Sequence[uuid.UUID]) -> None:
         await self.deliveries.mark_undelivered(agent_url, task_ids)

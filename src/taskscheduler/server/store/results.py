@@ -1,8 +1,10 @@
-"""Executions and their results in PostgreSQL: record, latest complete, history, prune.
+"""Executions and their results in PostgreSQL: record, latest complete, history, prune,
+run-nows.
 
-The outcome rules are :mod:`~taskscheduler.server.store.rules`: alignment and result
-identity are checked here in Python with them; completeness and the deletion cut-off are
-applied by the SQL below, which ``tests/unit/test_store_rules.py`` holds to the same rules.
+The outcome rules are :mod:`~taskscheduler.server.store.rules`: alignment, revisions,
+pauses, run-nows and result identity are checked here in Python with them; completeness
+and the deletion cut-off are applied by the SQL below (the cut-off in Python too), which
+``tests/unit/test_store_rules.py`` holds to the same rules.
 """
 
 from __future__ import annotations
@@ -14,11 +16,28 @@ from typing import Any
 
 import psycopg2
 
-from taskscheduler.protocol import Output, ResultStatus, RunResult, TaskSpec
+from taskscheduler.protocol import Output, ResultStatus, RunResult, Trigger
+from taskscheduler.server.store.audit import insert_audit
 from taskscheduler.server.store.fleet import EXPECTED_URLS_SQL
-from taskscheduler.server.store.interface import Execution, RecordOutcome, UnknownTask
+from taskscheduler.server.store.interface import (
+    AuditEvent,
+    Execution,
+    ExecutionSummary,
+    RecordOutcome,
+    UnknownTask,
+)
 from taskscheduler.server.store.pool import Cursor, Database
-from taskscheduler.server.store.rules import on_schedule, result_digest, utc, utc_or_none
+from taskscheduler.server.store.rules import (
+    Pause,
+    Revision,
+    is_manual,
+    manual_run_deadline,
+    manual_verdict,
+    result_digest,
+    scheduled_verdict,
+    utc,
+    utc_or_none,
+)
 
 # -- SQL ------------------------------------------------------------------------------------
 
@@ -27,15 +46,17 @@ from taskscheduler.server.store.rules import on_schedule, result_digest, utc, ut
 #: its reporting deadline, :func:`rules.completion_cutoff`), so the cost does not grow
 #: with the task's history. No row: unknown task.
 LATEST_EXECUTION_SQL = """
-SELECT t.time_limit_us, e.scheduled_at, e.expected, e.expected_urls
+SELECT t.time_limit_us, e.scheduled_at, e.expected, e.trigger, e.revision, e.expected_urls
 FROM tasks t
 LEFT JOIN LATERAL (
-    SELECT c.scheduled_at, c.expected, c.expected_urls FROM (
-        (SELECT x.scheduled_at, x.expected, x.expected_urls FROM executions x
+    SELECT c.scheduled_at, c.expected, c.trigger, c.revision, c.expected_urls FROM (
+        (SELECT x.scheduled_at, x.expected, x.trigger, x.revision, x.expected_urls
+         FROM executions x
          WHERE x.task_id = t.task_id AND x.completed_at IS NOT NULL
          ORDER BY x.scheduled_at DESC LIMIT 1)
         UNION ALL
-        (SELECT x.scheduled_at, x.expected, x.expected_urls FROM executions x
+        (SELECT x.scheduled_at, x.expected, x.trigger, x.revision, x.expected_urls
+         FROM executions x
          WHERE x.task_id = t.task_id
            AND x.scheduled_at < %(now)s::timestamptz
                                 - t.time_limit_us * interval '1 microsecond'
@@ -50,7 +71,7 @@ WHERE t.task_id = %(task_id)s::uuid
 #: One execution's results, by primary key.
 _RESULT_COLUMNS = """agent_id, status, exit_code, signal, started_at, finished_at,
        stdout, stdout_bytes, stdout_truncated, stderr, stderr_bytes, stderr_truncated,
-       reason"""
+       reason, revision, trigger"""
 
 EXECUTION_RESULTS_SQL = f"""
 SELECT {_RESULT_COLUMNS}
@@ -67,9 +88,10 @@ ORDER BY agent_id
 #: is made for those). An execution is marked complete once it has every result it
 #: expects (:func:`rules.reported_enough`); the agents expected are :func:`fleet.expected_urls`.
 RECORD_SQL = f"""
-INSERT INTO executions (task_id, scheduled_at, expected, expected_urls)
-SELECT v.task_id, v.scheduled_at, cardinality(x.urls), x.urls
-FROM unnest(%(e_task)s::uuid[], %(e_at)s::timestamptz[]) AS v (task_id, scheduled_at)
+INSERT INTO executions (task_id, scheduled_at, expected, expected_urls, revision)
+SELECT v.task_id, v.scheduled_at, cardinality(x.urls), x.urls, v.revision
+FROM unnest(%(e_task)s::uuid[], %(e_at)s::timestamptz[], %(e_revision)s::integer[])
+     AS v (task_id, scheduled_at, revision)
 CROSS JOIN LATERAL (SELECT {EXPECTED_URLS_SQL} AS urls) x
 WHERE NOT EXISTS (SELECT 1 FROM tasks t
                   WHERE t.task_id = v.task_id AND t.deleted_at < v.scheduled_at)
@@ -85,7 +107,7 @@ WITH inserted AS (
     INSERT INTO results (task_id, scheduled_at, agent_id, status, exit_code, signal,
                          started_at, finished_at, stdout, stdout_bytes, stdout_truncated,
                          stderr, stderr_bytes, stderr_truncated, reason, digest,
-                         received_at)
+                         revision, trigger, received_at)
     SELECT v.*, %(received_at)s
     FROM unnest(%(task)s::uuid[], %(at)s::timestamptz[], %(agent)s::uuid[],
                 %(status)s::text[], %(exit_code)s::integer[], %(signal)s::integer[],
@@ -93,10 +115,11 @@ WITH inserted AS (
                 %(stdout)s::bytea[], %(stdout_bytes)s::bigint[],
                 %(stdout_truncated)s::boolean[],
                 %(stderr)s::bytea[], %(stderr_bytes)s::bigint[],
-                %(stderr_truncated)s::boolean[], %(reason)s::text[], %(digest)s::bytea[])
+                %(stderr_truncated)s::boolean[], %(reason)s::text[], %(digest)s::bytea[],
+                %(revision)s::integer[], %(trigger)s::text[])
          AS v (task_id, scheduled_at, agent_id, status, exit_code, signal,
                started_at, finished_at, stdout, stdout_bytes, stdout_truncated,
-               stderr, stderr_bytes, stderr_truncated, reason, digest)
+               stderr, stderr_bytes, stderr_truncated, reason, digest, revision, trigger)
     WHERE EXISTS (SELECT 1 FROM executions e
                   WHERE e.task_id = v.task_id AND e.scheduled_at = v.scheduled_at)
       AND NOT EXISTS (SELECT 1 FROM tasks t
@@ -119,7 +142,7 @@ SELECT task_id, agent_id, scheduled_at FROM inserted
 
 #: A page of a task's history, newest first, from the primary key.
 LIST_EXECUTIONS_SQL = """
-SELECT scheduled_at, expected, expected_urls FROM executions
+SELECT scheduled_at, expected, trigger, revision, expected_urls FROM executions
 WHERE task_id = %(task_id)s::uuid
   AND (%(before)s::timestamptz IS NULL OR scheduled_at < %(before)s)
 ORDER BY scheduled_at DESC
@@ -151,8 +174,13 @@ JOIN results r ON r.task_id = v.t AND r.scheduled_at = v.s AND r.agent_id = v.a
 #: we hold their locks), so no plan ever joins against the whole table.
 PRUNE_SQL = """
 WITH doomed AS (
-    SELECT ctid, task_id, scheduled_at FROM executions
+    SELECT ctid, task_id, scheduled_at FROM executions e
     WHERE scheduled_at < %(before)s
+      -- the newest %(keep)s of its task are kept (rules.newest_kept): older than the
+      -- keep-th newest, found by a backward walk of the primary key (none: fewer)
+      AND (%(keep)s = 0 OR scheduled_at < (
+          SELECT k.scheduled_at FROM executions k WHERE k.task_id = e.task_id
+          ORDER BY k.scheduled_at DESC OFFSET %(keep)s - 1 LIMIT 1))
     ORDER BY scheduled_at
     LIMIT %(limit)s
     FOR UPDATE SKIP LOCKED
@@ -163,8 +191,67 @@ WITH doomed AS (
 DELETE FROM executions WHERE ctid = ANY(ARRAY(SELECT ctid FROM doomed))
 """
 
-#: Cached task schedules (anchor, interval) before the cache is emptied and refilled.
-_SCHEDULE_CACHE_SIZE = 100_000
+#: What judging a batch needs of its tasks, in one round trip: each revision ('r'), each
+#: pause ('p'), the deletion ('d') and each run-now at an instant of the batch ('m').
+JUDGING_SQL = """
+SELECT 'r', task_id, revision, effective_at, anchor, interval_seconds
+FROM task_revisions WHERE task_id = ANY(%(ids)s::uuid[])
+UNION ALL
+SELECT 'p', task_id, NULL, paused_at, resumed_at, NULL
+FROM task_pauses WHERE task_id = ANY(%(ids)s::uuid[])
+UNION ALL
+SELECT 'd', task_id, NULL, deleted_at, NULL, NULL
+FROM tasks WHERE task_id = ANY(%(ids)s::uuid[])
+UNION ALL
+SELECT 'm', e.task_id, e.revision, e.scheduled_at, NULL, NULL
+FROM executions e
+JOIN unnest(%(m_task)s::uuid[], %(m_at)s::timestamptz[]) AS v (task_id, scheduled_at)
+  ON e.task_id = v.task_id AND e.scheduled_at = v.scheduled_at
+WHERE e.trigger = 'manual'
+"""
+
+#: The newest execution of each task, with its results' statuses.
+LAST_EXECUTIONS_SQL = """
+SELECT e.task_id, e.scheduled_at, e.trigger, e.revision, e.expected,
+       ARRAY(SELECT r.status FROM results r
+             WHERE r.task_id = e.task_id AND r.scheduled_at = e.scheduled_at
+             ORDER BY r.agent_id)
+FROM unnest(%s::uuid[]) AS v (task_id)
+JOIN LATERAL (SELECT * FROM executions x WHERE x.task_id = v.task_id
+              ORDER BY x.scheduled_at DESC LIMIT 1) e ON true
+"""
+
+
+class _Judging:
+    """What the rules need to judge the results of a batch, per task."""
+
+    def __init__(self) -> None:
+        self.revisions: dict[uuid.UUID, list[Revision]] = {}
+        self.pauses: dict[uuid.UUID, list[Pause]] = {}
+        self.deleted: dict[uuid.UUID, datetime | None] = {}
+        self.manual: dict[tuple[uuid.UUID, datetime], int] = {}
+
+    def verdict(self, result: RunResult) -> tuple[RecordOutcome | None, int]:
+        task_id = result.task_id
+        if task_id not in self.deleted:
+            return RecordOutcome.UNKNOWN_TASK, 0
+        if is_manual(result):
+            recorded = self.manual.get((task_id, result.scheduled_at))
+            verdict = manual_verdict(
+                recorded is not None, self.deleted[task_id], result.scheduled_at
+            )
+            revision = recorded if result.revision is None else result.revision
+            return verdict, revision or 0
+        if (task_id, result.scheduled_at) in self.manual:
+            return RecordOutcome.MISALIGNED, 0
+        return scheduled_verdict(
+            self.revisions.get(task_id, []),
+            self.pauses.get(task_id, []),
+            self.deleted[task_id],
+            result.scheduled_at,
+            result.revision,
+        )
+
 
 _Key = tuple[str, str, datetime]  # (task_id, agent_id, scheduled_at)
 
@@ -184,6 +271,8 @@ def _result_from_row(task_id: uuid.UUID, scheduled_at: datetime, row: Sequence[A
         stderr_bytes,
         stderr_truncated,
         reason,
+        revision,
+        trigger,
     ) = row
     return RunResult(
         task_id=task_id,
@@ -197,6 +286,8 @@ def _result_from_row(task_id: uuid.UUID, scheduled_at: datetime, row: Sequence[A
         stdout=Output(bytes(stdout), stdout_bytes, stdout_truncated),
         stderr=Output(bytes(stderr), stderr_bytes, stderr_truncated),
         reason=reason,
+        revision=revision,
+        trigger=Trigger(trigger),
     )
 
 
@@ -205,11 +296,6 @@ class Results:
 
     def __init__(self, db: Database) -> None:
         self._db = db
-        self._schedules: dict[uuid.UUID, tuple[datetime, timedelta]] = {}
-
-    def remember_schedule(self, spec: TaskSpec) -> None:
-        """A task's schedule never changes: keep it, to judge its results' alignment."""
-        self._schedules[spec.task_id] = (spec.anchor, spec.frequency.interval)
 
     async def record_results(
         self, results: Sequence[RunResult], received_at: datetime
@@ -225,39 +311,47 @@ class Results:
         # which PostgreSQL runs as one implicit transaction (one round trip, not four).
         return await self._db.run(operation, transaction=False)
 
-    async def _schedules_of(
-        self, cursor: Cursor, task_ids: set[uuid.UUID]
-    ) -> dict[uuid.UUID, tuple[datetime, timedelta]]:
-        """Anchor and interval of each known task; they never change, so they are cached."""
-        missing = [str(t) for t in task_ids if t not in self._schedules]
-        if missing:
-            await cursor.execute(
-                "SELECT task_id, anchor, interval_seconds FROM tasks"
-                " WHERE task_id = ANY(%s::uuid[])",
-                (missing,),
-            )
-            if len(self._schedules) > _SCHEDULE_CACHE_SIZE:
-                self._schedules.clear()
-            for task_id, anchor, interval in cursor.fetchall():
-                self._schedules[uuid.UUID(str(task_id))] = (anchor, timedelta(seconds=interval))
-        return {t: self._schedules[t] for t in task_ids if t in self._schedules}
+    async def _judging(self, cursor: Cursor, results: Sequence[RunResult]) -> _Judging:
+        """Read what the rules need to judge ``results``, in one query."""
+        manual = sorted({(str(r.task_id), r.scheduled_at) for r in results if is_manual(r)})
+        await cursor.execute(
+            JUDGING_SQL,
+            {
+                "ids": sorted({str(r.task_id) for r in results}),
+                "m_task": [t for t, _ in manual],
+                "m_at": [at for _, at in manual],
+            },
+        )
+        judging = _Judging()
+        for kind, task_id, revision, first, second, interval in cursor.fetchall():
+            key = uuid.UUID(str(task_id))
+            if kind == "r":
+                judging.revisions.setdefault(key, []).append(
+                    Revision(revision, utc(first), utc(second), timedelta(seconds=interval))
+                )
+            elif kind == "p":
+                judging.pauses.setdefault(key, []).append((utc(first), utc_or_none(second)))
+            elif kind == "d":
+                judging.deleted[key] = utc_or_none(first)
+            else:
+                judging.manual[(key, utc(first))] = revision
+        return judging
 
     async def _record(
         self, cursor: Cursor, results: Sequence[RunResult], received_at: datetime
     ) -> list[RecordOutcome]:
         outcomes: list[RecordOutcome | None] = [None] * len(results)
-        schedules = await self._schedules_of(cursor, {r.task_id for r in results})
+        judging = await self._judging(cursor, results)
         # The first candidate for each key is the one we try to insert; any later one in
         # the same batch is judged against whatever ends up stored.
         first: dict[_Key, int] = {}
         keys: list[_Key | None] = [None] * len(results)
         digests = [b""] * len(results)
+        revisions = [0] * len(results)
         for i, r in enumerate(results):
-            schedule = schedules.get(r.task_id)
-            if schedule is None:
-                outcomes[i] = RecordOutcome.UNKNOWN_TASK
-            elif not on_schedule(schedule[0], schedule[1], r.scheduled_at):
-                outcomes[i] = RecordOutcome.MISALIGNED
+            verdict, revisions[i] = judging.verdict(r)
+            if verdict is not None:
+                outcomes[i] = verdict
             else:
                 key = (str(r.task_id), str(r.agent_id), r.scheduled_at)
                 keys[i] = key
@@ -268,13 +362,15 @@ class Results:
 
         # Sorted: concurrent calls take row locks in the same order, so never deadlock.
         candidates = sorted(first, key=lambda k: (k[0], k[2], k[1]))
-        executions = sorted({(t, at) for t, _, at in candidates})
+        execution_revisions = {(k[0], k[2]): revisions[first[k]] for k in candidates}
+        executions = sorted(execution_revisions)
         chosen = [results[first[key]] for key in candidates]
         await cursor.execute(
             RECORD_SQL,
             {
                 "e_task": [t for t, _ in executions],
                 "e_at": [at for _, at in executions],
+                "e_revision": [execution_revisions[e] for e in executions],
                 "task": [k[0] for k in candidates],
                 "at": [k[2] for k in candidates],
                 "agent": [k[1] for k in candidates],
@@ -291,6 +387,8 @@ class Results:
                 "stderr_truncated": [r.stderr.truncated for r in chosen],
                 "reason": [r.reason for r in chosen],
                 "digest": [psycopg2.Binary(digests[first[key]]) for key in candidates],
+                "revision": [revisions[first[key]] for key in candidates],
+                "trigger": [r.trigger.value for r in chosen],
                 "received_at": received_at,
             },
         )
@@ -330,7 +428,7 @@ class Results:
             row = cursor.fetchone()
             if row is None:
                 raise UnknownTask(str(task_id))
-            _, scheduled_at, expected, urls = row
+            _, scheduled_at, expected, trigger, revision, urls = row
             if scheduled_at is None:
                 return None
             await cursor.execute(
@@ -344,6 +442,8 @@ class Results:
                 results=tuple(
                     _result_from_row(task_id, scheduled_at, row) for row in cursor.fetchall()
                 ),
+                trigger=Trigger(trigger),
+                revision=revision,
                 expected_urls=None if urls is None else tuple(urls),
             )
 
@@ -372,7 +472,7 @@ class Results:
             for row in cursor.fetchall():
                 by_instant.setdefault(row[0], []).append(row[1:])
             executions = []
-            for scheduled_at, expected, urls in page:
+            for scheduled_at, expected, trigger, revision, urls in page:
                 at = utc(scheduled_at)
                 executions.append(
                     Execution(
@@ -383,6 +483,8 @@ class Results:
                             _result_from_row(task_id, at, row)
                             for row in by_instant.get(scheduled_at, [])
                         ),
+                        trigger=Trigger(trigger),
+                        revision=revision,
                         expected_urls=None if urls is None else tuple(urls),
                     )
                 )
@@ -390,9 +492,115 @@ class Results:
 
         return await self._db.run(operation, transaction=False)
 
-    async def prune_history(self, before: datetime, limit: int) -> int:
+    async def prune_history(self, before: datetime, limit: int, keep: int = 0) -> int:
         async def operation(cursor: Cursor) -> int:
-            await cursor.execute(PRUNE_SQL, {"before": before, "limit": limit})
+            await cursor.execute(PRUNE_SQL, {"before": before, "limit": limit, "keep": keep})
             return int(cursor.rowcount)
 
         return await self._db.run(operation, transaction=False)
+
+    async def last_executions(
+        self, task_ids: Sequence[uuid.UUID]
+    ) -> dict[uuid.UUID, ExecutionSummary]:
+        if not task_ids:
+            return {}
+
+        async def operation(cursor: Cursor) -> dict[uuid.UUID, ExecutionSummary]:
+            await cursor.execute(LAST_EXECUTIONS_SQL, (sorted({str(t) for t in task_ids}),))
+            found = {}
+            for task_id, at, trigger, revision, expected, statuses in cursor.fetchall():
+                key = uuid.UUID(str(task_id))
+                found[key] = ExecutionSummary(
+                    key,
+                    utc(at),
+                    Trigger(trigger),
+                    revision,
+                    expected,
+                    tuple(ResultStatus(s) for s in statuses),
+                )
+            return found
+
+        return await self._db.run(operation, transaction=False)
+
+    async def get_execution(self, task_id: uuid.UUID, scheduled_at: datetime) -> Execution | None:
+        async def operation(cursor: Cursor) -> Execution | None:
+            await cursor.execute("SELECT 1 FROM tasks WHERE task_id = %s::uuid", (str(task_id),))
+            if cursor.fetchone() is None:
+                raise UnknownTask(str(task_id))
+            await cursor.execute(
+                "SELECT expected, trigger, revision, expected_urls FROM executions"
+                " WHERE task_id = %s::uuid AND scheduled_at = %s",
+                (str(task_id), scheduled_at),
+            )
+            row = cursor.fetchone()
+            if row is None:
+                return None
+            expected, trigger, revision, urls = row
+            at = utc(scheduled_at)
+            await cursor.execute(
+                EXECUTION_RESULTS_SQL, {"task_id": str(task_id), "scheduled_at": scheduled_at}
+            )
+            return Execution(
+                task_id=task_id,
+                scheduled_at=at,
+                expected=expected,
+                results=tuple(_result_from_row(task_id, at, r) for r in cursor.fetchall()),
+                trigger=Trigger(trigger),
+                revision=revision,
+                expected_urls=None if urls is None else tuple(urls),
+            )
+
+        return await self._db.run(operation, transaction=False)
+
+    async def record_manual_execution(
+        self, task_id: uuid.UUID, scheduled_at: datetime, audit: AuditEvent
+    ) -> Execution | None:
+        at = utc(scheduled_at)
+
+        async def operation(cursor: Cursor) -> Execution | None:
+            await cursor.execute(
+                "SELECT revision, interval_seconds FROM tasks"
+                " WHERE task_id = %s::uuid AND deleted_at IS NULL FOR SHARE",
+                (str(task_id),),
+            )
+            row = cursor.fetchone()
+            if row is None:
+                return None
+            revision, interval = row
+            deadline = manual_run_deadline(at, timedelta(seconds=interval))
+            # The agents expected, as for a scheduled execution (fleet.expected_urls); each
+            # is told to run it.
+            await cursor.execute(
+                f"""
+                INSERT INTO executions (task_id, scheduled_at, expected, expected_urls,
+                                        completed_at, trigger, revision)
+                SELECT v.task_id, %(at)s, cardinality(x.urls), x.urls,
+                       CASE WHEN cardinality(x.urls) = 0 THEN %(at)s::timestamptz END,
+                       'manual', %(revision)s
+                FROM (SELECT %(task_id)s::uuid AS task_id) v
+                CROSS JOIN LATERAL (SELECT {EXPECTED_URLS_SQL} AS urls) x
+                RETURNING expected_urls;
+                """,
+                {"task_id": str(task_id), "at": at, "revision": revision},
+            )
+            (urls,) = cursor.fetchone()
+            await cursor.execute(
+                """
+                INSERT INTO manual_runs (task_id, scheduled_at, agent_url, revision, deadline)
+                SELECT %(task_id)s::uuid, %(at)s, url, %(revision)s, %(deadline)s
+                FROM unnest(%(urls)s::text[]) AS url
+                """,
+                {
+                    "task_id": str(task_id),
+                    "at": at,
+                    "revision": revision,
+                    "deadline": deadline,
+                    "urls": list(urls),
+                },
+            )
+            await insert_audit(cursor, audit)
+            return Execution(
+                task_id, at, len(urls), (), Trigger.MANUAL, revision, expected_urls=tuple(urls)
+            )
+
+        return await self._db.run(operation)

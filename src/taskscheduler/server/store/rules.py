@@ -11,12 +11,19 @@ import hashlib
 import json
 import uuid
 from collections.abc import Sequence
+from dataclasses import dataclass, replace
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
-from taskscheduler.protocol import RunResult, TaskSpec
-from taskscheduler.schedule import execution_index
-from taskscheduler.server.store.interface import AgentConflict, AgentRecord
+from taskscheduler.protocol import RunResult, TaskSpec, Trigger
+from taskscheduler.schedule import execution_index, next_execution
+from taskscheduler.server.store.interface import (
+    AgentConflict,
+    AgentRecord,
+    RecordOutcome,
+    Task,
+    TaskChange,
+)
 
 _EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
 _USEC = timedelta(microseconds=1)
@@ -41,6 +48,7 @@ def utc_spec(spec: TaskSpec) -> TaskSpec:
         frequency=spec.frequency,
         anchor=utc(spec.anchor),
         time_limit=spec.time_limit,
+        revision=spec.revision,
     )
 
 
@@ -58,6 +66,8 @@ def utc_result(result: RunResult) -> RunResult:
         stdout=result.stdout,
         stderr=result.stderr,
         reason=result.reason,
+        revision=result.revision,
+        trigger=result.trigger,
     )
 
 
@@ -74,6 +84,148 @@ def after_deletion(deleted_at: datetime | None, scheduled_at: datetime) -> bool:
     """Whether a result is DELETED: scheduled strictly after its task's deletion. One
     scheduled at or before it is taken (the run began before its agent could know)."""
     return deleted_at is not None and scheduled_at > deleted_at
+
+
+@dataclass(frozen=True)
+class Revision:
+    """When a revision of a task took effect, and its grid."""
+
+    revision: int
+    effective_at: datetime  # revision 1: the anchor; later ones: the PATCH's instant
+    anchor: datetime
+    interval: timedelta
+
+
+#: A pause: (paused_at, resumed_at), resumed_at None while it lasts.
+Pause = tuple[datetime, datetime | None]
+
+
+def revision_at(revisions: Sequence[Revision], scheduled_at: datetime) -> Revision | None:
+    """The revision in effect at ``scheduled_at``: the latest whose effective instant is
+    strictly before it (an instant at the very moment of a change is the old one's)."""
+    current = None
+    for revision in sorted(revisions, key=lambda r: r.revision):
+        if revision.effective_at < scheduled_at:
+            current = revision
+    return current
+
+
+def in_pause(pauses: Sequence[Pause], scheduled_at: datetime) -> bool:
+    """Whether ``scheduled_at`` falls in a pause: after its start, up to and including
+    its end (the instant of the resume was still paused), or after it while it lasts."""
+    return any(
+        paused_at < scheduled_at and (resumed_at is None or scheduled_at <= resumed_at)
+        for paused_at, resumed_at in pauses
+    )
+
+
+def scheduled_verdict(
+    revisions: Sequence[Revision],
+    pauses: Sequence[Pause],
+    deleted_at: datetime | None,
+    scheduled_at: datetime,
+    reported_revision: int | None,
+) -> tuple[RecordOutcome | None, int]:
+    """Whether a scheduled result is taken (None) or why not, and the revision it counts
+    under (an older agent's result, ``reported_revision`` None, is the one in effect).
+
+    It must be on the grid of the revision in effect at its instant and have run that
+    revision, else SUPERSEDED (on the grid of another revision: an agent not yet told of
+    the change) or MISALIGNED (on no grid of the task); then DELETED after the deletion,
+    TASK_PAUSED inside a pause. So an execution never mixes revisions.
+    """
+    current = revision_at(revisions, scheduled_at)
+    if current is not None and on_schedule(current.anchor, current.interval, scheduled_at):
+        if reported_revision is not None and reported_revision != current.revision:
+            return RecordOutcome.SUPERSEDED, current.revision
+        if after_deletion(deleted_at, scheduled_at):
+            return RecordOutcome.DELETED, current.revision
+        if in_pause(pauses, scheduled_at):
+            return RecordOutcome.TASK_PAUSED, current.revision
+        return None, current.revision
+    if any(on_schedule(r.anchor, r.interval, scheduled_at) for r in revisions):
+        return RecordOutcome.SUPERSEDED, 0
+    return RecordOutcome.MISALIGNED, 0
+
+
+def manual_verdict(
+    recorded: bool, deleted_at: datetime | None, scheduled_at: datetime
+) -> RecordOutcome | None:
+    """A manual result is taken iff a run-now of the task was recorded at its instant
+    (else it is MISALIGNED, as any instant that is not the task's)."""
+    if not recorded:
+        return RecordOutcome.MISALIGNED
+    if after_deletion(deleted_at, scheduled_at):
+        return RecordOutcome.DELETED
+    return None
+
+
+def is_manual(result: RunResult) -> bool:
+    return result.trigger is Trigger.MANUAL
+
+
+# -- changing a task -------------------------------------------------------------------------
+
+
+def revise(spec: TaskSpec, change: TaskChange, at: datetime) -> TaskSpec | None:
+    """The task's next revision, effective at ``at``, or None if ``change`` changes nothing.
+
+    A new frequency re-anchors at ``at`` (its first instant is ``at`` + interval); a new
+    command or time limit keeps the anchor, so the task stays on its grid.
+    """
+    new = spec
+    if change.command is not None and change.command != spec.command:
+        new = replace(new, command=change.command)
+    if change.time_limit is not None and change.time_limit != spec.time_limit:
+        new = replace(new, time_limit=change.time_limit)
+    if change.frequency is not None and change.frequency != spec.frequency:
+        # "every 60 seconds" for "every 1 minute" is a new spelling, not a new grid.
+        same_grid = change.frequency.interval == spec.frequency.interval
+        new = replace(new, frequency=change.frequency, anchor=new.anchor if same_grid else utc(at))
+    if new == spec:
+        return None
+    return replace(new, revision=spec.revision + 1)
+
+
+def change_details(old: TaskSpec, new: TaskSpec) -> dict[str, Any]:
+    """The audit details of a change: the fields that changed, before and after."""
+    before: dict[str, Any] = {}
+    after: dict[str, Any] = {}
+    if old.command != new.command:
+        before["command"], after["command"] = old.command, new.command
+    if old.frequency != new.frequency:
+        before["frequency"], after["frequency"] = str(old.frequency), str(new.frequency)
+    if old.time_limit != new.time_limit:
+        before["time_limit_seconds"] = int(old.time_limit.total_seconds())
+        after["time_limit_seconds"] = int(new.time_limit.total_seconds())
+    return {"old": before, "new": after, "revision": new.revision}
+
+
+def next_instant(task: Task, now: datetime) -> datetime | None:
+    """The task's next instant strictly after ``now``; None when paused or deleted."""
+    if task.deleted or task.paused:
+        return None
+    return next_execution(task.spec.anchor, task.spec.frequency.interval, now)[1]
+
+
+def manual_run_deadline(scheduled_at: datetime, interval: timedelta) -> datetime:
+    """Until when a run-now is delivered: an agent's starting deadline is never longer
+    than the task's interval, so past it the agent would only skip it."""
+    return scheduled_at + interval
+
+
+def manual_instant(now: datetime, anchor: datetime, interval: timedelta) -> datetime:
+    """The instant of a run-now at ``now``: ``now``, moved one microsecond on if it falls
+    exactly on the task's grid (an execution is keyed by its instant)."""
+    at = utc(now)
+    while on_schedule(anchor, interval, at):
+        at += _USEC
+    return at
+
+
+def newest_kept(instants: Sequence[datetime], keep: int) -> set[datetime]:
+    """Of one task's execution instants, the newest ``keep``: retention never deletes them."""
+    return set(sorted(instants, reverse=True)[:keep]) if keep > 0 else set()
 
 
 def _micros(value: datetime | None) -> int | None:

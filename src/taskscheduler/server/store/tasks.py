@@ -1,9 +1,11 @@
-"""Tasks in PostgreSQL: their SQL and row mapper (the fleet is :mod:`.fleet`'s)."""
+"""Tasks in PostgreSQL: their SQL and row mapper; listing, changing (revisions), pausing
+and resuming them (the fleet is :mod:`.fleet`'s)."""
 
 from __future__ import annotations
 
 import uuid
 from collections.abc import Sequence
+from dataclasses import replace
 from datetime import datetime, timedelta
 from typing import Any
 
@@ -12,28 +14,54 @@ import psycopg2.errors
 from taskscheduler.protocol import TaskSpec
 from taskscheduler.schedule import parse_frequency
 from taskscheduler.server.store.audit import insert_audit
-from taskscheduler.server.store.interface import AuditEvent, Task
+from taskscheduler.server.store.interface import AuditEvent, Task, TaskChange, TaskState
 from taskscheduler.server.store.pool import Cursor, Database
-from taskscheduler.server.store.rules import utc, utc_or_none, utc_spec
+from taskscheduler.server.store.rules import change_details, revise, utc, utc_or_none, utc_spec
 
 _USEC = timedelta(microseconds=1)
 
 #: The columns :func:`task_from_row` reads, from ``tasks t``.
 TASK_COLUMNS = (
-    "t.task_id, t.command, t.frequency, t.anchor, t.time_limit_us, t.created_at, t.deleted_at"
+    "t.task_id, t.command, t.frequency, t.anchor, t.time_limit_us, t.created_at, t.deleted_at,"
+    " t.revision, t.paused_at, t.updated_at"
 )
+
+#: What each state of :class:`TaskState` is, in SQL over ``tasks t``.
+_STATE_SQL = {
+    TaskState.ACTIVE: "t.deleted_at IS NULL AND t.paused_at IS NULL",
+    TaskState.PAUSED: "t.deleted_at IS NULL AND t.paused_at IS NOT NULL",
+    TaskState.DELETED: "t.deleted_at IS NOT NULL",
+}
 
 
 def task_from_row(row: Sequence[Any]) -> Task:
-    task_id, command, frequency, anchor, time_limit_us, created_at, deleted_at = row
+    (
+        task_id,
+        command,
+        frequency,
+        anchor,
+        time_limit_us,
+        created_at,
+        deleted_at,
+        revision,
+        paused_at,
+        updated_at,
+    ) = row
     spec = TaskSpec(
         task_id=uuid.UUID(str(task_id)),
         command=command,
         frequency=parse_frequency(frequency),
         anchor=utc(anchor),
         time_limit=timedelta(microseconds=time_limit_us),
+        revision=revision,
     )
-    return Task(spec, utc(created_at), utc_or_none(deleted_at))
+    return Task(
+        spec,
+        utc(created_at),
+        utc_or_none(deleted_at),
+        utc_or_none(paused_at),
+        utc_or_none(updated_at),
+    )
 
 
 class Tasks:
@@ -57,6 +85,9 @@ class Tasks:
                             %(interval)s, %(anchor)s, %(time_limit_us)s, %(created_at)s);
                 INSERT INTO task_agents (task_id, agent_url)
                     SELECT %(task_id)s::uuid, agent_url FROM fleet;
+                INSERT INTO task_revisions (task_id, revision, effective_at, anchor,
+                                            interval_seconds)
+                    VALUES (%(task_id)s::uuid, 1, %(anchor)s, %(anchor)s, %(interval)s);
                 """,
                 {
                     "task_id": str(spec.task_id),
@@ -109,5 +140,134 @@ class Tasks:
             )
             await insert_audit(cursor, audit)
             return task_from_row(row)
+
+        return await self._db.run(operation)
+
+    async def list_tasks(
+        self,
+        limit: int,
+        after: tuple[datetime, uuid.UUID] | None = None,
+        state: TaskState | None = None,
+        command: str | None = None,
+    ) -> list[Task]:
+        conditions = ["true"]
+        params: dict[str, Any] = {"limit": limit}
+        if after is not None:
+            conditions.append("(t.created_at, t.task_id) < (%(after_at)s, %(after_id)s::uuid)")
+            params["after_at"], params["after_id"] = after[0], str(after[1])
+        if state is not None:
+            conditions.append(_STATE_SQL[state])
+        if command is not None:
+            # strpos, not LIKE: the operator's text is literal, wildcards and all.
+            conditions.append("strpos(t.command, %(command)s) > 0")
+            params["command"] = command
+
+        async def operation(cursor: Cursor) -> list[Task]:
+            await cursor.execute(
+                f"""
+                SELECT {TASK_COLUMNS} FROM tasks t
+                WHERE {" AND ".join(conditions)}
+                ORDER BY t.created_at DESC, t.task_id DESC
+                LIMIT %(limit)s
+                """,
+                params,
+            )
+            return [task_from_row(row) for row in cursor.fetchall()]
+
+        return await self._db.run(operation, transaction=False)
+
+    async def _live_for_update(self, cursor: Cursor, task_id: uuid.UUID) -> Task | None:
+        await cursor.execute(
+            f"SELECT {TASK_COLUMNS} FROM tasks t"
+            " WHERE t.task_id = %s::uuid AND t.deleted_at IS NULL FOR UPDATE",
+            (str(task_id),),
+        )
+        row = cursor.fetchone()
+        return None if row is None else task_from_row(row)
+
+    async def update_task(
+        self, task_id: uuid.UUID, change: TaskChange, at: datetime, audit: AuditEvent
+    ) -> tuple[Task, bool] | None:
+        async def operation(cursor: Cursor) -> tuple[Task, bool] | None:
+            task = await self._live_for_update(cursor, task_id)
+            if task is None:
+                return None
+            new = revise(task.spec, change, at)
+            if new is None:
+                return task, False
+            await cursor.execute(
+                """
+                UPDATE tasks SET command = %(command)s, frequency = %(frequency)s,
+                                 interval_seconds = %(interval)s, anchor = %(anchor)s,
+                                 time_limit_us = %(time_limit_us)s, revision = %(revision)s,
+                                 updated_at = %(at)s
+                WHERE task_id = %(task_id)s::uuid;
+                INSERT INTO task_revisions (task_id, revision, effective_at, anchor,
+                                            interval_seconds)
+                    VALUES (%(task_id)s::uuid, %(revision)s, %(at)s, %(anchor)s, %(interval)s);
+                UPDATE task_agents SET delivered_at = NULL, due_revision = %(revision)s
+                WHERE task_id = %(task_id)s::uuid;
+                """,
+                {
+                    "task_id": str(task_id),
+                    "command": new.command,
+                    "frequency": str(new.frequency),
+                    "interval": new.frequency.seconds,
+                    "anchor": new.anchor,
+                    "time_limit_us": new.time_limit // _USEC,
+                    "revision": new.revision,
+                    "at": utc(at),
+                },
+            )
+            await insert_audit(cursor, replace(audit, details=change_details(task.spec, new)))
+            return replace(task, spec=new, updated_at=utc(at)), True
+
+        return await self._db.run(operation)
+
+    async def pause_task(
+        self, task_id: uuid.UUID, at: datetime, audit: AuditEvent
+    ) -> tuple[Task, bool] | None:
+        async def operation(cursor: Cursor) -> tuple[Task, bool] | None:
+            task = await self._live_for_update(cursor, task_id)
+            if task is None:
+                return None
+            if task.paused:
+                return task, False
+            await cursor.execute(
+                """
+                UPDATE tasks SET paused_at = %(at)s, updated_at = %(at)s
+                WHERE task_id = %(task_id)s::uuid;
+                INSERT INTO task_pauses (task_id, paused_at) VALUES (%(task_id)s::uuid, %(at)s);
+                UPDATE task_agents SET removal_pending = true WHERE task_id = %(task_id)s::uuid;
+                """,
+                {"task_id": str(task_id), "at": utc(at)},
+            )
+            await insert_audit(cursor, audit)
+            return replace(task, paused_at=utc(at), updated_at=utc(at)), True
+
+        return await self._db.run(operation)
+
+    async def resume_task(
+        self, task_id: uuid.UUID, at: datetime, audit: AuditEvent
+    ) -> tuple[Task, bool] | None:
+        async def operation(cursor: Cursor) -> tuple[Task, bool] | None:
+            task = await self._live_for_update(cursor, task_id)
+            if task is None:
+                return None
+            if not task.paused:
+                return task, False
+            await cursor.execute(
+                """
+                UPDATE tasks SET paused_at = NULL, updated_at = %(at)s
+                WHERE task_id = %(task_id)s::uuid;
+                UPDATE task_pauses SET resumed_at = %(at)s
+                WHERE task_id = %(task_id)s::uuid AND resumed_at IS NULL;
+                UPDATE task_agents SET removal_pending = false, delivered_at = NULL
+                WHERE task_id = %(task_id)s::uuid;
+                """,
+                {"task_id": str(task_id), "at": utc(at)},
+            )
+            await insert_audit(cursor, audit)
+            return replace(task, paused_at=None, updated_at=utc(at)), True
 
         return await self._db.run(operation)

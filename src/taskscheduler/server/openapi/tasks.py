@@ -1,0 +1,559 @@
+"""The OpenAPI document's tasks: the operators' task routes, the agents' result routes,
+and their schemas, with the limits of the parsers that enforce them."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from taskscheduler.protocol.fields import MAX_COMMAND_BYTES, MAX_TIME_LIMIT_SECONDS
+from taskscheduler.protocol.output import MAX_OUTPUT_SIZE
+from taskscheduler.protocol.results import MAX_BATCH, MAX_REASON_LENGTH, ResultStatus, Trigger
+from taskscheduler.protocol.tasks import MAX_REVISION
+from taskscheduler.server.openapi.operations import (
+    AGENT,
+    COUNT,
+    INSTANT,
+    OPERATOR,
+    answer,
+    body,
+    nullable,
+    obj,
+    operation,
+    path_id,
+    query,
+    ref,
+)
+from taskscheduler.server.store.interface import RecordOutcome, TaskState
+
+#: What ``schedule.parse_frequency`` takes: case, spaces and a singular unit are forgiven;
+#: a count of 1 to 8 digits (a year is 31,622,400 s: longer counts are refused, as are
+#: counts of 8 digits beyond a year, which a pattern cannot tell).
+_SPACE = "[ \\t\\n\\r\\f\\v]"
+FREQUENCY_PATTERN = (
+    f"^{_SPACE}*[Ee][Vv][Ee][Rr][Yy]{_SPACE}+0*[1-9][0-9]{{0,7}}{_SPACE}+"
+    "([Ss][Ee][Cc][Oo][Nn][Dd]|[Mm][Ii][Nn][Uu][Tt][Ee]|[Hh][Oo][Uu][Rr])[Ss]?"
+    f"{_SPACE}*$"
+)
+#: The statuses of one item of a batch answer that are not the store's outcomes.
+BATCH_ONLY_STATUSES = ("forbidden", "too_early")
+STATUSES = [status.value for status in ResultStatus]
+TRIGGERS = [trigger.value for trigger in Trigger]
+REVISION = {"type": "integer", "minimum": 1, "maximum": MAX_REVISION}
+
+#: What an operator sets when creating a task and may change with PATCH.
+TASK_FIELDS: dict[str, Any] = {
+    "command": {
+        "type": "string",
+        "minLength": 1,
+        "maxLength": MAX_COMMAND_BYTES,
+        "pattern": "^[^\\u0000]*[^\\s\\u0000][^\\u0000]*$",
+        "description": f"a shell command line: not blank, no NUL, at most "
+        f"{MAX_COMMAND_BYTES} bytes of UTF-8",
+    },
+    "frequency": {
+        "type": "string",
+        "pattern": FREQUENCY_PATTERN,
+        "description": "`every <integer> (seconds|minutes|hours)`, at least a second and "
+        "at most a year (case, spaces and a singular unit are accepted)",
+    },
+    "time_limit_seconds": {
+        "type": ["integer", "null"],
+        "minimum": 1,
+        "maximum": MAX_TIME_LIMIT_SECONDS,
+        "description": "how long a run may take before it is killed (default: one "
+        "interval, at least 1 s and at most a day)",
+    },
+}
+
+
+def _output_fields() -> dict[str, Any]:
+    fields: dict[str, Any] = {}
+    for name in ("stdout", "stderr"):
+        fields[name] = {
+            "type": "string",
+            "description": f"what the run wrote on {name}, as UTF-8 text (invalid bytes "
+            "replaced); omitted when it wrote nothing",
+        }
+        fields[f"{name}_bytes"] = {
+            "type": "integer",
+            "minimum": 0,
+            "maximum": MAX_OUTPUT_SIZE,
+            "description": "bytes the run wrote, before any truncation",
+        }
+        fields[f"{name}_truncated"] = {
+            "type": "boolean",
+            "description": "true when only the head and tail were kept",
+        }
+        fields[f"{name}_base64"] = {
+            "type": "string",
+            "contentEncoding": "base64",
+            "description": "the exact bytes, when they are not valid UTF-8",
+        }
+    return fields
+
+
+def _execution_fields() -> dict[str, Any]:
+    return {
+        "scheduled_at": INSTANT,
+        "trigger": {"type": "string", "enum": TRIGGERS},
+        "revision": {**REVISION, "description": "the task revision it ran"},
+        "complete": {"type": "boolean"},
+        "expected_agents": COUNT,
+        "missing_agents": {
+            "type": "array",
+            "description": "the agents expected that have not reported",
+            "items": ref("MissingAgent"),
+        },
+        "completion_time": INSTANT,
+        "outputs": {"type": "array", "items": ref("Output")},
+    }
+
+
+def schemas() -> dict[str, Any]:
+    """The tasks' and results' ``components.schemas``."""
+    execution = _execution_fields()
+    return {
+        "NewTask": obj(
+            ["command", "frequency"],
+            TASK_FIELDS,
+            additionalProperties=False,
+            description="`time_limit_seconds` may be left out or null for the default; any "
+            "other field is refused (`unknown_field`)",
+            examples=[{"command": "echo hello", "frequency": "every 30 seconds"}],
+        ),
+        "TaskChange": {
+            "type": "object",
+            "properties": {
+                name: {**schema, "type": [schema["type"], "null"]}
+                if isinstance(schema["type"], str)
+                else schema
+                for name, schema in TASK_FIELDS.items()
+            },
+            "minProperties": 1,
+            "additionalProperties": False,
+            "description": "what to change (null: unchanged); at least one, or `nothing_to_change`",
+            "examples": [{"frequency": "every 5 minutes"}],
+        },
+        "TaskCreated": obj(
+            ["command_id"],
+            {"command_id": {**ref("Uuid"), "description": "the new task's id"}},
+        ),
+        "Task": obj(
+            [
+                "task_id",
+                "command",
+                "frequency",
+                "anchor",
+                "time_limit_seconds",
+                "revision",
+                "created_at",
+                "updated_at",
+                "deleted_at",
+                "state",
+                "paused_at",
+                "next_instant",
+                "last_execution",
+            ],
+            {
+                "task_id": ref("Uuid"),
+                "command": {"type": "string"},
+                "frequency": {
+                    "type": "string",
+                    "pattern": "^every [1-9][0-9]* (second|minute|hour)s?$",
+                    "description": "as the server writes it: `every 30 seconds`",
+                },
+                "anchor": {
+                    **INSTANT,
+                    "description": "execution k is due at anchor + k x interval (a change "
+                    "of frequency re-anchors at the change)",
+                },
+                "time_limit_seconds": {
+                    "type": "integer",
+                    "minimum": 1,
+                    "maximum": MAX_TIME_LIMIT_SECONDS,
+                },
+                "revision": {**REVISION, "description": "1, and one more per change"},
+                "created_at": INSTANT,
+                "updated_at": INSTANT,
+                "deleted_at": nullable(INSTANT),
+                "state": {"type": "string", "enum": [s.value for s in TaskState]},
+                "paused_at": nullable(INSTANT),
+                "next_instant": {
+                    **nullable(INSTANT),
+                    "description": "the next instant of its grid; null when paused or deleted",
+                },
+                "last_execution": nullable(ref("ExecutionSummary")),
+            },
+        ),
+        "ExecutionSummary": obj(
+            [
+                "scheduled_at",
+                "trigger",
+                "revision",
+                "expected_agents",
+                "reported",
+                *STATUSES,
+                "complete",
+            ],
+            {
+                "scheduled_at": INSTANT,
+                "trigger": {"type": "string", "enum": TRIGGERS},
+                "revision": REVISION,
+                "expected_agents": COUNT,
+                "reported": COUNT,
+                **{status: COUNT for status in STATUSES},
+                "complete": {"type": "boolean"},
+            },
+        ),
+        "TaskList": obj(
+            ["tasks", "next_cursor"],
+            {
+                "tasks": {"type": "array", "items": ref("Task")},
+                "next_cursor": {
+                    "type": ["string", "null"],
+                    "description": "pass as `?cursor=` for the next page; null on the last",
+                },
+            },
+        ),
+        "TaskDeleted": obj(
+            ["task_id", "status"],
+            {"task_id": ref("Uuid"), "status": {"const": "deleted"}},
+        ),
+        "ManualRun": obj(
+            ["task_id", "scheduled_at", "trigger"],
+            {
+                "task_id": ref("Uuid"),
+                "scheduled_at": {**INSTANT, "description": "the execution's instant: now"},
+                "trigger": {"const": Trigger.MANUAL.value},
+            },
+        ),
+        "Output": obj(
+            ["agent_id", "status", "exit_code", "started_at", "finished_at"],
+            {
+                "agent_id": ref("Uuid"),
+                "status": {"type": "string", "enum": STATUSES},
+                "reason": {"type": "string", "maxLength": MAX_REASON_LENGTH},
+                **_output_fields(),
+                "exit_code": {"type": ["integer", "null"]},
+                "signal": {"type": "integer", "minimum": 1, "maximum": 128},
+                "started_at": nullable(INSTANT),
+                "finished_at": nullable(INSTANT),
+                "revision": {**REVISION, "type": ["integer", "null"]},
+                "trigger": {"type": "string", "enum": TRIGGERS},
+            },
+        ),
+        "MissingAgent": obj(
+            ["url", "agent_id"],
+            {"url": {"type": "string"}, "agent_id": nullable(ref("Uuid"))},
+        ),
+        "LatestOutput": {
+            "oneOf": [
+                obj(
+                    ["completion_time", "scheduled_at", "outputs"],
+                    {
+                        "completion_time": {"type": "null"},
+                        "scheduled_at": {"type": "null"},
+                        "outputs": {"type": "array", "maxItems": 0},
+                    },
+                    description="no execution of the task is complete yet",
+                ),
+                obj(
+                    [
+                        "completion_time",
+                        "scheduled_at",
+                        "trigger",
+                        "revision",
+                        "expected_agents",
+                        "missing_agents",
+                        "outputs",
+                    ],
+                    {k: v for k, v in execution.items() if k != "complete"},
+                    description="the newest complete execution",
+                ),
+            ]
+        },
+        "Execution": obj(list(execution), execution),
+        "TaskExecution": {
+            "allOf": [ref("Execution"), obj(["task_id"], {"task_id": ref("Uuid")})],
+        },
+        "ExecutionPage": obj(
+            ["task_id", "executions", "next_before"],
+            {
+                "task_id": ref("Uuid"),
+                "executions": {"type": "array", "items": ref("Execution")},
+                "next_before": {
+                    **nullable(INSTANT),
+                    "description": "pass as `?before=` for the next page; null on the last",
+                },
+            },
+        ),
+        "Result": obj(
+            ["server_id", "scheduled_at"],
+            {
+                "task_id": {
+                    **ref("Uuid"),
+                    "description": "required in a batch; in the path otherwise",
+                },
+                "server_id": {**ref("Uuid"), "description": "the reporting agent's id"},
+                "scheduled_at": INSTANT,
+                "status": {"type": "string", "enum": STATUSES},
+                "exit_code": {
+                    "type": ["integer", "null"],
+                    "minimum": -(2**31),
+                    "maximum": 2**31 - 1,
+                },
+                "signal": {"type": ["integer", "null"], "minimum": 1, "maximum": 128},
+                "started_at": nullable(INSTANT),
+                "finished_at": nullable(INSTANT),
+                **_output_fields(),
+                "reason": {"type": ["string", "null"], "maxLength": MAX_REASON_LENGTH},
+                "revision": {
+                    **REVISION,
+                    "type": ["integer", "null"],
+                    "description": "the revision it ran (absent: the one of its instant)",
+                },
+                "trigger": {"type": ["string", "null"], "enum": [*TRIGGERS, None]},
+            },
+            description="fields a newer agent may add are ignored",
+        ),
+        "ResultBatch": obj(
+            ["results"],
+            {
+                "results": {
+                    "type": "array",
+                    "minItems": 1,
+                    "maxItems": MAX_BATCH,
+                    "items": {**ref("Result"), "required": ["task_id"]},
+                }
+            },
+        ),
+        "ResultStored": obj(
+            ["status"],
+            {
+                "status": {
+                    "type": "string",
+                    "enum": [RecordOutcome.STORED.value, RecordOutcome.DUPLICATE.value],
+                }
+            },
+        ),
+        "BatchOutcome": obj(
+            ["results"],
+            {
+                "results": {
+                    "type": "array",
+                    "description": "one outcome per result sent, in order",
+                    "items": obj(
+                        ["status"],
+                        {
+                            "status": {
+                                "type": "string",
+                                "enum": [o.value for o in RecordOutcome]
+                                + list(BATCH_ONLY_STATUSES),
+                            }
+                        },
+                    ),
+                }
+            },
+        ),
+    }
+
+
+TASK_ID = path_id("task_id", "task")
+#: Errors of a route about one task.
+ONE_TASK = ("invalid_task_id", "unknown_task")
+#: ... that changes it (a deleted task cannot be changed).
+CHANGE_TASK = (*ONE_TASK, "task_deleted")
+
+
+def paths() -> dict[str, Any]:
+    """The task and result routes."""
+
+    def task_op(operation_id: str, summary: str, method: str, **kw: Any) -> dict[str, Any]:
+        kw.setdefault("parameters", [TASK_ID])
+        return operation(operation_id, summary, OPERATOR, tag="tasks", method=method, **kw)
+
+    task_answer = {"200": answer("the task", ref("Task"))}
+    return {
+        "/api/v1/tasks": {
+            "get": task_op(
+                "list_tasks",
+                "Every task, newest first, a page at a time",
+                "get",
+                answers={"200": answer("a page of tasks", ref("TaskList"))},
+                codes=("invalid_request", "invalid_cursor"),
+                parameters=[
+                    query(
+                        "limit",
+                        {"type": "integer", "minimum": 1, "maximum": 500, "default": 100},
+                        "tasks per page",
+                    ),
+                    query("cursor", {"type": "string"}, "a page's `next_cursor`"),
+                    query(
+                        "state",
+                        {"type": "string", "enum": [s.value for s in TaskState]},
+                        "only tasks in this state (absent: all)",
+                    ),
+                    query(
+                        "command",
+                        {"type": "string"},
+                        "only tasks whose command holds this text (case-sensitive, literal)",
+                    ),
+                ],
+            )
+        },
+        "/api/v1/tasks/create": {
+            "post": task_op(
+                "create_task",
+                "Create a task: every agent of the fleet runs it",
+                "post",
+                answers={
+                    "201": answer(
+                        "created",
+                        ref("TaskCreated"),
+                        Location={
+                            "description": "the new task's path",
+                            "required": True,
+                            "schema": {"type": "string"},
+                        },
+                    )
+                },
+                codes=("rate_limited", "unknown_field"),
+                parameters=[],
+                request=body(ref("NewTask")),
+            )
+        },
+        "/api/v1/tasks/{task_id}": {
+            "get": task_op("get_task", "A task", "get", answers=task_answer, codes=ONE_TASK),
+            "patch": task_op(
+                "update_task",
+                "Change a task's command, frequency or time limit: a new revision",
+                "patch",
+                description="Effective from now on every agent: a change of frequency "
+                "re-anchors at the change (its first instant is now + interval); a run "
+                "under way finishes as it was; an execution never mixes revisions. A change "
+                "that changes nothing makes no revision. Audited as `task.updated`.",
+                answers=task_answer,
+                codes=(*CHANGE_TASK, "unknown_field", "nothing_to_change"),
+                request=body(ref("TaskChange")),
+            ),
+            "delete": task_op(
+                "delete_task",
+                "Delete a task: every agent stops it; its history stays",
+                "delete",
+                answers={"200": answer("deleted", ref("TaskDeleted"))},
+                codes=CHANGE_TASK,
+            ),
+        },
+        "/api/v1/tasks/{task_id}/pause": {
+            "post": task_op(
+                "pause_task",
+                "Pause a task: it runs nowhere until resumed (idempotent)",
+                "post",
+                answers=task_answer,
+                codes=CHANGE_TASK,
+            )
+        },
+        "/api/v1/tasks/{task_id}/resume": {
+            "post": task_op(
+                "resume_task",
+                "Resume a task on its grid, with no catch-up of the paused instants",
+                "post",
+                answers=task_answer,
+                codes=CHANGE_TASK,
+            )
+        },
+        "/api/v1/tasks/{task_id}/run": {
+            "post": task_op(
+                "run_task",
+                "Run a task now, once, on every agent of the task (paused ones too)",
+                "post",
+                answers={"202": answer("a manual execution at now", ref("ManualRun"))},
+                codes=CHANGE_TASK,
+            )
+        },
+        "/api/v1/tasks/{task_id}/latest_output": {
+            "get": task_op(
+                "latest_output",
+                "The newest complete execution of a task",
+                "get",
+                answers={"200": answer("its outputs", ref("LatestOutput"))},
+                codes=ONE_TASK,
+            )
+        },
+        "/api/v1/tasks/{task_id}/executions": {
+            "get": task_op(
+                "executions",
+                "A task's executions, newest first, complete or not",
+                "get",
+                answers={"200": answer("a page of executions", ref("ExecutionPage"))},
+                codes=(*ONE_TASK, "invalid_request"),
+                parameters=[
+                    TASK_ID,
+                    query(
+                        "limit",
+                        {"type": "integer", "minimum": 1, "maximum": 1000, "default": 20},
+                        "executions per page",
+                    ),
+                    query(
+                        "before",
+                        {"type": "string", "format": "date-time"},
+                        "only executions scheduled before this instant (`next_before`)",
+                    ),
+                ],
+            )
+        },
+        "/api/v1/tasks/{task_id}/executions/{scheduled_at}": {
+            "get": task_op(
+                "execution",
+                "One execution of a task, by its instant",
+                "get",
+                answers={"200": answer("the execution", ref("TaskExecution"))},
+                codes=(*ONE_TASK, "invalid_request", "unknown_execution"),
+                parameters=[
+                    TASK_ID,
+                    {
+                        "name": "scheduled_at",
+                        "in": "path",
+                        "required": True,
+                        "description": "the execution's instant, RFC 3339",
+                        "schema": {"type": "string", "format": "date-time"},
+                    },
+                ],
+            )
+        },
+        "/api/v1/tasks/{task_id}/complete": {
+            "post": operation(
+                "complete",
+                "Report one result of the calling agent",
+                AGENT,
+                {"200": answer("stored (or already stored)", ref("ResultStored"))},
+                (
+                    *ONE_TASK,
+                    "misaligned",
+                    "impersonation",
+                    "not_assigned",
+                    "task_deleted",
+                    "conflict",
+                    "too_early",
+                    "superseded",
+                    "task_paused",
+                ),
+                tag="results",
+                method="post",
+                parameters=[TASK_ID],
+                request=body(ref("Result")),
+            )
+        },
+        "/api/v1/results": {
+            "post": operation(
+                "complete_batch",
+                "Report a batch of the calling agent's results, one outcome each",
+                AGENT,
+                {"200": answer("one outcome per result", ref("BatchOutcome"))},
+                ("impersonation",),
+                tag="results",
+                method="post",
+                request=body(ref("ResultBatch")),
+            )
+        },
+    }
