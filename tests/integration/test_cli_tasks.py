@@ -8,12 +8,13 @@ import re
 import uuid
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 from click.testing import CliRunner, Result
 
 from taskscheduler.cli.main import cli
-from tests.integration.daemons import Fleet, running_fleet
+from tests.integration.daemons import Fleet, running_fleet, wait_for
 
 pytestmark = pytest.mark.integration
 
@@ -106,11 +107,16 @@ def test_run_now_is_a_manual_execution(fleet: Fleet) -> None:
     at = lines[0].rsplit(" ", 1)[1]
     assert lines[1] == f"its output: taskscheduler tasks output {task_id} --at {at}"
 
+    def both_ran() -> dict[str, Any] | None:
+        body = json.loads(ok(fleet, "--json", "tasks", "output", task_id, "--at", at))
+        return body if len(body["outputs"]) == 2 else None
+
+    body = wait_for(both_ran, 60, "both agents' manual run")
+    assert body["trigger"] == "manual" and body["scheduled_at"] == at
     execution = ok(fleet, "tasks", "output", task_id[:13], "--at", at)
     assert execution.startswith(f"execution {at} (")
-    assert ", manual, revision 1, " in execution.splitlines()[0]
-    body = json.loads(ok(fleet, "--json", "tasks", "output", task_id, "--at", at))
-    assert body["trigger"] == "manual" and body["scheduled_at"] == at
+    assert ", manual, revision 1, 2 of 2 agents reported" in execution.splitlines()[0]
+    assert execution.count(f"--- stdout\n{marker}\n") == 2
     listed = ok(fleet, "tasks", "ls", "--command", marker).splitlines()
     assert "manual" in listed[1]
 
