@@ -117,6 +117,14 @@ def test_run_now_is_a_manual_execution(fleet: Fleet) -> None:
     assert execution.startswith(f"execution {at} (")
     assert ", manual, revision 1, 2 of 2 agents reported" in execution.splitlines()[0]
     assert execution.count(f"--- stdout\n{marker}\n") == 2
+
+    # --wait: run, then print the execution once it is complete.
+    waited = run(fleet, "tasks", "run", task_id[:13], "--wait")
+    assert waited.exit_code == 0, waited.output
+    assert waited.stderr.startswith(f"running {task_id} now, as its manual execution at ")
+    header = waited.stdout.splitlines()[0]
+    assert ", manual, revision 1, 2 of 2 agents reported, complete" in header
+    assert waited.stdout.count(f"--- stdout\n{marker}\n") == 2
     listed = ok(fleet, "tasks", "ls", "--command", marker).splitlines()
     assert "manual" in listed[1]
 

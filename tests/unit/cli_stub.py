@@ -46,6 +46,7 @@ class StubApi:
     def __init__(self) -> None:
         self.routes: dict[tuple[str, str], Handler] = {}
         self.requests: list[httpx.Request] = []
+        self.sleeps: list[float] = []
         self.tasks: list[dict[str, Any]] = []
         self.agents: list[dict[str, Any]] = []
         self.route("GET", "/api/v1/tasks", self._list_tasks)
@@ -86,6 +87,8 @@ def error(code: str, message: str) -> dict[str, Any]:
 
 
 def run(api: StubApi, *args: str, env: dict[str, str] | None = None, stdin: str = "") -> Result:
-    overrides = Overrides(transport=httpx.MockTransport(api.handle), now=lambda: NOW)
+    overrides = Overrides(
+        transport=httpx.MockTransport(api.handle), now=lambda: NOW, sleep=api.sleeps.append
+    )
     environment = {"TASKSCHEDULER_URL": URL, "TASKSCHEDULER_TOKEN": "", **(env or {})}
     return CliRunner().invoke(cli, list(args), obj=overrides, env=environment, input=stdin)

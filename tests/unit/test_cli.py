@@ -383,6 +383,33 @@ def test_pause_resume_run(api: StubApi) -> None:
     assert f"taskscheduler tasks output {A} --at {at}" in result.stdout
 
 
+def test_run_wait_polls_until_the_execution_is_complete(api: StubApi) -> None:
+    at = "2026-11-30T16:00:00.123456Z"
+    api.route(
+        "POST",
+        f"/api/v1/tasks/{A}/run",
+        lambda r: answer({"task_id": A, "scheduled_at": at, "trigger": "manual"}, 202),
+    )
+    answers = iter([False, False, True])
+
+    def execution(request: httpx.Request) -> httpx.Response:
+        return answer({**EXECUTION, "scheduled_at": at, "complete": next(answers)})
+
+    path = f"/api/v1/tasks/{A}/executions/2026-11-30T16%3A00%3A00.123456Z"
+    api.route("GET", path, execution)
+    result = run(api, "tasks", "run", A, "--wait")
+    assert result.exit_code == 0, result.output
+    assert api.sleeps == [0.5, 0.5]
+    assert [p for p in api.paths() if p.startswith("GET /api/v1/tasks")] == [f"GET {path}"] * 3
+    assert result.stderr == f"running {A} now, as its manual execution at {at}\n"
+    assert result.stdout.startswith(f"execution {at} (now), 2 of 3 agents reported, complete\n")
+    assert "--- stdout\nhello\n" in result.stdout
+
+    answers = iter([True])
+    result = run(api, "--json", "tasks", "run", A, "--wait")
+    assert json.loads(result.stdout)["complete"] is True and result.stderr == ""
+
+
 # -- output ------------------------------------------------------------------------------
 
 EXECUTION = {

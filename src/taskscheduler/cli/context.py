@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import ssl
+import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -25,6 +26,7 @@ class Overrides:
 
     transport: httpx.BaseTransport | None = None
     now: Callable[[], datetime] = _utcnow
+    sleep: Callable[[float], None] = time.sleep
 
 
 @dataclass
@@ -53,6 +55,9 @@ class Settings:
 
     def now(self) -> datetime:
         return self.overrides.now()
+
+    def sleep(self, seconds: float) -> None:
+        self.overrides.sleep(seconds)
 
     def emit(self, body: object, human: Callable[[], str]) -> None:
         """The server's JSON with ``--json``, else what ``human`` renders for people."""

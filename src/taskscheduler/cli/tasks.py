@@ -22,6 +22,8 @@ from taskscheduler.cli.tables import (
 )
 
 COMMAND_WIDTH = 50
+# How often `run --wait` asks whether the execution is complete.
+POLL_SECONDS = 0.5
 
 
 @click.group()
@@ -205,20 +207,39 @@ _task_verb("resume", "resume_task", "Run a paused task again, on the grid it had
 
 @tasks.command("run")
 @click.argument("task")
+@click.option(
+    "--wait",
+    is_flag=True,
+    help="Wait until the execution is complete (every agent reported, or its reporting "
+    "deadline passed), then print what each agent printed.",
+)
 @pass_settings
-def run(settings: Settings, task: str) -> None:
+def run(settings: Settings, task: str, wait: bool) -> None:
     """Run a task now, once, on each of its agents (a paused one too)."""
     client = settings.client()
-    body = client.run_task(ids.task_id(client, task))
-    settings.emit(
-        body,
-        lambda: (
-            f"running {body.get('task_id')} now, as its manual execution at "
-            f"{body.get('scheduled_at')}\n"
-            f"its output: taskscheduler tasks output {body.get('task_id')} "
-            f"--at {body.get('scheduled_at')}"
-        ),
-    )
+    task_id = ids.task_id(client, task)
+    body = client.run_task(task_id)
+    at = str(body.get("scheduled_at"))
+    if not wait:
+        settings.emit(
+            body,
+            lambda: (
+                f"running {task_id} now, as its manual execution at {at}\n"
+                f"its output: taskscheduler tasks output {task_id} --at {at}"
+            ),
+        )
+        return
+    if not settings.as_json:
+        click.echo(f"running {task_id} now, as its manual execution at {at}", err=True)
+    # The server completes every execution by its reporting deadline: this ends.
+    execution = client.execution(task_id, at)
+    while not execution.get("complete"):
+        settings.sleep(POLL_SECONDS)
+        execution = client.execution(task_id, at)
+    if settings.as_json:
+        settings.emit(execution, str)
+    else:
+        print_executions(settings, [execution])
 
 
 @tasks.command("rm")
@@ -264,14 +285,18 @@ def output(settings: Settings, task: str, history: bool, limit: int, at: str | N
         executions = [body] if body.get("scheduled_at") else []
     if settings.as_json:
         settings.emit(body, str)
-        return
-    if not executions:
+    elif not executions:
         click.echo("no complete execution yet" if not history else "no execution yet")
-        return
-    urls = {a.get("agent_id"): a.get("url") for a in client.list_agents().get("agents", [])}
+    else:
+        print_executions(settings, executions)
+
+
+def print_executions(settings: Settings, executions: list[JSON]) -> None:
+    # Agents are named by id in results: their URLs say more to people.
+    agents = settings.client().list_agents().get("agents", [])
+    urls = {a.get("agent_id"): a.get("url") for a in agents}
     now = settings.now()
-    click.echo("\n\n".join(render_execution(e, urls, now) for e in executions), nl=False)
-    click.echo()
+    click.echo("\n\n".join(render_execution(e, urls, now) for e in executions))
 
 
 def render_execution(execution: JSON, urls: dict[object, object], now: datetime) -> str:
