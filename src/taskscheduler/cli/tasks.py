@@ -189,20 +189,24 @@ def edit(
     settings.emit(body, lambda: task_details(body, settings.now()))
 
 
-def _task_verb(name: str, call: str, summary: str) -> None:
-    @tasks.command(name, help=summary)
-    @click.argument("task")
-    @pass_settings
-    def verb(settings: Settings, task: str) -> None:
-        client = settings.client()
-        body = getattr(client, call)(ids.task_id(client, task))
-        settings.emit(body, lambda: task_details(body, settings.now()))
+@tasks.command("pause")
+@click.argument("task")
+@pass_settings
+def pause(settings: Settings, task: str) -> None:
+    """Stop running a task everywhere until it is resumed (no catch-up)."""
+    client = settings.client()
+    body = client.pause_task(ids.task_id(client, task))
+    settings.emit(body, lambda: task_details(body, settings.now()))
 
 
-_task_verb(
-    "pause", "pause_task", "Stop running a task everywhere until it is resumed (no catch-up)."
-)
-_task_verb("resume", "resume_task", "Run a paused task again, on the grid it had.")
+@tasks.command("resume")
+@click.argument("task")
+@pass_settings
+def resume(settings: Settings, task: str) -> None:
+    """Run a paused task again, on the grid it had."""
+    client = settings.client()
+    body = client.resume_task(ids.task_id(client, task))
+    settings.emit(body, lambda: task_details(body, settings.now()))
 
 
 @tasks.command("run")
