@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import stat
 import uuid
+from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
@@ -88,10 +89,21 @@ def test_every_agent_route_is_classified() -> None:
 async def test_route_sweep_refuses_unsigned_forged_stale_and_replayed(agent: Agent) -> None:
     impostor = InstructionSigner(Ed25519PrivateKey.generate(), agent.clock)
     me = agent_id(agent)
+    # A task the agent runs, for the routes about one task that must find it.
+    known = task_body()
+    signed = agent.signer.authorization("POST", "/api/v1/tasks/schedule", me, known)
+    assert (await send(agent, "POST", "/api/v1/tasks/schedule", known, signed))[0] == 200
+    known_id = json.loads(known)["task_id"]
     swept = 0
-    for method, rule, _ in routes(AgentAPI.app):
+    for method, rule, endpoint in routes(AgentAPI.app):
         path = concrete(rule)
         body = task_body() if method == "POST" else b""
+        accepted = 200
+        if endpoint == "run_now":
+            path = rule.replace("<task_id>", known_id)
+            now = format_instant(ANCHOR + timedelta(seconds=5))
+            body = json.dumps({"scheduled_at": now, "revision": 1}).encode()
+            accepted = 202
         if (method, rule) in PUBLIC:
             code, answer, _ = await send(agent, method, path, b"", None)
             assert code == 200
@@ -114,13 +126,15 @@ async def test_route_sweep_refuses_unsigned_forged_stale_and_replayed(agent: Age
                 'TS-Ed25519 realm="taskscheduler-agent"'
             ]
         code, _, _ = await send(agent, method, path, body, valid)
-        assert code == 200, (method, rule)
+        assert code == accepted, (method, rule)
         code, answer, _ = await send(agent, method, path, body, valid)
         assert code == 401, (method, rule)
         assert method == "HEAD" or "replay" in answer["error"]["message"]
         swept += 1
-    assert swept >= 2
-    assert len(agent.service.scheduler.tasks) == 1, "only the valid instruction ran"  # type: ignore[union-attr]
+    assert swept >= 3
+    tasks = agent.service.scheduler.tasks  # type: ignore[union-attr]
+    assert len(tasks) == 2, "only the valid instructions ran (and the known task is there)"
+    assert [run.command for run in agent.runner.runs] == ["echo hi"], "one manual run only"
 
 
 @pytest_twisted.ensureDeferred

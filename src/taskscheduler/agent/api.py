@@ -1,10 +1,18 @@
 """The agent's HTTP API (Klein): what its server calls.
 
-- ``POST /api/v1/tasks/schedule``: run a task here (idempotent; the same ``task_id`` with
-  a different spec replaces it). The task is on disk before the answer. The body is one
-  task, or a batch ``{"tasks": [...]}`` of up to :data:`MAX_BATCH_TASKS` (one signature
-  for them all): each task is taken or refused on its own, and the answer's ``results``
-  say so, in the order asked.
+- ``POST /api/v1/tasks/schedule``: run a task here (idempotent). The same ``task_id``
+  with a higher ``revision`` replaces it (runs under way finish as they were; its next
+  instants, planned from now, are the new spec's); an equal or lower revision is
+  answered ``scheduled`` and changes nothing. A body without ``revision`` (the seed's)
+  with a different spec replaces it, as before revisions. The task is on disk before
+  the answer. The body is one task, or a batch ``{"tasks": [...]}`` of up to
+  :data:`MAX_BATCH_TASKS` (one signature for them all): each task is taken or refused
+  on its own, and the answer's ``results`` say so, in the order asked.
+- ``POST /api/v1/tasks/{task_id}/run`` ``{"scheduled_at", "revision"}``: run the task
+  once now, as the manual run labelled ``scheduled_at`` (an operator's run-now), under
+  the usual admission rules (:mod:`taskscheduler.agent.admission`). 202 ``accepted``, or
+  ``duplicate`` when that run was accepted before (also before a restart): it is not
+  run again; 404 ``unknown_task`` if the agent does not have the task.
 - ``DELETE /api/v1/tasks/{task_id}``: run the task no more (it was deleted on the server).
   A run under way finishes and its result is reported. Idempotent: 200 whether the
   agent had the task or not, so that the server's retries converge.
@@ -23,8 +31,9 @@ even those still being written, and an identical one waits for them.
 from __future__ import annotations
 
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field, replace
+from datetime import datetime
 from typing import Any
 
 from klein import Klein
@@ -37,14 +46,16 @@ from twisted.web.iweb import IRequest
 from taskscheduler import protocol
 from taskscheduler.agent.scheduler import Scheduler
 from taskscheduler.agent.taskstore import TaskStore
-from taskscheduler.protocol import InvalidMessage, TaskSpec
-from taskscheduler.schedule import utc_now_from
+from taskscheduler.protocol import MAX_REVISION, InvalidMessage, TaskSpec
+from taskscheduler.protocol.fields import parse_int, parse_time, require
+from taskscheduler.schedule import format_instant, utc_now_from
 from taskscheduler.signing import SCHEME, BadSignature, InstructionVerifier
 from taskscheduler.web.errors import (
     BAD_REQUEST,
     BATCH_ENTRY_FAILED,
     INVALID_TASK_ID,
     STORAGE_UNAVAILABLE,
+    UNKNOWN_TASK,
     ApiError,
     unauthorized,
 )
@@ -80,6 +91,7 @@ class AgentAPI:
     ACCESS: dict[str, Access] = {
         "schedule": Access.SERVER,
         "unschedule": Access.SERVER,
+        "run_now": Access.SERVER,
         "task_ids": Access.SERVER,
         "health": Access.PUBLIC,
     }
@@ -185,10 +197,23 @@ class AgentAPI:
         """Store and apply one task (InvalidMessage if it is not one); the task."""
         spec = protocol.parse_task_spec(body, utc_now_from(self._clock.seconds()))
         current = self._wanted(spec.task_id)
-        if current is not None and isinstance(body, dict) and body.get("anchor") is None:
-            # The seed's request carries no anchor: the same request sent again is the same
-            # task, not a new one anchored at a new instant.
-            spec = replace(spec, anchor=current.anchor)
+        if current is not None and isinstance(body, dict):
+            if body.get("revision") is not None and spec.revision <= current.revision:
+                # A newer (or the same) revision is here already: a late delivery of an
+                # older one must not undo it.
+                if spec.revision < current.revision:
+                    self.log.info(
+                        "kept revision {current} of task {task_id} (was sent revision {sent})",
+                        current=current.revision,
+                        task_id=str(spec.task_id),
+                        sent=spec.revision,
+                    )
+                await self._written(spec.task_id)
+                return current
+            if body.get("anchor") is None:
+                # The seed's request carries no anchor: the same request sent again is the
+                # same task, not a new one anchored at a new instant.
+                spec = replace(spec, anchor=current.anchor)
         if spec != current:
             await self._change(spec.task_id, spec)
         else:
@@ -207,6 +232,46 @@ class AgentAPI:
         return json_response(
             request,
             {"agent_id": str(self._agent_id), "task_id": str(parsed), "status": "removed"},
+        )
+
+    @app.route("/api/v1/tasks/<task_id>/run", methods=["POST"])
+    async def run_now(self, request: IRequest, task_id: str) -> bytes:
+        try:
+            parsed = protocol.parse_uuid(task_id, "task_id")
+        except InvalidMessage as e:
+            raise INVALID_TASK_ID(str(e)) from None
+        try:
+            scheduled_at, revision = parse_run_now(read_json(request))
+        except InvalidMessage as e:
+            raise BAD_REQUEST(str(e)) from None
+        # The changes of the task asked before this request apply first (one that fails
+        # is answered to its own request: the task stays as it was).
+        await self._written(parsed).addErrback(lambda _: None)
+        spec = self._scheduler.tasks.get(parsed)
+        if spec is None:
+            raise UNKNOWN_TASK("this agent does not run this task")
+        try:
+            accepted = await self._scheduler.run_now(spec, scheduled_at)
+        except OSError as e:
+            raise StorageError(str(e)) from None
+        if accepted:
+            self.log.info(
+                "task {task_id}: manual run {scheduled_at} (revision {revision}; the server "
+                "asked for revision {asked})",
+                task_id=str(parsed),
+                scheduled_at=format_instant(scheduled_at),
+                revision=spec.revision,
+                asked="any" if revision is None else revision,
+            )
+        return json_response(
+            request,
+            {
+                "agent_id": str(self._agent_id),
+                "task_id": str(parsed),
+                "scheduled_at": format_instant(scheduled_at),
+                "status": "accepted" if accepted else "duplicate",
+            },
+            202,
         )
 
     def _wanted(self, task_id: uuid.UUID) -> TaskSpec | None:
@@ -272,10 +337,11 @@ class AgentAPI:
         replaced = task_id in self._scheduler.tasks
         self._scheduler.schedule(spec)
         self.log.info(
-            "{verb} task {task_id} ({frequency})",
+            "{verb} task {task_id} ({frequency}, revision {revision})",
             verb="replaced" if replaced else "scheduled",
             task_id=str(task_id),
             frequency=str(spec.frequency),
+            revision=spec.revision,
         )
 
     @app.route("/api/v1/agent/tasks", methods=["GET"])
@@ -300,6 +366,19 @@ class AgentAPI:
         }
         body.update(self._counters())
         return json_response(request, body)
+
+
+def parse_run_now(body: object) -> tuple[datetime, int | None]:
+    """``POST /api/v1/tasks/{task_id}/run``: the run's ``scheduled_at`` and the revision
+    the server asked for (None if not said). Fields it does not know are ignored: a newer
+    server may send more."""
+    if not isinstance(body, Mapping):
+        raise InvalidMessage("the request body must be a JSON object")
+    scheduled_at = parse_time(require(body, "scheduled_at"), "scheduled_at")
+    revision = body.get("revision")
+    return scheduled_at, (
+        None if revision is None else parse_int(revision, "revision", 1, MAX_REVISION)
+    )
 
 
 #: The agent's domain exceptions, as the error table answers them.

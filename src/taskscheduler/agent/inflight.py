@@ -9,6 +9,7 @@ the runner lets go of them. Shutdown waits for every run to settle so.
 from __future__ import annotations
 
 import uuid
+from dataclasses import dataclass
 from datetime import datetime
 from typing import Any, Protocol
 
@@ -18,7 +19,7 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 
 from taskscheduler.agent.spool import Spool
-from taskscheduler.protocol import Output, ResultStatus, RunResult
+from taskscheduler.protocol import Output, ResultStatus, RunResult, Trigger
 from taskscheduler.schedule import utc_now_from
 
 
@@ -39,6 +40,16 @@ class RunOutcomeLike(Protocol):
     def stdout(self) -> Output: ...
     @property
     def stderr(self) -> Output: ...
+
+
+@dataclass(frozen=True)
+class _Labels:
+    """What a run's result is labelled with, besides how it ended."""
+
+    task_id: uuid.UUID
+    scheduled_at: datetime
+    revision: int | None
+    trigger: Trigger
 
 
 class RunsOwner(Protocol):
@@ -71,11 +82,19 @@ class RunsInFlight:
         return len(self.tasks)
 
     def track(
-        self, task_id: uuid.UUID, scheduled_at: datetime, started_at: datetime, d: Deferred[Any]
+        self,
+        task_id: uuid.UUID,
+        scheduled_at: datetime,
+        started_at: datetime,
+        d: Deferred[Any],
+        revision: int | None = None,
+        trigger: Trigger = Trigger.SCHEDULE,
     ) -> None:
         """Follow the run of ``scheduled_at`` whose outcome ``d`` gives: its task is
         running until ``d`` fires; its result is spooled (a failure of ``d`` means the
-        command could not be started at all, ``started_at`` being when that was tried)."""
+        command could not be started at all, ``started_at`` being when that was tried),
+        naming the task's ``revision`` the run ran and its ``trigger``."""
+        labels = _Labels(task_id, scheduled_at, revision, trigger)
         settled: Deferred[None] = Deferred()
         self.tasks.add(task_id)
         self._unsettled.add(settled)
@@ -83,8 +102,8 @@ class RunsInFlight:
         d.addCallbacks(
             self._succeeded,  # type: ignore[arg-type]
             self._failed,  # type: ignore[arg-type]
-            callbackArgs=(task_id, scheduled_at),
-            errbackArgs=(task_id, scheduled_at, started_at),
+            callbackArgs=(labels,),
+            errbackArgs=(labels, started_at),
         )
         d.addErrback(self._bookkeeping_failed, task_id)
         d.addBoth(self._settled, task_id, scheduled_at, settled)
@@ -113,15 +132,13 @@ class RunsInFlight:
         """The run's process is over: the task may run again at its next instant."""
         self.tasks.discard(task_id)
 
-    def _succeeded(
-        self, outcome: RunOutcomeLike, task_id: uuid.UUID, scheduled_at: datetime
-    ) -> Deferred[bool]:
-        self._ended(task_id)
+    def _succeeded(self, outcome: RunOutcomeLike, labels: _Labels) -> Deferred[bool]:
+        self._ended(labels.task_id)
         return self._spool.add(
             RunResult(
-                task_id=task_id,
+                task_id=labels.task_id,
                 agent_id=self._agent_id,
-                scheduled_at=scheduled_at,
+                scheduled_at=labels.scheduled_at,
                 status=outcome.status,
                 exit_code=outcome.exit_code,
                 signal=outcome.signal,
@@ -130,12 +147,13 @@ class RunsInFlight:
                 stdout=outcome.stdout,
                 stderr=outcome.stderr,
                 reason=getattr(outcome, "reason", None),
+                revision=labels.revision,
+                trigger=labels.trigger,
             )
         )
 
-    def _failed(
-        self, failure: Failure, task_id: uuid.UUID, scheduled_at: datetime, started_at: datetime
-    ) -> Deferred[bool]:
+    def _failed(self, failure: Failure, labels: _Labels, started_at: datetime) -> Deferred[bool]:
+        task_id = labels.task_id
         self._ended(task_id)
         # The runner fails only when it could not start the command at all (no shell,
         # no file descriptors left...): say so in the result rather than say nothing.
@@ -145,11 +163,13 @@ class RunsInFlight:
             RunResult(
                 task_id=task_id,
                 agent_id=self._agent_id,
-                scheduled_at=scheduled_at,
+                scheduled_at=labels.scheduled_at,
                 status=ResultStatus.FAILED,
                 started_at=started_at,
                 finished_at=utc_now_from(self._clock.seconds()),
                 stderr=Output.of(message.encode("utf-8")),
+                revision=labels.revision,
+                trigger=labels.trigger,
             )
         )
 

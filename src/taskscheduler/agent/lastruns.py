@@ -22,6 +22,7 @@ from collections.abc import Collection
 from datetime import datetime
 from pathlib import Path
 
+from twisted.internet.defer import Deferred, fail, succeed
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
@@ -33,6 +34,11 @@ from taskscheduler.agent.durable import (
     remove_leftovers,
 )
 from taskscheduler.schedule import format_instant, parse_instant
+
+#: The manual runs of one task remembered: the server delivers one again only until its
+#: starting deadline, so only the last few can come again.
+MANUAL_KEPT = 100
+_MANUAL_SUFFIX = ".manual"
 
 
 class LastRuns:
@@ -46,6 +52,7 @@ class LastRuns:
         self._writer = writer
         self._last: dict[uuid.UUID, datetime] = {}
         self._recorded: dict[uuid.UUID, datetime] = {}  # what the files say (or will)
+        self._manual: dict[uuid.UUID, list[datetime]] = {}  # oldest first
 
     def load(self, keep: Collection[uuid.UUID]) -> None:
         """Read what a previous life recorded for the tasks in ``keep``; delete the rest
@@ -57,9 +64,14 @@ class LastRuns:
         for path in sorted(self.directory.iterdir()):
             if path.name.startswith("."):
                 continue
+            manual = path.name.endswith(_MANUAL_SUFFIX)
             try:
-                task_id = uuid.UUID(path.name)
-                at = parse_instant(path.read_text(encoding="ascii").strip())
+                task_id = uuid.UUID(path.name.removesuffix(_MANUAL_SUFFIX))
+                text = path.read_text(encoding="ascii")
+                if manual:
+                    instants = [parse_instant(line) for line in text.split()]
+                else:
+                    at = parse_instant(text.strip())
             except (OSError, ValueError) as e:
                 self.log.error(
                     "ignoring unreadable last-run file {path}: {error}",
@@ -67,11 +79,13 @@ class LastRuns:
                     error=str(e),
                 )
                 continue
-            if task_id in keep:
+            if task_id not in keep:
+                remove(path, sync=False)
+            elif manual:
+                self._manual[task_id] = sorted(instants)[-MANUAL_KEPT:]
+            else:
                 self.note(task_id, at)
                 self._recorded[task_id] = at
-            else:
-                remove(path, sync=False)
 
     def note(self, task_id: uuid.UUID, at: datetime) -> None:
         """``at`` was fired (or may have been): remember it, in memory only."""
@@ -108,6 +122,38 @@ class LastRuns:
             failure,
             task_id=str(task_id),
         )
+
+    def is_manual(self, task_id: uuid.UUID, at: datetime) -> bool:
+        """Whether the manual run of ``task_id`` labelled ``at`` was accepted."""
+        return at in self._manual.get(task_id, ())
+
+    def accept_manual(self, task_id: uuid.UUID, at: datetime) -> Deferred[None]:
+        """Remember the manual run ``at`` of ``task_id``; fires once it is written (no
+        fsync: it outlives the agent, not the host), or fails, then forgotten (OSError)."""
+        kept = self._manual.setdefault(task_id, [])
+        kept.append(at)
+        kept.sort()
+        del kept[:-MANUAL_KEPT]
+        if self.directory is None:
+            return succeed(None)
+        path = self.directory / f"{task_id}{_MANUAL_SUFFIX}"
+        data = "".join(format_instant(i) + "\n" for i in kept).encode("ascii")
+        if self._writer is not None:
+            written = self._writer.write(path, data, sync=False)
+        else:
+            try:
+                atomic_write(path, data, sync=False)
+            except OSError:
+                written = fail()
+            else:
+                written = succeed(None)
+        return written.addErrback(self._manual_not_written, task_id, at)
+
+    def _manual_not_written(self, failure: Failure, task_id: uuid.UUID, at: datetime) -> Failure:
+        kept = self._manual.get(task_id, [])
+        if at in kept:
+            kept.remove(at)
+        return failure
 
     def last(self, task_id: uuid.UUID) -> datetime | None:
         """The last instant of ``task_id`` fired, if any."""

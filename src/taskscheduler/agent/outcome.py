@@ -11,7 +11,7 @@ from twisted.internet.defer import Deferred
 from twisted.logger import Logger
 
 from taskscheduler.agent.spool import RunMarker, RunMarkers, Spool
-from taskscheduler.protocol import Output, ResultStatus, RunResult
+from taskscheduler.protocol import Output, ResultStatus, RunResult, Trigger
 from taskscheduler.schedule import format_instant
 
 _log = Logger(namespace="taskscheduler.agent.outcome")
@@ -45,6 +45,9 @@ class RecoveredRun:
     started_at: datetime | None
     outcome: Deferred[RunOutcome]
     still_running: bool
+    #: What its journal line says (None: not known, as for a run it lacks).
+    revision: int | None = None
+    trigger: Trigger | None = None
 
 
 def status_of(exit_code: int | None, signum: int | None) -> ResultStatus:

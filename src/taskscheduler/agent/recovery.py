@@ -209,6 +209,8 @@ class Recovery:
                 started_at,
                 self._runner.collect(run, outcome),
                 still_running=False,
+                revision=None if record is None else record.revision,
+                trigger=None if record is None else record.trigger,
             )
 
         assert record is not None  # the journal's leftovers all have their record
@@ -320,7 +322,13 @@ class Recovery:
             calls.append(self._runner.reactor.callLater(remaining, limit))
         self._runner.upkeep.keep_trimming()
         return RecoveredRun(
-            record.task_id, record.scheduled_at, record.started_at, done, still_running=True
+            record.task_id,
+            record.scheduled_at,
+            record.started_at,
+            done,
+            still_running=True,
+            revision=record.revision,
+            trigger=record.trigger,
         )
 
     def _kill_leftovers(self, run: str, record: RunRecord | None) -> None:

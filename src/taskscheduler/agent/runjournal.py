@@ -1,7 +1,8 @@
 """The run journal (``<data-dir>/runs/journal``): what a restarted agent finds its runs by.
 
 It gets one line as each run starts (task, instant, start time, time limit, process
-group = the shell's pid, the boot, the cgroup, the slot), one if the agent ends it at its
+group = the shell's pid, the boot, the cgroup, the slot, the task's revision and what
+triggered the run), one if the agent ends it at its
 time limit (before the first signal), and one once its result is safe. Appending a line
 is one ``write`` (no fsync); a restarted agent replays the journal to find its runs, and
 it is rewritten with the live runs only once it has grown.
@@ -21,6 +22,7 @@ from typing import Any
 
 from twisted.logger import Logger
 
+from taskscheduler.protocol import Trigger, parse_trigger
 from taskscheduler.schedule import format_instant, parse_instant
 
 _STAMP = "%Y%m%dT%H%M%S.%fZ"
@@ -58,6 +60,9 @@ class RunRecord:
     pid: int  # the shell's pid, which is also its process group and session
     boot_id: str
     cgroup: str | None  # the run's cgroup folder, under cgroup containment
+    #: The task's revision the run runs (None: not known, a line of an older agent).
+    revision: int | None = None
+    trigger: Trigger = Trigger.SCHEDULE
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -68,6 +73,8 @@ class RunRecord:
             "pid": self.pid,
             "boot_id": self.boot_id,
             "cgroup": self.cgroup,
+            "revision": self.revision,
+            "trigger": self.trigger.value,
         }
 
     @classmethod
@@ -80,6 +87,8 @@ class RunRecord:
             pid=int(body["pid"]),
             boot_id=str(body["boot_id"]),
             cgroup=body["cgroup"],
+            revision=None if body.get("revision") is None else int(body["revision"]),
+            trigger=parse_trigger(body.get("trigger")),
         )
 
 

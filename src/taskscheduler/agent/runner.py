@@ -59,7 +59,7 @@ from taskscheduler.agent.runfiles import RunFiles
 from taskscheduler.agent.runjournal import RunRecord, boot_id, run_id
 from taskscheduler.agent.runprocess import EXIT_FD, SETSID, RunProcess, supervised_command
 from taskscheduler.agent.upkeep import Upkeep
-from taskscheduler.protocol import Output, ResultStatus
+from taskscheduler.protocol import Output, ResultStatus, Trigger
 
 #: Output up to this many bytes is read on the reactor when a run ends; more, on a thread.
 SMALL_OUTPUT = 64 * 1024
@@ -165,10 +165,13 @@ class ProcessRunner:
         extra_env: Mapping[str, str] = {},
         *,
         key: tuple[uuid.UUID, datetime] | None = None,
+        revision: int | None = None,
+        trigger: Trigger = Trigger.SCHEDULE,
     ) -> Deferred[RunOutcome]:
         """Run ``command`` in a new session; fires with its :class:`RunOutcome`.
 
         ``key`` (task, instant) names the run's files; without one a fresh id is made.
+        ``revision`` and ``trigger`` go to its journal line, for a restarted agent.
         Never errbacks because of the command: a process that cannot be started gives a
         ``FAILED`` outcome whose stderr says why.
         """
@@ -241,6 +244,8 @@ class ProcessRunner:
                         pid=pid,
                         boot_id=self.boot_id,
                         cgroup=None if cgroup_procs is None else str(Path(cgroup_procs).parent),
+                        revision=revision,
+                        trigger=trigger,
                     ),
                 )
             except OSError:

@@ -27,6 +27,12 @@ and when that instant is ahead of the wall clock (it stepped back, before or whi
 agent was down) the labels resume from it: the lead is that gap, and loops keep their
 pace from there. No instant runs twice on one agent, however the clock moved across the
 restart. Run durations are measured on the monotonic clock.
+
+**Manual runs** (:meth:`Scheduler.run_now`, an operator's run-now) are labelled with the
+server's instant, outside the task's grid: they obey the same admission rules, are
+remembered so that a repeated delivery does not run them again, and never move the
+task's loop or the label timeline. Every result names the revision of the task it ran
+and what triggered it.
 """
 
 from __future__ import annotations
@@ -46,7 +52,7 @@ from taskscheduler.agent.inflight import RunsInFlight
 from taskscheduler.agent.lastruns import LastRuns
 from taskscheduler.agent.spool import Spool
 from taskscheduler.agent.taskloop import LabelTime, TaskLoop
-from taskscheduler.protocol import ResultStatus, RunResult, TaskSpec
+from taskscheduler.protocol import ResultStatus, RunResult, TaskSpec, Trigger
 from taskscheduler.schedule import format_instant, utc_now_from
 
 
@@ -63,6 +69,8 @@ class RunnerLike(Protocol):
         extra_env: Mapping[str, str] = ...,
         *,
         key: tuple[uuid.UUID, datetime] | None = ...,
+        revision: int | None = ...,
+        trigger: Trigger = ...,
     ) -> Deferred[Any]: ...
 
     def terminate_all(self) -> Deferred[None]: ...
@@ -110,6 +118,8 @@ class Scheduler:
         self._resumed = False
         self._loops: dict[uuid.UUID, TaskLoop] = {}
         self._runs = RunsInFlight(clock, runner, spool, agent_id)
+        # Manual runs whose acceptance is being written, and the deliveries that wait.
+        self._accepting: dict[tuple[uuid.UUID, datetime], list[Deferred[None]]] = {}
         self._stopped = False
 
     @property
@@ -167,9 +177,11 @@ class Scheduler:
             return
         self._resumed = True
         # A result still spooled is of an instant fired that the record may lack: it is
-        # written asynchronously (so may an adopted run be: see ``adopt``).
+        # written asynchronously (so may an adopted run be: see ``adopt``). A manual
+        # run's is no instant of the schedule.
         for task_id, scheduled_at in self._spool.result_keys():
-            self._last_runs.note(task_id, scheduled_at)
+            if not self._last_runs.is_manual(task_id, scheduled_at):
+                self._last_runs.note(task_id, scheduled_at)
         self._last_runs.record_noted()  # the spool and the runs' records go, in time
         latest = self._last_runs.latest()
         if latest is None:
@@ -217,7 +229,39 @@ class Scheduler:
 
     # -- one instant -------------------------------------------------------------------
 
-    def fire(self, spec: TaskSpec, scheduled_at: datetime) -> None:
+    async def run_now(self, spec: TaskSpec, scheduled_at: datetime) -> bool:
+        """Run ``spec`` once now, as the manual run labelled ``scheduled_at`` (or record
+        it skipped, with the reason). False if that run was accepted before: it is not
+        run again. The acceptance is on disk before the run starts (OSError if it cannot
+        be: nothing was started)."""
+        key = (spec.task_id, scheduled_at)
+        while key in self._accepting:
+            # The same run delivered again while its acceptance is being written: its
+            # answer waits for that write (if it fails, this delivery tries again).
+            waiter: Deferred[None] = Deferred()
+            self._accepting[key].append(waiter)
+            await waiter
+        if self._last_runs.is_manual(spec.task_id, scheduled_at):
+            return False
+        self._accepting[key] = []
+        try:
+            await self._last_runs.accept_manual(spec.task_id, scheduled_at)
+        finally:
+            for waiter in self._accepting.pop(key):
+                waiter.callback(None)
+        # The newest version of the task, if it changed while the acceptance was written.
+        loop = self._loops.get(spec.task_id)
+        spec = spec if loop is None else loop.spec
+        if self._stopped:
+            # Shutdown waits only for the runs it saw under way: start none after it.
+            self.record_skip(spec, scheduled_at, "the agent was stopping", trigger=Trigger.MANUAL)
+        else:
+            self.fire(spec, scheduled_at, Trigger.MANUAL)
+        return True
+
+    def fire(
+        self, spec: TaskSpec, scheduled_at: datetime, trigger: Trigger = Trigger.SCHEDULE
+    ) -> None:
         """Start the run of ``scheduled_at`` now, or record it skipped with the reason."""
         reason = refusal(
             spec,
@@ -229,7 +273,7 @@ class Scheduler:
             starting_deadline=self.starting_deadline,
         )
         if reason is not None:
-            self.record_skip(spec, scheduled_at, reason)
+            self.record_skip(spec, scheduled_at, reason, trigger=trigger)
             return
         started_at = utc_now_from(self._clock.seconds())
         try:
@@ -241,13 +285,20 @@ class Scheduler:
                     "TASKSCHEDULER_SCHEDULED_AT": format_instant(scheduled_at),
                 },
                 key=(spec.task_id, scheduled_at),
+                revision=spec.revision,
+                trigger=trigger,
             )
         except Exception:
             d = fail()
-        self._runs.track(spec.task_id, scheduled_at, started_at, d)
+        self._runs.track(spec.task_id, scheduled_at, started_at, d, spec.revision, trigger)
 
     def record_skip(
-        self, spec: TaskSpec, scheduled_at: datetime, reason: str, quiet: bool = False
+        self,
+        spec: TaskSpec,
+        scheduled_at: datetime,
+        reason: str,
+        quiet: bool = False,
+        trigger: Trigger = Trigger.SCHEDULE,
     ) -> None:
         """Record the instant ``scheduled_at`` as ``skipped``, with the reason."""
         if not quiet:
@@ -260,7 +311,13 @@ class Scheduler:
         self.skipped += 1
         self._spool.add(
             RunResult(
-                spec.task_id, self.agent_id, scheduled_at, ResultStatus.SKIPPED, reason=reason
+                spec.task_id,
+                self.agent_id,
+                scheduled_at,
+                ResultStatus.SKIPPED,
+                reason=reason,
+                revision=spec.revision,
+                trigger=trigger,
             )
         )
 
@@ -270,13 +327,26 @@ class Scheduler:
         scheduled_at: datetime,
         started_at: datetime | None,
         outcome: Deferred[Any],
+        revision: int | None = None,
+        trigger: Trigger | None = None,
     ) -> None:
         """Follow a run a previous life of the agent started (see ``ProcessRunner.recover``).
 
         Until it ends, its task is not started again: skip-on-overlap holds across
-        restarts; and its instant is never run again.
+        restarts; and its instant is never run again. ``revision`` and ``trigger`` are
+        what its record says (None: not known; a manual run is then told by the
+        acceptances remembered).
         """
-        self._last_runs.note(task_id, scheduled_at)
+        if trigger is None:
+            manual = self._last_runs.is_manual(task_id, scheduled_at)
+            trigger = Trigger.MANUAL if manual else Trigger.SCHEDULE
+        if trigger is Trigger.SCHEDULE:
+            self._last_runs.note(task_id, scheduled_at)
         self._runs.track(
-            task_id, scheduled_at, started_at or utc_now_from(self._clock.seconds()), outcome
+            task_id,
+            scheduled_at,
+            started_at or utc_now_from(self._clock.seconds()),
+            outcome,
+            revision,
+            trigger,
         )

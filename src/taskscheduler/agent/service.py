@@ -296,7 +296,14 @@ class AgentService(Service):
         recover = getattr(runner, "recover", None)
         reported = spool.__contains__
         for run in recover(lambda task_id, at: reported((task_id, at))) if recover else []:
-            scheduler.adopt(run.task_id, run.scheduled_at, run.started_at, run.outcome)
+            scheduler.adopt(
+                run.task_id,
+                run.scheduled_at,
+                run.started_at,
+                run.outcome,
+                run.revision,
+                run.trigger,
+            )
 
         def counters() -> dict[str, int]:
             return {
