@@ -1,5 +1,5 @@
 """The server's client of one agent's API: schedule (one task or a batch), unschedule,
-list; each request signed for the agent enrolled at the URL, each answer a typed outcome.
+list, leave; each request signed for the agent enrolled at the URL, each answer a typed outcome.
 
 An agent is not trusted with the server's memory: every answer is read up to a bound
 (:func:`taskscheduler.httpclient.exchange`) and refused past it, the connection dropped.
@@ -8,6 +8,7 @@ What to send when, and what to do with an outcome, is :mod:`taskscheduler.server
 
 from __future__ import annotations
 
+import json
 import uuid
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -27,6 +28,7 @@ DEFAULT_MAX_ANSWER_BYTES = 1024 * 1024
 
 SCHEDULE_PATH = "/api/v1/tasks/schedule"
 LIST_PATH = "/api/v1/agent/tasks"
+LEAVE_PATH = "/api/v1/agent/leave"
 
 
 @dataclass(frozen=True)
@@ -144,6 +146,13 @@ class AgentClient:
     async def unschedule(self, task_id: uuid.UUID, audience: uuid.UUID | None) -> Outcome:
         """Tell the agent to drop a task (it answers 200 whether it had it or not)."""
         answered = await self._instruct("DELETE", f"/api/v1/tasks/{task_id}", b"", audience)
+        return Accepted(answered.agent_id) if isinstance(answered, _Answered) else answered
+
+    async def leave(self, reason: str, audience: uuid.UUID | None) -> Outcome:
+        """Tell the agent to drop every task: it left the fleet (``removed``) or was
+        ``revoked``."""
+        body = json.dumps({"reason": reason}).encode("utf-8")
+        answered = await self._instruct("POST", LEAVE_PATH, body, audience)
         return Accepted(answered.agent_id) if isinstance(answered, _Answered) else answered
 
     async def list_tasks(

@@ -12,6 +12,7 @@ from taskscheduler.protocol import InvalidMessage, TaskSpec
 from taskscheduler.schedule import format_instant
 from taskscheduler.server.access import principal_of
 from taskscheduler.server.api.base import Routes, routes
+from taskscheduler.server.api.fleet import missing_agents_json
 from taskscheduler.server.api.views import latest_output_json, output_json, task_json
 from taskscheduler.server.ratelimit import retry_after
 from taskscheduler.server.store.interface import UnknownTask
@@ -105,7 +106,10 @@ class TaskRoutes(Routes):
         execution = await self._store.latest_complete_execution(
             path_task_id(task_id), self._now(), self._report_grace
         )
-        return json_response(request, latest_output_json(execution))
+        body = latest_output_json(execution)
+        if execution is not None:
+            body["missing_agents"] = missing_agents_json(execution, await self._store.list_agents())
+        return json_response(request, body)
 
     @routes.route("/api/v1/tasks/<task_id>/executions", methods=["GET"])
     async def executions(self, request: IRequest, task_id: str) -> bytes:
@@ -117,6 +121,7 @@ class TaskRoutes(Routes):
         if task is None:
             raise UnknownTask(task_id)
         page = await self._store.list_executions(parsed_id, limit, before)
+        agents = await self._store.list_agents() if page else []
         now = self._now()
         return json_response(
             request,
@@ -134,6 +139,7 @@ class TaskRoutes(Routes):
                             report_grace=self._report_grace,
                         ),
                         "expected_agents": e.expected,
+                        "missing_agents": missing_agents_json(e, agents),
                         "completion_time": format_instant(e.completion_time),
                         "outputs": [output_json(r) for r in e.results],
                     }

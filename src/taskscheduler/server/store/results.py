@@ -15,6 +15,7 @@ from typing import Any
 import psycopg2
 
 from taskscheduler.protocol import Output, ResultStatus, RunResult, TaskSpec
+from taskscheduler.server.store.fleet import EXPECTED_URLS_SQL
 from taskscheduler.server.store.interface import Execution, RecordOutcome, UnknownTask
 from taskscheduler.server.store.pool import Cursor, Database
 from taskscheduler.server.store.rules import on_schedule, result_digest, utc, utc_or_none
@@ -26,15 +27,15 @@ from taskscheduler.server.store.rules import on_schedule, result_digest, utc, ut
 #: its reporting deadline, :func:`rules.completion_cutoff`), so the cost does not grow
 #: with the task's history. No row: unknown task.
 LATEST_EXECUTION_SQL = """
-SELECT t.time_limit_us, e.scheduled_at, e.expected
+SELECT t.time_limit_us, e.scheduled_at, e.expected, e.expected_urls
 FROM tasks t
 LEFT JOIN LATERAL (
-    SELECT c.scheduled_at, c.expected FROM (
-        (SELECT x.scheduled_at, x.expected FROM executions x
+    SELECT c.scheduled_at, c.expected, c.expected_urls FROM (
+        (SELECT x.scheduled_at, x.expected, x.expected_urls FROM executions x
          WHERE x.task_id = t.task_id AND x.completed_at IS NOT NULL
          ORDER BY x.scheduled_at DESC LIMIT 1)
         UNION ALL
-        (SELECT x.scheduled_at, x.expected FROM executions x
+        (SELECT x.scheduled_at, x.expected, x.expected_urls FROM executions x
          WHERE x.task_id = t.task_id
            AND x.scheduled_at < %(now)s::timestamptz
                                 - t.time_limit_us * interval '1 microsecond'
@@ -64,12 +65,12 @@ ORDER BY agent_id
 #: of the results inserted; the others were already stored, or are of instants after
 #: their task's deletion (:func:`rules.after_deletion`: neither an execution nor a result
 #: is made for those). An execution is marked complete once it has every result it
-#: expects (:func:`rules.reported_enough`).
-RECORD_SQL = """
-INSERT INTO executions (task_id, scheduled_at, expected)
-SELECT v.task_id, v.scheduled_at,
-       (SELECT count(*) FROM task_agents a WHERE a.task_id = v.task_id)
+#: expects (:func:`rules.reported_enough`); the agents expected are :func:`fleet.expected_urls`.
+RECORD_SQL = f"""
+INSERT INTO executions (task_id, scheduled_at, expected, expected_urls)
+SELECT v.task_id, v.scheduled_at, cardinality(x.urls), x.urls
 FROM unnest(%(e_task)s::uuid[], %(e_at)s::timestamptz[]) AS v (task_id, scheduled_at)
+CROSS JOIN LATERAL (SELECT {EXPECTED_URLS_SQL} AS urls) x
 WHERE NOT EXISTS (SELECT 1 FROM tasks t
                   WHERE t.task_id = v.task_id AND t.deleted_at < v.scheduled_at)
 ON CONFLICT DO NOTHING;
@@ -118,7 +119,7 @@ SELECT task_id, agent_id, scheduled_at FROM inserted
 
 #: A page of a task's history, newest first, from the primary key.
 LIST_EXECUTIONS_SQL = """
-SELECT scheduled_at, expected FROM executions
+SELECT scheduled_at, expected, expected_urls FROM executions
 WHERE task_id = %(task_id)s::uuid
   AND (%(before)s::timestamptz IS NULL OR scheduled_at < %(before)s)
 ORDER BY scheduled_at DESC
@@ -329,7 +330,7 @@ class Results:
             row = cursor.fetchone()
             if row is None:
                 raise UnknownTask(str(task_id))
-            _, scheduled_at, expected = row
+            _, scheduled_at, expected, urls = row
             if scheduled_at is None:
                 return None
             await cursor.execute(
@@ -343,6 +344,7 @@ class Results:
                 results=tuple(
                     _result_from_row(task_id, scheduled_at, row) for row in cursor.fetchall()
                 ),
+                expected_urls=None if urls is None else tuple(urls),
             )
 
         return await self._db.run(operation, transaction=False)
@@ -370,7 +372,7 @@ class Results:
             for row in cursor.fetchall():
                 by_instant.setdefault(row[0], []).append(row[1:])
             executions = []
-            for scheduled_at, expected in page:
+            for scheduled_at, expected, urls in page:
                 at = utc(scheduled_at)
                 executions.append(
                     Execution(
@@ -381,6 +383,7 @@ class Results:
                             _result_from_row(task_id, at, row)
                             for row in by_instant.get(scheduled_at, [])
                         ),
+                        expected_urls=None if urls is None else tuple(urls),
                     )
                 )
             return executions
