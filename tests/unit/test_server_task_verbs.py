@@ -92,6 +92,8 @@ async def test_the_list_pages_with_a_cursor_and_filters() -> None:
         if cursor is None:
             break
     assert seen == ids[::-1]
+    code, body = await h.request("GET", "/api/v1/tasks?limit=5")
+    assert len(body["tasks"]) == 5 and body["next_cursor"] is None  # no empty last page
     code, body = await h.request("GET", "/api/v1/tasks?command=echo%203")
     assert [t["task_id"] for t in body["tasks"]] == [ids[3]] and body["next_cursor"] is None
     for bad in ("cursor=bm9wZQ", "cursor=%25%25", "state=sleeping", "limit=501", "limit=0"):
