@@ -5,9 +5,10 @@ from __future__ import annotations
 
 import base64
 import binascii
+import dataclasses
 import json
 import uuid
-from datetime import datetime
+from datetime import datetime, timedelta
 from typing import Any
 
 from twisted.web import http
@@ -46,6 +47,9 @@ from taskscheduler.web.requests import (
 )
 from taskscheduler.web.responses import json_response
 
+_USEC = timedelta(microseconds=1)
+#: Instants tried for a run-now, a microsecond apart, when others took the first ones.
+_MANUAL_INSTANT_TRIES = 100
 #: The fields of a task an operator sets (create) or changes (PATCH).
 TASK_FIELDS = ("command", "frequency", "time_limit_seconds")
 
@@ -240,7 +244,16 @@ class TaskRoutes(Routes):
         audit = self._audit(
             request, principal, "task.run", str(parsed), scheduled_at=format_instant(at)
         )
-        execution = await self._store.record_manual_execution(parsed, at, audit)
+        execution = None
+        for _ in range(_MANUAL_INSTANT_TRIES):
+            try:
+                execution = await self._store.record_manual_execution(parsed, at, audit)
+                break
+            except ValueError:  # another run-now took this very microsecond
+                at = manual_instant(at + _USEC, task.spec.anchor, task.spec.frequency.interval)
+                audit = dataclasses.replace(audit, details={"scheduled_at": format_instant(at)})
+        else:
+            raise ValueError(f"no free instant for a run-now of task {task_id}")
         if execution is None:  # deleted meanwhile
             raise TASK_ALREADY_DELETED()
         self.log.info(

@@ -253,6 +253,8 @@ class MemoryStore:
         if task is None:
             return None
         at = utc(scheduled_at)
+        if at in self._executions[task_id]:
+            raise ValueError(f"task {task_id} already has an execution at {at}")
         urls = list(self._assignments[task_id])
         execution = _Execution(len(urls), Trigger.MANUAL, task.spec.revision)
         self._executions[task_id][at] = execution

@@ -15,6 +15,7 @@ from datetime import datetime, timedelta
 from typing import Any
 
 import psycopg2
+import psycopg2.errors
 
 from taskscheduler.protocol import Output, ResultStatus, RunResult, Trigger
 from taskscheduler.server.store.audit import insert_audit
@@ -586,4 +587,7 @@ class Results:
             await insert_audit(cursor, audit)
             return Execution(task_id, at, expected, (), Trigger.MANUAL, revision)
 
-        return await self._db.run(operation)
+        try:
+            return await self._db.run(operation)
+        except psycopg2.errors.UniqueViolation:
+            raise ValueError(f"task {task_id} already has an execution at {at}") from None
