@@ -47,6 +47,8 @@ def test_patch_pause_resume_and_run_now_on_two_agents(tmp_path: Path) -> None:
             assert revisions <= {e["revision"]}, f"an execution mixes revisions: {e}"
             expected = 2 if parse_instant(e["scheduled_at"]) > changed_at else 1
             assert e["revision"] == expected, e
+            ran = {o["stdout"] for o in e["outputs"] if o["status"] == "succeeded"}
+            assert ran <= {"two\n" if expected == 2 else "one\n"}, e
 
         # Pause: nothing runs, nothing is recorded for the paused instants.
         code, task = fleet.api("POST", f"/api/v1/tasks/{task_id}/pause")

@@ -346,7 +346,9 @@ class MemoryStore:
             if same_result(stored, result):
                 return RecordOutcome.DUPLICATE
             return RecordOutcome.CONFLICT
-        execution.results[result.agent_id] = replace(result, revision=revision)
+        # The revision it ran; an older agent's (None) is the one in effect.
+        ran = revision if result.revision is None else result.revision
+        execution.results[result.agent_id] = replace(result, revision=ran)
         return RecordOutcome.STORED
 
     async def latest_complete_execution(

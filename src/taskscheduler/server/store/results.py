@@ -385,7 +385,11 @@ class Results:
                 "stderr_truncated": [r.stderr.truncated for r in chosen],
                 "reason": [r.reason for r in chosen],
                 "digest": [psycopg2.Binary(digests[first[key]]) for key in candidates],
-                "revision": [revisions[first[key]] for key in candidates],
+                # The revision each ran; an older agent's (None) is the one in effect.
+                "revision": [
+                    revisions[first[k]] if r.revision is None else r.revision
+                    for k, r in zip(candidates, chosen, strict=True)
+                ],
                 "trigger": [r.trigger.value for r in chosen],
                 "received_at": received_at,
             },
