@@ -11,6 +11,14 @@ from typing import Any
 from taskscheduler.schedule import format_instant, parse_instant
 from tests.integration.daemons import Fleet, running_fleet, wait_for
 
+WITNESS = "verbs-witness.txt"
+
+
+def witness(root: Path, agent: int) -> list[str]:
+    """The instants the agent's runs noted (the runs' working folder is its own)."""
+    path = root / f"agent-{agent}" / WITNESS
+    return path.read_text().split() if path.exists() else []
+
 
 def history(fleet: Fleet, task_id: str) -> list[dict[str, Any]]:
     code, body = fleet.api("GET", f"/api/v1/tasks/{task_id}/executions?limit=1000")
@@ -38,7 +46,9 @@ def test_patch_pause_resume_and_run_now_on_two_agents(tmp_path: Path) -> None:
         wait_for(lambda: complete_with(fleet, task_id, 1, "one\n"), 30, "revision 1 on both")
 
         # PATCH: the next executions run the new command, revision 2, on both agents.
-        code, task = fleet.api("PATCH", f"/api/v1/tasks/{task_id}", {"command": "echo two"})
+        # Each run of revision 2 also notes its instant in a witness file of its agent.
+        two = f'echo two; echo "$TASKSCHEDULER_SCHEDULED_AT" >> {WITNESS}'
+        code, task = fleet.api("PATCH", f"/api/v1/tasks/{task_id}", {"command": two})
         assert code == 200 and task["revision"] == 2, task
         changed_at = parse_instant(task["updated_at"])
         wait_for(lambda: complete_with(fleet, task_id, 2, "two\n"), 30, "revision 2 on both")
@@ -82,6 +92,9 @@ def test_patch_pause_resume_and_run_now_on_two_agents(tmp_path: Path) -> None:
             o for e in history(fleet, task_id) for o in e["outputs"] if o["status"] == "skipped"
         ]
         assert skipped == []
+        for i in range(2):
+            ran = [t for t in witness(tmp_path, i) if paused_at < parse_instant(t) <= resumed_at]
+            assert ran == [], f"agent {i} ran {ran} while the task was paused"
 
         # Run now: one manual execution with both agents' output, in history and latest.
         code, task = fleet.api("PATCH", f"/api/v1/tasks/{task_id}", {"frequency": "every 1 hours"})
