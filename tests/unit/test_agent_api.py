@@ -136,6 +136,8 @@ async def test_health_reports_counts(agent: Agent) -> None:
         "tasks": 1,
         "running": 1,
         "enrolled": True,
+        "membership": "member",
+        "in_fleet": None,
         "spooled": 0,
         "spooled_bytes": 0,
         "dropped": 0,

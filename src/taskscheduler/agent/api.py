@@ -17,6 +17,9 @@
   A run under way finishes and its result is reported. Idempotent: 200 whether the
   agent had the task or not, so that the server's retries converge.
 - ``GET /api/v1/agent/tasks``: the ids of every task the agent runs (for reconciliation).
+- ``POST /api/v1/agent/leave`` ``{"reason": "removed"|"revoked"}``: the agent left the
+  fleet: drop every task (runs under way finish), and say so in the health
+  (:class:`~taskscheduler.agent.heartbeat.Membership`).
 - ``GET /api/v1/health``: liveness and a few counters (public; nothing secret).
 
 Every route but the health check accepts only instructions signed by the agent's server
@@ -44,6 +47,7 @@ from twisted.python.failure import Failure
 from twisted.web.iweb import IRequest
 
 from taskscheduler import protocol
+from taskscheduler.agent.heartbeat import REASONS, Membership
 from taskscheduler.agent.scheduler import Scheduler
 from taskscheduler.agent.taskstore import TaskStore
 from taskscheduler.protocol import MAX_REVISION, InvalidMessage, TaskSpec
@@ -93,6 +97,7 @@ class AgentAPI:
         "unschedule": Access.SERVER,
         "run_now": Access.SERVER,
         "task_ids": Access.SERVER,
+        "leave": Access.SERVER,
         "health": Access.PUBLIC,
     }
 
@@ -104,6 +109,7 @@ class AgentAPI:
         clock: IReactorTime,
         counters: Callable[[], dict[str, int]] = dict,
         verifier: InstructionVerifier | None = None,
+        membership: Membership | None = None,
     ) -> None:
         self._agent_id = agent_id
         self._scheduler = scheduler
@@ -114,6 +120,7 @@ class AgentAPI:
         self._changes: dict[uuid.UUID, _Change] = {}
         # Without a verifier nothing is accepted: no key, no instruction.
         self.verifier = verifier or InstructionVerifier(agent_id, clock)
+        self.membership = membership or Membership()
 
     def resource(self) -> Any:
         return AuthGate(
@@ -354,6 +361,24 @@ class AgentAPI:
             },
         )
 
+    @app.route("/api/v1/agent/leave", methods=["POST"])
+    async def leave(self, request: IRequest) -> bytes:
+        """Drop every task: the server took this agent out of its fleet, or revoked it."""
+        body = read_json(request)
+        reason = body.get("reason") if isinstance(body, dict) else None
+        if reason not in REASONS:
+            raise BAD_REQUEST(f"'reason' must be one of {', '.join(REASONS)}")
+        held = set(self._scheduler.tasks) | {
+            task_id for task_id, change in self._changes.items() if change.spec is not None
+        }
+        # On disk first, as for a removal: if a file cannot go, the server asks again.
+        for task_id in sorted(held):
+            await self._change(task_id, None)
+        self.membership.left(reason, len(held))
+        return json_response(
+            request, {"agent_id": str(self._agent_id), "status": "left", "reason": reason}
+        )
+
     @app.route("/api/v1/health", methods=["GET"])
     def health(self, request: IRequest) -> bytes:
         body: dict[str, Any] = {
@@ -363,6 +388,9 @@ class AgentAPI:
             "running": self._scheduler.running,
             # Whether the agent holds its server's key (has enrolled): no secret in it.
             "enrolled": self.verifier.public_key is not None,
+            # What the server said: told to leave (removed, revoked), and in its fleet.
+            "membership": self.membership.state,
+            "in_fleet": self.membership.in_fleet,
         }
         body.update(self._counters())
         return json_response(request, body)

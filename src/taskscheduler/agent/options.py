@@ -11,6 +11,7 @@ from typing import Any
 from twisted.python import usage
 
 from taskscheduler.agent.admission import DEFAULT_MAX_RUNNING
+from taskscheduler.agent.heartbeat import DEFAULT_HEARTBEAT_INTERVAL
 from taskscheduler.agent.service import DEFAULT_SHUTDOWN_GRACE
 from taskscheduler.agent.spool import DEFAULT_SPOOL_MAX_BYTES
 from taskscheduler.hardening import take_secret_from_environment
@@ -33,6 +34,11 @@ _SETTINGS = [
     ("output-cap", "TASKSCHEDULER_AGENT_OUTPUT_CAP", str(DEFAULT_OUTPUT_CAP)),
     ("kill-grace", "TASKSCHEDULER_AGENT_KILL_GRACE", str(DEFAULT_KILL_GRACE)),
     ("shutdown-grace", "TASKSCHEDULER_AGENT_SHUTDOWN_GRACE", str(DEFAULT_SHUTDOWN_GRACE)),
+    (
+        "heartbeat-interval",
+        "TASKSCHEDULER_AGENT_HEARTBEAT_INTERVAL",
+        str(DEFAULT_HEARTBEAT_INTERVAL),
+    ),
     ("spool-max-bytes", "TASKSCHEDULER_AGENT_SPOOL_MAX_BYTES", str(DEFAULT_SPOOL_MAX_BYTES)),
     ("advertise-url", "TASKSCHEDULER_AGENT_ADVERTISE_URL", None),
     ("join-secret-file", "TASKSCHEDULER_JOIN_SECRET_FILE", None),
@@ -107,6 +113,13 @@ class Options(usage.Options):
             "Seconds the runs under way may go on when the agent stops, before they are "
             f"terminated [TASKSCHEDULER_AGENT_SHUTDOWN_GRACE] "
             f"(default: {DEFAULT_SHUTDOWN_GRACE:g}).",
+        ],
+        [
+            "heartbeat-interval",
+            None,
+            None,
+            "Seconds between heartbeats to the server "
+            f"[TASKSCHEDULER_AGENT_HEARTBEAT_INTERVAL] (default: {DEFAULT_HEARTBEAT_INTERVAL:g}).",
         ],
         [
             "spool-max-bytes",
@@ -253,6 +266,9 @@ class Options(usage.Options):
         self["output-cap"] = _number(self["output-cap"], "output-cap", int, minimum=1)
         self["kill-grace"] = _number(self["kill-grace"], "kill-grace", float, minimum=0)
         self["shutdown-grace"] = _number(self["shutdown-grace"], "shutdown-grace", float, minimum=0)
+        self["heartbeat-interval"] = _number(
+            self["heartbeat-interval"], "heartbeat-interval", float, minimum=0.1
+        )
         self["spool-max-bytes"] = _number(
             self["spool-max-bytes"], "spool-max-bytes", int, minimum=1
         )

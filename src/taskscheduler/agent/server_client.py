@@ -39,6 +39,7 @@ REQUEST_TIMEOUT = 30.0
 MAX_ANSWER_BYTES = 64 * 1024
 
 ENROL_PATH = "/api/v1/agents/enrol"
+HEARTBEAT_PATH = "/api/v1/agents/heartbeat"
 BATCH_PATH = "/api/v1/results"
 
 
@@ -88,6 +89,15 @@ class BatchAnswered:
     """A verdict per result of a batch, in the order sent."""
 
     items: list[Acknowledged | Refused | RetryLater]
+
+
+@dataclass(frozen=True)
+class HeartbeatAnswer:
+    """The server took a heartbeat: whether the agent's URL is in its fleet."""
+
+    in_fleet: bool
+    state: str
+    interval_seconds: float | None
 
 
 @dataclass(frozen=True)
@@ -175,6 +185,25 @@ class ServerClient:
         except KeyFileError as e:
             return Refused(f"the server's public key is unusable: {e}")
         return Enrolled(credential, key)
+
+    async def heartbeat(self, body: dict[str, Any]) -> HeartbeatAnswer | Refused | RetryLater:
+        """Tell the server the agent is alive (``body``: the heartbeat's fields)."""
+        encoded = json.dumps(body).encode("utf-8")
+        answer = await self._post(HEARTBEAT_PATH, encoded, self.credential, MAX_ANSWER_BYTES)
+        if isinstance(answer, RetryLater):
+            return answer
+        if answer.status == 200 and isinstance(answer.body, dict):
+            in_fleet = answer.body.get("in_fleet")
+            interval = answer.body.get("interval_seconds")
+            if isinstance(in_fleet, bool):
+                return HeartbeatAnswer(
+                    in_fleet,
+                    str(answer.body.get("state", "")),
+                    float(interval) if isinstance(interval, int | float) else None,
+                )
+        if answer.status in (401, 403):
+            return Refused(f"the server answered {answer.describe()}")
+        return RetryLater(f"the server answered {answer.describe()}")
 
     async def report(
         self, task_id: uuid.UUID, body: bytes

@@ -21,9 +21,11 @@ why the module runs past 400 lines: split, it would be read across files.
 
 from __future__ import annotations
 
+import importlib.metadata
 import os
 import pwd
 import random
+import socket
 import uuid
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -53,6 +55,7 @@ from taskscheduler.agent.durable import (
     run_here,
 )
 from taskscheduler.agent.enrolment import Enroller
+from taskscheduler.agent.heartbeat import DEFAULT_HEARTBEAT_INTERVAL, HeartbeatLoop, Membership
 from taskscheduler.agent.identity import (
     CorruptCredential,
     CorruptIdentity,
@@ -71,6 +74,7 @@ from taskscheduler.agent.taskstore import TaskStore
 from taskscheduler.hardening import make_private_folder
 from taskscheduler.listen import EndpointSyntaxError, advertised_url, is_loopback_url
 from taskscheduler.protocol import TaskSpec
+from taskscheduler.schedule import format_instant, utc_now_from
 from taskscheduler.signing import (
     InstructionVerifier,
     KeyFileError,
@@ -117,6 +121,7 @@ class AgentConfig:
     body_timeout: float = DEFAULT_BODY_TIMEOUT
     #: The user tasks run as (``--run-as``); None: the agent's own.
     run_as: str | None = None
+    heartbeat_interval: float = DEFAULT_HEARTBEAT_INTERVAL
 
 
 class NotEnrolled(Exception):
@@ -177,6 +182,7 @@ class AgentService(Service):
         self.scheduler: Scheduler | None = None
         self.reporter: Reporter | None = None
         self.spool: Spool | None = None
+        self.heartbeat: HeartbeatLoop | None = None
 
     def startService(self) -> None:
         super().startService()
@@ -314,7 +320,27 @@ class AgentService(Service):
             }
 
         verifier = InstructionVerifier(agent_id, self._clock, server_key)
-        self.api = AgentAPI(agent_id, scheduler, task_store, self._clock, counters, verifier)
+        membership = Membership(data_dir / "membership")
+        self.api = AgentAPI(
+            agent_id, scheduler, task_store, self._clock, counters, verifier, membership
+        )
+        started_at = format_instant(utc_now_from(self._clock.seconds()))
+
+        def heartbeat() -> dict[str, Any]:
+            return {
+                "agent_id": str(agent_id),
+                "version": _version(),
+                "hostname": socket.gethostname(),
+                "started_at": started_at,
+                "tasks": len(scheduler.tasks),
+                "running": scheduler.running,
+                "spooled": len(spool),
+                "dropped_results": spool.dropped,
+            }
+
+        self.heartbeat = HeartbeatLoop(
+            client, self._clock, membership, heartbeat, self.config.heartbeat_interval
+        )
         self.scheduler, self.reporter, self.spool = scheduler, reporter, spool
         self._specs = specs
         self._verifier = verifier
@@ -378,6 +404,8 @@ class AgentService(Service):
             self._enroller.start()
         else:
             self.reporter.start()
+            if self.heartbeat is not None:
+                self.heartbeat.start()
         self.log.info(
             "taskscheduler agent {agent_id} resumed {tasks} tasks; {spooled} results to report",
             agent_id=str(self.scheduler.agent_id),
@@ -409,6 +437,8 @@ class AgentService(Service):
             key=key_fingerprint(enrolled.server_key),
         )
         self.reporter.start()
+        if self.heartbeat is not None:
+            self.heartbeat.start()
 
     async def _stop(self) -> None:
         if self._enroller is not None:
@@ -425,6 +455,8 @@ class AgentService(Service):
             await self.scheduler.drain(self.config.shutdown_grace)
         if self.reporter is not None:
             self.reporter.stop()
+        if self.heartbeat is not None:
+            self.heartbeat.stop()
         close = getattr(self._http, "close", None)
         if close is not None and self._http_factory is not None:
             await close()
@@ -433,6 +465,13 @@ class AgentService(Service):
 
     def stopService(self) -> Deferred[None]:
         return Deferred.fromCoroutine(self._stop())
+
+
+def _version() -> str:
+    try:
+        return importlib.metadata.version("taskscheduler")
+    except importlib.metadata.PackageNotFoundError:
+        return "unknown"
 
 
 def _user_name() -> str:

@@ -79,6 +79,7 @@ def makeService(options: Options) -> IService:
             server_url=options["server"],
             spool_max_bytes=options["spool-max-bytes"],
             shutdown_grace=options["shutdown-grace"],
+            heartbeat_interval=options["heartbeat-interval"],
             advertise_url=options["advertise-url"],
             advertise_scheme=options["advertise-scheme"] or "http",
             join_secret=options["join-secret"],

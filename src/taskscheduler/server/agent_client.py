@@ -1,5 +1,6 @@
 """The server's client of one agent's API: schedule (one task or a batch), unschedule,
-run now, list; each request signed for the agent enrolled at the URL, each answer a typed outcome.
+run now, list, leave; each request signed for the agent enrolled at the URL, each answer a typed
+outcome.
 
 An agent is not trusted with the server's memory: every answer is read up to a bound
 (:func:`taskscheduler.httpclient.exchange`) and refused past it, the connection dropped.
@@ -30,6 +31,7 @@ DEFAULT_MAX_ANSWER_BYTES = 1024 * 1024
 
 SCHEDULE_PATH = "/api/v1/tasks/schedule"
 LIST_PATH = "/api/v1/agent/tasks"
+LEAVE_PATH = "/api/v1/agent/leave"
 
 
 @dataclass(frozen=True)
@@ -170,6 +172,13 @@ class AgentClient:
         ).encode("utf-8")
         path = f"/api/v1/tasks/{spec.task_id}/run"
         answered = await self._instruct("POST", path, body, audience)
+        return Accepted(answered.agent_id) if isinstance(answered, _Answered) else answered
+
+    async def leave(self, reason: str, audience: uuid.UUID | None) -> Outcome:
+        """Tell the agent to drop every task: it left the fleet (``removed``) or was
+        ``revoked``."""
+        body = json.dumps({"reason": reason}).encode("utf-8")
+        answered = await self._instruct("POST", LEAVE_PATH, body, audience)
         return Accepted(answered.agent_id) if isinstance(answered, _Answered) else answered
 
     async def list_tasks(

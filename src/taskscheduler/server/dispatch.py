@@ -23,6 +23,10 @@ agent an :class:`AgentLink`:
   that was down when a task was created or deleted hears of it on the first pass after
   it comes back.
 
+The :class:`Dispatcher` keeps one link per member of the fleet, adding and dropping links
+as the fleet changes at run time (:meth:`Dispatcher.fleet_changed`), and tells agents
+that must leave it (:class:`taskscheduler.server.leaves.LeaveSender`).
+
 Every request is signed (:mod:`taskscheduler.signing`) for the agent enrolled at the
 link's URL, the only identity that accepts it; until an agent has enrolled there, the
 link has nobody to send to and backs off.
@@ -63,6 +67,7 @@ from taskscheduler.server.agent_client import (
     Refused,
     TaskList,
 )
+from taskscheduler.server.leaves import LeaveSender
 from taskscheduler.server.store.interface import ManualRun, Store, Task
 from taskscheduler.signing import InstructionSigner
 
@@ -390,7 +395,10 @@ class AgentLink:
 
 
 class Dispatcher(Service):
-    """One :class:`AgentLink` per agent of the fleet."""
+    """One :class:`AgentLink` per member of the fleet, following the fleet as it changes,
+    and the :class:`LeaveSender`."""
+
+    log = Logger()
 
     def __init__(
         self,
@@ -400,18 +408,54 @@ class Dispatcher(Service):
         agent_urls: Sequence[str],
         **link_options: Any,
     ) -> None:
+        self._store = store
+        self._http = http
+        self._clock = clock
+        self._link_options = link_options
         self.links = [AgentLink(url, store, http, clock, **link_options) for url in agent_urls]
+        self.leaves = LeaveSender(store, http, clock, **link_options)
 
     def startService(self) -> None:
         super().startService()
         for link in self.links:
             link.start()
             link.kick()
+        self.leaves.start()
+        # The members stored (AVAILABLE_SERVERS unset, or added at run time) too.
+        d = Deferred.fromCoroutine(self._follow_fleet(remove=False))
+        d.addErrback(self._follow_failed)
 
     def stopService(self) -> None:
         for link in self.links:
             link.stop()
+        self.leaves.stop()
         return super().stopService()
+
+    def fleet_changed(self) -> None:
+        """A member was added or removed, or an agent revoked: follow the stored fleet
+        and tell whoever must leave."""
+        d = Deferred.fromCoroutine(self._follow_fleet(remove=True))
+        d.addErrback(self._follow_failed)
+        self.leaves.kick()
+
+    async def _follow_fleet(self, remove: bool) -> None:
+        members = {m.url for m in await self._store.list_fleet()}
+        if not self.running:
+            return
+        current = {link.url for link in self.links}
+        for url in sorted(members - current):
+            link = AgentLink(url, self._store, self._http, self._clock, **self._link_options)
+            self.links.append(link)
+            link.start()
+            self.log.info("delivering tasks to {url}, new in the fleet", url=url)
+        if remove:
+            for link in [link for link in self.links if link.url not in members]:
+                link.stop()
+                self.links.remove(link)
+                self.log.info("no longer delivering tasks to {url}", url=link.url)
+
+    def _follow_failed(self, failure: Failure) -> None:
+        self.log.failure("could not follow the fleet", failure)
 
     def task_created(self, task: Task) -> None:
         for link in self.links:

@@ -78,7 +78,16 @@ class Options(usage.Options):
             None,
             None,
             "Comma-separated agent base URLs every task runs on [AVAILABLE_SERVERS], "
-            "e.g. http://127.0.0.1:8081,http://127.0.0.1:8082.",
+            "e.g. http://127.0.0.1:8081,http://127.0.0.1:8082. When set, it is the fleet at "
+            "start (members added and removed); unset or empty, the fleet stored in the "
+            "database stands (POST and DELETE /api/v1/fleet change it at run time).",
+        ],
+        [
+            "heartbeat-interval",
+            None,
+            None,
+            "Seconds between the agents' heartbeats; an agent is online if heard from "
+            "within 3 of them [TASKSCHEDULER_HEARTBEAT_INTERVAL] (default: 10).",
         ],
         [
             "report-grace",
@@ -262,6 +271,10 @@ class Options(usage.Options):
         self["data-dir"] = self["data-dir"] or _env("TASKSCHEDULER_DATA_DIR", "taskscheduler-data")
         servers = self["available-servers"] or _env("AVAILABLE_SERVERS", "")
         self["agents"] = parse_agent_urls(servers or "")
+        self["heartbeat-interval"] = _positive_number(
+            self["heartbeat-interval"] or _env("TASKSCHEDULER_HEARTBEAT_INTERVAL", "10"),
+            "heartbeat-interval",
+        )
         self["report-grace"] = _positive_number(
             self["report-grace"] or _env("TASKSCHEDULER_REPORT_GRACE", "30"), "report-grace"
         )

@@ -49,12 +49,14 @@ from taskscheduler.listen import (
 )
 from taskscheduler.redact import redact_dsn
 from taskscheduler.retry import Backoff, OutOfTime, no_jitter, retry_until
+from taskscheduler.schedule import utc_now_from
 from taskscheduler.server.access import ServerAccess
 from taskscheduler.server.api.app import ServerAPI
 from taskscheduler.server.dispatch import Dispatcher
 from taskscheduler.server.options import Options
 from taskscheduler.server.ratelimit import RateLimiter
 from taskscheduler.server.retention import HistoryPruner
+from taskscheduler.server.store.fleet import CONFIG_ACTOR
 from taskscheduler.server.store.interface import StoreUnavailable
 from taskscheduler.server.store.postgres import PostgresStore
 from taskscheduler.services import ListeningPort, StartInOrder, Step
@@ -131,7 +133,10 @@ def server_service(
         log.info("using the database {dsn}", dsn=redact_dsn(dsn))
     agents = options["agents"]
     if not agents:
-        log.warn("AVAILABLE_SERVERS is empty: tasks will be stored but run nowhere")
+        log.info(
+            "AVAILABLE_SERVERS is not set: the fleet stored in the database stands "
+            "(change it with POST and DELETE /api/v1/fleet)"
+        )
     dispatcher = Dispatcher(store, http, reactor, agents, signer=signer)
     access = ServerAccess(
         store,
@@ -155,6 +160,8 @@ def server_service(
         create_limiter=RateLimiter(reactor, options["create-rate"], options["create-burst"]),
         max_output_bytes=options["max-output-bytes"],
         clock_allowance=timedelta(seconds=options["clock-allowance"]),
+        on_fleet_changed=dispatcher.fleet_changed,
+        heartbeat_interval=options["heartbeat-interval"],
     )
     hosts = host_policy_for(options["host-policy"], tokens is not None and len(tokens) > 0)
     site = make_site(
@@ -199,7 +206,7 @@ def server_service(
             "taskscheduler server listening on {listen} ({where}) with {count} agents",
             listen=options["listen"],
             where="loopback only" if is_loopback_address(port.port.getHost()) else "network",
-            count=len(agents),
+            count=len(dispatcher.links),
         )
 
     tree = StartInOrder("taskscheduler server", on_fatal, OPERATOR_ERRORS)
@@ -271,7 +278,9 @@ def database_dsn(options: Options) -> str | None:
 class DatabaseConnection(Service):
     """The store's connection: the embedded PostgreSQL first (when there is one), then the
     store connected, waiting up to ``wait`` seconds for the database to answer, migrated,
-    and told the fleet. Stopping closes the store, then lets go of the embedded server."""
+    and told the fleet when AVAILABLE_SERVERS is set (it is then authoritative: members
+    added and removed, audited as its own; unset or empty, the stored fleet stands).
+    Stopping closes the store, then lets go of the embedded server."""
 
     log = Logger()
 
@@ -299,7 +308,15 @@ class DatabaseConnection(Service):
             self.log.info("embedded PostgreSQL is up in {path}", path=self._embedded.data_dir)
             self._store.use_dsn(dsn)
         await connect_with_wait(self._store, self._clock, self._wait, self.log)
-        await self._store.set_fleet(self._fleet)
+        if not self._fleet:
+            return
+        added, removed = await self._store.set_fleet(
+            self._fleet, utc_now_from(self._clock.seconds()), CONFIG_ACTOR
+        )
+        for url in added:
+            self.log.info("AVAILABLE_SERVERS added {url} to the fleet", url=url)
+        for url in removed:
+            self.log.info("AVAILABLE_SERVERS removed {url} from the fleet", url=url)
 
     def stopService(self) -> Deferred[None]:  # type: ignore[override]
         super().stopService()

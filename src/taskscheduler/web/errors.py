@@ -188,6 +188,10 @@ TOO_EARLY = ErrorKind(
 )
 UNKNOWN_AGENT = ErrorKind(http.NOT_FOUND, "unknown_agent", "no agent has this id")
 UNKNOWN_LIVE_AGENT = ErrorKind(http.NOT_FOUND, "unknown_agent", "no live agent has this id")
+NOT_IN_FLEET = ErrorKind(http.NOT_FOUND, "not_in_fleet", "this URL is not in the fleet")
+INVALID_URL = ErrorKind(
+    http.BAD_REQUEST, "invalid_url", "'url' must be an agent's base URL, like http://host:8081"
+)
 #: What the store's ``AgentConflict`` codes answer, by code.
 AGENT_CONFLICTS = {
     kind.code: kind

@@ -10,7 +10,8 @@ from taskscheduler import protocol
 from taskscheduler.auth import AGENT_PREFIX, hash_token, new_token
 from taskscheduler.protocol import InvalidMessage
 from taskscheduler.server.access import principal_of
-from taskscheduler.server.api.base import Routes, routes
+from taskscheduler.server.api.base import routes
+from taskscheduler.server.api.fleet import FleetRoutes
 from taskscheduler.server.api.views import agent_json
 from taskscheduler.server.store.interface import AgentConflict
 from taskscheduler.web.errors import (
@@ -24,7 +25,7 @@ from taskscheduler.web.requests import peer_address, read_json
 from taskscheduler.web.responses import json_response
 
 
-class AgentRoutes(Routes):
+class AgentRoutes(FleetRoutes):
     """Enrolment and the operators' view of the fleet."""
 
     @routes.route("/api/v1/agents/enrol", methods=["POST"])
@@ -73,6 +74,7 @@ class AgentRoutes(Routes):
             name=principal.name,
         )
         self._on_agent_enrolled(record)
+        self.warn_if_outside(record, url in await self._fleet_urls(), "enrolment")
         return json_response(
             request,
             {
@@ -86,7 +88,8 @@ class AgentRoutes(Routes):
     @routes.route("/api/v1/agents", methods=["GET"])
     async def list_agents(self, request: IRequest) -> bytes:
         agents = await self._store.list_agents()
-        return json_response(request, {"agents": [agent_json(a) for a in agents]})
+        fleet = await self._fleet_urls()
+        return json_response(request, {"agents": [self.agent_view(a, fleet) for a in agents]})
 
     @routes.route("/api/v1/agents/<agent_id>", methods=["DELETE"])
     async def revoke_agent(self, request: IRequest, agent_id: str) -> bytes:
@@ -102,12 +105,13 @@ class AgentRoutes(Routes):
         if record is None:
             raise UNKNOWN_LIVE_AGENT()
         self.log.info(
-            "{actor} revoked agent {agent_id} at {url}",
+            "{actor} revoked agent {agent_id} at {url}; telling it to drop its tasks",
             actor=principal.actor,
             agent_id=str(parsed),
             url=record.url,
         )
-        return json_response(request, agent_json(record))
+        self._on_fleet_changed()
+        return json_response(request, self.agent_view(record, await self._fleet_urls()))
 
     @routes.route("/api/v1/agents/<agent_id>/release-url", methods=["POST"])
     async def release_agent_url(self, request: IRequest, agent_id: str) -> bytes:

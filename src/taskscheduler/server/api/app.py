@@ -24,6 +24,7 @@ from taskscheduler.server.access import ServerAccess
 from taskscheduler.server.api.agents import AgentRoutes
 from taskscheduler.server.api.audit import AuditRoutes
 from taskscheduler.server.api.base import routes
+from taskscheduler.server.api.fleet import DEFAULT_HEARTBEAT_INTERVAL, FleetRoutes
 from taskscheduler.server.api.results import ResultRoutes
 from taskscheduler.server.api.tasks import TaskRoutes
 from taskscheduler.server.ratelimit import RateLimiter
@@ -53,7 +54,7 @@ SERVER_ERRORS: dict[type[Exception], DomainError] = {
 }
 
 
-class ServerAPI(TaskRoutes, ResultRoutes, AgentRoutes, AuditRoutes):
+class ServerAPI(TaskRoutes, ResultRoutes, AgentRoutes, FleetRoutes, AuditRoutes):
     """The HTTP API of ``twistd taskscheduler-server``."""
 
     #: Who may call each route (by endpoint name). A route missing here is refused.
@@ -70,6 +71,11 @@ class ServerAPI(TaskRoutes, ResultRoutes, AgentRoutes, AuditRoutes):
         "latest_output": Access.OPERATOR,
         "executions": Access.OPERATOR,
         "list_agents": Access.OPERATOR,
+        "get_agent": Access.OPERATOR,
+        "list_fleet": Access.OPERATOR,
+        "add_fleet_member": Access.OPERATOR,
+        "remove_fleet_member": Access.OPERATOR,
+        "heartbeat": Access.AGENT,
         "revoke_agent": Access.OPERATOR,
         "release_agent_url": Access.OPERATOR,
         "audit": Access.OPERATOR,
@@ -94,6 +100,8 @@ class ServerAPI(TaskRoutes, ResultRoutes, AgentRoutes, AuditRoutes):
         max_output_bytes: int = DEFAULT_MAX_OUTPUT_BYTES,
         clock_allowance: timedelta = protocol.CLOCK_ALLOWANCE,
         on_task_changed: Callable[[Task], None] = lambda task: None,
+        on_fleet_changed: Callable[[], None] = lambda: None,
+        heartbeat_interval: float = DEFAULT_HEARTBEAT_INTERVAL,
     ) -> None:
         self._store = store
         self._clock = clock
@@ -107,6 +115,9 @@ class ServerAPI(TaskRoutes, ResultRoutes, AgentRoutes, AuditRoutes):
         self._on_task_changed = on_task_changed
         self._max_output_bytes = max_output_bytes
         self._clock_allowance = clock_allowance
+        self._on_fleet_changed = on_fleet_changed
+        self._heartbeat_interval = heartbeat_interval
+        self._in_fleet_seen = {}
         self._assignments: set[tuple[str, uuid.UUID]] = set()
         # Per operator token: one client's burst must not hold back everyone's tasks.
         self._create_limiter = create_limiter or RateLimiter(clock)

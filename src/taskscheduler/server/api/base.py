@@ -37,6 +37,7 @@ class Routes:
     _on_task_deleted: Callable[[Task], None]
     _on_task_changed: Callable[[Task], None]
     _on_agent_enrolled: Callable[[AgentRecord], None]
+    _on_fleet_changed: Callable[[], None]
     _report_grace: timedelta
     _server_public_key: str
     _max_output_bytes: int

@@ -19,9 +19,11 @@ from taskscheduler.protocol import InvalidMessage, TaskSpec
 from taskscheduler.schedule import InstantOutOfRange, format_instant, parse_instant
 from taskscheduler.server.access import principal_of
 from taskscheduler.server.api.base import Routes, routes
+from taskscheduler.server.api.fleet import missing_agents_json
 from taskscheduler.server.api.views import execution_json, latest_output_json, task_json
 from taskscheduler.server.ratelimit import retry_after
 from taskscheduler.server.store.interface import (
+    AgentRecord,
     Execution,
     ExecutionSummary,
     Task,
@@ -302,6 +304,14 @@ class TaskRoutes(Routes):
             report_grace=self._report_grace,
         )
 
+    def _execution_view(
+        self, task: Task, execution: Execution, now: datetime, agents: list[AgentRecord]
+    ) -> dict[str, Any]:
+        """One execution as history and ``/executions/{scheduled_at}`` show it."""
+        body = execution_json(execution, self._complete(task, execution, now))
+        body["missing_agents"] = missing_agents_json(execution, agents)
+        return body
+
     def _complete(self, task: Task, execution: Execution, now: datetime) -> bool:
         return is_complete(
             execution.scheduled_at,
@@ -332,7 +342,10 @@ class TaskRoutes(Routes):
         execution = await self._store.latest_complete_execution(
             path_task_id(task_id), self._now(), self._report_grace
         )
-        return json_response(request, latest_output_json(execution))
+        body = latest_output_json(execution)
+        if execution is not None:
+            body["missing_agents"] = missing_agents_json(execution, await self._store.list_agents())
+        return json_response(request, body)
 
     @routes.route("/api/v1/tasks/<task_id>/executions", methods=["GET"])
     async def executions(self, request: IRequest, task_id: str) -> bytes:
@@ -344,12 +357,13 @@ class TaskRoutes(Routes):
         if task is None:
             raise UnknownTask(task_id)
         page = await self._store.list_executions(parsed_id, limit, before)
+        agents = await self._store.list_agents() if page else []
         now = self._now()
         return json_response(
             request,
             {
                 "task_id": str(parsed_id),
-                "executions": [execution_json(e, self._complete(task, e, now)) for e in page],
+                "executions": [self._execution_view(task, e, now, agents) for e in page],
                 # Pass as ?before= for the next page; null on the last one.
                 "next_before": (
                     format_instant(page[-1].scheduled_at) if len(page) == limit else None
@@ -371,6 +385,7 @@ class TaskRoutes(Routes):
         execution = await self._store.get_execution(parsed_id, at)
         if execution is None:
             raise UNKNOWN_EXECUTION()
+        agents = await self._store.list_agents()
         body = {"task_id": str(parsed_id)}
-        body.update(execution_json(execution, self._complete(task, execution, self._now())))
+        body.update(self._execution_view(task, execution, self._now(), agents))
         return json_response(request, body)

@@ -14,7 +14,12 @@ from typing import Any
 import psycopg2.errors
 
 from taskscheduler.server.store.audit import insert_audit
-from taskscheduler.server.store.interface import AgentConflict, AgentRecord, AuditEvent
+from taskscheduler.server.store.interface import (
+    AgentConflict,
+    AgentRecord,
+    AuditEvent,
+    Heartbeat,
+)
 from taskscheduler.server.store.pool import Cursor, Database
 from taskscheduler.server.store.rules import (
     enrolment_conflict,
@@ -23,17 +28,34 @@ from taskscheduler.server.store.rules import (
     utc_or_none,
 )
 
-_AGENT_COLUMNS = "agent_id, url, enrolled_at, revoked_at, url_released_at"
+_AGENT_COLUMNS = (
+    "agent_id, url, enrolled_at, revoked_at, url_released_at, last_seen_at,"
+    " version, hostname, started_at, tasks, running, spooled, dropped_results"
+)
 
 
 def _agent_from_row(row: Sequence[Any]) -> AgentRecord:
-    agent_id, url, enrolled_at, revoked_at, url_released_at = row
+    agent_id, url, enrolled_at, revoked_at, url_released_at, last_seen_at = row[:6]
+    version, hostname, started_at, tasks, running, spooled, dropped = row[6:]
+    heartbeat = None
+    if last_seen_at is not None:
+        heartbeat = Heartbeat(
+            version or "",
+            hostname or "",
+            utc_or_none(started_at),
+            tasks or 0,
+            running or 0,
+            spooled or 0,
+            dropped or 0,
+        )
     return AgentRecord(
         uuid.UUID(str(agent_id)),
         url,
         utc(enrolled_at),
         utc_or_none(revoked_at),
         utc_or_none(url_released_at),
+        utc_or_none(last_seen_at),
+        heartbeat,
     )
 
 
@@ -117,10 +139,54 @@ class Agents:
             row = cursor.fetchone()
             if row is None:
                 return None
+            await cursor.execute(
+                """
+                INSERT INTO agent_leaves (agent_id, agent_url, reason, requested_at)
+                VALUES (%(agent_id)s::uuid, %(url)s, 'revoked', %(at)s)
+                ON CONFLICT (agent_id) DO UPDATE SET reason = 'revoked', requested_at = %(at)s
+                """,
+                {"agent_id": str(agent_id), "url": row[1], "at": revoked_at},
+            )
             await insert_audit(cursor, audit)
             return _agent_from_row(row)
 
         return await self._db.run(operation)
+
+    async def get_agent(self, agent_id: uuid.UUID) -> AgentRecord | None:
+        async def operation(cursor: Cursor) -> AgentRecord | None:
+            await cursor.execute(
+                f"SELECT {_AGENT_COLUMNS} FROM agents WHERE agent_id = %s::uuid", (str(agent_id),)
+            )
+            row = cursor.fetchone()
+            return None if row is None else _agent_from_row(row)
+
+        return await self._db.run(operation, transaction=False)
+
+    async def record_heartbeat(
+        self, agent_id: uuid.UUID, seen_at: datetime, heartbeat: Heartbeat
+    ) -> None:
+        async def operation(cursor: Cursor) -> None:
+            await cursor.execute(
+                """
+                UPDATE agents SET last_seen_at = %s, version = %s, hostname = %s,
+                    started_at = %s, tasks = %s, running = %s, spooled = %s,
+                    dropped_results = %s
+                WHERE agent_id = %s::uuid
+                """,
+                (
+                    seen_at,
+                    heartbeat.version,
+                    heartbeat.hostname,
+                    heartbeat.started_at,
+                    heartbeat.tasks,
+                    heartbeat.running,
+                    heartbeat.spooled,
+                    heartbeat.dropped_results,
+                    str(agent_id),
+                ),
+            )
+
+        await self._db.run(operation, transaction=False)
 
     async def release_agent_url(
         self, agent_id: uuid.UUID, released_at: datetime, audit: AuditEvent

@@ -39,6 +39,19 @@ class AgentConflict(Exception):
 
 
 @dataclass(frozen=True)
+class Heartbeat:
+    """What an agent said of itself in its last heartbeat."""
+
+    version: str
+    hostname: str
+    started_at: datetime | None
+    tasks: int
+    running: int
+    spooled: int
+    dropped_results: int
+
+
+@dataclass(frozen=True)
 class AgentRecord:
     """An enrolled agent. Its credential is known only by its hash, which is not here."""
 
@@ -48,10 +61,31 @@ class AgentRecord:
     revoked_at: datetime | None = None
     #: When an operator let another agent enrol at this revoked agent's URL.
     url_released_at: datetime | None = None
+    #: When its last heartbeat came, and what it said (None: none yet).
+    last_seen_at: datetime | None = None
+    heartbeat: Heartbeat | None = None
 
     @property
     def revoked(self) -> bool:
         return self.revoked_at is not None
+
+
+@dataclass(frozen=True)
+class FleetMember:
+    """An agent URL every active task runs on."""
+
+    url: str
+    added_at: datetime
+
+
+@dataclass(frozen=True)
+class Leave:
+    """An agent told to drop all its tasks (``reason``: removed or revoked) that has not
+    yet confirmed it did."""
+
+    agent_id: uuid.UUID
+    url: str
+    reason: str
 
 
 @dataclass(frozen=True)
@@ -123,6 +157,9 @@ class Execution:
     results: tuple[RunResult, ...]  # ordered by agent_id
     trigger: Trigger = Trigger.SCHEDULE
     revision: int = 1  # the task revision it ran
+    #: The URLs of the agents expected, as assigned when the execution was created (None:
+    #: recorded before the server kept them).
+    expected_urls: tuple[str, ...] | None = None
 
     @property
     def completion_time(self) -> datetime:
@@ -170,12 +207,39 @@ class Store(Protocol):
     async def stop(self) -> None:
         """Close connections."""
 
-    async def set_fleet(self, agent_urls: Sequence[str]) -> None:
-        """Make ``agent_urls`` the agents every task runs on.
+    async def set_fleet(
+        self, agent_urls: Sequence[str], at: datetime | None = None, actor: str = ""
+    ) -> tuple[list[str], list[str]]:
+        """Make ``agent_urls`` the agents every task runs on; (added, removed) URLs.
 
         Every existing task is assigned (undelivered) to agents new to the list; agents no
-        longer in the list lose their assignments. Idempotent.
+        longer in the list lose their assignments, and the live agent enrolled at each is
+        due to leave (:meth:`pending_leaves`, reason ``removed``). With ``actor``, each URL
+        added or removed is audited (``fleet.added``/``fleet.removed``) at ``at``.
+        Idempotent.
         """
+
+    async def list_fleet(self) -> list[FleetMember]:
+        """The fleet, in the order its members were added."""
+
+    async def add_fleet_member(
+        self, url: str, added_at: datetime, audit: AuditEvent
+    ) -> tuple[FleetMember, bool]:
+        """Add ``url`` to the fleet (True) or find it there (False, nothing written).
+
+        Every live task is assigned (undelivered) to it, a leave still pending for it with
+        reason ``removed`` is called off, and ``audit`` is written, in one transaction.
+        """
+
+    async def remove_fleet_member(self, url: str, audit: AuditEvent) -> FleetMember | None:
+        """Take ``url`` out of the fleet: its assignments go, the live agent enrolled at it
+        is due to leave (reason ``removed``), ``audit`` is written; None if not a member."""
+
+    async def pending_leaves(self, limit: int) -> list[Leave]:
+        """Agents told to leave that have not confirmed it yet, oldest first."""
+
+    async def mark_left(self, agent_id: uuid.UUID, reason: str) -> None:
+        """The agent confirmed it dropped its tasks for ``reason``."""
 
     async def create_task(
         self, spec: TaskSpec, created_at: datetime, audit: AuditEvent | None = None
@@ -360,11 +424,22 @@ class Store(Protocol):
     async def agent_for_url(self, url: str) -> AgentRecord | None:
         """The live agent enrolled at ``url``."""
 
+    async def get_agent(self, agent_id: uuid.UUID) -> AgentRecord | None:
+        """The agent (live or revoked) with this id."""
+
+    async def record_heartbeat(
+        self, agent_id: uuid.UUID, seen_at: datetime, heartbeat: Heartbeat
+    ) -> None:
+        """The agent sent ``heartbeat`` at ``seen_at``."""
+
     async def revoke_agent(
         self, agent_id: uuid.UUID, revoked_at: datetime, audit: AuditEvent
     ) -> AgentRecord | None:
-        """Revoke a live agent, writing ``audit`` in the same transaction; None if there is
-        no live agent with this id."""
+        """Revoke a live agent, writing ``audit`` in the same transaction, and make it due
+        to leave (reason ``revoked``); None if there is no live agent with this id.
+
+        A revoked agent no longer counts in the ``expected`` of new executions
+        (:func:`~taskscheduler.server.store.fleet.expected_urls`)."""
 
     async def release_agent_url(
         self, agent_id: uuid.UUID, released_at: datetime, audit: AuditEvent

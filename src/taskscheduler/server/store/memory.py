@@ -19,12 +19,16 @@ from dataclasses import dataclass, field, replace
 from datetime import datetime, timedelta
 
 from taskscheduler.protocol import RunResult, TaskSpec, Trigger
+from taskscheduler.server.store.fleet import expected_urls, fleet_audit, now_utc
 from taskscheduler.server.store.interface import (
     AgentConflict,
     AgentRecord,
     AuditEvent,
     Execution,
     ExecutionSummary,
+    FleetMember,
+    Heartbeat,
+    Leave,
     ManualRun,
     RecordOutcome,
     Task,
@@ -60,19 +64,24 @@ class _Assignment:
 
 @dataclass
 class _Execution:
-    expected: int
+    expected_urls: tuple[str, ...]
     trigger: Trigger = Trigger.SCHEDULE
     revision: int = 1
     results: dict[uuid.UUID, RunResult] = field(default_factory=dict)
+
+    @property
+    def expected(self) -> int:
+        return len(self.expected_urls)
 
     def as_execution(self, task_id: uuid.UUID, scheduled_at: datetime) -> Execution:
         return Execution(
             task_id=task_id,
             scheduled_at=scheduled_at,
-            expected=self.expected,
+            expected=len(self.expected_urls),
             results=tuple(self.results[a] for a in sorted(self.results)),
             trigger=self.trigger,
             revision=self.revision,
+            expected_urls=self.expected_urls,
         )
 
 
@@ -87,7 +96,9 @@ class MemoryStore:
     """The whole Store contract, in dictionaries."""
 
     def __init__(self) -> None:
-        self._fleet: list[str] = []
+        self._fleet: dict[str, FleetMember] = {}
+        # agent_id -> the leave it has yet to confirm
+        self._leaves: dict[uuid.UUID, Leave] = {}
         self._tasks: dict[uuid.UUID, Task] = {}
         # task_id -> agent_url -> delivery state
         self._assignments: dict[uuid.UUID, dict[str, _Assignment]] = {}
@@ -121,17 +132,76 @@ class MemoryStore:
     async def stop(self) -> None:
         pass
 
-    async def set_fleet(self, agent_urls: Sequence[str]) -> None:
-        fleet = list(dict.fromkeys(agent_urls))
+    async def set_fleet(
+        self, agent_urls: Sequence[str], at: datetime | None = None, actor: str = ""
+    ) -> tuple[list[str], list[str]]:
+        urls = list(dict.fromkeys(agent_urls))
+        when = utc(at or now_utc())
+        removed = sorted(set(self._fleet) - set(urls))
+        added = [url for url in urls if url not in self._fleet]
+        for url in removed:
+            self._remove(url, when)
+            if actor:
+                self._append_audit(fleet_audit("fleet.removed", url, when, actor))
+        for url in added:
+            self._add(url, when)
+            if actor:
+                self._append_audit(fleet_audit("fleet.added", url, when, actor))
+        for url in self._fleet:
+            self._assign_live_tasks(url)
+        return added, removed
+
+    def _assign_live_tasks(self, url: str) -> None:
         for task_id, assignments in self._assignments.items():
-            for url in list(assignments):
-                if url not in fleet:
-                    del assignments[url]
-            if self._tasks[task_id].deleted:
-                continue  # a deleted task is never assigned again
-            for url in fleet:
+            if not self._tasks[task_id].deleted:  # a deleted task is never assigned again
                 assignments.setdefault(url, _Assignment())
-        self._fleet = fleet
+
+    def _add(self, url: str, at: datetime) -> FleetMember | None:
+        if url in self._fleet:
+            return None
+        member = self._fleet[url] = FleetMember(url, at)
+        self._assign_live_tasks(url)
+        for agent_id, leave in list(self._leaves.items()):
+            if leave.url == url and leave.reason == "removed":
+                del self._leaves[agent_id]
+        return member
+
+    def _remove(self, url: str, at: datetime) -> FleetMember | None:
+        member = self._fleet.pop(url, None)
+        if member is None:
+            return None
+        for assignments in self._assignments.values():
+            assignments.pop(url, None)
+        live = next((a for a in self._agents.values() if a.url == url and not a.revoked), None)
+        if live is not None:
+            self._leaves.setdefault(live.agent_id, Leave(live.agent_id, url, "removed"))
+        return member
+
+    async def list_fleet(self) -> list[FleetMember]:
+        return sorted(self._fleet.values(), key=lambda m: (m.added_at, m.url))
+
+    async def add_fleet_member(
+        self, url: str, added_at: datetime, audit: AuditEvent
+    ) -> tuple[FleetMember, bool]:
+        member = self._add(url, utc(added_at))
+        if member is None:
+            return self._fleet[url], False
+        self._append_audit(audit)
+        return member, True
+
+    async def remove_fleet_member(self, url: str, audit: AuditEvent) -> FleetMember | None:
+        member = self._remove(url, utc(audit.at))
+        if member is not None:
+            self._append_audit(audit)
+        return member
+
+    async def pending_leaves(self, limit: int) -> list[Leave]:
+        return list(self._leaves.values())[:limit]
+
+    async def mark_left(self, agent_id: uuid.UUID, reason: str) -> None:
+        leave = self._leaves.get(agent_id)
+        if leave is not None and leave.reason == reason:
+            del self._leaves[agent_id]
 
     async def create_task(
         self, spec: TaskSpec, created_at: datetime, audit: AuditEvent | None = None
@@ -255,8 +325,8 @@ class MemoryStore:
         at = utc(scheduled_at)
         if at in self._executions[task_id]:
             raise ValueError(f"task {task_id} already has an execution at {at}")
-        urls = list(self._assignments[task_id])
-        execution = _Execution(len(urls), Trigger.MANUAL, task.spec.revision)
+        urls = expected_urls(self._assignments[task_id], self._agents.values())
+        execution = _Execution(urls, Trigger.MANUAL, task.spec.revision)
         self._executions[task_id][at] = execution
         deadline = manual_run_deadline(at, task.spec.frequency.interval)
         for url in urls:
@@ -339,7 +409,8 @@ class MemoryStore:
             if execution is not None and execution.trigger is Trigger.MANUAL:
                 return RecordOutcome.MISALIGNED  # (a run-now is never on the grid)
         if execution is None:
-            execution = _Execution(len(self._assignments[result.task_id]), revision=revision)
+            expected = expected_urls(self._assignments[result.task_id], self._agents.values())
+            execution = _Execution(expected, revision=revision)
             executions[result.scheduled_at] = execution
         stored = execution.results.get(result.agent_id)
         if stored is not None:
@@ -511,10 +582,24 @@ class MemoryStore:
         record = self._agents.get(agent_id)
         if record is None or record.revoked:
             return None
-        revoked = AgentRecord(record.agent_id, record.url, record.enrolled_at, utc(revoked_at))
+        revoked = replace(record, revoked_at=utc(revoked_at))
         self._agents[agent_id] = revoked
+        self._leaves.pop(agent_id, None)  # the newest reason, last in line
+        self._leaves[agent_id] = Leave(agent_id, record.url, "revoked")
         self._append_audit(audit)
         return revoked
+
+    async def get_agent(self, agent_id: uuid.UUID) -> AgentRecord | None:
+        return self._agents.get(agent_id)
+
+    async def record_heartbeat(
+        self, agent_id: uuid.UUID, seen_at: datetime, heartbeat: Heartbeat
+    ) -> None:
+        record = self._agents.get(agent_id)
+        if record is not None:
+            started = heartbeat.started_at
+            heartbeat = replace(heartbeat, started_at=None if started is None else utc(started))
+            self._agents[agent_id] = replace(record, last_seen_at=utc(seen_at), heartbeat=heartbeat)
 
     async def release_agent_url(
         self, agent_id: uuid.UUID, released_at: datetime, audit: AuditEvent

@@ -190,6 +190,28 @@ MIGRATIONS: list[str] = [
     CREATE INDEX manual_runs_pending ON manual_runs (agent_url, scheduled_at)
         WHERE delivered_at IS NULL;
     """,
+    # 8: the fleet at run time and agents' heartbeats. A member's added_at; what each
+    # agent said in its last heartbeat; the agents told to leave (their URL left the
+    # fleet, or they were revoked) until they confirm; the URLs each execution expects.
+    """
+    ALTER TABLE fleet ADD COLUMN added_at timestamptz NOT NULL DEFAULT now();
+    ALTER TABLE agents
+        ADD COLUMN last_seen_at timestamptz,
+        ADD COLUMN version text,
+        ADD COLUMN hostname text,
+        ADD COLUMN started_at timestamptz,
+        ADD COLUMN tasks integer,
+        ADD COLUMN running integer,
+        ADD COLUMN spooled integer,
+        ADD COLUMN dropped_results integer;
+    CREATE TABLE agent_leaves (
+        agent_id uuid PRIMARY KEY REFERENCES agents,
+        agent_url text NOT NULL,
+        reason text NOT NULL,                  -- 'removed' or 'revoked'
+        requested_at timestamptz NOT NULL
+    );
+    ALTER TABLE executions ADD COLUMN expected_urls text[];
+    """,
 ]
 
 

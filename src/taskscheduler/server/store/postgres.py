@@ -18,11 +18,15 @@ from taskscheduler.protocol import RunResult, TaskSpec
 from taskscheduler.server.store.agents import Agents
 from taskscheduler.server.store.audit import Audit
 from taskscheduler.server.store.deliveries import Deliveries
+from taskscheduler.server.store.fleet import Fleet
 from taskscheduler.server.store.interface import (
     AgentRecord,
     AuditEvent,
     Execution,
     ExecutionSummary,
+    FleetMember,
+    Heartbeat,
+    Leave,
     ManualRun,
     RecordOutcome,
     Task,
@@ -70,6 +74,7 @@ class PostgresStore:
         self.deliveries = Deliveries(self.db)
         self.results = Results(self.db)
         self.agents = Agents(self.db)
+        self.fleet = Fleet(self.db)
         self.audit = Audit(self.db)
 
     # -- lifecycle ----------------------------------------------------------------------
@@ -88,8 +93,27 @@ class PostgresStore:
 
     # -- tasks and the fleet ------------------------------------------------------------
 
-    async def set_fleet(self, agent_urls: Sequence[str]) -> None:
-        await self.tasks.set_fleet(agent_urls)
+    async def set_fleet(
+        self, agent_urls: Sequence[str], at: datetime | None = None, actor: str = ""
+    ) -> tuple[list[str], list[str]]:
+        return await self.fleet.set_fleet(agent_urls, at, actor)
+
+    async def list_fleet(self) -> list[FleetMember]:
+        return await self.fleet.list_fleet()
+
+    async def add_fleet_member(
+        self, url: str, added_at: datetime, audit: AuditEvent
+    ) -> tuple[FleetMember, bool]:
+        return await self.fleet.add_fleet_member(url, added_at, audit)
+
+    async def remove_fleet_member(self, url: str, audit: AuditEvent) -> FleetMember | None:
+        return await self.fleet.remove_fleet_member(url, audit)
+
+    async def pending_leaves(self, limit: int) -> list[Leave]:
+        return await self.fleet.pending_leaves(limit)
+
+    async def mark_left(self, agent_id: uuid.UUID, reason: str) -> None:
+        await self.fleet.mark_left(agent_id, reason)
 
     async def create_task(
         self, spec: TaskSpec, created_at: datetime, audit: AuditEvent | None = None
@@ -222,6 +246,14 @@ class PostgresStore:
 
     async def agent_for_url(self, url: str) -> AgentRecord | None:
         return await self.agents.agent_for_url(url)
+
+    async def get_agent(self, agent_id: uuid.UUID) -> AgentRecord | None:
+        return await self.agents.get_agent(agent_id)
+
+    async def record_heartbeat(
+        self, agent_id: uuid.UUID, seen_at: datetime, heartbeat: Heartbeat
+    ) -> None:
+        await self.agents.record_heartbeat(agent_id, seen_at, heartbeat)
 
     async def revoke_agent(
         self, agent_id: uuid.UUID, revoked_at: datetime, audit: AuditEvent

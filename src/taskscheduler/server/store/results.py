@@ -19,6 +19,7 @@ import psycopg2.errors
 
 from taskscheduler.protocol import Output, ResultStatus, RunResult, Trigger
 from taskscheduler.server.store.audit import insert_audit
+from taskscheduler.server.store.fleet import EXPECTED_URLS_SQL
 from taskscheduler.server.store.interface import (
     AuditEvent,
     Execution,
@@ -46,15 +47,17 @@ from taskscheduler.server.store.rules import (
 #: its reporting deadline, :func:`rules.completion_cutoff`), so the cost does not grow
 #: with the task's history. No row: unknown task.
 LATEST_EXECUTION_SQL = """
-SELECT t.time_limit_us, e.scheduled_at, e.expected, e.trigger, e.revision
+SELECT t.time_limit_us, e.scheduled_at, e.expected, e.trigger, e.revision, e.expected_urls
 FROM tasks t
 LEFT JOIN LATERAL (
-    SELECT c.scheduled_at, c.expected, c.trigger, c.revision FROM (
-        (SELECT x.scheduled_at, x.expected, x.trigger, x.revision FROM executions x
+    SELECT c.scheduled_at, c.expected, c.trigger, c.revision, c.expected_urls FROM (
+        (SELECT x.scheduled_at, x.expected, x.trigger, x.revision, x.expected_urls
+         FROM executions x
          WHERE x.task_id = t.task_id AND x.completed_at IS NOT NULL
          ORDER BY x.scheduled_at DESC LIMIT 1)
         UNION ALL
-        (SELECT x.scheduled_at, x.expected, x.trigger, x.revision FROM executions x
+        (SELECT x.scheduled_at, x.expected, x.trigger, x.revision, x.expected_urls
+         FROM executions x
          WHERE x.task_id = t.task_id
            AND x.scheduled_at < %(now)s::timestamptz
                                 - t.time_limit_us * interval '1 microsecond'
@@ -84,13 +87,13 @@ ORDER BY agent_id
 #: of the results inserted; the others were already stored, or are of instants after
 #: their task's deletion (:func:`rules.after_deletion`: neither an execution nor a result
 #: is made for those). An execution is marked complete once it has every result it
-#: expects (:func:`rules.reported_enough`).
-RECORD_SQL = """
-INSERT INTO executions (task_id, scheduled_at, expected, revision)
-SELECT v.task_id, v.scheduled_at,
-       (SELECT count(*) FROM task_agents a WHERE a.task_id = v.task_id), v.revision
+#: expects (:func:`rules.reported_enough`); the agents expected are :func:`fleet.expected_urls`.
+RECORD_SQL = f"""
+INSERT INTO executions (task_id, scheduled_at, expected, expected_urls, revision)
+SELECT v.task_id, v.scheduled_at, cardinality(x.urls), x.urls, v.revision
 FROM unnest(%(e_task)s::uuid[], %(e_at)s::timestamptz[], %(e_revision)s::integer[])
      AS v (task_id, scheduled_at, revision)
+CROSS JOIN LATERAL (SELECT {EXPECTED_URLS_SQL} AS urls) x
 WHERE NOT EXISTS (SELECT 1 FROM tasks t
                   WHERE t.task_id = v.task_id AND t.deleted_at < v.scheduled_at)
 ON CONFLICT DO NOTHING;
@@ -140,7 +143,7 @@ SELECT task_id, agent_id, scheduled_at FROM inserted
 
 #: A page of a task's history, newest first, from the primary key.
 LIST_EXECUTIONS_SQL = """
-SELECT scheduled_at, expected, trigger, revision FROM executions
+SELECT scheduled_at, expected, trigger, revision, expected_urls FROM executions
 WHERE task_id = %(task_id)s::uuid
   AND (%(before)s::timestamptz IS NULL OR scheduled_at < %(before)s)
 ORDER BY scheduled_at DESC
@@ -430,7 +433,7 @@ class Results:
             row = cursor.fetchone()
             if row is None:
                 raise UnknownTask(str(task_id))
-            _, scheduled_at, expected, trigger, revision = row
+            _, scheduled_at, expected, trigger, revision, urls = row
             if scheduled_at is None:
                 return None
             await cursor.execute(
@@ -446,6 +449,7 @@ class Results:
                 ),
                 trigger=Trigger(trigger),
                 revision=revision,
+                expected_urls=None if urls is None else tuple(urls),
             )
 
         return await self._db.run(operation, transaction=False)
@@ -473,7 +477,7 @@ class Results:
             for row in cursor.fetchall():
                 by_instant.setdefault(row[0], []).append(row[1:])
             executions = []
-            for scheduled_at, expected, trigger, revision in page:
+            for scheduled_at, expected, trigger, revision, urls in page:
                 at = utc(scheduled_at)
                 executions.append(
                     Execution(
@@ -486,6 +490,7 @@ class Results:
                         ),
                         trigger=Trigger(trigger),
                         revision=revision,
+                        expected_urls=None if urls is None else tuple(urls),
                     )
                 )
             return executions
@@ -568,28 +573,38 @@ class Results:
             revision, interval = row
             deadline = manual_run_deadline(at, timedelta(seconds=interval))
             await cursor.execute(
-                """
-                INSERT INTO executions (task_id, scheduled_at, expected, completed_at,
-                                        trigger, revision)
-                SELECT %(task_id)s::uuid, %(at)s, count(*),
-                       CASE WHEN count(*) = 0 THEN %(at)s::timestamptz END,
+                f"""
+                INSERT INTO executions (task_id, scheduled_at, expected, expected_urls,
+                                        completed_at, trigger, revision)
+                SELECT v.task_id, %(at)s, cardinality(x.urls), x.urls,
+                       CASE WHEN cardinality(x.urls) = 0 THEN %(at)s::timestamptz END,
                        'manual', %(revision)s
-                FROM task_agents WHERE task_id = %(task_id)s::uuid
-                RETURNING expected;
+                FROM (SELECT %(task_id)s::uuid AS task_id) v
+                CROSS JOIN LATERAL (SELECT {EXPECTED_URLS_SQL} AS urls) x
+                RETURNING expected_urls;
                 """,
                 {"task_id": str(task_id), "at": at, "revision": revision},
             )
-            (expected,) = cursor.fetchone()
+            (urls,) = cursor.fetchone()
+            # Each agent the execution expects is told of it.
             await cursor.execute(
                 """
                 INSERT INTO manual_runs (task_id, scheduled_at, agent_url, revision, deadline)
-                SELECT task_id, %(at)s, agent_url, %(revision)s, %(deadline)s
-                FROM task_agents WHERE task_id = %(task_id)s::uuid
+                SELECT %(task_id)s::uuid, %(at)s, url, %(revision)s, %(deadline)s
+                FROM unnest(%(urls)s::text[]) AS url
                 """,
-                {"task_id": str(task_id), "at": at, "revision": revision, "deadline": deadline},
+                {
+                    "task_id": str(task_id),
+                    "at": at,
+                    "revision": revision,
+                    "deadline": deadline,
+                    "urls": list(urls),
+                },
             )
             await insert_audit(cursor, audit)
-            return Execution(task_id, at, expected, (), Trigger.MANUAL, revision)
+            return Execution(
+                task_id, at, len(urls), (), Trigger.MANUAL, revision, expected_urls=tuple(urls)
+            )
 
         try:
             return await self._db.run(operation)

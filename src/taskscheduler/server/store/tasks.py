@@ -1,4 +1,4 @@
-"""Tasks and the fleet they run on, in PostgreSQL: their SQL and row mapper; listing,
+"""Tasks in PostgreSQL: their SQL and row mapper (the fleet is :mod:`.fleet`'s); listing,
 changing (revisions), pausing and resuming them."""
 
 from __future__ import annotations
@@ -65,33 +65,10 @@ def task_from_row(row: Sequence[Any]) -> Task:
 
 
 class Tasks:
-    """Creates, reads and deletes tasks; assigns them to the fleet."""
+    """Creates, reads and deletes tasks; assigns a new one to the fleet."""
 
     def __init__(self, db: Database) -> None:
         self._db = db
-
-    async def set_fleet(self, agent_urls: Sequence[str]) -> None:
-        urls = list(dict.fromkeys(agent_urls))
-
-        async def operation(cursor: Cursor) -> None:
-            # SHARE ROW EXCLUSIVE waits for create_task (SHARE) transactions in flight, so
-            # a task created concurrently is either seen here or sees the new fleet.
-            await cursor.execute(
-                """
-                LOCK TABLE fleet IN SHARE ROW EXCLUSIVE MODE;
-                DELETE FROM fleet WHERE NOT (agent_url = ANY(%(urls)s::text[]));
-                INSERT INTO fleet (agent_url) SELECT unnest(%(urls)s::text[])
-                    ON CONFLICT DO NOTHING;
-                DELETE FROM task_agents WHERE NOT (agent_url = ANY(%(urls)s::text[]));
-                INSERT INTO task_agents (task_id, agent_url)
-                    SELECT t.task_id, f.agent_url FROM tasks t CROSS JOIN fleet f
-                    WHERE t.deleted_at IS NULL
-                    ON CONFLICT DO NOTHING;
-                """,
-                {"urls": urls},
-            )
-
-        await self._db.run(operation)
 
     async def create_task(
         self, spec: TaskSpec, created_at: datetime, audit: AuditEvent | None = None
