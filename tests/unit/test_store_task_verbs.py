@@ -216,6 +216,8 @@ async def test_a_run_now_is_a_manual_execution_delivered_until_acknowledged(
     execution = await store.record_manual_execution(task.task_id, now, audit("task.run"))
     assert execution is not None
     assert (execution.trigger, execution.revision, execution.expected) == (Trigger.MANUAL, 1, 2)
+    with pytest.raises(ValueError):  # one execution per instant
+        await store.record_manual_execution(task.task_id, now, audit("task.run"))
     for url in (A_URL, B_URL):
         [run] = await store.pending_manual_runs(url, now, 10)
         assert (run.spec.task_id, run.scheduled_at, run.revision) == (task.task_id, now, 1)
