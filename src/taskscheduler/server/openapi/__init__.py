@@ -12,6 +12,7 @@ against a live server.
 from __future__ import annotations
 
 import functools
+import importlib.metadata
 import json
 from typing import Any
 
@@ -34,13 +35,21 @@ routes need none.
 """
 
 
+def _version() -> str:
+    """The server's version: the document describes the API of this very build."""
+    try:
+        return importlib.metadata.version("taskscheduler")
+    except importlib.metadata.PackageNotFoundError:
+        return "unknown"
+
+
 def document() -> dict[str, Any]:
     """The OpenAPI document, as a fresh dict."""
     return {
         "openapi": "3.1.0",
         "info": {
             "title": "taskscheduler server",
-            "version": "1",
+            "version": _version(),
             "description": _DESCRIPTION,
             "license": {"name": "Apache-2.0", "identifier": "Apache-2.0"},
         },
