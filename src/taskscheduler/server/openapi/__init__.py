@@ -1,7 +1,7 @@
 """The server's OpenAPI 3.1 document, served at ``GET /api/v1/openapi.json``.
 
-Built by code rather than kept as a file (:mod:`.tasks` and :mod:`.agents` hold the
-routes and schemas by domain, as ``server/api`` does): its limits come from the
+Built by code rather than kept as a file (:mod:`.tasks`, :mod:`.results` and :mod:`.agents`
+hold the routes and schemas by domain, as ``server/api`` does): its limits come from the
 constants the parsers enforce, and its errors from the error table (a route names
 codes; statuses, messages and headers are the table's), so a change there changes the
 document too. What code cannot derive (routes, fields) is pinned by
@@ -16,7 +16,7 @@ import importlib.metadata
 import json
 from typing import Any
 
-from taskscheduler.server.openapi import agents, tasks
+from taskscheduler.server.openapi import agents, results, tasks
 from taskscheduler.server.openapi.operations import UUID_PATTERN
 from taskscheduler.server.openapi.responses import error_component
 
@@ -61,12 +61,13 @@ def document() -> dict[str, Any]:
             {"name": "audit", "description": "who changed what"},
             {"name": "server", "description": "health and this document"},
         ],
-        "paths": {**tasks.paths(), **agents.paths()},
+        "paths": {**tasks.paths(), **results.paths(), **agents.paths()},
         "components": {
             "schemas": {
                 "Error": error_component(),
                 "Uuid": {"type": "string", "pattern": UUID_PATTERN},
                 **tasks.schemas(),
+                **results.schemas(),
                 **agents.schemas(),
             },
             "securitySchemes": {
