@@ -124,6 +124,16 @@ def test_members_added_removed_and_revoked_at_run_time(tmp_path: Path) -> None:
         assert max(witnessed(tmp_path, 0)) == revoked_at, "the revoked agent ran it again"
         assert agents_by_url(fleet)[fleet.agent_urls[0]]["state"] == "revoked"
 
+        # Added back: it hears so, is a member again, and runs the task again.
+        code, _ = fleet.api("POST", "/api/v1/fleet", {"url": fleet.agent_urls[1]})
+        assert code == 201
+        wait_for(
+            lambda: fleet.agent_health(1)["membership"] == "member", 30, "the agent added back"
+        )
+        wait_for(
+            lambda: max(witnessed(tmp_path, 1)) > removed_at, 30, "the agent added back to run"
+        )
+
         # AVAILABLE_SERVERS unset at the next start: the fleet changed at run time stands.
         code, before = fleet.api("GET", "/api/v1/fleet")
         fleet.server.stop()
@@ -132,7 +142,11 @@ def test_members_added_removed_and_revoked_at_run_time(tmp_path: Path) -> None:
         wait_for(lambda: fleet.api("GET", "/api/v1/health")[0] == 200, 60, "the server")
         code, after = fleet.api("GET", "/api/v1/fleet")
         assert [m["url"] for m in after["members"]] == [m["url"] for m in before["members"]]
-        assert [m["url"] for m in after["members"]] == [fleet.agent_urls[0], outside]
+        assert [m["url"] for m in after["members"]] == [
+            fleet.agent_urls[0],
+            outside,
+            fleet.agent_urls[1],
+        ]
         restarted = fleet.api("GET", f"/api/v1/tasks/{task_id}/latest_output")[1]["scheduled_at"]
         executions_after(fleet, task_id, restarted, 2)
         events = fleet.api("GET", "/api/v1/audit?limit=100")[1]
