@@ -1,7 +1,7 @@
 """The server's OpenAPI 3.1 document, served at ``GET /api/v1/openapi.json``.
 
-Built by code rather than kept as a file (:mod:`.tasks` and :mod:`.agents` hold the
-routes and schemas by domain, as ``server/api`` does): its limits come from the
+Built by code rather than kept as a file (:mod:`.tasks`, :mod:`.results` and :mod:`.agents`
+hold the routes and schemas by domain, as ``server/api`` does): its limits come from the
 constants the parsers enforce, and its errors from the error table (a route names
 codes; statuses, messages and headers are the table's), so a change there changes the
 document too. What code cannot derive (routes, fields) is pinned by
@@ -12,10 +12,11 @@ against a live server.
 from __future__ import annotations
 
 import functools
+import importlib.metadata
 import json
 from typing import Any
 
-from taskscheduler.server.openapi import agents, tasks
+from taskscheduler.server.openapi import agents, results, tasks
 from taskscheduler.server.openapi.operations import UUID_PATTERN
 from taskscheduler.server.openapi.responses import error_component
 
@@ -34,13 +35,21 @@ routes need none.
 """
 
 
+def _version() -> str:
+    """The server's version: the document describes the API of this very build."""
+    try:
+        return importlib.metadata.version("taskscheduler")
+    except importlib.metadata.PackageNotFoundError:
+        return "unknown"
+
+
 def document() -> dict[str, Any]:
     """The OpenAPI document, as a fresh dict."""
     return {
         "openapi": "3.1.0",
         "info": {
             "title": "taskscheduler server",
-            "version": "1",
+            "version": _version(),
             "description": _DESCRIPTION,
             "license": {"name": "Apache-2.0", "identifier": "Apache-2.0"},
         },
@@ -52,12 +61,13 @@ def document() -> dict[str, Any]:
             {"name": "audit", "description": "who changed what"},
             {"name": "server", "description": "health and this document"},
         ],
-        "paths": {**tasks.paths(), **agents.paths()},
+        "paths": {**tasks.paths(), **results.paths(), **agents.paths()},
         "components": {
             "schemas": {
                 "Error": error_component(),
                 "Uuid": {"type": "string", "pattern": UUID_PATTERN},
                 **tasks.schemas(),
+                **results.schemas(),
                 **agents.schemas(),
             },
             "securitySchemes": {

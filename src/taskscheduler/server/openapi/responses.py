@@ -12,8 +12,9 @@ from taskscheduler.web.errors import ErrorKind
 
 JSON = "application/json"
 
-#: Codes of the table only the agent answers (they never come from the server).
-AGENT_ONLY_CODES = frozenset({errors.STORAGE_UNAVAILABLE.code})
+#: Rows of the table only the agent answers (the second shares its code with the
+#: server's ``internal_error``, whose message it is not).
+AGENT_ONLY = (errors.STORAGE_UNAVAILABLE, errors.BATCH_ENTRY_FAILED)
 
 #: Codes whose status is not the table's: werkzeug's own (a path it redirects, 308).
 _VARIABLE_STATUS = {errors.HTTP_ERROR.code}
@@ -25,14 +26,19 @@ def error_kinds() -> list[ErrorKind]:
     return kinds + list(errors.AGENT_CONFLICTS.values())
 
 
+def server_kinds() -> list[ErrorKind]:
+    """The rows of the table the server can answer."""
+    return [kind for kind in error_kinds() if not any(kind is a for a in AGENT_ONLY)]
+
+
 def server_codes() -> set[str]:
     """Every error code the server can answer."""
-    return {kind.code for kind in error_kinds()} - AGENT_ONLY_CODES
+    return {kind.code for kind in server_kinds()}
 
 
 def _kinds_by_code() -> dict[str, list[ErrorKind]]:
     by_code: dict[str, list[ErrorKind]] = {}
-    for kind in error_kinds():
+    for kind in server_kinds():
         by_code.setdefault(kind.code, []).append(kind)
     return by_code
 

@@ -1,16 +1,13 @@
-"""The OpenAPI document's tasks: the operators' task routes, the agents' result routes,
-and their schemas, with the limits of the parsers that enforce them."""
+"""The OpenAPI document's tasks: the operators' task routes and their schemas (tasks,
+executions), with the limits of the parsers that enforce them."""
 
 from __future__ import annotations
 
 from typing import Any
 
 from taskscheduler.protocol.fields import MAX_COMMAND_BYTES, MAX_TIME_LIMIT_SECONDS
-from taskscheduler.protocol.output import MAX_OUTPUT_SIZE
-from taskscheduler.protocol.results import MAX_BATCH, MAX_REASON_LENGTH, ResultStatus, Trigger
-from taskscheduler.protocol.tasks import MAX_REVISION
+from taskscheduler.protocol.results import Trigger
 from taskscheduler.server.openapi.operations import (
-    AGENT,
     COUNT,
     INSTANT,
     OPERATOR,
@@ -23,7 +20,8 @@ from taskscheduler.server.openapi.operations import (
     query,
     ref,
 )
-from taskscheduler.server.store.interface import RecordOutcome, TaskState
+from taskscheduler.server.openapi.results import REVISION, STATUSES, TRIGGERS
+from taskscheduler.server.store.interface import TaskState
 
 #: What ``schedule.parse_frequency`` takes: case, spaces and a singular unit are forgiven;
 #: a count of 1 to 8 digits (a year is 31,622,400 s: longer counts are refused, as are
@@ -34,11 +32,6 @@ FREQUENCY_PATTERN = (
     "([Ss][Ee][Cc][Oo][Nn][Dd]|[Mm][Ii][Nn][Uu][Tt][Ee]|[Hh][Oo][Uu][Rr])[Ss]?"
     f"{_SPACE}*$"
 )
-#: The statuses of one item of a batch answer that are not the store's outcomes.
-BATCH_ONLY_STATUSES = ("forbidden", "too_early")
-STATUSES = [status.value for status in ResultStatus]
-TRIGGERS = [trigger.value for trigger in Trigger]
-REVISION = {"type": "integer", "minimum": 1, "maximum": MAX_REVISION}
 
 #: What an operator sets when creating a task and may change with PATCH.
 TASK_FIELDS: dict[str, Any] = {
@@ -64,32 +57,6 @@ TASK_FIELDS: dict[str, Any] = {
         "interval, at least 1 s and at most a day)",
     },
 }
-
-
-def _output_fields() -> dict[str, Any]:
-    fields: dict[str, Any] = {}
-    for name in ("stdout", "stderr"):
-        fields[name] = {
-            "type": "string",
-            "description": f"what the run wrote on {name}, as UTF-8 text (invalid bytes "
-            "replaced); omitted when it wrote nothing",
-        }
-        fields[f"{name}_bytes"] = {
-            "type": "integer",
-            "minimum": 0,
-            "maximum": MAX_OUTPUT_SIZE,
-            "description": "bytes the run wrote, before any truncation",
-        }
-        fields[f"{name}_truncated"] = {
-            "type": "boolean",
-            "description": "true when only the head and tail were kept",
-        }
-        fields[f"{name}_base64"] = {
-            "type": "string",
-            "contentEncoding": "base64",
-            "description": "the exact bytes, when they are not valid UTF-8",
-        }
-    return fields
 
 
 def _execution_fields() -> dict[str, Any]:
@@ -227,21 +194,6 @@ def schemas() -> dict[str, Any]:
                 "trigger": {"const": Trigger.MANUAL.value},
             },
         ),
-        "Output": obj(
-            ["agent_id", "status", "exit_code", "started_at", "finished_at"],
-            {
-                "agent_id": ref("Uuid"),
-                "status": {"type": "string", "enum": STATUSES},
-                "reason": {"type": "string", "maxLength": MAX_REASON_LENGTH},
-                **_output_fields(),
-                "exit_code": {"type": ["integer", "null"]},
-                "signal": {"type": "integer", "minimum": 1, "maximum": 128},
-                "started_at": nullable(INSTANT),
-                "finished_at": nullable(INSTANT),
-                "revision": {**REVISION, "type": ["integer", "null"]},
-                "trigger": {"type": "string", "enum": TRIGGERS},
-            },
-        ),
         "MissingAgent": obj(
             ["url", "agent_id"],
             {"url": {"type": "string"}, "agent_id": nullable(ref("Uuid"))},
@@ -285,74 +237,6 @@ def schemas() -> dict[str, Any]:
                     **nullable(INSTANT),
                     "description": "pass as `?before=` for the next page; null on the last",
                 },
-            },
-        ),
-        "Result": obj(
-            ["server_id", "scheduled_at"],
-            {
-                "task_id": {
-                    **ref("Uuid"),
-                    "description": "required in a batch; in the path otherwise",
-                },
-                "server_id": {**ref("Uuid"), "description": "the reporting agent's id"},
-                "scheduled_at": INSTANT,
-                "status": {"type": "string", "enum": STATUSES},
-                "exit_code": {
-                    "type": ["integer", "null"],
-                    "minimum": -(2**31),
-                    "maximum": 2**31 - 1,
-                },
-                "signal": {"type": ["integer", "null"], "minimum": 1, "maximum": 128},
-                "started_at": nullable(INSTANT),
-                "finished_at": nullable(INSTANT),
-                **_output_fields(),
-                "reason": {"type": ["string", "null"], "maxLength": MAX_REASON_LENGTH},
-                "revision": {
-                    **REVISION,
-                    "type": ["integer", "null"],
-                    "description": "the revision it ran (absent: the one of its instant)",
-                },
-                "trigger": {"type": ["string", "null"], "enum": [*TRIGGERS, None]},
-            },
-            description="fields a newer agent may add are ignored",
-        ),
-        "ResultBatch": obj(
-            ["results"],
-            {
-                "results": {
-                    "type": "array",
-                    "minItems": 1,
-                    "maxItems": MAX_BATCH,
-                    "items": {**ref("Result"), "required": ["task_id"]},
-                }
-            },
-        ),
-        "ResultStored": obj(
-            ["status"],
-            {
-                "status": {
-                    "type": "string",
-                    "enum": [RecordOutcome.STORED.value, RecordOutcome.DUPLICATE.value],
-                }
-            },
-        ),
-        "BatchOutcome": obj(
-            ["results"],
-            {
-                "results": {
-                    "type": "array",
-                    "description": "one outcome per result sent, in order",
-                    "items": obj(
-                        ["status"],
-                        {
-                            "status": {
-                                "type": "string",
-                                "enum": [o.value for o in RecordOutcome]
-                                + list(BATCH_ONLY_STATUSES),
-                            }
-                        },
-                    ),
-                }
             },
         ),
     }
@@ -519,41 +403,6 @@ def paths() -> dict[str, Any]:
                         "schema": {"type": "string", "format": "date-time"},
                     },
                 ],
-            )
-        },
-        "/api/v1/tasks/{task_id}/complete": {
-            "post": operation(
-                "complete",
-                "Report one result of the calling agent",
-                AGENT,
-                {"200": answer("stored (or already stored)", ref("ResultStored"))},
-                (
-                    *ONE_TASK,
-                    "misaligned",
-                    "impersonation",
-                    "not_assigned",
-                    "task_deleted",
-                    "conflict",
-                    "too_early",
-                    "superseded",
-                    "task_paused",
-                ),
-                tag="results",
-                method="post",
-                parameters=[TASK_ID],
-                request=body(ref("Result")),
-            )
-        },
-        "/api/v1/results": {
-            "post": operation(
-                "complete_batch",
-                "Report a batch of the calling agent's results, one outcome each",
-                AGENT,
-                {"200": answer("one outcome per result", ref("BatchOutcome"))},
-                ("impersonation",),
-                tag="results",
-                method="post",
-                request=body(ref("ResultBatch")),
             )
         },
     }
