@@ -103,12 +103,12 @@ def test_patch_pause_resume_and_run_now_on_two_agents(tmp_path: Path) -> None:
         assert code == 202 and run["trigger"] == "manual", run
         at = run["scheduled_at"]
 
-        def manual_done() -> dict | None:
+        def manual_done(at: str) -> dict | None:
             code, body = fleet.api("GET", f"/api/v1/tasks/{task_id}/executions/{at}")
             ok = code == 200 and body["complete"] and len(body["outputs"]) == 2
             return body if ok else None
 
-        one = wait_for(manual_done, 30, "the manual execution on both agents")
+        one = wait_for(lambda: manual_done(at), 30, "the manual execution on both agents")
         assert one["trigger"] == "manual"
         assert {o["trigger"] for o in one["outputs"]} == {"manual"}
         assert [e["scheduled_at"] for e in history(fleet, task_id) if e["trigger"] == "manual"] == [
@@ -121,3 +121,10 @@ def test_patch_pause_resume_and_run_now_on_two_agents(tmp_path: Path) -> None:
         assert [t["task_id"] for t in listed["tasks"]] == [task_id]
         assert listed["tasks"][0]["last_execution"]["scheduled_at"] == at
         assert format_instant(parse_instant(at)) == at
+
+        # A paused task runs now too (the agents, which dropped it, run the task sent along).
+        code, task = fleet.api("POST", f"/api/v1/tasks/{task_id}/pause")
+        assert code == 200 and task["state"] == "paused"
+        code, run = fleet.api("POST", f"/api/v1/tasks/{task_id}/run")
+        assert code == 202, run
+        wait_for(lambda: manual_done(run["scheduled_at"]), 30, "a paused task's run-now")

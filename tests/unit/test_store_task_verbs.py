@@ -296,3 +296,12 @@ async def test_retention_keeps_the_newest_executions_of_each_task(store: Store) 
     assert kept == [at(6), at(5), at(4)]
     assert len(await store.list_executions(two.task_id, 10)) == 2
     assert await store.prune_history(at(100), 100, keep=3) == 0
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_deleted_tasks_run_now_is_no_longer_due(store: Store) -> None:
+    task = await store.create_task(make_spec(), ANCHOR)
+    now = at(3)
+    assert await store.record_manual_execution(task.task_id, now, audit("task.run"))
+    assert await store.delete_task(task.task_id, now, audit("task.deleted"))
+    assert await store.pending_manual_runs(A_URL, now, 10) == []

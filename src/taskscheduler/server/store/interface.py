@@ -307,8 +307,8 @@ class Store(Protocol):
     async def pending_manual_runs(
         self, agent_url: str, now: datetime, limit: int
     ) -> list[ManualRun]:
-        """Run-nows the agent at ``agent_url`` has not acknowledged, whose deadline is
-        after ``now``, oldest first."""
+        """Run-nows of live tasks the agent at ``agent_url`` has not acknowledged, whose
+        deadline is after ``now``, oldest first."""
 
     async def mark_manual_delivered(
         self, agent_url: str, runs: Sequence[tuple[uuid.UUID, datetime]]

@@ -340,7 +340,10 @@ class MemoryStore:
         pending = sorted(
             (at, task_id, delivery)
             for (task_id, at, url), delivery in self._manual.items()
-            if url == agent_url and not delivery.delivered and delivery.deadline > now
+            if url == agent_url
+            and not delivery.delivered
+            and delivery.deadline > now
+            and not self._tasks[task_id].deleted
         )[:limit]
         return [
             ManualRun(self._tasks[task_id].spec, at, delivery.revision, delivery.deadline)
