@@ -149,7 +149,12 @@ class Daemon:
                 self.process.wait()
 
     def log(self) -> str:
-        return self.log_path.read_text(errors="replace")[-5000:]
+        """The end of the daemon's log (to show in a failure)."""
+        return self.whole_log()[-5000:]
+
+    def whole_log(self) -> str:
+        """All of the daemon's log (to count lines in: a busy moment may log thousands)."""
+        return self.log_path.read_text(errors="replace")
 
     def assert_running(self) -> None:
         assert self.process is not None and self.process.poll() is None, (

@@ -29,7 +29,7 @@ from taskscheduler.agent.runfiles import RunFiles
 from taskscheduler.agent.runjournal import RunRecord, boot_id, run_id
 from taskscheduler.agent.runner import ProcessRunner, instance_of
 from taskscheduler.agent.runprocess import SETSID, SHELL, SUPERVISOR
-from taskscheduler.protocol import ResultStatus
+from taskscheduler.protocol import ResultStatus, Trigger
 from tests.integration.test_runner_processes import dies_within
 
 pytestmark = pytest.mark.integration
@@ -51,6 +51,8 @@ class LeftRun:
         time_limit: float,
         started_ago: float,
         key: tuple[uuid.UUID, datetime] | None = None,
+        revision: int | None = None,
+        trigger: Trigger = Trigger.SCHEDULE,
     ) -> None:
         self.task_id, self.scheduled_at = key or (
             uuid.uuid4(),
@@ -84,6 +86,8 @@ class LeftRun:
             pid=self.process.pid,
             boot_id=boot_id(),
             cgroup=None,
+            revision=revision,
+            trigger=trigger,
         )
         self.files.started(self.id, self.record)
 
@@ -122,6 +126,20 @@ def new_runner(runs: Path) -> ProcessRunner:
 async def outcome_of(recovered: Any) -> Any:
     recovered.outcome.addTimeout(DEADLINE, reactor)
     return await recovered.outcome
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_re_attached_run_keeps_the_revision_and_trigger_it_was_started_with(
+    runs: Path,
+) -> None:
+    left = LeftRun(
+        runs, "echo begun; sleep 0.5", 30, started_ago=0.2, revision=6, trigger=Trigger.MANUAL
+    )
+    [recovered] = new_runner(runs).recover()
+    assert recovered.still_running
+    assert (recovered.revision, recovered.trigger) == (6, Trigger.MANUAL)
+    assert (await outcome_of(recovered)).status is ResultStatus.SUCCEEDED
+    left.wait()
 
 
 @pytest_twisted.ensureDeferred

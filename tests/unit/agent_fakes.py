@@ -212,6 +212,8 @@ class FakeServer:
         self.hang = False  # never answer
         self.conflicting: set[uuid.UUID] = set()  # task ids whose results conflict
         self.deleted: set[uuid.UUID] = set()  # task ids deleted before every result
+        self.superseded: set[uuid.UUID] = set()  # task ids whose results ran an old revision
+        self.task_paused: set[uuid.UUID] = set()  # task ids paused at every result's instant
         self.garbled = False  # answer a batch with one answer too few, storing nothing
         self.hanging: list[Any] = []
         self.refuse_with: int | None = None  # answer every request with this status (401, 403)
@@ -222,6 +224,10 @@ class FakeServer:
             return "conflict"
         if item.task_id in self.deleted:
             return "deleted"
+        if item.task_id in self.superseded:
+            return "superseded"
+        if item.task_id in self.task_paused:
+            return "task_paused"
         if item.key in self.stored:
             return "duplicate"
         self.stored[item.key] = item
@@ -269,6 +275,8 @@ class FakeServer:
             return self._answer(
                 request, 404, {"error": {"code": "task_deleted", "message": "deleted"}}
             )
+        if outcome in ("superseded", "task_paused"):
+            return self._answer(request, 409, {"error": {"code": outcome, "message": "no"}})
         return self._answer(request, 200, {"status": outcome})
 
     @app.route("/api/v1/results", methods=["POST"])

@@ -22,6 +22,7 @@ from twisted.logger import capturedLogs, formatEvent
 from twisted.web.resource import Resource
 from twisted.web.server import NOT_DONE_YET
 
+from taskscheduler.agent.identity import load_or_create_agent_id
 from taskscheduler.agent.reporter import Reporter, shrink_to_fit
 from taskscheduler.agent.server_client import ServerClient
 from taskscheduler.agent.spool import Spool
@@ -825,3 +826,36 @@ async def test_results_ahead_of_the_servers_clock_are_kept_quietly_and_taken_whe
     assert len(await real.stored()) == 3
     assert loud(events) == []
     assert not [e for e in events if "refused and dropped" in formatEvent(e)]
+
+
+@pytest.mark.parametrize("verdict", ["superseded", "task_paused"])
+def test_a_result_of_an_old_revision_or_a_paused_instant_is_dropped_with_one_line(
+    tmp_path: Path, verdict: str
+) -> None:
+    """The server's 409 ``superseded`` / ``task_paused`` (batch: the same statuses) is a
+    verdict, as ``task_deleted`` is: the result leaves the spool, logged once."""
+    server = FakeServer()
+    clock = Clock()
+    clock.advance(ANCHOR_SECONDS + 100)
+    agent = Agent(tmp_path / "data", clock, server)
+    me = load_or_create_agent_id(tmp_path / "data")
+    refused, kept = uuid.uuid4(), uuid.uuid4()
+    getattr(server, verdict).add(refused)
+    spool = agent.service.spool
+    assert spool is not None
+    with capturedLogs() as events:
+        spool.add(result(refused, 1, me))
+        agent.settle()
+        assert server.requests == [("single", 1)]
+        server.down = True
+        for item in (result(refused, 2, me), result(refused, 3, me), result(kept, 1, me)):
+            spool.add(item)
+        agent.settle()
+        server.down = False
+        agent.settle(60)
+    assert ("batch", 3) in server.requests
+    assert len(spool) == 0
+    assert [key[0] for key in server.stored] == [kept]
+    assert agent.service.reporter.rejected == 3  # type: ignore[union-attr]
+    dropped = [formatEvent(e) for e in events if "refused and dropped" in formatEvent(e)]
+    assert len(dropped) == 3 and all(verdict in line for line in dropped), dropped

@@ -26,7 +26,7 @@ from taskscheduler.agent.outcome import REATTACHED, RecoveredRun, RunOutcome
 from taskscheduler.agent.service import AgentConfig, AgentService
 from taskscheduler.agent.taskstore import TaskStore
 from taskscheduler.auth import JOIN_PREFIX, new_token
-from taskscheduler.protocol import Output, ResultStatus, task_spec_to_json
+from taskscheduler.protocol import Output, ResultStatus, Trigger, task_spec_to_json
 from taskscheduler.schedule import format_instant
 from tests.unit.agent_fakes import (
     ANCHOR,
@@ -422,3 +422,73 @@ def test_the_join_secret_comes_from_the_environment_only_as_a_value() -> None:
         parse(["--run-as", "no-such-user-here"])
     with pytest.raises(usage.UsageError):
         parse(["--run-as", "root"])
+
+
+def _lost(began: Any) -> RunOutcome:
+    return RunOutcome(
+        status=ResultStatus.LOST,
+        exit_code=None,
+        signal=None,
+        started_at=began,
+        finished_at=began + timedelta(seconds=1),
+        duration=1.0,
+        stdout=Output(),
+        stderr=Output(),
+        reason="the host restarted during the run",
+    )
+
+
+def test_a_run_a_crashed_agent_left_is_reported_with_its_revision_and_trigger(
+    tmp_path: Path,
+) -> None:
+    server = FakeServer()
+    task = spec()
+    manual_at = ANCHOR + timedelta(seconds=8.25)
+    scheduled_at = ANCHOR + timedelta(seconds=10)
+    recovered = [
+        RecoveredRun(
+            task.task_id,
+            manual_at,
+            manual_at,
+            Deferred(),
+            still_running=True,
+            revision=4,
+            trigger=Trigger.MANUAL,
+        ),
+        RecoveredRun(
+            uuid.uuid4(), scheduled_at, scheduled_at, Deferred(), still_running=True, revision=7
+        ),
+    ]
+    agent = Agent(tmp_path / "data", clock_at(15), server, recovered=recovered)
+    for run in recovered:
+        run.outcome.callback(_lost(run.scheduled_at))
+    agent.settle()
+    labels = sorted((r.scheduled_at, r.revision, r.trigger) for r in server.stored.values())
+    assert labels == [(manual_at, 4, Trigger.MANUAL), (scheduled_at, 7, Trigger.SCHEDULE)]
+    assert agent.service.scheduler.lead == 0, "a manual run is no instant of the grid"  # type: ignore[union-attr]
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_manual_run_the_journal_does_not_name_is_told_by_its_acceptance(
+    tmp_path: Path,
+) -> None:
+    """A run the agent died starting, before its journal line: its trigger is known
+    from the manual runs accepted, which are on disk before a manual run starts."""
+    task = spec()
+    first = Agent(tmp_path / "data", clock_at(5), FakeServer())
+    await first.service.api._task_store.save(task)  # type: ignore[union-attr]
+    first.service.scheduler.schedule(task)  # type: ignore[union-attr]
+    at = ANCHOR + timedelta(seconds=5.5)
+    assert await first.service.scheduler.run_now(task, at)  # type: ignore[union-attr]
+    first.crash()
+    server = FakeServer()
+    lost = RecoveredRun(task.task_id, at, None, Deferred(), still_running=False)
+    second = Agent(tmp_path / "data", first.clock, server, recovered=[lost])
+    lost.outcome.callback(_lost(at))
+    second.settle()
+    [result] = server.stored.values()
+    assert (result.status, result.trigger, result.revision) == (
+        ResultStatus.LOST,
+        Trigger.MANUAL,
+        None,
+    )

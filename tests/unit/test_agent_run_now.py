@@ -256,3 +256,19 @@ async def test_the_manual_runs_remembered_are_bounded(agent: Agent) -> None:
     kept = (agent.service.config.data_dir / "lastrun" / f"{task_id}.manual").read_text().split()
     assert len(kept) == MANUAL_KEPT
     assert kept[0] == at(5) and kept[-1] == at(MANUAL_KEPT + 4)
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_manual_run_accepted_as_the_agent_stops_is_skipped_not_started(
+    agent: Agent,
+) -> None:
+    task_id = await schedule(agent)
+    scheduler: Any = agent.service.scheduler
+    spec = scheduler.tasks[uuid.UUID(task_id)]
+    scheduler.stop()
+    assert await scheduler.run_now(spec, ANCHOR + timedelta(seconds=5))
+    assert agent.runner.runs == []
+    agent.settle(1)
+    [skipped] = agent.server.stored.values()
+    assert (skipped.status, skipped.trigger) == (ResultStatus.SKIPPED, Trigger.MANUAL)
+    assert skipped.reason == "the agent was stopping"

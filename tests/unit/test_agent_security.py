@@ -99,13 +99,13 @@ async def test_route_sweep_refuses_unsigned_forged_stale_and_replayed(agent: Age
         path = concrete(rule)
         body = task_body() if method == "POST" else b""
         accepted = 200
-        if rule == "/api/v1/agent/leave":
-            body = b'{"reason": "removed"}'
         if endpoint == "run_now":
             path = rule.replace("<task_id>", known_id)
             now = format_instant(ANCHOR + timedelta(seconds=5))
             body = json.dumps({"scheduled_at": now, "revision": 1}).encode()
             accepted = 202
+        if rule == "/api/v1/agent/leave":
+            body = b'{"reason": "removed"}'
         if (method, rule) in PUBLIC:
             code, answer, _ = await send(agent, method, path, b"", None)
             assert code == 200
@@ -128,8 +128,7 @@ async def test_route_sweep_refuses_unsigned_forged_stale_and_replayed(agent: Age
                 'TS-Ed25519 realm="taskscheduler-agent"'
             ]
         if rule == "/api/v1/agent/leave":
-            # Only the valid instructions ran so far (and the known task is there); no
-            # refused leave dropped anything.
+            # Only the valid instructions ran so far; no refused leave dropped anything.
             assert len(agent.service.scheduler.tasks) == 2  # type: ignore[union-attr]
             assert agent.service.api.membership.state == "member"  # type: ignore[union-attr]
         code, _, _ = await send(agent, method, path, body, valid)
@@ -139,7 +138,7 @@ async def test_route_sweep_refuses_unsigned_forged_stale_and_replayed(agent: Age
         assert method == "HEAD" or "replay" in answer["error"]["message"]
         swept += 1
     assert swept >= 4
-    # The valid leave (swept after the schedule) dropped every task.
+    # The valid leave (swept after the others) dropped every task; one manual run ran.
     assert len(agent.service.scheduler.tasks) == 0  # type: ignore[union-attr]
     assert agent.service.api.membership.state == "removed"  # type: ignore[union-attr]
     assert [run.command for run in agent.runner.runs] == ["echo hi"], "one manual run only"

@@ -151,3 +151,65 @@ async def test_a_run_now_is_no_longer_sent_past_its_deadline(tmp_path: Path) -> 
     settle(clock, http, 60)
     assert recorder.runs() == sent, "a run-now past its deadline was sent again"
     dispatcher.stopService()
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_run_now_not_yet_delivered_survives_a_server_restart(tmp_path: Path) -> None:
+    store, dispatcher, clock, http, recorder = await setup(tmp_path)
+    dispatcher.startService()
+    task = await store.create_task(spec(), utc_now_from(clock.seconds()))
+    dispatcher.task_created(task)
+    settle(clock, http)
+    recorder.front.down = True
+    at = utc_now_from(clock.seconds())
+    assert await store.record_manual_execution(task.task_id, at, audit(clock, "task.run"))
+    dispatcher.task_changed(task)
+    settle(clock, http)
+    dispatcher.stopService()  # the server stops before the agent took it
+    recorder.front.down = False
+    again = Dispatcher(
+        store, http, clock, [URL], signer=signer(clock), reconcile_interval=30, jitter=lambda: 1.0
+    )
+    again.startService()
+    settle(clock, http, 1)
+    assert await store.pending_manual_runs(URL, at, 10) == []
+    assert recorder.runs() == 2
+    again.stopService()
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_run_now_of_a_paused_task_runs_once_on_the_agent_that_dropped_it(
+    tmp_path: Path,
+) -> None:
+    store, dispatcher, clock, http, recorder = await setup(tmp_path)
+    dispatcher.startService()
+    task = await store.create_task(spec(), utc_now_from(clock.seconds()))
+    dispatcher.task_created(task)
+    settle(clock, http)
+    paused = await store.pause_task(task.task_id, utc_now_from(clock.seconds()), audit(clock, "p"))
+    assert paused is not None
+    dispatcher.task_changed(paused[0])
+    settle(clock, http)
+    assert task.task_id not in recorder.front.tasks
+    at = utc_now_from(clock.seconds())
+    assert await store.record_manual_execution(task.task_id, at, audit(clock, "task.run"))
+    dispatcher.task_changed(paused[0])
+    settle(clock, http)
+    assert recorder.runs() == 1
+    assert await store.pending_manual_runs(URL, at, 10) == []  # the agent took it
+    assert task.task_id not in recorder.front.tasks  # and still does not hold it
+    dispatcher.stopService()
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_run_now_of_a_task_deleted_before_delivery_is_never_sent(tmp_path: Path) -> None:
+    store, dispatcher, clock, http, recorder = await setup(tmp_path)
+    task = await store.create_task(spec(), utc_now_from(clock.seconds()))
+    at = utc_now_from(clock.seconds())
+    assert await store.record_manual_execution(task.task_id, at, audit(clock, "task.run"))
+    assert await store.delete_task(task.task_id, at, audit(clock, "task.deleted"))
+    assert await store.pending_manual_runs(URL, at, 10) == []
+    dispatcher.startService()
+    settle(clock, http, 1)
+    assert recorder.runs() == 0
+    dispatcher.stopService()

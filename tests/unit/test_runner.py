@@ -17,10 +17,10 @@ from twisted.logger import ILogObserver, LogEvent, formatEvent, globalLogPublish
 
 from taskscheduler.agent.containment import RUN_ID_VARIABLE
 from taskscheduler.agent.outcome import RunOutcome
-from taskscheduler.agent.runjournal import RunJournal, run_id
+from taskscheduler.agent.runjournal import RunJournal, RunRecord, run_id
 from taskscheduler.agent.runner import ProcessRunner
 from taskscheduler.agent.runprocess import SETSID, SUPERVISOR
-from taskscheduler.protocol import Output, ResultStatus
+from taskscheduler.protocol import Output, ResultStatus, Trigger
 from tests.unit.fakes_process import FakeProcessReactor, GroupKiller
 
 T = TypeVar("T")
@@ -436,3 +436,49 @@ def test_logs_never_contain_the_environment() -> None:
     assert events, "the runner logged nothing"
     text = "\n".join(formatEvent(e) + repr(e) for e in events)
     assert "s3cr3t" not in text
+
+
+# -- what a restarted agent learns of a run ----------------------------------------------
+
+
+def test_the_journal_keeps_a_runs_revision_and_trigger_for_a_restarted_agent() -> None:
+    runner, reactor, _ = make_runner()
+    manual = (uuid.uuid4(), datetime(2026, 11, 30, 12, 0, 0, 123456, tzinfo=UTC))
+    scheduled = (uuid.uuid4(), datetime(2026, 11, 30, 12, tzinfo=UTC))
+    runner.run("cmd", 60, key=manual, revision=5, trigger=Trigger.MANUAL)
+    runner.run("cmd", 60, key=scheduled, revision=2)
+    records = RunJournal.replayed(runner.files.directory).records
+    assert (records[run_id(*manual)].revision, records[run_id(*manual)].trigger) == (
+        5,
+        Trigger.MANUAL,
+    )
+    assert (records[run_id(*scheduled)].revision, records[run_id(*scheduled)].trigger) == (
+        2,
+        Trigger.SCHEDULE,
+    )
+    # The host restarted meanwhile: the runs are lost, and their results say what ran.
+    again = ProcessRunner(
+        reactor,
+        ENV,
+        runner.files.directory,
+        kill_group=GroupKiller(),
+    )
+    again.boot_id = "another boot"
+    recovered = {(r.task_id, r.scheduled_at): r for r in again.recover()}
+    assert (recovered[manual].revision, recovered[manual].trigger) == (5, Trigger.MANUAL)
+    assert (recovered[scheduled].revision, recovered[scheduled].trigger) == (2, Trigger.SCHEDULE)
+    assert result_of(recovered[manual].outcome).status is ResultStatus.LOST
+
+
+def test_a_journal_line_of_an_older_agent_has_no_revision_and_is_scheduled() -> None:
+    line = {
+        "task_id": str(uuid.uuid4()),
+        "scheduled_at": "2026-11-30T12:00:00.000000Z",
+        "started_at": "2026-11-30T12:00:00.001000Z",
+        "time_limit": 60,
+        "pid": 4000,
+        "boot_id": "b",
+        "cgroup": None,
+    }
+    record = RunRecord.from_dict(line)
+    assert (record.revision, record.trigger) == (None, Trigger.SCHEDULE)

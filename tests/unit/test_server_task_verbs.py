@@ -92,6 +92,8 @@ async def test_the_list_pages_with_a_cursor_and_filters() -> None:
         if cursor is None:
             break
     assert seen == ids[::-1]
+    code, body = await h.request("GET", "/api/v1/tasks?limit=5")
+    assert len(body["tasks"]) == 5 and body["next_cursor"] is None  # no empty last page
     code, body = await h.request("GET", "/api/v1/tasks?command=echo%203")
     assert [t["task_id"] for t in body["tasks"]] == [ids[3]] and body["next_cursor"] is None
     for bad in ("cursor=bm9wZQ", "cursor=%25%25", "state=sleeping", "limit=501", "limit=0"):
@@ -213,6 +215,10 @@ async def test_run_now_records_a_manual_execution_shown_alone_and_in_history() -
     assert code == 404 and body["error"]["code"] == "unknown_execution"
     code, body = await h.request("GET", f"/api/v1/tasks/{task_id}/executions/yesterday")
     assert code == 400
+    # Two run-nows in one microsecond (the clock stands still): two executions.
+    code, first = await h.request("POST", f"/api/v1/tasks/{task_id}/run")
+    code, second = await h.request("POST", f"/api/v1/tasks/{task_id}/run")
+    assert code == 202 and second["scheduled_at"] != first["scheduled_at"]
     await h.request("DELETE", f"/api/v1/tasks/{task_id}")
     code, body = await h.request("POST", f"/api/v1/tasks/{task_id}/run")
     assert code == 404 and body["error"]["code"] == "task_deleted"

@@ -216,6 +216,8 @@ async def test_a_run_now_is_a_manual_execution_delivered_until_acknowledged(
     execution = await store.record_manual_execution(task.task_id, now, audit("task.run"))
     assert execution is not None
     assert (execution.trigger, execution.revision, execution.expected) == (Trigger.MANUAL, 1, 2)
+    with pytest.raises(ValueError):  # one execution per instant
+        await store.record_manual_execution(task.task_id, now, audit("task.run"))
     for url in (A_URL, B_URL):
         [run] = await store.pending_manual_runs(url, now, 10)
         assert (run.spec.task_id, run.scheduled_at, run.revision) == (task.task_id, now, 1)
@@ -294,3 +296,12 @@ async def test_retention_keeps_the_newest_executions_of_each_task(store: Store) 
     assert kept == [at(6), at(5), at(4)]
     assert len(await store.list_executions(two.task_id, 10)) == 2
     assert await store.prune_history(at(100), 100, keep=3) == 0
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_deleted_tasks_run_now_is_no_longer_due(store: Store) -> None:
+    task = await store.create_task(make_spec(), ANCHOR)
+    now = at(3)
+    assert await store.record_manual_execution(task.task_id, now, audit("task.run"))
+    assert await store.delete_task(task.task_id, now, audit("task.deleted"))
+    assert await store.pending_manual_runs(A_URL, now, 10) == []

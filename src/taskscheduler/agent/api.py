@@ -47,7 +47,7 @@ from twisted.python.failure import Failure
 from twisted.web.iweb import IRequest
 
 from taskscheduler import protocol
-from taskscheduler.agent.heartbeat import REASONS, Membership
+from taskscheduler.agent.heartbeat import MEMBER, REASONS, Membership
 from taskscheduler.agent.scheduler import Scheduler
 from taskscheduler.agent.taskstore import TaskStore
 from taskscheduler.protocol import MAX_REVISION, InvalidMessage, TaskSpec
@@ -247,14 +247,18 @@ class AgentAPI:
             parsed = protocol.parse_uuid(task_id, "task_id")
         except InvalidMessage as e:
             raise INVALID_TASK_ID(str(e)) from None
+        body = read_json(request)
         try:
-            scheduled_at, revision = parse_run_now(read_json(request))
+            scheduled_at, revision = parse_run_now(body)
         except InvalidMessage as e:
             raise BAD_REQUEST(str(e)) from None
         # The changes of the task asked before this request apply first (one that fails
         # is answered to its own request: the task stays as it was).
         await self._written(parsed).addErrback(lambda _: None)
         spec = self._scheduler.tasks.get(parsed)
+        if spec is None and self.membership.state == MEMBER:
+            # A task it does not hold (paused): the server sends it along, to run once.
+            spec = _carried_spec(body, parsed, scheduled_at)
         if spec is None:
             raise UNKNOWN_TASK("this agent does not run this task")
         try:
@@ -416,3 +420,16 @@ AGENT_ERRORS: dict[type[Exception], DomainError] = {
     ),
 }
 install_error_handlers(AgentAPI.app, AgentAPI.log, AGENT_ERRORS)
+
+
+def _carried_spec(body: Any, task_id: uuid.UUID, received_at: datetime) -> TaskSpec | None:
+    """The task a run-now carries (``"task"``, as the server sends a paused one), if it is
+    readable and is ``task_id``; None otherwise (the run is then refused as unknown)."""
+    carried = body.get("task") if isinstance(body, Mapping) else None
+    if carried is None:
+        return None
+    try:
+        spec = protocol.parse_task_spec(carried, received_at)
+    except InvalidMessage:
+        return None
+    return spec if spec.task_id == task_id else None

@@ -251,7 +251,12 @@ class Scheduler:
                 waiter.callback(None)
         # The newest version of the task, if it changed while the acceptance was written.
         loop = self._loops.get(spec.task_id)
-        self.fire(spec if loop is None else loop.spec, scheduled_at, Trigger.MANUAL)
+        spec = spec if loop is None else loop.spec
+        if self._stopped:
+            # Shutdown waits only for the runs it saw under way: start none after it.
+            self.record_skip(spec, scheduled_at, "the agent was stopping", trigger=Trigger.MANUAL)
+        else:
+            self.fire(spec, scheduled_at, Trigger.MANUAL)
         return True
 
     def fire(

@@ -1,6 +1,6 @@
 """The server's client of one agent's API: schedule (one task or a batch), unschedule,
-run now, list, leave; each request signed for the agent enrolled at the URL, each answer a
-typed outcome.
+run now, list, leave; each request signed for the agent enrolled at the URL, each answer a typed
+outcome.
 
 An agent is not trusted with the server's memory: every answer is read up to a bound
 (:func:`taskscheduler.httpclient.exchange`) and refused past it, the connection dropped.

@@ -5,9 +5,10 @@ from __future__ import annotations
 
 import base64
 import binascii
+import dataclasses
 import json
 import uuid
-from datetime import datetime
+from datetime import datetime, timedelta
 from typing import Any
 
 from twisted.web import http
@@ -22,6 +23,7 @@ from taskscheduler.server.api.fleet import missing_agents_json
 from taskscheduler.server.api.views import execution_json, latest_output_json, task_json
 from taskscheduler.server.ratelimit import retry_after
 from taskscheduler.server.store.interface import (
+    AgentRecord,
     Execution,
     ExecutionSummary,
     Task,
@@ -47,6 +49,9 @@ from taskscheduler.web.requests import (
 )
 from taskscheduler.web.responses import json_response
 
+_USEC = timedelta(microseconds=1)
+#: Instants tried for a run-now, a microsecond apart, when others took the first ones.
+_MANUAL_INSTANT_TRIES = 100
 #: The fields of a task an operator sets (create) or changes (PATCH).
 TASK_FIELDS = ("command", "frequency", "time_limit_seconds")
 
@@ -241,7 +246,16 @@ class TaskRoutes(Routes):
         audit = self._audit(
             request, principal, "task.run", str(parsed), scheduled_at=format_instant(at)
         )
-        execution = await self._store.record_manual_execution(parsed, at, audit)
+        execution = None
+        for _ in range(_MANUAL_INSTANT_TRIES):
+            try:
+                execution = await self._store.record_manual_execution(parsed, at, audit)
+                break
+            except ValueError:  # another run-now took this very microsecond
+                at = manual_instant(at + _USEC, task.spec.anchor, task.spec.frequency.interval)
+                audit = dataclasses.replace(audit, details={"scheduled_at": format_instant(at)})
+        else:
+            raise ValueError(f"no free instant for a run-now of task {task_id}")
         if execution is None:  # deleted meanwhile
             raise TASK_ALREADY_DELETED()
         self.log.info(
@@ -289,6 +303,14 @@ class TaskRoutes(Routes):
             time_limit=task.spec.time_limit,
             report_grace=self._report_grace,
         )
+
+    def _execution_view(
+        self, task: Task, execution: Execution, now: datetime, agents: list[AgentRecord]
+    ) -> dict[str, Any]:
+        """One execution as history and ``/executions/{scheduled_at}`` show it."""
+        body = execution_json(execution, self._complete(task, execution, now))
+        body["missing_agents"] = missing_agents_json(execution, agents)
+        return body
 
     def _complete(self, task: Task, execution: Execution, now: datetime) -> bool:
         return is_complete(
@@ -341,13 +363,7 @@ class TaskRoutes(Routes):
             request,
             {
                 "task_id": str(parsed_id),
-                "executions": [
-                    {
-                        **execution_json(e, self._complete(task, e, now)),
-                        "missing_agents": missing_agents_json(e, agents),
-                    }
-                    for e in page
-                ],
+                "executions": [self._execution_view(task, e, now, agents) for e in page],
                 # Pass as ?before= for the next page; null on the last one.
                 "next_before": (
                     format_instant(page[-1].scheduled_at) if len(page) == limit else None
@@ -369,7 +385,7 @@ class TaskRoutes(Routes):
         execution = await self._store.get_execution(parsed_id, at)
         if execution is None:
             raise UNKNOWN_EXECUTION()
-        body: dict[str, Any] = {"task_id": str(parsed_id)}
-        body.update(execution_json(execution, self._complete(task, execution, self._now())))
-        body["missing_agents"] = missing_agents_json(execution, await self._store.list_agents())
+        agents = await self._store.list_agents()
+        body = {"task_id": str(parsed_id)}
+        body.update(self._execution_view(task, execution, self._now(), agents))
         return json_response(request, body)

@@ -181,6 +181,7 @@ class Deliveries:
                 SELECT m.scheduled_at, m.revision, m.deadline, {TASK_COLUMNS}
                 FROM manual_runs m JOIN tasks t ON t.task_id = m.task_id
                 WHERE m.agent_url = %s AND m.delivered_at IS NULL AND m.deadline > %s
+                  AND t.deleted_at IS NULL
                 ORDER BY m.scheduled_at, m.task_id
                 LIMIT %s
                 """,

@@ -301,13 +301,14 @@ class Store(Protocol):
     ) -> Execution | None:
         """Record a run-now of the live task at ``scheduled_at`` (its current revision,
         expecting every agent assigned now, each due a delivery: :meth:`pending_manual_runs`),
-        with ``audit``. None if no live task."""
+        with ``audit``. None if no live task; ValueError if an execution of the task is
+        already recorded at that instant (two run-nows in one microsecond)."""
 
     async def pending_manual_runs(
         self, agent_url: str, now: datetime, limit: int
     ) -> list[ManualRun]:
-        """Run-nows the agent at ``agent_url`` has not acknowledged, whose deadline is
-        after ``now``, oldest first."""
+        """Run-nows of live tasks the agent at ``agent_url`` has not acknowledged, whose
+        deadline is after ``now``, oldest first."""
 
     async def mark_manual_delivered(
         self, agent_url: str, runs: Sequence[tuple[uuid.UUID, datetime]]
@@ -360,10 +361,12 @@ class Store(Protocol):
         """
 
     async def undelivered_tasks(self, agent_url: str, limit: int) -> list[Task]:
-        """Live tasks assigned to this agent that it has not acknowledged, oldest first."""
+        """Active tasks assigned to this agent that it has not acknowledged (at their
+        current revision), oldest first."""
 
     async def assigned_task_ids(self, agent_url: str) -> set[uuid.UUID]:
-        """Every live (not deleted) task assigned to this agent, delivered or not."""
+        """Every active (neither deleted nor paused) task assigned to this agent,
+        delivered or not."""
 
     async def mark_delivered(
         self,
@@ -384,16 +387,17 @@ class Store(Protocol):
         tasks included (the results they were due before their deletion are accepted)."""
 
     async def pending_removals(self, agent_url: str, limit: int) -> list[uuid.UUID]:
-        """Deleted tasks the agent at ``agent_url`` has not yet confirmed it dropped."""
+        """Deleted or paused tasks the agent at ``agent_url`` has not yet confirmed it
+        dropped."""
 
     async def mark_removed(self, agent_url: str, task_ids: Sequence[uuid.UUID]) -> None:
-        """The agent at ``agent_url`` confirmed it dropped these deleted tasks."""
+        """The agent at ``agent_url`` confirmed it dropped these deleted or paused tasks."""
 
     async def request_removal(
         self, agent_url: str, task_ids: Sequence[uuid.UUID]
     ) -> set[uuid.UUID]:
-        """The agent still has these tasks: make those that are deleted (and assigned to
-        it) due for removal again. Returns them."""
+        """The agent still has these tasks: make those that are deleted or paused (and
+        assigned to it) due for removal again. Returns them."""
 
     # -- agents and the audit log ------------------------------------------------------
 

@@ -323,6 +323,8 @@ class MemoryStore:
         if task is None:
             return None
         at = utc(scheduled_at)
+        if at in self._executions[task_id]:
+            raise ValueError(f"task {task_id} already has an execution at {at}")
         urls = expected_urls(self._assignments[task_id], self._agents.values())
         execution = _Execution(urls, Trigger.MANUAL, task.spec.revision)
         self._executions[task_id][at] = execution
@@ -338,7 +340,10 @@ class MemoryStore:
         pending = sorted(
             (at, task_id, delivery)
             for (task_id, at, url), delivery in self._manual.items()
-            if url == agent_url and not delivery.delivered and delivery.deadline > now
+            if url == agent_url
+            and not delivery.delivered
+            and delivery.deadline > now
+            and not self._tasks[task_id].deleted
         )[:limit]
         return [
             ManualRun(self._tasks[task_id].spec, at, delivery.revision, delivery.deadline)
@@ -415,7 +420,9 @@ class MemoryStore:
             if same_result(stored, result):
                 return RecordOutcome.DUPLICATE
             return RecordOutcome.CONFLICT
-        execution.results[result.agent_id] = replace(result, revision=revision)
+        # The revision it ran; an older agent's (None) is the one in effect.
+        ran = revision if result.revision is None else result.revision
+        execution.results[result.agent_id] = replace(result, revision=ran)
         return RecordOutcome.STORED
 
     async def latest_complete_execution(

@@ -15,6 +15,7 @@ from datetime import datetime, timedelta
 from typing import Any
 
 import psycopg2
+import psycopg2.errors
 
 from taskscheduler.protocol import Output, ResultStatus, RunResult, Trigger
 from taskscheduler.server.store.audit import insert_audit
@@ -387,7 +388,11 @@ class Results:
                 "stderr_truncated": [r.stderr.truncated for r in chosen],
                 "reason": [r.reason for r in chosen],
                 "digest": [psycopg2.Binary(digests[first[key]]) for key in candidates],
-                "revision": [revisions[first[key]] for key in candidates],
+                # The revision each ran; an older agent's (None) is the one in effect.
+                "revision": [
+                    revisions[first[k]] if r.revision is None else r.revision
+                    for k, r in zip(candidates, chosen, strict=True)
+                ],
                 "trigger": [r.trigger.value for r in chosen],
                 "received_at": received_at,
             },
@@ -528,14 +533,14 @@ class Results:
             if cursor.fetchone() is None:
                 raise UnknownTask(str(task_id))
             await cursor.execute(
-                "SELECT expected, trigger, revision, expected_urls FROM executions"
+                "SELECT expected, trigger, revision FROM executions"
                 " WHERE task_id = %s::uuid AND scheduled_at = %s",
                 (str(task_id), scheduled_at),
             )
             row = cursor.fetchone()
             if row is None:
                 return None
-            expected, trigger, revision, urls = row
+            expected, trigger, revision = row
             at = utc(scheduled_at)
             await cursor.execute(
                 EXECUTION_RESULTS_SQL, {"task_id": str(task_id), "scheduled_at": scheduled_at}
@@ -547,7 +552,6 @@ class Results:
                 results=tuple(_result_from_row(task_id, at, r) for r in cursor.fetchall()),
                 trigger=Trigger(trigger),
                 revision=revision,
-                expected_urls=None if urls is None else tuple(urls),
             )
 
         return await self._db.run(operation, transaction=False)
@@ -568,8 +572,6 @@ class Results:
                 return None
             revision, interval = row
             deadline = manual_run_deadline(at, timedelta(seconds=interval))
-            # The agents expected, as for a scheduled execution (fleet.expected_urls); each
-            # is told to run it.
             await cursor.execute(
                 f"""
                 INSERT INTO executions (task_id, scheduled_at, expected, expected_urls,
@@ -584,6 +586,7 @@ class Results:
                 {"task_id": str(task_id), "at": at, "revision": revision},
             )
             (urls,) = cursor.fetchone()
+            # Each agent the execution expects is told of it.
             await cursor.execute(
                 """
                 INSERT INTO manual_runs (task_id, scheduled_at, agent_url, revision, deadline)
@@ -603,4 +606,7 @@ class Results:
                 task_id, at, len(urls), (), Trigger.MANUAL, revision, expected_urls=tuple(urls)
             )
 
-        return await self._db.run(operation)
+        try:
+            return await self._db.run(operation)
+        except psycopg2.errors.UniqueViolation:
+            raise ValueError(f"task {task_id} already has an execution at {at}") from None

@@ -1,5 +1,5 @@
-"""Tasks in PostgreSQL: their SQL and row mapper; listing, changing (revisions), pausing
-and resuming them (the fleet is :mod:`.fleet`'s)."""
+"""Tasks in PostgreSQL: their SQL and row mapper (the fleet is :mod:`.fleet`'s); listing,
+changing (revisions), pausing and resuming them."""
 
 from __future__ import annotations
 
