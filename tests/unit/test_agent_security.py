@@ -99,13 +99,13 @@ async def test_route_sweep_refuses_unsigned_forged_stale_and_replayed(agent: Age
         path = concrete(rule)
         body = task_body() if method == "POST" else b""
         accepted = 200
-        if rule == "/api/v1/agent/leave":
-            body = b'{"reason": "removed"}'
         if endpoint == "run_now":
             path = rule.replace("<task_id>", known_id)
             now = format_instant(ANCHOR + timedelta(seconds=5))
             body = json.dumps({"scheduled_at": now, "revision": 1}).encode()
             accepted = 202
+        if rule == "/api/v1/agent/leave":
+            body = b'{"reason": "removed"}'
         if (method, rule) in PUBLIC:
             code, answer, _ = await send(agent, method, path, b"", None)
             assert code == 200
