@@ -68,7 +68,8 @@ from taskscheduler.server.agent_client import (
     TaskList,
 )
 from taskscheduler.server.leaves import LeaveSender
-from taskscheduler.server.store.interface import ManualRun, Store, Task
+from taskscheduler.server.store.interface import Store
+from taskscheduler.server.store.records import ManualRun, Task
 from taskscheduler.signing import InstructionSigner
 
 #: Most tasks in one delivery request (the agent takes up to 1000).

@@ -57,8 +57,8 @@ from taskscheduler.server.options import Options
 from taskscheduler.server.ratelimit import RateLimiter
 from taskscheduler.server.retention import HistoryPruner
 from taskscheduler.server.store.fleet import CONFIG_ACTOR
-from taskscheduler.server.store.interface import StoreUnavailable
 from taskscheduler.server.store.postgres import PostgresStore
+from taskscheduler.server.store.records import StoreUnavailable
 from taskscheduler.services import ListeningPort, StartInOrder, Step
 from taskscheduler.signing import (
     InstructionSigner,

@@ -13,7 +13,7 @@ from taskscheduler.server.access import principal_of
 from taskscheduler.server.api.base import routes
 from taskscheduler.server.api.fleet import FleetRoutes
 from taskscheduler.server.api.views import agent_json
-from taskscheduler.server.store.interface import AgentConflict
+from taskscheduler.server.store.records import AgentConflict
 from taskscheduler.web.errors import (
     AGENT_CONFLICTS,
     BAD_REQUEST,

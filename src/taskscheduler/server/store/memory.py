@@ -18,10 +18,10 @@ from dataclasses import replace
 from datetime import datetime
 
 from taskscheduler.protocol import TaskSpec
-from taskscheduler.server.store.interface import AuditEvent, Task, TaskChange, TaskState
 from taskscheduler.server.store.memory_fleet import MemoryFleet
 from taskscheduler.server.store.memory_results import MemoryResults
 from taskscheduler.server.store.memory_state import Assignment
+from taskscheduler.server.store.records import AuditEvent, Task, TaskChange, TaskState
 from taskscheduler.server.store.rules import Revision, change_details, revise, utc, utc_spec
 
 

@@ -10,7 +10,8 @@ from dataclasses import replace
 from datetime import datetime
 
 from taskscheduler.server.store.fleet import fleet_audit, now_utc
-from taskscheduler.server.store.interface import (
+from taskscheduler.server.store.memory_state import Assignment, MemoryState
+from taskscheduler.server.store.records import (
     AgentConflict,
     AgentRecord,
     AuditEvent,
@@ -21,7 +22,6 @@ from taskscheduler.server.store.interface import (
     Task,
     TaskState,
 )
-from taskscheduler.server.store.memory_state import Assignment, MemoryState
 from taskscheduler.server.store.rules import enrolment_conflict, release_conflict, utc
 
 

@@ -12,14 +12,14 @@ from datetime import datetime, timedelta
 
 from taskscheduler.protocol import RunResult, Trigger
 from taskscheduler.server.store.fleet import expected_urls
-from taskscheduler.server.store.interface import (
+from taskscheduler.server.store.memory_state import ManualDelivery, MemoryExecution, MemoryState
+from taskscheduler.server.store.records import (
     AuditEvent,
     Execution,
     ExecutionSummary,
     RecordOutcome,
     UnknownTask,
 )
-from taskscheduler.server.store.memory_state import ManualDelivery, MemoryExecution, MemoryState
 from taskscheduler.server.store.rules import (
     is_complete,
     is_manual,

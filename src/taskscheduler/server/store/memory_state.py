@@ -8,7 +8,7 @@ from dataclasses import dataclass, field
 from datetime import datetime
 
 from taskscheduler.protocol import RunResult, Trigger
-from taskscheduler.server.store.interface import (
+from taskscheduler.server.store.records import (
     AgentRecord,
     AuditEvent,
     Execution,

@@ -19,7 +19,10 @@ from taskscheduler.server.store.agents import Agents
 from taskscheduler.server.store.audit import Audit
 from taskscheduler.server.store.deliveries import Deliveries
 from taskscheduler.server.store.fleet import Fleet
-from taskscheduler.server.store.interface import (
+from taskscheduler.server.store.migrations import Migrator
+from taskscheduler.server.store.pool import Database
+from taskscheduler.server.store.recording import Recording
+from taskscheduler.server.store.records import (
     AgentRecord,
     AuditEvent,
     Execution,
@@ -33,9 +36,6 @@ from taskscheduler.server.store.interface import (
     TaskChange,
     TaskState,
 )
-from taskscheduler.server.store.migrations import Migrator
-from taskscheduler.server.store.pool import Database
-from taskscheduler.server.store.recording import Recording
 from taskscheduler.server.store.results import Results
 from taskscheduler.server.store.tasks import Tasks
 

@@ -19,8 +19,8 @@ import psycopg2.errors
 from taskscheduler.protocol import RunResult, Trigger
 from taskscheduler.server.store.audit import insert_audit
 from taskscheduler.server.store.fleet import EXPECTED_URLS_SQL
-from taskscheduler.server.store.interface import AuditEvent, Execution, RecordOutcome
 from taskscheduler.server.store.pool import Cursor, Database
+from taskscheduler.server.store.records import AuditEvent, Execution, RecordOutcome
 from taskscheduler.server.store.rules import (
     Pause,
     Revision,

@@ -14,8 +14,8 @@ from datetime import datetime, timedelta
 from typing import Any
 
 from taskscheduler.protocol import Output, ResultStatus, RunResult, Trigger
-from taskscheduler.server.store.interface import Execution, ExecutionSummary, UnknownTask
 from taskscheduler.server.store.pool import Cursor, Database
+from taskscheduler.server.store.records import Execution, ExecutionSummary, UnknownTask
 from taskscheduler.server.store.rules import utc, utc_or_none
 
 # -- SQL ------------------------------------------------------------------------------------
