@@ -142,8 +142,11 @@ class AgentLink:
         some requests answers, and is sent new tasks at once."""
         self._delivery.kick(through_backoff=self._only_refused)
 
-    async def new_identity(self) -> None:
+    def new_identity(self) -> None:
         """A new agent enrolled at this URL: it has none of the URL's tasks yet."""
+        Deferred.fromCoroutine(self._new_identity()).addErrback(self._reconcile_failed)
+
+    async def _new_identity(self) -> None:
         assigned = await self._store.assigned_task_ids(self.url)
         await self._store.mark_undelivered(self.url, sorted(assigned))
         self._one_by_one = False

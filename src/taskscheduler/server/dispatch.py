@@ -103,5 +103,4 @@ class Dispatcher(Service):
         after a back-off or at the next reconciliation."""
         for link in self.links:
             if link.url == url.rstrip("/"):
-                d = Deferred.fromCoroutine(link.new_identity())
-                d.addErrback(link._reconcile_failed)
+                link.new_identity()
