@@ -31,8 +31,8 @@ from taskscheduler.protocol import MAX_BATCH, Output, ResultStatus, RunResult, p
 from taskscheduler.schedule import utc_now_from
 from taskscheduler.server.access import ServerAccess
 from taskscheduler.server.api.app import ServerAPI
-from taskscheduler.server.store.interface import AuditEvent, RecordOutcome
 from taskscheduler.server.store.memory import MemoryStore
+from taskscheduler.server.store.records import AuditEvent, RecordOutcome
 from taskscheduler.web.errors import error_body, too_large
 from tests.unit.agent_fakes import (
     ANCHOR,

@@ -22,8 +22,8 @@ from twisted.web.resource import Resource
 from taskscheduler.protocol import TaskSpec, parse_task_spec, task_spec_to_json
 from taskscheduler.schedule import parse_frequency, utc_now_from
 from taskscheduler.server.dispatch import Dispatcher
-from taskscheduler.server.store.interface import AuditEvent, Task
 from taskscheduler.server.store.memory import MemoryStore
+from taskscheduler.server.store.records import AuditEvent, Task
 from taskscheduler.signing import InstructionSigner
 from tests.unit.agent_fakes import SERVER_KEY, Agent, FakeServer
 

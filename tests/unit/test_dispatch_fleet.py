@@ -17,8 +17,8 @@ from twisted.web.server import NOT_DONE_YET
 
 from taskscheduler.schedule import utc_now_from
 from taskscheduler.server.dispatch import Dispatcher
-from taskscheduler.server.store.interface import AuditEvent
 from taskscheduler.server.store.memory import MemoryStore
+from taskscheduler.server.store.records import AuditEvent
 from tests.unit.test_dispatch import AGENT_ID, URL, AgentFront, enrol, real_setup, settle, signer
 from tests.unit.test_dispatch import spec as make_spec
 

@@ -15,8 +15,8 @@ from twisted.web.resource import Resource
 
 from taskscheduler.schedule import utc_now_from
 from taskscheduler.server.dispatch import Dispatcher
-from taskscheduler.server.store.interface import AuditEvent, TaskChange
 from taskscheduler.server.store.memory import MemoryStore
+from taskscheduler.server.store.records import AuditEvent, TaskChange
 from tests.unit.test_dispatch import URL, AgentFront, enrol, settle, signer, spec
 
 

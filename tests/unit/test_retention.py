@@ -14,8 +14,8 @@ from twisted.logger import LogEvent, globalLogPublisher
 from taskscheduler.protocol import Output, ResultStatus, RunResult, TaskSpec
 from taskscheduler.schedule import instant, parse_frequency
 from taskscheduler.server.retention import HistoryPruner
-from taskscheduler.server.store.interface import StoreUnavailable
 from taskscheduler.server.store.memory import MemoryStore
+from taskscheduler.server.store.records import StoreUnavailable
 
 AGENT = uuid.UUID("aaaaaaaa-0000-4000-8000-000000000001")
 ANCHOR = datetime(2026, 1, 1, tzinfo=UTC)

@@ -26,8 +26,8 @@ from taskscheduler.schedule import format_instant, instant, parse_instant, utc_n
 from taskscheduler.server.access import ServerAccess
 from taskscheduler.server.api.app import DEFAULT_MAX_OUTPUT_BYTES, ServerAPI
 from taskscheduler.server.retention import HistoryPruner
-from taskscheduler.server.store.interface import AuditEvent, StoreUnavailable
 from taskscheduler.server.store.memory import MemoryStore
+from taskscheduler.server.store.records import AuditEvent, StoreUnavailable
 from taskscheduler.web.guards import make_site
 from tests.unit.agent_fakes import fired
 from tests.unit.hostile import (

@@ -7,8 +7,8 @@ from pathlib import Path
 import pytest
 from twisted.python import usage
 
+from taskscheduler.server.database import database_warnings, read_database_file
 from taskscheduler.server.options import Options
-from taskscheduler.server.tap import database_warnings, read_database_file
 
 
 def parse(args: list[str], monkeypatch: pytest.MonkeyPatch, **env: str) -> Options:

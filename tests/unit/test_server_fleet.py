@@ -12,7 +12,7 @@ from twisted.logger import Logger, formatEvent
 
 from taskscheduler.auth import AGENT_PREFIX, hash_token, new_token
 from taskscheduler.schedule import format_instant, utc_now_from
-from taskscheduler.server.store.interface import AuditEvent
+from taskscheduler.server.store.records import AuditEvent
 from tests.unit.test_server_api import (
     AGENT_A,
     AGENT_B,

@@ -9,8 +9,8 @@ import pytest
 import pytest_twisted
 from twisted.internet.task import Clock
 
+from taskscheduler.server.database import DatabaseConnection
 from taskscheduler.server.store.memory import MemoryStore
-from taskscheduler.server.tap import DatabaseConnection
 from tests.unit.test_server_options import parse
 
 A, B, C = "http://agent-a:8081", "http://agent-b:8081", "http://agent-c:8081"

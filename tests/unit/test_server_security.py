@@ -26,8 +26,8 @@ from taskscheduler.protocol import result_to_json
 from taskscheduler.schedule import utc_now_from
 from taskscheduler.server.access import ServerAccess
 from taskscheduler.server.api.app import ServerAPI
-from taskscheduler.server.store.interface import AuditEvent, StoreUnavailable
 from taskscheduler.server.store.memory import MemoryStore
+from taskscheduler.server.store.records import AuditEvent, StoreUnavailable
 from taskscheduler.web.gate import Access, AuthGate
 from tests.unit.route_sweep import PUBLIC, concrete, disguises, routes
 from tests.unit.test_server_api import (

@@ -226,7 +226,7 @@ async def test_run_now_records_a_manual_execution_shown_alone_and_in_history() -
 
 def test_a_cursor_is_opaque_base64_of_the_sort_key() -> None:
     from taskscheduler.server.api.tasks import decode_cursor, encode_cursor
-    from taskscheduler.server.store.interface import Task
+    from taskscheduler.server.store.records import Task
     from tests.unit.test_store_contract import make_spec
 
     task = Task(make_spec(), utc_now_from(START))

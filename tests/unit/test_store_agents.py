@@ -10,8 +10,9 @@ import pytest
 import pytest_twisted
 from twisted.internet import reactor
 
-from taskscheduler.server.store.interface import AgentConflict, AuditEvent, Store
+from taskscheduler.server.store.interface import Store
 from taskscheduler.server.store.postgres import PostgresStore
+from taskscheduler.server.store.records import AgentConflict, AuditEvent
 from tests.unit.test_store_contract import A_ID, A_URL, ANCHOR, B_ID, B_URL, make_spec
 
 HASH_A = "sha256:" + "a" * 64

@@ -18,12 +18,8 @@ from twisted.internet.defer import Deferred, DeferredList
 
 from taskscheduler.protocol import Output, ResultStatus, RunResult, TaskSpec
 from taskscheduler.schedule import instant, parse_frequency
-from taskscheduler.server.store.interface import (
-    AuditEvent,
-    RecordOutcome,
-    Store,
-    UnknownTask,
-)
+from taskscheduler.server.store.interface import Store
+from taskscheduler.server.store.records import AuditEvent, RecordOutcome, UnknownTask
 
 T = TypeVar("T")
 

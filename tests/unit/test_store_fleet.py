@@ -8,7 +8,8 @@ from datetime import timedelta
 import pytest_twisted
 
 from taskscheduler.server.store.fleet import expected_urls, holder_of, missing_agents
-from taskscheduler.server.store.interface import AgentRecord, AuditEvent, Heartbeat, Store
+from taskscheduler.server.store.interface import Store
+from taskscheduler.server.store.records import AgentRecord, AuditEvent, Heartbeat
 from tests.unit.test_store_contract import (
     A_ID,
     A_URL,

@@ -12,9 +12,9 @@ import pytest_twisted
 from twisted.internet import reactor
 from twisted.internet.defer import Deferred, DeferredList
 
-from taskscheduler.server.store.interface import StoreUnavailable
 from taskscheduler.server.store.migrations import MIGRATIONS
 from taskscheduler.server.store.postgres import PostgresStore
+from taskscheduler.server.store.records import StoreUnavailable
 from taskscheduler.server.store.results import (
     EXECUTION_RESULTS_SQL,
     LATEST_EXECUTION_SQL,

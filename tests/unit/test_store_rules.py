@@ -17,7 +17,8 @@ import pytest
 import pytest_twisted
 
 from taskscheduler.protocol import Output, ResultStatus
-from taskscheduler.server.store.interface import AgentRecord, AuditEvent, RecordOutcome, Store
+from taskscheduler.server.store.interface import Store
+from taskscheduler.server.store.records import AgentRecord, AuditEvent, RecordOutcome
 from taskscheduler.server.store.rules import (
     after_deletion,
     enrolment_conflict,

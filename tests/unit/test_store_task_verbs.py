@@ -12,13 +12,8 @@ import pytest_twisted
 
 from taskscheduler.protocol import Trigger
 from taskscheduler.schedule import instant, parse_frequency
-from taskscheduler.server.store.interface import (
-    AuditEvent,
-    RecordOutcome,
-    Store,
-    TaskChange,
-    TaskState,
-)
+from taskscheduler.server.store.interface import Store
+from taskscheduler.server.store.records import AuditEvent, RecordOutcome, TaskChange, TaskState
 from taskscheduler.server.store.rules import (
     Revision,
     in_pause,

@@ -29,6 +29,10 @@ The task files are written off the reactor thread (:class:`TaskStore`), so a cha
 task is answered, and applied to the scheduler, only once it is on disk. Changes of one
 task are applied in the order they came: a request sees the changes asked before it,
 even those still being written, and an identical one waits for them.
+
+It runs past 400 lines because it is one Klein app: every route shares the signature
+check, the body limits and the per-task change queue above, which a split would spread
+over modules that each need all of them.
 """
 
 from __future__ import annotations

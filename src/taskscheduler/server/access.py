@@ -23,7 +23,8 @@ from twisted.logger import Logger
 from twisted.web.iweb import IRequest
 
 from taskscheduler.auth import AGENT_PREFIX, TokenFile, bearer_token, hash_token, parse_bearer
-from taskscheduler.server.store.interface import AgentRecord, Store, StoreUnavailable
+from taskscheduler.server.store.interface import Store
+from taskscheduler.server.store.records import AgentRecord, StoreUnavailable
 from taskscheduler.web.errors import DATABASE_UNAVAILABLE, FORBIDDEN, ApiError, unauthorized
 from taskscheduler.web.gate import Access
 

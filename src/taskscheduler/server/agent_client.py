@@ -4,7 +4,7 @@ outcome.
 
 An agent is not trusted with the server's memory: every answer is read up to a bound
 (:func:`taskscheduler.httpclient.exchange`) and refused past it, the connection dropped.
-What to send when, and what to do with an outcome, is :mod:`taskscheduler.server.dispatch`'s.
+What to send when, and what to do with an outcome, is :mod:`taskscheduler.server.agent_link`'s.
 """
 
 from __future__ import annotations

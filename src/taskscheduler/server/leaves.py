@@ -15,7 +15,8 @@ from twisted.logger import Logger
 from taskscheduler.httpclient import describe
 from taskscheduler.retry import Backoff, RetryLoop
 from taskscheduler.server.agent_client import DEFAULT_MAX_ANSWER_BYTES, Accepted, AgentClient
-from taskscheduler.server.store.interface import Leave, Store
+from taskscheduler.server.store.interface import Store
+from taskscheduler.server.store.records import Leave
 from taskscheduler.signing import InstructionSigner
 
 #: Most leaves sent in one pass (each to its own agent, at once).

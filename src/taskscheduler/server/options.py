@@ -1,5 +1,9 @@
 """``twistd taskscheduler-server``'s options: each from the command line or its
-environment variable, checked and converted once, here."""
+environment variable, checked and converted once, here.
+
+It runs past 400 lines because it is one flat table (``optParameters``, read top to
+bottom as the server's configuration reference) and the converters it applies; split,
+an option and its check would be read in two files."""
 
 from __future__ import annotations
 

@@ -19,7 +19,8 @@ from twisted.internet.interfaces import IReactorTime
 from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
 
-from taskscheduler.server.store.interface import Store, StoreUnavailable
+from taskscheduler.server.store.interface import Store
+from taskscheduler.server.store.records import StoreUnavailable
 
 DEFAULT_RETENTION_DAYS = 90
 DEFAULT_PRUNE_INTERVAL = 300.0  # seconds between ticks

@@ -12,7 +12,7 @@ from taskscheduler.protocol import InvalidMessage
 from taskscheduler.server.access import principal_of
 from taskscheduler.server.api.base import routes
 from taskscheduler.server.api.fleet import FleetRoutes
-from taskscheduler.server.store.interface import AgentConflict
+from taskscheduler.server.store.records import AgentConflict
 from taskscheduler.web.errors import (
     AGENT_CONFLICTS,
     BAD_REQUEST,

@@ -29,13 +29,8 @@ from taskscheduler.server.api.openapi import OpenAPIRoutes
 from taskscheduler.server.api.results import ResultRoutes
 from taskscheduler.server.api.tasks import TaskRoutes
 from taskscheduler.server.ratelimit import RateLimiter
-from taskscheduler.server.store.interface import (
-    AgentRecord,
-    Store,
-    StoreUnavailable,
-    Task,
-    UnknownTask,
-)
+from taskscheduler.server.store.interface import Store
+from taskscheduler.server.store.records import AgentRecord, StoreUnavailable, Task, UnknownTask
 from taskscheduler.web.errors import DATABASE_UNAVAILABLE, UNKNOWN_FIELD, UNKNOWN_TASK
 from taskscheduler.web.gate import Access, AuthGate
 from taskscheduler.web.responses import DomainError, install_error_handlers, json_response

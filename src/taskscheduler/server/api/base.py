@@ -17,7 +17,8 @@ from twisted.web.iweb import IRequest
 from taskscheduler.schedule import utc_now_from
 from taskscheduler.server.access import Principal, ServerAccess
 from taskscheduler.server.ratelimit import RateLimiter
-from taskscheduler.server.store.interface import AgentRecord, AuditEvent, Store, Task
+from taskscheduler.server.store.interface import Store
+from taskscheduler.server.store.records import AgentRecord, AuditEvent, Task
 from taskscheduler.web.requests import peer_address
 
 #: The one app every route module registers on: one URL map, which the access gate reads.

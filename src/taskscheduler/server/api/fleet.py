@@ -24,7 +24,7 @@ from taskscheduler.server.access import principal_of
 from taskscheduler.server.api.base import Routes, routes
 from taskscheduler.server.api.views import agent_json
 from taskscheduler.server.store.fleet import holder_of, missing_agents
-from taskscheduler.server.store.interface import AgentRecord, Execution, FleetMember, Heartbeat
+from taskscheduler.server.store.records import AgentRecord, Execution, FleetMember, Heartbeat
 from taskscheduler.web.errors import (
     BAD_REQUEST,
     INVALID_AGENT_ID,

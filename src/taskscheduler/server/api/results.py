@@ -15,7 +15,7 @@ from taskscheduler.protocol import InvalidMessage, RunResult
 from taskscheduler.schedule import format_instant
 from taskscheduler.server.access import principal_of
 from taskscheduler.server.api.base import Routes, routes
-from taskscheduler.server.store.interface import AgentRecord, RecordOutcome, UnknownTask
+from taskscheduler.server.store.records import AgentRecord, RecordOutcome, UnknownTask
 from taskscheduler.web.errors import (
     BAD_REQUEST,
     IMPERSONATION,

@@ -22,7 +22,7 @@ from taskscheduler.server.api.base import Routes, routes
 from taskscheduler.server.api.fleet import missing_agents_json
 from taskscheduler.server.api.views import execution_json, latest_output_json, task_json
 from taskscheduler.server.ratelimit import retry_after
-from taskscheduler.server.store.interface import (
+from taskscheduler.server.store.records import (
     AgentRecord,
     Execution,
     ExecutionSummary,

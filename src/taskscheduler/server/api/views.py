@@ -10,7 +10,7 @@ from typing import Any
 from taskscheduler import protocol
 from taskscheduler.protocol import ResultStatus, RunResult
 from taskscheduler.schedule import format_instant
-from taskscheduler.server.store.interface import (
+from taskscheduler.server.store.records import (
     AgentRecord,
     AuditEvent,
     Execution,

@@ -14,13 +14,8 @@ from typing import Any
 import psycopg2.errors
 
 from taskscheduler.server.store.audit import insert_audit
-from taskscheduler.server.store.interface import (
-    AgentConflict,
-    AgentRecord,
-    AuditEvent,
-    Heartbeat,
-)
 from taskscheduler.server.store.pool import Cursor, Database
+from taskscheduler.server.store.records import AgentConflict, AgentRecord, AuditEvent, Heartbeat
 from taskscheduler.server.store.rules import (
     enrolment_conflict,
     release_conflict,

@@ -8,8 +8,8 @@ from __future__ import annotations
 
 import json
 
-from taskscheduler.server.store.interface import AuditEvent
 from taskscheduler.server.store.pool import Cursor, Database
+from taskscheduler.server.store.records import AuditEvent
 from taskscheduler.server.store.rules import utc
 
 

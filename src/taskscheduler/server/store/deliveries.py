@@ -12,8 +12,8 @@ import uuid
 from collections.abc import Sequence
 from datetime import datetime
 
-from taskscheduler.server.store.interface import ManualRun, Task
 from taskscheduler.server.store.pool import Cursor, Database
+from taskscheduler.server.store.records import ManualRun, Task
 from taskscheduler.server.store.rules import utc
 from taskscheduler.server.store.tasks import TASK_COLUMNS, task_from_row
 

@@ -15,8 +15,8 @@ from datetime import UTC, datetime
 
 from taskscheduler.protocol import RunResult
 from taskscheduler.server.store.audit import insert_audit
-from taskscheduler.server.store.interface import AgentRecord, AuditEvent, FleetMember, Leave
 from taskscheduler.server.store.pool import Cursor, Database
+from taskscheduler.server.store.records import AgentRecord, AuditEvent, FleetMember, Leave
 from taskscheduler.server.store.rules import utc
 
 #: The principal AVAILABLE_SERVERS changes are audited as.

@@ -6,7 +6,7 @@ once and never replaces one: here a connection that breaks is thrown away, the i
 with it (a broken connection usually means the server restarted), and the next call
 opens fresh ones. Nothing waits forever: connecting has a deadline, and an operation
 that outlives its deadline has its connection closed under it. Every failure to reach
-the database surfaces as :class:`~taskscheduler.server.store.interface.StoreUnavailable`.
+the database surfaces as :class:`~taskscheduler.server.store.records.StoreUnavailable`.
 """
 
 from __future__ import annotations
@@ -23,7 +23,7 @@ from twisted.internet.error import ConnectionDone, ConnectionLost
 from twisted.logger import Logger
 from txpostgres.txpostgres import Connection, RollbackFailed
 
-from taskscheduler.server.store.interface import StoreUnavailable
+from taskscheduler.server.store.records import StoreUnavailable
 
 T = TypeVar("T")
 Cursor = Any  # txpostgres.Cursor: execute() returns a Deferred, the rest is psycopg2's

@@ -19,7 +19,10 @@ from taskscheduler.server.store.agents import Agents
 from taskscheduler.server.store.audit import Audit
 from taskscheduler.server.store.deliveries import Deliveries
 from taskscheduler.server.store.fleet import Fleet
-from taskscheduler.server.store.interface import (
+from taskscheduler.server.store.migrations import Migrator
+from taskscheduler.server.store.pool import Database
+from taskscheduler.server.store.recording import Recording
+from taskscheduler.server.store.records import (
     AgentRecord,
     AuditEvent,
     Execution,
@@ -33,8 +36,6 @@ from taskscheduler.server.store.interface import (
     TaskChange,
     TaskState,
 )
-from taskscheduler.server.store.migrations import Migrator
-from taskscheduler.server.store.pool import Database
 from taskscheduler.server.store.results import Results
 from taskscheduler.server.store.tasks import Tasks
 
@@ -72,6 +73,7 @@ class PostgresStore:
         )
         self.tasks = Tasks(self.db)
         self.deliveries = Deliveries(self.db)
+        self.recording = Recording(self.db)
         self.results = Results(self.db)
         self.agents = Agents(self.db)
         self.fleet = Fleet(self.db)
@@ -155,7 +157,7 @@ class PostgresStore:
     async def record_manual_execution(
         self, task_id: uuid.UUID, scheduled_at: datetime, audit: AuditEvent
     ) -> Execution | None:
-        return await self.results.record_manual_execution(task_id, scheduled_at, audit)
+        return await self.recording.record_manual_execution(task_id, scheduled_at, audit)
 
     async def pending_manual_runs(
         self, agent_url: str, now: datetime, limit: int
@@ -180,7 +182,7 @@ class PostgresStore:
     async def record_results(
         self, results: Sequence[RunResult], received_at: datetime
     ) -> list[RecordOutcome]:
-        return await self.results.record_results(results, received_at)
+        return await self.recording.record_results(results, received_at)
 
     async def latest_complete_execution(
         self, task_id: uuid.UUID, now: datetime, report_grace: timedelta

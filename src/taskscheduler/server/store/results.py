@@ -1,10 +1,9 @@
-"""Executions and their results in PostgreSQL: record, latest complete, history, prune,
-run-nows.
+"""Reading executions and their results back from PostgreSQL: the latest complete one,
+history pages, one execution, each task's newest, and pruning the oldest.
 
-The outcome rules are :mod:`~taskscheduler.server.store.rules`: alignment, revisions,
-pauses, run-nows and result identity are checked here in Python with them; completeness
-and the deletion cut-off are applied by the SQL below (the cut-off in Python too), which
-``tests/unit/test_store_rules.py`` holds to the same rules.
+Completeness and the deletion cut-off (:mod:`~taskscheduler.server.store.rules`) are
+applied by the SQL below, which ``tests/unit/test_store_rules.py`` holds to the rules.
+Recording is :mod:`~taskscheduler.server.store.recording`.
 """
 
 from __future__ import annotations
@@ -14,31 +13,10 @@ from collections.abc import Sequence
 from datetime import datetime, timedelta
 from typing import Any
 
-import psycopg2
-import psycopg2.errors
-
 from taskscheduler.protocol import Output, ResultStatus, RunResult, Trigger
-from taskscheduler.server.store.audit import insert_audit
-from taskscheduler.server.store.fleet import EXPECTED_URLS_SQL
-from taskscheduler.server.store.interface import (
-    AuditEvent,
-    Execution,
-    ExecutionSummary,
-    RecordOutcome,
-    UnknownTask,
-)
 from taskscheduler.server.store.pool import Cursor, Database
-from taskscheduler.server.store.rules import (
-    Pause,
-    Revision,
-    is_manual,
-    manual_run_deadline,
-    manual_verdict,
-    result_digest,
-    scheduled_verdict,
-    utc,
-    utc_or_none,
-)
+from taskscheduler.server.store.records import Execution, ExecutionSummary, UnknownTask
+from taskscheduler.server.store.rules import utc, utc_or_none
 
 # -- SQL ------------------------------------------------------------------------------------
 
@@ -81,67 +59,6 @@ WHERE task_id = %(task_id)s::uuid AND scheduled_at = %(scheduled_at)s
 ORDER BY agent_id
 """
 
-#: Store a batch of results in one implicit transaction: create the executions they
-#: belong to (expecting every agent then assigned), lock those executions in key order,
-#: insert the results that are new, and count them in their executions. Returns the keys
-#: of the results inserted; the others were already stored, or are of instants after
-#: their task's deletion (:func:`rules.after_deletion`: neither an execution nor a result
-#: is made for those). An execution is marked complete once it has every result it
-#: expects (:func:`rules.reported_enough`); the agents expected are :func:`fleet.expected_urls`.
-RECORD_SQL = f"""
-INSERT INTO executions (task_id, scheduled_at, expected, expected_urls, revision)
-SELECT v.task_id, v.scheduled_at, cardinality(x.urls), x.urls, v.revision
-FROM unnest(%(e_task)s::uuid[], %(e_at)s::timestamptz[], %(e_revision)s::integer[])
-     AS v (task_id, scheduled_at, revision)
-CROSS JOIN LATERAL (SELECT {EXPECTED_URLS_SQL} AS urls) x
-WHERE NOT EXISTS (SELECT 1 FROM tasks t
-                  WHERE t.task_id = v.task_id AND t.deleted_at < v.scheduled_at)
-ON CONFLICT DO NOTHING;
-
-SELECT 1 FROM executions e
-JOIN unnest(%(e_task)s::uuid[], %(e_at)s::timestamptz[]) AS v (task_id, scheduled_at)
-  ON e.task_id = v.task_id AND e.scheduled_at = v.scheduled_at
-ORDER BY e.task_id, e.scheduled_at
-FOR UPDATE OF e;
-
-WITH inserted AS (
-    INSERT INTO results (task_id, scheduled_at, agent_id, status, exit_code, signal,
-                         started_at, finished_at, stdout, stdout_bytes, stdout_truncated,
-                         stderr, stderr_bytes, stderr_truncated, reason, digest,
-                         revision, trigger, received_at)
-    SELECT v.*, %(received_at)s
-    FROM unnest(%(task)s::uuid[], %(at)s::timestamptz[], %(agent)s::uuid[],
-                %(status)s::text[], %(exit_code)s::integer[], %(signal)s::integer[],
-                %(started)s::timestamptz[], %(finished)s::timestamptz[],
-                %(stdout)s::bytea[], %(stdout_bytes)s::bigint[],
-                %(stdout_truncated)s::boolean[],
-                %(stderr)s::bytea[], %(stderr_bytes)s::bigint[],
-                %(stderr_truncated)s::boolean[], %(reason)s::text[], %(digest)s::bytea[],
-                %(revision)s::integer[], %(trigger)s::text[])
-         AS v (task_id, scheduled_at, agent_id, status, exit_code, signal,
-               started_at, finished_at, stdout, stdout_bytes, stdout_truncated,
-               stderr, stderr_bytes, stderr_truncated, reason, digest, revision, trigger)
-    WHERE EXISTS (SELECT 1 FROM executions e
-                  WHERE e.task_id = v.task_id AND e.scheduled_at = v.scheduled_at)
-      AND NOT EXISTS (SELECT 1 FROM tasks t
-                      WHERE t.task_id = v.task_id AND t.deleted_at < v.scheduled_at)
-    ON CONFLICT DO NOTHING
-    RETURNING task_id, agent_id, scheduled_at
-), counted AS (
-    SELECT task_id, scheduled_at, count(*) AS n FROM inserted GROUP BY task_id, scheduled_at
-), counters AS (
-    UPDATE executions e
-    SET reported = e.reported + c.n,
-        completed_at = CASE
-            WHEN e.completed_at IS NULL AND e.reported + c.n >= e.expected
-            THEN %(received_at)s ELSE e.completed_at END
-    FROM counted c
-    WHERE e.task_id = c.task_id AND e.scheduled_at = c.scheduled_at
-)
-SELECT task_id, agent_id, scheduled_at FROM inserted
-"""
-
-#: A page of a task's history, newest first, from the primary key.
 LIST_EXECUTIONS_SQL = """
 SELECT scheduled_at, expected, trigger, revision, expected_urls FROM executions
 WHERE task_id = %(task_id)s::uuid
@@ -158,12 +75,6 @@ WHERE task_id = %(task_id)s::uuid
 ORDER BY scheduled_at, agent_id
 """
 
-#: The digests stored under keys a batch could not insert (already there, or deleted).
-STORED_DIGESTS_SQL = """
-SELECT r.task_id, r.agent_id, r.scheduled_at, r.digest
-FROM unnest(%s::uuid[], %s::timestamptz[], %s::uuid[]) AS v (t, s, a)
-JOIN results r ON r.task_id = v.t AND r.scheduled_at = v.s AND r.agent_id = v.a
-"""
 
 #: Delete the oldest executions scheduled before a cutoff, with their results, in one
 #: statement (one implicit transaction). The oldest ones come from the scheduled_at index,
@@ -193,25 +104,6 @@ DELETE FROM executions WHERE ctid = ANY(ARRAY(SELECT ctid FROM doomed))
 """
 
 #: What judging a batch needs of its tasks, in one round trip: each revision ('r'), each
-#: pause ('p'), the deletion ('d') and each run-now at an instant of the batch ('m').
-JUDGING_SQL = """
-SELECT 'r', task_id, revision, effective_at, anchor, interval_seconds
-FROM task_revisions WHERE task_id = ANY(%(ids)s::uuid[])
-UNION ALL
-SELECT 'p', task_id, NULL, paused_at, resumed_at, NULL
-FROM task_pauses WHERE task_id = ANY(%(ids)s::uuid[])
-UNION ALL
-SELECT 'd', task_id, NULL, deleted_at, NULL, NULL
-FROM tasks WHERE task_id = ANY(%(ids)s::uuid[])
-UNION ALL
-SELECT 'm', e.task_id, e.revision, e.scheduled_at, NULL, NULL
-FROM executions e
-JOIN unnest(%(m_task)s::uuid[], %(m_at)s::timestamptz[]) AS v (task_id, scheduled_at)
-  ON e.task_id = v.task_id AND e.scheduled_at = v.scheduled_at
-WHERE e.trigger = 'manual'
-"""
-
-#: The newest execution of each task, with its results' statuses.
 LAST_EXECUTIONS_SQL = """
 SELECT e.task_id, e.scheduled_at, e.trigger, e.revision, e.expected,
        ARRAY(SELECT r.status FROM results r
@@ -221,40 +113,6 @@ FROM unnest(%s::uuid[]) AS v (task_id)
 JOIN LATERAL (SELECT * FROM executions x WHERE x.task_id = v.task_id
               ORDER BY x.scheduled_at DESC LIMIT 1) e ON true
 """
-
-
-class _Judging:
-    """What the rules need to judge the results of a batch, per task."""
-
-    def __init__(self) -> None:
-        self.revisions: dict[uuid.UUID, list[Revision]] = {}
-        self.pauses: dict[uuid.UUID, list[Pause]] = {}
-        self.deleted: dict[uuid.UUID, datetime | None] = {}
-        self.manual: dict[tuple[uuid.UUID, datetime], int] = {}
-
-    def verdict(self, result: RunResult) -> tuple[RecordOutcome | None, int]:
-        task_id = result.task_id
-        if task_id not in self.deleted:
-            return RecordOutcome.UNKNOWN_TASK, 0
-        if is_manual(result):
-            recorded = self.manual.get((task_id, result.scheduled_at))
-            verdict = manual_verdict(
-                recorded is not None, self.deleted[task_id], result.scheduled_at
-            )
-            revision = recorded if result.revision is None else result.revision
-            return verdict, revision or 0
-        if (task_id, result.scheduled_at) in self.manual:
-            return RecordOutcome.MISALIGNED, 0
-        return scheduled_verdict(
-            self.revisions.get(task_id, []),
-            self.pauses.get(task_id, []),
-            self.deleted[task_id],
-            result.scheduled_at,
-            result.revision,
-        )
-
-
-_Key = tuple[str, str, datetime]  # (task_id, agent_id, scheduled_at)
 
 
 def _result_from_row(task_id: uuid.UUID, scheduled_at: datetime, row: Sequence[Any]) -> RunResult:
@@ -293,134 +151,10 @@ def _result_from_row(task_id: uuid.UUID, scheduled_at: datetime, row: Sequence[A
 
 
 class Results:
-    """Records results into executions and reads them back."""
+    """Reads executions and their results back, and prunes the oldest."""
 
     def __init__(self, db: Database) -> None:
         self._db = db
-
-    async def record_results(
-        self, results: Sequence[RunResult], received_at: datetime
-    ) -> list[RecordOutcome]:
-        if not results:
-            return []
-        received = utc(received_at)
-
-        async def operation(cursor: Cursor) -> list[RecordOutcome]:
-            return await self._record(cursor, results, received)
-
-        # Not in an explicit transaction: the writes go as one multi-statement query,
-        # which PostgreSQL runs as one implicit transaction (one round trip, not four).
-        return await self._db.run(operation, transaction=False)
-
-    async def _judging(self, cursor: Cursor, results: Sequence[RunResult]) -> _Judging:
-        """Read what the rules need to judge ``results``, in one query."""
-        manual = sorted({(str(r.task_id), r.scheduled_at) for r in results if is_manual(r)})
-        await cursor.execute(
-            JUDGING_SQL,
-            {
-                "ids": sorted({str(r.task_id) for r in results}),
-                "m_task": [t for t, _ in manual],
-                "m_at": [at for _, at in manual],
-            },
-        )
-        judging = _Judging()
-        for kind, task_id, revision, first, second, interval in cursor.fetchall():
-            key = uuid.UUID(str(task_id))
-            if kind == "r":
-                judging.revisions.setdefault(key, []).append(
-                    Revision(revision, utc(first), utc(second), timedelta(seconds=interval))
-                )
-            elif kind == "p":
-                judging.pauses.setdefault(key, []).append((utc(first), utc_or_none(second)))
-            elif kind == "d":
-                judging.deleted[key] = utc_or_none(first)
-            else:
-                judging.manual[(key, utc(first))] = revision
-        return judging
-
-    async def _record(
-        self, cursor: Cursor, results: Sequence[RunResult], received_at: datetime
-    ) -> list[RecordOutcome]:
-        outcomes: list[RecordOutcome | None] = [None] * len(results)
-        judging = await self._judging(cursor, results)
-        # The first candidate for each key is the one we try to insert; any later one in
-        # the same batch is judged against whatever ends up stored.
-        first: dict[_Key, int] = {}
-        keys: list[_Key | None] = [None] * len(results)
-        digests = [b""] * len(results)
-        revisions = [0] * len(results)
-        for i, r in enumerate(results):
-            verdict, revisions[i] = judging.verdict(r)
-            if verdict is not None:
-                outcomes[i] = verdict
-            else:
-                key = (str(r.task_id), str(r.agent_id), r.scheduled_at)
-                keys[i] = key
-                first.setdefault(key, i)
-                digests[i] = result_digest(r)
-        if not first:
-            return [outcome for outcome in outcomes if outcome is not None]
-
-        # Sorted: concurrent calls take row locks in the same order, so never deadlock.
-        candidates = sorted(first, key=lambda k: (k[0], k[2], k[1]))
-        execution_revisions = {(k[0], k[2]): revisions[first[k]] for k in candidates}
-        executions = sorted(execution_revisions)
-        chosen = [results[first[key]] for key in candidates]
-        await cursor.execute(
-            RECORD_SQL,
-            {
-                "e_task": [t for t, _ in executions],
-                "e_at": [at for _, at in executions],
-                "e_revision": [execution_revisions[e] for e in executions],
-                "task": [k[0] for k in candidates],
-                "at": [k[2] for k in candidates],
-                "agent": [k[1] for k in candidates],
-                "status": [r.status.value for r in chosen],
-                "exit_code": [r.exit_code for r in chosen],
-                "signal": [r.signal for r in chosen],
-                "started": [r.started_at for r in chosen],
-                "finished": [r.finished_at for r in chosen],
-                "stdout": [psycopg2.Binary(r.stdout.data) for r in chosen],
-                "stdout_bytes": [r.stdout.size for r in chosen],
-                "stdout_truncated": [r.stdout.truncated for r in chosen],
-                "stderr": [psycopg2.Binary(r.stderr.data) for r in chosen],
-                "stderr_bytes": [r.stderr.size for r in chosen],
-                "stderr_truncated": [r.stderr.truncated for r in chosen],
-                "reason": [r.reason for r in chosen],
-                "digest": [psycopg2.Binary(digests[first[key]]) for key in candidates],
-                # The revision each ran; an older agent's (None) is the one in effect.
-                "revision": [
-                    revisions[first[k]] if r.revision is None else r.revision
-                    for k, r in zip(candidates, chosen, strict=True)
-                ],
-                "trigger": [r.trigger.value for r in chosen],
-                "received_at": received_at,
-            },
-        )
-        inserted = {(str(t), str(a), at) for t, a, at in cursor.fetchall()}
-        stored_digests = {key: digests[first[key]] for key in inserted}
-
-        already = [key for key in candidates if key not in inserted]
-        if already:
-            await cursor.execute(
-                STORED_DIGESTS_SQL,
-                ([k[0] for k in already], [k[2] for k in already], [k[1] for k in already]),
-            )
-            for task_id, agent_id, at, digest in cursor.fetchall():
-                stored_digests[(str(task_id), str(agent_id), at)] = bytes(digest)
-
-        for i, candidate in enumerate(keys):
-            if candidate is None:
-                continue
-            if first[candidate] == i and candidate in inserted:
-                outcomes[i] = RecordOutcome.STORED
-            elif candidate not in stored_digests:
-                outcomes[i] = RecordOutcome.DELETED  # neither inserted nor stored before
-            elif stored_digests[candidate] == digests[i]:  # rules.same_result, by digest
-                outcomes[i] = RecordOutcome.DUPLICATE
-            else:
-                outcomes[i] = RecordOutcome.CONFLICT
-        return [outcome for outcome in outcomes if outcome is not None]
 
     async def latest_complete_execution(
         self, task_id: uuid.UUID, now: datetime, report_grace: timedelta
@@ -555,58 +289,3 @@ class Results:
             )
 
         return await self._db.run(operation, transaction=False)
-
-    async def record_manual_execution(
-        self, task_id: uuid.UUID, scheduled_at: datetime, audit: AuditEvent
-    ) -> Execution | None:
-        at = utc(scheduled_at)
-
-        async def operation(cursor: Cursor) -> Execution | None:
-            await cursor.execute(
-                "SELECT revision, interval_seconds FROM tasks"
-                " WHERE task_id = %s::uuid AND deleted_at IS NULL FOR SHARE",
-                (str(task_id),),
-            )
-            row = cursor.fetchone()
-            if row is None:
-                return None
-            revision, interval = row
-            deadline = manual_run_deadline(at, timedelta(seconds=interval))
-            await cursor.execute(
-                f"""
-                INSERT INTO executions (task_id, scheduled_at, expected, expected_urls,
-                                        completed_at, trigger, revision)
-                SELECT v.task_id, %(at)s, cardinality(x.urls), x.urls,
-                       CASE WHEN cardinality(x.urls) = 0 THEN %(at)s::timestamptz END,
-                       'manual', %(revision)s
-                FROM (SELECT %(task_id)s::uuid AS task_id) v
-                CROSS JOIN LATERAL (SELECT {EXPECTED_URLS_SQL} AS urls) x
-                RETURNING expected_urls;
-                """,
-                {"task_id": str(task_id), "at": at, "revision": revision},
-            )
-            (urls,) = cursor.fetchone()
-            # Each agent the execution expects is told of it.
-            await cursor.execute(
-                """
-                INSERT INTO manual_runs (task_id, scheduled_at, agent_url, revision, deadline)
-                SELECT %(task_id)s::uuid, %(at)s, url, %(revision)s, %(deadline)s
-                FROM unnest(%(urls)s::text[]) AS url
-                """,
-                {
-                    "task_id": str(task_id),
-                    "at": at,
-                    "revision": revision,
-                    "deadline": deadline,
-                    "urls": list(urls),
-                },
-            )
-            await insert_audit(cursor, audit)
-            return Execution(
-                task_id, at, len(urls), (), Trigger.MANUAL, revision, expected_urls=tuple(urls)
-            )
-
-        try:
-            return await self._db.run(operation)
-        except psycopg2.errors.UniqueViolation:
-            raise ValueError(f"task {task_id} already has an execution at {at}") from None

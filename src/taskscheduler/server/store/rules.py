@@ -17,7 +17,7 @@ from typing import Any
 
 from taskscheduler.protocol import RunResult, TaskSpec, Trigger
 from taskscheduler.schedule import execution_index, next_execution
-from taskscheduler.server.store.interface import (
+from taskscheduler.server.store.records import (
     AgentConflict,
     AgentRecord,
     RecordOutcome,

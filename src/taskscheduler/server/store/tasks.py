@@ -14,8 +14,8 @@ import psycopg2.errors
 from taskscheduler.protocol import TaskSpec
 from taskscheduler.schedule import parse_frequency
 from taskscheduler.server.store.audit import insert_audit
-from taskscheduler.server.store.interface import AuditEvent, Task, TaskChange, TaskState
 from taskscheduler.server.store.pool import Cursor, Database
+from taskscheduler.server.store.records import AuditEvent, Task, TaskChange, TaskState
 from taskscheduler.server.store.rules import change_details, revise, utc, utc_or_none, utc_spec
 
 _USEC = timedelta(microseconds=1)

@@ -1,0 +1,101 @@
+"""The state of :class:`~taskscheduler.server.store.memory.MemoryStore`: its dictionaries,
+the records they hold, and the helpers every domain mixin shares (audit, live task)."""
+
+from __future__ import annotations
+
+import uuid
+from dataclasses import dataclass, field
+from datetime import datetime
+
+from taskscheduler.protocol import RunResult, Trigger
+from taskscheduler.server.store.records import (
+    AgentRecord,
+    AuditEvent,
+    Execution,
+    FleetMember,
+    Leave,
+    Task,
+)
+from taskscheduler.server.store.rules import Revision, utc
+
+
+@dataclass
+class Assignment:
+    """One task's delivery state at one agent URL."""
+
+    delivered: bool = False
+    agent_id: uuid.UUID | None = None
+    removal_pending: bool = False
+
+
+@dataclass
+class MemoryExecution:
+    """One execution as stored: who it expects and the results in so far, by agent."""
+
+    expected_urls: tuple[str, ...]
+    trigger: Trigger = Trigger.SCHEDULE
+    revision: int = 1
+    results: dict[uuid.UUID, RunResult] = field(default_factory=dict)
+
+    @property
+    def expected(self) -> int:
+        return len(self.expected_urls)
+
+    def as_execution(self, task_id: uuid.UUID, scheduled_at: datetime) -> Execution:
+        return Execution(
+            task_id=task_id,
+            scheduled_at=scheduled_at,
+            expected=len(self.expected_urls),
+            results=tuple(self.results[a] for a in sorted(self.results)),
+            trigger=self.trigger,
+            revision=self.revision,
+            expected_urls=self.expected_urls,
+        )
+
+
+@dataclass
+class ManualDelivery:
+    """A run-now to tell one agent of, until it acknowledges it or the deadline passes."""
+
+    revision: int
+    deadline: datetime
+    delivered: bool = False
+
+
+class MemoryState:
+    """The dictionaries of the in-memory store, shared by its domain mixins."""
+
+    def __init__(self) -> None:
+        self._fleet: dict[str, FleetMember] = {}
+        # agent_id -> the leave it has yet to confirm
+        self._leaves: dict[uuid.UUID, Leave] = {}
+        self._tasks: dict[uuid.UUID, Task] = {}
+        # task_id -> agent_url -> delivery state
+        self._assignments: dict[uuid.UUID, dict[str, Assignment]] = {}
+        # task_id -> scheduled_at -> execution
+        self._executions: dict[uuid.UUID, dict[datetime, MemoryExecution]] = {}
+        self._revisions: dict[uuid.UUID, list[Revision]] = {}
+        # task_id -> [paused_at, resumed_at or None]
+        self._pauses: dict[uuid.UUID, list[tuple[datetime, datetime | None]]] = {}
+        # (task_id, scheduled_at, agent_url) -> a run-now to deliver
+        self._manual: dict[tuple[uuid.UUID, datetime, str], ManualDelivery] = {}
+        self._agents: dict[uuid.UUID, AgentRecord] = {}
+        self._credentials: dict[str, uuid.UUID] = {}
+        self._audit: list[AuditEvent] = []
+
+    def _append_audit(self, event: AuditEvent) -> None:
+        self._audit.append(
+            AuditEvent(
+                at=utc(event.at),
+                actor=event.actor,
+                action=event.action,
+                target=event.target,
+                peer=event.peer,
+                details=dict(event.details),
+                event_id=len(self._audit) + 1,
+            )
+        )
+
+    def _live(self, task_id: uuid.UUID) -> Task | None:
+        task = self._tasks.get(task_id)
+        return None if task is None or task.deleted else task
