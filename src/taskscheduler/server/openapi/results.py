@@ -19,7 +19,7 @@ from taskscheduler.server.openapi.operations import (
     path_id,
     ref,
 )
-from taskscheduler.server.store.interface import RecordOutcome
+from taskscheduler.server.store.records import RecordOutcome
 
 #: The statuses of one item of a batch answer that are not the store's outcomes.
 BATCH_ONLY_STATUSES = ("forbidden", "too_early")

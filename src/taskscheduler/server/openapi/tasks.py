@@ -21,7 +21,7 @@ from taskscheduler.server.openapi.operations import (
     ref,
 )
 from taskscheduler.server.openapi.results import REVISION, STATUSES, TRIGGERS
-from taskscheduler.server.store.interface import TaskState
+from taskscheduler.server.store.records import TaskState
 
 #: What ``schedule.parse_frequency`` takes: case, spaces and a singular unit are forgiven;
 #: a count of 1 to 8 digits (a year is 31,622,400 s: longer counts are refused, as are
