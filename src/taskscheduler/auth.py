@@ -128,7 +128,7 @@ def parse_token_lines(lines: Iterable[str], source: str, what: str = "line") -> 
             raise TokenFileError(
                 f"{where}: the second field is not 'sha256:' followed by 64 hex digits; "
                 "store the hash of a token, never the token itself "
-                "(python -m taskscheduler.tokens hash)"
+                "(taskscheduler tokens hash)"
             )
         if token_hash in by_hash:
             raise TokenFileError(f"{where}: this hash already appears earlier")

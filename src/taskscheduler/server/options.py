@@ -167,8 +167,8 @@ class Options(usage.Options):
             "tokens-file",
             None,
             None,
-            "Operators' API tokens, one '<name> sha256:<hash>' line each (python -m "
-            "taskscheduler.tokens new NAME); re-read when it changes, so deleting a line "
+            "Operators' API tokens, one '<name> sha256:<hash>' line each (taskscheduler "
+            "tokens new NAME); re-read when it changes, so deleting a line "
             "revokes a token [TASKSCHEDULER_TOKENS_FILE]. Or put the lines, separated by "
             "commas, in TASKSCHEDULER_TOKENS.",
         ],
