@@ -39,7 +39,8 @@ async def test_unknown_fields_are_refused_by_name_on_create_and_patch() -> None:
     )
     assert code == 400 and body["error"]["code"] == "unknown_field"
     assert body["error"]["message"] == (
-        'unknown field "timeout" (known: command, frequency, time_limit_seconds)'
+        'unknown field "timeout" (known: command, frequency, time_limit_seconds, target, '
+        "run_on, overlap, max_concurrent, retries, retry_delay_seconds, env, working_dir)"
     )
     task_id = await h.create()
     code, body = await h.request("PATCH", f"/api/v1/tasks/{task_id}", {"comand": "x"})
@@ -70,6 +71,7 @@ async def test_a_task_shows_its_state_revision_next_instant_and_last_execution()
         "timed_out": 0,
         "skipped": 0,
         "lost": 0,
+        "replaced": 0,
         "complete": False,
     }
 

@@ -106,8 +106,10 @@ class Client:
 
     # -- tasks ---------------------------------------------------------------------------
 
-    def create_task(self, command: str, frequency: str, time_limit: int | None) -> JSON:
-        body: JSON = {"command": command, "frequency": frequency}
+    def create_task(
+        self, command: str, frequency: str, time_limit: int | None, options: JSON | None = None
+    ) -> JSON:
+        body: JSON = {"command": command, "frequency": frequency, **(options or {})}
         if time_limit is not None:
             body["time_limit_seconds"] = time_limit
         return self._call("POST", "/api/v1/tasks/create", body=body)

@@ -4,6 +4,7 @@ tasks, and read what their runs printed."""
 from __future__ import annotations
 
 from datetime import datetime
+from typing import Any
 
 import click
 
@@ -20,6 +21,7 @@ from taskscheduler.cli.tables import (
     table,
     when,
 )
+from taskscheduler.cli.taskoptions import option_details, option_flags, options_body
 
 COMMAND_WIDTH = 50
 # How often `run --wait` asks whether the execution is complete.
@@ -99,6 +101,7 @@ def task_details(task: JSON, now: datetime) -> str:
             ("command", task.get("command")),
             ("frequency", task.get("frequency")),
             ("time limit", f"{task.get('time_limit_seconds')} seconds"),
+            *option_details(task),
             ("anchor", instant(task.get("anchor"), now)),
             ("created", instant(task.get("created_at"), now)),
             ("revision", None if revision is None else str(revision)),
@@ -138,21 +141,30 @@ def show(settings: Settings, task: str) -> None:
     metavar="SECONDS",
     help="How long a run may take (default: the interval, at most a day).",
 )
+@option_flags(editing=False)
 @click.argument("command", nargs=-1, required=True)
 @pass_settings
 def create(
-    settings: Settings, every: str, time_limit: int | None, command: tuple[str, ...]
+    settings: Settings,
+    every: str,
+    time_limit: int | None,
+    command: tuple[str, ...],
+    **options: Any,
 ) -> None:
     """Run COMMAND on every agent of the fleet, every INTERVAL.
 
     \b
         taskscheduler tasks create --every "30 seconds" -- echo hello
         taskscheduler tasks create --every "1 hour" -- 'cd /srv && ./backup'
+        taskscheduler tasks create --every "1 minute" --target-label role=web \\
+            --overlap replace --retries 2 --env MODE=fast -- ./sync
 
     The words after -- are joined with spaces into one shell command. Prints the new
     task's id.
     """
-    body = settings.client().create_task(_command(command), _frequency(every), time_limit)
+    body = settings.client().create_task(
+        _command(command), _frequency(every), time_limit, options_body(options)
+    )
     settings.emit(body, lambda: str(body.get("command_id")))
 
 
@@ -160,6 +172,7 @@ def create(
 @click.argument("task")
 @click.option("--every", metavar="INTERVAL", help="A new frequency (re-anchors at the change).")
 @click.option("--time-limit", type=click.IntRange(min=1), metavar="SECONDS")
+@option_flags(editing=True)
 @click.argument("command", nargs=-1)
 @pass_settings
 def edit(
@@ -168,14 +181,16 @@ def edit(
     every: str | None,
     time_limit: int | None,
     command: tuple[str, ...],
+    **options: Any,
 ) -> None:
-    """Change a task's command (after --), frequency or time limit, from its next instant.
+    """Change a task's command (after --), frequency, time limit or options, from its
+    next instant.
 
     \b
         taskscheduler tasks edit 3f1e --every "1 minute"
         taskscheduler tasks edit 3f1e -- echo goodbye
     """
-    changes: JSON = {}
+    changes: JSON = options_body(options)
     if command:
         changes["command"] = _command(command)
     if every is not None:
@@ -183,7 +198,9 @@ def edit(
     if time_limit is not None:
         changes["time_limit_seconds"] = time_limit
     if not changes:
-        raise click.UsageError("nothing to change: give --every, --time-limit or -- COMMAND")
+        raise click.UsageError(
+            "nothing to change: give --every, --time-limit, an option or -- COMMAND"
+        )
     client = settings.client()
     body = client.update_task(ids.task_id(client, task), changes)
     settings.emit(body, lambda: task_details(body, settings.now()))

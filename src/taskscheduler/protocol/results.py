@@ -19,10 +19,13 @@ from taskscheduler.protocol.fields import (
     require,
     utf8_of,
 )
+from taskscheduler.protocol.options import MAX_RETRIES
 from taskscheduler.protocol.output import Output, output_to_json, parse_output
 from taskscheduler.protocol.tasks import MAX_REVISION
 from taskscheduler.schedule import format_instant
 
+#: Highest attempt number of a result: the first run and at most MAX_RETRIES retries.
+MAX_ATTEMPT = MAX_RETRIES + 1
 #: Longest ``reason`` of a result accepted, in characters.
 MAX_REASON_LENGTH = 500
 #: How far ahead of the receiver's clock a result's instants may be by default (clocks
@@ -36,6 +39,7 @@ class ResultStatus(enum.StrEnum):
     TIMED_OUT = "timed_out"  # killed at its time limit
     SKIPPED = "skipped"  # the previous run of the task was still going
     LOST = "lost"  # the agent died during the run
+    REPLACED = "replaced"  # terminated for a newer instant of the task (overlap: replace)
 
 
 class Trigger(enum.StrEnum):
@@ -65,6 +69,8 @@ class RunResult:
     #: server then takes the revision in effect at ``scheduled_at``).
     revision: int | None = None
     trigger: Trigger = Trigger.SCHEDULE
+    #: 1 for the run of the instant, n + 1 for its n-th retry (the task's ``retries``).
+    attempt: int = 1
 
     @property
     def key(self) -> tuple[uuid.UUID, uuid.UUID, datetime]:
@@ -91,6 +97,8 @@ def result_to_json(result: RunResult) -> dict[str, Any]:
         body["revision"] = result.revision
     if result.trigger is not Trigger.SCHEDULE:
         body["trigger"] = result.trigger.value
+    if result.attempt != 1:
+        body["attempt"] = result.attempt
     return body
 
 
@@ -139,6 +147,7 @@ def parse_result(body: object, task_id: uuid.UUID | None = None) -> RunResult:
     started_at = body.get("started_at")
     finished_at = body.get("finished_at")
     revision = body.get("revision")
+    attempt = body.get("attempt")
     return RunResult(
         task_id=task_id,
         agent_id=agent_id,
@@ -153,6 +162,7 @@ def parse_result(body: object, task_id: uuid.UUID | None = None) -> RunResult:
         reason=parse_reason(body.get("reason")),
         revision=None if revision is None else parse_int(revision, "revision", 1, MAX_REVISION),
         trigger=parse_trigger(body.get("trigger")),
+        attempt=1 if attempt is None else parse_int(attempt, "attempt", 1, MAX_ATTEMPT),
     )
 
 

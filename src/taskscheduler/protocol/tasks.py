@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import uuid
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from typing import Any
 
@@ -19,6 +19,7 @@ from taskscheduler.protocol.fields import (
     parse_uuid,
     require,
 )
+from taskscheduler.protocol.options import TaskOptions, options_from_json, options_to_json
 from taskscheduler.schedule import Frequency, format_instant
 
 #: Highest revision of a task (PostgreSQL's integer).
@@ -38,6 +39,8 @@ class TaskSpec:
     #: has a revision keeps it against an older one, and each result names the revision
     #: it ran, so that one execution never mixes two.
     revision: int = 1
+    #: Where and how it runs: targeting, run-on-one, overlap, retries, env, working dir.
+    options: TaskOptions = field(default_factory=TaskOptions)
 
 
 def task_spec_to_json(spec: TaskSpec) -> dict[str, Any]:
@@ -48,6 +51,7 @@ def task_spec_to_json(spec: TaskSpec) -> dict[str, Any]:
         "anchor": format_instant(spec.anchor),
         "time_limit_seconds": int(spec.time_limit.total_seconds()),
         "revision": spec.revision,
+        **options_to_json(spec.options),
     }
 
 
@@ -56,7 +60,8 @@ def parse_task_spec(body: object, received_at: datetime) -> TaskSpec:
 
     ``anchor`` and ``time_limit_seconds`` are optional so that the seed's three-field
     request still works: the anchor is then the moment the agent received it. So is
-    ``revision`` (1). Fields it does not know are ignored: a newer server may send more.
+    ``revision`` (1), and each option (its default). Fields it does not know are ignored:
+    a newer server may send more.
     """
     if not isinstance(body, Mapping):
         raise InvalidMessage("the request body must be a JSON object")
@@ -73,4 +78,5 @@ def parse_task_spec(body: object, received_at: datetime) -> TaskSpec:
         anchor=received_at if anchor is None else parse_time(anchor, "anchor"),
         time_limit=default_time_limit(frequency) if limit is None else parse_time_limit(limit),
         revision=1 if revision is None else parse_int(revision, "revision", 1, MAX_REVISION),
+        options=options_from_json(body),
     )

@@ -16,6 +16,11 @@ from twisted.web.iweb import IRequest
 
 from taskscheduler import protocol
 from taskscheduler.protocol import InvalidMessage, TaskSpec
+from taskscheduler.protocol.options import (
+    NULLABLE_OPTIONS,
+    OPTION_FIELDS,
+    parse_options,
+)
 from taskscheduler.schedule import InstantOutOfRange, format_instant, parse_instant
 from taskscheduler.server.access import principal_of
 from taskscheduler.server.api.base import Routes, routes
@@ -31,7 +36,7 @@ from taskscheduler.server.store.records import (
     TaskState,
     UnknownTask,
 )
-from taskscheduler.server.store.rules import is_complete, manual_instant
+from taskscheduler.server.store.rules import audited_options, is_complete, manual_instant
 from taskscheduler.web.errors import (
     BAD_REQUEST,
     INVALID_CURSOR,
@@ -53,7 +58,7 @@ _USEC = timedelta(microseconds=1)
 #: Instants tried for a run-now, a microsecond apart, when others took the first ones.
 _MANUAL_INSTANT_TRIES = 100
 #: The fields of a task an operator sets (create) or changes (PATCH).
-TASK_FIELDS = ("command", "frequency", "time_limit_seconds")
+TASK_FIELDS = ("command", "frequency", "time_limit_seconds", *OPTION_FIELDS)
 
 
 def encode_cursor(task: Task) -> str:
@@ -104,6 +109,7 @@ class TaskRoutes(Routes):
                 if limit is None
                 else protocol.parse_time_limit(limit)
             )
+            options = parse_options(body)
         except InvalidMessage as e:
             raise BAD_REQUEST(str(e)) from None
         now = self._now()
@@ -113,6 +119,7 @@ class TaskRoutes(Routes):
             frequency=frequency,
             anchor=now,
             time_limit=time_limit,
+            options=options,
         )
         principal = principal_of(request)
         audit = self._audit(
@@ -122,6 +129,7 @@ class TaskRoutes(Routes):
             str(spec.task_id),
             frequency=str(frequency),
             time_limit_seconds=time_limit.total_seconds(),
+            options=audited_options(options),  # env by its names: values may be secrets
         )
         task = await self._store.create_task(spec, created_at=now, audit=audit)
         self.log.info(
@@ -172,7 +180,10 @@ class TaskRoutes(Routes):
         parsed = path_task_id(task_id)
         body = _object_body(request)
         protocol.refuse_unknown(body, TASK_FIELDS)
-        if not any(body.get(name) is not None for name in TASK_FIELDS):
+        if not any(
+            body.get(name) is not None or (name in NULLABLE_OPTIONS and name in body)
+            for name in TASK_FIELDS
+        ):
             raise NOTHING_TO_CHANGE()
         try:
             change = TaskChange(
@@ -189,12 +200,16 @@ class TaskRoutes(Routes):
                     if body.get("time_limit_seconds") is None
                     else protocol.parse_time_limit(body["time_limit_seconds"])
                 ),
+                options={name: body[name] for name in OPTION_FIELDS if name in body},
             )
         except InvalidMessage as e:
             raise BAD_REQUEST(str(e)) from None
         principal = principal_of(request)
         audit = self._audit(request, principal, "task.updated", str(parsed))
-        changed = await self._store.update_task(parsed, change, self._now(), audit)
+        try:
+            changed = await self._store.update_task(parsed, change, self._now(), audit)
+        except InvalidMessage as e:  # an option malformed, or not fitting the task's
+            raise BAD_REQUEST(str(e)) from None
         task = await self._changed(parsed, changed)
         if changed is not None and changed[1]:
             self.log.info(

@@ -16,7 +16,7 @@ import importlib.metadata
 import json
 from typing import Any
 
-from taskscheduler.server.openapi import agents, results, tasks
+from taskscheduler.server.openapi import agents, options, results, tasks
 from taskscheduler.server.openapi.operations import UUID_PATTERN
 from taskscheduler.server.openapi.responses import error_component
 
@@ -67,6 +67,7 @@ def document() -> dict[str, Any]:
                 "Error": error_component(),
                 "Uuid": {"type": "string", "pattern": UUID_PATTERN},
                 **tasks.schemas(),
+                **options.schemas(),
                 **results.schemas(),
                 **agents.schemas(),
             },

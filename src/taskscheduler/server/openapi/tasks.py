@@ -6,6 +6,7 @@ from __future__ import annotations
 from typing import Any
 
 from taskscheduler.protocol.fields import MAX_COMMAND_BYTES, MAX_TIME_LIMIT_SECONDS
+from taskscheduler.protocol.options import OPTION_FIELDS
 from taskscheduler.protocol.results import Trigger
 from taskscheduler.server.openapi.operations import (
     COUNT,
@@ -20,6 +21,7 @@ from taskscheduler.server.openapi.operations import (
     query,
     ref,
 )
+from taskscheduler.server.openapi.options import option_fields
 from taskscheduler.server.openapi.results import REVISION, STATUSES, TRIGGERS
 from taskscheduler.server.store.records import TaskState
 
@@ -82,7 +84,7 @@ def schemas() -> dict[str, Any]:
     return {
         "NewTask": obj(
             ["command", "frequency"],
-            TASK_FIELDS,
+            {**TASK_FIELDS, **option_fields(operator=True)},
             additionalProperties=False,
             description="`time_limit_seconds` may be left out or null for the default; any "
             "other field is refused (`unknown_field`)",
@@ -95,7 +97,8 @@ def schemas() -> dict[str, Any]:
                 if isinstance(schema["type"], str)
                 else schema
                 for name, schema in TASK_FIELDS.items()
-            },
+            }
+            | option_fields(operator=True),
             "minProperties": 1,
             "additionalProperties": False,
             "description": "what to change (null: unchanged); at least one, or `nothing_to_change`",
@@ -120,6 +123,7 @@ def schemas() -> dict[str, Any]:
                 "paused_at",
                 "next_instant",
                 "last_execution",
+                *OPTION_FIELDS,
             ],
             {
                 "task_id": ref("Uuid"),
@@ -150,6 +154,7 @@ def schemas() -> dict[str, Any]:
                     "description": "the next instant of its grid; null when paused or deleted",
                 },
                 "last_execution": nullable(ref("ExecutionSummary")),
+                **option_fields(operator=False),
             },
         ),
         "ExecutionSummary": obj(

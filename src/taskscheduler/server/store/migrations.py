@@ -212,6 +212,11 @@ MIGRATIONS: list[str] = [
     );
     ALTER TABLE executions ADD COLUMN expected_urls text[];
     """,
+    # 9: where and how each task runs (issue 11): targeting, run-on-one, overlap, retries,
+    # env, working dir, as the task's JSON shows them ('{}': every default).
+    """
+    ALTER TABLE tasks ADD COLUMN options jsonb NOT NULL DEFAULT '{}';
+    """,
 ]
 
 

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import enum
 import uuid
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from typing import Any
@@ -182,6 +183,9 @@ class TaskChange:
     command: str | None = None
     frequency: Frequency | None = None
     time_limit: timedelta | None = None
+    #: The option fields the PATCH gave, as sent: parsed against the task's own options
+    #: inside the change's transaction (``max_concurrent`` needs the overlap in force).
+    options: Mapping[str, Any] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)

@@ -16,6 +16,7 @@ from datetime import UTC, datetime, timedelta
 from typing import Any
 
 from taskscheduler.protocol import RunResult, TaskSpec, Trigger
+from taskscheduler.protocol.options import TaskOptions, env_names, options_to_json, parse_options
 from taskscheduler.schedule import execution_index, next_execution
 from taskscheduler.server.store.records import (
     AgentConflict,
@@ -42,32 +43,16 @@ def utc_or_none(value: datetime | None) -> datetime | None:
 
 def utc_spec(spec: TaskSpec) -> TaskSpec:
     """The task as the store keeps it: its anchor in UTC."""
-    return TaskSpec(
-        task_id=spec.task_id,
-        command=spec.command,
-        frequency=spec.frequency,
-        anchor=utc(spec.anchor),
-        time_limit=spec.time_limit,
-        revision=spec.revision,
-    )
+    return replace(spec, anchor=utc(spec.anchor))
 
 
 def utc_result(result: RunResult) -> RunResult:
     """The result as the store keeps it: every instant in UTC."""
-    return RunResult(
-        task_id=result.task_id,
-        agent_id=result.agent_id,
+    return replace(
+        result,
         scheduled_at=utc(result.scheduled_at),
-        status=result.status,
-        exit_code=result.exit_code,
-        signal=result.signal,
         started_at=utc_or_none(result.started_at),
         finished_at=utc_or_none(result.finished_at),
-        stdout=result.stdout,
-        stderr=result.stderr,
-        reason=result.reason,
-        revision=result.revision,
-        trigger=result.trigger,
     )
 
 
@@ -178,6 +163,9 @@ def revise(spec: TaskSpec, change: TaskChange, at: datetime) -> TaskSpec | None:
         new = replace(new, command=change.command)
     if change.time_limit is not None and change.time_limit != spec.time_limit:
         new = replace(new, time_limit=change.time_limit)
+    if change.options:
+        # InvalidMessage (a 400) if the fields do not fit the options in force.
+        new = replace(new, options=parse_options(change.options, spec.options))
     if change.frequency is not None and change.frequency != spec.frequency:
         # "every 60 seconds" for "every 1 minute" is a new spelling, not a new grid.
         same_grid = change.frequency.interval == spec.frequency.interval
@@ -198,7 +186,19 @@ def change_details(old: TaskSpec, new: TaskSpec) -> dict[str, Any]:
     if old.time_limit != new.time_limit:
         before["time_limit_seconds"] = int(old.time_limit.total_seconds())
         after["time_limit_seconds"] = int(new.time_limit.total_seconds())
+    old_options, new_options = audited_options(old.options), audited_options(new.options)
+    for name, value in new_options.items():
+        if old_options[name] != value:
+            before[name], after[name] = old_options[name], value
     return {"old": before, "new": after, "revision": new.revision}
+
+
+def audited_options(options: TaskOptions) -> dict[str, Any]:
+    """The options as audit records keep them: the environment by its names only (its
+    values may be secrets)."""
+    shown = options_to_json(options)
+    shown["env"] = env_names(options)
+    return shown
 
 
 def next_instant(task: Task, now: datetime) -> datetime | None:

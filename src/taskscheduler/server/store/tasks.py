@@ -3,6 +3,7 @@ changing (revisions), pausing and resuming them."""
 
 from __future__ import annotations
 
+import json
 import uuid
 from collections.abc import Sequence
 from dataclasses import replace
@@ -12,6 +13,7 @@ from typing import Any
 import psycopg2.errors
 
 from taskscheduler.protocol import TaskSpec
+from taskscheduler.protocol.options import options_from_json, options_to_json
 from taskscheduler.schedule import parse_frequency
 from taskscheduler.server.store.audit import insert_audit
 from taskscheduler.server.store.pool import Cursor, Database
@@ -23,7 +25,7 @@ _USEC = timedelta(microseconds=1)
 #: The columns :func:`task_from_row` reads, from ``tasks t``.
 TASK_COLUMNS = (
     "t.task_id, t.command, t.frequency, t.anchor, t.time_limit_us, t.created_at, t.deleted_at,"
-    " t.revision, t.paused_at, t.updated_at"
+    " t.revision, t.paused_at, t.updated_at, t.options"
 )
 
 #: What each state of :class:`TaskState` is, in SQL over ``tasks t``.
@@ -46,6 +48,7 @@ def task_from_row(row: Sequence[Any]) -> Task:
         revision,
         paused_at,
         updated_at,
+        options,
     ) = row
     spec = TaskSpec(
         task_id=uuid.UUID(str(task_id)),
@@ -54,6 +57,7 @@ def task_from_row(row: Sequence[Any]) -> Task:
         anchor=utc(anchor),
         time_limit=timedelta(microseconds=time_limit_us),
         revision=revision,
+        options=options_from_json(options),
     )
     return Task(
         spec,
@@ -80,9 +84,10 @@ class Tasks:
                 """
                 LOCK TABLE fleet IN SHARE MODE;
                 INSERT INTO tasks (task_id, command, frequency, interval_seconds, anchor,
-                                   time_limit_us, created_at)
+                                   time_limit_us, created_at, options)
                     VALUES (%(task_id)s::uuid, %(command)s, %(frequency)s,
-                            %(interval)s, %(anchor)s, %(time_limit_us)s, %(created_at)s);
+                            %(interval)s, %(anchor)s, %(time_limit_us)s, %(created_at)s,
+                            %(options)s::jsonb);
                 INSERT INTO task_agents (task_id, agent_url)
                     SELECT %(task_id)s::uuid, agent_url FROM fleet;
                 INSERT INTO task_revisions (task_id, revision, effective_at, anchor,
@@ -97,6 +102,7 @@ class Tasks:
                     "anchor": task.spec.anchor,
                     "time_limit_us": spec.time_limit // _USEC,
                     "created_at": task.created_at,
+                    "options": json.dumps(options_to_json(spec.options)),
                 },
             )
             if audit is not None:
@@ -200,7 +206,7 @@ class Tasks:
                 UPDATE tasks SET command = %(command)s, frequency = %(frequency)s,
                                  interval_seconds = %(interval)s, anchor = %(anchor)s,
                                  time_limit_us = %(time_limit_us)s, revision = %(revision)s,
-                                 updated_at = %(at)s
+                                 updated_at = %(at)s, options = %(options)s::jsonb
                 WHERE task_id = %(task_id)s::uuid;
                 INSERT INTO task_revisions (task_id, revision, effective_at, anchor,
                                             interval_seconds)
@@ -217,6 +223,7 @@ class Tasks:
                     "time_limit_us": new.time_limit // _USEC,
                     "revision": new.revision,
                     "at": utc(at),
+                    "options": json.dumps(options_to_json(new.options)),
                 },
             )
             await insert_audit(cursor, replace(audit, details=change_details(task.spec, new)))
