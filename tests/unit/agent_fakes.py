@@ -114,6 +114,7 @@ class FakeRun:
     key: tuple[uuid.UUID, datetime] | None = None
     revision: int | None = None
     trigger: Trigger = Trigger.SCHEDULE
+    working_dir: str | None = None
 
     @property
     def done(self) -> bool:
@@ -133,6 +134,8 @@ class FakeRunner:
 
     #: Runs whose files the agent let go, their result being durable in the spool.
     discarded: list[tuple[uuid.UUID, datetime]] = field(default_factory=list)
+    #: Runs the agent replaced (each ended at once, ``replaced``), in order.
+    replaced: list[tuple[uuid.UUID, datetime]] = field(default_factory=list)
 
     def recover(self, reported: Any = None) -> list[Any]:
         recovered, self.recovered = self.recovered, []
@@ -154,11 +157,20 @@ class FakeRunner:
         key: tuple[uuid.UUID, datetime] | None = None,
         revision: int | None = None,
         trigger: Trigger = Trigger.SCHEDULE,
+        working_dir: str | None = None,
     ) -> Deferred[FakeOutcome]:
         if self.fail_to_start:
             raise OSError(24, "Too many open files")
         run = FakeRun(
-            command, time_limit, dict(extra_env), Deferred(), self._now(), key, revision, trigger
+            command,
+            time_limit,
+            dict(extra_env),
+            Deferred(),
+            self._now(),
+            key,
+            revision,
+            trigger,
+            working_dir,
         )
         self.runs.append(run)
         return run.deferred
@@ -186,6 +198,14 @@ class FakeRunner:
                 stderr=Output(),
             )
         )
+
+    def replace(self, key: tuple[uuid.UUID, datetime]) -> bool:
+        for run in self.runs:
+            if run.key == key and not run.done:
+                self.replaced.append(key)
+                self.finish(run, exit_code=None, status=ResultStatus.REPLACED, signal=15)
+                return True
+        return False
 
     def terminate_all(self) -> Deferred[None]:
         for run in self.runs:

@@ -1,12 +1,18 @@
-"""Whether an instant may start now: the overlap rule, the cap on runs in flight, and the
-starting deadline (pure functions, no I/O)."""
+"""Whether an instant may start now: the task's overlap policy, the cap on runs in flight,
+and the starting deadline (pure functions, no I/O).
+
+A task's runs already going (``task_runs``, across restarts: adopted runs count) meet its
+``overlap`` policy: ``skip`` (the default) refuses the instant, ``allow`` refuses it only
+once ``max_concurrent`` runs are going, ``replace`` never refuses it for them (the
+scheduler ends them, as the time limit would, and they report ``replaced``).
+"""
 
 from __future__ import annotations
 
-from collections.abc import Container
 from datetime import datetime
 
 from taskscheduler.protocol import TaskSpec
+from taskscheduler.protocol.options import Overlap
 
 #: An instant that comes more than this many seconds late (or more than its interval)
 #: is recorded ``skipped`` instead of run: an overloaded agent sheds load.
@@ -35,7 +41,7 @@ def refusal(
     scheduled_at: datetime,
     now: datetime,
     *,
-    tasks_running: Container[object],
+    task_runs: int,
     runs_in_flight: int,
     max_running: int,
     starting_deadline: float | None,
@@ -43,12 +49,21 @@ def refusal(
     """Why the run of ``scheduled_at`` must not start at ``now`` (on the label timeline),
     or None if it may.
 
-    A task whose previous run is still going (``tasks_running``: across restarts and
-    replacements of the task) skips the instant; so does an agent with ``max_running``
-    runs in flight, and an instant come later than its starting deadline.
+    ``task_runs`` of the task are going (across restarts and replacements of the task)
+    and meet its overlap policy (see the module's docstring); an agent with
+    ``max_running`` runs in flight skips the instant too, and so does an instant come
+    later than its starting deadline. A refused instant replaces nothing.
     """
-    if spec.task_id in tasks_running:
+    overlap = spec.options.overlap
+    if overlap is Overlap.SKIP and task_runs > 0:
         return "the previous run was still going"
+    if overlap is Overlap.ALLOW and task_runs >= spec.options.max_concurrent:
+        return (
+            f"{task_runs} runs of the task were already going "
+            f"(max_concurrent {spec.options.max_concurrent})"
+        )
+    if overlap is Overlap.REPLACE:
+        runs_in_flight -= task_runs  # they are being ended for this one
     if runs_in_flight >= max_running:
         return (
             f"{runs_in_flight} runs were already going on this agent (--max-running {max_running})"

@@ -1,9 +1,10 @@
 """The runs under way on an agent: which tasks they hold, and each result to the spool.
 
-Every result goes to the spool before anything else hears of it. A run's task stays
-*running* until its process is over (no second run of it starts meanwhile, see
-:mod:`taskscheduler.agent.admission`); its files stay until its result is durable, then
-the runner lets go of them. Shutdown waits for every run to settle so.
+Every result goes to the spool before anything else hears of it. A run counts as
+*running* for its task until its process is over (what the task's overlap policy weighs,
+see :mod:`taskscheduler.agent.admission`; adopted runs count too); its files stay until
+its result is durable, then the runner lets go of them. Shutdown waits for every run to
+settle so.
 """
 
 from __future__ import annotations
@@ -20,7 +21,7 @@ from twisted.python.failure import Failure
 
 from taskscheduler.agent.spool import Spool
 from taskscheduler.protocol import Output, ResultStatus, RunResult, Trigger
-from taskscheduler.schedule import utc_now_from
+from taskscheduler.schedule import format_instant, utc_now_from
 
 
 class RunOutcomeLike(Protocol):
@@ -57,6 +58,8 @@ class RunsOwner(Protocol):
 
     def terminate_all(self) -> Deferred[None]: ...
 
+    def replace(self, key: tuple[uuid.UUID, datetime]) -> bool: ...
+
     def discard(self, key: tuple[uuid.UUID, datetime]) -> object: ...
 
 
@@ -72,14 +75,36 @@ class RunsInFlight:
         self._runner = runner
         self._spool = spool
         self._agent_id = agent_id
-        # Runs under way, by task: kept across a task's replacement, so that a replaced
-        # task does not start while its previous version still runs.
-        self.tasks: set[uuid.UUID] = set()
+        # The instants of the runs under way, by task: kept across a task's replacement
+        # (a new revision), so that it does not overlap its previous version's runs.
+        # (task, instant) names one run on this agent.
+        self._running: dict[uuid.UUID, set[datetime]] = {}
         # Each run until its result is durable and its files gone: what shutdown awaits.
         self._unsettled: set[Deferred[None]] = set()
 
     def __len__(self) -> int:
-        return len(self.tasks)
+        return sum(len(instants) for instants in self._running.values())
+
+    def count(self, task_id: uuid.UUID) -> int:
+        """How many runs of ``task_id`` are going."""
+        return len(self._running.get(task_id, ()))
+
+    def replace(self, task_id: uuid.UUID, scheduled_at: datetime) -> None:
+        """End every run of ``task_id`` going, for its run of ``scheduled_at``: each is
+        terminated as its time limit would be, and reports ``replaced``."""
+        for earlier in sorted(self._running.get(task_id, ())):
+            self.log.info(
+                "task {task_id}: its run of {earlier} is replaced by the run of {scheduled_at}",
+                task_id=str(task_id),
+                earlier=format_instant(earlier),
+                scheduled_at=format_instant(scheduled_at),
+            )
+            if not self._runner.replace((task_id, earlier)):
+                self.log.warn(
+                    "task {task_id}: its run of {earlier} could not be found to replace it",
+                    task_id=str(task_id),
+                    earlier=format_instant(earlier),
+                )
 
     def track(
         self,
@@ -96,7 +121,7 @@ class RunsInFlight:
         naming the task's ``revision`` the run ran and its ``trigger``."""
         labels = _Labels(task_id, scheduled_at, revision, trigger)
         settled: Deferred[None] = Deferred()
-        self.tasks.add(task_id)
+        self._running.setdefault(task_id, set()).add(scheduled_at)
         self._unsettled.add(settled)
         # Both return the Deferred of the spool's write, which Twisted's stubs do not allow.
         d.addCallbacks(
@@ -112,7 +137,7 @@ class RunsInFlight:
         """Wait for the runs under way, terminating those still going after ``grace`` s."""
         if not self._unsettled:
             return
-        if self.tasks:
+        if self._running:
             self.log.info(
                 "waiting up to {grace}s for {count} runs to finish", grace=grace, count=len(self)
             )
@@ -128,12 +153,16 @@ class RunsInFlight:
             lambda f: self.log.failure("could not terminate runs", f)
         )
 
-    def _ended(self, task_id: uuid.UUID) -> None:
-        """The run's process is over: the task may run again at its next instant."""
-        self.tasks.discard(task_id)
+    def _ended(self, task_id: uuid.UUID, scheduled_at: datetime) -> None:
+        """The run's process is over: it no longer counts for its task's overlap."""
+        instants = self._running.get(task_id)
+        if instants is not None:
+            instants.discard(scheduled_at)
+            if not instants:
+                del self._running[task_id]
 
     def _succeeded(self, outcome: RunOutcomeLike, labels: _Labels) -> Deferred[bool]:
-        self._ended(labels.task_id)
+        self._ended(labels.task_id, labels.scheduled_at)
         return self._spool.add(
             RunResult(
                 task_id=labels.task_id,
@@ -154,7 +183,7 @@ class RunsInFlight:
 
     def _failed(self, failure: Failure, labels: _Labels, started_at: datetime) -> Deferred[bool]:
         task_id = labels.task_id
-        self._ended(task_id)
+        self._ended(task_id, labels.scheduled_at)
         # The runner fails only when it could not start the command at all (no shell,
         # no file descriptors left...): say so in the result rather than say nothing.
         self.log.failure("task {task_id}: could not run the command", failure, task_id=str(task_id))
@@ -183,7 +212,7 @@ class RunsInFlight:
     ) -> None:
         """The result is durable (or could not be made so): the run's files have done
         their job."""
-        self._ended(task_id)
+        self._ended(task_id, scheduled_at)
         try:
             self._runner.discard((task_id, scheduled_at))
         except Exception:

@@ -8,8 +8,9 @@ ended) its exit status (:mod:`taskscheduler.agent.runfiles`). For each run left:
   already past it is ended now), then reported with its real status, exit code and
   output;
 - **ended while the agent was down**: reported as it ended (its exit status file), or
-  ``timed_out`` if the agent had begun to end it at its limit, or ``failed`` if a signal
-  ended it (which one cannot be known: its parent was not the agent);
+  ``timed_out`` if the agent had begun to end it at its limit, ``replaced`` if it had
+  begun to end it for a newer run of its task, or ``failed`` if a signal ended it (which
+  one cannot be known: its parent was not the agent);
 - **of another boot of the host**: ``lost``, the one outcome that cannot be known;
 - **not in the journal** (the agent died between the spawn and the journal line): found
   by its run id in ``/proc``, killed, and reported ``lost``.
@@ -173,6 +174,7 @@ class Recovery:
         started_at: datetime | None = None,
         exit_code: int | None = None,
         pid: int | None = None,
+        signum: int | None = None,
     ) -> RunOutcome:
         """How a run the agent did not see end ended, as of now (its output read later)."""
         now = datetime.fromtimestamp(self._runner.wall_clock(), UTC)
@@ -180,7 +182,7 @@ class Recovery:
         return RunOutcome(
             status=status,
             exit_code=exit_code,
-            signal=None,
+            signal=signum,
             started_at=begun,
             finished_at=now,
             duration=max(0.0, (now - begun).total_seconds()),
@@ -232,6 +234,13 @@ class Recovery:
             return finished(
                 ResultStatus.LOST, "the host restarted during the run", started_at=record.started_at
             )
+        if not alive and self._runner.files.replaced(run):
+            # The agent had begun to end it for a newer run, and died before it was over.
+            return finished(
+                ResultStatus.REPLACED,
+                f"{REATTACHED}: the run had been replaced by a newer run of its task",
+                started_at=record.started_at,
+            )
         if not alive and self._runner.files.limit_reached(run):
             # The agent had begun to end it at its limit, and died before it was over.
             return finished(
@@ -248,10 +257,11 @@ class Recovery:
         return self._reattach(run, record)
 
     def _reattach(self, run: str, record: RunRecord) -> RecoveredRun:
-        """Watch a run still going until it ends; its time limit holds from its start."""
-        self._runner.reattached[run] = None
+        """Watch a run still going until it ends; its time limit holds from its start,
+        and a newer run of its task may replace it."""
         done: Deferred[RunOutcome] = Deferred()
         timed_out = False
+        replaced = False
         calls: list[IDelayedCall] = []
 
         def kill(signum: int) -> None:
@@ -283,6 +293,26 @@ class Recovery:
                 self._runner.reactor.callLater(self._runner.kill_grace, kill, signal.SIGKILL)
             )
 
+        def replace() -> None:
+            nonlocal replaced
+            if timed_out or replaced or run not in self._runner.reattached:
+                return  # already being ended, or over
+            replaced = True
+            self._runner.mark_replaced(run)
+            for call in calls:
+                if call.active():
+                    call.cancel()
+            self.log.info(
+                "task {task_id}: the re-attached run of {scheduled_at} is replaced by a "
+                "newer run of its task; ending it",
+                task_id=str(record.task_id),
+                scheduled_at=format_instant(record.scheduled_at),
+            )
+            kill(signal.SIGTERM)
+            calls.append(
+                self._runner.reactor.callLater(self._runner.kill_grace, kill, signal.SIGKILL)
+            )
+
         def ended() -> None:
             for call in calls:
                 if call.active():
@@ -292,14 +322,22 @@ class Recovery:
             code = self._runner.files.read_exit(run)
             if timed_out or (code is None and self._runner.files.limit_reached(run)):
                 status, reason = ResultStatus.TIMED_OUT, f"{REATTACHED}; ended at its time limit"
+            elif replaced:
+                status = ResultStatus.REPLACED
+                reason = f"{REATTACHED}; replaced by a newer run of its task"
             elif code is not None:
                 status, reason = status_of(code, None), REATTACHED
             else:
                 status = ResultStatus.FAILED
                 reason = f"{REATTACHED}; it was ended by a signal (which one is not known)"
             exit_code = None if status is ResultStatus.TIMED_OUT else code
-            outcome = self._outcome(status, reason, record.started_at, exit_code, record.pid)
+            signum = signal.SIGTERM if status is ResultStatus.REPLACED else None
+            outcome = self._outcome(
+                status, reason, record.started_at, exit_code, record.pid, signum
+            )
             self._runner.collect(run, outcome).chainDeferred(done)
+
+        self._runner.reattached[run] = replace
 
         remaining = (
             record.started_at + timedelta(seconds=record.time_limit)
@@ -316,7 +354,10 @@ class Recovery:
             _ExitWatcher(self._runner.reactor, record.pid, ended)
         except ProcessLookupError:
             self._runner.reactor.callLater(0, ended)
-        if remaining <= 0:
+        if self._runner.files.replaced(run):
+            # The agent had begun to replace it as it died: it goes on doing so.
+            self._runner.reactor.callLater(0, replace)
+        elif remaining <= 0:
             self._runner.reactor.callLater(0, limit)
         else:
             calls.append(self._runner.reactor.callLater(remaining, limit))

@@ -117,6 +117,13 @@ class RunFiles:
         """Record, before the first signal, that ``run`` is being ended at its limit."""
         self.journal.mark_limit_reached(run)
 
+    def mark_replaced(self, run: str) -> None:
+        """Note that ``run`` is being ended because a newer run of its task replaces it."""
+        self.journal.mark_replaced(run)
+
+    def replaced(self, run: str) -> bool:
+        return run in self.journal.replaced
+
     def limit_reached(self, run: str) -> bool:
         return run in self.journal.limits
 

@@ -3,7 +3,8 @@
 It gets one line as each run starts (task, instant, start time, time limit, process
 group = the shell's pid, the boot, the cgroup, the slot, the task's revision and what
 triggered the run), one if the agent ends it at its
-time limit (before the first signal), and one once its result is safe. Appending a line
+time limit or because a newer run of its task replaces it (before the first signal), and
+one once its result is safe. Appending a line
 is one ``write`` (no fsync); a restarted agent replays the journal to find its runs, and
 it is rewritten with the live runs only once it has grown.
 
@@ -94,7 +95,7 @@ class RunRecord:
 
 class RunJournal:
     """The journal in ``directory``: the runs under way, each with its slot, and those
-    being ended at their time limit."""
+    being ended at their time limit or replaced."""
 
     log = Logger()
 
@@ -105,6 +106,8 @@ class RunJournal:
         self.slots: dict[str, int] = {}
         #: The runs being ended at their time limit.
         self.limits: set[str] = set()
+        #: The runs being ended because a newer run of their task replaces them.
+        self.replaced: set[str] = set()
         self._fd: int | None = None
         self._bytes = 0
 
@@ -129,6 +132,10 @@ class RunJournal:
         self.limits.add(run)
         self._append({"limit": run})
 
+    def mark_replaced(self, run: str) -> None:
+        self.replaced.add(run)
+        self._append({"replaced": run})
+
     def done(self, run: str) -> None:
         """``run`` is over and its result safe: forgotten (the journal rewritten once it
         has grown)."""
@@ -137,6 +144,7 @@ class RunJournal:
             self.slots.pop(run, None)
             self._append({"done": run})
         self.limits.discard(run)
+        self.replaced.discard(run)
         if (
             self._bytes > JOURNAL_REWRITE_BYTES and not self.records
         ) or self._bytes > 4 * JOURNAL_REWRITE_BYTES:
@@ -163,11 +171,14 @@ class RunJournal:
                     self.slots[run] = int(entry["slot"])
                 elif "limit" in entry:
                     self.limits.add(str(entry["limit"]))
+                elif "replaced" in entry:
+                    self.replaced.add(str(entry["replaced"]))
                 elif "done" in entry:
                     run = str(entry["done"])
                     self.records.pop(run, None)
                     self.slots.pop(run, None)
                     self.limits.discard(run)
+                    self.replaced.discard(run)
             except (ValueError, KeyError, TypeError):
                 # The agent died while writing its last line.
                 self.log.warn(
@@ -186,6 +197,11 @@ class RunJournal:
         ]
         lines += [
             json.dumps({"limit": run}).encode("ascii") for run in self.limits if run in self.records
+        ]
+        lines += [
+            json.dumps({"replaced": run}).encode("ascii")
+            for run in self.replaced
+            if run in self.records
         ]
         data = b"".join(line + b"\n" for line in lines)
         tmp = self.path.parent / ".journal.tmp"

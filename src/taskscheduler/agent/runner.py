@@ -12,7 +12,10 @@ time limit) in its own session, joined to its own containment
   on disk as it grows (:mod:`taskscheduler.agent.upkeep`), keeping its first and last
   halves of the cap and its size.
 - **Explicit environment**: ``environment`` plus ``extra_env`` and ``TASKSCHEDULER_RUN_ID``;
-  nothing from the agent's own ``os.environ``.
+  nothing from the agent's own ``os.environ``. A ``working_dir`` is where the shell goes
+  before the command (see :mod:`taskscheduler.agent.runprocess`); by default, the agent's.
+- **Replaced runs.** :meth:`ProcessRunner.replace` ends one run as its time limit would
+  (a newer run of its task replaces it); it reports ``REPLACED``.
 - **Nothing of a run survives it.** When the shell exits, whatever is left of the run
   (background jobs, processes that left the group or the session) is killed at once
   through the containment.
@@ -129,8 +132,9 @@ class ProcessRunner:
         self.boot_id = boot_id()
         self._runs: dict[RunProcess, None] = {}  # in start order
         self._pids: set[int] = set()  # the shells of those runs
-        #: Runs a previous life of the agent left, re-attached and still going (recovery's).
-        self.reattached: dict[str, None] = {}
+        #: Runs a previous life of the agent left, re-attached and still going (recovery's),
+        #: each with what replaces it.
+        self.reattached: dict[str, Callable[[], None]] = {}
         self._tidy_call: IDelayedCall | None = None
         self.upkeep = Upkeep(
             reactor, self.files, output_cap, self.live_run_ids, self._run_in_thread
@@ -167,10 +171,13 @@ class ProcessRunner:
         key: tuple[uuid.UUID, datetime] | None = None,
         revision: int | None = None,
         trigger: Trigger = Trigger.SCHEDULE,
+        working_dir: str | None = None,
     ) -> Deferred[RunOutcome]:
         """Run ``command`` in a new session; fires with its :class:`RunOutcome`.
 
         ``key`` (task, instant) names the run's files; without one a fresh id is made.
+        ``working_dir``: where the command runs (one that cannot be used fails the run,
+        its stderr saying so); None: the agent's own.
         ``revision`` and ``trigger`` go to its journal line, for a restarted agent.
         Never errbacks because of the command: a process that cannot be started gives a
         ``FAILED`` outcome whose stderr says why.
@@ -192,7 +199,7 @@ class ProcessRunner:
             self.reactor.spawnProcess(
                 run,
                 self.setsid,
-                supervised_command(self.setsid, cgroup_procs, command),
+                supervised_command(self.setsid, cgroup_procs, command, working_dir),
                 env=env,
                 childFDs={0: self._devnull, 1: out, 2: err, EXIT_FD: exit_file},
                 **ids,
@@ -267,6 +274,27 @@ class ProcessRunner:
             run.terminate()
         done: Deferred[None] = gatherResults(waiters).addCallback(lambda _: None)
         return done
+
+    def replace(self, key: tuple[uuid.UUID, datetime]) -> bool:
+        """End the run ``key`` as its time limit would (a newer run of its task replaces
+        it): it reports ``REPLACED``. False if no such run is going."""
+        name = run_id(*key)
+        for run in self._runs:
+            if run.run_id == name:
+                run.replace()
+                return True
+        replace_reattached = self.reattached.get(name)
+        if replace_reattached is None:
+            return False
+        replace_reattached()
+        return True
+
+    def mark_replaced(self, run: str) -> None:
+        """Record, before the first signal, that ``run`` is being replaced."""
+        try:
+            self.files.mark_replaced(run)
+        except OSError as e:
+            self.log.warn("could not record that {run} is replaced: {error}", run=run, error=e)
 
     def mark_limit_reached(self, run: str) -> None:
         """Record, before the first signal, that ``run`` is being ended at its limit."""

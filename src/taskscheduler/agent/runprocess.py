@@ -16,7 +16,8 @@ Every run is ``setsid /bin/sh -c SUPERVISOR sh <cgroup.procs> <command>``
   ended while it was down.
 - **Time limit.** SIGTERM to every process of the run, ``kill_grace`` seconds later
   SIGKILL; the outcome is ``TIMED_OUT``. A run :meth:`RunProcess.terminate` cut short
-  (shutdown) reports ``LOST``.
+  (shutdown) reports ``LOST``; one :meth:`RunProcess.replace` ended the same way (a newer
+  run of its task replaced it) reports ``REPLACED``, with the signal that ended it.
 """
 
 from __future__ import annotations
@@ -54,13 +55,38 @@ SUPERVISOR = (
     "trap 'printf \"%03d\\n\" $? >&9' EXIT; "
     'eval "$__taskscheduler_command" 9>&-'
 )
+#: The run's shell in a working directory (``$3``): it goes there before the command,
+#: as the posix_spawn fast path has no chdir (Twisted forks for ``path=``). One it cannot
+#: use fails the run (exit status 126), saying so on stderr.
+SUPERVISOR_IN_DIR = (
+    '[ -z "$1" ] || { echo 0 >"$1"; } 2>/dev/null; '
+    "__taskscheduler_command=$2; "
+    "trap 'printf \"%03d\\n\" $? >&9' EXIT; "
+    'cd -- "$3" 2>/dev/null || { '
+    "printf 'taskscheduler: cannot use the working directory %s\\n' \"$3\" >&2; exit 126; }; "
+    "shift 3; "
+    'eval "$__taskscheduler_command" 9>&-'
+)
 #: The descriptor the shell writes its exit status to.
 EXIT_FD = 9
 
 
-def supervised_command(setsid: str, cgroup_procs: str | None, command: str) -> list[str]:
+def supervised_command(
+    setsid: str, cgroup_procs: str | None, command: str, working_dir: str | None = None
+) -> list[str]:
     """The argv of a run: ``setsid`` execs the supervising shell, which joins
-    ``cgroup_procs`` (if any) and evaluates ``command``."""
+    ``cgroup_procs`` (if any), goes to ``working_dir`` (if any) and evaluates ``command``."""
+    if working_dir is not None:
+        return [
+            setsid,
+            SHELL,
+            "-c",
+            SUPERVISOR_IN_DIR,
+            "sh",
+            cgroup_procs or "",
+            command,
+            working_dir,
+        ]
     return [setsid, SHELL, "-c", SUPERVISOR, "sh", cgroup_procs or "", command]
 
 
@@ -88,6 +114,8 @@ class RunProcess(ProcessProtocol):
         self._exit: ProcessDone | ProcessTerminated | None = None
         self._timed_out = False
         self._terminated = False
+        self._replaced = False
+        self._sent: int | None = None  # the last signal the agent sent the run
         self.finished = False
         self._limit_call: IDelayedCall | None = None
         self._kill_call: IDelayedCall | None = None
@@ -117,6 +145,26 @@ class RunProcess(ProcessProtocol):
             return
         if not self._timed_out:
             self._terminated = True
+        self._signal(signal.SIGTERM)
+        if self._kill_call is None:
+            self._kill_call = self._runner.reactor.callLater(
+                self._runner.kill_grace, self._signal, signal.SIGKILL
+            )
+
+    def replace(self) -> None:
+        """End the run as its time limit would, now: a newer run of its task replaces it.
+        Its time limit no longer matters; its outcome is ``REPLACED``."""
+        if self.finished or self._timed_out or self._replaced:
+            return
+        self._replaced = True
+        self._cancel("_limit_call")
+        self._runner.mark_replaced(self.run_id)
+        self.log.info(
+            "{run} is replaced by a newer run of its task; sending SIGTERM to every "
+            "process of the run, SIGKILL in {kill_grace}s",
+            run=self._name(),
+            kill_grace=self._runner.kill_grace,
+        )
         self._signal(signal.SIGTERM)
         if self._kill_call is None:
             self._kill_call = self._runner.reactor.callLater(
@@ -154,6 +202,7 @@ class RunProcess(ProcessProtocol):
         )
 
     def _signal(self, signum: int) -> None:
+        self._sent = signum
         try:
             self._runner.containment.signal(self.marker, self.pid, signum)
         except ProcessLookupError:
@@ -196,6 +245,10 @@ class RunProcess(ProcessProtocol):
         signum = getattr(self._exit, "signal", None)
         if self._timed_out:
             status = ResultStatus.TIMED_OUT
+        elif self._replaced:
+            status = ResultStatus.REPLACED
+            # The signal that ended it, even when its shell exited of it by itself.
+            signum = signum or self._sent
         elif self._terminated:
             status = ResultStatus.LOST
         else:

@@ -53,7 +53,11 @@ from taskscheduler.agent.lastruns import LastRuns
 from taskscheduler.agent.spool import Spool
 from taskscheduler.agent.taskloop import LabelTime, TaskLoop
 from taskscheduler.protocol import ResultStatus, RunResult, TaskSpec, Trigger
+from taskscheduler.protocol.options import Overlap
 from taskscheduler.schedule import format_instant, utc_now_from
+
+#: The names of the variables the agent sets for each run; a task's ``env`` never does.
+RESERVED_ENV_PREFIX = "TASKSCHEDULER_"
 
 
 class RunnerLike(Protocol):
@@ -71,11 +75,27 @@ class RunnerLike(Protocol):
         key: tuple[uuid.UUID, datetime] | None = ...,
         revision: int | None = ...,
         trigger: Trigger = ...,
+        working_dir: str | None = ...,
     ) -> Deferred[Any]: ...
 
     def terminate_all(self) -> Deferred[None]: ...
 
+    def replace(self, key: tuple[uuid.UUID, datetime]) -> bool: ...
+
     def discard(self, key: tuple[uuid.UUID, datetime]) -> object: ...
+
+
+def run_environment(spec: TaskSpec, scheduled_at: datetime) -> dict[str, str]:
+    """What a run of ``spec`` adds to the agent's environment: the task's ``env``, under
+    the variables that name the run (a task may not set ``TASKSCHEDULER_*`` ones)."""
+    env = {
+        name: value
+        for name, value in spec.options.env.items()
+        if not name.startswith(RESERVED_ENV_PREFIX)
+    }
+    env["TASKSCHEDULER_TASK_ID"] = str(spec.task_id)
+    env["TASKSCHEDULER_SCHEDULED_AT"] = format_instant(scheduled_at)
+    return env
 
 
 class Scheduler:
@@ -267,7 +287,7 @@ class Scheduler:
             spec,
             scheduled_at,
             self._labels.now(),
-            tasks_running=self._runs.tasks,
+            task_runs=self._runs.count(spec.task_id),
             runs_in_flight=self._runner.running,
             max_running=self.max_running,
             starting_deadline=self.starting_deadline,
@@ -275,18 +295,18 @@ class Scheduler:
         if reason is not None:
             self.record_skip(spec, scheduled_at, reason, trigger=trigger)
             return
+        if spec.options.overlap is Overlap.REPLACE:
+            self._runs.replace(spec.task_id, scheduled_at)
         started_at = utc_now_from(self._clock.seconds())
         try:
             d = self._runner.run(
                 spec.command,
                 spec.time_limit.total_seconds(),
-                {
-                    "TASKSCHEDULER_TASK_ID": str(spec.task_id),
-                    "TASKSCHEDULER_SCHEDULED_AT": format_instant(scheduled_at),
-                },
+                run_environment(spec, scheduled_at),
                 key=(spec.task_id, scheduled_at),
                 revision=spec.revision,
                 trigger=trigger,
+                working_dir=spec.options.working_dir,
             )
         except Exception:
             d = fail()
