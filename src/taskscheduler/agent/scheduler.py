@@ -53,11 +53,8 @@ from taskscheduler.agent.lastruns import LastRuns
 from taskscheduler.agent.spool import Spool
 from taskscheduler.agent.taskloop import LabelTime, TaskLoop
 from taskscheduler.protocol import ResultStatus, RunResult, TaskSpec, Trigger
-from taskscheduler.protocol.options import Overlap
+from taskscheduler.protocol.options import RESERVED_ENV_PREFIX, Overlap
 from taskscheduler.schedule import format_instant, utc_now_from
-
-#: The names of the variables the agent sets for each run; a task's ``env`` never does.
-RESERVED_ENV_PREFIX = "TASKSCHEDULER_"
 
 
 class RunnerLike(Protocol):
