@@ -109,7 +109,7 @@ def duration(started: object, finished: object) -> str | None:
     return f"{seconds:.3f}s" if seconds < 10 else f"{seconds:.0f}s"
 
 
-STATUSES = ("succeeded", "failed", "timed_out", "skipped", "lost")
+STATUSES = ("succeeded", "failed", "timed_out", "skipped", "lost", "replaced")
 
 
 def execution_summary(execution: JSON | None) -> str | None:
