@@ -8,7 +8,9 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from click.testing import CliRunner
 
+from taskscheduler.cli.main import cli
 from taskscheduler.schedule import parse_instant
 from tests.integration.daemons import Fleet, running_fleet, wait_for
 from tests.integration.test_runner_processes import dies_within
@@ -80,13 +82,23 @@ def test_a_tasks_env_and_working_dir_reach_its_runs(tmp_path: Path) -> None:
     (work / "data.txt").write_text("read from the working dir\n")
     os.chmod(tmp_path, 0o755)
     with running_fleet(tmp_path, agents=1) as fleet:
-        task_id = create(
-            fleet,
-            command='pwd; cat data.txt; echo "$GREETING $TASKSCHEDULER_TASK_ID"',
-            frequency="every 1 second",
-            env={"GREETING": "hi-s3cr3t"},
-            working_dir=str(work),
+        # From the command line, as the README shows.
+        created = CliRunner().invoke(
+            cli,
+            [
+                *("tasks", "create", "--every", "1 second", "--env", "GREETING=hi-s3cr3t"),
+                *("--working-dir", str(work), "--"),
+                'pwd; cat data.txt; echo "$GREETING $TASKSCHEDULER_TASK_ID"',
+            ],
+            env={
+                "TASKSCHEDULER_URL": fleet.server_url,
+                "TASKSCHEDULER_TOKEN": fleet.operator_token,
+            },
         )
+        assert created.exit_code == 0, created.output
+        task_id = created.stdout.split()[0]
+        _, task = fleet.api("GET", f"/api/v1/tasks/{task_id}")
+        assert (task["env"], task["working_dir"]) == ({"GREETING": "hi-s3cr3t"}, str(work)), task
         missing = create(
             fleet,
             command="echo never",
