@@ -15,7 +15,8 @@ and the mean time one ``spawnProcess`` call blocks the reactor:
 - ``runner, ...``: ``ProcessRunner.run`` end to end, as the agent runs a command: the
   supervising shell, output files, the run record, timers, reading the output, removing
   the files; with the process group only, a cgroup per run (where this process may make
-  cgroups), and the runner's process as child subreaper.
+  cgroups), and the runner's process as child subreaper; and with a task's working
+  directory (the shell's ``cd``, group only).
 """
 
 from __future__ import annotations
@@ -107,11 +108,14 @@ def variants(reactor: Any) -> dict[str, Callable[[], defer.Deferred[Any]]]:
         _SetsidProcess(reactor, "/bin/sh", sh, ENV, None, proto, None, None, dict(CHILD_FDS))
         return proto.ended
 
-    def through(runner: ProcessRunner) -> Callable[[], defer.Deferred[Any]]:
+    def through(
+        runner: ProcessRunner, working_dir: str | None = None
+    ) -> Callable[[], defer.Deferred[Any]]:
         def start() -> defer.Deferred[Any]:
             # As the scheduler does: the run's files go once its result is safe.
             key = (uuid.uuid4(), datetime.now(UTC))
-            return runner.run("true", 60, key=key).addCallback(lambda _: runner.discard(key))
+            d = runner.run("true", 60, key=key, working_dir=working_dir)
+            return d.addCallback(lambda _: runner.discard(key))
 
         return start
 
@@ -131,6 +135,7 @@ def variants(reactor: Any) -> dict[str, Callable[[], defer.Deferred[Any]]]:
         "fork": spawning("/bin/sh", sh, path=elsewhere),
         "POSIX_SPAWN_SETSID": setsid_flag,
         "runner, group only": through(make_runner()),
+        "runner, working_dir": through(make_runner(), tempfile.gettempdir()),
     }
     own = own_cgroup_dir()
     try:
