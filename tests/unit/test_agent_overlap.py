@@ -193,7 +193,12 @@ def test_a_tasks_env_reaches_its_runs_under_the_agents_own_variables(tmp_path: P
     agent = start(tmp_path, 5)
     task = with_options(
         spec(),
-        env={"GREETING": "hello", "PATH": "/opt/bin", "TASKSCHEDULER_TASK_ID": "forged"},
+        env={
+            "GREETING": "hello",
+            "PATH": "/opt/bin",
+            "TASKSCHEDULER_TASK_ID": "forged",
+            "TASKSCHEDULER_OTHER": "the server refuses these names; the agent drops them",
+        },
         working_dir="/srv/app",
     )
     agent.service.scheduler.schedule(task)  # type: ignore[union-attr]
