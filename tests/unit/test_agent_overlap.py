@@ -136,6 +136,29 @@ def test_replace_ends_the_running_run_records_it_replaced_and_starts_the_new_one
     assert len(agent.runner.replaced) == 2, "a run that ended is not replaced"
 
 
+def test_replace_ends_every_run_of_the_task_even_of_its_previous_revision(
+    tmp_path: Path,
+) -> None:
+    agent = start(tmp_path, 5)
+    allowing = with_options(
+        spec("sleep 25", time_limit=60), overlap=Overlap.ALLOW, max_concurrent=2
+    )
+    scheduler = agent.service.scheduler
+    assert scheduler is not None
+    scheduler.schedule(allowing)
+    agent.advance_to(20)
+    assert len(agent.runner.runs) == 2
+    scheduler.schedule(replace(allowing, revision=2, options=TaskOptions(overlap=Overlap.REPLACE)))
+    agent.advance_to(30)
+    assert agent.runner.replaced == [
+        (allowing.task_id, ANCHOR + STEP),
+        (allowing.task_id, ANCHOR + 2 * STEP),
+    ]
+    assert statuses(agent) == {at(10): ResultStatus.REPLACED, at(20): ResultStatus.REPLACED}
+    assert [run.revision for run in agent.runner.runs] == [1, 1, 2]
+    assert scheduler.running == 1
+
+
 def test_a_refused_instant_replaces_nothing(tmp_path: Path) -> None:
     agent = start(tmp_path, 5)
     task = with_options(spec("sleep 25", time_limit=60), overlap=Overlap.REPLACE)
