@@ -279,7 +279,8 @@ class Scheduler:
     def fire(
         self, spec: TaskSpec, scheduled_at: datetime, trigger: Trigger = Trigger.SCHEDULE
     ) -> None:
-        """Start the run of ``scheduled_at`` now, or record it skipped with the reason."""
+        """Start the run of ``scheduled_at`` now, or record it skipped with the reason.
+        A task whose overlap policy is ``replace`` has its runs going ended first."""
         reason = refusal(
             spec,
             scheduled_at,
