@@ -3,7 +3,6 @@ PostgreSQL) and a real agent, driven through the operators' API."""
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 from typing import Any
 
@@ -80,7 +79,6 @@ def test_a_tasks_env_and_working_dir_reach_its_runs(tmp_path: Path) -> None:
     work = tmp_path / "work dir"
     work.mkdir()
     (work / "data.txt").write_text("read from the working dir\n")
-    os.chmod(tmp_path, 0o755)
     with running_fleet(tmp_path, agents=1) as fleet:
         # From the command line, as the README shows.
         created = CliRunner().invoke(
