@@ -12,6 +12,7 @@ from taskscheduler.cli.tables import execution_summary
 from taskscheduler.protocol import ResultStatus
 from taskscheduler.schedule import format_instant, utc_now_from
 from taskscheduler.server.store.interface import Store
+from tests.unit.test_openapi import answer_validator
 from tests.unit.test_server_api import AGENT_A, AGENT_B, START, Harness, started
 from tests.unit.test_store_contract import A_ID, GRACE, STORED, at, make_spec, result
 
@@ -59,6 +60,9 @@ async def test_replaced_is_counted_shown_and_completes_an_execution_like_any_res
     assert code == 200, one
     [output] = [o for o in one["outputs"] if o["status"] == "replaced"]
     assert (output["signal"], output["exit_code"], output["stdout"]) == (15, None, "half done\n")
+    # Both answers are as the OpenAPI document says.
+    answer_validator("GET", "/api/v1/tasks/{task_id}", 200).validate(body)
+    answer_validator("GET", "/api/v1/tasks/{task_id}/executions/{scheduled_at}", 200).validate(one)
 
 
 def test_the_cli_summary_names_every_status_the_server_counts() -> None:
