@@ -1,4 +1,5 @@
-"""The frequency grammar and a task's anchored instants.
+"""The frequency grammar and a task's anchored instants; :class:`Schedule`, what both kinds
+of schedule (every N, :class:`Grid`; cron, :class:`CronTimes`) answer.
 
 Pure functions, no I/O. Execution ``k`` (``k >= 1``) of a task is due at
 ``anchor + k * interval`` on every agent alike, so one execution's results line up
@@ -10,8 +11,12 @@ compares equal to the one the server computes.
 from __future__ import annotations
 
 import re
+from collections.abc import Iterator
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
+from typing import Protocol
+
+from taskscheduler.cron import Cron
 
 _UNIT_SECONDS = {"second": 1, "minute": 60, "hour": 3600}
 
@@ -148,3 +153,80 @@ def parse_instant(text: object) -> datetime:
             f"to {LATEST_INSTANT:%Y-%m-%d} (UTC) are accepted"
         )
     return utc
+
+
+# -- a task's schedule, whichever kind ---------------------------------------------------------
+
+
+class Schedule(Protocol):
+    """A task's instants, whichever kind of schedule names them (every N, or cron)."""
+
+    def next_after(self, t: datetime) -> datetime:
+        """The first instant strictly after ``t``, in UTC, in whole microseconds."""
+        ...
+
+    def is_instant(self, t: datetime) -> bool:
+        """Whether ``t`` is one of the instants."""
+        ...
+
+    def typical_interval(self) -> timedelta:
+        """The interval runs are sized by (default time limit, starting deadline): the
+        interval itself, or for cron the shortest gap between its times."""
+        ...
+
+
+def next_instants(schedule: Schedule, t: datetime, n: int) -> list[datetime]:
+    """The first ``n`` instants strictly after ``t``."""
+    instants: list[datetime] = []
+    for _ in range(n):
+        t = schedule.next_after(t)
+        instants.append(t)
+    return instants
+
+
+@dataclass(frozen=True)
+class Grid:
+    """Every ``interval`` from ``anchor``: instant ``k >= 1`` is ``anchor + k * interval``."""
+
+    anchor: datetime
+    interval: timedelta
+
+    def next_after(self, t: datetime) -> datetime:
+        return next_execution(self.anchor, self.interval, t)[1]
+
+    def is_instant(self, t: datetime) -> bool:
+        return execution_index(self.anchor, self.interval, t) is not None
+
+    def typical_interval(self) -> timedelta:
+        return self.interval
+
+
+@dataclass(frozen=True)
+class CronTimes:
+    """A cron expression's instants (:mod:`taskscheduler.cron`) strictly after ``anchor``
+    (the task's creation, or the change that gave it this expression)."""
+
+    cron: Cron
+    anchor: datetime
+
+    def next_after(self, t: datetime) -> datetime:
+        return self.cron.next_after(max(t, self.anchor))
+
+    def instants_after(self, t: datetime) -> Iterator[datetime]:
+        """The instants strictly after ``t``, in order (one parse for many instants)."""
+        return self.cron.instants_after(max(t, self.anchor))
+
+    def is_instant(self, t: datetime) -> bool:
+        return t > self.anchor and self.cron.is_instant(t)
+
+    def typical_interval(self) -> timedelta:
+        return self.cron.typical_interval()
+
+
+def schedule_of(frequency: Frequency | None, cron: Cron | None, anchor: datetime) -> Schedule:
+    """The schedule of a task that has ``frequency`` or ``cron`` (exactly one)."""
+    if cron is not None:
+        return CronTimes(cron, anchor)
+    if frequency is None:
+        raise ValueError("a task has a frequency or a cron expression")
+    return Grid(anchor, frequency.interval)

@@ -69,7 +69,9 @@ def refusal(
             f"{runs_in_flight} runs were already going on this agent (--max-running {max_running})"
         )
     late = (now - scheduled_at).total_seconds()
-    if late > starting_deadline_for(spec.frequency.seconds, starting_deadline):
+    # A cron task's interval is its typical one: the shortest gap between its times.
+    interval = spec.interval.total_seconds() if spec.frequency is None else spec.frequency.seconds
+    if late > starting_deadline_for(interval, starting_deadline):
         # Shed load rather than pile it up: a run started this late is no longer the
         # run of its instant, and starting it would make the next ones later still.
         return f"the agent was overloaded: the instant came {late:.1f}s late"

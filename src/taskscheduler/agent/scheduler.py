@@ -48,6 +48,7 @@ from twisted.logger import Logger
 
 from taskscheduler.agent.admission import DEFAULT_MAX_RUNNING, DEFAULT_STARTING_DEADLINE, refusal
 from taskscheduler.agent.clocksteps import STEP_THRESHOLD, ClockSteps
+from taskscheduler.agent.cronloop import CronLoop
 from taskscheduler.agent.inflight import RunsInFlight
 from taskscheduler.agent.lastruns import LastRuns
 from taskscheduler.agent.spool import Spool
@@ -133,7 +134,7 @@ class Scheduler:
         self._steps = ClockSteps(clock, self._stepped, monotonic=monotonic, watchdog=watchdog)
         self._last_runs = LastRuns() if last_runs is None else last_runs
         self._resumed = False
-        self._loops: dict[uuid.UUID, TaskLoop] = {}
+        self._loops: dict[uuid.UUID, TaskLoop | CronLoop] = {}
         self._runs = RunsInFlight(clock, runner, spool, agent_id)
         # Manual runs whose acceptance is being written, and the deliveries that wait.
         self._accepting: dict[tuple[uuid.UUID, datetime], list[Deferred[None]]] = {}
@@ -161,7 +162,8 @@ class Scheduler:
             return
         self._resume()
         self._steps.watch()
-        loop = TaskLoop(spec, self, self._labels, after=self._last_runs.last(spec.task_id))
+        kind = TaskLoop if spec.cron is None else CronLoop
+        loop = kind(spec, self, self._labels, after=self._last_runs.last(spec.task_id))
         self._loops[spec.task_id] = loop
         loop.start()
 

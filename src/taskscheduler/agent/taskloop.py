@@ -80,7 +80,11 @@ class LoopOwner(Protocol):
 
 
 class TaskLoop:
-    """One task's LoopingCall, started on the task's next instant of the label timeline."""
+    """One task's LoopingCall, started on the task's next instant of the label timeline.
+
+    For a task run every N (``spec.frequency``); a cron task has a
+    :class:`taskscheduler.agent.cronloop.CronLoop` instead.
+    """
 
     log = Logger()
 
@@ -91,7 +95,10 @@ class TaskLoop:
         time: LabelTime,
         after: datetime | None = None,
     ) -> None:
+        if spec.frequency is None:
+            raise TypeError(f"task {spec.task_id} has no frequency")
         self.spec = spec
+        self._frequency = spec.frequency
         self._owner = owner
         self._time = time
         self._start_call: IDelayedCall | None = None  # waits for the loop's first instant
@@ -110,7 +117,7 @@ class TaskLoop:
         The loop's earlier timers are cancelled: a step of the wall clock leaves them be.
         """
         self._cancel()
-        interval = self.spec.frequency.interval
+        interval = self._frequency.interval
         now = self._time.now()
         since = now if self.last_run is None else max(now, self.last_run)
         k, at = next_execution(self.spec.anchor, interval, since)
@@ -129,7 +136,7 @@ class TaskLoop:
         loop = LoopingCall.withCount(self._tick)
         loop.clock = self._time  # type: ignore[assignment]  # seconds and callLater suffice
         self._loop = loop
-        loop.start(self.spec.frequency.seconds, now=True).addErrback(self._loop_died)
+        loop.start(self._frequency.seconds, now=True).addErrback(self._loop_died)
 
     def _tick(self, count: int) -> None:
         # Never raise: a LoopingCall whose function fails stops for good.
@@ -146,11 +153,11 @@ class TaskLoop:
             # run the latest instant that is due, once, labelled with that exact instant.
             # (The first wake-up's count is always 1: check it against the label clock.)
             now = self._time.now()
-            due = next_execution(self.spec.anchor, self.spec.frequency.interval, now)[0] - 1
+            due = next_execution(self.spec.anchor, self._frequency.interval, now)[0] - 1
             k = max(self._next + count - 1, due)
             if k > self._next:
                 self._missed(self._next, k, now)
-            scheduled_at = instant(self.spec.anchor, self.spec.frequency.interval, k)
+            scheduled_at = instant(self.spec.anchor, self._frequency.interval, k)
             self.last_run = scheduled_at
             self._owner.fired(self.spec.task_id, scheduled_at)
             self._next = k + 1
@@ -189,7 +196,7 @@ class TaskLoop:
             task_id=str(self.spec.task_id),
             missed=end - first,
         )
-        interval = self.spec.frequency.interval
+        interval = self._frequency.interval
         for k in range(max(first, end - MAX_SKIPS_RECORDED), end):
             scheduled_at = instant(self.spec.anchor, interval, k)
             late = (now - scheduled_at).total_seconds()

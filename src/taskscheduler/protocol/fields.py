@@ -9,6 +9,7 @@ from collections.abc import Iterable, Mapping
 from datetime import datetime, timedelta
 from typing import Any
 
+from taskscheduler.cron import Cron, InvalidCron, parse_cron, zone
 from taskscheduler.schedule import (
     Frequency,
     InstantOutOfRange,
@@ -136,6 +137,26 @@ def parse_time_limit(value: object) -> timedelta:
     return timedelta(seconds=parse_int(value, "time_limit_seconds", 1, MAX_TIME_LIMIT_SECONDS))
 
 
-def default_time_limit(frequency: Frequency) -> timedelta:
-    """A run may take up to one interval (at least 1 s, at most a day) unless told."""
-    return timedelta(seconds=min(max(frequency.seconds, 1), 24 * 3600))
+def parse_cron_fields(cron: object, timezone: object) -> Cron:
+    """``cron`` with its optional ``timezone`` (UTC when None)."""
+    try:
+        return parse_cron(cron, timezone)
+    except InvalidCron as e:
+        raise InvalidMessage(str(e)) from None
+
+
+def parse_timezone_field(value: object) -> str:
+    """An IANA time zone name (for a cron expression)."""
+    try:
+        zone(value)
+    except InvalidCron as e:
+        raise InvalidMessage(str(e)) from None
+    assert isinstance(value, str)
+    return value
+
+
+def default_time_limit(frequency: Frequency | timedelta) -> timedelta:
+    """A run may take up to one interval (at least 1 s, at most a day) unless told; a cron
+    task's interval is its typical one (the shortest gap between its times)."""
+    interval = frequency if isinstance(frequency, timedelta) else frequency.interval
+    return timedelta(seconds=min(max(int(interval.total_seconds()), 1), 24 * 3600))

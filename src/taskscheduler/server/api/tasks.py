@@ -58,7 +58,7 @@ _USEC = timedelta(microseconds=1)
 #: Instants tried for a run-now, a microsecond apart, when others took the first ones.
 _MANUAL_INSTANT_TRIES = 100
 #: The fields of a task an operator sets (create) or changes (PATCH).
-TASK_FIELDS = ("command", "frequency", "time_limit_seconds", *OPTION_FIELDS)
+TASK_FIELDS = ("command", "frequency", "cron", "timezone", "time_limit_seconds", *OPTION_FIELDS)
 
 
 def encode_cursor(task: Task) -> str:
@@ -74,6 +74,25 @@ def decode_cursor(text: str) -> tuple[datetime, uuid.UUID]:
         return parse_instant(created_at), uuid.UUID(task_id)
     except (ValueError, TypeError, binascii.Error, UnicodeError, InstantOutOfRange):
         raise INVALID_CURSOR() from None
+
+
+_BOTH_SCHEDULES = (
+    "give either 'frequency' (e.g. 'every 5 minutes') or 'cron' (e.g. '*/5 * * * *', "
+    "with an optional 'timezone'), not both"
+)
+
+
+def _one_schedule(body: dict[str, Any]) -> None:
+    """400 unless a new task has exactly one schedule, and a zone only with cron."""
+    frequency, cron = body.get("frequency") is not None, body.get("cron") is not None
+    if frequency and cron:
+        raise BAD_REQUEST(_BOTH_SCHEDULES)
+    if not frequency and not cron:
+        raise BAD_REQUEST(
+            "one of 'frequency' (e.g. 'every 5 minutes') or 'cron' (e.g. '*/5 * * * *') is required"
+        )
+    if frequency and body.get("timezone") is not None:
+        raise BAD_REQUEST("'timezone' applies to a cron expression, not to 'frequency'")
 
 
 def _object_body(request: IRequest) -> dict[str, Any]:
@@ -97,46 +116,53 @@ class TaskRoutes(Routes):
             )
         body = _object_body(request)
         protocol.refuse_unknown(body, TASK_FIELDS)  # 400 unknown_field
-        missing = [name for name in ("command", "frequency") if body.get(name) is None]
-        if missing:
-            raise BAD_REQUEST(" and ".join(f"'{name}'" for name in missing) + " is required")
+        _one_schedule(body)
+        if body.get("command") is None:
+            raise BAD_REQUEST("'command' is required")
+        now = self._now()
         try:
             command = protocol.parse_command(body.get("command"))
-            frequency = protocol.parse_frequency_field(body.get("frequency"))
+            frequency, cron = None, None
+            if body.get("cron") is not None:
+                cron = protocol.parse_cron_fields(body["cron"], body.get("timezone"))
+            else:
+                frequency = protocol.parse_frequency_field(body.get("frequency"))
+            options = parse_options(body)
+            spec = TaskSpec(
+                task_id=uuid.uuid4(),
+                command=command,
+                frequency=frequency,
+                anchor=now,
+                time_limit=timedelta(0),
+                options=options,
+                cron=cron,
+            )
             limit = body.get("time_limit_seconds")
             time_limit = (
-                protocol.default_time_limit(frequency)
+                protocol.default_time_limit(spec.interval)
                 if limit is None
                 else protocol.parse_time_limit(limit)
             )
-            options = parse_options(body)
+            spec = dataclasses.replace(spec, time_limit=time_limit)
         except InvalidMessage as e:
             raise BAD_REQUEST(str(e)) from None
-        now = self._now()
-        spec = TaskSpec(
-            task_id=uuid.uuid4(),
-            command=command,
-            frequency=frequency,
-            anchor=now,
-            time_limit=time_limit,
-            options=options,
-        )
+        schedule = str(frequency) if cron is None else str(cron)
         principal = principal_of(request)
         audit = self._audit(
             request,
             principal,
             "task.created",
             str(spec.task_id),
-            frequency=str(frequency),
+            **protocol.schedule_to_json(spec),
             time_limit_seconds=time_limit.total_seconds(),
             options=audited_options(options),  # env by its names: values may be secrets
         )
         task = await self._store.create_task(spec, created_at=now, audit=audit)
         self.log.info(
-            "{actor} created task {task_id} ({frequency})",
+            "{actor} created task {task_id} ({schedule})",
             actor=principal.actor,
             task_id=str(task.task_id),
-            frequency=str(frequency),
+            schedule=schedule,
         )
         self._on_task_created(task)
         request.setHeader(b"Location", f"/api/v1/tasks/{task.task_id}".encode("ascii"))
@@ -185,6 +211,8 @@ class TaskRoutes(Routes):
             for name in TASK_FIELDS
         ):
             raise NOTHING_TO_CHANGE()
+        if body.get("frequency") is not None and body.get("cron") is not None:
+            raise BAD_REQUEST(_BOTH_SCHEDULES)
         try:
             change = TaskChange(
                 command=(
@@ -201,6 +229,16 @@ class TaskRoutes(Routes):
                     else protocol.parse_time_limit(body["time_limit_seconds"])
                 ),
                 options={name: body[name] for name in OPTION_FIELDS if name in body},
+                cron=(
+                    None
+                    if body.get("cron") is None
+                    else protocol.parse_cron_fields(body["cron"], body.get("timezone")).expression
+                ),
+                timezone=(
+                    None
+                    if body.get("timezone") is None
+                    else protocol.parse_timezone_field(body["timezone"])
+                ),
             )
         except InvalidMessage as e:
             raise BAD_REQUEST(str(e)) from None
@@ -256,7 +294,7 @@ class TaskRoutes(Routes):
             raise UnknownTask(task_id)
         if task.deleted:
             raise TASK_ALREADY_DELETED()
-        at = manual_instant(self._now(), task.spec.anchor, task.spec.frequency.interval)
+        at = manual_instant(self._now(), task.spec.schedule)
         principal = principal_of(request)
         audit = self._audit(
             request, principal, "task.run", str(parsed), scheduled_at=format_instant(at)
@@ -267,7 +305,7 @@ class TaskRoutes(Routes):
                 execution = await self._store.record_manual_execution(parsed, at, audit)
                 break
             except ValueError:  # another run-now took this very microsecond
-                at = manual_instant(at + _USEC, task.spec.anchor, task.spec.frequency.interval)
+                at = manual_instant(at + _USEC, task.spec.schedule)
                 audit = dataclasses.replace(audit, details={"scheduled_at": format_instant(at)})
         else:
             raise ValueError(f"no free instant for a run-now of task {task_id}")

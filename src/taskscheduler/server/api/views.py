@@ -17,7 +17,7 @@ from taskscheduler.server.store.records import (
     ExecutionSummary,
     Task,
 )
-from taskscheduler.server.store.rules import next_instant
+from taskscheduler.server.store.rules import next_instant, upcoming_instants
 
 
 def agent_json(agent: AgentRecord) -> dict[str, Any]:
@@ -45,12 +45,16 @@ def task_json(
     """A task as operators see it: its spec, state, next instant and last execution
     (``last_complete``: whether that one is complete, :func:`rules.is_complete`)."""
     body = protocol.task_spec_to_json(task.spec)
+    # Every schedule field, the other kind's null: a frequency, or a cron in its zone.
+    for name in ("frequency", "cron", "timezone"):
+        body.setdefault(name, None)
     body["created_at"] = format_instant(task.created_at)
     body["deleted_at"] = _instant(task.deleted_at)
     body["state"] = task.state.value
     body["paused_at"] = _instant(task.paused_at)
     body["updated_at"] = format_instant(task.updated_at or task.created_at)
     body["next_instant"] = _instant(next_instant(task, now))
+    body["next_instants"] = [format_instant(at) for at in upcoming_instants(task, now)]
     body["last_execution"] = None if last is None else last_execution_json(last, last_complete)
     return body
 

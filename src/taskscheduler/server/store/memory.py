@@ -22,7 +22,7 @@ from taskscheduler.server.store.memory_fleet import MemoryFleet
 from taskscheduler.server.store.memory_results import MemoryResults
 from taskscheduler.server.store.memory_state import Assignment
 from taskscheduler.server.store.records import AuditEvent, Task, TaskChange, TaskState
-from taskscheduler.server.store.rules import Revision, change_details, revise, utc, utc_spec
+from taskscheduler.server.store.rules import change_details, revise, revision_of, utc, utc_spec
 
 
 class MemoryStore(MemoryFleet, MemoryResults):
@@ -44,9 +44,7 @@ class MemoryStore(MemoryFleet, MemoryResults):
         self._tasks[spec.task_id] = task
         self._assignments[spec.task_id] = {url: Assignment() for url in self._fleet}
         self._executions[spec.task_id] = {}
-        self._revisions[spec.task_id] = [
-            Revision(spec.revision, task.spec.anchor, task.spec.anchor, spec.frequency.interval)
-        ]
+        self._revisions[spec.task_id] = [revision_of(task.spec, task.spec.anchor)]
         self._pauses[spec.task_id] = []
         if audit is not None:
             self._append_audit(audit)
@@ -82,9 +80,7 @@ class MemoryStore(MemoryFleet, MemoryResults):
             return task, False
         updated = replace(task, spec=new, updated_at=utc(at))
         self._tasks[task_id] = updated
-        self._revisions[task_id].append(
-            Revision(new.revision, utc(at), new.anchor, new.frequency.interval)
-        )
+        self._revisions[task_id].append(revision_of(new, at))
         for assignment in self._assignments[task_id].values():
             assignment.delivered = False
         self._append_audit(replace(audit, details=change_details(task.spec, new)))

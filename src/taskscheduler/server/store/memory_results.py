@@ -68,7 +68,7 @@ class MemoryResults(MemoryState):
         urls = expected_urls(self._assignments[task_id], self._agents.values())
         execution = MemoryExecution(urls, Trigger.MANUAL, task.spec.revision)
         self._executions[task_id][at] = execution
-        deadline = manual_run_deadline(at, task.spec.frequency.interval)
+        deadline = manual_run_deadline(at, task.spec.interval)
         for url in urls:
             self._manual[(task_id, at, url)] = ManualDelivery(task.spec.revision, deadline)
         self._append_audit(audit)

@@ -217,6 +217,21 @@ MIGRATIONS: list[str] = [
     """
     ALTER TABLE tasks ADD COLUMN options jsonb NOT NULL DEFAULT '{}';
     """,
+    # 10: cron expressions in a time zone, instead of a frequency (issue 11). A cron
+    # task's frequency and interval are NULL; every task has exactly one of the two.
+    """
+    ALTER TABLE tasks ALTER COLUMN frequency DROP NOT NULL,
+                      ALTER COLUMN interval_seconds DROP NOT NULL,
+                      ADD COLUMN cron text,
+                      ADD COLUMN timezone text,
+                      ADD CONSTRAINT tasks_frequency_or_cron
+                          CHECK ((frequency IS NULL) <> (cron IS NULL));
+    ALTER TABLE task_revisions ALTER COLUMN interval_seconds DROP NOT NULL,
+                               ADD COLUMN cron text,
+                               ADD COLUMN timezone text,
+                               ADD CONSTRAINT task_revisions_interval_or_cron
+                                   CHECK ((interval_seconds IS NULL) <> (cron IS NULL));
+    """,
 ]
 
 

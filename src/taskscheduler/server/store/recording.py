@@ -16,6 +16,7 @@ from datetime import datetime, timedelta
 import psycopg2
 import psycopg2.errors
 
+from taskscheduler.cron import parse_cron
 from taskscheduler.protocol import RunResult, Trigger
 from taskscheduler.server.store.audit import insert_audit
 from taskscheduler.server.store.fleet import EXPECTED_URLS_SQL
@@ -104,16 +105,16 @@ JOIN results r ON r.task_id = v.t AND r.scheduled_at = v.s AND r.agent_id = v.a
 """
 #: pause ('p'), the deletion ('d') and each run-now at an instant of the batch ('m').
 JUDGING_SQL = """
-SELECT 'r', task_id, revision, effective_at, anchor, interval_seconds
+SELECT 'r', task_id, revision, effective_at, anchor, interval_seconds, cron, timezone
 FROM task_revisions WHERE task_id = ANY(%(ids)s::uuid[])
 UNION ALL
-SELECT 'p', task_id, NULL, paused_at, resumed_at, NULL
+SELECT 'p', task_id, NULL, paused_at, resumed_at, NULL, NULL, NULL
 FROM task_pauses WHERE task_id = ANY(%(ids)s::uuid[])
 UNION ALL
-SELECT 'd', task_id, NULL, deleted_at, NULL, NULL
+SELECT 'd', task_id, NULL, deleted_at, NULL, NULL, NULL, NULL
 FROM tasks WHERE task_id = ANY(%(ids)s::uuid[])
 UNION ALL
-SELECT 'm', e.task_id, e.revision, e.scheduled_at, NULL, NULL
+SELECT 'm', e.task_id, e.revision, e.scheduled_at, NULL, NULL, NULL, NULL
 FROM executions e
 JOIN unnest(%(m_task)s::uuid[], %(m_at)s::timestamptz[]) AS v (task_id, scheduled_at)
   ON e.task_id = v.task_id AND e.scheduled_at = v.scheduled_at
@@ -187,11 +188,17 @@ class Recording:
             },
         )
         judging = _Judging()
-        for kind, task_id, revision, first, second, interval in cursor.fetchall():
+        for kind, task_id, revision, first, second, interval, cron, zone in cursor.fetchall():
             key = uuid.UUID(str(task_id))
             if kind == "r":
                 judging.revisions.setdefault(key, []).append(
-                    Revision(revision, utc(first), utc(second), timedelta(seconds=interval))
+                    Revision(
+                        revision,
+                        utc(first),
+                        utc(second),
+                        None if interval is None else timedelta(seconds=interval),
+                        None if cron is None else parse_cron(cron, zone),
+                    )
                 )
             elif kind == "p":
                 judging.pauses.setdefault(key, []).append((utc(first), utc_or_none(second)))
@@ -292,15 +299,20 @@ class Recording:
 
         async def operation(cursor: Cursor) -> Execution | None:
             await cursor.execute(
-                "SELECT revision, interval_seconds FROM tasks"
+                "SELECT revision, interval_seconds, cron, timezone FROM tasks"
                 " WHERE task_id = %s::uuid AND deleted_at IS NULL FOR SHARE",
                 (str(task_id),),
             )
             row = cursor.fetchone()
             if row is None:
                 return None
-            revision, interval = row
-            deadline = manual_run_deadline(at, timedelta(seconds=interval))
+            revision, interval, cron, zone = row
+            typical = (
+                timedelta(seconds=interval)
+                if cron is None
+                else parse_cron(cron, zone).typical_interval()
+            )
+            deadline = manual_run_deadline(at, typical)
             await cursor.execute(
                 f"""
                 INSERT INTO executions (task_id, scheduled_at, expected, expected_urls,

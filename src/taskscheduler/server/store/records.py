@@ -183,6 +183,10 @@ class TaskChange:
     command: str | None = None
     frequency: Frequency | None = None
     time_limit: timedelta | None = None
+    #: A cron expression and its zone, as given (checked, and completed from the task's
+    #: own, inside the change's transaction: ``rules.revise``).
+    cron: str | None = None
+    timezone: str | None = None
     #: The option fields the PATCH gave, as sent: parsed against the task's own options
     #: inside the change's transaction (``max_concurrent`` needs the overlap in force).
     options: Mapping[str, Any] = field(default_factory=dict)

@@ -15,9 +15,11 @@ from dataclasses import dataclass, replace
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
+from taskscheduler.cron import DEFAULT_TIMEZONE, Cron
 from taskscheduler.protocol import RunResult, TaskSpec, Trigger
+from taskscheduler.protocol.fields import InvalidMessage, parse_cron_fields
 from taskscheduler.protocol.options import TaskOptions, env_names, options_to_json, parse_options
-from taskscheduler.schedule import execution_index, next_execution
+from taskscheduler.schedule import CronTimes, Grid, Schedule, execution_index, next_instants
 from taskscheduler.server.store.records import (
     AgentConflict,
     AgentRecord,
@@ -73,12 +75,31 @@ def after_deletion(deleted_at: datetime | None, scheduled_at: datetime) -> bool:
 
 @dataclass(frozen=True)
 class Revision:
-    """When a revision of a task took effect, and its grid."""
+    """When a revision of a task took effect, and its grid (or its cron expression)."""
 
     revision: int
     effective_at: datetime  # revision 1: the anchor; later ones: the PATCH's instant
     anchor: datetime
-    interval: timedelta
+    interval: timedelta | None  # None for a cron revision
+    cron: Cron | None = None
+
+    @property
+    def schedule(self) -> Schedule:
+        if self.cron is not None:
+            return CronTimes(self.cron, self.anchor)
+        if self.interval is None:
+            raise ValueError(f"revision {self.revision} has neither interval nor cron")
+        return Grid(self.anchor, self.interval)
+
+    @property
+    def typical_interval(self) -> timedelta:
+        return self.schedule.typical_interval()
+
+
+def revision_of(spec: TaskSpec, effective_at: datetime) -> Revision:
+    """The revision ``spec`` is, taking effect at ``effective_at``."""
+    interval = None if spec.frequency is None else spec.frequency.interval
+    return Revision(spec.revision, utc(effective_at), utc(spec.anchor), interval, spec.cron)
 
 
 #: A pause: (paused_at, resumed_at), resumed_at None while it lasts.
@@ -120,7 +141,7 @@ def scheduled_verdict(
     TASK_PAUSED inside a pause. So an execution never mixes revisions.
     """
     current = revision_at(revisions, scheduled_at)
-    if current is not None and on_schedule(current.anchor, current.interval, scheduled_at):
+    if current is not None and current.schedule.is_instant(scheduled_at):
         if reported_revision is not None and reported_revision != current.revision:
             return RecordOutcome.SUPERSEDED, current.revision
         if after_deletion(deleted_at, scheduled_at):
@@ -128,7 +149,7 @@ def scheduled_verdict(
         if in_pause(pauses, scheduled_at):
             return RecordOutcome.TASK_PAUSED, current.revision
         return None, current.revision
-    if any(on_schedule(r.anchor, r.interval, scheduled_at) for r in revisions):
+    if any(r.schedule.is_instant(scheduled_at) for r in revisions):
         return RecordOutcome.SUPERSEDED, 0
     return RecordOutcome.MISALIGNED, 0
 
@@ -156,7 +177,10 @@ def revise(spec: TaskSpec, change: TaskChange, at: datetime) -> TaskSpec | None:
     """The task's next revision, effective at ``at``, or None if ``change`` changes nothing.
 
     A new frequency re-anchors at ``at`` (its first instant is ``at`` + interval); a new
-    command or time limit keeps the anchor, so the task stays on its grid.
+    command or time limit keeps the anchor, so the task stays on its grid. A new cron
+    expression or time zone, or a switch between frequency and cron, re-bases at ``at``
+    too (its first instant is the first after ``at``). A ``cron`` without ``timezone`` keeps
+    the task's zone (UTC if it had none); a ``timezone`` alone keeps its expression.
     """
     new = spec
     if change.command is not None and change.command != spec.command:
@@ -166,13 +190,37 @@ def revise(spec: TaskSpec, change: TaskChange, at: datetime) -> TaskSpec | None:
     if change.options:
         # InvalidMessage (a 400) if the fields do not fit the options in force.
         new = replace(new, options=parse_options(change.options, spec.options))
+    if change.frequency is not None and (change.cron is not None or change.timezone is not None):
+        raise InvalidMessage("give either 'frequency' or 'cron' (with 'timezone'), not both")
     if change.frequency is not None and change.frequency != spec.frequency:
         # "every 60 seconds" for "every 1 minute" is a new spelling, not a new grid.
-        same_grid = change.frequency.interval == spec.frequency.interval
-        new = replace(new, frequency=change.frequency, anchor=new.anchor if same_grid else utc(at))
+        same_grid = (
+            spec.frequency is not None and change.frequency.interval == spec.frequency.interval
+        )
+        new = replace(
+            new,
+            frequency=change.frequency,
+            cron=None,
+            anchor=new.anchor if same_grid else utc(at),
+        )
+    if change.cron is not None or change.timezone is not None:
+        expression = change.cron if change.cron is not None else _expression(spec)
+        timezone = change.timezone or (spec.cron.timezone if spec.cron else DEFAULT_TIMEZONE)
+        cron = parse_cron_fields(expression, timezone)
+        if cron != spec.cron:
+            new = replace(new, frequency=None, cron=cron, anchor=utc(at))
     if new == spec:
         return None
     return replace(new, revision=spec.revision + 1)
+
+
+def _expression(spec: TaskSpec) -> str:
+    if spec.cron is None:
+        raise InvalidMessage(
+            "'timezone' applies to a cron expression: give 'cron' too (the task runs "
+            f"{spec.frequency})"
+        )
+    return spec.cron.expression
 
 
 def change_details(old: TaskSpec, new: TaskSpec) -> dict[str, Any]:
@@ -182,7 +230,12 @@ def change_details(old: TaskSpec, new: TaskSpec) -> dict[str, Any]:
     if old.command != new.command:
         before["command"], after["command"] = old.command, new.command
     if old.frequency != new.frequency:
-        before["frequency"], after["frequency"] = str(old.frequency), str(new.frequency)
+        before["frequency"] = None if old.frequency is None else str(old.frequency)
+        after["frequency"] = None if new.frequency is None else str(new.frequency)
+    if old.cron != new.cron:
+        for side, cron in ((before, old.cron), (after, new.cron)):
+            side["cron"] = None if cron is None else cron.expression
+            side["timezone"] = None if cron is None else cron.timezone
     if old.time_limit != new.time_limit:
         before["time_limit_seconds"] = int(old.time_limit.total_seconds())
         after["time_limit_seconds"] = int(new.time_limit.total_seconds())
@@ -205,20 +258,32 @@ def next_instant(task: Task, now: datetime) -> datetime | None:
     """The task's next instant strictly after ``now``; None when paused or deleted."""
     if task.deleted or task.paused:
         return None
-    return next_execution(task.spec.anchor, task.spec.frequency.interval, now)[1]
+    return task.spec.schedule.next_after(now)
+
+
+#: How many instants GET shows in ``next_instants``.
+NEXT_INSTANTS_SHOWN = 5
+
+
+def upcoming_instants(task: Task, now: datetime, n: int = NEXT_INSTANTS_SHOWN) -> list[datetime]:
+    """The task's next ``n`` instants strictly after ``now``; none when paused or deleted."""
+    if task.deleted or task.paused:
+        return []
+    return next_instants(task.spec.schedule, now, n)
 
 
 def manual_run_deadline(scheduled_at: datetime, interval: timedelta) -> datetime:
     """Until when a run-now is delivered: an agent's starting deadline is never longer
-    than the task's interval, so past it the agent would only skip it."""
+    than the task's interval (a cron task's typical one: the shortest gap between its
+    times), so past it the agent would only skip it."""
     return scheduled_at + interval
 
 
-def manual_instant(now: datetime, anchor: datetime, interval: timedelta) -> datetime:
+def manual_instant(now: datetime, schedule: Schedule) -> datetime:
     """The instant of a run-now at ``now``: ``now``, moved one microsecond on if it falls
-    exactly on the task's grid (an execution is keyed by its instant)."""
+    exactly on one of the task's instants (an execution is keyed by its instant)."""
     at = utc(now)
-    while on_schedule(anchor, interval, at):
+    while schedule.is_instant(at):
         at += _USEC
     return at
 

@@ -12,6 +12,7 @@ from typing import Any
 
 import psycopg2.errors
 
+from taskscheduler.cron import parse_cron
 from taskscheduler.protocol import TaskSpec
 from taskscheduler.protocol.options import options_from_json, options_to_json
 from taskscheduler.schedule import parse_frequency
@@ -25,7 +26,7 @@ _USEC = timedelta(microseconds=1)
 #: The columns :func:`task_from_row` reads, from ``tasks t``.
 TASK_COLUMNS = (
     "t.task_id, t.command, t.frequency, t.anchor, t.time_limit_us, t.created_at, t.deleted_at,"
-    " t.revision, t.paused_at, t.updated_at, t.options"
+    " t.revision, t.paused_at, t.updated_at, t.options, t.cron, t.timezone"
 )
 
 #: What each state of :class:`TaskState` is, in SQL over ``tasks t``.
@@ -49,11 +50,14 @@ def task_from_row(row: Sequence[Any]) -> Task:
         paused_at,
         updated_at,
         options,
+        cron,
+        timezone,
     ) = row
     spec = TaskSpec(
         task_id=uuid.UUID(str(task_id)),
         command=command,
-        frequency=parse_frequency(frequency),
+        frequency=None if frequency is None else parse_frequency(frequency),
+        cron=None if cron is None else parse_cron(cron, timezone),
         anchor=utc(anchor),
         time_limit=timedelta(microseconds=time_limit_us),
         revision=revision,
@@ -66,6 +70,17 @@ def task_from_row(row: Sequence[Any]) -> Task:
         utc_or_none(paused_at),
         utc_or_none(updated_at),
     )
+
+
+def schedule_columns(spec: TaskSpec) -> dict[str, Any]:
+    """The columns that hold a task's schedule: frequency and interval, or cron and zone."""
+    frequency, cron = spec.frequency, spec.cron
+    return {
+        "frequency": None if frequency is None else str(frequency),
+        "interval": None if frequency is None else frequency.seconds,
+        "cron": None if cron is None else cron.expression,
+        "timezone": None if cron is None else cron.timezone,
+    }
 
 
 class Tasks:
@@ -84,21 +99,21 @@ class Tasks:
                 """
                 LOCK TABLE fleet IN SHARE MODE;
                 INSERT INTO tasks (task_id, command, frequency, interval_seconds, anchor,
-                                   time_limit_us, created_at, options)
+                                   time_limit_us, created_at, options, cron, timezone)
                     VALUES (%(task_id)s::uuid, %(command)s, %(frequency)s,
                             %(interval)s, %(anchor)s, %(time_limit_us)s, %(created_at)s,
-                            %(options)s::jsonb);
+                            %(options)s::jsonb, %(cron)s, %(timezone)s);
                 INSERT INTO task_agents (task_id, agent_url)
                     SELECT %(task_id)s::uuid, agent_url FROM fleet;
                 INSERT INTO task_revisions (task_id, revision, effective_at, anchor,
-                                            interval_seconds)
-                    VALUES (%(task_id)s::uuid, 1, %(anchor)s, %(anchor)s, %(interval)s);
+                                            interval_seconds, cron, timezone)
+                    VALUES (%(task_id)s::uuid, 1, %(anchor)s, %(anchor)s, %(interval)s,
+                            %(cron)s, %(timezone)s);
                 """,
                 {
                     "task_id": str(spec.task_id),
                     "command": spec.command,
-                    "frequency": str(spec.frequency),
-                    "interval": spec.frequency.seconds,
+                    **schedule_columns(spec),
                     "anchor": task.spec.anchor,
                     "time_limit_us": spec.time_limit // _USEC,
                     "created_at": task.created_at,
@@ -206,19 +221,20 @@ class Tasks:
                 UPDATE tasks SET command = %(command)s, frequency = %(frequency)s,
                                  interval_seconds = %(interval)s, anchor = %(anchor)s,
                                  time_limit_us = %(time_limit_us)s, revision = %(revision)s,
-                                 updated_at = %(at)s, options = %(options)s::jsonb
+                                 updated_at = %(at)s, options = %(options)s::jsonb,
+                                 cron = %(cron)s, timezone = %(timezone)s
                 WHERE task_id = %(task_id)s::uuid;
                 INSERT INTO task_revisions (task_id, revision, effective_at, anchor,
-                                            interval_seconds)
-                    VALUES (%(task_id)s::uuid, %(revision)s, %(at)s, %(anchor)s, %(interval)s);
+                                            interval_seconds, cron, timezone)
+                    VALUES (%(task_id)s::uuid, %(revision)s, %(at)s, %(anchor)s, %(interval)s,
+                            %(cron)s, %(timezone)s);
                 UPDATE task_agents SET delivered_at = NULL, due_revision = %(revision)s
                 WHERE task_id = %(task_id)s::uuid;
                 """,
                 {
                     "task_id": str(task_id),
                     "command": new.command,
-                    "frequency": str(new.frequency),
-                    "interval": new.frequency.seconds,
+                    **schedule_columns(new),
                     "anchor": new.anchor,
                     "time_limit_us": new.time_limit // _USEC,
                     "revision": new.revision,
