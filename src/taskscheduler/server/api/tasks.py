@@ -89,7 +89,8 @@ def _one_schedule(body: dict[str, Any]) -> None:
         raise BAD_REQUEST(_BOTH_SCHEDULES)
     if not frequency and not cron:
         raise BAD_REQUEST(
-            "one of 'frequency' (e.g. 'every 5 minutes') or 'cron' (e.g. '*/5 * * * *') is required"
+            "'frequency' is required (e.g. 'every 5 minutes'), or 'cron' instead "
+            "(e.g. '*/5 * * * *'): exactly one of them"
         )
     if frequency and body.get("timezone") is not None:
         raise BAD_REQUEST("'timezone' applies to a cron expression, not to 'frequency'")
