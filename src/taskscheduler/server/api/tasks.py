@@ -36,7 +36,12 @@ from taskscheduler.server.store.records import (
     TaskState,
     UnknownTask,
 )
-from taskscheduler.server.store.rules import audited_options, is_complete, manual_instant
+from taskscheduler.server.store.rules import (
+    audited_options,
+    is_complete,
+    manual_instant,
+    upcoming_instants,
+)
 from taskscheduler.web.errors import (
     BAD_REQUEST,
     INVALID_CURSOR,
@@ -167,7 +172,10 @@ class TaskRoutes(Routes):
         )
         self._on_task_created(task)
         request.setHeader(b"Location", f"/api/v1/tasks/{task.task_id}".encode("ascii"))
-        return json_response(request, {"command_id": str(task.task_id)}, http.CREATED)
+        # The next instants, so that an operator sees at once what a cron expression means.
+        instants = [format_instant(at) for at in upcoming_instants(task, now)]
+        body = {"command_id": str(task.task_id), "next_instants": instants}
+        return json_response(request, body, http.CREATED)
 
     @routes.route("/api/v1/tasks", methods=["GET"])
     async def list_tasks(self, request: IRequest) -> bytes:

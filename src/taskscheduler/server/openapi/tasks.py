@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from typing import Any
 
+from taskscheduler.cron import MACROS, MAX_CRON_LENGTH, MAX_TIMEZONE_LENGTH
 from taskscheduler.protocol.fields import MAX_COMMAND_BYTES, MAX_TIME_LIMIT_SECONDS
 from taskscheduler.protocol.options import OPTION_FIELDS
 from taskscheduler.protocol.results import Trigger
@@ -24,6 +25,7 @@ from taskscheduler.server.openapi.operations import (
 from taskscheduler.server.openapi.options import option_fields
 from taskscheduler.server.openapi.results import REVISION, STATUSES, TRIGGERS
 from taskscheduler.server.store.records import TaskState
+from taskscheduler.server.store.rules import NEXT_INSTANTS_SHOWN
 
 #: What ``schedule.parse_frequency`` takes: case, spaces and a singular unit are forgiven;
 #: a count of 1 to 8 digits (a year is 31,622,400 s: longer counts are refused, as are
@@ -51,6 +53,24 @@ TASK_FIELDS: dict[str, Any] = {
         "description": "`every <integer> (seconds|minutes|hours)`, at least a second and "
         "at most a year (case, spaces and a singular unit are accepted)",
     },
+    "cron": {
+        "type": "string",
+        "minLength": 1,
+        "maxLength": MAX_CRON_LENGTH,
+        "description": "instead of `frequency`: a cron expression, five fields or six with "
+        "a leading seconds field (`*/2 * * * * *`); names (`MON`, `JAN`), ranges, steps, "
+        "lists, `L`, `#`, and the macros " + ", ".join(f"`{m}`" for m in sorted(MACROS)) + " "
+        "(`@reboot` is refused). Matched on the wall clock of `timezone`: a time that does "
+        "not exist (spring forward) runs once at the end of the gap; one that happens twice "
+        "(fall back) runs once, the first time",
+    },
+    "timezone": {
+        "type": "string",
+        "minLength": 1,
+        "maxLength": MAX_TIMEZONE_LENGTH,
+        "description": "the IANA time zone of `cron` (default `UTC`), e.g. `Europe/Paris`; "
+        "only with `cron`",
+    },
     "time_limit_seconds": {
         "type": ["integer", "null"],
         "minimum": 1,
@@ -58,6 +78,15 @@ TASK_FIELDS: dict[str, Any] = {
         "description": "how long a run may take before it is killed (default: one "
         "interval, at least 1 s and at most a day)",
     },
+}
+
+
+NEXT_INSTANTS = {
+    "type": "array",
+    "items": INSTANT,
+    "maxItems": NEXT_INSTANTS_SHOWN,
+    "description": f"the next {NEXT_INSTANTS_SHOWN} instants (after now), to check a schedule "
+    "before it fires; empty when paused or deleted",
 }
 
 
@@ -83,12 +112,35 @@ def schemas() -> dict[str, Any]:
     execution = _execution_fields()
     return {
         "NewTask": obj(
-            ["command", "frequency"],
-            {**TASK_FIELDS, **option_fields(operator=True)},
+            ["command"],
+            {
+                **TASK_FIELDS,
+                **{name: nullable(TASK_FIELDS[name]) for name in ("frequency", "cron", "timezone")},
+                **option_fields(operator=True),
+            },
             additionalProperties=False,
-            description="`time_limit_seconds` may be left out or null for the default; any "
-            "other field is refused (`unknown_field`)",
-            examples=[{"command": "echo hello", "frequency": "every 30 seconds"}],
+            # Exactly one schedule: a frequency (and no zone), or a cron expression.
+            oneOf=[
+                {
+                    "required": ["frequency"],
+                    "properties": {
+                        "frequency": {"type": "string"},
+                        "cron": {"type": "null"},
+                        "timezone": {"type": "null"},
+                    },
+                },
+                {
+                    "required": ["cron"],
+                    "properties": {"cron": {"type": "string"}, "frequency": {"type": "null"}},
+                },
+            ],
+            description="exactly one of `frequency` and `cron` (null counts as absent); "
+            "`time_limit_seconds` may be left out or null for the default; any other field "
+            "is refused (`unknown_field`)",
+            examples=[
+                {"command": "echo hello", "frequency": "every 30 seconds"},
+                {"command": "./report", "cron": "0 9 * * MON-FRI", "timezone": "Europe/Paris"},
+            ],
         ),
         "TaskChange": {
             "type": "object",
@@ -101,18 +153,26 @@ def schemas() -> dict[str, Any]:
             | option_fields(operator=True),
             "minProperties": 1,
             "additionalProperties": False,
-            "description": "what to change (null: unchanged); at least one, or `nothing_to_change`",
-            "examples": [{"frequency": "every 5 minutes"}],
+            "description": "what to change (null: unchanged); at least one, or "
+            "`nothing_to_change`. `frequency` or `cron` switches the task to that kind (not "
+            "both); `cron` alone keeps the task's zone, `timezone` alone its expression (a 400 "
+            "on a task run by frequency). A new schedule re-bases at the change",
+            "examples": [{"frequency": "every 5 minutes"}, {"cron": "*/10 * * * *"}],
         },
         "TaskCreated": obj(
-            ["command_id"],
-            {"command_id": {**ref("Uuid"), "description": "the new task's id"}},
+            ["command_id", "next_instants"],
+            {
+                "command_id": {**ref("Uuid"), "description": "the new task's id"},
+                "next_instants": NEXT_INSTANTS,
+            },
         ),
         "Task": obj(
             [
                 "task_id",
                 "command",
                 "frequency",
+                "cron",
+                "timezone",
                 "anchor",
                 "time_limit_seconds",
                 "revision",
@@ -122,6 +182,7 @@ def schemas() -> dict[str, Any]:
                 "state",
                 "paused_at",
                 "next_instant",
+                "next_instants",
                 "last_execution",
                 *OPTION_FIELDS,
             ],
@@ -129,14 +190,25 @@ def schemas() -> dict[str, Any]:
                 "task_id": ref("Uuid"),
                 "command": {"type": "string"},
                 "frequency": {
-                    "type": "string",
+                    "type": ["string", "null"],
                     "pattern": "^every [1-9][0-9]* (second|minute|hour)s?$",
-                    "description": "as the server writes it: `every 30 seconds`",
+                    "description": "as the server writes it: `every 30 seconds`; null for a "
+                    "cron task",
+                },
+                "cron": {
+                    "type": ["string", "null"],
+                    "description": "the cron expression (spaces collapsed, a macro in lower "
+                    "case); null for a task run by frequency",
+                },
+                "timezone": {
+                    "type": ["string", "null"],
+                    "description": "the IANA zone of `cron`; null for a task run by frequency",
                 },
                 "anchor": {
                     **INSTANT,
                     "description": "execution k is due at anchor + k x interval (a change "
-                    "of frequency re-anchors at the change)",
+                    "of frequency re-anchors at the change); a cron task's instants are those "
+                    "after it (its creation, or the change that gave it its expression)",
                 },
                 "time_limit_seconds": {
                     "type": "integer",
@@ -153,6 +225,7 @@ def schemas() -> dict[str, Any]:
                     **nullable(INSTANT),
                     "description": "the next instant of its grid; null when paused or deleted",
                 },
+                "next_instants": NEXT_INSTANTS,
                 "last_execution": nullable(ref("ExecutionSummary")),
                 **option_fields(operator=False),
             },
@@ -315,10 +388,12 @@ def paths() -> dict[str, Any]:
             "get": task_op("get_task", "A task", "get", answers=task_answer, codes=ONE_TASK),
             "patch": task_op(
                 "update_task",
-                "Change a task's command, frequency or time limit: a new revision",
+                "Change a task's command, schedule, time limit or options: a new revision",
                 "patch",
                 description="Effective from now on every agent: a change of frequency "
-                "re-anchors at the change (its first instant is now + interval); a run "
+                "re-anchors at the change (its first instant is now + interval), a change of "
+                "cron expression or zone re-bases there (its first instant is the first after "
+                "now); a run "
                 "under way finishes as it was; an execution never mixes revisions. A change "
                 "that changes nothing makes no revision. Audited as `task.updated`.",
                 answers=task_answer,
