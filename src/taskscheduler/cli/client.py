@@ -107,9 +107,16 @@ class Client:
     # -- tasks ---------------------------------------------------------------------------
 
     def create_task(
-        self, command: str, frequency: str, time_limit: int | None, options: JSON | None = None
+        self,
+        command: str,
+        frequency: str | None,
+        time_limit: int | None,
+        options: JSON | None = None,
     ) -> JSON:
-        body: JSON = {"command": command, "frequency": frequency, **(options or {})}
+        """``options`` holds the other fields, ``cron`` and ``timezone`` among them."""
+        body: JSON = {"command": command, **(options or {})}
+        if frequency is not None:
+            body = {"command": command, "frequency": frequency, **(options or {})}
         if time_limit is not None:
             body["time_limit_seconds"] = time_limit
         return self._call("POST", "/api/v1/tasks/create", body=body)

@@ -39,6 +39,26 @@ def _frequency(every: str) -> str:
     return every if every.lower().startswith("every ") else f"every {every}"
 
 
+def _schedule(every: str | None, cron: str | None, timezone: str | None) -> JSON:
+    """The schedule fields given: ``frequency``, or ``cron`` with its ``timezone``."""
+    if every is not None and cron is not None:
+        raise click.UsageError("give --every or --cron, not both")
+    if timezone is not None and every is not None:
+        raise click.UsageError("--timezone goes with --cron, not with --every")
+    body: JSON = {}
+    if every is not None:
+        body["frequency"] = _frequency(every)
+    if cron is not None:
+        body["cron"] = cron
+    if timezone is not None:
+        body["timezone"] = timezone
+    return body
+
+
+def _next_instants(task: JSON, now: datetime) -> str:
+    return "\n".join(f"next: {instant(at, now)}" for at in task.get("next_instants") or [])
+
+
 def _command(words: tuple[str, ...]) -> str:
     # `-- echo hello` and `-- "echo hello"` both mean the shell command `echo hello`.
     return " ".join(words)
@@ -79,7 +99,7 @@ def ls(
                 [
                     short_id(t.get("task_id"), no_trunc),
                     t.get("state"),
-                    str(t.get("frequency", "")).removeprefix("every "),
+                    _schedule_text(t),
                     when(t.get("next_instant"), now),
                     when((t.get("last_execution") or {}).get("scheduled_at"), now),
                     execution_summary(t.get("last_execution")),
@@ -91,6 +111,14 @@ def ls(
     )
 
 
+def _schedule_text(task: JSON) -> str:
+    """``30 seconds`` for a frequency; ``cron 0 9 * * * Europe/Paris`` for a cron task."""
+    if task.get("cron"):
+        zone = task.get("timezone") or "UTC"
+        return f"cron {task['cron']}" + ("" if zone == "UTC" else f" {zone}")
+    return str(task.get("frequency") or "").removeprefix("every ")
+
+
 def task_details(task: JSON, now: datetime) -> str:
     last = task.get("last_execution") or None
     revision = task.get("revision")
@@ -100,6 +128,8 @@ def task_details(task: JSON, now: datetime) -> str:
             ("state", task.get("state")),
             ("command", task.get("command")),
             ("frequency", task.get("frequency")),
+            ("cron", task.get("cron")),
+            ("timezone", task.get("timezone")),
             ("time limit", f"{task.get('time_limit_seconds')} seconds"),
             *option_details(task),
             ("anchor", instant(task.get("anchor"), now)),
@@ -109,6 +139,8 @@ def task_details(task: JSON, now: datetime) -> str:
             ("paused", instant(task.get("paused_at"), now)),
             ("deleted", instant(task.get("deleted_at"), now)),
             ("next", instant(task.get("next_instant"), now)),
+            # The ones after it, so that a cron expression can be checked before it fires.
+            *(("", instant(at, now)) for at in (task.get("next_instants") or [])[1:]),
             ("last execution", instant(last.get("scheduled_at"), now) if last else None),
             ("last results", execution_summary(last)),
         ]
@@ -131,9 +163,19 @@ def show(settings: Settings, task: str) -> None:
 @tasks.command("create", context_settings={"allow_interspersed_args": False})
 @click.option(
     "--every",
-    required=True,
     metavar="INTERVAL",
     help='How often: "30 seconds", "5 minutes", "1 hour" ("every ..." also accepted).',
+)
+@click.option(
+    "--cron",
+    metavar="EXPRESSION",
+    help='Instead of --every: a cron expression, e.g. "0 9 * * MON-FRI", "*/10 * * * * *" '
+    "(a leading seconds field), @hourly, @daily.",
+)
+@click.option(
+    "--timezone",
+    metavar="ZONE",
+    help="The IANA time zone of --cron (default UTC), e.g. Europe/Paris.",
 )
 @click.option(
     "--time-limit",
@@ -146,31 +188,49 @@ def show(settings: Settings, task: str) -> None:
 @pass_settings
 def create(
     settings: Settings,
-    every: str,
+    every: str | None,
+    cron: str | None,
+    timezone: str | None,
     time_limit: int | None,
     command: tuple[str, ...],
     **options: Any,
 ) -> None:
-    """Run COMMAND on every agent of the fleet, every INTERVAL.
+    """Run COMMAND on every agent of the fleet, every INTERVAL (or at the times of a cron
+    expression).
 
     \b
         taskscheduler tasks create --every "30 seconds" -- echo hello
         taskscheduler tasks create --every "1 hour" -- 'cd /srv && ./backup'
+        taskscheduler tasks create --cron "0 9 * * MON-FRI" --timezone Europe/Paris -- ./report
         taskscheduler tasks create --every "1 minute" --target-label role=web \\
             --overlap replace --retries 2 --env MODE=fast -- ./sync
 
     The words after -- are joined with spaces into one shell command. Prints the new
-    task's id.
+    task's id, then (on stderr, so that scripts still read the id alone) its next instants.
     """
+    schedule = _schedule(every, cron, timezone)
+    if not schedule.get("frequency") and not schedule.get("cron"):
+        raise click.UsageError("give --every INTERVAL or --cron EXPRESSION")
     body = settings.client().create_task(
-        _command(command), _frequency(every), time_limit, options_body(options)
+        _command(command),
+        schedule.pop("frequency", None),
+        time_limit,
+        {**schedule, **options_body(options)},
     )
     settings.emit(body, lambda: str(body.get("command_id")))
+    if not settings.as_json and body.get("next_instants"):
+        click.echo(_next_instants(body, settings.now()), err=True)
 
 
 @tasks.command("edit")
 @click.argument("task")
 @click.option("--every", metavar="INTERVAL", help="A new frequency (re-anchors at the change).")
+@click.option(
+    "--cron", metavar="EXPRESSION", help="A new cron expression (instead of a frequency)."
+)
+@click.option(
+    "--timezone", metavar="ZONE", help="A new IANA time zone for the task's cron expression."
+)
 @click.option("--time-limit", type=click.IntRange(min=1), metavar="SECONDS")
 @option_flags(editing=True)
 @click.argument("command", nargs=-1)
@@ -179,27 +239,36 @@ def edit(
     settings: Settings,
     task: str,
     every: str | None,
+    cron: str | None,
+    timezone: str | None,
     time_limit: int | None,
     command: tuple[str, ...],
     **options: Any,
 ) -> None:
-    """Change a task's command (after --), frequency, time limit or options, from its
+    """Change a task's command (after --), schedule, time limit or options, from its
     next instant.
 
     \b
         taskscheduler tasks edit 3f1e --every "1 minute"
+        taskscheduler tasks edit 3f1e --cron "*/15 * * * *" --timezone America/New_York
         taskscheduler tasks edit 3f1e -- echo goodbye
     """
     changes: JSON = options_body(options)
     if command:
         changes["command"] = _command(command)
-    if every is not None:
-        changes["frequency"] = _frequency(every)
+    if every is not None and cron is not None:
+        raise click.UsageError("give --every or --cron, not both")
+    changes.update(
+        {"frequency": _frequency(every)} if every is not None else {},
+        **({} if cron is None else {"cron": cron}),
+        **({} if timezone is None else {"timezone": timezone}),
+    )
     if time_limit is not None:
         changes["time_limit_seconds"] = time_limit
     if not changes:
         raise click.UsageError(
-            "nothing to change: give --every, --time-limit, an option or -- COMMAND"
+            "nothing to change: give --every, --cron, --timezone, --time-limit, an option "
+            "or -- COMMAND"
         )
     client = settings.client()
     body = client.update_task(ids.task_id(client, task), changes)
