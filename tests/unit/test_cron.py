@@ -3,6 +3,7 @@ daylight-saving rule in three zones, and what is refused."""
 
 from __future__ import annotations
 
+import itertools
 from datetime import UTC, datetime, timedelta
 from zoneinfo import ZoneInfo
 
@@ -57,6 +58,15 @@ def test_several_times_in_one_gap_run_once_and_the_gap_end_too(zone: str, before
         "03-29 03:00:00+0200",
         "03-29 03:15:00+0200",
         "03-29 03:30:00+0200",
+    ]
+
+
+def test_iterating_names_the_gap_end_once() -> None:
+    cron = parse_cron("*/15 2,3 * * *", PARIS)
+    assert list(itertools.islice(cron.instants_after(utc(2026, 3, 28, 12)), 3)) == [
+        utc(2026, 3, 29, 1),  # 03:00 CEST, for 02:00, 02:15, 02:30, 02:45 and 03:00
+        utc(2026, 3, 29, 1, 15),
+        utc(2026, 3, 29, 1, 30),
     ]
 
 

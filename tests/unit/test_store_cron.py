@@ -30,7 +30,7 @@ SUPERSEDED = RecordOutcome.SUPERSEDED
 MISALIGNED = RecordOutcome.MISALIGNED
 USEC = timedelta(microseconds=1)
 #: ANCHOR is 2026-11-27 07:30:00.123456 UTC (08:30 in Paris).
-PARIS_CRON = parse_cron("0 9-17 * * *", "Europe/Paris")
+PARIS_CRON = parse_cron("0 8-17 * * *", "Europe/Paris")
 
 
 def cron_spec() -> TaskSpec:
@@ -133,7 +133,7 @@ def test_a_cron_without_zone_keeps_the_tasks_zone_and_both_kinds_at_once_are_ref
     spec = cron_spec()
     new = revise(spec, TaskChange(cron="@hourly"), ANCHOR)
     assert new is not None and new.cron == parse_cron("@hourly", "Europe/Paris")
-    assert revise(spec, TaskChange(cron="  0  9-17 * * * "), ANCHOR) is None, "same expression"
+    assert revise(spec, TaskChange(cron="  0  8-17 * * * "), ANCHOR) is None, "same expression"
     with pytest.raises(InvalidMessage, match="not both"):
         revise(
             spec, TaskChange(frequency=parse_frequency("every 1 minute"), cron="* * * * *"), ANCHOR

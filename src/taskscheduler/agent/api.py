@@ -355,7 +355,7 @@ class AgentAPI:
             "{verb} task {task_id} ({frequency}, revision {revision})",
             verb="replaced" if replaced else "scheduled",
             task_id=str(task_id),
-            frequency=str(spec.frequency),
+            frequency=str(spec.frequency or spec.cron),
             revision=spec.revision,
         )
 
