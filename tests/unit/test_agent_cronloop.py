@@ -136,6 +136,19 @@ def test_a_late_wake_up_fires_the_latest_instant_and_records_the_others(tmp_path
     ), "the chain goes on from the latest instant"
 
 
+def test_the_starting_deadline_counts_on_the_shortest_gap_of_the_expression(
+    tmp_path: Path,
+) -> None:
+    now = utc(2026, 11, 30, 12, 0, 0)
+    agent = start(tmp_path, now)
+    agent.service.scheduler.schedule(cron_spec("*/10 * * * * *", "UTC", now))  # type: ignore[union-attr]
+    agent.settle(13)  # 10 comes 3 s late: past a quarter of its 10 s gap
+    agent.settle()
+    assert agent.runner.runs == []
+    reasons = [r.reason for r in agent.server.stored.values()]
+    assert reasons == ["the agent was overloaded: the instant came 3.0s late"]
+
+
 def test_a_day_suspended_records_only_the_newest_instants_it_missed(tmp_path: Path) -> None:
     now = utc(2026, 11, 30, 12, 0, 0)
     agent = start(tmp_path, now)

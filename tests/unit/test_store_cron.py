@@ -66,9 +66,11 @@ async def test_a_cron_task_is_stored_and_its_results_judged_on_its_instants(stor
             on(task.task_id, B_ID, ten),  # type: ignore[list-item]
             on(task.task_id, A_ID, nine + timedelta(minutes=1)),  # type: ignore[list-item]
             on(task.task_id, A_ID, at_utc(2026, 11, 27, 7)),  # type: ignore[list-item]  # before it
+            on(task.task_id, A_ID, at_utc(2026, 11, 27, 16)),  # type: ignore[list-item]  # 17:00
+            on(task.task_id, A_ID, at_utc(2026, 11, 27, 17)),  # type: ignore[list-item]  # 18:00
         ],
-        ten,
-    ) == [STORED, STORED, MISALIGNED, MISALIGNED]
+        at_utc(2026, 11, 27, 17),
+    ) == [STORED, STORED, MISALIGNED, MISALIGNED, STORED, MISALIGNED]
 
 
 @pytest_twisted.ensureDeferred
