@@ -138,9 +138,12 @@ class Cron:
             # The second pass of a repeated hour: its wall times ran in the first pass.
             # Look from the first wall time after the repeat (the fold=0 reading of the
             # wall time is the first pass, the fold=1 one ``t`` itself).
-            first_pass = local.replace(fold=0).astimezone(UTC)
-            end = _transition(first_pass, t.astimezone(UTC), tz)
-            wall = end.astimezone(tz).replace(tzinfo=None) - _USEC
+            first = local.replace(fold=0)
+            end = _transition(first.astimezone(UTC), t.astimezone(UTC), tz)
+            offset = first.utcoffset()
+            assert offset is not None
+            # The repeat ends at the transition, read on the clock before it (03:00).
+            wall = end.replace(tzinfo=None) + offset - _USEC
         last = t
         for candidate in self._walls(wall):
             at = self._instant(candidate)

@@ -4,6 +4,7 @@ daylight-saving rule in three zones, and what is refused."""
 from __future__ import annotations
 
 import itertools
+from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
 from zoneinfo import ZoneInfo
 
@@ -103,6 +104,23 @@ def test_from_inside_the_second_pass_the_next_instant_is_after_the_repeat(
     # 01:10 UTC is 02:10 CET, the second 02:10 of the night: 02:10 to 02:59 already ran.
     assert parse_cron("* * * * * *", zone).next_after(second_pass) == utc(2026, 10, 25, 2)
     assert parse_cron("*/30 * * * *", zone).next_after(second_pass) == utc(2026, 10, 25, 2)
+
+
+def test_from_inside_the_second_pass_no_wall_time_of_the_repeat_is_walked(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    walked: list[datetime] = []
+    walls_of = Cron._walls
+
+    def counting(self: Cron, after: datetime) -> Iterator[datetime]:
+        for wall in walls_of(self, after):
+            walked.append(wall)
+            yield wall
+
+    monkeypatch.setattr(Cron, "_walls", counting)
+    every_second = parse_cron("* * * * * *", PARIS)
+    assert every_second.next_after(utc(2026, 10, 25, 1, 10)) == utc(2026, 10, 25, 2)
+    assert walked == [datetime(2026, 10, 25, 3)], "not the 3,000 seconds ran in the first pass"
 
 
 def test_instants_are_whole_microseconds_in_utc_and_strictly_after() -> None:
