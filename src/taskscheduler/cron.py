@@ -60,11 +60,16 @@ class InvalidCron(ValueError):
     """The expression or the zone is not accepted; the message says why."""
 
 
-@functools.lru_cache(maxsize=1024)
 def zone(name: object) -> tzinfo:
     """The IANA time zone ``name`` (InvalidCron if there is none by that name)."""
+    # Checked before the cache: a JSON object or list is not even hashable.
     if not isinstance(name, str) or not name or len(name) > MAX_TIMEZONE_LENGTH:
         raise InvalidCron("'timezone' must be an IANA time zone name such as 'Europe/Paris'")
+    return _zone(name)
+
+
+@functools.lru_cache(maxsize=1024)
+def _zone(name: str) -> tzinfo:
     try:
         return ZoneInfo(name)
     except (ZoneInfoNotFoundError, ValueError, OSError):

@@ -184,6 +184,9 @@ def test_the_expression_is_kept_in_a_canonical_spelling() -> None:
         ("* * * * *", "../../etc/passwd", "not an IANA time zone"),
         ("* * * * *", "", "must be an IANA"),
         ("* * * * *", 3, "must be an IANA"),
+        ("* * * * *", {}, "must be an IANA"),
+        ("* * * * *", ["UTC"], "must be an IANA"),
+        ({}, None, "must be a cron expression"),
     ],
 )
 def test_what_is_refused_says_why(expression: object, zone: object, fragment: str) -> None:
