@@ -9,9 +9,11 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import pytest
+import pytest_twisted
 from twisted.internet.task import Clock
 
 from taskscheduler.agent.taskloop import MAX_SKIPS_RECORDED
+from taskscheduler.agent.taskstore import TaskStore
 from taskscheduler.cron import parse_cron
 from taskscheduler.protocol import TaskSpec, parse_task_spec, task_spec_to_json
 from taskscheduler.schedule import CronTimes, format_instant
@@ -186,3 +188,22 @@ def test_cron_and_timezone_travel_to_the_agent_and_back() -> None:
     assert parse_task_spec(body, utc(2030, 1, 1)).cron == parse_cron("@hourly", "UTC")
     body.pop("time_limit_seconds")
     assert parse_task_spec(body, utc(2030, 1, 1)).time_limit == timedelta(hours=1)
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_restarted_agent_reloads_a_cron_task_and_replays_nothing(tmp_path: Path) -> None:
+    now = utc(2026, 3, 29, 0, 50)
+    agent = start(tmp_path, now)
+    task = cron_spec("*/20 * * * *", "Europe/Paris", now)
+    agent.service.scheduler.schedule(task)  # type: ignore[union-attr]
+    TaskStore(tmp_path / "data" / "tasks").save(task)  # what the API does first
+    assert run_until(agent, utc(2026, 3, 29, 1, 1), step=60) == labels(utc(2026, 3, 29, 1))
+    agent.settle()
+    await agent.stop()
+    # Down across 01:20 UTC; back at 01:30, from the stored task (cron and zone included).
+    agent.clock.advance((utc(2026, 3, 29, 1, 30) - utc(2026, 3, 29, 1, 1)).total_seconds())
+    again = Agent(tmp_path / "data", agent.clock, agent.server)
+    assert again.service.scheduler.tasks[task.task_id] == task  # type: ignore[union-attr]
+    assert run_until(again, utc(2026, 3, 29, 2, 1), step=60) == labels(
+        utc(2026, 3, 29, 1, 40), utc(2026, 3, 29, 2)
+    ), "01:20 passed while it was down: not replayed"
