@@ -91,3 +91,10 @@ def test_edit_switches_to_cron(api: StubApi) -> None:
     assert bodies == [{"cron": "@hourly"}]
     result = run(api, "tasks", "edit", A, "--timezone", "Asia/Tokyo")
     assert bodies[-1] == {"timezone": "Asia/Tokyo"}
+
+
+def test_ls_shows_a_cron_task_by_its_expression_and_zone(api: StubApi) -> None:
+    api.tasks = [task(A, frequency=None, cron="*/5 * * * *", timezone="Europe/Paris")]
+    result = run(api, "tasks", "ls")
+    assert result.exit_code == 0, result.output
+    assert "cron */5 * * * * Europe/Paris" in result.stdout.splitlines()[1]
