@@ -138,6 +138,7 @@ async def test_health_reports_counts(agent: Agent) -> None:
         "enrolled": True,
         "membership": "member",
         "in_fleet": None,
+        "labels": {},
         "spooled": 0,
         "spooled_bytes": 0,
         "dropped": 0,

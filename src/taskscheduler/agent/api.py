@@ -56,6 +56,7 @@ from taskscheduler.agent.scheduler import Scheduler
 from taskscheduler.agent.taskstore import TaskStore
 from taskscheduler.protocol import MAX_REVISION, InvalidMessage, TaskSpec
 from taskscheduler.protocol.fields import parse_int, parse_time, require
+from taskscheduler.protocol.labels import NO_LABELS
 from taskscheduler.schedule import format_instant, utc_now_from
 from taskscheduler.signing import SCHEME, BadSignature, InstructionVerifier
 from taskscheduler.web.errors import (
@@ -114,8 +115,11 @@ class AgentAPI:
         counters: Callable[[], dict[str, int]] = dict,
         verifier: InstructionVerifier | None = None,
         membership: Membership | None = None,
+        *,
+        labels: Mapping[str, str] = NO_LABELS,
     ) -> None:
         self._agent_id = agent_id
+        self._labels = labels
         self._scheduler = scheduler
         self._task_store = task_store
         self._clock = clock
@@ -399,6 +403,8 @@ class AgentAPI:
             # What the server said: told to leave (removed, revoked), and in its fleet.
             "membership": self.membership.state,
             "in_fleet": self.membership.in_fleet,
+            # What it tells the server it is: an operator checks a restart took them.
+            "labels": dict(self._labels),
         }
         body.update(self._counters())
         return json_response(request, body)

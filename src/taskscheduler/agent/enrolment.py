@@ -1,7 +1,7 @@
 """An agent without a credential enrols with its server, once.
 
 ``POST {server}/api/v1/agents/enrol`` with the join secret as bearer token and
-``{"agent_id", "url"}`` (:meth:`taskscheduler.agent.server_client.ServerClient.enrol`);
+``{"agent_id", "url", "labels"}`` (:meth:`taskscheduler.agent.server_client.ServerClient.enrol`);
 the answer holds the agent's own credential (stored 0600 in its data folder; the server
 keeps only its hash, and the client sends it from then on) and the server's public key,
 which the agent pins to check the signature of every instruction from then on. Until it succeeds
@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import random
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from pathlib import Path
 
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
@@ -27,6 +27,7 @@ from twisted.logger import Logger
 
 from taskscheduler.agent.identity import save_credential, save_server_key
 from taskscheduler.agent.server_client import Enrolled, Refused, ServerClient
+from taskscheduler.protocol.labels import NO_LABELS
 from taskscheduler.redact import redact_tokens
 from taskscheduler.retry import Backoff, RetryLoop
 from taskscheduler.signing import key_fingerprint, public_key_text
@@ -60,6 +61,7 @@ class Enroller:
         retry_base: float = 0.5,
         retry_cap: float = 10.0,
         jitter: Callable[[], float] = random.random,
+        labels: Mapping[str, str] = NO_LABELS,
     ) -> None:
         self._client = client
         self._data_dir = data_dir
@@ -68,6 +70,7 @@ class Enroller:
         self._join_secret = join_secret
         self._on_enrolled = on_enrolled
         self._pinned_key = pinned_key
+        self._labels = labels
         self._attempts = RetryLoop(
             clock, self._enrol, Backoff(retry_base, retry_cap, jitter), self._failed
         )
@@ -88,7 +91,9 @@ class Enroller:
         )
 
     async def _enrol(self) -> None:
-        outcome = await self._client.enrol(self._agent_id, self._advertise_url, self._join_secret)
+        outcome = await self._client.enrol(
+            self._agent_id, self._advertise_url, self._join_secret, self._labels
+        )
         if isinstance(outcome, Refused):
             raise EnrolmentRefused(outcome.reason)
         if not isinstance(outcome, Enrolled):

@@ -15,6 +15,8 @@ from taskscheduler.agent.heartbeat import DEFAULT_HEARTBEAT_INTERVAL
 from taskscheduler.agent.service import DEFAULT_SHUTDOWN_GRACE
 from taskscheduler.agent.spool import DEFAULT_SPOOL_MAX_BYTES
 from taskscheduler.hardening import take_secret_from_environment
+from taskscheduler.protocol import InvalidMessage
+from taskscheduler.protocol.labels import labels_from_pairs, parse_label_text
 from taskscheduler.web.guards import (
     DEFAULT_BODY_TIMEOUT,
     DEFAULT_HEADER_TIMEOUT,
@@ -254,6 +256,14 @@ class Options(usage.Options):
     def __init__(self, environ: MutableMapping[str, str] | None = None) -> None:
         super().__init__()
         self._environ = os.environ if environ is None else environ
+        self._labels: list[str] = []
+
+    def opt_label(self, text: str) -> None:
+        """A label of this agent, KEY=VALUE (repeatable: --label role=web --label dc=eu);
+        a task may target agents by label. Keys: 1 to 63 letters, digits, '_', '.', '/',
+        '-'; values: up to 63 of those less '/'; at most 20 labels, no key twice
+        [TASKSCHEDULER_AGENT_LABELS, comma-separated: role=web,dc=eu] (default: none)."""
+        self._labels.append(text)
 
     def postOptions(self) -> None:
         for name, variable, default in _SETTINGS:
@@ -304,6 +314,16 @@ class Options(usage.Options):
                 )
         self["advertise-url"] = url
         self["run-as-ids"] = None if self["run-as"] is None else _user_ids(self["run-as"])
+        self["labels"] = _labels(self._labels, self._environ.get("TASKSCHEDULER_AGENT_LABELS"))
+
+
+def _labels(given: list[str], from_environment: str | None) -> Any:
+    """The agent's labels: those of the command line, else the environment's."""
+    texts = given or [t.strip() for t in (from_environment or "").split(",") if t.strip()]
+    try:
+        return labels_from_pairs(parse_label_text(text) for text in texts)
+    except InvalidMessage as e:
+        raise usage.UsageError(f"--label: {e}") from None
 
 
 def _number(text: str, name: str, kind: type[int] | type[float], minimum: float) -> Any:

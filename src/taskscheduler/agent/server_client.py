@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import json
 import uuid
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -28,6 +28,7 @@ from taskscheduler.protocol import (
     RETRY_LATER_BATCH_STATUSES,
     RETRY_LATER_RESULT_ERRORS,
 )
+from taskscheduler.protocol.labels import NO_LABELS
 from taskscheduler.signing import KeyFileError, parse_public_key
 from taskscheduler.web.errors import PAYLOAD_TOO_LARGE
 
@@ -153,10 +154,17 @@ class ServerClient:
         self._timeout = timeout
 
     async def enrol(
-        self, agent_id: uuid.UUID, advertise_url: str, join_secret: str
+        self,
+        agent_id: uuid.UUID,
+        advertise_url: str,
+        join_secret: str,
+        labels: Mapping[str, str] = NO_LABELS,
     ) -> Enrolled | Refused | RetryLater:
-        """Enrol with the join secret; the agent's credential and the server's key."""
-        body = json.dumps({"agent_id": str(agent_id), "url": advertise_url}).encode("utf-8")
+        """Enrol with the join secret (and the agent's labels); the agent's credential and
+        the server's key."""
+        body = json.dumps(
+            {"agent_id": str(agent_id), "url": advertise_url, "labels": dict(labels)}
+        ).encode("utf-8")
         answer = await self._post(ENROL_PATH, body, join_secret, MAX_ANSWER_BYTES)
         if isinstance(answer, RetryLater):
             return answer

@@ -27,8 +27,8 @@ import pwd
 import random
 import socket
 import uuid
-from collections.abc import Callable
-from dataclasses import dataclass
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -74,6 +74,7 @@ from taskscheduler.agent.taskstore import TaskStore
 from taskscheduler.hardening import make_private_folder
 from taskscheduler.listen import EndpointSyntaxError, advertised_url, is_loopback_url
 from taskscheduler.protocol import TaskSpec
+from taskscheduler.protocol.labels import NO_LABELS
 from taskscheduler.schedule import format_instant, utc_now_from
 from taskscheduler.signing import (
     InstructionVerifier,
@@ -122,6 +123,8 @@ class AgentConfig:
     #: The user tasks run as (``--run-as``); None: the agent's own.
     run_as: str | None = None
     heartbeat_interval: float = DEFAULT_HEARTBEAT_INTERVAL
+    #: What the agent says it is (``--label``), sent at enrolment and in each heartbeat.
+    labels: Mapping[str, str] = field(default_factory=lambda: NO_LABELS)
 
 
 class NotEnrolled(Exception):
@@ -322,7 +325,14 @@ class AgentService(Service):
         verifier = InstructionVerifier(agent_id, self._clock, server_key)
         membership = Membership(data_dir / "membership")
         self.api = AgentAPI(
-            agent_id, scheduler, task_store, self._clock, counters, verifier, membership
+            agent_id,
+            scheduler,
+            task_store,
+            self._clock,
+            counters,
+            verifier,
+            membership,
+            labels=self.config.labels,
         )
         started_at = format_instant(utc_now_from(self._clock.seconds()))
 
@@ -336,6 +346,8 @@ class AgentService(Service):
                 "running": scheduler.running,
                 "spooled": len(spool),
                 "dropped_results": spool.dropped,
+                # Every time: a restart with other labels changes which tasks it runs.
+                "labels": dict(self.config.labels),
             }
 
         self.heartbeat = HeartbeatLoop(
@@ -397,6 +409,7 @@ class AgentService(Service):
                 self._enrolled,
                 pinned_key=pinned,
                 jitter=self._jitter,
+                labels=self.config.labels,
             )
         for spec in self._specs:
             self.scheduler.schedule(spec)

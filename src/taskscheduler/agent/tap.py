@@ -93,6 +93,7 @@ def makeService(options: Options) -> IService:
             header_timeout=options["header-timeout"],
             body_timeout=options["body-timeout"],
             run_as=options["run-as"],
+            labels=options["labels"],
         ),
         reactor,
         runner_factory,

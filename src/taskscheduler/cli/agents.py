@@ -24,6 +24,14 @@ def state(agent: JSON) -> str:
     return "revoked" if agent.get("revoked_at") else "enrolled"
 
 
+def labels(agent: JSON) -> str | None:
+    """``dc=eu,role=web``; None (shown as -) when it has none or the server shows none."""
+    given = agent.get("labels")
+    if not isinstance(given, dict) or not given:
+        return None
+    return ",".join(f"{k}={given[k]}" for k in sorted(given))
+
+
 @agents.command("ls")
 @click.option("--no-trunc", is_flag=True, help="Whole ids.")
 @pass_settings
@@ -34,12 +42,24 @@ def ls(settings: Settings, no_trunc: bool) -> None:
     settings.emit(
         body,
         lambda: table(
-            ["ID", "STATE", "URL", "LAST SEEN", "VERSION", "HOST", "TASKS", "RUNNING", "SPOOLED"],
+            [
+                "ID",
+                "STATE",
+                "URL",
+                "LABELS",
+                "LAST SEEN",
+                "VERSION",
+                "HOST",
+                "TASKS",
+                "RUNNING",
+                "SPOOLED",
+            ],
             [
                 [
                     short_id(a.get("agent_id"), no_trunc),
                     state(a),
                     a.get("url"),
+                    labels(a),
                     when(a.get("last_seen_at"), now),
                     a.get("version"),
                     a.get("hostname"),
@@ -59,6 +79,7 @@ def agent_details(agent: JSON, now: datetime) -> str:
             ("agent", agent.get("agent_id")),
             ("state", state(agent)),
             ("url", agent.get("url")),
+            ("labels", labels(agent)),
             ("enrolled", instant(agent.get("enrolled_at"), now)),
             ("revoked", instant(agent.get("revoked_at"), now)),
             ("url released", instant(agent.get("url_released_at"), now)),

@@ -98,6 +98,13 @@ class Dispatcher(Service):
         for link in self.links:
             link.kick()
 
+    def agent_relabelled(self, url: str) -> None:
+        """The agent at ``url`` has other labels: deliver the tasks it now matches and
+        remove those it no longer does, now."""
+        for link in self.links:
+            if link.url == url.rstrip("/"):
+                link.retry_now()
+
     def agent_enrolled(self, url: str) -> None:
         """An agent enrolled at ``url``: deliver it every task of its URL now, rather than
         after a back-off or at the next reconciliation."""

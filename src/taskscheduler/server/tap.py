@@ -157,6 +157,7 @@ def server_service(
         max_output_bytes=options["max-output-bytes"],
         clock_allowance=timedelta(seconds=options["clock-allowance"]),
         on_fleet_changed=dispatcher.fleet_changed,
+        on_agent_relabelled=dispatcher.agent_relabelled,
         heartbeat_interval=options["heartbeat-interval"],
     )
     hosts = host_policy_for(options["host-policy"], tokens is not None and len(tokens) > 0)

@@ -9,6 +9,7 @@ from twisted.web.iweb import IRequest
 from taskscheduler import protocol
 from taskscheduler.auth import AGENT_PREFIX, hash_token, new_token
 from taskscheduler.protocol import InvalidMessage
+from taskscheduler.protocol.labels import parse_labels
 from taskscheduler.server.access import principal_of
 from taskscheduler.server.api.base import routes
 from taskscheduler.server.api.fleet import FleetRoutes
@@ -29,7 +30,8 @@ class AgentRoutes(FleetRoutes):
 
     @routes.route("/api/v1/agents/enrol", methods=["POST"])
     async def enrol(self, request: IRequest) -> bytes:
-        """An agent with a join secret enrols: ``{"agent_id", "url"}`` -> its credential."""
+        """An agent with a join secret enrols: ``{"agent_id", "url", "labels"}`` -> its
+        credential."""
         body = read_json(request)
         if not isinstance(body, dict):
             raise BAD_REQUEST("the request body must be a JSON object")
@@ -50,12 +52,16 @@ class AgentRoutes(FleetRoutes):
         except InvalidMessage as e:
             raise BAD_REQUEST(str(e)) from None
         url = url.rstrip("/")
+        try:
+            labels = parse_labels(body.get("labels"))
+        except InvalidMessage as e:
+            raise BAD_REQUEST(str(e)) from None
         principal = principal_of(request)
         credential = new_token(AGENT_PREFIX)
         audit = self._audit(request, principal, "agent.enrolled", str(agent_id), url=url)
         try:
             record = await self._store.enrol_agent(
-                agent_id, url, hash_token(credential), self._now(), audit
+                agent_id, url, hash_token(credential), self._now(), audit, labels
             )
         except AgentConflict as e:
             self.log.warn(

@@ -99,6 +99,7 @@ class ServerAPI(TaskRoutes, ResultRoutes, AgentRoutes, FleetRoutes, AuditRoutes,
         on_task_changed: Callable[[Task], None] = lambda task: None,
         on_fleet_changed: Callable[[], None] = lambda: None,
         heartbeat_interval: float = DEFAULT_HEARTBEAT_INTERVAL,
+        on_agent_relabelled: Callable[[str], None] = lambda url: None,
     ) -> None:
         self._store = store
         self._clock = clock
@@ -113,6 +114,7 @@ class ServerAPI(TaskRoutes, ResultRoutes, AgentRoutes, FleetRoutes, AuditRoutes,
         self._max_output_bytes = max_output_bytes
         self._clock_allowance = clock_allowance
         self._on_fleet_changed = on_fleet_changed
+        self._on_agent_relabelled = on_agent_relabelled
         self._heartbeat_interval = heartbeat_interval
         self._in_fleet_seen = {}
         self._assignments: set[tuple[str, uuid.UUID]] = set()

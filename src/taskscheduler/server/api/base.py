@@ -39,6 +39,8 @@ class Routes:
     _on_task_changed: Callable[[Task], None]
     _on_agent_enrolled: Callable[[AgentRecord], None]
     _on_fleet_changed: Callable[[], None]
+    #: An agent's labels changed: the tasks of its URL may have changed.
+    _on_agent_relabelled: Callable[[str], None]
     _report_grace: timedelta
     _server_public_key: str
     _max_output_bytes: int

@@ -19,6 +19,7 @@ from twisted.web.iweb import IRequest
 
 from taskscheduler import protocol
 from taskscheduler.protocol import InvalidMessage
+from taskscheduler.protocol.labels import labels_text, parse_labels
 from taskscheduler.schedule import format_instant, parse_instant
 from taskscheduler.server.access import principal_of
 from taskscheduler.server.api.base import Routes, routes
@@ -93,6 +94,11 @@ def parse_heartbeat(body: Any) -> Heartbeat:
             started_at = parse_instant(str(body["started_at"]))
         except ValueError as e:
             raise BAD_REQUEST(f"'started_at': {e}") from None
+    try:
+        # Absent from an agent that predates labels: it has none.
+        labels = parse_labels(body.get("labels"))
+    except InvalidMessage as e:
+        raise BAD_REQUEST(str(e)) from None
     return Heartbeat(
         version[:100],
         hostname[:255],
@@ -101,6 +107,7 @@ def parse_heartbeat(body: Any) -> Heartbeat:
         _count(body, "running"),
         _count(body, "spooled"),
         _count(body, "dropped_results"),
+        labels,
     )
 
 
@@ -182,7 +189,8 @@ class FleetRoutes(Routes):
     @routes.route("/api/v1/agents/heartbeat", methods=["POST"])
     async def heartbeat(self, request: IRequest) -> bytes:
         """An agent says it is alive: ``{"agent_id", "version", "hostname", "started_at",
-        "tasks", "running", "spooled", "dropped_results"}``."""
+        "tasks", "running", "spooled", "dropped_results", "labels"}``; labels other than
+        those stored change which tasks it is assigned, at once."""
         agent = principal_of(request).agent
         assert agent is not None  # the gate let only an agent's credential in
         body = read_json(request)
@@ -190,7 +198,15 @@ class FleetRoutes(Routes):
         claimed = body.get("agent_id")
         if claimed is not None and claimed != str(agent.agent_id):
             raise BAD_REQUEST("'agent_id' is not the id of the credential's agent")
-        await self._store.record_heartbeat(agent.agent_id, self._now(), heartbeat)
+        relabelled = await self._store.record_heartbeat(agent.agent_id, self._now(), heartbeat)
+        if relabelled:
+            self.log.info(
+                "agent {agent_id} at {url} now has labels {labels}",
+                agent_id=str(agent.agent_id),
+                url=agent.url,
+                labels=labels_text(heartbeat.labels) or "(none)",
+            )
+            self._on_agent_relabelled(agent.url)
         in_fleet = agent.url in await self._fleet_urls()
         self.warn_if_outside(agent, in_fleet, "heartbeat")
         return json_response(

@@ -29,6 +29,7 @@ def agent_json(agent: AgentRecord) -> dict[str, Any]:
         "url_released_at": (
             None if agent.url_released_at is None else format_instant(agent.url_released_at)
         ),
+        "labels": dict(agent.labels),
     }
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from typing import Any
 
+from taskscheduler.protocol.labels import LABEL_KEY, LABEL_VALUE, MAX_LABELS
 from taskscheduler.server.openapi.operations import (
     AGENT,
     COUNT,
@@ -30,6 +31,16 @@ AGENT_URL = {
     "description": "an agent's base URL, as in `AVAILABLE_SERVERS`: `http://host:8081`",
 }
 AGENT_STATES = ["online", "offline", "revoked", "not_in_fleet"]
+#: An agent's labels (``--label k=v``), as the agent last said them.
+AGENT_LABELS: dict[str, Any] = {
+    "type": "object",
+    "maxProperties": MAX_LABELS,
+    "propertyNames": {"pattern": f"^{LABEL_KEY.pattern}$"},
+    "additionalProperties": {"type": "string", "pattern": f"^{LABEL_VALUE.pattern}$"},
+    "description": "the agent's labels (`--label role=web`), as it last said them: at "
+    "enrolment, then in each heartbeat; `{}` when it has none",
+    "examples": [{"role": "web", "dc": "eu"}],
+}
 
 
 def schemas() -> dict[str, Any]:
@@ -43,6 +54,7 @@ def schemas() -> dict[str, Any]:
                 "enrolled_at",
                 "revoked_at",
                 "url_released_at",
+                "labels",
                 "state",
                 "last_seen_at",
                 "version",
@@ -56,6 +68,7 @@ def schemas() -> dict[str, Any]:
                 "enrolled_at": INSTANT,
                 "revoked_at": nullable(INSTANT),
                 "url_released_at": nullable(INSTANT),
+                "labels": ref("AgentLabels"),
                 "state": {
                     "type": "string",
                     "enum": AGENT_STATES,
@@ -72,9 +85,10 @@ def schemas() -> dict[str, Any]:
             description="the heartbeat's fields are null until the agent's first one",
         ),
         "AgentList": obj(["agents"], {"agents": {"type": "array", "items": ref("Agent")}}),
+        "AgentLabels": AGENT_LABELS,
         "Enrolment": obj(
             ["agent_id", "url"],
-            {"agent_id": ref("Uuid"), "url": AGENT_URL},
+            {"agent_id": ref("Uuid"), "url": AGENT_URL, "labels": ref("AgentLabels")},
         ),
         "Enrolled": obj(
             ["agent_id", "credential", "server_public_key"],
@@ -99,6 +113,10 @@ def schemas() -> dict[str, Any]:
                 "hostname": {"type": "string"},
                 "started_at": nullable(INSTANT),
                 **{name: COUNT for name in heartbeat_counts},
+                "labels": {
+                    **ref("AgentLabels"),
+                    "description": "the agent's labels now; absent: none (an older agent)",
+                },
             },
             "description": "fields a newer agent may add are ignored",
         },

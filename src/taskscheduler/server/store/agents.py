@@ -6,13 +6,16 @@ Who may enrol and whose URL may be released is decided by
 
 from __future__ import annotations
 
+import json
 import uuid
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from datetime import datetime
+from types import MappingProxyType
 from typing import Any
 
 import psycopg2.errors
 
+from taskscheduler.protocol.labels import NO_LABELS
 from taskscheduler.server.store.audit import insert_audit
 from taskscheduler.server.store.pool import Cursor, Database
 from taskscheduler.server.store.records import AgentConflict, AgentRecord, AuditEvent, Heartbeat
@@ -25,13 +28,13 @@ from taskscheduler.server.store.rules import (
 
 _AGENT_COLUMNS = (
     "agent_id, url, enrolled_at, revoked_at, url_released_at, last_seen_at,"
-    " version, hostname, started_at, tasks, running, spooled, dropped_results"
+    " version, hostname, started_at, tasks, running, spooled, dropped_results, labels"
 )
 
 
 def _agent_from_row(row: Sequence[Any]) -> AgentRecord:
     agent_id, url, enrolled_at, revoked_at, url_released_at, last_seen_at = row[:6]
-    version, hostname, started_at, tasks, running, spooled, dropped = row[6:]
+    version, hostname, started_at, tasks, running, spooled, dropped, labels = row[6:]
     heartbeat = None
     if last_seen_at is not None:
         heartbeat = Heartbeat(
@@ -42,6 +45,7 @@ def _agent_from_row(row: Sequence[Any]) -> AgentRecord:
             running or 0,
             spooled or 0,
             dropped or 0,
+            labels_of(labels),
         )
     return AgentRecord(
         uuid.UUID(str(agent_id)),
@@ -51,7 +55,13 @@ def _agent_from_row(row: Sequence[Any]) -> AgentRecord:
         utc_or_none(url_released_at),
         utc_or_none(last_seen_at),
         heartbeat,
+        labels_of(labels),
     )
+
+
+def labels_of(value: Any) -> Mapping[str, str]:
+    """Labels as stored (``jsonb``, which psycopg2 reads into a dict)."""
+    return MappingProxyType(dict(value or {}))
 
 
 class Agents:
@@ -67,6 +77,7 @@ class Agents:
         credential_hash: str,
         enrolled_at: datetime,
         audit: AuditEvent,
+        labels: Mapping[str, str] = NO_LABELS,
     ) -> AgentRecord:
         async def operation(cursor: Cursor) -> None:
             await cursor.execute("SELECT 1 FROM agents WHERE agent_id = %s::uuid", (str(agent_id),))
@@ -83,10 +94,10 @@ class Agents:
                 raise conflict
             await cursor.execute(
                 """
-                INSERT INTO agents (agent_id, url, credential_hash, enrolled_at)
-                VALUES (%s::uuid, %s, %s, %s)
+                INSERT INTO agents (agent_id, url, credential_hash, enrolled_at, labels)
+                VALUES (%s::uuid, %s, %s, %s, %s::jsonb)
                 """,
-                (str(agent_id), url, credential_hash, enrolled_at),
+                (str(agent_id), url, credential_hash, enrolled_at, json.dumps(dict(labels))),
             )
             await insert_audit(cursor, audit)
 
@@ -95,7 +106,7 @@ class Agents:
         except psycopg2.errors.UniqueViolation:
             # Two enrolments raced, or the credential is in use: the loser sees the row.
             raise AgentConflict("agent_exists", "this agent or URL was just enrolled") from None
-        return AgentRecord(agent_id, url, utc(enrolled_at))
+        return AgentRecord(agent_id, url, utc(enrolled_at), labels=MappingProxyType(dict(labels)))
 
     async def agent_by_credential(self, credential_hash: str) -> AgentRecord | None:
         async def operation(cursor: Cursor) -> AgentRecord | None:
@@ -159,14 +170,17 @@ class Agents:
 
     async def record_heartbeat(
         self, agent_id: uuid.UUID, seen_at: datetime, heartbeat: Heartbeat
-    ) -> None:
-        async def operation(cursor: Cursor) -> None:
+    ) -> bool:
+        async def operation(cursor: Cursor) -> bool:
+            # ``old`` is the row as it was before this update: did the labels change?
             await cursor.execute(
                 """
-                UPDATE agents SET last_seen_at = %s, version = %s, hostname = %s,
+                UPDATE agents a SET last_seen_at = %s, version = %s, hostname = %s,
                     started_at = %s, tasks = %s, running = %s, spooled = %s,
-                    dropped_results = %s
-                WHERE agent_id = %s::uuid
+                    dropped_results = %s, labels = %s::jsonb
+                FROM agents old
+                WHERE a.agent_id = %s::uuid AND old.agent_id = a.agent_id
+                RETURNING old.labels IS DISTINCT FROM a.labels
                 """,
                 (
                     seen_at,
@@ -177,11 +191,14 @@ class Agents:
                     heartbeat.running,
                     heartbeat.spooled,
                     heartbeat.dropped_results,
+                    json.dumps(dict(heartbeat.labels)),
                     str(agent_id),
                 ),
             )
+            row = cursor.fetchone()
+            return row is not None and bool(row[0])
 
-        await self._db.run(operation, transaction=False)
+        return await self._db.run(operation)
 
     async def release_agent_url(
         self, agent_id: uuid.UUID, released_at: datetime, audit: AuditEvent

@@ -10,11 +10,12 @@ the same, or a result misaligned or too late is decided in :mod:`.rules`.
 from __future__ import annotations
 
 import uuid
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from datetime import datetime, timedelta
 from typing import Protocol
 
 from taskscheduler.protocol import RunResult, TaskSpec
+from taskscheduler.protocol.labels import NO_LABELS
 from taskscheduler.server.store.records import (
     AgentRecord,
     AuditEvent,
@@ -239,8 +240,10 @@ class Store(Protocol):
         credential_hash: str,
         enrolled_at: datetime,
         audit: AuditEvent,
+        labels: Mapping[str, str] = NO_LABELS,
     ) -> AgentRecord:
-        """Record a new agent with the hash of its credential, and ``audit``, atomically.
+        """Record a new agent with the hash of its credential and its ``labels``, and
+        ``audit``, atomically.
 
         Raises AgentConflict ``agent_exists`` if ``agent_id`` was ever enrolled (revoked or
         not: a join secret never takes over an identity), ``url_taken`` if a live agent
@@ -260,8 +263,9 @@ class Store(Protocol):
 
     async def record_heartbeat(
         self, agent_id: uuid.UUID, seen_at: datetime, heartbeat: Heartbeat
-    ) -> None:
-        """The agent sent ``heartbeat`` at ``seen_at``."""
+    ) -> bool:
+        """The agent sent ``heartbeat`` at ``seen_at``. True if it brought labels other
+        than the agent's stored ones (which it replaces)."""
 
     async def revoke_agent(
         self, agent_id: uuid.UUID, revoked_at: datetime, audit: AuditEvent

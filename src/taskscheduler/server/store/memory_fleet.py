@@ -5,10 +5,12 @@ the in-memory twin of :mod:`~taskscheduler.server.store.fleet`,
 from __future__ import annotations
 
 import uuid
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import replace
 from datetime import datetime
+from types import MappingProxyType
 
+from taskscheduler.protocol.labels import NO_LABELS
 from taskscheduler.server.store.fleet import fleet_audit, now_utc
 from taskscheduler.server.store.memory_state import Assignment, MemoryState
 from taskscheduler.server.store.records import (
@@ -202,6 +204,7 @@ class MemoryFleet(MemoryState):
         credential_hash: str,
         enrolled_at: datetime,
         audit: AuditEvent,
+        labels: Mapping[str, str] = NO_LABELS,
     ) -> AgentRecord:
         holders = [a for a in self._agents.values() if a.url == url and a.url_released_at is None]
         conflict = enrolment_conflict(
@@ -214,7 +217,7 @@ class MemoryFleet(MemoryState):
             raise conflict
         if credential_hash in self._credentials:
             raise AgentConflict("agent_exists", "this credential is already in use")
-        record = AgentRecord(agent_id, url, utc(enrolled_at))
+        record = AgentRecord(agent_id, url, utc(enrolled_at), labels=MappingProxyType(dict(labels)))
         self._agents[agent_id] = record
         self._credentials[credential_hash] = agent_id
         self._append_audit(audit)
@@ -248,12 +251,19 @@ class MemoryFleet(MemoryState):
 
     async def record_heartbeat(
         self, agent_id: uuid.UUID, seen_at: datetime, heartbeat: Heartbeat
-    ) -> None:
+    ) -> bool:
         record = self._agents.get(agent_id)
-        if record is not None:
-            started = heartbeat.started_at
-            heartbeat = replace(heartbeat, started_at=None if started is None else utc(started))
-            self._agents[agent_id] = replace(record, last_seen_at=utc(seen_at), heartbeat=heartbeat)
+        if record is None:
+            return False
+        started = heartbeat.started_at
+        labels = MappingProxyType(dict(heartbeat.labels))
+        heartbeat = replace(
+            heartbeat, started_at=None if started is None else utc(started), labels=labels
+        )
+        self._agents[agent_id] = replace(
+            record, last_seen_at=utc(seen_at), heartbeat=heartbeat, labels=labels
+        )
+        return dict(labels) != dict(record.labels)
 
     async def release_agent_url(
         self, agent_id: uuid.UUID, released_at: datetime, audit: AuditEvent

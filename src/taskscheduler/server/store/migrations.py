@@ -232,6 +232,11 @@ MIGRATIONS: list[str] = [
                                ADD CONSTRAINT task_revisions_interval_or_cron
                                    CHECK ((interval_seconds IS NULL) <> (cron IS NULL));
     """,
+    # 11: agent labels, as the agent last said them (enrolment, heartbeats); none from an
+    # agent that predates them. A constant default: no rewrite.
+    """
+    ALTER TABLE agents ADD COLUMN labels jsonb NOT NULL DEFAULT '{}';
+    """,
 ]
 
 

@@ -10,11 +10,12 @@ schema is created and upgraded at :meth:`PostgresStore.start`
 from __future__ import annotations
 
 import uuid
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from datetime import datetime, timedelta
 from typing import Any
 
 from taskscheduler.protocol import RunResult, TaskSpec
+from taskscheduler.protocol.labels import NO_LABELS
 from taskscheduler.server.store.agents import Agents
 from taskscheduler.server.store.audit import Audit
 from taskscheduler.server.store.deliveries import Deliveries
@@ -240,8 +241,11 @@ class PostgresStore:
         credential_hash: str,
         enrolled_at: datetime,
         audit: AuditEvent,
+        labels: Mapping[str, str] = NO_LABELS,
     ) -> AgentRecord:
-        return await self.agents.enrol_agent(agent_id, url, credential_hash, enrolled_at, audit)
+        return await self.agents.enrol_agent(
+            agent_id, url, credential_hash, enrolled_at, audit, labels
+        )
 
     async def agent_by_credential(self, credential_hash: str) -> AgentRecord | None:
         return await self.agents.agent_by_credential(credential_hash)
@@ -254,8 +258,8 @@ class PostgresStore:
 
     async def record_heartbeat(
         self, agent_id: uuid.UUID, seen_at: datetime, heartbeat: Heartbeat
-    ) -> None:
-        await self.agents.record_heartbeat(agent_id, seen_at, heartbeat)
+    ) -> bool:
+        return await self.agents.record_heartbeat(agent_id, seen_at, heartbeat)
 
     async def revoke_agent(
         self, agent_id: uuid.UUID, revoked_at: datetime, audit: AuditEvent

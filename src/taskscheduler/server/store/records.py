@@ -13,6 +13,7 @@ from datetime import datetime, timedelta
 from typing import Any
 
 from taskscheduler.protocol import ResultStatus, RunResult, TaskSpec, Trigger
+from taskscheduler.protocol.labels import NO_LABELS
 from taskscheduler.schedule import Frequency
 
 
@@ -45,6 +46,8 @@ class Heartbeat:
     running: int
     spooled: int
     dropped_results: int
+    #: The agent's labels (``--label``); none from an agent that predates them.
+    labels: Mapping[str, str] = field(default_factory=lambda: NO_LABELS)
 
 
 @dataclass(frozen=True)
@@ -60,6 +63,8 @@ class AgentRecord:
     #: When its last heartbeat came, and what it said (None: none yet).
     last_seen_at: datetime | None = None
     heartbeat: Heartbeat | None = None
+    #: Its labels as it last said them (at enrolment, then in each heartbeat).
+    labels: Mapping[str, str] = field(default_factory=lambda: NO_LABELS)
 
     @property
     def revoked(self) -> bool:
