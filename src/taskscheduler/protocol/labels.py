@@ -1,24 +1,19 @@
 """Agent labels (``role=web``): what an agent says it is, so that a task may target it.
 
 An agent takes them on its command line (``--label k=v``, repeatable) and sends them at
-enrolment and in every heartbeat; the server stores the last ones it heard. The rules
-are the same wherever a label is read (the agent's options, the server's routes, a
-task's target), so they live here, once.
+enrolment and in every heartbeat; the server stores the last ones it heard. A label is
+checked by the rules a task's target names them by (:mod:`.options`: ``LABEL_KEY``,
+``LABEL_VALUE``, ``MAX_LABELS``), so that any label an agent carries can be targeted.
 """
 
 from __future__ import annotations
 
-import re
 from collections.abc import Iterable, Mapping
 from types import MappingProxyType
 
+from taskscheduler.protocol import options
 from taskscheduler.protocol.fields import InvalidMessage
-
-#: Most labels an agent carries (and a task's target names).
-MAX_LABELS = 20
-#: A key: 1 to 63 letters, digits, ``_ . / -``; a value: 0 to 63 of those less ``/``.
-LABEL_KEY = re.compile(r"[A-Za-z0-9_./-]{1,63}")
-LABEL_VALUE = re.compile(r"[A-Za-z0-9_.-]{0,63}")
+from taskscheduler.protocol.options import LABEL_KEY, LABEL_VALUE, MAX_LABELS
 
 #: No labels: what an agent that predates them, or has none, carries.
 NO_LABELS: Mapping[str, str] = MappingProxyType({})
@@ -61,22 +56,10 @@ def parse_label_text(text: str) -> tuple[str, str]:
 
 
 def parse_labels(value: object, name: str = "labels") -> Mapping[str, str]:
-    """A JSON object of labels (``{"role": "web"}``); None means none."""
+    """An agent's labels as JSON (``{"role": "web"}``); absent (None): it has none."""
     if value is None:
         return NO_LABELS
-    if not isinstance(value, Mapping):
-        raise InvalidMessage(f"'{name}' must be an object of label keys to values")
-    if len(value) > MAX_LABELS:
-        raise InvalidMessage(f"'{name}' holds at most {MAX_LABELS} labels")
-    pairs = []
-    for key, item in value.items():
-        if not isinstance(key, str) or not isinstance(item, str):
-            raise InvalidMessage(f"'{name}': every label key and value must be a string")
-        pairs.append((key, item))
-    try:
-        return labels_from_pairs(pairs)
-    except InvalidMessage as e:
-        raise InvalidMessage(f"'{name}': {e}") from None
+    return MappingProxyType(options.parse_labels(value, name))
 
 
 def labels_text(labels: Mapping[str, str]) -> str:

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from taskscheduler.protocol.labels import LABEL_KEY, LABEL_VALUE, MAX_LABELS
+from taskscheduler.protocol.options import LABEL_KEY, LABEL_VALUE, MAX_LABELS
 from taskscheduler.server.openapi.operations import (
     AGENT,
     COUNT,
