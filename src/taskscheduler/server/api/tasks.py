@@ -25,6 +25,7 @@ from taskscheduler.schedule import InstantOutOfRange, format_instant, parse_inst
 from taskscheduler.server.access import principal_of
 from taskscheduler.server.api.base import Routes, routes
 from taskscheduler.server.api.fleet import missing_agents_json
+from taskscheduler.server.api.targets import refuse_unknown_agents
 from taskscheduler.server.api.views import execution_json, latest_output_json, task_json
 from taskscheduler.server.ratelimit import retry_after
 from taskscheduler.server.store.records import (
@@ -152,6 +153,7 @@ class TaskRoutes(Routes):
             spec = dataclasses.replace(spec, time_limit=time_limit)
         except InvalidMessage as e:
             raise BAD_REQUEST(str(e)) from None
+        await refuse_unknown_agents(self._store, body)
         schedule = str(frequency) if cron is None else str(cron)
         principal = principal_of(request)
         audit = self._audit(
@@ -251,6 +253,7 @@ class TaskRoutes(Routes):
             )
         except InvalidMessage as e:
             raise BAD_REQUEST(str(e)) from None
+        await refuse_unknown_agents(self._store, body)
         principal = principal_of(request)
         audit = self._audit(request, principal, "task.updated", str(parsed))
         try:

@@ -16,6 +16,7 @@ from typing import Any
 import psycopg2.errors
 
 from taskscheduler.protocol.labels import NO_LABELS
+from taskscheduler.server.store.assignment import TARGETED_SQL, rematch_rows
 from taskscheduler.server.store.audit import insert_audit
 from taskscheduler.server.store.pool import Cursor, Database
 from taskscheduler.server.store.records import AgentConflict, AgentRecord, AuditEvent, Heartbeat
@@ -64,6 +65,12 @@ def labels_of(value: Any) -> Mapping[str, str]:
     return MappingProxyType(dict(value or {}))
 
 
+async def _rematch_url(cursor: Cursor, url: str) -> None:
+    """The live agent at ``url`` changed (enrolled, revoked, relabelled): re-apply the
+    targets of the tasks assigned there."""
+    await rematch_rows(cursor, f"a.agent_url = %(url)s AND {TARGETED_SQL}", {"url": url})
+
+
 class Agents:
     """Enrols, finds, revokes and releases agents."""
 
@@ -99,6 +106,7 @@ class Agents:
                 """,
                 (str(agent_id), url, credential_hash, enrolled_at, json.dumps(dict(labels))),
             )
+            await _rematch_url(cursor, url)
             await insert_audit(cursor, audit)
 
         try:
@@ -153,6 +161,7 @@ class Agents:
                 """,
                 {"agent_id": str(agent_id), "url": row[1], "at": revoked_at},
             )
+            await _rematch_url(cursor, row[1])  # nobody there now: only untargeted tasks
             await insert_audit(cursor, audit)
             return _agent_from_row(row)
 
@@ -196,7 +205,17 @@ class Agents:
                 ),
             )
             row = cursor.fetchone()
-            return row is not None and bool(row[0])
+            if row is None or not row[0]:
+                return False
+            # Other labels: the targeted tasks it matches change, at once.
+            await cursor.execute(
+                "SELECT url FROM agents WHERE agent_id = %s::uuid AND revoked_at IS NULL",
+                (str(agent_id),),
+            )
+            live = cursor.fetchone()
+            if live is not None:
+                await _rematch_url(cursor, live[0])
+            return True
 
         return await self._db.run(operation)
 

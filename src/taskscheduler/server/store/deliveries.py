@@ -36,7 +36,7 @@ class Deliveries:
                 SELECT {TASK_COLUMNS}
                 FROM task_agents a JOIN tasks t ON t.task_id = a.task_id
                 WHERE a.agent_url = %s AND a.delivered_at IS NULL AND t.deleted_at IS NULL
-                  AND t.paused_at IS NULL
+                  AND t.paused_at IS NULL AND a.matched
                 ORDER BY t.created_at, t.task_id
                 LIMIT %s
                 """,
@@ -52,6 +52,7 @@ class Deliveries:
                 """
                 SELECT a.task_id FROM task_agents a JOIN tasks t ON t.task_id = a.task_id
                 WHERE a.agent_url = %s AND t.deleted_at IS NULL AND t.paused_at IS NULL
+                  AND a.matched
                 """,
                 (agent_url,),
             )
@@ -111,9 +112,12 @@ class Deliveries:
             return set()
 
         async def operation(cursor: Cursor) -> set[uuid.UUID]:
+            # A member that no longer matches may still report what it ran before it
+            # dropped the task; one that never matched, and never took it, may not.
             await cursor.execute(
                 "SELECT task_id FROM task_agents"
-                " WHERE agent_url = %s AND task_id = ANY(%s::uuid[])",
+                " WHERE agent_url = %s AND task_id = ANY(%s::uuid[])"
+                " AND (matched OR agent_id IS NOT NULL)",
                 (agent_url, _ids(task_ids)),
             )
             return {uuid.UUID(str(row[0])) for row in cursor.fetchall()}
@@ -162,7 +166,7 @@ class Deliveries:
                 """
                 UPDATE task_agents a SET removal_pending = true
                 FROM tasks t
-                WHERE t.task_id = a.task_id AND t.deleted_at IS NOT NULL
+                WHERE t.task_id = a.task_id AND (t.deleted_at IS NOT NULL OR NOT a.matched)
                   AND a.agent_url = %s AND a.task_id = ANY(%s::uuid[])
                 RETURNING a.task_id
                 """,

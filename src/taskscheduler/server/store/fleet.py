@@ -14,6 +14,7 @@ from collections.abc import Iterable, Sequence
 from datetime import UTC, datetime
 
 from taskscheduler.protocol import RunResult
+from taskscheduler.server.store.assignment import TARGETED_SQL, rematch_rows
 from taskscheduler.server.store.audit import insert_audit
 from taskscheduler.server.store.pool import Cursor, Database
 from taskscheduler.server.store.records import AgentRecord, AuditEvent, FleetMember, Leave
@@ -31,9 +32,11 @@ def barred_urls(agents: Iterable[AgentRecord]) -> set[str]:
 
 
 def expected_urls(assigned: Iterable[str], agents: Iterable[AgentRecord]) -> tuple[str, ...]:
-    """The agents a new execution expects: those assigned the task, less revoked ones.
+    """The agents a new execution expects: those assigned the task (members whose agent
+    matches its target), less revoked ones.
 
-    An assigned URL where no agent has enrolled yet still counts (one is on its way);
+    An assigned URL where no agent has enrolled yet still counts (one is on its way) for
+    a task with no target (:mod:`~taskscheduler.server.store.assignment`);
     :data:`EXPECTED_URLS_SQL` states the same rule for PostgreSQL.
     """
     barred = barred_urls(agents)
@@ -79,7 +82,7 @@ def now_utc() -> datetime:
 #: expression over the task being recorded.
 EXPECTED_URLS_SQL = """
 ARRAY(SELECT a.agent_url FROM task_agents a
-      WHERE a.task_id = v.task_id
+      WHERE a.task_id = v.task_id AND a.matched
         AND NOT EXISTS (SELECT 1 FROM agents g
                         WHERE g.url = a.agent_url AND g.revoked_at IS NOT NULL
                           AND g.url_released_at IS NULL)
@@ -118,6 +121,7 @@ async def _add(cursor: Cursor, url: str, at: datetime) -> FleetMember | None:
     if row is None:
         return None
     await cursor.execute(_ADD_SQL, {"url": url})
+    await rematch_rows(cursor, f"a.agent_url = %(url)s AND {TARGETED_SQL}", {"url": url})
     return FleetMember(url, utc(row[0]))
 
 
@@ -165,6 +169,8 @@ class Fleet:
                     ON CONFLICT DO NOTHING
                 """
             )
+            # And each targeted task's members are those that match it now.
+            await rematch_rows(cursor, TARGETED_SQL, {})
             return added, removed
 
         return await self._db.run(operation)

@@ -46,6 +46,7 @@ class MemoryStore(MemoryFleet, MemoryResults):
         self._executions[spec.task_id] = {}
         self._revisions[spec.task_id] = [revision_of(task.spec, task.spec.anchor)]
         self._pauses[spec.task_id] = []
+        self._rematch([spec.task_id])
         if audit is not None:
             self._append_audit(audit)
         return task
@@ -83,6 +84,7 @@ class MemoryStore(MemoryFleet, MemoryResults):
         self._revisions[task_id].append(revision_of(new, at))
         for assignment in self._assignments[task_id].values():
             assignment.delivered = False
+        self._rematch([task_id])
         self._append_audit(replace(audit, details=change_details(task.spec, new)))
         return updated, True
 

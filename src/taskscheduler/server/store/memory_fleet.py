@@ -47,6 +47,7 @@ class MemoryFleet(MemoryState):
                 self._append_audit(fleet_audit("fleet.added", url, when, actor))
         for url in self._fleet:
             self._assign_live_tasks(url)
+        self._rematch()
         return added, removed
 
     def _assign_live_tasks(self, url: str) -> None:
@@ -59,6 +60,7 @@ class MemoryFleet(MemoryState):
             return None
         member = self._fleet[url] = FleetMember(url, at)
         self._assign_live_tasks(url)
+        self._rematch(url=url)
         for agent_id, leave in list(self._leaves.items()):
             if leave.url == url and leave.reason == "removed":
                 del self._leaves[agent_id]
@@ -130,7 +132,9 @@ class MemoryFleet(MemoryState):
             task
             for task_id, task in self._tasks.items()
             if task.state is TaskState.ACTIVE
-            and not self._assignments[task_id].get(agent_url, Assignment(delivered=True)).delivered
+            and (assignment := self._assignments[task_id].get(agent_url)) is not None
+            and assignment.matched
+            and not assignment.delivered
         ]
         pending.sort(key=lambda task: (task.created_at, task.task_id))
         return pending[:limit]
@@ -139,7 +143,9 @@ class MemoryFleet(MemoryState):
         return {
             task_id
             for task_id, assignments in self._assignments.items()
-            if agent_url in assignments and self._tasks[task_id].state is TaskState.ACTIVE
+            if agent_url in assignments
+            and assignments[agent_url].matched
+            and self._tasks[task_id].state is TaskState.ACTIVE
         }
 
     async def mark_delivered(
@@ -165,7 +171,13 @@ class MemoryFleet(MemoryState):
                 assignment.delivered = False
 
     async def assigned_among(self, agent_url: str, task_ids: Sequence[uuid.UUID]) -> set[uuid.UUID]:
-        return {t for t in task_ids if agent_url in self._assignments.get(t, {})}
+        # As in PostgreSQL: a member that matched (or took the task) may report it.
+        return {
+            t
+            for t in task_ids
+            if (assignment := self._assignments.get(t, {}).get(agent_url)) is not None
+            and (assignment.matched or assignment.agent_id is not None)
+        }
 
     async def pending_removals(self, agent_url: str, limit: int) -> list[uuid.UUID]:
         pending = [
@@ -192,7 +204,11 @@ class MemoryFleet(MemoryState):
         for task_id in task_ids:
             task = self._tasks.get(task_id)
             assignment = self._assignments.get(task_id, {}).get(agent_url)
-            if task is not None and task.state is not TaskState.ACTIVE and assignment is not None:
+            if (
+                task is not None
+                and assignment is not None
+                and (task.state is not TaskState.ACTIVE or not assignment.matched)
+            ):
                 assignment.removal_pending = True
                 marked.add(task_id)
         return marked
@@ -220,6 +236,7 @@ class MemoryFleet(MemoryState):
         record = AgentRecord(agent_id, url, utc(enrolled_at), labels=MappingProxyType(dict(labels)))
         self._agents[agent_id] = record
         self._credentials[credential_hash] = agent_id
+        self._rematch(url=url)
         self._append_audit(audit)
         return record
 
@@ -243,6 +260,7 @@ class MemoryFleet(MemoryState):
         self._agents[agent_id] = revoked
         self._leaves.pop(agent_id, None)  # the newest reason, last in line
         self._leaves[agent_id] = Leave(agent_id, record.url, "revoked")
+        self._rematch(url=record.url)
         self._append_audit(audit)
         return revoked
 
@@ -263,7 +281,11 @@ class MemoryFleet(MemoryState):
         self._agents[agent_id] = replace(
             record, last_seen_at=utc(seen_at), heartbeat=heartbeat, labels=labels
         )
-        return dict(labels) != dict(record.labels)
+        if dict(labels) == dict(record.labels):
+            return False
+        if not record.revoked:
+            self._rematch(url=record.url)
+        return True
 
     async def release_agent_url(
         self, agent_id: uuid.UUID, released_at: datetime, audit: AuditEvent

@@ -65,7 +65,7 @@ class MemoryResults(MemoryState):
         at = utc(scheduled_at)
         if at in self._executions[task_id]:
             raise ValueError(f"task {task_id} already has an execution at {at}")
-        urls = expected_urls(self._assignments[task_id], self._agents.values())
+        urls = expected_urls(self._matched_urls(task_id), self._agents.values())
         execution = MemoryExecution(urls, Trigger.MANUAL, task.spec.revision)
         self._executions[task_id][at] = execution
         deadline = manual_run_deadline(at, task.spec.interval)
@@ -115,7 +115,7 @@ class MemoryResults(MemoryState):
             if execution is not None and execution.trigger is Trigger.MANUAL:
                 return RecordOutcome.MISALIGNED  # (a run-now is never on the grid)
         if execution is None:
-            expected = expected_urls(self._assignments[result.task_id], self._agents.values())
+            expected = expected_urls(self._matched_urls(result.task_id), self._agents.values())
             execution = MemoryExecution(expected, revision=revision)
             executions[result.scheduled_at] = execution
         stored = execution.results.get(result.agent_id)

@@ -4,10 +4,12 @@ the records they hold, and the helpers every domain mixin shares (audit, live ta
 from __future__ import annotations
 
 import uuid
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from datetime import datetime
 
 from taskscheduler.protocol import RunResult, Trigger
+from taskscheduler.server.store.assignment import member_matches, rematch
 from taskscheduler.server.store.records import (
     AgentRecord,
     AuditEvent,
@@ -26,6 +28,13 @@ class Assignment:
     delivered: bool = False
     agent_id: uuid.UUID | None = None
     removal_pending: bool = False
+    #: The agent at the URL matches the task's target (:mod:`.assignment`).
+    matched: bool = True
+
+    @property
+    def live(self) -> bool:
+        """The task runs at this URL (for an active task): ``LIVE_ASSIGNMENT_SQL``."""
+        return self.matched and not self.removal_pending
 
 
 @dataclass
@@ -95,6 +104,37 @@ class MemoryState:
                 event_id=len(self._audit) + 1,
             )
         )
+
+    def _rematch(self, task_ids: Iterable[uuid.UUID] | None = None, url: str | None = None) -> None:
+        """Re-apply the targets of live tasks (``task_ids``, else every one) to their
+        rows (at ``url``, else at every member): :mod:`.assignment`'s rule."""
+        for task_id in self._assignments if task_ids is None else task_ids:
+            task = self._tasks[task_id]
+            if task.deleted:
+                continue
+            for at, assignment in self._assignments[task_id].items():
+                if url is not None and at != url:
+                    continue
+                agent = next(
+                    (a for a in self._agents.values() if a.url == at and not a.revoked), None
+                )
+                change = rematch(
+                    assignment.matched,
+                    member_matches(task.spec.options.target, agent),
+                    not task.paused,
+                    assignment.agent_id is not None,
+                )
+                if change is None:
+                    continue
+                assignment.matched = change.matched
+                if change.removal_pending is not None:
+                    assignment.removal_pending = change.removal_pending
+                if change.undelivered:
+                    assignment.delivered = False
+
+    def _matched_urls(self, task_id: uuid.UUID) -> list[str]:
+        """The members whose agent matches the task's target (what executions expect)."""
+        return [url for url, a in self._assignments[task_id].items() if a.matched]
 
     def _live(self, task_id: uuid.UUID) -> Task | None:
         task = self._tasks.get(task_id)

@@ -233,9 +233,11 @@ MIGRATIONS: list[str] = [
                                    CHECK ((interval_seconds IS NULL) <> (cron IS NULL));
     """,
     # 11: agent labels, as the agent last said them (enrolment, heartbeats); none from an
-    # agent that predates them. A constant default: no rewrite.
+    # agent that predates them. Whether the agent at each assigned URL matches the task's
+    # target (every existing task has none: all match). Constant defaults: no rewrite.
     """
     ALTER TABLE agents ADD COLUMN labels jsonb NOT NULL DEFAULT '{}';
+    ALTER TABLE task_agents ADD COLUMN matched boolean NOT NULL DEFAULT true;
     """,
 ]
 

@@ -16,6 +16,7 @@ from taskscheduler.cron import parse_cron
 from taskscheduler.protocol import TaskSpec
 from taskscheduler.protocol.options import options_from_json, options_to_json
 from taskscheduler.schedule import parse_frequency
+from taskscheduler.server.store.assignment import rematch_rows
 from taskscheduler.server.store.audit import insert_audit
 from taskscheduler.server.store.pool import Cursor, Database
 from taskscheduler.server.store.records import AuditEvent, Task, TaskChange, TaskState
@@ -120,6 +121,9 @@ class Tasks:
                     "options": json.dumps(options_to_json(spec.options)),
                 },
             )
+            if not spec.options.target.everywhere:
+                # Only the members whose agent matches its target run it.
+                await rematch_rows(cursor, "a.task_id = %s::uuid", (str(spec.task_id),))
             if audit is not None:
                 await insert_audit(cursor, audit)
 
@@ -242,6 +246,9 @@ class Tasks:
                     "options": json.dumps(options_to_json(new.options)),
                 },
             )
+            if new.options.target != task.spec.options.target:
+                # Members that match now get it; those that no longer do drop it.
+                await rematch_rows(cursor, "a.task_id = %s::uuid", (str(task_id),))
             await insert_audit(cursor, replace(audit, details=change_details(task.spec, new)))
             return replace(task, spec=new, updated_at=utc(at)), True
 
