@@ -13,7 +13,7 @@ from taskscheduler.server.store.interface import Store
 from taskscheduler.server.store.records import Heartbeat
 from tests.unit.cli_stub import AGENT_1, AGENT_2, StubApi, run
 from tests.unit.test_server_api import AGENT_A, AGENTS, CREDENTIALS, OPERATOR
-from tests.unit.test_server_security import JOIN, Server
+from tests.unit.test_server_security import JOIN, REVOKED_AGENT_ID, Server
 from tests.unit.test_store_agents import HASH_A, event
 from tests.unit.test_store_contract import A_ID, A_URL, ANCHOR
 
@@ -143,3 +143,29 @@ def test_agents_ls_and_show_print_the_labels() -> None:
     api.route("GET", f"/api/v1/agents/{AGENT_1}", api.agents[0])
     shown = run(api, "agents", "show", AGENT_1).stdout
     assert "dc=eu,role=web" in shown
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_target_naming_an_agent_no_live_agent_is_refused(tmp_path: Path) -> None:
+    server, _ = await server_at(tmp_path)
+    unknown = str(uuid.uuid4())
+    revoked = str(REVOKED_AGENT_ID)
+    for agents in ([unknown], [str(AGENT_A), revoked]):
+        body = {"command": "true", "frequency": "every 1 minute", "target": {"agents": agents}}
+        code, answer, _ = await server.call("POST", "/api/v1/tasks/create", body, token=OPERATOR)
+        assert (code, answer["error"]["code"]) == (400, "invalid_request"), answer
+        assert agents[-1] in answer["error"]["message"]
+    assert await server.store.list_tasks(10) == []
+    body = {"command": "true", "frequency": "every 1 minute", "target": {"agents": [str(AGENT_A)]}}
+    code, created, _ = await server.call("POST", "/api/v1/tasks/create", body, token=OPERATOR)
+    assert code == 201, created
+    path = f"/api/v1/tasks/{created['command_id']}"
+    code, answer, _ = await server.call(
+        "PATCH", path, {"target": {"agents": [unknown]}}, token=OPERATOR
+    )
+    assert (code, answer["error"]["code"]) == (400, "invalid_request")
+    code, task, _ = await server.call("GET", path, token=OPERATOR)
+    assert task["target"] == {"agents": [str(AGENT_A)]}
+    # A change of something else is not held up by the target.
+    code, task, _ = await server.call("PATCH", path, {"command": "echo"}, token=OPERATOR)
+    assert code == 200, task

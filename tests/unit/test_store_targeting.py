@@ -1,13 +1,15 @@
 """Targeting in the Store contract (MemoryStore and PostgreSQL): a task is assigned to
 exactly the fleet members whose live agent matches its target; an agent whose labels
 change, an agent that enrols, is revoked, a member added, a PATCH of the target, each
-re-assigns at once; executions expect the matching agents."""
+re-assigns at once; executions expect the matching agents. And the dispatcher acting on
+a relabelled agent at once (task.Clock, StubTreq over a real agent)."""
 
 from __future__ import annotations
 
 import dataclasses
 import uuid
 from datetime import timedelta
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -15,9 +17,12 @@ import pytest_twisted
 
 from taskscheduler.protocol import TaskSpec
 from taskscheduler.protocol.options import Target, TaskOptions, frozen_map
+from taskscheduler.schedule import utc_now_from
 from taskscheduler.server.store.assignment import member_matches, rematch
 from taskscheduler.server.store.interface import Store
 from taskscheduler.server.store.records import AgentRecord, Heartbeat, TaskChange
+from tests.unit.test_dispatch import AGENT_ID, URL, real_setup, settle
+from tests.unit.test_dispatch import spec as dispatch_spec
 from tests.unit.test_store_agents import HASH_A, HASH_B, HASH_C, event
 from tests.unit.test_store_contract import (
     A_ID,
@@ -32,7 +37,6 @@ from tests.unit.test_store_contract import (
 )
 
 C_ID = uuid.UUID("cccccccc-0000-4000-8000-00000000000c")
-WEB = {"labels": {"role": "web"}}
 
 
 def targeted(target: Target) -> TaskSpec:
@@ -271,3 +275,34 @@ async def test_a_paused_task_follows_its_target_when_resumed(store: Store) -> No
     assert await runs_on(store, web.task_id) == {B_URL}
     assert await undelivered(store, B_URL) == {web.task_id}
     assert await undelivered(store, A_URL) == set()
+
+
+# -- the dispatcher ----------------------------------------------------------------------
+
+
+@pytest_twisted.ensureDeferred
+async def test_an_agent_relabelled_is_sent_the_tasks_it_joins_and_told_to_drop_those_it_leaves(
+    tmp_path: Path,
+) -> None:
+    store, dispatcher, clock, http, agent = await real_setup(tmp_path)
+    dispatcher.startService()
+    everywhere = await store.create_task(dispatch_spec("echo all"), utc_now_from(0))
+    web_spec = dataclasses.replace(
+        dispatch_spec("echo web"), options=TaskOptions(target=labels(role="web"))
+    )
+    web = await store.create_task(web_spec, utc_now_from(0))
+    dispatcher.task_created(web)
+    settle(clock, http)
+    assert set(agent.tasks) == {everywhere.task_id}
+    # The agent's heartbeat brings role=web: it is sent the task at once.
+    assert await store.record_heartbeat(AGENT_ID, utc_now_from(1), beat(role="web"))
+    dispatcher.agent_relabelled(URL)
+    settle(clock, http)
+    assert set(agent.tasks) == {everywhere.task_id, web.task_id}
+    # And without it again: told, signed, to drop it, at once.
+    assert await store.record_heartbeat(AGENT_ID, utc_now_from(2), beat())
+    dispatcher.agent_relabelled(URL + "/")
+    settle(clock, http)
+    assert set(agent.tasks) == {everywhere.task_id}
+    assert await store.pending_removals(URL, 10) == []
+    dispatcher.stopService()
