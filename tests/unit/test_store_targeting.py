@@ -20,6 +20,8 @@ from taskscheduler.protocol.options import Target, TaskOptions, frozen_map
 from taskscheduler.schedule import utc_now_from
 from taskscheduler.server.store.assignment import member_matches, rematch
 from taskscheduler.server.store.interface import Store
+from taskscheduler.server.store.memory import MemoryStore
+from taskscheduler.server.store.postgres import PostgresStore
 from taskscheduler.server.store.records import AgentRecord, Heartbeat, TaskChange
 from tests.unit.test_dispatch import AGENT_ID, URL, real_setup, settle
 from tests.unit.test_dispatch import spec as dispatch_spec
@@ -306,3 +308,24 @@ async def test_an_agent_relabelled_is_sent_the_tasks_it_joins_and_told_to_drop_t
     assert set(agent.tasks) == {everywhere.task_id}
     assert await store.pending_removals(URL, 10) == []
     dispatcher.stopService()
+
+
+@pytest_twisted.ensureDeferred
+async def test_each_start_reapplies_every_target(store: Store) -> None:
+    """set_fleet (each start) repairs assignments that drifted from the targets, say rows
+    written by a server that predates targeting."""
+    await fleet_of_two(store, {"role": "web"}, {"role": "db"})
+    web = await store.create_task(targeted(labels(role="web")), ANCHOR)
+    if isinstance(store, MemoryStore):
+        for assignment in store._assignments[web.task_id].values():
+            assignment.matched = True
+    else:
+        assert isinstance(store, PostgresStore)
+
+        async def drift(cursor: Any) -> None:
+            await cursor.execute("UPDATE task_agents SET matched = true")
+
+        await store.db.run(drift)
+    assert await runs_on(store, web.task_id) == {A_URL, B_URL}
+    await store.set_fleet([A_URL, B_URL])
+    assert await runs_on(store, web.task_id) == {A_URL}
