@@ -46,7 +46,9 @@ def option_fields(operator: bool) -> dict[str, Any]:
         "target": {
             **nullable(_TARGET),
             "description": "the agents it runs on: null (every agent of the fleet), "
-            '`{"agents": [ids]}` or `{"labels": {...}}` (every label given must match)',
+            '`{"agents": [ids]}` or `{"labels": {...}}` (every label given must match); only '
+            "the members whose agent matches run it (a member with no agent enrolled yet: "
+            "only an untargeted task); an id no live agent has is a 400",
         },
         "run_on": {
             **maybe_null({"type": "string", "enum": [r.value for r in o.RunOn]}),

@@ -2,8 +2,10 @@
 task it has yet to drop, and which run-now it has yet to be told of.
 
 An assignment (a ``task_agents`` row) is made when a task is created or the fleet
-changes (:mod:`~taskscheduler.server.store.tasks`); this module tracks its delivery and,
-once the task is deleted or paused, its removal.
+changes (:mod:`~taskscheduler.server.store.tasks`); only those whose agent matches the
+task's target count (:mod:`~taskscheduler.server.store.assignment`). This module tracks
+its delivery and, once the task is deleted or paused or its agent stops matching, its
+removal.
 """
 
 from __future__ import annotations

@@ -76,8 +76,9 @@ class Store(Protocol):
     async def create_task(
         self, spec: TaskSpec, created_at: datetime, audit: AuditEvent | None = None
     ) -> Task:
-        """Store a new task, assigned (undelivered) to every agent of the fleet, atomically,
-        with ``audit`` written in the same transaction."""
+        """Store a new task, assigned (undelivered) to every agent of the fleet its target
+        matches (:mod:`.assignment`), atomically, with ``audit`` written in the same
+        transaction."""
 
     async def get_task(self, task_id: uuid.UUID) -> Task | None:
         """The task, deleted or not."""
@@ -113,7 +114,8 @@ class Store(Protocol):
     ) -> tuple[Task, bool] | None:
         """Apply ``change`` as a new revision effective at ``at`` (:func:`rules.revise`),
         re-delivered to every agent, with ``audit`` (its details filled with the old and
-        new values, :func:`rules.change_details`) in the same transaction. ``(task,
+        new values, :func:`rules.change_details`) in the same transaction. A new target
+        re-assigns it: members that no longer match are due to drop it. ``(task,
         False)`` and nothing written if it changes nothing; None if no live task."""
 
     async def pause_task(
@@ -265,7 +267,8 @@ class Store(Protocol):
         self, agent_id: uuid.UUID, seen_at: datetime, heartbeat: Heartbeat
     ) -> bool:
         """The agent sent ``heartbeat`` at ``seen_at``. True if it brought labels other
-        than the agent's stored ones (which it replaces)."""
+        than the agent's stored ones: they replace them, and the targeted tasks of its URL
+        are re-assigned (:mod:`.assignment`) in the same transaction."""
 
     async def revoke_agent(
         self, agent_id: uuid.UUID, revoked_at: datetime, audit: AuditEvent
