@@ -38,6 +38,9 @@ def test_labels_come_from_the_environment_unless_given_on_the_command_line() -> 
     environ = {"TASKSCHEDULER_AGENT_LABELS": "role=db, dc=us"}
     assert dict(parse([], environ)["labels"]) == {"role": "db", "dc": "us"}
     assert dict(parse(["--label", "role=web"], environ)["labels"]) == {"role": "web"}
+    with pytest.raises(usage.UsageError) as e:
+        parse([], {"TASKSCHEDULER_AGENT_LABELS": "role=web,role"})
+    assert str(e.value).startswith("TASKSCHEDULER_AGENT_LABELS: label 'role' must be KEY=VALUE")
 
 
 @pytest.mark.parametrize(

@@ -323,7 +323,8 @@ def _labels(given: list[str], from_environment: str | None) -> Any:
     try:
         return labels_from_pairs(parse_label_text(text) for text in texts)
     except InvalidMessage as e:
-        raise usage.UsageError(f"--label: {e}") from None
+        source = "--label" if given else "TASKSCHEDULER_AGENT_LABELS"
+        raise usage.UsageError(f"{source}: {e}") from None
 
 
 def _number(text: str, name: str, kind: type[int] | type[float], minimum: float) -> Any:

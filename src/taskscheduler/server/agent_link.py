@@ -269,7 +269,9 @@ class AgentLink:
         if removed:
             await self._store.mark_removed(self.url, removed)
             self.log.info(
-                "agent {url} dropped {count} deleted tasks", count=len(removed), url=self.url
+                "agent {url} dropped {count} tasks (deleted, paused or no longer targeted at it)",
+                count=len(removed),
+                url=self.url,
             )
         return [outcome for outcome in outcomes if not isinstance(outcome, Accepted)]
 
@@ -383,7 +385,8 @@ class AgentLink:
         deleted = await self._store.request_removal(self.url, sorted(has - assigned))
         if deleted:
             self.log.info(
-                "agent {url} still has {count} deleted tasks; removing them again",
+                "agent {url} still has {count} tasks it should not (deleted or no longer "
+                "targeted at it); removing them again",
                 url=self.url,
                 count=len(deleted),
             )
