@@ -97,26 +97,26 @@ class Recorder(Resource):
         return [body for at, body in self.posts if at == path]
 
 
-def start_agent(data_dir: Path, recorder: Recorder, **config: Any) -> tuple[AgentService, Clock]:
-    clock = Clock()
-    clock.advance(ANCHOR_SECONDS)
-    service = AgentService(
-        AgentConfig(data_dir, "http://server:8080", **config),
-        clock,
-        lambda: FakeRunner(clock),
-        StubTreq(recorder),
-    )
-    service.startService()
-    return service, clock
+class Started:
+    """An agent service on a Clock, talking to ``recorder`` through StubTreq."""
 
+    def __init__(self, data_dir: Path, recorder: Recorder, **config: Any) -> None:
+        self.clock = Clock()
+        self.clock.advance(ANCHOR_SECONDS)
+        self.http = StubTreq(recorder)
+        self.service = AgentService(
+            AgentConfig(data_dir, "http://server:8080", **config),
+            self.clock,
+            lambda: FakeRunner(self.clock),
+            self.http,
+        )
+        self.service.startService()
 
-def settle(service: AgentService, clock: Clock, seconds: float) -> None:
-    clock.advance(seconds)
-    http = service.reporter.client._http if service.reporter else None
-    for _ in range(3):
-        if http is not None:
-            http.flush()
-        clock.advance(0)
+    def settle(self, seconds: float) -> None:
+        self.clock.advance(seconds)
+        for _ in range(3):
+            self.http.flush()
+            self.clock.advance(0)
 
 
 @pytest_twisted.ensureDeferred
@@ -124,9 +124,10 @@ async def test_every_heartbeat_carries_the_labels_and_health_shows_them(tmp_path
     provision(tmp_path / "data")
     recorder = Recorder()
     labels = {"role": "web", "dc": "eu"}
-    service, clock = start_agent(tmp_path / "data", recorder, labels=labels, heartbeat_interval=10)
-    settle(service, clock, 0)
-    settle(service, clock, 10)
+    agent = Started(tmp_path / "data", recorder, labels=labels, heartbeat_interval=10)
+    service = agent.service
+    agent.settle(0)
+    agent.settle(10)
     beats = recorder.bodies("/api/v1/agents/heartbeat")
     assert len(beats) == 2
     assert [beat["labels"] for beat in beats] == [labels, labels]
@@ -140,23 +141,23 @@ async def test_every_heartbeat_carries_the_labels_and_health_shows_them(tmp_path
 def test_an_agent_without_labels_says_it_has_none(tmp_path: Path) -> None:
     provision(tmp_path / "data")
     recorder = Recorder()
-    service, clock = start_agent(tmp_path / "data", recorder)
-    settle(service, clock, 0)
+    agent = Started(tmp_path / "data", recorder)
+    agent.settle(0)
     assert [beat["labels"] for beat in recorder.bodies("/api/v1/agents/heartbeat")] == [{}]
-    service.stopService()
+    agent.service.stopService()
 
 
 def test_enrolment_carries_the_labels(tmp_path: Path) -> None:
     recorder = Recorder()
-    service, clock = start_agent(
+    agent = Started(
         tmp_path / "data",
         recorder,
         labels={"role": "db"},
         join_secret=new_token(JOIN_PREFIX),
         advertise_url="http://agent:8081",
     )
-    settle(service, clock, 1)
+    agent.settle(1)
     enrolments = recorder.bodies("/api/v1/agents/enrol")
     assert enrolments and enrolments[0]["labels"] == {"role": "db"}
     assert enrolments[0]["url"] == "http://agent:8081"
-    service.stopService()
+    agent.service.stopService()
