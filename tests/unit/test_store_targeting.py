@@ -12,8 +12,12 @@ from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
+import psycopg2
 import pytest
 import pytest_twisted
+from twisted.internet import reactor
+from twisted.internet.defer import Deferred
+from twisted.internet.task import deferLater
 
 from taskscheduler.protocol import TaskSpec
 from taskscheduler.protocol.options import Target, TaskOptions, frozen_map
@@ -329,3 +333,44 @@ async def test_each_start_reapplies_every_target(store: Store) -> None:
     assert await runs_on(store, web.task_id) == {A_URL, B_URL}
     await store.set_fleet([A_URL, B_URL])
     assert await runs_on(store, web.task_id) == {A_URL}
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_task_created_while_its_agent_is_relabelled_sees_the_new_labels(
+    database_dsn: str,
+) -> None:
+    """PostgreSQL only: a relabelling not yet committed is waited for, not read past (a
+    create reading the old labels would leave the agent out until the next restart)."""
+    store = PostgresStore(database_dsn, reactor=reactor)
+    await store.start()
+    await fleet_of_two(store, {}, {"role": "db"})
+    relabelling = psycopg2.connect(database_dsn)
+    watcher = psycopg2.connect(database_dsn)
+    watcher.autocommit = True
+    try:
+        relabelling.cursor().execute(
+            'UPDATE agents SET labels = \'{"role": "web"}\' WHERE agent_id = %s', (str(A_ID),)
+        )
+        creating = Deferred.fromCoroutine(store.create_task(targeted(labels(role="web")), ANCHOR))
+
+        def waiting_on_a_lock() -> bool:
+            cursor = watcher.cursor()
+            cursor.execute(
+                "SELECT count(*) FROM pg_stat_activity"
+                " WHERE datname = current_database() AND wait_event_type = 'Lock'"
+            )
+            return bool(cursor.fetchone()[0])
+
+        for _ in range(500):  # wait for the create to reach the agent's row, 10 s at most
+            if waiting_on_a_lock():
+                break
+            await deferLater(reactor, 0.02, lambda: None)
+        assert waiting_on_a_lock(), "the create did not wait for the relabelling"
+        relabelling.commit()
+        task = await creating
+    finally:
+        relabelling.rollback()
+        relabelling.close()
+        watcher.close()
+    assert await runs_on(store, task.task_id) == {A_URL}
+    await store.stop()

@@ -76,12 +76,34 @@ def live_target(options: Mapping[str, Any] | None) -> Target:
     return parse_target((options or {}).get("target"))
 
 
+async def share_agents(cursor: Cursor, where: str, params: Any) -> None:
+    """Lock (``FOR SHARE``) the live agents at the URLs of the rows ``where`` chooses
+    (as :func:`rematch_rows`), so that their labels stay as read until the transaction
+    ends: a relabelling under way is waited for, then seen. A transaction that changes
+    ``task_agents`` rows before its rematch takes this first, as a relabelling does (its
+    agent's row, then the rows at its URL), so that the two never deadlock."""
+    await cursor.execute(
+        f"""
+        SELECT 1 FROM agents g
+        WHERE g.revoked_at IS NULL AND g.url IN (
+            SELECT a.agent_url FROM task_agents a JOIN tasks t ON t.task_id = a.task_id
+            WHERE t.deleted_at IS NULL AND ({where}))
+        ORDER BY g.agent_id
+        FOR SHARE OF g
+        """,
+        params,
+    )
+
+
 async def rematch_rows(cursor: Cursor, where: str, params: Any) -> int:
     """Re-apply the rule to the ``task_agents a`` rows of live tasks ``t`` chosen by the
     SQL condition ``where`` (with ``params``); returns how many rows changed.
 
-    The rows are locked in key order, so two rematches never deadlock on each other.
+    The agents are read under :func:`share_agents`, and the rows locked in key order, so
+    a rematch never reads labels a concurrent relabelling is changing, and two rematches
+    never deadlock on each other.
     """
+    await share_agents(cursor, where, params)
     await cursor.execute(
         f"""
         SELECT a.task_id, a.agent_url, a.matched, a.agent_id IS NOT NULL,

@@ -16,13 +16,15 @@ from taskscheduler.cron import parse_cron
 from taskscheduler.protocol import TaskSpec
 from taskscheduler.protocol.options import options_from_json, options_to_json
 from taskscheduler.schedule import parse_frequency
-from taskscheduler.server.store.assignment import rematch_rows
+from taskscheduler.server.store.assignment import rematch_rows, share_agents
 from taskscheduler.server.store.audit import insert_audit
 from taskscheduler.server.store.pool import Cursor, Database
 from taskscheduler.server.store.records import AuditEvent, Task, TaskChange, TaskState
 from taskscheduler.server.store.rules import change_details, revise, utc, utc_or_none, utc_spec
 
 _USEC = timedelta(microseconds=1)
+#: The ``task_agents a`` rows of one task (:func:`rematch_rows`).
+_OF_TASK = "a.task_id = %s::uuid"
 
 #: The columns :func:`task_from_row` reads, from ``tasks t``.
 TASK_COLUMNS = (
@@ -123,7 +125,7 @@ class Tasks:
             )
             if not spec.options.target.everywhere:
                 # Only the members whose agent matches its target run it.
-                await rematch_rows(cursor, "a.task_id = %s::uuid", (str(spec.task_id),))
+                await rematch_rows(cursor, _OF_TASK, (str(spec.task_id),))
             if audit is not None:
                 await insert_audit(cursor, audit)
 
@@ -220,6 +222,9 @@ class Tasks:
             new = revise(task.spec, change, at)
             if new is None:
                 return task, False
+            retarget = new.options.target != task.spec.options.target
+            if retarget:  # before its rows are written: see share_agents
+                await share_agents(cursor, _OF_TASK, (str(task_id),))
             await cursor.execute(
                 """
                 UPDATE tasks SET command = %(command)s, frequency = %(frequency)s,
@@ -246,9 +251,9 @@ class Tasks:
                     "options": json.dumps(options_to_json(new.options)),
                 },
             )
-            if new.options.target != task.spec.options.target:
+            if retarget:
                 # Members that match now get it; those that no longer do drop it.
-                await rematch_rows(cursor, "a.task_id = %s::uuid", (str(task_id),))
+                await rematch_rows(cursor, _OF_TASK, (str(task_id),))
             await insert_audit(cursor, replace(audit, details=change_details(task.spec, new)))
             return replace(task, spec=new, updated_at=utc(at)), True
 
