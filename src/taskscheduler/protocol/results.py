@@ -69,8 +69,11 @@ class RunResult:
     #: server then takes the revision in effect at ``scheduled_at``).
     revision: int | None = None
     trigger: Trigger = Trigger.SCHEDULE
-    #: 1 for the run of the instant, n + 1 for its n-th retry (the task's ``retries``).
+    #: 1 for the run of an instant, n + 1 for the retry of attempt n (same instant).
     attempt: int = 1
+    #: False when the agent will retry this attempt: the execution does not count the
+    #: agent as reported until a final attempt comes (or its reporting deadline passes).
+    final: bool = True
 
     @property
     def key(self) -> tuple[uuid.UUID, uuid.UUID, datetime]:
@@ -99,6 +102,8 @@ def result_to_json(result: RunResult) -> dict[str, Any]:
         body["trigger"] = result.trigger.value
     if result.attempt != 1:
         body["attempt"] = result.attempt
+    if not result.final:
+        body["final"] = False
     return body
 
 
@@ -163,7 +168,15 @@ def parse_result(body: object, task_id: uuid.UUID | None = None) -> RunResult:
         revision=None if revision is None else parse_int(revision, "revision", 1, MAX_REVISION),
         trigger=parse_trigger(body.get("trigger")),
         attempt=1 if attempt is None else parse_int(attempt, "attempt", 1, MAX_ATTEMPT),
+        final=parse_final(body.get("final", True)),
     )
+
+
+def parse_final(value: object) -> bool:
+    """``final`` (default true): false when the agent will retry the attempt."""
+    if not isinstance(value, bool):
+        raise InvalidMessage("'final' must be true or false")
+    return value
 
 
 def parse_trigger(value: object) -> Trigger:

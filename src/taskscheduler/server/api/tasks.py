@@ -362,7 +362,7 @@ class TaskRoutes(Routes):
             return False
         return is_complete(
             summary.scheduled_at,
-            len(summary.statuses),
+            summary.reported,
             summary.expected,
             now=now,
             time_limit=task.spec.time_limit,
@@ -380,7 +380,7 @@ class TaskRoutes(Routes):
     def _complete(self, task: Task, execution: Execution, now: datetime) -> bool:
         return is_complete(
             execution.scheduled_at,
-            len(execution.results),
+            execution.reported,
             execution.expected,
             now=now,
             time_limit=task.spec.time_limit,

@@ -67,7 +67,7 @@ def last_execution_json(last: ExecutionSummary, complete: bool) -> dict[str, Any
         "trigger": last.trigger.value,
         "revision": last.revision,
         "expected_agents": last.expected,
-        "reported": len(last.statuses),
+        "reported": last.reported,
         **{status.value: counts[status] for status in ResultStatus},
         "complete": complete,
     }
@@ -82,7 +82,7 @@ def execution_json(execution: Execution, complete: bool) -> dict[str, Any]:
         "complete": complete,
         "expected_agents": execution.expected,
         "completion_time": format_instant(execution.completion_time),
-        "outputs": [output_json(r) for r in execution.results],
+        "outputs": outputs_json(execution),
     }
 
 
@@ -95,8 +95,34 @@ def latest_output_json(execution: Execution | None) -> dict[str, Any]:
         "trigger": execution.trigger.value,
         "revision": execution.revision,
         "expected_agents": execution.expected,
-        "outputs": [output_json(result) for result in execution.results],
+        "outputs": outputs_json(execution),
     }
+
+
+def outputs_json(execution: Execution) -> list[dict[str, Any]]:
+    """Each agent's result (its last attempt), with the list of its attempts."""
+    outputs = []
+    for result in execution.results:
+        body = output_json(result)
+        attempts = execution.attempts_of(result.agent_id) or (result,)
+        body["attempts"] = [attempt_json(a) for a in attempts]
+        outputs.append(body)
+    return outputs
+
+
+def attempt_json(result: RunResult) -> dict[str, Any]:
+    """One attempt of an agent's run, as the ``attempts`` of its output list it."""
+    body: dict[str, Any] = {"attempt": result.attempt, "status": result.status.value}
+    if result.reason is not None:
+        body["reason"] = result.reason
+    body["exit_code"] = result.exit_code
+    if result.signal is not None:
+        body["signal"] = result.signal
+    body["started_at"] = _instant(result.started_at)
+    body["finished_at"] = _instant(result.finished_at)
+    body.update(protocol.output_to_json("stdout", result.stdout))
+    body.update(protocol.output_to_json("stderr", result.stderr))
+    return body
 
 
 def output_json(result: RunResult) -> dict[str, Any]:
@@ -112,6 +138,9 @@ def output_json(result: RunResult) -> dict[str, Any]:
     body["finished_at"] = None if result.finished_at is None else format_instant(result.finished_at)
     body["revision"] = result.revision
     body["trigger"] = result.trigger.value
+    body["attempt"] = result.attempt
+    # False while the agent will retry it: the execution does not count it yet.
+    body["final"] = result.final
     return body
 
 

@@ -6,7 +6,13 @@ from __future__ import annotations
 from typing import Any
 
 from taskscheduler.protocol.output import MAX_OUTPUT_SIZE
-from taskscheduler.protocol.results import MAX_BATCH, MAX_REASON_LENGTH, ResultStatus, Trigger
+from taskscheduler.protocol.results import (
+    MAX_ATTEMPT,
+    MAX_BATCH,
+    MAX_REASON_LENGTH,
+    ResultStatus,
+    Trigger,
+)
 from taskscheduler.protocol.tasks import MAX_REVISION
 from taskscheduler.server.openapi.operations import (
     AGENT,
@@ -26,6 +32,7 @@ BATCH_ONLY_STATUSES = ("forbidden", "too_early")
 STATUSES = [status.value for status in ResultStatus]
 TRIGGERS = [trigger.value for trigger in Trigger]
 REVISION = {"type": "integer", "minimum": 1, "maximum": MAX_REVISION}
+ATTEMPT = {"type": "integer", "minimum": 1, "maximum": MAX_ATTEMPT}
 
 
 def _output_fields() -> dict[str, Any]:
@@ -70,6 +77,34 @@ def schemas() -> dict[str, Any]:
                 "finished_at": nullable(INSTANT),
                 "revision": {**REVISION, "type": ["integer", "null"]},
                 "trigger": {"type": "string", "enum": TRIGGERS},
+                "attempt": {
+                    **ATTEMPT,
+                    "description": "the agent's last attempt: 1 for the first run, n + 1 "
+                    "for the retry of attempt n",
+                },
+                "final": {
+                    "type": "boolean",
+                    "description": "false while the agent will retry this attempt: the "
+                    "execution does not count the agent as reported yet",
+                },
+                "attempts": {
+                    "type": "array",
+                    "description": "every attempt of the agent's run, first to last",
+                    "items": ref("Attempt"),
+                },
+            },
+        ),
+        "Attempt": obj(
+            ["attempt", "status", "exit_code", "started_at", "finished_at"],
+            {
+                "attempt": ATTEMPT,
+                "status": {"type": "string", "enum": STATUSES},
+                "reason": {"type": "string", "maxLength": MAX_REASON_LENGTH},
+                "exit_code": {"type": ["integer", "null"]},
+                "signal": {"type": "integer", "minimum": 1, "maximum": 128},
+                "started_at": nullable(INSTANT),
+                "finished_at": nullable(INSTANT),
+                **_output_fields(),
             },
         ),
         "Result": obj(
@@ -98,6 +133,15 @@ def schemas() -> dict[str, Any]:
                     "description": "the revision it ran (absent: the one of its instant)",
                 },
                 "trigger": {"type": ["string", "null"], "enum": [*TRIGGERS, None]},
+                "attempt": {
+                    **ATTEMPT,
+                    "description": "1 (the default) for the run of the instant, n + 1 for "
+                    "the retry of attempt n; each attempt is a result of its own",
+                },
+                "final": {
+                    "type": "boolean",
+                    "description": "false when the agent will retry this attempt (default true)",
+                },
             },
             description="fields a newer agent may add are ignored",
         ),

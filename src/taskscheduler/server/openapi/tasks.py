@@ -245,7 +245,11 @@ def schemas() -> dict[str, Any]:
                 "trigger": {"type": "string", "enum": TRIGGERS},
                 "revision": REVISION,
                 "expected_agents": COUNT,
-                "reported": COUNT,
+                "reported": {
+                    **COUNT,
+                    "description": "agents whose final result is in (not one whose attempt "
+                    "will be retried)",
+                },
                 **{status: COUNT for status in STATUSES},
                 "complete": {"type": "boolean"},
             },

@@ -23,9 +23,11 @@ from taskscheduler.server.store.records import (
 from taskscheduler.server.store.rules import (
     is_complete,
     is_manual,
+    last_attempts,
     manual_run_deadline,
     manual_verdict,
     newest_kept,
+    reported_agents,
     same_result,
     scheduled_verdict,
     utc,
@@ -53,6 +55,7 @@ class MemoryResults(MemoryState):
                 e.revision,
                 e.expected,
                 tuple(e.results[a].status for a in sorted(e.results)),
+                final_count=reported_agents(e.results.values()),
             )
         return found
 
@@ -118,14 +121,20 @@ class MemoryResults(MemoryState):
             expected = expected_urls(self._matched_urls(result.task_id), self._agents.values())
             execution = MemoryExecution(expected, revision=revision)
             executions[result.scheduled_at] = execution
-        stored = execution.results.get(result.agent_id)
+        # Each attempt is a result of its own; the agent's last one is its result.
+        stored = execution.attempts.get((result.agent_id, result.attempt))
         if stored is not None:
             if same_result(stored, result):
                 return RecordOutcome.DUPLICATE
             return RecordOutcome.CONFLICT
         # The revision it ran; an older agent's (None) is the one in effect.
         ran = revision if result.revision is None else result.revision
-        execution.results[result.agent_id] = replace(result, revision=ran)
+        stored = replace(result, revision=ran)
+        execution.attempts[(result.agent_id, result.attempt)] = stored
+        previous = execution.results.get(result.agent_id)
+        (execution.results[result.agent_id],) = last_attempts(
+            [stored] if previous is None else [previous, stored]
+        )
         return RecordOutcome.STORED
 
     async def latest_complete_execution(
@@ -140,7 +149,7 @@ class MemoryResults(MemoryState):
             for at, execution in self._executions[task_id].items()
             if is_complete(
                 at,
-                len(execution.results),
+                reported_agents(execution.results.values()),
                 execution.expected,
                 now=now,
                 time_limit=task.spec.time_limit,

@@ -44,7 +44,9 @@ class MemoryExecution:
     expected_urls: tuple[str, ...]
     trigger: Trigger = Trigger.SCHEDULE
     revision: int = 1
-    results: dict[uuid.UUID, RunResult] = field(default_factory=dict)
+    results: dict[uuid.UUID, RunResult] = field(default_factory=dict)  # last attempts
+    #: Every attempt, by (agent, attempt).
+    attempts: dict[tuple[uuid.UUID, int], RunResult] = field(default_factory=dict)
 
     @property
     def expected(self) -> int:
@@ -59,6 +61,7 @@ class MemoryExecution:
             trigger=self.trigger,
             revision=self.revision,
             expected_urls=self.expected_urls,
+            attempts=tuple(self.attempts[k] for k in sorted(self.attempts)),
         )
 
 

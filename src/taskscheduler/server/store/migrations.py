@@ -239,6 +239,17 @@ MIGRATIONS: list[str] = [
     ALTER TABLE agents ADD COLUMN labels jsonb NOT NULL DEFAULT '{}';
     ALTER TABLE task_agents ADD COLUMN matched boolean NOT NULL DEFAULT true;
     """,
+    # 12: attempts. Each attempt of an agent's run is a result of its own (a retry is
+    # attempt n + 1 of the same instant): the key gains the attempt, 1 for the first
+    # run. ``final`` is false for an attempt the agent will retry. Pruning an execution
+    # deletes all its results, so every attempt goes with it.
+    """
+    ALTER TABLE results
+        ADD COLUMN attempt integer NOT NULL DEFAULT 1 CHECK (attempt >= 1),
+        ADD COLUMN final boolean NOT NULL DEFAULT true;
+    ALTER TABLE results DROP CONSTRAINT results_pkey;
+    ALTER TABLE results ADD PRIMARY KEY (task_id, scheduled_at, agent_id, attempt);
+    """,
 ]
 
 

@@ -63,7 +63,7 @@ WITH inserted AS (
     INSERT INTO results (task_id, scheduled_at, agent_id, status, exit_code, signal,
                          started_at, finished_at, stdout, stdout_bytes, stdout_truncated,
                          stderr, stderr_bytes, stderr_truncated, reason, digest,
-                         revision, trigger, received_at)
+                         revision, trigger, attempt, final, received_at)
     SELECT v.*, %(received_at)s
     FROM unnest(%(task)s::uuid[], %(at)s::timestamptz[], %(agent)s::uuid[],
                 %(status)s::text[], %(exit_code)s::integer[], %(signal)s::integer[],
@@ -72,18 +72,30 @@ WITH inserted AS (
                 %(stdout_truncated)s::boolean[],
                 %(stderr)s::bytea[], %(stderr_bytes)s::bigint[],
                 %(stderr_truncated)s::boolean[], %(reason)s::text[], %(digest)s::bytea[],
-                %(revision)s::integer[], %(trigger)s::text[])
+                %(revision)s::integer[], %(trigger)s::text[], %(attempt)s::integer[],
+                %(final)s::boolean[])
          AS v (task_id, scheduled_at, agent_id, status, exit_code, signal,
                started_at, finished_at, stdout, stdout_bytes, stdout_truncated,
-               stderr, stderr_bytes, stderr_truncated, reason, digest, revision, trigger)
+               stderr, stderr_bytes, stderr_truncated, reason, digest, revision, trigger,
+               attempt, final)
     WHERE EXISTS (SELECT 1 FROM executions e
                   WHERE e.task_id = v.task_id AND e.scheduled_at = v.scheduled_at)
       AND NOT EXISTS (SELECT 1 FROM tasks t
                       WHERE t.task_id = v.task_id AND t.deleted_at < v.scheduled_at)
     ON CONFLICT DO NOTHING
-    RETURNING task_id, agent_id, scheduled_at
+    RETURNING task_id, agent_id, scheduled_at, attempt, final
 ), counted AS (
-    SELECT task_id, scheduled_at, count(*) AS n FROM inserted GROUP BY task_id, scheduled_at
+    -- An agent is counted once, when its last attempt is a final one
+    -- (rules.reported_agents): not when it is none of those already stored.
+    SELECT i.task_id, i.scheduled_at, count(DISTINCT i.agent_id) AS n FROM inserted i
+    WHERE i.final
+      AND NOT EXISTS (SELECT 1 FROM results r
+                      WHERE r.task_id = i.task_id AND r.scheduled_at = i.scheduled_at
+                        AND r.agent_id = i.agent_id AND (r.final OR r.attempt > i.attempt))
+      AND NOT EXISTS (SELECT 1 FROM inserted j
+                      WHERE j.task_id = i.task_id AND j.scheduled_at = i.scheduled_at
+                        AND j.agent_id = i.agent_id AND j.attempt > i.attempt)
+    GROUP BY i.task_id, i.scheduled_at
 ), counters AS (
     UPDATE executions e
     SET reported = e.reported + c.n,
@@ -93,15 +105,16 @@ WITH inserted AS (
     FROM counted c
     WHERE e.task_id = c.task_id AND e.scheduled_at = c.scheduled_at
 )
-SELECT task_id, agent_id, scheduled_at FROM inserted
+SELECT task_id, agent_id, scheduled_at, attempt FROM inserted
 """
 
 #: A page of a task's history, newest first, from the primary key.
 #: The digests stored under keys a batch could not insert (already there, or deleted).
 STORED_DIGESTS_SQL = """
-SELECT r.task_id, r.agent_id, r.scheduled_at, r.digest
-FROM unnest(%s::uuid[], %s::timestamptz[], %s::uuid[]) AS v (t, s, a)
+SELECT r.task_id, r.agent_id, r.scheduled_at, r.attempt, r.digest
+FROM unnest(%s::uuid[], %s::timestamptz[], %s::uuid[], %s::integer[]) AS v (t, s, a, n)
 JOIN results r ON r.task_id = v.t AND r.scheduled_at = v.s AND r.agent_id = v.a
+              AND r.attempt = v.n
 """
 #: pause ('p'), the deletion ('d') and each run-now at an instant of the batch ('m').
 JUDGING_SQL = """
@@ -153,7 +166,7 @@ class _Judging:
         )
 
 
-_Key = tuple[str, str, datetime]  # (task_id, agent_id, scheduled_at)
+_Key = tuple[str, str, datetime, int]  # (task_id, agent_id, scheduled_at, attempt)
 
 
 class Recording:
@@ -224,7 +237,7 @@ class Recording:
             if verdict is not None:
                 outcomes[i] = verdict
             else:
-                key = (str(r.task_id), str(r.agent_id), r.scheduled_at)
+                key = (str(r.task_id), str(r.agent_id), r.scheduled_at, r.attempt)
                 keys[i] = key
                 first.setdefault(key, i)
                 digests[i] = result_digest(r)
@@ -232,7 +245,7 @@ class Recording:
             return [outcome for outcome in outcomes if outcome is not None]
 
         # Sorted: concurrent calls take row locks in the same order, so never deadlock.
-        candidates = sorted(first, key=lambda k: (k[0], k[2], k[1]))
+        candidates = sorted(first, key=lambda k: (k[0], k[2], k[1], k[3]))
         execution_revisions = {(k[0], k[2]): revisions[first[k]] for k in candidates}
         executions = sorted(execution_revisions)
         chosen = [results[first[key]] for key in candidates]
@@ -264,20 +277,27 @@ class Recording:
                     for k, r in zip(candidates, chosen, strict=True)
                 ],
                 "trigger": [r.trigger.value for r in chosen],
+                "attempt": [r.attempt for r in chosen],
+                "final": [r.final for r in chosen],
                 "received_at": received_at,
             },
         )
-        inserted = {(str(t), str(a), at) for t, a, at in cursor.fetchall()}
+        inserted = {(str(t), str(a), at, n) for t, a, at, n in cursor.fetchall()}
         stored_digests = {key: digests[first[key]] for key in inserted}
 
         already = [key for key in candidates if key not in inserted]
         if already:
             await cursor.execute(
                 STORED_DIGESTS_SQL,
-                ([k[0] for k in already], [k[2] for k in already], [k[1] for k in already]),
+                (
+                    [k[0] for k in already],
+                    [k[2] for k in already],
+                    [k[1] for k in already],
+                    [k[3] for k in already],
+                ),
             )
-            for task_id, agent_id, at, digest in cursor.fetchall():
-                stored_digests[(str(task_id), str(agent_id), at)] = bytes(digest)
+            for task_id, agent_id, at, attempt, digest in cursor.fetchall():
+                stored_digests[(str(task_id), str(agent_id), at, attempt)] = bytes(digest)
 
         for i, candidate in enumerate(keys):
             if candidate is None:

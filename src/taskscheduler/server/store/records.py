@@ -161,6 +161,18 @@ class Execution:
     #: The URLs of the agents expected, as assigned when the execution was created (None:
     #: recorded before the server kept them).
     expected_urls: tuple[str, ...] | None = None
+    #: Every attempt of every agent, by agent then attempt (``results`` holds each
+    #: agent's last); empty when the store read only the last ones.
+    attempts: tuple[RunResult, ...] = ()
+
+    @property
+    def reported(self) -> int:
+        """The agents counted as reported (:func:`rules.reported_agents`)."""
+        return sum(1 for result in self.results if result.final)
+
+    def attempts_of(self, agent_id: uuid.UUID) -> tuple[RunResult, ...]:
+        """The attempts of ``agent_id``'s run, first to last."""
+        return tuple(r for r in self.attempts if r.agent_id == agent_id)
 
     @property
     def completion_time(self) -> datetime:
@@ -178,7 +190,14 @@ class ExecutionSummary:
     trigger: Trigger
     revision: int
     expected: int
-    statuses: tuple[ResultStatus, ...]  # one per reported result
+    statuses: tuple[ResultStatus, ...]  # one per agent reported: its last attempt's
+    #: Agents whose last attempt is final (None: every one of ``statuses``).
+    final_count: int | None = None
+
+    @property
+    def reported(self) -> int:
+        """The agents counted as reported (:func:`rules.reported_agents`)."""
+        return len(self.statuses) if self.final_count is None else self.final_count
 
 
 @dataclass(frozen=True)

@@ -16,7 +16,7 @@ from typing import Any
 from taskscheduler.protocol import Output, ResultStatus, RunResult, Trigger
 from taskscheduler.server.store.pool import Cursor, Database
 from taskscheduler.server.store.records import Execution, ExecutionSummary, UnknownTask
-from taskscheduler.server.store.rules import utc, utc_or_none
+from taskscheduler.server.store.rules import last_attempts, utc, utc_or_none
 
 # -- SQL ------------------------------------------------------------------------------------
 
@@ -50,13 +50,13 @@ WHERE t.task_id = %(task_id)s::uuid
 #: One execution's results, by primary key.
 _RESULT_COLUMNS = """agent_id, status, exit_code, signal, started_at, finished_at,
        stdout, stdout_bytes, stdout_truncated, stderr, stderr_bytes, stderr_truncated,
-       reason, revision, trigger"""
+       reason, revision, trigger, attempt, final"""
 
 EXECUTION_RESULTS_SQL = f"""
 SELECT {_RESULT_COLUMNS}
 FROM results
 WHERE task_id = %(task_id)s::uuid AND scheduled_at = %(scheduled_at)s
-ORDER BY agent_id
+ORDER BY agent_id, attempt
 """
 
 LIST_EXECUTIONS_SQL = """
@@ -72,7 +72,7 @@ PAGE_RESULTS_SQL = f"""
 SELECT scheduled_at, {_RESULT_COLUMNS} FROM results
 WHERE task_id = %(task_id)s::uuid
   AND scheduled_at <= %(newest)s AND scheduled_at >= %(oldest)s
-ORDER BY scheduled_at, agent_id
+ORDER BY scheduled_at, agent_id, attempt
 """
 
 
@@ -103,12 +103,14 @@ WITH doomed AS (
 DELETE FROM executions WHERE ctid = ANY(ARRAY(SELECT ctid FROM doomed))
 """
 
-#: What judging a batch needs of its tasks, in one round trip: each revision ('r'), each
+#: Each task's newest execution: the status of each agent's last attempt, and how many of
+#: those are final.
 LAST_EXECUTIONS_SQL = """
 SELECT e.task_id, e.scheduled_at, e.trigger, e.revision, e.expected,
-       ARRAY(SELECT r.status FROM results r
+       ARRAY(SELECT DISTINCT ON (r.agent_id) r.status FROM results r
              WHERE r.task_id = e.task_id AND r.scheduled_at = e.scheduled_at
-             ORDER BY r.agent_id)
+             ORDER BY r.agent_id, r.attempt DESC),
+       e.reported
 FROM unnest(%s::uuid[]) AS v (task_id)
 JOIN LATERAL (SELECT * FROM executions x WHERE x.task_id = v.task_id
               ORDER BY x.scheduled_at DESC LIMIT 1) e ON true
@@ -132,6 +134,8 @@ def _result_from_row(task_id: uuid.UUID, scheduled_at: datetime, row: Sequence[A
         reason,
         revision,
         trigger,
+        attempt,
+        final,
     ) = row
     return RunResult(
         task_id=task_id,
@@ -147,7 +151,18 @@ def _result_from_row(task_id: uuid.UUID, scheduled_at: datetime, row: Sequence[A
         reason=reason,
         revision=revision,
         trigger=Trigger(trigger),
+        attempt=attempt,
+        final=final,
     )
+
+
+def _results_from_rows(
+    task_id: uuid.UUID, scheduled_at: datetime, rows: Sequence[Sequence[Any]]
+) -> dict[str, Any]:
+    """An execution's ``results`` (each agent's last attempt) and ``attempts`` (all of
+    them) from its rows, ordered by agent and attempt."""
+    attempts = tuple(_result_from_row(task_id, scheduled_at, row) for row in rows)
+    return {"results": last_attempts(attempts), "attempts": attempts}
 
 
 class Results:
@@ -178,9 +193,7 @@ class Results:
                 task_id=task_id,
                 scheduled_at=scheduled_at,
                 expected=expected,
-                results=tuple(
-                    _result_from_row(task_id, scheduled_at, row) for row in cursor.fetchall()
-                ),
+                **_results_from_rows(task_id, scheduled_at, cursor.fetchall()),
                 trigger=Trigger(trigger),
                 revision=revision,
                 expected_urls=None if urls is None else tuple(urls),
@@ -218,10 +231,7 @@ class Results:
                         task_id=task_id,
                         scheduled_at=at,
                         expected=expected,
-                        results=tuple(
-                            _result_from_row(task_id, at, row)
-                            for row in by_instant.get(scheduled_at, [])
-                        ),
+                        **_results_from_rows(task_id, at, by_instant.get(scheduled_at, [])),
                         trigger=Trigger(trigger),
                         revision=revision,
                         expected_urls=None if urls is None else tuple(urls),
@@ -247,7 +257,7 @@ class Results:
         async def operation(cursor: Cursor) -> dict[uuid.UUID, ExecutionSummary]:
             await cursor.execute(LAST_EXECUTIONS_SQL, (sorted({str(t) for t in task_ids}),))
             found = {}
-            for task_id, at, trigger, revision, expected, statuses in cursor.fetchall():
+            for task_id, at, trigger, revision, expected, statuses, reported in cursor.fetchall():
                 key = uuid.UUID(str(task_id))
                 found[key] = ExecutionSummary(
                     key,
@@ -256,6 +266,7 @@ class Results:
                     revision,
                     expected,
                     tuple(ResultStatus(s) for s in statuses),
+                    final_count=reported,
                 )
             return found
 
@@ -283,7 +294,7 @@ class Results:
                 task_id=task_id,
                 scheduled_at=at,
                 expected=expected,
-                results=tuple(_result_from_row(task_id, at, r) for r in cursor.fetchall()),
+                **_results_from_rows(task_id, at, cursor.fetchall()),
                 trigger=Trigger(trigger),
                 revision=revision,
             )

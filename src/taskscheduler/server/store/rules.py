@@ -10,7 +10,7 @@ from __future__ import annotations
 import hashlib
 import json
 import uuid
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, replace
 from datetime import UTC, datetime, timedelta
 from typing import Any
@@ -315,6 +315,9 @@ def result_digest(result: RunResult) -> bytes:
     ]
     if result.reason is not None:
         fields.append(result.reason)
+    if not result.final:
+        # Only an attempt to be retried says so: a final one digests as before retries.
+        fields.append({"final": False})
     head = json.dumps(fields).encode("ascii")
     digest = hashlib.sha256(head)
     digest.update(b"\n")
@@ -330,6 +333,24 @@ def same_result(stored: RunResult, reported: RunResult) -> bool:
 
 
 # -- completeness ---------------------------------------------------------------------------
+
+
+def last_attempts(attempts: Iterable[RunResult]) -> tuple[RunResult, ...]:
+    """Each agent's result in an execution, by agent: its last attempt (the highest
+    number it reported; an earlier one arriving late changes nothing)."""
+    last: dict[uuid.UUID, RunResult] = {}
+    for result in attempts:
+        seen = last.get(result.agent_id)
+        if seen is None or result.attempt > seen.attempt:
+            last[result.agent_id] = result
+    return tuple(last[agent] for agent in sorted(last))
+
+
+def reported_agents(attempts: Iterable[RunResult]) -> int:
+    """How many agents an execution counts as reported: those whose last attempt is
+    final. An agent whose attempt will be retried counts once its final attempt comes
+    (or never, and the reporting deadline completes the execution): never twice."""
+    return sum(1 for result in last_attempts(attempts) if result.final)
 
 
 def reported_enough(reported: int, expected: int) -> bool:
