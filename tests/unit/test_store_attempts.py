@@ -152,3 +152,14 @@ async def test_pruning_an_execution_prunes_all_its_attempts(store: Store) -> Non
     assert await store.record_results([first], at(3)) == [STORED]
     execution = await store.get_execution(task.task_id, at(1))
     assert execution is not None and execution.attempts == (first,)
+
+
+@pytest_twisted.ensureDeferred
+async def test_an_agent_counts_once_whatever_attempts_it_sends(store: Store) -> None:
+    task = await store.create_task(make_spec(), ANCHOR)
+    await store.record_results([attempt(task.task_id, A_ID, 1, 1, True)], at(1))
+    await store.record_results([succeeded(task.task_id, A_ID, 1, 2)], at(1))
+    # B has not reported: A's two final attempts are one agent, not the two expected.
+    assert await store.latest_complete_execution(task.task_id, before_deadline(1), GRACE) is None
+    (summary,) = (await store.last_executions([task.task_id])).values()
+    assert summary.reported == 1
