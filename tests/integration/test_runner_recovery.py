@@ -245,7 +245,7 @@ async def test_a_run_of_another_boot_is_lost_and_a_run_without_record_is_killed(
 def test_a_run_whose_result_was_already_spooled_is_only_cleaned_up(runs: Path) -> None:
     left = LeftRun(runs, "true", 30, started_ago=1)
     left.wait()
-    assert new_runner(runs).recover(lambda task_id, at: task_id == left.task_id) == []
+    assert new_runner(runs).recover(lambda task_id, at, attempt: task_id == left.task_id) == []
     assert new_runner(runs).recover() == []
 
 

@@ -115,6 +115,7 @@ class FakeRun:
     revision: int | None = None
     trigger: Trigger = Trigger.SCHEDULE
     working_dir: str | None = None
+    attempt: int = 1
 
     @property
     def done(self) -> bool:
@@ -141,7 +142,7 @@ class FakeRunner:
         recovered, self.recovered = self.recovered, []
         return recovered
 
-    def discard(self, key: tuple[uuid.UUID, datetime]) -> None:
+    def discard(self, key: tuple[uuid.UUID, datetime], attempt: int = 1) -> None:
         self.discarded.append(key)
 
     @property
@@ -158,6 +159,7 @@ class FakeRunner:
         revision: int | None = None,
         trigger: Trigger = Trigger.SCHEDULE,
         working_dir: str | None = None,
+        attempt: int = 1,
     ) -> Deferred[FakeOutcome]:
         if self.fail_to_start:
             raise OSError(24, "Too many open files")
@@ -171,6 +173,7 @@ class FakeRunner:
             revision,
             trigger,
             working_dir,
+            attempt,
         )
         self.runs.append(run)
         return run.deferred
@@ -199,9 +202,9 @@ class FakeRunner:
             )
         )
 
-    def replace(self, key: tuple[uuid.UUID, datetime]) -> bool:
+    def replace(self, key: tuple[uuid.UUID, datetime], attempt: int = 1) -> bool:
         for run in self.runs:
-            if run.key == key and not run.done:
+            if run.key == key and run.attempt == attempt and not run.done:
                 self.replaced.append(key)
                 self.finish(run, exit_code=None, status=ResultStatus.REPLACED, signal=15)
                 return True

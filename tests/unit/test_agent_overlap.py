@@ -205,7 +205,7 @@ def test_replace_ends_a_run_a_crashed_agent_left(tmp_path: Path) -> None:
     left = RecoveredRun(task.task_id, began, began, Deferred(), still_running=True)
     agent = start(tmp_path, 15, recovered=[left])
     replaced: list[Any] = []
-    agent.runner.replace = lambda key: replaced.append(key) or True  # type: ignore[method-assign]
+    agent.runner.replace = lambda key, attempt=1: replaced.append(key) or True  # type: ignore[method-assign]
     agent.service.scheduler.schedule(task)  # type: ignore[union-attr]
     agent.advance_to(20)
     assert replaced == [(task.task_id, began)]

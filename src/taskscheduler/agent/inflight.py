@@ -5,11 +5,16 @@ Every result goes to the spool before anything else hears of it. A run counts as
 see :mod:`taskscheduler.agent.admission`; adopted runs count too); its files stay until
 its result is durable, then the runner lets go of them. Shutdown waits for every run to
 settle so.
+
+A run that failed is retried as its task says (:mod:`taskscheduler.agent.retries`): its
+result says whether it is final, and a retry waiting for its delay counts as a run of
+its task. (task, instant, attempt) names one run on this agent.
 """
 
 from __future__ import annotations
 
 import uuid
+from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Any, Protocol
@@ -19,6 +24,7 @@ from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
+from taskscheduler.agent.retries import Attempt, PendingRetries, retry_start
 from taskscheduler.agent.spool import Spool
 from taskscheduler.protocol import Output, ResultStatus, RunResult, Trigger
 from taskscheduler.schedule import format_instant, utc_now_from
@@ -51,6 +57,9 @@ class _Labels:
     scheduled_at: datetime
     revision: int | None
     trigger: Trigger
+    #: What a retry would run again (None: never retried, as a run adopted after a restart).
+    attempt: Attempt | None = None
+    number: int = 1  # the attempt's number
 
 
 class RunsOwner(Protocol):
@@ -58,9 +67,9 @@ class RunsOwner(Protocol):
 
     def terminate_all(self) -> Deferred[None]: ...
 
-    def replace(self, key: tuple[uuid.UUID, datetime]) -> bool: ...
+    def replace(self, key: tuple[uuid.UUID, datetime], attempt: int = ...) -> bool: ...
 
-    def discard(self, key: tuple[uuid.UUID, datetime]) -> object: ...
+    def discard(self, key: tuple[uuid.UUID, datetime], attempt: int = ...) -> object: ...
 
 
 class RunsInFlight:
@@ -69,16 +78,29 @@ class RunsInFlight:
     log = Logger()
 
     def __init__(
-        self, clock: IReactorTime, runner: RunsOwner, spool: Spool, agent_id: uuid.UUID
+        self,
+        clock: IReactorTime,
+        runner: RunsOwner,
+        spool: Spool,
+        agent_id: uuid.UUID,
+        *,
+        now: Callable[[], datetime] | None = None,
+        start_retry: Callable[[Attempt], bool] = lambda attempt: False,
     ) -> None:
+        """``now`` is the time runs are labelled on (the wall clock by default);
+        ``start_retry`` starts a retry whose delay is over, or drops it (False)."""
         self._clock = clock
         self._runner = runner
         self._spool = spool
         self._agent_id = agent_id
-        # The instants of the runs under way, by task: kept across a task's replacement
-        # (a new revision), so that it does not overlap its previous version's runs.
-        # (task, instant) names one run on this agent.
-        self._running: dict[uuid.UUID, set[datetime]] = {}
+        self._now = now or (lambda: utc_now_from(clock.seconds()))
+        self._start_retry = start_retry
+        # The (instant, attempt) of the runs under way, by task: kept across a task's
+        # replacement (a new revision), so that it does not overlap its previous
+        # version's runs. An attempt made durable after its retry started ends only itself.
+        self._running: dict[uuid.UUID, set[tuple[datetime, int]]] = {}
+        #: Retries waiting for their delay: each counts as a run of its task.
+        self.retries = PendingRetries(clock, self._retry_due)
         # Each run until its result is durable and its files gone: what shutdown awaits.
         self._unsettled: set[Deferred[None]] = set()
 
@@ -86,20 +108,22 @@ class RunsInFlight:
         return sum(len(instants) for instants in self._running.values())
 
     def count(self, task_id: uuid.UUID) -> int:
-        """How many runs of ``task_id`` are going."""
-        return len(self._running.get(task_id, ()))
+        """How many runs of ``task_id`` are going (a retry waiting counts)."""
+        return len(self._running.get(task_id, ())) + self.retries.count(task_id)
 
     def replace(self, task_id: uuid.UUID, scheduled_at: datetime) -> None:
         """End every run of ``task_id`` going, for its run of ``scheduled_at``: each is
-        terminated as its time limit would be, and reports ``replaced``."""
-        for earlier in sorted(self._running.get(task_id, ())):
+        terminated as its time limit would be, and reports ``replaced``; a retry of the
+        task waiting is dropped."""
+        self.drop_retries(task_id)
+        for earlier, attempt in sorted(self._running.get(task_id, ())):
             self.log.info(
                 "task {task_id}: its run of {earlier} is replaced by the run of {scheduled_at}",
                 task_id=str(task_id),
                 earlier=format_instant(earlier),
                 scheduled_at=format_instant(scheduled_at),
             )
-            if not self._runner.replace((task_id, earlier)):
+            if not self._runner.replace((task_id, earlier), attempt):
                 self.log.warn(
                     "task {task_id}: its run of {earlier} could not be found to replace it",
                     task_id=str(task_id),
@@ -114,14 +138,19 @@ class RunsInFlight:
         d: Deferred[Any],
         revision: int | None = None,
         trigger: Trigger = Trigger.SCHEDULE,
+        attempt: Attempt | None = None,
+        number: int = 1,
     ) -> None:
         """Follow the run of ``scheduled_at`` whose outcome ``d`` gives: its task is
         running until ``d`` fires; its result is spooled (a failure of ``d`` means the
         command could not be started at all, ``started_at`` being when that was tried),
-        naming the task's ``revision`` the run ran and its ``trigger``."""
-        labels = _Labels(task_id, scheduled_at, revision, trigger)
+        naming the task's ``revision`` the run ran and its ``trigger``. A failed
+        ``attempt`` is retried as its task says (None: not retried; ``number`` is then
+        the attempt's number)."""
+        number = number if attempt is None else attempt.number
+        labels = _Labels(task_id, scheduled_at, revision, trigger, attempt, number)
         settled: Deferred[None] = Deferred()
-        self._running.setdefault(task_id, set()).add(scheduled_at)
+        self._running.setdefault(task_id, set()).add((scheduled_at, number))
         self._unsettled.add(settled)
         # Both return the Deferred of the spool's write, which Twisted's stubs do not allow.
         d.addCallbacks(
@@ -131,7 +160,7 @@ class RunsInFlight:
             errbackArgs=(labels, started_at),
         )
         d.addErrback(self._bookkeeping_failed, task_id)
-        d.addBoth(self._settled, task_id, scheduled_at, settled)
+        d.addBoth(self._settled, labels, settled)
 
     async def drain(self, grace: float) -> None:
         """Wait for the runs under way, terminating those still going after ``grace`` s."""
@@ -153,16 +182,54 @@ class RunsInFlight:
             lambda f: self.log.failure("could not terminate runs", f)
         )
 
-    def _ended(self, task_id: uuid.UUID, scheduled_at: datetime) -> None:
+    def _ended(self, labels: _Labels) -> None:
         """The run's process is over: it no longer counts for its task's overlap."""
-        instants = self._running.get(task_id)
-        if instants is not None:
-            instants.discard(scheduled_at)
-            if not instants:
-                del self._running[task_id]
+        runs = self._running.get(labels.task_id)
+        if runs is not None:
+            runs.discard((labels.scheduled_at, labels.number))
+            if not runs:
+                del self._running[labels.task_id]
+
+    def _plan_retry(self, labels: _Labels, status: ResultStatus) -> bool:
+        """Plan the retry of a run that ended with ``status``; whether there is one."""
+        attempt = labels.attempt
+        if attempt is None:
+            return False
+        now = self._now()
+        start = retry_start(attempt, status, now)
+        if start is None:
+            return False
+        self.log.info(
+            "task {task_id}: attempt {attempt} of {scheduled_at} {status}; retrying in "
+            "{delay:.0f}s",
+            task_id=str(labels.task_id),
+            attempt=attempt.number,
+            scheduled_at=format_instant(labels.scheduled_at),
+            status=status.value,
+            delay=(start - now).total_seconds(),
+        )
+        self.retries.add(attempt.retry(), (start - now).total_seconds())
+        return True
+
+    def _retry_due(self, attempt: Attempt) -> None:
+        self._start_retry(attempt)
+
+    def drop_retries(self, task_id: uuid.UUID | None = None) -> None:
+        """Drop the pending retries of ``task_id`` (of every task: None): the attempt
+        before each stays the agent's result."""
+        for attempt in self.retries.cancel(task_id):
+            self.log.warn(
+                "task {task_id}: attempt {attempt} of {scheduled_at} is dropped: the task "
+                "left the agent or was replaced, or the agent is stopping",
+                task_id=str(attempt.task_id),
+                attempt=attempt.number,
+                scheduled_at=format_instant(attempt.scheduled_at),
+            )
 
     def _succeeded(self, outcome: RunOutcomeLike, labels: _Labels) -> Deferred[bool]:
-        self._ended(labels.task_id, labels.scheduled_at)
+        # Planned first: the retry counts as a run of the task before this one ends.
+        retried = self._plan_retry(labels, outcome.status)
+        self._ended(labels)
         return self._spool.add(
             RunResult(
                 task_id=labels.task_id,
@@ -178,12 +245,15 @@ class RunsInFlight:
                 reason=getattr(outcome, "reason", None),
                 revision=labels.revision,
                 trigger=labels.trigger,
+                attempt=labels.number,
+                final=not retried,
             )
         )
 
     def _failed(self, failure: Failure, labels: _Labels, started_at: datetime) -> Deferred[bool]:
         task_id = labels.task_id
-        self._ended(task_id, labels.scheduled_at)
+        retried = self._plan_retry(labels, ResultStatus.FAILED)
+        self._ended(labels)
         # The runner fails only when it could not start the command at all (no shell,
         # no file descriptors left...): say so in the result rather than say nothing.
         self.log.failure("task {task_id}: could not run the command", failure, task_id=str(task_id))
@@ -199,6 +269,8 @@ class RunsInFlight:
                 stderr=Output.of(message.encode("utf-8")),
                 revision=labels.revision,
                 trigger=labels.trigger,
+                attempt=labels.number,
+                final=not retried,
             )
         )
 
@@ -207,14 +279,13 @@ class RunsInFlight:
             "task {task_id}: could not record a run's result", failure, task_id=str(task_id)
         )
 
-    def _settled(
-        self, _: object, task_id: uuid.UUID, scheduled_at: datetime, settled: Deferred[None]
-    ) -> None:
+    def _settled(self, _: object, labels: _Labels, settled: Deferred[None]) -> None:
         """The result is durable (or could not be made so): the run's files have done
         their job."""
-        self._ended(task_id, scheduled_at)
+        task_id = labels.task_id
+        self._ended(labels)
         try:
-            self._runner.discard((task_id, scheduled_at))
+            self._runner.discard((task_id, labels.scheduled_at), labels.number)
         except Exception:
             self.log.failure(
                 "could not remove the files of a run of task {task_id}", task_id=str(task_id)

@@ -48,6 +48,7 @@ class RecoveredRun:
     #: What its journal line says (None: not known, as for a run it lacks).
     revision: int | None = None
     trigger: Trigger | None = None
+    attempt: int = 1  # its number, from its run id (a retry's is above 1)
 
 
 def status_of(exit_code: int | None, signum: int | None) -> ResultStatus:
@@ -61,7 +62,7 @@ def spool_lost_runs(markers: RunMarkers, spool: Spool, agent_id: uuid.UUID) -> N
     started (``running/``) and never reported; each marker goes once its result is
     durable, not before."""
     for marker in markers.leftovers():
-        if (marker.task_id, marker.scheduled_at) in spool:
+        if (marker.task_id, marker.scheduled_at, 1) in spool:
             markers.clear(marker.task_id, marker.scheduled_at)
             continue
         _log.warn(

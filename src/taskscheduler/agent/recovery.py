@@ -26,6 +26,7 @@ import os
 import signal
 import uuid
 from collections.abc import Callable
+from dataclasses import replace
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
@@ -100,14 +101,15 @@ class Recovery:
         self._found: dict[str, list[int]] | None = None
 
     def recover(
-        self, reported: Callable[[uuid.UUID, datetime], bool] = lambda task_id, at: False
+        self, reported: Callable[..., bool] = lambda task_id, at, attempt=1: False
     ) -> list[RecoveredRun]:
         """Find every run whose files a previous life of the agent left.
 
         Runs still going are re-attached to (their time limit holds from their start;
         past it they are ended now); runs that ended meanwhile are reported as they
-        ended, with their output; runs whose result is already ``reported`` (spooled)
-        are only cleaned up. Call once, at start-up, before any new run starts.
+        ended, with their output; runs whose result is already ``reported`` (spooled:
+        ``reported(task_id, scheduled_at, attempt)``) are only cleaned up. Call once,
+        at start-up, before any new run starts.
         """
         # One scan of /proc for every process any run of this agent left, whatever its
         # state: each leftover takes its own from it, and what is left over after is of
@@ -116,26 +118,29 @@ class Recovery:
         recovered = []
         for run in self._runner.files.leftovers():
             try:
-                task_id, scheduled_at = parse_run_id(run)
+                task_id, scheduled_at, attempt = parse_run_id(run)
             except ValueError:
                 self.log.warn("removing the files of an unknown run {run}", run=run)
                 self._runner.files.remove(run)
                 continue
-            if reported(task_id, scheduled_at):
+            if reported(task_id, scheduled_at, attempt):
                 self._runner.files.remove(run)
                 continue
             try:
-                recovered.append(self._recover(run, task_id, scheduled_at))
+                found = self._recover(run, task_id, scheduled_at)
+                recovered.append(replace(found, attempt=attempt))
             except Exception:
                 self.log.failure("could not recover run {run}", run=run)
-        recovered += self._unrecorded(reported, {(r.task_id, r.scheduled_at) for r in recovered})
+        recovered += self._unrecorded(
+            reported, {(r.task_id, r.scheduled_at, r.attempt) for r in recovered}
+        )
         self._found = None  # later, a re-attached run's leftovers are looked up afresh
         return recovered
 
     def _unrecorded(
         self,
-        reported: Callable[[uuid.UUID, datetime], bool],
-        known: set[tuple[uuid.UUID, datetime]],
+        reported: Callable[..., bool],
+        known: set[tuple[uuid.UUID, datetime, int]],
     ) -> list[RecoveredRun]:
         """Runs whose start never reached the journal (the agent died as they started):
         found by their run id in /proc, killed, and reported ``lost``."""
@@ -163,7 +168,11 @@ class Recovery:
             outcome = self._outcome(
                 ResultStatus.LOST, "the agent stopped as the run started; its outcome is unknown"
             )
-            lost.append(RecoveredRun(key[0], key[1], None, succeed(outcome), still_running=False))
+            lost.append(
+                RecoveredRun(
+                    key[0], key[1], None, succeed(outcome), still_running=False, attempt=key[2]
+                )
+            )
             known.add(key)
         return lost
 

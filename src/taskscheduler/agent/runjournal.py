@@ -8,7 +8,8 @@ one once its result is safe. Appending a line
 is one ``write`` (no fsync); a restarted agent replays the journal to find its runs, and
 it is rewritten with the live runs only once it has grown.
 
-A run's id is ``<instant>_<task id>``, so that ids sort oldest first.
+A run's id is ``<instant>_<task id>``, so that ids sort oldest first; a retry's (attempt
+``n`` > 1 of the instant, :mod:`taskscheduler.agent.retries`) is ``<instant>_<task id>~<n>``.
 """
 
 from __future__ import annotations
@@ -32,14 +33,23 @@ _PROC = Path("/proc")
 JOURNAL_REWRITE_BYTES = 8 * 1024 * 1024
 
 
-def run_id(task_id: uuid.UUID, scheduled_at: datetime) -> str:
-    return f"{scheduled_at.astimezone(UTC).strftime(_STAMP)}_{task_id}"
+def run_id(task_id: uuid.UUID, scheduled_at: datetime, attempt: int = 1) -> str:
+    name = f"{scheduled_at.astimezone(UTC).strftime(_STAMP)}_{task_id}"
+    return name if attempt == 1 else f"{name}~{attempt:02d}"
 
 
-def parse_run_id(name: str) -> tuple[uuid.UUID, datetime]:
-    """The (task, instant) a run id names; ValueError if it names none."""
-    stamp, _, task_id = name.partition("_")
-    return uuid.UUID(task_id), datetime.strptime(stamp, _STAMP).replace(tzinfo=UTC)
+def parse_run_id(name: str) -> tuple[uuid.UUID, datetime, int]:
+    """The (task, instant, attempt) a run id names; ValueError if it names none."""
+    stamp, _, rest = name.partition("_")
+    task_id, tilde, attempt = rest.partition("~")
+    number = int(attempt) if tilde else 1
+    if number < 1:
+        raise ValueError(f"not an attempt: {attempt}")
+    return (
+        uuid.UUID(task_id),
+        datetime.strptime(stamp, _STAMP).replace(tzinfo=UTC),
+        number,
+    )
 
 
 def boot_id(proc: Path = _PROC) -> str:

@@ -172,10 +172,12 @@ class ProcessRunner:
         revision: int | None = None,
         trigger: Trigger = Trigger.SCHEDULE,
         working_dir: str | None = None,
+        attempt: int = 1,
     ) -> Deferred[RunOutcome]:
         """Run ``command`` in a new session; fires with its :class:`RunOutcome`.
 
-        ``key`` (task, instant) names the run's files; without one a fresh id is made.
+        ``key`` (task, instant) and ``attempt`` name the run's files; without a key a
+        fresh id is made.
         ``working_dir``: where the command runs (one that cannot be used fails the run,
         its stderr saying so); None: the agent's own.
         ``revision`` and ``trigger`` go to its journal line, for a restarted agent.
@@ -184,7 +186,7 @@ class ProcessRunner:
         """
         if key is None:
             key = (uuid.uuid4(), datetime.fromtimestamp(self.wall_clock(), UTC))
-        run_name = run_id(*key)
+        run_name = run_id(*key, attempt)
         run = RunProcess(self, run_name, key, time_limit)
         env = {**self.environment, **extra_env, RUN_ID_VARIABLE: run.marker}
         fds: list[int] = []
@@ -275,10 +277,10 @@ class ProcessRunner:
         done: Deferred[None] = gatherResults(waiters).addCallback(lambda _: None)
         return done
 
-    def replace(self, key: tuple[uuid.UUID, datetime]) -> bool:
-        """End the run ``key`` as its time limit would (a newer run of its task replaces
-        it): it reports ``REPLACED``. False if no such run is going."""
-        name = run_id(*key)
+    def replace(self, key: tuple[uuid.UUID, datetime], attempt: int = 1) -> bool:
+        """End the run ``key`` (its ``attempt``) as its time limit would (a newer run of
+        its task replaces it): it reports ``REPLACED``. False if no such run is going."""
+        name = run_id(*key, attempt)
         for run in self._runs:
             if run.run_id == name:
                 run.replace()
@@ -343,10 +345,11 @@ class ProcessRunner:
             return maybeDeferred(collect)
         return self._run_in_thread(collect)
 
-    def discard(self, key: tuple[uuid.UUID, datetime]) -> None:
-        """Let go of the run ``key``, whose result is now durable elsewhere: the journal
-        forgets it, and its slot is emptied for another run, off the reactor."""
-        run = run_id(*key)
+    def discard(self, key: tuple[uuid.UUID, datetime], attempt: int = 1) -> None:
+        """Let go of the run ``key`` (its ``attempt``), whose result is now durable
+        elsewhere: the journal forgets it, and its slot is emptied for another run, off
+        the reactor."""
+        run = run_id(*key, attempt)
         try:
             self.files.remove(run)
         except OSError:
@@ -370,9 +373,10 @@ class ProcessRunner:
             self._tidy_soon(attempts - 1)
 
     def recover(
-        self, reported: Callable[[uuid.UUID, datetime], bool] = lambda task_id, at: False
+        self, reported: Callable[..., bool] = lambda task_id, at, attempt=1: False
     ) -> list[RecoveredRun]:
-        """Find every run a previous life of the agent left (see :mod:`.recovery`).
+        """Find every run a previous life of the agent left (see :mod:`.recovery`):
+        ``reported(task_id, scheduled_at, attempt)`` says whose result is spooled.
 
         Call once, at start-up, before any new run starts.
         """

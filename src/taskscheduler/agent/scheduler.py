@@ -51,6 +51,7 @@ from taskscheduler.agent.clocksteps import STEP_THRESHOLD, ClockSteps
 from taskscheduler.agent.cronloop import CronLoop
 from taskscheduler.agent.inflight import RunsInFlight
 from taskscheduler.agent.lastruns import LastRuns
+from taskscheduler.agent.retries import Attempt, next_instant
 from taskscheduler.agent.spool import Spool
 from taskscheduler.agent.taskloop import LabelTime, TaskLoop
 from taskscheduler.protocol import ResultStatus, RunResult, TaskSpec, Trigger
@@ -74,13 +75,14 @@ class RunnerLike(Protocol):
         revision: int | None = ...,
         trigger: Trigger = ...,
         working_dir: str | None = ...,
+        attempt: int = ...,
     ) -> Deferred[Any]: ...
 
     def terminate_all(self) -> Deferred[None]: ...
 
-    def replace(self, key: tuple[uuid.UUID, datetime]) -> bool: ...
+    def replace(self, key: tuple[uuid.UUID, datetime], attempt: int = ...) -> bool: ...
 
-    def discard(self, key: tuple[uuid.UUID, datetime]) -> object: ...
+    def discard(self, key: tuple[uuid.UUID, datetime], attempt: int = ...) -> object: ...
 
 
 def run_environment(spec: TaskSpec, scheduled_at: datetime) -> dict[str, str]:
@@ -135,7 +137,9 @@ class Scheduler:
         self._last_runs = LastRuns() if last_runs is None else last_runs
         self._resumed = False
         self._loops: dict[uuid.UUID, TaskLoop | CronLoop] = {}
-        self._runs = RunsInFlight(clock, runner, spool, agent_id)
+        self._runs = RunsInFlight(
+            clock, runner, spool, agent_id, now=self._labels.now, start_retry=self._retry
+        )
         # Manual runs whose acceptance is being written, and the deliveries that wait.
         self._accepting: dict[tuple[uuid.UUID, datetime], list[Deferred[None]]] = {}
         self._stopped = False
@@ -171,6 +175,7 @@ class Scheduler:
         """Run ``task_id`` no more (a run under way goes on, and its result is spooled).
         False if the task was not scheduled."""
         loop = self._loops.pop(task_id, None)
+        self._runs.drop_retries(task_id)
         if loop is None:
             return False
         loop.stop()
@@ -179,6 +184,7 @@ class Scheduler:
     def stop(self) -> None:
         """Start no more runs; the runs under way go on."""
         self._stopped = True
+        self._runs.drop_retries()  # a retry is not kept across a restart: see retries
         for loop in self._loops.values():
             loop.stop()
         self._steps.stop()
@@ -198,7 +204,7 @@ class Scheduler:
         # A result still spooled is of an instant fired that the record may lack: it is
         # written asynchronously (so may an adopted run be: see ``adopt``). A manual
         # run's is no instant of the schedule.
-        for task_id, scheduled_at in self._spool.result_keys():
+        for task_id, scheduled_at, _ in self._spool.result_keys():
             if not self._last_runs.is_manual(task_id, scheduled_at):
                 self._last_runs.note(task_id, scheduled_at)
         self._last_runs.record_noted()  # the spool and the runs' records go, in time
@@ -297,6 +303,11 @@ class Scheduler:
             return
         if spec.options.overlap is Overlap.REPLACE:
             self._runs.replace(spec.task_id, scheduled_at)
+        self._start(Attempt(spec, scheduled_at, trigger))
+
+    def _start(self, attempt: Attempt) -> None:
+        """Start the run of ``attempt`` now (admitted)."""
+        spec, scheduled_at = attempt.spec, attempt.scheduled_at
         started_at = utc_now_from(self._clock.seconds())
         try:
             d = self._runner.run(
@@ -305,12 +316,37 @@ class Scheduler:
                 run_environment(spec, scheduled_at),
                 key=(spec.task_id, scheduled_at),
                 revision=spec.revision,
-                trigger=trigger,
+                trigger=attempt.trigger,
                 working_dir=spec.options.working_dir,
+                attempt=attempt.number,
             )
         except Exception:
             d = fail()
-        self._runs.track(spec.task_id, scheduled_at, started_at, d, spec.revision, trigger)
+        self._runs.track(
+            spec.task_id, scheduled_at, started_at, d, spec.revision, attempt.trigger, attempt
+        )
+
+    def _retry(self, attempt: Attempt) -> bool:
+        """Start the retry ``attempt`` whose delay is over, or drop it (False, logged):
+        see :mod:`taskscheduler.agent.retries`."""
+        why = None
+        if self._stopped:
+            why = "the agent is stopping"
+        elif self._labels.now() >= next_instant(attempt.spec, attempt.scheduled_at):
+            why = "the task's next instant has come"
+        elif self._runner.running >= self.max_running:
+            why = f"the agent already has {self._runner.running} runs in flight"
+        if why is not None:
+            self.log.warn(
+                "task {task_id}: attempt {attempt} of {scheduled_at} is dropped: {why}",
+                task_id=str(attempt.task_id),
+                attempt=attempt.number,
+                scheduled_at=format_instant(attempt.scheduled_at),
+                why=why,
+            )
+            return False
+        self._start(attempt)
+        return True
 
     def record_skip(
         self,
@@ -349,13 +385,14 @@ class Scheduler:
         outcome: Deferred[Any],
         revision: int | None = None,
         trigger: Trigger | None = None,
+        attempt: int = 1,
     ) -> None:
         """Follow a run a previous life of the agent started (see ``ProcessRunner.recover``).
 
         Until it ends, its task is not started again: skip-on-overlap holds across
         restarts; and its instant is never run again. ``revision`` and ``trigger`` are
         what its record says (None: not known; a manual run is then told by the
-        acceptances remembered).
+        acceptances remembered). ``attempt`` is its number; it is not retried.
         """
         if trigger is None:
             manual = self._last_runs.is_manual(task_id, scheduled_at)
@@ -369,4 +406,5 @@ class Scheduler:
             outcome,
             revision,
             trigger,
+            number=attempt,
         )

@@ -29,6 +29,7 @@ import socket
 import uuid
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
+from datetime import datetime
 from pathlib import Path
 from typing import Any
 
@@ -303,8 +304,11 @@ class AgentService(Service):
         # Runs a previous life of the agent left: before any new run starts, so that a
         # task is never started while its run from before the restart is still going.
         recover = getattr(runner, "recover", None)
-        reported = spool.__contains__
-        for run in recover(lambda task_id, at: reported((task_id, at))) if recover else []:
+
+        def spooled(task_id: uuid.UUID, at: datetime, attempt: int = 1) -> bool:
+            return (task_id, at, attempt) in spool
+
+        for run in recover(spooled) if recover else []:
             scheduler.adopt(
                 run.task_id,
                 run.scheduled_at,
@@ -312,6 +316,7 @@ class AgentService(Service):
                 run.outcome,
                 run.revision,
                 run.trigger,
+                run.attempt,
             )
 
         def counters() -> dict[str, int]:

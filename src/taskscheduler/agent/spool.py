@@ -50,21 +50,29 @@ _STAMP = "%Y%m%dT%H%M%S.%fZ"
 #: The file, beside the results, that counts the results dropped over the agent's life.
 DROPPED_FILE = "dropped"
 
-ResultKey = tuple[uuid.UUID, datetime]  # (task_id, scheduled_at); the agent is implied
+#: (task_id, scheduled_at, attempt); the agent is implied. Each attempt of a run (its
+#: retries, :mod:`taskscheduler.agent.retries`) is a result of its own.
+ResultKey = tuple[uuid.UUID, datetime, int]
 
 
 def _file_name(key: ResultKey) -> str:
-    # The instant first, so that sorting the names sorts results oldest first.
-    task_id, scheduled_at = key
-    return f"{scheduled_at.astimezone(UTC).strftime(_STAMP)}_{task_id}.json"
+    # The instant first, so that sorting the names sorts results oldest first; a retry's
+    # ``~NN`` sorts after the first attempt's ``.json``, and attempts in order.
+    task_id, scheduled_at, attempt = key
+    stem = f"{scheduled_at.astimezone(UTC).strftime(_STAMP)}_{task_id}"
+    return f"{stem}.json" if attempt == 1 else f"{stem}~{attempt:02d}.json"
 
 
 def _parse_file_name(name: str) -> ResultKey:
     """The key a file name encodes; ValueError if it encodes none."""
     stem = name.removesuffix(".json")
-    stamp, _, task_id = stem.partition("_")
+    stamp, _, rest = stem.partition("_")
+    task_id, tilde, attempt = rest.partition("~")
+    number = int(attempt) if tilde else 1
+    if number < 1:
+        raise ValueError(f"not an attempt: {attempt}")
     scheduled_at = datetime.strptime(stamp, _STAMP).replace(tzinfo=UTC)
-    return uuid.UUID(task_id), scheduled_at
+    return uuid.UUID(task_id), scheduled_at, number
 
 
 def encode_result(result: RunResult) -> bytes:
@@ -149,11 +157,12 @@ class Spool:
         Only then is it offered to the reporter. A second result for the same key is
         ignored: results are immutable, and the first is the one the server may hold.
         """
-        key: ResultKey = (result.task_id, result.scheduled_at)
+        key: ResultKey = (result.task_id, result.scheduled_at, result.attempt)
         if key in self:
             self.log.warn(
-                "a result of task {task_id} at {scheduled_at} is already spooled; "
-                "keeping the first",
+                "a result of task {task_id} at {scheduled_at} (attempt {attempt}) is already "
+                "spooled; keeping the first",
+                attempt=result.attempt,
                 task_id=str(result.task_id),
                 scheduled_at=format_instant(result.scheduled_at),
             )
@@ -297,7 +306,7 @@ class RunMarkers:
         self.directory = directory
 
     def _path(self, task_id: uuid.UUID, scheduled_at: datetime) -> Path:
-        return self.directory / _file_name((task_id, scheduled_at))
+        return self.directory / _file_name((task_id, scheduled_at, 1))
 
     def leftovers(self) -> list[RunMarker]:
         """The runs a previous life of the agent started and never finished."""
@@ -306,7 +315,7 @@ class RunMarkers:
         markers = []
         for path in sorted(self.directory.glob("*.json")):
             try:
-                task_id, scheduled_at = _parse_file_name(path.name)
+                task_id, scheduled_at, _ = _parse_file_name(path.name)
                 body = json.loads(path.read_bytes())
                 started_at = parse_instant(body["started_at"])
             except (OSError, ValueError, KeyError, TypeError) as e:
