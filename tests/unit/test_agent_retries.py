@@ -17,11 +17,14 @@ from twisted.internet.task import Clock
 from taskscheduler.agent.outcome import REATTACHED, RecoveredRun, RunOutcome
 from taskscheduler.agent.retries import Attempt, retry_start
 from taskscheduler.agent.runjournal import parse_run_id, run_id
+from taskscheduler.agent.runner import ProcessRunner
 from taskscheduler.agent.spool import Spool
 from taskscheduler.protocol import Output, ResultStatus, RunResult, TaskSpec, Trigger, parse_result
 from taskscheduler.protocol.options import TaskOptions
 from taskscheduler.schedule import format_instant
 from tests.unit.agent_fakes import ANCHOR, ANCHOR_SECONDS, Agent, FakeServer, spec
+from tests.unit.fakes_process import GroupKiller
+from tests.unit.test_runner import ENV, make_runner
 
 FAILED = ResultStatus.FAILED
 
@@ -153,9 +156,7 @@ def test_a_pending_retry_keeps_the_task_running(tmp_path: Path) -> None:
     ]
 
 
-def test_a_pending_retry_is_dropped_when_its_task_leaves_or_the_agent_stops(
-    tmp_path: Path,
-) -> None:
+def test_a_pending_retry_is_dropped_when_its_task_leaves(tmp_path: Path) -> None:
     agent = start(tmp_path, 55)
     scheduler = agent.service.scheduler
     assert scheduler is not None
@@ -167,12 +168,53 @@ def test_a_pending_retry_is_dropped_when_its_task_leaves_or_the_agent_stops(
         agent.runner.finish(run, exit_code=1, status=FAILED)
     agent.settle()
     scheduler.unschedule(left.task_id)
+    agent.advance_to(71)
+    assert [(r.key, r.attempt) for r in agent.runner.runs[2:]] == [((kept.task_id, at(60)), 2)]
+
+
+def test_a_pending_retry_is_dropped_when_the_agent_stops(tmp_path: Path) -> None:
+    agent = start(tmp_path, 55)
+    scheduler = agent.service.scheduler
+    assert scheduler is not None
+    scheduler.schedule(retrying(1, 10))
+    agent.advance_to(60)
+    agent.runner.finish(agent.runner.runs[0], exit_code=1, status=FAILED)
+    agent.settle()
     scheduler.stop()
     agent.advance_to(119)
-    assert len(agent.runner.runs) == 2, "no retry after the task left or the agent stopped"
-    # Each attempt before stays the agent's result (not final: the server completes the
+    assert len(agent.runner.runs) == 1, "no retry after the agent stopped"
+    # The attempt before stays the agent's result (not final: the server completes the
     # execution at its deadline).
-    assert attempts(agent) == [(1, FAILED, False), (1, FAILED, False)]
+    assert attempts(agent) == [(1, FAILED, False)]
+
+
+def test_a_retry_due_after_the_next_instant_came_is_dropped(tmp_path: Path) -> None:
+    # (A step of the wall clock forward can bring the next instant before the timer.)
+    agent = start(tmp_path, 25)
+    scheduler = agent.service.scheduler
+    assert scheduler is not None
+    task = retrying(1, 5, "every 10 seconds")
+    assert scheduler._retry(Attempt(task, at(10), number=2)) is False
+    assert scheduler._retry(Attempt(task, at(20), number=2)) is True
+    assert [(r.key, r.attempt) for r in agent.runner.runs] == [((task.task_id, at(20)), 2)]
+
+
+def test_a_restarted_runner_finds_a_retrys_run_under_its_attempt() -> None:
+    runner, reactor, _ = make_runner()
+    key = (uuid.uuid4(), datetime(2026, 11, 30, 12, tzinfo=UTC))
+    runner.run("cmd", 60, key=key)
+    runner.run("cmd", 60, key=key, attempt=2)
+    again = ProcessRunner(reactor, ENV, runner.files.directory, kill_group=GroupKiller())
+    again.boot_id = "another boot"
+    assert sorted(r.attempt for r in again.recover()) == [1, 2]
+    # A run whose result is spooled is only cleaned up: asked under its own attempt.
+    other, reactor, _ = make_runner()
+    other.run("cmd", 60, key=key)
+    other.run("cmd", 60, key=key, attempt=3)
+    later = ProcessRunner(reactor, ENV, other.files.directory, kill_group=GroupKiller())
+    later.boot_id = "another boot"
+    found = later.recover(lambda task_id, at, attempt: attempt == 3)
+    assert [r.attempt for r in found] == [1]
 
 
 def test_attempts_have_their_own_spool_files_and_run_ids(tmp_path: Path) -> None:
