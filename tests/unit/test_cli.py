@@ -462,6 +462,32 @@ def test_output_shows_each_agents_stdout_and_stderr(api: StubApi) -> None:
     assert json.loads(run(api, "--json", "tasks", "output", A).stdout) == EXECUTION
 
 
+def test_output_shows_the_attempt_when_a_run_was_retried(api: StubApi) -> None:
+    retried = {
+        **EXECUTION["outputs"][0],  # type: ignore[index]
+        "attempt": 3,
+        "final": True,
+        "attempts": [
+            {"attempt": 1, "status": "failed", "exit_code": 1},
+            {"attempt": 2, "status": "timed_out", "exit_code": None},
+            {"attempt": 3, "status": "succeeded", "exit_code": 0},
+        ],
+    }
+    pending = {**EXECUTION["outputs"][1], "attempt": 1, "final": False}  # type: ignore[index]
+    api.route(
+        "GET",
+        f"/api/v1/tasks/{A}/latest_output",
+        {**EXECUTION, "outputs": [retried, pending]},
+    )
+    result = run(api, "tasks", "output", A)
+    assert result.exit_code == 0, result.output
+    assert (
+        "==> agent aa110000: succeeded, exit 0, 0.250s, attempt 3 <==\n"
+        "earlier attempts: 1 failed (exit 1); 2 timed_out\n"
+    ) in result.stdout
+    assert "==> agent bb220000: failed, exit 2, to be retried <==\n" in result.stdout
+
+
 def test_output_before_any_execution(api: StubApi) -> None:
     api.route(
         "GET",

@@ -420,8 +420,16 @@ def _render_output(out: JSON, urls: dict[object, object]) -> str:
     took = duration(out.get("started_at"), out.get("finished_at"))
     if took:
         facts.append(took)
+    attempt = out.get("attempt")
+    if isinstance(attempt, int) and attempt > 1:
+        facts.append(f"attempt {attempt}")
+    if out.get("final") is False:
+        facts.append("to be retried")
     where = f" {urls[agent]}" if urls.get(agent) else ""
     parts = [f"==> agent {short_id(agent)}{where}: {', '.join(facts)} <=="]
+    earlier = [a for a in out.get("attempts") or [] if a.get("attempt") != attempt]
+    if earlier:
+        parts.append("earlier attempts: " + "; ".join(_attempt_summary(a) for a in earlier))
     if out.get("reason"):
         parts.append(f"reason: {out['reason']}")
     for stream in ("stdout", "stderr"):
@@ -436,3 +444,11 @@ def _render_output(out: JSON, urls: dict[object, object]) -> str:
         parts.append(f"--- {stream}" + (f" ({'; '.join(notes)})" if notes else ""))
         parts.append(text.removesuffix("\n"))
     return "\n".join(parts)
+
+
+def _attempt_summary(attempt: JSON) -> str:
+    """``2 failed (exit 1)``: one earlier attempt of an agent's run."""
+    said = f"{attempt.get('attempt')} {attempt.get('status')}"
+    if attempt.get("exit_code") is not None:
+        said += f" (exit {attempt['exit_code']})"
+    return said
