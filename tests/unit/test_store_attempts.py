@@ -7,14 +7,18 @@ execution's result for the agent is its last attempt; an attempt the agent will 
 
 from __future__ import annotations
 
+import uuid
+from dataclasses import replace
 from datetime import timedelta
 from typing import Any
 
+import pytest
 import pytest_twisted
 
 from taskscheduler.protocol import Output, ResultStatus, RunResult
 from taskscheduler.server.store.interface import Store
 from taskscheduler.server.store.records import RecordOutcome
+from taskscheduler.server.store.rules import reported_agents, result_digest
 from tests.unit.test_store_contract import (
     A_ID,
     ANCHOR,
@@ -163,3 +167,51 @@ async def test_an_agent_counts_once_whatever_attempts_it_sends(store: Store) -> 
     assert await store.latest_complete_execution(task.task_id, before_deadline(1), GRACE) is None
     (summary,) = (await store.last_executions([task.task_id])).values()
     assert summary.reported == 1
+
+
+# -- the rule, and each store held to it ------------------------------------------------------
+
+#: Attempts reported (agent, attempt, final), in order, and the agents counted reported.
+COUNTS: dict[str, tuple[list[tuple[Any, int, bool]], int]] = {
+    "first-final": ([(A_ID, 1, True)], 1),
+    "to-be-retried": ([(A_ID, 1, False)], 0),
+    "retried-final": ([(A_ID, 1, False), (A_ID, 2, True)], 1),
+    "still-retrying": ([(A_ID, 1, False), (A_ID, 2, False)], 0),
+    "late-earlier": ([(A_ID, 2, True), (A_ID, 1, False)], 1),
+    "two-agents": ([(A_ID, 1, False), (B_ID, 1, True), (A_ID, 2, True)], 2),
+    "two-finals": ([(A_ID, 1, True), (A_ID, 2, True)], 1),
+}
+
+
+def reports(task_id: Any, case: list[tuple[Any, int, bool]]) -> list[RunResult]:
+    return [attempt(task_id, agent, 1, n, final) for agent, n, final in case]
+
+
+@pytest.mark.parametrize(("case", "counted"), COUNTS.values(), ids=COUNTS.keys())
+def test_reported_agents_rule(case: list[tuple[Any, int, bool]], counted: int) -> None:
+    assert reported_agents(reports(uuid.UUID(int=7), case)) == counted
+
+
+@pytest.mark.parametrize("one_batch", [False, True], ids=["one-by-one", "one-batch"])
+@pytest.mark.parametrize(("case", "counted"), COUNTS.values(), ids=COUNTS.keys())
+@pytest_twisted.ensureDeferred
+async def test_each_store_counts_reported_agents_as_the_rule_does(
+    store: Store, case: list[tuple[Any, int, bool]], counted: int, one_batch: bool
+) -> None:
+    task = await store.create_task(make_spec(), ANCHOR)
+    sent = reports(task.task_id, case)
+    batches = [sent] if one_batch else [[r] for r in sent]
+    for batch in batches:
+        assert await store.record_results(batch, at(1)) == [STORED] * len(batch)
+    (summary,) = (await store.last_executions([task.task_id])).values()
+    assert summary.reported == reported_agents(sent) == counted
+    complete = await store.latest_complete_execution(task.task_id, before_deadline(1), GRACE)
+    assert (complete is not None) is (counted == 2)
+
+
+def test_only_an_attempt_to_be_retried_digests_differently() -> None:
+    first = attempt(uuid.UUID(int=7), A_ID, 1, 1, True)
+    assert result_digest(first) != result_digest(replace(first, final=False))
+    # The attempt number is in the key, not the digest: a final attempt digests as a
+    # result did before retries existed.
+    assert result_digest(first) == result_digest(replace(first, attempt=2))
