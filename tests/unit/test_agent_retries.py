@@ -22,7 +22,7 @@ from taskscheduler.agent.spool import Spool
 from taskscheduler.protocol import Output, ResultStatus, RunResult, TaskSpec, Trigger, parse_result
 from taskscheduler.protocol.options import TaskOptions
 from taskscheduler.schedule import format_instant
-from tests.unit.agent_fakes import ANCHOR, ANCHOR_SECONDS, Agent, FakeServer, spec
+from tests.unit.agent_fakes import ANCHOR, ANCHOR_SECONDS, Agent, FakeServer, FakeThread, spec
 from tests.unit.fakes_process import GroupKiller
 from tests.unit.test_runner import ENV, make_runner
 
@@ -258,3 +258,29 @@ def test_a_restart_drops_a_pending_retry_and_never_retries_an_adopted_attempt(
     second.advance_to(119)
     assert second.runner.runs == [], "no retry is resumed nor planned after a restart"
     assert attempts(second) == [(1, FAILED, False), (2, FAILED, True)]
+
+
+def test_a_retry_under_way_keeps_its_task_running_when_the_attempt_before_settles(
+    tmp_path: Path,
+) -> None:
+    # The spool writes off the reactor: attempt 1's result is made durable after its
+    # retry (no delay) has started; its task must stay running for the retry.
+    clock = Clock()
+    clock.advance(ANCHOR_SECONDS + 55)
+    thread = FakeThread()
+    agent = Agent(tmp_path / "data", clock, FakeServer(), run_in_thread=thread)
+    scheduler = agent.service.scheduler
+    assert scheduler is not None
+    task = retrying(retries=1, delay=0)
+    scheduler.schedule(task)
+    agent.advance_to(60)
+    agent.runner.finish(agent.runner.runs[0], exit_code=1, status=FAILED)
+    agent.settle()
+    assert [r.attempt for r in agent.runner.runs] == [1, 2]
+    for _ in range(3):  # attempt 1's result is made durable now
+        agent.settle(1)
+        thread.run_all()
+    assert agent.runner.discarded == [(task.task_id, at(60))]
+    assert scheduler.running == 1
+    scheduler.fire(task, at(61), Trigger.MANUAL)
+    assert len(agent.runner.runs) == 2, "skip-on-overlap holds for the retry under way"
