@@ -7,7 +7,8 @@ with the same instant, ``retry_delay`` after it ended: a timer on the reactor, n
 wait. A retry never starts at or past the task's next instant (it would overlap the next
 run, and the next instant is a new chance anyway): one that could not start before it is
 not planned, and the attempt that failed is the last. The agent's starting deadline does
-not apply to retries: the next instant bounds them.
+not apply to retries: the next instant bounds them. A retry runs the task as its first
+attempt did (the same revision, labelled the same), even if the task changed meanwhile.
 
 Each attempt is a result of its own, spooled and reported; an attempt the agent will
 retry says so (``final`` false), so the server waits for the agent's final attempt. While
