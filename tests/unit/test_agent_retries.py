@@ -20,7 +20,7 @@ from taskscheduler.agent.runjournal import parse_run_id, run_id
 from taskscheduler.agent.runner import ProcessRunner
 from taskscheduler.agent.spool import Spool
 from taskscheduler.protocol import Output, ResultStatus, RunResult, TaskSpec, Trigger, parse_result
-from taskscheduler.protocol.options import TaskOptions
+from taskscheduler.protocol.options import Overlap, TaskOptions
 from taskscheduler.schedule import format_instant
 from tests.unit.agent_fakes import ANCHOR, ANCHOR_SECONDS, Agent, FakeServer, FakeThread, spec
 from tests.unit.fakes_process import GroupKiller
@@ -284,3 +284,32 @@ def test_a_retry_under_way_keeps_its_task_running_when_the_attempt_before_settle
     assert scheduler.running == 1
     scheduler.fire(task, at(61), Trigger.MANUAL)
     assert len(agent.runner.runs) == 2, "skip-on-overlap holds for the retry under way"
+
+
+def test_a_replacing_run_drops_the_retry_waiting_and_allow_counts_it(tmp_path: Path) -> None:
+    agent = start(tmp_path, 55)
+    scheduler = agent.service.scheduler
+    assert scheduler is not None
+    options = TaskOptions(retries=1, retry_delay=timedelta(seconds=30), overlap=Overlap.REPLACE)
+    task = replace(spec(every="every 60 seconds"), options=options)
+    scheduler.schedule(task)
+    agent.advance_to(60)
+    agent.runner.finish(agent.runner.runs[0], exit_code=1, status=FAILED)
+    agent.advance_to(70)
+    scheduler.fire(task, at(70) + timedelta(microseconds=1), Trigger.MANUAL)
+    agent.advance_to(119)
+    assert [r.attempt for r in agent.runner.runs] == [1, 1], "the retry was replaced"
+    # With "allow", a retry waiting is one of the task's runs under max_concurrent.
+    allow = TaskOptions(
+        retries=1, retry_delay=timedelta(seconds=30), overlap=Overlap.ALLOW, max_concurrent=1
+    )
+    allowed = replace(spec(every="every 60 seconds"), options=allow)
+    scheduler.unschedule(task.task_id)
+    scheduler.schedule(allowed)
+    agent.advance_to(120)
+    assert agent.runner.runs[-1].key == (allowed.task_id, at(120))
+    agent.runner.finish(agent.runner.runs[-1], exit_code=1, status=FAILED)
+    agent.settle()
+    count = len(agent.runner.runs)
+    scheduler.fire(allowed, at(121), Trigger.MANUAL)
+    assert len(agent.runner.runs) == count
