@@ -313,3 +313,18 @@ def test_a_replacing_run_drops_the_retry_waiting_and_allow_counts_it(tmp_path: P
     count = len(agent.runner.runs)
     scheduler.fire(allowed, at(121), Trigger.MANUAL)
     assert len(agent.runner.runs) == count
+
+
+def test_a_command_that_could_not_start_is_retried_too(tmp_path: Path) -> None:
+    agent = start(tmp_path, 55)
+    agent.service.scheduler.schedule(retrying(retries=1, delay=5))  # type: ignore[union-attr]
+    agent.runner.fail_to_start = True
+    agent.advance_to(60)
+    assert agent.runner.runs == []
+    agent.runner.fail_to_start = False
+    agent.advance_to(65)
+    [retry] = agent.runner.runs
+    assert retry.attempt == 2
+    agent.runner.finish(retry)
+    agent.settle()
+    assert attempts(agent) == [(1, FAILED, False), (2, ResultStatus.SUCCEEDED, True)]
