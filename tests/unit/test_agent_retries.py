@@ -19,6 +19,7 @@ from taskscheduler.agent.retries import Attempt, retry_start
 from taskscheduler.agent.runjournal import parse_run_id, run_id
 from taskscheduler.agent.runner import ProcessRunner
 from taskscheduler.agent.spool import Spool
+from taskscheduler.cron import parse_cron
 from taskscheduler.protocol import Output, ResultStatus, RunResult, TaskSpec, Trigger, parse_result
 from taskscheduler.protocol.options import Overlap, TaskOptions
 from taskscheduler.schedule import format_instant
@@ -328,3 +329,23 @@ def test_a_command_that_could_not_start_is_retried_too(tmp_path: Path) -> None:
     agent.runner.finish(retry)
     agent.settle()
     assert attempts(agent) == [(1, FAILED, False), (2, ResultStatus.SUCCEEDED, True)]
+
+
+def test_a_cron_tasks_retry_is_bounded_by_its_next_cron_time() -> None:
+    # 02:30 every day in Paris, from the night of the spring-forward gap: the next time
+    # after it is on the next cron time, not a fixed day later.
+    options = TaskOptions(retries=1, retry_delay=timedelta(hours=1))
+    daily = TaskSpec(
+        task_id=uuid.uuid4(),
+        command="false",
+        frequency=None,
+        cron=parse_cron("30 2 * * *", "Europe/Paris"),
+        anchor=datetime(2026, 3, 1, tzinfo=UTC),
+        time_limit=timedelta(seconds=10),
+        options=options,
+    )
+    first = Attempt(daily, datetime(2026, 3, 29, 1, 0, tzinfo=UTC))  # 03:00, the gap's end
+    # The next time is the 30th at 02:30 summer time: 00:30 UTC.
+    just_before = datetime(2026, 3, 29, 23, 29, 59, tzinfo=UTC)
+    assert retry_start(first, FAILED, just_before) == just_before + timedelta(hours=1)
+    assert retry_start(first, FAILED, datetime(2026, 3, 29, 23, 30, tzinfo=UTC)) is None
