@@ -30,7 +30,7 @@ from taskscheduler.server.openapi.responses import (
     server_codes,
     server_kinds,
 )
-from taskscheduler.server.openapi.tasks import FREQUENCY_PATTERN
+from taskscheduler.server.openapi.task_schemas import FREQUENCY_PATTERN
 from taskscheduler.web.errors import STORAGE_UNAVAILABLE
 from taskscheduler.web.gate import Access
 from tests.unit.test_server_api import (

@@ -16,7 +16,7 @@ import importlib.metadata
 import json
 from typing import Any
 
-from taskscheduler.server.openapi import agents, options, results, tasks
+from taskscheduler.server.openapi import agents, options, results, task_schemas, tasks
 from taskscheduler.server.openapi.operations import UUID_PATTERN
 from taskscheduler.server.openapi.responses import error_component
 
@@ -66,7 +66,7 @@ def document() -> dict[str, Any]:
             "schemas": {
                 "Error": error_component(),
                 "Uuid": {"type": "string", "pattern": UUID_PATTERN},
-                **tasks.schemas(),
+                **task_schemas.schemas(),
                 **options.schemas(),
                 **results.schemas(),
                 **agents.schemas(),
