@@ -94,6 +94,14 @@ class Options(usage.Options):
             "within 3 of them [TASKSCHEDULER_HEARTBEAT_INTERVAL] (default: 10).",
         ],
         [
+            "claim-grace",
+            None,
+            None,
+            "Seconds after an instant of a run-on-one task during which only the agent "
+            "the server chose may run it; past them any agent of the task may (at most "
+            "half the task's interval) [TASKSCHEDULER_CLAIM_GRACE] (default: 5).",
+        ],
+        [
             "report-grace",
             None,
             None,
@@ -278,6 +286,9 @@ class Options(usage.Options):
         self["heartbeat-interval"] = _positive_number(
             self["heartbeat-interval"] or _env("TASKSCHEDULER_HEARTBEAT_INTERVAL", "10"),
             "heartbeat-interval",
+        )
+        self["claim-grace"] = _positive_number(
+            self["claim-grace"] or _env("TASKSCHEDULER_CLAIM_GRACE", "5"), "claim-grace"
         )
         self["report-grace"] = _positive_number(
             self["report-grace"] or _env("TASKSCHEDULER_REPORT_GRACE", "30"), "report-grace"

@@ -159,6 +159,7 @@ def server_service(
         on_fleet_changed=dispatcher.fleet_changed,
         on_agent_relabelled=dispatcher.agent_relabelled,
         heartbeat_interval=options["heartbeat-interval"],
+        claim_grace=timedelta(seconds=options["claim-grace"]),
     )
     hosts = host_policy_for(options["host-policy"], tokens is not None and len(tokens) > 0)
     site = make_site(

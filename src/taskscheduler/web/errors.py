@@ -186,6 +186,23 @@ IMPERSONATION = ErrorKind(
 TOO_EARLY = ErrorKind(
     protocol.RETRY_LATER_RESULT_ERRORS["too_early"], "too_early", "{why}; send it again later"
 )
+# Claims of instants of run-on-one tasks (agents, before they start one).
+CLAIM_SUPERSEDED = ErrorKind(
+    http.CONFLICT,
+    "superseded",
+    "this claim names a revision of the task other than the one in effect at its instant",
+)
+CLAIM_TASK_PAUSED = ErrorKind(
+    http.CONFLICT, "task_paused", "this claim's instant falls while the task is paused"
+)
+CLAIM_AFTER_DELETION = ErrorKind(
+    http.NOT_FOUND, "task_deleted", "this task was deleted before this claim's instant"
+)
+NOT_RUN_ON_ONE = ErrorKind(
+    http.CONFLICT,
+    "not_run_on_one",
+    "this task runs on every agent (run_on all): its instants are not claimed",
+)
 UNKNOWN_AGENT = ErrorKind(http.NOT_FOUND, "unknown_agent", "no agent has this id")
 UNKNOWN_LIVE_AGENT = ErrorKind(http.NOT_FOUND, "unknown_agent", "no live agent has this id")
 NOT_IN_FLEET = ErrorKind(http.NOT_FOUND, "not_in_fleet", "this URL is not in the fleet")

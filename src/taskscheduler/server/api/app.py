@@ -24,6 +24,7 @@ from taskscheduler.server.access import ServerAccess
 from taskscheduler.server.api.agents import AgentRoutes
 from taskscheduler.server.api.audit import AuditRoutes
 from taskscheduler.server.api.base import routes
+from taskscheduler.server.api.claims import DEFAULT_CLAIM_GRACE, ClaimRoutes
 from taskscheduler.server.api.fleet import DEFAULT_HEARTBEAT_INTERVAL, FleetRoutes
 from taskscheduler.server.api.openapi import OpenAPIRoutes
 from taskscheduler.server.api.results import ResultRoutes
@@ -50,7 +51,9 @@ SERVER_ERRORS: dict[type[Exception], DomainError] = {
 }
 
 
-class ServerAPI(TaskRoutes, ResultRoutes, AgentRoutes, FleetRoutes, AuditRoutes, OpenAPIRoutes):
+class ServerAPI(
+    TaskRoutes, ResultRoutes, ClaimRoutes, AgentRoutes, FleetRoutes, AuditRoutes, OpenAPIRoutes
+):
     """The HTTP API of ``twistd taskscheduler-server``."""
 
     #: Who may call each route (by endpoint name). A route missing here is refused.
@@ -77,6 +80,7 @@ class ServerAPI(TaskRoutes, ResultRoutes, AgentRoutes, FleetRoutes, AuditRoutes,
         "audit": Access.OPERATOR,
         "complete": Access.AGENT,
         "complete_batch": Access.AGENT,
+        "claim_instant": Access.AGENT,
         "enrol": Access.JOIN,
         "health": Access.PUBLIC,
         "openapi": Access.PUBLIC,
@@ -100,6 +104,7 @@ class ServerAPI(TaskRoutes, ResultRoutes, AgentRoutes, FleetRoutes, AuditRoutes,
         on_fleet_changed: Callable[[], None] = lambda: None,
         heartbeat_interval: float = DEFAULT_HEARTBEAT_INTERVAL,
         on_agent_relabelled: Callable[[str], None] = lambda url: None,
+        claim_grace: timedelta = DEFAULT_CLAIM_GRACE,
     ) -> None:
         self._store = store
         self._clock = clock
@@ -116,6 +121,7 @@ class ServerAPI(TaskRoutes, ResultRoutes, AgentRoutes, FleetRoutes, AuditRoutes,
         self._on_fleet_changed = on_fleet_changed
         self._on_agent_relabelled = on_agent_relabelled
         self._heartbeat_interval = heartbeat_interval
+        self._claim_grace = claim_grace
         self._in_fleet_seen = {}
         self._assignments: set[tuple[str, uuid.UUID]] = set()
         # Per operator token: one client's burst must not hold back everyone's tasks.

@@ -47,6 +47,7 @@ class Routes:
     _clock_allowance: timedelta
     _assignments: set[tuple[str, uuid.UUID]]
     _create_limiter: RateLimiter
+    _heartbeat_interval: float
 
     def _now(self) -> datetime:
         return utc_now_from(self._clock.seconds())

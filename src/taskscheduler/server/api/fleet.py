@@ -123,7 +123,6 @@ def missing_agents_json(
 class FleetRoutes(Routes):
     """The fleet, the heartbeat and the agents' states."""
 
-    _heartbeat_interval: float
     #: agent_id -> whether it was in the fleet when last heard of (a warning per change).
     _in_fleet_seen: dict[uuid.UUID, bool]
 

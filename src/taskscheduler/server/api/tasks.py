@@ -24,6 +24,7 @@ from taskscheduler.protocol.options import (
 from taskscheduler.schedule import InstantOutOfRange, format_instant, parse_instant
 from taskscheduler.server.access import principal_of
 from taskscheduler.server.api.base import Routes, routes
+from taskscheduler.server.api.claims import online_since
 from taskscheduler.server.api.fleet import missing_agents_json
 from taskscheduler.server.api.targets import refuse_unknown_agents
 from taskscheduler.server.api.views import execution_json, latest_output_json, task_json
@@ -314,7 +315,9 @@ class TaskRoutes(Routes):
         execution = None
         for _ in range(_MANUAL_INSTANT_TRIES):
             try:
-                execution = await self._store.record_manual_execution(parsed, at, audit)
+                execution = await self._store.record_manual_execution(
+                    parsed, at, audit, online_since(self._now(), self._heartbeat_interval)
+                )
                 break
             except ValueError:  # another run-now took this very microsecond
                 at = manual_instant(at + _USEC, task.spec.schedule)

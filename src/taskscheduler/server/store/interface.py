@@ -19,6 +19,8 @@ from taskscheduler.protocol.labels import NO_LABELS
 from taskscheduler.server.store.records import (
     AgentRecord,
     AuditEvent,
+    Claim,
+    ClaimAnswer,
     Execution,
     ExecutionSummary,
     FleetMember,
@@ -131,12 +133,20 @@ class Store(Protocol):
         ``(task, False)`` and nothing written if not paused; None if no live task."""
 
     async def record_manual_execution(
-        self, task_id: uuid.UUID, scheduled_at: datetime, audit: AuditEvent
+        self,
+        task_id: uuid.UUID,
+        scheduled_at: datetime,
+        audit: AuditEvent,
+        online_since: datetime | None = None,
     ) -> Execution | None:
         """Record a run-now of the live task at ``scheduled_at`` (its current revision,
         expecting every agent assigned now, each due a delivery: :meth:`pending_manual_runs`),
         with ``audit``. None if no live task; ValueError if an execution of the task is
-        already recorded at that instant (two run-nows in one microsecond)."""
+        already recorded at that instant (two run-nows in one microsecond).
+
+        A run-on-one task's run-now expects, and is delivered to, one agent only
+        (:func:`rules.manual_choice` among those heard from since ``online_since``), which
+        holds the instant's claim."""
 
     async def pending_manual_runs(
         self, agent_url: str, now: datetime, limit: int
@@ -232,6 +242,15 @@ class Store(Protocol):
     ) -> set[uuid.UUID]:
         """The agent still has these tasks: make those that are deleted or paused (and
         assigned to it) due for removal again. Returns them."""
+
+    async def claim_instant(
+        self, claim: Claim, now: datetime, grace: timedelta, online_since: datetime
+    ) -> ClaimAnswer:
+        """Answer an agent's claim of an instant of a run-on-one task
+        (:func:`rules.claim_verdict`): at most one agent is ever GRANTED one (task,
+        instant), and is granted it again if it asks again; ``online_since``: agents
+        heard from since are online; ``grace``: ``--claim-grace``. Raises nothing for an
+        unknown task: the answer says so."""
 
     # -- agents and the audit log ------------------------------------------------------
 

@@ -18,6 +18,7 @@ from dataclasses import replace
 from datetime import datetime
 
 from taskscheduler.protocol import TaskSpec
+from taskscheduler.server.store.memory_claims import MemoryClaims
 from taskscheduler.server.store.memory_fleet import MemoryFleet
 from taskscheduler.server.store.memory_results import MemoryResults
 from taskscheduler.server.store.memory_state import Assignment
@@ -25,9 +26,10 @@ from taskscheduler.server.store.records import AuditEvent, Task, TaskChange, Tas
 from taskscheduler.server.store.rules import change_details, revise, revision_of, utc, utc_spec
 
 
-class MemoryStore(MemoryFleet, MemoryResults):
+class MemoryStore(MemoryFleet, MemoryResults, MemoryClaims):
     """The whole Store contract, in dictionaries: tasks and the audit log here, the other
-    domains in :class:`MemoryFleet` and :class:`MemoryResults`, over :class:`MemoryState`."""
+    domains in :class:`MemoryFleet`, :class:`MemoryResults` and :class:`MemoryClaims`, over
+    :class:`MemoryState`."""
 
     async def start(self) -> None:
         pass

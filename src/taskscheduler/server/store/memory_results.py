@@ -11,6 +11,7 @@ from dataclasses import replace
 from datetime import datetime, timedelta
 
 from taskscheduler.protocol import RunResult, Trigger
+from taskscheduler.protocol.options import RunOn
 from taskscheduler.server.store.fleet import expected_urls
 from taskscheduler.server.store.memory_state import ManualDelivery, MemoryExecution, MemoryState
 from taskscheduler.server.store.records import (
@@ -21,12 +22,15 @@ from taskscheduler.server.store.records import (
     UnknownTask,
 )
 from taskscheduler.server.store.rules import (
+    claimed_expected,
     is_complete,
     is_manual,
     last_attempts,
+    manual_choice,
     manual_run_deadline,
     manual_verdict,
     newest_kept,
+    online_urls,
     reported_agents,
     same_result,
     scheduled_verdict,
@@ -60,7 +64,11 @@ class MemoryResults(MemoryState):
         return found
 
     async def record_manual_execution(
-        self, task_id: uuid.UUID, scheduled_at: datetime, audit: AuditEvent
+        self,
+        task_id: uuid.UUID,
+        scheduled_at: datetime,
+        audit: AuditEvent,
+        online_since: datetime | None = None,
     ) -> Execution | None:
         task = self._live(task_id)
         if task is None:
@@ -69,6 +77,13 @@ class MemoryResults(MemoryState):
         if at in self._executions[task_id]:
             raise ValueError(f"task {task_id} already has an execution at {at}")
         urls = expected_urls(self._matched_urls(task_id), self._agents.values())
+        if task.spec.options.run_on is RunOn.ONE:
+            # One agent runs it: claimed for it, so the execution expects it alone.
+            online = online_urls(self._agents.values(), online_since or at)
+            chosen = manual_choice(task_id, at, urls, online)
+            if chosen is not None:
+                self._claims.setdefault((task_id, at), (None, chosen))
+            urls = claimed_expected(urls, self._claimed_url(task_id, at))
         execution = MemoryExecution(urls, Trigger.MANUAL, task.spec.revision)
         self._executions[task_id][at] = execution
         deadline = manual_run_deadline(at, task.spec.interval)
@@ -118,7 +133,10 @@ class MemoryResults(MemoryState):
             if execution is not None and execution.trigger is Trigger.MANUAL:
                 return RecordOutcome.MISALIGNED  # (a run-now is never on the grid)
         if execution is None:
-            expected = expected_urls(self._matched_urls(result.task_id), self._agents.values())
+            expected = claimed_expected(
+                expected_urls(self._matched_urls(result.task_id), self._agents.values()),
+                self._claimed_url(result.task_id, result.scheduled_at),
+            )
             execution = MemoryExecution(expected, revision=revision)
             executions[result.scheduled_at] = execution
         # Each attempt is a result of its own; the agent's last one is its result.
@@ -182,4 +200,11 @@ class MemoryResults(MemoryState):
         )[:limit]
         for at, task_id in old:
             del self._executions[task_id][at]
+        gone = [
+            key
+            for key in self._claims
+            if key[1] < cutoff and key[1] not in self._executions.get(key[0], {})
+        ]
+        for key in sorted(gone, key=lambda k: k[1])[:limit]:
+            del self._claims[key]
         return len(old)

@@ -91,6 +91,8 @@ class MemoryState:
         self._pauses: dict[uuid.UUID, list[tuple[datetime, datetime | None]]] = {}
         # (task_id, scheduled_at, agent_url) -> a run-now to deliver
         self._manual: dict[tuple[uuid.UUID, datetime, str], ManualDelivery] = {}
+        # (task_id, scheduled_at) -> (holder's agent_id or None for a run-now's, its URL)
+        self._claims: dict[tuple[uuid.UUID, datetime], tuple[uuid.UUID | None, str]] = {}
         self._agents: dict[uuid.UUID, AgentRecord] = {}
         self._credentials: dict[str, uuid.UUID] = {}
         self._audit: list[AuditEvent] = []
@@ -142,3 +144,8 @@ class MemoryState:
     def _live(self, task_id: uuid.UUID) -> Task | None:
         task = self._tasks.get(task_id)
         return None if task is None or task.deleted else task
+
+    def _claimed_url(self, task_id: uuid.UUID, scheduled_at: datetime) -> str | None:
+        """The URL of the agent holding the instant's claim (run on one), if claimed."""
+        held = self._claims.get((task_id, scheduled_at))
+        return None if held is None else held[1]

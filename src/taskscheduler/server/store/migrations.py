@@ -250,6 +250,20 @@ MIGRATIONS: list[str] = [
     ALTER TABLE results DROP CONSTRAINT results_pkey;
     ALTER TABLE results ADD PRIMARY KEY (task_id, scheduled_at, agent_id, attempt);
     """,
+    # 13: claims. The one agent that runs each instant of a run-on-one task (the first
+    # claim the server granted, or the agent a run-now went to); the primary key lets
+    # one in. Pruned with the history (by scheduled_at).
+    """
+    CREATE TABLE claims (
+        task_id uuid NOT NULL REFERENCES tasks,
+        scheduled_at timestamptz NOT NULL,
+        agent_id uuid,                         -- NULL: a run-now, to whoever is at agent_url
+        agent_url text NOT NULL,
+        claimed_at timestamptz NOT NULL,
+        PRIMARY KEY (task_id, scheduled_at)
+    );
+    CREATE INDEX claims_by_scheduled_at ON claims (scheduled_at);
+    """,
 ]
 
 

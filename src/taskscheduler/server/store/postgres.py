@@ -18,6 +18,7 @@ from taskscheduler.protocol import RunResult, TaskSpec
 from taskscheduler.protocol.labels import NO_LABELS
 from taskscheduler.server.store.agents import Agents
 from taskscheduler.server.store.audit import Audit
+from taskscheduler.server.store.claims import Claims
 from taskscheduler.server.store.deliveries import Deliveries
 from taskscheduler.server.store.fleet import Fleet
 from taskscheduler.server.store.migrations import Migrator
@@ -26,6 +27,8 @@ from taskscheduler.server.store.recording import Recording
 from taskscheduler.server.store.records import (
     AgentRecord,
     AuditEvent,
+    Claim,
+    ClaimAnswer,
     Execution,
     ExecutionSummary,
     FleetMember,
@@ -79,6 +82,7 @@ class PostgresStore:
         self.agents = Agents(self.db)
         self.fleet = Fleet(self.db)
         self.audit = Audit(self.db)
+        self.claims = Claims(self.db)
 
     # -- lifecycle ----------------------------------------------------------------------
 
@@ -156,9 +160,20 @@ class PostgresStore:
         return await self.tasks.resume_task(task_id, at, audit)
 
     async def record_manual_execution(
-        self, task_id: uuid.UUID, scheduled_at: datetime, audit: AuditEvent
+        self,
+        task_id: uuid.UUID,
+        scheduled_at: datetime,
+        audit: AuditEvent,
+        online_since: datetime | None = None,
     ) -> Execution | None:
-        return await self.recording.record_manual_execution(task_id, scheduled_at, audit)
+        return await self.recording.record_manual_execution(
+            task_id, scheduled_at, audit, online_since
+        )
+
+    async def claim_instant(
+        self, claim: Claim, now: datetime, grace: timedelta, online_since: datetime
+    ) -> ClaimAnswer:
+        return await self.claims.claim_instant(claim, now, grace, online_since)
 
     async def pending_manual_runs(
         self, agent_url: str, now: datetime, limit: int

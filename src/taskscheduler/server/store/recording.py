@@ -18,14 +18,16 @@ import psycopg2.errors
 
 from taskscheduler.cron import parse_cron
 from taskscheduler.protocol import RunResult, Trigger
+from taskscheduler.protocol.options import RunOn
 from taskscheduler.server.store.audit import insert_audit
-from taskscheduler.server.store.fleet import EXPECTED_URLS_SQL
+from taskscheduler.server.store.claims import EXPECTED_SQL, insert_claim, task_agents
 from taskscheduler.server.store.pool import Cursor, Database
 from taskscheduler.server.store.records import AuditEvent, Execution, RecordOutcome
 from taskscheduler.server.store.rules import (
     Pause,
     Revision,
     is_manual,
+    manual_choice,
     manual_run_deadline,
     manual_verdict,
     result_digest,
@@ -42,13 +44,14 @@ from taskscheduler.server.store.rules import (
 #: of the results inserted; the others were already stored, or are of instants after
 #: their task's deletion (:func:`rules.after_deletion`: neither an execution nor a result
 #: is made for those). An execution is marked complete once it has every result it
-#: expects (:func:`rules.reported_enough`); the agents expected are :func:`fleet.expected_urls`.
+#: expects (:func:`rules.reported_enough`); the agents expected are :func:`fleet.expected_urls`,
+#: or the holder of the instant's claim (run on one: :data:`claims.EXPECTED_SQL`).
 RECORD_SQL = f"""
 INSERT INTO executions (task_id, scheduled_at, expected, expected_urls, revision)
 SELECT v.task_id, v.scheduled_at, cardinality(x.urls), x.urls, v.revision
 FROM unnest(%(e_task)s::uuid[], %(e_at)s::timestamptz[], %(e_revision)s::integer[])
      AS v (task_id, scheduled_at, revision)
-CROSS JOIN LATERAL (SELECT {EXPECTED_URLS_SQL} AS urls) x
+CROSS JOIN LATERAL (SELECT {EXPECTED_SQL} AS urls) x
 WHERE NOT EXISTS (SELECT 1 FROM tasks t
                   WHERE t.task_id = v.task_id AND t.deleted_at < v.scheduled_at)
 ON CONFLICT DO NOTHING;
@@ -313,26 +316,36 @@ class Recording:
         return [outcome for outcome in outcomes if outcome is not None]
 
     async def record_manual_execution(
-        self, task_id: uuid.UUID, scheduled_at: datetime, audit: AuditEvent
+        self,
+        task_id: uuid.UUID,
+        scheduled_at: datetime,
+        audit: AuditEvent,
+        online_since: datetime | None = None,
     ) -> Execution | None:
         at = utc(scheduled_at)
 
         async def operation(cursor: Cursor) -> Execution | None:
             await cursor.execute(
-                "SELECT revision, interval_seconds, cron, timezone FROM tasks"
+                "SELECT revision, interval_seconds, cron, timezone, options->>'run_on' FROM tasks"
                 " WHERE task_id = %s::uuid AND deleted_at IS NULL FOR SHARE",
                 (str(task_id),),
             )
             row = cursor.fetchone()
             if row is None:
                 return None
-            revision, interval, cron, zone = row
+            revision, interval, cron, zone, run_on = row
             typical = (
                 timedelta(seconds=interval)
                 if cron is None
                 else parse_cron(cron, zone).typical_interval()
             )
             deadline = manual_run_deadline(at, typical)
+            if run_on == RunOn.ONE:
+                # One agent runs it: claimed for it, so the execution expects it alone.
+                assigned, online = await task_agents(cursor, task_id, online_since or at)
+                chosen = manual_choice(task_id, at, assigned, online)
+                if chosen is not None:
+                    await insert_claim(cursor, task_id, at, None, chosen, at)
             await cursor.execute(
                 f"""
                 INSERT INTO executions (task_id, scheduled_at, expected, expected_urls,
@@ -340,8 +353,8 @@ class Recording:
                 SELECT v.task_id, %(at)s, cardinality(x.urls), x.urls,
                        CASE WHEN cardinality(x.urls) = 0 THEN %(at)s::timestamptz END,
                        'manual', %(revision)s
-                FROM (SELECT %(task_id)s::uuid AS task_id) v
-                CROSS JOIN LATERAL (SELECT {EXPECTED_URLS_SQL} AS urls) x
+                FROM (SELECT %(task_id)s::uuid AS task_id, %(at)s::timestamptz AS scheduled_at) v
+                CROSS JOIN LATERAL (SELECT {EXPECTED_SQL} AS urls) x
                 RETURNING expected_urls;
                 """,
                 {"task_id": str(task_id), "at": at, "revision": revision},

@@ -225,3 +225,48 @@ class ManualRun:
     scheduled_at: datetime
     revision: int
     deadline: datetime  # past it the agent would skip it: no point delivering it
+
+
+class ClaimStatus(enum.StrEnum):
+    """The answer to an agent's claim of an instant of a run-on-one task."""
+
+    GRANTED = "granted"  # this agent runs the instant (it holds the claim)
+    HELD = "held"  # another agent holds it: this one records nothing for the instant
+    WAIT = "wait"  # another agent is preferred: ask again at ``retry_at``
+
+
+@dataclass(frozen=True)
+class Claim:
+    """An agent asks to run the instant ``scheduled_at`` of a run-on-one task, at the
+    task's ``revision`` (the one it holds)."""
+
+    task_id: uuid.UUID
+    scheduled_at: datetime
+    agent_id: uuid.UUID
+    agent_url: str
+    revision: int
+
+
+@dataclass(frozen=True)
+class ClaimAnswer:
+    """The store's answer to a :class:`Claim`: a status (``holder``: the agent that
+    holds it, if any; ``retry_at``: when to ask again, for WAIT), or ``refused`` with the
+    reason the instant cannot be claimed by anyone (or not by this agent)."""
+
+    status: ClaimStatus | None
+    holder: uuid.UUID | None = None
+    retry_at: datetime | None = None
+    refused: ClaimRefusal | None = None
+
+
+class ClaimRefusal(enum.StrEnum):
+    """Why a claim is refused: the result rules (:func:`rules.scheduled_verdict`), or the
+    claimer, or the task's way of running."""
+
+    UNKNOWN_TASK = "unknown_task"
+    MISALIGNED = "misaligned"
+    SUPERSEDED = "superseded"
+    DELETED = "deleted"
+    TASK_PAUSED = "task_paused"
+    NOT_ASSIGNED = "not_assigned"  # the claimer is not one of the task's agents
+    NOT_RUN_ON_ONE = "not_run_on_one"  # every agent runs this task: nothing to claim

@@ -103,6 +103,18 @@ WITH doomed AS (
 DELETE FROM executions WHERE ctid = ANY(ARRAY(SELECT ctid FROM doomed))
 """
 
+#: Claims (run on one) of instants before the cutoff whose execution is gone (pruned,
+#: or never made: no result came), oldest first.
+PRUNE_CLAIMS_SQL = """
+DELETE FROM claims WHERE ctid = ANY(ARRAY(
+    SELECT c.ctid FROM claims c
+    WHERE c.scheduled_at < %(before)s
+      AND NOT EXISTS (SELECT 1 FROM executions e
+                      WHERE e.task_id = c.task_id AND e.scheduled_at = c.scheduled_at)
+    ORDER BY c.scheduled_at LIMIT %(limit)s
+    FOR UPDATE SKIP LOCKED))
+"""
+
 #: Each task's newest execution: the status of each agent's last attempt, and how many of
 #: those are final.
 LAST_EXECUTIONS_SQL = """
@@ -244,7 +256,9 @@ class Results:
     async def prune_history(self, before: datetime, limit: int, keep: int = 0) -> int:
         async def operation(cursor: Cursor) -> int:
             await cursor.execute(PRUNE_SQL, {"before": before, "limit": limit, "keep": keep})
-            return int(cursor.rowcount)
+            pruned = int(cursor.rowcount)
+            await cursor.execute(PRUNE_CLAIMS_SQL, {"before": before, "limit": limit})
+            return pruned
 
         return await self._db.run(operation, transaction=False)
 
