@@ -39,14 +39,20 @@ from __future__ import annotations
 
 import uuid
 from collections.abc import Callable, Mapping
-from datetime import datetime
+from datetime import datetime, timedelta
 from typing import Any, Protocol
 
 from twisted.internet.defer import Deferred, fail
 from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
 
-from taskscheduler.agent.admission import DEFAULT_MAX_RUNNING, DEFAULT_STARTING_DEADLINE, refusal
+from taskscheduler.agent.admission import (
+    DEFAULT_MAX_RUNNING,
+    DEFAULT_STARTING_DEADLINE,
+    refusal,
+    starting_deadline_for,
+)
+from taskscheduler.agent.claims import ClaimClient, Claims, needs_claim
 from taskscheduler.agent.clocksteps import STEP_THRESHOLD, ClockSteps
 from taskscheduler.agent.cronloop import CronLoop
 from taskscheduler.agent.inflight import RunsInFlight
@@ -115,12 +121,14 @@ class Scheduler:
         starting_deadline: float | None = DEFAULT_STARTING_DEADLINE,
         max_running: int = DEFAULT_MAX_RUNNING,
         last_runs: LastRuns | None = None,
+        claim_client: ClaimClient | None = None,
     ) -> None:
         """``clock`` is the reactor, whose time is the wall clock.
 
         ``monotonic`` and ``watchdog`` are :class:`~taskscheduler.agent.clocksteps.ClockSteps`'s.
         ``last_runs`` holds the instants a previous life of the agent fired (by default
-        none, and nothing recorded).
+        none, and nothing recorded). ``claim_client`` claims run-on-one instants from the
+        server (:mod:`.claims`); without it they run as any other.
         """
         self._clock = clock
         self._runner = runner
@@ -143,6 +151,9 @@ class Scheduler:
         # Manual runs whose acceptance is being written, and the deliveries that wait.
         self._accepting: dict[tuple[uuid.UUID, datetime], list[Deferred[None]]] = {}
         self._stopped = False
+        self._claims = None
+        if claim_client is not None:
+            self._claims = Claims(clock, claim_client, self._labels.now, self._deadline_of)
 
     @property
     def tasks(self) -> dict[uuid.UUID, TaskSpec]:
@@ -185,6 +196,8 @@ class Scheduler:
         """Start no more runs; the runs under way go on."""
         self._stopped = True
         self._runs.drop_retries()  # a retry is not kept across a restart: see retries
+        if self._claims is not None:
+            self._claims.stop()
         for loop in self._loops.values():
             loop.stop()
         self._steps.stop()
@@ -285,21 +298,37 @@ class Scheduler:
         return True
 
     def fire(
-        self, spec: TaskSpec, scheduled_at: datetime, trigger: Trigger = Trigger.SCHEDULE
+        self,
+        spec: TaskSpec,
+        scheduled_at: datetime,
+        trigger: Trigger = Trigger.SCHEDULE,
+        *,
+        claimed_late: float | None = None,
     ) -> None:
         """Start the run of ``scheduled_at`` now, or record it skipped with the reason.
-        A task whose overlap policy is ``replace`` has its runs going ended first."""
+
+        A task whose overlap policy is ``replace`` has its runs going ended first. A
+        run-on-one instant is claimed from the server first (:mod:`.claims`); once
+        granted it comes back here with ``claimed_late``: how late the agent asked."""
+        if claimed_late is None and self._claims is not None and needs_claim(spec, trigger):
+            self._claims.claim(
+                spec, scheduled_at, lambda late: self._granted(spec, scheduled_at, late)
+            )
+            return
+        now = self._labels.now()
+        if claimed_late is not None:  # late as when it asked, not the server's round trip
+            now = min(now, scheduled_at + timedelta(seconds=claimed_late))
         reason = refusal(
             spec,
             scheduled_at,
-            self._labels.now(),
+            now,
             task_runs=self._runs.count(spec.task_id),
             runs_in_flight=self._runner.running,
             max_running=self.max_running,
             starting_deadline=self.starting_deadline,
         )
         if reason is not None:
-            self.record_skip(spec, scheduled_at, reason, trigger=trigger)
+            self.record_skip(spec, scheduled_at, reason, trigger=trigger, claimed=True)
             return
         if spec.options.overlap is Overlap.REPLACE:
             self._runs.replace(spec.task_id, scheduled_at)
@@ -348,6 +377,16 @@ class Scheduler:
         self._start(attempt)
         return True
 
+    def _deadline_of(self, spec: TaskSpec) -> float:
+        return starting_deadline_for(spec.frequency.seconds, self.starting_deadline)
+
+    def _granted(self, spec: TaskSpec, scheduled_at: datetime, late: float) -> None:
+        """This agent holds the instant's claim: it runs it, or records why not."""
+        if self._stopped:
+            self.record_skip(spec, scheduled_at, "the agent was stopping", claimed=True)
+        else:
+            self.fire(spec, scheduled_at, claimed_late=late)
+
     def record_skip(
         self,
         spec: TaskSpec,
@@ -355,8 +394,15 @@ class Scheduler:
         reason: str,
         quiet: bool = False,
         trigger: Trigger = Trigger.SCHEDULE,
+        *,
+        claimed: bool = False,
     ) -> None:
-        """Record the instant ``scheduled_at`` as ``skipped``, with the reason."""
+        """Record the instant ``scheduled_at`` as ``skipped``, with the reason.
+
+        An instant of a run-on-one task this agent did not claim (one it came to too
+        late) is not recorded: another agent may have run it."""
+        if not claimed and self._claims is not None and needs_claim(spec, trigger):
+            return
         if not quiet:
             self.log.warn(
                 "task {task_id}: skipped {scheduled_at}: {reason}",

@@ -1,4 +1,5 @@
-"""The agent's client of its server's API: enrol, report one result, report a batch;
+"""The agent's client of its server's API: enrol, report one result, report a batch,
+claim an instant of a run-on-one task;
 it holds the agent's credential, and reads each answer into a typed outcome.
 
 Which answers are verdicts is decided here, once: only a taskscheduler server's own
@@ -14,6 +15,7 @@ import json
 import uuid
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
+from datetime import datetime
 from typing import Any
 
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
@@ -28,6 +30,7 @@ from taskscheduler.protocol import (
     RETRY_LATER_BATCH_STATUSES,
     RETRY_LATER_RESULT_ERRORS,
 )
+from taskscheduler.protocol.claims import CLAIM_STATUSES, FINAL_CLAIM_ERRORS, claim_body
 from taskscheduler.protocol.labels import NO_LABELS
 from taskscheduler.signing import KeyFileError, parse_public_key
 from taskscheduler.web.errors import PAYLOAD_TOO_LARGE
@@ -99,6 +102,15 @@ class HeartbeatAnswer:
     in_fleet: bool
     state: str
     interval_seconds: float | None
+
+
+@dataclass(frozen=True)
+class Claimed:
+    """The server's answer to a claim (run on one): ``granted`` (run it), ``held``
+    (another agent runs it) or ``wait`` (ask again in ``retry_after`` seconds)."""
+
+    status: str
+    retry_after: float = 0.0
 
 
 @dataclass(frozen=True)
@@ -213,6 +225,32 @@ class ServerClient:
             return Refused(f"the server answered {answer.describe()}")
         return RetryLater(f"the server answered {answer.describe()}")
 
+    async def claim(
+        self, task_id: uuid.UUID, scheduled_at: datetime, revision: int, *, timeout: float
+    ) -> Claimed | Refused | RetryLater:
+        """Ask to run the instant ``scheduled_at`` of a run-on-one task, waiting at most
+        ``timeout`` seconds. Refused: a verdict of the server's (the instant is not this
+        agent's to run); RetryLater: no answer that says (the agent does not run it)."""
+        path = f"/api/v1/tasks/{task_id}/claims"
+        answer = await self._post(
+            path,
+            claim_body(scheduled_at, revision),
+            self.credential,
+            MAX_ANSWER_BYTES,
+            timeout=min(timeout, self._timeout),
+        )
+        if isinstance(answer, RetryLater):
+            return answer
+        code = answer.error_code
+        if answer.status == 200 and isinstance(answer.body, dict):
+            status = answer.body.get("status")
+            after = answer.body.get("retry_after_seconds", 0.0)
+            if status in CLAIM_STATUSES and isinstance(after, int | float):
+                return Claimed(str(status), max(0.0, float(after)))
+        elif code is not None and FINAL_CLAIM_ERRORS.get(code) == answer.status:
+            return Refused(f"{answer.status} {code}: {answer.error_message}")
+        return RetryLater(f"the server answered {answer.describe()}")
+
     async def report(
         self, task_id: uuid.UUID, body: bytes
     ) -> Acknowledged | Refused | TooLarge | RetryLater:
@@ -264,7 +302,13 @@ class ServerClient:
         return BatchAnswered(verdicts)
 
     async def _post(
-        self, path: str, body: bytes, bearer: str | None, max_answer_bytes: int
+        self,
+        path: str,
+        body: bytes,
+        bearer: str | None,
+        max_answer_bytes: int,
+        *,
+        timeout: float | None = None,
     ) -> Answer | RetryLater:
         headers = {b"Content-Type": [b"application/json"]}
         if bearer is not None:
@@ -277,7 +321,7 @@ class ServerClient:
                 self.url + path,
                 body,
                 headers,
-                timeout=self._timeout,
+                timeout=self._timeout if timeout is None else timeout,
                 max_answer_bytes=max_answer_bytes,
             )
         except NoAnswer as e:

@@ -300,6 +300,7 @@ class AgentService(Service):
             starting_deadline=self.config.starting_deadline,
             max_running=self.config.max_running,
             last_runs=last_runs,
+            claim_client=client,
         )
         # Runs a previous life of the agent left: before any new run starts, so that a
         # task is never started while its run from before the restart is still going.
