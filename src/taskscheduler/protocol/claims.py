@@ -18,14 +18,13 @@ from datetime import datetime
 from typing import Any
 
 from taskscheduler.protocol.fields import InvalidMessage, parse_int, parse_time
+from taskscheduler.protocol.tasks import MAX_REVISION
 from taskscheduler.schedule import format_instant
 
 GRANTED = "granted"
 HELD = "held"
 WAIT = "wait"
 CLAIM_STATUSES = (GRANTED, HELD, WAIT)
-#: Largest revision a claim names (a task's revisions count its changes).
-MAX_REVISION = 2**31 - 1
 #: The errors a server gives a claim that refuse it for good (status by code).
 FINAL_CLAIM_ERRORS: Mapping[str, int] = {
     "invalid_request": 400,

@@ -16,7 +16,7 @@ import importlib.metadata
 import json
 from typing import Any
 
-from taskscheduler.server.openapi import agents, options, results, task_schemas, tasks
+from taskscheduler.server.openapi import agents, claims, options, results, task_schemas, tasks
 from taskscheduler.server.openapi.operations import UUID_PATTERN
 from taskscheduler.server.openapi.responses import error_component
 
@@ -61,7 +61,7 @@ def document() -> dict[str, Any]:
             {"name": "audit", "description": "who changed what"},
             {"name": "server", "description": "health and this document"},
         ],
-        "paths": {**tasks.paths(), **results.paths(), **agents.paths()},
+        "paths": {**tasks.paths(), **results.paths(), **claims.paths(), **agents.paths()},
         "components": {
             "schemas": {
                 "Error": error_component(),
@@ -69,6 +69,7 @@ def document() -> dict[str, Any]:
                 **task_schemas.schemas(),
                 **options.schemas(),
                 **results.schemas(),
+                **claims.schemas(),
                 **agents.schemas(),
             },
             "securitySchemes": {
