@@ -158,6 +158,9 @@ async def test_when_the_chosen_agent_is_gone_the_other_runs_its_instants_after_t
 ) -> None:
     await fleet.start()
     a, b = fleet.nodes
+    # B starts nothing more than 1 s late: taking over after the 2 s grace is not late,
+    # since B asks as soon as the server lets it.
+    b.scheduler.starting_deadline = 1.0
     fleet.advance(EVERY * 5)
     # A dies: it claims nothing more, but the server sees it online for 30 s more (3
     # heartbeat intervals), and keeps choosing it for some instants.
@@ -246,3 +249,20 @@ async def test_the_server_refuses_claims_that_are_not_the_agents_to_make(fleet: 
     assert isinstance(not_one, Refused) and not_one.reason.startswith("409 not_run_on_one")
     granted = await claim(fleet.task.task_id, at(1))
     assert isinstance(granted, Claimed) and granted.status in ("granted", "wait")
+
+
+@pytest_twisted.ensureDeferred
+async def test_instants_an_overloaded_agent_passed_over_are_not_recorded_by_it(
+    fleet: Fleet,
+) -> None:
+    """An agent that wakes up late records the instants it missed ``skipped``; not those
+    of a run-on-one task: another agent may have run them."""
+    await fleet.start()
+    a, b = fleet.nodes
+    fleet.clock.advance(EVERY * 2 + 6)  # from 5 s to 31 s in one late wake-up: 1 to 3 due
+    for _ in range(3):
+        fleet.http.flush()
+        fleet.clock.advance(0)
+    assert _spooled(a) == [] and _spooled(b) == []
+    # (the latest instant, 3, came 1 s late: within the starting deadline, it is claimed)
+    assert sorted(a.ran() + b.ran()) == [at(3)]
