@@ -20,7 +20,7 @@ from taskscheduler.cron import parse_cron
 from taskscheduler.protocol import RunResult, Trigger
 from taskscheduler.protocol.options import RunOn
 from taskscheduler.server.store.audit import insert_audit
-from taskscheduler.server.store.claims import EXPECTED_SQL, insert_claim, task_agents
+from taskscheduler.server.store.claimed import EXPECTED_SQL, insert_claim, task_agents
 from taskscheduler.server.store.pool import Cursor, Database
 from taskscheduler.server.store.records import AuditEvent, Execution, RecordOutcome
 from taskscheduler.server.store.rules import (
@@ -45,7 +45,7 @@ from taskscheduler.server.store.rules import (
 #: their task's deletion (:func:`rules.after_deletion`: neither an execution nor a result
 #: is made for those). An execution is marked complete once it has every result it
 #: expects (:func:`rules.reported_enough`); the agents expected are :func:`fleet.expected_urls`,
-#: or the holder of the instant's claim (run on one: :data:`claims.EXPECTED_SQL`).
+#: or the holder of the instant's claim (run on one: :data:`claimed.EXPECTED_SQL`).
 RECORD_SQL = f"""
 INSERT INTO executions (task_id, scheduled_at, expected, expected_urls, revision)
 SELECT v.task_id, v.scheduled_at, cardinality(x.urls), x.urls, v.revision
