@@ -247,8 +247,11 @@ async def test_the_server_refuses_claims_that_are_not_the_agents_to_make(fleet: 
     await fleet.store.create_task(everywhere, ANCHOR)
     not_one = await claim(everywhere.task_id, at(1))
     assert isinstance(not_one, Refused) and not_one.reason.startswith("409 not_run_on_one")
-    granted = await claim(fleet.task.task_id, at(1))
-    assert isinstance(granted, Claimed) and granted.status in ("granted", "wait")
+    # At 5 s, A asks for instant 1 (10 s), which the server chose B for: wait until 12 s.
+    assert chosen(fleet.task, 1) == B_URL
+    assert await claim(fleet.task.task_id, at(1)) == Claimed("wait", 7.0)
+    fleet.clock.advance(7)
+    assert await claim(fleet.task.task_id, at(1)) == Claimed("granted")
 
 
 @pytest_twisted.ensureDeferred

@@ -125,7 +125,8 @@ def paths() -> dict[str, Any]:
         "/api/v1/tasks/{task_id}/run": {
             "post": task_op(
                 "run_task",
-                "Run a task now, once, on every agent of the task (paused ones too)",
+                "Run a task now, once, on every agent of the task (paused ones too); on "
+                "one agent, chosen by the server, for a run_on one task",
                 "post",
                 answers={"202": answer("a manual execution at now", ref("ManualRun"))},
                 codes=CHANGE_TASK,
