@@ -12,6 +12,7 @@ from datetime import datetime, timedelta
 import pytest_twisted
 from twisted.internet.defer import DeferredList, ensureDeferred
 
+from taskscheduler.cron import parse_cron
 from taskscheduler.protocol import TaskSpec
 from taskscheduler.protocol.options import RunOn, TaskOptions
 from taskscheduler.server.store.interface import Store
@@ -223,3 +224,25 @@ async def test_pruning_history_drops_old_claims(store: Store) -> None:
     # The claim is gone with its instant: the next asker of that old instant gets it.
     again = await ask(store, claim_of(task.task_id, other, at(1)), at(1) + GRACE)
     assert again.status is ClaimStatus.GRANTED
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_cron_task_runs_on_one_too_its_grace_bounded_by_its_shortest_gap(
+    store: Store,
+) -> None:
+    # Every 4 s: the grace (5 s configured) is 2 s, half the gap between its instants.
+    cron = parse_cron("*/4 * * * * *", "Europe/Paris")
+    spec = dataclasses.replace(one_spec(), frequency=None, cron=cron)
+    task = await store.create_task(spec, ANCHOR)
+    await fleet_of_two(store, ANCHOR)
+    instant = cron.next_after(ANCHOR + timedelta(seconds=20))
+    chosen = chosen_agent(task.task_id, instant, [A_URL, B_URL])
+    other = B_URL if chosen == A_URL else A_URL
+    waited = await ask(store, claim_of(task.task_id, other, instant), instant)
+    assert (waited.status, waited.retry_at) == (ClaimStatus.WAIT, instant + timedelta(seconds=2))
+    taken = await ask(store, claim_of(task.task_id, other, instant), instant + timedelta(seconds=2))
+    assert taken.status is ClaimStatus.GRANTED
+    off = instant + timedelta(seconds=1)
+    assert (await ask(store, claim_of(task.task_id, chosen, off), off)).refused is (
+        ClaimRefusal.MISALIGNED
+    )

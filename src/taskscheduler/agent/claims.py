@@ -115,7 +115,7 @@ class Claims:
         self, spec: TaskSpec, scheduled_at: datetime, granted: Callable[[float], None]
     ) -> None:
         task_id, at = str(spec.task_id), format_instant(scheduled_at)
-        next_instant = scheduled_at + spec.frequency.interval
+        next_instant = spec.schedule.next_after(scheduled_at)
         may_ask_from = scheduled_at
         while True:
             asked = self._now()

@@ -378,7 +378,7 @@ class Scheduler:
         return True
 
     def _deadline_of(self, spec: TaskSpec) -> float:
-        return starting_deadline_for(spec.frequency.seconds, self.starting_deadline)
+        return starting_deadline_for(spec.interval.total_seconds(), self.starting_deadline)
 
     def _granted(self, spec: TaskSpec, scheduled_at: datetime, late: float) -> None:
         """This agent holds the instant's claim: it runs it, or records why not."""
