@@ -15,7 +15,7 @@ from typing import Any
 import pytest
 
 from taskscheduler.schedule import format_instant, parse_instant
-from taskscheduler.server.store.rules import chosen_agent
+from taskscheduler.server.store.claim_rules import chosen_agent
 from tests.integration.daemons import Fleet, http, running_fleet, wait_for
 
 pytestmark = pytest.mark.integration

@@ -27,9 +27,9 @@ from taskscheduler.protocol.options import RunOn, TaskOptions
 from taskscheduler.schedule import format_instant
 from taskscheduler.server.access import ServerAccess
 from taskscheduler.server.api.app import ServerAPI
+from taskscheduler.server.store.claim_rules import chosen_agent
 from taskscheduler.server.store.memory import MemoryStore
 from taskscheduler.server.store.records import AuditEvent, Heartbeat
-from taskscheduler.server.store.rules import chosen_agent
 from tests.unit.agent_fakes import ANCHOR, ANCHOR_SECONDS, SERVER, FakeRunner, UnreachableHttp, spec
 
 A_URL, B_URL = "http://agent-a:8081", "http://agent-b:8081"

@@ -16,14 +16,14 @@ from taskscheduler.agent.claims import Claims
 from taskscheduler.agent.server_client import Claimed, RetryLater
 from taskscheduler.protocol.options import RunOn, TaskOptions
 from taskscheduler.schedule import utc_now_from
-from taskscheduler.server.store.records import Claim, ClaimRefusal, ClaimStatus, RecordOutcome, Task
-from taskscheduler.server.store.rules import (
+from taskscheduler.server.store.claim_rules import (
     chosen_agent,
     claim_grace,
     claim_verdict,
     claimed_expected,
     manual_choice,
 )
+from taskscheduler.server.store.records import Claim, ClaimRefusal, ClaimStatus, RecordOutcome, Task
 from tests.unit.agent_fakes import ANCHOR, ANCHOR_SECONDS, spec
 
 URLS = [f"http://agent-{n}:8081" for n in range(3)]

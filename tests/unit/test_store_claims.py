@@ -15,6 +15,7 @@ from twisted.internet.defer import DeferredList, ensureDeferred
 from taskscheduler.cron import parse_cron
 from taskscheduler.protocol import TaskSpec
 from taskscheduler.protocol.options import RunOn, TaskOptions
+from taskscheduler.server.store.claim_rules import chosen_agent
 from taskscheduler.server.store.interface import Store
 from taskscheduler.server.store.records import (
     AuditEvent,
@@ -26,7 +27,6 @@ from taskscheduler.server.store.records import (
     RecordOutcome,
     TaskChange,
 )
-from taskscheduler.server.store.rules import chosen_agent
 from tests.unit.test_store_contract import A_ID, A_URL, ANCHOR, B_ID, B_URL, at, make_spec, result
 
 GRACE = timedelta(seconds=5)

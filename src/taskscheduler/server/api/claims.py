@@ -1,6 +1,6 @@
 """The agents' claims of the instants of run-on-one tasks: before it starts one, each
 agent of the task asks here; the store grants each (task, instant) to one agent
-(:func:`~taskscheduler.server.store.rules.claim_verdict`)."""
+(:func:`~taskscheduler.server.store.claim_rules.claim_verdict`)."""
 
 from __future__ import annotations
 

@@ -12,7 +12,7 @@ from taskscheduler.server.store.fleet import EXPECTED_URLS_SQL
 from taskscheduler.server.store.pool import Cursor
 
 #: The URLs a new execution of ``v.task_id`` at ``v.scheduled_at`` expects
-#: (:func:`rules.claimed_expected`): the holder of its claim, else every agent of the task.
+#: (:func:`claim_rules.claimed_expected`): the holder of its claim, else every agent of the task.
 EXPECTED_SQL = f"""
 COALESCE((SELECT ARRAY[c.agent_url] FROM claims c
           WHERE c.task_id = v.task_id AND c.scheduled_at = v.scheduled_at),

@@ -1,7 +1,7 @@
 """Claims of the instants of run-on-one tasks in PostgreSQL: at most one agent holds each
 (task, instant), by the ``claims`` table's primary key.
 
-Who is granted a claim is decided by :func:`~taskscheduler.server.store.rules.claim_verdict`
+Who is granted a claim is decided by :func:`~taskscheduler.server.store.claim_rules.claim_verdict`
 (the preferred agent by rendezvous hashing, the grace after which any agent of the task
 may take it); this module reads what it needs and writes the claim, first writer wins.
 An execution of a claimed instant expects its holder alone
@@ -14,11 +14,12 @@ import uuid
 from datetime import datetime, timedelta
 
 from taskscheduler.protocol import ResultStatus, RunResult
+from taskscheduler.server.store.claim_rules import claim_verdict
 from taskscheduler.server.store.claimed import HOLDER_SQL, insert_claim, task_agents
 from taskscheduler.server.store.pool import Cursor, Database
 from taskscheduler.server.store.recording import Recording
 from taskscheduler.server.store.records import Claim, ClaimAnswer, ClaimStatus
-from taskscheduler.server.store.rules import claim_verdict, utc
+from taskscheduler.server.store.rules import utc
 from taskscheduler.server.store.tasks import TASK_COLUMNS, task_from_row
 
 

@@ -145,7 +145,7 @@ class Store(Protocol):
         already recorded at that instant (two run-nows in one microsecond).
 
         A run-on-one task's run-now expects, and is delivered to, one agent only
-        (:func:`rules.manual_choice` among those heard from since ``online_since``), which
+        (:func:`claim_rules.manual_choice` among those heard from since ``online_since``), which
         holds the instant's claim."""
 
     async def pending_manual_runs(
@@ -247,7 +247,7 @@ class Store(Protocol):
         self, claim: Claim, now: datetime, grace: timedelta, online_since: datetime
     ) -> ClaimAnswer:
         """Answer an agent's claim of an instant of a run-on-one task
-        (:func:`rules.claim_verdict`): at most one agent is ever GRANTED one (task,
+        (:func:`claim_rules.claim_verdict`): at most one agent is ever GRANTED one (task,
         instant), and is granted it again if it asks again; ``online_since``: agents
         heard from since are online; ``grace``: ``--claim-grace``. Raises nothing for an
         unknown task: the answer says so."""

@@ -5,10 +5,11 @@ from __future__ import annotations
 
 from datetime import datetime, timedelta
 
+from taskscheduler.server.store.claim_rules import claim_verdict, online_urls
 from taskscheduler.server.store.fleet import expected_urls
 from taskscheduler.server.store.memory_state import MemoryState
 from taskscheduler.server.store.records import Claim, ClaimAnswer, ClaimStatus
-from taskscheduler.server.store.rules import claim_verdict, online_urls, scheduled_verdict, utc
+from taskscheduler.server.store.rules import scheduled_verdict, utc
 
 
 class MemoryClaims(MemoryState):

@@ -12,6 +12,7 @@ from datetime import datetime, timedelta
 
 from taskscheduler.protocol import RunResult, Trigger
 from taskscheduler.protocol.options import RunOn
+from taskscheduler.server.store.claim_rules import claimed_expected, manual_choice, online_urls
 from taskscheduler.server.store.fleet import expected_urls
 from taskscheduler.server.store.memory_state import ManualDelivery, MemoryExecution, MemoryState
 from taskscheduler.server.store.records import (
@@ -22,15 +23,12 @@ from taskscheduler.server.store.records import (
     UnknownTask,
 )
 from taskscheduler.server.store.rules import (
-    claimed_expected,
     is_complete,
     is_manual,
     last_attempts,
-    manual_choice,
     manual_run_deadline,
     manual_verdict,
     newest_kept,
-    online_urls,
     reported_agents,
     same_result,
     scheduled_verdict,

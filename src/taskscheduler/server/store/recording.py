@@ -20,6 +20,7 @@ from taskscheduler.cron import parse_cron
 from taskscheduler.protocol import RunResult, Trigger
 from taskscheduler.protocol.options import RunOn
 from taskscheduler.server.store.audit import insert_audit
+from taskscheduler.server.store.claim_rules import manual_choice
 from taskscheduler.server.store.claimed import EXPECTED_SQL, insert_claim, task_agents
 from taskscheduler.server.store.pool import Cursor, Database
 from taskscheduler.server.store.records import AuditEvent, Execution, RecordOutcome
@@ -27,7 +28,6 @@ from taskscheduler.server.store.rules import (
     Pause,
     Revision,
     is_manual,
-    manual_choice,
     manual_run_deadline,
     manual_verdict,
     result_digest,
