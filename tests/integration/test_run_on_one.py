@@ -119,6 +119,19 @@ def test_each_instant_runs_once_and_a_killed_agents_instants_fail_over(tmp_path:
                 took_over += 1
         assert took_over >= 1, "the victim was chosen for some instants after its death"
 
+        # A run-now goes to one agent: an online one (the victim is offline by now).
+        code, body = fleet.api("POST", f"/api/v1/tasks/{task_id}/run")
+        assert code == 202, body
+        manual = body["scheduled_at"]
+
+        def ran_now() -> dict[str, Any] | None:
+            code, found = fleet.api("GET", f"/api/v1/tasks/{task_id}/executions/{manual}")
+            return found if code == 200 and found["complete"] else None
+
+        execution = wait_for(ran_now, 30, "the run-now to complete")
+        assert execution["expected_agents"] == 1
+        assert [o["agent_id"] for o in execution["outputs"]] == [ids[survivor]]
+
         # What ran, as the runs themselves wrote it: each instant once, on one agent.
         both = witnessed(fleet, 0) + witnessed(fleet, 1)
         assert len(both) == len(set(both)), "an instant ran on two agents"
