@@ -14,7 +14,7 @@ from twisted.internet.defer import DeferredList, ensureDeferred
 
 from taskscheduler.cron import parse_cron
 from taskscheduler.protocol import TaskSpec
-from taskscheduler.protocol.options import RunOn, TaskOptions
+from taskscheduler.protocol.options import RunOn, Target, TaskOptions, frozen_map
 from taskscheduler.server.store.claim_rules import chosen_agent
 from taskscheduler.server.store.interface import Store
 from taskscheduler.server.store.records import (
@@ -246,3 +246,20 @@ async def test_a_cron_task_runs_on_one_too_its_grace_bounded_by_its_shortest_gap
     assert (await ask(store, claim_of(task.task_id, chosen, off), off)).refused is (
         ClaimRefusal.MISALIGNED
     )
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_targeted_task_runs_on_one_of_the_agents_its_target_matches(store: Store) -> None:
+    await store.enrol_agent(A_ID, A_URL, HASH_A, ANCHOR, audit("e"), {"role": "web"})
+    await store.enrol_agent(B_ID, B_URL, HASH_B, ANCHOR, audit("e"), {"role": "db"})
+    for agent_id, role in ((A_ID, "web"), (B_ID, "db")):
+        beat = Heartbeat("1", "h", None, 1, 0, 0, 0, {"role": role})
+        await store.record_heartbeat(agent_id, at(1), beat)
+    web = TaskOptions(run_on=RunOn.ONE, target=Target(labels=frozen_map({"role": "web"})))
+    task = await store.create_task(dataclasses.replace(make_spec(), options=web), ANCHOR)
+    for k in range(1, 6):  # A, the only match, is chosen for every instant: never waits
+        assert (await ask(store, claim_of(task.task_id, A_URL, at(k)), at(k))).status is (
+            ClaimStatus.GRANTED
+        )
+    refused = await ask(store, claim_of(task.task_id, B_URL, at(6)), at(6) + GRACE)
+    assert refused.refused is ClaimRefusal.NOT_ASSIGNED
