@@ -111,9 +111,12 @@ class Fleet:
             beat = Heartbeat("1", "host", None, 1, 0, 0, 0)
             Deferred.fromCoroutine(self.store.record_heartbeat(node.agent_id, self.now(), beat))
 
-    def advance(self, seconds: float, beating: list[Node] | None = None) -> None:
-        """Let time pass, the reactor waking every STEP; every run ends within a step;
-        the ``beating`` agents (all by default) send a heartbeat every 5 s."""
+    def advance(
+        self, seconds: float, beating: list[Node] | None = None, finish: bool = True
+    ) -> None:
+        """Let time pass, the reactor waking every STEP; every run ends within a step
+        (unless not ``finish``); the ``beating`` agents (all by default) send a
+        heartbeat every 5 s."""
         end = self.clock.seconds() + seconds
         while self.clock.seconds() < end - 1e-9:
             self.clock.advance(min(STEP, end - self.clock.seconds()))
@@ -121,7 +124,7 @@ class Fleet:
                 self.http.flush()
                 self.clock.advance(0)
             for node in self.nodes:
-                for run in node.runner.runs:
+                for run in node.runner.runs if finish else []:
                     if not run.done:
                         node.runner.finish(run, b"ok\n")
             if round(self.clock.seconds() * 4) % 20 == 0:
@@ -269,3 +272,20 @@ async def test_instants_an_overloaded_agent_passed_over_are_not_recorded_by_it(
     assert _spooled(a) == [] and _spooled(b) == []
     # (the latest instant, 3, came 1 s late: within the starting deadline, it is claimed)
     assert sorted(a.ran() + b.ran()) == [at(3)]
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_failed_run_is_retried_by_the_agent_that_holds_its_instant(fleet: Fleet) -> None:
+    fleet.task = dataclasses.replace(
+        fleet.task,
+        options=TaskOptions(run_on=RunOn.ONE, retries=1, retry_delay=timedelta(seconds=1)),
+    )
+    await fleet.start()
+    a, b = fleet.nodes
+    assert chosen(fleet.task, 1) == B_URL
+    fleet.advance(5, finish=False)  # instant 1 (10 s) starts on B
+    [first] = b.runner.runs
+    b.runner.finish(first, b"no\n", exit_code=1, status=ResultStatus.FAILED)
+    fleet.advance(2)
+    assert b.ran() == [at(1), at(1)], "retried on B, the holder"
+    assert a.ran() == []
