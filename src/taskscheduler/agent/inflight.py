@@ -14,7 +14,7 @@ its task. (task, instant, attempt) names one run on this agent.
 from __future__ import annotations
 
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Any, Protocol
@@ -26,8 +26,48 @@ from twisted.python.failure import Failure
 
 from taskscheduler.agent.retries import Attempt, PendingRetries, retry_start
 from taskscheduler.agent.spool import Spool
-from taskscheduler.protocol import Output, ResultStatus, RunResult, Trigger
+from taskscheduler.protocol import Output, ResultStatus, RunResult, TaskSpec, Trigger
+from taskscheduler.protocol.options import RESERVED_ENV_PREFIX
 from taskscheduler.schedule import format_instant, utc_now_from
+
+
+class RunnerLike(Protocol):
+    """What :class:`taskscheduler.agent.runner.ProcessRunner` provides."""
+
+    @property
+    def running(self) -> int: ...
+
+    def run(
+        self,
+        command: str,
+        time_limit: float,
+        extra_env: Mapping[str, str] = ...,
+        *,
+        key: tuple[uuid.UUID, datetime] | None = ...,
+        revision: int | None = ...,
+        trigger: Trigger = ...,
+        working_dir: str | None = ...,
+        attempt: int = ...,
+    ) -> Deferred[Any]: ...
+
+    def terminate_all(self) -> Deferred[None]: ...
+
+    def replace(self, key: tuple[uuid.UUID, datetime], attempt: int = ...) -> bool: ...
+
+    def discard(self, key: tuple[uuid.UUID, datetime], attempt: int = ...) -> object: ...
+
+
+def run_environment(spec: TaskSpec, scheduled_at: datetime) -> dict[str, str]:
+    """What a run of ``spec`` adds to the agent's environment: the task's ``env``, under
+    the variables that name the run (a task may not set ``TASKSCHEDULER_*`` ones)."""
+    env = {
+        name: value
+        for name, value in spec.options.env.items()
+        if not name.startswith(RESERVED_ENV_PREFIX)
+    }
+    env["TASKSCHEDULER_TASK_ID"] = str(spec.task_id)
+    env["TASKSCHEDULER_SCHEDULED_AT"] = format_instant(scheduled_at)
+    return env
 
 
 class RunOutcomeLike(Protocol):

@@ -53,6 +53,8 @@ class LastRuns:
         self._last: dict[uuid.UUID, datetime] = {}
         self._recorded: dict[uuid.UUID, datetime] = {}  # what the files say (or will)
         self._manual: dict[uuid.UUID, list[datetime]] = {}  # oldest first
+        # Manual runs whose acceptance is being written, and the deliveries that wait.
+        self._accepting: dict[tuple[uuid.UUID, datetime], list[Deferred[None]]] = {}
 
     def load(self, keep: Collection[uuid.UUID]) -> None:
         """Read what a previous life recorded for the tasks in ``keep``; delete the rest
@@ -126,6 +128,26 @@ class LastRuns:
     def is_manual(self, task_id: uuid.UUID, at: datetime) -> bool:
         """Whether the manual run of ``task_id`` labelled ``at`` was accepted."""
         return at in self._manual.get(task_id, ())
+
+    async def accept_manual_once(self, task_id: uuid.UUID, at: datetime) -> bool:
+        """Accept the manual run ``at`` of ``task_id`` (:meth:`accept_manual`) unless it
+        was accepted before: False then, and it must not run again. A delivery of the same
+        run while its acceptance is being written waits for that write (if it fails, this
+        one tries again); OSError if the acceptance cannot be written."""
+        key = (task_id, at)
+        while key in self._accepting:
+            waiter: Deferred[None] = Deferred()
+            self._accepting[key].append(waiter)
+            await waiter
+        if self.is_manual(task_id, at):
+            return False
+        self._accepting[key] = []
+        try:
+            await self.accept_manual(task_id, at)
+        finally:
+            for waiter in self._accepting.pop(key):
+                waiter.callback(None)
+        return True
 
     def accept_manual(self, task_id: uuid.UUID, at: datetime) -> Deferred[None]:
         """Remember the manual run ``at`` of ``task_id``; fires once it is written (no

@@ -38,9 +38,9 @@ and what triggered it.
 from __future__ import annotations
 
 import uuid
-from collections.abc import Callable, Mapping
+from collections.abc import Callable
 from datetime import datetime, timedelta
-from typing import Any, Protocol
+from typing import Any
 
 from twisted.internet.defer import Deferred, fail
 from twisted.internet.interfaces import IReactorTime
@@ -55,53 +55,14 @@ from taskscheduler.agent.admission import (
 from taskscheduler.agent.claims import ClaimClient, Claims, needs_claim
 from taskscheduler.agent.clocksteps import STEP_THRESHOLD, ClockSteps
 from taskscheduler.agent.cronloop import CronLoop
-from taskscheduler.agent.inflight import RunsInFlight
+from taskscheduler.agent.inflight import RunnerLike, RunsInFlight, run_environment
 from taskscheduler.agent.lastruns import LastRuns
 from taskscheduler.agent.retries import Attempt, next_instant
 from taskscheduler.agent.spool import Spool
 from taskscheduler.agent.taskloop import LabelTime, TaskLoop
 from taskscheduler.protocol import ResultStatus, RunResult, TaskSpec, Trigger
-from taskscheduler.protocol.options import RESERVED_ENV_PREFIX, Overlap
+from taskscheduler.protocol.options import Overlap
 from taskscheduler.schedule import format_instant, utc_now_from
-
-
-class RunnerLike(Protocol):
-    """What :class:`taskscheduler.agent.runner.ProcessRunner` provides."""
-
-    @property
-    def running(self) -> int: ...
-
-    def run(
-        self,
-        command: str,
-        time_limit: float,
-        extra_env: Mapping[str, str] = ...,
-        *,
-        key: tuple[uuid.UUID, datetime] | None = ...,
-        revision: int | None = ...,
-        trigger: Trigger = ...,
-        working_dir: str | None = ...,
-        attempt: int = ...,
-    ) -> Deferred[Any]: ...
-
-    def terminate_all(self) -> Deferred[None]: ...
-
-    def replace(self, key: tuple[uuid.UUID, datetime], attempt: int = ...) -> bool: ...
-
-    def discard(self, key: tuple[uuid.UUID, datetime], attempt: int = ...) -> object: ...
-
-
-def run_environment(spec: TaskSpec, scheduled_at: datetime) -> dict[str, str]:
-    """What a run of ``spec`` adds to the agent's environment: the task's ``env``, under
-    the variables that name the run (a task may not set ``TASKSCHEDULER_*`` ones)."""
-    env = {
-        name: value
-        for name, value in spec.options.env.items()
-        if not name.startswith(RESERVED_ENV_PREFIX)
-    }
-    env["TASKSCHEDULER_TASK_ID"] = str(spec.task_id)
-    env["TASKSCHEDULER_SCHEDULED_AT"] = format_instant(scheduled_at)
-    return env
 
 
 class Scheduler:
@@ -148,8 +109,6 @@ class Scheduler:
         self._runs = RunsInFlight(
             clock, runner, spool, agent_id, now=self._labels.now, start_retry=self._retry
         )
-        # Manual runs whose acceptance is being written, and the deliveries that wait.
-        self._accepting: dict[tuple[uuid.UUID, datetime], list[Deferred[None]]] = {}
         self._stopped = False
         self._claims = None
         if claim_client is not None:
@@ -272,21 +231,8 @@ class Scheduler:
         it skipped, with the reason). False if that run was accepted before: it is not
         run again. The acceptance is on disk before the run starts (OSError if it cannot
         be: nothing was started)."""
-        key = (spec.task_id, scheduled_at)
-        while key in self._accepting:
-            # The same run delivered again while its acceptance is being written: its
-            # answer waits for that write (if it fails, this delivery tries again).
-            waiter: Deferred[None] = Deferred()
-            self._accepting[key].append(waiter)
-            await waiter
-        if self._last_runs.is_manual(spec.task_id, scheduled_at):
+        if not await self._last_runs.accept_manual_once(spec.task_id, scheduled_at):
             return False
-        self._accepting[key] = []
-        try:
-            await self._last_runs.accept_manual(spec.task_id, scheduled_at)
-        finally:
-            for waiter in self._accepting.pop(key):
-                waiter.callback(None)
         # The newest version of the task, if it changed while the acceptance was written.
         loop = self._loops.get(spec.task_id)
         spec = spec if loop is None else loop.spec

@@ -65,10 +65,11 @@ from taskscheduler.agent.identity import (
     load_server_key,
     read_private_text,
 )
+from taskscheduler.agent.inflight import RunnerLike
 from taskscheduler.agent.lastruns import LastRuns
 from taskscheduler.agent.outcome import spool_lost_runs
 from taskscheduler.agent.reporter import Reporter
-from taskscheduler.agent.scheduler import RunnerLike, Scheduler
+from taskscheduler.agent.scheduler import Scheduler
 from taskscheduler.agent.server_client import Enrolled, ServerClient
 from taskscheduler.agent.spool import DEFAULT_SPOOL_MAX_BYTES, RunMarkers, Spool
 from taskscheduler.agent.taskstore import TaskStore

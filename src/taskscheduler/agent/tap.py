@@ -25,8 +25,8 @@ from taskscheduler.agent.containment import (
     SubreaperContainment,
     own_cgroup_dir,
 )
+from taskscheduler.agent.inflight import RunnerLike
 from taskscheduler.agent.options import Options
-from taskscheduler.agent.scheduler import RunnerLike
 from taskscheduler.agent.service import AgentConfig, AgentService
 from taskscheduler.daemon import StartFailure
 from taskscheduler.hardening import make_non_dumpable

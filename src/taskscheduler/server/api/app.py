@@ -25,6 +25,7 @@ from taskscheduler.server.api.agents import AgentRoutes
 from taskscheduler.server.api.audit import AuditRoutes
 from taskscheduler.server.api.base import routes
 from taskscheduler.server.api.claims import DEFAULT_CLAIM_GRACE, ClaimRoutes
+from taskscheduler.server.api.executions import ExecutionRoutes
 from taskscheduler.server.api.fleet import DEFAULT_HEARTBEAT_INTERVAL, FleetRoutes
 from taskscheduler.server.api.openapi import OpenAPIRoutes
 from taskscheduler.server.api.results import ResultRoutes
@@ -52,7 +53,14 @@ SERVER_ERRORS: dict[type[Exception], DomainError] = {
 
 
 class ServerAPI(
-    TaskRoutes, ResultRoutes, ClaimRoutes, AgentRoutes, FleetRoutes, AuditRoutes, OpenAPIRoutes
+    TaskRoutes,
+    ExecutionRoutes,
+    ResultRoutes,
+    ClaimRoutes,
+    AgentRoutes,
+    FleetRoutes,
+    AuditRoutes,
+    OpenAPIRoutes,
 ):
     """The HTTP API of ``twistd taskscheduler-server``."""
 

@@ -1,5 +1,5 @@
-"""The operators' task routes: create, list, read, change, pause, resume, run now, delete,
-latest output, executions."""
+"""The operators' task routes: create, list, read, change, pause, resume, run now, delete
+(what the runs printed is :mod:`.executions`')."""
 
 from __future__ import annotations
 
@@ -25,13 +25,10 @@ from taskscheduler.schedule import InstantOutOfRange, format_instant, parse_inst
 from taskscheduler.server.access import principal_of
 from taskscheduler.server.api.base import Routes, routes
 from taskscheduler.server.api.claims import online_since
-from taskscheduler.server.api.fleet import missing_agents_json
 from taskscheduler.server.api.targets import refuse_unknown_agents
-from taskscheduler.server.api.views import execution_json, latest_output_json, task_json
+from taskscheduler.server.api.views import task_json
 from taskscheduler.server.ratelimit import retry_after
 from taskscheduler.server.store.records import (
-    AgentRecord,
-    Execution,
     ExecutionSummary,
     Task,
     TaskChange,
@@ -50,12 +47,10 @@ from taskscheduler.web.errors import (
     NOTHING_TO_CHANGE,
     RATE_LIMITED,
     TASK_ALREADY_DELETED,
-    UNKNOWN_EXECUTION,
 )
 from taskscheduler.web.requests import (
     path_task_id,
     query_arg,
-    query_instant,
     query_int,
     read_json,
 )
@@ -372,24 +367,6 @@ class TaskRoutes(Routes):
             report_grace=self._report_grace,
         )
 
-    def _execution_view(
-        self, task: Task, execution: Execution, now: datetime, agents: list[AgentRecord]
-    ) -> dict[str, Any]:
-        """One execution as history and ``/executions/{scheduled_at}`` show it."""
-        body = execution_json(execution, self._complete(task, execution, now))
-        body["missing_agents"] = missing_agents_json(execution, agents)
-        return body
-
-    def _complete(self, task: Task, execution: Execution, now: datetime) -> bool:
-        return is_complete(
-            execution.scheduled_at,
-            execution.reported,
-            execution.expected,
-            now=now,
-            time_limit=task.spec.time_limit,
-            report_grace=self._report_grace,
-        )
-
     @routes.route("/api/v1/tasks/<task_id>", methods=["DELETE"])
     async def delete_task(self, request: IRequest, task_id: str) -> bytes:
         """Stop a task everywhere: its agents are told to drop it; its history stays."""
@@ -404,56 +381,3 @@ class TaskRoutes(Routes):
         self.log.info("{actor} deleted task {task_id}", actor=principal.actor, task_id=str(parsed))
         self._on_task_deleted(task)
         return json_response(request, {"task_id": str(parsed), "status": "deleted"})
-
-    @routes.route("/api/v1/tasks/<task_id>/latest_output", methods=["GET"])
-    async def latest_output(self, request: IRequest, task_id: str) -> bytes:
-        execution = await self._store.latest_complete_execution(
-            path_task_id(task_id), self._now(), self._report_grace
-        )
-        body = latest_output_json(execution)
-        if execution is not None:
-            body["missing_agents"] = missing_agents_json(execution, await self._store.list_agents())
-        return json_response(request, body)
-
-    @routes.route("/api/v1/tasks/<task_id>/executions", methods=["GET"])
-    async def executions(self, request: IRequest, task_id: str) -> bytes:
-        """The task's history, newest first: ``?limit=N`` (1-1000) ``&before=<instant>``."""
-        parsed_id = path_task_id(task_id)
-        limit = query_int(request, "limit", default=20, low=1, high=1000)
-        before = query_instant(request, "before")
-        task = await self._store.get_task(parsed_id)
-        if task is None:
-            raise UnknownTask(task_id)
-        page = await self._store.list_executions(parsed_id, limit, before)
-        agents = await self._store.list_agents() if page else []
-        now = self._now()
-        return json_response(
-            request,
-            {
-                "task_id": str(parsed_id),
-                "executions": [self._execution_view(task, e, now, agents) for e in page],
-                # Pass as ?before= for the next page; null on the last one.
-                "next_before": (
-                    format_instant(page[-1].scheduled_at) if len(page) == limit else None
-                ),
-            },
-        )
-
-    @routes.route("/api/v1/tasks/<task_id>/executions/<scheduled_at>", methods=["GET"])
-    async def execution(self, request: IRequest, task_id: str, scheduled_at: str) -> bytes:
-        """One execution of the task, by its instant."""
-        parsed_id = path_task_id(task_id)
-        try:
-            at = parse_instant(scheduled_at)
-        except ValueError as e:
-            raise BAD_REQUEST(f"'scheduled_at' in the path: {e}") from None
-        task = await self._store.get_task(parsed_id)
-        if task is None:
-            raise UnknownTask(task_id)
-        execution = await self._store.get_execution(parsed_id, at)
-        if execution is None:
-            raise UNKNOWN_EXECUTION()
-        agents = await self._store.list_agents()
-        body = {"task_id": str(parsed_id)}
-        body.update(self._execution_view(task, execution, self._now(), agents))
-        return json_response(request, body)
