@@ -90,14 +90,16 @@ WITH inserted AS (
 ), counted AS (
     -- An agent is counted once, when its last attempt is a final one
     -- (rules.reported_agents): not when it is none of those already stored.
-    SELECT i.task_id, i.scheduled_at, count(DISTINCT i.agent_id) AS n FROM inserted i
+    -- Each agent's newest attempt of the batch (one sort, not a self-join per row).
+    SELECT i.task_id, i.scheduled_at, count(*) AS n
+    FROM (SELECT DISTINCT ON (task_id, scheduled_at, agent_id)
+                 task_id, scheduled_at, agent_id, attempt, final
+          FROM inserted
+          ORDER BY task_id, scheduled_at, agent_id, attempt DESC) i
     WHERE i.final
       AND NOT EXISTS (SELECT 1 FROM results r
                       WHERE r.task_id = i.task_id AND r.scheduled_at = i.scheduled_at
                         AND r.agent_id = i.agent_id AND (r.final OR r.attempt > i.attempt))
-      AND NOT EXISTS (SELECT 1 FROM inserted j
-                      WHERE j.task_id = i.task_id AND j.scheduled_at = i.scheduled_at
-                        AND j.agent_id = i.agent_id AND j.attempt > i.attempt)
     GROUP BY i.task_id, i.scheduled_at
 ), counters AS (
     UPDATE executions e
