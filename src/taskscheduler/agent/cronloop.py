@@ -12,20 +12,17 @@ never run again, even by a new version of the task.
 from __future__ import annotations
 
 from collections import deque
-from datetime import datetime, timedelta
+from datetime import datetime
 
 from twisted.internet.interfaces import IDelayedCall
-from twisted.logger import Logger
 
-from taskscheduler.agent.taskloop import MAX_SKIPS_RECORDED, LabelTime, LoopOwner
+from taskscheduler.agent.taskloop import MAX_SKIPS_RECORDED, InstantLoop, LabelTime, LoopOwner
 from taskscheduler.protocol import TaskSpec
 from taskscheduler.schedule import CronTimes
 
 
-class CronLoop:
+class CronLoop(InstantLoop):
     """One cron task's chain of timers, each set for the task's next instant."""
-
-    log = Logger()
 
     def __init__(
         self,
@@ -37,17 +34,10 @@ class CronLoop:
         schedule = spec.schedule
         if not isinstance(schedule, CronTimes):
             raise TypeError(f"task {spec.task_id} has no cron expression")
-        self.spec = spec
+        super().__init__(spec, owner, time, after)
         self._schedule = schedule
-        self._owner = owner
-        self._time = time
         self._call: IDelayedCall | None = None
         self._planned: datetime | None = None  # the instant the timer is set for
-        #: The last instant run: never run again, even by a new version of the task.
-        self.last_run: datetime | None = after
-
-    def start(self) -> None:
-        self.replan()
 
     def replan(self) -> None:
         """Set the timer for the first instant strictly after now, and after every one run."""
@@ -69,32 +59,21 @@ class CronLoop:
         self._call = self._time.callLater(max(0.0, (at - now).total_seconds()), self._tick)
 
     def _tick(self) -> None:
-        # Never raise: an exception here would end the chain.
         self._call = None
-        try:
-            if self._owner.check_clock():
-                return  # the wall clock stepped: every loop, this one too, was re-planned
-            planned = self._planned
-            assert planned is not None
-            now = self._time.now()
-            scheduled_at, missed, following = self._due(planned, now)
-            if missed:
-                self._missed(missed, now)
-            self.last_run = scheduled_at
-            self._owner.fired(self.spec.task_id, scheduled_at)
-            self._plan(following, now)
-        except Exception:
-            self.log.failure(
-                "task {task_id}: its loop failed; re-planning", task_id=str(self.spec.task_id)
-            )
-            self._replan_safely()
-            return
-        try:
-            self._owner.fire(self.spec, scheduled_at)
-        except Exception:
-            self.log.failure(
-                "task {task_id}: could not start a run", task_id=str(self.spec.task_id)
-            )
+        self._fire_due(self._next_due)
+
+    def _next_due(self) -> datetime | None:
+        """The instant to fire now, the next one planned (None: the clock stepped)."""
+        if self._owner.check_clock():
+            return None  # the wall clock stepped: every loop, this one too, was re-planned
+        planned = self._planned
+        assert planned is not None
+        now = self._time.now()
+        scheduled_at, missed, following = self._due(planned, now)
+        if missed:
+            self._skip_missed(missed, len(missed), now)
+        self._plan(following, now)
+        return scheduled_at
 
     def _due(self, planned: datetime, now: datetime) -> tuple[datetime, list[datetime], datetime]:
         """The latest instant due at ``now`` (``planned`` at the earliest), the newest
@@ -120,32 +99,7 @@ class CronLoop:
             missed = missed[-MAX_SKIPS_RECORDED:]
         return latest, missed, following
 
-    def _missed(self, missed: list[datetime], now: datetime) -> None:
-        self.log.warn(
-            "task {task_id}: {missed} instants passed while the agent was busy; "
-            "they are not replayed",
-            task_id=str(self.spec.task_id),
-            missed=len(missed),
-        )
-        for scheduled_at in missed:
-            late = (now - scheduled_at) / timedelta(seconds=1)
-            self._owner.record_skip(
-                self.spec,
-                scheduled_at,
-                f"the agent was overloaded: it came to the instant {late:.1f}s late",
-                quiet=True,
-            )
-
-    def _replan_safely(self) -> None:
-        try:
-            self.replan()
-        except Exception:
-            self.log.failure("task {task_id}: its loop stopped", task_id=str(self.spec.task_id))
-
     def _cancel(self) -> None:
         if self._call is not None and self._call.active():
             self._call.cancel()
         self._call = None
-
-    def stop(self) -> None:
-        self._cancel()

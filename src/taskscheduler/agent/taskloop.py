@@ -79,14 +79,88 @@ class LoopOwner(Protocol):
         ...
 
 
-class TaskLoop:
+class InstantLoop:
+    """What a task's loop of either kind (:class:`TaskLoop`, every N;
+    :class:`~taskscheduler.agent.cronloop.CronLoop`) does with its wake-ups: fire the
+    instant due (recorded as fired before it runs: never again), account for the ones it
+    passed over, re-plan when it fails. Never raises: its timers would stop for good."""
+
+    log = Logger()
+
+    def __init__(
+        self, spec: TaskSpec, owner: LoopOwner, time: LabelTime, after: datetime | None
+    ) -> None:
+        self.spec = spec
+        self._owner = owner
+        self._time = time
+        #: The last instant run: never run again, even by a new version of the task.
+        self.last_run: datetime | None = after
+
+    def start(self) -> None:
+        self.replan()
+
+    def stop(self) -> None:
+        self._cancel()
+
+    def replan(self) -> None:
+        raise NotImplementedError
+
+    def _cancel(self) -> None:
+        raise NotImplementedError
+
+    def _fire_due(self, due: Callable[..., datetime | None], *args: Any) -> None:
+        """Fire the instant ``due(*args)`` names (None: none now), labelled with it."""
+        try:
+            scheduled_at = due(*args)
+            if scheduled_at is None:
+                return
+            self.last_run = scheduled_at
+            self._owner.fired(self.spec.task_id, scheduled_at)
+        except Exception:
+            self.log.failure(
+                "task {task_id}: its loop failed; re-planning", task_id=str(self.spec.task_id)
+            )
+            self._replan_safely()
+            return
+        try:
+            self._owner.fire(self.spec, scheduled_at)
+        except Exception:
+            self.log.failure(
+                "task {task_id}: could not start a run", task_id=str(self.spec.task_id)
+            )
+
+    def _replan_safely(self) -> None:
+        try:
+            self.replan()
+        except Exception:
+            self.log.failure("task {task_id}: its loop stopped", task_id=str(self.spec.task_id))
+
+    def _skip_missed(self, missed: Sequence[datetime], passed: int, now: datetime) -> None:
+        """``passed`` instants went by while the agent was busy (or its host suspended):
+        not replayed, the newest of them (``missed``, at most MAX_SKIPS_RECORDED) each
+        recorded ``skipped``, so that every instant is accounted for."""
+        self.log.warn(
+            "task {task_id}: {missed} instants passed while the agent was busy; "
+            "they are not replayed",
+            task_id=str(self.spec.task_id),
+            missed=passed,
+        )
+        for scheduled_at in missed:
+            late = (now - scheduled_at).total_seconds()
+            self._owner.record_skip(
+                self.spec,
+                scheduled_at,
+                f"the agent was overloaded: it came to the instant {late:.1f}s late",
+                quiet=True,
+            )
+
+
+class TaskLoop(InstantLoop):
     """One task's LoopingCall, started on the task's next instant of the label timeline.
 
     For a task run every N (``spec.frequency``); a cron task has a
     :class:`taskscheduler.agent.cronloop.CronLoop` instead.
     """
-
-    log = Logger()
 
     def __init__(
         self,
@@ -97,19 +171,12 @@ class TaskLoop:
     ) -> None:
         if spec.frequency is None:
             raise TypeError(f"task {spec.task_id} has no frequency")
-        self.spec = spec
+        super().__init__(spec, owner, time, after)
         self._frequency = spec.frequency
-        self._owner = owner
-        self._time = time
         self._start_call: IDelayedCall | None = None  # waits for the loop's first instant
         self._loop: LoopingCall | None = None
         self._first: datetime | None = None  # the instant the loop's intervals count from
         self._next = 0  # the execution the loop waits for (0: none planned yet)
-        #: The last instant run: never run again, even by a new version of the task.
-        self.last_run: datetime | None = after
-
-    def start(self) -> None:
-        self.replan()
 
     def replan(self) -> None:
         """Start the loop on the first instant strictly after now, and after every one run.
@@ -139,40 +206,27 @@ class TaskLoop:
         loop.start(self._frequency.seconds, now=True).addErrback(self._loop_died)
 
     def _tick(self, count: int) -> None:
-        # Never raise: a LoopingCall whose function fails stops for good.
+        self._fire_due(self._due, count)
+
+    def _due(self, count: int) -> datetime | None:
         loop = self._loop
-        try:
-            if self._first is not None and loop is not None:
-                # Count intervals from the exact instant, not from the moment (a little
-                # later) the loop started: a late first wake-up shifts nothing after it.
-                loop.starttime = self._first.timestamp()
-                self._first = None
-            if self._owner.check_clock():
-                return  # the wall clock stepped: every loop, this one too, was re-planned
-            # ``count`` > 1 when the wake-up came late (a busy reactor, a suspended host):
-            # run the latest instant that is due, once, labelled with that exact instant.
-            # (The first wake-up's count is always 1: check it against the label clock.)
-            now = self._time.now()
-            due = next_execution(self.spec.anchor, self._frequency.interval, now)[0] - 1
-            k = max(self._next + count - 1, due)
-            if k > self._next:
-                self._missed(self._next, k, now)
-            scheduled_at = instant(self.spec.anchor, self._frequency.interval, k)
-            self.last_run = scheduled_at
-            self._owner.fired(self.spec.task_id, scheduled_at)
-            self._next = k + 1
-        except Exception:
-            self.log.failure(
-                "task {task_id}: its loop failed; re-planning", task_id=str(self.spec.task_id)
-            )
-            self._replan_safely()
-            return
-        try:
-            self._owner.fire(self.spec, scheduled_at)
-        except Exception:
-            self.log.failure(
-                "task {task_id}: could not start a run", task_id=str(self.spec.task_id)
-            )
+        if self._first is not None and loop is not None:
+            # Count intervals from the exact instant, not from the moment (a little
+            # later) the loop started: a late first wake-up shifts nothing after it.
+            loop.starttime = self._first.timestamp()
+            self._first = None
+        if self._owner.check_clock():
+            return None  # the wall clock stepped: every loop, this one too, was re-planned
+        # ``count`` > 1 when the wake-up came late (a busy reactor, a suspended host):
+        # run the latest instant that is due, once, labelled with that exact instant.
+        # (The first wake-up's count is always 1: check it against the label clock.)
+        now = self._time.now()
+        due = next_execution(self.spec.anchor, self._frequency.interval, now)[0] - 1
+        k = max(self._next + count - 1, due)
+        if k > self._next:
+            self._missed(self._next, k, now)
+        self._next = k + 1
+        return instant(self.spec.anchor, self._frequency.interval, k)
 
     def _loop_died(self, failure: Failure) -> None:
         self.log.failure(
@@ -180,32 +234,12 @@ class TaskLoop:
         )
         self._replan_safely()
 
-    def _replan_safely(self) -> None:
-        try:
-            self.replan()
-        except Exception:
-            self.log.failure("task {task_id}: its loop stopped", task_id=str(self.spec.task_id))
-
     def _missed(self, first: int, end: int, now: datetime) -> None:
-        """Instants ``first`` to ``end - 1`` passed while the agent was busy (or its host
-        suspended): not replayed, each recorded ``skipped`` (the newest
-        MAX_SKIPS_RECORDED of them), so that every instant is accounted for."""
-        self.log.warn(
-            "task {task_id}: {missed} instants passed while the agent was busy; "
-            "they are not replayed",
-            task_id=str(self.spec.task_id),
-            missed=end - first,
-        )
+        """Instants ``first`` to ``end - 1`` passed over (see :meth:`_skip_missed`)."""
         interval = self._frequency.interval
-        for k in range(max(first, end - MAX_SKIPS_RECORDED), end):
-            scheduled_at = instant(self.spec.anchor, interval, k)
-            late = (now - scheduled_at).total_seconds()
-            self._owner.record_skip(
-                self.spec,
-                scheduled_at,
-                f"the agent was overloaded: it came to the instant {late:.1f}s late",
-                quiet=True,
-            )
+        newest = range(max(first, end - MAX_SKIPS_RECORDED), end)
+        missed = [instant(self.spec.anchor, interval, k) for k in newest]
+        self._skip_missed(missed, end - first, now)
 
     def _cancel(self) -> None:
         if self._start_call is not None and self._start_call.active():
@@ -214,6 +248,3 @@ class TaskLoop:
         if self._loop is not None and self._loop.running:
             self._loop.stop()
         self._loop = None
-
-    def stop(self) -> None:
-        self._cancel()
