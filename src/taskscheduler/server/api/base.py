@@ -19,6 +19,7 @@ from taskscheduler.server.access import Principal, ServerAccess
 from taskscheduler.server.ratelimit import RateLimiter
 from taskscheduler.server.store.interface import Store
 from taskscheduler.server.store.records import AgentRecord, AuditEvent, Task
+from taskscheduler.server.store.rules import is_complete
 from taskscheduler.web.requests import peer_address
 
 #: The one app every route module registers on: one URL map, which the access gate reads.
@@ -51,6 +52,20 @@ class Routes:
 
     def _now(self) -> datetime:
         return utc_now_from(self._clock.seconds())
+
+    def _complete(
+        self, task: Task, scheduled_at: datetime, reported: int, expected: int, now: datetime
+    ) -> bool:
+        """Whether an execution of ``task`` is complete at ``now`` (:func:`is_complete`,
+        with the task's time limit and this server's report grace)."""
+        return is_complete(
+            scheduled_at,
+            reported,
+            expected,
+            now=now,
+            time_limit=task.spec.time_limit,
+            report_grace=self._report_grace,
+        )
 
     def _audit(
         self, request: IRequest, principal: Principal, action: str, target: str, **details: Any

@@ -13,7 +13,6 @@ from taskscheduler.server.api.base import Routes, routes
 from taskscheduler.server.api.fleet import missing_agents_json
 from taskscheduler.server.api.views import execution_json, latest_output_json
 from taskscheduler.server.store.records import AgentRecord, Execution, Task, UnknownTask
-from taskscheduler.server.store.rules import is_complete
 from taskscheduler.web.errors import BAD_REQUEST, UNKNOWN_EXECUTION
 from taskscheduler.web.requests import path_task_id, query_instant, query_int
 from taskscheduler.web.responses import json_response
@@ -79,16 +78,9 @@ class ExecutionRoutes(Routes):
         self, task: Task, execution: Execution, now: datetime, agents: list[AgentRecord]
     ) -> dict[str, Any]:
         """One execution as history and ``/executions/{scheduled_at}`` show it."""
-        body = execution_json(execution, self._complete(task, execution, now))
+        complete = self._complete(
+            task, execution.scheduled_at, execution.reported, execution.expected, now
+        )
+        body = execution_json(execution, complete)
         body["missing_agents"] = missing_agents_json(execution, agents)
         return body
-
-    def _complete(self, task: Task, execution: Execution, now: datetime) -> bool:
-        return is_complete(
-            execution.scheduled_at,
-            execution.reported,
-            execution.expected,
-            now=now,
-            time_limit=task.spec.time_limit,
-            report_grace=self._report_grace,
-        )

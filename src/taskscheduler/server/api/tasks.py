@@ -37,7 +37,6 @@ from taskscheduler.server.store.records import (
 )
 from taskscheduler.server.store.rules import (
     audited_options,
-    is_complete,
     manual_instant,
     upcoming_instants,
 )
@@ -358,14 +357,7 @@ class TaskRoutes(Routes):
     ) -> bool:
         if summary is None:
             return False
-        return is_complete(
-            summary.scheduled_at,
-            summary.reported,
-            summary.expected,
-            now=now,
-            time_limit=task.spec.time_limit,
-            report_grace=self._report_grace,
-        )
+        return self._complete(task, summary.scheduled_at, summary.reported, summary.expected, now)
 
     @routes.route("/api/v1/tasks/<task_id>", methods=["DELETE"])
     async def delete_task(self, request: IRequest, task_id: str) -> bytes:
