@@ -32,6 +32,10 @@ The requests and the reading of their answers are
 An instruction's answer is read within ``max_answer_bytes``; the task list, which grows
 with the agent's tasks, within ``list_answer_floor_bytes`` plus ``LIST_BYTES_PER_TASK``
 for each task assigned to the agent.
+
+The module runs past 400 lines because delivering, removing, run-nows and reconciling are
+one policy for one agent: they share its back-off, its identity and its pass; split, each
+part would reach into the others' state.
 """
 
 from __future__ import annotations
