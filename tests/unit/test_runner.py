@@ -20,7 +20,9 @@ from taskscheduler.agent.outcome import RunOutcome
 from taskscheduler.agent.runjournal import RunJournal, RunRecord, run_id
 from taskscheduler.agent.runner import ProcessRunner
 from taskscheduler.agent.runprocess import SETSID, SUPERVISOR
+from taskscheduler.logs import json_line
 from taskscheduler.protocol import Output, ResultStatus, Trigger
+from taskscheduler.schedule import format_instant
 from tests.unit.fakes_process import FakeProcessReactor, GroupKiller
 
 T = TypeVar("T")
@@ -436,6 +438,41 @@ def test_logs_never_contain_the_environment() -> None:
     assert events, "the runner logged nothing"
     text = "\n".join(formatEvent(e) + repr(e) for e in events)
     assert "s3cr3t" not in text
+
+
+def test_run_lines_name_the_task_and_instant_never_the_command_or_the_pid() -> None:
+    events: list[LogEvent] = []
+    observer = cast(ILogObserver, events.append)
+    globalLogPublisher.addObserver(observer)
+    task_id, at = uuid.uuid4(), datetime(2026, 11, 30, 20, 0, tzinfo=UTC)
+    later = datetime(2026, 11, 30, 20, 1, tzinfo=UTC)
+    try:
+        runner, reactor, _ = make_runner()
+        timed_out = runner.run("echo s3cr3t-cmd; sleep 9", 1, key=(task_id, at))
+        pid = reactor.last.pid
+        reactor.advance(1)
+        reactor.last.finish(None, signal.SIGTERM)
+        reactor.spawn_error = OSError(2, "No such file")
+        runner.run("echo s3cr3t-cmd", 10, key=(task_id, later))
+    finally:
+        globalLogPublisher.removeObserver(observer)
+    assert result_of(timed_out).status == ResultStatus.TIMED_OUT
+    said = [(e["log_level"].name, formatEvent(e)) for e in events]
+    first, second = format_instant(at), format_instant(later)
+    for level, line in [
+        ("debug", f"task {task_id}: its run of {first} started (attempt 1, schedule)"),
+        ("info", f"task {task_id}: its run of {first} reached its time limit of 1s"),
+        ("debug", f"task {task_id}: its run of {first} ended: timed_out"),
+        ("critical", f"task {task_id}: could not start its run of {second}"),
+    ]:
+        assert [s for s in said if s[0] == level and s[1].startswith(line)], (line, said)
+    for event in events:
+        text = formatEvent(event) + repr(event) + json_line(event)
+        assert "s3cr3t" not in text, text  # never the command
+        assert f"pid {pid}" not in formatEvent(event)
+        if "its run of" in formatEvent(event):
+            assert event["task_id"] == str(task_id), event
+            assert event["scheduled_at"] in (first, second), event
 
 
 # -- what a restarted agent learns of a run ----------------------------------------------

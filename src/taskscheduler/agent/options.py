@@ -15,6 +15,13 @@ from taskscheduler.agent.heartbeat import DEFAULT_HEARTBEAT_INTERVAL
 from taskscheduler.agent.service import DEFAULT_SHUTDOWN_GRACE
 from taskscheduler.agent.spool import DEFAULT_SPOOL_MAX_BYTES
 from taskscheduler.hardening import take_secret_from_environment
+from taskscheduler.logs import (
+    DEFAULT_FORMAT,
+    DEFAULT_LEVEL,
+    log_parameters,
+    parse_log_format,
+    parse_log_level,
+)
 from taskscheduler.protocol import InvalidMessage
 from taskscheduler.protocol.labels import labels_from_pairs, parse_label_text
 from taskscheduler.web.guards import (
@@ -62,6 +69,9 @@ _SETTINGS = [
     ),
     ("header-timeout", "TASKSCHEDULER_AGENT_HEADER_TIMEOUT", str(DEFAULT_HEADER_TIMEOUT)),
     ("body-timeout", "TASKSCHEDULER_AGENT_BODY_TIMEOUT", str(DEFAULT_BODY_TIMEOUT)),
+    # Logs (issue 12): the log's format and level.
+    ("log-format", "TASKSCHEDULER_AGENT_LOG_FORMAT", DEFAULT_FORMAT),
+    ("log-level", "TASKSCHEDULER_AGENT_LOG_LEVEL", DEFAULT_LEVEL),
 ]
 
 
@@ -251,6 +261,8 @@ class Options(usage.Options):
             "Seconds a client has to send a request's body once its headers are in; then 408 "
             f"[TASKSCHEDULER_AGENT_BODY_TIMEOUT] (default: {DEFAULT_BODY_TIMEOUT:g}).",
         ],
+        # Logs (issue 12): the log's format and level.
+        *log_parameters("TASKSCHEDULER_AGENT_LOG_FORMAT", "TASKSCHEDULER_AGENT_LOG_LEVEL"),
     ]
 
     def __init__(self, environ: MutableMapping[str, str] | None = None) -> None:
@@ -273,6 +285,8 @@ class Options(usage.Options):
         if not server.startswith(("http://", "https://")):
             raise usage.UsageError(f"--server {server!r} must be a base URL like http://host:8080")
         self["server"] = server
+        self["log-format"] = parse_log_format(self["log-format"])
+        self["log-level"] = parse_log_level(self["log-level"])
         self["output-cap"] = _number(self["output-cap"], "output-cap", int, minimum=1)
         self["kill-grace"] = _number(self["kill-grace"], "kill-grace", float, minimum=0)
         self["shutdown-grace"] = _number(self["shutdown-grace"], "shutdown-grace", float, minimum=0)

@@ -130,7 +130,11 @@ class Recovery:
                 found = self._recover(run, task_id, scheduled_at)
                 recovered.append(replace(found, attempt=attempt))
             except Exception:
-                self.log.failure("could not recover run {run}", run=run)
+                self.log.failure(
+                    "task {task_id}: could not recover its run of {scheduled_at}",
+                    task_id=str(task_id),
+                    scheduled_at=format_instant(scheduled_at),
+                )
         recovered += self._unrecorded(
             reported, {(r.task_id, r.scheduled_at, r.attempt) for r in recovered}
         )
@@ -352,8 +356,8 @@ class Recovery:
             record.started_at + timedelta(seconds=record.time_limit)
         ).timestamp() - self._runner.wall_clock()
         self.log.info(
-            "task {task_id}: re-attached to its run of {scheduled_at} (pid {pid}), "
-            "{remaining:.1f}s left of its time limit",
+            "task {task_id}: re-attached to its run of {scheduled_at}, {remaining:.1f}s "
+            "left of its time limit",
             task_id=str(record.task_id),
             scheduled_at=format_instant(record.scheduled_at),
             pid=record.pid,

@@ -316,6 +316,12 @@ class Reporter:
     def _acknowledge(self, entry: SpoolEntry) -> None:
         self._spool.remove(entry)
         self.acknowledged += 1
+        self.log.debug(
+            "task {task_id}: the result of {scheduled_at} (attempt {attempt}) is reported",
+            task_id=str(entry.task_id),
+            scheduled_at=format_instant(entry.key[1]),
+            attempt=entry.key[2],
+        )
 
     def _refuse(self, entry: SpoolEntry, reason: str) -> None:
         self._spool.remove(entry)

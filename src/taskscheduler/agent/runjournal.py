@@ -20,7 +20,7 @@ import uuid
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any
+from typing import Any, TypedDict
 
 from twisted.logger import Logger
 
@@ -36,6 +36,22 @@ JOURNAL_REWRITE_BYTES = 8 * 1024 * 1024
 def run_id(task_id: uuid.UUID, scheduled_at: datetime, attempt: int = 1) -> str:
     name = f"{scheduled_at.astimezone(UTC).strftime(_STAMP)}_{task_id}"
     return name if attempt == 1 else f"{name}~{attempt:02d}"
+
+
+class RunNames(TypedDict):
+    """The fields that name a run in a log line: its task and its instant."""
+
+    task_id: str
+    scheduled_at: str
+
+
+def run_names(run: str) -> RunNames:
+    """The fields naming run ``run`` (a run id) in a log line: its task and instant."""
+    try:
+        task_id, scheduled_at, _ = parse_run_id(run)
+    except ValueError:
+        return RunNames(task_id="-", scheduled_at=run)
+    return RunNames(task_id=str(task_id), scheduled_at=format_instant(scheduled_at))
 
 
 def parse_run_id(name: str) -> tuple[uuid.UUID, datetime, int]:

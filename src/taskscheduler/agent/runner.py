@@ -59,10 +59,11 @@ from taskscheduler.agent.containment import (
 from taskscheduler.agent.outcome import RecoveredRun, RunOutcome
 from taskscheduler.agent.recovery import Recovery
 from taskscheduler.agent.runfiles import RunFiles
-from taskscheduler.agent.runjournal import RunRecord, boot_id, run_id
+from taskscheduler.agent.runjournal import RunNames, RunRecord, boot_id, run_id, run_names
 from taskscheduler.agent.runprocess import EXIT_FD, SETSID, RunProcess, supervised_command
 from taskscheduler.agent.upkeep import Upkeep
 from taskscheduler.protocol import Output, ResultStatus, Trigger
+from taskscheduler.schedule import format_instant
 
 #: Output up to this many bytes is read on the reactor when a run ends; more, on a thread.
 SMALL_OUTPUT = 64 * 1024
@@ -70,8 +71,6 @@ SMALL_OUTPUT = 64 * 1024
 #: TIDY_ATTEMPTS times) while killed processes are still dying.
 TIDY_DELAY = 0.2
 TIDY_ATTEMPTS = 25
-#: Longest piece of a command quoted in a log line.
-_LOGGED_COMMAND_CHARS = 200
 
 
 def instance_of(runs_dir: Path) -> str:
@@ -187,6 +186,7 @@ class ProcessRunner:
         if key is None:
             key = (uuid.uuid4(), datetime.fromtimestamp(self.wall_clock(), UTC))
         run_name = run_id(*key, attempt)
+        names = RunNames(task_id=str(key[0]), scheduled_at=format_instant(key[1]))
         run = RunProcess(self, run_name, key, time_limit)
         env = {**self.environment, **extra_env, RUN_ID_VARIABLE: run.marker}
         fds: list[int] = []
@@ -209,10 +209,8 @@ class ProcessRunner:
         except Exception as e:
             self._runs.pop(run, None)
             run.abandon()
-            self.log.failure(
-                "could not start a run: {command}",
-                command=command[:_LOGGED_COMMAND_CHARS],
-            )
+            # Never the command itself: it may hold a secret.
+            self.log.failure("task {task_id}: could not start its run of {scheduled_at}", **names)
             with contextlib.suppress(OSError):
                 self.containment.release(run.marker, None)
             with contextlib.suppress(OSError):
@@ -259,7 +257,16 @@ class ProcessRunner:
                 )
             except OSError:
                 # The run goes on; only a crash of the agent before it ends would lose it.
-                self.log.failure("could not record the start of {run}", run=run_name)
+                self.log.failure(
+                    "task {task_id}: could not record the start of its run of {scheduled_at}",
+                    **names,
+                )
+        self.log.debug(
+            "task {task_id}: its run of {scheduled_at} started (attempt {attempt}, {trigger})",
+            attempt=attempt,
+            trigger=trigger.value,
+            **names,
+        )
         self.upkeep.keep_trimming()
         return run.done
 
@@ -296,7 +303,12 @@ class ProcessRunner:
         try:
             self.files.mark_replaced(run)
         except OSError as e:
-            self.log.warn("could not record that {run} is replaced: {error}", run=run, error=e)
+            self.log.warn(
+                "task {task_id}: could not record that its run of {scheduled_at} is "
+                "replaced: {error}",
+                error=e,
+                **run_names(run),
+            )
 
     def mark_limit_reached(self, run: str) -> None:
         """Record, before the first signal, that ``run`` is being ended at its limit."""
@@ -304,7 +316,10 @@ class ProcessRunner:
             self.files.mark_limit_reached(run)
         except OSError as e:
             self.log.warn(
-                "could not record that {run} reached its limit: {error}", run=run, error=e
+                "task {task_id}: could not record that its run of {scheduled_at} reached "
+                "its limit: {error}",
+                error=e,
+                **run_names(run),
             )
 
     def run_ended(self, run: RunProcess) -> None:
@@ -353,7 +368,10 @@ class ProcessRunner:
         try:
             self.files.remove(run)
         except OSError:
-            self.log.failure("could not let go of the files of {run}", run=run)
+            self.log.failure(
+                "task {task_id}: could not let go of the files of its run of {scheduled_at}",
+                **run_names(run),
+            )
         self.upkeep.empty_dirty_slots()
 
     def _tidy_soon(self, attempts: int = TIDY_ATTEMPTS) -> None:

@@ -36,6 +36,7 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 
 from taskscheduler.agent.outcome import RunOutcome, status_of
+from taskscheduler.agent.runjournal import RunNames
 from taskscheduler.protocol import Output, ResultStatus
 from taskscheduler.schedule import format_instant
 
@@ -160,10 +161,10 @@ class RunProcess(ProcessProtocol):
         self._cancel("_limit_call")
         self._runner.mark_replaced(self.run_id)
         self.log.info(
-            "{run} is replaced by a newer run of its task; sending SIGTERM to every "
-            "process of the run, SIGKILL in {kill_grace}s",
-            run=self._name(),
+            "task {task_id}: its run of {scheduled_at} is replaced by a newer run of its task; "
+            "sending SIGTERM to every process of the run, SIGKILL in {kill_grace}s",
             kill_grace=self._runner.kill_grace,
+            **self._names(),
         )
         self._signal(signal.SIGTERM)
         if self._kill_call is None:
@@ -190,11 +191,12 @@ class RunProcess(ProcessProtocol):
         self._timed_out = True
         self._runner.mark_limit_reached(self.run_id)
         self.log.info(
-            "{run} reached its time limit of {time_limit}s; sending SIGTERM to every "
-            "process of the run, SIGKILL in {kill_grace}s",
-            run=self._name(),
+            "task {task_id}: its run of {scheduled_at} reached its time limit of "
+            "{time_limit}s; sending SIGTERM to every process of the run, SIGKILL in "
+            "{kill_grace}s",
             time_limit=self._time_limit,
             kill_grace=self._runner.kill_grace,
+            **self._names(),
         )
         self._signal(signal.SIGTERM)
         self._kill_call = self._runner.reactor.callLater(
@@ -213,16 +215,19 @@ class RunProcess(ProcessProtocol):
                     self.transport.signalProcess(signum)
         except OSError as e:
             self.log.warn(
-                "{run}: could not send signal {signum}: {error}",
-                run=self._name(),
+                "task {task_id}: could not send signal {signum} to its run of "
+                "{scheduled_at}: {error}",
                 signum=signum,
                 error=e,
+                **self._names(),
             )
 
-    def _name(self) -> str:
+    def _names(self) -> RunNames:
+        """The fields that name the run in a log line: its task and instant (a pid says
+        nothing to an operator, and is reused)."""
         if self._key is None:
-            return f"run {self.pid}"
-        return f"task {self._key[0]} run {format_instant(self._key[1])} (pid {self.pid})"
+            return RunNames(task_id="-", scheduled_at=self.run_id)
+        return RunNames(task_id=str(self._key[0]), scheduled_at=format_instant(self._key[1]))
 
     def _cancel(self, name: str) -> None:
         call: IDelayedCall | None = getattr(self, name)
@@ -240,7 +245,11 @@ class RunProcess(ProcessProtocol):
         try:
             self._runner.containment.release(self.marker, self.pid)
         except OSError as e:
-            self.log.warn("{run}: could not clean up: {error}", run=self._name(), error=e)
+            self.log.warn(
+                "task {task_id}: could not clean up after its run of {scheduled_at}: {error}",
+                error=e,
+                **self._names(),
+            )
         exit_code = getattr(self._exit, "exitCode", None)
         signum = getattr(self._exit, "signal", None)
         if self._timed_out:
@@ -256,12 +265,13 @@ class RunProcess(ProcessProtocol):
         finished_at = datetime.fromtimestamp(self._runner.wall_clock(), UTC)
         duration = max(0.0, self._runner.monotonic() - self.started)
         self.log.debug(
-            "{run} ended: {status} (exit code {exit_code}, signal {signal}) in {duration:.3f}s",
-            run=self._name(),
+            "task {task_id}: its run of {scheduled_at} ended: {status} (exit code "
+            "{exit_code}, signal {signal}) in {duration:.3f}s",
             status=status.value,
             exit_code=exit_code,
             signal=signum,
             duration=duration,
+            **self._names(),
         )
         self._runner.run_ended(self)
         waiters, self._waiters = self._waiters, []

@@ -198,6 +198,12 @@ class Spool:
             del self._writing[entry.key]
             self.bytes -= entry.size
         self._remember(entry)
+        self.log.debug(
+            "task {task_id}: the result of {scheduled_at} (attempt {attempt}) is spooled",
+            task_id=str(entry.task_id),
+            scheduled_at=format_instant(entry.key[1]),
+            attempt=entry.key[2],
+        )
         self.on_ready()
         return True
 

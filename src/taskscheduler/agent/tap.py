@@ -32,6 +32,7 @@ from taskscheduler.daemon import StartFailure
 from taskscheduler.hardening import make_non_dumpable
 from taskscheduler.httpclient import DaemonHTTP
 from taskscheduler.listen import listen_endpoint
+from taskscheduler.logs import LoggedDaemon
 
 #: The whole environment of every run, besides TASKSCHEDULER_TASK_ID and
 #: TASKSCHEDULER_SCHEDULED_AT: never the agent's own, which may hold secrets.
@@ -73,7 +74,7 @@ def makeService(options: Options) -> IService:
         runner.containment = choose_containment(options["cgroup-parent"], runner)
         return runner
 
-    return AgentService(
+    service = AgentService(
         AgentConfig(
             data_dir=data_dir,
             server_url=options["server"],
@@ -110,6 +111,7 @@ def makeService(options: Options) -> IService:
         ),
         harden_process=make_non_dumpable,
     )
+    return LoggedDaemon(service, options, reactor)
 
 
 def choose_containment(setting: str, runner: Any) -> Containment:

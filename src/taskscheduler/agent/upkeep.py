@@ -13,6 +13,7 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 
 from taskscheduler.agent.runfiles import RunFiles
+from taskscheduler.agent.runjournal import run_names
 
 #: How often the output files of runs in flight are trimmed to the cap.
 TRIM_INTERVAL = 0.5
@@ -64,7 +65,10 @@ class Upkeep:
             try:
                 self._files.trim(run, cap)
             except (OSError, KeyError):
-                self.log.failure("could not trim the output of {run}", run=run)
+                self.log.failure(
+                    "task {task_id}: could not trim the output of its run of {scheduled_at}",
+                    **run_names(run),
+                )
 
     # -- emptying slots ------------------------------------------------------------------
 

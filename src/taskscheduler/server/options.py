@@ -12,6 +12,7 @@ import os
 from twisted.python import usage
 
 from taskscheduler.listen import INSECURE_FLAG
+from taskscheduler.logs import log_parameters, parse_log_format, parse_log_level
 from taskscheduler.protocol import CLOCK_ALLOWANCE
 from taskscheduler.server.api.app import DEFAULT_MAX_OUTPUT_BYTES, DEFAULT_REPORT_GRACE
 from taskscheduler.server.ratelimit import DEFAULT_CREATE_BURST, DEFAULT_CREATE_RATE
@@ -267,10 +268,16 @@ class Options(usage.Options):
             "Seconds a client has to send a request's body once its headers are in; then 408 "
             f"[TASKSCHEDULER_BODY_TIMEOUT] (default: {DEFAULT_BODY_TIMEOUT:g}).",
         ],
+        # Logs (issue 12): the log's format and level.
+        *log_parameters("TASKSCHEDULER_LOG_FORMAT", "TASKSCHEDULER_LOG_LEVEL"),
     ]
 
     def postOptions(self) -> None:
         self["listen"] = self["listen"] or _env("TASKSCHEDULER_LISTEN", "tcp:8080")
+        self["log-format"] = parse_log_format(
+            self["log-format"] or _env("TASKSCHEDULER_LOG_FORMAT")
+        )
+        self["log-level"] = parse_log_level(self["log-level"] or _env("TASKSCHEDULER_LOG_LEVEL"))
         # Said at start (see database_warnings): only a DSN typed here is in `ps`.
         self["database-on-command-line"] = bool(self["database"])
         self["database"] = self["database"] or _env("TASKSCHEDULER_DATABASE")

@@ -45,6 +45,7 @@ from taskscheduler.listen import (
     is_loopback_url,
     listen_endpoint,
 )
+from taskscheduler.logs import LoggedDaemon
 from taskscheduler.redact import redact_dsn
 from taskscheduler.server.access import ServerAccess
 from taskscheduler.server.api.app import ServerAPI
@@ -89,13 +90,13 @@ def makeService(options: Options) -> IService:
     reactor: Any = global_reactor
     on_fatal = StartFailure(reactor, "taskscheduler server")
     try:
-        return server_service(options, reactor, on_fatal)
+        return LoggedDaemon(server_service(options, reactor, on_fatal), options, reactor)
     except Exception as e:
         # Said once the service starts: twistd opens its log after makeService.
         error = e
     tree = StartInOrder("taskscheduler server", on_fatal, OPERATOR_ERRORS)
     Step("configuration", start=lambda: _raise(error)).setServiceParent(tree)
-    return tree
+    return LoggedDaemon(tree, options, reactor)
 
 
 def _raise(error: Exception) -> None:

@@ -186,6 +186,16 @@ class ResultRoutes(Routes):
 
     def _log_outcome(self, result: RunResult, outcome: RecordOutcome) -> None:
         if outcome in (RecordOutcome.STORED, RecordOutcome.DUPLICATE):
+            # One per run: debug (--log-level debug shows it).
+            self.log.debug(
+                "task {task_id}: agent {agent_id} reported its run of {scheduled_at}: "
+                "{status} ({outcome})",
+                task_id=str(result.task_id),
+                agent_id=str(result.agent_id),
+                scheduled_at=format_instant(result.scheduled_at),
+                status=result.status.value,
+                outcome=outcome.value,
+            )
             return
         self.log.warn(
             "rejected result of task {task_id} from agent {agent_id} at {scheduled_at}: {outcome}",
