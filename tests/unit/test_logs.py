@@ -6,22 +6,29 @@ import io
 import json
 import re
 import uuid
+from datetime import datetime, timedelta
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import pytest
 from twisted.application.service import Application, IService, Service
-from twisted.logger import ILogObserver, Logger, LogLevel
+from twisted.internet.task import Clock
+from twisted.logger import ILogObserver, LogEvent, Logger, LogLevel, formatEvent
 from twisted.python import usage
 
 from taskscheduler.agent.options import Options as AgentOptions
+from taskscheduler.agent.taskloop import LabelTime, TaskLoop
 from taskscheduler.logs import (
     LoggedDaemon,
     daemon_observer,
     format_observer,
+    json_line,
     level_filtered,
 )
+from taskscheduler.protocol import TaskSpec
+from taskscheduler.schedule import format_instant
 from taskscheduler.server.options import Options as ServerOptions
+from tests.unit.agent_fakes import ANCHOR, spec
 
 RFC3339_UTC = re.compile(r"^\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}Z$")
 TASK = uuid.UUID("6f1c2a8e-7a4b-4c1e-9a35-0d2f6a1b9c44")
@@ -178,3 +185,37 @@ def test_twistd_gets_the_observer_as_its_applications_component(tmp_path: Path) 
     log.warn("said at warn")
     [line] = path.read_text().splitlines()
     assert json.loads(line)["message"] == "said at warn"
+
+
+class _FailingOwner:
+    """A scheduler whose every run fails to start."""
+
+    def check_clock(self) -> float:
+        return 0.0
+
+    def fired(self, task_id: uuid.UUID, scheduled_at: datetime) -> None:
+        pass
+
+    def fire(self, spec: TaskSpec, scheduled_at: datetime) -> None:
+        raise OSError(24, "Too many open files")
+
+    def record_skip(
+        self, spec: TaskSpec, scheduled_at: datetime, reason: str, quiet: bool = False
+    ) -> None:
+        pass
+
+
+def test_a_run_that_cannot_start_is_named_by_its_task_and_instant() -> None:
+    events: list[LogEvent] = []
+    clock = Clock()
+    clock.advance(ANCHOR.timestamp())
+    task = spec(command="echo s3cr3t", task_id=TASK)
+    loop = TaskLoop(task, _FailingOwner(), LabelTime(clock))
+    loop.log = Logger(observer=cast(ILogObserver, events.append))
+    loop.start()
+    clock.advance(10)
+    loop.stop()
+    [event] = events
+    assert formatEvent(event) == f"task {TASK}: could not start its run of {event['scheduled_at']}"
+    assert event["scheduled_at"] == format_instant(ANCHOR + timedelta(seconds=10))
+    assert "s3cr3t" not in json_line(event)

@@ -296,7 +296,12 @@ class RunsInFlight:
         self._ended(labels)
         # The runner fails only when it could not start the command at all (no shell,
         # no file descriptors left...): say so in the result rather than say nothing.
-        self.log.failure("task {task_id}: could not run the command", failure, task_id=str(task_id))
+        self.log.failure(
+            "task {task_id}: its run of {scheduled_at} could not be started",
+            failure,
+            task_id=str(task_id),
+            scheduled_at=format_instant(labels.scheduled_at),
+        )
         message = f"taskscheduler agent could not run the command: {failure.getErrorMessage()}"
         return self._spool.add(
             RunResult(

@@ -24,7 +24,7 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 
 from taskscheduler.protocol import TaskSpec
-from taskscheduler.schedule import instant, next_execution, utc_now_from
+from taskscheduler.schedule import format_instant, instant, next_execution, utc_now_from
 
 #: At most this many instants of one task missed in one wake-up are recorded ``skipped``
 #: (a host suspended for a day would otherwise spool a day of them).
@@ -126,7 +126,9 @@ class InstantLoop:
             self._owner.fire(self.spec, scheduled_at)
         except Exception:
             self.log.failure(
-                "task {task_id}: could not start a run", task_id=str(self.spec.task_id)
+                "task {task_id}: could not start its run of {scheduled_at}",
+                task_id=str(self.spec.task_id),
+                scheduled_at=format_instant(scheduled_at),
             )
 
     def _replan_safely(self) -> None:
