@@ -13,7 +13,14 @@ from typing import Any, cast
 import pytest
 from twisted.application.service import Application, IService, Service
 from twisted.internet.task import Clock
-from twisted.logger import ILogObserver, LogEvent, Logger, LogLevel, formatEvent
+from twisted.logger import (
+    ILogObserver,
+    LogEvent,
+    Logger,
+    LogLevel,
+    formatEvent,
+    globalLogPublisher,
+)
 from twisted.python import usage
 
 from taskscheduler.agent.options import Options as AgentOptions
@@ -29,6 +36,7 @@ from taskscheduler.protocol import TaskSpec
 from taskscheduler.schedule import format_instant
 from taskscheduler.server.options import Options as ServerOptions
 from tests.unit.agent_fakes import ANCHOR, spec
+from tests.unit.test_agent_overlap import start
 
 RFC3339_UTC = re.compile(r"^\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}Z$")
 TASK = uuid.UUID("6f1c2a8e-7a4b-4c1e-9a35-0d2f6a1b9c44")
@@ -219,3 +227,22 @@ def test_a_run_that_cannot_start_is_named_by_its_task_and_instant() -> None:
     assert formatEvent(event) == f"task {TASK}: could not start its run of {event['scheduled_at']}"
     assert event["scheduled_at"] == format_instant(ANCHOR + timedelta(seconds=10))
     assert "s3cr3t" not in json_line(event)
+
+
+def test_a_run_the_runner_could_not_start_is_named_by_its_task_and_instant(
+    tmp_path: Path,
+) -> None:
+    events: list[LogEvent] = []
+    observer = cast(ILogObserver, events.append)
+    globalLogPublisher.addObserver(observer)
+    try:
+        agent = start(tmp_path, 5)
+        agent.runner.fail_to_start = True
+        agent.service.scheduler.schedule(spec("echo s3cr3t", task_id=TASK))  # type: ignore[union-attr]
+        agent.advance_to(12)
+    finally:
+        globalLogPublisher.removeObserver(observer)
+    [failed] = [e for e in events if "could not be started" in formatEvent(e)]
+    instant = format_instant(ANCHOR + timedelta(seconds=10))
+    assert formatEvent(failed) == f"task {TASK}: its run of {instant} could not be started"
+    assert "s3cr3t" not in "".join(json_line(e) for e in events)
