@@ -62,6 +62,8 @@ _SETTINGS = [
     ),
     ("header-timeout", "TASKSCHEDULER_AGENT_HEADER_TIMEOUT", str(DEFAULT_HEADER_TIMEOUT)),
     ("body-timeout", "TASKSCHEDULER_AGENT_BODY_TIMEOUT", str(DEFAULT_BODY_TIMEOUT)),
+    # Metrics
+    ("metrics-token-file", "TASKSCHEDULER_AGENT_METRICS_TOKEN_FILE", None),
 ]
 
 
@@ -72,6 +74,15 @@ class Options(usage.Options):
         "reports their results. Every option can also be set by the environment variable "
         "named in brackets; the command line wins."
     )
+    # Metrics
+    optFlags = [
+        [
+            "metrics-public",
+            None,
+            "Let anyone who reaches the agent read GET /metrics (by default: anyone on a "
+            "loopback listener, else only with the token of --metrics-token-file).",
+        ],
+    ]
     optParameters = [
         [
             "listen",
@@ -250,6 +261,14 @@ class Options(usage.Options):
             None,
             "Seconds a client has to send a request's body once its headers are in; then 408 "
             f"[TASKSCHEDULER_AGENT_BODY_TIMEOUT] (default: {DEFAULT_BODY_TIMEOUT:g}).",
+        ],
+        # Metrics
+        [
+            "metrics-token-file",
+            None,
+            None,
+            "File holding the bearer token (or its sha256: hash) that reads GET /metrics "
+            "when the agent listens beyond loopback [TASKSCHEDULER_AGENT_METRICS_TOKEN_FILE].",
         ],
     ]
 
