@@ -3,6 +3,7 @@ acknowledged, and who may read the page. A fake runner and a fake server on a Cl
 
 from __future__ import annotations
 
+from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
@@ -17,9 +18,10 @@ from twisted.internet.task import Clock
 from taskscheduler.agent.identity import load_or_create_agent_id
 from taskscheduler.agent.service import AgentConfig, AgentService
 from taskscheduler.auth import OPERATOR_PREFIX, hash_token, new_token
-from taskscheduler.protocol import ResultStatus
+from taskscheduler.protocol import ResultStatus, Trigger
 from taskscheduler.signing import InstructionSigner
 from tests.unit.agent_fakes import (
+    ANCHOR,
     ANCHOR_SECONDS,
     SERVER,
     SERVER_KEY,
@@ -104,6 +106,21 @@ def test_an_instant_started_on_time_falls_in_the_smallest_bucket(tmp_path: Path)
     samples = scrape(agent)
     bucket = "taskscheduler_agent_start_lateness_seconds_bucket"
     assert value(samples, bucket, le="0.0005") == 1
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_manual_run_is_not_on_the_schedule_so_not_in_the_lateness(
+    tmp_path: Path,
+) -> None:
+    agent = agent_at(tmp_path, 5)
+    task = spec(every="every 1 hour")
+    scheduler: Any = agent.service.scheduler
+    scheduler.schedule(task)
+    # Labelled with the server's instant, a second before the agent heard of it.
+    assert await scheduler.run_now(task, ANCHOR + timedelta(seconds=4))
+    agent.settle(0)
+    assert [run.trigger for run in agent.runner.runs] == [Trigger.MANUAL]
+    assert value(scrape(agent), "taskscheduler_agent_start_lateness_seconds_count") == 0
 
 
 def test_a_skipped_instant_counts_as_skipped_and_is_no_start(tmp_path: Path) -> None:
