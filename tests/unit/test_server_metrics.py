@@ -17,6 +17,7 @@ from taskscheduler.server.metrics import PoolState, ServerMetrics, operation_nam
 from taskscheduler.server.store.postgres import PostgresStore
 from tests.unit.test_server_api import (
     AGENT_A,
+    AGENT_B,
     AGENTS,
     CREDENTIALS,
     JSON,
@@ -108,14 +109,17 @@ async def test_results_are_counted_by_outcome_and_late_ones_apart() -> None:
     assert value(samples, "taskscheduler_server_results_total", outcome="stored") == 1
     assert value(samples, "taskscheduler_server_results_total", outcome="duplicate") == 1
     assert value(samples, "taskscheduler_server_results_late_total") == 0
-    h.clock.advance(120)  # instant 2 (at 60 s) was due by 60 + 30 + 30 = 120 s
+    h.clock.advance(44)  # 45 s after instant 1: past the grace, within time limit + grace
+    assert (await h.report(h.result(task_id, AGENT_B, 1)))[0] == 200
+    assert value(await scrape(h), "taskscheduler_server_results_late_total") == 0
+    h.clock.advance(76)  # instant 2 (at 60 s) was due by 60 + 30 + 30 = 120 s
     late = h.result(task_id, AGENT_A, 2)
     batch = {"results": [result_to_json(late)]}
     headers = {**JSON, "Authorization": f"Bearer {CREDENTIALS[AGENT_A]}"}
     code, answer = await h.request("POST", "/api/v1/results", batch, headers=headers)
     assert code == 200 and answer["results"] == [{"status": "stored"}], answer
     samples = await scrape(h)
-    assert value(samples, "taskscheduler_server_results_total", outcome="stored") == 2
+    assert value(samples, "taskscheduler_server_results_total", outcome="stored") == 3
     assert value(samples, "taskscheduler_server_results_late_total") == 1
 
 
