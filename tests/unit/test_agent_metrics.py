@@ -20,6 +20,7 @@ from taskscheduler.agent.service import AgentConfig, AgentService
 from taskscheduler.auth import OPERATOR_PREFIX, hash_token, new_token
 from taskscheduler.protocol import ResultStatus, Trigger
 from taskscheduler.signing import InstructionSigner
+from taskscheduler.web.guards import make_site
 from tests.unit.agent_fakes import (
     ANCHOR,
     ANCHOR_SECONDS,
@@ -31,6 +32,7 @@ from tests.unit.agent_fakes import (
     provision,
     spec,
 )
+from tests.unit.test_web_guards import Client
 
 Samples = dict[tuple[str, frozenset[tuple[str, str]]], float]
 
@@ -295,3 +297,20 @@ async def test_a_loopback_listener_opens_the_metrics_and_any_other_does_not(
     samples = parse(body.decode())
     requests = "taskscheduler_agent_http_requests_total"
     assert value(samples, requests, route="metrics", code="200") == 1
+
+
+def test_on_a_real_site_the_token_passes_the_early_check_and_nothing_else_does(
+    tmp_path: Path,
+) -> None:
+    """The refusal on headers alone (before any body, :class:`LimitedRequest`) agrees."""
+    token_file = tmp_path / "metrics-token"
+    token_file.write_text(TOKEN)
+    agent = service(tmp_path, metrics_token_file=token_file)
+    assert agent.api is not None
+    site = make_site(agent.api.resource(), reactor=Clock())
+    for authorization, status in [(f"Bearer {TOKEN}", 200), (None, 401), ("Bearer tso_x", 401)]:
+        client = Client(site)
+        header = b"" if authorization is None else f"Authorization: {authorization}\r\n".encode()
+        client.send(b"GET /metrics HTTP/1.1\r\nHost: agent.test\r\n" + header + b"\r\n")
+        assert client.status() == status, (authorization, client.answer()[:200])
+        client.close()
