@@ -53,12 +53,19 @@ SECURITY = {
 }
 
 
+#: Routes that are not the JSON API, so not in the document: ``GET /metrics`` answers
+#: Prometheus text (tests/unit/test_server_metrics.py checks it; the README lists it).
+NOT_JSON_API = {"metrics"}
+
+
 def app_routes() -> dict[tuple[str, str], str]:
     """(method, OpenAPI path) -> endpoint, for every rule of the server's Klein app.
     HEAD goes: werkzeug adds it to every GET rule (checked here) and the document says
     so once rather than doubling every GET."""
     found: dict[tuple[str, str], str] = {}
     for rule in ServerAPI.app.url_map.iter_rules():
+        if rule.endpoint in NOT_JSON_API:
+            continue
         methods = set(rule.methods or ())
         assert ("HEAD" in methods) == ("GET" in methods), rule.rule
         path = re.sub(r"<(?:[a-z]+:)?([a-z_]+)>", r"{\1}", rule.rule)

@@ -21,9 +21,12 @@
   fleet: drop every task (runs under way finish), and say so in the health
   (:class:`~taskscheduler.agent.heartbeat.Membership`).
 - ``GET /api/v1/health``: liveness and a few counters (public; nothing secret).
+- ``GET /metrics``: Prometheus metrics (:mod:`taskscheduler.agent.metrics`), for the
+  token of ``--metrics-token-file`` (the ``OPERATOR`` level here), or anyone on a
+  loopback listener or with ``--metrics-public`` (:meth:`AgentAPI.open_metrics`).
 
-Every route but the health check accepts only instructions signed by the agent's server
-for this agent (:mod:`taskscheduler.signing`); anything else is 401.
+Every other route but the health check accepts only instructions signed by the agent's
+server for this agent (:mod:`taskscheduler.signing`); anything else is 401.
 
 The task files are written off the reactor thread (:class:`TaskStore`), so a change of a
 task is answered, and applied to the scheduler, only once it is on disk. Changes of one
@@ -52,8 +55,10 @@ from twisted.web.iweb import IRequest
 
 from taskscheduler import protocol
 from taskscheduler.agent.heartbeat import MEMBER, REASONS, Membership
+from taskscheduler.agent.metrics import AgentMetrics
 from taskscheduler.agent.scheduler import Scheduler
 from taskscheduler.agent.taskstore import TaskStore
+from taskscheduler.metrics import MetricsToken, metrics_page
 from taskscheduler.protocol import MAX_REVISION, InvalidMessage, TaskSpec
 from taskscheduler.protocol.fields import parse_int, parse_time, require
 from taskscheduler.protocol.labels import NO_LABELS
@@ -76,6 +81,7 @@ from taskscheduler.web.responses import DomainError, install_error_handlers, jso
 MAX_BODY_BYTES = 1024 * 1024
 #: Most tasks in one batch (within MAX_BODY_BYTES, which bounds it first in practice).
 MAX_BATCH_TASKS = 1000
+_METRICS_CHALLENGE = b'Bearer realm="taskscheduler-agent-metrics"'
 
 
 class StorageError(Exception):
@@ -104,6 +110,8 @@ class AgentAPI:
         "task_ids": Access.SERVER,
         "leave": Access.SERVER,
         "health": Access.PUBLIC,
+        # Not the server's: the bearer token of --metrics-token-file (open on loopback).
+        "metrics": Access.OPERATOR,
     }
 
     def __init__(
@@ -117,6 +125,8 @@ class AgentAPI:
         membership: Membership | None = None,
         *,
         labels: Mapping[str, str] = NO_LABELS,
+        metrics: AgentMetrics | None = None,
+        metrics_token: MetricsToken | None = None,
     ) -> None:
         self._agent_id = agent_id
         self._labels = labels
@@ -129,15 +139,37 @@ class AgentAPI:
         # Without a verifier nothing is accepted: no key, no instruction.
         self.verifier = verifier or InstructionVerifier(agent_id, clock)
         self.membership = membership or Membership()
+        self.agent_metrics = metrics or AgentMetrics()
+        #: Who may read /metrics when it is not open (None: nobody).
+        self._metrics_token = metrics_token
+        self._gate: AuthGate | None = None
+        self._metrics_open = False
 
     def resource(self) -> Any:
-        return AuthGate(
-            self.app.resource(), self.app.url_map, self.ACCESS, self._authorize, self._check_headers
+        self._gate = AuthGate(
+            self.app.resource(),
+            self.app.url_map,
+            self.ACCESS,
+            self._authorize,
+            self._check_headers,
+            self.agent_metrics.http.observe,
         )
+        if self._metrics_open:
+            self._gate.open_route("metrics")
+        return self._gate
+
+    def open_metrics(self) -> None:
+        """Let anyone read ``/metrics``: the agent listens on loopback only, or
+        ``--metrics-public`` says so."""
+        self._metrics_open = True
+        if self._gate is not None:
+            self._gate.open_route("metrics")
 
     def _check_headers(self, headers: Any, level: Access) -> ApiError | None:
         """Refuse, before its body is read, a request that carries no signature at all (the
         signature covers the body, so it is checked once the body is in)."""
+        if level is Access.OPERATOR:
+            return self._metrics_refusal(headers)
         values = headers.getRawHeaders(b"authorization") or []
         if len(values) == 1 and values[0].strip().startswith(SCHEME.encode("ascii") + b" "):
             return None
@@ -146,7 +178,22 @@ class AgentAPI:
             f'{SCHEME} realm="taskscheduler-agent"'.encode(),
         )
 
+    def _metrics_refusal(self, headers: Any) -> ApiError | None:
+        if self._metrics_token is not None and self._metrics_token.accepts(headers):
+            return None
+        return unauthorized(
+            "/metrics needs the token of the agent's --metrics-token-file"
+            if self._metrics_token is not None
+            else "/metrics is closed: give the agent --metrics-token-file or --metrics-public",
+            _METRICS_CHALLENGE,
+        )
+
     async def _authorize(self, request: IRequest, level: Access) -> None:
+        if level is Access.OPERATOR:
+            refusal = self._metrics_refusal(request.requestHeaders)
+            if refusal is not None:
+                raise refusal
+            return
         values = request.requestHeaders.getRawHeaders(b"authorization") or []
         try:
             self.verifier.verify(
@@ -390,6 +437,10 @@ class AgentAPI:
         return json_response(
             request, {"agent_id": str(self._agent_id), "status": "left", "reason": reason}
         )
+
+    @app.route("/metrics", methods=["GET"])
+    def metrics(self, request: IRequest) -> bytes:
+        return metrics_page(request, self.agent_metrics.registry)
 
     @app.route("/api/v1/health", methods=["GET"])
     def health(self, request: IRequest) -> bytes:

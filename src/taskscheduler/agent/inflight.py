@@ -24,6 +24,7 @@ from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
+from taskscheduler.agent.metrics import AgentMetrics
 from taskscheduler.agent.retries import Attempt, PendingRetries, retry_start
 from taskscheduler.agent.spool import Spool
 from taskscheduler.protocol import Output, ResultStatus, RunResult, TaskSpec, Trigger
@@ -135,6 +136,8 @@ class RunsInFlight:
         self._agent_id = agent_id
         self._now = now or (lambda: utc_now_from(clock.seconds()))
         self._start_retry = start_retry
+        #: Counts each run's end (the scheduler gives its own).
+        self.metrics: AgentMetrics | None = None
         # The (instant, attempt) of the runs under way, by task: kept across a task's
         # replacement (a new revision), so that it does not overlap its previous
         # version's runs. An attempt made durable after its retry started ends only itself.
@@ -270,6 +273,11 @@ class RunsInFlight:
         # Planned first: the retry counts as a run of the task before this one ends.
         retried = self._plan_retry(labels, outcome.status)
         self._ended(labels)
+        if self.metrics is not None:
+            duration = getattr(outcome, "duration", None)  # monotonic, when the runner saw it
+            if duration is None:
+                duration = (outcome.finished_at - outcome.started_at).total_seconds()
+            self.metrics.run_ended(labels.task_id, outcome.status, duration)
         return self._spool.add(
             RunResult(
                 task_id=labels.task_id,
@@ -294,6 +302,8 @@ class RunsInFlight:
         task_id = labels.task_id
         retried = self._plan_retry(labels, ResultStatus.FAILED)
         self._ended(labels)
+        if self.metrics is not None:
+            self.metrics.run_ended(task_id, ResultStatus.FAILED, None)
         # The runner fails only when it could not start the command at all (no shell,
         # no file descriptors left...): say so in the result rather than say nothing.
         self.log.failure(

@@ -72,6 +72,8 @@ _SETTINGS = [
     # Logs (issue 12): the log's format and level.
     ("log-format", "TASKSCHEDULER_AGENT_LOG_FORMAT", DEFAULT_FORMAT),
     ("log-level", "TASKSCHEDULER_AGENT_LOG_LEVEL", DEFAULT_LEVEL),
+    # Metrics
+    ("metrics-token-file", "TASKSCHEDULER_AGENT_METRICS_TOKEN_FILE", None),
 ]
 
 
@@ -82,6 +84,15 @@ class Options(usage.Options):
         "reports their results. Every option can also be set by the environment variable "
         "named in brackets; the command line wins."
     )
+    # Metrics
+    optFlags = [
+        [
+            "metrics-public",
+            None,
+            "Let anyone who reaches the agent read GET /metrics (by default: anyone on a "
+            "loopback listener, else only with the token of --metrics-token-file).",
+        ],
+    ]
     optParameters = [
         [
             "listen",
@@ -263,6 +274,14 @@ class Options(usage.Options):
         ],
         # Logs (issue 12): the log's format and level.
         *log_parameters("TASKSCHEDULER_AGENT_LOG_FORMAT", "TASKSCHEDULER_AGENT_LOG_LEVEL"),
+        # Metrics
+        [
+            "metrics-token-file",
+            None,
+            None,
+            "File holding the bearer token (or its sha256: hash) that reads GET /metrics "
+            "when the agent listens beyond loopback [TASKSCHEDULER_AGENT_METRICS_TOKEN_FILE].",
+        ],
     ]
 
     def __init__(self, environ: MutableMapping[str, str] | None = None) -> None:

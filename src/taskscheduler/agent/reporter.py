@@ -46,6 +46,7 @@ from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
 
 from taskscheduler import protocol
+from taskscheduler.agent.metrics import AgentMetrics
 from taskscheduler.agent.server_client import (
     Acknowledged,
     Refused,
@@ -121,9 +122,13 @@ class Reporter:
         retry_base: float = 1.0,
         retry_cap: float = 30.0,
         jitter: Callable[[], float] = random.random,
+        metrics: AgentMetrics | None = None,
     ) -> None:
         self._spool = spool
         self.client = client
+        self._clock = clock
+        #: Observes each acknowledged run's report latency.
+        self._metrics = metrics
         self._batch_size = batch_size
         self._batch_bytes = batch_bytes
         self._sending = RetryLoop(
@@ -322,6 +327,8 @@ class Reporter:
             scheduled_at=format_instant(entry.key[1]),
             attempt=entry.key[2],
         )
+        if self._metrics is not None and entry.finished is not None:
+            self._metrics.reported(self._clock.seconds() - entry.finished)
 
     def _refuse(self, entry: SpoolEntry, reason: str) -> None:
         self._spool.remove(entry)

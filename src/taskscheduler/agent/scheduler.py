@@ -57,6 +57,7 @@ from taskscheduler.agent.clocksteps import STEP_THRESHOLD, ClockSteps
 from taskscheduler.agent.cronloop import CronLoop
 from taskscheduler.agent.inflight import RunnerLike, RunsInFlight, run_environment
 from taskscheduler.agent.lastruns import LastRuns
+from taskscheduler.agent.metrics import AgentMetrics
 from taskscheduler.agent.retries import Attempt, next_instant
 from taskscheduler.agent.spool import Spool
 from taskscheduler.agent.taskloop import LabelTime, TaskLoop
@@ -83,13 +84,15 @@ class Scheduler:
         max_running: int = DEFAULT_MAX_RUNNING,
         last_runs: LastRuns | None = None,
         claim_client: ClaimClient | None = None,
+        metrics: AgentMetrics | None = None,
     ) -> None:
         """``clock`` is the reactor, whose time is the wall clock.
 
         ``monotonic`` and ``watchdog`` are :class:`~taskscheduler.agent.clocksteps.ClockSteps`'s.
         ``last_runs`` holds the instants a previous life of the agent fired (by default
         none, and nothing recorded). ``claim_client`` claims run-on-one instants from the
-        server (:mod:`.claims`); without it they run as any other.
+        server (:mod:`.claims`); without it they run as any other. ``metrics`` counts
+        runs and their start lateness.
         """
         self._clock = clock
         self._runner = runner
@@ -106,9 +109,11 @@ class Scheduler:
         self._last_runs = LastRuns() if last_runs is None else last_runs
         self._resumed = False
         self._loops: dict[uuid.UUID, TaskLoop | CronLoop] = {}
+        self._metrics = metrics or AgentMetrics()
         self._runs = RunsInFlight(
             clock, runner, spool, agent_id, now=self._labels.now, start_retry=self._retry
         )
+        self._runs.metrics = self._metrics
         self._stopped = False
         self._claims = None
         if claim_client is not None:
@@ -148,6 +153,7 @@ class Scheduler:
         self._runs.drop_retries(task_id)
         if loop is None:
             return False
+        self._metrics.forget_task(task_id)
         loop.stop()
         return True
 
@@ -297,6 +303,9 @@ class Scheduler:
             )
         except Exception:
             d = fail()
+        else:  # its process is started: how late, on the timeline its instant is on
+            if attempt.number == 1 and attempt.trigger is Trigger.SCHEDULE:
+                self._metrics.started(self._labels.seconds() - scheduled_at.timestamp())
         self._runs.track(
             spec.task_id, scheduled_at, started_at, d, spec.revision, attempt.trigger, attempt
         )
@@ -357,6 +366,7 @@ class Scheduler:
                 reason=reason,
             )
         self.skipped += 1
+        self._metrics.run_ended(spec.task_id, ResultStatus.SKIPPED, None)
         self._spool.add(
             RunResult(
                 spec.task_id,

@@ -67,6 +67,7 @@ from taskscheduler.agent.identity import (
 )
 from taskscheduler.agent.inflight import RunnerLike
 from taskscheduler.agent.lastruns import LastRuns
+from taskscheduler.agent.metrics import AgentMetrics, AgentState
 from taskscheduler.agent.outcome import spool_lost_runs
 from taskscheduler.agent.reporter import Reporter
 from taskscheduler.agent.scheduler import Scheduler
@@ -74,7 +75,13 @@ from taskscheduler.agent.server_client import Enrolled, ServerClient
 from taskscheduler.agent.spool import DEFAULT_SPOOL_MAX_BYTES, RunMarkers, Spool
 from taskscheduler.agent.taskstore import TaskStore
 from taskscheduler.hardening import make_private_folder
-from taskscheduler.listen import EndpointSyntaxError, advertised_url, is_loopback_url
+from taskscheduler.listen import (
+    EndpointSyntaxError,
+    advertised_url,
+    is_loopback_address,
+    is_loopback_url,
+)
+from taskscheduler.metrics import MetricsToken
 from taskscheduler.protocol import TaskSpec
 from taskscheduler.protocol.labels import NO_LABELS
 from taskscheduler.schedule import format_instant, utc_now_from
@@ -127,6 +134,10 @@ class AgentConfig:
     heartbeat_interval: float = DEFAULT_HEARTBEAT_INTERVAL
     #: What the agent says it is (``--label``), sent at enrolment and in each heartbeat.
     labels: Mapping[str, str] = field(default_factory=lambda: NO_LABELS)
+    # Metrics: /metrics open to anyone (else on a loopback listener only, or for the
+    # token in the file).
+    metrics_public: bool = False
+    metrics_token_file: Path | None = None
 
 
 class NotEnrolled(Exception):
@@ -188,6 +199,8 @@ class AgentService(Service):
         self.reporter: Reporter | None = None
         self.spool: Spool | None = None
         self.heartbeat: HeartbeatLoop | None = None
+        #: This agent's metrics (a registry of its own: several agents share a test process).
+        self.metrics = AgentMetrics()
 
     def startService(self) -> None:
         super().startService()
@@ -290,7 +303,7 @@ class AgentService(Service):
             self.config.server_url,
             credential=credential if server_key is not None else None,
         )
-        reporter = Reporter(spool, client, self._clock, jitter=self._jitter)
+        reporter = Reporter(spool, client, self._clock, jitter=self._jitter, metrics=self.metrics)
         spool.on_ready = reporter.wake
         runner = self._runner_factory()
         scheduler = Scheduler(
@@ -302,6 +315,7 @@ class AgentService(Service):
             max_running=self.config.max_running,
             last_runs=last_runs,
             claim_client=client,
+            metrics=self.metrics,
         )
         # Runs a previous life of the agent left: before any new run starts, so that a
         # task is never started while its run from before the restart is still going.
@@ -329,6 +343,19 @@ class AgentService(Service):
                 "rejected": reporter.rejected,
             }
 
+        def state() -> AgentState:
+            return AgentState(
+                spooled=len(spool),
+                spooled_bytes=spool.bytes,
+                dropped=spool.dropped,
+                reported=reporter.acknowledged,
+                rejected=reporter.rejected,
+                in_flight=scheduler.running,
+                tasks=len(scheduler.tasks),
+            )
+
+        self.metrics.watch(agent_id, _version(), state)
+        token_file = self.config.metrics_token_file
         verifier = InstructionVerifier(agent_id, self._clock, server_key)
         membership = Membership(data_dir / "membership")
         self.api = AgentAPI(
@@ -340,6 +367,8 @@ class AgentService(Service):
             verifier,
             membership,
             labels=self.config.labels,
+            metrics=self.metrics,
+            metrics_token=None if token_file is None else MetricsToken.from_file(token_file),
         )
         started_at = format_instant(utc_now_from(self._clock.seconds()))
 
@@ -365,6 +394,8 @@ class AgentService(Service):
         self._verifier = verifier
         if join_secret is not None:
             self._enrol = (agent_id, join_secret, pinned)
+        if self.config.metrics_public:
+            self.api.open_metrics()
         if self._endpoint is None:
             self._run()
             return
@@ -389,6 +420,8 @@ class AgentService(Service):
         pause_accepting_when_out_of_descriptors(port, self._clock)
         address = port.getHost()
         self.log.info("taskscheduler agent listening on {address}", address=str(address))
+        if is_loopback_address(address) and self.api is not None:
+            self.api.open_metrics()  # only this machine can reach it
         self._run(address)
 
     def _run(self, address: IAddress | None = None) -> None:

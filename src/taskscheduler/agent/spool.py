@@ -86,6 +86,9 @@ class SpoolEntry:
     key: ResultKey
     path: Path
     size: int
+    #: When its run ended (POSIX seconds; None: not a run, or spooled by an earlier life
+    #: of the agent), for the report latency.
+    finished: float | None = None
 
     @property
     def task_id(self) -> uuid.UUID:
@@ -182,12 +185,13 @@ class Spool:
             )
             return succeed(False)
         path = self.directory / _file_name(key)
+        finished = None if result.finished_at is None else result.finished_at.timestamp()
+        entry = SpoolEntry(key, path, len(data), finished)
         if self._writer is None:
             atomic_write(path, data)
-            return succeed(self._written(None, SpoolEntry(key, path, len(data)), False))
+            return succeed(self._written(None, entry, False))
         self._writing[key] = len(data)
         self.bytes += len(data)
-        entry = SpoolEntry(key, path, len(data))
         written = self._writer.write(path, data)
         return written.addCallbacks(
             self._written, self._not_written, callbackArgs=(entry, True), errbackArgs=(entry,)

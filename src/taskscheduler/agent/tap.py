@@ -95,6 +95,8 @@ def makeService(options: Options) -> IService:
             body_timeout=options["body-timeout"],
             run_as=options["run-as"],
             labels=options["labels"],
+            metrics_public=bool(options["metrics-public"]),
+            metrics_token_file=_path(options["metrics-token-file"]),
         ),
         reactor,
         runner_factory,

@@ -46,6 +46,13 @@ class Options(usage.Options):
             "Let a server listening beyond loopback run without operator tokens: anyone "
             "who reaches it can run commands on every agent. For isolated test networks only.",
         ],
+        # Metrics
+        [
+            "metrics-public",
+            None,
+            "Let anyone who reaches the server read GET /metrics (by default: anyone on a "
+            "loopback listener, else an operator's token).",
+        ],
     ]
     optParameters = [
         [

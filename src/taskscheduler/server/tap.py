@@ -51,6 +51,7 @@ from taskscheduler.server.access import ServerAccess
 from taskscheduler.server.api.app import ServerAPI
 from taskscheduler.server.database import DatabaseConnection, database_warnings, read_database_file
 from taskscheduler.server.dispatch import Dispatcher
+from taskscheduler.server.metrics import PoolState, ServerMetrics
 from taskscheduler.server.options import Options
 from taskscheduler.server.ratelimit import RateLimiter
 from taskscheduler.server.retention import HistoryPruner
@@ -135,6 +136,14 @@ def server_service(
             "(change it with POST and DELETE /api/v1/fleet)"
         )
     dispatcher = Dispatcher(store, http, reactor, agents, signer=signer)
+    metrics = ServerMetrics()
+    store.db.observer = metrics.queries
+
+    def pool_state() -> PoolState | None:
+        state = store.db.pool_state()
+        return None if state is None else PoolState(*state)
+
+    metrics.watch_pool(pool_state)
     access = ServerAccess(
         store,
         reactor,
@@ -161,6 +170,7 @@ def server_service(
         on_agent_relabelled=dispatcher.agent_relabelled,
         heartbeat_interval=options["heartbeat-interval"],
         claim_grace=timedelta(seconds=options["claim-grace"]),
+        metrics=metrics,
     )
     hosts = host_policy_for(options["host-policy"], tokens is not None and len(tokens) > 0)
     site = make_site(
@@ -174,12 +184,17 @@ def server_service(
         host_policy=hosts,
     )
 
+    if options["metrics-public"]:
+        api.open_metrics()
+
     def check(port: IListeningPort) -> None:
         address = port.getHost()
         warning = check_listen_policy(address, options["listen"], tokens, options["insecure"])
         if warning is not None:
             log.warn("{warning}", warning=warning)
         loopback = is_loopback_address(address)
+        if loopback:
+            api.open_metrics()  # only this machine can reach it
         if options["host-policy"] is None and hosts.hosts is not None and not loopback:
             log.warn(
                 "without operator tokens this server answers only to {hosts} in the "

@@ -114,14 +114,22 @@ class AuthGate(Resource):
         access: Mapping[str, Access],
         authorize: Authorize,
         check_headers: CheckHeaders | None = None,
+        observe: Callable[[IRequest, str | None], None] | None = None,
     ) -> None:
+        """``observe(request, endpoint)`` is told of every request that reaches the
+        gate, with its route's endpoint name (None: no route matches): the metrics."""
         super().__init__()
         self._inner = inner
         self._url_map = url_map
         self._access = dict(access)
         self._authorize = authorize
         self._check_headers = check_headers
+        self._observe = observe
         self._fixed = fixed_paths(url_map)
+
+    def open_route(self, endpoint: str) -> None:
+        """Let anyone call ``endpoint`` from now on (``/metrics`` on a loopback listener)."""
+        self._access[endpoint] = Access.PUBLIC
 
     def refuse_early(self, method: bytes, postpath: list[bytes], headers: Any) -> ApiError | None:
         """What ``check_headers`` refuses on a request's headers alone, before its body is
@@ -137,10 +145,12 @@ class AuthGate(Resource):
 
     def render(self, request: IRequest) -> Any:
         path = routing_path(request)
+        endpoint = _match(self._url_map, path, request.method)
+        if self._observe is not None:
+            self._observe(request, endpoint)
         allowed = self._fixed.get(path) if path is not None else None
         if allowed is not None and request.method.decode("ascii", "replace") not in allowed:
             return render_error(request, method_not_allowed(request, allowed))
-        endpoint = route_endpoint(self._url_map, request)
         if endpoint is None:
             return self._inner.render(request)
         level = self._access.get(endpoint)

@@ -107,6 +107,7 @@ class AgentRoutes(FleetRoutes):
         audit = self._audit(request, principal, "agent.revoked", str(parsed))
         record = await self._store.revoke_agent(parsed, self._now(), audit)
         self._access.forget_agents()
+        self._metrics.forget_agent(parsed)
         if record is None:
             raise UNKNOWN_LIVE_AGENT()
         self.log.info(

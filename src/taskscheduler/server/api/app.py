@@ -27,9 +27,11 @@ from taskscheduler.server.api.base import routes
 from taskscheduler.server.api.claims import DEFAULT_CLAIM_GRACE, ClaimRoutes
 from taskscheduler.server.api.executions import ExecutionRoutes
 from taskscheduler.server.api.fleet import DEFAULT_HEARTBEAT_INTERVAL, FleetRoutes
+from taskscheduler.server.api.metrics import MetricsRoutes
 from taskscheduler.server.api.openapi import OpenAPIRoutes
 from taskscheduler.server.api.results import ResultRoutes
 from taskscheduler.server.api.tasks import TaskRoutes
+from taskscheduler.server.metrics import ServerMetrics
 from taskscheduler.server.ratelimit import RateLimiter
 from taskscheduler.server.store.interface import Store
 from taskscheduler.server.store.records import AgentRecord, StoreUnavailable, Task, UnknownTask
@@ -61,6 +63,7 @@ class ServerAPI(
     FleetRoutes,
     AuditRoutes,
     OpenAPIRoutes,
+    MetricsRoutes,
 ):
     """The HTTP API of ``twistd taskscheduler-server``."""
 
@@ -92,6 +95,8 @@ class ServerAPI(
         "enrol": Access.JOIN,
         "health": Access.PUBLIC,
         "openapi": Access.PUBLIC,
+        # Open to anyone on a loopback listener or with --metrics-public (open_metrics).
+        "metrics": Access.OPERATOR,
     }
 
     def __init__(
@@ -113,6 +118,7 @@ class ServerAPI(
         heartbeat_interval: float = DEFAULT_HEARTBEAT_INTERVAL,
         on_agent_relabelled: Callable[[str], None] = lambda url: None,
         claim_grace: timedelta = DEFAULT_CLAIM_GRACE,
+        metrics: ServerMetrics | None = None,
     ) -> None:
         self._store = store
         self._clock = clock
@@ -130,6 +136,9 @@ class ServerAPI(
         self._on_agent_relabelled = on_agent_relabelled
         self._heartbeat_interval = heartbeat_interval
         self._claim_grace = claim_grace
+        self._metrics = metrics or ServerMetrics()
+        self._gate = None
+        self._metrics_open = False
         self._in_fleet_seen = {}
         self._assignments: set[tuple[str, uuid.UUID]] = set()
         # Per operator token: one client's burst must not hold back everyone's tasks.
@@ -137,13 +146,17 @@ class ServerAPI(
 
     def resource(self) -> Any:
         access = self._access
-        return AuthGate(
+        self._gate = AuthGate(
             self.app.resource(),
             self.app.url_map,
             self.ACCESS,
             access.authorize,
             access.check_headers,
+            self._metrics.http.observe,
         )
+        if self._metrics_open:
+            self._gate.open_route("metrics")
+        return self._gate
 
     @routes.route("/api/v1/health", methods=["GET"])
     async def health(self, request: IRequest) -> bytes:

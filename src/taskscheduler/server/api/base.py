@@ -16,6 +16,7 @@ from twisted.web.iweb import IRequest
 
 from taskscheduler.schedule import utc_now_from
 from taskscheduler.server.access import Principal, ServerAccess
+from taskscheduler.server.metrics import ServerMetrics
 from taskscheduler.server.ratelimit import RateLimiter
 from taskscheduler.server.store.interface import Store
 from taskscheduler.server.store.records import AgentRecord, AuditEvent, Task
@@ -49,6 +50,7 @@ class Routes:
     _assignments: set[tuple[str, uuid.UUID]]
     _create_limiter: RateLimiter
     _heartbeat_interval: float
+    _metrics: ServerMetrics
 
     def _now(self) -> datetime:
         return utc_now_from(self._clock.seconds())

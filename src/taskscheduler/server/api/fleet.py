@@ -198,6 +198,7 @@ class FleetRoutes(Routes):
         if claimed is not None and claimed != str(agent.agent_id):
             raise BAD_REQUEST("'agent_id' is not the id of the credential's agent")
         relabelled = await self._store.record_heartbeat(agent.agent_id, self._now(), heartbeat)
+        self._metrics.heartbeat(agent.agent_id, self._clock.seconds())
         if relabelled:
             self.log.info(
                 "agent {agent_id} at {url} now has labels {labels}",

@@ -14,7 +14,8 @@ from taskscheduler import protocol
 from taskscheduler.protocol import InvalidMessage, RunResult
 from taskscheduler.schedule import format_instant
 from taskscheduler.server.access import principal_of
-from taskscheduler.server.api.base import Routes, routes
+from taskscheduler.server.api.base import routes
+from taskscheduler.server.api.metrics import MetricsRoutes
 from taskscheduler.server.store.records import AgentRecord, RecordOutcome, UnknownTask
 from taskscheduler.web.errors import (
     BAD_REQUEST,
@@ -34,7 +35,7 @@ from taskscheduler.web.responses import json_response
 _ASSIGNMENT_CACHE_SIZE = 1_000_000
 
 
-class ResultRoutes(Routes):
+class ResultRoutes(MetricsRoutes):
     """Results, as agents report them."""
 
     @routes.route("/api/v1/tasks/<task_id>/complete", methods=["POST"])
@@ -51,7 +52,9 @@ class ResultRoutes(Routes):
         [early] = await self._too_early(agent, [result])
         if early is not None:
             raise TOO_EARLY(why=early)
-        [outcome] = await self._store.record_results([result], self._now())
+        now = self._now()
+        [outcome] = await self._store.record_results([result], now)
+        self._count_recorded([result], [outcome], now)
         self._log_outcome(result, outcome)
         if outcome is RecordOutcome.CONFLICT:
             raise RESULT_CONFLICT()
@@ -81,7 +84,10 @@ class ResultRoutes(Routes):
         mine = [r for r, e in zip(results, early, strict=True) if r.task_id in assigned and not e]
         if any(r.task_id not in assigned for r in results):
             self._log_not_assigned(agent, [r.task_id for r in results if r.task_id not in assigned])
-        recorded = iter(await self._store.record_results(mine, self._now()) if mine else [])
+        now = self._now()
+        outcomes = await self._store.record_results(mine, now) if mine else []
+        self._count_recorded(mine, outcomes, now)
+        recorded = iter(outcomes)
         statuses = []
         for result, too_early in zip(results, early, strict=True):
             if result.task_id not in assigned:

@@ -11,9 +11,10 @@ the database surfaces as :class:`~taskscheduler.server.store.records.StoreUnavai
 
 from __future__ import annotations
 
+import time
 from collections.abc import AsyncIterator, Callable, Coroutine
 from contextlib import asynccontextmanager
-from typing import Any, TypeVar
+from typing import Any, Protocol, TypeVar
 
 import psycopg2
 import psycopg2.errors
@@ -31,6 +32,12 @@ Operation = Callable[[Cursor], Coroutine[Any, Any, T]]
 
 #: How often a transaction that lost a deadlock against another is retried.
 ROLLBACK_RETRIES = 5
+
+
+class QueryObserver(Protocol):
+    """Told how long each operation took (:class:`taskscheduler.server.metrics.QueryMetrics`)."""
+
+    def observe(self, operation: Callable[..., Any], seconds: float) -> None: ...
 
 
 def is_connection_failure(error: BaseException) -> bool:
@@ -59,6 +66,7 @@ class _Pool:
         self._dsn = dsn
         self._reactor = reactor
         self._connect_timeout = connect_timeout
+        self.size = size
         self._slots = DeferredSemaphore(size)
         self._idle: list[Connection] = []
         self._closed = False
@@ -100,6 +108,11 @@ class _Pool:
                 else:
                     self._idle.append(conn)
             self._slots.release()
+
+    def state(self) -> tuple[int, int, int, int]:
+        """(size, in use, idle, waiting) now."""
+        slots = self._slots
+        return self.size, self.size - slots.tokens, len(self._idle), len(slots.waiting)
 
     def _take_idle(self) -> Connection | None:
         while self._idle:
@@ -170,6 +183,12 @@ class Database:
         self._connect_timeout = connect_timeout
         self._operation_timeout = operation_timeout
         self._pool: _Pool | None = None
+        #: Times each operation (the server's metrics); None: nobody asks.
+        self.observer: QueryObserver | None = None
+
+    def pool_state(self) -> tuple[int, int, int, int] | None:
+        """The pool's (size, in use, idle, waiting), or None before :meth:`open`."""
+        return None if self._pool is None else self._pool.state()
 
     def use_dsn(self, dsn: str) -> None:
         """Connect to ``dsn`` from the next :meth:`open` on."""
@@ -193,9 +212,18 @@ class Database:
         """
         if self._pool is None:
             raise StoreUnavailable("the store is not started")
+        if self.observer is not None:
+            started = time.monotonic()
+            try:
+                return await self._run(self._pool, operation, transaction)
+            finally:
+                self.observer.observe(operation, time.monotonic() - started)
+        return await self._run(self._pool, operation, transaction)
+
+    async def _run(self, pool: _Pool, operation: Operation[T], transaction: bool) -> T:
         for attempt in range(ROLLBACK_RETRIES):
             try:
-                return await self._run_once(self._pool, operation, transaction)
+                return await self._run_once(pool, operation, transaction)
             except psycopg2.errors.TransactionRollbackError:
                 # A deadlock or serialization failure: the transaction changed nothing.
                 if attempt + 1 == ROLLBACK_RETRIES:
