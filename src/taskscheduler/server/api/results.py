@@ -53,6 +53,7 @@ class ResultRoutes(Routes):
             raise TOO_EARLY(why=early)
         [outcome] = await self._store.record_results([result], self._now())
         self._log_outcome(result, outcome)
+        self._notify_stored([result], [outcome])
         if outcome is RecordOutcome.CONFLICT:
             raise RESULT_CONFLICT()
         if outcome is RecordOutcome.UNKNOWN_TASK:
@@ -81,7 +82,9 @@ class ResultRoutes(Routes):
         mine = [r for r, e in zip(results, early, strict=True) if r.task_id in assigned and not e]
         if any(r.task_id not in assigned for r in results):
             self._log_not_assigned(agent, [r.task_id for r in results if r.task_id not in assigned])
-        recorded = iter(await self._store.record_results(mine, self._now()) if mine else [])
+        outcomes = await self._store.record_results(mine, self._now()) if mine else []
+        self._notify_stored(mine, outcomes)
+        recorded = iter(outcomes)
         statuses = []
         for result, too_early in zip(results, early, strict=True):
             if result.task_id not in assigned:
@@ -174,6 +177,17 @@ class ResultRoutes(Routes):
             )
             raise IMPERSONATION()
         return agent
+
+    def _notify_stored(self, results: list[RunResult], outcomes: list[RecordOutcome]) -> None:
+        """Hand the results just stored to the webhooks (queued: no I/O here, and a
+        failure there never fails the report)."""
+        stored = [r for r, o in zip(results, outcomes, strict=True) if o is RecordOutcome.STORED]
+        if not stored:
+            return
+        try:
+            self._on_results_stored(stored)
+        except Exception:
+            self.log.failure("queueing results for webhooks")
 
     def _log_not_assigned(self, agent: AgentRecord, task_ids: list[uuid.UUID]) -> None:
         self.log.warn(
