@@ -311,7 +311,9 @@ async def test_an_attempt_the_agent_will_retry_alerts_nobody(world: World) -> No
     await world.report_result(dataclasses.replace(first, attempt=1, final=False))
     retried = world.harness.result(task_id, AGENT_A, 1, exit_code=0)
     await world.report_result(dataclasses.replace(retried, attempt=2))
-    await world.report(task_id, 1, 3)  # the next instant's final failure does
+    await world.report(task_id, 1, 0)
+    assert world.receiver.events() == []
+    await world.report(task_id, 2, 3)  # a final failure does
     assert world.receiver.events() == ["failed"]
 
 
