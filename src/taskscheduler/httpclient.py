@@ -216,6 +216,7 @@ async def exchange(
     *,
     timeout: float,
     max_answer_bytes: int,
+    allow_redirects: bool = True,
 ) -> Answer:
     """Send one request and read its answer within ``max_answer_bytes`` and ``timeout``;
     :class:`NoAnswer` (saying why) if no whole answer came.
@@ -234,6 +235,7 @@ async def exchange(
             timeout=timeout,
             reactor=clock,
             unbuffered=True,  # read_body bounds what is read; treq would read it all
+            allow_redirects=allow_redirects,
         )
     except Exception as e:  # a URL treq cannot parse, say
         raise NoAnswer(describe(e)) from e

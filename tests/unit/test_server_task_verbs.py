@@ -41,7 +41,7 @@ async def test_unknown_fields_are_refused_by_name_on_create_and_patch() -> None:
     assert body["error"]["message"] == (
         'unknown field "timeout" (known: command, frequency, cron, timezone, '
         "time_limit_seconds, target, run_on, overlap, max_concurrent, retries, "
-        "retry_delay_seconds, env, working_dir)"
+        "retry_delay_seconds, env, working_dir, notify)"
     )
     task_id = await h.create()
     code, body = await h.request("PATCH", f"/api/v1/tasks/{task_id}", {"comand": "x"})

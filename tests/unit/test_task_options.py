@@ -50,6 +50,7 @@ def test_no_options_means_every_default_as_before() -> None:
         "retry_delay_seconds": 10,
         "env": {},
         "working_dir": None,
+        "notify": None,
     }
 
 
@@ -63,6 +64,7 @@ def test_every_option_is_read_and_shown_back_as_sent() -> None:
         "retry_delay_seconds": 5,
         "env": {"MODE": "fast", "_X1": ""},
         "working_dir": "/srv/app",
+        "notify": {"on": ["failed", "recovered"], "url": "https://hooks.example.com/x"},
     }
     options = parse_options(sent)
     assert options.target.matches(AGENT, {"role": "web", "dc": "eu-1", "os": "linux"})

@@ -175,6 +175,10 @@ class Client:
         at = quote(scheduled_at, safe="")
         return self._call("GET", f"/api/v1/tasks/{task_id}/executions/{at}")
 
+    def notifications(self, task_id: str, limit: int, before: int | None = None) -> JSON:
+        params = {"limit": limit, "before": before}
+        return self._call("GET", f"/api/v1/tasks/{task_id}/notifications", params=params)
+
     # -- agents and the fleet ------------------------------------------------------------
 
     def list_agents(self) -> JSON:

@@ -11,7 +11,7 @@ from urllib.parse import urlsplit
 
 import click
 
-from taskscheduler.cli import agents, audit, fleet, tasks, tokens
+from taskscheduler.cli import agents, audit, fleet, notifications, tasks, tokens
 from taskscheduler.cli.context import Overrides, Settings
 
 DEFAULT_URL = "http://127.0.0.1:8080"
@@ -103,6 +103,7 @@ def _accept_json(command: click.Command) -> None:
     )
 
 
+tasks.tasks.add_command(notifications.notifications)
 for group in (tasks.tasks, agents.agents, fleet.fleet):
     for verb in group.commands.values():
         _accept_json(verb)

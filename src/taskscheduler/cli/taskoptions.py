@@ -1,5 +1,6 @@
 """The flags of ``tasks create`` and ``tasks edit`` for a task's options (targeting,
-run-on-one, overlap, retries, env, working dir), and how ``tasks show`` prints them."""
+run-on-one, overlap, retries, env, working dir, webhook), and how ``tasks show`` prints
+them."""
 
 from __future__ import annotations
 
@@ -81,11 +82,31 @@ def option_flags(editing: bool) -> Callable[[F], F]:
             click.option(
                 "--working-dir", metavar="PATH", help="Run in this directory on the agent."
             ),
+            click.option(
+                "--notify-url",
+                metavar="URL",
+                help="Webhook notified when the task starts failing on an agent and when "
+                "it recovers (default: the server's --notify-url)"
+                + ("; replaces the task's webhook." if editing else "."),
+            ),
+            click.option(
+                "--notify-on",
+                metavar="EVENTS",
+                help="With --notify-url: comma-separated events among failed, timed_out, "
+                "lost, recovered (default: all).",
+            ),
         ]
         if editing:
             flags.append(
                 click.option(
                     "--target-all", is_flag=True, help="Run on every agent again (no target)."
+                )
+            )
+            flags.append(
+                click.option(
+                    "--notify-default",
+                    is_flag=True,
+                    help="Drop the task's webhook: the server's --notify-url applies again.",
                 )
             )
         for flag in reversed(flags):
@@ -121,7 +142,31 @@ def options_body(flags: dict[str, Any]) -> JSON:
             body[field] = flags[flag]
     if flags.get("env"):
         body["env"] = _pairs(flags["env"], "--env")
+    notify = _notify(flags)
+    if notify is not _UNCHANGED:
+        body["notify"] = notify
     return body
+
+
+_UNCHANGED = object()
+
+
+def _notify(flags: dict[str, Any]) -> object:
+    """The ``notify`` field the flags give (:data:`_UNCHANGED`: none); the server checks
+    the URL and the events."""
+    url, on = flags.get("notify_url"), flags.get("notify_on")
+    if flags.get("notify_default"):
+        if url or on:
+            raise click.UsageError("--notify-default excludes --notify-url and --notify-on")
+        return None
+    if on and not url:
+        raise click.UsageError("--notify-on needs --notify-url")
+    if not url:
+        return _UNCHANGED
+    notify: JSON = {"url": url}
+    if on:
+        notify["on"] = [event.strip() for event in on.split(",") if event.strip()]
+    return notify
 
 
 def option_details(task: JSON) -> list[tuple[str, object]]:
@@ -149,4 +194,11 @@ def option_details(task: JSON) -> list[tuple[str, object]]:
         ),
         ("env", ", ".join(sorted(env)) if env else None),  # names: values may be secrets
         ("working dir", task.get("working_dir")),
+        ("webhook", _notify_text(task.get("notify"))),
     ]
+
+
+def _notify_text(notify: object) -> str | None:
+    if not isinstance(notify, dict):
+        return None  # the server's default, if any
+    return f"{notify.get('url')} on {', '.join(notify.get('on') or [])}"

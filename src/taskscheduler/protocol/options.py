@@ -1,7 +1,7 @@
 """How and where a task runs, besides its command and schedule (:class:`TaskOptions`):
 the agents it targets, run-on-one, the overlap policy, retries, its environment and working
-directory. One parser for what operators send (strict) and what agents are told (the same
-fields, flat in the task's JSON)."""
+directory, its webhook (:mod:`.notify`). One parser for what operators send (strict) and
+what agents are told (the same fields, flat in the task's JSON)."""
 
 from __future__ import annotations
 
@@ -15,6 +15,7 @@ from types import MappingProxyType
 from typing import Any, TypeVar
 
 from taskscheduler.protocol.fields import InvalidMessage, parse_int, parse_uuid, utf8_of
+from taskscheduler.protocol.notify import NotifyConfig, notify_to_json, parse_notify
 
 #: The option fields, by their JSON names (flat in a task's JSON).
 OPTION_FIELDS = (
@@ -26,9 +27,10 @@ OPTION_FIELDS = (
     "retry_delay_seconds",
     "env",
     "working_dir",
+    "notify",
 )
 #: Options an operator may reset to their default by sending ``null`` in a PATCH.
-NULLABLE_OPTIONS = frozenset({"target", "working_dir"})
+NULLABLE_OPTIONS = frozenset({"target", "working_dir", "notify"})
 
 MAX_TARGET_AGENTS = 100
 MAX_LABELS = 20
@@ -106,6 +108,8 @@ class TaskOptions:
     env: Mapping[str, str] = field(default_factory=lambda: _EMPTY)
     #: The run's working directory (None: the agent's own).
     working_dir: str | None = None
+    #: Its webhook (None: the server-wide default, if any).
+    notify: NotifyConfig | None = None
 
 
 def options_to_json(options: TaskOptions) -> dict[str, Any]:
@@ -119,6 +123,7 @@ def options_to_json(options: TaskOptions) -> dict[str, Any]:
         "retry_delay_seconds": int(options.retry_delay.total_seconds()),
         "env": dict(options.env),
         "working_dir": options.working_dir,
+        "notify": notify_to_json(options.notify),
     }
 
 
@@ -171,6 +176,8 @@ def parse_options(body: Mapping[str, Any], base: TaskOptions = TaskOptions()) ->
         new = replace(new, env=parse_env(given["env"]))
     if "working_dir" in given:
         new = replace(new, working_dir=parse_working_dir(given["working_dir"]))
+    if "notify" in given:
+        new = replace(new, notify=parse_notify(given["notify"]))
     return new
 
 
@@ -196,6 +203,7 @@ def options_from_json(body: Mapping[str, Any]) -> TaskOptions:
         ),
         env=parse_env(body.get("env") or {}),
         working_dir=parse_working_dir(body.get("working_dir")),
+        notify=parse_notify(body.get("notify")),
     )
     return options
 

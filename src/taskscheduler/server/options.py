@@ -13,7 +13,13 @@ from twisted.python import usage
 
 from taskscheduler.listen import INSECURE_FLAG
 from taskscheduler.logs import log_parameters, parse_log_format, parse_log_level
-from taskscheduler.protocol import CLOCK_ALLOWANCE
+from taskscheduler.protocol import CLOCK_ALLOWANCE, InvalidMessage
+from taskscheduler.protocol.notify import (
+    ALL_EVENTS,
+    NotifyConfig,
+    check_webhook_url,
+    parse_events_text,
+)
 from taskscheduler.server.api.app import DEFAULT_MAX_OUTPUT_BYTES, DEFAULT_REPORT_GRACE
 from taskscheduler.server.ratelimit import DEFAULT_CREATE_BURST, DEFAULT_CREATE_RATE
 from taskscheduler.server.retention import DEFAULT_MIN_EXECUTIONS, DEFAULT_RETENTION_DAYS
@@ -277,6 +283,37 @@ class Options(usage.Options):
         ],
         # Logs (issue 12): the log's format and level.
         *log_parameters("TASKSCHEDULER_LOG_FORMAT", "TASKSCHEDULER_LOG_LEVEL"),
+        # Notifications (issue 12): the webhook of tasks that name none.
+        [
+            "notify-url",
+            None,
+            None,
+            "Webhook URL (http or https) notified for every task without a notify option "
+            "of its own [TASKSCHEDULER_NOTIFY_URL] (default: none).",
+        ],
+        [
+            "notify-on",
+            None,
+            None,
+            "Comma-separated events sent to --notify-url: failed, timed_out, lost, recovered "
+            "[TASKSCHEDULER_NOTIFY_ON] (default: all four).",
+        ],
+        [
+            "notify-secret-file",
+            None,
+            None,
+            "File (0600) holding the secret webhooks are signed with (HMAC-SHA256) "
+            "[TASKSCHEDULER_NOTIFY_SECRET_FILE] (default: <data-dir>/notify-secret, "
+            "created with a random secret the first time).",
+        ],
+        [
+            "notify-base-url",
+            None,
+            None,
+            "This server's URL as operators reach it, e.g. https://scheduler.example.com, "
+            "for the execution links in webhooks [TASKSCHEDULER_NOTIFY_BASE_URL] "
+            "(default: webhooks give the link's path only).",
+        ],
     ]
 
     def postOptions(self) -> None:
@@ -388,6 +425,28 @@ class Options(usage.Options):
             ("body-timeout", "TASKSCHEDULER_BODY_TIMEOUT", DEFAULT_BODY_TIMEOUT),
         ]:
             self[name] = _positive_number(self[name] or _env(variable, str(seconds)), name)
+        self._notify_options()
+
+    def _notify_options(self) -> None:
+        """Notifications (issue 12): ``notify-default`` is the server-wide webhook."""
+        url = self["notify-url"] or _env("TASKSCHEDULER_NOTIFY_URL")
+        on = self["notify-on"] or _env("TASKSCHEDULER_NOTIFY_ON")
+        self["notify-secret-file"] = self["notify-secret-file"] or _env(
+            "TASKSCHEDULER_NOTIFY_SECRET_FILE"
+        )
+        base = self["notify-base-url"] or _env("TASKSCHEDULER_NOTIFY_BASE_URL")
+        try:
+            self["notify-default"] = None
+            if url:
+                events = ALL_EVENTS if not on else parse_events_text(on, "--notify-on")
+                self["notify-default"] = NotifyConfig(
+                    check_webhook_url(url, "--notify-url"), events
+                )
+            elif on:
+                raise usage.UsageError("--notify-on needs --notify-url")
+            self["notify-base-url"] = check_webhook_url(base, "--notify-base-url") if base else None
+        except InvalidMessage as e:
+            raise usage.UsageError(str(e)) from None
 
 
 def parse_agent_urls(text: str) -> list[str]:

@@ -52,11 +52,14 @@ from taskscheduler.server.api.app import ServerAPI
 from taskscheduler.server.database import DatabaseConnection, database_warnings, read_database_file
 from taskscheduler.server.dispatch import Dispatcher
 from taskscheduler.server.metrics import PoolState, ServerMetrics
+from taskscheduler.server.notify.notifier import Notifier, host_resolver
+from taskscheduler.server.notify.payload import load_or_create_secret
 from taskscheduler.server.options import Options
 from taskscheduler.server.ratelimit import RateLimiter
 from taskscheduler.server.retention import HistoryPruner
+from taskscheduler.server.store.interface import Store
 from taskscheduler.server.store.postgres import PostgresStore
-from taskscheduler.server.store.records import StoreUnavailable
+from taskscheduler.server.store.records import StoreUnavailable, Task
 from taskscheduler.services import ListeningPort, StartInOrder, Step
 from taskscheduler.signing import (
     InstructionSigner,
@@ -144,6 +147,7 @@ def server_service(
         return None if state is None else PoolState(*state)
 
     metrics.watch_pool(pool_state)
+    notifier, notify_http = make_notifier(options, store, reactor)
     access = ServerAccess(
         store,
         reactor,
@@ -157,12 +161,12 @@ def server_service(
         store,
         reactor,
         access,
-        on_task_created=dispatcher.task_created,
+        on_task_created=both(dispatcher.task_created, notifier.task_changed),
         report_grace=timedelta(seconds=options["report-grace"]),
         server_public_key=public_key_text(signer.public_key),
         on_agent_enrolled=lambda agent: dispatcher.agent_enrolled(agent.url),
-        on_task_deleted=dispatcher.task_deleted,
-        on_task_changed=dispatcher.task_changed,
+        on_task_deleted=both(dispatcher.task_deleted, notifier.task_changed),
+        on_task_changed=both(dispatcher.task_changed, notifier.task_changed),
         create_limiter=RateLimiter(reactor, options["create-rate"], options["create-burst"]),
         max_output_bytes=options["max-output-bytes"],
         clock_allowance=timedelta(seconds=options["clock-allowance"]),
@@ -171,6 +175,7 @@ def server_service(
         heartbeat_interval=options["heartbeat-interval"],
         claim_grace=timedelta(seconds=options["claim-grace"]),
         metrics=metrics,
+        on_results_stored=notifier.results_stored,
     )
     hosts = host_policy_for(options["host-policy"], tokens is not None and len(tokens) > 0)
     site = make_site(
@@ -232,6 +237,8 @@ def server_service(
         PostgresSupervisor(embedded, reactor).setServiceParent(tree)
     Step("http client", stop=http.close).setServiceParent(tree)
     dispatcher.setServiceParent(tree)
+    Step("webhook http client", stop=notify_http.close).setServiceParent(tree)
+    notifier.setServiceParent(tree)
     if options["retention-days"]:
         retention = timedelta(days=options["retention-days"])
         keep = options["retention-min-executions"]
@@ -241,6 +248,35 @@ def server_service(
         log.info("keeping execution history forever (--retention-days 0)")
     Step("accepting", start=accept, stop=port.stop_listening).setServiceParent(tree)
     return tree
+
+
+def both(first: Callable[[Task], None], second: Callable[[Task], None]) -> Callable[[Task], None]:
+    def call(task: Task) -> None:
+        first(task)
+        second(task)
+
+    return call
+
+
+def make_notifier(options: Options, store: Store, reactor: Any) -> tuple[Notifier, DaemonHTTP]:
+    """The webhooks' sender, with its own HTTP client: it trusts the system's CAs (not
+    --agent-ca) and presents no client certificate. Without --notify-secret-file the
+    secret is <data-dir>/notify-secret, made the first time."""
+    given = options["notify-secret-file"]
+    path = Path(given) if given else Path(options["data-dir"]) / "notify-secret"
+    secret = load_or_create_secret(path, create=not given)
+    log.info("signing webhooks with the secret in {path}", path=str(path))
+    http = DaemonHTTP(reactor, max_per_host=4)
+    notifier = Notifier(
+        store,
+        http,
+        reactor,
+        secret,
+        options["notify-default"],
+        base_url=options["notify-base-url"],
+        resolve=host_resolver(reactor),
+    )
+    return notifier, http
 
 
 def harden(harden_process: Callable[[], bool]) -> None:

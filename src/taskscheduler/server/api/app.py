@@ -1,5 +1,6 @@
 """The server's REST API (Klein): one app composed of the route modules (tasks, results,
-agents, audit, openapi), the table of who may call each route, and the errors of its domain.
+agents, audit, notifications, openapi), the table of who may call each route, and the
+errors of its domain.
 
 Routes only translate between HTTP and the domain; errors map to statuses in the table
 (:mod:`taskscheduler.web.errors`), domain exceptions once, in :data:`SERVER_ERRORS`.
@@ -28,6 +29,7 @@ from taskscheduler.server.api.claims import DEFAULT_CLAIM_GRACE, ClaimRoutes
 from taskscheduler.server.api.executions import ExecutionRoutes
 from taskscheduler.server.api.fleet import DEFAULT_HEARTBEAT_INTERVAL, FleetRoutes
 from taskscheduler.server.api.metrics import MetricsRoutes
+from taskscheduler.server.api.notifications import NotificationRoutes
 from taskscheduler.server.api.openapi import OpenAPIRoutes
 from taskscheduler.server.api.results import ResultRoutes
 from taskscheduler.server.api.tasks import TaskRoutes
@@ -62,6 +64,7 @@ class ServerAPI(
     AgentRoutes,
     FleetRoutes,
     AuditRoutes,
+    NotificationRoutes,
     OpenAPIRoutes,
     MetricsRoutes,
 ):
@@ -89,6 +92,7 @@ class ServerAPI(
         "revoke_agent": Access.OPERATOR,
         "release_agent_url": Access.OPERATOR,
         "audit": Access.OPERATOR,
+        "notifications": Access.OPERATOR,
         "complete": Access.AGENT,
         "complete_batch": Access.AGENT,
         "claim_instant": Access.AGENT,
@@ -119,6 +123,7 @@ class ServerAPI(
         on_agent_relabelled: Callable[[str], None] = lambda url: None,
         claim_grace: timedelta = DEFAULT_CLAIM_GRACE,
         metrics: ServerMetrics | None = None,
+        on_results_stored: Callable[[list[protocol.RunResult]], None] = lambda results: None,
     ) -> None:
         self._store = store
         self._clock = clock
@@ -139,6 +144,7 @@ class ServerAPI(
         self._metrics = metrics or ServerMetrics()
         self._gate = None
         self._metrics_open = False
+        self._on_results_stored = on_results_stored
         self._in_fleet_seen = {}
         self._assignments: set[tuple[str, uuid.UUID]] = set()
         # Per operator token: one client's burst must not hold back everyone's tasks.

@@ -14,6 +14,7 @@ from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
 from twisted.web.iweb import IRequest
 
+from taskscheduler.protocol import RunResult
 from taskscheduler.schedule import utc_now_from
 from taskscheduler.server.access import Principal, ServerAccess
 from taskscheduler.server.metrics import ServerMetrics
@@ -51,6 +52,8 @@ class Routes:
     _create_limiter: RateLimiter
     _heartbeat_interval: float
     _metrics: ServerMetrics
+    #: Results just stored (webhooks: :class:`taskscheduler.server.notify.notifier.Notifier`).
+    _on_results_stored: Callable[[list[RunResult]], None]
 
     def _now(self) -> datetime:
         return utc_now_from(self._clock.seconds())

@@ -56,6 +56,7 @@ class ResultRoutes(MetricsRoutes):
         [outcome] = await self._store.record_results([result], now)
         self._count_recorded([result], [outcome], now)
         self._log_outcome(result, outcome)
+        self._notify_stored([result], [outcome])
         if outcome is RecordOutcome.CONFLICT:
             raise RESULT_CONFLICT()
         if outcome is RecordOutcome.UNKNOWN_TASK:
@@ -87,6 +88,7 @@ class ResultRoutes(MetricsRoutes):
         now = self._now()
         outcomes = await self._store.record_results(mine, now) if mine else []
         self._count_recorded(mine, outcomes, now)
+        self._notify_stored(mine, outcomes)
         recorded = iter(outcomes)
         statuses = []
         for result, too_early in zip(results, early, strict=True):
@@ -180,6 +182,17 @@ class ResultRoutes(MetricsRoutes):
             )
             raise IMPERSONATION()
         return agent
+
+    def _notify_stored(self, results: list[RunResult], outcomes: list[RecordOutcome]) -> None:
+        """Hand the results just stored to the webhooks (queued: no I/O here, and a
+        failure there never fails the report)."""
+        stored = [r for r, o in zip(results, outcomes, strict=True) if o is RecordOutcome.STORED]
+        if not stored:
+            return
+        try:
+            self._on_results_stored(stored)
+        except Exception:
+            self.log.failure("queueing results for webhooks")
 
     def _log_not_assigned(self, agent: AgentRecord, task_ids: list[uuid.UUID]) -> None:
         self.log.warn(

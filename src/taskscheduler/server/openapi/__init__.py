@@ -16,7 +16,15 @@ import importlib.metadata
 import json
 from typing import Any
 
-from taskscheduler.server.openapi import agents, claims, options, results, task_schemas, tasks
+from taskscheduler.server.openapi import (
+    agents,
+    claims,
+    notifications,
+    options,
+    results,
+    task_schemas,
+    tasks,
+)
 from taskscheduler.server.openapi.operations import UUID_PATTERN
 from taskscheduler.server.openapi.responses import error_component
 
@@ -61,7 +69,13 @@ def document() -> dict[str, Any]:
             {"name": "audit", "description": "who changed what"},
             {"name": "server", "description": "health and this document"},
         ],
-        "paths": {**tasks.paths(), **results.paths(), **claims.paths(), **agents.paths()},
+        "paths": {
+            **tasks.paths(),
+            **results.paths(),
+            **claims.paths(),
+            **agents.paths(),
+            **notifications.paths(),
+        },
         "components": {
             "schemas": {
                 "Error": error_component(),
@@ -71,6 +85,7 @@ def document() -> dict[str, Any]:
                 **results.schemas(),
                 **claims.schemas(),
                 **agents.schemas(),
+                **notifications.schemas(),
             },
             "securitySchemes": {
                 "operatorToken": {

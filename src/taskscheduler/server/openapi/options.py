@@ -1,11 +1,13 @@
 """The OpenAPI document's task options (targeting, run-on-one, overlap, retries, env,
-working dir), with the limits of :mod:`taskscheduler.protocol.options` that enforce them."""
+working dir, webhook), with the limits of :mod:`taskscheduler.protocol.options` that
+enforce them."""
 
 from __future__ import annotations
 
 from typing import Any
 
 from taskscheduler.protocol import options as o
+from taskscheduler.protocol.notify import MAX_URL_LENGTH, NotifyEvent
 from taskscheduler.server.openapi.operations import nullable, ref
 
 _RESERVED = "".join(f"[{c}{c.lower()}]" if c.isalpha() else c for c in o.RESERVED_ENV_PREFIX)
@@ -101,6 +103,12 @@ def option_fields(operator: bool) -> dict[str, Any]:
             "description": "the run's working directory, an absolute path on the agent "
             "(null: the agent's own); a run whose directory is missing fails, saying so",
         },
+        "notify": {
+            **nullable(ref("Notify")),
+            "description": "its webhook (null: the server's `--notify-url`, if any): a "
+            "signed JSON POST when it starts failing on an agent and when it recovers "
+            "(see Notifications in the README)",
+        },
     }
 
 
@@ -113,5 +121,26 @@ def schemas() -> dict[str, Any]:
             "propertyNames": {"pattern": "^[A-Za-z0-9_./-]{1,63}$"},
             "additionalProperties": {"type": "string", "pattern": "^[A-Za-z0-9_.-]{0,63}$"},
             "description": "labels `key: value` (an agent's `--label key=value`)",
-        }
+        },
+        "Notify": {
+            "type": "object",
+            "required": ["url"],
+            "additionalProperties": False,
+            "properties": {
+                "url": {
+                    "type": "string",
+                    "maxLength": MAX_URL_LENGTH,
+                    "pattern": "^[hH][tT][tT][pP][sS]?://",
+                    "description": "http(s), no user name or password; link-local "
+                    "addresses and metadata hosts are refused",
+                },
+                "on": {
+                    "type": "array",
+                    "items": {"type": "string", "enum": sorted(e.value for e in NotifyEvent)},
+                    "minItems": 1,
+                    "uniqueItems": True,
+                    "description": "the events sent (default: all)",
+                },
+            },
+        },
     }

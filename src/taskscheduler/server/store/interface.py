@@ -16,6 +16,7 @@ from typing import Protocol
 
 from taskscheduler.protocol import RunResult, TaskSpec
 from taskscheduler.protocol.labels import NO_LABELS
+from taskscheduler.server.notify.rules import DeliveryStatus, Notification, Observed
 from taskscheduler.server.store.records import (
     AgentRecord,
     AuditEvent,
@@ -311,3 +312,30 @@ class Store(Protocol):
 
     async def audit_events(self, limit: int, before: int | None = None) -> list[AuditEvent]:
         """The audit log, newest first: up to ``limit`` events with ids below ``before``."""
+
+    async def observe_results(
+        self, observed: Sequence[Observed], at: datetime
+    ) -> list[Notification]:
+        """Move the webhook states of ``observed``, in order (:func:`notify.rules.judge`),
+        and store the notifications that raises (pending, created ``at``), returned
+        oldest first; one transaction."""
+
+    async def update_notification(
+        self,
+        notification_id: int,
+        status: DeliveryStatus,
+        attempts: int,
+        response_code: int | None,
+        error: str | None,
+        at: datetime,
+    ) -> None:
+        """Record a delivery attempt of a notification (its last, as of ``at``)."""
+
+    async def list_notifications(
+        self, task_id: uuid.UUID, limit: int, before: int | None = None
+    ) -> list[Notification]:
+        """The task's notifications, newest first; only ids below ``before`` if given."""
+
+    async def pending_notifications(self, limit: int) -> list[Notification]:
+        """Notifications not delivered nor given up yet, oldest first (sent again after
+        a restart)."""

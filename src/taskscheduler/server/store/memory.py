@@ -20,16 +20,17 @@ from datetime import datetime
 from taskscheduler.protocol import TaskSpec
 from taskscheduler.server.store.memory_claims import MemoryClaims
 from taskscheduler.server.store.memory_fleet import MemoryFleet
+from taskscheduler.server.store.memory_notifications import MemoryNotifications
 from taskscheduler.server.store.memory_results import MemoryResults
 from taskscheduler.server.store.memory_state import Assignment
 from taskscheduler.server.store.records import AuditEvent, Task, TaskChange, TaskState
 from taskscheduler.server.store.rules import change_details, revise, revision_of, utc, utc_spec
 
 
-class MemoryStore(MemoryFleet, MemoryResults, MemoryClaims):
+class MemoryStore(MemoryFleet, MemoryResults, MemoryClaims, MemoryNotifications):
     """The whole Store contract, in dictionaries: tasks and the audit log here, the other
-    domains in :class:`MemoryFleet`, :class:`MemoryResults` and :class:`MemoryClaims`, over
-    :class:`MemoryState`."""
+    domains in :class:`MemoryFleet`, :class:`MemoryResults`, :class:`MemoryClaims` and
+    :class:`MemoryNotifications`, over :class:`MemoryState`."""
 
     async def start(self) -> None:
         pass

@@ -264,6 +264,37 @@ MIGRATIONS: list[str] = [
     );
     CREATE INDEX claims_by_scheduled_at ON claims (scheduled_at);
     """,
+    # 14: notifications (issue 12). The de-duplication state of each task's webhook, per
+    # agent (the nil UUID: the whole task, for run on one), and every notification sent
+    # or to send, with its delivery (server/notify/rules.py).
+    """
+    CREATE TABLE notify_state (
+        task_id uuid NOT NULL REFERENCES tasks,
+        agent_key uuid NOT NULL,
+        failing boolean NOT NULL,
+        last_at timestamptz NOT NULL,          -- the newest result it has seen
+        PRIMARY KEY (task_id, agent_key)
+    );
+    CREATE TABLE notifications (
+        notification_id bigserial PRIMARY KEY,
+        task_id uuid NOT NULL REFERENCES tasks,
+        agent_id uuid NOT NULL,
+        scheduled_at timestamptz NOT NULL,
+        event text NOT NULL,
+        result_status text NOT NULL,
+        exit_code integer,
+        url text NOT NULL,
+        created_at timestamptz NOT NULL,
+        status text NOT NULL CHECK (status IN ('pending', 'delivered', 'failed')),
+        attempts integer NOT NULL,
+        response_code integer,
+        error text,
+        updated_at timestamptz
+    );
+    CREATE INDEX notifications_by_task ON notifications (task_id, notification_id);
+    CREATE INDEX notifications_pending ON notifications (notification_id)
+        WHERE status = 'pending';
+    """,
 ]
 
 

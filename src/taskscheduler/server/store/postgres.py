@@ -16,12 +16,14 @@ from typing import Any
 
 from taskscheduler.protocol import RunResult, TaskSpec
 from taskscheduler.protocol.labels import NO_LABELS
+from taskscheduler.server.notify.rules import DeliveryStatus, Notification, Observed
 from taskscheduler.server.store.agents import Agents
 from taskscheduler.server.store.audit import Audit
 from taskscheduler.server.store.claims import Claims
 from taskscheduler.server.store.deliveries import Deliveries
 from taskscheduler.server.store.fleet import Fleet
 from taskscheduler.server.store.migrations import Migrator
+from taskscheduler.server.store.notifications import Notifications
 from taskscheduler.server.store.pool import Database
 from taskscheduler.server.store.recording import Recording
 from taskscheduler.server.store.records import (
@@ -83,6 +85,7 @@ class PostgresStore:
         self.fleet = Fleet(self.db)
         self.audit = Audit(self.db)
         self.claims = Claims(self.db)
+        self.notifications = Notifications(self.db)
 
     # -- lifecycle ----------------------------------------------------------------------
 
@@ -291,3 +294,31 @@ class PostgresStore:
 
     async def audit_events(self, limit: int, before: int | None = None) -> list[AuditEvent]:
         return await self.audit.audit_events(limit, before)
+
+    # -- notifications ------------------------------------------------------------------
+
+    async def observe_results(
+        self, observed: Sequence[Observed], at: datetime
+    ) -> list[Notification]:
+        return await self.notifications.observe_results(observed, at)
+
+    async def update_notification(
+        self,
+        notification_id: int,
+        status: DeliveryStatus,
+        attempts: int,
+        response_code: int | None,
+        error: str | None,
+        at: datetime,
+    ) -> None:
+        await self.notifications.update_notification(
+            notification_id, status, attempts, response_code, error, at
+        )
+
+    async def list_notifications(
+        self, task_id: uuid.UUID, limit: int, before: int | None = None
+    ) -> list[Notification]:
+        return await self.notifications.list_notifications(task_id, limit, before)
+
+    async def pending_notifications(self, limit: int) -> list[Notification]:
+        return await self.notifications.pending_notifications(limit)
