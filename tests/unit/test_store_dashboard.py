@@ -96,6 +96,9 @@ def test_percentiles_are_nearest_rank_values_that_were_measured() -> None:
     assert percentile([1.0, 2.0], 0.5) == 1.0
     assert percentile([float(v) for v in range(1, 101)], 0.99) == 99.0
     assert percentile([float(v) for v in range(1, 201)], 0.99) == 198.0
+    # The rank is rounded up: the median of five is the third, the p99 of ten the tenth.
+    assert percentile([1.0, 2.0, 3.0, 4.0, 5.0], 0.5) == 3.0
+    assert percentile([float(v) for v in range(1, 11)], 0.99) == 10.0
     a, b = uuid.uuid4(), uuid.uuid4()
     found = lateness_by_agent([(a, 3.0), (b, 0.5), (a, 1.0), (a, 2.0)])
     assert found == {a: Lateness(3, 2.0, 3.0), b: Lateness(1, 0.5, 0.5)}
