@@ -16,7 +16,15 @@ PUBLIC = {
     # The server's OpenAPI document: it describes the routes, and holds no secret.
     ("GET", "/api/v1/openapi.json"),
     ("HEAD", "/api/v1/openapi.json"),
+    # The dashboard's page and static files: no data in them (the page reads the API with
+    # the operator's token).
+    ("GET", "/"),
+    ("HEAD", "/"),
+    ("GET", "/dashboard/<asset>"),
+    ("HEAD", "/dashboard/<asset>"),
 }
+#: What a public route's variable is set to in a sweep, when it names a file, not an id.
+EXAMPLES = {"<asset>": "app.js"}
 
 
 def routes(app: Klein) -> Iterator[tuple[str, str, str]]:
@@ -27,8 +35,8 @@ def routes(app: Klein) -> Iterator[tuple[str, str, str]]:
 
 
 def concrete(rule: str) -> str:
-    """The rule with every ``<variable>`` replaced by a fresh UUID."""
-    return re.sub(r"<[^>]+>", lambda _: str(uuid.uuid4()), rule)
+    """The rule with every ``<variable>`` replaced by a fresh UUID (or its example)."""
+    return re.sub(r"<[^>]+>", lambda m: EXAMPLES.get(m.group(0), str(uuid.uuid4())), rule)
 
 
 #: Every method a client might try on a path.

@@ -22,6 +22,7 @@ from taskscheduler.protocol import InvalidMessage, result_to_json
 from taskscheduler.protocol.fields import parse_command, parse_uuid
 from taskscheduler.schedule import InvalidFrequency, parse_frequency
 from taskscheduler.server.api.app import ServerAPI
+from taskscheduler.server.api.dashboard import DASHBOARD_ENDPOINTS
 from taskscheduler.server.openapi import document, document_bytes
 from taskscheduler.server.openapi.operations import UUID_PATTERN
 from taskscheduler.server.openapi.responses import (
@@ -54,8 +55,9 @@ SECURITY = {
 
 
 #: Routes that are not the JSON API, so not in the document: ``GET /metrics`` answers
-#: Prometheus text (tests/unit/test_server_metrics.py checks it; the README lists it).
-NOT_JSON_API = {"metrics"}
+#: Prometheus text (tests/unit/test_server_metrics.py checks it; the README lists it); the
+#: dashboard's page and files are HTML, JS and CSS (tests/unit/test_dashboard.py).
+NOT_JSON_API = {"metrics", *DASHBOARD_ENDPOINTS}
 
 
 def app_routes() -> dict[tuple[str, str], str]:

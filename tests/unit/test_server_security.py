@@ -109,6 +109,8 @@ class Server:
             method, "http://server" + path, data=data, headers=headers
         )
         raw = await response.content()
+        if response.headers.getRawHeaders("Content-Type") != ["application/json"]:
+            return response.code, raw, response.headers  # the dashboard's files
         return response.code, (json.loads(raw) if raw else None), response.headers
 
 

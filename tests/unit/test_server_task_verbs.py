@@ -74,6 +74,7 @@ async def test_a_task_shows_its_state_revision_next_instant_and_last_execution()
         "lost": 0,
         "replaced": 0,
         "complete": False,
+        "agents": [{"agent_id": str(AGENT_A), "status": "succeeded"}],
     }
 
 

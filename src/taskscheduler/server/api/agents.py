@@ -13,6 +13,7 @@ from taskscheduler.protocol.labels import parse_labels
 from taskscheduler.server.access import principal_of
 from taskscheduler.server.api.base import routes
 from taskscheduler.server.api.fleet import FleetRoutes
+from taskscheduler.server.lateness import LATENESS_EXECUTIONS, lateness_by_agent
 from taskscheduler.server.store.records import AgentConflict
 from taskscheduler.web.errors import (
     AGENT_CONFLICTS,
@@ -92,9 +93,18 @@ class AgentRoutes(FleetRoutes):
 
     @routes.route("/api/v1/agents", methods=["GET"])
     async def list_agents(self, request: IRequest) -> bytes:
+        """Every enrolled agent, with its state and its start lateness over the fleet's
+        newest scheduled executions (:mod:`taskscheduler.server.lateness`)."""
         agents = await self._store.list_agents()
         fleet = await self._fleet_urls()
-        return json_response(request, {"agents": [self.agent_view(a, fleet) for a in agents]})
+        lateness = lateness_by_agent(await self._store.recent_start_lateness(LATENESS_EXECUTIONS))
+        views = []
+        for agent in agents:
+            view = self.agent_view(agent, fleet)
+            late = lateness.get(agent.agent_id)
+            view["start_lateness"] = None if late is None else late.to_json()
+            views.append(view)
+        return json_response(request, {"agents": views})
 
     @routes.route("/api/v1/agents/<agent_id>", methods=["DELETE"])
     async def revoke_agent(self, request: IRequest, agent_id: str) -> bytes:

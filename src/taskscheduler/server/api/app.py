@@ -1,6 +1,6 @@
 """The server's REST API (Klein): one app composed of the route modules (tasks, results,
-agents, audit, notifications, openapi), the table of who may call each route, and the
-errors of its domain.
+agents, audit, notifications, openapi, and the dashboard's static files), the table of
+who may call each route, and the errors of its domain.
 
 Routes only translate between HTTP and the domain; errors map to statuses in the table
 (:mod:`taskscheduler.web.errors`), domain exceptions once, in :data:`SERVER_ERRORS`.
@@ -26,6 +26,7 @@ from taskscheduler.server.api.agents import AgentRoutes
 from taskscheduler.server.api.audit import AuditRoutes
 from taskscheduler.server.api.base import routes
 from taskscheduler.server.api.claims import DEFAULT_CLAIM_GRACE, ClaimRoutes
+from taskscheduler.server.api.dashboard import DashboardRoutes
 from taskscheduler.server.api.executions import ExecutionRoutes
 from taskscheduler.server.api.fleet import DEFAULT_HEARTBEAT_INTERVAL, FleetRoutes
 from taskscheduler.server.api.metrics import MetricsRoutes
@@ -67,6 +68,7 @@ class ServerAPI(
     NotificationRoutes,
     OpenAPIRoutes,
     MetricsRoutes,
+    DashboardRoutes,
 ):
     """The HTTP API of ``twistd taskscheduler-server``."""
 
@@ -101,6 +103,10 @@ class ServerAPI(
         "openapi": Access.PUBLIC,
         # Open to anyone on a loopback listener or with --metrics-public (open_metrics).
         "metrics": Access.OPERATOR,
+        # The dashboard's page and static files: no data in them (the page reads the API
+        # with the operator's token), like the OpenAPI document.
+        "dashboard": Access.PUBLIC,
+        "dashboard_asset": Access.PUBLIC,
     }
 
     def __init__(

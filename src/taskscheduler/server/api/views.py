@@ -70,6 +70,11 @@ def last_execution_json(last: ExecutionSummary, complete: bool) -> dict[str, Any
         "reported": last.reported,
         **{status.value: counts[status] for status in ResultStatus},
         "complete": complete,
+        # Each agent's last attempt (the dashboard's coloured cells), by agent id.
+        "agents": [
+            {"agent_id": str(agent_id), "status": status.value}
+            for agent_id, status in zip(last.agent_ids, last.statuses, strict=False)
+        ],
     }
 
 

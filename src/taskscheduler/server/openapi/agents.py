@@ -6,6 +6,7 @@ from __future__ import annotations
 from typing import Any
 
 from taskscheduler.protocol.options import LABEL_KEY, LABEL_VALUE, MAX_LABELS
+from taskscheduler.server.lateness import LATENESS_EXECUTIONS
 from taskscheduler.server.openapi.operations import (
     AGENT,
     COUNT,
@@ -81,8 +82,22 @@ def schemas() -> dict[str, Any]:
                 "hostname": {"type": ["string", "null"]},
                 "started_at": nullable(INSTANT),
                 **{name: {**COUNT, "type": ["integer", "null"]} for name in heartbeat_counts},
+                "start_lateness": nullable(ref("StartLateness")),
             },
-            description="the heartbeat's fields are null until the agent's first one",
+            description="the heartbeat's fields are null until the agent's first one; "
+            "`start_lateness` is in the list of agents only",
+        ),
+        "StartLateness": obj(
+            ["samples", "p50_seconds", "p99_seconds"],
+            {
+                "samples": COUNT,
+                "p50_seconds": {"type": "number"},
+                "p99_seconds": {"type": "number"},
+            },
+            description="seconds from a run's instant to its process start (nearest-rank "
+            f"percentiles), over the first attempts of the fleet's newest "
+            f"{LATENESS_EXECUTIONS} scheduled executions; null: no run among them",
+            additionalProperties=False,
         ),
         "AgentList": obj(["agents"], {"agents": {"type": "array", "items": ref("Agent")}}),
         "AgentLabels": AGENT_LABELS,

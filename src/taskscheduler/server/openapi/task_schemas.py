@@ -246,6 +246,14 @@ def schemas() -> dict[str, Any]:
                 },
                 **{status: COUNT for status in STATUSES},
                 "complete": {"type": "boolean"},
+                "agents": {
+                    "type": "array",
+                    "items": obj(
+                        ["agent_id", "status"],
+                        {"agent_id": ref("Uuid"), "status": {"type": "string", "enum": STATUSES}},
+                    ),
+                    "description": "each agent reported so far, with its last attempt's status",
+                },
             },
         ),
         "TaskList": obj(

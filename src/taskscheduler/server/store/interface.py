@@ -194,6 +194,12 @@ class Store(Protocol):
         Raises UnknownTask. Its cost grows with ``limit``, not with the history.
         """
 
+    async def recent_start_lateness(self, executions: int) -> list[tuple[uuid.UUID, float]]:
+        """``(agent_id, seconds)`` from instant to process start of each first attempt that
+        started, in the newest ``executions`` scheduled executions across every task (runs
+        now have no schedule to be late on; retries start late on purpose). Its cost grows
+        with ``executions``, not with the history (the dashboard's agents page)."""
+
     async def prune_history(self, before: datetime, limit: int, keep: int = 0) -> int:
         """Delete up to ``limit`` executions scheduled strictly before ``before``, oldest
         first and across every task, with their results; returns how many went. The

@@ -58,6 +58,7 @@ class MemoryResults(MemoryState):
                 e.expected,
                 tuple(e.results[a].status for a in sorted(e.results)),
                 final_count=reported_agents(e.results.values()),
+                agent_ids=tuple(sorted(e.results)),
             )
         return found
 
@@ -187,6 +188,23 @@ class MemoryResults(MemoryState):
             :limit
         ]
         return [executions[at].as_execution(task_id, at) for at in instants]
+
+    async def recent_start_lateness(self, executions: int) -> list[tuple[uuid.UUID, float]]:
+        newest = sorted(
+            (
+                (at, task_id)
+                for task_id, by_instant in self._executions.items()
+                for at, e in by_instant.items()
+                if e.trigger is Trigger.SCHEDULE
+            ),
+            reverse=True,
+        )[:executions]
+        return [
+            (agent_id, (r.started_at - at).total_seconds())
+            for at, task_id in newest
+            for (agent_id, attempt), r in self._executions[task_id][at].attempts.items()
+            if attempt == 1 and r.started_at is not None
+        ]
 
     async def prune_history(self, before: datetime, limit: int, keep: int = 0) -> int:
         cutoff = utc(before)

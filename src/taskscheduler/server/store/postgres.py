@@ -213,6 +213,9 @@ class PostgresStore:
     ) -> list[Execution]:
         return await self.results.list_executions(task_id, limit, before)
 
+    async def recent_start_lateness(self, executions: int) -> list[tuple[uuid.UUID, float]]:
+        return await self.results.recent_start_lateness(executions)
+
     async def prune_history(self, before: datetime, limit: int, keep: int = 0) -> int:
         return await self.results.prune_history(before, limit, keep)
 

@@ -193,6 +193,8 @@ class ExecutionSummary:
     statuses: tuple[ResultStatus, ...]  # one per agent reported: its last attempt's
     #: Agents whose last attempt is final (None: every one of ``statuses``).
     final_count: int | None = None
+    #: The agent of each of ``statuses``, in the same order (by agent id).
+    agent_ids: tuple[uuid.UUID, ...] = ()
 
     @property
     def reported(self) -> int:

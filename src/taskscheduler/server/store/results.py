@@ -84,6 +84,18 @@ ORDER BY scheduled_at, agent_id, attempt
 #: deleted first in the same statement, so the foreign key holds when it is checked. The
 #: locked executions are deleted by their row address (a TID scan: they cannot move while
 #: we hold their locks), so no plan ever joins against the whole table.
+#: Start lateness of the newest scheduled executions fleet-wide (the agents page): a
+#: backward walk of ``executions_by_scheduled_at`` for N rows, then each one's results by
+#: the primary key's prefix; first attempts only (a retry starts late on purpose).
+START_LATENESS_SQL = """
+SELECT r.agent_id, extract(epoch FROM r.started_at - r.scheduled_at)::float8
+FROM (SELECT task_id, scheduled_at FROM executions
+      WHERE trigger = 'schedule'
+      ORDER BY scheduled_at DESC LIMIT %(executions)s) e
+JOIN results r ON r.task_id = e.task_id AND r.scheduled_at = e.scheduled_at
+WHERE r.attempt = 1 AND r.started_at IS NOT NULL
+"""
+
 PRUNE_SQL = """
 WITH doomed AS (
     SELECT ctid, task_id, scheduled_at FROM executions e
@@ -122,7 +134,10 @@ SELECT e.task_id, e.scheduled_at, e.trigger, e.revision, e.expected,
        ARRAY(SELECT DISTINCT ON (r.agent_id) r.status FROM results r
              WHERE r.task_id = e.task_id AND r.scheduled_at = e.scheduled_at
              ORDER BY r.agent_id, r.attempt DESC),
-       e.reported
+       e.reported,
+       ARRAY(SELECT r.agent_id::text FROM results r
+             WHERE r.task_id = e.task_id AND r.scheduled_at = e.scheduled_at
+             GROUP BY r.agent_id ORDER BY r.agent_id)
 FROM unnest(%s::uuid[]) AS v (task_id)
 JOIN LATERAL (SELECT * FROM executions x WHERE x.task_id = v.task_id
               ORDER BY x.scheduled_at DESC LIMIT 1) e ON true
@@ -253,6 +268,13 @@ class Results:
 
         return await self._db.run(operation, transaction=False)
 
+    async def recent_start_lateness(self, executions: int) -> list[tuple[uuid.UUID, float]]:
+        async def operation(cursor: Cursor) -> list[tuple[uuid.UUID, float]]:
+            await cursor.execute(START_LATENESS_SQL, {"executions": executions})
+            return [(uuid.UUID(str(a)), float(s)) for a, s in cursor.fetchall()]
+
+        return await self._db.run(operation, transaction=False)
+
     async def prune_history(self, before: datetime, limit: int, keep: int = 0) -> int:
         async def operation(cursor: Cursor) -> int:
             await cursor.execute(PRUNE_SQL, {"before": before, "limit": limit, "keep": keep})
@@ -271,7 +293,8 @@ class Results:
         async def operation(cursor: Cursor) -> dict[uuid.UUID, ExecutionSummary]:
             await cursor.execute(LAST_EXECUTIONS_SQL, (sorted({str(t) for t in task_ids}),))
             found = {}
-            for task_id, at, trigger, revision, expected, statuses, reported in cursor.fetchall():
+            for row in cursor.fetchall():
+                task_id, at, trigger, revision, expected, statuses, reported, agents = row
                 key = uuid.UUID(str(task_id))
                 found[key] = ExecutionSummary(
                     key,
@@ -281,6 +304,7 @@ class Results:
                     expected,
                     tuple(ResultStatus(s) for s in statuses),
                     final_count=reported,
+                    agent_ids=tuple(uuid.UUID(str(a)) for a in agents),
                 )
             return found
 
