@@ -5,7 +5,8 @@ Counted where things happen, cheaply: an HTTP request (by route name and status)
 database operation (by the store method that ran it: a name from the code, so a bounded
 set), a result recorded (by outcome, and whether it came after its execution's reporting
 deadline), an agent's heartbeat (one series per agent). The pool's state is read when the
-page is scraped.
+page is scraped; the executions left incomplete are counted once a minute
+(:class:`IncompleteWatch`).
 """
 
 from __future__ import annotations
@@ -13,16 +14,29 @@ from __future__ import annotations
 import contextlib
 import uuid
 from collections.abc import Callable
+from datetime import timedelta
 from typing import Any, NamedTuple
 
 from prometheus_client import Counter, Gauge, Histogram
 from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.registry import Collector
+from twisted.application.service import Service
+from twisted.internet.defer import Deferred
+from twisted.internet.interfaces import IReactorTime
+from twisted.internet.task import LoopingCall
+from twisted.logger import Logger
 
 from taskscheduler.metrics import HTTPMetrics, new_registry
+from taskscheduler.schedule import utc_now_from
+from taskscheduler.server.store.interface import Store
 
 #: Database operations: a millisecond for a probe, up to the operation deadline.
 QUERY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
+
+
+#: How often, and over what past, the executions left incomplete are counted.
+INCOMPLETE_INTERVAL = 60.0
+INCOMPLETE_WINDOW = timedelta(hours=1)
 
 
 class PoolState(NamedTuple):
@@ -95,6 +109,12 @@ class ServerMetrics:
             ["agent_id"],
             registry=self.registry,
         )
+        self.incomplete = Gauge(
+            "taskscheduler_server_executions_incomplete",
+            "Executions of the last hour past their reporting deadline with fewer agents "
+            "reported than they expected (refreshed every minute by IncompleteWatch).",
+            registry=self.registry,
+        )
         self._pool = _PoolCollector()
         self.registry.register(self._pool)
 
@@ -118,6 +138,57 @@ class ServerMetrics:
     def watch_pool(self, state: Callable[[], PoolState | None]) -> None:
         """Report ``state()`` at each scrape (None: no pool yet)."""
         self._pool.read = state
+
+
+class IncompleteWatch(Service):
+    """Counts, every ``interval`` seconds, the executions of the last ``window`` left
+    incomplete (:meth:`Store.count_incomplete_executions`) into ``metrics.incomplete``.
+    Off the request path; a failed count keeps the last value and is logged."""
+
+    log = Logger()
+
+    def __init__(
+        self,
+        store: Store,
+        clock: IReactorTime,
+        metrics: ServerMetrics,
+        report_grace: timedelta,
+        interval: float = INCOMPLETE_INTERVAL,
+        window: timedelta = INCOMPLETE_WINDOW,
+    ) -> None:
+        self._store = store
+        self._clock = clock
+        self._metrics = metrics
+        self._grace = report_grace
+        self._interval = interval
+        self._window = window
+        self._loop: LoopingCall | None = None
+
+    def startService(self) -> None:
+        super().startService()
+        self._loop = LoopingCall(self._count)
+        self._loop.clock = self._clock
+        self._loop.start(self._interval, now=True)
+
+    def stopService(self) -> None:
+        if self._loop is not None and self._loop.running:
+            self._loop.stop()
+        super().stopService()
+
+    def _count(self) -> Deferred[None]:
+        # Never fails: a LoopingCall whose call fails stops for good.
+        return Deferred.fromCoroutine(self._count_safely())
+
+    async def _count_safely(self) -> None:
+        now = utc_now_from(self._clock.seconds())
+        try:
+            count = await self._store.count_incomplete_executions(
+                now - self._window, now, self._grace
+            )
+        except Exception:
+            self.log.failure("could not count the incomplete executions for /metrics")
+            return
+        self._metrics.incomplete.set(count)
 
 
 class _PoolCollector(Collector):

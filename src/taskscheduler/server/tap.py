@@ -51,7 +51,7 @@ from taskscheduler.server.access import ServerAccess
 from taskscheduler.server.api.app import ServerAPI
 from taskscheduler.server.database import DatabaseConnection, database_warnings, read_database_file
 from taskscheduler.server.dispatch import Dispatcher
-from taskscheduler.server.metrics import PoolState, ServerMetrics
+from taskscheduler.server.metrics import IncompleteWatch, PoolState, ServerMetrics
 from taskscheduler.server.notify.notifier import Notifier, host_resolver
 from taskscheduler.server.notify.payload import load_or_create_secret
 from taskscheduler.server.options import Options
@@ -246,6 +246,10 @@ def server_service(
         log.info("keeping {days} days of execution history", days=options["retention-days"])
     else:
         log.info("keeping execution history forever (--retention-days 0)")
+    # The executions left incomplete, for GET /metrics: counted once a minute.
+    IncompleteWatch(
+        store, reactor, metrics, timedelta(seconds=options["report-grace"])
+    ).setServiceParent(tree)
     Step("accepting", start=accept, stop=port.stop_listening).setServiceParent(tree)
     return tree
 

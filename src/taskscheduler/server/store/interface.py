@@ -200,6 +200,14 @@ class Store(Protocol):
         now have no schedule to be late on; retries start late on purpose). Its cost grows
         with ``executions``, not with the history (the dashboard's agents page)."""
 
+    async def count_incomplete_executions(
+        self, since: datetime, now: datetime, report_grace: timedelta
+    ) -> int:
+        """How many executions scheduled at or after ``since`` are past their reporting
+        deadline at ``now`` (:func:`rules.completion_cutoff`) with fewer agents reported
+        than they expect: the ones completed without some agent's result. Its cost grows
+        with the executions since ``since``, not with the history (the server's metrics)."""
+
     async def prune_history(self, before: datetime, limit: int, keep: int = 0) -> int:
         """Delete up to ``limit`` executions scheduled strictly before ``before``, oldest
         first and across every task, with their results; returns how many went. The

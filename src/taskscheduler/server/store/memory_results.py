@@ -23,6 +23,7 @@ from taskscheduler.server.store.records import (
     UnknownTask,
 )
 from taskscheduler.server.store.rules import (
+    completion_cutoff,
     is_complete,
     is_manual,
     last_attempts,
@@ -30,6 +31,7 @@ from taskscheduler.server.store.rules import (
     manual_verdict,
     newest_kept,
     reported_agents,
+    reported_enough,
     same_result,
     scheduled_verdict,
     utc,
@@ -205,6 +207,19 @@ class MemoryResults(MemoryState):
             for (agent_id, attempt), r in self._executions[task_id][at].attempts.items()
             if attempt == 1 and r.started_at is not None
         ]
+
+    async def count_incomplete_executions(
+        self, since: datetime, now: datetime, report_grace: timedelta
+    ) -> int:
+        count = 0
+        for task_id, by_instant in self._executions.items():
+            time_limit = self._tasks[task_id].spec.time_limit
+            cutoff = completion_cutoff(utc(now), time_limit, report_grace)
+            for at, execution in by_instant.items():
+                reported = reported_agents(execution.results.values())
+                if utc(since) <= at < cutoff and not reported_enough(reported, execution.expected):
+                    count += 1
+        return count
 
     async def prune_history(self, before: datetime, limit: int, keep: int = 0) -> int:
         cutoff = utc(before)

@@ -216,6 +216,11 @@ class PostgresStore:
     async def recent_start_lateness(self, executions: int) -> list[tuple[uuid.UUID, float]]:
         return await self.results.recent_start_lateness(executions)
 
+    async def count_incomplete_executions(
+        self, since: datetime, now: datetime, report_grace: timedelta
+    ) -> int:
+        return await self.results.count_incomplete_executions(since, now, report_grace)
+
     async def prune_history(self, before: datetime, limit: int, keep: int = 0) -> int:
         return await self.results.prune_history(before, limit, keep)
 

@@ -192,6 +192,16 @@ def _results_from_rows(
     return {"results": last_attempts(attempts), "attempts": attempts}
 
 
+#: Executions since a moment past their reporting deadline (rules.completion_cutoff) with
+#: fewer agents reported than expected (rules.reported_enough): by the scheduled_at index.
+INCOMPLETE_SQL = """
+SELECT count(*) FROM executions e JOIN tasks t ON t.task_id = e.task_id
+WHERE e.scheduled_at >= %(since)s
+  AND e.reported < e.expected
+  AND e.scheduled_at < %(now)s - t.time_limit_us * interval '1 microsecond' - %(grace)s
+"""
+
+
 class Results:
     """Reads executions and their results back, and prunes the oldest."""
 
@@ -272,6 +282,18 @@ class Results:
         async def operation(cursor: Cursor) -> list[tuple[uuid.UUID, float]]:
             await cursor.execute(START_LATENESS_SQL, {"executions": executions})
             return [(uuid.UUID(str(a)), float(s)) for a, s in cursor.fetchall()]
+
+        return await self._db.run(operation, transaction=False)
+
+    async def count_incomplete_executions(
+        self, since: datetime, now: datetime, report_grace: timedelta
+    ) -> int:
+        async def operation(cursor: Cursor) -> int:
+            await cursor.execute(
+                INCOMPLETE_SQL, {"since": utc(since), "now": utc(now), "grace": report_grace}
+            )
+            row = cursor.fetchone()
+            return int(row[0]) if row is not None else 0
 
         return await self._db.run(operation, transaction=False)
 
