@@ -18,6 +18,7 @@ from taskscheduler.protocol.options import options_from_json, options_to_json
 from taskscheduler.schedule import parse_frequency
 from taskscheduler.server.store.assignment import rematch_rows, share_agents
 from taskscheduler.server.store.audit import insert_audit
+from taskscheduler.server.store.create_batch import CreateBatches
 from taskscheduler.server.store.pool import Cursor, Database
 from taskscheduler.server.store.records import AuditEvent, Task, TaskChange, TaskState
 from taskscheduler.server.store.rules import change_details, revise, utc, utc_or_none, utc_spec
@@ -91,11 +92,15 @@ class Tasks:
 
     def __init__(self, db: Database) -> None:
         self._db = db
+        self._batches = CreateBatches(db)
 
     async def create_task(
         self, spec: TaskSpec, created_at: datetime, audit: AuditEvent | None = None
     ) -> Task:
         task = Task(utc_spec(spec), utc(created_at))
+        if spec.options.target.everywhere:
+            # Every member runs it: nothing to match, so it joins a group commit.
+            return await self._batches.create(task, audit)
 
         async def operation(cursor: Cursor) -> None:
             await cursor.execute(
