@@ -400,6 +400,11 @@ def main() -> int:
             ),
             "held": figures["held"],
             "cpu_cores": figures["cpu"],
+            # CPU each part spent per task created, over the burst (ms).
+            "cpu_ms_per_task": {
+                name: round(1000 * cores * figures["seconds"] / max(1, figures["created"]), 3)
+                for name, cores in figures["cpu"].items()
+            },
             **ceiling_detail,
         },
     }
@@ -416,6 +421,7 @@ def main() -> int:
         f"clients; every agent held every task {delivered} s after the last create"
     )
     print(f"  CPU in cores during the burst: {figures['cpu']}")
+    print(f"  CPU ms per task created: {record['detail']['cpu_ms_per_task']}")
     if args.json_out:
         with open(args.json_out, "a") as out:
             out.write(json.dumps(record) + "\n")
