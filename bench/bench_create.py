@@ -15,11 +15,12 @@ the limiter still runs on every request).
 create ``--tasks`` tasks (``:`` every hour, so that nothing runs during the measure) as
 fast as the server answers, after a warm-up. The clients are lean (a request's bytes built
 once, the answer parsed just enough to check it) so that the load generator takes as
-little as possible of the two cores the server needs.
+little as possible of the two cores the server needs. The detail gives the CPU the
+server, its PostgreSQL, the agents and the clients spent per task created.
 
 Figures: tasks created a second (201 answers over the measured burst), as a ratio of the
-``web-requests`` ceiling (``--ceilings``; without it, a plain ``twisted.web`` resource
-answering a small JSON body, measured here with the same clients); every answer is
+``web-requests`` ceiling (``--ceilings``; without it, measured here as
+``bench/ceilings.py`` does: a plain ``twisted.web`` resource); every answer is
 checked (status 201, a task id); the detail says how long until every agent held every
 task. ``--profile FILE`` records the server under ``py-spy`` during the burst (py-spy must
 be installed in the venv; it is not a dependency).
@@ -38,10 +39,10 @@ import socket
 import subprocess
 import sys
 import tempfile
-import textwrap
 import threading
 import time
 from collections.abc import Callable
+from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -49,7 +50,9 @@ import psutil
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from tests.integration.daemons import Fleet, free_port, wait_for
+from bench.ceilings import CORES, serve_plain, web_rate
+from bench.contract import Figure, add_arguments, ceiling_value, emit, load_ceilings, ratio
+from tests.integration.daemons import Fleet, wait_for
 
 SCENARIO = "6-fanout"
 FIGURE = "tasks created/s"
@@ -173,49 +176,16 @@ def created(status: int, body: bytes) -> str | None:
     return None
 
 
-PLAIN_SERVER = textwrap.dedent(
-    """
-    import json, sys
-    from twisted.internet import reactor
-    from twisted.web import resource, server
-
-    class Plain(resource.Resource):
-        isLeaf = True
-        def render(self, request):
-            request.setHeader(b"Content-Type", b"application/json")
-            return json.dumps({"status": "ok"}).encode()
-
-    reactor.listenTCP(int(sys.argv[1]), server.Site(Plain()), interface="127.0.0.1")
-    reactor.run()
-    """
-)
-
-
-def web_requests_ceiling(clients: int, count: int) -> float:
-    """Requests/s of a plain ``twisted.web`` resource answering a small JSON body, loaded
-    by the same clients (the suite's ``web-requests`` when run without ``--ceilings``)."""
-    port = free_port()
-    process = subprocess.Popen([sys.executable, "-c", PLAIN_SERVER, str(port)])
+def web_requests_ceiling(connections: int, seconds: float) -> float:
+    """The suite's ``web-requests`` ceiling (:mod:`bench.ceilings`), when run alone."""
+    server, port = serve_plain()
     try:
-
-        def up() -> bool:
-            with socket.create_connection(("127.0.0.1", port), timeout=1):
-                return True
-
-        wait_for(up, 30, "the plain twisted.web server")
-        request = post_request(port, "/", None, BODY)
-
-        def ok(status: int, body: bytes) -> str | None:
-            return None if status == 200 else f"{status}"
-
-        load(port, request, clients, count // 10, ok)  # warm-up
-        seconds, good, errors = load(port, request, clients, count, ok)
-        if errors:
-            raise RuntimeError(f"the plain server failed: {errors[:3]}")
-        return good / seconds
+        with ProcessPoolExecutor(CORES) as pool:
+            web_rate(pool, port, connections, 1.0)  # warm-up
+            return web_rate(pool, port, connections, seconds)
     finally:
-        process.terminate()
-        process.wait(timeout=30)
+        server.terminate()
+        server.wait(timeout=30)
 
 
 def held(root: Path, agents: int) -> list[int]:
@@ -344,9 +314,7 @@ def main() -> int:
     # Stopped by the suite (a timeout): stop the daemons too (they have sessions of their own).
     signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(128 + signum))
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--quick", action="store_true", help="small scale, for validation")
-    parser.add_argument("--ceilings", help="the ceilings' JSON (bench/ceilings.py)")
-    parser.add_argument("--json-out", help="append the figure as one JSON line")
+    add_arguments(parser)
     parser.add_argument("--clients", type=int, default=8)
     parser.add_argument("--tasks", type=int, default=None, help="tasks in the burst (20,000)")
     parser.add_argument("--agents", type=int, default=2)
@@ -358,16 +326,12 @@ def main() -> int:
     if args.tasks is None:
         args.tasks = 3000 if args.quick else 20000
 
-    ceiling: float | None = None
-    ceiling_detail: dict[str, Any] = {}
     if args.ceilings:
-        entry = json.loads(Path(args.ceilings).read_text()).get("web-requests")
-        if entry:
-            ceiling = float(entry["value"])
-            ceiling_detail = {"ceiling_source": args.ceilings}
+        ceiling = ceiling_value(load_ceilings(args.ceilings), "web-requests")
+        source = args.ceilings
     else:
-        ceiling = web_requests_ceiling(args.clients, max(5000, args.tasks))
-        ceiling_detail = {"ceiling_source": "measured here: plain twisted.web, same clients"}
+        ceiling = web_requests_ceiling(args.clients, 2.0 if args.quick else 5.0)
+        source = "measured here (bench/ceilings.py's plain twisted.web resource)"
 
     with tempfile.TemporaryDirectory(prefix="bench-create-") as folder:
         try:
@@ -377,22 +341,26 @@ def main() -> int:
             return 1
 
     rate = figures["rate"]
-    ratio = None if not ceiling else round(rate / ceiling, 3)
-    record = {
-        "scenario": SCENARIO,
-        "figure": FIGURE,
-        "value": round(rate, 1),
-        "unit": "/s",
-        "ceiling": "web-requests" if ceiling else None,
-        "ratio": ratio,
-        "target": f">= {TARGET:,.0f}/s",
-        "met": rate >= TARGET,
-        "detail": {
+    cpu_ms = {
+        name: round(1000 * cores * figures["seconds"] / max(1, figures["created"]), 3)
+        for name, cores in figures["cpu"].items()
+    }
+    figure = Figure(
+        scenario=SCENARIO,
+        figure=FIGURE,
+        value=round(rate, 1),
+        unit="/s",
+        ceiling="web-requests" if ceiling else None,
+        ratio=ratio(rate, ceiling),
+        target=f">= {TARGET:,.0f}/s",
+        met=rate >= TARGET,
+        detail={
             "clients": args.clients,
             "agents": args.agents,
             "tasks": figures["created"],
             "seconds": round(figures["seconds"], 2),
             "ceiling_value": None if ceiling is None else round(ceiling, 1),
+            "ceiling_source": source,
             "delivered_to_every_agent_after_s": (
                 None
                 if figures["delivered_after_s"] is None
@@ -401,30 +369,24 @@ def main() -> int:
             "held": figures["held"],
             "cpu_cores": figures["cpu"],
             # CPU each part spent per task created, over the burst (ms).
-            "cpu_ms_per_task": {
-                name: round(1000 * cores * figures["seconds"] / max(1, figures["created"]), 3)
-                for name, cores in figures["cpu"].items()
-            },
-            **ceiling_detail,
+            "cpu_ms_per_task": cpu_ms,
         },
-    }
+    )
     print(f"{'scenario':<10} {'figure':<17} {'value':>9} {'ceiling':>9} {'ratio':>6}  target")
     print(
         f"{SCENARIO:<10} {FIGURE:<17} {rate:>9,.0f} "
         f"{'-' if ceiling is None else f'{ceiling:,.0f}':>9} "
-        f"{'-' if ratio is None else f'{ratio:.2f}':>6}  "
-        f"{record['target']} ({'met' if record['met'] else 'not met'})"
+        f"{'-' if figure.ratio is None else f'{figure.ratio:.2f}':>6}  "
+        f"{figure.target} ({'met' if figure.met else 'not met'})"
     )
-    delivered = record["detail"]["delivered_to_every_agent_after_s"]
+    delivered = figure.detail["delivered_to_every_agent_after_s"]
     print(
         f"  {figures['created']:,} tasks in {figures['seconds']:.1f} s by {args.clients} "
         f"clients; every agent held every task {delivered} s after the last create"
     )
     print(f"  CPU in cores during the burst: {figures['cpu']}")
-    print(f"  CPU ms per task created: {record['detail']['cpu_ms_per_task']}")
-    if args.json_out:
-        with open(args.json_out, "a") as out:
-            out.write(json.dumps(record) + "\n")
+    print(f"  CPU ms per task created: {cpu_ms}")
+    emit(args.json_out, figure)
     return 0
 
 
