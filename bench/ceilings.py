@@ -96,6 +96,12 @@ def spawn_rate(pool: ProcessPoolExecutor, command: str, seconds: float) -> float
         shutil.rmtree(folder, ignore_errors=True)
 
 
+def spawn_ceiling(command: str, seconds: float) -> float:
+    """``spawn:<label>`` of one command, for a script run without ``--ceilings``."""
+    with ProcessPoolExecutor(CORES) as pool:
+        return spawn_rate(pool, command, seconds)
+
+
 # -- insert ----------------------------------------------------------------------------------
 
 OUTPUT = b"Filesystem 1K-blocks Used Available Use% Mounted on\n" * 2
