@@ -324,9 +324,19 @@ def sweep(
         )
         start, end, window = measure_window(fleet, args, args.step_window)
         time.sleep(args.drain)
+        task_ids = [t[0] for t in tasks]
+        # Count only once every run of the window is reported: the step's tasks go (the
+        # server still takes results of instants before the deletion), then the agents
+        # finish their runs and empty their spools. What is missing after that is lost.
+        delete_tasks(api, task_ids, args.create_concurrency)
+        reported, _ = wait_agents(
+            fleet,
+            "the agents to drop the step's tasks and report its runs",
+            lambda a: a.get("tasks") == 0 and not a.get("running") and not a.get("spooled"),
+            args.report_timeout,
+        )
         instants = due_instants(tasks, start, end)
         due = sum(len(v) for v in instants.values()) * agents
-        task_ids = [t[0] for t in tasks]
         results = stored_results(dsn, task_ids, start, end)
         figures = account(results, due, start, end)
         witnesses = {
@@ -345,6 +355,7 @@ def sweep(
             "create_s": round(creation.seconds, 2),
             "create_failed": len(creation.failed),
             "delivery_s": round(delivery, 1),
+            "report_wait_s": round(reported, 1),
             "held_by_agents": [None if a is None else a.get("tasks") for a in answers],
             **due_shape(instants, agents, start, end),
             **figures,
@@ -463,6 +474,12 @@ def parse_args() -> argparse.Namespace:
     )
     group.add_argument("--step-window", type=float, help="seconds per step (20; quick 6)")
     group.add_argument("--max-steps", type=int, help="at most this many steps (12; quick 4)")
+    group.add_argument(
+        "--report-timeout",
+        type=float,
+        default=120.0,
+        help="seconds to wait, after a step, for the agents to report its runs",
+    )
     group = parser.add_argument_group("both")
     group.add_argument(
         "--drain",
