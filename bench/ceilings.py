@@ -27,6 +27,7 @@ entry). Exits non-zero only if a ceiling could not be measured.
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import os
 import platform
@@ -275,7 +276,7 @@ def measure(args: argparse.Namespace) -> dict[str, Any]:
     out: dict[str, Any] = {"machine": machine()}
     with ProcessPoolExecutor(CORES) as pool:
         for label, command in commands.items():
-            value, values = median_of(lambda c=command: spawn_rate(pool, c, seconds), rounds)
+            value, values = median_of(functools.partial(spawn_rate, pool, command, seconds), rounds)
             out[f"spawn:{label}"] = {
                 "value": value,
                 "unit": "/s",

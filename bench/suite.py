@@ -107,7 +107,7 @@ def stop(child: subprocess.Popen[bytes]) -> None:
 
 def read_records(path: Path) -> list[dict[str, Any]]:
     """The JSON lines a script appended, each checked against the contract."""
-    out = []
+    out: list[dict[str, Any]] = []
     if not path.exists():
         return out
     for number, line in enumerate(path.read_text().splitlines(), start=1):
