@@ -495,8 +495,8 @@ def parse_args() -> argparse.Namespace:
     group.add_argument(
         "--delivery-timeout",
         type=float,
-        default=900.0,
-        help="seconds to wait for the agents to hold every task",
+        default=300.0,
+        help="seconds to wait for the agents to hold every task (then measured as they are)",
     )
     group.add_argument("--sample-interval", type=float, default=0.5)
     group.add_argument(
