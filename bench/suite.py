@@ -160,7 +160,9 @@ def table(outcomes: list[Outcome], ceilings: list[dict[str, Any]]) -> str:
             (
                 str(record.get("scenario")),
                 str(record.get("figure"))[:52],
-                f"{cell(record.get('value'))} {record.get('unit') or ''}".strip(),
+                cell(record.get("value"))
+                if record.get("value") is None
+                else f"{cell(record.get('value'))} {record.get('unit') or ''}".strip(),
                 cell(record.get("ceiling")),
                 cell(record.get("ratio")),
                 cell(record.get("target")),
