@@ -14,7 +14,8 @@ each scenario script runs, in order 1..7, as a subprocess of this venv's Python 
     4  bench_ingest.py                            4-ingest
     5  bench_query.py                             5-query
     6  bench_create.py                            6-fanout (creation rate)
-    6  bench_fleet.py                             6-fanout, 7-server-memory (both, --only 6 or 7)
+    6  bench_fleet.py                             6-fanout, 7-server-memory (--scenario X
+                                                  when --only selects one of them)
 
 A script that is not there is skipped with a line saying so. ``--args 1='--rates
 10,100'`` appends arguments to scenario 1's command (scale overrides); it may be given
@@ -55,6 +56,8 @@ class Step:
     scenarios: tuple[str, ...]  # the numbers --only selects it by
     script: str
     args: list[str] = field(default_factory=list)
+    #: Arguments that narrow a script of several scenarios to the one selected.
+    narrow: dict[str, list[str]] = field(default_factory=dict)
 
     def label(self) -> str:
         return " ".join([self.script, *self.args])
@@ -67,7 +70,11 @@ STEPS = [
     Step(("4",), "bench_ingest.py"),
     Step(("5",), "bench_query.py"),
     Step(("6",), "bench_create.py"),
-    Step(("6", "7"), "bench_fleet.py"),
+    Step(
+        ("6", "7"),
+        "bench_fleet.py",
+        narrow={"6": ["--scenario", "6-fanout"], "7": ["--scenario", "7-server-memory"]},
+    ),
 ]
 
 
@@ -263,6 +270,9 @@ def main() -> int:
             outcomes.append(Outcome(step, "missing: skipped"))
             continue
         extra = [a for n in step.scenarios for a in args.extra.get(n, [])]
+        chosen = [n for n in step.scenarios if args.only is None or n in args.only]
+        if len(chosen) == 1 and chosen[0] in step.narrow:
+            extra = step.narrow[chosen[0]] + extra
         part = out_dir / f"{stamp}.{script.stem}.{'-'.join(step.scenarios)}.part"
         command = [python, str(script), *step.args, *quick]
         command += ["--ceilings", str(ceilings_path), "--json-out", str(part), *extra]
