@@ -117,13 +117,20 @@ def due_shape(instants: dict[str, list[int]], agents: int, start: int, end: int)
     }
 
 
-def read_witness(path: Path, task_ids: set[str], start: int, end: int) -> list[float]:
-    """Start lateness (s) of each witnessed run of those tasks at instants in the window."""
-    lateness: dict[tuple[str, int], float] = {}
+#: An instant of one agent: (task id, agent id, instant in µs).
+Instant = tuple[str, str, int]
+
+
+def read_witness(
+    path: Path, task_ids: set[str], start: int, end: int
+) -> dict[tuple[str, int], list[float]]:
+    """Each witnessed (task, instant in µs) of the window: the start times (epoch s) of
+    every line written for it (more than one: the instant ran more than once)."""
+    found: dict[tuple[str, int], list[float]] = collections.defaultdict(list)
     try:
         lines = path.read_text(errors="replace").splitlines()
     except FileNotFoundError:
-        return []
+        return {}
     for line in lines:
         parts = line.split()
         if len(parts) != 3 or parts[0] not in task_ids:
@@ -134,5 +141,58 @@ def read_witness(path: Path, task_ids: set[str], start: int, end: int) -> list[f
         except ValueError:
             continue
         if start <= at < end:
-            lateness.setdefault((parts[0], at), began - at / US)
-    return list(lateness.values())
+            found[(parts[0], at)].append(began)
+    return dict(found)
+
+
+def account_instants(
+    instants: dict[str, list[int]],
+    witnesses: dict[str, dict[tuple[str, int], list[float]]],
+    results: Sequence[Stored],
+) -> dict[str, Any]:
+    """Every due instant of every agent (``witnesses`` is keyed by agent id) accounted for:
+    ``ran`` if its command wrote a witness line, ``skipped`` if the agent recorded it
+    skipped, else ``unaccounted`` (broken down by what the server holds for it). A run
+    witnessed more than once is ``doubled``; a witnessed instant whose result says
+    skipped/lost is a ``contradiction``. The witness's start time minus the result's
+    ``started_at`` cross-checks the latter (it is the shell's own start-up: never < 0)."""
+    stored: dict[Instant, list[Stored]] = collections.defaultdict(list)
+    for result in results:
+        stored[(result.task_id, result.agent_id, result.scheduled_at)].append(result)
+    counts: collections.Counter[str] = collections.Counter()
+    unaccounted: collections.Counter[str] = collections.Counter()
+    witness_lateness: list[float] = []
+    witness_after_start: list[float] = []
+    for agent_id, witnessed in witnesses.items():
+        for task_id, ats in instants.items():
+            for at in ats:
+                counts["due"] += 1
+                lines = witnessed.get((task_id, at), [])
+                mine = stored.get((task_id, agent_id, at), [])
+                statuses = {r.status for r in mine}
+                if lines:
+                    counts["ran"] += 1
+                    counts["doubled"] += len(lines) > 1
+                    counts["contradictions"] += bool(statuses) and statuses <= NOT_RUN
+                    witness_lateness.append(lines[0] - at / US)
+                    started = [r.started_at for r in mine if r.started_at is not None]
+                    if started:
+                        witness_after_start.append(lines[0] - min(started) / US)
+                elif "skipped" in statuses:
+                    counts["skipped"] += 1
+                else:
+                    counts["unaccounted"] += 1
+                    why = ",".join(sorted(statuses)) or "nothing"
+                    unaccounted[f"{why} stored, no witness"] += 1
+    return {
+        "instants": counts["due"],
+        "ran": counts["ran"],
+        "skipped": counts["skipped"],
+        "unaccounted": counts["unaccounted"],
+        "unaccounted_by": dict(unaccounted),
+        "doubled": counts["doubled"],
+        "contradictions": counts["contradictions"],
+        "witness_lateness_s": spread(witness_lateness),
+        "witness_minus_started_at_s": spread(witness_after_start),
+        "witness_before_started_at": sum(d < 0 for d in witness_after_start),
+    }

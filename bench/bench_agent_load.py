@@ -1,10 +1,16 @@
-"""An agent under load, with the real daemons and the real runner. Hand-run; prints
-figures, asserts nothing.
+"""Scenarios 1 and 2 of the suite: agents under load, with the real daemons and the real
+runner. Prints figures, asserts nothing (a missed target is a figure).
 
-    .venv/bin/python bench/bench_agent_load.py [--scenario many-tasks|sweep|both]
-        [--tasks 10000] [--interval 100] [--window 60]            # many-tasks
-        [--rates 10,50,100,200,400,800] [--step-window 20]          # sweep
+    .venv/bin/python bench/bench_agent_load.py [--scenario sweep|many-tasks|both]
+        [--quick] [--ceilings FILE] [--json-out FILE]                # the suite's contract
+        [--rates auto|10,50,...] [--step-window 20] [--max-steps 12]  # sweep (scenario 1)
+        [--tasks 10000] [--interval 100] [--window 60]                # many-tasks (2)
+        [--compare-tasks 100] [--compare-window 30]
         [--drain 10] [--database DSN] [--keep]
+
+Longer than most modules because it is one standalone script by the suite's contract:
+its two scenarios' flows and tables (the shared parts are in ``loadkit.py``,
+``loadapi.py``, ``accounting.py``, the targets in ``loadfigures.py``).
 
 It measures whichever ``taskscheduler`` is installed in the venv of the Python running it
 (``twistd`` is taken from beside that interpreter), so the same file measures the code
@@ -16,16 +22,20 @@ the PostgreSQL server ``--database`` names (and dropped at the end). Tasks are c
 through the REST API, then the run waits (up to ``--delivery-timeout``) until every agent
 holds them all, says how long creation and delivery took, and measures a window:
 
-- ``many-tasks``: one agent, ``--tasks`` tasks (10,000) ``every --interval seconds``
-  (100) running ``:``, i.e. tasks/interval runs a second (100), for ``--window`` s (60).
-  Then, after ``--drain`` s, the agent gets SIGTERM and the time until it exits is
-  measured (at most ``--term-timeout`` s, then SIGKILL).
-- ``sweep``: two agents, each running every task ``every 1 seconds``; for each total rate
-  of ``--rates`` (runs a second over both agents) the step's tasks replace the previous
-  step's, and a window of ``--step-window`` s (20) is measured. The command,
+- ``sweep`` (``1-throughput``): two agents, each running every task ``every 1 seconds``;
+  for each total rate (runs a second over both agents) the step's tasks replace the
+  previous step's, and a window of ``--step-window`` s (20) is measured. The command,
   ``bash -c 'echo "$TASKSCHEDULER_TASK_ID $TASKSCHEDULER_SCHEDULED_AT $EPOCHREALTIME"
   >> witness'``, appends to a file in its agent's folder: the ground truth of what ran,
-  and when it really started.
+  and when it really started. ``--rates auto``: 10 runs/s, then 1/8, 1/4, 1/2, 3/4, 1,
+  1.25, ... of the ceiling ``spawn:bash-echo`` (from ``--ceilings``, else measured here),
+  until on-time results/s fall (below the last step's, or below 0.9 of the step's due/s),
+  then one more step (at most ``--max-steps``).
+- ``many-tasks`` (``2-many-tasks``): one agent, ``--tasks`` tasks (10,000) ``every
+  --interval seconds`` (100) running ``:``, i.e. tasks/interval runs a second (100), for
+  ``--window`` s (60); then the same with ``--compare-tasks`` (100) every 1 s on a fresh
+  agent. After each window and ``--drain`` s, the agent gets SIGTERM and the time until
+  it exits is measured (at most ``--term-timeout`` s, then SIGKILL).
 
 Figures (an instant is one ``(task, agent, anchor + k * interval)`` inside the window):
 
@@ -39,6 +49,17 @@ Figures (an instant is one ``(task, agent, anchor + k * interval)`` inside the w
 - ``lateness``: ``started_at - scheduled_at`` of stored results (p50/p99/max), and in
   the sweep also the witness's own start time minus the instant.
 - ``witnessed``: (sweep) instants of the window whose command wrote its witness line.
+  Every instant is accounted for: witnessed, or recorded ``skipped``, else
+  ``unaccounted`` (by what the server holds for it); witnessed twice is ``doubled``. The
+  witness's start time minus ``started_at`` cross-checks the latter.
+
+The JSON lines of ``--json-out`` (see ``contract.py``): per sweep step its start lateness
+p99 (target < 10 ms up to half the ceiling); the peak of on-time results/s (runs stored
+within 1 s of their instant) as a ratio of the ceiling (>= 0.75); the highest rate up to
+which every step's p99 was < 10 ms, as a ratio of the ceiling (>= 0.5); the least on-time
+results/s past the peak as a fraction of the peak (>= 0.9); unaccounted instants and
+doubled runs (0). Many tasks: start lateness p99 (< 5 ms) and agent RSS max (< 80 MB),
+and the same for the comparison (no target).
 - agent ``fds`` (``/proc/PID/fd``, max of samples), ``RSS`` (max), ``CPU`` (share of one
   core over the window), ``health`` (latency of ``GET /api/v1/health``, a new connection
   each time, sampled every ``--sample-interval`` s; ``failed`` = no answer within 10 s),
@@ -52,8 +73,7 @@ runs instead of a steady rate; paced, the 10,000 tasks take the 100 s interval t
 Each scenario prints a table and one JSON line (starting with ``{``) per scenario or
 sweep step. ``--keep`` leaves the temporary folder (daemon logs, agent data, witness
 files) for inspection; the daemons and the embedded PostgreSQL are stopped whatever
-happens, Ctrl-C included. Validate at small scale on a shared machine, e.g.
-``--tasks 500 --interval 25 --window 15 --rates 10,50 --step-window 10``.
+happens, Ctrl-C included. Validate at small scale on a shared machine: ``--quick``.
 """
 
 from __future__ import annotations
@@ -70,7 +90,16 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from bench.accounting import account, due_instants, due_shape, read_witness, stored_results
+from bench import loadfigures
+from bench.accounting import (
+    account,
+    account_instants,
+    due_instants,
+    due_shape,
+    read_witness,
+    stored_results,
+)
+from bench.contract import add_arguments, ceiling_value, emit, load_ceilings
 from bench.loadapi import (
     Operator,
     Postgres,
@@ -81,6 +110,7 @@ from bench.loadapi import (
     live_tasks,
     wait_agents,
 )
+from bench.loadfigures import rate_plan, saturated
 from bench.loadkit import (
     environment,
     fraction,
@@ -88,7 +118,6 @@ from bench.loadkit import (
     percent,
     seconds,
     sigterm_seconds,
-    spread,
     start_fleet,
     stop_daemons,
 )
@@ -102,17 +131,26 @@ SWEEP_COMMAND = (
 MANY_TASKS_COMMAND = ":"
 
 
-def many_tasks(args: argparse.Namespace, pg: Postgres, root: Path, daemons: list[Daemon]) -> None:
-    rate = args.tasks / args.interval
+def many_tasks(
+    args: argparse.Namespace,
+    pg: Postgres,
+    root: Path,
+    daemons: list[Daemon],
+    count: int,
+    interval: int,
+    length: float,
+) -> dict[str, Any]:
+    """One agent, ``count`` tasks every ``interval`` s, measured for ``length`` s."""
+    rate = count / interval
     print(
-        f"\n== many-tasks: 1 agent, {args.tasks:,} tasks every {args.interval} s running "
-        f"'{MANY_TASKS_COMMAND}' ({rate:g} runs/s), window {args.window:g} s"
+        f"\n== many-tasks: 1 agent, {count:,} tasks every {interval} s running "
+        f"'{MANY_TASKS_COMMAND}' ({rate:g} runs/s), window {length:g} s"
     )
     dsn = pg.create_database()
-    fleet = start_fleet(root / "many-tasks", 1, dsn, daemons)
+    fleet = start_fleet(root / f"many-tasks-{count}-{interval}", 1, dsn, daemons)
     api = Operator(fleet)
     creation = create_tasks(
-        api, args.tasks, MANY_TASKS_COMMAND, args.interval, not args.burst, args.create_concurrency
+        api, count, MANY_TASKS_COMMAND, interval, not args.burst, args.create_concurrency
     )
     print(
         f"  created {creation.created:,} tasks in {creation.seconds:.1f} s "
@@ -129,7 +167,7 @@ def many_tasks(args: argparse.Namespace, pg: Postgres, root: Path, daemons: list
     )
     held = [None if a is None else a.get("tasks") for a in answers]
     print(f"  delivered: the agent holds {held} tasks {delivery:.1f} s after creation ended")
-    start, end, window = measure_window(fleet, args, args.window)
+    start, end, window = measure_window(fleet, args, length)
     time.sleep(args.drain)
     instants = due_instants(tasks, start, end)
     due = sum(len(v) for v in instants.values())
@@ -138,9 +176,9 @@ def many_tasks(args: argparse.Namespace, pg: Postgres, root: Path, daemons: list
     record = {
         "scenario": "many-tasks",
         "tasks": len(tasks),
-        "interval_s": args.interval,
+        "interval_s": interval,
         "runs_per_s": rate,
-        "window_s": args.window,
+        "window_s": length,
         "drain_s": args.drain,
         "create_s": round(creation.seconds, 1),
         "create_mode": "burst" if args.burst else "paced",
@@ -213,14 +251,37 @@ def many_tasks(args: argparse.Namespace, pg: Postgres, root: Path, daemons: list
     for line in window.top_logs():
         print(f"    {line}")
     print(json.dumps(record, sort_keys=True))
+    return record
 
 
-def sweep(args: argparse.Namespace, pg: Postgres, root: Path, daemons: list[Daemon]) -> None:
+def scenario_2(args: argparse.Namespace, pg: Postgres, root: Path, daemons: list[Daemon]) -> None:
+    """Many waiting tasks, then (``--compare-tasks``) few tasks every second, for comparison."""
+    many = many_tasks(args, pg, root, daemons, args.tasks, args.interval, args.window)
+    label = f"{args.tasks:,} tasks every {args.interval} s"
+    figures = loadfigures.many_tasks_figures(label, many, judged=True)
+    if args.compare_tasks:
+        few = many_tasks(args, pg, root, daemons, args.compare_tasks, 1, args.compare_window)
+        label = f"{args.compare_tasks:,} tasks every 1 s (comparison)"
+        figures += loadfigures.many_tasks_figures(label, few, judged=False)
+    for figure in figures:
+        emit(args.json_out, figure)
+
+
+def scenario_1(args: argparse.Namespace, pg: Postgres, root: Path, daemons: list[Daemon]) -> None:
+    for figure in loadfigures.sweep_figures(sweep(args, pg, root, daemons), args.ceiling):
+        emit(args.json_out, figure)
+
+
+def sweep(
+    args: argparse.Namespace, pg: Postgres, root: Path, daemons: list[Daemon]
+) -> list[loadfigures.Step]:
+    """Scenario 1: steps of rising rate until past saturation (or ``--rates``' steps)."""
     agents = 2
-    rates = [int(r) for r in args.rates.split(",") if r.strip()]
+    plan = rate_plan(args.ceiling, args.quick) if args.rates == "auto" else parse_rates(args.rates)
     print(
         f"\n== sweep: {agents} agents, tasks every 1 s running bash (witnessed), total rates "
-        f"{rates} runs/s, {args.step_window:g} s per step"
+        f"{'up to past saturation, from ' if args.rates == 'auto' else ''}{plan} runs/s "
+        f"(ceiling {args.ceiling} starts/s), {args.step_window:g} s per step"
     )
     dsn = pg.create_database()
     fleet = start_fleet(root / "sweep", agents, dsn, daemons)
@@ -228,12 +289,14 @@ def sweep(args: argparse.Namespace, pg: Postgres, root: Path, daemons: list[Daem
     agent_ids = [str((agent_health(fleet, i) or {}).get("agent_id")) for i in range(agents)]
     header = (
         f"  {'runs/s':>6} {'tasks':>5} {'due':>6} {'witnessed':>9} {'stored':>7} "
-        f"{'<=1s/s':>7} {'skipped':>7} {'late p50':>9} {'late p99':>9} {'wit p99':>8} "
-        f"{'fds max':>7} {'health p99':>10}  create/deliver"
+        f"{'<=1s/s':>7} {'skipped':>7} {'unacc.':>6} {'late p50':>9} {'late p99':>9} "
+        f"{'wit p99':>8} {'fds max':>7} {'health p99':>10}  create/deliver"
     )
     lines: list[str] = []
-    for rate in rates:
-        per_agent = max(1, round(rate / agents))
+    steps: list[loadfigures.Step] = []
+    past_saturation = 0
+    for rate in plan[: args.max_steps]:
+        tasks_count = max(1, round(rate / agents))  # each task runs on both agents
         old = [t[0] for t in live_tasks(dsn)]
         if old:
             delete_tasks(api, old, args.create_concurrency)
@@ -250,7 +313,7 @@ def sweep(args: argparse.Namespace, pg: Postgres, root: Path, daemons: list[Daem
             60,
         )
         creation = create_tasks(
-            api, per_agent, SWEEP_COMMAND, 1, not args.burst, args.create_concurrency
+            api, tasks_count, SWEEP_COMMAND, 1, not args.burst, args.create_concurrency
         )
         tasks = live_tasks(dsn)
         delivery, answers = wait_agents(
@@ -261,15 +324,26 @@ def sweep(args: argparse.Namespace, pg: Postgres, root: Path, daemons: list[Daem
         )
         start, end, window = measure_window(fleet, args, args.step_window)
         time.sleep(args.drain)
+        task_ids = [t[0] for t in tasks]
+        # Count only once every run of the window is reported: the step's tasks go (the
+        # server still takes results of instants before the deletion), then the agents
+        # finish their runs and empty their spools. What is missing after that is lost.
+        delete_tasks(api, task_ids, args.create_concurrency)
+        reported, _ = wait_agents(
+            fleet,
+            "the agents to drop the step's tasks and report its runs",
+            lambda a: a.get("tasks") == 0 and not a.get("running") and not a.get("spooled"),
+            args.report_timeout,
+        )
         instants = due_instants(tasks, start, end)
         due = sum(len(v) for v in instants.values()) * agents
-        task_ids = [t[0] for t in tasks]
-        figures = account(stored_results(dsn, task_ids, start, end), due, start, end)
-        witness = [
-            late
-            for agent in fleet.agents
-            for late in read_witness(agent.workdir / "witness", set(task_ids), start, end)
-        ]
+        results = stored_results(dsn, task_ids, start, end)
+        figures = account(results, due, start, end)
+        witnesses = {
+            agent_id: read_witness(agent.workdir / "witness", set(task_ids), start, end)
+            for agent_id, agent in zip(agent_ids, fleet.agents, strict=True)
+        }
+        accounted = account_instants(instants, witnesses, results)
         record = {
             "scenario": "sweep",
             "runs_per_s": rate,
@@ -281,12 +355,13 @@ def sweep(args: argparse.Namespace, pg: Postgres, root: Path, daemons: list[Daem
             "create_s": round(creation.seconds, 2),
             "create_failed": len(creation.failed),
             "delivery_s": round(delivery, 1),
+            "report_wait_s": round(reported, 1),
             "held_by_agents": [None if a is None else a.get("tasks") for a in answers],
             **due_shape(instants, agents, start, end),
             **figures,
-            "witnessed": len(witness),
-            "witnessed_ratio": fraction(len(witness), due),
-            "witness_lateness_s": spread(witness),
+            "witnessed": accounted["ran"],
+            "witnessed_ratio": fraction(accounted["ran"], due),
+            "accounting": accounted,
             **window.figures(),
             **environment(),
         }
@@ -298,8 +373,9 @@ def sweep(args: argparse.Namespace, pg: Postgres, root: Path, daemons: list[Daem
         line = (
             f"  {rate:>6} {len(tasks):>5} {due:>6} {percent(record['witnessed_ratio']):>9} "
             f"{percent(figures['stored_ratio']):>7} {figures['ran_on_time_per_s']:>7} "
-            f"{figures['statuses'].get('skipped', 0):>7} {seconds(late['p50']):>9} "
-            f"{seconds(late['p99']):>9} {seconds(record['witness_lateness_s']['p99']):>8} "
+            f"{accounted['skipped']:>7} {accounted['unaccounted']:>6} "
+            f"{seconds(late['p50']):>9} {seconds(late['p99']):>9} "
+            f"{seconds(accounted['witness_lateness_s']['p99']):>8} "
             f"{fds:>7} {seconds(health):>10}  {creation.seconds:.1f} s / {delivery:.1f} s"
         )
         lines.append(line)
@@ -307,48 +383,108 @@ def sweep(args: argparse.Namespace, pg: Postgres, root: Path, daemons: list[Daem
         print(line)
         if figures["reasons"]:
             print("    reasons: " + "; ".join(f"{k} ({v})" for k, v in figures["reasons"].items()))
+        if accounted["unaccounted_by"]:
+            print(f"    unaccounted: {accounted['unaccounted_by']}")
         for log_line in window.top_logs():
             print(f"    {log_line}")
         print(json.dumps(record, sort_keys=True))
+        steps.append(
+            loadfigures.Step(
+                rate,
+                record["due_per_s_mean"],
+                figures["ran_on_time_per_s"],
+                late["p50"],
+                late["p99"],
+                accounted["unaccounted"],
+                accounted["doubled"],
+                {
+                    "due_per_s": record["due_per_s_mean"],
+                    "on_time_per_s": figures["ran_on_time_per_s"],
+                    "statuses": figures["statuses"],
+                    "accounting": accounted,
+                    "agent_cpu_share": [record[f"agent-{i}"]["cpu_share"] for i in range(agents)],
+                    "server_cpu_share": record["server"]["cpu_share"],
+                    "loadavg_1m": record["loadavg_1m"],
+                },
+            )
+        )
+        # Past saturation: one more step, then stop (explicit --rates run every step).
+        if args.rates == "auto" and (past_saturation or saturated(steps)):
+            past_saturation += 1
+            if past_saturation > 1:
+                break
     stop_daemons([fleet.server, *fleet.agents])
     print(
         "\n  sweep summary (witnessed and stored: ratios to due; <=1s/s: runs, not skips, "
-        "whose result was stored within 1 s of their instant, per second; late: started_at "
-        "- instant; wit: the witness's start time - instant)"
+        "whose result was stored within 1 s of their instant, per second; unacc.: instants "
+        "neither witnessed nor recorded skipped; late: started_at - instant; wit: the "
+        "witness's start time - instant)"
     )
     print(header)
     for line in lines:
         print(line)
+    return steps
+
+
+def parse_rates(text: str) -> list[int]:
+    return [int(r) for r in text.split(",") if r.strip()]
+
+
+#: Scale flags: (full, --quick); a flag given on the command line wins over both.
+SCALE: dict[str, tuple[Any, Any]] = {
+    "tasks": (10_000, 1_000),
+    "interval": (100, 10),
+    "window": (60.0, 15.0),
+    "compare_tasks": (100, 100),
+    "compare_window": (30.0, 10.0),
+    "step_window": (20.0, 6.0),
+    "max_steps": (12, 4),
+    "drain": (10.0, 5.0),
+}
 
 
 def parse_args() -> argparse.Namespace:
     parser = argparse.ArgumentParser(
         description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter
     )
+    add_arguments(parser)
     parser.add_argument("--scenario", choices=["many-tasks", "sweep", "both"], default="both")
-    group = parser.add_argument_group("many-tasks")
-    group.add_argument("--tasks", type=int, default=10_000, help="tasks on the one agent")
-    group.add_argument("--interval", type=int, default=100, help="their interval, in seconds")
-    group.add_argument("--window", type=float, default=60.0, help="seconds measured")
+    group = parser.add_argument_group("many-tasks (scenario 2)")
+    group.add_argument("--tasks", type=int, help="tasks on the one agent (10,000; quick 1,000)")
+    group.add_argument("--interval", type=int, help="their interval, in seconds (100; quick 10)")
+    group.add_argument("--window", type=float, help="seconds measured (60; quick 15)")
+    group.add_argument(
+        "--compare-tasks",
+        type=int,
+        help="then this many tasks every 1 s on a fresh agent, for comparison (100; 0: none)",
+    )
+    group.add_argument("--compare-window", type=float, help="its window (30; quick 10)")
     group.add_argument(
         "--term-timeout",
         type=float,
         default=60.0,
         help="seconds to wait for the agent to exit on SIGTERM, then SIGKILL",
     )
-    group = parser.add_argument_group("sweep")
+    group = parser.add_argument_group("sweep (scenario 1)")
     group.add_argument(
         "--rates",
-        default="10,50,100,200,400,800",
-        help="total runs per second over both agents, one step each",
+        default="auto",
+        help="total runs per second over both agents, one step each; auto: 10, then "
+        "fractions of the ceiling until past saturation",
     )
-    group.add_argument("--step-window", type=float, default=20.0, help="seconds per step")
+    group.add_argument("--step-window", type=float, help="seconds per step (20; quick 6)")
+    group.add_argument("--max-steps", type=int, help="at most this many steps (12; quick 4)")
+    group.add_argument(
+        "--report-timeout",
+        type=float,
+        default=120.0,
+        help="seconds to wait, after a step, for the agents to report its runs",
+    )
     group = parser.add_argument_group("both")
     group.add_argument(
         "--drain",
         type=float,
-        default=10.0,
-        help="seconds after a window before its results are counted",
+        help="seconds after a window before its results are counted (10; quick 5)",
     )
     group.add_argument(
         "--burst",
@@ -359,8 +495,8 @@ def parse_args() -> argparse.Namespace:
     group.add_argument(
         "--delivery-timeout",
         type=float,
-        default=900.0,
-        help="seconds to wait for the agents to hold every task",
+        default=300.0,
+        help="seconds to wait for the agents to hold every task (then measured as they are)",
     )
     group.add_argument("--sample-interval", type=float, default=0.5)
     group.add_argument(
@@ -374,11 +510,27 @@ def parse_args() -> argparse.Namespace:
         action="store_true",
         help="keep the temporary folder (logs, agent data, witness files)",
     )
-    return parser.parse_args()
+    args = parser.parse_args()
+    for name, (full, quick) in SCALE.items():
+        if getattr(args, name) is None:
+            setattr(args, name, quick if args.quick else full)
+    return args
+
+
+def spawn_ceiling(args: argparse.Namespace) -> float | None:
+    """The bare starts/s of the sweep's command: from ``--ceilings``, else measured here."""
+    value = ceiling_value(load_ceilings(args.ceilings), loadfigures.SPAWN_CEILING)
+    if value is None and args.scenario in ("sweep", "both"):
+        from bench.ceilings import spawn_ceiling as measure  # it imports this module
+
+        value = round(measure(SWEEP_COMMAND, 2.0 if args.quick else 5.0), 1)
+        print(f"{loadfigures.SPAWN_CEILING}: {value:,.0f} starts/s (measured here)")
+    return value
 
 
 def main() -> int:
     args = parse_args()
+    args.ceiling = spawn_ceiling(args)
     root = Path(tempfile.mkdtemp(prefix="bench-agent-load-"))
     daemons: list[Daemon] = []
     pg: Postgres | None = None
@@ -395,10 +547,10 @@ def main() -> int:
     print(f"taskscheduler {environment()['taskscheduler']} from {sys.prefix}; folder {root}")
     try:
         pg = Postgres(args.database, root / "postgres")
-        if args.scenario in ("many-tasks", "both"):
-            many_tasks(args, pg, root, daemons)
         if args.scenario in ("sweep", "both"):
-            sweep(args, pg, root, daemons)
+            scenario_1(args, pg, root, daemons)
+        if args.scenario in ("many-tasks", "both"):
+            scenario_2(args, pg, root, daemons)
     except KeyboardInterrupt:
         print("\ninterrupted: stopping the daemons", file=sys.stderr)
         interrupted = True

@@ -27,6 +27,7 @@ entry). Exits non-zero only if a ceiling could not be measured.
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import os
 import platform
@@ -94,6 +95,12 @@ def spawn_rate(pool: ProcessPoolExecutor, command: str, seconds: float) -> float
         return started / (time.monotonic() - began)
     finally:
         shutil.rmtree(folder, ignore_errors=True)
+
+
+def spawn_ceiling(command: str, seconds: float) -> float:
+    """``spawn:<label>`` of one command, for a script run without ``--ceilings``."""
+    with ProcessPoolExecutor(CORES) as pool:
+        return spawn_rate(pool, command, seconds)
 
 
 # -- insert ----------------------------------------------------------------------------------
@@ -269,7 +276,7 @@ def measure(args: argparse.Namespace) -> dict[str, Any]:
     out: dict[str, Any] = {"machine": machine()}
     with ProcessPoolExecutor(CORES) as pool:
         for label, command in commands.items():
-            value, values = median_of(lambda c=command: spawn_rate(pool, c, seconds), rounds)
+            value, values = median_of(functools.partial(spawn_rate, pool, command, seconds), rounds)
             out[f"spawn:{label}"] = {
                 "value": value,
                 "unit": "/s",

@@ -1,8 +1,8 @@
 """What the load scenarios share: the real daemons started and stopped, each sampled
-(``/proc`` and health) and its log watched over a measured window, the PostgreSQL their
-databases live on, the operator's REST API (tasks created at a pace, deleted), and the
-agents' health polled until they hold their tasks. Used by ``bench_agent_load.py``
-(scenarios 1 and 2) and by any scenario script that runs real agents.
+(``/proc`` and health) and its log watched over a measured window, and the small helpers
+of their figures (percentiles, µs since the epoch). The database and the operator's API
+are in ``loadapi.py``. Used by ``bench_agent_load.py`` (scenarios 1 and 2) and by any
+scenario script that runs real agents.
 """
 
 from __future__ import annotations
