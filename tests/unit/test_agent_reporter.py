@@ -23,7 +23,7 @@ from twisted.web.resource import Resource
 from twisted.web.server import NOT_DONE_YET
 
 from taskscheduler.agent.identity import load_or_create_agent_id
-from taskscheduler.agent.reporter import Reporter, shrink_to_fit
+from taskscheduler.agent.reporter import INLINE_READ_BYTES, Reporter, shrink_to_fit
 from taskscheduler.agent.server_client import ServerClient
 from taskscheduler.agent.spool import Spool
 from taskscheduler.auth import AGENT_PREFIX, hash_token, new_token
@@ -424,6 +424,51 @@ def test_results_spooled_while_a_send_is_under_way_go_in_the_same_pass(tmp_path:
     s.settle()
     assert s.server.requests == [("single", 1), ("batch", 2)]
     assert len(s.spool) == 0
+
+
+class HeldThread:
+    """Jobs sent off the reactor run only when released: a busy agent's thread pool."""
+
+    def __init__(self) -> None:
+        self.jobs: list[tuple[Any, Deferred[None]]] = []
+
+    def __call__(self, job: Any) -> Deferred[None]:
+        done: Deferred[None] = Deferred()
+        self.jobs.append((job, done))
+        return done
+
+    def release(self) -> None:
+        jobs, self.jobs = self.jobs, []
+        for job, done in jobs:
+            job()
+            done.callback(None)
+
+
+def test_fresh_results_are_read_on_the_reactor_and_a_backlog_off_it(tmp_path: Path) -> None:
+    """A few small results wait for no thread (each hop costs a busy agent tens of ms);
+    past INLINE_READ_BYTES they are read off the reactor."""
+    s = Setup(tmp_path)
+    thread = HeldThread()
+    spool = Spool(tmp_path / "held", run_in_thread=thread)
+    spool.load()
+    reporter = Reporter(spool, s.client, s.clock, jitter=lambda: 1.0)
+    for k in range(1, 4):
+        assert fired(spool.add(result(TASK, k, AGENT_ID))) is True
+    reporter.start()
+    s.settle()
+    assert s.server.requests == [("batch", 3)] and thread.jobs == []
+    assert len(spool) == 0
+    big = b"x" * (INLINE_READ_BYTES // 2)
+    for k in range(4, 7):
+        bulky = dataclasses.replace(result(TASK, k, AGENT_ID), stdout=Output(big, len(big), False))
+        assert fired(spool.add(bulky)) is True
+    reporter.wake()
+    s.settle()
+    assert s.server.requests == [("batch", 3)] and len(thread.jobs) == 1
+    thread.release()
+    s.settle()
+    assert s.server.requests == [("batch", 3), ("batch", 3)]
+    assert len(spool) == 0 and reporter.acknowledged == 6
 
 
 def test_results_carry_the_agents_credential(tmp_path: Path) -> None:
