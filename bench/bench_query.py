@@ -195,29 +195,19 @@ class Scale:
         """EXPLAIN (ANALYZE, BUFFERS) of the store's reads for one task."""
         task = self.tasks[0]
         deep = self.now - timedelta(seconds=self.instants // 2)
-        newest = deep - timedelta(seconds=1)
-        oldest = deep - timedelta(seconds=PAGE)
         plans = {}
         statements: dict[str, tuple[str, dict[str, Any]]] = {
-            "latest execution": (
-                store_sql.LATEST_EXECUTION_SQL,
+            "latest_output": (
+                store_sql.LATEST_OUTPUT_SQL,
                 {"task_id": task, "now": datetime.now(UTC), "grace": timedelta(seconds=5)},
             ),
-            "execution results": (
-                store_sql.EXECUTION_RESULTS_SQL,
-                {"task_id": task, "scheduled_at": newest},
-            ),
             "history page, first": (
-                store_sql.LIST_EXECUTIONS_SQL,
+                store_sql.HISTORY_PAGE_SQL,
                 {"task_id": task, "before": None, "limit": PAGE},
             ),
             "history page, deep": (
-                store_sql.LIST_EXECUTIONS_SQL,
+                store_sql.HISTORY_PAGE_SQL,
                 {"task_id": task, "before": deep, "limit": PAGE},
-            ),
-            "page results": (
-                store_sql.PAGE_RESULTS_SQL,
-                {"task_id": task, "newest": newest, "oldest": oldest},
             ),
         }
         conn = psycopg2.connect(self.dsn)

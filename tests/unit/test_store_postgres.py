@@ -17,7 +17,9 @@ from taskscheduler.server.store.postgres import PostgresStore
 from taskscheduler.server.store.records import StoreUnavailable
 from taskscheduler.server.store.results import (
     EXECUTION_RESULTS_SQL,
+    HISTORY_PAGE_SQL,
     LATEST_EXECUTION_SQL,
+    LATEST_OUTPUT_SQL,
     PRUNE_SQL,
 )
 from tests.conftest import RestartablePostgres, _create_database, _drop_database
@@ -166,6 +168,16 @@ async def test_latest_output_queries_walk_indexes_not_history(database_dsn: str)
             database_dsn,
             "EXPLAIN " + EXECUTION_RESULTS_SQL,
             {"task_id": task_id, "scheduled_at": at(440)},
+        ),
+        _query(
+            database_dsn,
+            "EXPLAIN " + LATEST_OUTPUT_SQL,
+            {"task_id": task_id, "now": now, "grace": GRACE},
+        ),
+        _query(
+            database_dsn,
+            "EXPLAIN " + HISTORY_PAGE_SQL,
+            {"task_id": task_id, "before": at(300), "limit": 20},
         ),
     ]
     texts = ["\n".join(row[0] for row in plan) for plan in plans]

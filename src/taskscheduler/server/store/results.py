@@ -59,20 +59,39 @@ WHERE task_id = %(task_id)s::uuid AND scheduled_at = %(scheduled_at)s
 ORDER BY agent_id, attempt
 """
 
-LIST_EXECUTIONS_SQL = """
-SELECT scheduled_at, expected, trigger, revision, expected_urls FROM executions
-WHERE task_id = %(task_id)s::uuid
-  AND (%(before)s::timestamptz IS NULL OR scheduled_at < %(before)s)
-ORDER BY scheduled_at DESC
-LIMIT %(limit)s
+#: The same columns of the results joined to an execution (``r``).
+_JOINED_RESULT_COLUMNS = ", ".join(f"r.{name.strip()}" for name in _RESULT_COLUMNS.split(","))
+
+#: latest_output in one round trip: the newest complete execution (the probes of
+#: LATEST_EXECUTION_SQL) and its results by the primary key's prefix, each agent's
+#: attempts in order. No row: unknown task; one row with a NULL instant: none yet.
+LATEST_OUTPUT_SQL = f"""
+SELECT l.scheduled_at, l.expected, l.trigger, l.revision, l.expected_urls,
+       {_JOINED_RESULT_COLUMNS}
+FROM ({LATEST_EXECUTION_SQL}) l
+LEFT JOIN results r ON r.task_id = %(task_id)s::uuid AND r.scheduled_at = l.scheduled_at
+ORDER BY r.agent_id, r.attempt
 """
 
-#: The results of a page of executions (between its oldest and newest instants).
-PAGE_RESULTS_SQL = f"""
-SELECT scheduled_at, {_RESULT_COLUMNS} FROM results
-WHERE task_id = %(task_id)s::uuid
-  AND scheduled_at <= %(newest)s AND scheduled_at >= %(oldest)s
-ORDER BY scheduled_at, agent_id, attempt
+#: A page of a task's history in one round trip: the task (no row: unknown), a backward
+#: walk of the executions' primary key from ``before`` for ``limit`` rows, and each one's
+#: results by the results' primary key. The cost is the page, whatever the history's
+#: length. One row with a NULL instant: an empty page.
+HISTORY_PAGE_SQL = f"""
+SELECT p.scheduled_at, p.expected, p.trigger, p.revision, p.expected_urls,
+       {_JOINED_RESULT_COLUMNS}
+FROM tasks t
+LEFT JOIN LATERAL (
+    SELECT x.scheduled_at, x.expected, x.trigger, x.revision, x.expected_urls
+    FROM executions x
+    WHERE x.task_id = t.task_id
+      AND (%(before)s::timestamptz IS NULL OR x.scheduled_at < %(before)s)
+    ORDER BY x.scheduled_at DESC
+    LIMIT %(limit)s
+) p ON true
+LEFT JOIN results r ON r.task_id = t.task_id AND r.scheduled_at = p.scheduled_at
+WHERE t.task_id = %(task_id)s::uuid
+ORDER BY p.scheduled_at DESC, r.agent_id, r.attempt
 """
 
 
@@ -192,6 +211,36 @@ def _results_from_rows(
     return {"results": last_attempts(attempts), "attempts": attempts}
 
 
+def _executions_from_rows(task_id: uuid.UUID, rows: Sequence[Sequence[Any]]) -> list[Execution]:
+    """Executions from rows of an execution's five columns then a result's (NULL: none),
+    grouped by instant in the order the rows come; a NULL instant is no execution."""
+    grouped: dict[datetime, list[Sequence[Any]]] = {}
+    heads: dict[datetime, Sequence[Any]] = {}
+    for row in rows:
+        scheduled_at = row[0]
+        if scheduled_at is None:
+            continue
+        heads.setdefault(scheduled_at, row[:5])
+        results = grouped.setdefault(scheduled_at, [])
+        if row[5] is not None:
+            results.append(row[5:])
+    executions = []
+    for scheduled_at, (_, expected, trigger, revision, urls) in heads.items():
+        at = utc(scheduled_at)
+        executions.append(
+            Execution(
+                task_id=task_id,
+                scheduled_at=at,
+                expected=expected,
+                **_results_from_rows(task_id, at, grouped[scheduled_at]),
+                trigger=Trigger(trigger),
+                revision=revision,
+                expected_urls=None if urls is None else tuple(urls),
+            )
+        )
+    return executions
+
+
 #: Executions since a moment past their reporting deadline (rules.completion_cutoff) with
 #: fewer agents reported than expected (rules.reported_enough): by the scheduled_at index.
 INCOMPLETE_SQL = """
@@ -213,28 +262,14 @@ class Results:
     ) -> Execution | None:
         async def operation(cursor: Cursor) -> Execution | None:
             await cursor.execute(
-                LATEST_EXECUTION_SQL,
+                LATEST_OUTPUT_SQL,
                 {"task_id": str(task_id), "now": now, "grace": report_grace},
             )
-            row = cursor.fetchone()
-            if row is None:
+            rows = cursor.fetchall()
+            if not rows:
                 raise UnknownTask(str(task_id))
-            _, scheduled_at, expected, trigger, revision, urls = row
-            if scheduled_at is None:
-                return None
-            await cursor.execute(
-                EXECUTION_RESULTS_SQL, {"task_id": str(task_id), "scheduled_at": scheduled_at}
-            )
-            scheduled_at = utc(scheduled_at)
-            return Execution(
-                task_id=task_id,
-                scheduled_at=scheduled_at,
-                expected=expected,
-                **_results_from_rows(task_id, scheduled_at, cursor.fetchall()),
-                trigger=Trigger(trigger),
-                revision=revision,
-                expected_urls=None if urls is None else tuple(urls),
-            )
+            found = _executions_from_rows(task_id, rows)
+            return found[0] if found else None
 
         return await self._db.run(operation, transaction=False)
 
@@ -242,39 +277,13 @@ class Results:
         self, task_id: uuid.UUID, limit: int, before: datetime | None = None
     ) -> list[Execution]:
         async def operation(cursor: Cursor) -> list[Execution]:
-            await cursor.execute("SELECT 1 FROM tasks WHERE task_id = %s::uuid", (str(task_id),))
-            if cursor.fetchone() is None:
+            await cursor.execute(
+                HISTORY_PAGE_SQL, {"task_id": str(task_id), "before": before, "limit": limit}
+            )
+            rows = cursor.fetchall()
+            if not rows:
                 raise UnknownTask(str(task_id))
-            # Both queries walk the primary keys backwards from `before`: the cost is
-            # the page, whatever the length of the history.
-            await cursor.execute(
-                LIST_EXECUTIONS_SQL, {"task_id": str(task_id), "before": before, "limit": limit}
-            )
-            page = cursor.fetchall()
-            if not page:
-                return []
-            await cursor.execute(
-                PAGE_RESULTS_SQL,
-                {"task_id": str(task_id), "newest": page[0][0], "oldest": page[-1][0]},
-            )
-            by_instant: dict[datetime, list[Sequence[Any]]] = {}
-            for row in cursor.fetchall():
-                by_instant.setdefault(row[0], []).append(row[1:])
-            executions = []
-            for scheduled_at, expected, trigger, revision, urls in page:
-                at = utc(scheduled_at)
-                executions.append(
-                    Execution(
-                        task_id=task_id,
-                        scheduled_at=at,
-                        expected=expected,
-                        **_results_from_rows(task_id, at, by_instant.get(scheduled_at, [])),
-                        trigger=Trigger(trigger),
-                        revision=revision,
-                        expected_urls=None if urls is None else tuple(urls),
-                    )
-                )
-            return executions
+            return _executions_from_rows(task_id, rows)
 
         return await self._db.run(operation, transaction=False)
 
