@@ -22,7 +22,7 @@ agent's ``received_at``) and what is left (the query and the poll's own gap).
 
 No ceiling applies (the figures are latencies); ``--ceilings`` is accepted and unused.
 ``--quick``: a 15 s window. Prints a table; ``--json-out`` appends one JSON object per
-figure (the suite contract, ``/bench/README`` of issue 13). Exits non-zero only if it
+figure (the suite contract, :mod:`bench.contract`). Exits non-zero only if it
 could not measure.
 """
 
@@ -42,41 +42,34 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from bench_agent_load import (
-    EPOCH,
-    MICRO,
-    US,
+from bench.contract import Figure, add_arguments, emit
+from bench.loadapi import (
     Operator,
     Postgres,
-    Window,
     create_tasks,
-    environment,
     holding,
     live_tasks,
     query,
+    wait_agents,
+)
+from bench.loadkit import (
+    EPOCH,
+    MICRO,
+    US,
+    Window,
+    environment,
     spread,
     start_fleet,
     stop_daemons,
-    wait_agents,
 )
-
 from tests.integration.daemons import Daemon
 
 SCENARIO = "3-freshness"
 COMMAND = 'echo "$TASKSCHEDULER_SCHEDULED_AT"'
 P50_TARGET_MS = 50.0
 P99_TARGET_MS = 250.0
-
-
-def emit(json_out: Path | None, figure: dict[str, Any]) -> None:
-    """Append one figure to ``json_out`` (the suite contract), if given."""
-    if json_out is None:
-        return
-    with open(json_out, "a") as out:
-        out.write(json.dumps(figure, sort_keys=True) + "\n")
 
 
 @dataclass
@@ -237,9 +230,7 @@ def parse_args() -> argparse.Namespace:
     parser = argparse.ArgumentParser(
         description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    parser.add_argument("--quick", action="store_true", help="a 15 s window")
-    parser.add_argument("--ceilings", type=Path, help="ceilings (unused: no ratio applies)")
-    parser.add_argument("--json-out", type=Path, help="append one JSON object per figure")
+    add_arguments(parser)  # --quick: a 15 s window; --ceilings: unused (no ratio applies)
     parser.add_argument("--tasks", type=int, default=100, help="tasks, each every 1 s")
     parser.add_argument("--agents", type=int, default=2, help="agents, each runs every task")
     parser.add_argument("--window", type=float, default=None, help="seconds probed (60)")
@@ -297,17 +288,15 @@ def main() -> int:
         value = visible[q]
         emit(
             args.json_out,
-            {
-                "scenario": SCENARIO,
-                "figure": f"instant to visible in latest_output {q}",
-                "value": value,
-                "unit": "ms",
-                "ceiling": None,
-                "ratio": None,
-                "target": f"< {target:g} ms",
-                "met": value is not None and value < target and record["unseen"] == 0,
-                "detail": detail,
-            },
+            Figure(
+                SCENARIO,
+                f"instant to visible in latest_output {q}",
+                value,
+                "ms",
+                target=f"< {target:g} ms",
+                met=value is not None and value < target and record["unseen"] == 0,
+                detail=detail,
+            ),
         )
     print(json.dumps(record, sort_keys=True))
     return 0

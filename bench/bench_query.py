@@ -44,19 +44,13 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import psycopg2
-from bench_agent_load import (
-    Operator,
-    Postgres,
-    environment,
-    spread,
-    stop_daemons,
-)
-from bench_freshness import emit
 
+from bench.contract import Figure, add_arguments, emit
+from bench.loadapi import Operator, Postgres
+from bench.loadkit import environment, spread, stop_daemons
 from taskscheduler.schedule import format_instant
 from taskscheduler.server.store import results as store_sql
 from tests.integration.daemons import Daemon, Fleet, http
@@ -296,9 +290,7 @@ def parse_args() -> argparse.Namespace:
     parser = argparse.ArgumentParser(
         description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    parser.add_argument("--quick", action="store_true", help="1 million results, not 10")
-    parser.add_argument("--ceilings", type=Path, help="ceilings (unused: no ceiling applies)")
-    parser.add_argument("--json-out", type=Path, help="append one JSON object per figure")
+    add_arguments(parser)  # --quick: 1 million results, not 10; --ceilings: unused
     parser.add_argument("--results", type=int, default=None, help="the large scale (10 M)")
     parser.add_argument("--small", type=int, default=10_000, help="the small scale")
     parser.add_argument("--tasks", type=int, default=10)
@@ -342,17 +334,17 @@ def main() -> int:
         ratio = round(p99 / base, 3) if base else None
         emit(
             args.json_out,
-            {
-                "scenario": SCENARIO,
-                "figure": f"{name} p99 at {args.results:,} results",
-                "value": p99,
-                "unit": "ms",
-                "ceiling": f"{name} p99 at {args.small:,} results",
-                "ratio": ratio,
-                "target": f"< {P99_TARGET_MS:g} ms and <= {NO_SLOWER:g} x the small scale's",
-                "met": p99 < P99_TARGET_MS and ratio is not None and ratio <= NO_SLOWER,
-                "detail": {"small": small[name], "large": large[name], **record},
-            },
+            Figure(
+                SCENARIO,
+                f"{name} p99 at {args.results:,} results",
+                p99,
+                "ms",
+                ceiling=f"{name} p99 at {args.small:,} results",
+                ratio=ratio,
+                target=f"< {P99_TARGET_MS:g} ms and <= {NO_SLOWER:g} x the small scale's",
+                met=p99 < P99_TARGET_MS and ratio is not None and ratio <= NO_SLOWER,
+                detail={"small": small[name], "large": large[name], **record},
+            ),
         )
     print(json.dumps(record, sort_keys=True))
     return 0
