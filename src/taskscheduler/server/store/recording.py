@@ -22,8 +22,14 @@ from taskscheduler.protocol.options import RunOn
 from taskscheduler.server.store.audit import insert_audit
 from taskscheduler.server.store.claim_rules import manual_choice
 from taskscheduler.server.store.claimed import EXPECTED_SQL, insert_claim, task_agents
+from taskscheduler.server.store.group_commit import GroupCommit
 from taskscheduler.server.store.pool import Cursor, Database
-from taskscheduler.server.store.records import AuditEvent, Execution, RecordOutcome
+from taskscheduler.server.store.records import (
+    AuditEvent,
+    Execution,
+    RecordOutcome,
+    StoreUnavailable,
+)
 from taskscheduler.server.store.rules import (
     Pause,
     Revision,
@@ -179,13 +185,22 @@ class Recording:
 
     def __init__(self, db: Database) -> None:
         self._db = db
+        # Concurrent reports share a transaction; a group is received when its last came.
+        self.group: GroupCommit[RunResult, RecordOutcome, datetime] = GroupCommit(
+            self._record_now, max, fail_together=(StoreUnavailable,)
+        )
 
     async def record_results(
         self, results: Sequence[RunResult], received_at: datetime
     ) -> list[RecordOutcome]:
+        """Judge and store ``results``, with those of concurrent calls (group commit)."""
+        return await self.group.submit(results, utc(received_at))
+
+    async def _record_now(
+        self, results: Sequence[RunResult], received: datetime
+    ) -> list[RecordOutcome]:
         if not results:
             return []
-        received = utc(received_at)
 
         async def operation(cursor: Cursor) -> list[RecordOutcome]:
             return await self._record(cursor, results, received)
