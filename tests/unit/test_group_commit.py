@@ -103,6 +103,17 @@ def test_a_group_holds_at_most_max_items_and_max_in_flight_groups_run_at_once() 
     assert [a.result for a in answers] == [["00"], ["11"], ["22", "22"], ["33", "33"], ["44", "44"]]
 
 
+def test_a_request_as_large_as_a_group_is_written_at_once_beside_the_groups() -> None:
+    commit = FakeCommit()
+    group = make_group(commit, max_in_flight=1, max_items=3)
+    small = submit(group, ["a"])
+    large = submit(group, ["b", "c", "d"])
+    assert [items for items, _ in commit.calls] == [["a"], ["b", "c", "d"]]
+    commit.settle_next()
+    commit.settle_next()
+    assert small.result == ["aa"] and large.result == ["bb", "cc", "dd"]
+
+
 def test_a_group_the_database_refused_fails_each_of_its_requests() -> None:
     commit = FakeCommit()
     group = make_group(commit, max_in_flight=1)

@@ -5,7 +5,8 @@ would make the commit (a round trip and a WAL flush each) the bound. Instead, a 
 queued; when fewer than ``max_in_flight`` groups are being written, the queue is written
 as one group: one call of ``commit`` with every request's items, in one transaction. While
 it runs the next requests queue up, so the groups grow with the load and an idle server
-adds no delay (no timer: a lone request is written at once).
+adds no delay (no timer: a lone request is written at once). A request of
+``max_items`` or more is a group by itself and is written at once, beside the groups.
 
 The rules each request still sees:
 
@@ -83,6 +84,10 @@ class GroupCommit(Generic[I, O, K]):
         """Write ``items`` with whatever else is queued; their answers, once committed."""
         if not items:
             return []
+        if len(items) >= self._max_items:
+            # A group already: written at once, beside the groups (as many as the pool
+            # holds), as without group commit.
+            return await self._commit(list(items), context)
         request: _Request[I, O, K] = _Request(list(items), context)
         self._queue.append(request)
         self._start()

@@ -1,5 +1,6 @@
 """Recording results in PostgreSQL: judging a batch with the rules, the insert SQL, and
-the executions of run-nows (manual runs, with a row per agent to tell).
+the executions of run-nows (manual runs, with a row per agent to tell). Concurrent
+reports are recorded together (:mod:`~taskscheduler.server.store.group_commit`).
 
 The outcome rules are :mod:`~taskscheduler.server.store.rules`: alignment, revisions,
 pauses, run-nows and result identity are checked here in Python with them; completeness
@@ -119,7 +120,6 @@ WITH inserted AS (
 SELECT task_id, agent_id, scheduled_at, attempt FROM inserted
 """
 
-#: A page of a task's history, newest first, from the primary key.
 #: The digests stored under keys a batch could not insert (already there, or deleted).
 STORED_DIGESTS_SQL = """
 SELECT r.task_id, r.agent_id, r.scheduled_at, r.attempt, r.digest
@@ -127,6 +127,7 @@ FROM unnest(%s::uuid[], %s::timestamptz[], %s::uuid[], %s::integer[]) AS v (t, s
 JOIN results r ON r.task_id = v.t AND r.scheduled_at = v.s AND r.agent_id = v.a
               AND r.attempt = v.n
 """
+#: What the rules need to judge a batch: each task's revisions ('r'), each
 #: pause ('p'), the deletion ('d') and each run-now at an instant of the batch ('m').
 JUDGING_SQL = """
 SELECT 'r', task_id, revision, effective_at, anchor, interval_seconds, cron, timezone
