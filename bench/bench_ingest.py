@@ -25,7 +25,8 @@ The suite contract (``bench/suite.py``): ``--quick`` is a small scale for a shar
 machine; ``--ceilings`` is the file ``bench/ceilings.py`` writes, for the ratios (single
 results to ``web-requests``, batches to ``insert-rows``; without it, no ratio);
 ``--json-out`` gets one JSON line per figure appended. Exits non-zero only if it could
-not measure. Not a test: it asserts nothing about speed.
+not measure. Not a test: it asserts nothing about speed. (Over 400 lines: the simulated
+agents' raw HTTP client and their listening side live here, used by no other script.)
 """
 
 from __future__ import annotations
@@ -48,6 +49,8 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from bench.contract import Figure, add_arguments, ceiling_value, emit, load_ceilings, ratio
+from bench.loadkit import percentile
 from tests.integration.daemons import Fleet, free_port, http
 
 SCENARIO = "4-ingest"
@@ -251,14 +254,6 @@ class StubAgents:
             writer.close()
 
 
-def percentile(values: list[float], q: float) -> float:
-    if not values:
-        return float("nan")
-    ordered = sorted(values)
-    rank = max(1, -(-len(ordered) * q // 100))  # rounded up
-    return ordered[int(rank) - 1]
-
-
 def load(
     port: int,
     schedule: Schedule,
@@ -288,13 +283,6 @@ def load(
     return total.elapsed, total
 
 
-def read_ceilings(path: str | None) -> dict[str, Any]:
-    if path is None:
-        return {}
-    with open(path) as f:
-        return dict(json.load(f))
-
-
 def figure(
     name: str,
     value: float,
@@ -302,27 +290,24 @@ def figure(
     ceilings: dict[str, Any],
     target: float,
     detail: dict[str, Any],
-) -> dict[str, Any]:
-    ceiling = ceilings.get(ceiling_name)
-    ratio = None if not ceiling else round(value / float(ceiling["value"]), 3)
-    return {
-        "scenario": SCENARIO,
-        "figure": name,
-        "value": round(value, 1),
-        "unit": "/s",
-        "ceiling": ceiling_name if ceiling else None,
-        "ratio": ratio,
-        "target": f">= {target:,.0f}/s",
-        "met": value >= target,
-        "detail": detail,
-    }
+) -> Figure:
+    of = ceiling_value(ceilings, ceiling_name)
+    return Figure(
+        SCENARIO,
+        name,
+        round(value, 1),
+        "/s",
+        ceiling=ceiling_name if of else None,
+        ratio=ratio(value, of),
+        target=f">= {target:,.0f}/s",
+        met=value >= target,
+        detail=detail,
+    )
 
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--quick", action="store_true", help="small scale (about a minute)")
-    parser.add_argument("--ceilings", help="the JSON file bench/ceilings.py wrote")
-    parser.add_argument("--json-out", help="append one JSON line per figure to this file")
+    add_arguments(parser)
     parser.add_argument("--seconds", type=float, help="per batch size (20; quick: 6)")
     parser.add_argument("--agents", type=int, default=64)
     parser.add_argument("--processes", type=int, default=2, help="client processes")
@@ -330,7 +315,7 @@ def main() -> int:
     parser.add_argument("--batches", default="1,100,1000")
     args = parser.parse_args()
     seconds = args.seconds or (6.0 if args.quick else 20.0)
-    ceilings = read_ceilings(args.ceilings)
+    ceilings = load_ceilings(args.ceilings)
 
     root = Path(tempfile.mkdtemp(prefix="bench-ingest-"))
     fleet = Fleet(root, agents=0)
@@ -345,7 +330,7 @@ def main() -> int:
         fleet.stop()
         shutil.rmtree(root, ignore_errors=True)
         return 1
-    figures: list[dict[str, Any]] = []
+    figures: list[Figure] = []
     try:
         agents = []
         for url, agent_id in zip(urls, ports.values(), strict=True):
@@ -390,8 +375,9 @@ def main() -> int:
             )
             rate = tally.stored / elapsed
             others = {s: n for s, n in tally.statuses.items() if s != "stored"}
-            p50 = percentile(tally.latencies, 50) * 1000
-            p99 = percentile(tally.latencies, 99) * 1000
+            ordered = sorted(tally.latencies) or [float("nan")]
+            p50 = percentile(ordered, 50) * 1000
+            p99 = percentile(ordered, 99) * 1000
             print(
                 f"{batch:>6} {rate:>10,.0f} {tally.requests / elapsed:>11,.0f} "
                 f"{p50:>7.1f} {p99:>7.1f}  {others or ''}"
@@ -438,10 +424,8 @@ def main() -> int:
     finally:
         fleet.stop()
         shutil.rmtree(root, ignore_errors=True)
-    if args.json_out:
-        with open(args.json_out, "a") as f:
-            for line in figures:
-                f.write(json.dumps(line) + "\n")
+    for line in figures:
+        emit(args.json_out, line)
     return 0
 
 
