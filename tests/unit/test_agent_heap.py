@@ -7,6 +7,7 @@ from __future__ import annotations
 import gc
 import uuid
 from collections.abc import Iterator
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -42,7 +43,7 @@ class FakeGC:
         self.calls.append("unfreeze")
 
 
-YOUNG = ["collect(1)", "freeze"]
+YOUNG = ["collect(2)", "freeze"]  # over the objects not frozen yet
 FULL = ["unfreeze", "collect(2)", "freeze"]
 
 
@@ -70,7 +71,7 @@ def test_new_tasks_are_frozen_once_they_settle_not_before(tmp_path: Path) -> Non
         clock.advance(SETTLE / 2)
     assert collector.calls == [], "still changing: nothing yet"
     clock.advance(SETTLE / 2)
-    assert collector.calls == YOUNG, "young generations only: no task left"
+    assert collector.calls == YOUNG, "no unfreezing: no task left"
     clock.advance(10 * FULL_GAP)
     assert collector.calls == YOUNG, "a steady state costs nothing more"
 
@@ -198,3 +199,20 @@ def test_the_tasks_are_read_through_not_copied_at_each_delivery(tmp_path: Path) 
     assert len(tasks) == 1
     assert sched.unschedule(task.task_id)
     assert task.task_id not in tasks
+
+
+def test_tasks_alike_share_their_options_frequency_and_time_limit(tmp_path: Path) -> None:
+    _, sched = scheduler(tmp_path, FakeGC())
+    first, second = spec(), spec()
+    other = spec(every="every 20 seconds", time_limit=5)
+    other = replace(other, options=replace(other.options, retries=2))
+    for task in (first, second, other):
+        sched.schedule(task)
+    held = sched.tasks
+    assert held[second.task_id] == second, "the same task, to every comparison"
+    assert held[second.task_id].options is held[first.task_id].options
+    assert held[second.task_id].frequency is held[first.task_id].frequency
+    assert held[second.task_id].time_limit is held[first.task_id].time_limit
+    assert held[other.task_id] == other
+    assert held[other.task_id].options is not held[first.task_id].options
+    assert held[other.task_id].options.retries == 2

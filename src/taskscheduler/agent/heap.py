@@ -6,16 +6,16 @@ starts meanwhile. An agent holding 10,000 tasks tracks some 250,000 objects (eac
 spec, loop and timer): a full collection took 60-600 ms, and came every 20-40 s at 100
 runs/s, as the objects of runs in flight aged. What a task holds while it waits lives as
 long as the task, so collecting it is wasted work: once no task has changed for
-:data:`SETTLE` s (or :data:`MAX_WAIT` s after a change, when changes keep coming), the
-young generations are collected (cheap) and everything left moves to the permanent
-generation, which collections skip. Runs' own objects, made after that, are collected as
-before, over a heap that holds little else.
+:data:`SETTLE` s (or :data:`MAX_WAIT` s after a change, when changes keep coming),
+what is not frozen yet is collected (cheap: frozen objects are skipped) and everything
+left moves to the permanent generation, which collections skip. Runs' own objects, made
+after that, are collected as before, over a heap that holds little else.
 
-Frozen garbage is never collected, and a task that leaves the agent (unscheduled, or
-replaced by a new revision) may leave cycles behind. So when a task left, or every
-:data:`FULL_EVERY` settles, the settle collects fully first (unfreeze, collect, freeze):
-one pause when the operator changes the tasks, at most one every :data:`FULL_GAP` s,
-never in a steady state.
+Frozen garbage is never collected: a task that leaves the agent (unscheduled, or
+replaced by a new revision) may leave cycles behind, and so may the runs that were in
+flight at a settle. So when a task left, or every :data:`FULL_EVERY` settles, the settle
+collects fully first (unfreeze, collect, freeze): one pause when the operator removes or
+changes tasks, at most one every :data:`FULL_GAP` s, never in a steady state.
 """
 
 from __future__ import annotations
@@ -32,8 +32,8 @@ MAX_WAIT = 5.0
 #: Seconds at least between two full collections.
 FULL_GAP = 60.0
 #: Settles without a task leaving after which one collects fully all the same (what
-#: frozen garbage the runs of the moment left is then freed).
-FULL_EVERY = 10
+#: frozen garbage the runs in flight at each settle left is then freed).
+FULL_EVERY = 50
 
 
 class GarbageCollector(Protocol):
@@ -96,7 +96,7 @@ class HeapKeeper:
                 self._settles = 0
                 self._last_full = now
             else:
-                self._gc.collect(1)
+                self._gc.collect()  # over what is not frozen yet only
                 self._settles += 1
             self._gc.freeze()
         except Exception:  # a loop that never raises: the next change tries again

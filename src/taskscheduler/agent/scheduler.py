@@ -38,7 +38,7 @@ and what triggered it.
 from __future__ import annotations
 
 import uuid
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Mapping
 from datetime import datetime, timedelta
 from typing import Any
 
@@ -60,29 +60,12 @@ from taskscheduler.agent.inflight import RunnerLike, RunsInFlight, run_environme
 from taskscheduler.agent.lastruns import LastRuns
 from taskscheduler.agent.metrics import AgentMetrics
 from taskscheduler.agent.retries import Attempt, next_instant
+from taskscheduler.agent.specs import SharedParts, SpecsView
 from taskscheduler.agent.spool import Spool
 from taskscheduler.agent.taskloop import LabelTime, TaskLoop
 from taskscheduler.protocol import ResultStatus, RunResult, TaskSpec, Trigger
 from taskscheduler.protocol.options import Overlap
 from taskscheduler.schedule import format_instant, utc_now_from
-
-
-class _Specs(Mapping[uuid.UUID, TaskSpec]):
-    """The specs of the task loops, read through."""
-
-    __slots__ = ("_loops",)
-
-    def __init__(self, loops: Mapping[uuid.UUID, TaskLoop | CronLoop]) -> None:
-        self._loops = loops
-
-    def __getitem__(self, task_id: uuid.UUID) -> TaskSpec:
-        return self._loops[task_id].spec
-
-    def __iter__(self) -> Iterator[uuid.UUID]:
-        return iter(self._loops)
-
-    def __len__(self) -> int:
-        return len(self._loops)
 
 
 class Scheduler:
@@ -137,6 +120,7 @@ class Scheduler:
         self._runs.metrics = self._metrics
         self._stopped = False
         self._heap = heap
+        self._shared = SharedParts()
         self._claims = None
         if claim_client is not None:
             self._claims = Claims(clock, claim_client, self._labels.now, self._deadline_of)
@@ -145,7 +129,7 @@ class Scheduler:
     def tasks(self) -> Mapping[uuid.UUID, TaskSpec]:
         """The tasks scheduled, by id: a live view, no copy (it is read for each task
         delivered and each health check; a copy of 10,000 made each delivery quadratic)."""
-        return _Specs(self._loops)
+        return SpecsView(self._loops)
 
     @property
     def running(self) -> int:
@@ -167,6 +151,7 @@ class Scheduler:
             self._heap.changed(removed=old is not None)
         self._resume()
         self._steps.watch()
+        spec = self._shared.share(spec)
         kind = TaskLoop if spec.cron is None else CronLoop
         loop = kind(spec, self, self._labels, after=self._last_runs.last(spec.task_id))
         self._loops[spec.task_id] = loop
