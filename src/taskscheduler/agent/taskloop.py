@@ -85,9 +85,10 @@ class InstantLoop:
     instant due (recorded as fired before it runs: never again), account for the ones it
     passed over, re-plan when it fails. Never raises: its timers would stop for good.
 
-    Loops have slots: 10,000 waiting tasks each hold one."""
+    Loops have slots: 10,000 waiting tasks each hold one. (``__dict__`` too, made only
+    when something else is set on a loop, e.g. a test's own ``log``.)"""
 
-    __slots__ = ("_owner", "_time", "last_run", "spec")
+    __slots__ = ("__dict__", "_owner", "_time", "last_run", "spec")
     log = Logger()
 
     def __init__(
