@@ -15,7 +15,7 @@ import pytest
 from twisted.internet.task import Clock
 
 from taskscheduler.agent import tap
-from taskscheduler.agent.heap import FULL_EVERY, FULL_GAP, MAX_WAIT, SETTLE, HeapKeeper
+from taskscheduler.agent.heap import FULL_EVERY, FULL_GAP, MAX_WAIT, SETTLE, STEADY, HeapKeeper
 from taskscheduler.agent.scheduler import Scheduler
 from taskscheduler.agent.service import AgentService
 from taskscheduler.agent.spool import Spool
@@ -72,8 +72,10 @@ def test_new_tasks_are_frozen_once_they_settle_not_before(tmp_path: Path) -> Non
     assert collector.calls == [], "still changing: nothing yet"
     clock.advance(SETTLE / 2)
     assert collector.calls == YOUNG, "no unfreezing: no task left"
-    clock.advance(10 * FULL_GAP)
-    assert collector.calls == YOUNG, "a steady state costs nothing more"
+    clock.advance(STEADY - 0.1)
+    assert collector.calls == YOUNG
+    clock.advance(0.1)
+    assert collector.calls == YOUNG * 2, "each run's new timer is frozen in turn"
 
 
 def test_a_stream_of_changes_is_frozen_by_the_longest_wait(tmp_path: Path) -> None:
@@ -124,13 +126,15 @@ def test_full_collections_are_at_least_a_gap_apart(tmp_path: Path) -> None:
 def test_settles_without_a_leaving_task_collect_fully_now_and_then(tmp_path: Path) -> None:
     collector = FakeGC()
     clock, sched = scheduler(tmp_path, collector)
-    for _ in range(FULL_EVERY - 1):
-        sched.schedule(spec())
-        clock.advance(FULL_GAP)
-    assert collector.calls == YOUNG * (FULL_EVERY - 1)
     sched.schedule(spec())
-    clock.advance(MAX_WAIT)
+    clock.advance(SETTLE)
+    for _ in range(FULL_EVERY - 2):
+        clock.advance(STEADY)
+    assert collector.calls == YOUNG * (FULL_EVERY - 1)
+    clock.advance(STEADY)
     assert collector.calls[-3:] == FULL, "the garbage frozen meanwhile is freed"
+    clock.advance(STEADY)
+    assert collector.calls[-2:] == YOUNG
 
 
 def test_a_stopped_scheduler_freezes_nothing_more(tmp_path: Path) -> None:

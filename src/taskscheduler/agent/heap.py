@@ -9,13 +9,16 @@ long as the task, so collecting it is wasted work: once no task has changed for
 :data:`SETTLE` s (or :data:`MAX_WAIT` s after a change, when changes keep coming),
 what is not frozen yet is collected (cheap: frozen objects are skipped) and everything
 left moves to the permanent generation, which collections skip. Runs' own objects, made
-after that, are collected as before, over a heap that holds little else.
+after that, are collected as before, over a heap that holds little else; and as each run
+replaces its task's timer by a new one, the heap is frozen again every :data:`STEADY` s
+(what is not frozen yet, a few seconds of runs and timers, is collected first: a few
+milliseconds).
 
 Frozen garbage is never collected: a task that leaves the agent (unscheduled, or
 replaced by a new revision) may leave cycles behind, and so may the runs that were in
 flight at a settle. So when a task left, or every :data:`FULL_EVERY` settles, the settle
 collects fully first (unfreeze, collect, freeze): one pause when the operator removes or
-changes tasks, at most one every :data:`FULL_GAP` s, never in a steady state.
+changes tasks, at most one every :data:`FULL_GAP` s; in a steady state, one an hour.
 """
 
 from __future__ import annotations
@@ -29,11 +32,13 @@ from twisted.logger import Logger
 SETTLE = 1.0
 #: Seconds after the first unsettled change by which it is frozen, changes or not.
 MAX_WAIT = 5.0
+#: Seconds between two freezes when nothing changes.
+STEADY = 10.0
 #: Seconds at least between two full collections.
 FULL_GAP = 60.0
 #: Settles without a task leaving after which one collects fully all the same (what
 #: frozen garbage the runs in flight at each settle left is then freed).
-FULL_EVERY = 50
+FULL_EVERY = 360
 
 
 class GarbageCollector(Protocol):
@@ -99,5 +104,6 @@ class HeapKeeper:
                 self._gc.collect()  # over what is not frozen yet only
                 self._settles += 1
             self._gc.freeze()
-        except Exception:  # a loop that never raises: the next change tries again
+        except Exception:  # a loop that never raises: the next settle tries again
             self.log.failure("could not freeze the heap")
+        self._plan(now + STEADY)
