@@ -24,6 +24,8 @@ from taskscheduler.schedule import CronTimes
 class CronLoop(InstantLoop):
     """One cron task's chain of timers, each set for the task's next instant."""
 
+    __slots__ = ("_call", "_planned", "_schedule")
+
     def __init__(
         self,
         spec: TaskSpec,

@@ -1,8 +1,10 @@
 """The agent's Prometheus metrics (``GET /metrics``; names and meanings in the README's
 "Metrics").
 
-Cheap on the run path: a run's end is one lookup of its (task, status) counter, cached
-per task, and one histogram observation; a start is one observation. What the spool and
+Cheap on the run path: a run's end adds one to a plain number kept per (task, status)
+(:class:`_RunCounts`, turned into series only when scraped: a labelled child per task
+cost each of 10,000 waiting tasks a dozen objects and locks) and makes one histogram
+observation; a start is one observation. What the spool and
 the reporter already count (spooled, dropped, reported, refused) is read when the page is
 scraped, never counted twice.
 
@@ -15,11 +17,12 @@ the agent itself is the series (Prometheus's ``instance`` label, and
 
 from __future__ import annotations
 
+import time
 import uuid
 from collections.abc import Callable
 from typing import Any
 
-from prometheus_client import Counter, Gauge, Histogram
+from prometheus_client import Gauge, Histogram
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.registry import Collector
 
@@ -57,14 +60,8 @@ class AgentMetrics:
 
     def __init__(self) -> None:
         self.registry = new_registry()
-        self._runs = Counter(
-            "taskscheduler_agent_runs",
-            "Results this agent recorded, by task and status (succeeded, failed, timed_out, "
-            "lost, replaced, skipped).",
-            ["task_id", "status"],
-            registry=self.registry,
-        )
-        self._by_task: dict[uuid.UUID, dict[ResultStatus, Any]] = {}
+        self._runs = _RunCounts()
+        self.registry.register(self._runs)
         self._duration = Histogram(
             "taskscheduler_agent_run_duration_seconds",
             "How long runs took, from their start to their end (runs that started).",
@@ -99,13 +96,7 @@ class AgentMetrics:
     def run_ended(self, task_id: uuid.UUID, status: ResultStatus, duration: float | None) -> None:
         """A result of ``task_id`` with ``status`` is recorded (``duration``: of a run
         that started; None for one that did not, or a skipped instant)."""
-        statuses = self._by_task.get(task_id)
-        if statuses is None:
-            statuses = self._by_task[task_id] = {}
-        child = statuses.get(status)
-        if child is None:
-            child = statuses[status] = self._runs.labels(str(task_id), status.value)
-        child.inc()
+        self._runs.count(task_id, status)
         if duration is not None:
             self._duration.observe(duration)
 
@@ -120,8 +111,7 @@ class AgentMetrics:
     def forget_task(self, task_id: uuid.UUID) -> None:
         """``task_id`` left the agent: its series go (a run still under way brings its
         own back when it ends)."""
-        for status in self._by_task.pop(task_id, {}):
-            self._runs.remove(str(task_id), status.value)
+        self._runs.forget(task_id)
 
     # -- read at scrape time -----------------------------------------------------------
 
@@ -207,3 +197,41 @@ class _StateCollector(Collector):
         yield GaugeMetricFamily(
             "taskscheduler_agent_tasks", "Tasks this agent runs.", value=state.tasks
         )
+
+
+class _RunCounts(Collector):
+    """``taskscheduler_agent_runs_total`` by task and status: per (task, status) its count
+    and when it was first counted (``_created``), made into series at scrape time."""
+
+    def __init__(self, wall_clock: Callable[[], float] = time.time) -> None:
+        self._wall_clock = wall_clock
+        self._by_task: dict[uuid.UUID, dict[ResultStatus, list[float]]] = {}
+
+    def count(self, task_id: uuid.UUID, status: ResultStatus) -> None:
+        statuses = self._by_task.get(task_id)
+        if statuses is None:
+            statuses = self._by_task[task_id] = {}
+        counted = statuses.get(status)
+        if counted is None:
+            statuses[status] = [1.0, self._wall_clock()]
+        else:
+            counted[0] += 1
+
+    def forget(self, task_id: uuid.UUID) -> None:
+        self._by_task.pop(task_id, None)
+
+    def describe(self) -> list[Any]:
+        return []
+
+    def collect(self) -> Any:
+        family = CounterMetricFamily(
+            "taskscheduler_agent_runs",
+            "Results this agent recorded, by task and status (succeeded, failed, timed_out, "
+            "lost, replaced, skipped).",
+            labels=["task_id", "status"],
+        )
+        for task_id, statuses in self._by_task.items():
+            task = str(task_id)
+            for status, (value, created) in statuses.items():
+                family.add_metric([task, status.value], value, created=created)
+        yield family

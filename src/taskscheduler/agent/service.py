@@ -56,6 +56,7 @@ from taskscheduler.agent.durable import (
     run_here,
 )
 from taskscheduler.agent.enrolment import Enroller
+from taskscheduler.agent.heap import GarbageCollector, HeapKeeper
 from taskscheduler.agent.heartbeat import DEFAULT_HEARTBEAT_INTERVAL, HeartbeatLoop, Membership
 from taskscheduler.agent.identity import (
     CorruptCredential,
@@ -163,6 +164,7 @@ class AgentService(Service):
         http_factory: Callable[[], Any] | None = None,
         endpoint_factory: Callable[[], IStreamServerEndpoint] | None = None,
         harden_process: Callable[[], bool] | None = None,
+        gc: GarbageCollector | None = None,
     ) -> None:
         """``run_in_thread`` runs the fsyncs of the spool and the task files, and reads the
         spool; None does it all on the reactor thread.
@@ -173,6 +175,9 @@ class AgentService(Service):
 
         ``harden_process`` is called first thing at start-up (the daemon passes
         :func:`taskscheduler.hardening.make_non_dumpable`; False: it could not).
+
+        ``gc`` is the garbage collector whose heap is frozen once the tasks settle
+        (:mod:`.heap`; the daemon passes :mod:`gc`); None leaves it be.
         """
         self.config = config
         self._run_in_thread = run_in_thread
@@ -185,6 +190,7 @@ class AgentService(Service):
         self._enroller: Enroller | None = None
         self._on_fatal = on_fatal
         self._harden_process = harden_process
+        self._gc = gc
         self._jitter = jitter
         self._port: IListeningPort | None = None
         self._lock = FolderLock(config.data_dir)
@@ -316,6 +322,7 @@ class AgentService(Service):
             last_runs=last_runs,
             claim_client=client,
             metrics=self.metrics,
+            heap=None if self._gc is None else HeapKeeper(self._clock, self._gc),
         )
         # Runs a previous life of the agent left: before any new run starts, so that a
         # task is never started while its run from before the restart is still going.

@@ -8,6 +8,7 @@ it cannot.
 
 from __future__ import annotations
 
+import gc
 import os
 import pwd
 from collections.abc import Sequence
@@ -112,6 +113,7 @@ def makeService(options: Options) -> IService:
             reactor, options["listen"], options["tls-client-ca"]
         ),
         harden_process=make_non_dumpable,
+        gc=gc,
     )
     return LoggedDaemon(service, options, reactor)
 

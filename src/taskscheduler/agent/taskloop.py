@@ -83,8 +83,12 @@ class InstantLoop:
     """What a task's loop of either kind (:class:`TaskLoop`, every N;
     :class:`~taskscheduler.agent.cronloop.CronLoop`) does with its wake-ups: fire the
     instant due (recorded as fired before it runs: never again), account for the ones it
-    passed over, re-plan when it fails. Never raises: its timers would stop for good."""
+    passed over, re-plan when it fails. Never raises: its timers would stop for good.
 
+    Loops have slots: 10,000 waiting tasks each hold one. (``__dict__`` too, made only
+    when something else is set on a loop, e.g. a test's own ``log``.)"""
+
+    __slots__ = ("__dict__", "_owner", "_time", "last_run", "spec")
     log = Logger()
 
     def __init__(
@@ -163,6 +167,8 @@ class TaskLoop(InstantLoop):
     For a task run every N (``spec.frequency``); a cron task has a
     :class:`taskscheduler.agent.cronloop.CronLoop` instead.
     """
+
+    __slots__ = ("_first", "_frequency", "_loop", "_next", "_start_call")
 
     def __init__(
         self,
