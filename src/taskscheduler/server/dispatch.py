@@ -62,6 +62,8 @@ class Dispatcher(Service):
     def fleet_changed(self) -> None:
         """A member was added or removed, or an agent revoked: follow the stored fleet
         and tell whoever must leave."""
+        for link in self.links:
+            link.forget_identity()  # an agent revoked, or one enrolled at a member's URL
         d = Deferred.fromCoroutine(self._follow_fleet(remove=True))
         d.addErrback(self._follow_failed)
         self.leaves.kick()
