@@ -7,6 +7,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest_twisted
+from twisted.internet.defer import Deferred
 
 from taskscheduler.schedule import utc_now_from
 from taskscheduler.server.store.records import AuditEvent
@@ -78,4 +79,37 @@ async def test_a_revoked_agent_is_signed_for_no_more_once_the_fleet_is_told(
     assert second.task_id not in agent.tasks
     assert [t.task_id for t in await store.undelivered_tasks(URL, 10)] == [second.task_id]
     assert agent.requests == before, "nothing signed for the revoked agent"
+    dispatcher.stopService()
+
+
+@pytest_twisted.ensureDeferred
+async def test_changes_while_the_fleet_is_read_cost_one_more_read_that_sees_them_all(
+    tmp_path: Path,
+) -> None:
+    store, dispatcher, clock, http, _ = await real_setup(tmp_path)
+    dispatcher.startService()
+    settle(clock, http)
+    reads: list[Deferred[None]] = []
+    original = store.list_fleet
+
+    async def slow_list_fleet() -> Any:
+        gate: Deferred[None] = Deferred()
+        reads.append(gate)
+        await gate
+        return await original()
+
+    store.list_fleet = slow_list_fleet  # type: ignore[method-assign]
+    urls = [f"http://agent-{i}:8081" for i in range(5)]
+    for url in urls:
+        now = utc_now_from(clock.seconds())
+        await store.add_fleet_member(
+            url, now, AuditEvent(now, "operator:o", "fleet.added", url, "")
+        )
+        dispatcher.fleet_changed()
+    assert len(reads) == 1, "one read under way; the changes after it wait for it"
+    reads[0].callback(None)
+    assert len(reads) == 2, "one more read for every change made meanwhile"
+    reads[1].callback(None)
+    assert len(reads) == 2
+    assert {link.url for link in dispatcher.links} == {URL, *urls}
     dispatcher.stopService()
