@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import shutil
 import sys
 import tempfile
@@ -110,6 +111,7 @@ class Run:
         met: bool | None = None,
         **detail: Any,
     ) -> None:
+        value = None if value is not None and not math.isfinite(value) else value
         self.out.append(
             {
                 "scenario": scenario,
@@ -207,7 +209,7 @@ class Run:
             pairs.extend(a - sent for a in arrivals)
             if done is None:
                 missing += count - len(arrivals)
-                latencies.append(float("inf"))
+                latencies.append(math.inf)
             else:
                 latencies.append(done - sent)
             await _sleep(self.reactor, 0.5)
@@ -222,7 +224,7 @@ class Run:
             f"< {target:g} s",
             p99 < target,
             p50=round(percentile(ordered, 0.5), 3),
-            max=round(ordered[-1], 3),
+            max=round(ordered[-1], 3) if math.isfinite(ordered[-1]) else None,
             probes=len(ordered),
             per_agent_p50=round(percentile(sorted(pairs), 0.5), 3) if pairs else None,
             per_agent_p99=round(percentile(sorted(pairs), 0.99), 3) if pairs else None,
