@@ -214,7 +214,7 @@ class Run:
                 latencies.append(done - sent)
             await _sleep(self.reactor, 0.5)
         ordered = sorted(latencies)
-        p99 = percentile(ordered, 0.99)
+        p99 = percentile(ordered, 99)
         target = 2.0 if count <= 1000 else 10.0
         self.figure(
             scenario,
@@ -223,11 +223,11 @@ class Run:
             "s",
             f"< {target:g} s",
             p99 < target,
-            p50=round(percentile(ordered, 0.5), 3),
+            p50=round(percentile(ordered, 50), 3),
             max=round(ordered[-1], 3) if math.isfinite(ordered[-1]) else None,
             probes=len(ordered),
-            per_agent_p50=round(percentile(sorted(pairs), 0.5), 3) if pairs else None,
-            per_agent_p99=round(percentile(sorted(pairs), 0.99), 3) if pairs else None,
+            per_agent_p50=round(percentile(sorted(pairs), 50), 3) if pairs else None,
+            per_agent_p99=round(percentile(sorted(pairs), 99), 3) if pairs else None,
             never_arrived=missing,
             **setup,
             sim=sim.counters(),
