@@ -40,22 +40,13 @@ from pathlib import Path
 from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from bench_agent_load import (
-    Operator,
-    Postgres,
-    ProcStat,
-    create_tasks,
-    percentile,
-    query,
-    start_fleet,
-    stop_daemons,
-)
-from fleetsim import SimFleet
 from twisted.internet import threads
 from twisted.internet.defer import Deferred
 
+from bench.fleetsim import SimFleet
+from bench.loadapi import Operator, Postgres, create_tasks, query
+from bench.loadkit import ProcStat, percentile, start_fleet, stop_daemons
 from tests.integration.daemons import Daemon, Fleet, http
 
 COMMAND = ":"
