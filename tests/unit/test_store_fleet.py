@@ -53,6 +53,17 @@ async def test_a_member_added_gets_every_live_task_and_is_audited_once(store: St
 
 
 @pytest_twisted.ensureDeferred
+async def test_is_fleet_member_follows_members_added_and_removed(store: Store) -> None:
+    assert await store.is_fleet_member(A_URL)
+    assert not await store.is_fleet_member(C_URL)
+    await store.add_fleet_member(C_URL, ANCHOR, event("fleet.added", C_URL))
+    assert await store.is_fleet_member(C_URL)
+    await store.remove_fleet_member(A_URL, event("fleet.removed", A_URL))
+    assert not await store.is_fleet_member(A_URL)
+    assert not await store.is_fleet_member(A_URL + "/")
+
+
+@pytest_twisted.ensureDeferred
 async def test_a_member_removed_loses_its_tasks_and_its_agent_is_told_to_leave(
     store: Store,
 ) -> None:

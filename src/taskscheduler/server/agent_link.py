@@ -123,6 +123,9 @@ class AgentLink:
         #: The last pass failed only because the agent refused some requests: it answers,
         #: so a kick need not wait for the back-off.
         self._only_refused = False
+        #: The identity enrolled at the URL, as last read (None: read it again). A stale
+        #: one costs a failed request, never a delivery: the agent answers as itself.
+        self._identity: uuid.UUID | None = None
         self._delivery = RetryLoop(
             clock, self._deliver, Backoff(retry_base, retry_cap, jitter), self._delivery_failed
         )
@@ -150,7 +153,12 @@ class AgentLink:
         """A new agent enrolled at this URL: it has none of the URL's tasks yet."""
         Deferred.fromCoroutine(self._new_identity()).addErrback(self._reconcile_failed)
 
+    def forget_identity(self) -> None:
+        """The agent at this URL may have changed (enrolled, revoked): read it again."""
+        self._identity = None
+
     async def _new_identity(self) -> None:
+        self._identity = None
         assigned = await self._store.assigned_task_ids(self.url)
         await self._store.mark_undelivered(self.url, sorted(assigned))
         self._one_by_one = False
@@ -164,9 +172,12 @@ class AgentLink:
         """The identity enrolled at this URL, the only one our requests are signed for."""
         if not self._signed:
             return None
+        if self._identity is not None:
+            return self._identity
         agent = await self._store.agent_for_url(self.url)
         if agent is None:
             raise _DeliveryFailed("no agent has enrolled at this URL yet")
+        self._identity = agent.agent_id
         return agent.agent_id
 
     # -- delivery ----------------------------------------------------------------------
@@ -203,10 +214,14 @@ class AgentLink:
                         if problem
                     ]
                 )
+            if max(len(tasks), len(removals), len(runs)) < self._page_size:
+                # All there was: what becomes due meanwhile kicks another pass.
+                return
 
     def _delivery_failed(self, error: Exception, delay: float) -> None:
         if not isinstance(error, _PassFailed):
             self._only_refused = False
+        self._identity = None  # perhaps another agent answers at the URL now
         self.log.warn(
             "could not deliver tasks to agent {url} ({error}); retrying in {delay:.1f}s",
             url=self.url,
@@ -362,6 +377,7 @@ class AgentLink:
         return d
 
     def _reconcile_failed(self, failure: Failure) -> None:
+        self._identity = None
         self.log.warn(
             "could not reconcile tasks with agent {url}: {error}",
             url=self.url,

@@ -42,6 +42,9 @@ class Dispatcher(Service):
         self._link_options = link_options
         self.links = [AgentLink(url, store, http, clock, **link_options) for url in agent_urls]
         self.leaves = LeaveSender(store, http, clock, **link_options)
+        #: A read of the fleet after a change is under way; another change came meanwhile.
+        self._following = False
+        self._follow_again = False
 
     def startService(self) -> None:
         super().startService()
@@ -62,9 +65,24 @@ class Dispatcher(Service):
     def fleet_changed(self) -> None:
         """A member was added or removed, or an agent revoked: follow the stored fleet
         and tell whoever must leave."""
+        for link in self.links:
+            link.forget_identity()  # an agent revoked, or one enrolled at a member's URL
+        self.leaves.kick()
+        if self._following:
+            # One read of the fleet after the one under way sees this change and any
+            # other meanwhile: members added one by one cost a read each, not a pile.
+            self._follow_again = True
+            return
+        self._following = True
         d = Deferred.fromCoroutine(self._follow_fleet(remove=True))
         d.addErrback(self._follow_failed)
-        self.leaves.kick()
+        d.addBoth(self._followed)
+
+    def _followed(self, _: object) -> None:
+        self._following = False
+        if self._follow_again:
+            self._follow_again = False
+            self.fleet_changed()
 
     async def _follow_fleet(self, remove: bool) -> None:
         members = {m.url for m in await self._store.list_fleet()}

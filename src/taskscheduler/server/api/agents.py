@@ -80,7 +80,7 @@ class AgentRoutes(FleetRoutes):
             name=principal.name,
         )
         self._on_agent_enrolled(record)
-        self.warn_if_outside(record, url in await self._fleet_urls(), "enrolment")
+        self.warn_if_outside(record, await self._store.is_fleet_member(url), "enrolment")
         return json_response(
             request,
             {

@@ -207,7 +207,7 @@ class FleetRoutes(Routes):
                 labels=labels_text(heartbeat.labels) or "(none)",
             )
             self._on_agent_relabelled(agent.url)
-        in_fleet = agent.url in await self._fleet_urls()
+        in_fleet = await self._store.is_fleet_member(agent.url)
         self.warn_if_outside(agent, in_fleet, "heartbeat")
         return json_response(
             request,

@@ -184,6 +184,13 @@ class Fleet:
 
         return await self._db.run(operation, transaction=False)
 
+    async def is_fleet_member(self, url: str) -> bool:
+        async def operation(cursor: Cursor) -> bool:
+            await cursor.execute("SELECT EXISTS (SELECT 1 FROM fleet WHERE agent_url = %s)", (url,))
+            return bool(cursor.fetchone()[0])
+
+        return await self._db.run(operation, transaction=False)
+
     async def add_fleet_member(
         self, url: str, added_at: datetime, audit: AuditEvent
     ) -> tuple[FleetMember, bool]:

@@ -57,6 +57,9 @@ class Store(Protocol):
     async def list_fleet(self) -> list[FleetMember]:
         """The fleet, in the order its members were added."""
 
+    async def is_fleet_member(self, url: str) -> bool:
+        """Whether ``url`` is in the fleet (one look-up: every heartbeat asks)."""
+
     async def add_fleet_member(
         self, url: str, added_at: datetime, audit: AuditEvent
     ) -> tuple[FleetMember, bool]:

@@ -80,6 +80,9 @@ class MemoryFleet(MemoryState):
     async def list_fleet(self) -> list[FleetMember]:
         return sorted(self._fleet.values(), key=lambda m: (m.added_at, m.url))
 
+    async def is_fleet_member(self, url: str) -> bool:
+        return url in self._fleet
+
     async def add_fleet_member(
         self, url: str, added_at: datetime, audit: AuditEvent
     ) -> tuple[FleetMember, bool]:

@@ -111,6 +111,9 @@ class PostgresStore:
     async def list_fleet(self) -> list[FleetMember]:
         return await self.fleet.list_fleet()
 
+    async def is_fleet_member(self, url: str) -> bool:
+        return await self.fleet.is_fleet_member(url)
+
     async def add_fleet_member(
         self, url: str, added_at: datetime, audit: AuditEvent
     ) -> tuple[FleetMember, bool]:
