@@ -310,7 +310,7 @@ class AgentAPI:
         # The changes of the task asked before this request apply first (one that fails
         # is answered to its own request: the task stays as it was).
         await self._written(parsed).addErrback(lambda _: None)
-        spec = self._scheduler.spec(parsed)
+        spec = self._scheduler.tasks.get(parsed)
         if spec is None and self.membership.state == MEMBER:
             # A task it does not hold (paused): the server sends it along, to run once.
             spec = _carried_spec(body, parsed, scheduled_at)
@@ -343,7 +343,7 @@ class AgentAPI:
     def _wanted(self, task_id: uuid.UUID) -> TaskSpec | None:
         """The task as the requests so far asked for it (None: absent or being removed)."""
         change = self._changes.get(task_id)
-        return change.spec if change is not None else self._scheduler.spec(task_id)
+        return change.spec if change is not None else self._scheduler.tasks.get(task_id)
 
     def _written(self, task_id: uuid.UUID) -> Deferred[None]:
         """Fires once the change of ``task_id`` being written, if any, is on disk."""
@@ -400,7 +400,7 @@ class AgentAPI:
             if self._scheduler.unschedule(task_id):
                 self.log.info("removed task {task_id}", task_id=str(task_id))
             return
-        replaced = self._scheduler.holds(task_id)
+        replaced = task_id in self._scheduler.tasks
         self._scheduler.schedule(spec)
         self.log.info(
             "{verb} task {task_id} ({frequency}, revision {revision})",

@@ -131,15 +131,6 @@ class Scheduler:
         delivered and each health check; a copy of 10,000 made each delivery quadratic)."""
         return SpecsView(self._loops)
 
-    def spec(self, task_id: uuid.UUID) -> TaskSpec | None:
-        """The task ``task_id`` as scheduled, or None: one look-up, where :attr:`tasks`
-        copies every task (a batch of deliveries asked it once a task)."""
-        loop = self._loops.get(task_id)
-        return None if loop is None else loop.spec
-
-    def holds(self, task_id: uuid.UUID) -> bool:
-        return task_id in self._loops
-
     @property
     def running(self) -> int:
         return len(self._runs)
