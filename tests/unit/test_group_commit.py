@@ -57,7 +57,9 @@ class FakeCommit:
 
 
 def make_group(commit: FakeCommit, **options: int) -> GroupCommit[str, str, int]:
-    return GroupCommit(commit, max, fail_together=(StoreUnavailable,), **options)
+    return GroupCommit(
+        commit, max, alone_after=lambda e: not isinstance(e, StoreUnavailable), **options
+    )
 
 
 def submit(group: GroupCommit[str, str, int], items: list[str], context: int = 0) -> Deferred:

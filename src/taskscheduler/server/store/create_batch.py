@@ -27,17 +27,15 @@ from __future__ import annotations
 
 import json
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from datetime import timedelta
 from typing import Any
 
 import psycopg2
 import psycopg2.errors
-from twisted.internet.defer import Deferred
-from twisted.logger import Logger
-from twisted.python.failure import Failure
 
 from taskscheduler.protocol.options import options_to_json
+from taskscheduler.server.store.group_commit import GroupCommit
 from taskscheduler.server.store.pool import Cursor, Database
 from taskscheduler.server.store.records import AuditEvent, Task
 
@@ -76,13 +74,12 @@ _INSERT_BATCH = """
 """
 
 
-@dataclass
+@dataclass(frozen=True)
 class PendingCreate:
-    """One create waiting for its batch: ``done`` fires with its task, or fails."""
+    """One create waiting for its batch."""
 
     task: Task
     audit: AuditEvent | None
-    done: Deferred[Task] = field(default_factory=Deferred)
 
 
 def batch_parameters(batch: Sequence[PendingCreate]) -> dict[str, list[Any]]:
@@ -119,65 +116,35 @@ def _refused(error: BaseException) -> bool:
 
 
 class CreateBatches:
-    """Writes concurrent creates of untargeted tasks in batches (see the module)."""
-
-    log = Logger()
+    """Writes concurrent creates of untargeted tasks in batches (see the module), through
+    :class:`~taskscheduler.server.store.group_commit.GroupCommit`: one batch at a time."""
 
     def __init__(self, db: Database, max_batch: int = MAX_BATCH) -> None:
         self._db = db
-        self._max_batch = max_batch
-        self._queue: list[PendingCreate] = []
-        self._writing = False
+        self._group: GroupCommit[PendingCreate, Task, None] = GroupCommit(
+            self._write,
+            lambda _: None,
+            alone_after=_refused,
+            max_items=max_batch,
+            max_in_flight=1,
+        )
 
     async def create(self, task: Task, audit: AuditEvent | None) -> Task:
         """Store ``task`` (with ``audit``) in the next batch; its outcome alone."""
-        pending = PendingCreate(task, audit)
-        self._queue.append(pending)
-        if not self._writing:
-            self._writing = True
-            Deferred.fromCoroutine(self._write_queue()).addErrback(self._unexpected)
-        return await pending.done
+        (created,) = await self._group.submit([PendingCreate(task, audit)], None)
+        return created
 
-    async def _write_queue(self) -> None:
-        try:
-            while self._queue:
-                batch = self._queue[: self._max_batch]
-                del self._queue[: self._max_batch]
-                await self._write(batch)
-        finally:
-            self._writing = False
-
-    async def _write(self, batch: list[PendingCreate]) -> None:
-        """Write ``batch`` and settle every create in it; never raises."""
-        try:
-            await self._insert(batch)
-        except BaseException as e:
-            if _refused(e) and len(batch) > 1:
-                # One create's data may be at fault: each alone, each its own outcome.
-                for pending in batch:
-                    await self._write([pending])
-                return
-            failure = Failure(self._own_error(e, batch))
-            for pending in batch:
-                pending.done.errback(failure)
-            return
-        for pending in batch:
-            pending.done.callback(pending.task)
-
-    @staticmethod
-    def _own_error(error: BaseException, batch: list[PendingCreate]) -> BaseException:
-        if isinstance(error, psycopg2.errors.UniqueViolation) and len(batch) == 1:
-            return ValueError(f"task {batch[0].task.task_id} already exists")
-        return error
-
-    async def _insert(self, batch: list[PendingCreate]) -> None:
+    async def _write(self, batch: list[PendingCreate], _: None) -> list[Task]:
         parameters = batch_parameters(batch)
 
         async def operation(cursor: Cursor) -> None:
             # One query of several statements: one implicit transaction, one round trip.
             await cursor.execute(_INSERT_BATCH, parameters)
 
-        await self._db.run(operation, transaction=False)
-
-    def _unexpected(self, failure: Failure) -> None:
-        self.log.failure("writing a batch of created tasks failed", failure)
+        try:
+            await self._db.run(operation, transaction=False)
+        except psycopg2.errors.UniqueViolation as e:
+            if len(batch) == 1:
+                raise ValueError(f"task {batch[0].task.task_id} already exists") from e
+            raise
+        return [pending.task for pending in batch]

@@ -13,10 +13,13 @@ The rules each request still sees:
 - its own answers, one per item, in its own order (a refused item refuses only itself:
   ``commit`` judges each item);
 - nothing before the group is committed: the answers come from ``commit``'s return;
-- a group that fails fails each of its requests with the error, if it is one of
-  ``fail_together`` (the database is unreachable: every request alike is refused, to be
-  sent again); any other error may be one request's own doing, so each request of the
-  group is then written alone, and only those that fail alone fail.
+- a group that fails is written again one request at a time if ``alone_after(error)``
+  says the error may be one request's own doing (data the database refuses), so that
+  only the requests that fail alone fail; otherwise (the database unreachable) each of
+  its requests fails with the error, to be sent again.
+
+Results (:mod:`~taskscheduler.server.store.recording`) and task creations
+(:mod:`~taskscheduler.server.store.create_batch`) are written through it.
 """
 
 from __future__ import annotations
@@ -28,6 +31,8 @@ from typing import Generic, TypeVar
 from twisted.internet.defer import Deferred
 from twisted.logger import Logger
 from twisted.python.failure import Failure
+
+from taskscheduler.server.store.pool import first_line
 
 I = TypeVar("I")  # noqa: E741 - an item
 O = TypeVar("O")  # noqa: E741 - an item's answer
@@ -65,13 +70,13 @@ class GroupCommit(Generic[I, O, K]):
         commit: Commit[I, K, O],
         merge: Callable[[list[K]], K],
         *,
-        fail_together: tuple[type[BaseException], ...],
+        alone_after: Callable[[BaseException], bool],
         max_items: int = 1000,
         max_in_flight: int = 2,
     ) -> None:
         self._commit = commit
         self._merge = merge
-        self._fail_together = fail_together
+        self._alone_after = alone_after
         self._max_items = max_items
         self._max_in_flight = max_in_flight
         self._queue: deque[_Request[I, O, K]] = deque()
@@ -112,18 +117,17 @@ class GroupCommit(Generic[I, O, K]):
                     [item for r in group for item in r.items],
                     self._merge([r.context for r in group]),
                 )
-            except self._fail_together:
-                failure = Failure()
-                for request in group:
-                    request.settle(failure)
-                return
-            except Exception:
-                if len(group) == 1:
-                    group[0].settle(Failure())
+            except Exception as error:
+                if len(group) == 1 or not self._alone_after(error):
+                    failure = Failure()
+                    for request in group:
+                        request.settle(failure)
                     return
-                self.log.failure(
-                    "writing a group of {count} requests failed: writing each alone",
+                # Likely one request's data (a duplicate task id, say): no traceback.
+                self.log.warn(
+                    "writing a group of {count} requests failed ({error}): writing each alone",
                     count=len(group),
+                    error=first_line(error),
                 )
                 for request in group:
                     await self._write_alone(request)

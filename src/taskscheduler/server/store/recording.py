@@ -188,7 +188,7 @@ class Recording:
         self._db = db
         # Concurrent reports share a transaction; a group is received when its last came.
         self.group: GroupCommit[RunResult, RecordOutcome, datetime] = GroupCommit(
-            self._record_now, max, fail_together=(StoreUnavailable,)
+            self._record_now, max, alone_after=lambda e: not isinstance(e, StoreUnavailable)
         )
 
     async def record_results(
