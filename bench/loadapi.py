@@ -129,8 +129,11 @@ def create_tasks(
     interval: int,
     paced: bool,
     concurrency: int,
+    within: float | None = None,
 ) -> Creation:
-    """Create ``count`` tasks, paced evenly over one ``interval`` unless not ``paced``.
+    """Create ``count`` tasks, paced evenly over one ``interval`` unless not ``paced``;
+    with ``within``, no new create is sent after that many seconds (``created`` says how
+    many there were).
 
     The database is the truth of what exists: a request retried after a lost answer may
     have created its task twice, which the scenarios see (they read tasks from it)."""
@@ -144,7 +147,7 @@ def create_tasks(
         while not give_up.is_set():
             with lock:
                 i = next(indices)
-            if i >= count:
+            if i >= count or (within is not None and time.monotonic() - started > within):
                 return
             if paced:
                 lag = time.monotonic() - (started + i * interval / count)
