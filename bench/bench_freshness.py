@@ -30,10 +30,7 @@ from __future__ import annotations
 
 import argparse
 import json
-import shutil
-import signal
 import sys
-import tempfile
 import threading
 import time
 from collections.abc import Sequence
@@ -60,6 +57,7 @@ from bench.loadkit import (
     US,
     Window,
     environment,
+    run_in_folder,
     spread,
     start_fleet,
     stop_daemons,
@@ -247,24 +245,11 @@ def parse_args() -> argparse.Namespace:
 
 def main() -> int:
     args = parse_args()
-    root = Path(tempfile.mkdtemp(prefix="bench-freshness-"))
-    daemons: list[Daemon] = []
-
-    def terminated(signum: int, frame: Any) -> None:
-        raise KeyboardInterrupt
-
-    signal.signal(signal.SIGTERM, terminated)
-    print(f"== {SCENARIO}: taskscheduler {environment()['taskscheduler']}; folder {root}")
-    try:
-        record = measure(args, root, daemons)
-    except BaseException as e:
-        for daemon in daemons:
-            print(f"--- {daemon.name}\n{daemon.log()[-2000:]}", file=sys.stderr)
-        print(f"could not measure: {e!r}", file=sys.stderr)
+    record = run_in_folder(
+        SCENARIO, "bench-freshness-", args.keep, lambda root, daemons: measure(args, root, daemons)
+    )
+    if record is None:
         return 1
-    finally:
-        if not args.keep:
-            shutil.rmtree(root, ignore_errors=True)
     visible = record["visible_ms"]
     parts = record["breakdown_ms"]
     rows = [

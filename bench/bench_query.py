@@ -34,10 +34,7 @@ from __future__ import annotations
 import argparse
 import json
 import random
-import shutil
-import signal
 import sys
-import tempfile
 import time
 import uuid
 from collections.abc import Callable
@@ -51,7 +48,7 @@ import psycopg2
 
 from bench.contract import Figure, add_arguments, emit
 from bench.loadapi import Operator, Postgres
-from bench.loadkit import ProcStat, environment, spread, stop_daemons
+from bench.loadkit import ProcStat, environment, run_in_folder, spread, stop_daemons
 from taskscheduler.schedule import format_instant
 from taskscheduler.server.store import results as store_sql
 from tests.integration.daemons import Daemon, Fleet, http
@@ -315,24 +312,11 @@ def parse_args() -> argparse.Namespace:
 
 def main() -> int:
     args = parse_args()
-    root = Path(tempfile.mkdtemp(prefix="bench-query-"))
-    daemons: list[Daemon] = []
-
-    def terminated(signum: int, frame: Any) -> None:
-        raise KeyboardInterrupt
-
-    signal.signal(signal.SIGTERM, terminated)
-    print(f"== {SCENARIO}: taskscheduler {environment()['taskscheduler']}; folder {root}")
-    try:
-        record = run(args, root, daemons)
-    except BaseException as e:
-        for daemon in daemons:
-            print(f"--- {daemon.name}\n{daemon.log()[-2000:]}", file=sys.stderr)
-        print(f"could not measure: {e!r}", file=sys.stderr)
+    record = run_in_folder(
+        SCENARIO, "bench-query-", args.keep, lambda root, daemons: run(args, root, daemons)
+    )
+    if record is None:
         return 1
-    finally:
-        if not args.keep:
-            shutil.rmtree(root, ignore_errors=True)
     record.update(environment())
     small = record["scales"][str(args.small)]
     large = record["scales"][str(args.results)]

@@ -13,9 +13,11 @@ import contextlib
 import math
 import os
 import re
+import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 from collections.abc import Callable, Iterable, Sequence
@@ -331,3 +333,29 @@ def environment() -> dict[str, Any]:
         "cpus": os.cpu_count(),
         "at": datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%SZ"),
     }
+
+
+def run_in_folder(
+    scenario: str, prefix: str, keep: bool, measure: Callable[[Path, list[Daemon]], dict[str, Any]]
+) -> dict[str, Any] | None:
+    """``measure(folder, daemons)`` in a new temporary folder, SIGTERM taken as Ctrl-C; on
+    a failure the daemons' last log lines and the error on stderr, and None. The folder
+    is removed unless ``keep``; the daemons ``measure`` started are its to stop."""
+    root = Path(tempfile.mkdtemp(prefix=prefix))
+    daemons: list[Daemon] = []
+
+    def terminated(signum: int, frame: Any) -> None:
+        raise KeyboardInterrupt
+
+    signal.signal(signal.SIGTERM, terminated)
+    print(f"== {scenario}: taskscheduler {environment()['taskscheduler']}; folder {root}")
+    try:
+        return measure(root, daemons)
+    except BaseException as e:
+        for daemon in daemons:
+            print(f"--- {daemon.name}\n{daemon.log()[-2000:]}", file=sys.stderr)
+        print(f"could not measure: {e!r}", file=sys.stderr)
+        return None
+    finally:
+        if not keep:
+            shutil.rmtree(root, ignore_errors=True)
