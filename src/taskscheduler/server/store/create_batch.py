@@ -51,7 +51,7 @@ _COLUMNS = (
 
 #: One batch: the tasks, every fleet member's assignment of each, their first revision,
 #: and the audit lines, all from arrays (one row per create).
-_INSERT_BATCH = """
+INSERT_TASKS_SQL = """
     LOCK TABLE fleet IN SHARE MODE;
     INSERT INTO tasks (task_id, command, frequency, interval_seconds, anchor,
                        time_limit_us, created_at, options, cron, timezone)
@@ -83,7 +83,7 @@ class PendingCreate:
 
 
 def batch_parameters(batch: Sequence[PendingCreate]) -> dict[str, list[Any]]:
-    """The arrays :data:`_INSERT_BATCH` reads: one element per create (audit lines only
+    """The arrays :data:`INSERT_TASKS_SQL` reads: one element per create (audit lines only
     for the creates that have one)."""
     columns: dict[str, list[Any]] = {name: [] for name in _COLUMNS}
     for pending in batch:
@@ -139,7 +139,7 @@ class CreateBatches:
 
         async def operation(cursor: Cursor) -> None:
             # One query of several statements: one implicit transaction, one round trip.
-            await cursor.execute(_INSERT_BATCH, parameters)
+            await cursor.execute(INSERT_TASKS_SQL, parameters)
 
         try:
             await self._db.run(operation, transaction=False)

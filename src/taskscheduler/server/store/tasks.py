@@ -18,7 +18,12 @@ from taskscheduler.protocol.options import options_from_json, options_to_json
 from taskscheduler.schedule import parse_frequency
 from taskscheduler.server.store.assignment import rematch_rows, share_agents
 from taskscheduler.server.store.audit import insert_audit
-from taskscheduler.server.store.create_batch import CreateBatches
+from taskscheduler.server.store.create_batch import (
+    INSERT_TASKS_SQL,
+    CreateBatches,
+    PendingCreate,
+    batch_parameters,
+)
 from taskscheduler.server.store.pool import Cursor, Database
 from taskscheduler.server.store.records import AuditEvent, Task, TaskChange, TaskState
 from taskscheduler.server.store.rules import change_details, revise, utc, utc_or_none, utc_spec
@@ -103,36 +108,10 @@ class Tasks:
             return await self._batches.create(task, audit)
 
         async def operation(cursor: Cursor) -> None:
-            await cursor.execute(
-                """
-                LOCK TABLE fleet IN SHARE MODE;
-                INSERT INTO tasks (task_id, command, frequency, interval_seconds, anchor,
-                                   time_limit_us, created_at, options, cron, timezone)
-                    VALUES (%(task_id)s::uuid, %(command)s, %(frequency)s,
-                            %(interval)s, %(anchor)s, %(time_limit_us)s, %(created_at)s,
-                            %(options)s::jsonb, %(cron)s, %(timezone)s);
-                INSERT INTO task_agents (task_id, agent_url)
-                    SELECT %(task_id)s::uuid, agent_url FROM fleet;
-                INSERT INTO task_revisions (task_id, revision, effective_at, anchor,
-                                            interval_seconds, cron, timezone)
-                    VALUES (%(task_id)s::uuid, 1, %(anchor)s, %(anchor)s, %(interval)s,
-                            %(cron)s, %(timezone)s);
-                """,
-                {
-                    "task_id": str(spec.task_id),
-                    "command": spec.command,
-                    **schedule_columns(spec),
-                    "anchor": task.spec.anchor,
-                    "time_limit_us": spec.time_limit // _USEC,
-                    "created_at": task.created_at,
-                    "options": json.dumps(options_to_json(spec.options)),
-                },
-            )
-            if not spec.options.target.everywhere:
-                # Only the members whose agent matches its target run it.
-                await rematch_rows(cursor, _OF_TASK, (str(spec.task_id),))
-            if audit is not None:
-                await insert_audit(cursor, audit)
+            # The rows a batch writes (every member's included), then only the members
+            # whose agent matches its target are kept running it, in the same transaction.
+            await cursor.execute(INSERT_TASKS_SQL, batch_parameters([PendingCreate(task, audit)]))
+            await rematch_rows(cursor, _OF_TASK, (str(spec.task_id),))
 
         try:
             await self._db.run(operation)
