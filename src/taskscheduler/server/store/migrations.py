@@ -295,6 +295,23 @@ MIGRATIONS: list[str] = [
     CREATE INDEX notifications_pending ON notifications (notification_id)
         WHERE status = 'pending';
     """,
+    # 15: replicas (issue 14). Every server replica says it is alive in ``replicas``;
+    # work that must happen once (an agent's deliveries, retention, leave notices, ...)
+    # is done by the holder of its lease, a row claimed until ``expires_at`` and taken
+    # over by another replica once that passes (server/leases.py).
+    """
+    CREATE TABLE replicas (
+        replica_id text PRIMARY KEY,
+        started_at timestamptz NOT NULL,
+        seen_at timestamptz NOT NULL
+    );
+    CREATE TABLE leases (
+        name text PRIMARY KEY,                 -- 'agent:<url>' or 'job:<name>'
+        holder text,                           -- a replica_id; NULL: free
+        expires_at timestamptz NOT NULL
+    );
+    CREATE INDEX leases_by_holder ON leases (holder);
+    """,
 ]
 
 
