@@ -173,6 +173,7 @@ class IncompleteWatch(Service):
     def stopService(self) -> None:
         if self._loop is not None and self._loop.running:
             self._loop.stop()
+        self._metrics.incomplete.set(0)  # another replica counts them now (issue 14)
         super().stopService()
 
     def _count(self) -> Deferred[None]:

@@ -116,6 +116,21 @@ class Options(usage.Options):
             "half the task's interval) [TASKSCHEDULER_CLAIM_GRACE] (default: 5).",
         ],
         [
+            "lease-ttl",
+            None,
+            None,
+            "Seconds a replica's lease on once-only work (an agent's deliveries, retention, "
+            "...) lasts unrenewed: a dead replica's work is taken over after it "
+            "[TASKSCHEDULER_LEASE_TTL] (default: 10).",
+        ],
+        [
+            "lease-renew",
+            None,
+            None,
+            "Seconds between renewals of a replica's leases; under half of --lease-ttl "
+            "[TASKSCHEDULER_LEASE_RENEW] (default: 2).",
+        ],
+        [
             "report-grace",
             None,
             None,
@@ -341,6 +356,14 @@ class Options(usage.Options):
         self["claim-grace"] = _positive_number(
             self["claim-grace"] or _env("TASKSCHEDULER_CLAIM_GRACE", "5"), "claim-grace"
         )
+        self["lease-ttl"] = _positive_number(
+            self["lease-ttl"] or _env("TASKSCHEDULER_LEASE_TTL", "10"), "lease-ttl"
+        )
+        self["lease-renew"] = _positive_number(
+            self["lease-renew"] or _env("TASKSCHEDULER_LEASE_RENEW", "2"), "lease-renew"
+        )
+        if self["lease-renew"] * 2 >= self["lease-ttl"]:
+            raise usage.UsageError("--lease-renew must be under half of --lease-ttl")
         self["report-grace"] = _positive_number(
             self["report-grace"] or _env("TASKSCHEDULER_REPORT_GRACE", "30"), "report-grace"
         )

@@ -10,7 +10,10 @@ listens. The tree then starts in order
    operator tokens, and not yet accepting connections;
 2. the database: the embedded PostgreSQL when no DSN is given, then the store connected
    (waiting for the database up to ``--database-wait``), migrated, and told the fleet;
-3. the HTTP client's pool, the dispatcher, the history pruner;
+3. this replica's lease keeper (:mod:`taskscheduler.server.leases`), the HTTP client's
+   pool, the dispatcher (links to the agents whose leases it holds), the webhooks'
+   sender, and the jobs run by the one replica holding their lease (``job:retention``,
+   ``job:incomplete``; ``job:leaves`` is the dispatcher's);
 4. the port accepting connections.
 
 If a step fails, the server says why on stderr and in the log, stops what it started,
@@ -51,13 +54,16 @@ from taskscheduler.server.access import ServerAccess
 from taskscheduler.server.api.app import ServerAPI
 from taskscheduler.server.database import DatabaseConnection, database_warnings, read_database_file
 from taskscheduler.server.dispatch import Dispatcher
+from taskscheduler.server.leases import LeasedService, LeaseKeeper
 from taskscheduler.server.metrics import IncompleteWatch, PoolState, ServerMetrics
-from taskscheduler.server.notify.notifier import Notifier, host_resolver
+from taskscheduler.server.notify.notifier import DEFAULT_TIMEOUT, Notifier, host_resolver
 from taskscheduler.server.notify.payload import load_or_create_secret
 from taskscheduler.server.options import Options
 from taskscheduler.server.ratelimit import RateLimiter
+from taskscheduler.server.replica import new_replica_id
 from taskscheduler.server.retention import HistoryPruner
 from taskscheduler.server.store.interface import Store
+from taskscheduler.server.store.leases import Claimant
 from taskscheduler.server.store.postgres import PostgresStore
 from taskscheduler.server.store.records import StoreUnavailable, Task
 from taskscheduler.services import ListeningPort, StartInOrder, Step
@@ -138,7 +144,15 @@ def server_service(
             "AVAILABLE_SERVERS is not set: the fleet stored in the database stands "
             "(change it with POST and DELETE /api/v1/fleet)"
         )
-    dispatcher = Dispatcher(store, http, reactor, agents, signer=signer)
+    # Work done once among the replicas is done by its lease's holder (server/leases.py).
+    keeper = LeaseKeeper(
+        store.leases,
+        reactor,
+        new_replica_id(),
+        ttl=options["lease-ttl"],
+        renew_every=options["lease-renew"],
+    )
+    dispatcher = Dispatcher(store, http, reactor, agents, signer=signer, keeper=keeper)
     metrics = ServerMetrics()
     store.db.observer = metrics.queries
 
@@ -147,7 +161,7 @@ def server_service(
         return None if state is None else PoolState(*state)
 
     metrics.watch_pool(pool_state)
-    notifier, notify_http = make_notifier(options, store, reactor)
+    notifier, notify_http = make_notifier(options, store, reactor, keeper)
     access = ServerAccess(
         store,
         reactor,
@@ -235,6 +249,7 @@ def server_service(
     )
     if embedded is not None:
         PostgresSupervisor(embedded, reactor).setServiceParent(tree)
+    keeper.setServiceParent(tree)
     Step("http client", stop=http.close).setServiceParent(tree)
     dispatcher.setServiceParent(tree)
     Step("webhook http client", stop=notify_http.close).setServiceParent(tree)
@@ -242,14 +257,15 @@ def server_service(
     if options["retention-days"]:
         retention = timedelta(days=options["retention-days"])
         keep = options["retention-min-executions"]
-        HistoryPruner(store, reactor, retention, keep=keep).setServiceParent(tree)
+        pruner = HistoryPruner(store, reactor, retention, keep=keep)
+        LeasedService(keeper, "job:retention", pruner).setServiceParent(tree)
         log.info("keeping {days} days of execution history", days=options["retention-days"])
     else:
         log.info("keeping execution history forever (--retention-days 0)")
-    # The executions left incomplete, for GET /metrics: counted once a minute.
-    IncompleteWatch(
-        store, reactor, metrics, timedelta(seconds=options["report-grace"])
-    ).setServiceParent(tree)
+    # The executions left incomplete, for GET /metrics: counted once a minute, by one
+    # replica (the others show none: sum or max over the replicas).
+    watch = IncompleteWatch(store, reactor, metrics, timedelta(seconds=options["report-grace"]))
+    LeasedService(keeper, "job:incomplete", watch).setServiceParent(tree)
     Step("accepting", start=accept, stop=port.stop_listening).setServiceParent(tree)
     return tree
 
@@ -262,10 +278,13 @@ def both(first: Callable[[Task], None], second: Callable[[Task], None]) -> Calla
     return call
 
 
-def make_notifier(options: Options, store: Store, reactor: Any) -> tuple[Notifier, DaemonHTTP]:
+def make_notifier(
+    options: Options, store: Store, reactor: Any, keeper: LeaseKeeper
+) -> tuple[Notifier, DaemonHTTP]:
     """The webhooks' sender, with its own HTTP client: it trusts the system's CAs (not
     --agent-ca) and presents no client certificate. Without --notify-secret-file the
-    secret is <data-dir>/notify-secret, made the first time."""
+    secret is <data-dir>/notify-secret, made the first time. Among replicas, each
+    pending webhook is claimed by one, for a lease's ttl plus an attempt's timeout."""
     given = options["notify-secret-file"]
     path = Path(given) if given else Path(options["data-dir"]) / "notify-secret"
     secret = load_or_create_secret(path, create=not given)
@@ -279,6 +298,8 @@ def make_notifier(options: Options, store: Store, reactor: Any) -> tuple[Notifie
         options["notify-default"],
         base_url=options["notify-base-url"],
         resolve=host_resolver(reactor),
+        claimant=Claimant(keeper.replica_id, keeper.ttl + DEFAULT_TIMEOUT),
+        renew_every=keeper.renew_every,
     )
     return notifier, http
 

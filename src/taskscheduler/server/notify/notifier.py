@@ -11,6 +11,14 @@ given up on any other answer or after ``give_up_after`` seconds. At most
 ``max_sending`` run at once; each attempt is recorded in the store. Notifications still
 pending when the server stops are sent again when it starts.
 
+Among replicas (a ``claimant`` given), each pending notification is sent by one: the
+one that stored it claims it at once, and every ``renew_every`` seconds renews the
+claims of those it is sending and claims those nobody sends (their replica died, or
+stopped): a dead replica's are taken over once their claim lapses (``claimant.ttl``).
+A replica starts an attempt only if its claim, as last renewed, outlasts the attempt's
+timeout (plus one renewal): otherwise it lets the notification go, still pending, to
+whoever claims it next, so that two replicas never send it at once.
+
 A receiver that never answers only ties up senders: the queue of results waiting to be
 judged is bounded (``max_queued``; past it results are dropped, with a warning), and
 nothing here is awaited by a request.
@@ -21,6 +29,7 @@ from __future__ import annotations
 import collections
 import ipaddress
 import random
+import time
 import uuid
 from collections.abc import Awaitable, Callable, Sequence
 from datetime import datetime
@@ -30,6 +39,7 @@ from urllib.parse import urlsplit
 from twisted.application.service import Service
 from twisted.internet.defer import CancelledError, Deferred, DeferredSemaphore
 from twisted.internet.interfaces import IReactorTime, IResolutionReceiver
+from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
 from zope.interface import implementer
 
@@ -47,6 +57,7 @@ from taskscheduler.server.notify.rules import (
     watched,
 )
 from taskscheduler.server.store.interface import Store
+from taskscheduler.server.store.leases import Claimant
 from taskscheduler.server.store.records import Task
 
 DEFAULT_TIMEOUT = 10.0
@@ -74,6 +85,10 @@ class _Refused(Exception):
     """The receiver refused it, or its address is one webhooks may not reach."""
 
 
+class _ClaimLapsing(Exception):
+    """This replica's claim may lapse before an attempt ends: another will send it."""
+
+
 class Notifier(Service):
     log = Logger()
 
@@ -94,6 +109,9 @@ class Notifier(Service):
         max_sending: int = DEFAULT_MAX_SENDING,
         cache_seconds: float = DEFAULT_CACHE_SECONDS,
         jitter: Callable[[], float] = random.random,
+        claimant: Claimant | None = None,
+        renew_every: float = 2.0,
+        monotonic: Callable[[], float] = time.monotonic,
     ) -> None:
         self._store = store
         self._http = http
@@ -114,6 +132,15 @@ class Notifier(Service):
         self._sending: set[Deferred[None]] = set()
         self._tasks: dict[uuid.UUID, tuple[float, Task | None]] = {}
         self.dropped = 0
+        self._claimant = claimant
+        self._renew_every = renew_every
+        self._monotonic = monotonic
+        #: Until when (monotonic) this replica's claims are surely its own.
+        self._claimed_until = float("-inf")
+        self._claiming: Deferred[None] | None = None
+        self._claims_loop: LoopingCall | None = None
+        #: The notifications being sent, by id: their claims are renewed.
+        self._in_flight: set[int] = set()
 
     # -- the ingest side: no I/O ---------------------------------------------------------
 
@@ -143,11 +170,18 @@ class Notifier(Service):
 
     def startService(self) -> None:
         super().startService()
-        self._track(Deferred.fromCoroutine(self._resume()))
+        if self._claimant is None:
+            self._track(Deferred.fromCoroutine(self._resume()))
+        else:
+            self._claims_loop = LoopingCall(self._claim_tick)
+            self._claims_loop.clock = self._clock
+            self._claims_loop.start(self._renew_every, now=True)
         self._wake()
 
     def stopService(self) -> Deferred[None] | None:
         super().stopService()
+        if self._claims_loop is not None and self._claims_loop.running:
+            self._claims_loop.stop()
         for sending in list(self._sending):
             sending.cancel()  # still pending in the store: sent again at the next start
         if self._draining is not None:
@@ -167,6 +201,39 @@ class Notifier(Service):
             pass
         except Exception:
             self.log.failure("reading the webhooks still to send")
+
+    def _claim_tick(self) -> None:
+        # Never raises (a LoopingCall stops for good when its call does).
+        if self._claiming is None:
+            claiming = Deferred.fromCoroutine(self._claim())
+            if not claiming.called:
+                self._claiming = claiming
+
+    async def _claim(self) -> None:
+        """Renew the claims of what is being sent; claim and send what nobody sends."""
+        assert self._claimant is not None
+        sent = self._monotonic()
+        try:
+            claimed = await self._store.claim_notifications(
+                self._claimant, sorted(self._in_flight), 1000, self._now()
+            )
+        except Exception as e:
+            self.log.warn("could not claim the webhooks to send: {error}", error=e)
+            return
+        finally:
+            self._claiming = None
+        self._claimed_until = max(
+            self._claimed_until, sent + self._claimant.ttl - self._renew_every
+        )
+        for notification in claimed:
+            if self.running and notification.notification_id not in self._in_flight:
+                self._send(notification, await self._task(notification.task_id))
+
+    def _may_attempt(self) -> bool:
+        """Whether an attempt started now ends while this replica's claim holds."""
+        if self._claimant is None:
+            return True
+        return self._monotonic() + self._timeout < self._claimed_until
 
     def _wake(self) -> None:
         if not self.running or self._draining is not None or not self._queue:
@@ -227,7 +294,11 @@ class Notifier(Service):
             )
         if not observed:
             return  # no webhook for any of them: no store call at all
-        for notification in await self._store.observe_results(observed, self._now()):
+        if self._claimant is None:
+            made = await self._store.observe_results(observed, self._now())
+        else:
+            made = await self._store.observe_results(observed, self._now(), self._claimant)
+        for notification in made:
             self._send(notification, tasks.get(notification.task_id))
 
     # -- sending -------------------------------------------------------------------------
@@ -246,7 +317,11 @@ class Notifier(Service):
         d.addBoth(done)
 
     def _send(self, notification: Notification, task: Task | None) -> None:
-        self._track(Deferred.fromCoroutine(self._deliver(notification, task)))
+        nid = notification.notification_id
+        self._in_flight.add(nid)
+        sending = Deferred.fromCoroutine(self._deliver(notification, task))
+        sending.addBoth(lambda _: self._in_flight.discard(nid))
+        self._track(sending)
 
     async def _deliver(self, notification: Notification, task: Task | None) -> None:
         try:
@@ -257,6 +332,11 @@ class Notifier(Service):
             await self._attempts(notification, task)
         except CancelledError:
             pass  # stopping: it stays pending, and is sent again at the next start
+        except _ClaimLapsing:
+            self.log.warn(
+                "webhook {id} left to another replica: this one could not renew its claim",
+                id=notification.notification_id,
+            )
         except Exception:
             self.log.failure("sending webhook {id}", id=notification.notification_id)
         finally:
@@ -269,6 +349,8 @@ class Notifier(Service):
 
         async def attempt() -> int:
             nonlocal attempts, last
+            if not self._may_attempt():
+                raise _ClaimLapsing()
             attempts += 1
             try:
                 await self._check_address(n.url)

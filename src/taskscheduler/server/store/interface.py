@@ -17,6 +17,7 @@ from typing import Protocol
 from taskscheduler.protocol import RunResult, TaskSpec
 from taskscheduler.protocol.labels import NO_LABELS
 from taskscheduler.server.notify.rules import DeliveryStatus, Notification, Observed
+from taskscheduler.server.store.leases import Claimant
 from taskscheduler.server.store.records import (
     AgentRecord,
     AuditEvent,
@@ -331,11 +332,11 @@ class Store(Protocol):
         """The audit log, newest first: up to ``limit`` events with ids below ``before``."""
 
     async def observe_results(
-        self, observed: Sequence[Observed], at: datetime
+        self, observed: Sequence[Observed], at: datetime, claim: Claimant | None = None
     ) -> list[Notification]:
         """Move the webhook states of ``observed``, in order (:func:`notify.rules.judge`),
-        and store the notifications that raises (pending, created ``at``), returned
-        oldest first; one transaction."""
+        and store the notifications that raises (pending, created ``at``, claimed by
+        ``claim`` if given), returned oldest first; one transaction."""
 
     async def update_notification(
         self,
@@ -356,3 +357,10 @@ class Store(Protocol):
     async def pending_notifications(self, limit: int) -> list[Notification]:
         """Notifications not delivered nor given up yet, oldest first (sent again after
         a restart)."""
+
+    async def claim_notifications(
+        self, claim: Claimant, renew: Sequence[int], limit: int, at: datetime
+    ) -> list[Notification]:
+        """Renew ``claim`` on the pending notifications ``renew``; claim (and return,
+        oldest first) up to ``limit`` pending ones unclaimed or whose claim lapsed
+        (``at``: now, for a store without a clock of its own)."""

@@ -7,7 +7,7 @@ from __future__ import annotations
 import uuid
 from collections.abc import Sequence
 from dataclasses import replace
-from datetime import datetime
+from datetime import datetime, timedelta
 
 from taskscheduler.server.notify.rules import (
     DeliveryStatus,
@@ -17,6 +17,7 @@ from taskscheduler.server.notify.rules import (
     Observed,
     judge,
 )
+from taskscheduler.server.store.leases import Claimant
 from taskscheduler.server.store.memory_state import MemoryState
 from taskscheduler.server.store.rules import utc
 
@@ -26,9 +27,11 @@ class MemoryNotifications(MemoryState):
         super().__init__()
         self._notify_states: dict[Key, NotifyState | None] = {}
         self._notifications: dict[int, Notification] = {}
+        #: Who claimed each pending notification, until when (``at`` of the calls).
+        self.notification_claims: dict[int, tuple[str, datetime]] = {}
 
     async def observe_results(
-        self, observed: Sequence[Observed], at: datetime
+        self, observed: Sequence[Observed], at: datetime, claim: Claimant | None = None
     ) -> list[Notification]:
         changed, events = judge(self._notify_states, observed)
         self._notify_states.update(changed)
@@ -46,6 +49,11 @@ class MemoryNotifications(MemoryState):
                 created_at=utc(at),
             )
             self._notifications[notification.notification_id] = notification
+            if claim is not None:
+                self.notification_claims[notification.notification_id] = (
+                    claim.replica_id,
+                    at + timedelta(seconds=claim.ttl),
+                )
             made.append(notification)
         return made
 
@@ -82,3 +90,22 @@ class MemoryNotifications(MemoryState):
     async def pending_notifications(self, limit: int) -> list[Notification]:
         pending = [n for _, n in sorted(self._notifications.items())]
         return [n for n in pending if n.status is DeliveryStatus.PENDING][:limit]
+
+    async def claim_notifications(
+        self, claim: Claimant, renew: Sequence[int], limit: int, at: datetime
+    ) -> list[Notification]:
+        until = at + timedelta(seconds=claim.ttl)
+        pending = await self.pending_notifications(len(self._notifications))
+        for n in pending:
+            holder = self.notification_claims.get(n.notification_id)
+            if n.notification_id in renew and holder is not None and holder[0] == claim.replica_id:
+                self.notification_claims[n.notification_id] = (claim.replica_id, until)
+        claimed: list[Notification] = []
+        for n in pending:
+            if len(claimed) >= limit:
+                break
+            holder = self.notification_claims.get(n.notification_id)
+            if holder is None or holder[1] <= at:
+                self.notification_claims[n.notification_id] = (claim.replica_id, until)
+                claimed.append(n)
+        return claimed

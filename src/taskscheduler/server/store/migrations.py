@@ -311,6 +311,10 @@ MIGRATIONS: list[str] = [
         expires_at timestamptz NOT NULL
     );
     CREATE INDEX leases_by_holder ON leases (holder);
+    -- A pending notification is sent by the replica that claimed it (the one that
+    -- stored it, or one that took it over once the claim lapsed: server/notify).
+    ALTER TABLE notifications ADD COLUMN claimed_by text,
+        ADD COLUMN claimed_until timestamptz;
     """,
 ]
 

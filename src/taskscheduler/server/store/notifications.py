@@ -5,6 +5,11 @@ A batch of results moves their states in one transaction that locks the states' 
 judges them with :func:`taskscheduler.server.notify.rules.judge` and inserts the
 notifications they raise: two servers seeing results of one task at once cannot both
 send its alert.
+
+Among replicas (migration 15), a pending notification is sent by the replica that
+claimed it (``claimed_by`` until ``claimed_until``, by the database's clock): the one
+that stored it, which renews the claim while it sends, or one that claims it with
+``FOR UPDATE SKIP LOCKED`` once that claim lapsed (:meth:`Notifications.claim_notifications`).
 """
 
 from __future__ import annotations
@@ -24,6 +29,7 @@ from taskscheduler.server.notify.rules import (
     Observed,
     judge,
 )
+from taskscheduler.server.store.leases import Claimant
 from taskscheduler.server.store.pool import Cursor, Database
 from taskscheduler.server.store.rules import utc, utc_or_none
 
@@ -57,7 +63,7 @@ class Notifications:
         self._db = db
 
     async def observe_results(
-        self, observed: Sequence[Observed], at: datetime
+        self, observed: Sequence[Observed], at: datetime, claim: Claimant | None = None
     ) -> list[Notification]:
         if not observed:
             return []
@@ -107,9 +113,11 @@ class Notifications:
             await cursor.execute(
                 f"""
                 INSERT INTO notifications (task_id, agent_id, scheduled_at, event,
-                    result_status, exit_code, url, created_at, status, attempts)
+                    result_status, exit_code, url, created_at, status, attempts,
+                    claimed_by, claimed_until)
                 SELECT v.task_id, v.agent_id, v.scheduled_at, v.event, v.result_status,
-                       v.exit_code, v.url, %(created)s, 'pending', 0
+                       v.exit_code, v.url, %(created)s, 'pending', 0, %(me)s,
+                       now() + %(ttl)s * interval '1 second'
                 FROM unnest(%(task)s::uuid[], %(agent)s::uuid[], %(at)s::timestamptz[],
                             %(event)s::text[], %(result)s::text[], %(exit_code)s::integer[],
                             %(url)s::text[]) WITH ORDINALITY
@@ -127,6 +135,8 @@ class Notifications:
                     "exit_code": [o.exit_code for o, _ in events],
                     "url": [o.config.url for o, _ in events],
                     "created": at,
+                    "me": None if claim is None else claim.replica_id,
+                    "ttl": None if claim is None else claim.ttl,
                 },
             )
             return sorted(
@@ -186,3 +196,37 @@ class Notifications:
             return [_notification(row) for row in cursor.fetchall()]
 
         return await self._db.run(operation, transaction=False)
+
+    async def claim_notifications(
+        self, claim: Claimant, renew: Sequence[int], limit: int, at: datetime
+    ) -> list[Notification]:
+        """Renew the claims on ``renew`` (pending, claimed by ``claim``), and claim up to
+        ``limit`` pending notifications nobody has claimed or whose claim lapsed: those
+        are returned, for ``claim``'s replica to send. ``at`` is for the memory store; the
+        database's clock judges here."""
+
+        async def operation(cursor: Cursor) -> list[Notification]:
+            await cursor.execute(
+                f"""
+                UPDATE notifications
+                SET claimed_until = now() + %(ttl)s * interval '1 second'
+                WHERE notification_id = ANY(%(renew)s::bigint[]) AND claimed_by = %(me)s
+                  AND status = 'pending';
+                WITH free AS (
+                    SELECT notification_id FROM notifications
+                    WHERE status = 'pending'
+                      AND (claimed_until IS NULL OR claimed_until <= now())
+                    ORDER BY notification_id LIMIT %(limit)s
+                    FOR UPDATE SKIP LOCKED
+                )
+                UPDATE notifications n SET claimed_by = %(me)s,
+                    claimed_until = now() + %(ttl)s * interval '1 second'
+                FROM free WHERE n.notification_id = free.notification_id
+                RETURNING {", ".join("n." + c.strip() for c in _COLUMNS.split(","))}
+                """,
+                {"me": claim.replica_id, "ttl": claim.ttl, "renew": list(renew), "limit": limit},
+            )
+            rows = cursor.fetchall()
+            return sorted((_notification(row) for row in rows), key=lambda n: n.notification_id)
+
+        return await self._db.run(operation)

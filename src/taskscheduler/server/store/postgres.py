@@ -22,6 +22,7 @@ from taskscheduler.server.store.audit import Audit
 from taskscheduler.server.store.claims import Claims
 from taskscheduler.server.store.deliveries import Deliveries
 from taskscheduler.server.store.fleet import Fleet
+from taskscheduler.server.store.leases import Claimant, Leases
 from taskscheduler.server.store.migrations import Migrator
 from taskscheduler.server.store.notifications import Notifications
 from taskscheduler.server.store.pool import Database
@@ -78,6 +79,7 @@ class PostgresStore:
             operation_timeout=operation_timeout,
         )
         self.tasks = Tasks(self.db)
+        self.leases = Leases(self.db)  # the replicas' (server/leases.py), not the Store's
         self.deliveries = Deliveries(self.db)
         self.recording = Recording(self.db)
         self.results = Results(self.db)
@@ -309,9 +311,9 @@ class PostgresStore:
     # -- notifications ------------------------------------------------------------------
 
     async def observe_results(
-        self, observed: Sequence[Observed], at: datetime
+        self, observed: Sequence[Observed], at: datetime, claim: Claimant | None = None
     ) -> list[Notification]:
-        return await self.notifications.observe_results(observed, at)
+        return await self.notifications.observe_results(observed, at, claim)
 
     async def update_notification(
         self,
@@ -333,3 +335,8 @@ class PostgresStore:
 
     async def pending_notifications(self, limit: int) -> list[Notification]:
         return await self.notifications.pending_notifications(limit)
+
+    async def claim_notifications(
+        self, claim: Claimant, renew: Sequence[int], limit: int, at: datetime
+    ) -> list[Notification]:
+        return await self.notifications.claim_notifications(claim, renew, limit, at)
