@@ -160,6 +160,22 @@ def test_a_renewal_answered_too_late_is_not_trusted() -> None:
     a.stopService()
 
 
+def test_what_is_wanted_during_a_beat_is_claimed_right_after_it() -> None:
+    clock = Clock()
+    store = SlowLeases(clock)
+    a = keeper(store, clock, "a")
+    ra = Recorder("a", {})
+    store.slow = True
+    a.startService()  # the first beat, under way
+    a.follow(ra, ["job:leaves"], fair=False)
+    store.slow = False
+    d, beat = store.held_back.pop(0)
+    d.callback(beat)
+    clock.advance(0)  # not at the next renewal: at once
+    assert ra.acting == {"job:leaves"}
+    a.stopService()
+
+
 def test_agents_are_shared_fairly_and_rebalance_when_replicas_come_and_go() -> None:
     clock = Clock()
     store = MemoryLeases(clock)

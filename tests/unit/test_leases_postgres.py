@@ -228,3 +228,11 @@ async def test_replicas_claiming_at_once_never_claim_the_same_notification(
     assert set.union(*claimed) == set(made)
     for s in stores:
         await s.stop()
+
+
+@pytest_twisted.ensureDeferred
+async def test_claims_given_back_are_claimed_at_once(store: Store) -> None:
+    made = await pending(store, 2)
+    assert ids(await store.claim_notifications(claimant("a"), [], 10, ANCHOR)) == set(made)
+    await store.claim_notifications(claimant("a"), [], 0, ANCHOR, release=made[:1])
+    assert ids(await store.claim_notifications(claimant("b"), [], 10, ANCHOR)) == {made[0]}

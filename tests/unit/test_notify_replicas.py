@@ -101,3 +101,18 @@ async def test_a_replica_cut_off_leaves_its_webhooks_to_another_once_its_claims_
     assert (notification["status"], notification["attempts"]) == ("delivered", 2)
     a.stopService()
     b.stopService()
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_replica_stopping_gives_its_webhooks_back_for_another_to_send_at_once() -> None:
+    world, to_a, to_b, a, _, b = await setup()
+    task_id = await world.create({"url": HOOK})
+    await world.report(task_id, 0, 3)
+    assert to_a.events() == ["failed"]  # 503: a retries in 10 s
+    stopped_at = world.clock.seconds()
+    await a.stopService()
+    run(world, RENEW)
+    assert to_b.events() == ["failed"] and to_b.received[0].at <= stopped_at + RENEW
+    [notification] = await world.history(task_id)
+    assert (notification["status"], notification["attempts"]) == ("delivered", 2)
+    b.stopService()

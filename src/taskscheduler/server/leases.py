@@ -89,6 +89,8 @@ class LeaseKeeper(Service):
         self._loop: LoopingCall | None = None
         self._beating: Deferred[None] | None = None
         self._soon: IDelayedCall | None = None
+        #: Asked for a beat while one was under way: another right after it.
+        self._again = False
         self.live = 0
 
     # -- what listeners see ------------------------------------------------------------
@@ -147,7 +149,11 @@ class LeaseKeeper(Service):
             self.log.warn("could not give back this replica's leases: {error}", error=describe(e))
 
     def _beat_soon(self) -> None:
+        """Beat now (or right after the beat under way): something new is wanted."""
         if not self.running or (self._soon is not None and self._soon.active()):
+            return
+        if self._beating is not None:
+            self._again = True
             return
         self._soon = self._clock.callLater(0, self._tick)
 
@@ -176,6 +182,9 @@ class LeaseKeeper(Service):
             return
         finally:
             self._beating = None
+            if self._again:
+                self._again = False
+                self._beat_soon()
         if not self.running:
             return
         self._release -= release

@@ -182,11 +182,24 @@ class Notifier(Service):
         super().stopService()
         if self._claims_loop is not None and self._claims_loop.running:
             self._claims_loop.stop()
+        sending_now = sorted(self._in_flight)
         for sending in list(self._sending):
             sending.cancel()  # still pending in the store: sent again at the next start
         if self._draining is not None:
             self._draining.cancel()
-        return None
+        if self._claimant is None or not sending_now:
+            return None
+        # Given back: another replica (or this one, started again) sends them at once.
+        return Deferred.fromCoroutine(self._release(sending_now))
+
+    async def _release(self, notification_ids: list[int]) -> None:
+        assert self._claimant is not None
+        try:
+            await self._store.claim_notifications(
+                self._claimant, [], 0, self._now(), release=notification_ids
+            )
+        except Exception as e:
+            self.log.warn("could not give back the webhooks being sent: {error}", error=e)
 
     def idle(self) -> bool:
         """Nothing queued, being judged or being sent (for tests)."""

@@ -359,8 +359,14 @@ class Store(Protocol):
         a restart)."""
 
     async def claim_notifications(
-        self, claim: Claimant, renew: Sequence[int], limit: int, at: datetime
+        self,
+        claim: Claimant,
+        renew: Sequence[int],
+        limit: int,
+        at: datetime,
+        release: Sequence[int] = (),
     ) -> list[Notification]:
-        """Renew ``claim`` on the pending notifications ``renew``; claim (and return,
-        oldest first) up to ``limit`` pending ones unclaimed or whose claim lapsed
-        (``at``: now, for a store without a clock of its own)."""
+        """Renew ``claim`` on the pending notifications ``renew``, give up its claims on
+        ``release``; claim (and return, oldest first) up to ``limit`` pending ones
+        unclaimed or whose claim lapsed (``at``: now, for a store without a clock of
+        its own)."""

@@ -92,14 +92,23 @@ class MemoryNotifications(MemoryState):
         return [n for n in pending if n.status is DeliveryStatus.PENDING][:limit]
 
     async def claim_notifications(
-        self, claim: Claimant, renew: Sequence[int], limit: int, at: datetime
+        self,
+        claim: Claimant,
+        renew: Sequence[int],
+        limit: int,
+        at: datetime,
+        release: Sequence[int] = (),
     ) -> list[Notification]:
         until = at + timedelta(seconds=claim.ttl)
         pending = await self.pending_notifications(len(self._notifications))
         for n in pending:
             holder = self.notification_claims.get(n.notification_id)
-            if n.notification_id in renew and holder is not None and holder[0] == claim.replica_id:
+            if holder is None or holder[0] != claim.replica_id:
+                continue
+            if n.notification_id in renew:
                 self.notification_claims[n.notification_id] = (claim.replica_id, until)
+            elif n.notification_id in release:
+                self.notification_claims[n.notification_id] = (claim.replica_id, at)
         claimed: list[Notification] = []
         for n in pending:
             if len(claimed) >= limit:

@@ -198,9 +198,15 @@ class Notifications:
         return await self._db.run(operation, transaction=False)
 
     async def claim_notifications(
-        self, claim: Claimant, renew: Sequence[int], limit: int, at: datetime
+        self,
+        claim: Claimant,
+        renew: Sequence[int],
+        limit: int,
+        at: datetime,
+        release: Sequence[int] = (),
     ) -> list[Notification]:
-        """Renew the claims on ``renew`` (pending, claimed by ``claim``), and claim up to
+        """Renew the claims on ``renew`` (pending, claimed by ``claim``), give up those on
+        ``release`` (a replica stopping), and claim up to
         ``limit`` pending notifications nobody has claimed or whose claim lapsed: those
         are returned, for ``claim``'s replica to send. ``at`` is for the memory store; the
         database's clock judges here."""
@@ -212,6 +218,8 @@ class Notifications:
                 SET claimed_until = now() + %(ttl)s * interval '1 second'
                 WHERE notification_id = ANY(%(renew)s::bigint[]) AND claimed_by = %(me)s
                   AND status = 'pending';
+                UPDATE notifications SET claimed_until = now()
+                WHERE notification_id = ANY(%(release)s::bigint[]) AND claimed_by = %(me)s;
                 WITH free AS (
                     SELECT notification_id FROM notifications
                     WHERE status = 'pending'
@@ -224,7 +232,13 @@ class Notifications:
                 FROM free WHERE n.notification_id = free.notification_id
                 RETURNING {", ".join("n." + c.strip() for c in _COLUMNS.split(","))}
                 """,
-                {"me": claim.replica_id, "ttl": claim.ttl, "renew": list(renew), "limit": limit},
+                {
+                    "me": claim.replica_id,
+                    "ttl": claim.ttl,
+                    "renew": list(renew),
+                    "release": list(release),
+                    "limit": limit,
+                },
             )
             rows = cursor.fetchall()
             return sorted((_notification(row) for row in rows), key=lambda n: n.notification_id)

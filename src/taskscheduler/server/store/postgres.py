@@ -337,6 +337,11 @@ class PostgresStore:
         return await self.notifications.pending_notifications(limit)
 
     async def claim_notifications(
-        self, claim: Claimant, renew: Sequence[int], limit: int, at: datetime
+        self,
+        claim: Claimant,
+        renew: Sequence[int],
+        limit: int,
+        at: datetime,
+        release: Sequence[int] = (),
     ) -> list[Notification]:
-        return await self.notifications.claim_notifications(claim, renew, limit, at)
+        return await self.notifications.claim_notifications(claim, renew, limit, at, release)
