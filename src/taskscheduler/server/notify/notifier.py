@@ -9,15 +9,8 @@ sender. Senders POST the signed body with treq, bounded by a timeout, retried wi
 back-off (:func:`taskscheduler.retry.retry_until`) on no answer, 408, 429 and 5xx, and
 given up on any other answer or after ``give_up_after`` seconds. At most
 ``max_sending`` run at once; each attempt is recorded in the store. Notifications still
-pending when the server stops are sent again when it starts.
-
-Among replicas (a ``claimant`` given), each pending notification is sent by one: the
-one that stored it claims it at once, and every ``renew_every`` seconds renews the
-claims of those it is sending and claims those nobody sends (their replica died, or
-stopped): a dead replica's are taken over once their claim lapses (``claimant.ttl``).
-A replica starts an attempt only if its claim, as last renewed, outlasts the attempt's
-timeout (plus one renewal): otherwise it lets the notification go, still pending, to
-whoever claims it next, so that two replicas never send it at once.
+pending when the server stops are sent again when it starts; among replicas (a
+``claimant`` given), by the one that claims them (:mod:`taskscheduler.server.notify.claims`).
 
 A receiver that never answers only ties up senders: the queue of results waiting to be
 judged is bounded (``max_queued``; past it results are dropped, with a warning), and
@@ -39,7 +32,6 @@ from urllib.parse import urlsplit
 from twisted.application.service import Service
 from twisted.internet.defer import CancelledError, Deferred, DeferredSemaphore
 from twisted.internet.interfaces import IReactorTime, IResolutionReceiver
-from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
 from zope.interface import implementer
 
@@ -48,6 +40,7 @@ from taskscheduler.protocol import RunResult
 from taskscheduler.protocol.notify import NotifyConfig, refused_address, refused_host
 from taskscheduler.retry import Backoff, OutOfTime, retry_until
 from taskscheduler.schedule import utc_now_from
+from taskscheduler.server.notify.claims import ClaimLapsing, Claims
 from taskscheduler.server.notify.payload import body_bytes, signed_headers
 from taskscheduler.server.notify.rules import (
     DeliveryStatus,
@@ -83,10 +76,6 @@ class _Retry(Exception):
 
 class _Refused(Exception):
     """The receiver refused it, or its address is one webhooks may not reach."""
-
-
-class _ClaimLapsing(Exception):
-    """This replica's claim may lapse before an attempt ends: another will send it."""
 
 
 class Notifier(Service):
@@ -132,15 +121,11 @@ class Notifier(Service):
         self._sending: set[Deferred[None]] = set()
         self._tasks: dict[uuid.UUID, tuple[float, Task | None]] = {}
         self.dropped = 0
-        self._claimant = claimant
-        self._renew_every = renew_every
-        self._monotonic = monotonic
-        #: Until when (monotonic) this replica's claims are surely its own.
-        self._claimed_until = float("-inf")
-        self._claiming: Deferred[None] | None = None
-        self._claims_loop: LoopingCall | None = None
-        #: The notifications being sent, by id: their claims are renewed.
-        self._in_flight: set[int] = set()
+        self._claims = (
+            None
+            if claimant is None
+            else Claims(store, clock, claimant, renew_every, monotonic, timeout, self._claimed)
+        )
 
     # -- the ingest side: no I/O ---------------------------------------------------------
 
@@ -170,36 +155,21 @@ class Notifier(Service):
 
     def startService(self) -> None:
         super().startService()
-        if self._claimant is None:
+        if self._claims is None:
             self._track(Deferred.fromCoroutine(self._resume()))
         else:
-            self._claims_loop = LoopingCall(self._claim_tick)
-            self._claims_loop.clock = self._clock
-            self._claims_loop.start(self._renew_every, now=True)
+            self._claims.start()  # claims what is pending, and sends it
         self._wake()
 
     def stopService(self) -> Deferred[None] | None:
         super().stopService()
-        if self._claims_loop is not None and self._claims_loop.running:
-            self._claims_loop.stop()
-        sending_now = sorted(self._in_flight)
+        # Among replicas, given back: another sends them at once.
+        given_back = None if self._claims is None else self._claims.stop()
         for sending in list(self._sending):
             sending.cancel()  # still pending in the store: sent again at the next start
         if self._draining is not None:
             self._draining.cancel()
-        if self._claimant is None or not sending_now:
-            return None
-        # Given back: another replica (or this one, started again) sends them at once.
-        return Deferred.fromCoroutine(self._release(sending_now))
-
-    async def _release(self, notification_ids: list[int]) -> None:
-        assert self._claimant is not None
-        try:
-            await self._store.claim_notifications(
-                self._claimant, [], 0, self._now(), release=notification_ids
-            )
-        except Exception as e:
-            self.log.warn("could not give back the webhooks being sent: {error}", error=e)
+        return given_back
 
     def idle(self) -> bool:
         """Nothing queued, being judged or being sent (for tests)."""
@@ -215,38 +185,9 @@ class Notifier(Service):
         except Exception:
             self.log.failure("reading the webhooks still to send")
 
-    def _claim_tick(self) -> None:
-        # Never raises (a LoopingCall stops for good when its call does).
-        if self._claiming is None:
-            claiming = Deferred.fromCoroutine(self._claim())
-            if not claiming.called:
-                self._claiming = claiming
-
-    async def _claim(self) -> None:
-        """Renew the claims of what is being sent; claim and send what nobody sends."""
-        assert self._claimant is not None
-        sent = self._monotonic()
-        try:
-            claimed = await self._store.claim_notifications(
-                self._claimant, sorted(self._in_flight), 1000, self._now()
-            )
-        except Exception as e:
-            self.log.warn("could not claim the webhooks to send: {error}", error=e)
-            return
-        finally:
-            self._claiming = None
-        self._claimed_until = max(
-            self._claimed_until, sent + self._claimant.ttl - self._renew_every
-        )
-        for notification in claimed:
-            if self.running and notification.notification_id not in self._in_flight:
-                self._send(notification, await self._task(notification.task_id))
-
-    def _may_attempt(self) -> bool:
-        """Whether an attempt started now ends while this replica's claim holds."""
-        if self._claimant is None:
-            return True
-        return self._monotonic() + self._timeout < self._claimed_until
+    async def _claimed(self, notification: Notification) -> None:
+        if self.running:
+            self._send(notification, await self._task(notification.task_id))
 
     def _wake(self) -> None:
         if not self.running or self._draining is not None or not self._queue:
@@ -307,10 +248,10 @@ class Notifier(Service):
             )
         if not observed:
             return  # no webhook for any of them: no store call at all
-        if self._claimant is None:
+        if self._claims is None:
             made = await self._store.observe_results(observed, self._now())
-        else:
-            made = await self._store.observe_results(observed, self._now(), self._claimant)
+        else:  # claimed at once by this replica, which sends them
+            made = await self._store.observe_results(observed, self._now(), self._claims.claimant)
         for notification in made:
             self._send(notification, tasks.get(notification.task_id))
 
@@ -330,10 +271,9 @@ class Notifier(Service):
         d.addBoth(done)
 
     def _send(self, notification: Notification, task: Task | None) -> None:
-        nid = notification.notification_id
-        self._in_flight.add(nid)
         sending = Deferred.fromCoroutine(self._deliver(notification, task))
-        sending.addBoth(lambda _: self._in_flight.discard(nid))
+        if self._claims is not None:
+            self._claims.sending(notification.notification_id, sending)
         self._track(sending)
 
     async def _deliver(self, notification: Notification, task: Task | None) -> None:
@@ -345,7 +285,7 @@ class Notifier(Service):
             await self._attempts(notification, task)
         except CancelledError:
             pass  # stopping: it stays pending, and is sent again at the next start
-        except _ClaimLapsing:
+        except ClaimLapsing:
             self.log.warn(
                 "webhook {id} left to another replica: this one could not renew its claim",
                 id=notification.notification_id,
@@ -362,8 +302,8 @@ class Notifier(Service):
 
         async def attempt() -> int:
             nonlocal attempts, last
-            if not self._may_attempt():
-                raise _ClaimLapsing()
+            if self._claims is not None and not self._claims.may_attempt():
+                raise ClaimLapsing()
             attempts += 1
             try:
                 await self._check_address(n.url)
