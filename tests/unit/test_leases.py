@@ -6,10 +6,13 @@ from __future__ import annotations
 
 from collections.abc import Callable, Collection, Sequence
 
+import pytest
 from twisted.internet.defer import Deferred
 from twisted.internet.task import Clock
+from twisted.python import usage
 
 from taskscheduler.server.leases import LeasedService, LeaseKeeper
+from taskscheduler.server.options import Options
 from taskscheduler.server.store.leases import Beat, LeaseGroup, MemoryLeases, fair_share
 from taskscheduler.services import Step
 
@@ -62,6 +65,22 @@ def test_fair_share_gives_every_lease_a_holder() -> None:
     assert fair_share(1, 3) == 1
     assert fair_share(0, 2) == 0
     assert fair_share(5, 0) == 5
+
+
+def test_lease_options_default_to_ten_and_two_seconds_and_refuse_a_slow_renewal(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    for name in ("TASKSCHEDULER_LEASE_TTL", "TASKSCHEDULER_LEASE_RENEW"):
+        monkeypatch.delenv(name, raising=False)
+    options = Options()
+    options.parseOptions([])
+    assert (options["lease-ttl"], options["lease-renew"]) == (10.0, 2.0)
+    monkeypatch.setenv("TASKSCHEDULER_LEASE_TTL", "30")
+    options = Options()
+    options.parseOptions(["--lease-renew", "5"])
+    assert (options["lease-ttl"], options["lease-renew"]) == (30.0, 5.0)
+    with pytest.raises(usage.UsageError, match="under half"):
+        Options().parseOptions(["--lease-renew", "15"])
 
 
 def test_one_of_two_replicas_runs_a_job_and_the_other_takes_over_once_it_expires() -> None:
