@@ -236,3 +236,29 @@ async def test_claims_given_back_are_claimed_at_once(store: Store) -> None:
     assert ids(await store.claim_notifications(claimant("a"), [], 10, ANCHOR)) == set(made)
     await store.claim_notifications(claimant("a"), [], 0, ANCHOR, release=made[:1])
     assert ids(await store.claim_notifications(claimant("b"), [], 10, ANCHOR)) == {made[0]}
+
+
+@pytest_twisted.ensureDeferred
+async def test_renewals_do_not_wait_behind_a_busy_pool(database_dsn: str) -> None:
+    replica = Replica(database_dsn, "a")
+    await replica.store.start()
+    blocker = psycopg2.connect(database_dsn)
+    blocker.autocommit = True
+    blocker.cursor().execute("SELECT pg_advisory_lock(42)")
+
+    async def stuck(cursor: Any) -> None:
+        await cursor.execute("SELECT pg_advisory_lock_shared(42)")
+        await cursor.execute("SELECT pg_advisory_unlock_shared(42)")
+
+    # Every connection of the pool waits on the lock, and one more call queues.
+    size = PostgresStore.DEFAULT_POOL_SIZE
+    busy = [Deferred.fromCoroutine(replica.store.db.run(stuck)) for _ in range(size + 1)]
+    try:
+        replica.keeper.startService()
+        replica.keeper.follow(replica.listener, ["job:retention"], fair=False)
+        await eventually(lambda: replica.listener.acting, "the lease, with the pool busy")
+        assert not any(d.called for d in busy)
+    finally:
+        blocker.close()
+    await DeferredList(busy, fireOnOneErrback=True)
+    await replica.stop()

@@ -56,6 +56,8 @@ class Dispatcher(Service):
         self._clock = clock
         self._keeper = keeper
         self._link_options = link_options
+        #: The fleet's members, as last read (links: those this replica delivers to).
+        self.members = [url.rstrip("/") for url in agent_urls]
         # Among replicas, the links follow the leases held (the members are stored).
         self.links = (
             []
@@ -141,6 +143,7 @@ class Dispatcher(Service):
         members = {m.url for m in await self._store.list_fleet()}
         if not self.running:
             return
+        self.members = sorted(members)
         if self._keeper is not None:
             # Links come and go with the leases (lease_gained, lease_lost).
             self._keeper.follow(self, [AGENT_LEASE + url for url in members], fair=True)

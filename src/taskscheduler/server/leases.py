@@ -202,6 +202,12 @@ class LeaseKeeper(Service):
 
     def _apply(self, beat: Beat) -> None:
         """Act on what the beat says this replica holds, within its share."""
+        if beat.live != self.live:
+            self.log.info(
+                "{live} server replica(s) alive; this one is {replica_id}",
+                live=beat.live,
+                replica_id=self.replica_id,
+            )
         self.live = beat.live
         wanted: set[str] = set()
         for listener, group in list(self._follows.items()):

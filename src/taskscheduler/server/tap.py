@@ -239,7 +239,7 @@ def server_service(
             "taskscheduler server listening on {listen} ({where}) with {count} agents",
             listen=options["listen"],
             where="loopback only" if is_loopback_address(port.port.getHost()) else "network",
-            count=len(dispatcher.links),
+            count=len(dispatcher.members),
         )
 
     tree = StartInOrder("taskscheduler server", on_fatal, OPERATOR_ERRORS)

@@ -79,7 +79,16 @@ class PostgresStore:
             operation_timeout=operation_timeout,
         )
         self.tasks = Tasks(self.db)
-        self.leases = Leases(self.db)  # the replicas' (server/leases.py), not the Store's
+        # The replicas' leases (server/leases.py), on a connection of their own: a renewal
+        # never waits behind a busy pool, past the time its leases may be acted on.
+        self.lease_db = Database(
+            dsn,
+            reactor,
+            pool_size=1,
+            connect_timeout=connect_timeout,
+            operation_timeout=operation_timeout,
+        )
+        self.leases = Leases(self.lease_db)
         self.deliveries = Deliveries(self.db)
         self.recording = Recording(self.db)
         self.results = Results(self.db)
@@ -95,13 +104,16 @@ class PostgresStore:
         """Connect to ``dsn`` from the next :meth:`start` on: the embedded PostgreSQL's is
         known only once it runs, after the server's services are built."""
         self.db.use_dsn(dsn)
+        self.lease_db.use_dsn(dsn)
 
     async def start(self) -> None:
         self.db.open()
+        self.lease_db.open()
         await self.db.run(Migrator().migrate, transaction=False)
 
     async def stop(self) -> None:
         self.db.close()
+        self.lease_db.close()
 
     # -- tasks and the fleet ------------------------------------------------------------
 
