@@ -262,3 +262,27 @@ async def test_renewals_do_not_wait_behind_a_busy_pool(database_dsn: str) -> Non
         blocker.close()
     await DeferredList(busy, fireOnOneErrback=True)
     await replica.stop()
+
+
+@pytest_twisted.ensureDeferred
+async def test_leases_and_replicas_gone_for_long_are_forgotten(database_dsn: str) -> None:
+    replica = await Replica(database_dsn, "a").start(["job:retention"], False)
+    await eventually(lambda: replica.listener.acting, "the lease")
+    rows(
+        database_dsn,
+        """
+        INSERT INTO replicas SELECT 'gone', t, t FROM (SELECT now() - interval '2 hours') v (t);
+        INSERT INTO leases VALUES ('agent:http://removed:8081', 'gone', now() - interval '2 hours'),
+            ('agent:http://free:8081', NULL, now() - interval '59 minutes');
+        SELECT 1
+        """,
+    )
+    await eventually(
+        lambda: (
+            rows(database_dsn, "SELECT count(*) FROM replicas WHERE replica_id = 'gone'") == [(0,)]
+        ),
+        "the gone replica forgotten",
+    )
+    names = {name for (name,) in rows(database_dsn, "SELECT name FROM leases")}
+    assert names == {"job:retention", "agent:http://free:8081"}
+    await replica.stop()

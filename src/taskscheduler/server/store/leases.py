@@ -22,8 +22,8 @@ from twisted.internet.interfaces import IReactorTime
 
 from taskscheduler.server.store.pool import Cursor, Database
 
-#: Replicas not seen for this long are forgotten (their row only; leases expire alone).
-FORGET_REPLICAS_AFTER = 3600.0
+#: Replicas not seen, and leases not renewed, for this long are forgotten.
+FORGET_AFTER = 3600.0
 
 
 @dataclass(frozen=True)
@@ -86,8 +86,11 @@ UPDATE leases SET expires_at = now() + %(ttl)s * interval '1 second'
 WHERE holder = %(me)s RETURNING name
 """
 
+# Rows nobody renewed for long are forgotten: replicas gone, and leases nobody wants
+# (a member removed from the fleet); one wanted again gets a new row.
 _LIVE_SQL = """
 DELETE FROM replicas WHERE seen_at < now() - %(forget)s * interval '1 second';
+DELETE FROM leases WHERE expires_at < now() - %(forget)s * interval '1 second';
 SELECT count(*) FROM replicas WHERE seen_at > now() - %(ttl)s * interval '1 second'
 """
 
@@ -125,7 +128,7 @@ class Leases:
                 _RENEW_SQL, {"me": replica_id, "release": sorted(release), "ttl": ttl}
             )
             held = {name for (name,) in cursor.fetchall()}
-            await cursor.execute(_LIVE_SQL, {"ttl": ttl, "forget": FORGET_REPLICAS_AFTER})
+            await cursor.execute(_LIVE_SQL, {"ttl": ttl, "forget": FORGET_AFTER})
             (live,) = cursor.fetchone()
             for group in groups:
                 limit = claim_limit(group, held, live)
