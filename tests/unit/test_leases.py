@@ -326,3 +326,46 @@ def test_a_leased_service_runs_only_while_its_lease_is_held() -> None:
     for service in (jobs["a"], a, b):
         service.stopService()
     assert events[-1] == "stop a"
+
+
+class SlowStop(Step):
+    """A child whose stop ends only when the test says so (a tick finishing)."""
+
+    def __init__(self, events: list[str]) -> None:
+        super().__init__("slow")
+        self.events = events
+        self.stopping: list[Deferred[None]] = []
+
+    def startService(self) -> None:  # type: ignore[override]
+        super().startService()
+        self.events.append("start")
+
+    def stopService(self) -> Deferred[None]:  # type: ignore[override]
+        super().stopService()
+        self.events.append("stop")
+        self.stopping.append(Deferred())
+        return self.stopping[-1]
+
+
+def test_a_job_regained_during_its_stop_starts_once_the_stop_is_over_and_not_if_lost() -> None:
+    clock = Clock()
+    store = MemoryLeases(clock)
+    a = keeper(store, clock, "a")
+    events: list[str] = []
+    child = SlowStop(events)
+    job = LeasedService(a, "job:retention", child)
+    a.startService()
+    job.startService()
+    clock.advance(0)
+    assert events == ["start"]
+    job.lease_lost("job:retention")  # (as the keeper says it)
+    job.lease_gained("job:retention")
+    assert events == ["start", "stop"]  # not started again while the stop is under way
+    child.stopping[0].callback(None)
+    assert events == ["start", "stop", "start"]
+    job.lease_lost("job:retention")
+    job.lease_gained("job:retention")
+    job.lease_lost("job:retention")  # lost again before the stop is over
+    child.stopping[1].callback(None)
+    assert events == ["start", "stop", "start", "stop"] and not child.running
+    a.stopService()

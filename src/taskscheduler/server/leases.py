@@ -263,7 +263,8 @@ class LeaseKeeper(Service):
 
 class LeasedService(Service):
     """Runs ``child`` only while this replica holds the lease ``name``: started when it
-    is gained, stopped when it is lost (and when this service stops)."""
+    is gained (once a stop under way is over), stopped when it is lost (and when this
+    service stops)."""
 
     log = Logger()
 
@@ -272,6 +273,7 @@ class LeasedService(Service):
         self._keeper = keeper
         self.lease = name
         self.child = child
+        self._held = False
         self._stopping: Deferred[Any] | None = None
 
     def startService(self) -> None:
@@ -284,18 +286,12 @@ class LeasedService(Service):
         return self._stopping
 
     def lease_gained(self, name: str) -> None:
+        self._held = True
         self.log.info("this replica now runs {job}", job=name)
-        if self._stopping is not None:
-            # Started again once its last stop is over (a tick under way finishes first).
-            self._stopping.addCallback(lambda _: self._start_child())
-            return
         self._start_child()
 
-    def _start_child(self) -> None:
-        if self.running and not self.child.running:
-            self.child.startService()
-
     def lease_lost(self, name: str) -> None:
+        self._held = False
         if not self.child.running:
             return
         self.log.info("this replica no longer runs {job}", job=name)
@@ -305,5 +301,11 @@ class LeasedService(Service):
 
             def done(result: object) -> None:
                 self._stopping = None
+                self._start_child()  # gained again meanwhile
 
             stopped.addBoth(done)
+
+    def _start_child(self) -> None:
+        # Not while a stop is under way (a tick finishing): started once it is over.
+        if self.running and self._held and self._stopping is None and not self.child.running:
+            self.child.startService()
