@@ -300,6 +300,39 @@ async def test_retention_drops_whole_weeks_and_keeps_each_tasks_newest(database_
     late = a_result(busy.task_id, A_ID, 0, scheduled_at=on(3))
     assert await store.record_results([late], now) == [STORED]
     await pruner.prune()
-    assert (await store.list_executions(busy.task_id, 1000))[-1].scheduled_at == (on(70))
+    history = await store.list_executions(busy.task_id, 1000)
+    assert history[-1].scheduled_at == on(70) and len(history) == 70
+    assert all(len(e.results) == 2 for e in history)
     assert len(await store.list_executions(stopped.task_id, 1000)) == 3
     await store.stop()
+
+
+@pytest_twisted.ensureDeferred
+async def test_pruning_rows_below_the_weeks_touches_no_row_of_a_week(database_dsn: str) -> None:
+    store = PostgresStore(database_dsn, reactor=reactor)
+    await store.start()
+    now = datetime.now(UTC)
+    task = await store.create_task(make_spec("rows", datetime(1990, 1, 1, tzinfo=UTC)), now)
+    old = datetime(1990, 1, 1, 0, 0, 30, tzinfo=UTC)
+    recent = week_start(now) + AHEAD - WEEK + STEP  # in the last week made
+    # The first row of each partition: the same row address (ctid) in both.
+    for at in (old, recent):
+        _query(
+            database_dsn,
+            "INSERT INTO executions (task_id, scheduled_at, expected) VALUES (%s, %s, 1);"
+            " INSERT INTO claims (task_id, scheduled_at, agent_url, claimed_at)"
+            " VALUES (%s, %s, 'http://a', %s)",
+            (str(task.task_id), at, str(task.task_id), at + STEP, at),
+        )
+    assert _partition_of_row(database_dsn, recent) == f"executions_w{week_start(recent):%Y%m%d}"
+    assert await store.prune_history(datetime(1991, 1, 1, tzinfo=UTC), 100) == 1
+    assert _query(database_dsn, "SELECT scheduled_at FROM executions") == [(recent,)]
+    assert _query(database_dsn, "SELECT scheduled_at FROM claims") == [(recent + STEP,)]
+    await store.stop()
+
+
+def _partition_of_row(dsn: str, at: datetime) -> str:
+    [(name,)] = _query(
+        dsn, "SELECT tableoid::regclass::text FROM executions WHERE scheduled_at = %s", (at,)
+    )
+    return str(name)
