@@ -19,7 +19,16 @@ from taskscheduler.server.store.migrations import MIGRATIONS
 from taskscheduler.server.store.partitions import AHEAD, TABLES, WEEK, week_start
 from taskscheduler.server.store.postgres import PostgresStore
 from taskscheduler.server.store.results import HISTORY_PAGE_SQL, LATEST_OUTPUT_SQL
-from tests.unit.test_store_contract import A_ID, A_URL, B_ID, B_URL, GRACE, STORED, make_spec
+from tests.unit.test_store_contract import (
+    A_ID,
+    A_URL,
+    B_ID,
+    B_URL,
+    GRACE,
+    STORED,
+    make_spec,
+    within,
+)
 from tests.unit.test_store_contract import result as a_result
 
 STEP = timedelta(seconds=30)  # make_spec's interval
@@ -336,3 +345,20 @@ def _partition_of_row(dsn: str, at: datetime) -> str:
         dsn, "SELECT tableoid::regclass::text FROM executions WHERE scheduled_at = %s", (at,)
     )
     return str(name)
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_busy_table_delays_new_weeks_a_bounded_while_and_changes_nothing(
+    database_dsn: str,
+) -> None:
+    store = PostgresStore(database_dsn, reactor=reactor)
+    await store.start()
+    later = week_start(datetime.now(UTC)) + AHEAD + 2 * WEEK
+    reader = psycopg2.connect(database_dsn)  # a long query in flight
+    try:
+        reader.cursor().execute("SELECT count(*) FROM results")
+        assert await within(8, store.ensure_partitions(later)) == 0
+    finally:
+        reader.close()
+    assert await within(8, store.ensure_partitions(later)) == (AHEAD + 2 * WEEK) // WEEK
+    await store.stop()

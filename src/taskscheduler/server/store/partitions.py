@@ -31,7 +31,11 @@ import re
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 
+import psycopg2.errors
+from twisted.logger import Logger
+
 from taskscheduler.server.store.pool import Cursor, Database
+from taskscheduler.server.store.records import StoreUnavailable
 
 #: The partitioned tables, in the order they are locked (the order writers use).
 TABLES = ("executions", "results", "claims", "manual_runs")
@@ -218,12 +222,24 @@ async def _locked(cursor: Cursor) -> None:
     await cursor.execute("SET LOCAL TimeZone = 'UTC'")
 
 
+def _lock_timed_out(error: StoreUnavailable) -> bool:
+    """Whether the store gave up because a lock was not had within :data:`LOCK_TIMEOUT`
+    (the pool counts every OperationalError as the database being unavailable)."""
+    return isinstance(error.__cause__, psycopg2.errors.LockNotAvailable)
+
+
 async def _lock_parents(cursor: Cursor) -> None:
     await cursor.execute(f"LOCK TABLE {', '.join(TABLES)} IN ACCESS EXCLUSIVE MODE")
 
 
 class Partitions:
-    """Makes the weeks ahead and drops the weeks past retention (whole partitions)."""
+    """Makes the weeks ahead and drops the weeks past retention (whole partitions).
+
+    A change that cannot have its locks within :data:`LOCK_TIMEOUT` (long queries in
+    flight) changes nothing, is logged, and is tried again at the next call.
+    """
+
+    log = Logger()
 
     def __init__(self, db: Database) -> None:
         self._db = db
@@ -279,7 +295,13 @@ class Partitions:
                 await cursor.execute(f"DROP TABLE {table}_high_old")
             return len(weeks)
 
-        return await self._db.run(operation)
+        try:
+            return await self._db.run(operation)
+        except StoreUnavailable as e:
+            if not _lock_timed_out(e):
+                raise
+            self.log.warn("the weeks ahead were not made: the tables are busy; next time")
+            return 0
 
     async def drop(self, before: datetime, keep: int) -> datetime:
         """Drop every week wholly before ``before``; returns the instant before which
@@ -364,5 +386,11 @@ class Partitions:
                     f" FOR VALUES FROM (MINVALUE) TO ({_literal(until)})"
                 )
 
-        await self._db.run(swap)
+        try:
+            await self._db.run(swap)
+        except StoreUnavailable as e:
+            if not _lock_timed_out(e):
+                raise
+            self.log.warn("the weeks past retention were not dropped: the tables are busy")
+            return min(before, layout.low_until)
         return min(before, until)
