@@ -362,3 +362,31 @@ async def test_a_busy_table_delays_new_weeks_a_bounded_while_and_changes_nothing
         reader.close()
     assert await within(8, store.ensure_partitions(later)) == (AHEAD + 2 * WEEK) // WEEK
     await store.stop()
+
+
+def test_no_step_of_migration_16_scans_a_table_while_it_holds_it(database_dsn: str) -> None:
+    """Only the validations read today's rows (under SHARE UPDATE EXCLUSIVE: writes go on);
+    the steps that take ACCESS EXCLUSIVE change the catalog only (PostgreSQL says so at
+    DEBUG1: a table it checks is "verifying", an attach it need not check is "implied")."""
+    _migrate_to_15(database_dsn)
+    _query(database_dsn, POPULATE_SQL, {"start": datetime(2025, 1, 1, tzinfo=UTC)})
+    conn = psycopg2.connect(database_dsn)
+    said = []
+    try:
+        for step in MIGRATIONS[15]:
+            with conn, conn.cursor() as cursor:
+                cursor.execute("SET LOCAL client_min_messages = debug1")
+                cursor.execute(step)
+            said.append(" ".join(conn.notices))
+            del conn.notices[:]
+    finally:
+        conn.close()
+    bound, *validations, swap = said
+    assert "verifying" not in bound
+    for table, validation in zip(TABLES, validations, strict=True):
+        assert f'verifying table "{table}"' in validation
+    for table in TABLES:
+        assert f'partition constraint for table "{table}_low" is implied' in swap, swap
+        assert f'building index "{table}_low' not in swap
+    assert "verifying" not in swap
+    assert _fingerprints(database_dsn)["results"][0] == 200_000
