@@ -207,7 +207,9 @@ async def test_each_tick_makes_the_weeks_ahead_drops_whole_weeks_then_prunes_bel
     now = instant(ANCHOR, INTERVAL, 40)
     pruner = HistoryPruner(store, clock_at(now), RETENTION, interval=TICK, keep=2)
     pruner.startService()  # at once, at start
-    assert store.calls == [("ensure", now, 0), ("drop", now - RETENTION, 2)]
+    # Weeks are dropped one a call, until the bound stops moving.
+    drop = ("drop", now - RETENTION, 2)
+    assert store.calls == [("ensure", now, 0), drop, drop]
     # Rows only below the weeks: 1 and 2 (3 is the first instant of the weeks).
     assert min(await history(store, task_id)) == instant(ANCHOR, INTERVAL, 3)
     await pruner.stopService()

@@ -102,7 +102,13 @@ class HistoryPruner(Service):
         cutoff = datetime.fromtimestamp(started, UTC) - self._retention
         now = datetime.fromtimestamp(started, UTC)
         await self._store.ensure_partitions(now)
+        # Whole weeks first, one per call, until none is left past retention.
         rows_before = await self._store.drop_partitions(cutoff, self._keep)
+        while not self._stopping and self._clock.seconds() - started < self._time_budget:
+            further = await self._store.drop_partitions(cutoff, self._keep)
+            if further == rows_before:
+                break
+            rows_before = further
         pruned = 0
         try:
             while True:

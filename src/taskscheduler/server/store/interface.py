@@ -228,9 +228,10 @@ class Store(Protocol):
         same (in the partitions below and above them): this only keeps weeks apart."""
 
     async def drop_partitions(self, before: datetime, keep: int = 0) -> datetime:
-        """Drop the history of whole weeks wholly before ``before`` at once, all but the
-        newest ``keep`` executions of each task (kept, with their results); returns the
-        instant before which the rest is to be pruned row by row (:meth:`prune_history`)."""
+        """Drop the history of the oldest week if it is wholly before ``before``, all but
+        the newest ``keep`` executions of each task (kept, with their results); returns
+        the instant before which the rest is to be pruned row by row
+        (:meth:`prune_history`): the same again once no week is left to drop."""
 
     async def undelivered_tasks(self, agent_url: str, limit: int) -> list[Task]:
         """Active tasks assigned to this agent that it has not acknowledged (at their
