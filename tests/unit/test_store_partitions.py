@@ -410,3 +410,18 @@ def test_no_step_of_migration_16_scans_a_table_while_it_holds_it(database_dsn: s
         assert f'building index "{table}_low' not in swap
     assert "verifying" not in swap
     assert _fingerprints(database_dsn)["results"][0] == 200_000
+
+
+@pytest_twisted.ensureDeferred
+async def test_migration_16_stopped_after_its_first_steps_runs_again_whole(
+    database_dsn: str,
+) -> None:
+    _migrate_to_15(database_dsn)
+    _query(database_dsn, POPULATE_SQL, {"start": datetime(2025, 1, 1, tzinfo=UTC)})
+    for step in MIGRATIONS[15][:2]:  # the server stopped after the first validation
+        _query(database_dsn, step)
+    store = PostgresStore(database_dsn, reactor=reactor)
+    await store.start()
+    await store.stop()
+    assert _query(database_dsn, "SELECT max(version) FROM schema_migrations") == [(16,)]
+    assert _fingerprints(database_dsn)["results"][0] == 200_000
