@@ -182,3 +182,34 @@ async def test_stopping_waits_for_the_batch_under_way_and_ends_the_loop() -> Non
 def test_a_retention_of_zero_is_not_a_pruner() -> None:
     with pytest.raises(ValueError):
         HistoryPruner(MemoryStore(), Clock(), timedelta(0))
+
+
+@pytest_twisted.ensureDeferred
+async def test_each_tick_makes_the_weeks_ahead_drops_whole_weeks_then_prunes_below_them() -> None:
+    class PartitionedStore(MemoryStore):
+        """Partitions below ``low_until``: the drop says rows go only below it."""
+
+        def __init__(self) -> None:
+            super().__init__()
+            self.calls: list[tuple[str, datetime, int]] = []
+            self.low_until = instant(ANCHOR, INTERVAL, 3)
+
+        async def ensure_partitions(self, now: datetime) -> int:
+            self.calls.append(("ensure", now, 0))
+            return 0
+
+        async def drop_partitions(self, before: datetime, keep: int = 0) -> datetime:
+            self.calls.append(("drop", before, keep))
+            return min(before, self.low_until)
+
+    store = PartitionedStore()
+    task_id = await a_task_with_history(store, 48)
+    now = instant(ANCHOR, INTERVAL, 40)
+    pruner = HistoryPruner(store, clock_at(now), RETENTION, interval=TICK, keep=2)
+    pruner.startService()  # at once, at start
+    # Weeks are dropped one a call, until the bound stops moving.
+    drop = ("drop", now - RETENTION, 2)
+    assert store.calls == [("ensure", now, 0), drop, drop]
+    # Rows only below the weeks: 1 and 2 (3 is the first instant of the weeks).
+    assert min(await history(store, task_id)) == instant(ANCHOR, INTERVAL, 3)
+    await pruner.stopService()

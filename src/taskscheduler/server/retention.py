@@ -1,11 +1,17 @@
 """History retention: a service that deletes executions and results past their age.
 
-Every ``interval`` the :class:`HistoryPruner` deletes the executions scheduled more than
-``retention`` ago, with their results, in batches of ``batch_size`` (each batch its own
-short transaction, see :meth:`~taskscheduler.server.store.interface.Store.prune_history`), until
+Every ``interval`` (and once at start) the :class:`HistoryPruner` first makes the
+history's partitions for the weeks ahead (``Store.ensure_partitions``), then drops the
+weeks wholly older than ``retention`` at once (``Store.drop_partitions``: on PostgreSQL
+history is partitioned by week, server/store/partitions.py), then deletes what is left
+before the oldest week kept (executions older than every partition: those of before the
+partitioning, late ones) in batches of ``batch_size`` (each batch its own short
+transaction, see :meth:`~taskscheduler.server.store.interface.Store.prune_history`), until
 none are left or the tick's ``time_budget`` is spent; the rest waits for the next tick.
-The newest ``keep`` executions of each task are never pruned, however old
-(``--retention-min-executions``), nor are tasks and the audit log.
+History is thus kept at least ``retention``, at most a week longer. The newest ``keep``
+executions of each task are never pruned, however old (``--retention-min-executions``):
+dropping a week moves them into the partition below the weeks, where later ticks prune
+them row by row once newer ones replace them. Tasks and the audit log are never pruned.
 """
 
 from __future__ import annotations
@@ -94,10 +100,19 @@ class HistoryPruner(Service):
         """Delete what is past retention, batch after batch, within the time budget."""
         started = self._clock.seconds()
         cutoff = datetime.fromtimestamp(started, UTC) - self._retention
+        now = datetime.fromtimestamp(started, UTC)
+        await self._store.ensure_partitions(now)
+        # Whole weeks first, one per call, until none is left past retention.
+        rows_before = await self._store.drop_partitions(cutoff, self._keep)
+        while not self._stopping and self._clock.seconds() - started < self._time_budget:
+            further = await self._store.drop_partitions(cutoff, self._keep)
+            if further == rows_before:
+                break
+            rows_before = further
         pruned = 0
         try:
             while True:
-                count = await self._store.prune_history(cutoff, self._batch_size, self._keep)
+                count = await self._store.prune_history(rows_before, self._batch_size, self._keep)
                 pruned += count
                 if count < self._batch_size or self._stopping:
                     break

@@ -223,6 +223,17 @@ class Store(Protocol):
         :meth:`latest_complete_execution` answers None for it, as for a new task.
         """
 
+    async def ensure_partitions(self, now: datetime) -> int:
+        """Make the history's partitions for the weeks until a few weeks past ``now``;
+        returns how many weeks were added. Instants outside every week are stored all the
+        same (in the partitions below and above them): this only keeps weeks apart."""
+
+    async def drop_partitions(self, before: datetime, keep: int = 0) -> datetime:
+        """Drop the history of the oldest week if it is wholly before ``before``, all but
+        the newest ``keep`` executions of each task (kept, with their results); returns
+        the instant before which the rest is to be pruned row by row
+        (:meth:`prune_history`): the same again once no week is left to drop."""
+
     async def undelivered_tasks(self, agent_url: str, limit: int) -> list[Task]:
         """Active tasks assigned to this agent that it has not acknowledged (at their
         current revision), oldest first."""

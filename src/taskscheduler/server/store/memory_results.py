@@ -221,6 +221,12 @@ class MemoryResults(MemoryState):
                     count += 1
         return count
 
+    async def ensure_partitions(self, now: datetime) -> int:
+        return 0  # no partitions here: history is one collection
+
+    async def drop_partitions(self, before: datetime, keep: int = 0) -> datetime:
+        return before  # all by rows
+
     async def prune_history(self, before: datetime, limit: int, keep: int = 0) -> int:
         cutoff = utc(before)
         old = sorted(

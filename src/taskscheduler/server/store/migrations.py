@@ -1,14 +1,17 @@
 """The PostgreSQL schema, as an ordered list of migrations, and the runner applying them.
 
 Migration ``i`` (1-based) is ``MIGRATIONS[i - 1]``. Applied migrations are recorded in
-``schema_migrations``; each runs in its own transaction. Never edit a migration that has
-shipped: append a new one.
+``schema_migrations``; each runs in its own transaction, or, when it is a tuple of steps,
+each step in its own (an online migration must not hold one step's locks through the
+next; each step may run again if the server stops before the last, which records the
+version). Never edit a migration that has shipped: append a new one.
 """
 
 from __future__ import annotations
 
 from twisted.logger import Logger
 
+from taskscheduler.server.store.partitions import MIGRATION_16
 from taskscheduler.server.store.pool import Cursor
 
 #: A constant key for ``pg_advisory_lock``: two servers starting at once migrate in turn.
@@ -21,7 +24,7 @@ CREATE TABLE IF NOT EXISTS schema_migrations (
 )
 """
 
-MIGRATIONS: list[str] = [
+MIGRATIONS: list[str | tuple[str, ...]] = [
     # 1: tasks, the fleet, deliveries, executions and results.
     """
     CREATE TABLE tasks (
@@ -316,6 +319,10 @@ MIGRATIONS: list[str] = [
     ALTER TABLE notifications ADD COLUMN claimed_by text,
         ADD COLUMN claimed_until timestamptz;
     """,
+    # 16: history partitioned by week (issue 14): executions, results, claims and
+    # manual_runs, migrated online (server/store/partitions.py says how, and which locks
+    # each step takes for how long).
+    MIGRATION_16,
 ]
 
 
@@ -344,9 +351,19 @@ class Migrator:
             for version, sql in enumerate(MIGRATIONS, start=1):
                 if version in applied:
                     continue
+                steps = (sql,) if isinstance(sql, str) else sql
+                for step in steps[:-1]:
+                    await cursor.execute("BEGIN")
+                    try:
+                        await cursor.execute(step)
+                        await cursor.execute("COMMIT")
+                    except BaseException:
+                        if not cursor.connection.closed:
+                            await cursor.execute("ROLLBACK")
+                        raise
                 await cursor.execute("BEGIN")
                 try:
-                    await cursor.execute(sql)
+                    await cursor.execute(steps[-1])
                     await cursor.execute(
                         "INSERT INTO schema_migrations (version) VALUES (%s)", (version,)
                     )

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import uuid
 from collections.abc import Mapping, Sequence
-from datetime import datetime, timedelta
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 from taskscheduler.protocol import RunResult, TaskSpec
@@ -25,6 +25,7 @@ from taskscheduler.server.store.fleet import Fleet
 from taskscheduler.server.store.leases import Claimant, Leases
 from taskscheduler.server.store.migrations import Migrator
 from taskscheduler.server.store.notifications import Notifications
+from taskscheduler.server.store.partitions import Partitions
 from taskscheduler.server.store.pool import Database
 from taskscheduler.server.store.recording import Recording
 from taskscheduler.server.store.records import (
@@ -97,6 +98,8 @@ class PostgresStore:
         self.audit = Audit(self.db)
         self.claims = Claims(self.db)
         self.notifications = Notifications(self.db)
+        self.partitions = Partitions(self.db)
+        self._clock = reactor
 
     # -- lifecycle ----------------------------------------------------------------------
 
@@ -110,6 +113,8 @@ class PostgresStore:
         self.db.open()
         self.lease_db.open()
         await self.db.run(Migrator().migrate, transaction=False)
+        # The weeks ahead exist even when no retention service runs (--retention-days 0).
+        await self.partitions.ensure(datetime.fromtimestamp(self._clock.seconds(), UTC))
 
     async def stop(self) -> None:
         self.db.close()
@@ -240,6 +245,12 @@ class PostgresStore:
 
     async def prune_history(self, before: datetime, limit: int, keep: int = 0) -> int:
         return await self.results.prune_history(before, limit, keep)
+
+    async def ensure_partitions(self, now: datetime) -> int:
+        return await self.partitions.ensure(now)
+
+    async def drop_partitions(self, before: datetime, keep: int = 0) -> datetime:
+        return await self.partitions.drop(before, keep)
 
     # -- deliveries ---------------------------------------------------------------------
 

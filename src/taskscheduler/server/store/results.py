@@ -102,7 +102,8 @@ ORDER BY p.scheduled_at DESC, r.agent_id, r.attempt
 #: and the two cannot deadlock; whatever is skipped goes in a later call. Results are
 #: deleted first in the same statement, so the foreign key holds when it is checked. The
 #: locked executions are deleted by their row address (a TID scan: they cannot move while
-#: we hold their locks), so no plan ever joins against the whole table.
+#: we hold their locks), so no plan ever joins against the whole table; a row address
+#: names a row within one partition, so the partition (tableoid) is matched too.
 #: Start lateness of the newest scheduled executions fleet-wide (the agents page): a
 #: backward walk of ``executions_by_scheduled_at`` for N rows, then each one's results by
 #: the primary key's prefix; first attempts only (a retry starts late on purpose).
@@ -117,7 +118,7 @@ WHERE r.attempt = 1 AND r.started_at IS NOT NULL
 
 PRUNE_SQL = """
 WITH doomed AS (
-    SELECT ctid, task_id, scheduled_at FROM executions e
+    SELECT tableoid, ctid, task_id, scheduled_at FROM executions e
     WHERE scheduled_at < %(before)s
       -- the newest %(keep)s of its task are kept (rules.newest_kept): older than the
       -- keep-th newest, found by a backward walk of the primary key (none: fewer)
@@ -131,19 +132,26 @@ WITH doomed AS (
     DELETE FROM results r USING doomed d
     WHERE r.task_id = d.task_id AND r.scheduled_at = d.scheduled_at
 )
-DELETE FROM executions WHERE ctid = ANY(ARRAY(SELECT ctid FROM doomed))
+DELETE FROM executions
+WHERE ctid = ANY(ARRAY(SELECT ctid FROM doomed))
+  -- a row address is unique within one partition only
+  AND (tableoid, ctid) IN (SELECT tableoid, ctid FROM doomed)
 """
 
 #: Claims (run on one) of instants before the cutoff whose execution is gone (pruned,
 #: or never made: no result came), oldest first.
 PRUNE_CLAIMS_SQL = """
-DELETE FROM claims WHERE ctid = ANY(ARRAY(
-    SELECT c.ctid FROM claims c
+WITH doomed AS (
+    SELECT c.tableoid, c.ctid FROM claims c
     WHERE c.scheduled_at < %(before)s
       AND NOT EXISTS (SELECT 1 FROM executions e
                       WHERE e.task_id = c.task_id AND e.scheduled_at = c.scheduled_at)
     ORDER BY c.scheduled_at LIMIT %(limit)s
-    FOR UPDATE SKIP LOCKED))
+    FOR UPDATE SKIP LOCKED
+)
+DELETE FROM claims
+WHERE ctid = ANY(ARRAY(SELECT ctid FROM doomed))
+  AND (tableoid, ctid) IN (SELECT tableoid, ctid FROM doomed)
 """
 
 #: Each task's newest execution: the status of each agent's last attempt, and how many of
