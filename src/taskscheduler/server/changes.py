@@ -25,6 +25,7 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any, Protocol
 
+import psycopg2
 from twisted.application.service import Service
 from twisted.internet.defer import Deferred
 from twisted.internet.interfaces import IReactorTime
@@ -137,6 +138,14 @@ class _ListenerConnection(Connection):  # type: ignore[misc]
     def __init__(self, reactor: Any, on_lost: Callable[[Failure], None]) -> None:
         super().__init__(reactor)
         self._on_lost: Callable[[Failure], None] | None = on_lost
+
+    def doRead(self) -> Any:
+        try:
+            return super().doRead()
+        except psycopg2.Error as e:
+            # Returned, the reactor calls connectionLost with it (raised, it would also
+            # log an "Unhandled Error" for what is an ordinary lost connection).
+            return e
 
     def connectionLost(self, reason: Failure) -> None:
         super().connectionLost(reason)
@@ -321,10 +330,13 @@ class ChangeBus(Service):
         if conn is not self._conn:
             return  # an attempt's connection: the attempt fails by itself
         self._close()
+        if not self.running:
+            return
+        error = None if reason is None else reason.value
         self.log.warn(
             "lost the connection listening for other replicas' changes ({why}); "
             "reconnecting, then resynchronising",
-            why="it did not answer" if reason is None else reason.getErrorMessage(),
+            why="it did not answer" if error is None else first_line(error),
         )
         self._loop.kick()
 
