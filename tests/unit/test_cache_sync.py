@@ -10,10 +10,12 @@ from typing import Any
 
 import pytest
 import pytest_twisted
+from twisted.internet.defer import Deferred
 from twisted.internet.task import Clock
 
 from taskscheduler.schedule import utc_now_from
 from taskscheduler.server.cache_sync import CacheSync
+from taskscheduler.server.notify.notifier import Notifier
 from taskscheduler.server.store.memory import MemoryStore
 from taskscheduler.server.store.records import AgentRecord, AuditEvent, Task
 from tests.unit.test_changes import FakeDatabase, Replica
@@ -170,3 +172,66 @@ async def test_a_task_deleted_for_good_is_only_forgotten(sides: Any) -> None:
     a.sync.task_changed(dataclasses.replace(task, spec=gone))  # not in the store
     assert b.notifier.calls == [("forget_task", gone.task_id)]
     assert b.dispatcher.calls == []
+
+
+class CountingStore(MemoryStore):
+    def __init__(self) -> None:
+        super().__init__()
+        self.reads = 0
+
+    async def get_task(self, task_id: uuid.UUID) -> Task | None:
+        self.reads += 1
+        return await super().get_task(task_id)
+
+
+@pytest_twisted.ensureDeferred
+async def test_the_webhook_notifier_judges_with_the_task_another_replica_changed() -> None:
+    database, clock, store = FakeDatabase(), Clock(), CountingStore()
+    a, b = Side("a", database, clock, store), Side("b", database, clock, store)
+    notifier = Notifier(store, None, clock, b"secret")
+    b.sync = CacheSync(b.replica.bus, store, b.dispatcher, notifier, b.access, b.metrics)  # type: ignore[arg-type]
+    a.replica.bus.startService()
+    b.replica.bus.startService()
+    clock.advance(0)
+    task = await a_task(store)
+    assert await notifier._task(task.task_id) == task  # cached for seconds from now on
+    paused = await store.pause_task(task.task_id, NOW, audit("task.paused"))
+    assert paused is not None
+    a.sync.task_changed(paused[0])
+    reads = store.reads
+    assert await notifier._task(task.task_id) == paused[0]
+    assert store.reads == reads, "read once by the sync, not again"
+    # A reconnection: anything may have changed, so it is read again.
+    [listener] = [s for s in database.open_sessions() if s.observers[0].__self__ is b.replica.bus]
+    listener.break_()
+    clock.advance(0)
+    assert await notifier._task(task.task_id) == paused[0]
+    assert store.reads == reads + 1
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_task_changed_elsewhere_is_not_judged_from_the_cache_while_it_is_read() -> None:
+    database, clock, store = FakeDatabase(), Clock(), CountingStore()
+    a, b = Side("a", database, clock, store), Side("b", database, clock, store)
+    notifier = Notifier(store, None, clock, b"secret")
+    b.sync = CacheSync(b.replica.bus, store, b.dispatcher, notifier, b.access, b.metrics)  # type: ignore[arg-type]
+    a.replica.bus.startService()
+    b.replica.bus.startService()
+    clock.advance(0)
+    task = await a_task(store)
+    assert await notifier._task(task.task_id) == task
+    paused = await store.pause_task(task.task_id, NOW, audit("task.paused"))
+    assert paused is not None
+    gate: Deferred[None] = Deferred()
+    real_get = store.get_task
+
+    async def slow_get(task_id: uuid.UUID) -> Task | None:
+        await gate
+        return await real_get(task_id)
+
+    store.get_task = slow_get  # type: ignore[method-assign]
+    a.sync.task_changed(paused[0])  # B's read of it waits
+    looked_up = Deferred.fromCoroutine(notifier._task(task.task_id))
+    assert not looked_up.called, "not the stale task from the cache: read again"
+    gate.callback(None)
+    assert await looked_up == paused[0]
