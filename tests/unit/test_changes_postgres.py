@@ -24,6 +24,7 @@ from taskscheduler.server.store.postgres import PostgresStore
 from taskscheduler.server.store.records import AuditEvent
 from taskscheduler.server.tap import server_service
 from taskscheduler.services import ListeningPort, StartInOrder
+from tests.conftest import RestartablePostgres, _create_database, _drop_database
 from tests.unit.test_changes import Recorder
 from tests.unit.test_server_service import until
 
@@ -176,3 +177,30 @@ async def test_an_agent_revoked_through_one_replica_is_refused_by_the_other_at_o
     finally:
         await a.tree.stopService()
         await b.tree.stopService()
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_database_restart_is_ridden_out_with_back_off_then_a_resync(
+    restartable_postgres: RestartablePostgres,
+) -> None:
+    name, dsn = _create_database(restartable_postgres.server_dsn)
+    (a, _), (b, b_seen) = bus_on(dsn, "bus-a"), bus_on(dsn, "bus-b")
+    a.startService()
+    b.startService()
+    try:
+        await until(lambda: a.listening and b.listening and b_seen.resyncs == 1, 10)
+        await restartable_postgres.stop()
+        await until(lambda: not a.listening and not b.listening, 15)
+        a.publish(Change(Kind.FLEET_CHANGED))  # down: dropped, never raised
+        assert a.dropped == 1
+        await restartable_postgres.start()
+        await until(lambda: a.listening and b.listening and b_seen.resyncs >= 2, 30)
+        # A also asks B to resync for the change it could not announce.
+        await until(lambda: b_seen.resyncs >= 3, 10)
+        a.publish(Change(Kind.TASK_CREATED, TASK))
+        await until(lambda: bool(b_seen.changes), 10)
+        assert b_seen.changes == [Change(Kind.TASK_CREATED, TASK, replica="bus-a")]
+    finally:
+        a.stopService()
+        b.stopService()
+        _drop_database(restartable_postgres.server_dsn, name)
