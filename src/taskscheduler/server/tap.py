@@ -10,7 +10,8 @@ listens. The tree then starts in order
    operator tokens, and not yet accepting connections;
 2. the database: the embedded PostgreSQL when no DSN is given, then the store connected
    (waiting for the database up to ``--database-wait``), migrated, and told the fleet;
-3. the HTTP client's pool, the dispatcher, the history pruner;
+3. the HTTP client's pool, the dispatcher, the webhooks' notifier, the change bus (what
+   other replicas change, :mod:`taskscheduler.server.changes`), the history pruner;
 4. the port accepting connections.
 
 If a step fails, the server says why on stderr and in the log, stops what it started,
