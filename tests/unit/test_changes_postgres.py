@@ -15,13 +15,14 @@ import pytest_twisted
 import treq
 from psycopg2.extensions import make_dsn
 from twisted.internet import reactor as _reactor
+from twisted.internet.protocol import Factory, Protocol
 
 from taskscheduler.auth import AGENT_PREFIX, OPERATOR_PREFIX, hash_token, new_token
 from taskscheduler.schedule import utc_now_from
 from taskscheduler.server.changes import Change, ChangeBus, Kind, postgres_connect
 from taskscheduler.server.options import Options
 from taskscheduler.server.store.postgres import PostgresStore
-from taskscheduler.server.store.records import AuditEvent
+from taskscheduler.server.store.records import AuditEvent, StoreUnavailable
 from taskscheduler.server.tap import server_service
 from taskscheduler.services import ListeningPort, StartInOrder
 from tests.conftest import RestartablePostgres, _create_database, _drop_database
@@ -204,3 +205,15 @@ async def test_a_database_restart_is_ridden_out_with_back_off_then_a_resync(
         a.stopService()
         b.stopService()
         _drop_database(restartable_postgres.server_dsn, name)
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_database_that_accepts_but_never_answers_is_given_up() -> None:
+    silent = reactor.listenTCP(0, Factory.forProtocol(Protocol), interface="127.0.0.1")
+    try:
+        port = silent.getHost().port
+        connect = postgres_connect(reactor, timeout=0.5)
+        with pytest.raises(StoreUnavailable, match=r"did not answer within 0\.5 s"):
+            await connect(f"host=127.0.0.1 port={port} dbname=x", lambda reason: None)
+    finally:
+        await silent.stopListening()

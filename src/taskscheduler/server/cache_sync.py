@@ -176,8 +176,12 @@ class CacheSync:
                         error=str(e),
                     )
                     continue
-                if task is not None:
+                if task is None:
+                    continue
+                try:
                     self._task(kind, task)
+                except Exception:
+                    self.log.failure("acting on task {task_id}", task_id=str(task_id))
         finally:
             self._reading = False
 

@@ -35,6 +35,7 @@ from txpostgres.txpostgres import Connection
 
 from taskscheduler.retry import Backoff, RetryLoop
 from taskscheduler.server.store.pool import connection_params, first_line
+from taskscheduler.server.store.records import StoreUnavailable
 
 #: The channel every replica LISTENs on (NOTIFY is scoped to the database).
 CHANNEL = "taskscheduler_changes"
@@ -168,11 +169,19 @@ def postgres_connect(reactor: Any, timeout: float = CONNECT_TIMEOUT) -> Connect:
         if "application_name" in params:  # unless the DSN names it: told apart from the pool
             params["application_name"] = APPLICATION_NAME
         conn = _ListenerConnection(reactor, on_lost)
-        timer = reactor.callLater(timeout, conn.close)  # libpq's timeout is not async
+        timed_out = []
+
+        def give_up() -> None:
+            timed_out.append(True)
+            conn.close()
+
+        timer = reactor.callLater(timeout, give_up)  # libpq's timeout is not async
         try:
             await conn.connect(dsn, **params)
-        except BaseException:
+        except BaseException as e:
             conn.close()
+            if timed_out:
+                raise StoreUnavailable(f"PostgreSQL did not answer within {timeout:g} s") from e
             raise
         finally:
             if timer.active():
@@ -296,7 +305,12 @@ class ChangeBus(Service):
         if self._conn is not None or not self.running:
             return
         opened: list[Listener] = []
-        conn = await self._connect(self._dsn(), lambda reason: self._lost(opened[0], reason))
+
+        def lost(reason: Failure) -> None:
+            if opened:  # (before: the attempt fails by itself)
+                self._lost(opened[0], reason)
+
+        conn = await self._connect(self._dsn(), lost)
         opened.append(conn)
         timer = self._clock.callLater(self._send_timeout, conn.close)  # LISTEN must answer
         try:
