@@ -15,6 +15,7 @@ import pytest_twisted
 import treq
 from psycopg2.extensions import make_dsn
 from twisted.internet import reactor as _reactor
+from twisted.internet.defer import Deferred
 from twisted.internet.protocol import Factory, Protocol
 
 from taskscheduler.auth import AGENT_PREFIX, OPERATOR_PREFIX, hash_token, new_token
@@ -214,6 +215,7 @@ async def test_a_database_that_accepts_but_never_answers_is_given_up() -> None:
         port = silent.getHost().port
         connect = postgres_connect(reactor, timeout=0.5)
         with pytest.raises(StoreUnavailable, match=r"did not answer within 0\.5 s"):
-            await connect(f"host=127.0.0.1 port={port} dbname=x", lambda reason: None)
+            opening = connect(f"host=127.0.0.1 port={port} dbname=x", lambda reason: None)
+            await Deferred.fromCoroutine(opening).addTimeout(5, reactor)  # type: ignore[arg-type]
     finally:
         await silent.stopListening()
