@@ -6,7 +6,8 @@ Every request for a non-public route carries ``Authorization: Bearer <token>``:
   routes; without operator tokens, on loopback only, operator routes are open (the
   playground);
 - an enrolled agent's credential (``tsa_``), looked up by its hash in the ``agents``
-  table, for the routes agents call; a revoked credential is refused at once;
+  table, for the routes agents call; a revoked credential is refused at once, by every
+  replica of the server;
 - a join secret (``tsj_``), for enrolment only.
 
 A missing or unknown credential is 401 with a ``WWW-Authenticate`` challenge; a valid
@@ -30,9 +31,10 @@ from taskscheduler.web.gate import Access
 
 CHALLENGE = b'Bearer realm="taskscheduler"'
 CHALLENGE_INVALID = b'Bearer realm="taskscheduler", error="invalid_token"'
-#: Seconds an agent credential's lookup is reused. Revocation through this server
-#: clears the cache at once; the delay only matters for a change made in the database
-#: by hand.
+#: Seconds an agent credential's lookup is reused. A revocation or an enrolment through
+#: any replica clears the cache of every replica at once (this one's in the route, the
+#: others' when their change bus hears of it: :mod:`taskscheduler.server.cache_sync`),
+#: and so does a resync; the delay only matters for a change made in the database by hand.
 AGENT_CACHE_SECONDS = 5.0
 _PRINCIPAL_ATTRIBUTE = "_taskscheduler_principal"
 
@@ -85,7 +87,8 @@ class ServerAccess:
         self._agents: dict[str, tuple[AgentRecord | None, float]] = {}
 
     def forget_agents(self) -> None:
-        """Drop cached agent lookups (an agent was revoked)."""
+        """Drop cached agent lookups: an agent was revoked or enrolled, through this
+        replica or another, or the other replicas' changes may have been missed."""
         self._agents.clear()
 
     async def _agent(self, token: str) -> AgentRecord | None:

@@ -12,7 +12,8 @@ listens. The tree then starts in order
    (waiting for the database up to ``--database-wait``), migrated, and told the fleet;
 3. this replica's lease keeper (:mod:`taskscheduler.server.leases`), the HTTP client's
    pool, the dispatcher (links to the agents whose leases it holds), the webhooks'
-   sender, and the jobs run by the one replica holding their lease (``job:retention``,
+   sender, the change bus (what other replicas change, :mod:`taskscheduler.server.changes`),
+   and the jobs run by the one replica holding their lease (``job:retention``,
    ``job:incomplete``; ``job:leaves`` is the dispatcher's);
 4. the port accepting connections.
 
@@ -52,6 +53,8 @@ from taskscheduler.logs import LoggedDaemon
 from taskscheduler.redact import redact_dsn
 from taskscheduler.server.access import ServerAccess
 from taskscheduler.server.api.app import ServerAPI
+from taskscheduler.server.cache_sync import CacheSync
+from taskscheduler.server.changes import ChangeBus, postgres_connect
 from taskscheduler.server.database import DatabaseConnection, database_warnings, read_database_file
 from taskscheduler.server.dispatch import Dispatcher
 from taskscheduler.server.leases import LeasedService, LeaseKeeper
@@ -65,7 +68,7 @@ from taskscheduler.server.retention import HistoryPruner
 from taskscheduler.server.store.interface import Store
 from taskscheduler.server.store.leases import Claimant
 from taskscheduler.server.store.postgres import PostgresStore
-from taskscheduler.server.store.records import StoreUnavailable, Task
+from taskscheduler.server.store.records import StoreUnavailable
 from taskscheduler.services import ListeningPort, StartInOrder, Step
 from taskscheduler.signing import (
     InstructionSigner,
@@ -144,11 +147,13 @@ def server_service(
             "AVAILABLE_SERVERS is not set: the fleet stored in the database stands "
             "(change it with POST and DELETE /api/v1/fleet)"
         )
+    # This replica's name: it holds leases and signs the changes it announces.
+    replica = new_replica_id()
     # Work done once among the replicas is done by its lease's holder (server/leases.py).
     keeper = LeaseKeeper(
         store.leases,
         reactor,
-        new_replica_id(),
+        replica,
         ttl=options["lease-ttl"],
         renew_every=options["lease-renew"],
     )
@@ -171,21 +176,27 @@ def server_service(
         # operator passed the insecure flag on purpose.
         open_operator_routes=tokens is None,
     )
+    # Changes made here reach the other replicas' caches, and theirs ours.
+    bus = ChangeBus(
+        lambda: dsn or embedded_dsn(embedded), reactor, replica, postgres_connect(reactor)
+    )
+    sync = CacheSync(bus, store, dispatcher, notifier, access, metrics)
     api = ServerAPI(
         store,
         reactor,
         access,
-        on_task_created=both(dispatcher.task_created, notifier.task_changed),
+        on_task_created=sync.task_created,
         report_grace=timedelta(seconds=options["report-grace"]),
         server_public_key=public_key_text(signer.public_key),
-        on_agent_enrolled=lambda agent: dispatcher.agent_enrolled(agent.url),
-        on_task_deleted=both(dispatcher.task_deleted, notifier.task_changed),
-        on_task_changed=both(dispatcher.task_changed, notifier.task_changed),
+        on_agent_enrolled=sync.agent_enrolled,
+        on_task_deleted=sync.task_deleted,
+        on_task_changed=sync.task_changed,
         create_limiter=RateLimiter(reactor, options["create-rate"], options["create-burst"]),
         max_output_bytes=options["max-output-bytes"],
         clock_allowance=timedelta(seconds=options["clock-allowance"]),
-        on_fleet_changed=dispatcher.fleet_changed,
-        on_agent_relabelled=dispatcher.agent_relabelled,
+        on_fleet_changed=sync.fleet_changed,
+        on_agent_relabelled=sync.agent_relabelled,
+        on_agent_revoked=sync.agent_revoked,
         heartbeat_interval=options["heartbeat-interval"],
         claim_grace=timedelta(seconds=options["claim-grace"]),
         metrics=metrics,
@@ -254,6 +265,7 @@ def server_service(
     dispatcher.setServiceParent(tree)
     Step("webhook http client", stop=notify_http.close).setServiceParent(tree)
     notifier.setServiceParent(tree)
+    bus.setServiceParent(tree)
     if options["retention-days"]:
         retention = timedelta(days=options["retention-days"])
         keep = options["retention-min-executions"]
@@ -270,12 +282,10 @@ def server_service(
     return tree
 
 
-def both(first: Callable[[Task], None], second: Callable[[Task], None]) -> Callable[[Task], None]:
-    def call(task: Task) -> None:
-        first(task)
-        second(task)
-
-    return call
+def embedded_dsn(embedded: EmbeddedPostgres | None) -> str:
+    """The embedded PostgreSQL's DSN, once it runs."""
+    assert embedded is not None and embedded.dsn is not None
+    return embedded.dsn
 
 
 def make_notifier(

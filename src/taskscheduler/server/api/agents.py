@@ -126,6 +126,7 @@ class AgentRoutes(FleetRoutes):
             agent_id=str(parsed),
             url=record.url,
         )
+        self._on_agent_revoked(record)
         self._on_fleet_changed()
         return json_response(request, self.agent_view(record, await self._fleet_urls()))
 

@@ -130,6 +130,7 @@ class ServerAPI(
         claim_grace: timedelta = DEFAULT_CLAIM_GRACE,
         metrics: ServerMetrics | None = None,
         on_results_stored: Callable[[list[protocol.RunResult]], None] = lambda results: None,
+        on_agent_revoked: Callable[[AgentRecord], None] = lambda agent: None,
     ) -> None:
         self._store = store
         self._clock = clock
@@ -151,6 +152,7 @@ class ServerAPI(
         self._gate = None
         self._metrics_open = False
         self._on_results_stored = on_results_stored
+        self._on_agent_revoked = on_agent_revoked
         self._in_fleet_seen = {}
         self._assignments: set[tuple[str, uuid.UUID]] = set()
         # Per operator token: one client's burst must not hold back everyone's tasks.

@@ -42,6 +42,8 @@ class Routes:
     _on_task_changed: Callable[[Task], None]
     _on_agent_enrolled: Callable[[AgentRecord], None]
     _on_fleet_changed: Callable[[], None]
+    #: After the revocation committed (this server's agent cache is dropped already).
+    _on_agent_revoked: Callable[[AgentRecord], None]
     #: An agent's labels changed: the tasks of its URL may have changed.
     _on_agent_relabelled: Callable[[str], None]
     _report_grace: timedelta

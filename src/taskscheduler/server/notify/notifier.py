@@ -2,7 +2,7 @@
 
 The results routes hand it the results they stored (:meth:`Notifier.results_stored`:
 no I/O, the request answers at once). A single worker then takes them in order: looks
-the task up (cached a few seconds, and told of changes this server makes: a task with
+the task up (cached a few seconds, and told of changes any replica makes: a task with
 no webhook and no server default costs no query per result), moves the webhook state in
 the store, which says whether a notification is due, and hands each due one to a
 sender. Senders POST the signed body with treq, bounded by a timeout, retried with
@@ -60,7 +60,7 @@ DEFAULT_MAX_QUEUED = 10_000
 DEFAULT_MAX_SENDING = 8
 #: Most results judged in one transaction.
 BATCH = 1000
-#: How long a task looked up is trusted (changes made through this server: at once).
+#: How long a task looked up is trusted (changes made through any replica: at once).
 DEFAULT_CACHE_SECONDS = 10.0
 #: Answers worth another try; any other non-2xx is the receiver refusing.
 RETRIED_STATUSES = frozenset({408, 425, 429})
@@ -148,8 +148,17 @@ class Notifier(Service):
         self._wake()
 
     def task_changed(self, task: Task) -> None:
-        """This server created or changed ``task``: its webhook from now on."""
+        """This server created or changed ``task`` (or heard another replica did, and read
+        it again): its webhook from now on."""
         self._tasks[task.task_id] = (self._clock.seconds() + self._cache_seconds, task)
+
+    def forget_task(self, task_id: uuid.UUID) -> None:
+        """``task_id`` may have changed (another replica's change): read it again."""
+        self._tasks.pop(task_id, None)
+
+    def forget_tasks(self) -> None:
+        """Any task may have changed (changes of other replicas were missed)."""
+        self._tasks.clear()
 
     # -- the service ---------------------------------------------------------------------
 

@@ -57,6 +57,21 @@ def first_line(error: BaseException) -> str:
     return text.splitlines()[0] if text else type(error).__name__
 
 
+def connection_params(dsn: str) -> dict[str, str]:
+    """What every connection of the server adds to ``dsn`` unless it says otherwise
+    (the pool's and the change listener's, :mod:`taskscheduler.server.changes`)."""
+    # Keepalives make a vanished server (no RST) fail a query within ~15 s on TCP.
+    given = parse_dsn(dsn)
+    defaults = {
+        "application_name": "taskscheduler",
+        "keepalives": "1",
+        "keepalives_idle": "5",
+        "keepalives_interval": "2",
+        "keepalives_count": "3",
+    }
+    return {k: v for k, v in defaults.items() if k not in given}
+
+
 class _Pool:
     """Up to ``size`` txpostgres connections, opened on demand, replaced when broken."""
 
@@ -70,16 +85,7 @@ class _Pool:
         self._slots = DeferredSemaphore(size)
         self._idle: list[Connection] = []
         self._closed = False
-        # Keepalives make a vanished server (no RST) fail a query within ~15 s on TCP.
-        given = parse_dsn(dsn)
-        defaults = {
-            "application_name": "taskscheduler",
-            "keepalives": "1",
-            "keepalives_idle": "5",
-            "keepalives_interval": "2",
-            "keepalives_count": "3",
-        }
-        self._params = {k: v for k, v in defaults.items() if k not in given}
+        self._params = connection_params(dsn)
 
     @asynccontextmanager
     async def connection(self) -> AsyncIterator[Connection]:
