@@ -7,10 +7,26 @@ with it (a broken connection usually means the server restarted), and the next c
 opens fresh ones. Nothing waits forever: connecting has a deadline, and an operation
 that outlives its deadline has its connection closed under it. Every failure to reach
 the database surfaces as :class:`~taskscheduler.server.store.records.StoreUnavailable`.
+
+The DSN may name several hosts (libpq's ``host=a,b port=5432,5433`` or
+``postgresql://a:5432,b:5433/db``): libpq tries them in order, and with
+``target_session_attrs=read-write`` (the default here when the DSN does not say) keeps
+the first that takes writes, so after a failover new connections find the new primary.
+What happens to the operations under way when the primary fails (:func:`may_run_again`):
+
+- an idle connection whose server has gone (its socket reads as closed, or has something
+  to say while nobody asked) is thrown away before use, so nothing is sent on it;
+- an operation whose connection breaks is run once more on a fresh connection, within the
+  same deadline, if that cannot do anything twice: it ran in a transaction that never
+  reached COMMIT (it changed nothing), or its caller marked it ``idempotent`` (running it
+  twice leaves what running it once does, e.g. results by key and digest);
+- otherwise (a COMMIT in doubt, or a statement of an autocommit operation sent) it fails
+  with StoreUnavailable: the client hears 503 and has not been told it is stored.
 """
 
 from __future__ import annotations
 
+import select
 import time
 from collections.abc import AsyncIterator, Callable, Coroutine
 from contextlib import asynccontextmanager
@@ -33,6 +49,14 @@ Operation = Callable[[Cursor], Coroutine[Any, Any, T]]
 #: How often a transaction that lost a deadlock against another is retried.
 ROLLBACK_RETRIES = 5
 
+#: How often an operation whose connection broke is run again on a fresh connection (when
+#: :func:`may_run_again`): once is enough to leave a dead server's pooled connections behind,
+#: and a database that is still failing over answers the next one fast with a refusal.
+RECONNECT_RETRIES = 1
+
+#: What the server's sessions must be: every one of them may write.
+SESSION_ATTRS = "read-write"
+
 
 class QueryObserver(Protocol):
     """Told how long each operation took (:class:`taskscheduler.server.metrics.QueryMetrics`)."""
@@ -52,9 +76,63 @@ def is_connection_failure(error: BaseException) -> bool:
     ) and not isinstance(error, psycopg2.errors.TransactionRollbackError)
 
 
+def is_read_only(error: BaseException) -> bool:
+    """Whether ``error`` is a write refused by a read-only session (a standby's)."""
+    return isinstance(error, psycopg2.errors.ReadOnlySqlTransaction)
+
+
+def may_run_again(*, transaction: bool, idempotent: bool, reached_commit: bool) -> bool:
+    """Whether an operation whose connection broke under it may be run again.
+
+    Yes if running it twice cannot do anything twice: it is ``idempotent``, or it ran in a
+    transaction that never reached COMMIT, so it changed nothing. A broken COMMIT may or
+    may not have committed, and each statement of an operation run without a transaction
+    commits by itself: those are run again only when idempotent.
+    """
+    return idempotent or (transaction and not reached_commit)
+
+
 def first_line(error: BaseException) -> str:
     text = str(error).strip()
     return text.splitlines()[0] if text else type(error).__name__
+
+
+def connect_error(error: BaseException) -> str:
+    """libpq's reasons for a failed connection: one per host it tried (a multi-host DSN
+    fails with a line per host), on one line."""
+    lines = [line.strip() for line in str(error).splitlines() if line.strip()]
+    failed = [line for line in lines if "failed:" in line]
+    text = "; ".join(failed or lines[:1]) or type(error).__name__
+    if "read-only" in text or "hot standby" in text:
+        text += (
+            " (no host listed is a writable primary now: a standby is being promoted, or "
+            "the primary is missing from the DSN)"
+        )
+    return text
+
+
+def host_count(dsn: str) -> int:
+    """How many hosts a DSN lists (libpq tries each in turn)."""
+    try:
+        given = parse_dsn(dsn)
+    except psycopg2.ProgrammingError:
+        return 1
+    hosts = given.get("hostaddr") or given.get("host") or ""
+    return max(1, len(hosts.split(",")))
+
+
+def _idle_is_dead(conn: Connection) -> bool:
+    """Whether an idle connection's socket has something to read: nobody asked, so the
+    server closed it (or is closing it, or reports a change such as a promotion)."""
+    raw = conn.pollable()
+    if raw is None or raw.closed:
+        return True
+    try:
+        poller = select.poll()
+        poller.register(raw.fileno(), select.POLLIN | select.POLLERR | select.POLLHUP)
+        return bool(poller.poll(0))
+    except (OSError, ValueError, psycopg2.InterfaceError):
+        return True
 
 
 class _Pool:
@@ -70,7 +148,9 @@ class _Pool:
         self._slots = DeferredSemaphore(size)
         self._idle: list[Connection] = []
         self._closed = False
-        # Keepalives make a vanished server (no RST) fail a query within ~15 s on TCP.
+        # Keepalives make a vanished server (no RST) fail a query within ~15 s on TCP, and
+        # tcp_user_timeout a connect to one, so that libpq moves on to the next host.
+        # Each applies to every host of a multi-host DSN; libpq ignores them for sockets.
         given = parse_dsn(dsn)
         defaults = {
             "application_name": "taskscheduler",
@@ -78,8 +158,20 @@ class _Pool:
             "keepalives_idle": "5",
             "keepalives_interval": "2",
             "keepalives_count": "3",
+            "tcp_user_timeout": str(max(1, round(connect_timeout * 1000))),
+            "target_session_attrs": SESSION_ATTRS,
         }
         self._params = {k: v for k, v in defaults.items() if k not in given}
+        # libpq's connect_timeout does not apply to asynchronous connections: ours covers
+        # the whole connect, so it grows with the hosts libpq may have to try.
+        self._connect_deadline = connect_timeout * host_count(dsn)
+        attrs = given.get("target_session_attrs", SESSION_ATTRS)
+        if attrs not in (SESSION_ATTRS, "primary"):
+            self.log.warn(
+                "the database DSN says target_session_attrs={attrs}: a connection may land "
+                "on a read-only standby, where every write fails; use read-write",
+                attrs=attrs,
+            )
 
     @asynccontextmanager
     async def connection(self) -> AsyncIterator[Connection]:
@@ -95,7 +187,7 @@ class _Pool:
             try:
                 yield conn
             except BaseException as e:
-                if is_connection_failure(e) or conn.closed:
+                if is_connection_failure(e) or is_read_only(e) or conn.closed:
                     # Probably a server restart: every idle connection is dead too.
                     self._discard(conn)
                     conn = None
@@ -117,9 +209,11 @@ class _Pool:
     def _take_idle(self) -> Connection | None:
         while self._idle:
             conn = self._idle.pop()
-            if not conn.closed:
+            if not conn.closed and not _idle_is_dead(conn):
                 return conn
+            # Its server went away (a restart, a failover): so did the others'.
             self._discard(conn)
+            self.close_idle()
         return None
 
     async def _connect(self) -> Connection:
@@ -130,17 +224,16 @@ class _Pool:
             timed_out.append(True)
             self._discard(conn)
 
-        # libpq's connect_timeout does not apply to asynchronous connections.
-        timer = self._reactor.callLater(self._connect_timeout, give_up)
+        timer = self._reactor.callLater(self._connect_deadline, give_up)
         try:
             await conn.connect(self._dsn, **self._params)
         except (psycopg2.OperationalError, ConnectionDone, ConnectionLost) as e:
             self._discard(conn)
             if timed_out:
                 raise StoreUnavailable(
-                    f"PostgreSQL did not answer within {self._connect_timeout:g} s"
+                    f"PostgreSQL did not answer within {self._connect_deadline:g} s"
                 ) from None
-            raise StoreUnavailable(f"cannot connect to PostgreSQL: {first_line(e)}") from e
+            raise StoreUnavailable(f"cannot connect to PostgreSQL: {connect_error(e)}") from e
         finally:
             if timer.active():
                 timer.cancel()
@@ -167,6 +260,8 @@ class Database:
     ``reactor`` must provide ``IReactorFDSet`` and ``IReactorTime``. Every domain
     component of the store runs its SQL through :meth:`run`.
     """
+
+    log = Logger()
 
     def __init__(
         self,
@@ -204,33 +299,67 @@ class Database:
         if self._pool is not None:
             self._pool.close()
 
-    async def run(self, operation: Operation[T], *, transaction: bool = True) -> T:
+    async def run(
+        self, operation: Operation[T], *, transaction: bool = True, idempotent: bool = False
+    ) -> T:
         """Run ``operation`` with a cursor, in a transaction unless told otherwise.
 
-        A transaction that lost a deadlock is retried; past :data:`ROLLBACK_RETRIES`, and
-        on any failure to reach the database, this raises StoreUnavailable.
+        A transaction that lost a deadlock is retried; one whose connection broke is run
+        again on a fresh connection when :func:`may_run_again` (``idempotent``: running it
+        twice leaves what running it once does). Past :data:`ROLLBACK_RETRIES`, and on any
+        other failure to reach the database, this raises StoreUnavailable.
         """
         if self._pool is None:
             raise StoreUnavailable("the store is not started")
         if self.observer is not None:
             started = time.monotonic()
             try:
-                return await self._run(self._pool, operation, transaction)
+                return await self._run(self._pool, operation, transaction, idempotent)
             finally:
                 self.observer.observe(operation, time.monotonic() - started)
-        return await self._run(self._pool, operation, transaction)
+        return await self._run(self._pool, operation, transaction, idempotent)
 
-    async def _run(self, pool: _Pool, operation: Operation[T], transaction: bool) -> T:
-        for attempt in range(ROLLBACK_RETRIES):
+    async def _run(
+        self, pool: _Pool, operation: Operation[T], transaction: bool, idempotent: bool
+    ) -> T:
+        deadline = self._reactor.seconds() + self._operation_timeout
+        rollbacks = reconnects = 0
+        while True:
+            attempt = _Attempt()
             try:
-                return await self._run_once(pool, operation, transaction)
+                return await self._run_once(
+                    pool, operation, transaction, attempt, deadline - self._reactor.seconds()
+                )
             except psycopg2.errors.TransactionRollbackError:
                 # A deadlock or serialization failure: the transaction changed nothing.
-                if attempt + 1 == ROLLBACK_RETRIES:
+                rollbacks += 1
+                if rollbacks == ROLLBACK_RETRIES:
                     raise StoreUnavailable("the database is too contended; retry") from None
-        raise AssertionError("unreachable")
+            except _Broken as e:
+                again = may_run_again(
+                    transaction=transaction,
+                    idempotent=idempotent,
+                    reached_commit=attempt.reached_commit,
+                )
+                if not again or reconnects == RECONNECT_RETRIES:
+                    raise
+                if self._reactor.seconds() >= deadline:
+                    raise
+                reconnects += 1
+                self.log.info(
+                    "the database connection broke ({error}): running the operation again "
+                    "on a new connection",
+                    error=str(e),
+                )
 
-    async def _run_once(self, pool: _Pool, operation: Operation[T], transaction: bool) -> T:
+    async def _run_once(
+        self,
+        pool: _Pool,
+        operation: Operation[T],
+        transaction: bool,
+        attempt: _Attempt,
+        timeout: float,
+    ) -> T:
         try:
             async with pool.connection() as conn:
                 timed_out = []
@@ -239,12 +368,19 @@ class Database:
                     timed_out.append(True)
                     conn.close()
 
-                watchdog = self._reactor.callLater(self._operation_timeout, abort)
+                watchdog = self._reactor.callLater(max(0.0, timeout), abort)
                 try:
                     if transaction:
+
+                        async def body(cursor: Cursor) -> T:
+                            answer = await operation(cursor)
+                            attempt.reached_commit = True  # what follows is COMMIT
+                            return answer
+
                         return await conn.runInteraction(
-                            lambda cursor: Deferred.fromCoroutine(operation(cursor))
+                            lambda cursor: Deferred.fromCoroutine(body(cursor))
                         )
+                    attempt.reached_commit = True  # each statement commits by itself
                     return await operation(conn.cursor())
                 except BaseException as e:
                     if timed_out:
@@ -260,6 +396,28 @@ class Database:
         except BaseException as e:
             if isinstance(e, RollbackFailed) and not is_connection_failure(e.originalFailure.value):
                 e.originalFailure.raiseException()
+            if is_read_only(e):
+                self.log.error(
+                    "the database refused a write: this connection is to a read-only standby. "
+                    "List every host in the DSN with target_session_attrs=read-write"
+                )
+                raise StoreUnavailable(
+                    f"the database is read-only (a standby?): {first_line(e)}"
+                ) from e
             if is_connection_failure(e):
-                raise StoreUnavailable(f"database unavailable: {first_line(e)}") from e
+                in_doubt = " (its commit is in doubt)" if attempt.reached_commit else ""
+                raise _Broken(f"database unavailable{in_doubt}: {first_line(e)}") from e
             raise
+
+
+class _Attempt:
+    """How far one run of an operation got: whether it may have committed anything."""
+
+    __slots__ = ("reached_commit",)
+
+    def __init__(self) -> None:
+        self.reached_commit = False
+
+
+class _Broken(StoreUnavailable):
+    """The connection broke under an operation (not while connecting, nor at a deadline)."""
