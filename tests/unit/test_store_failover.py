@@ -7,8 +7,8 @@ tests on the real PostgreSQL)."""
 from __future__ import annotations
 
 import socket
-from collections.abc import Callable, Iterator
-from typing import Any
+from collections.abc import Callable, Coroutine, Iterator
+from typing import Any, TypeVar
 
 import psycopg2
 import psycopg2.errors
@@ -16,7 +16,14 @@ import pytest
 import pytest_twisted
 from psycopg2.extensions import make_dsn, parse_dsn
 from twisted.internet import reactor
-from twisted.internet.defer import Deferred, fail, maybeDeferred, succeed
+from twisted.internet.defer import (
+    Deferred,
+    DeferredList,
+    fail,
+    gatherResults,
+    maybeDeferred,
+    succeed,
+)
 from twisted.internet.task import Clock
 from twisted.logger import LogLevel, capturedLogs
 from txpostgres.txpostgres import RollbackFailed
@@ -31,7 +38,11 @@ from taskscheduler.server.store.pool import (
 )
 from taskscheduler.server.store.postgres import PostgresStore
 from taskscheduler.server.store.records import StoreUnavailable
+from tests.conftest import RestartablePostgres, _create_database, _drop_database
+from tests.unit.test_store_contract import ANCHOR, make_spec
 from tests.unit.test_store_postgres import within
+
+T = TypeVar("T")
 
 # -- a fake PostgreSQL ---------------------------------------------------------------------
 
@@ -49,6 +60,7 @@ class FakeServer:
         self.lose_ack = False
         self.refuse: Exception | None = None  # what connecting fails with
         self.read_only = False  # a standby: every write is refused
+        self.silent = False  # connecting never ends (a host that drops packets)
 
 
 class FakeCursor:
@@ -80,6 +92,9 @@ class FakeConnection:
     def connect(self, dsn: str, **params: str) -> Deferred[FakeConnection]:
         if self.server.refuse is not None:
             return fail(self.server.refuse)
+        if self.server.silent:
+            self._connecting: Deferred[FakeConnection] = Deferred()
+            return self._connecting
         self.dsn, self.params = dsn, params
         return succeed(self)
 
@@ -91,6 +106,8 @@ class FakeConnection:
         return self.sock.fileno()
 
     def close(self) -> None:
+        if self.server.silent and not self._connecting.called:
+            self._connecting.errback(psycopg2.OperationalError("connection closed"))
         if not self.closed:
             self.closed = True
             self.sock.close()
@@ -329,6 +346,20 @@ def test_a_dsn_that_does_not_say_asks_for_a_writable_session(server: FakeServer)
     assert host_count("hostaddr=10.0.0.1,10.0.0.2,10.0.0.3 dbname=ts") == 3
 
 
+def test_connecting_may_take_the_connect_timeout_for_each_host(server: FakeServer) -> None:
+    # libpq tries the hosts in turn, each within tcp_user_timeout: the pool's own deadline
+    # (libpq's does not apply to asynchronous connections) leaves time for every one.
+    db, clock = opened("host=a,b port=5432,5433 dbname=ts")
+    server.silent = True
+    outcome: list[Any] = []
+    Deferred.fromCoroutine(db.run(Counted())).addBoth(outcome.append)
+    clock.advance(9.9)
+    assert not outcome, "the second host still has time"
+    clock.advance(0.1)
+    (error,) = outcome
+    assert error.check(StoreUnavailable) and "within 10 s" in str(error.value)
+
+
 def test_connect_error_names_each_host_on_one_line() -> None:
     error = psycopg2.OperationalError(
         'connection to server at "a", port 1 failed: Connection refused\n\tIs the server...\n'
@@ -377,3 +408,29 @@ async def test_a_read_only_server_is_refused_or_reported(database_dsn: str) -> N
     with pytest.raises(StoreUnavailable, match="the database is read-only"):
         await within(10, store.start())
     await store.stop()
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_server_that_went_away_between_calls_costs_no_failure(
+    restartable_postgres: RestartablePostgres,
+) -> None:
+    name, dsn = _create_database(restartable_postgres.server_dsn)
+    store = PostgresStore(dsn, reactor=reactor, connect_timeout=5, operation_timeout=10)
+    try:
+        await store.start()
+        task = await store.create_task(make_spec(), ANCHOR)
+        # Idle connections to a server that then restarts (or fails over) with no call
+        # in between: none of them is used, so no call fails.
+        await DeferredList([Deferred.fromCoroutine(store.get_task(task.task_id)) for _ in range(4)])
+        assert store.db.pool_state() == (PostgresStore.DEFAULT_POOL_SIZE, 0, 4, 0)
+        await restartable_postgres.stop()
+        await restartable_postgres.start()
+        found = await within(30, _all(*(store.get_task(task.task_id) for _ in range(4))))
+        assert found == [task] * 4
+    finally:
+        await store.stop()
+        _drop_database(restartable_postgres.server_dsn, name)
+
+
+async def _all(*calls: Coroutine[Any, Any, T]) -> list[T]:
+    return list(await gatherResults([Deferred.fromCoroutine(call) for call in calls]))
