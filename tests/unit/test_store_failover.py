@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import socket
 from collections.abc import Callable, Coroutine, Iterator
+from types import SimpleNamespace
 from typing import Any, TypeVar
 
 import psycopg2
@@ -25,7 +26,7 @@ from twisted.internet.defer import (
     succeed,
 )
 from twisted.internet.task import Clock
-from twisted.logger import LogLevel, capturedLogs
+from twisted.logger import LogLevel, capturedLogs, formatEvent
 from txpostgres.txpostgres import RollbackFailed
 
 from taskscheduler.server.store import pool
@@ -61,6 +62,7 @@ class FakeServer:
         self.refuse: Exception | None = None  # what connecting fails with
         self.read_only = False  # a standby: every write is refused
         self.silent = False  # connecting never ends (a host that drops packets)
+        self.host, self.port = "db1", 5432  # where a new connection lands
 
 
 class FakeCursor:
@@ -96,6 +98,7 @@ class FakeConnection:
             self._connecting: Deferred[FakeConnection] = Deferred()
             return self._connecting
         self.dsn, self.params = dsn, params
+        self.info = SimpleNamespace(host=self.server.host, port=self.server.port)
         return succeed(self)
 
     def pollable(self) -> Any:
@@ -300,6 +303,21 @@ def test_an_idle_connection_whose_server_closed_it_is_never_used(server: FakeSer
     # A live idle connection is used again.
     assert run(db, Counted("write 3")) == "done"
     assert len(server.connections) == 2
+
+
+def test_a_connection_that_lands_on_another_host_is_logged(server: FakeServer) -> None:
+    db, _ = opened()
+    with capturedLogs() as events:
+        run(db, Counted())
+        server.connections[0].peer.close()  # the primary dies; the standby takes over
+        server.host, server.port = "db2", 5433
+        run(db, Counted())
+        run(db, Counted())
+    said = [formatEvent(e) for e in events if "connected to PostgreSQL" in e["log_format"]]
+    assert said == [
+        "connected to PostgreSQL at db1:5432",
+        "connected to PostgreSQL at db2:5433 (it was at db1:5432)",
+    ]
 
 
 def test_a_write_to_a_read_only_standby_is_reported_and_its_connection_dropped(

@@ -8,6 +8,8 @@ opens fresh ones. Nothing waits forever: connecting has a deadline, and an opera
 that outlives its deadline has its connection closed under it. Every failure to reach
 the database surfaces as :class:`~taskscheduler.server.store.records.StoreUnavailable`.
 
+(Over 400 lines: how connections are made and how operations use them are one policy.)
+
 The DSN may name several hosts (libpq's ``host=a,b port=5432,5433`` or
 ``postgresql://a:5432,b:5433/db``): libpq tries them in order, and with
 ``target_session_attrs=read-write`` (the default here when the DSN does not say) keeps
@@ -165,6 +167,7 @@ class _Pool:
         # libpq's connect_timeout does not apply to asynchronous connections: ours covers
         # the whole connect, so it grows with the hosts libpq may have to try.
         self._connect_deadline = connect_timeout * host_count(dsn)
+        self._host: str | None = None  # where the last connection went
         attrs = given.get("target_session_attrs", SESSION_ATTRS)
         if attrs not in (SESSION_ATTRS, "primary"):
             self.log.warn(
@@ -237,7 +240,24 @@ class _Pool:
         finally:
             if timer.active():
                 timer.cancel()
+        self._note_host(conn)
         return conn
+
+    def _note_host(self, conn: Connection) -> None:
+        """Log the host a connection reached when it is not the last one's: after a
+        failover, the operator reads where the server now writes."""
+        try:
+            info = conn.pollable().info
+            where = f"{info.host}:{info.port}"
+        except (AttributeError, psycopg2.Error):
+            return
+        if where != self._host:
+            self.log.info(
+                "connected to PostgreSQL at {where}{was}",
+                where=where,
+                was="" if self._host is None else f" (it was at {self._host})",
+            )
+            self._host = where
 
     @staticmethod
     def _discard(conn: Connection) -> None:
