@@ -33,6 +33,9 @@ from tests.integration.daemons import Fleet, wait_for
 
 pytestmark = [pytest.mark.integration, pytest.mark.faults]
 
+#: Agents reporting a run every second each, beside a stream of task creations.
+AGENTS = 3
+
 
 @pytest.fixture
 def streaming_pair() -> Iterator[StreamingPair]:
@@ -83,7 +86,7 @@ class Creator(threading.Thread):
                 self.unavailable += 1
             else:
                 self.other.append((code, answer))
-            self.done.wait(0.2)  # pacing the creations, not waiting for an event
+            self.done.wait(0.05)  # pacing the creations, not waiting for an event
 
 
 def test_a_primary_killed_under_load_fails_over_with_nothing_acknowledged_lost(
@@ -92,12 +95,12 @@ def test_a_primary_killed_under_load_fails_over_with_nothing_acknowledged_lost(
     rng, seed = seeded_random("pg-failover")
     pair = streaming_pair
     dbname = parse_dsn(create_database(pair.primary.dsn))["dbname"]
-    fleet = start_fleet(tmp_path, 2, pair.multi_host_uri(dbname))
+    fleet = start_fleet(tmp_path, AGENTS, pair.multi_host_uri(dbname))
     creator = Creator(fleet)
     try:
         server_pid = fleet.server.process.pid if fleet.server.process else None
         task_id = create_witnessed_task(fleet)
-        agent_ids = [str((agent_health(fleet, i) or {})["agent_id"]) for i in range(2)]
+        agent_ids = [str((agent_health(fleet, i) or {})["agent_id"]) for i in range(AGENTS)]
         creator.start()
         time.sleep(rng.uniform(2.0, 4.0))  # the fault's moment, not a wait for an event
         pair.primary.kill()
