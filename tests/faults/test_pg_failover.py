@@ -76,7 +76,7 @@ class Creator(threading.Thread):
             body = {"command": f"echo created {n}", "frequency": "every 24 hours"}
             try:
                 code, answer = self.fleet.api("POST", "/api/v1/tasks/create", body)
-            except Exception as e:  # noqa: BLE001 - told in the test's failure, not lost
+            except Exception as e:  # told in the test's failure, not lost
                 self.other.append((0, repr(e)))
                 self.done.wait(0.2)
                 continue
@@ -120,6 +120,8 @@ def test_a_primary_killed_under_load_fails_over_with_nothing_acknowledged_lost(
         promoted = time.monotonic()
         wait_for(lambda: _health(fleet)[0] == 200, 30, "the server to reach the new primary")
         recovered = time.monotonic() - promoted
+        moved = f"connected to PostgreSQL at 127.0.0.1:{pair.standby.port}"
+        assert moved in fleet.server.whole_log(), "the server says where it writes now"
         # The load goes on against the new primary for a moment.
         creations = len(creator.acknowledged)
         wait_for(lambda: len(creator.acknowledged) >= creations + 3, 20, "creations to go on")

@@ -23,7 +23,8 @@ What happens to the operations under way when the primary fails (:func:`may_run_
   reached COMMIT (it changed nothing), or its caller marked it ``idempotent`` (running it
   twice leaves what running it once does, e.g. results by key and digest);
 - otherwise (a COMMIT in doubt, or a statement of an autocommit operation sent) it fails
-  with StoreUnavailable: the client hears 503 and has not been told it is stored.
+  with CommitInDoubt (a StoreUnavailable): the client hears 503, and that the change may
+  or may not have been made.
 """
 
 from __future__ import annotations
@@ -42,7 +43,7 @@ from twisted.internet.error import ConnectionDone, ConnectionLost
 from twisted.logger import Logger
 from txpostgres.txpostgres import Connection, RollbackFailed
 
-from taskscheduler.server.store.records import StoreUnavailable
+from taskscheduler.server.store.records import CommitInDoubt, StoreUnavailable
 
 T = TypeVar("T")
 Cursor = Any  # txpostgres.Cursor: execute() returns a Deferred, the rest is psycopg2's
@@ -362,6 +363,8 @@ class Database:
                     reached_commit=attempt.reached_commit,
                 )
                 if not again or reconnects == RECONNECT_RETRIES:
+                    if attempt.reached_commit and not idempotent:
+                        raise CommitInDoubt(str(e)) from e
                     raise
                 if self._reactor.seconds() >= deadline:
                     raise
