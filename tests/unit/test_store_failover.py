@@ -454,3 +454,47 @@ async def test_a_server_that_went_away_between_calls_costs_no_failure(
 
 async def _all(*calls: Coroutine[Any, Any, T]) -> list[T]:
     return list(await gatherResults([Deferred.fromCoroutine(call) for call in calls]))
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_transaction_whose_backend_is_killed_runs_again_on_the_real_database(
+    database_dsn: str,
+) -> None:
+    """The error shapes txpostgres really raises (a failed ROLLBACK after the lost
+    connection): the transaction is run again, and commits once."""
+    store = PostgresStore(database_dsn, reactor=reactor)
+    await within(20, store.start())
+    runs: list[int] = []
+
+    async def operation(cursor: Cursor) -> int:
+        await cursor.execute("SELECT pg_backend_pid()")
+        (pid,) = cursor.fetchone()
+        runs.append(pid)
+        await cursor.execute("CREATE TABLE IF NOT EXISTS marks (n int)")
+        await cursor.execute("INSERT INTO marks VALUES (1)")
+        if len(runs) == 1:
+            # Another session kills this one mid-transaction, as a failover would.
+            killer = psycopg2.connect(database_dsn)
+            try:
+                killer.autocommit = True
+                killer.cursor().execute("SELECT pg_terminate_backend(%s)", (pid,))
+            finally:
+                killer.close()
+        await cursor.execute("SELECT count(*) FROM marks")
+        (count,) = cursor.fetchone()
+        return int(count)
+
+    try:
+        assert await within(10, store.db.run(operation)) == 1
+        assert len(runs) == 2 and runs[0] != runs[1]
+        # Outside a transaction the same break is not run again: it may have committed.
+        runs.clear()
+
+        async def autocommit(cursor: Cursor) -> int:
+            return await operation(cursor)
+
+        with pytest.raises(CommitInDoubt):
+            await within(10, store.db.run(autocommit, transaction=False))
+        assert len(runs) == 1
+    finally:
+        await store.stop()
