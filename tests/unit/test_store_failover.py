@@ -176,8 +176,19 @@ def server(monkeypatch: pytest.MonkeyPatch) -> Iterator[FakeServer]:
         conn.close()
 
 
-def opened(dsn: str = "host=a,b port=5432,5433 dbname=ts") -> tuple[Database, Clock]:
-    clock = Clock()
+class FakeReactor(Clock):
+    """Time, and the readers the pool stops watching."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.unwatched: list[Any] = []
+
+    def removeReader(self, reader: Any) -> None:
+        self.unwatched.append(reader)
+
+
+def opened(dsn: str = "host=a,b port=5432,5433 dbname=ts") -> tuple[Database, FakeReactor]:
+    clock = FakeReactor()
     db = Database(dsn, clock, pool_size=4, connect_timeout=5, operation_timeout=30)
     db.open()
     return db, clock
@@ -293,9 +304,10 @@ def test_a_connection_that_cannot_be_made_is_not_tried_again_at_once(server: Fak
 
 
 def test_an_idle_connection_whose_server_closed_it_is_never_used(server: FakeServer) -> None:
-    db, _ = opened()
+    db, clock = opened()
     assert run(db, Counted("write 1")) == "done"
     assert len(server.connections) == 1
+    assert clock.unwatched == server.connections, "idle, the reactor does not watch it"
     # The primary dies: the kernel closes its end of every connection.
     server.connections[0].peer.close()
     sent_before = len(server.sent)
@@ -443,10 +455,15 @@ async def test_a_server_that_went_away_between_calls_costs_no_failure(
         # in between: none of them is used, so no call fails.
         await DeferredList([Deferred.fromCoroutine(store.get_task(task.task_id)) for _ in range(4)])
         assert store.db.pool_state() == (PostgresStore.DEFAULT_POOL_SIZE, 0, 4, 0)
-        await restartable_postgres.stop()
-        await restartable_postgres.start()
-        found = await within(30, _all(*(store.get_task(task.task_id) for _ in range(4))))
+        with capturedLogs() as events:
+            await restartable_postgres.stop()
+            await restartable_postgres.start()
+            found = await within(30, _all(*(store.get_task(task.task_id) for _ in range(4))))
         assert found == [task] * 4
+        # Nor does the reactor log a traceback for each connection that died idle.
+        # (the reactor's errors are legacy events: "isError", "failure")
+        tracebacks = [e for e in events if e.get("isError") or "log_failure" in e]
+        assert [formatEvent(e) for e in tracebacks] == []
     finally:
         await store.stop()
         _drop_database(restartable_postgres.server_dsn, name)

@@ -202,6 +202,10 @@ class _Pool:
                 if self._closed or conn.closed:
                     self._discard(conn)
                 else:
+                    # Unwatched while idle (nothing LISTENs on it): a server gone away
+                    # is found when it is next taken (_idle_is_dead), not by a
+                    # traceback from txpostgres in the reactor.
+                    self._reactor.removeReader(conn)
                     self._idle.append(conn)
             self._slots.release()
 
