@@ -7,6 +7,7 @@ tests on the real PostgreSQL)."""
 from __future__ import annotations
 
 import socket
+import uuid
 from collections.abc import Callable, Coroutine, Iterator
 from types import SimpleNamespace
 from typing import Any, TypeVar
@@ -30,6 +31,8 @@ from twisted.logger import LogLevel, capturedLogs, formatEvent
 from txpostgres.txpostgres import RollbackFailed
 
 from taskscheduler.server.store import pool
+from taskscheduler.server.store.claims import Claims
+from taskscheduler.server.store.create_batch import CreateBatches
 from taskscheduler.server.store.pool import (
     Cursor,
     Database,
@@ -38,9 +41,10 @@ from taskscheduler.server.store.pool import (
     may_run_again,
 )
 from taskscheduler.server.store.postgres import PostgresStore
-from taskscheduler.server.store.records import CommitInDoubt, StoreUnavailable
+from taskscheduler.server.store.recording import Recording
+from taskscheduler.server.store.records import Claim, CommitInDoubt, StoreUnavailable, Task
 from tests.conftest import RestartablePostgres, _create_database, _drop_database
-from tests.unit.test_store_contract import ANCHOR, make_spec
+from tests.unit.test_store_contract import A_ID, A_URL, ANCHOR, GRACE, at, make_spec, result
 from tests.unit.test_store_postgres import within
 
 T = TypeVar("T")
@@ -345,6 +349,36 @@ def test_a_write_to_a_read_only_standby_is_reported_and_its_connection_dropped(
     assert isinstance(error, StoreUnavailable) and "read-only" in str(error)
     assert any("target_session_attrs=read-write" in text for text in errors)
     assert server.connections[0].closed, "a standby's connection is not pooled"
+
+
+class FlagDatabase:
+    """Records how each operation asks to be run; runs none."""
+
+    def __init__(self) -> None:
+        self.calls: list[dict[str, bool]] = []
+
+    async def run(self, operation: Any, **how: bool) -> Any:
+        self.calls.append(how)
+        return []
+
+
+@pytest_twisted.ensureDeferred
+async def test_results_and_claims_may_run_again_and_creates_may_not() -> None:
+    db = FlagDatabase()
+    task_id = uuid.uuid4()
+    # A result stored twice is found by key and digest: "duplicate", which the agent
+    # takes as stored.
+    await Recording(db).record_results([result(task_id, A_ID, 1)], at(1))  # type: ignore[arg-type]
+    # The holder of a claim is granted it again.
+    claim = Claim(task_id, at(1), A_ID, A_URL, 1)
+    await Claims(db).claim_instant(claim, at(1), GRACE, at(0))  # type: ignore[arg-type]
+    # A task's id is made by the API: created twice, it would be two tasks.
+    await CreateBatches(db).create(Task(make_spec(), ANCHOR), None)  # type: ignore[arg-type]
+    assert db.calls == [
+        {"transaction": False, "idempotent": True},
+        {"transaction": False, "idempotent": True},
+        {"transaction": False},
+    ]
 
 
 # -- multi-host DSNs --------------------------------------------------------------------------
