@@ -33,13 +33,8 @@ from txpostgres.txpostgres import RollbackFailed
 from taskscheduler.server.store import pool
 from taskscheduler.server.store.claims import Claims
 from taskscheduler.server.store.create_batch import CreateBatches
-from taskscheduler.server.store.pool import (
-    Cursor,
-    Database,
-    connect_error,
-    host_count,
-    may_run_again,
-)
+from taskscheduler.server.store.failover import connect_error, host_count, may_run_again
+from taskscheduler.server.store.pool import Cursor, Database
 from taskscheduler.server.store.postgres import PostgresStore
 from taskscheduler.server.store.recording import Recording
 from taskscheduler.server.store.records import Claim, CommitInDoubt, StoreUnavailable, Task

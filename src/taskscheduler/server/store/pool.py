@@ -8,28 +8,13 @@ opens fresh ones. Nothing waits forever: connecting has a deadline, and an opera
 that outlives its deadline has its connection closed under it. Every failure to reach
 the database surfaces as :class:`~taskscheduler.server.store.records.StoreUnavailable`.
 
-(Over 400 lines: how connections are made and how operations use them are one policy.)
-
-The DSN may name several hosts (libpq's ``host=a,b port=5432,5433`` or
-``postgresql://a:5432,b:5433/db``): libpq tries them in order, and with
-``target_session_attrs=read-write`` (the default here when the DSN does not say) keeps
-the first that takes writes, so after a failover new connections find the new primary.
-What happens to the operations under way when the primary fails (:func:`may_run_again`):
-
-- an idle connection whose server has gone (its socket reads as closed, or has something
-  to say while nobody asked) is thrown away before use, so nothing is sent on it;
-- an operation whose connection breaks is run once more on a fresh connection, within the
-  same deadline, if that cannot do anything twice: it ran in a transaction that never
-  reached COMMIT (it changed nothing), or its caller marked it ``idempotent`` (running it
-  twice leaves what running it once does, e.g. results by key and digest);
-- otherwise (a COMMIT in doubt, or a statement of an autocommit operation sent) it fails
-  with CommitInDoubt (a StoreUnavailable): the client hears 503, and that the change may
-  or may not have been made.
+What to do when the primary fails over is :mod:`~taskscheduler.server.store.failover`:
+a multi-host DSN's session, idle connections to a dead server never used, and which
+operations run again when their connection breaks (:func:`~.failover.may_run_again`).
 """
 
 from __future__ import annotations
 
-import select
 import time
 from collections.abc import AsyncIterator, Callable, Coroutine
 from contextlib import asynccontextmanager
@@ -43,6 +28,16 @@ from twisted.internet.error import ConnectionDone, ConnectionLost
 from twisted.logger import Logger
 from txpostgres.txpostgres import Connection, RollbackFailed
 
+from taskscheduler.server.store.failover import (
+    RECONNECT_RETRIES,
+    SESSION_ATTRS,
+    connect_error,
+    host_count,
+    idle_is_dead,
+    is_read_only,
+    may_run_again,
+    session_params,
+)
 from taskscheduler.server.store.records import CommitInDoubt, StoreUnavailable
 
 T = TypeVar("T")
@@ -51,14 +46,6 @@ Operation = Callable[[Cursor], Coroutine[Any, Any, T]]
 
 #: How often a transaction that lost a deadlock against another is retried.
 ROLLBACK_RETRIES = 5
-
-#: How often an operation whose connection broke is run again on a fresh connection (when
-#: :func:`may_run_again`): once is enough to leave a dead server's pooled connections behind,
-#: and a database that is still failing over answers the next one fast with a refusal.
-RECONNECT_RETRIES = 1
-
-#: What the server's sessions must be: every one of them may write.
-SESSION_ATTRS = "read-write"
 
 
 class QueryObserver(Protocol):
@@ -79,63 +66,9 @@ def is_connection_failure(error: BaseException) -> bool:
     ) and not isinstance(error, psycopg2.errors.TransactionRollbackError)
 
 
-def is_read_only(error: BaseException) -> bool:
-    """Whether ``error`` is a write refused by a read-only session (a standby's)."""
-    return isinstance(error, psycopg2.errors.ReadOnlySqlTransaction)
-
-
-def may_run_again(*, transaction: bool, idempotent: bool, reached_commit: bool) -> bool:
-    """Whether an operation whose connection broke under it may be run again.
-
-    Yes if running it twice cannot do anything twice: it is ``idempotent``, or it ran in a
-    transaction that never reached COMMIT, so it changed nothing. A broken COMMIT may or
-    may not have committed, and each statement of an operation run without a transaction
-    commits by itself: those are run again only when idempotent.
-    """
-    return idempotent or (transaction and not reached_commit)
-
-
 def first_line(error: BaseException) -> str:
     text = str(error).strip()
     return text.splitlines()[0] if text else type(error).__name__
-
-
-def connect_error(error: BaseException) -> str:
-    """libpq's reasons for a failed connection: one per host it tried (a multi-host DSN
-    fails with a line per host), on one line."""
-    lines = [line.strip() for line in str(error).splitlines() if line.strip()]
-    failed = [line for line in lines if "failed:" in line]
-    text = "; ".join(failed or lines[:1]) or type(error).__name__
-    if "read-only" in text or "hot standby" in text:
-        text += (
-            " (no host listed is a writable primary now: a standby is being promoted, or "
-            "the primary is missing from the DSN)"
-        )
-    return text
-
-
-def host_count(dsn: str) -> int:
-    """How many hosts a DSN lists (libpq tries each in turn)."""
-    try:
-        given = parse_dsn(dsn)
-    except psycopg2.ProgrammingError:
-        return 1
-    hosts = given.get("hostaddr") or given.get("host") or ""
-    return max(1, len(hosts.split(",")))
-
-
-def _idle_is_dead(conn: Connection) -> bool:
-    """Whether an idle connection's socket has something to read: nobody asked, so the
-    server closed it (or is closing it, or reports a change such as a promotion)."""
-    raw = conn.pollable()
-    if raw is None or raw.closed:
-        return True
-    try:
-        poller = select.poll()
-        poller.register(raw.fileno(), select.POLLIN | select.POLLERR | select.POLLHUP)
-        return bool(poller.poll(0))
-    except (OSError, ValueError, psycopg2.InterfaceError):
-        return True
 
 
 class _Pool:
@@ -151,20 +84,8 @@ class _Pool:
         self._slots = DeferredSemaphore(size)
         self._idle: list[Connection] = []
         self._closed = False
-        # Keepalives make a vanished server (no RST) fail a query within ~15 s on TCP, and
-        # tcp_user_timeout a connect to one, so that libpq moves on to the next host.
-        # Each applies to every host of a multi-host DSN; libpq ignores them for sockets.
         given = parse_dsn(dsn)
-        defaults = {
-            "application_name": "taskscheduler",
-            "keepalives": "1",
-            "keepalives_idle": "5",
-            "keepalives_interval": "2",
-            "keepalives_count": "3",
-            "tcp_user_timeout": str(max(1, round(connect_timeout * 1000))),
-            "target_session_attrs": SESSION_ATTRS,
-        }
-        self._params = {k: v for k, v in defaults.items() if k not in given}
+        self._params = session_params(dsn, connect_timeout)
         # libpq's connect_timeout does not apply to asynchronous connections: ours covers
         # the whole connect, so it grows with the hosts libpq may have to try.
         self._connect_deadline = connect_timeout * host_count(dsn)
@@ -217,7 +138,7 @@ class _Pool:
     def _take_idle(self) -> Connection | None:
         while self._idle:
             conn = self._idle.pop()
-            if not conn.closed and not _idle_is_dead(conn):
+            if not conn.closed and not idle_is_dead(conn):
                 return conn
             # Its server went away (a restart, a failover): so did the others'.
             self._discard(conn)
