@@ -18,6 +18,7 @@ import shutil
 import signal
 import subprocess
 import tempfile
+import warnings
 from pathlib import Path
 
 import psutil
@@ -31,7 +32,10 @@ STANDBY_NAME = "standby"
 
 
 def postgres_bin() -> Path:
-    import pgserver
+    with warnings.catch_warnings():
+        # platformdirs warns at import when XDG_RUNTIME_DIR is unset: nothing we use.
+        warnings.simplefilter("ignore")
+        import pgserver
 
     return Path(pgserver.__file__).parent / "pginstall" / "bin"
 
@@ -103,6 +107,7 @@ class StreamingPair:
         self.root.chmod(0o755)
         self.user = None
         if os.geteuid() == 0:
+            postgres_bin()  # pgserver imported quietly first
             from pgserver.utils import ensure_user_exists
 
             ensure_user_exists("pgserver")
