@@ -318,6 +318,21 @@ def test_tokens_from_an_environment_variable() -> None:
         ("host=db sslpassword=s3cret", "host=db sslpassword=***"),
         ("host=db user=password", "host=db user=password"),
         ("host=/tmp/pg dbname=tasks", "host=/tmp/pg dbname=tasks"),
+        # Several hosts (a primary and its standbys), in both forms.
+        (
+            "postgresql://app:s3cret@db1:5432,db2:5433/tasks?target_session_attrs=read-write",
+            "postgresql://app:***@db1:5432,db2:5433/tasks?target_session_attrs=read-write",
+        ),
+        (
+            "postgresql://db1,db2/tasks?target_session_attrs=read-write&password=s3cret",
+            "postgresql://db1,db2/tasks?target_session_attrs=read-write&password=***",
+        ),
+        (
+            "host=db1,db2 port=5432,5433 password=s3cret target_session_attrs=read-write",
+            "host=db1,db2 port=5432,5433 password=*** target_session_attrs=read-write",
+        ),
+        # libpq decodes a URI's parameter names: this is a password.
+        ("postgresql://db/tasks?pass%77ord=s3cret", "postgresql://db/tasks?pass%77ord=***"),
     ],
 )
 def test_redact_dsn(dsn: str, expected: str) -> None:

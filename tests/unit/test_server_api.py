@@ -27,7 +27,7 @@ from taskscheduler.server.access import ServerAccess
 from taskscheduler.server.api.app import DEFAULT_MAX_OUTPUT_BYTES, ServerAPI
 from taskscheduler.server.retention import HistoryPruner
 from taskscheduler.server.store.memory import MemoryStore
-from taskscheduler.server.store.records import AuditEvent, StoreUnavailable
+from taskscheduler.server.store.records import AuditEvent, CommitInDoubt, StoreUnavailable
 from taskscheduler.web.guards import make_site
 from tests.unit.agent_fakes import fired
 from tests.unit.hostile import (
@@ -454,6 +454,26 @@ async def test_a_database_outage_is_a_503_not_a_crash() -> None:
     body = json.loads(await response.content())
     assert response.code == 503
     assert body["error"]["code"] == "database_unavailable"
+    assert response.headers.getRawHeaders("Retry-After") == ["5"]
+
+
+class InDoubtStore(MemoryStore):
+    async def create_task(self, *args: Any, **kwargs: Any) -> Any:
+        raise CommitInDoubt("server closed the connection unexpectedly")
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_commit_in_doubt_is_a_503_that_does_not_say_nothing_changed() -> None:
+    harness = Harness(InDoubtStore())
+    response = await harness.http.post(
+        "http://server/api/v1/tasks/create",
+        data=json.dumps({"command": "ls", "frequency": "every 5 seconds"}).encode(),
+        headers=harness.headers_for("/api/v1/tasks/create"),
+    )
+    body = json.loads(await response.content())
+    assert (response.code, body["error"]["code"]) == (503, "database_unavailable")
+    assert "may or may not have been made" in body["error"]["message"]
+    assert "nothing was changed" not in body["error"]["message"]
     assert response.headers.getRawHeaders("Retry-After") == ["5"]
 
 

@@ -34,7 +34,8 @@ from twisted.python.failure import Failure
 from txpostgres.txpostgres import Connection
 
 from taskscheduler.retry import Backoff, RetryLoop
-from taskscheduler.server.store.pool import connection_params, first_line
+from taskscheduler.server.store.failover import session_params
+from taskscheduler.server.store.pool import first_line
 from taskscheduler.server.store.records import StoreUnavailable
 
 #: The channel every replica LISTENs on (NOTIFY is scoped to the database).
@@ -161,11 +162,12 @@ class _ListenerConnection(Connection):  # type: ignore[misc]
 
 
 def postgres_connect(reactor: Any, timeout: float = CONNECT_TIMEOUT) -> Connect:
-    """Opens listeners as the store's pool opens connections (its DSN handling and
-    keepalives, so that a vanished server is noticed within ~15 s), within ``timeout``."""
+    """Opens listeners as the store's pool opens connections (its DSN handling,
+    keepalives, so that a vanished server is noticed within ~15 s, and a writable session:
+    a listener on a standby would hear nothing the primary notifies), within ``timeout``."""
 
     async def connect(dsn: str, on_lost: Callable[[Failure], None]) -> Listener:
-        params = connection_params(dsn)
+        params = session_params(dsn, timeout)
         if "application_name" in params:  # unless the DSN names it: told apart from the pool
             params["application_name"] = APPLICATION_NAME
         conn = _ListenerConnection(reactor, on_lost)

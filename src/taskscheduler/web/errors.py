@@ -138,6 +138,14 @@ DATABASE_UNAVAILABLE = ErrorKind(
     "the database is unavailable; nothing was changed, retry later",
     _RETRY_IN_5,
 )
+#: A database failover in the middle of a commit: the same code (clients retry alike).
+DATABASE_COMMIT_IN_DOUBT = ErrorKind(
+    http.SERVICE_UNAVAILABLE,
+    "database_unavailable",
+    "the database went away while the change was being committed: it may or may not have "
+    "been made; check before making it again",
+    _RETRY_IN_5,
+)
 UNKNOWN_TASK = ErrorKind(http.NOT_FOUND, "unknown_task", "no task has this id")
 #: A field of an operator's body the route does not know (protocol.UnknownFields: its
 #: message names them and the known ones).

@@ -37,8 +37,19 @@ from taskscheduler.server.api.tasks import TaskRoutes
 from taskscheduler.server.metrics import ServerMetrics
 from taskscheduler.server.ratelimit import RateLimiter
 from taskscheduler.server.store.interface import Store
-from taskscheduler.server.store.records import AgentRecord, StoreUnavailable, Task, UnknownTask
-from taskscheduler.web.errors import DATABASE_UNAVAILABLE, UNKNOWN_FIELD, UNKNOWN_TASK
+from taskscheduler.server.store.records import (
+    AgentRecord,
+    CommitInDoubt,
+    StoreUnavailable,
+    Task,
+    UnknownTask,
+)
+from taskscheduler.web.errors import (
+    DATABASE_COMMIT_IN_DOUBT,
+    DATABASE_UNAVAILABLE,
+    UNKNOWN_FIELD,
+    UNKNOWN_TASK,
+)
 from taskscheduler.web.gate import Access, AuthGate
 from taskscheduler.web.responses import DomainError, install_error_handlers, json_response
 
@@ -53,6 +64,8 @@ DEFAULT_MAX_OUTPUT_BYTES = 1024 * 1024
 SERVER_ERRORS: dict[type[Exception], DomainError] = {
     UnknownTask: DomainError(UNKNOWN_TASK),
     protocol.UnknownFields: DomainError(UNKNOWN_FIELD),  # its message names the fields
+    # Before StoreUnavailable, its base: the first match answers.
+    CommitInDoubt: DomainError(DATABASE_COMMIT_IN_DOUBT, "commit in doubt: {error}"),
     StoreUnavailable: DomainError(DATABASE_UNAVAILABLE, "database unavailable: {error}"),
 }
 

@@ -73,4 +73,5 @@ class Claims:
             return ClaimAnswer(status, holder=holder)
 
         # Each statement on its own: the insert alone decides, atomically, who holds it.
-        return await self._db.run(operation, transaction=False)
+        # Idempotent: asked again, the holder is granted its claim again.
+        return await self._db.run(operation, transaction=False, idempotent=True)

@@ -7,6 +7,10 @@ with it (a broken connection usually means the server restarted), and the next c
 opens fresh ones. Nothing waits forever: connecting has a deadline, and an operation
 that outlives its deadline has its connection closed under it. Every failure to reach
 the database surfaces as :class:`~taskscheduler.server.store.records.StoreUnavailable`.
+
+What to do when the primary fails over is :mod:`~taskscheduler.server.store.failover`:
+a multi-host DSN's session, idle connections to a dead server never used, and which
+operations run again when their connection breaks (:func:`~.failover.may_run_again`).
 """
 
 from __future__ import annotations
@@ -24,7 +28,17 @@ from twisted.internet.error import ConnectionDone, ConnectionLost
 from twisted.logger import Logger
 from txpostgres.txpostgres import Connection, RollbackFailed
 
-from taskscheduler.server.store.records import StoreUnavailable
+from taskscheduler.server.store.failover import (
+    RECONNECT_RETRIES,
+    SESSION_ATTRS,
+    connect_error,
+    host_count,
+    idle_is_dead,
+    is_read_only,
+    may_run_again,
+    session_params,
+)
+from taskscheduler.server.store.records import CommitInDoubt, StoreUnavailable
 
 T = TypeVar("T")
 Cursor = Any  # txpostgres.Cursor: execute() returns a Deferred, the rest is psycopg2's
@@ -57,21 +71,6 @@ def first_line(error: BaseException) -> str:
     return text.splitlines()[0] if text else type(error).__name__
 
 
-def connection_params(dsn: str) -> dict[str, str]:
-    """What every connection of the server adds to ``dsn`` unless it says otherwise
-    (the pool's and the change listener's, :mod:`taskscheduler.server.changes`)."""
-    # Keepalives make a vanished server (no RST) fail a query within ~15 s on TCP.
-    given = parse_dsn(dsn)
-    defaults = {
-        "application_name": "taskscheduler",
-        "keepalives": "1",
-        "keepalives_idle": "5",
-        "keepalives_interval": "2",
-        "keepalives_count": "3",
-    }
-    return {k: v for k, v in defaults.items() if k not in given}
-
-
 class _Pool:
     """Up to ``size`` txpostgres connections, opened on demand, replaced when broken."""
 
@@ -85,7 +84,19 @@ class _Pool:
         self._slots = DeferredSemaphore(size)
         self._idle: list[Connection] = []
         self._closed = False
-        self._params = connection_params(dsn)
+        given = parse_dsn(dsn)
+        self._params = session_params(dsn, connect_timeout)
+        # libpq's connect_timeout does not apply to asynchronous connections: ours covers
+        # the whole connect, so it grows with the hosts libpq may have to try.
+        self._connect_deadline = connect_timeout * host_count(dsn)
+        self._host: str | None = None  # where the last connection went
+        attrs = given.get("target_session_attrs", SESSION_ATTRS)
+        if attrs not in (SESSION_ATTRS, "primary"):
+            self.log.warn(
+                "the database DSN says target_session_attrs={attrs}: a connection may land "
+                "on a read-only standby, where every write fails; use read-write",
+                attrs=attrs,
+            )
 
     @asynccontextmanager
     async def connection(self) -> AsyncIterator[Connection]:
@@ -101,7 +112,7 @@ class _Pool:
             try:
                 yield conn
             except BaseException as e:
-                if is_connection_failure(e) or conn.closed:
+                if is_connection_failure(e) or is_read_only(e) or conn.closed:
                     # Probably a server restart: every idle connection is dead too.
                     self._discard(conn)
                     conn = None
@@ -112,6 +123,10 @@ class _Pool:
                 if self._closed or conn.closed:
                     self._discard(conn)
                 else:
+                    # Unwatched while idle (nothing LISTENs on it): a server gone away
+                    # is found when it is next taken (_idle_is_dead), not by a
+                    # traceback from txpostgres in the reactor.
+                    self._reactor.removeReader(conn)
                     self._idle.append(conn)
             self._slots.release()
 
@@ -123,9 +138,11 @@ class _Pool:
     def _take_idle(self) -> Connection | None:
         while self._idle:
             conn = self._idle.pop()
-            if not conn.closed:
+            if not conn.closed and not idle_is_dead(conn):
                 return conn
+            # Its server went away (a restart, a failover): so did the others'.
             self._discard(conn)
+            self.close_idle()
         return None
 
     async def _connect(self) -> Connection:
@@ -136,21 +153,37 @@ class _Pool:
             timed_out.append(True)
             self._discard(conn)
 
-        # libpq's connect_timeout does not apply to asynchronous connections.
-        timer = self._reactor.callLater(self._connect_timeout, give_up)
+        timer = self._reactor.callLater(self._connect_deadline, give_up)
         try:
             await conn.connect(self._dsn, **self._params)
         except (psycopg2.OperationalError, ConnectionDone, ConnectionLost) as e:
             self._discard(conn)
             if timed_out:
                 raise StoreUnavailable(
-                    f"PostgreSQL did not answer within {self._connect_timeout:g} s"
+                    f"PostgreSQL did not answer within {self._connect_deadline:g} s"
                 ) from None
-            raise StoreUnavailable(f"cannot connect to PostgreSQL: {first_line(e)}") from e
+            raise StoreUnavailable(f"cannot connect to PostgreSQL: {connect_error(e)}") from e
         finally:
             if timer.active():
                 timer.cancel()
+        self._note_host(conn)
         return conn
+
+    def _note_host(self, conn: Connection) -> None:
+        """Log the host a connection reached when it is not the last one's: after a
+        failover, the operator reads where the server now writes."""
+        try:
+            info = conn.pollable().info
+            where = f"{info.host}:{info.port}"
+        except (AttributeError, psycopg2.Error):
+            return
+        if where != self._host:
+            self.log.info(
+                "connected to PostgreSQL at {where}{was}",
+                where=where,
+                was="" if self._host is None else f" (it was at {self._host})",
+            )
+            self._host = where
 
     @staticmethod
     def _discard(conn: Connection) -> None:
@@ -173,6 +206,8 @@ class Database:
     ``reactor`` must provide ``IReactorFDSet`` and ``IReactorTime``. Every domain
     component of the store runs its SQL through :meth:`run`.
     """
+
+    log = Logger()
 
     def __init__(
         self,
@@ -210,33 +245,69 @@ class Database:
         if self._pool is not None:
             self._pool.close()
 
-    async def run(self, operation: Operation[T], *, transaction: bool = True) -> T:
+    async def run(
+        self, operation: Operation[T], *, transaction: bool = True, idempotent: bool = False
+    ) -> T:
         """Run ``operation`` with a cursor, in a transaction unless told otherwise.
 
-        A transaction that lost a deadlock is retried; past :data:`ROLLBACK_RETRIES`, and
-        on any failure to reach the database, this raises StoreUnavailable.
+        A transaction that lost a deadlock is retried; one whose connection broke is run
+        again on a fresh connection when :func:`may_run_again` (``idempotent``: running it
+        twice leaves what running it once does). Past :data:`ROLLBACK_RETRIES`, and on any
+        other failure to reach the database, this raises StoreUnavailable.
         """
         if self._pool is None:
             raise StoreUnavailable("the store is not started")
         if self.observer is not None:
             started = time.monotonic()
             try:
-                return await self._run(self._pool, operation, transaction)
+                return await self._run(self._pool, operation, transaction, idempotent)
             finally:
                 self.observer.observe(operation, time.monotonic() - started)
-        return await self._run(self._pool, operation, transaction)
+        return await self._run(self._pool, operation, transaction, idempotent)
 
-    async def _run(self, pool: _Pool, operation: Operation[T], transaction: bool) -> T:
-        for attempt in range(ROLLBACK_RETRIES):
+    async def _run(
+        self, pool: _Pool, operation: Operation[T], transaction: bool, idempotent: bool
+    ) -> T:
+        deadline = self._reactor.seconds() + self._operation_timeout
+        rollbacks = reconnects = 0
+        while True:
+            attempt = _Attempt()
             try:
-                return await self._run_once(pool, operation, transaction)
+                return await self._run_once(
+                    pool, operation, transaction, attempt, deadline - self._reactor.seconds()
+                )
             except psycopg2.errors.TransactionRollbackError:
                 # A deadlock or serialization failure: the transaction changed nothing.
-                if attempt + 1 == ROLLBACK_RETRIES:
+                rollbacks += 1
+                if rollbacks == ROLLBACK_RETRIES:
                     raise StoreUnavailable("the database is too contended; retry") from None
-        raise AssertionError("unreachable")
+            except _Broken as e:
+                again = may_run_again(
+                    transaction=transaction,
+                    idempotent=idempotent,
+                    reached_commit=attempt.reached_commit,
+                )
+                if not again or reconnects == RECONNECT_RETRIES:
+                    if attempt.reached_commit and not idempotent:
+                        raise CommitInDoubt(str(e)) from e
+                    raise
+                if self._reactor.seconds() >= deadline:
+                    raise
+                reconnects += 1
+                self.log.info(
+                    "the database connection broke ({error}): running the operation again "
+                    "on a new connection",
+                    error=str(e),
+                )
 
-    async def _run_once(self, pool: _Pool, operation: Operation[T], transaction: bool) -> T:
+    async def _run_once(
+        self,
+        pool: _Pool,
+        operation: Operation[T],
+        transaction: bool,
+        attempt: _Attempt,
+        timeout: float,
+    ) -> T:
         try:
             async with pool.connection() as conn:
                 timed_out = []
@@ -245,12 +316,19 @@ class Database:
                     timed_out.append(True)
                     conn.close()
 
-                watchdog = self._reactor.callLater(self._operation_timeout, abort)
+                watchdog = self._reactor.callLater(max(0.0, timeout), abort)
                 try:
                     if transaction:
+
+                        async def body(cursor: Cursor) -> T:
+                            answer = await operation(cursor)
+                            attempt.reached_commit = True  # what follows is COMMIT
+                            return answer
+
                         return await conn.runInteraction(
-                            lambda cursor: Deferred.fromCoroutine(operation(cursor))
+                            lambda cursor: Deferred.fromCoroutine(body(cursor))
                         )
+                    attempt.reached_commit = True  # each statement commits by itself
                     return await operation(conn.cursor())
                 except BaseException as e:
                     if timed_out:
@@ -266,6 +344,28 @@ class Database:
         except BaseException as e:
             if isinstance(e, RollbackFailed) and not is_connection_failure(e.originalFailure.value):
                 e.originalFailure.raiseException()
+            if is_read_only(e):
+                self.log.error(
+                    "the database refused a write: this connection is to a read-only standby. "
+                    "List every host in the DSN with target_session_attrs=read-write"
+                )
+                raise StoreUnavailable(
+                    f"the database is read-only (a standby?): {first_line(e)}"
+                ) from e
             if is_connection_failure(e):
-                raise StoreUnavailable(f"database unavailable: {first_line(e)}") from e
+                in_doubt = " (its commit is in doubt)" if attempt.reached_commit else ""
+                raise _Broken(f"database unavailable{in_doubt}: {first_line(e)}") from e
             raise
+
+
+class _Attempt:
+    """How far one run of an operation got: whether it may have committed anything."""
+
+    __slots__ = ("reached_commit",)
+
+    def __init__(self) -> None:
+        self.reached_commit = False
+
+
+class _Broken(StoreUnavailable):
+    """The connection broke under an operation (not while connecting, nor at a deadline)."""

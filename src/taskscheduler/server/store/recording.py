@@ -208,7 +208,8 @@ class Recording:
 
         # Not in an explicit transaction: the writes go as one multi-statement query,
         # which PostgreSQL runs as one implicit transaction (one round trip, not four).
-        return await self._db.run(operation, transaction=False)
+        # Idempotent: a result stored already is found by its key and digest (DUPLICATE).
+        return await self._db.run(operation, transaction=False, idempotent=True)
 
     async def _judging(self, cursor: Cursor, results: Sequence[RunResult]) -> _Judging:
         """Read what the rules need to judge ``results``, in one query."""

@@ -21,6 +21,11 @@ class StoreUnavailable(Exception):
     """The database cannot be reached right now; the caller should answer 503 and retry."""
 
 
+class CommitInDoubt(StoreUnavailable):
+    """The connection broke while a change was being committed: it may or may not have
+    been made (the caller should say so, and not claim that nothing changed)."""
+
+
 class UnknownTask(LookupError):
     """No task has this id."""
 
