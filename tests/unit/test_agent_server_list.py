@@ -4,15 +4,21 @@ signing key; nothing in a signature names a server URL)."""
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+from treq.testing import StubTreq
 from twisted.internet.task import Clock
+from twisted.logger import capturedLogs, formatEvent
 from twisted.python import usage
+from twisted.web.pages import notFound
 
 from taskscheduler.agent.options import Options
 from taskscheduler.agent.servers import ServerChooser, parse_server_urls
+from taskscheduler.agent.service import AgentConfig, AgentService
 from taskscheduler.signing import InstructionSigner, InstructionVerifier
-from tests.unit.agent_fakes import ANCHOR_SECONDS
+from tests.unit.agent_fakes import ANCHOR_SECONDS, FakeRunner, fired, provision
 from tests.unit.replica_fakes import AGENT_ID, A
 
 
@@ -73,3 +79,18 @@ def test_instructions_from_any_replica_verify() -> None:
     for replica in (InstructionSigner(key, clock), InstructionSigner(key, clock)):
         header = replica.authorization("POST", "/api/v1/tasks/schedule", AGENT_ID, body)
         verifier.verify("POST", "/api/v1/tasks/schedule", header.encode(), body)
+
+
+def test_each_replica_reached_in_clear_off_this_machine_is_warned_about(tmp_path: Path) -> None:
+    data_dir = tmp_path / "data"
+    provision(data_dir)
+    clock = Clock()
+    clock.advance(ANCHOR_SECONDS)
+    urls = "http://127.0.0.1:8080,http://b.example:8080,https://c.example:8443,http://d.example"
+    runner = FakeRunner(clock)
+    service = AgentService(AgentConfig(data_dir, urls), clock, lambda: runner, StubTreq(notFound()))
+    with capturedLogs() as events:
+        service.startService()
+        fired(service.stopService())
+    clear = [formatEvent(e) for e in events if "plain HTTP" in formatEvent(e)]
+    assert len(clear) == 2 and "b.example" in clear[0] and "d.example" in clear[1]
