@@ -9,6 +9,9 @@ from pathlib import Path
 from typing import Any
 
 import pytest_twisted
+from prometheus_client import generate_latest
+from prometheus_client.parser import text_string_to_metric_families
+from treq.testing import StubTreq
 from twisted.internet.defer import Deferred
 from twisted.logger import Logger, formatEvent
 
@@ -21,7 +24,8 @@ from taskscheduler.agent.server_client import (
     RetryLater,
     ServerClient,
 )
-from tests.unit.agent_fakes import ANCHOR, result
+from taskscheduler.agent.service import AgentConfig, AgentService
+from tests.unit.agent_fakes import ANCHOR, FakeRunner, fired, provision, result
 from tests.unit.replica_fakes import AGENT_ID, AGENT_URL, TASK, A, B, C, Setup, now
 
 # -- every request follows the chosen server --------------------------------------------
@@ -122,3 +126,33 @@ def test_all_servers_down_is_said_once_then_quiet_until_one_answers(tmp_path: Pa
     assert len(s.stored()) == 1
     answered = [formatEvent(e) for e in s.logged if "answers again" in formatEvent(e)]
     assert answered == [f"the server at {B} answers again; the agent uses it"]
+
+
+# -- where it says which replica it uses ------------------------------------------------
+
+
+@pytest_twisted.ensureDeferred
+async def test_the_agents_health_and_metrics_name_the_replica_it_uses(tmp_path: Path) -> None:
+    s = Setup(tmp_path)
+    s.http.refused.add(A)
+    provision(tmp_path / "data")
+    runner = FakeRunner(s.clock)
+    service = AgentService(
+        AgentConfig(tmp_path / "data", f"{A},{B}"), s.clock, lambda: runner, s.http
+    )
+    service.startService()
+    s.settle()  # the first heartbeat: A refuses, B answers
+    assert service.api is not None
+    api = StubTreq(service.api.resource())
+    health = await api.json_content(await api.get("http://agent.test/api/v1/health"))
+    assert health["server"] == B and health["server_failovers"] == 1
+    scraped = {
+        (sample.name, tuple(sample.labels.values())): sample.value
+        for family in text_string_to_metric_families(
+            generate_latest(service.metrics.registry).decode()
+        )
+        for sample in family.samples
+    }
+    assert scraped[("taskscheduler_agent_server", (B,))] == 1
+    assert scraped[("taskscheduler_agent_server_failovers_total", ())] == 1
+    fired(service.stopService())

@@ -364,6 +364,8 @@ class AgentService(Service):
                 rejected=reporter.rejected,
                 in_flight=scheduler.running,
                 tasks=len(scheduler.tasks),
+                server=client.url,
+                server_failovers=client.servers.failovers,
             )
 
         self.metrics.watch(agent_id, _version(), state)
