@@ -17,7 +17,15 @@ from twisted.internet.testing import StringTransport
 from taskscheduler.agent.api import MAX_BODY_BYTES
 from taskscheduler.schedule import format_instant, utc_now_from
 from taskscheduler.web.guards import make_site
-from tests.unit.agent_fakes import ANCHOR, ANCHOR_SECONDS, Agent, FakeServer, FakeThread, fired
+from tests.unit.agent_fakes import (
+    ANCHOR,
+    ANCHOR_SECONDS,
+    SERVER,
+    Agent,
+    FakeServer,
+    FakeThread,
+    fired,
+)
 
 URL = "http://agent.test:8081"
 JSON = {"Content-Type": "application/json"}
@@ -143,6 +151,8 @@ async def test_health_reports_counts(agent: Agent) -> None:
         "spooled_bytes": 0,
         "dropped": 0,
         "rejected": 0,
+        "server": SERVER,
+        "server_failovers": 0,
     }
 
 

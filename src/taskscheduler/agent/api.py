@@ -120,7 +120,7 @@ class AgentAPI:
         scheduler: Scheduler,
         task_store: TaskStore,
         clock: IReactorTime,
-        counters: Callable[[], dict[str, int]] = dict,
+        counters: Callable[[], dict[str, Any]] = dict,
         verifier: InstructionVerifier | None = None,
         membership: Membership | None = None,
         *,

@@ -129,6 +129,8 @@ class AgentState:
         "in_flight",
         "rejected",
         "reported",
+        "server",
+        "server_failovers",
         "spooled",
         "spooled_bytes",
         "tasks",
@@ -144,6 +146,8 @@ class AgentState:
         rejected: int = 0,
         in_flight: int = 0,
         tasks: int = 0,
+        server: str = "",
+        server_failovers: int = 0,
     ) -> None:
         self.spooled = spooled
         self.spooled_bytes = spooled_bytes
@@ -152,6 +156,9 @@ class AgentState:
         self.rejected = rejected
         self.in_flight = in_flight
         self.tasks = tasks
+        #: The replica of ``--server`` the agent talks to now, and its switches so far.
+        self.server = server
+        self.server_failovers = server_failovers
 
 
 class _StateCollector(Collector):
@@ -196,6 +203,19 @@ class _StateCollector(Collector):
         )
         yield GaugeMetricFamily(
             "taskscheduler_agent_tasks", "Tasks this agent runs.", value=state.tasks
+        )
+        if state.server:
+            server = GaugeMetricFamily(
+                "taskscheduler_agent_server",
+                "The replica of --server the agent talks to now (always 1).",
+                labels=["url"],
+            )
+            server.add_metric([state.server], 1)
+            yield server
+        yield CounterMetricFamily(
+            "taskscheduler_agent_server_failovers",
+            "Switches from one replica of --server to the next, since the agent started.",
+            value=state.server_failovers,
         )
 
 

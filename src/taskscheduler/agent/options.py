@@ -12,6 +12,7 @@ from twisted.python import usage
 
 from taskscheduler.agent.admission import DEFAULT_MAX_RUNNING
 from taskscheduler.agent.heartbeat import DEFAULT_HEARTBEAT_INTERVAL
+from taskscheduler.agent.servers import parse_server_urls
 from taskscheduler.agent.service import DEFAULT_SHUTDOWN_GRACE
 from taskscheduler.agent.spool import DEFAULT_SPOOL_MAX_BYTES
 from taskscheduler.hardening import take_secret_from_environment
@@ -105,7 +106,9 @@ class Options(usage.Options):
             "server",
             "s",
             None,
-            "Base URL of the taskscheduler server [TASKSCHEDULER_SERVER_URL] "
+            "Base URL of the taskscheduler server, or of its replicas separated by commas "
+            "(https://a:8080,https://b:8080): the agent uses one at a time and fails over "
+            "to the next within 5 s of trouble [TASKSCHEDULER_SERVER_URL] "
             "(default: http://127.0.0.1:8080).",
         ],
         [
@@ -300,10 +303,11 @@ class Options(usage.Options):
         for name, variable, default in _SETTINGS:
             if self[name] is None:
                 self[name] = self._environ.get(variable) or default
-        server = self["server"].rstrip("/")
-        if not server.startswith(("http://", "https://")):
-            raise usage.UsageError(f"--server {server!r} must be a base URL like http://host:8080")
-        self["server"] = server
+        try:
+            self["servers"] = parse_server_urls(self["server"])
+        except ValueError as e:
+            raise usage.UsageError(str(e)) from None
+        self["server"] = ",".join(self["servers"])
         self["log-format"] = parse_log_format(self["log-format"])
         self["log-level"] = parse_log_level(self["log-level"])
         self["output-cap"] = _number(self["output-cap"], "output-cap", int, minimum=1)

@@ -1,6 +1,8 @@
 """The agent's client of its server's API: enrol, report one result, report a batch,
 claim an instant of a run-on-one task;
-it holds the agent's credential, and reads each answer into a typed outcome.
+it holds the agent's credential, and reads each answer into a typed outcome. Each
+request goes to the current replica of the server's list, and on to the next on
+trouble (:mod:`taskscheduler.agent.servers`): every caller follows the same choice.
 
 Which answers are verdicts is decided here, once: only a taskscheduler server's own
 (status *and* JSON error code, :data:`taskscheduler.protocol.FINAL_RESULT_ERRORS`);
@@ -21,6 +23,7 @@ from typing import Any
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 from twisted.internet.interfaces import IReactorTime
 
+from taskscheduler.agent.servers import ServerChooser
 from taskscheduler.auth import AGENT_PREFIX, parse_bearer
 from taskscheduler.httpclient import Answer, NoAnswer, exchange
 from taskscheduler.protocol import (
@@ -146,24 +149,31 @@ _RETRYABLE = frozenset(
 
 
 class ServerClient:
-    """Requests to the server at ``server_url``; results carry ``credential`` (None
-    before enrolment) as a bearer token."""
+    """Requests to the server at ``server_url`` (one base URL, or the replicas' in a
+    sequence: the first is tried first); results carry ``credential`` (None before
+    enrolment) as a bearer token."""
 
     def __init__(
         self,
         http: Any,  # a DaemonHTTP, or a treq.testing.StubTreq in tests
         clock: IReactorTime,
-        server_url: str,
+        server_url: str | Sequence[str],
         *,
         credential: str | None = None,
         timeout: float = REQUEST_TIMEOUT,
     ) -> None:
         self._http = http
         self._clock = clock
-        self.url = server_url.rstrip("/")
+        #: Which replica requests go to.
+        self.servers = ServerChooser([server_url] if isinstance(server_url, str) else server_url)
         #: The agent's credential; the enroller sets it once the agent has one.
         self.credential = credential
         self._timeout = timeout
+
+    @property
+    def url(self) -> str:
+        """The base URL of the replica requests go to now."""
+        return self.servers.current
 
     async def enrol(
         self,
@@ -310,22 +320,44 @@ class ServerClient:
         *,
         timeout: float | None = None,
     ) -> Answer | RetryLater:
+        """The answer of the first replica, from the current one on, that answers
+        something other than a 5xx within ``timeout`` seconds in all; else what the last
+        one tried gave (a 5xx answer, or a RetryLater saying why none came)."""
         headers = {b"Content-Type": [b"application/json"]}
         if bearer is not None:
             headers[b"Authorization"] = [f"Bearer {bearer}".encode("ascii")]
-        try:
-            return await exchange(
-                self._http,
-                self._clock,
-                "POST",
-                self.url + path,
-                body,
-                headers,
-                timeout=self._timeout if timeout is None else timeout,
-                max_answer_bytes=max_answer_bytes,
-            )
-        except NoAnswer as e:
-            return RetryLater(str(e))
+        deadline = self._clock.seconds() + (self._timeout if timeout is None else timeout)
+        outcome: Answer | RetryLater = RetryLater("no time left to ask the server")
+        for _ in self.servers.urls:
+            url = self.servers.current
+            left = deadline - self._clock.seconds()
+            if left <= 0:
+                break
+            try:
+                answer = await exchange(
+                    self._http,
+                    self._clock,
+                    "POST",
+                    url + path,
+                    body,
+                    headers,
+                    timeout=min(left, self.servers.attempt_timeout(len(body))),
+                    max_answer_bytes=max_answer_bytes,
+                )
+            except NoAnswer as e:
+                outcome = RetryLater(str(e))
+                trouble = str(e)
+            else:
+                if answer.status < 500:
+                    self.servers.answered(url)
+                    return answer
+                outcome = answer
+                trouble = f"it answered {answer.describe()}"
+            # Sent again to the next replica at once, as a retry to the same server
+            # would be: results are de-duplicated (key and digest), heartbeats and
+            # claims (granted again to the same agent) are idempotent.
+            self.servers.failed(url, trouble)
+        return outcome
 
 
 def _too_large(answer: Answer, sent: int) -> TooLarge | None:

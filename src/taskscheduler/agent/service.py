@@ -73,6 +73,7 @@ from taskscheduler.agent.outcome import spool_lost_runs
 from taskscheduler.agent.reporter import Reporter
 from taskscheduler.agent.scheduler import Scheduler
 from taskscheduler.agent.server_client import Enrolled, ServerClient
+from taskscheduler.agent.servers import parse_server_urls
 from taskscheduler.agent.spool import DEFAULT_SPOOL_MAX_BYTES, RunMarkers, Spool
 from taskscheduler.agent.taskstore import TaskStore
 from taskscheduler.hardening import make_private_folder
@@ -111,6 +112,7 @@ DEFAULT_SHUTDOWN_GRACE = 30.0
 @dataclass(frozen=True)
 class AgentConfig:
     data_dir: Path
+    #: The server's base URL, or its replicas' separated by commas (``--server``).
     server_url: str
     spool_max_bytes: int = DEFAULT_SPOOL_MAX_BYTES
     shutdown_grace: float = DEFAULT_SHUTDOWN_GRACE
@@ -274,14 +276,14 @@ class AgentService(Service):
                 secrets="credential" if join_secret is None else "join secret and credential",
                 path=str(data_dir),
             )
-        if self.config.server_url.startswith("http://") and not is_loopback_url(
-            self.config.server_url
-        ):
-            self.log.warn(
-                "the server {url} is reached over plain HTTP: the agent's credential and "
-                "results travel in clear; use https://",
-                url=self.config.server_url,
-            )
+        server_urls = parse_server_urls(self.config.server_url)
+        for url in server_urls:
+            if url.startswith("http://") and not is_loopback_url(url):
+                self.log.warn(
+                    "the server {url} is reached over plain HTTP: the agent's credential and "
+                    "results travel in clear; use https://",
+                    url=url,
+                )
         if self._http is None and self._http_factory is not None:
             self._http = self._http_factory()
         if self._endpoint is None and self._endpoint_factory is not None:
@@ -306,7 +308,7 @@ class AgentService(Service):
         client = ServerClient(
             self._http,
             self._clock,
-            self.config.server_url,
+            server_urls,
             credential=credential if server_key is not None else None,
         )
         reporter = Reporter(spool, client, self._clock, jitter=self._jitter, metrics=self.metrics)
@@ -342,12 +344,15 @@ class AgentService(Service):
                 run.attempt,
             )
 
-        def counters() -> dict[str, int]:
+        def counters() -> dict[str, Any]:
             return {
                 "spooled": len(spool),
                 "spooled_bytes": spool.bytes,
                 "dropped": spool.dropped,
                 "rejected": reporter.rejected,
+                # The replica of --server the agent talks to now, and its switches.
+                "server": client.url,
+                "server_failovers": client.servers.failovers,
             }
 
         def state() -> AgentState:
@@ -359,6 +364,8 @@ class AgentService(Service):
                 rejected=reporter.rejected,
                 in_flight=scheduler.running,
                 tasks=len(scheduler.tasks),
+                server=client.url,
+                server_failovers=client.servers.failovers,
             )
 
         self.metrics.watch(agent_id, _version(), state)

@@ -1,0 +1,147 @@
+"""The agent's server replicas: which one it talks to, and when it moves to the next.
+
+``--server`` takes one base URL or a comma-separated list of them, the replicas of one
+taskscheduler server (one PostgreSQL, one signing key). The agent talks to one at a
+time, the *current* one, and stays on it while it answers. Trouble moves it to the next
+in the list (round it: after the last comes the first):
+
+- no connection (refused, unreachable, a name that does not resolve, a TLS failure);
+- no whole answer within :data:`FAILOVER_TIMEOUT` seconds (a second more per MiB sent,
+  so that a large batch over a slow link is not taken for a dead server); with a single
+  server the caller's own timeout applies, there being nowhere else to go;
+- a 5xx answer (502, 503 and 504 from a load balancer or a replica without its
+  database among them).
+
+Any other answer, a 4xx above all, is the server's word on the request, which another
+replica would give too: no failover. The request that met trouble is sent to the next
+replica at once (:meth:`taskscheduler.agent.server_client.ServerClient._post`), each
+replica tried at most once per request, so a failover costs at most the timeout; what
+was not acknowledged stays in the spool and goes to whichever replica answers next, and
+the server takes a result it has twice as a ``duplicate``.
+
+Each switch is logged once (a warning), not each request; once every replica has failed
+in a row, one more warning says so and the switches go quiet until one answers.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from urllib.parse import urlsplit
+
+from twisted.logger import Logger
+
+#: Seconds without a whole answer after which the next replica is tried.
+FAILOVER_TIMEOUT = 4.0
+#: Seconds more per MiB of request body, beside :data:`FAILOVER_TIMEOUT`.
+SECONDS_PER_MIB = 1.0
+
+
+def parse_server_urls(text: str) -> tuple[str, ...]:
+    """The base URLs of a ``--server`` value (one URL, or several separated by commas),
+    each without its trailing ``/``; ValueError saying what is wrong with it."""
+    urls = tuple(part.strip().rstrip("/") for part in text.split(","))
+    if not any(urls):
+        raise ValueError("--server must name at least one base URL like http://host:8080")
+    seen: set[str] = set()
+    for url in urls:
+        if not url:
+            raise ValueError(f"--server {text!r} has an empty entry (two commas in a row?)")
+        problem = _url_problem(url)
+        if problem is not None:
+            raise ValueError(f"--server {url!r} {problem}")
+        # Scheme and host are case-blind: http://A:8080 and http://a:8080 are one server.
+        key = _normal(url)
+        if key in seen:
+            raise ValueError(f"--server lists {url!r} twice")
+        seen.add(key)
+    return urls
+
+
+def _url_problem(url: str) -> str | None:
+    if not url.startswith(("http://", "https://")):
+        return "must be a base URL like http://host:8080"
+    try:
+        parts = urlsplit(url)
+        parts.port  # noqa: B018 - raises ValueError on a port out of range
+    except ValueError as e:
+        return f"is not a valid URL ({e})"
+    if not parts.hostname:
+        return "names no host"
+    if parts.query or parts.fragment or "@" in parts.netloc or " " in url:
+        return "must be a plain base URL (no user, query, fragment or spaces)"
+    return None
+
+
+def _normal(url: str) -> str:
+    parts = urlsplit(url)
+    port = parts.port or (443 if parts.scheme == "https" else 80)
+    return f"{parts.scheme}://{parts.hostname}:{port}{parts.path}"
+
+
+class ServerChooser:
+    """Which replica of ``urls`` requests go to: the current one, until it fails."""
+
+    log = Logger()
+
+    def __init__(self, urls: Sequence[str], failover_timeout: float = FAILOVER_TIMEOUT) -> None:
+        if not urls:
+            raise ValueError("no server URL")
+        self.urls = tuple(url.rstrip("/") for url in urls)
+        self._failover_timeout = failover_timeout
+        self._index = 0
+        #: Switches from one replica to the next, over the agent's life.
+        self.failovers = 0
+        #: Replicas that failed in a row since one last answered.
+        self._failed_in_a_row = 0
+
+    @property
+    def current(self) -> str:
+        """The base URL requests go to now."""
+        return self.urls[self._index]
+
+    def attempt_timeout(self, body_bytes: int) -> float:
+        """Seconds one attempt waits for an answer before another replica is tried
+        (infinite with a single server: the caller's timeout is the only one)."""
+        if len(self.urls) == 1:
+            return float("inf")
+        return self._failover_timeout + SECONDS_PER_MIB * body_bytes / (1024 * 1024)
+
+    def answered(self, url: str) -> None:
+        """``url`` answered (anything but a 5xx): stay on it."""
+        if url != self.current or self._failed_in_a_row == 0:
+            return
+        if self._failed_in_a_row >= len(self.urls):
+            self.log.info("the server at {url} answers again; the agent uses it", url=url)
+        self._failed_in_a_row = 0
+
+    def failed(self, url: str, trouble: str) -> None:
+        """A request to ``url`` met trouble: move to the next replica, unless another
+        request has already moved away from ``url``."""
+        if url != self.current or len(self.urls) == 1:
+            return
+        self._index = (self._index + 1) % len(self.urls)
+        self.failovers += 1
+        self._failed_in_a_row += 1
+        if self._failed_in_a_row < len(self.urls):
+            self.log.warn(
+                "the server at {url} failed ({trouble}); failing over to {next}",
+                url=url,
+                trouble=trouble,
+                next=self.current,
+            )
+        elif self._failed_in_a_row == len(self.urls):
+            self.log.warn(
+                "none of the {count} servers answers (the last, {url}: {trouble}); the agent "
+                "keeps trying them in turn, from {next}",
+                count=len(self.urls),
+                url=url,
+                trouble=trouble,
+                next=self.current,
+            )
+        else:
+            self.log.debug(
+                "the server at {url} failed ({trouble}); trying {next}",
+                url=url,
+                trouble=trouble,
+                next=self.current,
+            )
