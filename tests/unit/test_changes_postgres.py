@@ -197,8 +197,10 @@ async def test_a_database_restart_is_ridden_out_with_back_off_then_a_resync(
         assert a.dropped == 1
         await restartable_postgres.start()
         await until(lambda: a.listening and b.listening and b_seen.resyncs >= 2, 30)
-        # A also asks B to resync for the change it could not announce.
-        await until(lambda: b_seen.resyncs >= 3, 10)
+        # A also asks the others to resync for the change it could not announce. Whether B
+        # hears that notice depends on which listener came back first (if B's came later,
+        # its own resync came after A's change): test_changes.py shows the notice heard.
+        await until(lambda: a.published >= 1, 10)
         a.publish(Change(Kind.TASK_CREATED, TASK))
         await until(lambda: bool(b_seen.changes), 10)
         assert b_seen.changes == [Change(Kind.TASK_CREATED, TASK, replica="bus-a")]
