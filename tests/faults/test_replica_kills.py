@@ -91,6 +91,33 @@ def wait_agents_report_after(
     return {agent: (firsts[agent] - killed_at).total_seconds() for agent in ids}
 
 
+def wait_agents_hold(
+    fleet: ReplicaFleet,
+    wanted: set[str],
+    gone: frozenset[str] = frozenset(),
+    timeout: float = 30,
+) -> None:
+    """Until every agent holds the tasks ``wanted`` and none of ``gone``; says what is
+    missing when the deadline passes."""
+    for index in range(len(fleet.agents)):
+        try:
+            wait_for(
+                lambda i=index: (
+                    (held := fleet.agent_task_ids(i)) is not None
+                    and wanted <= held
+                    and not gone & held
+                ),
+                timeout,
+                f"agent {index} to hold {len(wanted)} tasks and drop {len(gone)}",
+            )
+        except AssertionError as e:
+            held = fleet.agent_task_ids(index) or set()
+            raise AssertionError(
+                f"{e}: missing {sorted(wanted - held)[:5]} ({len(wanted - held)}), "
+                f"still held {sorted(gone & held)}"
+            ) from None
+
+
 def test_a_replica_killed_under_a_stream_of_results_loses_nothing_and_agents_move_within_5_s(
     tmp_path: Path, database_dsn: str
 ) -> None:
@@ -184,7 +211,7 @@ def test_every_create_a_replica_answered_before_its_death_exists_once_and_reache
             cursor = page["next_cursor"]
             if cursor is None:
                 break
-        listed_ids = collections.Counter(t["command_id"] for t in tasks)
+        listed_ids = collections.Counter(t["task_id"] for t in tasks)
         listed_commands = collections.Counter(t["command"] for t in tasks)
         problems = [
             (replica, command, task_id, listed_ids[task_id], listed_commands[command])
@@ -193,13 +220,7 @@ def test_every_create_a_replica_answered_before_its_death_exists_once_and_reache
         ]
         assert not problems, f"answered creates not stored exactly once: {problems[:10]}"
         # ... and reaches every agent, whichever replica answered it.
-        wanted = {task_id for _, _, task_id in answered}
-        for index in range(len(fleet.agents)):
-            wait_for(
-                lambda i=index: wanted <= (fleet.agent_task_ids(i) or set()),
-                30,
-                f"agent {index} to hold every answered task",
-            )
+        wait_agents_hold(fleet, {task_id for _, _, task_id in answered})
         print(
             f"[6b] seed {seed}: creates answered {len(answered)} ({dict(by_replica)}), "
             f"unanswered {len(unanswered)}"
@@ -283,12 +304,10 @@ def test_once_only_work_is_done_once_across_a_replica_death(
         wait_for(lambda: len(receiver.payloads()) >= 1, 60, "a first webhook")
         # The victim: the replica holding the most agents' leases (replica 0 if none).
         holders = collections.Counter(agent_lease_holders(fleet.database).values())
-        live = {replica_id_of(fleet.database, r): i for i, r in enumerate(fleet.replicas)}
-        victim = max(
-            range(2), key=lambda i: holders[next((k for k, v in live.items() if v == i), None)]
-        )
+        named = [replica_id_of(fleet.database, r) for r in fleet.replicas]
+        victim = max(range(2), key=lambda i: holders[named[i]])
         survivor = 1 - victim
-        survivor_id = replica_id_of(fleet.database, fleet.replicas[survivor])
+        survivor_id = named[survivor]
         killed_at = kill_replica(fleet, victim, rng)
         started = time.monotonic()
         # Work the dead replica would have done for its agents: a removal and a new task.
@@ -302,16 +321,7 @@ def test_once_only_work_is_done_once_across_a_replica_death(
         )
         assert code == 201, body
         born = str(body["command_id"])
-        for index in range(len(fleet.agents)):
-            wait_for(
-                lambda i=index: (
-                    (held := fleet.agent_task_ids(i)) is not None
-                    and doomed not in held
-                    and born in held
-                ),
-                TAKEOVER_SECONDS + 10,
-                f"agent {index} to drop the deleted task and hold the new one",
-            )
+        wait_agents_hold(fleet, {born}, frozenset({doomed}), TAKEOVER_SECONDS + 10)
         reached = time.monotonic() - started
 
         def taken_over() -> bool:

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import secrets
 import time
+import uuid
 from datetime import datetime
 from pathlib import Path
 from typing import Any
@@ -26,7 +27,12 @@ from typing import Any
 import psycopg2
 
 from taskscheduler.auth import hash_token
-from taskscheduler.signing import load_or_create_signing_key, write_private_file
+from taskscheduler.signing import (
+    InstructionSigner,
+    load_or_create_signing_key,
+    load_signing_key,
+    write_private_file,
+)
 from tests.integration.daemons import Daemon, Fleet, free_port, http, wait_for
 
 
@@ -132,14 +138,12 @@ class ReplicaFleet(Fleet):
     def start_replica(self, index: int, timeout: float = 90) -> None:
         """(Re)start replica ``index`` and wait until it answers."""
         self.replicas[index].start()
-        wait_for(
-            lambda: (
-                self.replicas[index].assert_running()
-                or self.api_at(index, "GET", "/api/v1/health")[0] == 200
-            ),
-            timeout,
-            f"replica {index} to answer",
-        )
+
+        def answers() -> bool:
+            self.replicas[index].assert_running()
+            return self.api_at(index, "GET", "/api/v1/health")[0] == 200
+
+        wait_for(answers, timeout, f"replica {index} to answer")
 
     def api_at(self, index: int, method: str, path: str, body: Any = None) -> tuple[int, Any]:
         """A request to replica ``index`` with the operator's token."""
@@ -158,9 +162,18 @@ class ReplicaFleet(Fleet):
         return self.api_at(live[0], method, path, body)
 
     def agent_task_ids(self, index: int) -> set[str] | None:
-        """The tasks agent ``index`` holds, or None while it does not answer."""
+        """The tasks agent ``index`` holds (asked as its server asks: signed with the
+        shared key), or None while it does not answer."""
+        path = "/api/v1/agent/tasks"
         try:
-            code, body = http("GET", f"{self.agent_urls[index]}/api/v1/agent/tasks", timeout=2)
+            code, health = http("GET", f"{self.agent_urls[index]}/api/v1/health", timeout=2)
+            if code != 200:
+                return None
+            signer = InstructionSigner(load_signing_key(self.signing_key_file), _WallClock())
+            signed = signer.authorization("GET", path, uuid.UUID(health["agent_id"]), b"")
+            code, body = http(
+                "GET", self.agent_urls[index] + path, headers={"Authorization": signed}, timeout=2
+            )
         except OSError:
             return None
         return set(body["task_ids"]) if code == 200 else None
@@ -220,6 +233,13 @@ def start_replica_fleet(
 
 
 # -- what the database says (read directly: the replicas' shared state) ---------------------
+
+
+class _WallClock:
+    """The ``seconds()`` a signer dates its signatures with."""
+
+    def seconds(self) -> float:
+        return time.time()
 
 
 def query(dsn: str, sql: str, args: tuple[Any, ...] = ()) -> list[tuple[Any, ...]]:
