@@ -225,3 +225,149 @@ def test_every_agent_runs_its_tasks_as_a_user_of_their_own(layout: str) -> None:
     assert services["server"].get("user") in (None, daemon_uid.group(1)), (
         "the server stays unprivileged"
     )
+
+
+# -- deploy/compose.replicas.yml: two replicas behind HAProxy (issue 14) ----------------------
+
+REPLICAS = ROOT / "deploy" / "compose.replicas.yml"
+HAPROXY = ROOT / "deploy" / "haproxy.cfg"
+#: What every replica must read from the same file (README: Production layout).
+SHARED_FILES = (
+    "--signing-key-file",
+    "--tokens-file",
+    "--join-secrets-file",
+    "--notify-secret-file",
+)
+
+
+def replica_layout() -> dict[str, dict[str, Any]]:
+    return merged(load(REPLICAS), {})
+
+
+def replicas(services: dict[str, dict[str, Any]]) -> dict[str, dict[str, Any]]:
+    return {name: s for name, s in services.items() if "taskscheduler-server" in argv(s)}
+
+
+def replica_urls(services: dict[str, dict[str, Any]]) -> set[str]:
+    """How the agents must reach each replica: its service name and --listen port."""
+    urls = set()
+    for name, service in replicas(services).items():
+        listen = option(argv(service), "--listen")
+        assert listen is not None and listen.startswith("tcp:"), name
+        urls.add(f"http://{name}:{listen.split(':')[1]}")
+    return urls
+
+
+def haproxy_backend() -> tuple[list[tuple[str, str, list[str]]], list[str]]:
+    """deploy/haproxy.cfg's backend: its (name, address, options) server lines and its
+    other lines."""
+    lines = [line.split("#")[0].strip() for line in HAPROXY.read_text().splitlines()]
+    start = next(i for i, line in enumerate(lines) if line.startswith("backend "))
+    end = next(
+        (
+            i
+            for i in range(start + 1, len(lines))
+            if re.match(r"^(frontend|backend|resolvers|defaults|global)\b", lines[i])
+        ),
+        len(lines),
+    )
+    body = [line for line in lines[start + 1 : end] if line]
+    servers = [
+        (words[1], words[2], words[3:])
+        for words in (line.split() for line in body)
+        if words[0] == "server"
+    ]
+    return servers, [line for line in body if not line.startswith("server ")]
+
+
+def test_the_replicas_layout_has_two_secured_replicas_in_the_foreground() -> None:
+    services = replica_layout()
+    servers = replicas(services)
+    assert len(servers) >= 2
+    daemons = {name: argv(s) for name, s in services.items() if argv(s)[:1] == ["twistd"]}
+    assert set(daemons) == {*servers, *agents(services)}
+    for name, args in daemons.items():
+        assert args[:3] == ["twistd", "-n", "--pidfile="], name
+    for name, service in servers.items():
+        # The same image as the other compose files (built from the repository's root).
+        assert service["build"] == "..", name
+        assert INSECURE_FLAG not in argv(service), f"{name} takes no operator token"
+        assert option(argv(service), "--tokens-file"), name
+
+
+def test_every_replica_shares_the_database_the_fleet_and_the_key_and_token_files() -> None:
+    services = replica_layout()
+    servers = list(replicas(services).values())
+    for flag in SHARED_FILES:
+        paths = {option(argv(s), flag) for s in servers}
+        assert len(paths) == 1 and None not in paths, f"{flag}: {paths}"
+    for key in ("TASKSCHEDULER_DATABASE", "AVAILABLE_SERVERS"):
+        assert len({s["environment"][key] for s in servers}) == 1, key
+    fleet = services[next(iter(replicas(services)))]["environment"]["AVAILABLE_SERVERS"]
+    assert sorted(fleet.split(",")) == sorted(
+        option(argv(s), "--advertise-url") for s in agents(services).values()
+    )
+    # The shared files lie in one volume every replica mounts read-only, and the
+    # secrets service writes each of them into that volume.
+    [made_in] = [
+        v.split(":")[1] for v in services["secrets"]["volumes"] if v.startswith("secrets:")
+    ]
+    script = "\n".join(argv(services["secrets"]))
+    for flag in SHARED_FILES:
+        path = option(argv(servers[0]), flag)
+        assert path is not None
+        folder, _, name = path.rpartition("/")
+        for server in servers:
+            assert f"secrets:{folder}:ro" in server["volumes"], (flag, server["volumes"])
+        assert folder == made_in, flag
+        assert name in script, f"the secrets service does not make {name}"
+
+
+def test_every_agent_lists_every_replica_and_never_sees_the_operator_token() -> None:
+    services = replica_layout()
+    urls = replica_urls(services)
+    fleet = agents(services)
+    assert len(fleet) == 3
+    for name, service in fleet.items():
+        listed = service["environment"]["TASKSCHEDULER_SERVER_URL"].split(",")
+        assert set(listed) == urls and len(listed) == len(urls), name
+        assert "secrets" not in [v.split(":")[0] for v in service["volumes"]], name
+        args = argv(service)
+        parts = urlsplit(option(args, "--advertise-url") or "")
+        assert parts.hostname == name and option(args, "--listen") == f"tcp:{parts.port}"
+
+
+def test_the_proxy_is_haproxys_image_on_loopback_and_checks_every_replica() -> None:
+    services = replica_layout()
+    proxy = services["proxy"]
+    # The official image, configured by the file beside the compose file.
+    assert re.fullmatch(r"haproxy:[\w.-]+", proxy["image"]), proxy["image"]
+    assert "./haproxy.cfg:/usr/local/etc/haproxy/haproxy.cfg:ro" in proxy["volumes"]
+    assert proxy["ports"] == ["127.0.0.1:8080:8080"]
+    for name, service in services.items():
+        for port in service.get("ports", []):
+            assert str(port).startswith("127.0.0.1:"), f"{name} publishes {port} beyond loopback"
+    servers, settings = haproxy_backend()
+    assert {f"http://{address}" for _, address, _ in servers} == replica_urls(services)
+    for name, _, options in servers:
+        assert "check" in options, f"{name} is not health-checked"
+    assert "option httpchk" in settings
+    [send] = [line for line in settings if line.startswith("http-check send")]
+    assert "uri /api/v1/health" in send
+    # The health check's Host header is one the replicas answer to, as are the names
+    # the agents reach them by.
+    host = send.split(" hdr Host ")[1].split()[0]
+    for name, service in replicas(services).items():
+        accepted = (option(argv(service), "--accept-hosts") or "").split(",")
+        assert host in accepted and name in accepted, name
+    # A request is sent again only when no replica received it (a create must not
+    # be done twice).
+    text = [line.split("#")[0].split() for line in HAPROXY.read_text().splitlines()]
+    retry_on = [words[1:] for words in text if words[:1] == ["retry-on"]]
+    assert retry_on == [["conn-failure"]]
+
+
+def test_the_replicas_layouts_exec_lines_pass_minus_t() -> None:
+    for line in REPLICAS.read_text().splitlines():
+        if re.search(r"docker-compose\b.*\bexec\b", line):
+            assert " exec -T " in line, line.strip()
