@@ -5,6 +5,9 @@ the dead replica's agents taken over through their leases).
 
 The fleet is :class:`tests.integration.replicas.ReplicaFleet`: agent ``i`` lists replica
 ``i % 2`` first, so a death moves some agents and leaves the others where they were.
+
+It runs past 400 lines because its three scenarios share one fleet's helpers and a
+webhook receiver that belong to no other test; split, each file would repeat them.
 """
 
 from __future__ import annotations
