@@ -9,7 +9,6 @@ import uuid
 from pathlib import Path
 from typing import Any
 
-import psycopg2
 import pytest
 import pytest_twisted
 import treq
@@ -29,19 +28,10 @@ from taskscheduler.services import ListeningPort, StartInOrder
 from tests.conftest import RestartablePostgres, _create_database, _drop_database
 from tests.unit.test_changes import Recorder
 from tests.unit.test_server_service import until
+from tests.unit.test_store_postgres import _query
 
 reactor: Any = _reactor
 TASK = uuid.UUID("aaaaaaaa-0000-4000-8000-000000000001")
-
-
-def _query(dsn: str, sql: str, params: Any = None) -> list[tuple[Any, ...]]:
-    conn = psycopg2.connect(dsn)
-    try:
-        with conn, conn.cursor() as cursor:
-            cursor.execute(sql, params)
-            return cursor.fetchall() if cursor.description else []
-    finally:
-        conn.close()
 
 
 def bus_on(dsn: str, name: str) -> tuple[ChangeBus, Recorder]:

@@ -31,18 +31,9 @@ from tests.unit.test_store_contract import (
     within,
 )
 from tests.unit.test_store_contract import result as a_result
+from tests.unit.test_store_postgres import _query
 
 STEP = timedelta(seconds=30)  # make_spec's interval
-
-
-def _query(dsn: str, sql: str, params: Any = None) -> list[tuple[Any, ...]]:
-    conn = psycopg2.connect(dsn)
-    try:
-        with conn, conn.cursor() as cursor:
-            cursor.execute(sql, params)
-            return cursor.fetchall() if cursor.description else []
-    finally:
-        conn.close()
 
 
 def _migrate_to_15(dsn: str) -> None:
