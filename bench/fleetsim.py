@@ -9,7 +9,14 @@ to (schedule, batch schedule, unschedule, run now, list, leave), each instructio
 by the agent's own :class:`~taskscheduler.signing.InstructionVerifier` (signature,
 audience, clock skew, nonce) and each task parsed by :func:`protocol.parse_task_spec`.
 Nothing is written to disk and nothing runs: the simulator records when each task first
-arrived at each agent (its own clock), which is what a fan-out benchmark measures.
+arrived at each agent (its own clock), which is what a fan-out benchmark measures. With
+``results=True`` each agent also "runs" its tasks' instants and reports a synthetic
+result of each like a real agent (:mod:`bench.simresults`: its own credential, the
+reporter's single and batch endpoints, back-off).
+
+Several server URLs (replicas) may be given: agent ``i`` talks to ``servers[i % n]``
+and moves to the next one when a request gets no answer or a 5xx (as the agent's
+``--server a,b`` does), for enrolment, heartbeats and results alike.
 
 The server keeps a URL's path (``AgentClient`` appends ``/api/v1/...`` to it), so many
 agents share a listening port: agent ``i`` is ``http://HOST:PORT/a/i`` on port
@@ -17,10 +24,14 @@ agents share a listening port: agent ``i`` is ``http://HOST:PORT/a/i`` on port
 connection pool per host and port), but costs two descriptors per agent on this machine;
 a few hundred ports are a fair middle. :func:`raise_fd_limit` lifts the soft limit.
 
-CLI (a fleet against a running server, until Ctrl-C)::
+CLI (a fleet against running servers, until Ctrl-C)::
 
-    python bench/fleetsim.py --server http://127.0.0.1:8080 --join-secret-file F \\
-        --agents 1000 [--ports 100] [--heartbeat-interval 10] [--add-to-fleet TOKEN_FILE]
+    python bench/fleetsim.py --server http://127.0.0.1:8080[,http://...:8081] \\
+        --join-secret-file F --agents 1000 [--ports 100] [--heartbeat-interval 10] \\
+        [--add-to-fleet TOKEN_FILE] [--results]
+
+A little over 400 lines: the agent API's answers and the fleet's life cycle are one
+class; the runs and reports are in :mod:`bench.simresults`.
 """
 
 from __future__ import annotations
@@ -43,6 +54,7 @@ from twisted.logger import Logger
 from twisted.web.resource import Resource
 from twisted.web.server import Site
 
+from bench.simresults import SimReporter, SimRuns, unreachable
 from taskscheduler import protocol
 from taskscheduler.agent.server_client import Enrolled, HeartbeatAnswer, ServerClient
 from taskscheduler.httpclient import DaemonHTTP
@@ -82,14 +94,15 @@ class SimAgent:
 
 
 class SimFleet:
-    """``count`` simulated agents of the server at ``server_url``."""
+    """``count`` simulated agents of the server(s) at ``server_url`` (one URL, or a list
+    of replicas' URLs the agents are spread over)."""
 
     log = Logger()
 
     def __init__(
         self,
         reactor: Any,
-        server_url: str,
+        server_url: str | Sequence[str],
         join_secret: str,
         count: int,
         *,
@@ -98,9 +111,13 @@ class SimFleet:
         heartbeat_interval: float = 10.0,
         concurrency: int = 32,
         on_arrival: Callable[[SimAgent, uuid.UUID, float], None] | None = None,
+        results: bool = False,
+        run_seconds: float = 0.01,
     ) -> None:
         self._reactor = reactor
-        self.server_url = server_url.rstrip("/")
+        urls = [server_url] if isinstance(server_url, str) else list(server_url)
+        self.servers = [url.rstrip("/") for url in urls]
+        self.server_url = self.servers[0]
         self._join_secret = join_secret
         self._count = count
         self._host = host
@@ -108,8 +125,13 @@ class SimFleet:
         self._heartbeat_interval = heartbeat_interval
         self._semaphore = DeferredSemaphore(concurrency)
         self._on_arrival = on_arrival
-        self.http = DaemonHTTP(reactor)
+        # As many kept-alive connections as agents: a real fleet holds one per agent.
+        self.http = DaemonHTTP(reactor, max_per_host=max(8, count))
         self.agents: list[SimAgent] = []
+        self.reporter = SimReporter(reactor, self.servers)
+        self.runs: SimRuns | None = None
+        if results:
+            self.runs = SimRuns(reactor, self.agents, self.reporter, run_seconds=run_seconds)
         self._listening: list[Any] = []
         self._heartbeats: list[LoopingCall] = []
         self.heartbeats_sent = 0
@@ -134,13 +156,23 @@ class SimFleet:
                     i,
                     f"http://{self._host}:{port}{PREFIX}{i}",
                     agent_id,
-                    ServerClient(self.http, self._reactor, self.server_url),
+                    ServerClient(self.http, self._reactor, self.servers[i % len(self.servers)]),
                     # Started a second ago: an instruction signed in the agent's first
                     # second is not refused as one from before it started.
                     InstructionVerifier(agent_id, self._reactor, started_at=started - 1),
                 )
             )
         return [a.url for a in self.agents]
+
+    def set_servers(self, servers: Sequence[str], join_secret: str) -> None:
+        """Point the agents at ``servers`` (before they enrol): for servers started after
+        the agents listen, e.g. given the agents' URLs as their fleet."""
+        self.servers = [url.rstrip("/") for url in servers]
+        self.server_url = self.servers[0]
+        self._join_secret = join_secret
+        self.reporter.servers = list(self.servers)
+        for agent in self.agents:
+            agent.client.url = self.servers[agent.index % len(self.servers)]
 
     async def enrol_all(self, retries: int = 5) -> float:
         """Enrol every agent (``concurrency`` at once); the seconds it took."""
@@ -159,6 +191,8 @@ class SimFleet:
                 agent.verifier.trust(outcome.server_key)
                 agent.enrolled = True
                 return
+            if unreachable(outcome):
+                self.reporter.failover(agent)
             self.log.warn(
                 "agent {i} could not enrol (attempt {n}): {reason}",
                 i=agent.index,
@@ -190,7 +224,7 @@ class SimFleet:
                 "hostname": f"sim-{agent.index}",
                 "tasks": len(agent.tasks),
                 "running": 0,
-                "spooled": 0,
+                "spooled": len(self.reporter.outbox(agent).pending),
                 "dropped_results": 0,
                 "labels": {},
             }
@@ -199,8 +233,13 @@ class SimFleet:
             self.heartbeats_sent += 1
         else:
             self.heartbeats_failed += 1
+            if unreachable(answer):
+                self.reporter.failover(agent)
 
     async def stop(self) -> None:
+        if self.runs is not None:
+            self.runs.stop()
+        self.reporter.stop()
         for loop in self._heartbeats:
             if loop.running:
                 loop.stop()
@@ -217,13 +256,20 @@ class SimFleet:
         """When ``task_id`` reached each agent holding it (reactor seconds)."""
         return [a.arrived[task_id] for a in self.agents if task_id in a.arrived]
 
-    def counters(self) -> dict[str, int]:
+    def counters(self) -> dict[str, Any]:
         return {
             "instructions": sum(a.instructions for a in self.agents),
             "refused": sum(a.refused for a in self.agents),
             "heartbeats": self.heartbeats_sent,
             "heartbeats_failed": self.heartbeats_failed,
             "enrolled": sum(a.enrolled for a in self.agents),
+            **(
+                {}
+                if self.runs is None
+                else {"instants": self.runs.instants, "runs": self.runs.runs}
+            ),
+            **self.reporter.stats.counters(),
+            "waiting": self.reporter.waiting(),
         }
 
     # -- the agent API ----------------------------------------------------------------
@@ -297,6 +343,8 @@ class SimFleet:
             if self._on_arrival is not None:
                 self._on_arrival(agent, spec.task_id, now)
         agent.tasks[spec.task_id] = max(spec.revision, agent.tasks.get(spec.task_id, 0))
+        if self.runs is not None:
+            self.runs.held(spec.task_id, spec.schedule)
         return {"task_id": str(spec.task_id), "status": "scheduled"}
 
 
@@ -361,23 +409,26 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--ports", type=int, default=100)
     parser.add_argument("--heartbeat-interval", type=float, default=10.0)
     parser.add_argument("--add-to-fleet", type=Path, help="operator token file: add the URLs")
+    parser.add_argument("--results", action="store_true", help="run the tasks, report results")
     args = parser.parse_args(argv)
     from twisted.internet import reactor, task
 
     async def run(r: Any) -> None:
         fleet = SimFleet(
             r,
-            args.server,
+            args.server.split(","),
             args.join_secret_file.read_text().strip(),
             args.agents,
             ports=args.ports,
             heartbeat_interval=args.heartbeat_interval,
+            results=args.results,
         )
         fleet.listen()
         print(f"enrolled {args.agents} agents in {await fleet.enrol_all():.1f} s", flush=True)
         if args.add_to_fleet:
             token = args.add_to_fleet.read_text().strip()
-            await add_to_fleet(r, fleet.http, args.server, token, [a.url for a in fleet.agents])
+            urls = [a.url for a in fleet.agents]
+            await add_to_fleet(r, fleet.http, fleet.server_url, token, urls)
         fleet.start_heartbeats()
         report = LoopingCall(lambda: print(json.dumps(fleet.counters()), flush=True))
         report.start(10)
