@@ -1,0 +1,206 @@
+"""The users' side of scenario 8 (``bench/bench_replicas.py``), in a process of its own
+so that the simulated fleet's reactor does not stretch its timings: operators reading
+and creating through the REST API while the fleet runs, and the freshness of results.
+
+:func:`observe` runs, for ``window`` seconds, with the operator's token over kept-alive
+connections, each request sent to the replicas in turn:
+
+- ``readers`` threads, each sending a read every ``read_gap`` s, the kinds in turn:
+  ``latest_output`` of a probe task, a history page (``/executions?limit=20``) of one,
+  and the task list (``/api/v1/tasks?limit=100``);
+- one creator, ``create_rate`` creates a second (tasks ``every 24 hours`` targeted at
+  one simulated agent each: a create is measured, not a fan-out to the fleet);
+- ``pollers`` threads, each taking the probe tasks in turn: from the task's next
+  instant, ``latest_output`` every ``poll_gap`` s until it shows that instant; the
+  freshness is the moment that answer arrived minus the instant.
+
+It writes what it saw as JSON to ``out``; :func:`latency_figures` and
+:func:`freshness_figures` (pure, unit-tested) make the figures of it.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+import threading
+import time
+from collections.abc import Iterable, Sequence
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from types import SimpleNamespace
+from typing import Any
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from bench.loadapi import Operator
+from bench.loadkit import percentile
+
+READ_KINDS = ("latest_output", "history", "task_list")
+GIVE_UP = 30.0
+
+
+def parse_instant(text: str) -> datetime:
+    return datetime.fromisoformat(text.replace("Z", "+00:00"))
+
+
+def latency_figures(samples: Iterable[Sequence[Any]]) -> dict[str, dict[str, Any]]:
+    """``samples``: (kind, replica, seconds, status) -> per kind: n, p50/p99/max in ms
+    over the answered ones, errors (no answer or a status >= 400), and p99 per replica."""
+    by_kind: dict[str, list[tuple[str, float, int]]] = {}
+    for kind, replica, seconds, status in samples:
+        by_kind.setdefault(kind, []).append((replica, seconds, status))
+    out: dict[str, dict[str, Any]] = {}
+    for kind, rows in sorted(by_kind.items()):
+        good = sorted(s for _, s, status in rows if 0 < status < 400)
+        figures: dict[str, Any] = {"n": len(rows), "errors": len(rows) - len(good)}
+        figures.update(_ms_spread(good))
+        figures["p99_by_replica"] = {
+            replica: _ms_spread(sorted(s for r, s, st in rows if r == replica and 0 < st < 400))[
+                "p99_ms"
+            ]
+            for replica in sorted({r for r, _, _ in rows})
+        }
+        out[kind] = figures
+    return out
+
+
+def _ms_spread(ordered: Sequence[float]) -> dict[str, float | None]:
+    if not ordered:
+        return {"p50_ms": None, "p99_ms": None, "max_ms": None}
+    return {
+        "p50_ms": round(1000 * percentile(ordered, 50), 2),
+        "p99_ms": round(1000 * percentile(ordered, 99), 2),
+        "max_ms": round(1000 * ordered[-1], 2),
+    }
+
+
+def freshness_figures(seen: Iterable[float | None]) -> dict[str, Any]:
+    """``seen``: seconds from each probed instant to the answer showing it (None: never
+    shown within the give-up time) -> n, never, p50/p99/max in ms."""
+    values = list(seen)
+    shown = sorted(v for v in values if v is not None)
+    return {"n": len(values), "never": len(values) - len(shown), **_ms_spread(shown)}
+
+
+def next_instant(first: datetime, interval: float, after: datetime) -> datetime:
+    """The first instant of ``first + k * interval`` (k >= 0) strictly after ``after``."""
+    if after < first:
+        return first
+    k = int((after - first).total_seconds() // interval) + 1
+    return first + timedelta(seconds=k * interval)
+
+
+class Observer:
+    def __init__(self, config: dict[str, Any]) -> None:
+        self.config = config
+        self.apis = [
+            Operator(SimpleNamespace(server_url=url, operator_token=config["token"]))  # type: ignore[arg-type]
+            for url in config["servers"]
+        ]
+        self.lock = threading.Lock()
+        self.samples: list[tuple[str, str, float, int]] = []
+        self.freshness: list[float | None] = []
+        self.stopping = threading.Event()
+        self.turn = 0
+
+    def timed(self, kind: str, method: str, path: str, body: Any = None) -> tuple[int, Any]:
+        with self.lock:
+            self.turn += 1
+            index = self.turn % len(self.apis)
+        api = self.apis[index]
+        sent = time.monotonic()
+        try:
+            status, answer = api.request(method, path, body)
+        except Exception:
+            status, answer = 0, None
+        took = time.monotonic() - sent
+        with self.lock:
+            self.samples.append((kind, "ab"[index] if index < 2 else str(index), took, status))
+        return status, answer
+
+    def reader(self, offset: int) -> None:
+        probes = self.config["probes"]
+        i = offset
+        while not self.stopping.is_set():
+            kind = READ_KINDS[i % len(READ_KINDS)]
+            task = probes[(i // len(READ_KINDS)) % len(probes)]["task_id"]
+            path = {
+                "latest_output": f"/api/v1/tasks/{task}/latest_output",
+                "history": f"/api/v1/tasks/{task}/executions?limit=20",
+                "task_list": "/api/v1/tasks?limit=100",
+            }[kind]
+            self.timed(kind, "GET", path)
+            i += 1
+            self.stopping.wait(self.config["read_gap"])
+
+    def creator(self) -> None:
+        rate = self.config["create_rate"]
+        if rate <= 0:
+            return
+        targets = self.config["create_targets"]
+        started = time.monotonic()
+        for i in range(10**9):
+            due = started + i / rate
+            if self.stopping.wait(max(0.0, due - time.monotonic())):
+                return
+            body = {
+                "command": ":",
+                "frequency": "every 24 hours",
+                "target": {"agents": [targets[i % len(targets)]]},
+            }
+            self.timed("create", "POST", "/api/v1/tasks/create", body)
+
+    def poller(self, offset: int) -> None:
+        probes = self.config["probes"][offset :: self.config["pollers"]]
+        gap = self.config["poll_gap"]
+        i = 0
+        while probes and not self.stopping.is_set():
+            probe = probes[i % len(probes)]
+            i += 1
+            first = parse_instant(probe["first"])
+            # The next instant at least 50 ms away: the poll starts at it.
+            at = next_instant(first, probe["interval"], datetime.now(UTC) + timedelta(seconds=0.05))
+            if self.stopping.wait(max(0.0, (at - datetime.now(UTC)).total_seconds())):
+                return
+            path = f"/api/v1/tasks/{probe['task_id']}/latest_output"
+            while not self.stopping.is_set():
+                status, body = self.timed("poll", "GET", path)
+                now = datetime.now(UTC)
+                shown = body.get("scheduled_at") if status == 200 and body else None
+                if shown is not None and parse_instant(shown) >= at:
+                    with self.lock:
+                        self.freshness.append((now - at).total_seconds())
+                    break
+                if (now - at).total_seconds() > GIVE_UP:
+                    with self.lock:
+                        self.freshness.append(None)
+                    break
+                self.stopping.wait(gap)
+
+    def run(self) -> dict[str, Any]:
+        threads = [
+            threading.Thread(target=self.reader, args=(i,)) for i in range(self.config["readers"])
+        ]
+        threads.append(threading.Thread(target=self.creator))
+        threads += [
+            threading.Thread(target=self.poller, args=(i,)) for i in range(self.config["pollers"])
+        ]
+        for thread in threads:
+            thread.daemon = True
+            thread.start()
+        self.stopping.wait(self.config["window"])
+        self.stopping.set()
+        for thread in threads:
+            thread.join(timeout=70)
+        with self.lock:
+            return {"samples": list(self.samples), "freshness": list(self.freshness)}
+
+
+def observe(config: dict[str, Any], out: str) -> None:
+    """Run the observer with ``config`` (JSON-able) and write what it saw to ``out``."""
+    Path(out).write_text(json.dumps(Observer(config).run()))
+
+
+if __name__ == "__main__":
+    # python bench/replicaprobe.py CONFIG.json OUT.json
+    observe(json.loads(Path(sys.argv[1]).read_text()), sys.argv[2])
