@@ -314,7 +314,9 @@ class SimRuns:
             if task_id in agent.tasks and agent.arrived.get(task_id, moment) < moment
         ]
         if runners:
-            self._reactor.callLater(self._run_seconds, self._finished, task_id, at, runners)
+            # The run ends run_seconds after its instant (a late timer is not added to it).
+            ends_in = max(0.0, moment + self._run_seconds - self._reactor.seconds())
+            self._reactor.callLater(ends_in, self._finished, task_id, at, runners)
         if any(task_id in agent.tasks for agent in self._agents):
             self._arm(task_id)
         else:
