@@ -42,7 +42,6 @@ import shutil
 import subprocess
 import sys
 import tempfile
-import threading
 import time
 from collections.abc import Callable, Sequence
 from datetime import UTC, datetime
@@ -52,7 +51,6 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-import psutil
 from twisted.internet import threads
 from twisted.internet.defer import Deferred
 
@@ -60,7 +58,7 @@ from bench.contract import Figure, add_arguments, emit
 from bench.fleetsim import SimFleet
 from bench.loadapi import Operator, Postgres, query
 from bench.loadkit import environment, listening, percentile, stop_daemons
-from bench.replicaprobe import freshness_figures, latency_figures
+from bench.replicaprobe import TreeSampler, freshness_figures, latency_figures
 from taskscheduler.auth import JOIN_PREFIX, OPERATOR_PREFIX, hash_token, new_token
 from taskscheduler.signing import load_or_create_signing_key
 from tests.integration.daemons import Daemon, free_port, http, wait_for
@@ -73,63 +71,6 @@ SERVER_ENV = {
     "TASKSCHEDULER_MAX_CONNECTIONS": "30000",
     "TASKSCHEDULER_CREATE_RATE": "0",
 }
-
-
-class TreeSampler(threading.Thread):
-    """CPU and memory of a process and (``tree``) its children, every ``interval`` s."""
-
-    def __init__(self, pid: int, tree: bool, interval: float = 1.0) -> None:
-        super().__init__(daemon=True)
-        self.root = psutil.Process(pid)
-        self.tree = tree
-        self.interval = interval
-        self.stopping = threading.Event()
-        self.rss: list[int] = []
-        self.pss: list[int] = []
-        self.cpu: dict[int, float] = {}  # pid -> CPU seconds when first seen
-        self.last: dict[int, float] = {}
-        self.t0 = time.monotonic()
-        self._sample(first=True)
-
-    def processes(self) -> list[psutil.Process]:
-        try:
-            return [self.root, *(self.root.children(recursive=True) if self.tree else [])]
-        except psutil.Error:
-            return []
-
-    def _sample(self, first: bool = False) -> None:
-        rss = pss = 0
-        for process in self.processes():
-            try:
-                times = process.cpu_times()
-                memory = process.memory_full_info() if self.tree else process.memory_info()
-            except psutil.Error:
-                continue
-            seconds = times.user + times.system
-            # A process born during the window counts from zero.
-            self.cpu.setdefault(process.pid, seconds if first else 0.0)
-            self.last[process.pid] = seconds
-            rss += memory.rss
-            pss += getattr(memory, "pss", memory.rss)
-        self.rss.append(rss)
-        self.pss.append(pss)
-
-    def run(self) -> None:
-        while not self.stopping.wait(self.interval):
-            self._sample()
-
-    def finish(self) -> dict[str, Any]:
-        self.stopping.set()
-        self.join(10)
-        self._sample()
-        elapsed = time.monotonic() - self.t0
-        used = sum(self.last[pid] - self.cpu[pid] for pid in self.last)
-        return {
-            "cpu_cores": round(used / elapsed, 3) if elapsed else None,
-            "rss_mb_max": round(max(self.rss, default=0) / 2**20, 1),
-            "pss_mb_max": round(max(self.pss, default=0) / 2**20, 1),
-            "processes": len(self.last),
-        }
 
 
 class Run:

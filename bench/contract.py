@@ -30,6 +30,7 @@ SCENARIOS = (
     "5-query",
     "6-fanout",
     "7-server-memory",
+    "8-replicas",
 )
 FIELDS = ("scenario", "figure", "value", "unit", "ceiling", "ratio", "target", "met", "detail")
 

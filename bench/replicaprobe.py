@@ -16,6 +16,7 @@ connections, each request sent to the replicas in turn:
 
 It writes what it saw as JSON to ``out``; :func:`latency_figures` and
 :func:`freshness_figures` (pure, unit-tested) make the figures of it.
+:class:`TreeSampler` is the bench's other eye, on the daemons' CPU and memory.
 """
 
 from __future__ import annotations
@@ -31,6 +32,8 @@ from types import SimpleNamespace
 from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import psutil
 
 from bench.loadapi import Operator
 from bench.loadkit import percentile
@@ -88,6 +91,63 @@ def next_instant(first: datetime, interval: float, after: datetime) -> datetime:
         return first
     k = int((after - first).total_seconds() // interval) + 1
     return first + timedelta(seconds=k * interval)
+
+
+class TreeSampler(threading.Thread):
+    """CPU and memory of a process and (``tree``) its children, every ``interval`` s."""
+
+    def __init__(self, pid: int, tree: bool, interval: float = 1.0) -> None:
+        super().__init__(daemon=True)
+        self.root = psutil.Process(pid)
+        self.tree = tree
+        self.interval = interval
+        self.stopping = threading.Event()
+        self.rss: list[int] = []
+        self.pss: list[int] = []
+        self.cpu: dict[int, float] = {}  # pid -> CPU seconds when first seen
+        self.last: dict[int, float] = {}
+        self.t0 = time.monotonic()
+        self._sample(first=True)
+
+    def processes(self) -> list[psutil.Process]:
+        try:
+            return [self.root, *(self.root.children(recursive=True) if self.tree else [])]
+        except psutil.Error:
+            return []
+
+    def _sample(self, first: bool = False) -> None:
+        rss = pss = 0
+        for process in self.processes():
+            try:
+                times = process.cpu_times()
+                memory = process.memory_full_info() if self.tree else process.memory_info()
+            except psutil.Error:
+                continue
+            seconds = times.user + times.system
+            # A process born during the window counts from zero.
+            self.cpu.setdefault(process.pid, seconds if first else 0.0)
+            self.last[process.pid] = seconds
+            rss += memory.rss
+            pss += getattr(memory, "pss", memory.rss)
+        self.rss.append(rss)
+        self.pss.append(pss)
+
+    def run(self) -> None:
+        while not self.stopping.wait(self.interval):
+            self._sample()
+
+    def finish(self) -> dict[str, Any]:
+        self.stopping.set()
+        self.join(10)
+        self._sample()
+        elapsed = time.monotonic() - self.t0
+        used = sum(self.last[pid] - self.cpu[pid] for pid in self.last)
+        return {
+            "cpu_cores": round(used / elapsed, 3) if elapsed else None,
+            "rss_mb_max": round(max(self.rss, default=0) / 2**20, 1),
+            "pss_mb_max": round(max(self.pss, default=0) / 2**20, 1),
+            "processes": len(self.last),
+        }
 
 
 class Observer:

@@ -5,7 +5,7 @@
 
 (``scripts/bench`` makes or updates ``.venv`` and runs this.) First ``ceilings.py``
 measures this machine's limits (unless ``--ceilings`` names a file it wrote before); then
-each scenario script runs, in order 1..7, as a subprocess of this venv's Python with
+each scenario script runs, in order 1..8, as a subprocess of this venv's Python with
 ``--ceilings``/``--json-out`` (and ``--quick``), printing its own table as it goes:
 
     1  bench_agent_load.py --scenario sweep       1-throughput
@@ -16,6 +16,8 @@ each scenario script runs, in order 1..7, as a subprocess of this venv's Python 
     6  bench_create.py                            6-fanout (creation rate)
     6  bench_fleet.py                             6-fanout, 7-server-memory (--scenario X
                                                   when --only selects one of them)
+    8  bench_replicas.py                          8-replicas (two server replicas, one
+                                                  PostgreSQL, 1,000 simulated agents)
 
 A script that is not there is skipped with a line saying so. ``--args 1='--rates
 10,100'`` appends arguments to scenario 1's command (scale overrides); it may be given
@@ -75,6 +77,7 @@ STEPS = [
         "bench_fleet.py",
         narrow={"6": ["--scenario", "6-fanout"], "7": ["--scenario", "7-server-memory"]},
     ),
+    Step(("8",), "bench_replicas.py"),
 ]
 
 

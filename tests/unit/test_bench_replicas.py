@@ -13,6 +13,7 @@ from treq.testing import StubTreq
 from twisted.internet.defer import Deferred
 from twisted.internet.task import Clock
 
+from bench.contract import Figure, problems
 from bench.replicaprobe import freshness_figures, latency_figures, next_instant, parse_instant
 from bench.simresults import SimReporter, SimRuns, next_server, result_body, unreachable
 from taskscheduler.agent.server_client import RetryLater, ServerClient
@@ -197,3 +198,8 @@ def test_next_instant_is_strictly_after() -> None:
     assert next_instant(first, 2.0, first - timedelta(seconds=5)) == first
     assert next_instant(first, 2.0, first) == first + timedelta(seconds=2)
     assert next_instant(first, 2.0, first + timedelta(seconds=3)) == first + timedelta(seconds=4)
+
+
+def test_scenario_8_figures_keep_the_suites_contract() -> None:
+    record = Figure("8-replicas", "p99 latest output under the fleet", 12.5, "ms").record()
+    assert problems(record) == []
