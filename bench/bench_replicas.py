@@ -38,6 +38,7 @@ import argparse
 import importlib.util
 import json
 import math
+import os
 import shutil
 import subprocess
 import sys
@@ -57,7 +58,7 @@ from twisted.internet.defer import Deferred
 from bench.contract import Figure, add_arguments, emit
 from bench.fleetsim import SimFleet
 from bench.loadapi import Operator, Postgres, query
-from bench.loadkit import environment, listening, percentile, stop_daemons
+from bench.loadkit import environment, percentile, stop_daemons
 from bench.replicaprobe import TreeSampler, freshness_figures, latency_figures
 from taskscheduler.auth import JOIN_PREFIX, OPERATOR_PREFIX, hash_token, new_token
 from taskscheduler.signing import load_or_create_signing_key
@@ -129,7 +130,9 @@ class Run:
             daemon.url = f"http://127.0.0.1:{port}"  # type: ignore[attr-defined]
             self.daemons.append(daemon)
             daemon.start()
-            wait_for(listening(daemon, port), 60, f"{name} to listen on {port}")
+            # The whole log: the links' first warnings (no agent enrolled yet) may be many.
+            line = f"Site starting on {port}"
+            wait_for(lambda d=daemon, s=line: s in d.whole_log(), 60, f"{name} to listen")
             wait_for(lambda d=daemon: _healthy(d), 60, f"{name} to be healthy")
             out.append(daemon)
         return out
@@ -159,6 +162,7 @@ class Run:
             ports=args.ports,
             heartbeat_interval=args.heartbeat_interval,
             results=True,
+            connections=args.agents,  # one per agent, as a real fleet holds
         )
         urls = sim.listen()
         replicas = await self.blocking(self.replicas, dsn, urls)
@@ -197,6 +201,8 @@ class Run:
         samplers = {d.name: TreeSampler(d.process.pid, False) for d in replicas}  # type: ignore[union-attr]
         if pg_pid is not None:
             samplers["postgresql"] = TreeSampler(pg_pid, True)
+        # Not a figure of the server's: says whether the simulator kept up.
+        samplers["simulator"] = TreeSampler(os.getpid(), False)
         for sampler in samplers.values():
             sampler.start()
         counts0 = sim.counters()
