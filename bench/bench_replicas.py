@@ -2,7 +2,8 @@
 
     .venv/bin/python bench/bench_replicas.py [--quick] [--ceilings FILE] [--json-out FILE]
         [--agents 1000] [--fleet-tasks 5] [--interval 10] [--probes 8]
-        [--probe-interval 2] [--window 120] [--ports 500] [--create-rate 1] [--keep]
+        [--probe-interval 2] [--window 120] [--ports 500] [--create-rate 1]
+        [--kill-phase 20] [--keep]
 
 Its own PostgreSQL (the embedded one, ``pgserver``'s binaries) and two ``twistd
 taskscheduler-server`` replicas on one database, sharing the operators' tokens file, the
@@ -25,6 +26,11 @@ and, from a separate process (:mod:`bench.replicaprobe`), p50/p99 of reads
 the freshness of the probe tasks' instants (instant -> shown by ``latest_output``).
 From the database: results stored per second over the window against the offered rate,
 and when the last result of each fleet-wide execution was stored.
+
+Then replica-b is SIGKILLed and the fleet runs ``--kill-phase`` s more (0: skip): its
+agents move to replica-a on the first request that gets no answer; the figure is the
+worst instant -> acknowledged of their results in that phase. Last, every result the
+fleet saw acknowledged is looked up in the database (none may be missing).
 
 Before issue 14's leases (``server/leases.py``) are on the branch, each replica delivers
 every task to every agent (twice the instructions): the figures say which it was.
@@ -231,6 +237,8 @@ class Run:
             before=counts0,
             after=counts1,
         )
+        if args.kill_phase > 0:
+            await self.kill_phase(sim, replicas[1])
         await sim.stop()
         # Nothing the servers acknowledged is missing (in flight at the stop: stored, not
         # acknowledged, so the database may hold a few more).
@@ -244,6 +252,34 @@ class Run:
             stored=stored_all,
             refused=sum(sim.reporter.stats.refused.values()),
             waiting_at_stop=sim.reporter.waiting(),
+        )
+
+    async def kill_phase(self, sim: SimFleet, victim: Daemon) -> None:
+        """SIGKILL one replica under the fleet: how long its agents' results then take
+        from their instant to their acknowledgement (by the other replica, once they
+        have failed over), over ``--kill-phase`` s."""
+        moved = {a.index for a in sim.agents if a.client.url == victim.url}  # type: ignore[attr-defined]
+        failovers = sim.reporter.stats.failovers
+        killed = time.time()
+        await self.blocking(victim.kill)
+        await _sleep(self.reactor, self.args.kill_phase)
+        late = sorted(
+            acked - instant
+            for index, instant, acked in sim.reporter.stats.acks
+            if index in moved and instant >= killed - 1.0
+        )
+        self.figure(
+            f"{victim.name} SIGKILLed: its agents' instant -> acknowledged, max",
+            round(late[-1], 2) if late else None,
+            "s",
+            p50_s=round(percentile(late, 50), 3) if late else None,
+            p99_s=round(percentile(late, 99), 3) if late else None,
+            results=len(late),
+            agents=len(moved),
+            failovers=sim.reporter.stats.failovers - failovers,
+            still_on_victim=sum(1 for a in sim.agents if a.client.url == victim.url),  # type: ignore[attr-defined]
+            waiting=sim.reporter.waiting(),
+            phase_s=self.args.kill_phase,
         )
 
     def create_tasks(self, apis: list[Operator], sim: SimFleet) -> list[dict[str, Any]]:
@@ -392,6 +428,9 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--pollers", type=int, default=4)
     parser.add_argument("--poll-gap", type=float, default=0.02)
     parser.add_argument("--delivery-timeout", type=float, default=300.0)
+    parser.add_argument(
+        "--kill-phase", type=float, default=20.0, help="s after SIGKILL of replica-b (0: none)"
+    )
     parser.add_argument("--keep", action="store_true")
     args = parser.parse_args(argv)
     quick = args.quick

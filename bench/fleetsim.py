@@ -187,6 +187,7 @@ class SimFleet:
 
     async def _enrol(self, agent: SimAgent, retries: int) -> None:
         for attempt in range(retries):
+            url = agent.client.url
             outcome = await agent.client.enrol(agent.agent_id, agent.url, self._join_secret)
             if isinstance(outcome, Enrolled):
                 agent.client.credential = outcome.credential
@@ -194,7 +195,7 @@ class SimFleet:
                 agent.enrolled = True
                 return
             if unreachable(outcome):
-                self.reporter.failover(agent)
+                self.reporter.failover(agent, url)
             self.log.warn(
                 "agent {i} could not enrol (attempt {n}): {reason}",
                 i=agent.index,
@@ -219,6 +220,7 @@ class SimFleet:
         return d
 
     async def _beat_once(self, agent: SimAgent) -> None:
+        url = agent.client.url
         answer = await agent.client.heartbeat(
             {
                 "agent_id": str(agent.agent_id),
@@ -236,7 +238,7 @@ class SimFleet:
         else:
             self.heartbeats_failed += 1
             if unreachable(answer):
-                self.reporter.failover(agent)
+                self.reporter.failover(agent, url)
 
     async def stop(self) -> None:
         if self.runs is not None:

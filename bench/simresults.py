@@ -120,8 +120,8 @@ class ReportStats:
     refused: collections.Counter[str] = field(default_factory=collections.Counter)
     failed_requests: int = 0
     failovers: int = 0
-    #: Seconds from each acknowledged result's instant to its acknowledgement.
-    ack_latency: list[float] = field(default_factory=list)
+    #: (agent index, instant, acknowledged) of each acknowledged result, POSIX seconds.
+    acks: list[tuple[int, float, float]] = field(default_factory=list)
 
     def counters(self) -> dict[str, Any]:
         return {
@@ -179,9 +179,10 @@ class SimReporter:
             box.sending = True
             Deferred.fromCoroutine(self._drain(agent, box)).addErrback(self._crashed)
 
-    def failover(self, agent: Agent) -> None:
-        """No answer from the agent's server: point its client at the next one."""
-        if len(self.servers) > 1:
+    def failover(self, agent: Agent, failed: str) -> None:
+        """No answer from ``failed``: point the agent's client at the next server, unless
+        another request of the agent's (its heartbeat, say) has already moved it."""
+        if len(self.servers) > 1 and agent.client.url == failed:
             agent.client.url = next_server(agent.client.url, self.servers)
             self.stats.failovers += 1
 
@@ -217,6 +218,7 @@ class SimReporter:
     ) -> bool:
         """Send ``batch`` (the oldest pending results); whether all of it got a verdict."""
         self.stats.requests += 1
+        url = agent.client.url
         verdicts: list[Any]
         if len(batch) == 1:
             self.stats.single += 1
@@ -236,14 +238,14 @@ class SimReporter:
             # The request got no verdict: nothing leaves the outbox.
             self.stats.failed_requests += 1
             if unreachable(verdicts[0]):
-                self.failover(agent)
+                self.failover(agent, url)
             return False
         now = self._reactor.seconds()
         keep: list[tuple[uuid.UUID, datetime, bytes]] = []
         for item, verdict in zip(batch, verdicts, strict=True):
             if isinstance(verdict, Acknowledged):
                 self.stats.acknowledged += 1
-                self.stats.ack_latency.append(now - item[1].timestamp())
+                self.stats.acks.append((agent.index, item[1].timestamp(), now))
             elif isinstance(verdict, Refused):
                 self.stats.refused[verdict.reason[:80]] += 1
             else:

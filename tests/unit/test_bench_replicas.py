@@ -203,3 +203,10 @@ def test_next_instant_is_strictly_after() -> None:
 def test_scenario_8_figures_keep_the_suites_contract() -> None:
     record = Figure("8-replicas", "p99 latest output under the fleet", 12.5, "ms").record()
     assert problems(record) == []
+
+
+def test_two_requests_failing_on_one_replica_move_the_agent_once() -> None:
+    _, _, reporter, [agent] = fleet()
+    reporter.failover(agent, A)  # its heartbeat got no answer from A
+    reporter.failover(agent, A)  # nor did a report sent to A at the same time
+    assert agent.client.url == B and reporter.stats.failovers == 1
