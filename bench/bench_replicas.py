@@ -65,7 +65,7 @@ from bench.contract import Figure, add_arguments, emit
 from bench.fleetsim import SimFleet
 from bench.loadapi import Operator, Postgres, query
 from bench.loadkit import environment, percentile, stop_daemons
-from bench.replicaprobe import TreeSampler, freshness_figures, latency_figures
+from bench.replicaprobe import TreeSampler, freshness_figures, latency_figures, profile_top
 from taskscheduler.auth import JOIN_PREFIX, OPERATOR_PREFIX, hash_token, new_token
 from taskscheduler.signing import load_or_create_signing_key
 from tests.integration.daemons import Daemon, free_port, http, wait_for
@@ -214,6 +214,7 @@ class Run:
         counts0 = sim.counters()
         stored0 = await self.blocking(query, dsn, "SELECT count(*) FROM results")
         t0 = datetime.now(UTC)
+        profiler = self.profile(replicas[0]) if args.profile else None
         observer = await self.blocking(self.observe)
         t1 = datetime.now(UTC)
         stored1 = await self.blocking(query, dsn, "SELECT count(*) FROM results")
@@ -223,6 +224,8 @@ class Run:
         fleet_ids = [t["task_id"] for t in tasks if t["holders"] > 1]
         complete = await self.blocking(self.fleet_executions, dsn, fleet_ids, t0, t1)
         self.report(args, used, observer, seconds, stored1[0][0] - stored0[0][0], complete)
+        if profiler is not None:
+            await self.blocking(self.profiled, profiler)
         self.figure(
             "results acknowledged to the fleet in the window",
             counts1["acknowledged"] - counts0["acknowledged"],
@@ -311,6 +314,27 @@ class Run:
             if fleet_wide and i + 1 < args.fleet_tasks:
                 time.sleep(gap)
         return out
+
+    def profile(self, replica: Daemon) -> subprocess.Popen[bytes]:
+        """py-spy on ``replica`` for ``--profile`` s of the window (raw stacks)."""
+        assert replica.process is not None
+        spy = str(Path(sys.executable).with_name("py-spy"))
+        command = [spy, "record", "--pid", str(replica.process.pid), "--nonblocking"]
+        command += ["--rate", "50", "--duration", str(int(self.args.profile))]
+        command += ["--format", "raw", "--output", str(self.root / "profile.txt")]
+        return subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+
+    def profiled(self, profiler: subprocess.Popen[bytes]) -> None:
+        profiler.wait(timeout=self.args.profile + 60)
+        path = self.root / "profile.txt"
+        if not path.exists():
+            print("  py-spy wrote no profile", file=sys.stderr)
+            return
+        top = profile_top(path.read_text())
+        print("  replica-a, py-spy, share of samples (leaf | taskscheduler's, on the stack):")
+        for (own, share), (frame, whole) in zip(top["own"], top["ours"], strict=False):
+            print(f"    {share:6.1%} {own[:60]:60} | {whole:6.1%} {frame[:70]}")
+        self.figure("replica-a profiled (py-spy), samples", None, "", **top)
 
     def observe(self) -> dict[str, Any]:
         out = self.root / "observed.json"
@@ -430,6 +454,9 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--delivery-timeout", type=float, default=300.0)
     parser.add_argument(
         "--kill-phase", type=float, default=20.0, help="s after SIGKILL of replica-b (0: none)"
+    )
+    parser.add_argument(
+        "--profile", type=float, default=0.0, help="py-spy replica-a for S s of the window"
     )
     parser.add_argument("--keep", action="store_true")
     args = parser.parse_args(argv)

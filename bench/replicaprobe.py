@@ -85,6 +85,33 @@ def freshness_figures(seen: Iterable[float | None]) -> dict[str, Any]:
     return {"n": len(values), "never": len(values) - len(shown), **_ms_spread(shown)}
 
 
+def profile_top(raw: str, n: int = 15) -> dict[str, Any]:
+    """py-spy's ``--format raw`` (``frame;frame;... count`` per line, leaf last) ->
+    the ``n`` functions with the largest share of samples: ``own`` (the leaf), and
+    ``ours`` (taskscheduler's functions anywhere on the stack, once per sample)."""
+    own: dict[str, int] = {}
+    total: dict[str, int] = {}
+    samples = 0
+    for line in raw.splitlines():
+        stack, _, count_text = line.rpartition(" ")
+        if not stack or not count_text.isdigit():
+            continue
+        count = int(count_text)
+        samples += count
+        frames = [f.strip() for f in stack.split(";") if f.strip()]
+        if not frames:
+            continue
+        own[frames[-1]] = own.get(frames[-1], 0) + count
+        for frame in {f for f in frames if "taskscheduler/" in f}:
+            total[frame] = total.get(frame, 0) + count
+
+    def top(counts: dict[str, int]) -> list[tuple[str, float]]:
+        ranked = sorted(counts.items(), key=lambda item: -item[1])[:n]
+        return [(frame, round(count / samples, 4)) for frame, count in ranked]
+
+    return {"own": top(own), "ours": top(total), "samples": samples}
+
+
 def next_instant(first: datetime, interval: float, after: datetime) -> datetime:
     """The first instant of ``first + k * interval`` (k >= 0) strictly after ``after``."""
     if after < first:

@@ -14,7 +14,13 @@ from twisted.internet.defer import Deferred
 from twisted.internet.task import Clock
 
 from bench.contract import Figure, problems
-from bench.replicaprobe import freshness_figures, latency_figures, next_instant, parse_instant
+from bench.replicaprobe import (
+    freshness_figures,
+    latency_figures,
+    next_instant,
+    parse_instant,
+    profile_top,
+)
 from bench.simresults import SimReporter, SimRuns, next_server, result_body, unreachable
 from taskscheduler.agent.server_client import RetryLater, ServerClient
 from taskscheduler.protocol import ResultStatus, parse_result, parse_result_batch
@@ -210,3 +216,18 @@ def test_two_requests_failing_on_one_replica_move_the_agent_once() -> None:
     reporter.failover(agent, A)  # its heartbeat got no answer from A
     reporter.failover(agent, A)  # nor did a report sent to A at the same time
     assert agent.client.url == B and reporter.stats.failovers == 1
+
+
+def test_profile_top_shares_of_samples() -> None:
+    raw = "\n".join(
+        [
+            "run (twistd:1);handle (taskscheduler/server/api.py:3);_doit (txpostgres.py:9) 6",
+            "run (twistd:1);doPoll (epollreactor.py:2) 3",
+            "run (twistd:1);handle (taskscheduler/server/api.py:3) 1",
+            "not a line",
+        ]
+    )
+    top = profile_top(raw)
+    assert top["samples"] == 10
+    assert top["own"][:2] == [("_doit (txpostgres.py:9)", 0.6), ("doPoll (epollreactor.py:2)", 0.3)]
+    assert top["ours"] == [("handle (taskscheduler/server/api.py:3)", 0.7)]
