@@ -88,6 +88,7 @@ class Run:
         self.daemons: list[Daemon] = []
         self.pg: Postgres | None = None
         self.figures: list[Figure] = []
+        self.urls: dict[str, str] = {}  # replica name -> its URL
 
     async def blocking(self, fn: Callable[..., Any], *a: Any) -> Any:
         return await threads.deferToThread(fn, *a)
@@ -133,13 +134,20 @@ class Run:
                     "AVAILABLE_SERVERS": ",".join(fleet_urls),
                 },
             )
-            daemon.url = f"http://127.0.0.1:{port}"  # type: ignore[attr-defined]
+            self.urls[name] = url = f"http://127.0.0.1:{port}"
             self.daemons.append(daemon)
             daemon.start()
             # The whole log: the links' first warnings (no agent enrolled yet) may be many.
             line = f"Site starting on {port}"
-            wait_for(lambda d=daemon, s=line: s in d.whole_log(), 60, f"{name} to listen")
-            wait_for(lambda d=daemon: _healthy(d), 60, f"{name} to be healthy")
+
+            def started(d: Daemon = daemon, line: str = line) -> bool:
+                return line in d.whole_log()
+
+            def healthy(d: Daemon = daemon, url: str = url) -> bool:
+                return _healthy(d, url)
+
+            wait_for(started, 60, f"{name} to listen")
+            wait_for(healthy, 60, f"{name} to be healthy")
             out.append(daemon)
         return out
 
@@ -172,7 +180,7 @@ class Run:
         )
         urls = sim.listen()
         replicas = await self.blocking(self.replicas, dsn, urls)
-        servers = [d.url for d in replicas]  # type: ignore[attr-defined]
+        servers = [self.urls[d.name] for d in replicas]
         sim.set_servers(servers, self.join_secret)
         enrol_s = await sim.enrol_all()
         sim.start_heartbeats()
@@ -261,7 +269,8 @@ class Run:
         """SIGKILL one replica under the fleet: how long its agents' results then take
         from their instant to their acknowledgement (by the other replica, once they
         have failed over), over ``--kill-phase`` s."""
-        moved = {a.index for a in sim.agents if a.client.url == victim.url}  # type: ignore[attr-defined]
+        url = self.urls[victim.name]
+        moved = {a.index for a in sim.agents if a.client.url == url}
         failovers = sim.reporter.stats.failovers
         killed = time.time()
         await self.blocking(victim.kill)
@@ -280,7 +289,7 @@ class Run:
             results=len(late),
             agents=len(moved),
             failovers=sim.reporter.stats.failovers - failovers,
-            still_on_victim=sum(1 for a in sim.agents if a.client.url == victim.url),  # type: ignore[attr-defined]
+            still_on_victim=len([a for a in sim.agents if a.client.url == url]),
             waiting=sim.reporter.waiting(),
             phase_s=self.args.kill_phase,
         )
@@ -423,9 +432,9 @@ class Run:
             shutil.rmtree(self.root, ignore_errors=True)
 
 
-def _healthy(daemon: Daemon) -> bool:
+def _healthy(daemon: Daemon, url: str) -> bool:
     daemon.assert_running()
-    code, _ = http("GET", daemon.url + "/api/v1/health", timeout=5)  # type: ignore[attr-defined]
+    code, _ = http("GET", url + "/api/v1/health", timeout=5)
     return bool(code == 200)
 
 
