@@ -36,6 +36,9 @@ Before issue 14's leases (``server/leases.py``) are on the branch, each replica 
 every task to every agent (twice the instructions): the figures say which it was.
 No target applies (the issue asks for the figures); ``--ceilings`` is accepted, unused.
 ``--quick``: 50 agents, a 30 s window. Exits non-zero only if it could not measure.
+
+Over 400 lines because it is one scenario read in the order it runs (daemons, fleet,
+tasks, window, kill phase, figures); its instruments are in :mod:`bench.replicaprobe`.
 """
 
 from __future__ import annotations
@@ -65,7 +68,14 @@ from bench.contract import Figure, add_arguments, emit
 from bench.fleetsim import SimFleet
 from bench.loadapi import Operator, Postgres, query
 from bench.loadkit import environment, percentile, stop_daemons
-from bench.replicaprobe import TreeSampler, freshness_figures, latency_figures, profile_top
+from bench.replicaprobe import (
+    LagMeter,
+    TreeSampler,
+    freshness_figures,
+    latency_figures,
+    profile_top,
+    start_py_spy,
+)
 from taskscheduler.auth import JOIN_PREFIX, OPERATOR_PREFIX, hash_token, new_token
 from taskscheduler.signing import load_or_create_signing_key
 from tests.integration.daemons import Daemon, free_port, http, wait_for
@@ -220,6 +230,7 @@ class Run:
         for sampler in samplers.values():
             sampler.start()
         counts0 = sim.counters()
+        lag = LagMeter(self.reactor)
         stored0 = await self.blocking(query, dsn, "SELECT count(*) FROM results")
         t0 = datetime.now(UTC)
         profiler = self.profile(replicas[0]) if args.profile else None
@@ -227,11 +238,19 @@ class Run:
         t1 = datetime.now(UTC)
         stored1 = await self.blocking(query, dsn, "SELECT count(*) FROM results")
         counts1 = sim.counters()
+        lags = lag.finish()
         used = {name: s.finish() for name, s in samplers.items()}
         seconds = (t1 - t0).total_seconds()
         fleet_ids = [t["task_id"] for t in tasks if t["holders"] > 1]
         complete = await self.blocking(self.fleet_executions, dsn, fleet_ids, t0, t1)
         self.report(args, used, observer, seconds, stored1[0][0] - stored0[0][0], complete)
+        self.figure(
+            "simulator's reactor lag in the window, p99",
+            lags["p99_ms"],
+            "ms",
+            **lags,
+            why="the fleet's requests wait this long in the simulator before they are sent",
+        )
         if profiler is not None:
             await self.blocking(self.profiled, profiler)
         self.figure(
@@ -325,13 +344,8 @@ class Run:
         return out
 
     def profile(self, replica: Daemon) -> subprocess.Popen[bytes]:
-        """py-spy on ``replica`` for ``--profile`` s of the window (raw stacks)."""
         assert replica.process is not None
-        spy = str(Path(sys.executable).with_name("py-spy"))
-        command = [spy, "record", "--pid", str(replica.process.pid), "--nonblocking"]
-        command += ["--rate", "50", "--duration", str(int(self.args.profile))]
-        command += ["--format", "raw", "--output", str(self.root / "profile.txt")]
-        return subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        return start_py_spy(replica.process.pid, self.args.profile, self.root / "profile.txt")
 
     def profiled(self, profiler: subprocess.Popen[bytes]) -> None:
         profiler.wait(timeout=self.args.profile + 60)

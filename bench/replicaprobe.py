@@ -16,12 +16,14 @@ connections, each request sent to the replicas in turn:
 
 It writes what it saw as JSON to ``out``; :func:`latency_figures` and
 :func:`freshness_figures` (pure, unit-tested) make the figures of it.
-:class:`TreeSampler` is the bench's other eye, on the daemons' CPU and memory.
+:class:`TreeSampler` (the daemons' CPU and memory), :class:`LagMeter` (the simulator's
+own lateness) and :func:`start_py_spy` are the bench's other instruments.
 """
 
 from __future__ import annotations
 
 import json
+import subprocess
 import sys
 import threading
 import time
@@ -34,6 +36,7 @@ from typing import Any
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import psutil
+from twisted.internet.task import LoopingCall
 
 from bench.loadapi import Operator
 from bench.loadkit import percentile
@@ -175,6 +178,45 @@ class TreeSampler(threading.Thread):
             "pss_mb_max": round(max(self.pss, default=0) / 2**20, 1),
             "processes": len(self.last),
         }
+
+
+class LagMeter:
+    """How late the simulator's reactor runs a timer due every ``interval`` s: while it
+    is late, the simulated agents' requests wait in it too."""
+
+    def __init__(self, reactor: Any, interval: float = 0.05) -> None:
+        self.lags: list[float] = []
+        self.interval = interval
+        self.loop = LoopingCall(self._tick)
+        self.loop.clock = reactor
+        self.reactor = reactor
+        self.due = reactor.seconds()
+        self.loop.start(interval, now=True)
+
+    def _tick(self) -> None:
+        now = self.reactor.seconds()
+        self.lags.append(max(0.0, now - self.due))
+        self.due = now + self.interval
+
+    def finish(self) -> dict[str, Any]:
+        self.loop.stop()
+        ordered = sorted(self.lags)
+        if not ordered:
+            return {"p50_ms": None, "p99_ms": None, "max_ms": None}
+        return {
+            "p50_ms": round(1000 * percentile(ordered, 50), 1),
+            "p99_ms": round(1000 * percentile(ordered, 99), 1),
+            "max_ms": round(1000 * ordered[-1], 1),
+        }
+
+
+def start_py_spy(pid: int, seconds: float, out: Path) -> subprocess.Popen[bytes]:
+    """py-spy (of this venv) on ``pid`` for ``seconds``, raw stacks to ``out``; it does
+    not pause the process, and samples 50 times a second."""
+    spy = str(Path(sys.executable).with_name("py-spy"))
+    command = [spy, "record", "--pid", str(pid), "--nonblocking", "--rate", "50"]
+    command += ["--duration", str(int(seconds)), "--format", "raw", "--output", str(out)]
+    return subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
 
 
 class Observer:
