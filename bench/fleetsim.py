@@ -58,7 +58,7 @@ from bench.simresults import SimReporter, SimRuns, unreachable
 from taskscheduler import protocol
 from taskscheduler.agent.server_client import Enrolled, HeartbeatAnswer, ServerClient
 from taskscheduler.httpclient import DaemonHTTP
-from taskscheduler.schedule import utc_now_from
+from taskscheduler.schedule import format_instant, utc_now_from
 from taskscheduler.signing import BadSignature, InstructionVerifier
 
 #: Path of agent ``i`` under its port.
@@ -137,6 +137,7 @@ class SimFleet:
         self._listening: list[Any] = []
         self._heartbeats: list[LoopingCall] = []
         self.heartbeats_sent = 0
+        self._started_at = format_instant(utc_now_from(reactor.seconds()))
         self.heartbeats_failed = 0
 
     # -- set-up -----------------------------------------------------------------------
@@ -226,6 +227,7 @@ class SimFleet:
                 "agent_id": str(agent.agent_id),
                 "version": "fleetsim",
                 "hostname": f"sim-{agent.index}",
+                "started_at": self._started_at,
                 "tasks": len(agent.tasks),
                 "running": 0,
                 "spooled": len(self.reporter.outbox(agent).pending),
