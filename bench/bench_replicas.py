@@ -28,8 +28,9 @@ From the database: results stored per second over the window against the offered
 and when the last result of each fleet-wide execution was stored.
 
 Then replica-b is SIGKILLed and the fleet runs ``--kill-phase`` s more (0: skip): its
-agents move to replica-a on the first request that gets no answer; the figure is the
-worst instant -> acknowledged of their results in that phase. Last, every result the
+agents' clients (the real agent's ``ServerClient``) move to replica-a on the first
+request that gets no answer; the figure is the worst instant -> acknowledged of their
+results in that phase. Last, every result the
 fleet saw acknowledged is looked up in the database (none may be missing).
 
 Before issue 14's leases (``server/leases.py``) are on the branch, each replica delivers
@@ -290,7 +291,7 @@ class Run:
         have failed over), over ``--kill-phase`` s."""
         url = self.urls[victim.name]
         moved = {a.index for a in sim.agents if a.client.url == url}
-        failovers = sim.reporter.stats.failovers
+        failovers = sim.counters()["failovers"]
         killed = time.time()
         await self.blocking(victim.kill)
         await _sleep(self.reactor, self.args.kill_phase)
@@ -307,7 +308,7 @@ class Run:
             p99_s=round(percentile(late, 99), 3) if late else None,
             results=len(late),
             agents=len(moved),
-            failovers=sim.reporter.stats.failovers - failovers,
+            failovers=sim.counters()["failovers"] - failovers,
             still_on_victim=len([a for a in sim.agents if a.client.url == url]),
             waiting=sim.reporter.waiting(),
             phase_s=self.args.kill_phase,

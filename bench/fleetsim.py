@@ -14,9 +14,10 @@ arrived at each agent (its own clock), which is what a fan-out benchmark measure
 result of each like a real agent (:mod:`bench.simresults`: its own credential, the
 reporter's single and batch endpoints, back-off).
 
-Several server URLs (replicas) may be given: agent ``i`` talks to ``servers[i % n]``
-and moves to the next one when a request gets no answer or a 5xx (as the agent's
-``--server a,b`` does), for enrolment, heartbeats and results alike.
+Several server URLs (replicas) may be given: agent ``i``'s client gets the list
+starting at ``servers[i % n]`` (so the fleet is spread over them) and fails over to the
+next on trouble exactly as a real agent's ``--server a,b`` does (it is the agent's own
+``ServerClient``), for enrolment, heartbeats and results alike.
 
 The server keeps a URL's path (``AgentClient`` appends ``/api/v1/...`` to it), so many
 agents share a listening port: agent ``i`` is ``http://HOST:PORT/a/i`` on port
@@ -54,9 +55,10 @@ from twisted.logger import Logger
 from twisted.web.resource import Resource
 from twisted.web.server import Site
 
-from bench.simresults import SimReporter, SimRuns, unreachable
+from bench.simresults import SimReporter, SimRuns
 from taskscheduler import protocol
 from taskscheduler.agent.server_client import Enrolled, HeartbeatAnswer, ServerClient
+from taskscheduler.agent.servers import ServerChooser
 from taskscheduler.httpclient import DaemonHTTP
 from taskscheduler.schedule import format_instant, utc_now_from
 from taskscheduler.signing import BadSignature, InstructionVerifier
@@ -130,7 +132,7 @@ class SimFleet:
         # bench may ask for (``connections=count``); 8 by default, as issue 13's runs.
         self.http = DaemonHTTP(reactor, max_per_host=connections)
         self.agents: list[SimAgent] = []
-        self.reporter = SimReporter(reactor, self.servers)
+        self.reporter = SimReporter(reactor)
         self.runs: SimRuns | None = None
         if results:
             self.runs = SimRuns(reactor, self.agents, self.reporter, run_seconds=run_seconds)
@@ -159,7 +161,7 @@ class SimFleet:
                     i,
                     f"http://{self._host}:{port}{PREFIX}{i}",
                     agent_id,
-                    ServerClient(self.http, self._reactor, self.servers[i % len(self.servers)]),
+                    ServerClient(self.http, self._reactor, rotated(self.servers, i)),
                     # Started a second ago: an instruction signed in the agent's first
                     # second is not refused as one from before it started.
                     InstructionVerifier(agent_id, self._reactor, started_at=started - 1),
@@ -173,9 +175,8 @@ class SimFleet:
         self.servers = [url.rstrip("/") for url in servers]
         self.server_url = self.servers[0]
         self._join_secret = join_secret
-        self.reporter.servers = list(self.servers)
         for agent in self.agents:
-            agent.client.url = self.servers[agent.index % len(self.servers)]
+            agent.client.servers = ServerChooser(rotated(self.servers, agent.index))
 
     async def enrol_all(self, retries: int = 5) -> float:
         """Enrol every agent (``concurrency`` at once); the seconds it took."""
@@ -188,15 +189,12 @@ class SimFleet:
 
     async def _enrol(self, agent: SimAgent, retries: int) -> None:
         for attempt in range(retries):
-            url = agent.client.url
             outcome = await agent.client.enrol(agent.agent_id, agent.url, self._join_secret)
             if isinstance(outcome, Enrolled):
                 agent.client.credential = outcome.credential
                 agent.verifier.trust(outcome.server_key)
                 agent.enrolled = True
                 return
-            if unreachable(outcome):
-                self.reporter.failover(agent, url)
             self.log.warn(
                 "agent {i} could not enrol (attempt {n}): {reason}",
                 i=agent.index,
@@ -221,7 +219,6 @@ class SimFleet:
         return d
 
     async def _beat_once(self, agent: SimAgent) -> None:
-        url = agent.client.url
         answer = await agent.client.heartbeat(
             {
                 "agent_id": str(agent.agent_id),
@@ -239,8 +236,6 @@ class SimFleet:
             self.heartbeats_sent += 1
         else:
             self.heartbeats_failed += 1
-            if unreachable(answer):
-                self.reporter.failover(agent, url)
 
     async def stop(self) -> None:
         if self.runs is not None:
@@ -275,6 +270,7 @@ class SimFleet:
                 else {"instants": self.runs.instants, "runs": self.runs.runs}
             ),
             **self.reporter.stats.counters(),
+            "failovers": sum(a.client.servers.failovers for a in self.agents),
             "waiting": self.reporter.waiting(),
         }
 
@@ -369,6 +365,12 @@ class _FleetResource(Resource):
         request.setResponseCode(status)
         request.setHeader(b"Content-Type", b"application/json")
         return json.dumps(body).encode("utf-8")
+
+
+def rotated(servers: Sequence[str], i: int) -> list[str]:
+    """Agent ``i``'s list of the replicas: from ``servers[i % n]`` on, round."""
+    start = i % len(servers)
+    return [*servers[start:], *servers[:start]]
 
 
 def _error(code: str, message: str) -> dict[str, Any]:

@@ -11,12 +11,12 @@ real agent's :class:`~taskscheduler.agent.reporter.Reporter` does.
 - :class:`SimReporter`: per agent, an outbox (the real agent's spool, in memory) and one
   request in flight, with the agent's own credential: one result waiting goes alone
   (``POST /api/v1/tasks/{id}/complete``), more go as one batch (``POST /api/v1/results``,
-  at most ``MAX_BATCH``), as the real reporter chooses; the answers are read by the
-  agent's own :class:`~taskscheduler.agent.server_client.ServerClient`. An answer that
-  is no verdict (no connection, timeout, 5xx, 503) keeps the results and moves the
-  agent to the next server URL it was given, then retries after the real reporter's
-  back-off (1 s doubling to 30 s, jittered); the same goes for heartbeats
-  (:meth:`SimReporter.failover`).
+  at most ``MAX_BATCH``), as the real reporter chooses, through the agent's own
+  :class:`~taskscheduler.agent.server_client.ServerClient`, which reads the answers and
+  fails over between the replicas it was given as a real agent's does (no connection,
+  no answer in time, a 5xx: the next replica, at once). A request no replica gave a
+  verdict on keeps its results for a retry after the real reporter's back-off (1 s
+  doubling to 30 s, jittered).
 
 The bodies are :func:`taskscheduler.agent.spool.encode_result` of a
 :class:`~taskscheduler.protocol.RunResult`, so the server reads exactly what a real
@@ -27,7 +27,6 @@ from __future__ import annotations
 
 import collections
 import random
-import re
 import uuid
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -83,13 +82,6 @@ def result_body(
     return encode_result(result)
 
 
-def next_server(current: str, servers: Sequence[str]) -> str:
-    """The server after ``current`` in ``servers`` (round), or the first one."""
-    if current not in servers:
-        return servers[0]
-    return servers[(servers.index(current) + 1) % len(servers)]
-
-
 class Agent(Protocol):
     """What runs and reports need of a simulated agent (:class:`bench.fleetsim.SimAgent`)."""
 
@@ -119,7 +111,6 @@ class ReportStats:
     acknowledged: int = 0
     refused: collections.Counter[str] = field(default_factory=collections.Counter)
     failed_requests: int = 0
-    failovers: int = 0
     #: (agent index, instant, acknowledged) of each acknowledged result, POSIX seconds.
     acks: list[tuple[int, float, float]] = field(default_factory=list)
 
@@ -132,26 +123,23 @@ class ReportStats:
             "refused": sum(self.refused.values()),
             "refused_by": dict(self.refused.most_common(5)),
             "failed_requests": self.failed_requests,
-            "failovers": self.failovers,
         }
 
 
 class SimReporter:
-    """Reports the simulated agents' results, each with its own credential, to the
-    server its client points at, failing over through ``servers``."""
+    """Reports the simulated agents' results, each through its own client (its
+    credential, its replicas)."""
 
     log = Logger()
 
     def __init__(
         self,
         reactor: Any,
-        servers: Sequence[str],
         *,
         batch_size: int = MAX_BATCH,
         jitter: Callable[[], float] = random.random,
     ) -> None:
         self._reactor = reactor
-        self.servers = list(servers)
         self._batch_size = batch_size
         self._jitter = jitter
         self._outboxes: dict[uuid.UUID, Outbox] = {}
@@ -178,13 +166,6 @@ class SimReporter:
         if not box.sending and not self.stopped:
             box.sending = True
             Deferred.fromCoroutine(self._drain(agent, box)).addErrback(self._crashed)
-
-    def failover(self, agent: Agent, failed: str) -> None:
-        """No answer from ``failed``: point the agent's client at the next server, unless
-        another request of the agent's (its heartbeat, say) has already moved it."""
-        if len(self.servers) > 1 and agent.client.url == failed:
-            agent.client.url = next_server(agent.client.url, self.servers)
-            self.stats.failovers += 1
 
     def stop(self) -> None:
         self.stopped = True
@@ -218,7 +199,6 @@ class SimReporter:
     ) -> bool:
         """Send ``batch`` (the oldest pending results); whether all of it got a verdict."""
         self.stats.requests += 1
-        url = agent.client.url
         verdicts: list[Any]
         if len(batch) == 1:
             self.stats.single += 1
@@ -237,8 +217,6 @@ class SimReporter:
         if len(verdicts) != len(batch) or (len(batch) == 1 and isinstance(verdicts[0], RetryLater)):
             # The request got no verdict: nothing leaves the outbox.
             self.stats.failed_requests += 1
-            if unreachable(verdicts[0]):
-                self.failover(agent, url)
             return False
         now = self._reactor.seconds()
         keep: list[tuple[uuid.UUID, datetime, bytes]] = []
@@ -254,15 +232,6 @@ class SimReporter:
             box.pending.popleft()
         box.pending.extendleft(reversed(keep))
         return not keep
-
-
-def unreachable(outcome: object) -> bool:
-    """Whether an answer means "this server cannot serve now" (move to another one): no
-    answer at all (no connection, timeout) or a 5xx, not a 4xx of a server that works."""
-    if not isinstance(outcome, RetryLater):
-        return False
-    status = re.match(r"the server answered (\d{3})", outcome.reason)
-    return status is None or int(status.group(1)) >= 500
 
 
 class SimRuns:

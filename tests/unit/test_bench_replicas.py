@@ -14,6 +14,7 @@ from twisted.internet.defer import Deferred
 from twisted.internet.task import Clock
 
 from bench.contract import Figure, problems
+from bench.fleetsim import rotated
 from bench.replicaprobe import (
     freshness_figures,
     latency_figures,
@@ -21,8 +22,8 @@ from bench.replicaprobe import (
     parse_instant,
     profile_top,
 )
-from bench.simresults import SimReporter, SimRuns, next_server, result_body, unreachable
-from taskscheduler.agent.server_client import RetryLater, ServerClient
+from bench.simresults import SimReporter, SimRuns, result_body
+from taskscheduler.agent.server_client import ServerClient
 from taskscheduler.protocol import ResultStatus, parse_result, parse_result_batch
 from taskscheduler.schedule import Grid, utc_now_from
 from tests.unit.agent_fakes import ANCHOR, ANCHOR_SECONDS, FakeServer, UnreachableHttp
@@ -79,9 +80,9 @@ def fleet(count: int = 1) -> tuple[Clock, Routed, SimReporter, list[FakeAgent]]:
     clock = Clock()
     clock.advance(ANCHOR_SECONDS)
     routed = Routed()
-    reporter = SimReporter(clock, [A, B], jitter=lambda: 1.0)
+    reporter = SimReporter(clock, jitter=lambda: 1.0)
     agents = [
-        FakeAgent(i, ServerClient(routed, clock, [A, B][i % 2], credential="agent_x"))
+        FakeAgent(i, ServerClient(routed, clock, rotated([A, B], i), credential="agent_x"))
         for i in range(count)
     ]
     return clock, routed, reporter, agents
@@ -134,34 +135,40 @@ def test_an_unreachable_replica_sends_the_agent_to_the_other_losing_and_doubling
     for agent in agents:
         reporter.add(agent, TASK, ANCHOR, body(agent, 0))
     settle(clock, routed)
-    assert agents[0].client.url == B  # moved
-    assert reporter.stats.failovers == 1 and reporter.waiting() == 1
-    settle(clock, routed, 1.0)  # the back-off
+    # The agent's own client moved to B and sent it there at once.
+    assert agents[0].client.url == B and agents[0].client.servers.failovers == 1
     stored = routed.servers[B].stored
     assert len(stored) == 2 and reporter.waiting() == 0 and not routed.servers[A].stored
     assert reporter.stats.acknowledged == 2
 
 
-def test_a_503_moves_the_agent_but_a_refusal_does_not() -> None:
+def test_results_no_replica_takes_wait_for_the_back_off_and_go_once() -> None:
     clock, routed, reporter, [agent] = fleet()
-    routed.servers[A].down = True
+    routed.servers[A].down = True  # 503
+    routed.http[B].unreachable = True
     reporter.add(agent, TASK, ANCHOR, body(agent, 0))
-    settle(clock, routed, 1.0)
-    assert agent.client.url == B and len(routed.servers[B].stored) == 1
-    routed.servers[B].conflicting.add(TASK)
-    reporter.add(agent, TASK, ANCHOR + timedelta(seconds=1), body(agent, 1))
     settle(clock, routed)
-    assert agent.client.url == B and reporter.stats.refused
-    assert reporter.waiting() == 0
+    assert reporter.waiting() == 1 and reporter.stats.failed_requests == 1
+    routed.http[B].unreachable = False
+    settle(clock, routed, 0.9)
+    assert reporter.waiting() == 1  # still backing off (1 s)
+    settle(clock, routed, 0.2)
+    assert reporter.waiting() == 0 and len(routed.servers[B].stored) == 1
+    assert reporter.stats.acknowledged == 1 and not routed.servers[A].stored
 
 
-def test_unreachable_means_no_answer_or_a_5xx() -> None:
-    assert unreachable(RetryLater("ConnectionRefusedError: connection refused"))
-    assert unreachable(RetryLater("the server answered 503 database_unavailable: down"))
-    assert not unreachable(RetryLater("the server answered 409 too_early: later"))
-    assert not unreachable(RetryLater("the server answered 401 unauthorized: who?"))
-    assert next_server(A, [A, B]) == B and next_server(B, [A, B]) == A
-    assert next_server("http://other", [A, B]) == A
+def test_a_refusal_is_a_verdict_not_a_reason_to_move() -> None:
+    clock, routed, reporter, [agent] = fleet()
+    routed.servers[A].conflicting.add(TASK)
+    reporter.add(agent, TASK, ANCHOR, body(agent, 0))
+    settle(clock, routed)
+    assert agent.client.url == A and sum(reporter.stats.refused.values()) == 1
+    assert reporter.waiting() == 0 and reporter.stats.acknowledged == 0
+
+
+def test_agents_are_spread_over_the_replicas() -> None:
+    assert [rotated([A, B], i)[0] for i in range(4)] == [A, B, A, B]
+    assert rotated([A, B, "c"], 2) == ["c", A, B]
 
 
 def test_runs_an_instant_on_the_agents_that_held_the_task_before_it() -> None:
@@ -209,13 +216,6 @@ def test_next_instant_is_strictly_after() -> None:
 def test_scenario_8_figures_keep_the_suites_contract() -> None:
     record = Figure("8-replicas", "p99 latest output under the fleet", 12.5, "ms").record()
     assert problems(record) == []
-
-
-def test_two_requests_failing_on_one_replica_move_the_agent_once() -> None:
-    _, _, reporter, [agent] = fleet()
-    reporter.failover(agent, A)  # its heartbeat got no answer from A
-    reporter.failover(agent, A)  # nor did a report sent to A at the same time
-    assert agent.client.url == B and reporter.stats.failovers == 1
 
 
 def test_profile_top_shares_of_samples() -> None:
