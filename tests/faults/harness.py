@@ -29,7 +29,7 @@ from psycopg2.extensions import make_dsn
 
 from taskscheduler.agent.runjournal import RunJournal
 from taskscheduler.schedule import format_instant
-from tests.integration.daemons import Daemon, Fleet, http, wait_for
+from tests.integration.daemons import Daemon, Fleet, http, listening_on_their_ports, wait_for
 
 #: Takes a little time, so that some faults land in the middle of a run; says when it
 #: starts and when it has done its work.
@@ -106,16 +106,7 @@ def start_fleet(
                 (fleet.server, fleet.server_port),
                 *zip(fleet.agents, fleet.agent_ports, strict=True),
             ]
-            try:
-                for daemon, port in daemons:
-                    wait_for(
-                        lambda d=daemon, p=port: f"Site starting on {p}" in d.log(),
-                        10,
-                        f"{daemon.name} to listen on its port {port}",
-                    )
-            except AssertionError:
-                print(fleet.logs())
-                fleet.stop()
+            if not listening_on_their_ports(fleet, daemons):
                 continue
             return fleet
     raise AssertionError(f"could not start a fleet on free ports in {attempts} attempts")

@@ -351,3 +351,20 @@ def running_fleet(
         raise
     finally:
         fleet.stop()
+
+
+def listening_on_their_ports(fleet: Fleet, daemons: list[tuple[Any, int]]) -> bool:
+    """Whether each daemon listens on its port within 10 s; if not (another process took
+    a port meanwhile), the fleet is stopped, for the caller to try other ports."""
+    try:
+        for daemon, port in daemons:
+            wait_for(
+                lambda d=daemon, p=port: f"Site starting on {p}" in d.log(),
+                10,
+                f"{daemon.name} to listen on its port {port}",
+            )
+    except AssertionError:
+        print(fleet.logs())
+        fleet.stop()
+        return False
+    return True

@@ -33,7 +33,14 @@ from taskscheduler.signing import (
     load_signing_key,
     write_private_file,
 )
-from tests.integration.daemons import Daemon, Fleet, free_port, http, wait_for
+from tests.integration.daemons import (
+    Daemon,
+    Fleet,
+    free_port,
+    http,
+    listening_on_their_ports,
+    wait_for,
+)
 
 
 class ReplicaFleet(Fleet):
@@ -217,16 +224,7 @@ def start_replica_fleet(
             *zip(fleet.replicas, fleet.replica_ports, strict=True),
             *zip(fleet.agents, fleet.agent_ports, strict=True),
         ]
-        try:
-            for daemon, port in daemons:
-                wait_for(
-                    lambda d=daemon, p=port: f"Site starting on {p}" in d.log(),
-                    10,
-                    f"{daemon.name} to listen on its port {port}",
-                )
-        except AssertionError:
-            print(fleet.logs())
-            fleet.stop()
+        if not listening_on_their_ports(fleet, daemons):
             continue
         return fleet
     raise AssertionError(f"could not start a replica fleet on free ports in {attempts} attempts")
