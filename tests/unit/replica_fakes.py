@@ -1,10 +1,11 @@
 """Several replicas of one server for agent tests: the server's real Klein app behind
 StubTreq, one app per replica on one shared MemoryStore (one database), each of which
-can refuse connections, answer 503 or any status, hang, or store and lose its answer;
-and an enrolled agent's client and reporter listing them."""
+can refuse connections, answer 503 or any status, hang, answer late, or store and lose
+its answer; and an enrolled agent's client and reporter listing them."""
 
 from __future__ import annotations
 
+import io
 import json
 import uuid
 from collections.abc import Sequence
@@ -56,9 +57,14 @@ class Replica(Resource):
 
     isLeaf = True
 
-    def __init__(self, inner: Any) -> None:
+    def __init__(self, inner: Any, clock: Clock) -> None:
         super().__init__()
         self.inner = inner
+        self._clock = clock
+        #: Seconds before each answer (an overloaded replica), 0 for at once.
+        self.slow = 0.0
+        #: Requests worked on after their agent stopped waiting (wasted work).
+        self.abandoned = 0
         self.down = False
         self.hang = False
         self.lose_answers = False
@@ -91,7 +97,23 @@ class Replica(Resource):
         if self.hang:
             self.held.append(request)
             return NOT_DONE_YET
+        if self.slow:
+            gone: list[bool] = []
+            request.notifyFinish().addErrback(lambda _: gone.append(True))
+            self._clock.callLater(self.slow, self._answer_late, request, raw, gone)
+            return NOT_DONE_YET
         return self.inner.render(request)
+
+    def _answer_late(self, request: Any, raw: bytes, gone: list[bool]) -> None:
+        # The work is done whether or not the agent still waits, as a real server's is.
+        if gone:
+            self.abandoned += 1
+            request.content = io.BytesIO(raw)  # closed with the connection
+            request.write = request.finish = lambda *_: None
+        body = self.inner.render(request)
+        if body is not NOT_DONE_YET:
+            request.write(body)
+            request.finish()
 
 
 class Replicas:
@@ -111,7 +133,7 @@ class Replicas:
                 server_public_key=public_key_text(self.server_key.public_key()),
             )
             host = urlsplit(url).netloc
-            self.sites[url] = Replica(api.resource())
+            self.sites[url] = Replica(api.resource(), clock)
             self._stubs[host] = StubTreq(self.sites[url])
         self.refused: set[str] = set()
         #: The base URL of each request made, in order.

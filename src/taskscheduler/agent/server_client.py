@@ -330,9 +330,12 @@ class ServerClient:
         outcome: Answer | RetryLater = RetryLater("no time left to ask the server")
         for _ in self.servers.urls:
             url = self.servers.current
-            left = deadline - self._clock.seconds()
+            started = self._clock.seconds()
+            left = deadline - started
             if left <= 0:
                 break
+            attempt_timeout = min(left, self.servers.attempt_timeout(len(body)))
+            first_timeout = self.servers.first_timeout(len(body))
             try:
                 answer = await exchange(
                     self._http,
@@ -341,22 +344,30 @@ class ServerClient:
                     url + path,
                     body,
                     headers,
-                    timeout=min(left, self.servers.attempt_timeout(len(body))),
+                    timeout=attempt_timeout,
                     max_answer_bytes=max_answer_bytes,
                 )
             except NoAnswer as e:
                 outcome = RetryLater(str(e))
                 trouble = str(e)
+                # Told apart by the time it took: a refused connection fails at once.
+                timed_out = self._clock.seconds() - started >= attempt_timeout - 0.001
+                if timed_out and attempt_timeout < first_timeout:
+                    # The caller's own short wait ran out (a claim's): a replica is
+                    # allowed the first timeout before it counts as trouble.
+                    break
             else:
+                took = self._clock.seconds() - started
                 if answer.status < 500:
-                    self.servers.answered(url)
+                    self.servers.answered(url, quickly=took <= first_timeout)
                     return answer
                 outcome = answer
                 trouble = f"it answered {answer.describe()}"
+                timed_out = False
             # Sent again to the next replica at once, as a retry to the same server
             # would be: results are de-duplicated (key and digest), heartbeats and
             # claims (granted again to the same agent) are idempotent.
-            self.servers.failed(url, trouble)
+            self.servers.failed(url, trouble, timed_out)
         return outcome
 
 
