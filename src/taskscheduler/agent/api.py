@@ -46,7 +46,6 @@ from dataclasses import dataclass, field, replace
 from datetime import datetime
 from typing import Any
 
-from klein import Klein
 from twisted.internet.defer import Deferred, DeferredList, maybeDeferred, succeed
 from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger, LogLevel
@@ -75,7 +74,7 @@ from taskscheduler.web.errors import (
 )
 from taskscheduler.web.gate import Access, AuthGate
 from taskscheduler.web.requests import read_json, request_body
-from taskscheduler.web.responses import DomainError, install_error_handlers, json_response
+from taskscheduler.web.responses import App, DomainError, install_error_handlers, json_response
 
 #: Largest request body the agent accepts: a task spec is at most a 64 KiB command.
 MAX_BODY_BYTES = 1024 * 1024
@@ -99,7 +98,7 @@ class _Change:
 class AgentAPI:
     """The HTTP API of ``twistd taskscheduler-agent``."""
 
-    app = Klein()
+    app = App()
     log = Logger()
 
     #: Who may call each route (by endpoint name). A route missing here is refused.

@@ -25,7 +25,7 @@ from taskscheduler.web.errors import (
     ApiError,
     method_not_allowed,
 )
-from taskscheduler.web.responses import render_error
+from taskscheduler.web.responses import described, render_error
 
 
 class Access(enum.StrEnum):
@@ -169,6 +169,15 @@ class AuthGate(Resource):
         except ApiError as e:
             _finish(request, render_error(request, e))
             return
+        if _gone(request):
+            # Klein would run the route and then finish a request whose connection is
+            # lost (its own notice of that came before it was asked): nothing to answer,
+            # and nothing was done yet; the client sends again.
+            self.log.debug(
+                "the client of {request} went away while its credential was checked",
+                request=described(request),
+            )
+            return
         _finish(request, self._inner.render(request))
 
     def _unexpected(self, failure: Failure, request: IRequest) -> None:
@@ -180,7 +189,12 @@ class AuthGate(Resource):
 def _finish(request: IRequest, rendered: Any) -> None:
     if rendered is NOT_DONE_YET:
         return
-    if getattr(request, "_disconnected", False):
+    if _gone(request):
         return
     request.write(rendered)
     request.finish()
+
+
+def _gone(request: IRequest) -> bool:
+    """Whether the request's connection is lost (twisted.web has no public word for it)."""
+    return bool(getattr(request, "_disconnected", False))

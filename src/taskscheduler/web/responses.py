@@ -9,6 +9,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from klein import Klein
+from twisted.internet.defer import Deferred, maybeDeferred
 from twisted.logger import Logger, LogLevel
 from twisted.python.failure import Failure
 from twisted.web import http
@@ -39,6 +40,61 @@ def render_error(request: IRequest, error: ApiError) -> bytes:
     for name, value in error.headers.items():
         request.setHeader(name, value)
     return json_response(request, error_json(error), error.status)
+
+
+class App(Klein):
+    """A Klein app whose routes run to their end when their client goes away.
+
+    Klein cancels a route's Deferred when the connection is lost. A client giving up is
+    normal (an agent failing over to another replica after its attempt timeout), and
+    cancelling the route would cut its work short: roll back results the agent will send
+    again, or (txpostgres, cancelled mid-query) raise ``_CancelInProgress`` out of the
+    cancel into Klein, which logs it as critical. Here the work finishes, as it would
+    have with the client still there; only its answer is dropped.
+    """
+
+    log = Logger()
+
+    def execute_endpoint(self, endpoint: str, request: IRequest, *args: Any, **kwargs: Any) -> Any:
+        work = maybeDeferred(super().execute_endpoint, endpoint, request, *args, **kwargs)
+        answer: Deferred[Any] = Deferred(lambda _: self._client_gone(request, work))
+        work.addCallbacks(_settle(answer, True), _settle(answer, False))
+        return answer
+
+    def _client_gone(self, request: IRequest, work: Deferred[Any]) -> None:
+        # Klein cancels the answer (it errbacks with CancelledError, which Klein drops);
+        # the work goes on and its outcome is told only to the log.
+        self.log.debug(
+            "the client of {request} went away before the answer; finishing the work",
+            request=described(request),
+        )
+        work.addErrback(self._failed_unheard, request)
+
+    def _failed_unheard(self, failure: Failure, request: IRequest) -> None:
+        if not failure.check(ApiError):
+            self.log.warn(
+                "{request} failed after its client went away: {error}",
+                request=described(request),
+                error=str(failure.value) or failure.type.__name__,
+            )
+
+
+def described(request: IRequest) -> str:
+    """``METHOD /path`` of a request, for the log."""
+    return f"{request.method.decode('ascii', 'replace')} {request.path.decode('utf-8', 'replace')}"
+
+
+def _settle(answer: Deferred[Any], ok: bool) -> Any:
+    def settle(result: Any) -> Any:
+        if answer.called:  # cancelled: the client went away
+            return result
+        if ok:
+            answer.callback(result)
+        else:
+            answer.errback(result)
+        return None
+
+    return settle
 
 
 @dataclass(frozen=True)

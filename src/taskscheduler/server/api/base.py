@@ -9,7 +9,6 @@ from collections.abc import Callable
 from datetime import datetime, timedelta
 from typing import Any
 
-from klein import Klein
 from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
 from twisted.web.iweb import IRequest
@@ -23,9 +22,10 @@ from taskscheduler.server.store.interface import Store
 from taskscheduler.server.store.records import AgentRecord, AuditEvent, Task
 from taskscheduler.server.store.rules import is_complete
 from taskscheduler.web.requests import peer_address
+from taskscheduler.web.responses import App
 
 #: The one app every route module registers on: one URL map, which the access gate reads.
-routes = Klein()
+routes = App()
 
 
 class Routes:
