@@ -23,7 +23,7 @@ from typing import Any, Protocol, TypeVar
 import psycopg2
 import psycopg2.errors
 from psycopg2.extensions import parse_dsn
-from twisted.internet.defer import Deferred, DeferredSemaphore
+from twisted.internet.defer import CancelledError, Deferred, DeferredSemaphore
 from twisted.internet.error import ConnectionDone, ConnectionLost
 from twisted.logger import Logger
 from txpostgres.txpostgres import Connection, RollbackFailed
@@ -254,16 +254,31 @@ class Database:
         again on a fresh connection when :func:`may_run_again` (``idempotent``: running it
         twice leaves what running it once does). Past :data:`ROLLBACK_RETRIES`, and on any
         other failure to reach the database, this raises StoreUnavailable.
+
+        Cancelling the call raises StoreUnavailable at once and leaves the operation to
+        end by itself (within its deadline): txpostgres' own cancel raises out of
+        ``cancel()`` (``_CancelInProgress``) and leaves its connection busy.
         """
         if self._pool is None:
             raise StoreUnavailable("the store is not started")
+        work = Deferred.fromCoroutine(
+            self._observed(self._pool, operation, transaction, idempotent)
+        )
+        try:
+            return await _uncancelled(work)
+        except CancelledError:
+            raise StoreUnavailable("the operation was cancelled (it ends by itself)") from None
+
+    async def _observed(
+        self, pool: _Pool, operation: Operation[T], transaction: bool, idempotent: bool
+    ) -> T:
         if self.observer is not None:
             started = time.monotonic()
             try:
-                return await self._run(self._pool, operation, transaction, idempotent)
+                return await self._run(pool, operation, transaction, idempotent)
             finally:
                 self.observer.observe(operation, time.monotonic() - started)
-        return await self._run(self._pool, operation, transaction, idempotent)
+        return await self._run(pool, operation, transaction, idempotent)
 
     async def _run(
         self, pool: _Pool, operation: Operation[T], transaction: bool, idempotent: bool
@@ -356,6 +371,27 @@ class Database:
                 in_doubt = " (its commit is in doubt)" if attempt.reached_commit else ""
                 raise _Broken(f"database unavailable{in_doubt}: {first_line(e)}") from e
             raise
+
+
+def _uncancelled(work: Deferred[T]) -> Deferred[T]:
+    """``work``'s outcome, as a Deferred that can be cancelled without cancelling
+    ``work``; once cancelled, what ``work`` ends with goes to the log (debug)."""
+    answer: Deferred[T] = Deferred()
+
+    def done(result: T) -> None:
+        if not answer.called:
+            answer.callback(result)
+
+    def failed(failure: Any) -> None:
+        if not answer.called:
+            answer.errback(failure)
+        else:
+            Database.log.debug(
+                "a cancelled operation failed: {error}", error=first_line(failure.value)
+            )
+
+    work.addCallbacks(done, failed)
+    return answer
 
 
 class _Attempt:
