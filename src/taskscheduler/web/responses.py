@@ -16,6 +16,7 @@ from twisted.web import http
 from twisted.web.iweb import IRequest
 from werkzeug.exceptions import HTTPException, MethodNotAllowed, NotFound
 
+from taskscheduler.shield import uncancellable
 from taskscheduler.web.errors import (
     HTTP_ERROR,
     INTERNAL_ERROR,
@@ -57,9 +58,7 @@ class App(Klein):
 
     def execute_endpoint(self, endpoint: str, request: IRequest, *args: Any, **kwargs: Any) -> Any:
         work = maybeDeferred(super().execute_endpoint, endpoint, request, *args, **kwargs)
-        answer: Deferred[Any] = Deferred(lambda _: self._client_gone(request, work))
-        work.addCallbacks(_settle(answer, True), _settle(answer, False))
-        return answer
+        return uncancellable(work, lambda _: self._client_gone(request, work))
 
     def _client_gone(self, request: IRequest, work: Deferred[Any]) -> None:
         # Klein cancels the answer (it errbacks with CancelledError, which Klein drops);
@@ -75,26 +74,13 @@ class App(Klein):
             self.log.warn(
                 "{request} failed after its client went away: {error}",
                 request=described(request),
-                error=str(failure.value) or failure.type.__name__,
+                error=str(failure.value) or type(failure.value).__name__,
             )
 
 
 def described(request: IRequest) -> str:
     """``METHOD /path`` of a request, for the log."""
     return f"{request.method.decode('ascii', 'replace')} {request.path.decode('utf-8', 'replace')}"
-
-
-def _settle(answer: Deferred[Any], ok: bool) -> Any:
-    def settle(result: Any) -> Any:
-        if answer.called:  # cancelled: the client went away
-            return result
-        if ok:
-            answer.callback(result)
-        else:
-            answer.errback(result)
-        return None
-
-    return settle
 
 
 @dataclass(frozen=True)

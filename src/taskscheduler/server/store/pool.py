@@ -26,6 +26,7 @@ from psycopg2.extensions import parse_dsn
 from twisted.internet.defer import CancelledError, Deferred, DeferredSemaphore
 from twisted.internet.error import ConnectionDone, ConnectionLost
 from twisted.logger import Logger
+from twisted.python.failure import Failure
 from txpostgres.txpostgres import Connection, RollbackFailed
 
 from taskscheduler.server.store.failover import (
@@ -39,6 +40,7 @@ from taskscheduler.server.store.failover import (
     session_params,
 )
 from taskscheduler.server.store.records import CommitInDoubt, StoreUnavailable
+from taskscheduler.shield import uncancellable
 
 T = TypeVar("T")
 Cursor = Any  # txpostgres.Cursor: execute() returns a Deferred, the rest is psycopg2's
@@ -265,7 +267,7 @@ class Database:
             self._observed(self._pool, operation, transaction, idempotent)
         )
         try:
-            return await _uncancelled(work)
+            return await uncancellable(work, _unheard)
         except CancelledError:
             raise StoreUnavailable("the operation was cancelled (it ends by itself)") from None
 
@@ -373,25 +375,11 @@ class Database:
             raise
 
 
-def _uncancelled(work: Deferred[T]) -> Deferred[T]:
-    """``work``'s outcome, as a Deferred that can be cancelled without cancelling
-    ``work``; once cancelled, what ``work`` ends with goes to the log (debug)."""
-    answer: Deferred[T] = Deferred()
+def _unheard(work: Deferred[Any]) -> None:
+    def failed(failure: Failure) -> None:
+        Database.log.debug("a cancelled operation failed: {e}", e=failure.getErrorMessage())
 
-    def done(result: T) -> None:
-        if not answer.called:
-            answer.callback(result)
-
-    def failed(failure: Any) -> None:
-        if not answer.called:
-            answer.errback(failure)
-        else:
-            Database.log.debug(
-                "a cancelled operation failed: {error}", error=first_line(failure.value)
-            )
-
-    work.addCallbacks(done, failed)
-    return answer
+    work.addErrback(failed)
 
 
 class _Attempt:
