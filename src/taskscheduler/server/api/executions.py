@@ -12,7 +12,7 @@ from taskscheduler.schedule import format_instant, parse_instant
 from taskscheduler.server.api.base import Routes, routes
 from taskscheduler.server.api.fleet import missing_agents_json
 from taskscheduler.server.api.views import execution_json, latest_output_json
-from taskscheduler.server.store.records import AgentRecord, Execution, Task, UnknownTask
+from taskscheduler.server.store.records import Execution, Task, UnknownTask
 from taskscheduler.web.errors import BAD_REQUEST, UNKNOWN_EXECUTION
 from taskscheduler.web.requests import path_task_id, query_instant, query_int
 from taskscheduler.web.responses import json_response
@@ -28,7 +28,7 @@ class ExecutionRoutes(Routes):
         )
         body = latest_output_json(execution)
         if execution is not None:
-            body["missing_agents"] = missing_agents_json(execution, await self._store.list_agents())
+            body["missing_agents"] = missing_agents_json(execution)
         return json_response(request, body)
 
     @routes.route("/api/v1/tasks/<task_id>/executions", methods=["GET"])
@@ -41,13 +41,12 @@ class ExecutionRoutes(Routes):
         if task is None:
             raise UnknownTask(task_id)
         page = await self._store.list_executions(parsed_id, limit, before)
-        agents = await self._store.list_agents() if page else []
         now = self._now()
         return json_response(
             request,
             {
                 "task_id": str(parsed_id),
-                "executions": [self._execution_view(task, e, now, agents) for e in page],
+                "executions": [self._execution_view(task, e, now) for e in page],
                 # Pass as ?before= for the next page; null on the last one.
                 "next_before": (
                     format_instant(page[-1].scheduled_at) if len(page) == limit else None
@@ -69,18 +68,15 @@ class ExecutionRoutes(Routes):
         execution = await self._store.get_execution(parsed_id, at)
         if execution is None:
             raise UNKNOWN_EXECUTION()
-        agents = await self._store.list_agents()
         body = {"task_id": str(parsed_id)}
-        body.update(self._execution_view(task, execution, self._now(), agents))
+        body.update(self._execution_view(task, execution, self._now()))
         return json_response(request, body)
 
-    def _execution_view(
-        self, task: Task, execution: Execution, now: datetime, agents: list[AgentRecord]
-    ) -> dict[str, Any]:
+    def _execution_view(self, task: Task, execution: Execution, now: datetime) -> dict[str, Any]:
         """One execution as history and ``/executions/{scheduled_at}`` show it."""
         complete = self._complete(
             task, execution.scheduled_at, execution.reported, execution.expected, now
         )
         body = execution_json(execution, complete)
-        body["missing_agents"] = missing_agents_json(execution, agents)
+        body["missing_agents"] = missing_agents_json(execution)
         return body

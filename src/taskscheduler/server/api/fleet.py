@@ -24,7 +24,7 @@ from taskscheduler.schedule import format_instant, parse_instant
 from taskscheduler.server.access import principal_of
 from taskscheduler.server.api.base import Routes, routes
 from taskscheduler.server.api.views import agent_json
-from taskscheduler.server.store.fleet import holder_of, missing_agents
+from taskscheduler.server.store.fleet import holder_of
 from taskscheduler.server.store.records import AgentRecord, Execution, FleetMember, Heartbeat
 from taskscheduler.web.errors import (
     BAD_REQUEST,
@@ -111,12 +111,12 @@ def parse_heartbeat(body: Any) -> Heartbeat:
     )
 
 
-def missing_agents_json(
-    execution: Execution, agents: Sequence[AgentRecord]
-) -> list[dict[str, str | None]]:
+def missing_agents_json(execution: Execution) -> list[dict[str, str | None]]:
+    """The agents ``execution`` misses, as the store read them with it (the cost is the
+    execution's, not the fleet's: no route lists every agent for this)."""
     return [
         {"url": url, "agent_id": None if agent_id is None else str(agent_id)}
-        for url, agent_id in missing_agents(execution.expected_urls, execution.results, agents)
+        for url, agent_id in execution.missing
     ]
 
 

@@ -307,4 +307,4 @@ class MemoryFleet(MemoryState):
         return released
 
     async def list_agents(self) -> list[AgentRecord]:
-        return sorted(self._agents.values(), key=lambda a: (a.enrolled_at, a.agent_id))
+        return self._by_enrolment()

@@ -98,7 +98,9 @@ class MemoryResults(MemoryState):
             raise UnknownTask(str(task_id))
         at = utc(scheduled_at)
         execution = self._executions[task_id].get(at)
-        return None if execution is None else execution.as_execution(task_id, at)
+        return (
+            None if execution is None else execution.as_execution(task_id, at, self._by_enrolment())
+        )
 
     async def record_results(
         self, results: Sequence[RunResult], received_at: datetime
@@ -178,7 +180,9 @@ class MemoryResults(MemoryState):
         if not complete:
             return None
         scheduled_at = max(complete)
-        return self._executions[task_id][scheduled_at].as_execution(task_id, scheduled_at)
+        return self._executions[task_id][scheduled_at].as_execution(
+            task_id, scheduled_at, self._by_enrolment()
+        )
 
     async def list_executions(
         self, task_id: uuid.UUID, limit: int, before: datetime | None = None
@@ -189,7 +193,8 @@ class MemoryResults(MemoryState):
         instants = sorted((at for at in executions if before is None or at < before), reverse=True)[
             :limit
         ]
-        return [executions[at].as_execution(task_id, at) for at in instants]
+        agents = self._by_enrolment()
+        return [executions[at].as_execution(task_id, at, agents) for at in instants]
 
     async def recent_start_lateness(self, executions: int) -> list[tuple[uuid.UUID, float]]:
         newest = sorted(

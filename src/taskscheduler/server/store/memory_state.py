@@ -4,12 +4,13 @@ the records they hold, and the helpers every domain mixin shares (audit, live ta
 from __future__ import annotations
 
 import uuid
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
 
 from taskscheduler.protocol import RunResult, Trigger
 from taskscheduler.server.store.assignment import member_matches, rematch
+from taskscheduler.server.store.fleet import missing_agents
 from taskscheduler.server.store.records import (
     AgentRecord,
     AuditEvent,
@@ -52,16 +53,27 @@ class MemoryExecution:
     def expected(self) -> int:
         return len(self.expected_urls)
 
-    def as_execution(self, task_id: uuid.UUID, scheduled_at: datetime) -> Execution:
+    def as_execution(
+        self,
+        task_id: uuid.UUID,
+        scheduled_at: datetime,
+        agents: Sequence[AgentRecord] | None = None,
+    ) -> Execution:
+        """The execution as the store reads it; ``agents`` (every agent, as
+        ``list_agents`` orders them) name the missing ones (None: not asked)."""
+        results = tuple(self.results[a] for a in sorted(self.results))
         return Execution(
             task_id=task_id,
             scheduled_at=scheduled_at,
             expected=len(self.expected_urls),
-            results=tuple(self.results[a] for a in sorted(self.results)),
+            results=results,
             trigger=self.trigger,
             revision=self.revision,
             expected_urls=self.expected_urls,
             attempts=tuple(self.attempts[k] for k in sorted(self.attempts)),
+            missing=(
+                () if agents is None else tuple(missing_agents(self.expected_urls, results, agents))
+            ),
         )
 
 
@@ -136,6 +148,10 @@ class MemoryState:
                     assignment.removal_pending = change.removal_pending
                 if change.undelivered:
                     assignment.delivered = False
+
+    def _by_enrolment(self) -> list[AgentRecord]:
+        """Every agent, in ``list_agents``' order."""
+        return sorted(self._agents.values(), key=lambda a: (a.enrolled_at, a.agent_id))
 
     def _matched_urls(self, task_id: uuid.UUID) -> list[str]:
         """The members whose agent matches the task's target (what executions expect)."""

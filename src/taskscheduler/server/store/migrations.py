@@ -323,6 +323,12 @@ MIGRATIONS: list[str | tuple[str, ...]] = [
     # manual_runs, migrated online (server/store/partitions.py says how, and which locks
     # each step takes for how long).
     MIGRATION_16,
+    # 17: the agents at a URL, live or revoked, by index: an execution's missing agents
+    # are named by a probe per expected URL (store/results.py), not a read of the fleet.
+    # The table holds one row per agent ever enrolled: built in moments.
+    """
+    CREATE INDEX agents_by_url ON agents (url, enrolled_at);
+    """,
 ]
 
 

@@ -169,6 +169,11 @@ class Execution:
     #: Every attempt of every agent, by agent then attempt (``results`` holds each
     #: agent's last); empty when the store read only the last ones.
     attempts: tuple[RunResult, ...] = ()
+    #: The expected agents with no result: (URL, the agent answering there or None), as
+    #: :func:`fleet.missing_agents` names them, read with the execution by
+    #: ``latest_complete_execution``, ``list_executions`` and ``get_execution`` (at the
+    #: cost of the execution's expected URLs, not of the fleet); empty elsewhere.
+    missing: tuple[tuple[str, uuid.UUID | None], ...] = ()
 
     @property
     def reported(self) -> int:

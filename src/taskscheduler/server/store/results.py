@@ -47,6 +47,31 @@ LEFT JOIN LATERAL (
 WHERE t.task_id = %(task_id)s::uuid
 """
 
+
+def missing_agents_sql(execution: str) -> str:
+    """The agents ``execution`` (an alias with ``task_id``, ``scheduled_at`` and
+    ``expected_urls``) expects and has no result of, as :func:`fleet.missing_agents`
+    names them: ``{url, agent_id or NULL}`` pairs in the order of ``expected_urls``.
+
+    A URL counts as reported if an agent enrolled there (now revoked or not) has a result
+    of the execution; the agent answering for a missing URL is the live one, else the
+    newest revoked one (ties: the larger id, the last in ``list_agents``' order). Costs
+    an index probe or two per expected URL and one read of the execution's results,
+    whatever the fleet's size.
+    """
+    return f"""
+ARRAY(SELECT ARRAY[u.url,
+                   (SELECT g.agent_id::text FROM agents g WHERE g.url = u.url
+                    ORDER BY g.revoked_at IS NULL DESC, g.enrolled_at DESC, g.agent_id DESC
+                    LIMIT 1)]
+      FROM unnest({execution}.expected_urls) WITH ORDINALITY AS u (url, n)
+      WHERE NOT EXISTS (SELECT 1 FROM results r JOIN agents g ON g.agent_id = r.agent_id
+                        WHERE r.task_id = {execution}.task_id
+                          AND r.scheduled_at = {execution}.scheduled_at AND g.url = u.url)
+      ORDER BY u.n)
+"""
+
+
 #: One execution's results, by primary key.
 _RESULT_COLUMNS = """agent_id, status, exit_code, signal, started_at, finished_at,
        stdout, stdout_bytes, stdout_truncated, stderr, stderr_bytes, stderr_truncated,
@@ -64,30 +89,35 @@ _JOINED_RESULT_COLUMNS = ", ".join(f"r.{name.strip()}" for name in _RESULT_COLUM
 
 #: latest_output in one round trip: the newest complete execution (the probes of
 #: LATEST_EXECUTION_SQL) and its results by the primary key's prefix, each agent's
-#: attempts in order. No row: unknown task; one row with a NULL instant: none yet.
+#: attempts in order, with the agents it misses (:func:`missing_agents_sql`, once per
+#: execution). No row: unknown task; one row with a NULL instant: none yet.
 LATEST_OUTPUT_SQL = f"""
-SELECT l.scheduled_at, l.expected, l.trigger, l.revision, l.expected_urls,
+SELECT l.scheduled_at, l.expected, l.trigger, l.revision, l.expected_urls, l.missing,
        {_JOINED_RESULT_COLUMNS}
-FROM ({LATEST_EXECUTION_SQL}) l
+FROM (SELECT e.*, {missing_agents_sql("e")} AS missing
+      FROM (SELECT %(task_id)s::uuid AS task_id, n.* FROM ({LATEST_EXECUTION_SQL}) n) e) l
 LEFT JOIN results r ON r.task_id = %(task_id)s::uuid AND r.scheduled_at = l.scheduled_at
 ORDER BY r.agent_id, r.attempt
 """
 
 #: A page of a task's history in one round trip: the task (no row: unknown), a backward
 #: walk of the executions' primary key from ``before`` for ``limit`` rows, and each one's
-#: results by the results' primary key. The cost is the page, whatever the history's
+#: results by the results' primary key, and the agents each one misses (computed on the
+#: page's rows only). The cost is the page, whatever the history's and the fleet's
 #: length. One row with a NULL instant: an empty page.
 HISTORY_PAGE_SQL = f"""
-SELECT p.scheduled_at, p.expected, p.trigger, p.revision, p.expected_urls,
+SELECT p.scheduled_at, p.expected, p.trigger, p.revision, p.expected_urls, p.missing,
        {_JOINED_RESULT_COLUMNS}
 FROM tasks t
 LEFT JOIN LATERAL (
-    SELECT x.scheduled_at, x.expected, x.trigger, x.revision, x.expected_urls
-    FROM executions x
-    WHERE x.task_id = t.task_id
-      AND (%(before)s::timestamptz IS NULL OR x.scheduled_at < %(before)s)
-    ORDER BY x.scheduled_at DESC
-    LIMIT %(limit)s
+    SELECT x.*, {missing_agents_sql("x")} AS missing FROM (
+        SELECT x.task_id, x.scheduled_at, x.expected, x.trigger, x.revision, x.expected_urls
+        FROM executions x
+        WHERE x.task_id = t.task_id
+          AND (%(before)s::timestamptz IS NULL OR x.scheduled_at < %(before)s)
+        ORDER BY x.scheduled_at DESC
+        LIMIT %(limit)s
+    ) x
 ) p ON true
 LEFT JOIN results r ON r.task_id = t.task_id AND r.scheduled_at = p.scheduled_at
 WHERE t.task_id = %(task_id)s::uuid
@@ -219,8 +249,15 @@ def _results_from_rows(
     return {"results": last_attempts(attempts), "attempts": attempts}
 
 
+def _missing_from(
+    pairs: Sequence[Sequence[str | None]],
+) -> tuple[tuple[str, uuid.UUID | None], ...]:
+    """:func:`missing_agents_sql`'s pairs as ``Execution.missing``."""
+    return tuple((str(url), None if agent is None else uuid.UUID(agent)) for url, agent in pairs)
+
+
 def _executions_from_rows(task_id: uuid.UUID, rows: Sequence[Sequence[Any]]) -> list[Execution]:
-    """Executions from rows of an execution's five columns then a result's (NULL: none),
+    """Executions from rows of an execution's six columns then a result's (NULL: none),
     grouped by instant in the order the rows come; a NULL instant is no execution."""
     grouped: dict[datetime, list[Sequence[Any]]] = {}
     heads: dict[datetime, Sequence[Any]] = {}
@@ -228,12 +265,12 @@ def _executions_from_rows(task_id: uuid.UUID, rows: Sequence[Sequence[Any]]) -> 
         scheduled_at = row[0]
         if scheduled_at is None:
             continue
-        heads.setdefault(scheduled_at, row[:5])
+        heads.setdefault(scheduled_at, row[:6])
         results = grouped.setdefault(scheduled_at, [])
-        if row[5] is not None:
-            results.append(row[5:])
+        if row[6] is not None:
+            results.append(row[6:])
     executions = []
-    for scheduled_at, (_, expected, trigger, revision, urls) in heads.items():
+    for scheduled_at, (_, expected, trigger, revision, urls, missing) in heads.items():
         at = utc(scheduled_at)
         executions.append(
             Execution(
@@ -244,6 +281,7 @@ def _executions_from_rows(task_id: uuid.UUID, rows: Sequence[Sequence[Any]]) -> 
                 trigger=Trigger(trigger),
                 revision=revision,
                 expected_urls=None if urls is None else tuple(urls),
+                missing=_missing_from(missing),
             )
         )
     return executions
@@ -355,14 +393,15 @@ class Results:
             if cursor.fetchone() is None:
                 raise UnknownTask(str(task_id))
             await cursor.execute(
-                "SELECT expected, trigger, revision FROM executions"
-                " WHERE task_id = %s::uuid AND scheduled_at = %s",
+                f"SELECT x.expected, x.trigger, x.revision, x.expected_urls,"
+                f" {missing_agents_sql('x')} FROM executions x"
+                " WHERE x.task_id = %s::uuid AND x.scheduled_at = %s",
                 (str(task_id), scheduled_at),
             )
             row = cursor.fetchone()
             if row is None:
                 return None
-            expected, trigger, revision = row
+            expected, trigger, revision, urls, missing = row
             at = utc(scheduled_at)
             await cursor.execute(
                 EXECUTION_RESULTS_SQL, {"task_id": str(task_id), "scheduled_at": scheduled_at}
@@ -374,6 +413,8 @@ class Results:
                 **_results_from_rows(task_id, at, cursor.fetchall()),
                 trigger=Trigger(trigger),
                 revision=revision,
+                expected_urls=None if urls is None else tuple(urls),
+                missing=_missing_from(missing),
             )
 
         return await self._db.run(operation, transaction=False)
