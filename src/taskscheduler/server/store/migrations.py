@@ -318,17 +318,16 @@ MIGRATIONS: list[str | tuple[str, ...]] = [
     -- stored it, or one that took it over once the claim lapsed: server/notify).
     ALTER TABLE notifications ADD COLUMN claimed_by text,
         ADD COLUMN claimed_until timestamptz;
+    -- The agents at a URL, live or revoked, by index: whichever replica answers, an
+    -- execution's missing agents are named by a probe per expected URL
+    -- (store/results.py), not a read of the fleet. One row per agent ever enrolled:
+    -- built in moments.
+    CREATE INDEX agents_by_url ON agents (url, enrolled_at);
     """,
     # 16: history partitioned by week (issue 14): executions, results, claims and
     # manual_runs, migrated online (server/store/partitions.py says how, and which locks
     # each step takes for how long).
     MIGRATION_16,
-    # 17: the agents at a URL, live or revoked, by index: an execution's missing agents
-    # are named by a probe per expected URL (store/results.py), not a read of the fleet.
-    # The table holds one row per agent ever enrolled: built in moments.
-    """
-    CREATE INDEX agents_by_url ON agents (url, enrolled_at);
-    """,
 ]
 
 

@@ -56,8 +56,8 @@ def missing_agents_sql(execution: str) -> str:
     A URL counts as reported if an agent enrolled there (now revoked or not) has a result
     of the execution; the agent answering for a missing URL is the live one, else the
     newest revoked one (ties: the larger id, the last in ``list_agents``' order). Costs
-    an index probe or two per expected URL and one read of the execution's results,
-    whatever the fleet's size.
+    a few index probes per expected URL (the agents there, and each one's result by the
+    results' primary key), whatever the fleet's size.
     """
     return f"""
 ARRAY(SELECT ARRAY[u.url,
@@ -65,9 +65,13 @@ ARRAY(SELECT ARRAY[u.url,
                     ORDER BY g.revoked_at IS NULL DESC, g.enrolled_at DESC, g.agent_id DESC
                     LIMIT 1)]
       FROM unnest({execution}.expected_urls) WITH ORDINALITY AS u (url, n)
-      WHERE NOT EXISTS (SELECT 1 FROM results r JOIN agents g ON g.agent_id = r.agent_id
-                        WHERE r.task_id = {execution}.task_id
-                          AND r.scheduled_at = {execution}.scheduled_at AND g.url = u.url)
+      -- the agents at the URL (by index), each looked up by the results' primary key
+      WHERE NOT EXISTS (SELECT 1 FROM agents g
+                        WHERE g.url = u.url
+                          AND EXISTS (SELECT 1 FROM results r
+                                      WHERE r.task_id = {execution}.task_id
+                                        AND r.scheduled_at = {execution}.scheduled_at
+                                        AND r.agent_id = g.agent_id))
       ORDER BY u.n)
 """
 
