@@ -99,7 +99,8 @@ LATEST_OUTPUT_SQL = f"""
 SELECT l.scheduled_at, l.expected, l.trigger, l.revision, l.expected_urls, l.missing,
        {_JOINED_RESULT_COLUMNS}
 FROM (SELECT e.*, {missing_agents_sql("e")} AS missing
-      FROM (SELECT %(task_id)s::uuid AS task_id, n.* FROM ({LATEST_EXECUTION_SQL}) n) e) l
+      FROM (SELECT %(task_id)s::uuid AS task_id, n.* FROM ({LATEST_EXECUTION_SQL}) n) e
+      OFFSET 0) l  -- not pulled up: once per execution, not per result joined below
 LEFT JOIN results r ON r.task_id = %(task_id)s::uuid AND r.scheduled_at = l.scheduled_at
 ORDER BY r.agent_id, r.attempt
 """
@@ -122,6 +123,7 @@ LEFT JOIN LATERAL (
         ORDER BY x.scheduled_at DESC
         LIMIT %(limit)s
     ) x
+    OFFSET 0  -- not pulled up: once per execution, not per result joined below
 ) p ON true
 LEFT JOIN results r ON r.task_id = t.task_id AND r.scheduled_at = p.scheduled_at
 WHERE t.task_id = %(task_id)s::uuid
